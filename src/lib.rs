@@ -1,0 +1,5 @@
+#![deny(clippy::undocumented_unsafe_blocks)]
+//! mcpbox: run stdio MCP servers in a native Linux sandbox and serve them over HTTP.
+
+pub mod policy;
+pub mod sandbox;

@@ -1,0 +1,98 @@
+//! Policy types, TOML parsing, `extends`, validation.
+//!
+//! This module knows nothing of Landlock or seccomp: it turns TOML written by people into a
+//! validated [`Policy`]; `crate::sandbox` translates that into kernel objects.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// A validated, fully resolved policy: `extends` merged, `${…}` expanded, paths absolute.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Policy {
+    /// Where the policy came from (shipped name or file path), for messages.
+    pub source: String,
+    pub filesystem: Filesystem,
+    pub network: Network,
+    pub env: Env,
+    pub limits: Limits,
+    pub seccomp: Seccomp,
+    pub sandbox: SandboxReq,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Filesystem {
+    /// Read files and list directories.
+    pub read: Vec<PathRule>,
+    /// Read, write, create, delete.
+    pub write: Vec<PathRule>,
+    /// Read and execute.
+    pub exec: Vec<PathRule>,
+}
+
+/// An absolute path granted by a policy. A non-optional path that does not exist is an error at
+/// load time; an optional one that does not exist is dropped (and reported).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PathRule {
+    pub path: PathBuf,
+    pub optional: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "mode", rename_all = "lowercase")]
+pub enum Network {
+    /// A fresh network namespace with only loopback.
+    None,
+    /// The host's network; optionally narrowed by Landlock (ABI 4+) to these TCP ports.
+    Host { connect_ports: Option<Vec<u16>>, bind_ports: Option<Vec<u16>> },
+    /// A fresh network namespace whose only way out is mcpbox's HTTP proxy with this allow-list
+    /// of `host:port` patterns (`*.example.com:443`).
+    Proxy { allow: Vec<String> },
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Env {
+    /// Names taken from the server's configured env (or, for `mcpbox run`, mcpbox's own env).
+    pub pass: Vec<String>,
+    /// Values set explicitly (already `${…}`-expanded).
+    pub set: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    /// Bytes.
+    pub memory: Option<u64>,
+    pub pids: Option<u64>,
+    pub open_files: Option<u64>,
+    /// Size of the private /tmp, bytes.
+    pub tmp: Option<u64>,
+    /// Largest file the server may write, bytes.
+    pub file_size: Option<u64>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Seccomp {
+    /// Syscall names denied on top of the default allow-list.
+    pub extra_deny: Vec<String>,
+    /// Syscall names allowed beyond the default allow-list (never the hard-denied ones).
+    pub extra_allow: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Level {
+    /// uid drop + Landlock + seccomp + rlimits, no namespaces (a default Docker container).
+    Container,
+    /// Namespaces + mounts + Landlock + seccomp + uid drop + limits.
+    Full,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxReq {
+    /// The lowest confinement level this policy accepts. Default `full`.
+    pub level: Level,
+    /// The lowest Landlock ABI this policy accepts; 0 means Landlock may be missing (logged).
+    /// Default 1.
+    pub landlock_min_abi: u8,
+}
