@@ -1,5 +1,6 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 //! mcpbox: run stdio MCP servers in a native Linux sandbox and serve them over HTTP.
 
+pub mod launch;
 pub mod policy;
 pub mod sandbox;
