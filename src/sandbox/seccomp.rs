@@ -1,0 +1,506 @@
+//! The seccomp allow-list, built by pure functions so it can be tested without a kernel.
+//!
+//! Shape of the program (classic BPF, evaluated on every syscall of the server):
+//! 1. our own guard: a foreign architecture (the 32-bit `int 0x80` ABI) or an x32 syscall number
+//!    answers `ENOSYS`; `clone3` answers `ENOSYS` too, so that libc falls back to `clone`, whose
+//!    flags we can inspect (clone3 passes them in memory, out of BPF's reach);
+//! 2. seccompiler's program: the allow-list below, anything else answers `EPERM`.
+//!
+//! Nothing is answered with a kill: a denied syscall is an error the program can report.
+
+use std::collections::BTreeMap;
+
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen as Len, SeccompCmpOp as Op, SeccompCondition as Cond,
+    SeccompFilter, SeccompRule, TargetArch,
+};
+
+pub use seccompiler::sock_filter;
+
+/// `AUDIT_ARCH_X86_64` from `<linux/audit.h>`.
+pub const AUDIT_ARCH_X86_64: u32 = 0xC000_003E;
+/// `__X32_SYSCALL_BIT`: x32 syscalls arrive with the x86_64 arch and this bit set in `nr`.
+pub const X32_SYSCALL_BIT: u32 = 0x4000_0000;
+
+const SECCOMP_RET_ERRNO: u32 = 0x0005_0000;
+
+/// Namespace flags that `clone` must not carry.
+pub const CLONE_NAMESPACE_FLAGS: u64 = (libc::CLONE_NEWNS
+    | libc::CLONE_NEWCGROUP
+    | libc::CLONE_NEWUTS
+    | libc::CLONE_NEWIPC
+    | libc::CLONE_NEWUSER
+    | libc::CLONE_NEWPID
+    | libc::CLONE_NEWNET
+    | 0x80/* CLONE_NEWTIME */) as u64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SeccompError {
+    #[error("unknown syscall name `{0}` in [seccomp]")]
+    UnknownSyscall(String),
+    #[error("syscall `{0}` can never be allowed: {1}")]
+    HardDenied(String, &'static str),
+    #[error("building the seccomp filter: {0}")]
+    Build(String),
+}
+
+macro_rules! sys {
+    ($($name:ident),* $(,)?) => { &[$((stringify!($name), libc::$name as i64)),*] };
+}
+
+/// Allowed unconditionally, grouped by what they are for. This follows the set a default
+/// container runtime allows to unprivileged processes, minus everything that needs a capability
+/// the sandbox never has, minus the kernel attack surface listed in [`HARD_DENY`].
+const ALLOW: &[(&str, i64)] = {
+    // Names are `SYS_*` constants; the `SYS_` prefix is stripped when looking names up.
+    sys![
+        // files and directories (Landlock and the mount view decide which ones)
+        SYS_read, SYS_write, SYS_readv, SYS_writev, SYS_pread64, SYS_pwrite64, SYS_preadv,
+        SYS_pwritev, SYS_preadv2, SYS_pwritev2, SYS_open, SYS_openat, SYS_openat2, SYS_close,
+        SYS_close_range, SYS_creat, SYS_stat, SYS_fstat, SYS_lstat, SYS_newfstatat, SYS_statx,
+        SYS_statfs, SYS_fstatfs, SYS_lseek, SYS_access, SYS_faccessat, SYS_faccessat2,
+        SYS_getdents, SYS_getdents64, SYS_getcwd, SYS_chdir, SYS_fchdir, SYS_rename,
+        SYS_renameat, SYS_renameat2, SYS_mkdir, SYS_mkdirat, SYS_rmdir, SYS_link, SYS_linkat,
+        SYS_unlink, SYS_unlinkat, SYS_symlink, SYS_symlinkat, SYS_readlink, SYS_readlinkat,
+        SYS_chmod, SYS_fchmod, SYS_fchmodat, SYS_fchmodat2, SYS_chown, SYS_fchown, SYS_lchown,
+        SYS_fchownat, SYS_umask, SYS_truncate, SYS_ftruncate, SYS_fallocate, SYS_fadvise64,
+        SYS_readahead, SYS_fsync, SYS_fdatasync, SYS_sync, SYS_syncfs, SYS_sync_file_range,
+        SYS_flock, SYS_fcntl, SYS_dup, SYS_dup2, SYS_dup3, SYS_utime, SYS_utimes, SYS_utimensat,
+        SYS_futimesat, SYS_copy_file_range, SYS_sendfile, SYS_splice, SYS_tee,
+        SYS_getxattr, SYS_lgetxattr, SYS_fgetxattr, SYS_listxattr, SYS_llistxattr,
+        SYS_flistxattr, SYS_setxattr, SYS_lsetxattr, SYS_fsetxattr, SYS_removexattr,
+        SYS_lremovexattr, SYS_fremovexattr, SYS_inotify_init, SYS_inotify_init1,
+        SYS_inotify_add_watch, SYS_inotify_rm_watch, SYS_memfd_create,
+        // memory
+        SYS_brk, SYS_mmap, SYS_munmap, SYS_mremap, SYS_mprotect, SYS_msync, SYS_mincore,
+        SYS_madvise, SYS_mlock, SYS_mlock2, SYS_munlock, SYS_mlockall, SYS_munlockall,
+        SYS_membarrier, SYS_get_mempolicy, SYS_set_mempolicy, SYS_mbind, SYS_pkey_alloc,
+        SYS_pkey_free, SYS_pkey_mprotect,
+        // processes and threads (clone is filtered below)
+        SYS_fork, SYS_vfork, SYS_execve, SYS_execveat, SYS_exit, SYS_exit_group, SYS_wait4,
+        SYS_waitid, SYS_getpid, SYS_gettid, SYS_getppid, SYS_getpgid, SYS_getpgrp, SYS_getsid,
+        SYS_setsid, SYS_setpgid, SYS_set_tid_address, SYS_set_robust_list, SYS_get_robust_list,
+        SYS_rseq, SYS_futex, SYS_futex_waitv, SYS_arch_prctl, SYS_prctl, SYS_sched_yield,
+        SYS_sched_getaffinity, SYS_sched_setaffinity, SYS_sched_getparam,
+        SYS_sched_getscheduler, SYS_sched_get_priority_max, SYS_sched_get_priority_min,
+        SYS_sched_rr_get_interval, SYS_getpriority, SYS_setpriority, SYS_getrlimit,
+        SYS_setrlimit, SYS_prlimit64, SYS_getrusage, SYS_times, SYS_pidfd_open,
+        SYS_pidfd_send_signal, SYS_ioprio_get, SYS_ioprio_set, SYS_getcpu, SYS_restart_syscall,
+        // credentials: reading them is harmless
+        SYS_getuid, SYS_geteuid, SYS_getgid, SYS_getegid, SYS_getresuid, SYS_getresgid,
+        SYS_getgroups, SYS_capget,
+        // signals (Landlock scopes them to the sandbox; the pid namespace hides the host)
+        SYS_rt_sigaction, SYS_rt_sigprocmask, SYS_rt_sigreturn, SYS_rt_sigpending,
+        SYS_rt_sigtimedwait, SYS_rt_sigqueueinfo, SYS_rt_tgsigqueueinfo, SYS_rt_sigsuspend,
+        SYS_sigaltstack, SYS_kill, SYS_tgkill, SYS_tkill, SYS_pause, SYS_signalfd,
+        SYS_signalfd4,
+        // time
+        SYS_nanosleep, SYS_clock_nanosleep, SYS_clock_gettime, SYS_clock_getres,
+        SYS_gettimeofday, SYS_time, SYS_getitimer, SYS_setitimer, SYS_alarm, SYS_timer_create,
+        SYS_timer_settime, SYS_timer_gettime, SYS_timer_getoverrun, SYS_timer_delete,
+        SYS_timerfd_create, SYS_timerfd_settime, SYS_timerfd_gettime,
+        // event loops
+        SYS_pipe, SYS_pipe2, SYS_select, SYS_pselect6, SYS_poll, SYS_ppoll, SYS_epoll_create,
+        SYS_epoll_create1, SYS_epoll_ctl, SYS_epoll_wait, SYS_epoll_pwait, SYS_epoll_pwait2,
+        SYS_eventfd, SYS_eventfd2, SYS_io_setup, SYS_io_destroy, SYS_io_submit,
+        SYS_io_cancel, SYS_io_getevents,
+        // sockets (socket() itself is filtered by family below; the network namespace decides
+        // what is reachable)
+        SYS_socketpair, SYS_connect, SYS_accept, SYS_accept4, SYS_bind, SYS_listen,
+        SYS_sendto, SYS_recvfrom, SYS_sendmsg, SYS_recvmsg, SYS_sendmmsg, SYS_recvmmsg,
+        SYS_shutdown, SYS_getsockname, SYS_getpeername, SYS_setsockopt, SYS_getsockopt,
+        // System V IPC and message queues: private to the sandbox's IPC namespace
+        SYS_shmget, SYS_shmat, SYS_shmdt, SYS_shmctl, SYS_semget, SYS_semop, SYS_semctl,
+        SYS_semtimedop, SYS_msgget, SYS_msgsnd, SYS_msgrcv, SYS_msgctl, SYS_mq_open,
+        SYS_mq_unlink, SYS_mq_timedsend, SYS_mq_timedreceive, SYS_mq_notify, SYS_mq_getsetattr,
+        // system information
+        SYS_uname, SYS_sysinfo, SYS_getrandom,
+        // a server may confine itself further
+        SYS_seccomp, SYS_landlock_create_ruleset, SYS_landlock_add_rule,
+        SYS_landlock_restrict_self,
+    ]
+};
+
+/// Never allowed, whatever a policy says, each with the reason.
+pub const HARD_DENY: &[(&str, i64, &str)] = &[
+    ("io_uring_setup", libc::SYS_io_uring_setup, "io_uring bypasses seccomp for its operations"),
+    ("io_uring_enter", libc::SYS_io_uring_enter, "io_uring bypasses seccomp for its operations"),
+    ("io_uring_register", libc::SYS_io_uring_register, "io_uring bypasses seccomp for its operations"),
+    ("keyctl", libc::SYS_keyctl, "kernel keyrings are not namespaced"),
+    ("add_key", libc::SYS_add_key, "kernel keyrings are not namespaced"),
+    ("request_key", libc::SYS_request_key, "kernel keyrings are not namespaced"),
+    ("bpf", libc::SYS_bpf, "eBPF is kernel attack surface"),
+    ("perf_event_open", libc::SYS_perf_event_open, "perf events leak kernel and host data"),
+    ("userfaultfd", libc::SYS_userfaultfd, "used to win kernel races in exploits"),
+    ("mount", libc::SYS_mount, "the mount view is fixed by mcpbox"),
+    ("umount2", libc::SYS_umount2, "the mount view is fixed by mcpbox"),
+    ("pivot_root", libc::SYS_pivot_root, "the mount view is fixed by mcpbox"),
+    ("move_mount", libc::SYS_move_mount, "new mount API"),
+    ("open_tree", libc::SYS_open_tree, "new mount API"),
+    ("fsopen", libc::SYS_fsopen, "new mount API"),
+    ("fsconfig", libc::SYS_fsconfig, "new mount API"),
+    ("fsmount", libc::SYS_fsmount, "new mount API"),
+    ("fspick", libc::SYS_fspick, "new mount API"),
+    ("mount_setattr", libc::SYS_mount_setattr, "new mount API"),
+    ("unshare", libc::SYS_unshare, "no new namespaces inside the sandbox"),
+    ("setns", libc::SYS_setns, "no joining other namespaces"),
+    ("ptrace", libc::SYS_ptrace, "no tracing of other processes"),
+    ("process_vm_readv", libc::SYS_process_vm_readv, "reads another process's memory"),
+    ("process_vm_writev", libc::SYS_process_vm_writev, "writes another process's memory"),
+    ("pidfd_getfd", libc::SYS_pidfd_getfd, "steals another process's file descriptors"),
+    ("kcmp", libc::SYS_kcmp, "inspects other processes' kernel state"),
+    ("process_madvise", libc::SYS_process_madvise, "acts on another process's memory"),
+    ("kexec_load", libc::SYS_kexec_load, "replaces the kernel"),
+    ("kexec_file_load", libc::SYS_kexec_file_load, "replaces the kernel"),
+    ("init_module", libc::SYS_init_module, "loads kernel code"),
+    ("finit_module", libc::SYS_finit_module, "loads kernel code"),
+    ("delete_module", libc::SYS_delete_module, "unloads kernel code"),
+    ("reboot", libc::SYS_reboot, "host control"),
+    ("swapon", libc::SYS_swapon, "host control"),
+    ("swapoff", libc::SYS_swapoff, "host control"),
+    ("syslog", libc::SYS_syslog, "reads the kernel log"),
+    ("acct", libc::SYS_acct, "host control"),
+    ("settimeofday", libc::SYS_settimeofday, "the clock is not namespaced"),
+    ("clock_settime", libc::SYS_clock_settime, "the clock is not namespaced"),
+    ("clock_adjtime", libc::SYS_clock_adjtime, "the clock is not namespaced"),
+    ("adjtimex", libc::SYS_adjtimex, "the clock is not namespaced"),
+    ("chroot", libc::SYS_chroot, "the root is fixed by mcpbox"),
+    ("open_by_handle_at", libc::SYS_open_by_handle_at, "opens files by handle, around path checks"),
+    ("name_to_handle_at", libc::SYS_name_to_handle_at, "companion of open_by_handle_at"),
+    ("setuid", libc::SYS_setuid, "the sandbox's identity is fixed"),
+    ("setgid", libc::SYS_setgid, "the sandbox's identity is fixed"),
+    ("setreuid", libc::SYS_setreuid, "the sandbox's identity is fixed"),
+    ("setregid", libc::SYS_setregid, "the sandbox's identity is fixed"),
+    ("setresuid", libc::SYS_setresuid, "the sandbox's identity is fixed"),
+    ("setresgid", libc::SYS_setresgid, "the sandbox's identity is fixed"),
+    ("setgroups", libc::SYS_setgroups, "the sandbox's identity is fixed"),
+    ("setfsuid", libc::SYS_setfsuid, "the sandbox's identity is fixed"),
+    ("setfsgid", libc::SYS_setfsgid, "the sandbox's identity is fixed"),
+    ("capset", libc::SYS_capset, "capabilities are dropped for good"),
+    ("iopl", libc::SYS_iopl, "raw hardware access"),
+    ("ioperm", libc::SYS_ioperm, "raw hardware access"),
+    ("modify_ldt", libc::SYS_modify_ldt, "historic exploit vector"),
+    ("uselib", libc::SYS_uselib, "obsolete"),
+    ("ustat", libc::SYS_ustat, "obsolete"),
+    ("sysfs", libc::SYS_sysfs, "obsolete"),
+    ("vhangup", libc::SYS_vhangup, "terminal control"),
+    ("quotactl", libc::SYS_quotactl, "host control"),
+    ("mknod", libc::SYS_mknod, "no device nodes"),
+    ("mknodat", libc::SYS_mknodat, "no device nodes"),
+    ("fanotify_init", libc::SYS_fanotify_init, "watches the whole filesystem"),
+    ("lookup_dcookie", libc::SYS_lookup_dcookie, "kernel profiling"),
+    ("personality", libc::SYS_personality, "only harmless personalities (filtered)"),
+    ("clone3", libc::SYS_clone3, "flags are out of BPF's reach; answered ENOSYS so libc uses clone"),
+];
+
+/// ioctls refused: pushing input into a terminal, or controlling the Linux console.
+pub const TIOCSTI: u64 = 0x5412;
+pub const TIOCLINUX: u64 = 0x541C;
+
+/// What the filter needs to know from the policy.
+#[derive(Debug, Clone, Default)]
+pub struct FilterOptions {
+    pub extra_deny: Vec<String>,
+    pub extra_allow: Vec<String>,
+    /// Only `AF_UNIX` (and `AF_NETLINK` for interface listing) sockets: used when the network is
+    /// meant to be off but no network namespace could be made (container level, mode `none`).
+    pub unix_sockets_only: bool,
+}
+
+/// Looks a syscall name up in the tables this module knows.
+pub fn syscall_number(name: &str) -> Option<i64> {
+    ALLOW
+        .iter()
+        .map(|(n, nr)| (n.trim_start_matches("SYS_"), *nr))
+        .chain(HARD_DENY.iter().map(|(n, nr, _)| (*n, *nr)))
+        .chain([("clone", libc::SYS_clone), ("socket", libc::SYS_socket), ("ioctl", libc::SYS_ioctl)])
+        .find(|(n, _)| *n == name)
+        .map(|(_, nr)| nr)
+}
+
+/// Validate the names a policy gives, without building anything (for `policy check`).
+pub fn check_names(opts: &FilterOptions) -> Result<(), SeccompError> {
+    for name in opts.extra_deny.iter().chain(&opts.extra_allow) {
+        syscall_number(name).ok_or_else(|| SeccompError::UnknownSyscall(name.clone()))?;
+    }
+    for name in &opts.extra_allow {
+        if let Some((_, _, why)) = HARD_DENY.iter().find(|(n, _, _)| n == name) {
+            return Err(SeccompError::HardDenied(name.clone(), why));
+        }
+    }
+    Ok(())
+}
+
+fn cond(arg: u8, len: Len, op: Op, value: u64) -> Result<Cond, SeccompError> {
+    Cond::new(arg, len, op, value).map_err(|e| SeccompError::Build(e.to_string()))
+}
+
+fn rule(conds: Vec<Cond>) -> Result<SeccompRule, SeccompError> {
+    SeccompRule::new(conds).map_err(|e| SeccompError::Build(e.to_string()))
+}
+
+/// The rule map: syscall number → conditions under which it is allowed (empty = always).
+pub fn build_rules(opts: &FilterOptions) -> Result<BTreeMap<i64, Vec<SeccompRule>>, SeccompError> {
+    check_names(opts)?;
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
+    for (_, nr) in ALLOW {
+        rules.insert(*nr, vec![]);
+    }
+    for name in &opts.extra_allow {
+        let nr = syscall_number(name).expect("checked above");
+        rules.insert(nr, vec![]);
+    }
+    // clone: threads and processes, never with namespace flags.
+    rules.insert(
+        libc::SYS_clone,
+        vec![rule(vec![cond(0, Len::Qword, Op::MaskedEq(CLONE_NAMESPACE_FLAGS), 0)?])?],
+    );
+    // ioctl: anything but TIOCSTI / TIOCLINUX (the command is 32 bits wide in the kernel).
+    rules.insert(
+        libc::SYS_ioctl,
+        vec![rule(vec![
+            cond(1, Len::Dword, Op::Ne, TIOCSTI)?,
+            cond(1, Len::Dword, Op::Ne, TIOCLINUX)?,
+        ])?],
+    );
+    // socket: the families a server has business with.
+    let families: &[i32] = if opts.unix_sockets_only {
+        &[libc::AF_UNIX, libc::AF_NETLINK]
+    } else {
+        &[libc::AF_UNIX, libc::AF_INET, libc::AF_INET6, libc::AF_NETLINK]
+    };
+    let mut socket_rules = Vec::new();
+    for fam in families {
+        socket_rules.push(rule(vec![cond(0, Len::Dword, Op::Eq, *fam as u64)?])?);
+    }
+    rules.insert(libc::SYS_socket, socket_rules);
+    // personality: querying, and the flags runtimes actually use (as container runtimes allow).
+    let mut pers = Vec::new();
+    for p in [0u64, 0x0008, 0x20000, 0x20008, 0xffff_ffff] {
+        pers.push(rule(vec![cond(0, Len::Dword, Op::Eq, p)?])?);
+    }
+    rules.insert(libc::SYS_personality, pers);
+
+    for name in &opts.extra_deny {
+        let nr = syscall_number(name).expect("checked above");
+        rules.remove(&nr);
+    }
+    for (_, nr, _) in HARD_DENY {
+        if *nr != libc::SYS_personality {
+            rules.remove(nr);
+        }
+    }
+    Ok(rules)
+}
+
+fn stmt(code: u16, k: u32) -> sock_filter {
+    sock_filter { code, jt: 0, jf: 0, k }
+}
+
+fn jump(code: u16, k: u32, jt: u8, jf: u8) -> sock_filter {
+    sock_filter { code, jt, jf, k }
+}
+
+const BPF_LD_W_ABS: u16 = 0x00 | 0x00 | 0x20;
+const BPF_JEQ_K: u16 = 0x05 | 0x10;
+const BPF_JGE_K: u16 = 0x05 | 0x30;
+const BPF_RET_K: u16 = 0x06;
+
+/// Our guard, placed before seccompiler's program: foreign arch → ENOSYS, x32 → ENOSYS,
+/// clone3 → ENOSYS. Offsets in `struct seccomp_data`: nr at 0, arch at 4.
+fn guard() -> Vec<sock_filter> {
+    let enosys = SECCOMP_RET_ERRNO | libc::ENOSYS as u32;
+    vec![
+        stmt(BPF_LD_W_ABS, 4),
+        jump(BPF_JEQ_K, AUDIT_ARCH_X86_64, 1, 0),
+        stmt(BPF_RET_K, enosys),
+        stmt(BPF_LD_W_ABS, 0),
+        jump(BPF_JGE_K, X32_SYSCALL_BIT, 0, 1),
+        stmt(BPF_RET_K, enosys),
+        jump(BPF_JEQ_K, libc::SYS_clone3 as u32, 0, 1),
+        stmt(BPF_RET_K, enosys),
+    ]
+}
+
+/// The whole program, ready for `seccomp(SECCOMP_SET_MODE_FILTER)`.
+pub fn build_program(opts: &FilterOptions) -> Result<BpfProgram, SeccompError> {
+    let rules = build_rules(opts)?;
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::Errno(libc::EPERM as u32),
+        SeccompAction::Allow,
+        TargetArch::x86_64,
+    )
+    .map_err(|e| SeccompError::Build(e.to_string()))?;
+    let body: BpfProgram = filter.try_into().map_err(|e: seccompiler::BackendError| SeccompError::Build(e.to_string()))?;
+    let mut prog = guard();
+    prog.extend(body);
+    Ok(prog)
+}
+
+/// A classic-BPF interpreter for seccomp programs, enough to test ours without a kernel.
+#[cfg(test)]
+pub(crate) fn run_bpf(prog: &[sock_filter], nr: u32, arch: u32, args: [u64; 6]) -> u32 {
+    let mut data = Vec::with_capacity(64);
+    data.extend_from_slice(&nr.to_ne_bytes());
+    data.extend_from_slice(&arch.to_ne_bytes());
+    data.extend_from_slice(&0u64.to_ne_bytes()); // instruction pointer
+    for a in args {
+        data.extend_from_slice(&a.to_ne_bytes());
+    }
+    let (mut acc, mut x, mut pc) = (0u32, 0u32, 0usize);
+    let mut mem = [0u32; 16];
+    loop {
+        let ins = &prog[pc];
+        let class = ins.code & 0x07;
+        match class {
+            0x00 => {
+                // LD
+                acc = match ins.code & 0xe0 {
+                    0x20 => u32::from_ne_bytes(data[ins.k as usize..ins.k as usize + 4].try_into().unwrap()),
+                    0x00 => ins.k,
+                    0x60 => mem[ins.k as usize],
+                    m => panic!("unsupported ld mode {m:#x}"),
+                };
+            }
+            0x01 => x = if ins.code & 0xe0 == 0x60 { mem[ins.k as usize] } else { ins.k },
+            0x02 => mem[ins.k as usize] = acc,
+            0x03 => mem[ins.k as usize] = x,
+            0x04 => {
+                let v = if ins.code & 0x08 != 0 { x } else { ins.k };
+                acc = match ins.code & 0xf0 {
+                    0x00 => acc.wrapping_add(v),
+                    0x10 => acc.wrapping_sub(v),
+                    0x50 => acc & v,
+                    0x40 => acc | v,
+                    op => panic!("unsupported alu {op:#x}"),
+                };
+            }
+            0x05 => {
+                let v = if ins.code & 0x08 != 0 { x } else { ins.k };
+                let op = ins.code & 0xf0;
+                if op == 0x00 {
+                    pc += ins.k as usize + 1;
+                    continue;
+                }
+                let taken = match op {
+                    0x10 => acc == v,
+                    0x20 => acc > v,
+                    0x30 => acc >= v,
+                    0x40 => acc & v != 0,
+                    _ => panic!("unsupported jmp {op:#x}"),
+                };
+                pc += 1 + if taken { ins.jt as usize } else { ins.jf as usize };
+                continue;
+            }
+            0x06 => return ins.k,
+            0x07 => {
+                if ins.code & 0xf8 == 0x00 { x = acc } else { acc = x }
+            }
+            _ => unreachable!(),
+        }
+        pc += 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ALLOW_RET: u32 = 0x7fff_0000;
+    const EPERM_RET: u32 = SECCOMP_RET_ERRNO | libc::EPERM as u32;
+    const ENOSYS_RET: u32 = SECCOMP_RET_ERRNO | libc::ENOSYS as u32;
+    const AUDIT_ARCH_I386: u32 = 0x4000_0003;
+
+    fn prog() -> BpfProgram {
+        build_program(&FilterOptions::default()).unwrap()
+    }
+
+    fn eval(nr: i64, args: [u64; 6]) -> u32 {
+        run_bpf(&prog(), nr as u32, AUDIT_ARCH_X86_64, args)
+    }
+
+    #[test]
+    fn ordinary_syscalls_are_allowed() {
+        for nr in [libc::SYS_read, libc::SYS_write, libc::SYS_openat, libc::SYS_execve, libc::SYS_futex] {
+            assert_eq!(eval(nr, [0; 6]), ALLOW_RET, "syscall {nr}");
+        }
+    }
+
+    #[test]
+    fn hard_denied_syscalls_answer_eperm() {
+        for (name, nr, _) in HARD_DENY {
+            if ["clone3", "personality"].contains(name) {
+                continue;
+            }
+            assert_eq!(eval(*nr, [0; 6]), EPERM_RET, "{name}");
+        }
+    }
+
+    #[test]
+    fn unknown_syscall_numbers_answer_eperm() {
+        assert_eq!(eval(600, [0; 6]), EPERM_RET); // no syscall has this number (yet)
+        assert_eq!(eval(0x3fff_ffff, [0; 6]), EPERM_RET);
+    }
+
+    #[test]
+    fn x32_syscalls_are_refused_even_for_allowed_numbers() {
+        for nr in [libc::SYS_read, libc::SYS_getpid, libc::SYS_write] {
+            let x32 = X32_SYSCALL_BIT | nr as u32;
+            assert_eq!(run_bpf(&prog(), x32, AUDIT_ARCH_X86_64, [0; 6]), ENOSYS_RET);
+        }
+    }
+
+    #[test]
+    fn the_32_bit_abi_is_refused() {
+        // i386 getpid is 20, read is 3: with a foreign arch nothing is allowed.
+        for nr in [20u32, 3, 0] {
+            assert_eq!(run_bpf(&prog(), nr, AUDIT_ARCH_I386, [0; 6]), ENOSYS_RET);
+        }
+    }
+
+    #[test]
+    fn clone_is_allowed_for_threads_but_not_namespaces() {
+        let thread_flags = (libc::CLONE_VM | libc::CLONE_FS | libc::CLONE_FILES | libc::CLONE_SIGHAND
+            | libc::CLONE_THREAD | libc::CLONE_SYSVSEM | libc::CLONE_SETTLS
+            | libc::CLONE_PARENT_SETTID | libc::CLONE_CHILD_CLEARTID) as u64;
+        assert_eq!(eval(libc::SYS_clone, [thread_flags, 0, 0, 0, 0, 0]), ALLOW_RET);
+        assert_eq!(eval(libc::SYS_clone, [libc::SIGCHLD as u64, 0, 0, 0, 0, 0]), ALLOW_RET);
+        for ns in [libc::CLONE_NEWUSER, libc::CLONE_NEWNS, libc::CLONE_NEWPID, libc::CLONE_NEWNET] {
+            let flags = libc::SIGCHLD as u64 | ns as u64;
+            assert_eq!(eval(libc::SYS_clone, [flags, 0, 0, 0, 0, 0]), EPERM_RET, "flag {ns:#x}");
+        }
+        assert_eq!(eval(libc::SYS_clone3, [0; 6]), ENOSYS_RET);
+    }
+
+    #[test]
+    fn tiocsti_and_tioclinux_are_refused_whatever_the_high_bits() {
+        assert_eq!(eval(libc::SYS_ioctl, [0, TIOCSTI, 0, 0, 0, 0]), EPERM_RET);
+        assert_eq!(eval(libc::SYS_ioctl, [0, TIOCLINUX, 0, 0, 0, 0]), EPERM_RET);
+        assert_eq!(eval(libc::SYS_ioctl, [0, TIOCSTI | (1 << 32), 0, 0, 0, 0]), EPERM_RET);
+        assert_eq!(eval(libc::SYS_ioctl, [0, libc::TCGETS as u64, 0, 0, 0, 0]), ALLOW_RET);
+    }
+
+    #[test]
+    fn socket_families_are_filtered() {
+        assert_eq!(eval(libc::SYS_socket, [libc::AF_INET as u64, 1, 0, 0, 0, 0]), ALLOW_RET);
+        assert_eq!(eval(libc::SYS_socket, [libc::AF_PACKET as u64, 3, 0, 0, 0, 0]), EPERM_RET);
+        assert_eq!(eval(libc::SYS_socket, [libc::AF_ALG as u64, 5, 0, 0, 0, 0]), EPERM_RET);
+        let unix_only = build_program(&FilterOptions { unix_sockets_only: true, ..Default::default() }).unwrap();
+        let r = run_bpf(&unix_only, libc::SYS_socket as u32, AUDIT_ARCH_X86_64, [libc::AF_INET as u64, 1, 0, 0, 0, 0]);
+        assert_eq!(r, EPERM_RET);
+        let r = run_bpf(&unix_only, libc::SYS_socket as u32, AUDIT_ARCH_X86_64, [libc::AF_UNIX as u64, 1, 0, 0, 0, 0]);
+        assert_eq!(r, ALLOW_RET);
+    }
+
+    #[test]
+    fn policy_extra_deny_and_allow() {
+        let opts = FilterOptions { extra_deny: vec!["mkdir".into()], ..Default::default() };
+        let p = build_program(&opts).unwrap();
+        assert_eq!(run_bpf(&p, libc::SYS_mkdir as u32, AUDIT_ARCH_X86_64, [0; 6]), EPERM_RET);
+        let bad = FilterOptions { extra_allow: vec!["ptrace".into()], ..Default::default() };
+        assert!(matches!(build_program(&bad), Err(SeccompError::HardDenied(n, _)) if n == "ptrace"));
+        let unknown = FilterOptions { extra_deny: vec!["no_such_call".into()], ..Default::default() };
+        assert!(matches!(build_program(&unknown), Err(SeccompError::UnknownSyscall(n)) if n == "no_such_call"));
+    }
+}
