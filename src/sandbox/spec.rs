@@ -42,6 +42,9 @@ pub struct SandboxSpec {
     /// The whole environment of the server; nothing else is passed.
     pub env: BTreeMap<String, String>,
     pub cwd: PathBuf,
+    /// A private host directory used as TMPDIR at container level (at full level /tmp is a
+    /// private tmpfs).
+    pub tmp_dir: PathBuf,
     pub grants: Vec<Grant>,
     pub links: Vec<Link>,
     pub network: Network,

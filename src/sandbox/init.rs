@@ -1,0 +1,463 @@
+//! `mcpbox sandbox-init`: builds the sandbox in one straight line and ends in `execve`.
+//!
+//! Three processes take part (full level):
+//!
+//! ```text
+//! sandbox-init (outer)   host PID namespace; forwards signals to PID 1, exits with its status
+//!  └─ sandbox-init (PID 1 of the new PID namespace): mounts, hostname, loopback; reaps; forwards
+//!      └─ the server: ids, fds, capabilities, NO_NEW_PRIVS, Landlock, seccomp, execve
+//! ```
+//!
+//! The order, and why:
+//!  1. Read the spec from the inherited memfd (never argv or env). We are single-threaded
+//!     (checked), so forking later is safe.
+//!  2. cgroups, while still host root: creating and joining them needs it.
+//!  3. Drop the host identity to the server's own unprivileged uid (as root), *before* creating
+//!     the user namespace: the namespace is then owned by that uid, the maps can only say
+//!     "inside uid → that uid", and host uid 0 is never mapped anywhere.
+//!  4. PDEATHSIG again (a credential change clears it) and the parent check that closes the race
+//!     with our parent's death.
+//!  5. unshare every namespace at once; write setgroups/uid_map/gid_map (dumpable must be on for
+//!     that after the uid change, and goes off right after).
+//!  6. fork: the child is PID 1 of the new PID namespace. When it exits the kernel kills every
+//!     process left in the namespace, so nothing of the sandbox outlives it.
+//!  7. PID 1 builds the mount view (see `mounts`), sets the hostname, brings loopback up, and
+//!     for network mode `proxy` binds the proxy port inside the namespace and hands the socket
+//!     to mcpbox.
+//!  8. fork the server. The server closes every fd above 2, drops every capability, sets
+//!     NO_NEW_PRIVS, applies Landlock, then seccomp (last: it would refuse the earlier steps),
+//!     reports success and execs with the explicit environment of the spec.
+//!
+//! At container level (no namespaces can be made), steps 5–7 are skipped: Landlock alone
+//! shapes the filesystem view, the outer sandbox-init becomes a child subreaper, and kills the
+//! server's process group and cgroup when the server exits.
+
+use std::ffi::CString;
+use std::io::Read;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::path::PathBuf;
+
+use nix::errno::Errno;
+use nix::sched::{unshare, CloneFlags};
+use nix::sys::prctl;
+use nix::sys::signal::{kill, SigSet, SigmaskHow, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::{getgid, getppid, getuid, setgroups, setresgid, setresuid, Gid, Pid, Uid};
+use serde::{Deserialize, Serialize};
+
+use super::landlock::{self as ll, NetRules, Rule};
+use super::launch::StartReport;
+use super::limits::{self, Applied};
+use super::seccomp::{build_program, FilterOptions};
+use super::spec::SandboxSpec;
+use super::sys::{self, Forked};
+use super::mounts;
+use crate::policy::{Level, Network};
+
+/// The port the egress proxy listens on inside the sandbox's network namespace.
+pub const PROXY_PORT: u16 = 3128;
+
+/// Messages from sandbox-init to mcpbox over the report socket (SOCK_SEQPACKET: one message
+/// per datagram). The socket is close-on-exec: end of stream means the server was exec'd.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "t", rename_all = "snake_case")]
+pub enum Msg {
+    /// Carries the listening socket of the egress proxy as SCM_RIGHTS.
+    Proxy,
+    Ready(StartReport),
+    Error { message: String },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum InitError {
+    #[error("sandbox-init must be single-threaded (found {0} threads)")]
+    Threads(usize),
+    #[error("reading the sandbox spec: {0}")]
+    Spec(String),
+    #[error("{call}: {errno}")]
+    Sys { call: String, errno: Errno },
+    #[error("{0}")]
+    Io(String),
+    #[error("{0}")]
+    Refused(String),
+    #[error("{0}")]
+    Mount(#[from] mounts::MountError),
+    #[error("{0}")]
+    Landlock(#[from] ll::LandlockError),
+    #[error("seccomp: {0}")]
+    Seccomp(String),
+}
+
+fn sys_err(call: impl Into<String>) -> impl FnOnce(Errno) -> InitError {
+    let call = call.into();
+    move |errno| InitError::Sys { call, errno }
+}
+
+/// The report socket, by number: it moves to fd 3 in the server before the other fds close.
+#[derive(Clone, Copy)]
+pub struct Report(RawFd);
+
+fn send(report: &Report, msg: &Msg) {
+    if let Ok(bytes) = serde_json::to_vec(msg) {
+        sys::write_fd(report.0, &bytes);
+    }
+}
+
+/// The signals sandbox-init passes on to its child.
+fn forwarded() -> SigSet {
+    let mut s = SigSet::empty();
+    for sig in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP, Signal::SIGQUIT, Signal::SIGUSR1, Signal::SIGUSR2, Signal::SIGCHLD] {
+        s.add(sig);
+    }
+    s
+}
+
+/// Entry point of the hidden subcommand. Returns the process exit code.
+pub fn main(spec_fd: RawFd, report_fd: RawFd) -> i32 {
+    if let Err(e) = sys::set_cloexec(report_fd) {
+        eprintln!("mcpbox sandbox-init: report fd {report_fd}: {e} (this mode is started by mcpbox itself)");
+        return 125;
+    }
+    let report = Report(report_fd);
+    match outer(spec_fd, &report) {
+        Ok(code) => code,
+        Err(e) => {
+            send(&report, &Msg::Error { message: e.to_string() });
+            126
+        }
+    }
+}
+
+fn read_spec(spec_fd: RawFd) -> Result<SandboxSpec, InitError> {
+    let fd = sys::adopt_fd(spec_fd).map_err(|e| InitError::Spec(format!("fd {spec_fd}: {e}")))?;
+    let mut buf = Vec::new();
+    std::fs::File::from(fd).read_to_end(&mut buf).map_err(|e| InitError::Spec(e.to_string()))?;
+    serde_json::from_slice(&buf).map_err(|e| InitError::Spec(e.to_string()))
+}
+
+/// Everything decided in the outer process that the server reports at the end.
+struct State {
+    level: Level,
+    warnings: Vec<String>,
+    limits: Applied,
+    host_uid: u32,
+}
+
+fn outer(spec_fd: RawFd, report: &Report) -> Result<i32, InitError> {
+    let threads = sys::thread_count();
+    if threads != 1 {
+        return Err(InitError::Threads(threads));
+    }
+    let spec = read_spec(spec_fd)?;
+    let mut st = State { level: Level::Full, warnings: Vec::new(), limits: Applied::default(), host_uid: getuid().as_raw() };
+    let leaf = format!("{}-{}", spec.name, std::process::id());
+
+    // 2. cgroups need host root; so does dropping the bounding set before the uid change.
+    if getuid().is_root() {
+        st.limits = limits::join_cgroups(&spec.limits, &spec.cgroup_parent, &leaf);
+        st.warnings.append(&mut st.limits.warnings.clone());
+        drop_bounding_set()?;
+    } else {
+        st.limits = limits::rlimit_only(&spec.limits);
+    }
+
+    // 3. The host identity the server runs under.
+    match spec.host_ids {
+        Some((uid, gid)) => {
+            if uid == 0 || gid == 0 {
+                return Err(InitError::Refused("refusing to run a server as host uid/gid 0".into()));
+            }
+            setgroups(&[]).map_err(sys_err("setgroups([])"))?;
+            setresgid(Gid::from_raw(gid), Gid::from_raw(gid), Gid::from_raw(gid)).map_err(sys_err(format!("setresgid({gid})")))?;
+            setresuid(Uid::from_raw(uid), Uid::from_raw(uid), Uid::from_raw(uid)).map_err(sys_err(format!("setresuid({uid})")))?;
+            let r = nix::unistd::getresuid().map_err(sys_err("getresuid"))?;
+            if [r.real, r.effective, r.saved].iter().any(|u| u.as_raw() != uid) {
+                return Err(InitError::Refused(format!("uid change to {uid} did not stick")));
+            }
+            st.host_uid = uid;
+        }
+        None => {
+            if getuid().is_root() {
+                return Err(InitError::Refused("running as root but no unprivileged host uid was assigned".into()));
+            }
+        }
+    }
+    let (outer_uid, outer_gid) = (getuid().as_raw(), getgid().as_raw());
+
+    // 4. Die with our parent; and make sure it did not die already.
+    prctl::set_pdeathsig(Signal::SIGKILL).map_err(sys_err("prctl(PR_SET_PDEATHSIG)"))?;
+    if getppid().as_raw() != spec.parent_pid {
+        return Ok(125);
+    }
+
+    // 5. Namespaces.
+    let mut flags = CloneFlags::CLONE_NEWUSER
+        | CloneFlags::CLONE_NEWPID
+        | CloneFlags::CLONE_NEWNS
+        | CloneFlags::CLONE_NEWIPC
+        | CloneFlags::CLONE_NEWUTS
+        | CloneFlags::CLONE_NEWCGROUP;
+    let own_net = !matches!(spec.network, Network::Host { .. });
+    if own_net {
+        flags |= CloneFlags::CLONE_NEWNET;
+    }
+    prctl::set_dumpable(true).map_err(sys_err("prctl(PR_SET_DUMPABLE, 1)"))?;
+    match unshare(flags) {
+        Ok(()) => {
+            write_maps(spec.inner_uid, outer_uid, spec.inner_gid, outer_gid)?;
+        }
+        Err(errno) => {
+            let why = format!("unshare(CLONE_NEWUSER|CLONE_NEWPID|CLONE_NEWNS|…): {errno}");
+            if spec.min_level > Level::Container {
+                return Err(InitError::Refused(format!(
+                    "{why}: this host cannot create namespaces, so the `full` confinement level is impossible. \
+                     In Docker, start the container with `--security-opt seccomp=deploy/docker-seccomp.json \
+                     --security-opt apparmor=unconfined` (see docs/DEPLOY.md) to restore `full`, or accept the \
+                     weaker `container` level with `[sandbox] level = \"container\"` in the policy or \
+                     `--min-level container`. On a host, check `mcpbox doctor` (user namespaces may be disabled)."
+                )));
+            }
+            if matches!(spec.network, Network::Proxy { .. }) {
+                return Err(InitError::Refused(format!(
+                    "{why}: network mode `proxy` needs a network namespace, which this host cannot create (container level); \
+                     use mode `none` or `host`, or restore the `full` level"
+                )));
+            }
+            st.level = Level::Container;
+            st.warnings.push(format!(
+                "running at `container` level ({why}): no namespaces, the filesystem view comes from Landlock alone and the network is the container's own{}",
+                if matches!(spec.network, Network::None) { " (TCP denied by Landlock, sockets limited to AF_UNIX by seccomp)" } else { "" }
+            ));
+        }
+    }
+    prctl::set_dumpable(false).map_err(sys_err("prctl(PR_SET_DUMPABLE, 0)"))?;
+
+    let mask = forwarded();
+    mask.thread_block().map_err(sys_err("sigprocmask"))?;
+
+    if st.level == Level::Full {
+        // 6. PID 1 of the new PID namespace.
+        let (alive_r, alive_w) = nix::unistd::pipe().map_err(sys_err("pipe"))?;
+        match sys::fork().map_err(|e| InitError::Io(format!("fork: {e}")))? {
+            Forked::Child => {
+                drop(alive_w);
+                let code = match pid1(&spec, report, alive_r, &mut st) {
+                    Ok(code) => code,
+                    Err(e) => {
+                        send(report, &Msg::Error { message: e.to_string() });
+                        126
+                    }
+                };
+                sys::exit_now(code);
+            }
+            Forked::Parent(child) => {
+                drop(alive_r);
+                let code = supervise(child, &mask, false);
+                drop(alive_w);
+                Ok(code)
+            }
+        }
+    } else {
+        prctl::set_child_subreaper(true).map_err(sys_err("prctl(PR_SET_CHILD_SUBREAPER)"))?;
+        match sys::fork().map_err(|e| InitError::Io(format!("fork: {e}")))? {
+            Forked::Child => {
+                let _ = nix::unistd::setpgid(Pid::from_raw(0), Pid::from_raw(0));
+                server(&spec, report, &st);
+            }
+            Forked::Parent(child) => {
+                let code = supervise(child, &mask, false);
+                let _ = nix::sys::signal::killpg(child, Signal::SIGKILL);
+                limits::kill_members(&st.limits.dirs);
+                // Reap whatever the kills left as zombies re-parented to us.
+                while let Ok(s) = waitpid(None::<Pid>, Some(WaitPidFlag::WNOHANG)) {
+                    if s == WaitStatus::StillAlive {
+                        break;
+                    }
+                }
+                Ok(code)
+            }
+        }
+    }
+}
+
+fn write_maps(inner_uid: u32, outer_uid: u32, inner_gid: u32, outer_gid: u32) -> Result<(), InitError> {
+    let w = |path: &str, data: String| {
+        std::fs::write(path, data).map_err(|e| InitError::Io(format!("writing {path}: {e}")))
+    };
+    w("/proc/self/setgroups", "deny".into())?;
+    w("/proc/self/uid_map", format!("{inner_uid} {outer_uid} 1\n"))?;
+    w("/proc/self/gid_map", format!("{inner_gid} {outer_gid} 1\n"))?;
+    Ok(())
+}
+
+/// Wait for `child`, passing signals on; return its exit code (128+N for a signal).
+/// As PID 1 (`reap_all`), also reap every orphan of the namespace.
+fn supervise(child: Pid, mask: &SigSet, reap_all: bool) -> i32 {
+    loop {
+        // Reap first: the child may have exited before we started waiting.
+        loop {
+            match waitpid(if reap_all { None } else { Some(child) }, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(pid, code)) if pid == child => return code,
+                Ok(WaitStatus::Signaled(pid, sig, _)) if pid == child => return 128 + sig as i32,
+                Ok(WaitStatus::StillAlive) | Err(_) => break,
+                Ok(_) => continue,
+            }
+        }
+        match mask.wait() {
+            Ok(Signal::SIGCHLD) => continue,
+            Ok(sig) => {
+                let _ = kill(child, sig);
+            }
+            Err(_) => continue,
+        }
+    }
+}
+
+fn pid1(spec: &SandboxSpec, report: &Report, alive_r: OwnedFd, st: &mut State) -> Result<i32, InitError> {
+    prctl::set_pdeathsig(Signal::SIGKILL).map_err(sys_err("prctl(PR_SET_PDEATHSIG)"))?;
+    // The outer sandbox-init holds the write end: a hang-up means it is already gone.
+    let mut fds = [nix::poll::PollFd::new(std::os::fd::AsFd::as_fd(&alive_r), nix::poll::PollFlags::POLLIN)];
+    if nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO).unwrap_or(0) > 0 {
+        return Ok(125);
+    }
+    drop(alive_r);
+
+    // 7. The mount view, hostname, loopback, proxy socket.
+    mounts::build_root(spec)?;
+    let host = spec.name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '-' }).take(63).collect::<String>();
+    nix::unistd::sethostname(if host.is_empty() { "mcpbox".to_string() } else { host }).map_err(sys_err("sethostname"))?;
+    if !matches!(spec.network, Network::Host { .. }) {
+        sys::loopback_up().map_err(|e| InitError::Io(format!("bringing loopback up: {e}")))?;
+    }
+    if matches!(spec.network, Network::Proxy { .. }) {
+        let l = std::net::TcpListener::bind(("127.0.0.1", PROXY_PORT)).map_err(|e| InitError::Io(format!("binding the proxy port inside the sandbox: {e}")))?;
+        send_with_fd(report, &Msg::Proxy, l.as_raw_fd())?;
+    }
+
+    let mask = forwarded();
+    match sys::fork().map_err(|e| InitError::Io(format!("fork: {e}")))? {
+        Forked::Child => server(spec, report, st),
+        Forked::Parent(child) => {
+            // PID 1 keeps nothing open and no privilege.
+            let _ = sys::close_from(3);
+            let _ = drop_caps();
+            Ok(supervise(child, &mask, true))
+        }
+    }
+}
+
+fn send_with_fd(report: &Report, msg: &Msg, fd: RawFd) -> Result<(), InitError> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    let bytes = serde_json::to_vec(msg).map_err(|e| InitError::Io(e.to_string()))?;
+    let iov = [std::io::IoSlice::new(&bytes)];
+    let fds = [fd];
+    sendmsg::<()>(report.0, &iov, &[ControlMessage::ScmRights(&fds)], MsgFlags::empty(), None)
+        .map_err(sys_err("sendmsg(SCM_RIGHTS)"))?;
+    Ok(())
+}
+
+fn drop_bounding_set() -> Result<(), InitError> {
+    for cap in caps::all() {
+        caps::drop(None, caps::CapSet::Bounding, cap).map_err(|e| InitError::Io(format!("dropping {cap} from the bounding set: {e}")))?;
+    }
+    Ok(())
+}
+
+/// Drop every capability: bounding (when we still may), ambient, inheritable, permitted,
+/// effective. Checked afterwards.
+fn drop_caps() -> Result<(), InitError> {
+    if caps::has_cap(None, caps::CapSet::Effective, caps::Capability::CAP_SETPCAP).unwrap_or(false) {
+        drop_bounding_set()?;
+    }
+    let ioe = |e: caps::errors::CapsError| InitError::Io(format!("dropping capabilities: {e}"));
+    caps::clear(None, caps::CapSet::Ambient).map_err(ioe)?;
+    caps::clear(None, caps::CapSet::Inheritable).map_err(ioe)?;
+    caps::clear(None, caps::CapSet::Effective).map_err(ioe)?;
+    caps::clear(None, caps::CapSet::Permitted).map_err(ioe)?;
+    let left = caps::read(None, caps::CapSet::Permitted).map_err(ioe)?;
+    if !left.is_empty() {
+        return Err(InitError::Refused(format!("capabilities left after dropping: {left:?}")));
+    }
+    Ok(())
+}
+
+/// The server process: never returns on success (execve).
+fn server(spec: &SandboxSpec, report: &Report, st: &State) -> ! {
+    let mut report = *report;
+    let e = match server_setup(spec, &mut report, st) {
+        Ok(never) => match never {},
+        Err(e) => e,
+    };
+    send(&report, &Msg::Error { message: e.to_string() });
+    sys::exit_now(127);
+}
+
+enum Never {}
+
+fn server_setup(spec: &SandboxSpec, report: &mut Report, st: &State) -> Result<Never, InitError> {
+    let full = st.level == Level::Full;
+    let tmp: PathBuf = if full { "/tmp".into() } else { spec.tmp_dir.clone() };
+    std::env::set_current_dir(&spec.cwd).map_err(|e| InitError::Io(format!("chdir {}: {e}", spec.cwd.display())))?;
+
+    // Everything that allocates is prepared before the filters go on.
+    let argv: Vec<CString> = spec.argv.iter().map(|a| CString::new(a.as_str())).collect::<Result<_, _>>().map_err(|e| InitError::Io(e.to_string()))?;
+    let mut env = spec.env.clone();
+    env.insert("TMPDIR".into(), tmp.to_string_lossy().into_owned());
+    let envp: Vec<CString> = env.iter().map(|(k, v)| CString::new(format!("{k}={v}"))).collect::<Result<_, _>>().map_err(|e| InitError::Io(e.to_string()))?;
+    let prog = build_program(&FilterOptions {
+        extra_deny: spec.seccomp_extra_deny.clone(),
+        extra_allow: spec.seccomp_extra_allow.clone(),
+        unix_sockets_only: !full && matches!(spec.network, Network::None),
+    })
+    .map_err(|e| InitError::Seccomp(e.to_string()))?;
+    let mut rules: Vec<Rule> = spec.grants.iter().map(|g| Rule { path: g.path.clone(), access: g.access, dir: g.dir }).collect();
+    rules.extend(ll::base_rules(&tmp));
+    if full {
+        rules.push(Rule { path: "/dev/shm".into(), access: super::spec::Access::Write, dir: true });
+    }
+    let net = match (&spec.network, full) {
+        (Network::Host { connect_ports: None, bind_ports: None }, _) => NetRules::None,
+        (Network::Host { connect_ports, bind_ports }, _) => NetRules::Ports {
+            connect: connect_ports.clone().unwrap_or_default(),
+            bind: bind_ports.clone().unwrap_or_default(),
+        },
+        // No namespace to cut the network off: Landlock denies all TCP instead.
+        (Network::None, false) => NetRules::Ports { connect: vec![], bind: vec![] },
+        _ => NetRules::None,
+    };
+
+    // Limits on this process (inherited by everything it starts).
+    limits::apply_rlimits(&spec.limits, &st.limits).map_err(|e| InitError::Io(format!("setrlimit: {e}")))?;
+
+    // Every inherited descriptor above 2 goes, except the report socket (close-on-exec).
+    if report.0 != 3 {
+        sys::dup2(report.0, 3).map_err(|e| InitError::Io(format!("dup2(report, 3): {e}")))?;
+        sys::set_cloexec(3).map_err(|e| InitError::Io(e.to_string()))?;
+        *report = Report(3);
+    }
+    sys::close_from(4).map_err(|e| InitError::Io(format!("close_range: {e}")))?;
+
+    drop_caps()?;
+    prctl::set_no_new_privs().map_err(sys_err("prctl(PR_SET_NO_NEW_PRIVS)"))?;
+    let ll = ll::apply(&rules, &net, spec.landlock_min_abi)?;
+    sys::apply_seccomp(&prog).map_err(|e| InitError::Seccomp(e.to_string()))?;
+
+    // Back to a clean signal state for the server.
+    sys::reset_signal_dispositions();
+    SigSet::empty().thread_set_mask().map_err(sys_err("sigprocmask"))?;
+    let mut warnings = st.warnings.clone();
+    warnings.extend(ll.warnings);
+    let rep = StartReport {
+        level: st.level,
+        landlock_abi: ll.abi,
+        warnings,
+        limits: st.limits.summary.clone(),
+        cgroups: st.limits.dirs.clone(),
+        host_uid: st.host_uid,
+        start_latency: Default::default(),
+    };
+    send(report, &Msg::Ready(rep));
+    let errno = nix::unistd::execve(&argv[0], &argv, &envp).unwrap_err();
+    Err(InitError::Sys { call: format!("execve({})", spec.argv[0]), errno })
+}
+

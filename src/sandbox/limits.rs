@@ -1,0 +1,218 @@
+//! Resource limits: cgroup v2 where the host gives us a writable hierarchy with the controller,
+//! cgroup v1 where that is what the host mounts, rlimits otherwise (and always for open files,
+//! file size and core dumps).
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use nix::sys::resource::{setrlimit, Resource};
+
+use crate::policy::Limits;
+
+const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+
+#[derive(Debug, thiserror::Error)]
+#[error("cgroup {path}: {source}")]
+pub struct CgroupError {
+    pub path: PathBuf,
+    pub source: io::Error,
+}
+
+/// How each limit ended up enforced.
+#[derive(Debug, Default, Clone)]
+pub struct Applied {
+    /// e.g. "pids: cgroup v1, memory: cgroup v1".
+    pub summary: String,
+    pub dirs: Vec<PathBuf>,
+    pub pids_by_cgroup: bool,
+    pub memory_by_cgroup: bool,
+    pub warnings: Vec<String>,
+}
+
+/// Where the controllers live on this host.
+#[derive(Debug, Clone, Default)]
+pub struct Layout {
+    /// Mount point of the cgroup v2 hierarchy, if any, with its available controllers.
+    pub v2: Option<(PathBuf, Vec<String>)>,
+    /// v1 mount points by controller name.
+    pub v1_pids: Option<PathBuf>,
+    pub v1_memory: Option<PathBuf>,
+}
+
+pub fn layout() -> Layout {
+    let mut l = Layout::default();
+    let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    for line in mounts.lines() {
+        let Some((pre, post)) = line.split_once(" - ") else { continue };
+        let mount_point = pre.split_whitespace().nth(4).unwrap_or("");
+        let mut post = post.split_whitespace();
+        let fstype = post.next().unwrap_or("");
+        let opts = post.nth(1).unwrap_or("");
+        if fstype == "cgroup2" && l.v2.is_none() {
+            let ctrl = fs::read_to_string(Path::new(mount_point).join("cgroup.controllers")).unwrap_or_default();
+            l.v2 = Some((mount_point.into(), ctrl.split_whitespace().map(String::from).collect()));
+        } else if fstype == "cgroup" {
+            for o in opts.split(',') {
+                match o {
+                    "pids" => l.v1_pids = Some(mount_point.into()),
+                    "memory" => l.v1_memory = Some(mount_point.into()),
+                    _ => {}
+                }
+            }
+        }
+    }
+    l
+}
+
+fn write(path: &Path, value: &str) -> Result<(), CgroupError> {
+    fs::write(path, value).map_err(|source| CgroupError { path: path.to_path_buf(), source })
+}
+
+fn mkdir(path: &Path) -> Result<(), CgroupError> {
+    match fs::create_dir(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        Err(source) => Err(CgroupError { path: path.to_path_buf(), source }),
+    }
+}
+
+/// Create this sandbox's cgroups, set their limits and move the calling process into them.
+/// Needs host root (it runs in sandbox-init before the uid is dropped). Failures degrade to
+/// rlimits with a warning: rlimits are applied in any case by [`apply_rlimits`].
+pub fn join_cgroups(limits: &Limits, parent: &str, leaf: &str) -> Applied {
+    let mut a = Applied::default();
+    let l = layout();
+    let me = std::process::id().to_string();
+    let mut parts = Vec::new();
+
+    // cgroup v2 first: one directory carries both controllers.
+    if let Some((root, ctrls)) = &l.v2 {
+        let want: Vec<&str> = ["pids", "memory"].into_iter().filter(|c| ctrls.iter().any(|x| x == c)).collect();
+        if !want.is_empty() {
+            let res = (|| -> Result<PathBuf, CgroupError> {
+                let enable: String = want.iter().map(|c| format!("+{c} ")).collect();
+                write(&root.join("cgroup.subtree_control"), enable.trim())?;
+                let p = root.join(parent);
+                mkdir(&p)?;
+                write(&p.join("cgroup.subtree_control"), enable.trim())?;
+                let dir = p.join(leaf);
+                mkdir(&dir)?;
+                if want.contains(&"pids") {
+                    if let Some(n) = limits.pids {
+                        write(&dir.join("pids.max"), &n.to_string())?;
+                    }
+                }
+                if want.contains(&"memory") {
+                    if let Some(m) = limits.memory {
+                        write(&dir.join("memory.max"), &m.to_string())?;
+                        let _ = write(&dir.join("memory.swap.max"), "0");
+                    }
+                }
+                write(&dir.join("cgroup.procs"), &me)?;
+                Ok(dir)
+            })();
+            match res {
+                Ok(dir) => {
+                    a.dirs.push(dir);
+                    for c in &want {
+                        parts.push(format!("{c}: cgroup v2"));
+                        if *c == "pids" { a.pids_by_cgroup = true }
+                        if *c == "memory" { a.memory_by_cgroup = true }
+                    }
+                }
+                Err(e) => a.warnings.push(format!("cgroup v2 not usable ({e}); trying cgroup v1 / rlimits")),
+            }
+        }
+    }
+    // cgroup v1 for whatever v2 did not cover.
+    let v1 = [
+        ("pids", l.v1_pids.clone(), "pids.max", limits.pids),
+        ("memory", l.v1_memory.clone(), "memory.limit_in_bytes", limits.memory),
+    ];
+    for (name, mount, file, value) in v1 {
+        let covered = if name == "pids" { a.pids_by_cgroup } else { a.memory_by_cgroup };
+        let (Some(mount), Some(value)) = (mount, value) else { continue };
+        if covered {
+            continue;
+        }
+        let res = (|| -> Result<PathBuf, CgroupError> {
+            let p = mount.join(parent);
+            mkdir(&p)?;
+            let dir = p.join(leaf);
+            mkdir(&dir)?;
+            write(&dir.join(file), &value.to_string())?;
+            if name == "memory" {
+                // Without swap accounting this file is absent; then there is no swap to limit.
+                let _ = write(&dir.join("memory.memsw.limit_in_bytes"), &value.to_string());
+            }
+            write(&dir.join("cgroup.procs"), &me)?;
+            Ok(dir)
+        })();
+        match res {
+            Ok(dir) => {
+                a.dirs.push(dir);
+                parts.push(format!("{name}: cgroup v1"));
+                if name == "pids" { a.pids_by_cgroup = true } else { a.memory_by_cgroup = true }
+            }
+            Err(e) => a.warnings.push(format!("cgroup v1 {name} not usable ({e}); using rlimits")),
+        }
+    }
+    if !a.pids_by_cgroup && limits.pids.is_some() {
+        parts.push("pids: rlimit (RLIMIT_NPROC)".into());
+    }
+    if !a.memory_by_cgroup && limits.memory.is_some() {
+        parts.push("memory: rlimit (RLIMIT_DATA, approximate)".into());
+    }
+    a.summary = parts.join(", ");
+    a
+}
+
+/// What limits are enforced without cgroups (rootless).
+pub fn rlimit_only(limits: &Limits) -> Applied {
+    let mut parts = Vec::new();
+    if limits.pids.is_some() {
+        parts.push("pids: rlimit (RLIMIT_NPROC)".to_string());
+    }
+    if limits.memory.is_some() {
+        parts.push("memory: rlimit (RLIMIT_DATA, approximate)".to_string());
+    }
+    Applied { summary: parts.join(", "), ..Default::default() }
+}
+
+/// rlimits for the server process itself (called last thing before the filters).
+pub fn apply_rlimits(limits: &Limits, applied: &Applied) -> io::Result<()> {
+    let set = |r: Resource, v: u64| setrlimit(r, v, v).map_err(io::Error::from);
+    set(Resource::RLIMIT_CORE, 0)?;
+    if let Some(n) = limits.open_files {
+        set(Resource::RLIMIT_NOFILE, n)?;
+    }
+    if let Some(n) = limits.file_size {
+        set(Resource::RLIMIT_FSIZE, n)?;
+    }
+    if !applied.pids_by_cgroup {
+        if let Some(n) = limits.pids {
+            set(Resource::RLIMIT_NPROC, n)?;
+        }
+    }
+    if !applied.memory_by_cgroup {
+        if let Some(n) = limits.memory {
+            set(Resource::RLIMIT_DATA, n)?;
+        }
+    }
+    Ok(())
+}
+
+/// Kill whatever is still in these cgroups (container level, after the server exits).
+pub fn kill_members(dirs: &[PathBuf]) {
+    let me = std::process::id();
+    for d in dirs {
+        if let Ok(s) = fs::read_to_string(d.join("cgroup.procs")) {
+            for pid in s.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                if pid as u32 != me {
+                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+                }
+            }
+        }
+    }
+}
