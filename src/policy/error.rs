@@ -13,7 +13,10 @@ pub struct Loc {
 
 impl Loc {
     pub fn new(file: impl Into<String>, line: Option<usize>) -> Self {
-        Loc { file: file.into(), line }
+        Loc {
+            file: file.into(),
+            line,
+        }
     }
 }
 
@@ -37,17 +40,30 @@ pub enum PolicyError {
     },
 
     #[error("policy `{reference}` not found (referenced from {from}); looked in: {}", searched.join(", "))]
-    NotFound { reference: String, from: Loc, searched: Vec<String> },
+    NotFound {
+        reference: String,
+        from: Loc,
+        searched: Vec<String>,
+    },
 
     /// TOML syntax errors and type errors (a string where a list is expected, …).
     #[error("{message} ({loc})")]
     Toml { message: String, loc: Loc },
 
     #[error("unknown key `{key}` in {table} ({loc}){}", hint(expected))]
-    UnknownKey { key: String, table: String, loc: Loc, expected: Vec<String> },
+    UnknownKey {
+        key: String,
+        table: String,
+        loc: Loc,
+        expected: Vec<String>,
+    },
 
     #[error("undefined variable ${{{name}}} ({loc}); defined: {}", if defined.is_empty() { "none".to_string() } else { defined.join(", ") })]
-    UndefinedVar { name: String, loc: Loc, defined: Vec<String> },
+    UndefinedVar {
+        name: String,
+        loc: Loc,
+        defined: Vec<String>,
+    },
 
     #[error("path {} does not exist ({loc}); write {{ path = \"{}\", optional = true }} if it may be absent", path.display(), path.display())]
     MissingPath { path: PathBuf, loc: Loc },
@@ -70,6 +86,9 @@ fn hint(expected: &[String]) -> String {
 
 impl PolicyError {
     pub(crate) fn invalid(message: impl Into<String>, loc: Loc) -> Self {
-        PolicyError::Invalid { message: message.into(), loc }
+        PolicyError::Invalid {
+            message: message.into(),
+            loc,
+        }
     }
 }

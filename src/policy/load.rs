@@ -20,7 +20,7 @@ pub const SHIPPED: &[(&str, &str)] = &[
 /// Defaults applied after merging, for whatever no policy in the chain set. The one place they
 /// are written down.
 pub const DEFAULT_LIMITS: Limits = Limits {
-    memory: Some(1 << 30),    // 1G
+    memory: Some(1 << 30), // 1G
     pids: Some(256),
     open_files: Some(1024),
     tmp: Some(64 << 20),      // 64M
@@ -52,14 +52,22 @@ pub fn load(reference: &str, ctx: &LoadContext) -> Result<Policy, PolicyError> {
 
 /// [`load`], also returning notes: optional paths that do not exist and were dropped, and other
 /// things the operator should see at start.
-pub fn load_with_notes(reference: &str, ctx: &LoadContext) -> Result<(Policy, Vec<String>), PolicyError> {
+pub fn load_with_notes(
+    reference: &str,
+    ctx: &LoadContext,
+) -> Result<(Policy, Vec<String>), PolicyError> {
     let l = Loader::new(ctx, &[]);
-    l.run(Start::Reference(reference)).map(|d| (d.policy, d.notes))
+    l.run(Start::Reference(reference))
+        .map(|d| (d.policy, d.notes))
 }
 
 /// An inline policy (from `mcpbox.json`) in the TOML data model. Relative `extends` resolve
 /// against `base_dir`. Errors carry no line numbers (there is no file).
-pub fn load_inline(table: toml::Table, base_dir: &Path, ctx: &LoadContext) -> Result<Policy, PolicyError> {
+pub fn load_inline(
+    table: toml::Table,
+    base_dir: &Path,
+    ctx: &LoadContext,
+) -> Result<Policy, PolicyError> {
     load_inline_with_notes(table, base_dir, ctx).map(|(p, _)| p)
 }
 
@@ -70,7 +78,8 @@ pub fn load_inline_with_notes(
     ctx: &LoadContext,
 ) -> Result<(Policy, Vec<String>), PolicyError> {
     let l = Loader::new(ctx, &[]);
-    l.run(Start::Inline(table, base_dir)).map(|d| (d.policy, d.notes))
+    l.run(Start::Inline(table, base_dir))
+        .map(|d| (d.policy, d.notes))
 }
 
 /// The result of [`load_detailed`]: the policy, notes, and every file read (in `extends` order).
@@ -121,7 +130,11 @@ impl Doc {
 
 fn line_of(text: &str, offset: usize) -> usize {
     let end = offset.min(text.len());
-    text.as_bytes()[..end].iter().filter(|b| **b == b'\n').count() + 1
+    text.as_bytes()[..end]
+        .iter()
+        .filter(|b| **b == b'\n')
+        .count()
+        + 1
 }
 
 #[derive(Debug, Clone)]
@@ -202,7 +215,11 @@ struct Loader<'a> {
 
 impl<'a> Loader<'a> {
     fn new(ctx: &'a LoadContext, unchecked_under: &'a [PathBuf]) -> Self {
-        Loader { ctx, unchecked_under, files: Default::default() }
+        Loader {
+            ctx,
+            unchecked_under,
+            files: Default::default(),
+        }
     }
 
     fn run(self, start: Start<'_>) -> Result<Loaded, PolicyError> {
@@ -226,7 +243,11 @@ impl<'a> Loader<'a> {
         let merged = self.resolve(top, &mut Vec::new())?;
         let mut notes = Vec::new();
         let policy = self.finish(source, merged, &mut notes)?;
-        Ok(Loaded { policy, notes, files: self.files.into_inner() })
+        Ok(Loaded {
+            policy,
+            notes,
+            files: self.files.into_inner(),
+        })
     }
 
     /// Find a referenced policy: a path (contains `/` or ends in `.toml`) or a bare name.
@@ -238,10 +259,19 @@ impl<'a> Loader<'a> {
             } else {
                 match from {
                     None => p.to_path_buf(),
-                    Some(Doc { base_dir: Some(b), .. }) => b.join(p),
+                    // Lexically drop `.` components so messages read `dir/b.toml`, not `dir/./b.toml`.
+                    Some(Doc {
+                        base_dir: Some(b), ..
+                    }) => b
+                        .join(p)
+                        .components()
+                        .filter(|c| *c != Component::CurDir)
+                        .collect(),
                     Some(Doc { base_dir: None, .. }) => {
                         return Err(PolicyError::invalid(
-                            format!("a shipped policy cannot extend the relative path `{reference}`"),
+                            format!(
+                                "a shipped policy cannot extend the relative path `{reference}`"
+                            ),
                             at,
                         ))
                     }
@@ -250,7 +280,9 @@ impl<'a> Loader<'a> {
             return read_file(&path, at);
         }
         if reference.is_empty()
-            || !reference.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            || !reference
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
         {
             return Err(PolicyError::invalid(
                 format!("`{reference}` is not a policy name (letters, digits, - _ .) nor a path"),
@@ -280,7 +312,11 @@ impl<'a> Loader<'a> {
             });
         }
         searched.push(format!("shipped policies ({})", shipped_names().join(", ")));
-        Err(PolicyError::NotFound { reference: reference.into(), from: at, searched })
+        Err(PolicyError::NotFound {
+            reference: reference.into(),
+            from: at,
+            searched,
+        })
     }
 
     /// Parse `doc`, resolve its parents, and return the merge (parents first, `doc` last).
@@ -298,7 +334,8 @@ impl<'a> Loader<'a> {
             for r in refs {
                 let parent = self.find(r, Some(&doc), at.clone())?;
                 if let Some(i) = stack.iter().position(|(id, _)| *id == parent.id) {
-                    let mut chain: Vec<String> = stack[i..].iter().map(|(_, n)| n.clone()).collect();
+                    let mut chain: Vec<String> =
+                        stack[i..].iter().map(|(_, n)| n.clone()).collect();
                     chain.push(parent.name.clone());
                     return Err(PolicyError::Cycle { chain, loc: at });
                 }
@@ -320,8 +357,13 @@ impl<'a> Loader<'a> {
                     let loc = doc.loc(s.span());
                     let rp = s.into_inner();
                     let expanded = self.expand(&rp.path, &loc)?;
-                    let path = normalise(&expanded).map_err(|m| PolicyError::invalid(m, loc.clone()))?;
-                    Ok(Rule { path, optional: rp.optional, loc })
+                    let path =
+                        normalise(&expanded).map_err(|m| PolicyError::invalid(m, loc.clone()))?;
+                    Ok(Rule {
+                        path,
+                        optional: rp.optional,
+                        loc,
+                    })
                 })
                 .collect()
         };
@@ -336,12 +378,17 @@ impl<'a> Loader<'a> {
             let pat = check_allow(a.get_ref()).map_err(|m| PolicyError::invalid(m, loc.clone()))?;
             l.allow.push((pat, loc));
         }
-        let ports = |p: Option<Spanned<Vec<u16>>>, key: &str| -> Result<Option<(Vec<u16>, Loc)>, PolicyError> {
+        let ports = |p: Option<Spanned<Vec<u16>>>,
+                     key: &str|
+         -> Result<Option<(Vec<u16>, Loc)>, PolicyError> {
             let Some(p) = p else { return Ok(None) };
             let loc = doc.loc(p.span());
             let mut v = p.into_inner();
             if v.contains(&0) {
-                return Err(PolicyError::invalid(format!("[network] {key}: port 0 is not a port"), loc));
+                return Err(PolicyError::invalid(
+                    format!("[network] {key}: port 0 is not a port"),
+                    loc,
+                ));
             }
             v.sort_unstable();
             v.dedup();
@@ -371,12 +418,20 @@ impl<'a> Loader<'a> {
             let n = match s.get_ref() {
                 RawSize::Bytes(n) if *n > 0 => *n as u64,
                 RawSize::Bytes(n) => {
-                    return Err(PolicyError::invalid(format!("[limits] {key} must be positive, not {n}"), loc))
+                    return Err(PolicyError::invalid(
+                        format!("[limits] {key} must be positive, not {n}"),
+                        loc,
+                    ))
                 }
-                RawSize::Text(t) => parse_size(t).map_err(|m| PolicyError::invalid(format!("[limits] {key}: {m}"), loc.clone()))?,
+                RawSize::Text(t) => parse_size(t).map_err(|m| {
+                    PolicyError::invalid(format!("[limits] {key}: {m}"), loc.clone())
+                })?,
             };
             if n == 0 {
-                return Err(PolicyError::invalid(format!("[limits] {key} must be positive"), loc));
+                return Err(PolicyError::invalid(
+                    format!("[limits] {key} must be positive"),
+                    loc,
+                ));
             }
             Ok(Some(n))
         };
@@ -384,7 +439,10 @@ impl<'a> Loader<'a> {
             let Some(c) = c else { return Ok(None) };
             match *c.get_ref() {
                 n if n > 0 => Ok(Some(n as u64)),
-                n => Err(PolicyError::invalid(format!("[limits] {key} must be positive, not {n}"), doc.loc(c.span()))),
+                n => Err(PolicyError::invalid(
+                    format!("[limits] {key} must be positive, not {n}"),
+                    doc.loc(c.span()),
+                )),
             }
         };
         l.memory = size(lim.memory, "memory")?;
@@ -393,14 +451,18 @@ impl<'a> Loader<'a> {
         l.pids = count(lim.pids, "pids")?;
         l.open_files = count(lim.open_files, "open_files")?;
 
-        let syscalls = |v: Vec<Spanned<String>>, key: &str| -> Result<Vec<(String, Loc)>, PolicyError> {
+        let syscalls = |v: Vec<Spanned<String>>,
+                        key: &str|
+         -> Result<Vec<(String, Loc)>, PolicyError> {
             let mut out: Vec<(String, Loc)> = Vec::new();
             for s in v {
                 let loc = doc.loc(s.span());
                 let name = s.into_inner();
                 let ok = name.len() <= 64
                     && name.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
-                    && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+                    && name
+                        .chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
                 if !ok {
                     return Err(PolicyError::invalid(
                         format!("[seccomp] {key}: `{name}` is not a syscall name (lowercase letters, digits, _)"),
@@ -420,7 +482,10 @@ impl<'a> Loader<'a> {
         if let Some(abi) = raw.sandbox.landlock_min_abi {
             let v = *abi.get_ref();
             let v = u8::try_from(v).ok().filter(|v| *v <= 64).ok_or_else(|| {
-                PolicyError::invalid(format!("[sandbox] landlock_min_abi must be 0..=64, not {v}"), doc.loc(abi.span()))
+                PolicyError::invalid(
+                    format!("[sandbox] landlock_min_abi must be 0..=64, not {v}"),
+                    doc.loc(abi.span()),
+                )
             })?;
             l.landlock_min_abi = Some(v);
         }
@@ -435,7 +500,10 @@ impl<'a> Loader<'a> {
             out.push_str(&rest[..i]);
             let after = &rest[i + 2..];
             let Some(end) = after.find('}') else {
-                return Err(PolicyError::invalid(format!("unterminated `${{` in `{s}`"), loc.clone()));
+                return Err(PolicyError::invalid(
+                    format!("unterminated `${{` in `{s}`"),
+                    loc.clone(),
+                ));
             };
             let name = &after[..end];
             match self.ctx.vars.get(name) {
@@ -455,7 +523,12 @@ impl<'a> Loader<'a> {
     }
 
     /// Defaults, cross-field checks, existence of paths.
-    fn finish(&self, source: String, m: Layer, notes: &mut Vec<String>) -> Result<Policy, PolicyError> {
+    fn finish(
+        &self,
+        source: String,
+        m: Layer,
+        notes: &mut Vec<String>,
+    ) -> Result<Policy, PolicyError> {
         let mode = m.mode.as_ref().map(|(md, _)| *md).unwrap_or(Mode::None);
         let mode_at = |m: &Layer| match &m.mode {
             Some((md, loc)) => format!("mode = \"{}\" set at {loc}", md.as_str()),
@@ -463,11 +536,17 @@ impl<'a> Loader<'a> {
         };
         if let (Some((a, loc)), true) = (m.allow.first(), mode != Mode::Proxy) {
             return Err(PolicyError::invalid(
-                format!("[network] allow (`{a}`) needs mode = \"proxy\", but {}", mode_at(&m)),
+                format!(
+                    "[network] allow (`{a}`) needs mode = \"proxy\", but {}",
+                    mode_at(&m)
+                ),
                 loc.clone(),
             ));
         }
-        for (key, ports) in [("connect_ports", &m.connect_ports), ("bind_ports", &m.bind_ports)] {
+        for (key, ports) in [
+            ("connect_ports", &m.connect_ports),
+            ("bind_ports", &m.bind_ports),
+        ] {
             if let (Some((_, loc)), true) = (ports, mode != Mode::Host) {
                 return Err(PolicyError::invalid(
                     format!("[network] {key} needs mode = \"host\", but {}", mode_at(&m)),
@@ -481,7 +560,9 @@ impl<'a> Loader<'a> {
                 connect_ports: m.connect_ports.map(|(v, _)| v),
                 bind_ports: m.bind_ports.map(|(v, _)| v),
             },
-            Mode::Proxy => Network::Proxy { allow: m.allow.into_iter().map(|(a, _)| a).collect() },
+            Mode::Proxy => Network::Proxy {
+                allow: m.allow.into_iter().map(|(a, _)| a).collect(),
+            },
         };
 
         // A syscall denied anywhere in the chain stays denied.
@@ -489,7 +570,9 @@ impl<'a> Loader<'a> {
         let mut allow = Vec::new();
         for (n, loc) in m.extra_allow {
             if deny.contains(&n) {
-                notes.push(format!("syscall {n} is both allowed ({loc}) and denied in the policy chain; denied"));
+                notes.push(format!(
+                    "syscall {n} is both allowed ({loc}) and denied in the policy chain; denied"
+                ));
             } else {
                 allow.push(n);
             }
@@ -505,7 +588,10 @@ impl<'a> Loader<'a> {
             source,
             filesystem,
             network,
-            env: Env { pass: m.pass, set: m.set },
+            env: Env {
+                pass: m.pass,
+                set: m.set,
+            },
             limits: Limits {
                 memory: m.memory.or(d.memory),
                 pids: m.pids.or(d.pids),
@@ -513,7 +599,10 @@ impl<'a> Loader<'a> {
                 tmp: m.tmp.or(d.tmp),
                 file_size: m.file_size.or(d.file_size),
             },
-            seccomp: Seccomp { extra_deny: deny, extra_allow: allow },
+            seccomp: Seccomp {
+                extra_deny: deny,
+                extra_allow: allow,
+            },
             sandbox: SandboxReq {
                 level: m.level.unwrap_or(DEFAULT_LEVEL),
                 landlock_min_abi: m.landlock_min_abi.unwrap_or(DEFAULT_LANDLOCK_MIN_ABI),
@@ -522,29 +611,51 @@ impl<'a> Loader<'a> {
     }
 
     /// Keep paths that exist; drop optional ones that do not (with a note); fail on the rest.
-    fn existing(&self, rules: Vec<Rule>, notes: &mut Vec<String>) -> Result<Vec<PathRule>, PolicyError> {
+    fn existing(
+        &self,
+        rules: Vec<Rule>,
+        notes: &mut Vec<String>,
+    ) -> Result<Vec<PathRule>, PolicyError> {
         let mut out = Vec::new();
         for r in rules {
-            if let Some(dir) = self.unchecked_under.iter().find(|d| r.path.starts_with(d) && !d.exists()) {
+            if let Some(dir) = self
+                .unchecked_under
+                .iter()
+                .find(|d| r.path.starts_with(d) && !d.exists())
+            {
                 notes.push(format!(
                     "path {} ({}) not checked: {} does not exist yet",
                     r.path.display(),
                     r.loc,
                     dir.display()
                 ));
-                out.push(PathRule { path: r.path, optional: r.optional });
+                out.push(PathRule {
+                    path: r.path,
+                    optional: r.optional,
+                });
                 continue;
             }
             match r.path.try_exists() {
-                Ok(true) => out.push(PathRule { path: r.path, optional: r.optional }),
+                Ok(true) => out.push(PathRule {
+                    path: r.path,
+                    optional: r.optional,
+                }),
                 Ok(false) if r.optional => notes.push(format!(
                     "optional path {} does not exist ({}); not granted",
                     r.path.display(),
                     r.loc
                 )),
-                Ok(false) => return Err(PolicyError::MissingPath { path: r.path, loc: r.loc }),
+                Ok(false) => {
+                    return Err(PolicyError::MissingPath {
+                        path: r.path,
+                        loc: r.loc,
+                    })
+                }
                 Err(e) => {
-                    return Err(PolicyError::invalid(format!("cannot check path {}: {e}", r.path.display()), r.loc))
+                    return Err(PolicyError::invalid(
+                        format!("cannot check path {}: {e}", r.path.display()),
+                        r.loc,
+                    ))
                 }
             }
         }
@@ -560,14 +671,26 @@ fn read_file(path: &Path, at: Loc) -> Result<Doc, PolicyError> {
             from: at,
             searched: vec![name.clone()],
         },
-        _ => PolicyError::Io { file: name.clone(), source },
+        _ => PolicyError::Io {
+            file: name.clone(),
+            source,
+        },
     })?;
-    let id = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf()).display().to_string();
+    let id = std::fs::canonicalize(path)
+        .unwrap_or_else(|_| path.to_path_buf())
+        .display()
+        .to_string();
     let base_dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    Ok(Doc { name, id, text, base_dir: Some(base_dir), lines: true })
+    Ok(Doc {
+        name,
+        id,
+        text,
+        base_dir: Some(base_dir),
+        lines: true,
+    })
 }
 
 /// Parse a document; turn toml/serde errors into located [`PolicyError`]s.
@@ -578,12 +701,20 @@ fn parse(doc: &Doc) -> Result<RawPolicy, PolicyError> {
             None => Loc::new(doc.name.clone(), None),
         };
         let msg = e.message().trim_end().to_string();
-        if let Some(key) = msg.strip_prefix("unknown field `").and_then(|r| r.split('`').next()) {
+        if let Some(key) = msg
+            .strip_prefix("unknown field `")
+            .and_then(|r| r.split('`').next())
+        {
             let (table, expected) = e
                 .span()
                 .and_then(|s| key_table(&doc.text, key, s))
                 .unwrap_or_else(|| ("the policy".into(), Vec::new()));
-            return PolicyError::UnknownKey { key: key.into(), table, loc, expected };
+            return PolicyError::UnknownKey {
+                key: key.into(),
+                table,
+                loc,
+                expected,
+            };
         }
         PolicyError::Toml { message: msg, loc }
     })
@@ -596,7 +727,13 @@ fn key_table(text: &str, key: &str, span: std::ops::Range<usize>) -> Option<(Str
     fn overlaps(a: &std::ops::Range<usize>, b: &std::ops::Range<usize>) -> bool {
         a.start <= b.end && b.start <= a.end
     }
-    fn walk(t: &DeTable<'_>, key: &str, span: &std::ops::Range<usize>, path: &mut Vec<String>, in_array: bool) -> Option<(Vec<String>, bool)> {
+    fn walk(
+        t: &DeTable<'_>,
+        key: &str,
+        span: &std::ops::Range<usize>,
+        path: &mut Vec<String>,
+        in_array: bool,
+    ) -> Option<(Vec<String>, bool)> {
         for (k, v) in t.iter() {
             if k.get_ref() == key && overlaps(&k.span(), span) {
                 return Some((path.clone(), in_array));
@@ -629,7 +766,11 @@ fn key_table(text: &str, key: &str, span: std::ops::Range<usize>) -> Option<(Str
         .find(|(t, _)| *t == dotted)
         .map(|(_, ks)| ks.iter().map(|k| k.to_string()).collect())
         .unwrap_or_default();
-    let name = if path.is_empty() { "the top level".to_string() } else { format!("[{dotted}]") };
+    let name = if path.is_empty() {
+        "the top level".to_string()
+    } else {
+        format!("[{dotted}]")
+    };
     Some((name, expected))
 }
 
@@ -659,13 +800,17 @@ fn check_env_name(n: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!("`{n}` is not an environment variable name ([A-Za-z_][A-Za-z0-9_]*)"))
+        Err(format!(
+            "`{n}` is not an environment variable name ([A-Za-z_][A-Za-z0-9_]*)"
+        ))
     }
 }
 
 /// `host:port` or `*.domain:port`; returns the pattern with the host lowercased.
 fn check_allow(a: &str) -> Result<String, String> {
-    let bad = |why: &str| format!("[network] allow `{a}`: {why}; expected \"host:port\" or \"*.example.com:443\"");
+    let bad = |why: &str| {
+        format!("[network] allow `{a}`: {why}; expected \"host:port\" or \"*.example.com:443\"")
+    };
     let (host, port) = a.rsplit_once(':').ok_or_else(|| bad("no port"))?;
     match port.parse::<u16>() {
         Ok(p) if p > 0 => {}

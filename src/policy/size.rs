@@ -29,10 +29,17 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     let shift = if unit.is_empty() {
         0
     } else {
-        UNITS.iter().find(|(u, _)| *u == unit).map(|(_, sh)| *sh).ok_or_else(bad)?
+        UNITS
+            .iter()
+            .find(|(u, _)| *u == unit)
+            .map(|(_, sh)| *sh)
+            .ok_or_else(bad)?
     };
-    let n: u64 = num.parse().map_err(|_| format!("size `{s}` is too large"))?;
-    n.checked_mul(1u64 << shift).ok_or_else(|| format!("size `{s}` is too large"))
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("size `{s}` is too large"))?;
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("size `{s}` is too large"))
 }
 
 /// Bytes in the largest unit that divides them exactly: 1073741824 -> "1G", 1000 -> "1000".
