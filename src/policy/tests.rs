@@ -1,0 +1,571 @@
+//! Unit tests for the policy module.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use super::*;
+
+fn ctx(dir: &Path) -> LoadContext {
+    let mut c = LoadContext::default();
+    c.vars
+        .insert("DATA".into(), dir.join("data").display().to_string());
+    c.vars
+        .insert("CACHE".into(), dir.join("cache").display().to_string());
+    fs::create_dir_all(dir.join("data")).unwrap();
+    fs::create_dir_all(dir.join("cache")).unwrap();
+    c
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    fs::write(&p, text).unwrap();
+    p
+}
+
+fn paths(v: &[PathRule]) -> Vec<String> {
+    v.iter().map(|r| r.path.display().to_string()).collect()
+}
+
+fn err(reference: &Path, c: &LoadContext) -> String {
+    load(reference.to_str().unwrap(), c)
+        .unwrap_err()
+        .to_string()
+}
+
+#[test]
+fn unknown_key_names_key_table_file_and_line() {
+    let d = tempfile::tempdir().unwrap();
+    let p = write(
+        d.path(),
+        "x.toml",
+        "# comment\n[filesystem]\nraed = [\"/etc\"]\n",
+    );
+    let e = err(&p, &ctx(d.path()));
+    let file = p.display().to_string();
+    assert!(
+        e.starts_with(&format!(
+            "unknown key `raed` in [filesystem] ({file} line 3)"
+        )),
+        "{e}"
+    );
+    assert!(e.contains("expected one of: read, write, exec"), "{e}");
+}
+
+#[test]
+fn unknown_key_at_top_level_and_in_path_entry() {
+    let d = tempfile::tempdir().unwrap();
+    let c = ctx(d.path());
+    let p = write(
+        d.path(),
+        "top.toml",
+        "extends = \"default\"\n\nfilesytem = 1\n",
+    );
+    let e = err(&p, &c);
+    assert!(
+        e.starts_with(&format!(
+            "unknown key `filesytem` in the top level ({} line 3)",
+            p.display()
+        )),
+        "{e}"
+    );
+
+    let p = write(
+        d.path(),
+        "entry.toml",
+        "[filesystem]\nread = [\n  { path = \"/etc\", optinal = true },\n]\n",
+    );
+    let e = err(&p, &c);
+    assert!(e.contains("unknown key `optinal`"), "{e}");
+    assert!(e.contains(&format!("{} line 3", p.display())), "{e}");
+}
+
+#[test]
+fn type_error_has_line() {
+    let d = tempfile::tempdir().unwrap();
+    let p = write(d.path(), "x.toml", "[limits]\npids = \"many\"\n");
+    let e = err(&p, &ctx(d.path()));
+    assert!(e.contains(&format!("({} line 2)", p.display())), "{e}");
+}
+
+#[test]
+fn missing_path_is_an_error_with_file_and_line() {
+    let d = tempfile::tempdir().unwrap();
+    let p = write(
+        d.path(),
+        "x.toml",
+        "[filesystem]\nread = [\n  \"/etc/hostname\",\n  \"/nonexistent/mcpbox-test\",\n]\n",
+    );
+    let e = load(p.to_str().unwrap(), &ctx(d.path())).unwrap_err();
+    assert!(
+        matches!(&e, PolicyError::MissingPath { path, .. } if path == Path::new("/nonexistent/mcpbox-test"))
+    );
+    let s = e.to_string();
+    assert!(
+        s.starts_with(&format!(
+            "path /nonexistent/mcpbox-test does not exist ({} line 4)",
+            p.display()
+        )),
+        "{s}"
+    );
+}
+
+#[test]
+fn optional_missing_path_is_dropped_with_note() {
+    let d = tempfile::tempdir().unwrap();
+    let p = write(
+        d.path(),
+        "x.toml",
+        "[filesystem]\nread = [\"${DATA}\",\n  { path = \"/nonexistent/opt\", optional = true },\n  { path = \"/etc/hostname\", optional = true }]\n",
+    );
+    let (pol, notes) = load_with_notes(p.to_str().unwrap(), &ctx(d.path())).unwrap();
+    assert_eq!(
+        paths(&pol.filesystem.read),
+        vec![
+            d.path().join("data").display().to_string(),
+            "/etc/hostname".into()
+        ]
+    );
+    assert!(pol.filesystem.read[1].optional);
+    assert_eq!(
+        notes,
+        vec![format!(
+            "optional path /nonexistent/opt does not exist ({} line 3); not granted",
+            p.display()
+        )]
+    );
+}
+
+#[test]
+fn extends_merges_parents_first_and_dedups() {
+    let d = tempfile::tempdir().unwrap();
+    let c = ctx(d.path());
+    fs::create_dir(d.path().join("sub")).unwrap();
+    write(
+        d.path(),
+        "a.toml",
+        "[filesystem]\nread = [\"/etc/hostname\", \"/usr\"]\n[env]\npass = [\"A\", \"B\"]\nset = { X = \"a\", Y = \"a\" }\n\
+         [limits]\nmemory = \"512M\"\npids = 10\n[network]\nmode = \"host\"\n",
+    );
+    write(
+        d.path(),
+        "b.toml",
+        "[filesystem]\nread = [\"/usr\", \"/etc\"]\n[env]\npass = [\"B\", \"C\"]\nset = { Y = \"b\" }\n[limits]\npids = 20\n",
+    );
+    // Relative extends resolve from the extending file's directory.
+    let child = write(
+        &d.path().join("sub"),
+        "child.toml",
+        "extends = [\"../a.toml\", \"../b.toml\"]\n[filesystem]\nread = [\"/etc/hostname\", \"/var\"]\n\
+         [env]\npass = [\"A\", \"D\"]\nset = { Z = \"${DATA}\" }\n[limits]\nopen_files = 7\n",
+    );
+    let pol = load(child.to_str().unwrap(), &c).unwrap();
+    assert_eq!(
+        paths(&pol.filesystem.read),
+        vec!["/etc/hostname", "/usr", "/etc", "/var"]
+    );
+    assert_eq!(pol.env.pass, vec!["A", "B", "C", "D"]);
+    assert_eq!(pol.env.set.get("X").unwrap(), "a");
+    assert_eq!(pol.env.set.get("Y").unwrap(), "b");
+    assert_eq!(pol.env.set.get("Z").unwrap(), &c.vars["DATA"]);
+    assert_eq!(pol.limits.memory, Some(512 << 20));
+    assert_eq!(pol.limits.pids, Some(20));
+    assert_eq!(pol.limits.open_files, Some(7));
+    assert_eq!(pol.limits.tmp, DEFAULT_LIMITS.tmp);
+    assert_eq!(
+        pol.network,
+        Network::Host {
+            connect_ports: None,
+            bind_ports: None
+        }
+    );
+    assert_eq!(pol.source, child.display().to_string());
+}
+
+#[test]
+fn optional_and_required_same_path_is_required() {
+    let d = tempfile::tempdir().unwrap();
+    write(
+        d.path(),
+        "a.toml",
+        "[filesystem]\nread = [{ path = \"/etc/hostname\", optional = true }]\n",
+    );
+    let p = write(
+        d.path(),
+        "b.toml",
+        "extends = \"./a.toml\"\n[filesystem]\nread = [\"/etc/hostname\"]\n",
+    );
+    let pol = load(p.to_str().unwrap(), &ctx(d.path())).unwrap();
+    assert_eq!(
+        pol.filesystem.read,
+        vec![PathRule {
+            path: "/etc/hostname".into(),
+            optional: false
+        }]
+    );
+}
+
+#[test]
+fn extends_cycle_is_an_error() {
+    let d = tempfile::tempdir().unwrap();
+    let a = write(d.path(), "a.toml", "extends = \"./b.toml\"\n");
+    let b = write(
+        d.path(),
+        "b.toml",
+        "\nextends = [\"default\", \"./a.toml\"]\n",
+    );
+    let e = load(a.to_str().unwrap(), &ctx(d.path())).unwrap_err();
+    assert!(matches!(e, PolicyError::Cycle { .. }), "{e:?}");
+    let s = e.to_string();
+    let (a, b) = (a.display().to_string(), b.display().to_string());
+    assert!(
+        s.starts_with(&format!("`extends` cycle: {a} -> {b} -> ")),
+        "{s}"
+    );
+    assert!(s.ends_with(&format!("a.toml ({b} line 2)")), "{s}");
+}
+
+#[test]
+fn user_policy_dir_wins_and_may_extend_the_shipped_one() {
+    let d = tempfile::tempdir().unwrap();
+    let mut c = ctx(d.path());
+    c.search_dirs.push(d.path().to_path_buf());
+    write(
+        d.path(),
+        "node.toml",
+        "extends = \"node\"\n[limits]\npids = 5\n",
+    );
+    let pol = load("node", &c).unwrap();
+    assert_eq!(pol.limits.pids, Some(5));
+    assert!(pol
+        .filesystem
+        .exec
+        .iter()
+        .any(|r| r.path == Path::new("/usr/bin/node")));
+    let e = load("nosuchpolicy", &c).unwrap_err().to_string();
+    assert!(
+        e.starts_with("policy `nosuchpolicy` not found (referenced from command line)"),
+        "{e}"
+    );
+    assert!(
+        e.contains("shipped policies (default, node, python)"),
+        "{e}"
+    );
+}
+
+#[test]
+fn sizes_parse() {
+    assert_eq!(parse_size("4096"), Ok(4096));
+    assert_eq!(parse_size("512K"), Ok(512 << 10));
+    assert_eq!(parse_size("512KiB"), Ok(512 << 10));
+    assert_eq!(parse_size("64M"), Ok(64 << 20));
+    assert_eq!(parse_size("1G"), Ok(1 << 30));
+    assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+    assert_eq!(parse_size("1T"), Ok(1 << 40));
+    for bad in ["", "M", "12MB", "1.5G", "-1", " 1G", "1 G", "1g", "10Q"] {
+        let e = parse_size(bad).unwrap_err();
+        assert!(
+            e.starts_with(&format!("invalid size `{bad}`")),
+            "{bad}: {e}"
+        );
+    }
+    assert_eq!(
+        parse_size("99999999999T").unwrap_err(),
+        "size `99999999999T` is too large"
+    );
+    assert_eq!(format_size(1 << 30), "1G");
+    assert_eq!(format_size(1536 << 20), "1536M");
+    assert_eq!(format_size(1000), "1000");
+}
+
+#[test]
+fn bad_size_in_policy_names_key_file_line() {
+    let d = tempfile::tempdir().unwrap();
+    let p = write(
+        d.path(),
+        "x.toml",
+        "[limits]\ntmp = \"64M\"\nmemory = \"1.5G\"\n",
+    );
+    let e = err(&p, &ctx(d.path()));
+    assert!(e.starts_with("[limits] memory: invalid size `1.5G`"), "{e}");
+    assert!(e.ends_with(&format!("({} line 3)", p.display())), "{e}");
+    let p = write(d.path(), "y.toml", "[limits]\nmemory = 0\n");
+    assert!(err(&p, &ctx(d.path())).starts_with("[limits] memory must be positive, not 0"));
+}
+
+#[test]
+fn undefined_variable_names_variable_file_line() {
+    let d = tempfile::tempdir().unwrap();
+    let p = write(
+        d.path(),
+        "x.toml",
+        "[filesystem]\nwrite = [\"${DATA}\",\n \"${HOME}/x\"]\n",
+    );
+    let e = load(p.to_str().unwrap(), &ctx(d.path())).unwrap_err();
+    assert!(matches!(&e, PolicyError::UndefinedVar { name, .. } if name == "HOME"));
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "undefined variable ${{HOME}} ({} line 3); defined: CACHE, DATA",
+            p.display()
+        )
+    );
+}
+
+#[test]
+fn relative_and_dotdot_paths_are_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let c = ctx(d.path());
+    let p = write(d.path(), "x.toml", "[filesystem]\nread = [\"etc\"]\n");
+    assert_eq!(
+        err(&p, &c),
+        format!("path `etc` is not absolute ({} line 2)", p.display())
+    );
+    let p = write(
+        d.path(),
+        "y.toml",
+        "[filesystem]\nread = [\"${DATA}/../x\"]\n",
+    );
+    assert!(err(&p, &c).ends_with(&format!(
+        "/data/../x` contains `..` ({} line 2)",
+        p.display()
+    )));
+    // `.` and doubled/trailing slashes are normalised away.
+    let p = write(
+        d.path(),
+        "z.toml",
+        "[filesystem]\nread = [\"/etc//./hostname/\"]\n",
+    );
+    assert_eq!(
+        paths(&load(p.to_str().unwrap(), &c).unwrap().filesystem.read),
+        vec!["/etc/hostname"]
+    );
+}
+
+#[test]
+fn network_modes_and_their_keys() {
+    let d = tempfile::tempdir().unwrap();
+    let c = ctx(d.path());
+    let p = write(
+        d.path(),
+        "x.toml",
+        "[network]\nmode = \"none\"\nallow = [\"example.com:443\"]\n",
+    );
+    let e = err(&p, &c);
+    assert!(
+        e.starts_with("[network] allow (`example.com:443`) needs mode = \"proxy\""),
+        "{e}"
+    );
+    assert!(
+        e.contains(&format!("mode = \"none\" set at {} line 2", p.display())),
+        "{e}"
+    );
+    assert!(e.ends_with(&format!("({} line 3)", p.display())), "{e}");
+
+    let p = write(
+        d.path(),
+        "y.toml",
+        "[network]\nallow = [\"example.com:443\"]\n",
+    );
+    assert!(err(&p, &c).contains("mode defaults to \"none\""));
+
+    let p = write(
+        d.path(),
+        "z.toml",
+        "[network]\nmode = \"proxy\"\nconnect_ports = [443]\n",
+    );
+    assert!(err(&p, &c).starts_with("[network] connect_ports needs mode = \"host\""));
+
+    let p = write(
+        d.path(),
+        "ok.toml",
+        "[network]\nmode = \"proxy\"\nallow = [\"*.Example.com:443\", \"api.x.org:8443\"]\n",
+    );
+    let pol = load(p.to_str().unwrap(), &c).unwrap();
+    assert_eq!(
+        pol.network,
+        Network::Proxy {
+            allow: vec!["*.example.com:443".into(), "api.x.org:8443".into()]
+        }
+    );
+
+    let p = write(
+        d.path(),
+        "bad.toml",
+        "[network]\nmode = \"proxy\"\nallow = [\"example.com\"]\n",
+    );
+    assert!(err(&p, &c).starts_with("[network] allow `example.com`: no port"));
+
+    let p = write(
+        d.path(),
+        "host.toml",
+        "[network]\nmode = \"host\"\nconnect_ports = [443, 80, 443]\n",
+    );
+    let pol = load(p.to_str().unwrap(), &c).unwrap();
+    assert_eq!(
+        pol.network,
+        Network::Host {
+            connect_ports: Some(vec![80, 443]),
+            bind_ports: None
+        }
+    );
+}
+
+#[test]
+fn seccomp_names_and_sandbox_fields() {
+    let d = tempfile::tempdir().unwrap();
+    let c = ctx(d.path());
+    let p = write(
+        d.path(),
+        "x.toml",
+        "[seccomp]\nextra_deny = [\"ptrace\", \"Bad-Name\"]\n",
+    );
+    assert_eq!(
+        err(&p, &c),
+        format!(
+            "[seccomp] extra_deny: `Bad-Name` is not a syscall name (lowercase letters, digits, _) ({} line 2)",
+            p.display()
+        )
+    );
+    let p = write(
+        d.path(),
+        "y.toml",
+        "[seccomp]\nextra_deny = [\"ptrace\"]\nextra_allow = [\"ptrace\", \"pread64\"]\n[sandbox]\nlevel = \"container\"\nlandlock_min_abi = 0\n",
+    );
+    let (pol, notes) = load_with_notes(p.to_str().unwrap(), &c).unwrap();
+    assert_eq!(pol.seccomp.extra_deny, vec!["ptrace"]);
+    assert_eq!(pol.seccomp.extra_allow, vec!["pread64"]);
+    assert!(
+        notes[0].starts_with("syscall ptrace is both allowed"),
+        "{notes:?}"
+    );
+    assert_eq!(
+        pol.sandbox,
+        SandboxReq {
+            level: Level::Container,
+            landlock_min_abi: 0
+        }
+    );
+    let p = write(d.path(), "z.toml", "[sandbox]\nlevel = \"none\"\n");
+    let e = err(&p, &c);
+    assert!(
+        e.contains("unknown variant `none`") && e.ends_with(&format!("({} line 2)", p.display())),
+        "{e}"
+    );
+}
+
+#[test]
+fn every_shipped_policy_loads_here() {
+    let d = tempfile::tempdir().unwrap();
+    let c = ctx(d.path());
+    assert_eq!(shipped_names(), vec!["default", "node", "python"]);
+    for name in shipped_names() {
+        let (pol, notes) = load_with_notes(name, &c).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(pol.source, format!("shipped:{name}.toml"));
+        assert_eq!(pol.network, Network::None, "{name}");
+        assert_eq!(
+            pol.sandbox,
+            SandboxReq {
+                level: Level::Full,
+                landlock_min_abi: 1
+            }
+        );
+        assert!(pol.filesystem.write.is_empty(), "{name}");
+        let exec = paths(&pol.filesystem.exec);
+        assert!(
+            exec.contains(&"/lib64/ld-linux-x86-64.so.2".to_string()),
+            "{name}"
+        );
+        assert!(
+            exec.contains(&"/usr/lib/x86_64-linux-gnu".to_string()),
+            "{name}"
+        );
+        for n in &notes {
+            assert!(n.starts_with("optional path "), "{name}: {n}");
+        }
+        // Rendering gives a policy that loads back to the same thing.
+        let again = write(d.path(), &format!("{name}-rendered.toml"), &render(&pol));
+        let mut back = load(again.to_str().unwrap(), &c).unwrap();
+        back.source = pol.source.clone();
+        assert_eq!(back, pol, "{name}");
+    }
+    let node = load("node", &c).unwrap();
+    assert!(paths(&node.filesystem.exec).contains(&"/usr/bin/node".to_string()));
+    assert_eq!(node.env.set.get("HOME"), Some(&c.vars["DATA"]));
+    assert!(!node.env.pass.iter().any(|n| n == "NODE_OPTIONS"));
+    let py = load("python", &c).unwrap();
+    assert!(paths(&py.filesystem.exec).contains(&"/usr/bin/python3".to_string()));
+    assert_eq!(
+        py.env
+            .set
+            .get("PYTHONDONTWRITEBYTECODE")
+            .map(String::as_str),
+        Some("1")
+    );
+    assert!(!paths(&py.filesystem.read)
+        .iter()
+        .any(|p| p.starts_with("/root")));
+}
+
+#[test]
+fn inline_policy_resolves_relative_extends_from_base_dir() {
+    let d = tempfile::tempdir().unwrap();
+    let c = ctx(d.path());
+    write(
+        d.path(),
+        "base.toml",
+        "extends = \"default\"\n[env]\npass = [\"TOKEN\"]\n",
+    );
+    let table: toml::Table =
+        toml::from_str("extends = \"./base.toml\"\n[filesystem]\nwrite = [\"${DATA}\"]\n").unwrap();
+    let pol = load_inline(table, d.path(), &c).unwrap();
+    assert_eq!(pol.source, "inline policy");
+    assert_eq!(pol.env.pass, vec!["TOKEN"]);
+    assert_eq!(paths(&pol.filesystem.write), vec![c.vars["DATA"].clone()]);
+
+    let table: toml::Table = toml::from_str("[env]\npas = []\n").unwrap();
+    let e = load_inline(table, d.path(), &c).unwrap_err().to_string();
+    assert!(
+        e.starts_with("unknown key `pas` in [env] (inline policy)"),
+        "{e}"
+    );
+}
+
+#[test]
+fn check_skips_missing_data_dir_and_says_so() {
+    let d = tempfile::tempdir().unwrap();
+    let p = write(
+        d.path(),
+        "x.toml",
+        "extends = \"node\"\n[filesystem]\nwrite = [\"${DATA}\", \"${CACHE}/npm\"]\n",
+    );
+    let out = check(p.to_str().unwrap(), None, None).unwrap();
+    assert!(
+        out.contains("# note: path /var/lib/mcpbox/SERVER/data ("),
+        "{out}"
+    );
+    assert!(
+        out.contains("not checked: /var/lib/mcpbox/SERVER/data does not exist yet"),
+        "{out}"
+    );
+    assert!(out.contains("write = [\n    \"/var/lib/mcpbox/SERVER/data\",\n    \"/var/lib/mcpbox/SERVER/cache/npm\",\n]"), "{out}");
+    assert!(out.contains("memory = \"1G\""), "{out}");
+    // With a DATA dir that exists, paths under it are checked.
+    let data = d.path().join("data");
+    fs::create_dir(&data).unwrap();
+    let p = write(
+        d.path(),
+        "y.toml",
+        "[filesystem]\nwrite = [\"${DATA}\", \"${DATA}/missing\"]\n",
+    );
+    let e = check(p.to_str().unwrap(), Some(&data), None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with(&format!(
+            "path {}/missing does not exist ({} line 2)",
+            data.display(),
+            p.display()
+        )),
+        "{e}"
+    );
+}
