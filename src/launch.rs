@@ -2,10 +2,15 @@
 //! state directory, become a [`SandboxSpec`]. Shared by `mcpbox run` and `mcpbox serve`.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::fs;
+use std::io::{BufRead, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Component, Path, PathBuf};
 
-use crate::policy::Policy;
-use crate::sandbox::SandboxSpec;
+use anyhow::{bail, Context};
+
+use crate::policy::{self, Level, LoadContext, Network, Policy};
+use crate::sandbox::{Access, Grant, Link, SandboxSpec};
 
 /// Which policy a server uses.
 #[derive(Debug, Clone)]
@@ -36,6 +41,29 @@ pub struct StateDir {
     /// First host uid of the range servers run under when mcpbox is root.
     pub uid_base: u32,
     pub uid_count: u32,
+    /// Process-wide lowest level accepted (`--min-level`); a policy may only lower it further
+    /// for itself. `Full` unless the operator wrote otherwise.
+    pub min_level: Level,
+    /// User policy directories searched before the shipped policies.
+    pub policy_dirs: Vec<PathBuf>,
+}
+
+impl StateDir {
+    /// The default location: `/var/lib/mcpbox` as root, `$XDG_STATE_HOME/mcpbox` otherwise.
+    pub fn default_root() -> PathBuf {
+        if nix::unistd::geteuid().is_root() {
+            return PathBuf::from("/var/lib/mcpbox");
+        }
+        if let Some(x) = std::env::var_os("XDG_STATE_HOME").filter(|v| !v.is_empty()) {
+            return PathBuf::from(x).join("mcpbox");
+        }
+        let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/tmp"));
+        home.join(".local/state/mcpbox")
+    }
+
+    pub fn new(root: PathBuf) -> Self {
+        StateDir { root, uid_base: 200_000, uid_count: 10_000, min_level: Level::Full, policy_dirs: Vec::new() }
+    }
 }
 
 /// Everything needed to start the server, decided once (before any fork).
@@ -47,7 +75,324 @@ pub struct Planned {
     pub notes: Vec<String>,
 }
 
+/// The default PATH inside a sandbox (used to resolve bare command names, too).
+pub const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+
+/// Server names become directory names, cgroup names and hostnames.
+pub fn check_name(name: &str) -> anyhow::Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        && !name.starts_with('.');
+    if !ok {
+        bail!("server name `{name}` must be 1-64 characters of A-Z a-z 0-9 - _ . and not start with a dot");
+    }
+    Ok(())
+}
+
 pub fn plan(state: &StateDir, launch: &ServerLaunch) -> anyhow::Result<Planned> {
-    let _ = (state, launch);
-    todo!()
+    check_name(&launch.name)?;
+    let root = nix::unistd::geteuid().is_root();
+    let dirs = ServerDirs::create(state, &launch.name)?;
+    let ids = if root { Some(allocate_uid(state, &launch.name)?) } else { None };
+    if let Some((uid, gid)) = ids {
+        for d in [&dirs.data, &dirs.cache, &dirs.tmp] {
+            chown_tree_if_needed(d, uid, gid)?;
+        }
+    }
+
+    let mut vars = BTreeMap::new();
+    vars.insert("DATA".to_string(), dirs.data.to_string_lossy().into_owned());
+    vars.insert("CACHE".to_string(), dirs.cache.to_string_lossy().into_owned());
+    let ctx = LoadContext { vars, search_dirs: state.policy_dirs.clone() };
+    let (policy, mut notes) = match &launch.policy {
+        PolicyRef::Named(r) => policy::load_with_notes(r, &ctx),
+        PolicyRef::Inline { value, base_dir } => policy::load_inline_with_notes(value.clone(), base_dir, &ctx),
+    }
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+
+    // Grants: symlinks resolved (links recreated inside), strongest access per path, and
+    // nothing that a broader grant already covers with at least the same rights.
+    let mut want: BTreeMap<PathBuf, (Access, bool)> = BTreeMap::new();
+    let mut links: Vec<Link> = Vec::new();
+    let fsys = &policy.filesystem;
+    for (rules, access) in [(&fsys.read, Access::Read), (&fsys.exec, Access::Exec), (&fsys.write, Access::Write)] {
+        for r in rules {
+            let (real, mut l) = resolve(&r.path).with_context(|| format!("policy {}: {}", policy.source, r.path.display()))?;
+            if real.starts_with("/proc") || real.starts_with("/dev") || real == Path::new("/tmp") {
+                bail!("policy {}: {} cannot be granted: /proc, /dev and /tmp are provided by the sandbox itself", policy.source, r.path.display());
+            }
+            let dir = fs::metadata(&real).map(|m| m.is_dir()).unwrap_or(false);
+            let e = want.entry(real).or_insert((access, dir));
+            e.0 = e.0.max(access);
+            links.append(&mut l);
+        }
+    }
+    let mut grants: Vec<Grant> = Vec::new();
+    for (path, (access, dir)) in &want {
+        let covered = want.iter().any(|(p, (a, d))| *d && p != path && path.starts_with(p) && *a >= *access);
+        if !covered {
+            grants.push(Grant { path: path.clone(), access: *access, dir: *dir });
+        }
+    }
+
+    // Environment: PATH/HOME/LANG defaults, then the policy's `set`, then what it passes.
+    let mut env = BTreeMap::new();
+    env.insert("PATH".to_string(), DEFAULT_PATH.to_string());
+    env.insert("HOME".to_string(), dirs.data.to_string_lossy().into_owned());
+    env.insert("LANG".to_string(), "C.UTF-8".to_string());
+    for (k, v) in &policy.env.set {
+        env.insert(k.clone(), v.clone());
+    }
+    for name in &policy.env.pass {
+        match launch.env.get(name) {
+            Some(v) => {
+                env.insert(name.clone(), v.clone());
+            }
+            None => notes.push(format!("env {name} is passed by the policy but not set; the server will not see it")),
+        }
+    }
+    if matches!(policy.network, Network::Proxy { .. }) {
+        let url = format!("http://127.0.0.1:{}", crate::sandbox::PROXY_PORT);
+        for k in ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"] {
+            env.insert(k.to_string(), url.clone());
+        }
+        env.insert("NODE_USE_ENV_PROXY".into(), "1".into());
+        // Loopback must go through the proxy too: nothing else is reachable.
+        env.insert("NO_PROXY".into(), String::new());
+        env.insert("no_proxy".into(), String::new());
+    }
+
+    // The command: resolved on the host against the sandbox's PATH (the view is identical),
+    // and it must be executable under the policy.
+    let path_var = env.get("PATH").cloned().unwrap_or_else(|| DEFAULT_PATH.to_string());
+    let exe = resolve_command(&launch.command, &path_var)?;
+    let (exe_real, mut exe_links) = resolve(&exe)?;
+    let executable = grants.iter().any(|g| g.access >= Access::Exec && exe_real.starts_with(&g.path));
+    if !executable {
+        bail!(
+            "policy {} does not allow executing {}{}: add it to [filesystem] exec (or extend a runtime policy such as `node` or `python`)",
+            policy.source,
+            exe.display(),
+            if exe_real != exe { format!(" (which is {})", exe_real.display()) } else { String::new() }
+        );
+    }
+    links.append(&mut exe_links);
+    links.sort_by(|a, b| a.path.cmp(&b.path));
+    links.dedup();
+
+    let cwd = if grants.iter().any(|g| dirs.data.starts_with(&g.path)) { dirs.data.clone() } else { PathBuf::from("/tmp") };
+    let mut argv = vec![exe.to_string_lossy().into_owned()];
+    argv.extend(launch.args.iter().cloned());
+    let uid_self = nix::unistd::getuid().as_raw();
+    let gid_self = nix::unistd::getgid().as_raw();
+    let spec = SandboxSpec {
+        name: launch.name.clone(),
+        argv,
+        env,
+        cwd,
+        tmp_dir: dirs.tmp.clone(),
+        grants,
+        links,
+        network: policy.network.clone(),
+        limits: policy.limits.clone(),
+        seccomp_extra_deny: policy.seccomp.extra_deny.clone(),
+        seccomp_extra_allow: policy.seccomp.extra_allow.clone(),
+        min_level: state.min_level.min(policy.sandbox.level),
+        landlock_min_abi: policy.sandbox.landlock_min_abi,
+        host_ids: ids,
+        inner_uid: if root { 1000 } else { uid_self },
+        inner_gid: if root { 1000 } else { gid_self },
+        parent_pid: std::process::id() as i32,
+        cgroup_parent: "mcpbox".into(),
+    };
+    crate::sandbox::seccomp::check_names(&crate::sandbox::seccomp::FilterOptions {
+        extra_deny: spec.seccomp_extra_deny.clone(),
+        extra_allow: spec.seccomp_extra_allow.clone(),
+        unix_sockets_only: false,
+    })
+    .map_err(|e| anyhow::anyhow!("policy {}: {e}", policy.source))?;
+    Ok(Planned { spec, policy, notes })
+}
+
+/// A server's directories under the state dir.
+pub struct ServerDirs {
+    pub data: PathBuf,
+    pub cache: PathBuf,
+    pub tmp: PathBuf,
+}
+
+impl ServerDirs {
+    pub fn create(state: &StateDir, name: &str) -> anyhow::Result<ServerDirs> {
+        let base = state.root.join(name);
+        let d = ServerDirs { data: base.join("data"), cache: base.join("cache"), tmp: base.join("tmp") };
+        for p in [&d.data, &d.cache, &d.tmp] {
+            fs::create_dir_all(p).with_context(|| format!("creating {}", p.display()))?;
+        }
+        // Servers (each under its own uid) may traverse but not list the state dir and each
+        // other's directories.
+        for p in [&state.root, &base] {
+            fs::set_permissions(p, fs::Permissions::from_mode(0o711)).with_context(|| format!("chmod {}", p.display()))?;
+        }
+        for p in [&d.data, &d.cache, &d.tmp] {
+            fs::set_permissions(p, fs::Permissions::from_mode(0o700)).with_context(|| format!("chmod {}", p.display()))?;
+        }
+        Ok(d)
+    }
+}
+
+fn chown_tree_if_needed(dir: &Path, uid: u32, gid: u32) -> anyhow::Result<()> {
+    let m = fs::symlink_metadata(dir)?;
+    if m.uid() == uid && m.gid() == gid {
+        return Ok(());
+    }
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        let m = fs::symlink_metadata(&p)?;
+        std::os::unix::fs::lchown(&p, Some(uid), Some(gid)).with_context(|| format!("chown {}", p.display()))?;
+        if m.is_dir() {
+            for e in fs::read_dir(&p)? {
+                stack.push(e?.path());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A stable host uid per server name, from the configured range, recorded in `STATE/uids`.
+pub fn allocate_uid(state: &StateDir, name: &str) -> anyhow::Result<(u32, u32)> {
+    let path = state.root.join("uids");
+    let file = fs::OpenOptions::new().read(true).append(true).create(true).open(&path).with_context(|| format!("opening {}", path.display()))?;
+    let mut lock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| anyhow::anyhow!("locking {}: {e}", path.display()))?;
+    let mut used = Vec::new();
+    for line in std::io::BufReader::new(&*lock).lines() {
+        let line = line?;
+        let mut it = line.split_whitespace();
+        if let (Some(n), Some(u)) = (it.next(), it.next().and_then(|u| u.parse::<u32>().ok())) {
+            if n == name {
+                return Ok((u, u));
+            }
+            used.push(u);
+        }
+    }
+    let uid = (state.uid_base..state.uid_base.saturating_add(state.uid_count))
+        .find(|u| !used.contains(u) && *u != 0)
+        .with_context(|| format!("no free uid left in {}..+{}", state.uid_base, state.uid_count))?;
+    writeln!(&mut *lock, "{name} {uid}")?;
+    Ok((uid, uid))
+}
+
+/// Find a bare command name on `path_var`, as execvp would (on the host view, which the
+/// sandbox shares for granted paths).
+pub fn resolve_command(command: &str, path_var: &str) -> anyhow::Result<PathBuf> {
+    if command.contains('/') {
+        let p = Path::new(command);
+        let abs = if p.is_absolute() { p.to_path_buf() } else { std::env::current_dir()?.join(p) };
+        if !abs.is_file() {
+            bail!("command {} does not exist", abs.display());
+        }
+        return Ok(normalize(&abs));
+    }
+    for dir in path_var.split(':').filter(|d| d.starts_with('/')) {
+        let c = Path::new(dir).join(command);
+        if let Ok(m) = fs::metadata(&c) {
+            if m.is_file() && m.permissions().mode() & 0o111 != 0 {
+                return Ok(c);
+            }
+        }
+    }
+    bail!("command `{command}` not found on the sandbox's PATH ({path_var})")
+}
+
+fn normalize(p: &Path) -> PathBuf {
+    let mut out = PathBuf::from("/");
+    for c in p.components() {
+        match c {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::Normal(n) => out.push(n),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Resolve every symlink in `p`, returning the real path and the links met on the way (each to
+/// be recreated inside the sandbox so the path works there as it does on the host).
+pub fn resolve(p: &Path) -> anyhow::Result<(PathBuf, Vec<Link>)> {
+    let mut links = Vec::new();
+    let mut cur = PathBuf::from("/");
+    let mut rest: Vec<std::ffi::OsString> = p.components().filter_map(|c| match c {
+        Component::Normal(n) => Some(n.to_os_string()),
+        Component::ParentDir => Some("..".into()),
+        _ => None,
+    }).collect();
+    rest.reverse();
+    let mut hops = 0;
+    while let Some(c) = rest.pop() {
+        if c == ".." {
+            cur.pop();
+            continue;
+        }
+        let next = cur.join(&c);
+        let m = fs::symlink_metadata(&next).with_context(|| format!("{} does not exist", next.display()))?;
+        if m.file_type().is_symlink() {
+            hops += 1;
+            if hops > 40 {
+                bail!("too many symlinks resolving {}", p.display());
+            }
+            let target = fs::read_link(&next)?;
+            links.push(Link { path: next.clone(), target: target.clone() });
+            if target.is_absolute() {
+                cur = PathBuf::from("/");
+            }
+            let mut more: Vec<std::ffi::OsString> = target.components().filter_map(|c| match c {
+                Component::Normal(n) => Some(n.to_os_string()),
+                Component::ParentDir => Some("..".into()),
+                _ => None,
+            }).collect();
+            more.reverse();
+            rest.extend(more);
+        } else {
+            cur = next;
+        }
+    }
+    Ok((cur, links))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolve_follows_relative_and_absolute_links() {
+        let d = tempfile::tempdir().unwrap();
+        let real = d.path().join("real");
+        fs::create_dir(&real).unwrap();
+        fs::write(real.join("f"), "x").unwrap();
+        std::os::unix::fs::symlink("real", d.path().join("rel")).unwrap();
+        std::os::unix::fs::symlink(d.path().join("rel"), d.path().join("abs")).unwrap();
+        let base = fs::canonicalize(d.path()).unwrap();
+        let (p, links) = resolve(&base.join("abs/f")).unwrap();
+        assert_eq!(p, base.join("real/f"));
+        assert_eq!(links.len(), 2);
+        assert_eq!(links[0].path, base.join("abs"));
+        assert_eq!(links[1].target, PathBuf::from("real"));
+    }
+
+    #[test]
+    fn names_are_checked() {
+        assert!(check_name("fetch").is_ok());
+        assert!(check_name("../x").is_err());
+        assert!(check_name("").is_err());
+        assert!(check_name(".hidden").is_err());
+    }
+
+    #[test]
+    fn bare_commands_resolve_on_path() {
+        assert_eq!(resolve_command("true", DEFAULT_PATH).unwrap(), PathBuf::from("/usr/bin/true"));
+        assert!(resolve_command("no-such-command-here", DEFAULT_PATH).is_err());
+    }
 }

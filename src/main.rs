@@ -18,6 +18,31 @@ enum Cmd {
         #[command(subcommand)]
         cmd: PolicyCmd,
     },
+    /// Run one MCP server (or any program) confined, with stdin/stdout/stderr passed through.
+    ///
+    /// A drop-in wrapper for local MCP clients:
+    ///   "command": "mcpbox", "args": ["run", "--policy", "node", "--", "node", "server.js"]
+    /// Exit status is the program's (128+N if killed by signal N); 125 if mcpbox could not start it.
+    #[command(verbatim_doc_comment)]
+    Run {
+        /// Policy: a file path, or the name of a shipped or user policy (default, node, python, …).
+        #[arg(long, short = 'p', default_value = "default")]
+        policy: String,
+        /// Where per-server data/ and cache/ live (default /var/lib/mcpbox as root,
+        /// $XDG_STATE_HOME/mcpbox otherwise).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// Server name: its state directory, hostname and cgroup (default: the command's name).
+        #[arg(long)]
+        name: Option<String>,
+        /// Lowest confinement level accepted: `full` (default) or `container` (no namespaces,
+        /// as in a default Docker container).
+        #[arg(long, value_enum, default_value = "full")]
+        min_level: LevelArg,
+        /// The command and its arguments, after `--`.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
     /// Hidden: the single-threaded sandbox builder, started by mcpbox itself.
     #[command(hide = true)]
     SandboxInit {
@@ -26,6 +51,32 @@ enum Cmd {
         #[arg(long)]
         report_fd: i32,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LevelArg {
+    Full,
+    Container,
+}
+
+impl From<LevelArg> for mcpbox::policy::Level {
+    fn from(l: LevelArg) -> Self {
+        match l {
+            LevelArg::Full => mcpbox::policy::Level::Full,
+            LevelArg::Container => mcpbox::policy::Level::Container,
+        }
+    }
+}
+
+fn init_logging(default: &str, json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MCPBOX_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        b.json().init();
+    } else {
+        b.init();
+    }
 }
 
 #[derive(Subcommand)]
@@ -44,9 +95,17 @@ enum PolicyCmd {
 }
 
 fn main() -> ExitCode {
+    // The hidden sandbox-init mode runs before anything else: no logging, no threads.
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::SandboxInit { .. } => ExitCode::FAILURE,
+        Cmd::SandboxInit { spec_fd, report_fd } => {
+            let code = mcpbox::sandbox::sandbox_init_main(spec_fd, report_fd);
+            ExitCode::from(code.clamp(0, 255) as u8)
+        }
+        Cmd::Run { policy, state_dir, name, min_level, command } => {
+            init_logging("warn", false);
+            mcpbox::cli_run::run(mcpbox::cli_run::RunArgs { policy, state_dir, name, min_level: min_level.into(), command })
+        }
         Cmd::Policy { cmd: PolicyCmd::Check { file, data, cache } } => {
             match mcpbox::policy::check(&file, data.as_deref(), cache.as_deref()) {
                 Ok(text) => {

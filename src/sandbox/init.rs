@@ -252,6 +252,7 @@ fn outer(spec_fd: RawFd, report: &Report) -> Result<i32, InitError> {
             }
             Forked::Parent(child) => {
                 drop(alive_r);
+                sys::close_fd(report.0);
                 let code = supervise(child, &mask, false);
                 drop(alive_w);
                 Ok(code)
@@ -265,6 +266,7 @@ fn outer(spec_fd: RawFd, report: &Report) -> Result<i32, InitError> {
                 server(&spec, report, &st);
             }
             Forked::Parent(child) => {
+                sys::close_fd(report.0);
                 let code = supervise(child, &mask, false);
                 let _ = nix::sys::signal::killpg(child, Signal::SIGKILL);
                 limits::kill_members(&st.limits.dirs);
@@ -414,6 +416,8 @@ fn server_setup(spec: &SandboxSpec, report: &mut Report, st: &State) -> Result<N
     rules.extend(ll::base_rules(&tmp));
     if full {
         rules.push(Rule { path: "/dev/shm".into(), access: super::spec::Access::Write, dir: true });
+        // The root is a tmpfs holding only what the policy grants: listing it reveals nothing.
+        rules.push(Rule { path: "/".into(), access: super::spec::Access::List, dir: true });
     }
     let net = match (&spec.network, full) {
         (Network::Host { connect_ports: None, bind_ports: None }, _) => NetRules::None,

@@ -48,6 +48,7 @@ pub struct Outcome {
 fn rights(access: Grant, dir: bool, abi: ABI) -> BitFlags<AccessFs> {
     let read = AccessFs::from_read(abi) & !AccessFs::Execute;
     let r = match access {
+        Grant::List => AccessFs::ReadDir.into(),
         Grant::Read => read,
         Grant::Exec => read | AccessFs::Execute,
         Grant::Write => AccessFs::from_all(abi),

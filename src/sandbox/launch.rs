@@ -2,11 +2,14 @@
 //! builds a `Command` for our own binary in its hidden mode, hands it the spec on an inherited
 //! memfd, and reads back the start report (or the setup error) from a close-on-exec pipe.
 
-use std::process::Stdio;
-use std::time::Duration;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use super::init::Msg;
 use super::SandboxSpec;
 use crate::policy::Level;
 
@@ -54,17 +57,165 @@ pub struct Sandboxed {
 /// Starts sandboxes from one long-lived thread, so that PDEATHSIG (which fires when the parent
 /// *thread* exits) only fires when mcpbox itself goes away.
 #[derive(Clone)]
-pub struct Spawner {}
+pub struct Spawner {
+    tx: std::sync::mpsc::Sender<Job>,
+}
+
+type Reply = tokio::sync::oneshot::Sender<Result<Sandboxed, SandboxError>>;
+struct Job(SandboxSpec, Reply);
 
 impl Spawner {
     /// Must be called inside a tokio runtime.
     pub fn new() -> Self {
-        todo!()
+        let handle = tokio::runtime::Handle::current();
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("mcpbox-spawner".into())
+            .spawn(move || {
+                let _guard = handle.enter();
+                for Job(spec, reply) in rx {
+                    let _ = reply.send(spawn_tokio(&spec));
+                }
+            })
+            .expect("starting the sandbox spawner thread");
+        Spawner { tx }
     }
 
     pub async fn spawn(&self, spec: SandboxSpec) -> Result<Sandboxed, SandboxError> {
-        let _ = spec;
-        todo!()
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.tx.send(Job(spec, reply)).map_err(|_| SandboxError::SpawnerGone)?;
+        rx.await.map_err(|_| SandboxError::SpawnerGone)?
+    }
+}
+
+impl Default for Spawner {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Descriptors handed to sandbox-init; the parent keeps `report`.
+struct Channels {
+    spec: OwnedFd,
+    report: OwnedFd,
+    child_report: OwnedFd,
+}
+
+/// Move a descriptor to number 10 or above, close-on-exec, so that `pre_exec` can dup2 it to
+/// 3 or 4 without clobbering anything.
+fn high(fd: OwnedFd) -> std::io::Result<OwnedFd> {
+    let n = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(10))?;
+    super::sys::adopt_fd(n)
+}
+
+fn channels(spec: &SandboxSpec) -> std::io::Result<Channels> {
+    use nix::sys::memfd::{memfd_create, MFdFlags};
+    use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+    let mem = memfd_create("mcpbox-spec", MFdFlags::MFD_CLOEXEC)?;
+    let mut f = std::fs::File::from(mem);
+    std::io::Write::write_all(&mut f, &serde_json::to_vec(spec).map_err(std::io::Error::other)?)?;
+    std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(0))?;
+    let (a, b) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)?;
+    // A sandbox-init that never reports must not hang the spawner forever.
+    nix::sys::socket::setsockopt(&a, nix::sys::socket::sockopt::ReceiveTimeout, &nix::sys::time::TimeVal::new(30, 0))?;
+    Ok(Channels { spec: high(OwnedFd::from(f))?, report: a, child_report: high(b)? })
+}
+
+fn command(ch: &Channels) -> Command {
+    let mut cmd = Command::new("/proc/self/exe");
+    cmd.args(["sandbox-init", "--spec-fd", "3", "--report-fd", "4"]).env_clear();
+    let parent = std::process::id() as i32;
+    let (spec_fd, report_fd): (RawFd, RawFd) = (ch.spec.as_raw_fd(), ch.child_report.as_raw_fd());
+    // SAFETY: the closure only makes async-signal-safe calls (prctl, getppid, setsid, dup2,
+    // _exit) on values captured before the fork; it allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::getppid() != parent {
+                libc::_exit(125);
+            }
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::dup2(spec_fd, 3) < 0 || libc::dup2(report_fd, 4) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd
+}
+
+/// Read sandbox-init's messages until the socket closes (the server exec'd, or setup died).
+fn read_report(sock: &OwnedFd) -> Result<(StartReport, Option<std::net::TcpListener>), SandboxError> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    let mut ready = None;
+    let mut failure = None;
+    let mut listener = None;
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let mut cmsg = nix::cmsg_space!([RawFd; 1]);
+        let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+        let (n, fds) = match recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC) {
+            Ok(m) => {
+                let mut fds = Vec::new();
+                if let Ok(cms) = m.cmsgs() {
+                    for c in cms {
+                        if let ControlMessageOwned::ScmRights(v) = c {
+                            fds.extend(v);
+                        }
+                    }
+                }
+                (m.bytes, fds)
+            }
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(SandboxError::Setup(format!("reading sandbox-init's report: {e}"))),
+        };
+        let fds: Vec<OwnedFd> = fds.into_iter().filter_map(|fd| super::sys::adopt_fd(fd).ok()).collect();
+        if n == 0 {
+            break;
+        }
+        match serde_json::from_slice::<Msg>(&buf[..n]) {
+            Ok(Msg::Proxy) => {
+                if let Some(fd) = fds.into_iter().next() {
+                    listener = Some(std::net::TcpListener::from(fd));
+                }
+            }
+            Ok(Msg::Ready(r)) => ready = Some(r),
+            Ok(Msg::Error { message }) => failure = Some(message),
+            Err(e) => failure = Some(format!("unreadable report from sandbox-init: {e}")),
+        }
+    }
+    match (failure, ready) {
+        (Some(m), _) => Err(SandboxError::Setup(m)),
+        (None, Some(r)) => Ok((r, listener)),
+        (None, None) => Err(SandboxError::Died("no report".into())),
+    }
+}
+
+fn finish_report(ch: Channels, started: Instant) -> Result<(StartReport, Option<std::net::TcpListener>), SandboxError> {
+    let Channels { spec, report, child_report } = ch;
+    drop(child_report);
+    drop(spec);
+    let (mut r, l) = read_report(&report)?;
+    r.start_latency = started.elapsed();
+    Ok((r, l))
+}
+
+fn spawn_tokio(spec: &SandboxSpec) -> Result<Sandboxed, SandboxError> {
+    let started = Instant::now();
+    let ch = channels(spec).map_err(SandboxError::Spawn)?;
+    let mut cmd = tokio::process::Command::from(command(&ch));
+    cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
+    let mut child = cmd.spawn().map_err(SandboxError::Spawn)?;
+    match finish_report(ch, started) {
+        Ok((report, proxy_listener)) => Ok(Sandboxed { child, report, proxy_listener }),
+        Err(e) => {
+            let _ = child.start_kill();
+            Err(e)
+        }
     }
 }
 
@@ -75,13 +226,31 @@ pub fn spawn_blocking_std(
     stdout: Stdio,
     stderr: Stdio,
 ) -> Result<(std::process::Child, StartReport, Option<std::net::TcpListener>), SandboxError> {
-    let _ = (spec, stdin, stdout, stderr);
-    todo!()
+    let started = Instant::now();
+    let ch = channels(spec).map_err(SandboxError::Spawn)?;
+    let mut cmd = command(&ch);
+    cmd.stdin(stdin).stdout(stdout).stderr(stderr);
+    let mut child = cmd.spawn().map_err(SandboxError::Spawn)?;
+    match finish_report(ch, started) {
+        Ok((report, l)) => Ok((child, report, l)),
+        Err(e) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            Err(e)
+        }
+    }
 }
 
-/// Remove what a sandbox leaves on the host after it exited (its cgroup directories).
+/// Remove what a sandbox leaves on the host after it exited (its cgroup directories). The
+/// namespace's processes may take a moment to be torn down, so retry briefly.
 pub fn cleanup(report: &StartReport) {
     for dir in &report.cgroups {
-        let _ = std::fs::remove_dir(dir);
+        for _ in 0..50 {
+            match std::fs::remove_dir(dir) {
+                Ok(()) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
     }
 }

@@ -12,5 +12,5 @@ pub mod spec;
 pub use spec::{Access, Grant, Link, SandboxSpec};
 
 mod launch;
-pub use launch::{spawn_blocking_std, SandboxError, Sandboxed, Spawner, StartReport};
+pub use launch::{cleanup, spawn_blocking_std, SandboxError, Sandboxed, Spawner, StartReport};
 pub use init::{main as sandbox_init_main, Msg, PROXY_PORT};

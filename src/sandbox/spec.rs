@@ -20,6 +20,8 @@ pub struct Grant {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Access {
+    /// List directories only (the sandbox's own root at full level).
+    List,
     Read,
     Exec,
     Write,

@@ -1,0 +1,103 @@
+//! `mcpbox run`: one server, stdio passed straight through.
+
+use std::path::PathBuf;
+use std::process::{ExitCode, Stdio};
+
+use nix::sys::signal::{kill, SigSet, Signal};
+use nix::unistd::Pid;
+
+use crate::launch::{plan, PolicyRef, ServerLaunch, StateDir};
+use crate::policy::Level;
+
+pub struct RunArgs {
+    pub policy: String,
+    pub state_dir: Option<PathBuf>,
+    pub name: Option<String>,
+    pub min_level: Level,
+    pub command: Vec<String>,
+}
+
+/// Exit code when mcpbox itself could not start the server (as `env` and container runtimes do).
+pub const EXIT_SETUP: u8 = 125;
+
+pub fn run(args: RunArgs) -> ExitCode {
+    let name = args.name.clone().unwrap_or_else(|| {
+        let base = args.command[0].rsplit('/').next().unwrap_or("server");
+        let n: String = base.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '-' }).collect();
+        if n.is_empty() || n.starts_with('.') { "server".into() } else { n }
+    });
+    let mut state = StateDir::new(args.state_dir.clone().unwrap_or_else(StateDir::default_root));
+    state.min_level = args.min_level;
+    let launch = ServerLaunch {
+        name: name.clone(),
+        command: args.command[0].clone(),
+        args: args.command[1..].to_vec(),
+        env: std::env::vars().collect(),
+        policy: PolicyRef::Named(args.policy.clone()),
+    };
+    let planned = match plan(&state, &launch) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("mcpbox: {e:#}");
+            return ExitCode::from(EXIT_SETUP);
+        }
+    };
+    for n in &planned.notes {
+        tracing::info!(server = %name, "{n}");
+    }
+    if matches!(planned.spec.network, crate::policy::Network::Proxy { .. }) {
+        eprintln!("mcpbox: network mode `proxy` is served by `mcpbox serve`; `mcpbox run` supports `none` and `host`");
+        return ExitCode::from(EXIT_SETUP);
+    }
+
+    // Signals are taken synchronously by this thread and passed on to the sandbox.
+    let mut mask = SigSet::empty();
+    for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP, Signal::SIGQUIT, Signal::SIGUSR1, Signal::SIGUSR2, Signal::SIGCHLD] {
+        mask.add(s);
+    }
+    if let Err(e) = mask.thread_block() {
+        eprintln!("mcpbox: sigprocmask: {e}");
+        return ExitCode::from(EXIT_SETUP);
+    }
+    let (mut child, report, _) = match crate::sandbox::spawn_blocking_std(&planned.spec, Stdio::inherit(), Stdio::inherit(), Stdio::inherit()) {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("mcpbox: {name}: {e}");
+            return ExitCode::from(EXIT_SETUP);
+        }
+    };
+    for w in &report.warnings {
+        tracing::warn!(server = %name, "{w}");
+    }
+    tracing::info!(
+        server = %name,
+        pid = child.id(),
+        level = ?report.level,
+        landlock_abi = report.landlock_abi,
+        limits = %report.limits,
+        host_uid = report.host_uid,
+        start_ms = report.start_latency.as_secs_f64() * 1e3,
+        "sandbox ready"
+    );
+    let pid = Pid::from_raw(child.id() as i32);
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(st)) => break st,
+            Ok(None) => {}
+            Err(e) => {
+                eprintln!("mcpbox: waiting for {name}: {e}");
+                return ExitCode::from(EXIT_SETUP);
+            }
+        }
+        match mask.wait() {
+            Ok(Signal::SIGCHLD) | Err(_) => {}
+            Ok(sig) => {
+                let _ = kill(pid, sig);
+            }
+        }
+    };
+    crate::sandbox::cleanup(&report);
+    use std::os::unix::process::ExitStatusExt;
+    let code = status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
+    ExitCode::from(code.clamp(0, 255) as u8)
+}
