@@ -2,5 +2,6 @@
 //! mcpbox: run stdio MCP servers in a native Linux sandbox and serve them over HTTP.
 
 pub mod launch;
+pub mod netproxy;
 pub mod policy;
 pub mod sandbox;
