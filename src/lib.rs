@@ -3,5 +3,6 @@
 
 pub mod cli_run;
 pub mod launch;
+pub mod netproxy;
 pub mod policy;
 pub mod sandbox;
