@@ -1,6 +1,7 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 //! mcpbox: run stdio MCP servers in a native Linux sandbox and serve them over HTTP.
 
+pub mod cli_doctor;
 pub mod cli_run;
 pub mod launch;
 pub mod netproxy;

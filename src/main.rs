@@ -43,6 +43,13 @@ enum Cmd {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+    /// Show what this host can give a sandbox: each layer (namespaces, Landlock, seccomp,
+    /// cgroups, user-namespace restrictions), a trial sandbox, and the resulting level.
+    Doctor {
+        /// State directory for the trial sandbox (default: a temporary one).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
     /// Hidden: the single-threaded sandbox builder, started by mcpbox itself.
     #[command(hide = true)]
     SandboxInit {
@@ -102,6 +109,7 @@ fn main() -> ExitCode {
             let code = mcpbox::sandbox::sandbox_init_main(spec_fd, report_fd);
             ExitCode::from(code.clamp(0, 255) as u8)
         }
+        Cmd::Doctor { state_dir } => mcpbox::cli_doctor::doctor(state_dir),
         Cmd::Run { policy, state_dir, name, min_level, command } => {
             init_logging("warn", false);
             mcpbox::cli_run::run(mcpbox::cli_run::RunArgs { policy, state_dir, name, min_level: min_level.into(), command })

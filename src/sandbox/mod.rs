@@ -5,6 +5,7 @@ mod init;
 mod landlock;
 mod limits;
 mod mounts;
+pub mod probe;
 pub mod seccomp;
 mod sys;
 pub mod spec;
