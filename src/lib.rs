@@ -4,3 +4,7 @@
 pub mod launch;
 pub mod policy;
 pub mod sandbox;
+pub mod bridge;
+pub mod config;
+pub mod http;
+pub mod supervisor;
