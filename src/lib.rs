@@ -7,4 +7,5 @@ pub mod sandbox;
 pub mod bridge;
 pub mod config;
 pub mod http;
+pub mod serve;
 pub mod supervisor;

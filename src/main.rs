@@ -19,11 +19,15 @@ enum Cmd {
         #[arg(long)]
         report_fd: i32,
     },
+    /// Serve the servers of a config file over SSE and Streamable HTTP.
+    Serve(mcpbox::serve::ServeArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::SandboxInit { .. } => ExitCode::FAILURE,
+        // The tokio runtime is built inside: sandbox-init above must run before any thread.
+        Cmd::Serve(args) => mcpbox::serve::main(args),
     }
 }
