@@ -176,7 +176,7 @@ impl Router {
                         }
                     }
                 }
-                let mut kind = match method.as_str() {
+                let kind = match method.as_str() {
                     "initialize" => Kind::Initialize,
                     "tools/list" => Kind::ToolsList,
                     _ => Kind::Other,
@@ -196,8 +196,6 @@ impl Router {
                             self.init_params = obj.get("params").cloned();
                         }
                     }
-                } else if kind == Kind::Initialize {
-                    kind = Kind::Initialize;
                 }
                 let backend_id = self.fresh(&client_id);
                 let bkey = key(&backend_id);

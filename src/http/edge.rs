@@ -46,11 +46,11 @@ impl Edge {
     /// DNS-rebinding defence: the Host must be one we are reachable as.
     pub fn host_ok(&self, host: &str) -> bool {
         let host = host.to_ascii_lowercase();
-        if self.hosts.iter().any(|h| *h == host) {
+        if self.hosts.contains(&host) {
             return true;
         }
         let Ok((name, _port)) = split_host_port(&host) else { return false };
-        if self.hosts.iter().any(|h| *h == name) || self.base_host.as_deref() == Some(name.as_str()) {
+        if self.hosts.contains(&name) || self.base_host.as_deref() == Some(name.as_str()) {
             return true;
         }
         if name == self.bind_host || is_loopback_name(&name) && (self.loopback || self.unspecified) {
@@ -63,7 +63,7 @@ impl Edge {
 
     pub fn origin_ok(&self, origin: &str) -> bool {
         let origin = origin.trim_end_matches('/').to_ascii_lowercase();
-        if self.base_origin.as_deref() == Some(origin.as_str()) || self.origins.iter().any(|o| *o == origin) {
+        if self.base_origin.as_deref() == Some(origin.as_str()) || self.origins.contains(&origin) {
             return true;
         }
         if self.loopback {

@@ -92,6 +92,7 @@ impl StreamSession {
     }
 }
 
+#[allow(clippy::result_large_err)]
 fn version_ok(h: &HeaderMap) -> Result<(), Response> {
     match h.get("mcp-protocol-version") {
         None => Ok(()),
@@ -105,6 +106,7 @@ fn accepts_sse(h: &HeaderMap) -> bool {
 }
 
 /// The streamable session named by the request, or the response to give.
+#[allow(clippy::result_large_err)]
 fn lookup(st: &Shared, server: &str, h: &HeaderMap) -> Result<Arc<StreamSession>, Response> {
     let Some(sid) = h.get(SESSION_HEADER).and_then(|v| v.to_str().ok()) else {
         return Err((StatusCode::BAD_REQUEST, "Mcp-Session-Id header is required\n").into_response());
