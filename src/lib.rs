@@ -7,3 +7,8 @@ pub mod launch;
 pub mod netproxy;
 pub mod policy;
 pub mod sandbox;
+pub mod bridge;
+pub mod config;
+pub mod http;
+pub mod serve;
+pub mod supervisor;

@@ -58,6 +58,8 @@ enum Cmd {
         #[arg(long)]
         report_fd: i32,
     },
+    /// Serve the servers of a config file over SSE and Streamable HTTP.
+    Serve(mcpbox::serve::ServeArgs),
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -109,6 +111,8 @@ fn main() -> ExitCode {
             let code = mcpbox::sandbox::sandbox_init_main(spec_fd, report_fd);
             ExitCode::from(code.clamp(0, 255) as u8)
         }
+        // The tokio runtime is built inside: sandbox-init above must run before any thread.
+        Cmd::Serve(args) => mcpbox::serve::main(args),
         Cmd::Doctor { state_dir } => mcpbox::cli_doctor::doctor(state_dir),
         Cmd::Run { policy, state_dir, name, min_level, command } => {
             init_logging("warn", false);

@@ -1,0 +1,550 @@
+//! JSON-RPC routing between client sessions and one server process. Pure state, no I/O:
+//! every call returns the [`Action`]s to carry out.
+//!
+//! Every client request gets a backend id that is unique for the process (same JSON type as
+//! the client's: number for number, string for string); the answer gets the client's id back.
+//! Progress tokens are remapped the same way, so `notifications/progress` reaches only the
+//! session that asked. In shared mode the backend is initialized once and later `initialize`
+//! requests are answered from the cached result.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use serde_json::{json, Map, Value};
+
+use crate::config::ToolFilter;
+
+pub type SessionId = Arc<str>;
+
+/// JSON text of an id or token: keeps `1` and `"1"` apart.
+pub type Key = String;
+
+pub fn key(v: &Value) -> Key {
+    v.to_string()
+}
+
+pub const SERVER_EXITED: &str = "MCP server exited";
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Write to the server's stdin.
+    Backend(Value),
+    /// Deliver to one session.
+    Session(SessionId, Delivery),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Delivery {
+    pub msg: Value,
+    /// Set for the response to a client request: that request's id (as a [`Key`]).
+    pub reply_to: Option<Key>,
+    /// Set for messages caused by a client request still in flight (progress, server
+    /// requests): that request's id key.
+    pub related_to: Option<Key>,
+}
+
+impl Delivery {
+    fn plain(msg: Value) -> Self {
+        Delivery { msg, reply_to: None, related_to: None }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Initialize,
+    ToolsList,
+    Other,
+    /// mcpbox's own re-initialize after a restart; the answer is swallowed.
+    Internal,
+}
+
+struct Pending {
+    sid: SessionId,
+    client_id: Value,
+    kind: Kind,
+    seq: u64,
+    token: Option<Key>,
+}
+
+enum Init {
+    None,
+    Pending(Vec<(SessionId, Value)>),
+    Done(Value),
+}
+
+pub struct Router {
+    shared: bool,
+    filter: Option<ToolFilter>,
+    next: u64,
+    pending: HashMap<Key, Pending>,
+    by_client: HashMap<(SessionId, Key), Value>,
+    /// backend token key -> (session, client token, client request key)
+    tokens: HashMap<Key, (SessionId, Value, Key)>,
+    /// server->client request id key -> the session it was sent to
+    server_reqs: HashMap<Key, SessionId>,
+    init: Init,
+    init_params: Option<Value>,
+    initialized_sent: bool,
+    sessions: Vec<SessionId>,
+    last_active: Option<SessionId>,
+}
+
+pub fn error_response(id: Value, code: i64, message: &str) -> Value {
+    json!({"jsonrpc": "2.0", "id": id, "error": {"code": code, "message": message}})
+}
+
+fn is_request(m: &Map<String, Value>) -> bool {
+    m.contains_key("method") && m.contains_key("id")
+}
+
+impl Router {
+    pub fn new(shared: bool, filter: Option<ToolFilter>) -> Self {
+        Router {
+            shared,
+            filter,
+            next: 1,
+            pending: HashMap::new(),
+            by_client: HashMap::new(),
+            tokens: HashMap::new(),
+            server_reqs: HashMap::new(),
+            init: Init::None,
+            init_params: None,
+            initialized_sent: false,
+            sessions: Vec::new(),
+            last_active: None,
+        }
+    }
+
+    pub fn attach(&mut self, sid: SessionId) {
+        if !self.sessions.contains(&sid) {
+            self.sessions.push(sid);
+        }
+    }
+
+    /// Forget a session; answers still on their way to it are dropped.
+    pub fn detach(&mut self, sid: &SessionId) {
+        self.sessions.retain(|s| s != sid);
+        self.pending.retain(|_, p| &p.sid != sid || p.kind == Kind::Internal);
+        self.by_client.retain(|(s, _), _| s != sid);
+        self.tokens.retain(|_, (s, _, _)| s != sid);
+        self.server_reqs.retain(|_, s| s != sid);
+        if let Init::Pending(w) = &mut self.init {
+            w.retain(|(s, _)| s != sid);
+        }
+        if self.last_active.as_ref() == Some(sid) {
+            self.last_active = self.sessions.last().cloned();
+        }
+    }
+
+    pub fn sessions(&self) -> &[SessionId] {
+        &self.sessions
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.pending.len()
+    }
+
+    fn fresh(&mut self, like: &Value) -> Value {
+        let n = self.next;
+        self.next += 1;
+        match like {
+            Value::String(_) => Value::String(format!("mcpbox-{n}")),
+            _ => Value::from(n),
+        }
+    }
+
+    /// A message from a client session (already checked to be a JSON-RPC object).
+    pub fn from_client(&mut self, sid: &SessionId, mut msg: Value) -> Vec<Action> {
+        let Some(obj) = msg.as_object_mut() else { return vec![] };
+        self.last_active = Some(sid.clone());
+        let method = obj.get("method").and_then(Value::as_str).map(str::to_owned);
+        match (method, obj.contains_key("id")) {
+            (Some(method), true) => {
+                let client_id = obj.get("id").cloned().unwrap_or(Value::Null);
+                let reply = |msg: Value, cid: &Value| {
+                    vec![Action::Session(
+                        sid.clone(),
+                        Delivery { msg, reply_to: Some(key(cid)), related_to: None },
+                    )]
+                };
+                if method == "tools/call" {
+                    if let Some(f) = &self.filter {
+                        let name = obj.get("params").and_then(|p| p.get("name")).and_then(Value::as_str).unwrap_or("");
+                        if !f.allows(name) {
+                            let m = format!("tool {name:?} is not available on this server (tool filter)");
+                            return reply(error_response(client_id.clone(), -32602, &m), &client_id);
+                        }
+                    }
+                }
+                let kind = match method.as_str() {
+                    "initialize" => Kind::Initialize,
+                    "tools/list" => Kind::ToolsList,
+                    _ => Kind::Other,
+                };
+                if kind == Kind::Initialize && self.shared {
+                    match &mut self.init {
+                        Init::Done(result) => {
+                            let r = json!({"jsonrpc": "2.0", "id": client_id, "result": result});
+                            return reply(r, &client_id);
+                        }
+                        Init::Pending(waiters) => {
+                            waiters.push((sid.clone(), client_id));
+                            return vec![];
+                        }
+                        Init::None => {
+                            self.init = Init::Pending(Vec::new());
+                            self.init_params = obj.get("params").cloned();
+                        }
+                    }
+                }
+                let backend_id = self.fresh(&client_id);
+                let bkey = key(&backend_id);
+                obj.insert("id".into(), backend_id.clone());
+                let mut token = None;
+                if let Some(meta) = obj.get_mut("params").and_then(|p| p.get_mut("_meta")).and_then(Value::as_object_mut) {
+                    if let Some(t) = meta.get("progressToken").cloned() {
+                        let bt = self.fresh(&t);
+                        self.tokens.insert(key(&bt), (sid.clone(), t, key(&client_id)));
+                        token = Some(key(&bt));
+                        meta.insert("progressToken".into(), bt);
+                    }
+                }
+                let seq = self.next;
+                self.by_client.insert((sid.clone(), key(&client_id)), backend_id);
+                self.pending.insert(bkey, Pending { sid: sid.clone(), client_id, kind, seq, token });
+                vec![Action::Backend(msg)]
+            }
+            (Some(method), false) => {
+                if method == "notifications/initialized" && self.shared {
+                    if self.initialized_sent {
+                        return vec![];
+                    }
+                    self.initialized_sent = true;
+                }
+                if method == "notifications/cancelled" {
+                    let rid = obj.get("params").and_then(|p| p.get("requestId")).map(key);
+                    let Some(bid) = rid.and_then(|r| self.by_client.get(&(sid.clone(), r)).cloned()) else {
+                        return vec![];
+                    };
+                    if let Some(p) = obj.get_mut("params").and_then(Value::as_object_mut) {
+                        p.insert("requestId".into(), bid);
+                    }
+                }
+                vec![Action::Backend(msg)]
+            }
+            (None, _) => {
+                // A response to a server->client request: only from the session it went to.
+                let k = obj.get("id").map(key).unwrap_or_default();
+                match self.server_reqs.get(&k) {
+                    Some(s) if s == sid => {
+                        self.server_reqs.remove(&k);
+                        vec![Action::Backend(msg)]
+                    }
+                    _ => vec![],
+                }
+            }
+        }
+    }
+
+    /// The session that most recently sent a request still in flight, and that request's key.
+    fn most_recent_in_flight(&self) -> Option<(SessionId, Key)> {
+        self.pending
+            .values()
+            .filter(|p| p.kind != Kind::Internal)
+            .max_by_key(|p| p.seq)
+            .map(|p| (p.sid.clone(), key(&p.client_id)))
+    }
+
+    fn broadcast(&self, msg: &Value) -> Vec<Action> {
+        self.sessions.iter().map(|s| Action::Session(s.clone(), Delivery::plain(msg.clone()))).collect()
+    }
+
+    /// A message from the server.
+    pub fn from_backend(&mut self, mut msg: Value) -> Vec<Action> {
+        let Some(obj) = msg.as_object_mut() else { return vec![] };
+        let method = obj.get("method").and_then(Value::as_str).map(str::to_owned);
+        if let Some(method) = method {
+            if is_request(obj) {
+                let target = self.most_recent_in_flight().or_else(|| self.last_active.clone().map(|s| (s, String::new())));
+                let Some((sid, related)) = target else {
+                    let id = obj.get("id").cloned().unwrap_or(Value::Null);
+                    return vec![Action::Backend(error_response(id, -32603, "no client session to ask"))];
+                };
+                self.server_reqs.insert(key(&obj["id"]), sid.clone());
+                let related_to = (!related.is_empty()).then_some(related);
+                return vec![Action::Session(sid, Delivery { msg, reply_to: None, related_to })];
+            }
+            if method == "notifications/progress" {
+                let tk = obj.get("params").and_then(|p| p.get("progressToken")).map(key);
+                let Some((sid, orig, req)) = tk.and_then(|t| self.tokens.get(&t).cloned()) else {
+                    return vec![];
+                };
+                if let Some(p) = obj.get_mut("params").and_then(Value::as_object_mut) {
+                    p.insert("progressToken".into(), orig);
+                }
+                return vec![Action::Session(sid, Delivery { msg, reply_to: None, related_to: Some(req) })];
+            }
+            if method.ends_with("/list_changed") || method == "notifications/resources/updated" {
+                return self.broadcast(&msg);
+            }
+            if method == "notifications/cancelled" {
+                let k = obj.get("params").and_then(|p| p.get("requestId")).map(key).unwrap_or_default();
+                return match self.server_reqs.remove(&k) {
+                    Some(sid) => vec![Action::Session(sid, Delivery::plain(msg))],
+                    None => vec![],
+                };
+            }
+            // Other notifications (logging, …): to whoever is being served right now.
+            let target = self.most_recent_in_flight().map(|(s, _)| s).or_else(|| self.last_active.clone());
+            return match target {
+                Some(sid) => vec![Action::Session(sid, Delivery::plain(msg))],
+                None if !self.shared => self.broadcast(&msg),
+                None => vec![],
+            };
+        }
+        // A response.
+        let k = obj.get("id").map(key).unwrap_or_default();
+        let Some(p) = self.pending.remove(&k) else { return vec![] };
+        self.by_client.remove(&(p.sid.clone(), key(&p.client_id)));
+        if let Some(t) = &p.token {
+            self.tokens.remove(t);
+        }
+        if p.kind == Kind::Internal {
+            return vec![];
+        }
+        obj.insert("id".into(), p.client_id.clone());
+        if p.kind == Kind::ToolsList {
+            if let (Some(f), Some(tools)) = (
+                &self.filter,
+                obj.get_mut("result").and_then(|r| r.get_mut("tools")).and_then(Value::as_array_mut),
+            ) {
+                tools.retain(|t| t.get("name").and_then(Value::as_str).is_some_and(|n| f.allows(n)));
+            }
+        }
+        let mut out = Vec::new();
+        if p.kind == Kind::Initialize && self.shared {
+            let waiters = match std::mem::replace(&mut self.init, Init::None) {
+                Init::Pending(w) => w,
+                _ => vec![],
+            };
+            if let Some(result) = obj.get("result") {
+                self.init = Init::Done(result.clone());
+            }
+            for (sid, cid) in waiters {
+                let mut m = Value::Object(obj.clone());
+                m["id"] = cid.clone();
+                out.push(Action::Session(sid, Delivery { msg: m, reply_to: Some(key(&cid)), related_to: None }));
+            }
+        }
+        out.insert(0, Action::Session(p.sid, Delivery { msg, reply_to: Some(k_client(&p.client_id)), related_to: None }));
+        out
+    }
+
+    /// The server process is gone: every request in flight fails at once.
+    pub fn backend_exited(&mut self) -> Vec<Action> {
+        let mut out = Vec::new();
+        let mut pending: Vec<Pending> = self.pending.drain().map(|(_, p)| p).collect();
+        pending.sort_by_key(|p| p.seq);
+        for p in pending.into_iter().filter(|p| p.kind != Kind::Internal) {
+            let k = key(&p.client_id);
+            out.push(Action::Session(
+                p.sid,
+                Delivery { msg: error_response(p.client_id, -32603, SERVER_EXITED), reply_to: Some(k), related_to: None },
+            ));
+        }
+        if let Init::Pending(w) = std::mem::replace(&mut self.init, Init::None) {
+            for (sid, cid) in w {
+                let k = key(&cid);
+                out.push(Action::Session(
+                    sid,
+                    Delivery { msg: error_response(cid, -32603, SERVER_EXITED), reply_to: Some(k), related_to: None },
+                ));
+            }
+        } else if let Init::Done(r) = std::mem::replace(&mut self.init, Init::None) {
+            self.init = Init::Done(r);
+        }
+        self.by_client.clear();
+        self.tokens.clear();
+        self.server_reqs.clear();
+        self.initialized_sent = false;
+        out
+    }
+
+    /// After a restart of a shared server whose sessions were already initialized: the
+    /// messages that bring the new process to the same point.
+    pub fn reinitialize(&mut self) -> Vec<Action> {
+        if !matches!(self.init, Init::Done(_)) {
+            return vec![];
+        }
+        let Some(params) = self.init_params.clone() else { return vec![] };
+        let id = self.fresh(&Value::from(0));
+        let seq = self.next;
+        self.pending.insert(
+            key(&id),
+            Pending { sid: Arc::from(""), client_id: Value::Null, kind: Kind::Internal, seq, token: None },
+        );
+        self.initialized_sent = true;
+        vec![
+            Action::Backend(json!({"jsonrpc": "2.0", "id": id, "method": "initialize", "params": params})),
+            Action::Backend(json!({"jsonrpc": "2.0", "method": "notifications/initialized"})),
+        ]
+    }
+
+    /// Sessions with requests in flight (for errors that belong to no single request).
+    pub fn busy_sessions(&self) -> Vec<SessionId> {
+        let set: HashSet<&SessionId> = self.pending.values().filter(|p| p.kind != Kind::Internal).map(|p| &p.sid).collect();
+        set.into_iter().cloned().collect()
+    }
+}
+
+fn k_client(v: &Value) -> Key {
+    key(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::FilterMode;
+
+    fn sid(s: &str) -> SessionId {
+        Arc::from(s)
+    }
+
+    fn backend(a: &[Action]) -> Value {
+        match &a[0] {
+            Action::Backend(v) => v.clone(),
+            other => panic!("expected backend action, got {other:?}"),
+        }
+    }
+
+    fn session(a: &[Action]) -> (SessionId, Delivery) {
+        match &a[0] {
+            Action::Session(s, d) => (s.clone(), d.clone()),
+            other => panic!("expected session action, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn clashing_ids_from_two_sessions() {
+        let mut r = Router::new(true, None);
+        let (a, b) = (sid("a"), sid("b"));
+        r.attach(a.clone());
+        r.attach(b.clone());
+        let fa = backend(&r.from_client(&a, json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"x"}})));
+        let fb = backend(&r.from_client(&b, json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"y"}})));
+        assert_ne!(fa["id"], fb["id"]);
+        assert!(fa["id"].is_u64());
+        // answer b first
+        let (s, d) = session(&r.from_backend(json!({"jsonrpc":"2.0","id":fb["id"],"result":{"who":"b"}})));
+        assert_eq!((s.as_ref(), &d.msg["id"], &d.msg["result"]["who"]), ("b", &json!(1), &json!("b")));
+        assert_eq!(d.reply_to.as_deref(), Some("1"));
+        let (s, d) = session(&r.from_backend(json!({"jsonrpc":"2.0","id":fa["id"],"result":{"who":"a"}})));
+        assert_eq!((s.as_ref(), &d.msg["id"]), ("a", &json!(1)));
+        // a duplicate answer goes nowhere
+        assert!(r.from_backend(json!({"jsonrpc":"2.0","id":fa["id"],"result":{}})).is_empty());
+    }
+
+    #[test]
+    fn string_ids_keep_their_type() {
+        let mut r = Router::new(true, None);
+        let a = sid("a");
+        r.attach(a.clone());
+        let f = backend(&r.from_client(&a, json!({"jsonrpc":"2.0","id":"req-1","method":"ping"})));
+        assert!(f["id"].is_string());
+        let f2 = backend(&r.from_client(&a, json!({"jsonrpc":"2.0","id":7,"method":"ping"})));
+        assert!(f2["id"].is_u64());
+        let (_, d) = session(&r.from_backend(json!({"jsonrpc":"2.0","id":f["id"],"result":{}})));
+        assert_eq!(d.msg["id"], json!("req-1"));
+        let (_, d) = session(&r.from_backend(json!({"jsonrpc":"2.0","id":f2["id"],"result":{}})));
+        assert_eq!(d.msg["id"], json!(7));
+    }
+
+    #[test]
+    fn progress_tokens_route_to_their_session() {
+        let mut r = Router::new(true, None);
+        let (a, b) = (sid("a"), sid("b"));
+        r.attach(a.clone());
+        r.attach(b.clone());
+        let call = |t: Value| json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"x","_meta":{"progressToken":t}}});
+        let fa = backend(&r.from_client(&a, call(json!("tok"))));
+        let fb = backend(&r.from_client(&b, call(json!("tok"))));
+        let (ta, tb) = (fa["params"]["_meta"]["progressToken"].clone(), fb["params"]["_meta"]["progressToken"].clone());
+        assert_ne!(ta, tb);
+        let (s, d) = session(&r.from_backend(json!({"jsonrpc":"2.0","method":"notifications/progress","params":{"progressToken":tb,"progress":1}})));
+        assert_eq!(s.as_ref(), "b");
+        assert_eq!(d.msg["params"]["progressToken"], json!("tok"));
+        assert_eq!(d.related_to.as_deref(), Some("1"));
+        // unknown token: dropped, never guessed
+        assert!(r.from_backend(json!({"jsonrpc":"2.0","method":"notifications/progress","params":{"progressToken":"zzz"}})).is_empty());
+        let _ = ta;
+    }
+
+    #[test]
+    fn cancel_is_remapped_and_scoped() {
+        let mut r = Router::new(true, None);
+        let (a, b) = (sid("a"), sid("b"));
+        r.attach(a.clone());
+        r.attach(b.clone());
+        let fa = backend(&r.from_client(&a, json!({"jsonrpc":"2.0","id":5,"method":"tools/call","params":{"name":"x"}})));
+        let c = backend(&r.from_client(&a, json!({"jsonrpc":"2.0","method":"notifications/cancelled","params":{"requestId":5}})));
+        assert_eq!(c["params"]["requestId"], fa["id"]);
+        // b cannot cancel a's request
+        assert!(r.from_client(&b, json!({"jsonrpc":"2.0","method":"notifications/cancelled","params":{"requestId":5}})).is_empty());
+    }
+
+    #[test]
+    fn shared_initialize_once_and_list_changed_broadcast() {
+        let mut r = Router::new(true, None);
+        let (a, b) = (sid("a"), sid("b"));
+        r.attach(a.clone());
+        r.attach(b.clone());
+        let init = json!({"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-06-18"}});
+        let f = backend(&r.from_client(&a, init.clone()));
+        assert!(r.from_client(&b, init.clone()).is_empty()); // waits for the first
+        let out = r.from_backend(json!({"jsonrpc":"2.0","id":f["id"],"result":{"serverInfo":{"name":"x"}}}));
+        assert_eq!(out.len(), 2);
+        let (s, d) = session(&r.from_client(&b, init));
+        assert_eq!((s.as_ref(), &d.msg["result"]["serverInfo"]["name"]), ("b", &json!("x")));
+        let n = json!({"jsonrpc":"2.0","method":"notifications/initialized"});
+        assert_eq!(r.from_client(&a, n.clone()).len(), 1);
+        assert!(r.from_client(&b, n).is_empty());
+        let out = r.from_backend(json!({"jsonrpc":"2.0","method":"notifications/tools/list_changed"}));
+        assert_eq!(out.len(), 2);
+    }
+
+    #[test]
+    fn exit_fails_in_flight_and_server_requests_route() {
+        let mut r = Router::new(true, None);
+        let (a, b) = (sid("a"), sid("b"));
+        r.attach(a.clone());
+        r.attach(b.clone());
+        backend(&r.from_client(&a, json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"x"}})));
+        // a server request while a's call is in flight goes to a, related to that call
+        let (s, d) = session(&r.from_backend(json!({"jsonrpc":"2.0","id":99,"method":"sampling/createMessage","params":{}})));
+        assert_eq!((s.as_ref(), d.related_to.as_deref()), ("a", Some("1")));
+        // only a may answer it
+        assert!(r.from_client(&b, json!({"jsonrpc":"2.0","id":99,"result":{}})).is_empty());
+        assert_eq!(r.from_client(&a, json!({"jsonrpc":"2.0","id":99,"result":{}})).len(), 1);
+        let out = r.backend_exited();
+        let (s, d) = session(&out);
+        assert_eq!(s.as_ref(), "a");
+        assert_eq!(d.msg["error"]["code"], json!(-32603));
+        assert_eq!(d.msg["error"]["message"], json!(SERVER_EXITED));
+    }
+
+    #[test]
+    fn tool_filter_blocks_calls_and_filters_lists() {
+        let f = ToolFilter { mode: FilterMode::Block, list: ["rm".to_string()].into_iter().collect() };
+        let mut r = Router::new(false, Some(f));
+        let a = sid("a");
+        r.attach(a.clone());
+        let (_, d) = session(&r.from_client(&a, json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"rm"}})));
+        assert_eq!(d.msg["error"]["code"], json!(-32602));
+        assert!(d.msg["error"]["message"].as_str().unwrap().contains("rm"));
+        let l = backend(&r.from_client(&a, json!({"jsonrpc":"2.0","id":2,"method":"tools/list"})));
+        let (_, d) = session(&r.from_backend(json!({"jsonrpc":"2.0","id":l["id"],"result":{"tools":[{"name":"rm"},{"name":"ls"}]}})));
+        assert_eq!(d.msg["result"]["tools"], json!([{"name":"ls"}]));
+        let allow = ToolFilter { mode: FilterMode::Allow, list: ["ls".to_string()].into_iter().collect() };
+        assert!(allow.allows("ls") && !allow.allows("rm"));
+    }
+}

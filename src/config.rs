@@ -1,0 +1,709 @@
+//! `mcpbox.json`: parse, expand `${VAR}`, validate.
+//!
+//! The format is a superset of TBXark/mcp-proxy's: a config written for it loads unchanged.
+//! Every error names the field (`mcpServers.fetch.env.API_KEY`) and says what is wrong.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::launch::PolicyRef;
+
+pub const DEFAULT_MAX_BODY: usize = 16 << 20;
+pub const DEFAULT_MAX_LINE: usize = 16 << 20;
+pub const DEFAULT_SESSION_QUEUE: usize = 1024;
+pub const DEFAULT_IDLE: Duration = Duration::from_secs(600);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: not valid JSON: {msg}")]
+    Syntax { path: PathBuf, msg: String },
+    /// A field is present but wrong; `field` is the dotted path.
+    #[error("{field}: {msg}")]
+    Field { field: String, msg: String },
+}
+
+fn field_err(field: impl Into<String>, msg: impl Into<String>) -> ConfigError {
+    ConfigError::Field { field: field.into(), msg: msg.into() }
+}
+
+/// What the startup banner advertises (both transports are always served).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Sse,
+    StreamableHttp,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isolation {
+    /// A fresh sandboxed process per client session.
+    Session,
+    /// One process for all sessions, ids remapped per session.
+    Shared,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FilterMode {
+    Allow,
+    Block,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ToolFilter {
+    pub mode: FilterMode,
+    pub list: HashSet<String>,
+}
+
+impl ToolFilter {
+    pub fn allows(&self, tool: &str) -> bool {
+        match self.mode {
+            FilterMode::Allow => self.list.contains(tool),
+            FilterMode::Block => !self.list.contains(tool),
+        }
+    }
+}
+
+/// `baseURL`, split into what the edge checks need.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BaseUrl {
+    pub scheme: String,
+    /// Host as written, lowercased, with brackets for IPv6, without port.
+    pub host: String,
+    pub port: Option<u16>,
+    /// Path prefix without trailing slash: "" or "/mcp".
+    pub path: String,
+}
+
+impl BaseUrl {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let (scheme, rest) = s.split_once("://").ok_or("expected scheme://host[:port][/path]")?;
+        let scheme = scheme.to_ascii_lowercase();
+        if scheme != "http" && scheme != "https" {
+            return Err(format!("scheme {scheme:?} is not http or https"));
+        }
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, ""),
+        };
+        if authority.is_empty() || authority.contains('@') {
+            return Err("expected a host (and no user info)".into());
+        }
+        let (host, port) = split_host_port(authority)?;
+        let path = path.split(['?', '#']).next().unwrap_or("").trim_end_matches('/').to_string();
+        Ok(BaseUrl { scheme, host, port, path })
+    }
+
+    /// `scheme://host[:port]`, as a browser sends it in `Origin`.
+    pub fn origin(&self) -> String {
+        match self.port {
+            Some(p) => format!("{}://{}:{}", self.scheme, self.host, p),
+            None => format!("{}://{}", self.scheme, self.host),
+        }
+    }
+}
+
+/// Split `host[:port]` / `[v6]:port`; host is lowercased.
+pub fn split_host_port(s: &str) -> Result<(String, Option<u16>), String> {
+    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+        let end = rest.find(']').ok_or("unclosed [ in host")?;
+        let host = format!("[{}]", &rest[..end]);
+        let after = &rest[end + 1..];
+        match after.strip_prefix(':') {
+            Some(p) => (host, Some(p)),
+            None if after.is_empty() => (host, None),
+            None => return Err("junk after ]".into()),
+        }
+    } else {
+        match s.rsplit_once(':') {
+            Some((h, p)) => (h.to_string(), Some(p)),
+            None => (s.to_string(), None),
+        }
+    };
+    let port = match port {
+        Some(p) => Some(p.parse::<u16>().map_err(|_| format!("bad port {p:?}"))?),
+        None => None,
+    };
+    Ok((host.to_ascii_lowercase(), port))
+}
+
+#[derive(Debug, Clone)]
+pub struct Proxy {
+    pub addr: SocketAddr,
+    pub base_url: Option<BaseUrl>,
+    pub name: String,
+    pub version: String,
+    pub transport: Transport,
+    pub auth_tokens: Vec<String>,
+    pub tool_filter: Option<ToolFilter>,
+    pub log_enabled: bool,
+}
+
+#[derive(Debug, Clone)]
+pub enum ServerKind {
+    Stdio { command: String, args: Vec<String>, env: BTreeMap<String, String> },
+    /// A remote upstream (SSE / Streamable HTTP). Accepted, not proxied yet.
+    Url { url: String, headers: BTreeMap<String, String>, transport_type: Option<String> },
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub name: String,
+    pub kind: ServerKind,
+    /// `Some`: these tokens replace the global list for this server.
+    pub auth_tokens: Option<Vec<String>>,
+    pub tool_filter: Option<ToolFilter>,
+    pub policy: PolicyRef,
+    pub isolation: Isolation,
+    pub max_sessions: Option<usize>,
+    pub idle_timeout: Duration,
+    pub timeout: Option<Duration>,
+    pub disabled: bool,
+    pub log_enabled: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub proxy: Proxy,
+    pub servers: BTreeMap<String, ServerConfig>,
+    pub state_dir: Option<PathBuf>,
+    pub uid_base: Option<u32>,
+    pub max_body_bytes: usize,
+    pub max_line_bytes: usize,
+    pub session_queue: usize,
+    pub allowed_origins: Vec<String>,
+    pub allowed_hosts: Vec<String>,
+}
+
+impl Config {
+    /// The tokens that guard `server` (per-server tokens replace the global ones).
+    pub fn tokens_for(&self, server: Option<&str>) -> &[String] {
+        if let Some(s) = server.and_then(|n| self.servers.get(n)) {
+            if let Some(t) = &s.auth_tokens {
+                return t;
+            }
+        }
+        &self.proxy.auth_tokens
+    }
+
+    /// Refuse to expose servers without a token on a non-loopback address.
+    pub fn check_exposure(&self, allow_unauthenticated: bool) -> Result<(), ConfigError> {
+        if allow_unauthenticated || self.proxy.addr.ip().is_loopback() {
+            return Ok(());
+        }
+        let mut open: Vec<&str> = self
+            .servers
+            .values()
+            .filter(|s| !s.disabled && self.tokens_for(Some(&s.name)).is_empty())
+            .map(|s| s.name.as_str())
+            .collect();
+        if self.proxy.auth_tokens.is_empty() && open.is_empty() && self.servers.is_empty() {
+            open.push("(status, metrics)");
+        }
+        if open.is_empty() {
+            return Ok(());
+        }
+        Err(field_err(
+            "mcpProxy.addr",
+            format!(
+                "{} is not a loopback address and these servers have no authTokens: {}; set \
+                 mcpProxy.options.authTokens, bind 127.0.0.1, or pass --allow-unauthenticated",
+                self.proxy.addr,
+                open.join(", ")
+            ),
+        ))
+    }
+}
+
+// ---- raw serde model -------------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawFile {
+    mcp_proxy: Option<RawProxy>,
+    #[serde(default)]
+    mcp_servers: BTreeMap<String, RawServer>,
+    mcpbox: Option<RawMcpbox>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawProxy {
+    addr: Option<String>,
+    #[serde(rename = "baseURL")]
+    base_url: Option<String>,
+    name: Option<String>,
+    version: Option<String>,
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    options: Option<RawOptions>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawOptions {
+    auth_tokens: Option<Vec<String>>,
+    panic_if_invalid: Option<bool>,
+    log_enabled: Option<bool>,
+    tool_filter: Option<RawToolFilter>,
+    disabled: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawToolFilter {
+    mode: Option<String>,
+    #[serde(default)]
+    list: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawServer {
+    command: Option<String>,
+    #[serde(default)]
+    args: Vec<String>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    url: Option<String>,
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
+    transport_type: Option<String>,
+    timeout: Option<Value>,
+    options: Option<RawOptions>,
+    policy: Option<Value>,
+    isolation: Option<String>,
+    max_sessions: Option<usize>,
+    idle_timeout: Option<Value>,
+    disabled: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawMcpbox {
+    state_dir: Option<PathBuf>,
+    uid_base: Option<u32>,
+    max_body_bytes: Option<usize>,
+    max_line_bytes: Option<usize>,
+    session_queue: Option<usize>,
+    #[serde(default)]
+    allowed_origins: Vec<String>,
+    #[serde(default)]
+    allowed_hosts: Vec<String>,
+}
+
+// ---- loading ---------------------------------------------------------------------------
+
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+    let base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    parse(&text, path, &base_dir, &|k| std::env::var(k).ok())
+}
+
+/// Parse config text; `getenv` supplies `${VAR}` values.
+pub fn parse(
+    text: &str,
+    path: &Path,
+    base_dir: &Path,
+    getenv: &dyn Fn(&str) -> Option<String>,
+) -> Result<Config, ConfigError> {
+    let mut value: Value = serde_json::from_str(text)
+        .map_err(|e| ConfigError::Syntax { path: path.to_owned(), msg: e.to_string() })?;
+    expand_tree(&mut value, &mut String::new(), getenv)?;
+    let raw: RawFile = serde_path_to_error::deserialize(value).map_err(|e| {
+        let p = e.path().to_string();
+        let field = if p == "." { "(top level)".to_string() } else { p };
+        field_err(field, e.into_inner().to_string())
+    })?;
+    build(raw, base_dir)
+}
+
+/// Expand `${VAR}` in every string value, except inside inline policies (whose `${DATA}` etc.
+/// belong to the policy loader).
+fn expand_tree(
+    v: &mut Value,
+    path: &mut String,
+    getenv: &dyn Fn(&str) -> Option<String>,
+) -> Result<(), ConfigError> {
+    match v {
+        Value::String(s) => {
+            if s.contains("${") {
+                *s = expand_str(s, path, getenv)?;
+            }
+        }
+        Value::Array(a) => {
+            for (i, item) in a.iter_mut().enumerate() {
+                let len = path.len();
+                path.push_str(&format!("[{i}]"));
+                expand_tree(item, path, getenv)?;
+                path.truncate(len);
+            }
+        }
+        Value::Object(o) => {
+            for (k, item) in o.iter_mut() {
+                let len = path.len();
+                if !path.is_empty() {
+                    path.push('.');
+                }
+                path.push_str(k);
+                let is_policy = path.starts_with("mcpServers.") && path.ends_with(".policy")
+                    && path.matches('.').count() == 2;
+                if !is_policy {
+                    expand_tree(item, path, getenv)?;
+                }
+                path.truncate(len);
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+fn expand_str(
+    s: &str,
+    field: &str,
+    getenv: &dyn Fn(&str) -> Option<String>,
+) -> Result<String, ConfigError> {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find("${") {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 2..];
+        let end = after
+            .find('}')
+            .ok_or_else(|| field_err(field, "unclosed ${ in value"))?;
+        let name = &after[..end];
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(field_err(field, format!("${{{name}}} is not a valid variable name")));
+        }
+        let val = getenv(name).ok_or_else(|| {
+            field_err(field, format!("environment variable {name} is not set"))
+        })?;
+        out.push_str(&val);
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+fn parse_addr(s: &str) -> Result<SocketAddr, String> {
+    if let Some(port) = s.strip_prefix(':') {
+        let port: u16 = port.parse().map_err(|_| format!("bad port in {s:?}"))?;
+        return Ok(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port));
+    }
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    let (host, port) = split_host_port(s)?;
+    let port = port.ok_or_else(|| format!("{s:?} has no port"))?;
+    if host == "localhost" {
+        return Ok(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port));
+    }
+    Err(format!("{s:?} is not an IP address with a port (\":9090\", \"127.0.0.1:9090\")"))
+}
+
+/// `300` (seconds), `"300"`, `"500ms"`, `"30s"`, `"5m"`, `"1h"`.
+pub fn parse_duration(v: &Value) -> Result<Duration, String> {
+    match v {
+        Value::Number(n) => n
+            .as_f64()
+            .filter(|f| *f >= 0.0 && f.is_finite())
+            .map(Duration::from_secs_f64)
+            .ok_or_else(|| format!("{n} is not a non-negative number of seconds")),
+        Value::String(s) => {
+            let s = s.trim();
+            let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+            let (num, unit) = s.split_at(split);
+            let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a duration"))?;
+            let secs = match unit {
+                "" | "s" => n,
+                "ms" => n / 1000.0,
+                "m" => n * 60.0,
+                "h" => n * 3600.0,
+                _ => return Err(format!("{s:?}: unknown unit {unit:?} (ms, s, m, h)")),
+            };
+            Ok(Duration::from_secs_f64(secs))
+        }
+        _ => Err("expected seconds (a number) or a string like \"30s\", \"5m\"".into()),
+    }
+}
+
+fn tool_filter(raw: Option<RawToolFilter>, field: &str) -> Result<Option<ToolFilter>, ConfigError> {
+    let Some(raw) = raw else { return Ok(None) };
+    let mode = match raw.mode.as_deref().map(str::to_ascii_lowercase).as_deref() {
+        Some("allow") => FilterMode::Allow,
+        Some("block") => FilterMode::Block,
+        // mcp-proxy ignores a filter without a mode; so do we, rather than block everything.
+        None | Some("") => return Ok(None),
+        Some(m) => return Err(field_err(format!("{field}.mode"), format!("{m:?} is not allow or block"))),
+    };
+    Ok(Some(ToolFilter { mode, list: raw.list.into_iter().collect() }))
+}
+
+fn tokens(raw: Option<Vec<String>>, field: &str) -> Result<Option<Vec<String>>, ConfigError> {
+    let Some(list) = raw else { return Ok(None) };
+    if let Some(i) = list.iter().position(|t| t.trim().is_empty()) {
+        return Err(field_err(format!("{field}[{i}]"), "empty token (an unset variable?)"));
+    }
+    Ok(Some(list))
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        && !name.starts_with('.')
+        && !matches!(name, "healthz" | "readyz" | "status" | "metrics")
+}
+
+fn build(raw: RawFile, base_dir: &Path) -> Result<Config, ConfigError> {
+    let rp = raw.mcp_proxy.unwrap_or(RawProxy {
+        addr: None,
+        base_url: None,
+        name: None,
+        version: None,
+        kind: None,
+        options: None,
+    });
+    let addr = parse_addr(rp.addr.as_deref().unwrap_or("127.0.0.1:9090"))
+        .map_err(|m| field_err("mcpProxy.addr", m))?;
+    let base_url = match rp.base_url.as_deref().filter(|s| !s.is_empty()) {
+        Some(s) => Some(BaseUrl::parse(s).map_err(|m| field_err("mcpProxy.baseURL", m))?),
+        None => None,
+    };
+    let transport = match rp.kind.as_deref() {
+        None | Some("sse") => Transport::Sse,
+        Some("streamable-http") | Some("streamableHttp") => Transport::StreamableHttp,
+        Some(t) => {
+            return Err(field_err("mcpProxy.type", format!("{t:?} is not \"sse\" or \"streamable-http\"")))
+        }
+    };
+    let popts = rp.options.unwrap_or_default();
+    let global_tokens = tokens(popts.auth_tokens, "mcpProxy.options.authTokens")?.unwrap_or_default();
+    let global_filter = tool_filter(popts.tool_filter, "mcpProxy.options.toolFilter")?;
+    let global_log = popts.log_enabled.unwrap_or(true);
+    let proxy = Proxy {
+        addr,
+        base_url,
+        name: rp.name.unwrap_or_else(|| "mcpbox".into()),
+        version: rp.version.unwrap_or_else(|| env!("CARGO_PKG_VERSION").into()),
+        transport,
+        auth_tokens: global_tokens,
+        tool_filter: global_filter.clone(),
+        log_enabled: global_log,
+    };
+
+    let mut servers = BTreeMap::new();
+    for (name, rs) in raw.mcp_servers {
+        let f = format!("mcpServers.{name}");
+        if !valid_name(&name) {
+            return Err(field_err(
+                &f,
+                "server names are 1-64 of [A-Za-z0-9._-], not starting with '.', and not \
+                 healthz/readyz/status/metrics",
+            ));
+        }
+        let opts = rs.options.unwrap_or_default();
+        let kind = match (rs.command, rs.url) {
+            (Some(_), Some(_)) => return Err(field_err(&f, "has both command and url; pick one")),
+            (None, None) => return Err(field_err(&f, "needs a command (stdio server) or a url")),
+            (Some(command), None) => {
+                if command.trim().is_empty() {
+                    return Err(field_err(format!("{f}.command"), "is empty"));
+                }
+                ServerKind::Stdio { command, args: rs.args, env: rs.env }
+            }
+            (None, Some(url)) => {
+                BaseUrl::parse(&url).map_err(|m| field_err(format!("{f}.url"), m))?;
+                ServerKind::Url { url, headers: rs.headers, transport_type: rs.transport_type }
+            }
+        };
+        let policy = match rs.policy {
+            None | Some(Value::Null) => PolicyRef::Named("default".into()),
+            Some(Value::String(s)) if s.contains('/') || s.ends_with(".toml") => {
+                let p = Path::new(&s);
+                let p = if p.is_absolute() { p.to_path_buf() } else { base_dir.join(p) };
+                PolicyRef::Named(p.to_string_lossy().into_owned())
+            }
+            Some(Value::String(s)) => PolicyRef::Named(s),
+            Some(v @ Value::Object(_)) => {
+                let value: toml::Table = serde_json::from_value(v)
+                    .map_err(|e| field_err(format!("{f}.policy"), format!("not a policy object: {e}")))?;
+                PolicyRef::Inline { value, base_dir: base_dir.to_path_buf() }
+            }
+            Some(_) => return Err(field_err(format!("{f}.policy"), "expected a path, a name or an object")),
+        };
+        let isolation = match rs.isolation.as_deref() {
+            None | Some("session") => Isolation::Session,
+            Some("shared") => Isolation::Shared,
+            Some(i) => return Err(field_err(format!("{f}.isolation"), format!("{i:?} is not \"session\" or \"shared\""))),
+        };
+        if rs.max_sessions == Some(0) {
+            return Err(field_err(format!("{f}.maxSessions"), "must be at least 1"));
+        }
+        let idle_timeout = match &rs.idle_timeout {
+            Some(v) => parse_duration(v).map_err(|m| field_err(format!("{f}.idleTimeout"), m))?,
+            None => DEFAULT_IDLE,
+        };
+        let timeout = match &rs.timeout {
+            Some(v) => Some(parse_duration(v).map_err(|m| field_err(format!("{f}.timeout"), m))?),
+            None => None,
+        };
+        let tool_filter = match tool_filter(opts.tool_filter, &format!("{f}.options.toolFilter"))? {
+            Some(t) => Some(t),
+            None => global_filter.clone(),
+        };
+        let sc = ServerConfig {
+            name: name.clone(),
+            kind,
+            auth_tokens: tokens(opts.auth_tokens, &format!("{f}.options.authTokens"))?,
+            tool_filter,
+            policy,
+            isolation,
+            max_sessions: rs.max_sessions,
+            idle_timeout,
+            timeout,
+            disabled: rs.disabled.or(opts.disabled).unwrap_or(false),
+            log_enabled: opts.log_enabled.unwrap_or(global_log),
+        };
+        let _ = opts.panic_if_invalid; // accepted for compatibility: invalid configs always fail here
+        servers.insert(name, sc);
+    }
+
+    let mb = raw.mcpbox;
+    let (state_dir, uid_base, max_body, max_line, queue, origins, hosts) = match mb {
+        Some(m) => (
+            m.state_dir,
+            m.uid_base,
+            m.max_body_bytes,
+            m.max_line_bytes,
+            m.session_queue,
+            m.allowed_origins,
+            m.allowed_hosts,
+        ),
+        None => (None, None, None, None, None, vec![], vec![]),
+    };
+    for (k, v) in [("maxBodyBytes", max_body), ("maxLineBytes", max_line), ("sessionQueue", queue)] {
+        if v == Some(0) {
+            return Err(field_err(format!("mcpbox.{k}"), "must be at least 1"));
+        }
+    }
+    Ok(Config {
+        proxy,
+        servers,
+        state_dir,
+        uid_base,
+        max_body_bytes: max_body.unwrap_or(DEFAULT_MAX_BODY),
+        max_line_bytes: max_line.unwrap_or(DEFAULT_MAX_LINE),
+        session_queue: queue.unwrap_or(DEFAULT_SESSION_QUEUE),
+        allowed_origins: origins.into_iter().map(|o| o.trim_end_matches('/').to_ascii_lowercase()).collect(),
+        allowed_hosts: hosts.into_iter().map(|h| h.to_ascii_lowercase()).collect(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
+        move |k| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
+    }
+
+    fn p(text: &str) -> Result<Config, ConfigError> {
+        parse(text, Path::new("t.json"), Path::new("/etc/mcpbox"), &env(&[("TOK", "s3cret"), ("KEY", "k")]))
+    }
+
+    #[test]
+    fn reference_example_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/reference/mcp-proxy-example-config.json");
+        let path = if path.exists() { path } else { PathBuf::from("/work/shared/reference/mcp-proxy-example-config.json") };
+        let c = load(&path).expect("the mcp-proxy example config must load");
+        assert_eq!(c.proxy.addr, "0.0.0.0:9090".parse().unwrap());
+        assert_eq!(c.proxy.transport, Transport::StreamableHttp);
+        assert_eq!(c.proxy.base_url.as_ref().unwrap().origin(), "https://mcp.example.com");
+        assert_eq!(c.servers.len(), 3);
+        assert!(matches!(c.servers["amap"].kind, ServerKind::Url { .. }));
+        assert_eq!(c.tokens_for(Some("fetch")), ["SpecificTokens".to_string()]);
+        assert_eq!(c.tokens_for(Some("github")), ["DefaultTokens".to_string()]);
+        let f = c.servers["github"].tool_filter.as_ref().unwrap();
+        assert!(!f.allows("create_or_update_file") && f.allows("search_code"));
+        c.check_exposure(false).unwrap();
+    }
+
+    #[test]
+    fn env_expansion_and_missing_var_names_field() {
+        let c = p(r#"{"mcpServers":{"a":{"command":"x","env":{"K":"pre-${KEY}-post"}}}}"#).unwrap();
+        match &c.servers["a"].kind {
+            ServerKind::Stdio { env, .. } => assert_eq!(env["K"], "pre-k-post"),
+            _ => panic!(),
+        }
+        let e = p(r#"{"mcpServers":{"fetch":{"command":"x","env":{"API_KEY":"${NOPE}"}}}}"#).unwrap_err();
+        let s = e.to_string();
+        assert!(s.contains("mcpServers.fetch.env.API_KEY") && s.contains("NOPE"), "{s}");
+    }
+
+    #[test]
+    fn inline_policy_is_not_expanded() {
+        let c = p(r#"{"mcpServers":{"a":{"command":"x","policy":{"filesystem":{"write":["${DATA}"]}}}}}"#).unwrap();
+        assert!(matches!(c.servers["a"].policy, PolicyRef::Inline { .. }));
+    }
+
+    #[test]
+    fn errors_name_fields() {
+        let cases = [
+            (r#"{"mcpServers":{"a":{"command":"x","isolation":"sometimes"}}}"#, "mcpServers.a.isolation"),
+            (r#"{"mcpServers":{"a":{"command":"x","idleTimeout":"5 fortnights"}}}"#, "mcpServers.a.idleTimeout"),
+            (r#"{"mcpServers":{"a":{"command":"x","bogus":1}}}"#, "mcpServers.a"),
+            (r#"{"mcpServers":{"a":{"command":"x","args":[1]}}}"#, "mcpServers.a.args"),
+            (r#"{"mcpServers":{"a":{}}}"#, "mcpServers.a"),
+            (r#"{"mcpProxy":{"addr":"nowhere"}}"#, "mcpProxy.addr"),
+            (r#"{"mcpProxy":{"type":"carrier-pigeon"}}"#, "mcpProxy.type"),
+            (r#"{"mcpServers":{"a":{"command":"x","options":{"toolFilter":{"mode":"maybe"}}}}}"#, "mcpServers.a.options.toolFilter.mode"),
+        ];
+        for (text, field) in cases {
+            let e = p(text).unwrap_err().to_string();
+            assert!(e.contains(field), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn durations_and_defaults() {
+        let c = p(r#"{"mcpServers":{"a":{"command":"x","idleTimeout":"5m","isolation":"shared"},"b":{"command":"y","idleTimeout":30}}}"#).unwrap();
+        assert_eq!(c.servers["a"].idle_timeout, Duration::from_secs(300));
+        assert_eq!(c.servers["a"].isolation, Isolation::Shared);
+        assert_eq!(c.servers["b"].idle_timeout, Duration::from_secs(30));
+        assert_eq!(c.proxy.addr, "127.0.0.1:9090".parse().unwrap());
+        assert_eq!(c.max_body_bytes, DEFAULT_MAX_BODY);
+    }
+
+    #[test]
+    fn non_loopback_without_tokens_is_refused() {
+        let open = r#"{"mcpProxy":{"addr":":9090"},"mcpServers":{"a":{"command":"x"}}}"#;
+        let c = p(open).unwrap();
+        let e = c.check_exposure(false).unwrap_err().to_string();
+        assert!(e.contains("mcpProxy.addr") && e.contains("--allow-unauthenticated"), "{e}");
+        c.check_exposure(true).unwrap();
+        // per-server tokens on every server are enough
+        let c = p(r#"{"mcpProxy":{"addr":":9090"},"mcpServers":{"a":{"command":"x","options":{"authTokens":["${TOK}"]}}}}"#).unwrap();
+        c.check_exposure(false).unwrap();
+        // loopback needs nothing
+        p(r#"{"mcpProxy":{"addr":"127.0.0.1:1"},"mcpServers":{"a":{"command":"x"}}}"#).unwrap().check_exposure(false).unwrap();
+        // an empty token is an error, not an open door
+        let e = parse(r#"{"mcpProxy":{"options":{"authTokens":["${E}"]}}}"#, Path::new("t"), Path::new("/"), &env(&[("E", "")])).unwrap_err();
+        assert!(e.to_string().contains("mcpProxy.options.authTokens[0]"), "{e}");
+    }
+
+    #[test]
+    fn base_url_prefix() {
+        let b = BaseUrl::parse("https://Example.com:8443/mcp/").unwrap();
+        assert_eq!(b.path, "/mcp");
+        assert_eq!(b.origin(), "https://example.com:8443");
+        assert_eq!(BaseUrl::parse("http://[::1]:9").unwrap().host, "[::1]");
+    }
+}

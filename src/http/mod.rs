@@ -1,0 +1,202 @@
+//! The HTTP edge (axum): legacy SSE ([`sse`]), Streamable HTTP ([`streamable`]), health,
+//! status, metrics; auth, Host/Origin checks and body limits ([`edge`]).
+//!
+//! Routes, under `baseURL`'s path prefix for the per-server ones:
+//! `GET /NAME/sse`, `POST /NAME/message?sessionId=…`, `POST|GET|DELETE /NAME/mcp`;
+//! at the root: `GET /healthz`, `GET /readyz` (no auth), `GET /status`, `GET /metrics`.
+
+pub mod edge;
+pub mod sse;
+pub mod streamable;
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::from_fn_with_state;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use serde_json::{json, Value};
+
+use crate::bridge::{error_response, SessionId};
+use crate::config::{Config, Isolation};
+use crate::supervisor::{OpenError, Supervisor};
+
+pub struct AppState {
+    pub sup: Arc<Supervisor>,
+    pub cfg: Arc<Config>,
+    /// `baseURL`'s path ("" or "/prefix").
+    pub prefix: String,
+    pub edge: edge::Edge,
+    pub streams: Mutex<HashMap<SessionId, Arc<streamable::StreamSession>>>,
+}
+
+pub type Shared = Arc<AppState>;
+
+pub fn router(sup: Arc<Supervisor>, cfg: Arc<Config>) -> Router {
+    let prefix = cfg.proxy.base_url.as_ref().map(|b| b.path.clone()).unwrap_or_default();
+    let state = Arc::new(AppState {
+        edge: edge::Edge::new(&cfg),
+        sup,
+        prefix: prefix.clone(),
+        streams: Mutex::new(HashMap::new()),
+        cfg: cfg.clone(),
+    });
+    let servers = Router::new()
+        .route("/{server}/sse", get(sse::get))
+        .route("/{server}/message", post(sse::post))
+        .route(
+            "/{server}/mcp",
+            post(streamable::post).get(streamable::get).delete(streamable::delete),
+        )
+        .route_layer(from_fn_with_state(state.clone(), edge::auth));
+    let servers = if prefix.is_empty() { servers } else { Router::new().nest(&prefix, servers) };
+    let admin = Router::new()
+        .route("/status", get(status))
+        .route("/metrics", get(metrics))
+        .route_layer(from_fn_with_state(state.clone(), edge::auth));
+    Router::new()
+        .merge(servers)
+        .merge(admin)
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .layer(from_fn_with_state(state.clone(), edge::host_origin))
+        .layer(DefaultBodyLimit::max(cfg.max_body_bytes))
+        .with_state(state)
+}
+
+/// A JSON-RPC error as an HTTP response.
+pub fn rpc_error(status: StatusCode, id: Value, code: i64, msg: &str) -> Response {
+    (status, [(header::CONTENT_TYPE, "application/json")], error_response(id, code, msg).to_string()).into_response()
+}
+
+pub fn open_error(e: OpenError) -> Response {
+    match e {
+        OpenError::NotFound => (StatusCode::NOT_FOUND, "no such server\n").into_response(),
+        OpenError::TooMany(_) => {
+            let mut r = (StatusCode::SERVICE_UNAVAILABLE, "too many sessions on this server\n").into_response();
+            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+            r
+        }
+        OpenError::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response(),
+        // The detail is in the log.
+        OpenError::Launch(_) => (StatusCode::SERVICE_UNAVAILABLE, "the server could not be started\n").into_response(),
+    }
+}
+
+/// Parse a request body into JSON-RPC messages, or the error response to give.
+pub enum Parsed {
+    One(Value),
+    Batch(Vec<Value>),
+}
+
+pub fn parse_body(body: &[u8]) -> Result<Parsed, Value> {
+    let v: Value = serde_json::from_slice(body).map_err(|_| error_response(Value::Null, -32700, "Parse error"))?;
+    match v {
+        Value::Array(items) if !items.is_empty() => {
+            for i in &items {
+                check_jsonrpc(i)?;
+            }
+            Ok(Parsed::Batch(items))
+        }
+        v => {
+            check_jsonrpc(&v)?;
+            Ok(Parsed::One(v))
+        }
+    }
+}
+
+fn check_jsonrpc(v: &Value) -> Result<(), Value> {
+    let invalid = || {
+        let id = v.get("id").filter(|i| i.is_string() || i.is_number()).cloned().unwrap_or(Value::Null);
+        error_response(id, -32600, "Invalid Request: not a JSON-RPC 2.0 message")
+    };
+    let o = v.as_object().ok_or_else(invalid)?;
+    if o.get("jsonrpc").and_then(Value::as_str) != Some("2.0") {
+        return Err(invalid());
+    }
+    if let Some(id) = o.get("id") {
+        if !(id.is_string() || id.is_number() || (id.is_null() && !o.contains_key("method"))) {
+            return Err(invalid());
+        }
+    }
+    match o.get("method") {
+        Some(Value::String(_)) => Ok(()),
+        Some(_) => Err(invalid()),
+        None if o.contains_key("id") && (o.contains_key("result") || o.contains_key("error")) => Ok(()),
+        None => Err(invalid()),
+    }
+}
+
+async fn readyz(State(st): State<Shared>) -> Response {
+    let failed: Vec<&str> = st.sup.servers.values().filter(|s| s.ready.is_err()).map(|s| s.cfg.name.as_str()).collect();
+    if failed.is_empty() {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {}\n", failed.join(", "))).into_response()
+    }
+}
+
+async fn status(State(st): State<Shared>) -> Response {
+    let servers: serde_json::Map<String, Value> = st
+        .sup
+        .servers
+        .values()
+        .map(|s| {
+            let m = &s.metrics;
+            (
+                s.cfg.name.clone(),
+                json!({
+                    "isolation": match s.cfg.isolation { Isolation::Session => "session", Isolation::Shared => "shared" },
+                    "ready": s.ready.is_ok(),
+                    "sessions": s.active_sessions(),
+                    "confinement": m.level.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+                    "restarts": m.restarts.load(Ordering::Relaxed),
+                    "requests": m.requests.load(Ordering::Relaxed),
+                    "errors": m.errors.load(Ordering::Relaxed),
+                }),
+            )
+        })
+        .collect();
+    axum::Json(json!({"name": st.cfg.proxy.name, "version": env!("CARGO_PKG_VERSION"), "servers": servers})).into_response()
+}
+
+fn label(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+async fn metrics(State(st): State<Shared>) -> Response {
+    let mut out = String::new();
+    let servers: Vec<_> = st.sup.servers.values().collect();
+    let mut family = |name: &str, kind: &str, help: &str, f: &dyn Fn(&crate::supervisor::Server) -> u64| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for s in &servers {
+            let _ = writeln!(out, "{name}{{server=\"{}\"}} {}", label(&s.cfg.name), f(s));
+        }
+    };
+    family("mcpbox_sessions_active", "gauge", "Open client sessions.", &|s| s.active_sessions() as u64);
+    family("mcpbox_requests_total", "counter", "JSON-RPC requests from clients.", &|s| s.metrics.requests.load(Ordering::Relaxed));
+    family("mcpbox_errors_total", "counter", "Failed starts, crashes and rejected messages.", &|s| s.metrics.errors.load(Ordering::Relaxed));
+    family("mcpbox_restarts_total", "counter", "Restarts of shared servers.", &|s| s.metrics.restarts.load(Ordering::Relaxed));
+    let _ = writeln!(out, "# HELP mcpbox_sandbox_start_seconds Time to start a sandboxed server.\n# TYPE mcpbox_sandbox_start_seconds summary");
+    for s in &servers {
+        let n = label(&s.cfg.name);
+        let sum = s.metrics.start_us.load(Ordering::Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "mcpbox_sandbox_start_seconds_sum{{server=\"{n}\"}} {sum}");
+        let _ = writeln!(out, "mcpbox_sandbox_start_seconds_count{{server=\"{n}\"}} {}", s.metrics.starts.load(Ordering::Relaxed));
+    }
+    let _ = writeln!(out, "# HELP mcpbox_confinement_level Confinement level of the last started process.\n# TYPE mcpbox_confinement_level gauge");
+    for s in &servers {
+        if let Some(level) = s.metrics.level.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+            let _ = writeln!(out, "mcpbox_confinement_level{{server=\"{}\",level=\"{}\"}} 1", label(&s.cfg.name), label(&level));
+        }
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,395 @@
+//! HTTP-level tests: a real TCP listener, a hand-written HTTP/1.1 client, and the Python echo
+//! server of tests/fixtures started (unconfined, tests only) by `DirectLauncher`.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
+use crate::supervisor::{DirectLauncher, Options, Supervisor};
+
+const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/echo_mcp.py");
+
+struct Srv {
+    addr: SocketAddr,
+    sup: Arc<Supervisor>,
+}
+
+async fn start(extra: &str) -> Srv {
+    let text = format!(
+        r#"{{"mcpProxy":{{"addr":"127.0.0.1:9090","options":{{"authTokens":["T"]}}}},
+            "mcpbox":{{"maxBodyBytes":4096,"maxLineBytes":2048}},
+            "mcpServers":{{
+              "echo":{{"command":"/usr/bin/python3","args":["{FIXTURE}"],"maxSessions":3,
+                       "options":{{"toolFilter":{{"mode":"block","list":["secret"]}}}}}},
+              "shared":{{"command":"/usr/bin/python3","args":["{FIXTURE}"],"isolation":"shared",
+                       "options":{{"authTokens":["S"]}}}} {extra} }}}}"#
+    );
+    let cfg = crate::config::parse(&text, Path::new("t.json"), Path::new("/"), &|_| None).unwrap();
+    let cfg = Arc::new(cfg);
+    let sup = Supervisor::start(
+        &cfg,
+        Arc::new(DirectLauncher),
+        Options { queue: cfg.session_queue, max_line: cfg.max_line_bytes, grace: Duration::from_secs(1) },
+    );
+    let app = super::router(sup.clone(), cfg);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Srv { addr, sup }
+}
+
+struct Resp {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+impl Resp {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("{e}: {:?}", self.body))
+    }
+}
+
+/// An open response whose body is read incrementally (chunked or not).
+struct Conn {
+    r: BufReader<TcpStream>,
+    status: u16,
+    headers: Vec<(String, String)>,
+    chunked: bool,
+    left_in_chunk: usize,
+    pending: String,
+}
+
+async fn send(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> Conn {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nConnection: close\r\nContent-Length: {}\r\n", addr.port(), body.len());
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    r.read_line(&mut line).await.unwrap();
+    let status = line.split(' ').nth(1).unwrap_or("0").parse().unwrap();
+    let mut hs = Vec::new();
+    loop {
+        line.clear();
+        r.read_line(&mut line).await.unwrap();
+        let l = line.trim_end();
+        if l.is_empty() {
+            break;
+        }
+        let (k, v) = l.split_once(':').unwrap();
+        hs.push((k.trim().to_string(), v.trim().to_string()));
+    }
+    let chunked = hs.iter().any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"));
+    Conn { r, status, headers: hs, chunked, left_in_chunk: 0, pending: String::new() }
+}
+
+impl Conn {
+    /// More body bytes; None at the end.
+    async fn more(&mut self) -> Option<String> {
+        if !self.chunked {
+            let mut buf = vec![0; 8192];
+            let n = self.r.read(&mut buf).await.ok()?;
+            return (n > 0).then(|| String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+        if self.left_in_chunk == 0 {
+            let mut line = String::new();
+            self.r.read_line(&mut line).await.ok()?;
+            if line.trim().is_empty() {
+                line.clear();
+                self.r.read_line(&mut line).await.ok()?;
+            }
+            self.left_in_chunk = usize::from_str_radix(line.trim(), 16).ok()?;
+            if self.left_in_chunk == 0 {
+                return None;
+            }
+        }
+        let mut buf = vec![0; self.left_in_chunk];
+        let n = self.r.read(&mut buf).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        self.left_in_chunk -= n;
+        Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+    }
+
+    async fn all(mut self) -> Resp {
+        let mut body = std::mem::take(&mut self.pending);
+        while let Some(s) = self.more().await {
+            body.push_str(&s);
+        }
+        Resp { status: self.status, headers: self.headers, body }
+    }
+
+    /// Next SSE event (skipping comments): (event, data, id).
+    async fn event(&mut self) -> Option<(String, String, String)> {
+        loop {
+            if let Some(i) = self.pending.find("\n\n") {
+                let block: String = self.pending.drain(..i + 2).collect();
+                let (mut ev, mut data, mut id) = ("message".to_string(), String::new(), String::new());
+                for l in block.lines() {
+                    if let Some(v) = l.strip_prefix("event:") {
+                        ev = v.trim().into();
+                    } else if let Some(v) = l.strip_prefix("data:") {
+                        data.push_str(v.strip_prefix(' ').unwrap_or(v));
+                    } else if let Some(v) = l.strip_prefix("id:") {
+                        id = v.trim().into();
+                    }
+                }
+                if data.is_empty() && block.lines().all(|l| l.starts_with(':') || l.is_empty()) {
+                    continue;
+                }
+                return Some((ev, data, id));
+            }
+            let more = tokio::time::timeout(Duration::from_secs(10), self.more()).await.ok()??;
+            self.pending.push_str(&more);
+        }
+    }
+}
+
+async fn call(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> Resp {
+    send(addr, method, path, headers, body).await.all().await
+}
+
+const AUTH: (&str, &str) = ("Authorization", "Bearer T");
+const JSON: (&str, &str) = ("Accept", "application/json");
+
+fn init_body(id: Value) -> String {
+    json!({"jsonrpc":"2.0","id":id,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"0"}}}).to_string()
+}
+
+fn tool_call(id: Value, name: &str, args: Value) -> String {
+    json!({"jsonrpc":"2.0","id":id,"method":"tools/call","params":{"name":name,"arguments":args}}).to_string()
+}
+
+/// initialize a Streamable session on `server`; returns its id.
+async fn st_init(addr: SocketAddr, server: &str, auth: (&str, &str)) -> String {
+    let r = call(addr, "POST", &format!("/{server}/mcp"), &[auth, JSON], &init_body(json!(0))).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["result"]["serverInfo"]["name"], "echo");
+    let sid = r.header("mcp-session-id").expect("session id").to_string();
+    let n = json!({"jsonrpc":"2.0","method":"notifications/initialized"}).to_string();
+    let r = call(addr, "POST", &format!("/{server}/mcp"), &[auth, JSON, ("Mcp-Session-Id", &sid)], &n).await;
+    assert_eq!(r.status, 202);
+    sid
+}
+
+#[tokio::test]
+async fn streamable_roundtrip_filter_and_bad_input() {
+    let s = start("").await;
+    let a = s.addr;
+    let sid = st_init(a, "echo", AUTH).await;
+    let h = [AUTH, JSON, ("Mcp-Session-Id", sid.as_str()), ("MCP-Protocol-Version", "2025-06-18")];
+    let r = call(a, "POST", "/echo/mcp", &h, &json!({"jsonrpc":"2.0","id":1,"method":"tools/list"}).to_string()).await;
+    let names: Vec<String> = r.json()["result"]["tools"].as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap().to_string()).collect();
+    assert!(names.contains(&"echo".to_string()) && !names.contains(&"secret".to_string()), "{names:?}");
+    let r = call(a, "POST", "/echo/mcp", &h, &tool_call(json!(2), "secret", json!({}))).await;
+    assert_eq!(r.json()["error"]["code"], -32602);
+    assert!(r.json()["error"]["message"].as_str().unwrap().contains("secret"));
+    // malformed JSON, then non-JSON-RPC: clear errors, session still usable
+    let r = call(a, "POST", "/echo/mcp", &h, "{not json").await;
+    assert_eq!((r.status, r.json()["error"]["code"].clone()), (400, json!(-32700)));
+    let r = call(a, "POST", "/echo/mcp", &h, r#"{"hello":"world"}"#).await;
+    assert_eq!((r.status, r.json()["error"]["code"].clone()), (400, json!(-32600)));
+    let r = call(a, "POST", "/echo/mcp", &h, r#"[{"jsonrpc":"2.0","id":1,"method":"ping"}]"#).await;
+    assert_eq!(r.status, 400);
+    let r = call(a, "POST", "/echo/mcp", &h, &tool_call(json!("s-3"), "echo", json!({"text":"hi"}))).await;
+    assert_eq!(r.json()["id"], "s-3");
+    assert_eq!(r.json()["result"]["content"][0]["text"], "hi");
+    // oversized body
+    let big = tool_call(json!(4), "echo", json!({"text": "x".repeat(5000)}));
+    assert_eq!(call(a, "POST", "/echo/mcp", &h, &big).await.status, 413);
+    // an over-long line from the server is dropped; the server keeps working
+    let r = call(a, "POST", "/echo/mcp", &h, &tool_call(json!(5), "big", json!({"n": 3000, "text": "after"}))).await;
+    assert_eq!(r.json()["result"]["content"][0]["text"], "after");
+    // header rules
+    let ping = json!({"jsonrpc":"2.0","id":9,"method":"ping"}).to_string();
+    assert_eq!(call(a, "POST", "/echo/mcp", &[AUTH, JSON], &ping).await.status, 400);
+    assert_eq!(call(a, "POST", "/echo/mcp", &[AUTH, JSON, ("Mcp-Session-Id", "nope")], &ping).await.status, 404);
+    assert_eq!(call(a, "POST", "/echo/mcp", &[AUTH, JSON, ("Mcp-Session-Id", &sid), ("MCP-Protocol-Version", "1999-01-01")], &ping).await.status, 400);
+    assert_eq!(call(a, "POST", "/nope/mcp", &[AUTH, JSON], &ping).await.status, 404);
+    // DELETE ends the session
+    assert_eq!(call(a, "DELETE", "/echo/mcp", &h, "").await.status, 204);
+    assert_eq!(call(a, "POST", "/echo/mcp", &h, &ping).await.status, 404);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(s.sup.server("echo").unwrap().active_sessions(), 0);
+}
+
+#[tokio::test]
+async fn legacy_sse_roundtrip() {
+    let s = start("").await;
+    let a = s.addr;
+    let mut c = send(a, "GET", "/echo/sse", &[AUTH], "").await;
+    assert_eq!(c.status, 200);
+    let (ev, endpoint, _) = c.event().await.unwrap();
+    assert_eq!(ev, "endpoint");
+    assert!(endpoint.starts_with("/echo/message?sessionId="), "{endpoint}");
+    let r = call(a, "POST", &endpoint, &[AUTH], &init_body(json!(1))).await;
+    assert_eq!(r.status, 202);
+    let (ev, data, _) = c.event().await.unwrap();
+    assert_eq!(ev, "message");
+    assert_eq!(serde_json::from_str::<Value>(&data).unwrap()["id"], 1);
+    // malformed → 400, session still fine
+    assert_eq!(call(a, "POST", &endpoint, &[AUTH], "{{{").await.status, 400);
+    assert_eq!(call(a, "POST", &endpoint, &[AUTH], &tool_call(json!(2), "echo", json!({"text":"yo"}))).await.status, 202);
+    let (_, data, _) = c.event().await.unwrap();
+    assert_eq!(serde_json::from_str::<Value>(&data).unwrap()["result"]["content"][0]["text"], "yo");
+    assert_eq!(call(a, "POST", "/echo/message?sessionId=nope", &[AUTH], "{}").await.status, 404);
+    assert_eq!(call(a, "POST", &endpoint, &[("Authorization", "Bearer wrong")], "{}").await.status, 401);
+    // disconnect ends the session (and its process)
+    drop(c);
+    for _ in 0..50 {
+        if s.sup.server("echo").unwrap().active_sessions() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(s.sup.server("echo").unwrap().active_sessions(), 0);
+    assert_eq!(call(a, "POST", &endpoint, &[AUTH], "{}").await.status, 404);
+}
+
+#[tokio::test]
+async fn auth_host_origin_health() {
+    let s = start("").await;
+    let a = s.addr;
+    for (m, p) in [("GET", "/echo/sse"), ("POST", "/echo/message?sessionId=x"), ("POST", "/echo/mcp"), ("GET", "/status"), ("GET", "/metrics")] {
+        let r = call(a, m, p, &[], "").await;
+        assert_eq!(r.status, 401, "{m} {p}");
+        assert_eq!(r.header("www-authenticate"), Some("Bearer"));
+    }
+    // per-server tokens replace the global ones; a bare token works
+    assert_eq!(call(a, "POST", "/shared/mcp", &[AUTH, JSON], &init_body(json!(0))).await.status, 401);
+    let sid = st_init(a, "shared", ("Authorization", "S")).await;
+    assert!(!sid.is_empty());
+    assert_eq!(call(a, "GET", "/healthz", &[], "").await.body, "ok");
+    assert_eq!(call(a, "GET", "/readyz", &[], "").await.status, 200);
+    let r = call(a, "GET", "/status", &[AUTH], "").await;
+    assert_eq!(r.json()["servers"]["shared"]["isolation"], "shared");
+    let r = call(a, "GET", "/metrics", &[AUTH], "").await;
+    assert!(r.body.contains("mcpbox_sessions_active{server=\"shared\"} 1"), "{}", r.body);
+    assert!(r.body.contains("mcpbox_confinement_level{server=\"shared\",level=\"none\"} 1"), "{}", r.body);
+    let r = call(a, "GET", "/status", &[AUTH, ("Origin", "https://evil.example")], "").await;
+    assert_eq!(r.status, 403);
+    assert_eq!(call(a, "GET", "/status", &[AUTH, ("Origin", "http://localhost:5173")], "").await.status, 200);
+    // wrong Host (DNS rebinding)
+    let mut tcp = TcpStream::connect(a).await.unwrap();
+    tcp.write_all(b"GET /status HTTP/1.1\r\nHost: rebind.evil.example\r\nAuthorization: T\r\nConnection: close\r\n\r\n").await.unwrap();
+    let mut out = String::new();
+    tcp.read_to_string(&mut out).await.unwrap();
+    assert!(out.starts_with("HTTP/1.1 403"), "{out}");
+}
+
+#[tokio::test]
+async fn shared_mode_clashing_ids_and_progress() {
+    let s = start("").await;
+    let a = s.addr;
+    let auth = ("Authorization", "Bearer S");
+    let (s1, s2) = (st_init(a, "shared", auth).await, st_init(a, "shared", auth).await);
+    assert_ne!(s1, s2);
+    // both sessions use id 7 at the same time; the slow one answers last
+    let h1 = [auth, JSON, ("Mcp-Session-Id", s1.as_str())];
+    let h2 = [auth, JSON, ("Mcp-Session-Id", s2.as_str())];
+    let b1 = tool_call(json!(7), "slow", json!({"ms": 300, "text": "one"}));
+    let b2 = tool_call(json!(7), "echo", json!({"text": "two"}));
+    let (r1, r2) = tokio::join!(call(a, "POST", "/shared/mcp", &h1, &b1), call(a, "POST", "/shared/mcp", &h2, &b2));
+    assert_eq!(r1.json()["result"]["content"][0]["text"], "one");
+    assert_eq!(r2.json()["result"]["content"][0]["text"], "two");
+    assert_eq!((r1.json()["id"].clone(), r2.json()["id"].clone()), (json!(7), json!(7)));
+    // progress arrives on the calling POST's SSE stream, with the client's own token
+    let body = json!({"jsonrpc":"2.0","id":8,"method":"tools/call","params":{"name":"echo","arguments":{"text":"p"},"_meta":{"progressToken":"tok"}}}).to_string();
+    let mut c = send(a, "POST", "/shared/mcp", &[auth, ("Accept", "application/json, text/event-stream"), ("Mcp-Session-Id", &s2)], &body).await;
+    let (_, d, _) = c.event().await.unwrap();
+    let d: Value = serde_json::from_str(&d).unwrap();
+    assert_eq!((d["method"].clone(), d["params"]["progressToken"].clone()), (json!("notifications/progress"), json!("tok")));
+    let (_, d, _) = c.event().await.unwrap();
+    assert_eq!(serde_json::from_str::<Value>(&d).unwrap()["id"], 8);
+    assert!(c.event().await.is_none(), "the POST stream ends after the response");
+    // list_changed goes to every session's GET stream, with resumable ids
+    let gh1 = [auth, ("Accept", "text/event-stream"), ("Mcp-Session-Id", s1.as_str())];
+    let mut g1 = send(a, "GET", "/shared/mcp", &gh1, "").await;
+    assert_eq!(g1.status, 200);
+    assert_eq!(send(a, "GET", "/shared/mcp", &gh1, "").await.status, 409);
+    call(a, "POST", "/shared/mcp", &h2, &tool_call(json!(9), "notify", json!({}))).await;
+    let (_, d, id) = g1.event().await.unwrap();
+    assert!(d.contains("list_changed") && id == "0-1", "{d} {id}");
+    drop(g1);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut g1 = send(a, "GET", "/shared/mcp", &[gh1[0], gh1[1], gh1[2], ("Last-Event-ID", "0-0")], "").await;
+    let (_, d, id) = g1.event().await.unwrap();
+    assert!(d.contains("list_changed") && id == "0-1", "replayed: {d} {id}");
+}
+
+#[tokio::test]
+async fn crash_fails_in_flight_at_once() {
+    let s = start("").await;
+    let a = s.addr;
+    let sid = st_init(a, "echo", AUTH).await;
+    let h = [AUTH, JSON, ("Mcp-Session-Id", sid.as_str())];
+    let t = std::time::Instant::now();
+    let r = call(a, "POST", "/echo/mcp", &h, &tool_call(json!(1), "crash", json!({}))).await;
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    assert_eq!(r.json()["error"]["code"], -32603);
+    assert_eq!(r.json()["error"]["message"], "MCP server exited");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(call(a, "POST", "/echo/mcp", &h, &tool_call(json!(2), "echo", json!({}))).await.status, 404);
+    // shared: the server restarts, sessions survive it
+    let auth = ("Authorization", "S");
+    let sid = st_init(a, "shared", auth).await;
+    let h = [auth, JSON, ("Mcp-Session-Id", sid.as_str())];
+    let r = call(a, "POST", "/shared/mcp", &h, &tool_call(json!(1), "crash", json!({}))).await;
+    assert_eq!(r.json()["error"]["message"], "MCP server exited");
+    let mut ok = false;
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let r = call(a, "POST", "/shared/mcp", &h, &tool_call(json!(2), "echo", json!({"text":"back"}))).await;
+        if r.json()["result"]["content"][0]["text"] == "back" {
+            ok = true;
+            break;
+        }
+    }
+    assert!(ok, "shared server came back");
+    assert_eq!(s.sup.server("shared").unwrap().metrics.restarts.load(std::sync::atomic::Ordering::Relaxed), 1);
+}
+
+#[tokio::test]
+async fn max_sessions_and_shutdown() {
+    let s = start(&format!(r#","mark":{{"command":"/usr/bin/python3","args":["{FIXTURE}","--mark-shutdown"]}}"#)).await;
+    let a = s.addr;
+    let mut pids = vec![];
+    for _ in 0..3 {
+        st_init(a, "echo", AUTH).await;
+    }
+    st_init(a, "mark", AUTH).await;
+    st_init(a, "mark", AUTH).await;
+    let r = call(a, "POST", "/echo/mcp", &[AUTH, JSON], &init_body(json!(0))).await;
+    assert_eq!(r.status, 503);
+    assert_eq!(r.header("retry-after"), Some("5"));
+    // every child is gone after shutdown
+    for line in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(cmd) = std::fs::read_to_string(line.path().join("cmdline")) {
+            let ppid = std::fs::read_to_string(line.path().join("stat")).unwrap_or_default();
+            let me = std::process::id().to_string();
+            if cmd.contains("--mark-shutdown") && ppid.split(' ').nth(3) == Some(me.as_str()) {
+                pids.push(line.file_name().to_string_lossy().into_owned());
+            }
+        }
+    }
+    assert_eq!(pids.len(), 2, "two marked session servers: {pids:?}");
+    s.sup.shutdown().await;
+    for p in pids {
+        let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+        assert!(stat.is_empty() || stat.split(' ').nth(2) == Some("Z"), "process {p} still alive: {stat}");
+    }
+}

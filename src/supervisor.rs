@@ -1,0 +1,571 @@
+//! Server lifecycle: processes (always through a [`Launcher`]), sessions, restarts with
+//! backoff, idle timeouts, shutdown.
+//!
+//! - `isolation: "session"`: every session gets its own process; the session ends when the
+//!   process exits (in-flight requests get "MCP server exited") and the process is killed
+//!   when the session ends (DELETE, SSE disconnect, idle, shutdown).
+//! - `isolation: "shared"`: one process per server behind one [`Hub`]; it is restarted with
+//!   exponential backoff (250 ms … 30 s) and sessions survive the restart.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::future::BoxFuture;
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::Child;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::bridge::{Hub, LineReader, Outbound, Sent, SessionId, SessionSink};
+use crate::config::{Config, Isolation, ServerConfig, ServerKind};
+
+/// A started server process.
+pub struct LaunchedProcess {
+    /// stdin, stdout and stderr piped.
+    pub child: Child,
+    pub pid: u32,
+    /// Confinement level actually reached ("full", "container").
+    pub level: String,
+    pub start_latency: Duration,
+    /// Runs once the process has exited (e.g. removes cgroups).
+    pub cleanup: Box<dyn FnOnce() + Send>,
+}
+
+/// The one way the supervisor creates server processes.
+pub trait Launcher: Send + Sync + 'static {
+    fn launch(
+        &self,
+        server: &ServerConfig,
+        session: Option<&str>,
+    ) -> BoxFuture<'static, anyhow::Result<LaunchedProcess>>;
+
+    /// Whether `server` can start at all (e.g. its policy plans); drives `/readyz`.
+    fn check(&self, server: &ServerConfig) -> anyhow::Result<()> {
+        let _ = server;
+        Ok(())
+    }
+}
+
+/// Production launcher: `launch::plan` + `sandbox::Spawner`. Never runs a server unconfined.
+pub struct SandboxLauncher {
+    pub state: crate::launch::StateDir,
+    pub spawner: crate::sandbox::Spawner,
+    /// `--min-level`: the lowest level any server may get, whatever its policy asks.
+    pub min_level: crate::policy::Level,
+}
+
+impl SandboxLauncher {
+    fn server_launch(server: &ServerConfig) -> anyhow::Result<crate::launch::ServerLaunch> {
+        let ServerKind::Stdio { command, args, env } = &server.kind else {
+            anyhow::bail!("server {} is a url upstream, not a command", server.name);
+        };
+        Ok(crate::launch::ServerLaunch {
+            name: server.name.clone(),
+            command: command.clone(),
+            args: args.clone(),
+            env: env.clone(),
+            policy: server.policy.clone(),
+        })
+    }
+
+    fn plan(&self, server: &ServerConfig) -> anyhow::Result<crate::launch::Planned> {
+        let mut planned = crate::launch::plan(&self.state, &Self::server_launch(server)?)?;
+        // A policy may ask for less than `full`; `--min-level container` permits `container`
+        // for policies that did not write it down. Never below what the process allows.
+        if self.min_level == crate::policy::Level::Container {
+            planned.spec.min_level = planned.spec.min_level.min(crate::policy::Level::Container);
+        }
+        Ok(planned)
+    }
+}
+
+impl Launcher for SandboxLauncher {
+    fn launch(&self, server: &ServerConfig, session: Option<&str>) -> BoxFuture<'static, anyhow::Result<LaunchedProcess>> {
+        let planned = self.plan(server);
+        let spawner = self.spawner.clone();
+        let name = server.name.clone();
+        let session = session.map(str::to_owned);
+        Box::pin(async move {
+            let planned = planned?;
+            for note in &planned.notes {
+                tracing::warn!(server = %name, session = ?session, "{note}");
+            }
+            let sb = spawner.spawn(planned.spec).await?;
+            for w in &sb.report.warnings {
+                tracing::warn!(server = %name, session = ?session, "sandbox weakened: {w}");
+            }
+            let pid = sb.child.id().unwrap_or(0);
+            let level = serde_json::to_value(sb.report.level)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_else(|| "unknown".into());
+            // Network mode `proxy`: the sandbox handed back its listening socket; the egress
+            // proxy runs here, in the host's network, for as long as the sandbox lives.
+            let proxy_task = match (sb.proxy_listener, &planned.policy.network) {
+                (Some(listener), crate::policy::Network::Proxy { allow }) => {
+                    let allow = crate::netproxy::AllowList::parse(allow)
+                        .map_err(|e| anyhow::anyhow!("policy {}: network.allow: {e}", planned.policy.source))?;
+                    let cfg = std::sync::Arc::new(crate::netproxy::ProxyConfig::new(allow, planned.policy.source.clone(), name.clone()));
+                    let server_name = name.clone();
+                    Some(tokio::spawn(async move {
+                        if let Err(e) = crate::netproxy::serve(listener, cfg).await {
+                            tracing::warn!(server = %server_name, "egress proxy stopped: {e}");
+                        }
+                    }))
+                }
+                (None, crate::policy::Network::Proxy { .. }) => {
+                    anyhow::bail!("sandbox for {name} did not hand over its proxy socket")
+                }
+                _ => None,
+            };
+            let report = sb.report.clone();
+            Ok(LaunchedProcess {
+                child: sb.child,
+                pid,
+                level,
+                start_latency: report.start_latency,
+                cleanup: Box::new(move || {
+                    if let Some(t) = proxy_task {
+                        t.abort();
+                    }
+                    // Removing the cgroups may wait briefly for the namespace to be torn down.
+                    match tokio::runtime::Handle::try_current() {
+                        Ok(h) => {
+                            h.spawn_blocking(move || crate::sandbox::cleanup(&report));
+                        }
+                        Err(_) => crate::sandbox::cleanup(&report),
+                    }
+                }),
+            })
+        })
+    }
+
+    fn check(&self, server: &ServerConfig) -> anyhow::Result<()> {
+        self.plan(server).map(|_| ())
+    }
+}
+
+/// Test-only: runs the command without any confinement.
+#[cfg(test)]
+pub struct DirectLauncher;
+
+#[cfg(test)]
+impl Launcher for DirectLauncher {
+    fn launch(&self, server: &ServerConfig, _session: Option<&str>) -> BoxFuture<'static, anyhow::Result<LaunchedProcess>> {
+        let ServerKind::Stdio { command, args, env } = server.kind.clone() else {
+            return Box::pin(async { anyhow::bail!("not a stdio server") });
+        };
+        Box::pin(async move {
+            let t = Instant::now();
+            let child = tokio::process::Command::new(command)
+                .args(args)
+                .envs(env)
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()?;
+            let pid = child.id().unwrap_or(0);
+            Ok(LaunchedProcess { child, pid, level: "none".into(), start_latency: t.elapsed(), cleanup: Box::new(|| {}) })
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("no such server")]
+    NotFound,
+    #[error("server {0} has reached maxSessions")]
+    TooMany(String),
+    #[error("shutting down")]
+    ShuttingDown,
+    #[error("could not start the server: {0}")]
+    Launch(String),
+}
+
+#[derive(Default)]
+pub struct Metrics {
+    pub requests: AtomicU64,
+    pub errors: AtomicU64,
+    pub restarts: AtomicU64,
+    pub starts: AtomicU64,
+    /// Sum of start latencies, microseconds.
+    pub start_us: AtomicU64,
+    pub level: Mutex<Option<String>>,
+}
+
+pub struct Server {
+    pub cfg: ServerConfig,
+    pub sessions: Mutex<HashMap<SessionId, Arc<Session>>>,
+    reserved: AtomicUsize,
+    shared: Option<Arc<Hub>>,
+    pub metrics: Metrics,
+    /// Result of the launcher's check at startup.
+    pub ready: Result<(), String>,
+}
+
+impl Server {
+    pub fn session(&self, id: &str) -> Option<Arc<Session>> {
+        self.sessions.lock().unwrap_or_else(|e| e.into_inner()).get(id).cloned()
+    }
+    pub fn active_sessions(&self) -> usize {
+        self.sessions.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
+
+pub struct Session {
+    pub id: SessionId,
+    pub server: String,
+    hub: Arc<Hub>,
+    pub closed: CancellationToken,
+    last_active: Mutex<Instant>,
+    /// Open client streams (SSE, GET); idle timeouts only apply with none open.
+    pub streams: AtomicUsize,
+    metrics_server: Arc<Server>,
+    pub initialized: AtomicBool,
+}
+
+impl Session {
+    /// A message from the client (a JSON-RPC object).
+    pub fn send(&self, msg: Value) -> Sent {
+        *self.last_active.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+        if msg.get("method").is_some() && msg.get("id").is_some() {
+            self.metrics_server.metrics.requests.fetch_add(1, Ordering::Relaxed);
+        }
+        self.hub.from_client(&self.id, msg)
+    }
+
+    pub fn touch(&self) {
+        *self.last_active.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+    }
+
+    pub fn close(&self, reason: &str) {
+        if !self.closed.is_cancelled() {
+            tracing::info!(server = %self.server, session = %self.id, "session ends: {reason}");
+            self.closed.cancel();
+        }
+    }
+}
+
+pub struct Options {
+    pub queue: usize,
+    pub max_line: usize,
+    pub grace: Duration,
+}
+
+pub struct Supervisor {
+    pub servers: BTreeMap<String, Arc<Server>>,
+    launcher: Arc<dyn Launcher>,
+    opts: Options,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+}
+
+struct ProcCtl {
+    exited: oneshot::Receiver<String>,
+}
+
+fn new_session_id() -> SessionId {
+    let a: u128 = rand::random();
+    Arc::from(format!("{a:032x}"))
+}
+
+impl Supervisor {
+    /// Build the servers of `config` (stdio servers only; url upstreams are skipped) and
+    /// start the shared ones. Must be called inside a tokio runtime.
+    pub fn start(config: &Config, launcher: Arc<dyn Launcher>, opts: Options) -> Arc<Self> {
+        let mut servers = BTreeMap::new();
+        for (name, cfg) in &config.servers {
+            if cfg.disabled {
+                tracing::info!(server = %name, "disabled; not served");
+                continue;
+            }
+            if let ServerKind::Url { .. } = cfg.kind {
+                tracing::warn!(server = %name, "url upstream {name}: proxying not supported yet, skipped");
+                continue;
+            }
+            let ready = launcher.check(cfg).map_err(|e| format!("{e:#}"));
+            if let Err(e) = &ready {
+                tracing::error!(server = %name, "cannot start: {e}");
+            }
+            let shared = (cfg.isolation == Isolation::Shared)
+                .then(|| Arc::new(Hub::new(name, true, cfg.tool_filter.clone(), opts.max_line)));
+            servers.insert(
+                name.clone(),
+                Arc::new(Server {
+                    cfg: cfg.clone(),
+                    sessions: Mutex::new(HashMap::new()),
+                    reserved: AtomicUsize::new(0),
+                    shared,
+                    metrics: Metrics::default(),
+                    ready,
+                }),
+            );
+        }
+        let sup = Arc::new(Supervisor {
+            servers,
+            launcher,
+            opts,
+            shutdown: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+        });
+        for server in sup.servers.values() {
+            if server.shared.is_some() && server.ready.is_ok() {
+                let (s, srv) = (sup.clone(), server.clone());
+                sup.tasks.spawn(async move { s.run_shared(srv).await });
+            }
+        }
+        let s = sup.clone();
+        sup.tasks.spawn(async move { s.reap_idle().await });
+        sup
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutdown.is_cancelled()
+    }
+
+    pub fn server(&self, name: &str) -> Option<&Arc<Server>> {
+        self.servers.get(name)
+    }
+
+    async fn run_shared(self: Arc<Self>, server: Arc<Server>) {
+        let hub = server.shared.clone().expect("shared hub");
+        let mut backoff = Duration::from_millis(250);
+        loop {
+            if self.shutdown.is_cancelled() {
+                return;
+            }
+            match self.start_process(&server, hub.clone(), None).await {
+                Ok(ctl) => {
+                    let up = Instant::now();
+                    let status = ctl.exited.await.unwrap_or_else(|_| "unknown".into());
+                    if self.shutdown.is_cancelled() {
+                        return;
+                    }
+                    server.metrics.restarts.fetch_add(1, Ordering::Relaxed);
+                    if up.elapsed() > Duration::from_secs(30) {
+                        backoff = Duration::from_millis(250);
+                    }
+                    tracing::warn!(server = %server.cfg.name, status = %status, "shared server exited; restarting in {backoff:?}");
+                }
+                Err(e) => {
+                    server.metrics.errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(server = %server.cfg.name, "cannot start shared server: {e:#}; retrying in {backoff:?}");
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = self.shutdown.cancelled() => return,
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(30));
+        }
+    }
+
+    /// Launch a process and wire it to `hub`. The process is killed when `kill` (a child of
+    /// the shutdown token) fires; `exited` reports its end.
+    async fn start_process(
+        &self,
+        server: &Arc<Server>,
+        hub: Arc<Hub>,
+        session: Option<(SessionId, CancellationToken)>,
+    ) -> anyhow::Result<ProcCtl> {
+        let name = server.cfg.name.clone();
+        let sid_str = session.as_ref().map(|(s, _)| s.to_string());
+        let lp = self.launcher.launch(&server.cfg, sid_str.as_deref()).await?;
+        let LaunchedProcess { mut child, pid, level, start_latency, cleanup } = lp;
+        server.metrics.starts.fetch_add(1, Ordering::Relaxed);
+        server.metrics.start_us.fetch_add(start_latency.as_micros() as u64, Ordering::Relaxed);
+        *server.metrics.level.lock().unwrap_or_else(|e| e.into_inner()) = Some(level.clone());
+        let sess_field = sid_str.clone().unwrap_or_else(|| "-".into());
+        tracing::info!(server = %name, session = %sess_field, pid, level = %level, latency_ms = start_latency.as_secs_f64() * 1e3, "server started");
+
+        let (Some(mut stdin), Some(stdout), Some(stderr)) = (child.stdin.take(), child.stdout.take(), child.stderr.take()) else {
+            let _ = child.start_kill();
+            anyhow::bail!("launcher returned a process without piped stdio");
+        };
+        let (tx, mut rx) = mpsc::channel::<bytes::Bytes>(self.opts.queue);
+        hub.connect_process(tx);
+        tokio::spawn(async move {
+            while let Some(b) = rx.recv().await {
+                if stdin.write_all(&b).await.is_err() {
+                    break;
+                }
+            }
+        });
+        // stderr: drained, logged at a bounded rate.
+        let (n2, s2) = (name.clone(), sess_field.clone());
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stderr).lines();
+            let mut window = Instant::now();
+            let (mut count, mut dropped) = (0u32, 0u64);
+            while let Ok(Some(line)) = lines.next_line().await {
+                if window.elapsed() > Duration::from_secs(1) {
+                    if dropped > 0 {
+                        tracing::warn!(server = %n2, session = %s2, pid, "suppressed {dropped} stderr lines");
+                    }
+                    window = Instant::now();
+                    count = 0;
+                    dropped = 0;
+                }
+                count += 1;
+                if count > 50 {
+                    dropped += 1;
+                    continue;
+                }
+                let line: String = line.chars().take(2000).collect();
+                tracing::info!(server = %n2, session = %s2, pid, "stderr: {line}");
+            }
+        });
+        let hub2 = hub.clone();
+        let reader = tokio::spawn(async move {
+            let mut lr = LineReader::new(stdout, hub2.max_line());
+            while let Ok(Some(frame)) = lr.next_frame().await {
+                hub2.from_backend(frame);
+            }
+        });
+        let kill = match &session {
+            Some((_, closed)) => closed.clone(),
+            None => self.shutdown.child_token(),
+        };
+        let shutdown = self.shutdown.clone();
+        let grace = self.opts.grace;
+        let (done_tx, done_rx) = oneshot::channel();
+        self.tasks.spawn(async move {
+            let status = tokio::select! {
+                s = child.wait() => s,
+                _ = kill.cancelled() => terminate(&mut child, pid, grace).await,
+                _ = shutdown.cancelled() => terminate(&mut child, pid, grace).await,
+            };
+            let status = match status {
+                Ok(s) => s.to_string(),
+                Err(e) => e.to_string(),
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(1), reader).await;
+            hub.process_exited();
+            cleanup();
+            tracing::info!(server = %name, session = %sess_field, pid, status = %status, "server process ended");
+            let _ = done_tx.send(status);
+        });
+        Ok(ProcCtl { exited: done_rx })
+    }
+
+    /// Open a client session on `server`.
+    pub async fn open_session(
+        self: &Arc<Self>,
+        server_name: &str,
+    ) -> Result<(Arc<Session>, mpsc::Receiver<Outbound>), OpenError> {
+        if self.shutdown.is_cancelled() {
+            return Err(OpenError::ShuttingDown);
+        }
+        let server = self.servers.get(server_name).ok_or(OpenError::NotFound)?.clone();
+        if let Err(e) = &server.ready {
+            return Err(OpenError::Launch(e.clone()));
+        }
+        // Reserve a slot before the (slow) launch so concurrent opens cannot overshoot.
+        let n = server.reserved.fetch_add(1, Ordering::SeqCst);
+        if server.cfg.max_sessions.is_some_and(|m| n >= m) {
+            server.reserved.fetch_sub(1, Ordering::SeqCst);
+            return Err(OpenError::TooMany(server_name.to_string()));
+        }
+        let id = new_session_id();
+        let closed = self.shutdown.child_token();
+        let (tx, rx) = mpsc::channel(self.opts.queue);
+        let hub = match &server.shared {
+            Some(h) => h.clone(),
+            None => Arc::new(Hub::new(server_name, false, server.cfg.tool_filter.clone(), self.opts.max_line)),
+        };
+        hub.attach(id.clone(), SessionSink { tx, closed: closed.clone() });
+        let proc = if server.shared.is_none() {
+            match self.start_process(&server, hub.clone(), Some((id.clone(), closed.clone()))).await {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    server.reserved.fetch_sub(1, Ordering::SeqCst);
+                    server.metrics.errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(server = %server_name, "cannot start server for a new session: {e:#}");
+                    return Err(OpenError::Launch(format!("{e:#}")));
+                }
+            }
+        } else {
+            None
+        };
+        let session = Arc::new(Session {
+            id: id.clone(),
+            server: server_name.to_string(),
+            hub: hub.clone(),
+            closed: closed.clone(),
+            last_active: Mutex::new(Instant::now()),
+            streams: AtomicUsize::new(0),
+            metrics_server: server.clone(),
+            initialized: AtomicBool::new(false),
+        });
+        server.sessions.lock().unwrap_or_else(|e| e.into_inner()).insert(id.clone(), session.clone());
+        tracing::info!(server = %server_name, session = %id, "session opened");
+        let srv = server.clone();
+        let sess = session.clone();
+        self.tasks.spawn(async move {
+            match proc {
+                Some(p) => {
+                    tokio::select! {
+                        _ = closed.cancelled() => {}
+                        r = p.exited => {
+                            srv.metrics.errors.fetch_add(1, Ordering::Relaxed);
+                            sess.close(&format!("server process exited ({})", r.unwrap_or_default()));
+                        }
+                    }
+                }
+                None => closed.cancelled().await,
+            }
+            hub.detach(&id);
+            srv.sessions.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+            srv.reserved.fetch_sub(1, Ordering::SeqCst);
+        });
+        Ok((session, rx))
+    }
+
+    async fn reap_idle(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = self.shutdown.cancelled() => return,
+            }
+            for server in self.servers.values() {
+                let idle = server.cfg.idle_timeout;
+                let sessions: Vec<Arc<Session>> = server.sessions.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
+                for s in sessions {
+                    let last = *s.last_active.lock().unwrap_or_else(|e| e.into_inner());
+                    if s.streams.load(Ordering::Relaxed) == 0 && last.elapsed() > idle {
+                        s.close(&format!("idle for {idle:?}"));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Stop everything: sessions end, children get SIGTERM then SIGKILL after the grace
+    /// period. Returns once every process task has finished.
+    pub async fn shutdown(&self) {
+        self.shutdown.cancel();
+        self.tasks.close();
+        if tokio::time::timeout(self.opts.grace + Duration::from_secs(2), self.tasks.wait()).await.is_err() {
+            tracing::error!("some server processes did not end in time");
+        }
+    }
+}
+
+async fn terminate(child: &mut Child, pid: u32, grace: Duration) -> std::io::Result<std::process::ExitStatus> {
+    if pid > 0 {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGTERM);
+    }
+    match tokio::time::timeout(grace, child.wait()).await {
+        Ok(r) => r,
+        Err(_) => {
+            let _ = child.start_kill();
+            child.wait().await
+        }
+    }
+}
