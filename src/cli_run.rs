@@ -35,6 +35,10 @@ pub fn run(args: RunArgs) -> ExitCode {
         env: std::env::vars().collect(),
         policy: PolicyRef::Named(args.policy.clone()),
     };
+    let swept = crate::sandbox::sweep_stale_cgroups();
+    if swept > 0 {
+        tracing::info!("removed {swept} cgroup(s) left by earlier sandboxes");
+    }
     let planned = match plan(&state, &launch) {
         Ok(p) => p,
         Err(e) => {

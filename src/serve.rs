@@ -109,6 +109,10 @@ async fn run(args: ServeArgs, cfg: Config) -> anyhow::Result<()> {
         tracing::warn!("--min-level container: servers may run without namespaces (container level)");
     }
     let state_root = args.state_dir.clone().or_else(|| cfg.state_dir.clone()).unwrap_or_else(default_state_dir);
+    let swept = crate::sandbox::sweep_stale_cgroups();
+    if swept > 0 {
+        tracing::info!("removed {swept} cgroup(s) left by earlier sandboxes");
+    }
     let mut state = crate::launch::StateDir::new(state_root);
     if let Some(b) = cfg.uid_base {
         state.uid_base = b;

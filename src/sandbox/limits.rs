@@ -216,3 +216,42 @@ pub fn kill_members(dirs: &[PathBuf]) {
         }
     }
 }
+
+/// Remove cgroups left by sandboxes whose sandbox-init is gone (mcpbox was killed before it
+/// could clean up): kill anything still inside, then remove the directory. Returns how many
+/// were removed. Directories are named `SERVER-PID` after the sandbox-init that made them.
+pub fn sweep_stale(parent: &str) -> usize {
+    let l = layout();
+    let mut roots: Vec<PathBuf> = Vec::new();
+    if let Some((p, _)) = &l.v2 {
+        roots.push(p.join(parent));
+    }
+    roots.extend(l.v1_pids.iter().chain(l.v1_memory.iter()).map(|p| p.join(parent)));
+    let mut removed = 0;
+    for root in roots {
+        let Ok(entries) = fs::read_dir(&root) else { continue };
+        for e in entries.flatten() {
+            let path = e.path();
+            if !path.is_dir() {
+                continue;
+            }
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(pid) = name.rsplit('-').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
+            let alive = fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| c.split(|b| *b == 0).any(|a| a == b"sandbox-init"))
+                .unwrap_or(false);
+            if alive {
+                continue;
+            }
+            kill_members(std::slice::from_ref(&path));
+            for _ in 0..20 {
+                if fs::remove_dir(&path).is_ok() {
+                    removed += 1;
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        }
+    }
+    removed
+}

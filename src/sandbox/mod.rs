@@ -15,3 +15,12 @@ pub use spec::{Access, Grant, Link, SandboxSpec};
 mod launch;
 pub use launch::{cleanup, spawn_blocking_std, SandboxError, Sandboxed, Spawner, StartReport};
 pub use init::{main as sandbox_init_main, Msg, PROXY_PORT};
+
+/// Clean up cgroups of sandboxes whose supervisor died without cleaning up (root only; a no-op
+/// otherwise). Called when `run` and `serve` start.
+pub fn sweep_stale_cgroups() -> usize {
+    if !nix::unistd::geteuid().is_root() {
+        return 0;
+    }
+    limits::sweep_stale("mcpbox")
+}
