@@ -158,14 +158,16 @@ impl Hub {
     }
 
     fn run(&self, st: &mut State, actions: Vec<Action>) {
-        for a in actions {
+        let mut queue: std::collections::VecDeque<Action> = actions.into();
+        while let Some(a) = queue.pop_front() {
             match a {
                 Action::Backend(v) => {
                     let mut b = serde_json::to_vec(&v).unwrap_or_default();
                     b.push(b'\n');
                     let ok = st.stdin.as_ref().is_some_and(|tx| tx.try_send(Bytes::from(b)).is_ok());
                     if !ok {
-                        tracing::warn!(server = %self.server, "server input queue full or closed; message dropped");
+                        tracing::warn!(server = %self.server, "server input queue full or closed; message not delivered");
+                        queue.extend(st.router.undeliverable(&v, "MCP server is not accepting input (queue full)"));
                     }
                 }
                 Action::Session(sid, d) => self.deliver(st, sid, d),

@@ -340,6 +340,22 @@ impl Router {
         out
     }
 
+    /// A message for the server could not be written (its input queue is full or closed): if it
+    /// was a client request, answer that request at once instead of letting it hang.
+    pub fn undeliverable(&mut self, msg: &Value, reason: &str) -> Vec<Action> {
+        let Some(id) = msg.get("id").filter(|_| msg.get("method").is_some()) else { return vec![] };
+        let Some(p) = self.pending.remove(&key(id)) else { return vec![] };
+        if p.kind == Kind::Internal {
+            return vec![];
+        }
+        self.by_client.remove(&(p.sid.clone(), key(&p.client_id)));
+        if let Some(t) = &p.token {
+            self.tokens.remove(t);
+        }
+        let k = key(&p.client_id);
+        vec![Action::Session(p.sid, Delivery { msg: error_response(p.client_id, -32603, reason), reply_to: Some(k), related_to: None })]
+    }
+
     /// The server process is gone: every request in flight fails at once.
     pub fn backend_exited(&mut self) -> Vec<Action> {
         let mut out = Vec::new();
@@ -530,6 +546,26 @@ mod tests {
         assert_eq!(s.as_ref(), "a");
         assert_eq!(d.msg["error"]["code"], json!(-32603));
         assert_eq!(d.msg["error"]["message"], json!(SERVER_EXITED));
+    }
+
+    #[test]
+    fn undeliverable_request_is_answered_at_once() {
+        let mut r = Router::new(true, None);
+        let (a, b) = (sid("a"), sid("b"));
+        r.attach(a.clone());
+        r.attach(b.clone());
+        let sent_b = backend(&r.from_client(&b, json!({"jsonrpc":"2.0","id":5,"method":"tools/call","params":{"name":"y"}})));
+        let sent = backend(&r.from_client(&a, json!({"jsonrpc":"2.0","id":5,"method":"tools/call","params":{"name":"x"}})));
+        let (s, d) = session(&r.undeliverable(&sent, "queue full"));
+        assert_eq!(s.as_ref(), "a");
+        assert_eq!(d.msg["id"], json!(5));
+        assert_eq!(d.msg["error"]["message"], json!("queue full"));
+        assert_eq!(d.reply_to.as_deref(), Some("5"));
+        // b's request with the same client id is untouched and still answerable
+        let (s, d) = session(&r.from_backend(json!({"jsonrpc":"2.0","id":sent_b["id"],"result":{"ok":true}})));
+        assert_eq!((s.as_ref(), &d.msg["result"]["ok"]), ("b", &json!(true)));
+        // notifications cannot be answered and produce nothing
+        assert!(r.undeliverable(&json!({"jsonrpc":"2.0","method":"notifications/initialized"}), "x").is_empty());
     }
 
     #[test]
