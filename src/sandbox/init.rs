@@ -260,10 +260,11 @@ fn outer(spec_fd: RawFd, report: &Report) -> Result<i32, InitError> {
         }
     } else {
         prctl::set_child_subreaper(true).map_err(sys_err("prctl(PR_SET_CHILD_SUBREAPER)"))?;
+        let me = nix::unistd::getpid();
         match sys::fork().map_err(|e| InitError::Io(format!("fork: {e}")))? {
             Forked::Child => {
                 let _ = nix::unistd::setpgid(Pid::from_raw(0), Pid::from_raw(0));
-                server(&spec, report, &st);
+                server(&spec, report, &st, me);
             }
             Forked::Parent(child) => {
                 sys::close_fd(report.0);
@@ -337,8 +338,9 @@ fn pid1(spec: &SandboxSpec, report: &Report, alive_r: OwnedFd, st: &mut State) -
     }
 
     let mask = forwarded();
+    let me = nix::unistd::getpid();
     match sys::fork().map_err(|e| InitError::Io(format!("fork: {e}")))? {
-        Forked::Child => server(spec, report, st),
+        Forked::Child => server(spec, report, st, me),
         Forked::Parent(child) => {
             // PID 1 keeps nothing open and no privilege.
             let _ = sys::close_from(3);
@@ -384,8 +386,13 @@ fn drop_caps() -> Result<(), InitError> {
 }
 
 /// The server process: never returns on success (execve).
-fn server(spec: &SandboxSpec, report: &Report, st: &State) -> ! {
+fn server(spec: &SandboxSpec, report: &Report, st: &State, parent: Pid) -> ! {
     let mut report = *report;
+    // Die with the sandbox-init that forked us (at full level PID 1's death ends the whole
+    // namespace anyway; at container level this is what stops the server outliving it).
+    if prctl::set_pdeathsig(Signal::SIGKILL).is_err() || nix::unistd::getppid() != parent {
+        sys::exit_now(125);
+    }
     let e = match server_setup(spec, &mut report, st) {
         Ok(never) => match never {},
         Err(e) => e,
