@@ -349,19 +349,6 @@ fn long_call(id: i64) -> Value {
     call_with_progress(json!(id), "trigger-long-running-operation", json!({"duration": 30, "steps": 60}), json!(format!("kill-{id}")))
 }
 
-/// The one server process in `now` that was not in `before`.
-fn new_server(mb: &Mcpbox, before: &[Proc]) -> Proc {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let fresh: Vec<Proc> = mb.servers().into_iter().filter(|p| !before.contains(p)).collect();
-        if fresh.len() == 1 {
-            return fresh[0].clone();
-        }
-        assert!(fresh.len() < 2 && Instant::now() < deadline, "expected one new server process, found {fresh:?}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 fn assert_server_error(v: &Value, what: &str) {
     assert!(v["error"]["code"].is_i64(), "{what}: expected a JSON-RPC error, got {v}");
 }
@@ -372,8 +359,9 @@ async fn a_server_killed_mid_request_fails_the_request_within_a_second() {
     let mb = both_modes(json!({})).await;
     let limit = Duration::from_secs(1);
 
-    // Shared server, legacy SSE client. The shared process starts with mcpbox.
-    let shared = new_server(&mb, &[]);
+    // Shared server, legacy SSE client. (Wait for the shared process first: a request that
+    // arrives before it is up is answered "MCP server exited" at once.)
+    let shared = mb.server_of_session("-");
     let legacy = Legacy::open(&mb, "evs").await;
     assert_eq!(legacy.post(&long_call(11).to_string()).await.status, 202);
     loop {
@@ -401,9 +389,8 @@ async fn a_server_killed_mid_request_fails_the_request_within_a_second() {
     }
 
     // Session server, Streamable HTTP client, answer as an SSE stream.
-    let before = mb.servers();
     let st = Streamable::open(&mb, "ev").await;
-    let proc = new_server(&mb, &before);
+    let proc = mb.server_of_session(&st.sid);
     let mut stream = st.request_sse(long_call(21)).await;
     let first = tokio::time::timeout(Duration::from_secs(5), stream.recv()).await.expect("progress in time").expect("progress");
     assert!(is_progress(&first), "{first}");
@@ -418,9 +405,8 @@ async fn a_server_killed_mid_request_fails_the_request_within_a_second() {
     assert_eq!(st.post_raw(&call_msg(json!(22), "echo", json!({"message": "x"})).to_string(), &[]).await.status, 404);
 
     // Session server, Streamable HTTP client, JSON answer: the POST itself returns in time.
-    let before = mb.servers();
     let st = Streamable::open(&mb, "ev").await;
-    let proc = new_server(&mb, &before);
+    let proc = mb.server_of_session(&st.sid);
     let killer = tokio::spawn(async move {
         tokio::time::sleep(Duration::from_millis(500)).await;
         signal(proc.pid, SIGKILL);
@@ -446,7 +432,8 @@ async fn sigterm_leaves_no_process_behind() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let procs = mb.descendants();
     let servers: Vec<&Proc> = procs.iter().filter(|p| p.cmdline.contains("server-everything")).collect();
-    assert_eq!(servers.len(), 3, "two session servers and one shared server: {procs:#?}");
+    // Two session servers, the warm one waiting for the next session, and the shared one.
+    assert_eq!(servers.len(), 4, "{procs:#?}");
     assert!(procs.len() > servers.len(), "the sandbox inits are there too: {procs:#?}");
 
     let t = Instant::now();

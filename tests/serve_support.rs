@@ -93,7 +93,7 @@ impl Mcpbox {
             .arg(&cfg_path)
             .arg("--state-dir")
             .arg(dir.path().join("state"))
-            .args(["--grace", "2"])
+            .args(["--grace", "2", "--log-format", "json"])
             .env(CANARY_VAR, CANARY)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -174,6 +174,27 @@ impl Mcpbox {
     /// Processes below mcpbox: the sandbox inits and the servers.
     pub fn descendants(&self) -> Vec<Proc> {
         descendants(self.pid())
+    }
+
+    /// The server process of a session, from mcpbox's log ("server started", with the session
+    /// id and the pid of its sandbox) and /proc (the server below that sandbox).
+    pub fn server_of_session(&self, sid: &str) -> Proc {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let sandbox = self.log_text().lines().find_map(|l| {
+                let v: Value = serde_json::from_str(l).ok()?;
+                let f = &v["fields"];
+                (f["message"] == "server started" && f["session"] == sid).then(|| f["pid"].as_u64()).flatten()
+            });
+            if let Some(pid) = sandbox {
+                let servers: Vec<Proc> = descendants(pid as u32).into_iter().filter(|p| p.cmdline.contains("server-everything")).collect();
+                if servers.len() == 1 {
+                    return servers[0].clone();
+                }
+            }
+            assert!(Instant::now() < deadline, "no server process found for session {sid}:\n{}", self.log_text());
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// The node processes (servers) running under this mcpbox.
