@@ -206,6 +206,14 @@ pub struct Server {
     pub metrics: Metrics,
     /// Result of the launcher's check at startup.
     pub ready: Result<(), String>,
+    /// `isolation: "session"`: one process started ahead of time (sandbox built, runtime
+    /// loaded, waiting on stdin), handed to the next new session; see [`Supervisor::keep_warm`].
+    warm: Option<Warm>,
+}
+
+struct Warm {
+    rx: tokio::sync::Mutex<mpsc::Receiver<LaunchedProcess>>,
+    tx: Mutex<Option<mpsc::Sender<LaunchedProcess>>>,
 }
 
 impl Server {
@@ -302,6 +310,10 @@ impl Supervisor {
                     reserved: AtomicUsize::new(0),
                     shared,
                     metrics: Metrics::default(),
+                    warm: (cfg.isolation == Isolation::Session && ready.is_ok()).then(|| {
+                        let (tx, rx) = mpsc::channel(1);
+                        Warm { rx: tokio::sync::Mutex::new(rx), tx: Mutex::new(Some(tx)) }
+                    }),
                     ready,
                 }),
             );
@@ -317,6 +329,10 @@ impl Supervisor {
             if server.shared.is_some() && server.ready.is_ok() {
                 let (s, srv) = (sup.clone(), server.clone());
                 sup.tasks.spawn(async move { s.run_shared(srv).await });
+            }
+            if server.warm.is_some() {
+                let (s, srv) = (sup.clone(), server.clone());
+                sup.tasks.spawn(async move { s.keep_warm(srv).await });
             }
         }
         let s = sup.clone();
@@ -339,7 +355,7 @@ impl Supervisor {
             if self.shutdown.is_cancelled() {
                 return;
             }
-            match self.start_process(&server, hub.clone(), None).await {
+            match self.start_process(&server, hub.clone(), None, None).await {
                 Ok(ctl) => {
                     let up = Instant::now();
                     let status = ctl.exited.await.unwrap_or_else(|_| "unknown".into());
@@ -365,6 +381,62 @@ impl Supervisor {
         }
     }
 
+    /// Keep one started process waiting for the next session of `server` (session isolation):
+    /// a new session then costs an initialize round trip instead of a sandbox and runtime
+    /// start. Replenished as soon as it is taken; killed at shutdown.
+    async fn keep_warm(self: Arc<Self>, server: Arc<Server>) {
+        let Some(warm) = &server.warm else { return };
+        let Some(tx) = warm.tx.lock().unwrap_or_else(|e| e.into_inner()).take() else { return };
+        let mut backoff = Duration::from_millis(250);
+        loop {
+            let permit = tokio::select! {
+                p = tx.reserve() => match p { Ok(p) => p, Err(_) => break },
+                _ = self.shutdown.cancelled() => break,
+            };
+            let launched = tokio::select! {
+                r = self.launcher.launch(&server.cfg, None) => r,
+                _ = self.shutdown.cancelled() => break,
+            };
+            match launched {
+                Ok(lp) => {
+                    backoff = Duration::from_millis(250);
+                    tracing::debug!(server = %server.cfg.name, pid = lp.pid, "warm process ready");
+                    permit.send(lp);
+                }
+                Err(e) => {
+                    drop(permit);
+                    tracing::warn!(server = %server.cfg.name, "cannot start a warm process: {e:#}; retrying in {backoff:?}");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = self.shutdown.cancelled() => break,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
+            }
+        }
+        // Shutdown: the process still waiting is ended like any other.
+        drop(tx);
+        if let Some(lp) = warm.rx.lock().await.recv().await {
+            discard(lp, self.opts.grace).await;
+        }
+    }
+
+    /// The waiting warm process of `server`, if there is one and it is still alive.
+    async fn take_warm(&self, server: &Server) -> Option<LaunchedProcess> {
+        let warm = server.warm.as_ref()?;
+        let mut rx = warm.rx.lock().await;
+        loop {
+            let mut lp = rx.try_recv().ok()?;
+            match lp.child.try_wait() {
+                Ok(None) => return Some(lp),
+                _ => {
+                    tracing::warn!(server = %server.cfg.name, pid = lp.pid, "warm process died while waiting; starting a fresh one");
+                    discard(lp, self.opts.grace).await;
+                }
+            }
+        }
+    }
+
     /// Launch a process and wire it to `hub`. The process is killed when `kill` (a child of
     /// the shutdown token) fires; `exited` reports its end.
     async fn start_process(
@@ -372,10 +444,14 @@ impl Supervisor {
         server: &Arc<Server>,
         hub: Arc<Hub>,
         session: Option<(SessionId, CancellationToken)>,
+        prestarted: Option<LaunchedProcess>,
     ) -> anyhow::Result<ProcCtl> {
         let name = server.cfg.name.clone();
         let sid_str = session.as_ref().map(|(s, _)| s.to_string());
-        let lp = self.launcher.launch(&server.cfg, sid_str.as_deref()).await?;
+        let lp = match prestarted {
+            Some(lp) => lp,
+            None => self.launcher.launch(&server.cfg, sid_str.as_deref()).await?,
+        };
         let LaunchedProcess { mut child, pid, level, start_latency, cleanup } = lp;
         server.metrics.starts.fetch_add(1, Ordering::Relaxed);
         server.metrics.start_us.fetch_add(start_latency.as_micros() as u64, Ordering::Relaxed);
@@ -480,7 +556,8 @@ impl Supervisor {
         };
         hub.attach(id.clone(), SessionSink { tx, closed: closed.clone() });
         let proc = if server.shared.is_none() {
-            match self.start_process(&server, hub.clone(), Some((id.clone(), closed.clone()))).await {
+            let warm = self.take_warm(&server).await;
+            match self.start_process(&server, hub.clone(), Some((id.clone(), closed.clone())), warm).await {
                 Ok(p) => Some(p),
                 Err(e) => {
                     server.reserved.fetch_sub(1, Ordering::SeqCst);
@@ -555,6 +632,12 @@ impl Supervisor {
             tracing::error!("some server processes did not end in time");
         }
     }
+}
+
+/// End a process that was never wired to a hub (a warm process nobody took).
+async fn discard(mut lp: LaunchedProcess, grace: Duration) {
+    let _ = terminate(&mut lp.child, lp.pid, grace).await;
+    (lp.cleanup)();
 }
 
 async fn terminate(child: &mut Child, pid: u32, grace: Duration) -> std::io::Result<std::process::ExitStatus> {

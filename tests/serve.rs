@@ -1,0 +1,451 @@
+//! End to end: a real `mcpbox serve` (the built binary, real sandboxes), the real
+//! `@modelcontextprotocol/server-everything` from npm behind it (installed by
+//! scripts/install-test-deps.sh), and real clients: the official Rust MCP SDK (rmcp) over
+//! Streamable HTTP and over a legacy-SSE transport of ours, plus raw HTTP for the edge cases.
+
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rmcp::model::{CallToolRequestParams, GetPromptRequestParams, ProgressNotificationParam, ReadResourceRequestParams};
+use rmcp::service::{MaybeSendFuture, NotificationContext};
+use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
+use rmcp::transport::StreamableHttpClientTransport;
+use rmcp::{ClientHandler, RoleClient, ServiceExt};
+use serde_json::{json, Value};
+
+use crate::serve_support::*;
+
+/// Two servers in one mcpbox: `ev` (a process per session) and `evs` (one shared process).
+async fn both_modes(extra: Value) -> Mcpbox {
+    Mcpbox::start(json!({"ev": everything("session"), "evs": everything("shared")}), extra).await
+}
+
+const SERVERS: [&str; 2] = ["ev", "evs"];
+
+// ---- the SDK client, over both transports -----------------------------------------------------
+
+/// An rmcp client handler that records the progress notifications it receives.
+#[derive(Clone, Default)]
+struct Recorder(Arc<Mutex<Vec<ProgressNotificationParam>>>);
+
+impl ClientHandler for Recorder {
+    fn on_progress(
+        &self,
+        params: ProgressNotificationParam,
+        _context: NotificationContext<RoleClient>,
+    ) -> impl Future<Output = ()> + MaybeSendFuture + '_ {
+        self.0.lock().unwrap().push(params);
+        std::future::ready(())
+    }
+}
+
+fn args(v: Value) -> serde_json::Map<String, Value> {
+    v.as_object().unwrap().clone()
+}
+
+/// Initialize, tools, resources, prompts, progress and the environment check, through rmcp.
+async fn tour<T, E, A>(transport: T, label: &str)
+where
+    T: rmcp::transport::IntoTransport<RoleClient, E, A>,
+    E: std::error::Error + Send + Sync + 'static,
+{
+    let rec = Recorder::default();
+    let client = tokio::time::timeout(Duration::from_secs(20), rec.clone().serve(transport))
+        .await
+        .unwrap_or_else(|_| panic!("{label}: initialize timed out"))
+        .unwrap_or_else(|e| panic!("{label}: initialize: {e}"));
+    let info = serde_json::to_value(client.peer_info().expect("server info")).unwrap();
+    assert!(info["serverInfo"]["name"].as_str().is_some_and(|n| n.contains("everything")), "{label}: {info}");
+
+    let tools: Vec<String> = client.list_all_tools().await.unwrap().iter().map(|t| t.name.to_string()).collect();
+    for want in ["echo", "get-sum", "get-env", "trigger-long-running-operation"] {
+        assert!(tools.iter().any(|t| t == want), "{label}: {want} missing from {tools:?}");
+    }
+    let r = client
+        .call_tool(CallToolRequestParams::new("echo").with_arguments(args(json!({"message": format!("hello over {label}")}))))
+        .await
+        .unwrap();
+    let r = serde_json::to_value(r).unwrap();
+    assert_eq!(r["content"][0]["text"], format!("Echo: hello over {label}"), "{label}");
+    let r = client.call_tool(CallToolRequestParams::new("get-sum").with_arguments(args(json!({"a": 2, "b": 40})))).await.unwrap();
+    let r = serde_json::to_value(r).unwrap();
+    assert!(r["content"][0]["text"].as_str().unwrap().contains("is 42"), "{label}: {r}");
+
+    let resources = client.list_all_resources().await.unwrap();
+    assert!(!resources.is_empty(), "{label}: no resources");
+    let uri = resources[0].uri.clone();
+    let read = serde_json::to_value(client.read_resource(ReadResourceRequestParams::new(uri.clone())).await.unwrap()).unwrap();
+    assert_eq!(read["contents"][0]["uri"], uri.as_str(), "{label}: {read}");
+    assert!(read["contents"][0]["text"].as_str().is_some_and(|t| !t.is_empty()), "{label}: empty resource {read}");
+
+    let prompts: Vec<String> = client.list_all_prompts().await.unwrap().iter().map(|p| p.name.clone()).collect();
+    assert!(prompts.iter().any(|p| p == "simple-prompt") && prompts.iter().any(|p| p == "args-prompt"), "{label}: {prompts:?}");
+    let p = client.get_prompt(GetPromptRequestParams::new("args-prompt").with_arguments(args(json!({"city": "Lisbon"})))).await.unwrap();
+    let p = serde_json::to_value(p).unwrap();
+    assert!(p.to_string().contains("Lisbon"), "{label}: {p}");
+
+    // Progress, through the SDK's own notification handling (rmcp puts a progress token on
+    // every request it sends).
+    let params = CallToolRequestParams::new("trigger-long-running-operation").with_arguments(args(json!({"duration": 0.6, "steps": 3})));
+    let r = client.call_tool(params).await.unwrap();
+    assert!(serde_json::to_value(r).unwrap().to_string().contains("completed"), "{label}");
+    let got = rec.0.lock().unwrap().clone();
+    assert_eq!(got.len(), 3, "{label}: progress notifications {got:?}");
+    assert!(got.iter().all(|p| p.progress_token == got[0].progress_token), "{label}: mixed progress tokens: {got:?}");
+    assert_eq!(got.iter().map(|p| p.progress).collect::<Vec<_>>(), [1.0, 2.0, 3.0], "{label}");
+
+    // Nothing of mcpbox's environment reaches the server.
+    let env = client.call_tool(CallToolRequestParams::new("get-env")).await.unwrap();
+    let env = serde_json::to_value(env).unwrap()["content"][0]["text"].as_str().unwrap().to_string();
+    assert!(env.contains("HOME"), "{label}: get-env did not print an environment: {env}");
+    for secret in [CANARY, CANARY_VAR, TOKEN, "RUST_LOG", "CARGO_"] {
+        assert!(!env.contains(secret), "{label}: the server sees {secret} from mcpbox's environment:\n{env}");
+    }
+    client.cancel().await.unwrap();
+}
+
+fn streamable_transport(mb: &Mcpbox, server: &str) -> StreamableHttpClientTransport<reqwest::Client> {
+    StreamableHttpClientTransport::from_config(
+        StreamableHttpClientTransportConfig::with_uri(mb.url(&format!("/{server}/mcp"))).auth_header(TOKEN),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rmcp_client_over_both_transports_and_both_isolation_modes() {
+    let mb = both_modes(json!({})).await;
+    for server in SERVERS {
+        tour(streamable_transport(&mb, server), &format!("streamable-http/{server}")).await;
+        tour(rmcp_legacy_transport(&mb, server).await, &format!("legacy-sse/{server}")).await;
+    }
+}
+
+// ---- routing between sessions --------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_reaches_only_the_calling_session() {
+    let mb = both_modes(json!({})).await;
+    for server in SERVERS {
+        let a = Streamable::open(&mb, server).await;
+        let b = Legacy::open(&mb, server).await;
+        let c = Streamable::open(&mb, server).await;
+        let mut c_get = c.get_stream().await;
+        // The same progress token in every session: only the caller may see its progress.
+        let call = |id| call_with_progress(json!(id), "trigger-long-running-operation", json!({"duration": 0.8, "steps": 4}), json!("p1"));
+
+        // A (Streamable HTTP, answer as an SSE stream) calls; B and C must see nothing of it.
+        let mut a_stream = a.request_sse(call(7)).await;
+        let got = collect_for(&mut a_stream, Duration::from_secs(10)).await;
+        let progress: Vec<&Value> = got.iter().filter(|v| is_progress(v)).collect();
+        assert_eq!(progress.len(), 4, "{server}: A's stream: {got:?}");
+        assert!(progress.iter().all(|p| p["params"]["progressToken"] == "p1"), "{server}: {got:?}");
+        assert_eq!(got.last().unwrap()["id"], 7, "{server}: the answer ends A's stream: {got:?}");
+        let b_seen = b.drain(Duration::from_millis(300)).await;
+        assert!(!b_seen.iter().any(is_progress), "{server}: B saw A's progress: {b_seen:?}");
+        let c_seen = collect_for(&mut c_get, Duration::from_millis(100)).await;
+        assert!(!c_seen.iter().any(is_progress), "{server}: C saw A's progress: {c_seen:?}");
+
+        // B (legacy SSE) calls; A and C must see nothing of it.
+        let mut a_get = a.get_stream().await;
+        let answer = b.request(call(7)).await;
+        assert!(text_of(&answer).contains("completed"), "{server}: {answer}");
+        let b_seen = b.drain(Duration::from_millis(100)).await;
+        let b_progress: Vec<&Value> = b_seen.iter().filter(|v| is_progress(v)).collect();
+        assert_eq!(b_progress.len(), 4, "{server}: B's stream: {b_seen:?}");
+        let a_seen = collect_for(&mut a_get, Duration::from_millis(100)).await;
+        let c_seen = collect_for(&mut c_get, Duration::from_millis(100)).await;
+        assert!(!a_seen.iter().any(is_progress) && !c_seen.iter().any(is_progress), "{server}: A {a_seen:?} / C {c_seen:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clashing_request_ids_get_only_their_own_answers() {
+    let mb = both_modes(json!({})).await;
+    for server in SERVERS {
+        let x = Streamable::open(&mb, server).await;
+        let y = Streamable::open(&mb, server).await;
+        let z = Legacy::open(&mb, server).await;
+        const N: i64 = 25;
+        // Every session uses ids 1..=N at the same time.
+        let xs = futures::future::join_all((1..=N).map(|i| x.request(call_msg(json!(i), "echo", json!({"message": format!("x-{i}")})))));
+        let ys = futures::future::join_all((1..=N).map(|i| y.request(call_msg(json!(i), "echo", json!({"message": format!("y-{i}")})))));
+        let zs = async {
+            for i in 1..=N {
+                let r = z.post(&call_msg(json!(i), "echo", json!({"message": format!("z-{i}")})).to_string()).await;
+                assert_eq!(r.status, 202);
+            }
+            let mut out = Vec::new();
+            for i in 1..=N {
+                out.push(z.answer(&json!(i), Duration::from_secs(20)).await.unwrap_or_else(|| panic!("{server}: z: no answer to {i}")));
+            }
+            out
+        };
+        let (xs, ys, zs) = tokio::join!(xs, ys, zs);
+        for (name, answers) in [("x", xs), ("y", ys), ("z", zs)] {
+            for (i, a) in (1..=N).zip(answers) {
+                assert_eq!(a["id"], i, "{server}/{name}: {a}");
+                assert_eq!(text_of(&a), format!("Echo: {name}-{i}"), "{server}/{name}: got someone else's answer: {a}");
+            }
+        }
+        // Nothing extra on the legacy stream either: no answers meant for x or y.
+        let extra = z.drain(Duration::from_millis(200)).await;
+        assert!(extra.iter().all(|v| v.get("id").is_none()), "{server}: z got foreign answers {extra:?}");
+    }
+}
+
+// ---- the edge ----------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_endpoint_but_health_needs_the_token() {
+    let mb = Mcpbox::start(json!({"ev": everything("session")}), json!({})).await;
+    let legacy = Legacy::open(&mb, "ev").await;
+    let st = Streamable::open(&mb, "ev").await;
+    let message = format!("/ev/message?sessionId={}", legacy.session_id);
+    let ping = json!({"jsonrpc": "2.0", "id": 99, "method": "ping"}).to_string();
+    let init = init_msg(json!(1)).to_string();
+    let endpoints: Vec<(&str, String, Option<String>)> = vec![
+        ("GET", "/ev/sse".into(), None),
+        ("POST", message.clone(), Some(ping.clone())),
+        ("POST", "/ev/mcp".into(), Some(init)),
+        ("POST", "/ev/mcp".into(), Some(ping.clone())),
+        ("GET", "/ev/mcp".into(), None),
+        ("DELETE", "/ev/mcp".into(), None),
+        ("GET", "/status".into(), None),
+        ("GET", "/metrics".into(), None),
+    ];
+    for auth in [None, Some("Bearer wrong-token"), Some(&*format!("Bearer {TOKEN}x")), Some("Basic ZTJlOmUyZQ==")] {
+        for (method, path, body) in &endpoints {
+            let mut rb = mb
+                .http
+                .request(method.parse().unwrap(), mb.url(path))
+                .header("accept", "application/json, text/event-stream")
+                .header("content-type", "application/json")
+                .header("mcp-session-id", &st.sid);
+            if let Some(a) = auth {
+                rb = rb.header("authorization", a);
+            }
+            if let Some(b) = body {
+                rb = rb.body(b.clone());
+            }
+            let r = Resp::read(rb.send().await.unwrap()).await;
+            assert_eq!(r.status, 401, "{method} {path} with {auth:?}: {}", r.body);
+            assert!(r.header("www-authenticate").is_some_and(|v| v.starts_with("Bearer")), "{method} {path}: no WWW-Authenticate");
+        }
+    }
+    // Health needs no token; with the token everything works, and the sessions survived.
+    for path in ["/healthz", "/readyz"] {
+        assert_eq!(mb.http.get(mb.url(path)).send().await.unwrap().status(), 200, "{path}");
+    }
+    let status = mb.request("GET", "/status", &[], None).await;
+    assert_eq!(status.status, 200);
+    assert_eq!(status.json()["servers"]["ev"]["sessions"], 2, "{}", status.body);
+    let metrics = mb.request("GET", "/metrics", &[], None).await;
+    assert!(metrics.status == 200 && metrics.body.contains("mcpbox_sessions_active{server=\"ev\"} 2"), "{}", metrics.body);
+    assert_eq!(text_of(&legacy.request(call_msg(json!(5), "echo", json!({"message": "still here"}))).await), "Echo: still here");
+    assert_eq!(text_of(&st.request(call_msg(json!(5), "echo", json!({"message": "still here"}))).await), "Echo: still here");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_origin_and_host_get_403() {
+    let mb = Mcpbox::start(json!({"ev": everything("session")}), json!({})).await;
+    let legacy = Legacy::open(&mb, "ev").await;
+    let init = init_msg(json!(1)).to_string();
+    let message = format!("/ev/message?sessionId={}", legacy.session_id);
+    let ping = json!({"jsonrpc": "2.0", "id": 99, "method": "ping"}).to_string();
+    let cases: [(&str, &str, Option<&str>); 4] =
+        [("POST", "/ev/mcp", Some(&init)), ("GET", "/ev/sse", None), ("POST", &message, Some(&ping)), ("GET", "/status", None)];
+    for (method, path, body) in cases {
+        for (h, v) in [("origin", "https://evil.example"), ("origin", "null"), ("host", "rebind.evil.example")] {
+            let headers = [(h, v), ("content-type", "application/json"), ("accept", "application/json, text/event-stream")];
+            let r = mb.request(method, path, &headers, body.map(|b| b.as_bytes().to_vec())).await;
+            assert_eq!(r.status, 403, "{method} {path} with {h}: {v}: {}", r.body);
+        }
+    }
+    // A loopback origin is fine on a loopback bind.
+    let port_origin = format!("http://localhost:{}", mb.addr.port());
+    let r = mb.request("POST", "/ev/mcp", &[("origin", port_origin.as_str()), ("content-type", "application/json"), ("accept", "application/json")], Some(init.into_bytes())).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+}
+
+fn error_code(r: &Resp) -> i64 {
+    r.json()["error"]["code"].as_i64().unwrap_or_else(|| panic!("not a JSON-RPC error: {}", r.body))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_non_jsonrpc_and_oversized_bodies_get_clear_errors_and_sessions_survive() {
+    let max = 64 * 1024;
+    let mb = both_modes(json!({"maxBodyBytes": max})).await;
+    let big = call_msg(json!(3), "echo", json!({"message": "x".repeat(max + 1024)})).to_string();
+    for server in SERVERS {
+        let st = Streamable::open(&mb, server).await;
+        let legacy = Legacy::open(&mb, server).await;
+
+        let r = st.post_raw("{\"jsonrpc\": \"2.0\", \"id\": 1, \"method\": ", &[]).await;
+        assert_eq!((r.status, error_code(&r)), (400, -32700), "{server}: streamable, malformed: {}", r.body);
+        let r = st.post_raw(r#"{"hello": "world", "id": 2}"#, &[]).await;
+        assert_eq!((r.status, error_code(&r)), (400, -32600), "{server}: streamable, not JSON-RPC: {}", r.body);
+        let r = st.post_raw(&big, &[]).await;
+        assert_eq!(r.status, 413, "{server}: streamable, oversized: {}", r.body);
+
+        let r = legacy.post("{\"jsonrpc\": \"2.0\", \"id\": 1, \"method\": ").await;
+        assert_eq!((r.status, error_code(&r)), (400, -32700), "{server}: legacy, malformed: {}", r.body);
+        let r = legacy.post(r#"[1, "two"]"#).await;
+        assert_eq!((r.status, error_code(&r)), (400, -32600), "{server}: legacy, not JSON-RPC: {}", r.body);
+        let r = legacy.post(&big).await;
+        assert_eq!(r.status, 413, "{server}: legacy, oversized: {}", r.body);
+
+        // Both sessions, and the server, are still fine; nothing leaked onto the streams.
+        let a = st.request(call_msg(json!(4), "get-sum", json!({"a": 1, "b": 2}))).await;
+        assert!(text_of(&a).contains("is 3"), "{server}: {a}");
+        let a = legacy.request(call_msg(json!(4), "echo", json!({"message": "after"}))).await;
+        assert_eq!(text_of(&a), "Echo: after", "{server}");
+        let seen = legacy.drain(Duration::from_millis(100)).await;
+        assert!(seen.iter().all(|v| v.get("id").is_none()), "{server}: {seen:?}");
+        // A body just under the limit goes through.
+        let fits = call_msg(json!(5), "echo", json!({"message": "y".repeat(max - 200)}));
+        assert_eq!(text_of(&st.request(fits).await).len(), "Echo: ".len() + max - 200, "{server}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_and_ended_sessions_get_404() {
+    let mb = Mcpbox::start(json!({"ev": everything("session")}), json!({})).await;
+    let ping = json!({"jsonrpc": "2.0", "id": 1, "method": "ping"}).to_string();
+    let bogus = "0123456789abcdef0123456789abcdef";
+    let json_ct = ("content-type", "application/json");
+    let accept = ("accept", "application/json, text/event-stream");
+    for (method, body) in [("POST", Some(ping.clone())), ("GET", None), ("DELETE", None)] {
+        let r = mb.request(method, "/ev/mcp", &[("mcp-session-id", bogus), json_ct, accept], body.map(String::into_bytes)).await;
+        assert_eq!(r.status, 404, "{method} /ev/mcp with an unknown session: {}", r.body);
+    }
+    let r = mb.request("POST", &format!("/ev/message?sessionId={bogus}"), &[json_ct], Some(ping.clone().into_bytes())).await;
+    assert_eq!(r.status, 404, "legacy POST, unknown session: {}", r.body);
+    let r = mb.request("POST", "/ev/mcp", &[json_ct, accept], Some(ping.clone().into_bytes())).await;
+    assert_eq!(r.status, 400, "no Mcp-Session-Id on a non-initialize POST: {}", r.body);
+    let r = mb.request("GET", "/nope/sse", &[], None).await;
+    assert_eq!(r.status, 404, "unknown server: {}", r.body);
+
+    // Ended sessions: DELETE (streamable) and a closed GET stream (legacy).
+    let st = Streamable::open(&mb, "ev").await;
+    assert_eq!(st.delete().await, 204);
+    assert_eq!(st.post_raw(&ping, &[]).await.status, 404, "POST after DELETE");
+    let legacy = Legacy::connect(&mb, "ev").await;
+    let message = legacy.post_url.clone();
+    drop(legacy);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let r = Resp::read(mb.http.post(&message).header("authorization", format!("Bearer {TOKEN}")).header("content-type", "application/json").body(ping.clone()).send().await.unwrap()).await;
+        if r.status == 404 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "legacy session still open 3 s after its stream closed: {}", r.status);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+// ---- lifecycle -------------------------------------------------------------------------------
+
+fn long_call(id: i64) -> Value {
+    call_with_progress(json!(id), "trigger-long-running-operation", json!({"duration": 30, "steps": 60}), json!(format!("kill-{id}")))
+}
+
+fn assert_server_error(v: &Value, what: &str) {
+    assert!(v["error"]["code"].is_i64(), "{what}: expected a JSON-RPC error, got {v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_killed_mid_request_fails_the_request_within_a_second() {
+    use nix::sys::signal::Signal::SIGKILL;
+    let mb = both_modes(json!({})).await;
+    let limit = Duration::from_secs(1);
+
+    // Shared server, legacy SSE client. (Wait for the shared process first: a request that
+    // arrives before it is up is answered "MCP server exited" at once.)
+    let shared = mb.server_of_session("-");
+    let legacy = Legacy::open(&mb, "evs").await;
+    assert_eq!(legacy.post(&long_call(11).to_string()).await.status, 202);
+    loop {
+        let m = legacy.next(Duration::from_secs(5)).await.expect("progress while the call runs");
+        if is_progress(&m) {
+            break;
+        }
+    }
+    signal(shared.pid, SIGKILL);
+    let t = Instant::now();
+    let answer = legacy.answer(&json!(11), Duration::from_secs(5)).await.expect("an answer after the kill");
+    let took = t.elapsed();
+    assert_server_error(&answer, "shared/legacy");
+    assert!(took < limit, "shared/legacy: error after {took:?}");
+    // The shared server comes back (backoff 250 ms) and the session goes on.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = legacy.request(call_msg(json!(12), "echo", json!({"message": "back"}))).await;
+        if r.get("result").is_some() {
+            assert_eq!(text_of(&r), "Echo: back");
+            break;
+        }
+        assert!(Instant::now() < deadline, "shared server not back: {r}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Session server, Streamable HTTP client, answer as an SSE stream.
+    let st = Streamable::open(&mb, "ev").await;
+    let proc = mb.server_of_session(&st.sid);
+    let mut stream = st.request_sse(long_call(21)).await;
+    let first = tokio::time::timeout(Duration::from_secs(5), stream.recv()).await.expect("progress in time").expect("progress");
+    assert!(is_progress(&first), "{first}");
+    signal(proc.pid, SIGKILL);
+    let t = Instant::now();
+    let rest = collect_for(&mut stream, Duration::from_secs(5)).await;
+    let last = rest.iter().find(|v| v.get("id").is_some()).unwrap_or_else(|| panic!("session/streamable-sse: no answer, got {rest:?}"));
+    assert_server_error(last, "session/streamable-sse");
+    assert!(t.elapsed() < limit + Duration::from_millis(200) || rest.len() < 3, "session/streamable-sse: stream ended late");
+    // The session is over with its process.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(st.post_raw(&call_msg(json!(22), "echo", json!({"message": "x"})).to_string(), &[]).await.status, 404);
+
+    // Session server, Streamable HTTP client, JSON answer: the POST itself returns in time.
+    let st = Streamable::open(&mb, "ev").await;
+    let proc = mb.server_of_session(&st.sid);
+    let killer = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        signal(proc.pid, SIGKILL);
+        Instant::now()
+    });
+    let r = st.post_raw(&long_call(31).to_string(), &[]).await;
+    let done = Instant::now();
+    let killed = killer.await.unwrap();
+    let took = done.saturating_duration_since(killed);
+    assert_server_error(&r.json(), "session/streamable-json");
+    assert!(took < limit, "session/streamable-json: error after {took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_leaves_no_process_behind() {
+    let mut mb = both_modes(json!({})).await;
+    let legacy = Legacy::open(&mb, "ev").await;
+    let st = Streamable::open(&mb, "ev").await;
+    let shared = Streamable::open(&mb, "evs").await;
+    // One call in flight while mcpbox is told to stop.
+    let _inflight = st.request_sse(long_call(1)).await;
+    let _inflight2 = shared.request_sse(long_call(2)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let procs = mb.descendants();
+    let servers: Vec<&Proc> = procs.iter().filter(|p| p.cmdline.contains("server-everything")).collect();
+    // Two session servers, the warm one waiting for the next session, and the shared one.
+    assert_eq!(servers.len(), 4, "{procs:#?}");
+    assert!(procs.len() > servers.len(), "the sandbox inits are there too: {procs:#?}");
+
+    let t = Instant::now();
+    let status = mb.terminate(Duration::from_secs(10));
+    assert!(status.success(), "mcpbox exit status {status}:\n{}", mb.log_text());
+    let took = t.elapsed();
+    let left: Vec<&Proc> = procs.iter().filter(|p| alive(p)).collect();
+    assert!(left.is_empty(), "processes left behind after SIGTERM: {left:#?}");
+    // Servers that answer TERM go at once; nobody waited for the grace period to run out.
+    assert!(took < Duration::from_secs(2), "stopping took {took:?}");
+    // Nor any process anywhere whose command line names this test's config or state dir.
+    let strays: Vec<Proc> = all_procs().into_iter().filter(|p| p.cmdline.contains(&path_str(mb.dir.path()))).collect();
+    assert!(strays.is_empty(), "{strays:#?}");
+    drop(legacy);
+}
