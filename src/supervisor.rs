@@ -371,6 +371,7 @@ impl Supervisor {
                 Err(e) => {
                     server.metrics.errors.fetch_add(1, Ordering::Relaxed);
                     tracing::error!(server = %server.cfg.name, "cannot start shared server: {e:#}; retrying in {backoff:?}");
+                    hub.fail_waiting("MCP server could not be started");
                 }
             }
             tokio::select! {

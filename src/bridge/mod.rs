@@ -34,11 +34,17 @@ struct State {
     router: Router,
     sinks: HashMap<SessionId, SessionSink>,
     stdin: Option<mpsc::Sender<Bytes>>,
+    waiting: std::collections::VecDeque<(SessionId, Value)>,
 }
 
+/// Client messages a shared server's hub holds while its process is (re)starting.
+const MAX_WAITING: usize = 1024;
+
 /// One server process (or, in shared mode, the succession of its restarts) and its sessions.
+
 pub struct Hub {
     server: String,
+    shared: bool,
     max_line: usize,
     state: Mutex<State>,
 }
@@ -55,8 +61,14 @@ impl Hub {
     pub fn new(server: &str, shared: bool, filter: Option<ToolFilter>, max_line: usize) -> Self {
         Hub {
             server: server.to_string(),
+            shared,
             max_line,
-            state: Mutex::new(State { router: Router::new(shared, filter), sinks: HashMap::new(), stdin: None }),
+            state: Mutex::new(State {
+                router: Router::new(shared, filter),
+                sinks: HashMap::new(),
+                stdin: None,
+                waiting: std::collections::VecDeque::new(),
+            }),
         }
     }
 
@@ -92,6 +104,26 @@ impl Hub {
         st.stdin = Some(stdin);
         let actions = st.router.reinitialize();
         self.run(&mut st, actions);
+        // What clients sent while there was no process goes to this one, in order.
+        let waiting = std::mem::take(&mut st.waiting);
+        for (sid, msg) in waiting {
+            if st.sinks.contains_key(&sid) {
+                let actions = st.router.from_client(&sid, msg);
+                self.run(&mut st, actions);
+            }
+        }
+    }
+
+    /// A shared server could not be started: requests waiting for it fail now.
+    pub fn fail_waiting(&self, reason: &str) {
+        let mut st = self.lock();
+        let waiting = std::mem::take(&mut st.waiting);
+        for (sid, msg) in waiting {
+            if let (Some(id), true) = (msg.get("id"), msg.get("method").is_some()) {
+                let d = Delivery { msg: error_response(id.clone(), -32603, reason), reply_to: Some(router::key(id)), related_to: None };
+                self.deliver(&mut st, sid, d);
+            }
+        }
     }
 
     /// The process is gone: fail everything in flight.
@@ -104,6 +136,12 @@ impl Hub {
 
     pub fn from_client(&self, sid: &SessionId, msg: Value) -> Sent {
         let mut st = self.lock();
+        if st.stdin.is_none() && self.shared && st.waiting.len() < MAX_WAITING {
+            // A shared server between processes (starting, or restarting after a crash):
+            // hold the message for the next one rather than failing it.
+            st.waiting.push_back((sid.clone(), msg));
+            return Sent::Forwarded;
+        }
         if st.stdin.is_none() {
             if let (Some(id), true) = (msg.get("id"), msg.get("method").is_some()) {
                 let d = Delivery {
@@ -191,5 +229,52 @@ impl Hub {
                 st.router.detach(&sid);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session(hub: &Hub, name: &str) -> (SessionId, mpsc::Receiver<Outbound>) {
+        let (tx, rx) = mpsc::channel(16);
+        let sid: SessionId = name.to_string().into();
+        hub.attach(sid.clone(), SessionSink { tx, closed: CancellationToken::new() });
+        (sid, rx)
+    }
+
+    #[test]
+    fn shared_requests_wait_for_the_next_process() {
+        let hub = Hub::new("s", true, None, 1 << 20);
+        let (a, mut out) = session(&hub, "a");
+        let req = serde_json::json!({"jsonrpc":"2.0","id":1,"method":"tools/list"});
+        assert_eq!(hub.from_client(&a, req), Sent::Forwarded);
+        assert!(out.try_recv().is_err(), "no error while the process is starting");
+        let (stdin, mut backend) = mpsc::channel(16);
+        hub.connect_process(stdin);
+        let line = backend.try_recv().expect("the waiting request reaches the new process");
+        let v: Value = serde_json::from_slice(&line).unwrap();
+        assert_eq!(v["method"], "tools/list");
+    }
+
+    #[test]
+    fn waiting_requests_fail_when_the_start_fails() {
+        let hub = Hub::new("s", true, None, 1 << 20);
+        let (a, mut out) = session(&hub, "a");
+        hub.from_client(&a, serde_json::json!({"jsonrpc":"2.0","id":"x","method":"tools/list"}));
+        hub.fail_waiting("MCP server could not be started");
+        let o = out.try_recv().expect("an answer");
+        let v: Value = serde_json::from_slice(&o.body).unwrap();
+        assert_eq!(v["id"], "x");
+        assert_eq!(v["error"]["message"], "MCP server could not be started");
+    }
+
+    #[test]
+    fn session_hubs_without_a_process_answer_at_once() {
+        let hub = Hub::new("s", false, None, 1 << 20);
+        let (a, mut out) = session(&hub, "a");
+        assert_eq!(hub.from_client(&a, serde_json::json!({"jsonrpc":"2.0","id":2,"method":"ping"})), Sent::Answered);
+        let v: Value = serde_json::from_slice(&out.try_recv().unwrap().body).unwrap();
+        assert_eq!(v["error"]["message"], router::SERVER_EXITED);
     }
 }
