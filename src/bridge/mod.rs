@@ -41,7 +41,6 @@ struct State {
 const MAX_WAITING: usize = 1024;
 
 /// One server process (or, in shared mode, the succession of its restarts) and its sessions.
-
 pub struct Hub {
     server: String,
     shared: bool,

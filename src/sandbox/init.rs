@@ -40,7 +40,7 @@ use std::path::PathBuf;
 use nix::errno::Errno;
 use nix::sched::{unshare, CloneFlags};
 use nix::sys::prctl;
-use nix::sys::signal::{kill, SigSet, SigmaskHow, Signal};
+use nix::sys::signal::{kill, SigSet, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{getgid, getppid, getuid, setgroups, setresgid, setresuid, Gid, Pid, Uid};
 use serde::{Deserialize, Serialize};

@@ -10,7 +10,6 @@ use nix::sys::resource::{setrlimit, Resource};
 
 use crate::policy::Limits;
 
-const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 
 #[derive(Debug, thiserror::Error)]
 #[error("cgroup {path}: {source}")]

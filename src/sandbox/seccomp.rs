@@ -301,7 +301,8 @@ fn jump(code: u16, k: u32, jt: u8, jf: u8) -> sock_filter {
     sock_filter { code, jt, jf, k }
 }
 
-const BPF_LD_W_ABS: u16 = 0x00 | 0x00 | 0x20;
+/// BPF_LD | BPF_W | BPF_ABS (class 0x00, size 0x00, mode 0x20).
+const BPF_LD_W_ABS: u16 = 0x20;
 const BPF_JEQ_K: u16 = 0x05 | 0x10;
 const BPF_JGE_K: u16 = 0x05 | 0x30;
 const BPF_RET_K: u16 = 0x06;
@@ -478,7 +479,7 @@ mod tests {
         assert_eq!(eval(libc::SYS_ioctl, [0, TIOCSTI, 0, 0, 0, 0]), EPERM_RET);
         assert_eq!(eval(libc::SYS_ioctl, [0, TIOCLINUX, 0, 0, 0, 0]), EPERM_RET);
         assert_eq!(eval(libc::SYS_ioctl, [0, TIOCSTI | (1 << 32), 0, 0, 0, 0]), EPERM_RET);
-        assert_eq!(eval(libc::SYS_ioctl, [0, libc::TCGETS as u64, 0, 0, 0, 0]), ALLOW_RET);
+        assert_eq!(eval(libc::SYS_ioctl, [0, libc::TCGETS, 0, 0, 0, 0]), ALLOW_RET);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 
 pub const MOUNT_ATTR_RDONLY: u64 = 0x1;
 pub const MOUNT_ATTR_NOSUID: u64 = 0x2;
@@ -45,13 +45,6 @@ pub fn close_from(first: u32) -> io::Result<()> {
     // SAFETY: close_range only closes descriptors; callers make sure none of the closed ones is
     // owned by a live Rust object that would be used afterwards.
     let r = unsafe { libc::syscall(libc::SYS_close_range, first, u32::MAX, 0u32) };
-    if r < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
-}
-
-/// Clear FD_CLOEXEC on `fd` (async-signal-safe; used in `pre_exec`).
-pub fn clear_cloexec(fd: RawFd) -> io::Result<()> {
-    // SAFETY: F_SETFD on an integer descriptor has no memory effects.
-    let r = unsafe { libc::fcntl(fd, libc::F_SETFD, 0) };
     if r < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
 }
 
@@ -149,10 +142,6 @@ pub fn exit_now(code: i32) -> ! {
     unsafe { libc::_exit(code) }
 }
 
-/// Is `fd` a valid open descriptor?
-pub fn fd_is_open(fd: BorrowedFd<'_>) -> bool {
-    nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFD).is_ok()
-}
 
 /// The Landlock ABI version of the running kernel (0: Landlock unavailable or disabled).
 pub fn landlock_abi() -> u8 {
