@@ -159,6 +159,9 @@ pub struct ServerConfig {
     pub auth_tokens: Option<Vec<String>>,
     pub tool_filter: Option<ToolFilter>,
     pub policy: PolicyRef,
+    /// False when the config named no policy (`policy` is then `default`; npx/uvx servers get
+    /// the runtime base on top, with a warning).
+    pub policy_given: bool,
     pub isolation: Isolation,
     pub max_sessions: Option<usize>,
     pub idle_timeout: Duration,
@@ -524,6 +527,7 @@ fn build(raw: RawFile, base_dir: &Path) -> Result<Config, ConfigError> {
                 ServerKind::Url { url, headers: rs.headers, transport_type: rs.transport_type }
             }
         };
+        let policy_given = !matches!(rs.policy, None | Some(Value::Null));
         let policy = match rs.policy {
             None | Some(Value::Null) => PolicyRef::Named("default".into()),
             Some(Value::String(s)) if s.contains('/') || s.ends_with(".toml") => {
@@ -565,6 +569,7 @@ fn build(raw: RawFile, base_dir: &Path) -> Result<Config, ConfigError> {
             auth_tokens: tokens(opts.auth_tokens, &format!("{f}.options.authTokens"))?,
             tool_filter,
             policy,
+            policy_given,
             isolation,
             max_sessions: rs.max_sessions,
             idle_timeout,
