@@ -69,6 +69,13 @@ pub struct Package {
     pub args: Vec<String>,
 }
 
+impl Package {
+    /// Same packages and command: the server's own arguments do not matter to prepare.
+    pub fn same_install(&self, other: &Package) -> bool {
+        self.manager == other.manager && self.install == other.install && self.bin == other.bin
+    }
+}
+
 /// `Some` when `command` is npx or uvx (by name or path).
 pub fn parse(command: &str, args: &[String]) -> Option<anyhow::Result<Package>> {
     let base = command.rsplit('/').next().unwrap_or(command);
@@ -190,7 +197,7 @@ fn venv(cache: &Path) -> PathBuf {
 pub fn load_prepared(cache: &Path, pkg: &Package) -> Option<Prepared> {
     let text = read_inside(cache, Path::new(RECORD)).ok()?;
     let p: Prepared = serde_json::from_str(&text).ok()?;
-    (p.request == *pkg && check_record(cache, &p).is_ok()).then_some(p)
+    (p.request.same_install(pkg) && check_record(cache, &p).is_ok()).then_some(p)
 }
 
 /// The cache is written by the package manager and install scripts, which we do not trust: a
