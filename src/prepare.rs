@@ -719,6 +719,60 @@ mod tests {
     }
 
     #[test]
+    fn shipped_server_policies_say_what_the_servers_need() {
+        use crate::policy::{load, LoadContext, Network};
+        let d = tempfile::tempdir().unwrap();
+        let (data, cache) = (d.path().join("data"), d.path().join("cache"));
+        std::fs::create_dir_all(&data).unwrap();
+        std::fs::create_dir_all(&cache).unwrap();
+        let mut ctx = LoadContext::default();
+        ctx.vars.insert("DATA".into(), data.to_string_lossy().into_owned());
+        ctx.vars.insert("CACHE".into(), cache.to_string_lossy().into_owned());
+        let mem = load("server-memory", &ctx).unwrap();
+        assert!(mem.env.set["MEMORY_FILE_PATH"].starts_with(&*data.to_string_lossy()));
+        assert!(mem.filesystem.write.iter().any(|r| r.path == data));
+        assert_eq!(load("mcp-server-fetch", &ctx).unwrap().network, Network::Proxy { allow: vec![] });
+        let git = load("mcp-server-git", &ctx).unwrap();
+        assert_eq!(git.env.set["GIT_CONFIG_KEY_0"], "safe.directory");
+        assert!(git.filesystem.exec.iter().any(|r| r.path == Path::new("/usr/bin/git")));
+        assert_eq!(load("mcp-server-time", &ctx).unwrap().env.set["TZ"], "UTC");
+        for p in ["server-everything", "server-sequential-thinking", "mcp-server-time", "mcp-server-git"] {
+            assert_eq!(load(p, &ctx).unwrap().network, Network::None, "{p}");
+        }
+        for p in ["prepare-npm", "prepare-uv"] {
+            let pol = load(p, &ctx).unwrap();
+            assert_eq!(pol.filesystem.write.iter().map(|r| r.path.clone()).collect::<Vec<_>>(), vec![cache.clone()], "{p}");
+            assert!(matches!(pol.network, Network::Host { .. }), "{p}");
+        }
+    }
+
+    #[test]
+    fn run_phase_execs_the_recorded_entry_with_the_runtime_base_when_no_policy() {
+        let Ok(node) = find_node() else { return };
+        let d = tempfile::tempdir().unwrap();
+        let state = StateDir::new(d.path().to_path_buf());
+        let cache = d.path().join("srv/cache");
+        let pkg_dir = cache.join("npm/node_modules/x");
+        std::fs::create_dir_all(&pkg_dir).unwrap();
+        std::fs::write(pkg_dir.join("bin.js"), "").unwrap();
+        let pkg = parse("npx", &v(&["-y", "x@1", "--flag"])).unwrap().unwrap();
+        let launch = ServerLaunch { name: "srv".into(), command: "npx".into(), args: v(&["-y", "x@1", "--flag"]), env: BTreeMap::new(), policy: PolicyRef::Named("default".into()) };
+        assert!(for_run(&state, &launch, false).unwrap().is_err(), "not prepared yet");
+        let rec = Prepared { request: pkg, package: "x".into(), version: "1".into(), interpreter: node.clone(), entry: pkg_dir.join("bin.js"), prepared_at: 0 };
+        std::fs::write(cache.join(RECORD), serde_json::to_string(&rec).unwrap()).unwrap();
+        let (l, extra) = for_run(&state, &launch, false).unwrap().unwrap();
+        assert_eq!(l.command, node.to_string_lossy());
+        assert_eq!(l.args, v(&[&pkg_dir.join("bin.js").to_string_lossy(), "--flag"]));
+        assert!(matches!(&l.policy, PolicyRef::Named(n) if n == "node"));
+        assert!(extra.grants.iter().any(|(p, a)| *p == cache.join("npm") && *a == Access::Exec));
+        assert!(extra.notes.iter().any(|n| n.contains("no policy")));
+        // A record pointing outside the installed tree is not trusted.
+        let bad = Prepared { entry: PathBuf::from("/etc/passwd"), ..rec };
+        std::fs::write(cache.join(RECORD), serde_json::to_string(&bad).unwrap()).unwrap();
+        assert!(for_run(&state, &launch, true).unwrap().is_err());
+    }
+
+    #[test]
     fn uvx_lines() {
         let p = parse("uvx", &v(&["mcp-server-fetch", "--ignore-robots-txt"])).unwrap().unwrap();
         assert_eq!((p.install.clone(), p.bin.clone(), p.args.clone()), (v(&["mcp-server-fetch"]), Some("mcp-server-fetch".into()), v(&["--ignore-robots-txt"])));

@@ -289,3 +289,25 @@ fn a_failed_prepare_is_that_servers_alone() {
     let log = srv.stop();
     assert!(log.contains("broken") && log.contains("prepare failed"), "{log}");
 }
+
+/// The README's example config is valid as shipped.
+#[test]
+fn example_config_checks() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new(mcpbox())
+        .args(["serve", "--check", "--config"])
+        .arg(root.join("examples/mcpbox.json"))
+        .env("MCPBOX_TOKEN", "change-me")
+        .env("MCPBOX_DEMO_DIR", root.join("examples/demo"))
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{text}");
+    for name in ["everything", "memory", "sequential-thinking", "filesystem", "time", "fetch"] {
+        assert!(text.contains(&format!("/{name}/")), "{name} missing: {text}");
+    }
+    for p in ["server-everything", "server-memory", "server-sequential-thinking", "server-filesystem", "mcp-server-time", "mcp-server-fetch", "mcp-server-git"] {
+        let out = Command::new(mcpbox()).args(["policy", "check", p]).output().unwrap();
+        assert!(out.status.success(), "policy check {p}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}

@@ -22,6 +22,17 @@ pub fn mcpbox() -> &'static str {
 /// by the per-server uids.
 pub fn scratch(name: &str) -> PathBuf {
     let base = Path::new(env!("CARGO_TARGET_TMPDIR")).join("realservers");
+    // Scratch dirs of earlier runs (their test process is gone) are removed once.
+    static CLEAN: OnceLock<()> = OnceLock::new();
+    CLEAN.get_or_init(|| {
+        for e in std::fs::read_dir(&base).into_iter().flatten().flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            let pid = n.rsplit('-').next().and_then(|p| p.parse::<u32>().ok());
+            if pid.is_some_and(|p| p != std::process::id() && !Path::new(&format!("/proc/{p}")).exists()) {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    });
     let d = base.join(format!("{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
