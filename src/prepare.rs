@@ -695,6 +695,77 @@ fn run_launch(state: &StateDir, launch: &ServerLaunch, pkg: Package, policy_give
     Ok((l, extra))
 }
 
+/// Prepare every enabled npx/uvx server of `cfg`, one after another (they compete for the same
+/// network and disk). Returns the servers whose prepare failed, with the reason.
+pub async fn prepare_config(state: &StateDir, cfg: &crate::config::Config, force: bool) -> BTreeMap<String, String> {
+    let mut failed = BTreeMap::new();
+    for (name, server) in &cfg.servers {
+        let crate::config::ServerKind::Stdio { command, args, .. } = &server.kind else { continue };
+        if server.disabled {
+            continue;
+        }
+        let pkg = match parse(command, args) {
+            None => continue,
+            Some(Ok(p)) => p,
+            Some(Err(e)) => {
+                tracing::error!(server = %name, "cannot prepare: {e:#}");
+                failed.insert(name.clone(), format!("{e:#}"));
+                continue;
+            }
+        };
+        let (st, n) = (state.clone(), name.clone());
+        let r = tokio::task::spawn_blocking(move || prepare_blocking(&st, &n, &pkg, force)).await;
+        match r {
+            Ok(Ok(Outcome::Ready(p))) => {
+                tracing::info!(server = %name, "already prepared: {}@{}", p.package, p.version);
+            }
+            Ok(Ok(Outcome::Installed(..))) => {}
+            Ok(Err(e)) => {
+                tracing::error!(server = %name, "prepare failed: {e:#}");
+                failed.insert(name.clone(), format!("{e:#}"));
+            }
+            Err(e) => {
+                failed.insert(name.clone(), format!("prepare task: {e}"));
+            }
+        }
+    }
+    failed
+}
+
+/// `mcpbox prepare --config FILE`: 0 when every npx/uvx server is prepared, 1 otherwise.
+pub fn cli(config: &Path, state_dir: Option<PathBuf>, force: bool, min_level: crate::policy::Level) -> std::process::ExitCode {
+    let cfg = match crate::config::load(config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("mcpbox: {}: {e}", config.display());
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let root = state_dir.or_else(|| cfg.state_dir.clone()).unwrap_or_else(crate::serve::default_state_dir);
+    let mut state = StateDir::new(root);
+    if let Some(b) = cfg.uid_base {
+        state.uid_base = b;
+    }
+    state.min_level = min_level;
+    if let Some(dir) = config.parent() {
+        state.policy_dirs.push(dir.join("policies"));
+    }
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("mcpbox: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let failed = rt.block_on(prepare_config(&state, &cfg, force));
+    if failed.is_empty() {
+        std::process::ExitCode::SUCCESS
+    } else {
+        eprintln!("mcpbox: prepare failed for {}", failed.keys().cloned().collect::<Vec<_>>().join(", "));
+        std::process::ExitCode::FAILURE
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -783,76 +854,5 @@ mod tests {
         assert_eq!(p.install, v(&["git-tools==1", "x"]));
         assert!(parse("uvx", &v(&["--python", "3.12", "x"])).unwrap().is_err());
         assert!(parse("uvx", &v(&["../x"])).unwrap().is_err());
-    }
-}
-
-/// Prepare every enabled npx/uvx server of `cfg`, one after another (they compete for the same
-/// network and disk). Returns the servers whose prepare failed, with the reason.
-pub async fn prepare_config(state: &StateDir, cfg: &crate::config::Config, force: bool) -> BTreeMap<String, String> {
-    let mut failed = BTreeMap::new();
-    for (name, server) in &cfg.servers {
-        let crate::config::ServerKind::Stdio { command, args, .. } = &server.kind else { continue };
-        if server.disabled {
-            continue;
-        }
-        let pkg = match parse(command, args) {
-            None => continue,
-            Some(Ok(p)) => p,
-            Some(Err(e)) => {
-                tracing::error!(server = %name, "cannot prepare: {e:#}");
-                failed.insert(name.clone(), format!("{e:#}"));
-                continue;
-            }
-        };
-        let (st, n) = (state.clone(), name.clone());
-        let r = tokio::task::spawn_blocking(move || prepare_blocking(&st, &n, &pkg, force)).await;
-        match r {
-            Ok(Ok(Outcome::Ready(p))) => {
-                tracing::info!(server = %name, "already prepared: {}@{}", p.package, p.version);
-            }
-            Ok(Ok(Outcome::Installed(..))) => {}
-            Ok(Err(e)) => {
-                tracing::error!(server = %name, "prepare failed: {e:#}");
-                failed.insert(name.clone(), format!("{e:#}"));
-            }
-            Err(e) => {
-                failed.insert(name.clone(), format!("prepare task: {e}"));
-            }
-        }
-    }
-    failed
-}
-
-/// `mcpbox prepare --config FILE`: 0 when every npx/uvx server is prepared, 1 otherwise.
-pub fn cli(config: &Path, state_dir: Option<PathBuf>, force: bool, min_level: crate::policy::Level) -> std::process::ExitCode {
-    let cfg = match crate::config::load(config) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("mcpbox: {}: {e}", config.display());
-            return std::process::ExitCode::from(2);
-        }
-    };
-    let root = state_dir.or_else(|| cfg.state_dir.clone()).unwrap_or_else(crate::serve::default_state_dir);
-    let mut state = StateDir::new(root);
-    if let Some(b) = cfg.uid_base {
-        state.uid_base = b;
-    }
-    state.min_level = min_level;
-    if let Some(dir) = config.parent() {
-        state.policy_dirs.push(dir.join("policies"));
-    }
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("mcpbox: cannot start the runtime: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
-    };
-    let failed = rt.block_on(prepare_config(&state, &cfg, force));
-    if failed.is_empty() {
-        std::process::ExitCode::SUCCESS
-    } else {
-        eprintln!("mcpbox: prepare failed for {}", failed.keys().cloned().collect::<Vec<_>>().join(", "));
-        std::process::ExitCode::FAILURE
     }
 }
