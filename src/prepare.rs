@@ -335,6 +335,8 @@ fn npm_settings(npm_cli: &Path, node: &Path, extra: &mut Extra) {
     let out = std::process::Command::new(node)
         .arg(npm_cli)
         .args(["config", "get", "registry", "cafile"])
+        // Not mcpbox's working directory: a project .npmrc there is not the host's configuration.
+        .current_dir("/")
         .stdin(Stdio::null())
         .stderr(Stdio::null())
         .output();
@@ -404,6 +406,12 @@ impl Outcome {
 pub fn prepare_blocking(state: &StateDir, name: &str, pkg: &Package, force: bool) -> anyhow::Result<Outcome> {
     launch::check_name(name)?;
     let dirs = ServerDirs::create(state, name)?;
+    // One prepare per server at a time (serve and `mcpbox prepare` may overlap). The lock lives
+    // beside the cache, where the sandbox cannot reach it.
+    let lock_path = state.root.join(name).join("prepare.lock");
+    let lock_file = std::fs::OpenOptions::new().write(true).create(true).truncate(false).open(&lock_path).with_context(|| format!("opening {}", lock_path.display()))?;
+    let _lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| anyhow::anyhow!("locking {}: {e}", lock_path.display()))?;
     if !force {
         if let Some(p) = load_prepared(&dirs.cache, pkg) {
             return Ok(Outcome::Ready(p));
@@ -426,7 +434,13 @@ pub fn prepare_blocking(state: &StateDir, name: &str, pkg: &Package, force: bool
     let text = serde_json::to_string_pretty(&p)?;
     let tmp = dirs.cache.join(".prepared.json.new");
     let _ = std::fs::remove_file(&tmp);
-    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+    // create_new: never through a link someone left there.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, text.as_bytes()))
+        .with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, dirs.cache.join(RECORD))?;
     let took = started.elapsed();
     tracing::info!(server = %name, "prepared {}@{} in {:.1} s (entry {})", p.package, p.version, took.as_secs_f64(), p.entry.display());
@@ -677,8 +691,15 @@ fn run_launch(state: &StateDir, launch: &ServerLaunch, pkg: Package, policy_give
         Manager::Npm => npm_prefix(&cache),
         Manager::Uv => venv(&cache),
     };
+    // The tree was written by the package manager and install scripts: a symlink there must not
+    // turn into a grant of something outside the cache.
+    let cache_real = launch::resolve(&cache)?.0;
+    let tree_real = launch::resolve(&tree)?.0;
+    if !tree_real.starts_with(&cache_real) || tree_real == cache_real {
+        bail!("{} leads outside the cache of server {}; prepare again (--force)", tree.display(), launch.name);
+    }
     // The installed tree: read and exec (console scripts, native addons), never write.
-    extra.grants.push((tree, Access::Exec));
+    extra.grants.push((tree_real, Access::Exec));
     // Should anything still call a package manager, it is told to stay offline.
     extra.env.insert("npm_config_offline".into(), "true".into());
     extra.env.insert("UV_OFFLINE".into(), "1".into());
@@ -840,6 +861,12 @@ mod tests {
         // A record pointing outside the installed tree is not trusted.
         let bad = Prepared { entry: PathBuf::from("/etc/passwd"), ..rec };
         std::fs::write(cache.join(RECORD), serde_json::to_string(&bad).unwrap()).unwrap();
+        assert!(for_run(&state, &launch, true).unwrap().is_err());
+        // An install tree replaced by a link to somewhere else is not granted.
+        let elsewhere = d.path().join("elsewhere");
+        std::fs::rename(cache.join("npm"), &elsewhere).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, cache.join("npm")).unwrap();
+        std::fs::write(cache.join(RECORD), serde_json::to_string(&Prepared { entry: pkg_dir.join("bin.js"), ..bad }).unwrap()).unwrap();
         assert!(for_run(&state, &launch, true).unwrap().is_err());
     }
 
