@@ -39,7 +39,27 @@ pub fn run(args: RunArgs) -> ExitCode {
     if swept > 0 {
         tracing::info!("removed {swept} cgroup(s) left by earlier sandboxes");
     }
-    let planned = match plan(&state, &launch) {
+    // npx/uvx: prepare into the cache if needed (its own sandbox), then run the entry point.
+    let prepared = match crate::prepare::parse(&launch.command, &launch.args) {
+        None => None,
+        Some(pkg) => {
+            let r = pkg.and_then(|pkg| crate::prepare::prepare_blocking(&state, &name, &pkg, false)).and_then(|_| {
+                crate::prepare::for_run(&state, &launch, true).expect("an npx/uvx command")
+            });
+            match r {
+                Ok(x) => Some(x),
+                Err(e) => {
+                    eprintln!("mcpbox: {name}: prepare: {e:#}");
+                    return ExitCode::from(EXIT_SETUP);
+                }
+            }
+        }
+    };
+    let planned = match &prepared {
+        Some((l, extra)) => crate::launch::plan_with(&state, l, extra),
+        None => plan(&state, &launch),
+    };
+    let planned = match planned {
         Ok(p) => p,
         Err(e) => {
             eprintln!("mcpbox: {e:#}");

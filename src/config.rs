@@ -159,6 +159,9 @@ pub struct ServerConfig {
     pub auth_tokens: Option<Vec<String>>,
     pub tool_filter: Option<ToolFilter>,
     pub policy: PolicyRef,
+    /// False when the config named no policy (`policy` is then `default`; npx/uvx servers get
+    /// the runtime base on top, with a warning).
+    pub policy_given: bool,
     pub isolation: Isolation,
     pub max_sessions: Option<usize>,
     pub idle_timeout: Duration,
@@ -324,8 +327,9 @@ pub fn parse(
     build(raw, base_dir)
 }
 
-/// Expand `${VAR}` in every string value, except inside inline policies (whose `${DATA}` etc.
-/// belong to the policy loader).
+/// Expand `${VAR}` in every string value. Inside inline policies `${DATA}` and `${CACHE}` are
+/// left alone (they belong to the policy loader); other names expand from the environment, so
+/// that a policy can grant the same directory a server's arguments name.
 fn expand_tree(
     v: &mut Value,
     path: &mut String,
@@ -354,7 +358,13 @@ fn expand_tree(
                 path.push_str(k);
                 let is_policy = path.starts_with("mcpServers.") && path.ends_with(".policy")
                     && path.matches('.').count() == 2;
-                if !is_policy {
+                if is_policy {
+                    let keep = |n: &str| match n {
+                        "DATA" | "CACHE" => Some(format!("${{{n}}}")),
+                        _ => getenv(n),
+                    };
+                    expand_tree(item, path, &keep)?;
+                } else {
                     expand_tree(item, path, getenv)?;
                 }
                 path.truncate(len);
@@ -524,6 +534,7 @@ fn build(raw: RawFile, base_dir: &Path) -> Result<Config, ConfigError> {
                 ServerKind::Url { url, headers: rs.headers, transport_type: rs.transport_type }
             }
         };
+        let policy_given = !matches!(rs.policy, None | Some(Value::Null));
         let policy = match rs.policy {
             None | Some(Value::Null) => PolicyRef::Named("default".into()),
             Some(Value::String(s)) if s.contains('/') || s.ends_with(".toml") => {
@@ -565,6 +576,7 @@ fn build(raw: RawFile, base_dir: &Path) -> Result<Config, ConfigError> {
             auth_tokens: tokens(opts.auth_tokens, &format!("{f}.options.authTokens"))?,
             tool_filter,
             policy,
+            policy_given,
             isolation,
             max_sessions: rs.max_sessions,
             idle_timeout,
@@ -646,6 +658,22 @@ mod tests {
         let e = p(r#"{"mcpServers":{"fetch":{"command":"x","env":{"API_KEY":"${NOPE}"}}}}"#).unwrap_err();
         let s = e.to_string();
         assert!(s.contains("mcpServers.fetch.env.API_KEY") && s.contains("NOPE"), "{s}");
+    }
+
+    #[test]
+    fn inline_policy_expands_env_but_not_data_or_cache() {
+        let c = parse(
+            r#"{"mcpServers":{"a":{"command":"x","args":["${DEMO}"],"policy":{"filesystem":{"write":["${DEMO}","${DATA}/x"],"read":["${CACHE}"]}}}}}"#,
+            Path::new("t.json"),
+            Path::new("/cfg"),
+            &env(&[("DEMO", "/srv/demo")]),
+        )
+        .unwrap();
+        let PolicyRef::Inline { value, .. } = &c.servers["a"].policy else { panic!() };
+        let fs = value["filesystem"].as_table().unwrap();
+        assert_eq!(fs["write"].as_array().unwrap()[0].as_str(), Some("/srv/demo"));
+        assert_eq!(fs["write"].as_array().unwrap()[1].as_str(), Some("${DATA}/x"));
+        assert_eq!(fs["read"].as_array().unwrap()[0].as_str(), Some("${CACHE}"));
     }
 
     #[test]

@@ -90,7 +90,22 @@ pub fn check_name(name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What mcpbox itself adds to a server's policy when it plans a sandbox: grants and environment
+/// that no policy file can know (the prepared package in the cache, the package manager's
+/// binary, the registry its configuration names). Applied on top of the policy.
+#[derive(Debug, Clone, Default)]
+pub struct Extra {
+    pub grants: Vec<(PathBuf, Access)>,
+    pub env: BTreeMap<String, String>,
+    pub notes: Vec<String>,
+}
+
 pub fn plan(state: &StateDir, launch: &ServerLaunch) -> anyhow::Result<Planned> {
+    plan_with(state, launch, &Extra::default())
+}
+
+/// [`plan`] with what mcpbox adds on top of the policy (see [`Extra`]).
+pub fn plan_with(state: &StateDir, launch: &ServerLaunch, extra: &Extra) -> anyhow::Result<Planned> {
     check_name(&launch.name)?;
     let root = nix::unistd::geteuid().is_root();
     let dirs = ServerDirs::create(state, &launch.name)?;
@@ -110,6 +125,7 @@ pub fn plan(state: &StateDir, launch: &ServerLaunch) -> anyhow::Result<Planned> 
         PolicyRef::Inline { value, base_dir } => policy::load_inline_with_notes(value.clone(), base_dir, &ctx),
     }
     .map_err(|e| anyhow::anyhow!("{e}"))?;
+    notes.extend(extra.notes.iter().cloned());
 
     // Grants: symlinks resolved (links recreated inside), strongest access per path, and
     // nothing that a broader grant already covers with at least the same rights.
@@ -127,6 +143,13 @@ pub fn plan(state: &StateDir, launch: &ServerLaunch) -> anyhow::Result<Planned> 
             e.0 = e.0.max(access);
             links.append(&mut l);
         }
+    }
+    for (path, access) in &extra.grants {
+        let (real, mut l) = resolve(path).with_context(|| format!("granting {}", path.display()))?;
+        let dir = fs::metadata(&real).map(|m| m.is_dir()).unwrap_or(false);
+        let e = want.entry(real).or_insert((*access, dir));
+        e.0 = e.0.max(*access);
+        links.append(&mut l);
     }
     let mut grants: Vec<Grant> = Vec::new();
     for (path, (access, dir)) in &want {
@@ -151,6 +174,9 @@ pub fn plan(state: &StateDir, launch: &ServerLaunch) -> anyhow::Result<Planned> 
             }
             None => notes.push(format!("env {name} is passed by the policy but not set; the server will not see it")),
         }
+    }
+    for (k, v) in &extra.env {
+        env.insert(k.clone(), v.clone());
     }
     if matches!(policy.network, Network::Proxy { .. }) {
         let url = format!("http://127.0.0.1:{}", crate::sandbox::PROXY_PORT);

@@ -6,6 +6,7 @@ pub mod cli_run;
 pub mod launch;
 pub mod netproxy;
 pub mod policy;
+pub mod prepare;
 pub mod sandbox;
 pub mod bridge;
 pub mod config;

@@ -60,6 +60,22 @@ enum Cmd {
     },
     /// Serve the servers of a config file over SSE and Streamable HTTP.
     Serve(mcpbox::serve::ServeArgs),
+    /// Install the packages of the config's npx/uvx servers ahead of time, each in its own
+    /// prepare sandbox (network allowed, writes only to that server's cache dir).
+    Prepare {
+        /// mcpbox.json.
+        #[arg(long)]
+        config: PathBuf,
+        /// Where per-server data/ and cache/ live (as for `serve`).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// Prepare again even when the cache already holds this package.
+        #[arg(long)]
+        force: bool,
+        /// Lowest confinement level accepted (as for `serve`).
+        #[arg(long, value_enum, default_value = "full")]
+        min_level: LevelArg,
+    },
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -113,6 +129,10 @@ fn main() -> ExitCode {
         }
         // The tokio runtime is built inside: sandbox-init above must run before any thread.
         Cmd::Serve(args) => mcpbox::serve::main(args),
+        Cmd::Prepare { config, state_dir, force, min_level } => {
+            init_logging("info", false);
+            mcpbox::prepare::cli(&config, state_dir, force, min_level.into())
+        }
         Cmd::Doctor { state_dir } => mcpbox::cli_doctor::doctor(state_dir),
         Cmd::Run { policy, state_dir, name, min_level, command } => {
             init_logging("warn", false);

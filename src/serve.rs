@@ -40,7 +40,7 @@ fn load(args: &ServeArgs) -> Result<Config, config::ConfigError> {
     Ok(c)
 }
 
-fn default_state_dir() -> PathBuf {
+pub fn default_state_dir() -> PathBuf {
     if nix::unistd::geteuid().is_root() {
         return PathBuf::from("/var/lib/mcpbox");
     }
@@ -122,10 +122,14 @@ async fn run(args: ServeArgs, cfg: Config) -> anyhow::Result<()> {
     if let Some(dir) = args.config.parent() {
         state.policy_dirs.push(dir.join("policies"));
     }
+    // npx/uvx servers: install what is missing before serving (each in its prepare sandbox);
+    // a failure is that server's alone and shows in /readyz.
+    let prepare_failed = crate::prepare::prepare_config(&state, &cfg, false).await;
     let launcher = SandboxLauncher {
         state,
         spawner: crate::sandbox::Spawner::new(),
         min_level,
+        prepare_failed,
     };
     let cfg = Arc::new(cfg);
     let grace = Duration::from_secs(args.grace);

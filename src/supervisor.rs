@@ -56,6 +56,8 @@ pub struct SandboxLauncher {
     pub spawner: crate::sandbox::Spawner,
     /// `--min-level`: the lowest level any server may get, whatever its policy asks.
     pub min_level: crate::policy::Level,
+    /// npx/uvx servers whose prepare failed at start, with the reason: they cannot start.
+    pub prepare_failed: BTreeMap<String, String>,
 }
 
 impl SandboxLauncher {
@@ -73,7 +75,18 @@ impl SandboxLauncher {
     }
 
     fn plan(&self, server: &ServerConfig) -> anyhow::Result<crate::launch::Planned> {
-        let mut planned = crate::launch::plan(&self.state, &Self::server_launch(server)?)?;
+        if let Some(e) = self.prepare_failed.get(&server.name) {
+            anyhow::bail!("prepare failed: {e}");
+        }
+        let launch = Self::server_launch(server)?;
+        // npx/uvx: run the prepared entry point directly (no package manager in the sandbox).
+        let mut planned = match crate::prepare::for_run(&self.state, &launch, server.policy_given) {
+            Some(r) => {
+                let (launch, extra) = r?;
+                crate::launch::plan_with(&self.state, &launch, &extra)?
+            }
+            None => crate::launch::plan(&self.state, &launch)?,
+        };
         // A policy may ask for less than `full`; `--min-level container` permits `container`
         // for policies that did not write it down. Never below what the process allows.
         if self.min_level == crate::policy::Level::Container {

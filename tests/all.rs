@@ -1,2 +1,3 @@
 mod serve;
 mod serve_support;
+mod realservers;

@@ -15,6 +15,15 @@ pub const SHIPPED: &[(&str, &str)] = &[
     ("default", include_str!("../../policies/default.toml")),
     ("node", include_str!("../../policies/node.toml")),
     ("python", include_str!("../../policies/python.toml")),
+    ("prepare-npm", include_str!("../../policies/prepare-npm.toml")),
+    ("prepare-uv", include_str!("../../policies/prepare-uv.toml")),
+    ("server-everything", include_str!("../../policies/server-everything.toml")),
+    ("server-filesystem", include_str!("../../policies/server-filesystem.toml")),
+    ("server-memory", include_str!("../../policies/server-memory.toml")),
+    ("server-sequential-thinking", include_str!("../../policies/server-sequential-thinking.toml")),
+    ("mcp-server-fetch", include_str!("../../policies/mcp-server-fetch.toml")),
+    ("mcp-server-git", include_str!("../../policies/mcp-server-git.toml")),
+    ("mcp-server-time", include_str!("../../policies/mcp-server-time.toml")),
 ];
 
 /// Defaults applied after merging, for whatever no policy in the chain set. The one place they

@@ -247,7 +247,7 @@ fn user_policy_dir_wins_and_may_extend_the_shipped_one() {
         "{e}"
     );
     assert!(
-        e.contains("shipped policies (default, node, python)"),
+        e.contains("shipped policies (default, node, python, "),
         "{e}"
     );
 }
@@ -457,8 +457,20 @@ fn seccomp_names_and_sandbox_fields() {
 fn every_shipped_policy_loads_here() {
     let d = tempfile::tempdir().unwrap();
     let c = ctx(d.path());
-    assert_eq!(shipped_names(), vec!["default", "node", "python"]);
+    assert_eq!(shipped_names()[..3], ["default", "node", "python"]);
+    // Every shipped policy loads, keeps only optional paths as notes, and renders back.
     for name in shipped_names() {
+        let (pol, notes) = load_with_notes(name, &c).unwrap_or_else(|e| panic!("{name}: {e}"));
+        for n in &notes {
+            assert!(n.starts_with("optional path "), "{name}: {n}");
+        }
+        let again = write(d.path(), &format!("{name}-all-rendered.toml"), &render(&pol));
+        let mut back = load(again.to_str().unwrap(), &c).unwrap();
+        back.source = pol.source.clone();
+        assert_eq!(back, pol, "{name}");
+    }
+    // The bases: no network, nothing writable, the loader and libraries executable.
+    for name in ["default", "node", "python"] {
         let (pol, notes) = load_with_notes(name, &c).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(pol.source, format!("shipped:{name}.toml"));
         assert_eq!(pol.network, Network::None, "{name}");
