@@ -87,7 +87,8 @@ fn filesystem_reads_and_writes_inside_its_root_and_not_a_secret_outside() {
     let dir = scratch("filesystem");
     let root = dir.join("root");
     let outside = dir.join("outside");
-    for d in [&root, &outside] {
+    let reference = dir.join("reference");
+    for d in [&root, &outside, &reference] {
         std::fs::create_dir(d).unwrap();
         // World-writable/readable on purpose: only the sandbox stands between the server and them.
         std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o777)).unwrap();
@@ -96,9 +97,13 @@ fn filesystem_reads_and_writes_inside_its_root_and_not_a_secret_outside() {
     let secret = outside.join("secret.txt");
     std::fs::write(&secret, "TOP-SECRET-CANARY\n").unwrap();
     std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::write(reference.join("doc.txt"), "reference text\n").unwrap();
     let r = root.to_string_lossy().into_owned();
+    let rf = reference.to_string_lossy().into_owned();
+    // Both directories are the server's own roots (it will try to write in either), but the
+    // policy grants `reference` read-only: only the sandbox can refuse that write.
     let cfg = config(json!({
-        "filesystem": server("filesystem", &[&r], json!({ "extends": "server-filesystem", "filesystem": { "write": [r] } })),
+        "filesystem": server("filesystem", &[&r, &rf], json!({ "extends": "server-filesystem", "filesystem": { "write": [r], "read": [rf] } })),
     }));
     let srv = Serve::start(&dir, &state, cfg);
     let mut c = srv.client("filesystem");
@@ -109,6 +114,14 @@ fn filesystem_reads_and_writes_inside_its_root_and_not_a_secret_outside() {
     let (text, err) = c.tool("write_file", json!({ "path": root.join("new.txt"), "content": "written by the server" }));
     assert!(!err, "write_file: {text}");
     assert_eq!(std::fs::read_to_string(root.join("new.txt")).unwrap(), "written by the server");
+
+    // A root the server accepts but the policy made read-only: reading works, writing is refused
+    // by the sandbox (a read-only mount: EROFS), and nothing appears on the host.
+    let (text, err) = c.tool(read, json!({ "path": reference.join("doc.txt") }));
+    assert!(!err && text.contains("reference text"), "{read} in the read-only root: {text}");
+    let (text, err) = c.tool("write_file", json!({ "path": reference.join("new.txt"), "content": "x" }));
+    assert!(err && (text.contains("EROFS") || text.contains("read-only")), "write into the read-only root: {text}");
+    assert!(!reference.join("new.txt").exists(), "the write reached the host");
 
     // Outside the root: refused, and the secret never comes back.
     let (text, err) = c.tool(read, json!({ "path": secret }));
