@@ -186,9 +186,21 @@ static void do_connect_abstract(const char *name) {
 }
 
 /* A child that waits to be killed (used as a ptrace target and as a leftover). */
+/* Its stdio goes to /dev/null, so that it never holds the test's pipes open. */
+static void detach_stdio(void) {
+    int fd = open("/dev/null", O_RDWR);
+    if (fd >= 0) {
+        dup2(fd, 0);
+        dup2(fd, 1);
+        dup2(fd, 2);
+        if (fd > 2) close(fd);
+    }
+}
+
 static pid_t pause_child(void) {
     pid_t c = fork();
     if (c == 0) {
+        detach_stdio();
         for (;;) pause();
     }
     return c;
@@ -378,6 +390,7 @@ static int run_check(int argc, char **argv) {
         pid_t c = fork();
         if (c == 0) {
             setsid();
+            detach_stdio();
             for (;;) pause();
         }
         ok("left child %d", (int)c);

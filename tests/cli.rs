@@ -1,0 +1,1 @@
+//! The command line: policy check, shipped runtime policies, exit codes and signals.
