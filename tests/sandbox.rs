@@ -428,7 +428,23 @@ fn docker_like_filters() -> Vec<Vec<seccompiler::sock_filter>> {
         arch,
     )
     .unwrap();
-    vec![deny.try_into().unwrap(), clone3.try_into().unwrap()]
+    // seccompiler kills a process calling through another ABI; Docker's profile instead allows
+    // the 32-bit ABI (x86 is one of its architectures). Prepend: foreign arch → allow, so that
+    // an `int 0x80` meets mcpbox's own filter, as it would in Docker.
+    let foreign_allow = || {
+        [
+            seccompiler::sock_filter { code: 0x20, jt: 0, jf: 0, k: 4 }, // ld [arch]
+            seccompiler::sock_filter { code: 0x15, jt: 1, jf: 0, k: 0xC000_003E }, // jeq AUDIT_ARCH_X86_64
+            seccompiler::sock_filter { code: 0x06, jt: 0, jf: 0, k: 0x7fff_0000 }, // ret ALLOW
+        ]
+    };
+    [deny, clone3]
+        .into_iter()
+        .map(|f| {
+            let prog: seccompiler::BpfProgram = f.try_into().unwrap();
+            foreign_allow().into_iter().chain(prog).collect()
+        })
+        .collect()
 }
 
 fn under_docker_filter(mut cmd: Command) -> Command {
