@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Start-up cost of a sandbox: bare /bin/true, `mcpbox run --policy default -- /bin/true`, and
+# bubblewrap with comparable isolation, in one hyperfine run. Not part of CI. Run as root.
+# Usage: bench/startup.sh [extra hyperfine args, e.g. --runs 500]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "bench/startup.sh: run as root (the comparison is for root on a bare host)" >&2
+    exit 2
+fi
+need=()
+command -v hyperfine >/dev/null || need+=(hyperfine)
+command -v bwrap >/dev/null || need+=(bubblewrap)
+if [ ${#need[@]} -gt 0 ]; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}"
+fi
+
+cargo build --release --quiet
+mcpbox=$PWD/target/release/mcpbox
+state=$(mktemp -d /tmp/mcpbox-bench.XXXXXX)
+out=${BENCH_JSON:-bench/startup.json}
+trap 'rm -rf "$state"' EXIT
+
+# bwrap: every namespace, read-only system dirs, fresh /proc and /dev, private /tmp.
+bwrap_cmd="bwrap --unshare-all --die-with-parent --new-session --ro-bind /usr /usr \
+--symlink usr/lib /lib --symlink usr/lib64 /lib64 --symlink usr/bin /bin \
+--ro-bind /etc/ld.so.cache /etc/ld.so.cache --proc /proc --dev /dev --tmpfs /tmp /bin/true"
+
+hyperfine -N --warmup 20 --min-runs 300 --export-json "$out" "$@" \
+    -n bare /bin/true \
+    -n mcpbox "$mcpbox run --policy default --state-dir $state --name bench -- /bin/true" \
+    -n bwrap "$bwrap_cmd"
+
+python3 - "$out" <<'PY'
+import json, sys
+r = {x["command"]: x for x in json.load(open(sys.argv[1]))["results"]}
+for n in ("bare", "mcpbox", "bwrap"):
+    x = r[n]
+    print(f"{n:7s} mean {x['mean']*1e3:7.2f} ms ± {x['stddev']*1e3:5.2f} ms  (median {x['median']*1e3:.2f} ms)")
+print(f"mcpbox/bwrap = {r['mcpbox']['mean']/r['bwrap']['mean']:.2f}")
+print(f"mcpbox/bare  = {r['mcpbox']['mean']/r['bare']['mean']:.2f}")
+PY

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# The test command (README, .ci/run): unit tests, then the integration binary (tests/all.rs)
+# twice, as root and as an unprivileged user, since the sandbox works differently in each mode
+# (per-server host uids and cgroups as root; the user's own uid and rlimits rootless).
+# Meant for a fresh Debian 12 machine, as root. Exits non-zero on any failure.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ci_user=mcpboxci
+started=$SECONDS
+say() { printf '\n== %s\n' "$*"; }
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "scripts/test.sh: run as root (the suite runs once as root and once as user $ci_user)" >&2
+    exit 2
+fi
+
+# Tools the tests use: a C compiler and libc.a for the probe (built dynamic and static),
+# node and python3 for the runtime policies.
+need=()
+command -v cc >/dev/null || need+=(build-essential)
+[ -f /usr/lib/x86_64-linux-gnu/libc.a ] || need+=(libc6-dev)
+[ -x /usr/bin/python3 ] || need+=(python3)
+[ -x /usr/bin/node ] || need+=(nodejs)
+command -v setpriv >/dev/null || need+=(util-linux)
+if [ ${#need[@]} -gt 0 ]; then
+    say "installing: ${need[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}"
+fi
+
+say "build"
+cargo build --quiet
+# The integration binary's path, from cargo's own report.
+bin=$(cargo test --quiet --no-run --test all --message-format=json \
+    | python3 -c 'import json,sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "all" and m.get("executable"):
+        print(m["executable"])')
+[ -n "$bin" ] || { echo "could not find the integration test binary" >&2; exit 1; }
+
+results=()
+fail=0
+step() { # step NAME COMMAND...
+    local name=$1 t0=$SECONDS
+    shift
+    say "$name"
+    if "$@"; then
+        results+=("PASS  $name ($((SECONDS - t0)) s)")
+    else
+        results+=("FAIL  $name ($((SECONDS - t0)) s)")
+        fail=1
+    fi
+}
+
+step "unit tests (root)" cargo test --quiet --lib
+
+# A scratch TMPDIR per mode, removed afterwards (the suite keeps its probe and state there).
+tmp_root=$(mktemp -d /tmp/mcpbox-ci-root.XXXXXX)
+chmod 755 "$tmp_root"
+step "integration tests as root" env TMPDIR="$tmp_root" "$bin" --test-threads=2
+
+id "$ci_user" >/dev/null 2>&1 || useradd --create-home --shell /bin/bash "$ci_user"
+# The user must reach the binary (CARGO_BIN_EXE_mcpbox is compiled in) and the probe source.
+chmod -R o+rX target tests policies
+d=$PWD
+while [ "$d" != / ]; do chmod o+x "$d"; d=$(dirname "$d"); done
+tmp_user=$(mktemp -d /tmp/mcpbox-ci-user.XXXXXX)
+chown "$ci_user:" "$tmp_user"
+step "integration tests as $ci_user" setpriv --reuid="$ci_user" --regid="$ci_user" --init-groups \
+    env -i HOME="/home/$ci_user" PATH=/usr/local/bin:/usr/bin:/bin TMPDIR="$tmp_user" LANG=C.UTF-8 \
+    "$bin" --test-threads=2
+
+rm -rf "$tmp_root" "$tmp_user"
+
+say "summary ($((SECONDS - started)) s)"
+printf '%s\n' "${results[@]}"
+exit $fail

@@ -1,0 +1,89 @@
+//! The command line: policy check, the shipped runtime policies, exit codes and signals.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use crate::common::*;
+
+fn run_policy(policy: &str, args: &[&str]) -> Output {
+    let mut cmd = Command::new(mcpbox());
+    cmd.args(["run", "--policy", policy, "--state-dir"]).arg(&shared().state).args(["--name", &unique("cli"), "--"]).args(args);
+    test_env(&mut cmd);
+    run_timeout(cmd, Duration::from_secs(60))
+}
+
+#[test]
+fn policy_check_prints_the_effective_policy() {
+    let mut cmd = Command::new(mcpbox());
+    cmd.args(["policy", "check", concat!(env!("CARGO_MANIFEST_DIR"), "/policies/node.toml")]);
+    let out = run_timeout(cmd, Duration::from_secs(30));
+    assert_eq!(out.code, 0, "{out}");
+    // `extends` resolved: the loader cache from default.toml, node itself from node.toml.
+    for want in ["[filesystem]", "/etc/ld.so.cache", "/usr/bin/node", "[limits]"] {
+        assert!(out.stdout.contains(want), "missing `{want}`:\n{out}");
+    }
+}
+
+#[test]
+fn policy_check_rejects_unknown_keys_with_file_and_line() {
+    let d = tempdir();
+    let p = write_policy(d.path(), "bad", "extends = \"default\"\n\n[filesystem]\nread = []\nreed = [\"/etc\"]\n");
+    let mut cmd = Command::new(mcpbox());
+    cmd.args(["policy", "check"]).arg(&p);
+    let out = run_timeout(cmd, Duration::from_secs(30));
+    assert_eq!(out.code, 1, "{out}");
+    assert!(out.stderr.contains("reed"), "{out}");
+    assert!(out.stderr.contains(&format!("{} line 5", p.display())), "file and line expected:\n{out}");
+}
+
+#[test]
+fn node_runs_under_the_node_policy() {
+    let out = run_policy("node", &["node", "-e", "console.log(1)"]);
+    assert_eq!((out.code, out.stdout.as_str()), (0, "1\n"), "{out}");
+}
+
+#[test]
+fn python_runs_under_the_python_policy() {
+    let out = run_policy("python", &["python3", "-c", "print(2)"]);
+    assert_eq!((out.code, out.stdout.as_str()), (0, "2\n"), "{out}");
+}
+
+#[test]
+fn exit_codes_pass_through() {
+    let d = tempdir();
+    let p = write_policy(d.path(), "sh", "extends = \"default\"\n[filesystem]\nexec = [\"/usr/bin/dash\", \"/bin/sh\"]\n");
+    let out = run_policy(p.to_str().unwrap(), &["/bin/sh", "-c", "exit 7"]);
+    assert_eq!(out.code, 7, "{out}");
+    // Death by a signal: 128+N, as a shell reports it.
+    let pol = probe_policy("selfkill", "", "");
+    let out = run_policy(pol.to_str().unwrap(), &[shared().probe.to_str().unwrap(), "selfkill", "15"]);
+    assert_eq!(out.code, 128 + 15, "{out}");
+}
+
+#[test]
+fn sigterm_is_forwarded() {
+    let s = shared();
+    let pol = probe_policy("sigterm", "", "");
+    let mut cmd = mcpbox_cmd(&pol, &unique("sigterm"), &[], &s.probe, &["sigterm"]);
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert!(line.starts_with("RESULT sigterm ok"), "{line:?}");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    let status = wait_timeout(&mut child, Duration::from_secs(10)).expect("mcpbox did not exit after SIGTERM");
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+    assert!(rest.contains("GOT SIGTERM"), "the server did not see SIGTERM: {rest:?}");
+    assert_eq!(status.code(), Some(3), "the server's own exit code after SIGTERM");
+}
+
+#[test]
+fn a_command_the_policy_does_not_allow_is_refused() {
+    let out = run_policy("default", &["/bin/ls", "/"]);
+    assert_eq!(out.code, 125, "{out}");
+    assert!(out.stdout.is_empty(), "{out}");
+    assert!(out.stderr.contains("default") && out.stderr.contains("[filesystem] exec"), "{out}");
+}
