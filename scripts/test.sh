@@ -23,11 +23,24 @@ command -v cc >/dev/null || need+=(build-essential)
 [ -x /usr/bin/python3 ] || need+=(python3)
 [ -x /usr/bin/node ] || need+=(nodejs)
 command -v setpriv >/dev/null || need+=(util-linux)
+# The serve and real-server suites: npm (server-everything, npx servers), git (mcp-server-git),
+# tzdata (mcp-server-time), pip (uv comes from the Python package index).
+command -v npm >/dev/null || need+=(npm)
+command -v git >/dev/null || need+=(git)
+[ -d /usr/share/zoneinfo ] || need+=(tzdata)
+python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
 if [ ${#need[@]} -gt 0 ]; then
     say "installing: ${need[*]}"
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}"
 fi
+
+say "test dependencies"
+if ! python3 -m uv --version >/dev/null 2>&1 && ! command -v uv >/dev/null; then
+    python3 -m pip install --quiet --disable-pip-version-check uv \
+        || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages uv
+fi
+bash scripts/install-test-deps.sh
 
 say "build"
 cargo build --quiet
@@ -55,6 +68,7 @@ step() { # step NAME COMMAND...
 }
 
 step "unit tests (root)" cargo test --quiet --lib
+step "Dockerfile lint and seccomp profile check" bash .ci/lint-docker.sh
 
 # A scratch TMPDIR per mode, removed afterwards (the suite keeps its probe and state there).
 tmp_root=$(mktemp -d /tmp/mcpbox-ci-root.XXXXXX)
@@ -68,9 +82,11 @@ d=$PWD
 while [ "$d" != / ]; do chmod o+x "$d"; d=$(dirname "$d"); done
 tmp_user=$(mktemp -d /tmp/mcpbox-ci-user.XXXXXX)
 chown "$ci_user:" "$tmp_user"
+# Rootless: the sandbox, the CLI and `serve`. The real-server suite (npx/uvx packages from the
+# registries) runs as root only: its package tools are installed for root here.
 step "integration tests as $ci_user" setpriv --reuid="$ci_user" --regid="$ci_user" --init-groups \
     env -i HOME="/home/$ci_user" PATH=/usr/local/bin:/usr/bin:/bin TMPDIR="$tmp_user" LANG=C.UTF-8 \
-    "$bin" --test-threads=2
+    "$bin" --test-threads=2 sandbox:: cli:: serve::
 
 rm -rf "$tmp_root" "$tmp_user"
 
