@@ -88,6 +88,9 @@ fn writes_outside_grants_fail_and_inside_work() {
         (outside.join("x"), &["ENOENT"][..]),        // not in the view at all
         (ro.join("x"), &["EROFS", "EACCES"][..]),    // granted read-only
         ("/usr/lib/x86_64-linux-gnu/mcpbox-probe-x".into(), &["EROFS", "EACCES"][..]),
+        // Beside a grant: the directories leading to it exist inside but stand for host paths
+        // that were not granted (under /tmp they sit in the sandbox's writable tmpfs).
+        (base.path().join("beside"), &["EROFS"][..]),
     ] {
         let out = confined(&pol, &name, &["write", target.to_str().unwrap()]);
         one_of(&out.denied("write"), want, &format!("writing {}", target.display()), &out);

@@ -90,6 +90,12 @@ where
     let params = CallToolRequestParams::new("trigger-long-running-operation").with_arguments(args(json!({"duration": 0.6, "steps": 3})));
     let r = client.call_tool(params).await.unwrap();
     assert!(serde_json::to_value(r).unwrap().to_string().contains("completed"), "{label}");
+    // rmcp hands notifications to the handler on its own task: the last one may be recorded
+    // just after the call returns, so give it a moment (bounded) before counting.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while rec.0.lock().unwrap().len() < 3 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
     let got = rec.0.lock().unwrap().clone();
     assert_eq!(got.len(), 3, "{label}: progress notifications {got:?}");
     assert!(got.iter().all(|p| p.progress_token == got[0].progress_token), "{label}: mixed progress tokens: {got:?}");

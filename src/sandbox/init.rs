@@ -448,13 +448,14 @@ fn server_setup(spec: &SandboxSpec, report: &mut Report, st: &State) -> Result<N
     }
     sys::close_from(4).map_err(|e| InitError::Io(format!("close_range: {e}")))?;
 
+    // A clean signal state for the server (dispositions now: every syscall after the filter
+    // goes through it; the mask last, so nothing is delivered to us before execve).
+    sys::reset_signal_dispositions();
+
     drop_caps()?;
     prctl::set_no_new_privs().map_err(sys_err("prctl(PR_SET_NO_NEW_PRIVS)"))?;
     let ll = ll::apply(&rules, &net, spec.landlock_min_abi)?;
     sys::apply_seccomp(&prog).map_err(|e| InitError::Seccomp(e.to_string()))?;
-
-    // Back to a clean signal state for the server.
-    sys::reset_signal_dispositions();
     SigSet::empty().thread_set_mask().map_err(sys_err("sigprocmask"))?;
     let mut warnings = st.warnings.clone();
     warnings.extend(ll.warnings);

@@ -145,7 +145,10 @@ pub fn join_cgroups(limits: &Limits, parent: &str, leaf: &str) -> Applied {
                 // Without swap accounting this file is absent; then there is no swap to limit.
                 let _ = write(&dir.join("memory.memsw.limit_in_bytes"), &value.to_string());
             }
-            write(&dir.join("cgroup.procs"), &me)?;
+            // Move this (single-threaded) process by writing "0" to `tasks`: a thread moving
+            // itself skips the global threadgroup lock, whose RCU grace period otherwise costs
+            // milliseconds per start; for one thread it is the whole process.
+            write(&dir.join("tasks"), "0")?;
             Ok(dir)
         })();
         match res {

@@ -150,6 +150,22 @@ pub fn build_root(spec: &SandboxSpec) -> Result<(), MountError> {
     if fs::symlink_metadata(inside(NEW, &spec.cwd)).is_err() {
         mkdir_p(&inside(NEW, &spec.cwd))?;
     }
+    // Grants under /tmp hang from directories made in the private, writable /tmp tmpfs. Those
+    // directories stand for host paths the policy did not grant: make them read-only, so that
+    // writing beside a grant fails (EROFS) as it would anywhere else, instead of silently
+    // landing in the sandbox's /tmp.
+    let mut tops: Vec<PathBuf> = grants
+        .iter()
+        .filter_map(|g| g.path.strip_prefix("/tmp").ok()?.components().next().map(|c| Path::new("/tmp").join(c)))
+        .filter(|top| !grants.iter().any(|g| &g.path == top))
+        .collect();
+    tops.sort();
+    tops.dedup();
+    for top in tops {
+        let p = inside(NEW, &top);
+        bind(&p, &p)?;
+        setattr(&p, MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV, false)?;
+    }
 
     // 7. Freeze the root, then pivot into it and let go of the host tree for good.
     setattr(new, MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV, false)?;
