@@ -1,21 +1,24 @@
 //! The seccomp allow-list, built by pure functions so it can be tested without a kernel.
 //!
 //! Shape of the program (classic BPF, evaluated on every syscall of the server):
-//! 1. our own guard: a foreign architecture (the 32-bit `int 0x80` ABI) or an x32 syscall number
+//! 1. a guard: a foreign architecture (the 32-bit `int 0x80` ABI) or an x32 syscall number
 //!    answers `ENOSYS`; `clone3` answers `ENOSYS` too, so that libc falls back to `clone`, whose
 //!    flags we can inspect (clone3 passes them in memory, out of BPF's reach);
-//! 2. seccompiler's program: the allow-list below, anything else answers `EPERM`.
+//! 2. the few syscalls allowed only with certain arguments (clone, ioctl, socket, personality);
+//! 3. a binary search over the ranges of allowed syscall numbers: about 20 instructions run per
+//!    syscall instead of hundreds for a linear chain, and a program a third the size to load.
+//!    Anything not allowed answers `EPERM`.
 //!
 //! Nothing is answered with a kill: a denied syscall is an error the program can report.
 
 use std::collections::BTreeMap;
 
-use seccompiler::{
-    BpfProgram, SeccompAction, SeccompCmpArgLen as Len, SeccompCmpOp as Op, SeccompCondition as Cond,
-    SeccompFilter, SeccompRule, TargetArch,
-};
+use std::collections::BTreeSet;
 
 pub use seccompiler::sock_filter;
+
+/// A classic-BPF program.
+pub type BpfProgram = Vec<sock_filter>;
 
 /// `AUDIT_ARCH_X86_64` from `<linux/audit.h>`.
 pub const AUDIT_ARCH_X86_64: u32 = 0xC000_003E;
@@ -231,66 +234,58 @@ pub fn check_names(opts: &FilterOptions) -> Result<(), SeccompError> {
     Ok(())
 }
 
-fn cond(arg: u8, len: Len, op: Op, value: u64) -> Result<Cond, SeccompError> {
-    Cond::new(arg, len, op, value).map_err(|e| SeccompError::Build(e.to_string()))
+/// Syscalls allowed only when their arguments pass a check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Conditional {
+    /// Threads and processes, never with namespace flags.
+    Clone,
+    /// Anything but TIOCSTI / TIOCLINUX (the command is 32 bits wide in the kernel).
+    Ioctl,
+    /// The families a server has business with.
+    Socket,
+    /// Querying, and the flags runtimes actually use (as container runtimes allow).
+    Personality,
 }
 
-fn rule(conds: Vec<Cond>) -> Result<SeccompRule, SeccompError> {
-    SeccompRule::new(conds).map_err(|e| SeccompError::Build(e.to_string()))
+/// What the filter allows: numbers allowed outright, and the conditional ones kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Allowed {
+    pub plain: BTreeSet<i64>,
+    conditional: Vec<Conditional>,
+    unix_sockets_only: bool,
 }
 
-/// The rule map: syscall number → conditions under which it is allowed (empty = always).
-pub fn build_rules(opts: &FilterOptions) -> Result<BTreeMap<i64, Vec<SeccompRule>>, SeccompError> {
+/// The policy's choices applied to the default allow-list.
+pub fn allowed(opts: &FilterOptions) -> Result<Allowed, SeccompError> {
     check_names(opts)?;
-    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
-    for (_, nr) in ALLOW {
-        rules.insert(*nr, vec![]);
-    }
+    let mut plain: BTreeSet<i64> = ALLOW.iter().map(|(_, nr)| *nr).collect();
+    let mut conditional = vec![Conditional::Clone, Conditional::Ioctl, Conditional::Socket, Conditional::Personality];
     for name in &opts.extra_allow {
-        let nr = syscall_number(name).expect("checked above");
-        rules.insert(nr, vec![]);
+        plain.insert(syscall_number(name).expect("checked above"));
     }
-    // clone: threads and processes, never with namespace flags.
-    rules.insert(
-        libc::SYS_clone,
-        vec![rule(vec![cond(0, Len::Qword, Op::MaskedEq(CLONE_NAMESPACE_FLAGS), 0)?])?],
-    );
-    // ioctl: anything but TIOCSTI / TIOCLINUX (the command is 32 bits wide in the kernel).
-    rules.insert(
-        libc::SYS_ioctl,
-        vec![rule(vec![
-            cond(1, Len::Dword, Op::Ne, TIOCSTI)?,
-            cond(1, Len::Dword, Op::Ne, TIOCLINUX)?,
-        ])?],
-    );
-    // socket: the families a server has business with.
-    let families: &[i32] = if opts.unix_sockets_only {
-        &[libc::AF_UNIX, libc::AF_NETLINK]
-    } else {
-        &[libc::AF_UNIX, libc::AF_INET, libc::AF_INET6, libc::AF_NETLINK]
-    };
-    let mut socket_rules = Vec::new();
-    for fam in families {
-        socket_rules.push(rule(vec![cond(0, Len::Dword, Op::Eq, *fam as u64)?])?);
-    }
-    rules.insert(libc::SYS_socket, socket_rules);
-    // personality: querying, and the flags runtimes actually use (as container runtimes allow).
-    let mut pers = Vec::new();
-    for p in [0u64, 0x0008, 0x20000, 0x20008, 0xffff_ffff] {
-        pers.push(rule(vec![cond(0, Len::Dword, Op::Eq, p)?])?);
-    }
-    rules.insert(libc::SYS_personality, pers);
-
     for name in &opts.extra_deny {
         let nr = syscall_number(name).expect("checked above");
-        rules.remove(&nr);
+        plain.remove(&nr);
+        conditional.retain(|c| c.nr() != nr);
     }
     for (_, nr, _) in HARD_DENY {
-        if *nr != libc::SYS_personality {
-            rules.remove(nr);
+        plain.remove(nr);
+    }
+    for c in &conditional {
+        plain.remove(&c.nr());
+    }
+    Ok(Allowed { plain, conditional, unix_sockets_only: opts.unix_sockets_only })
+}
+
+impl Conditional {
+    fn nr(self) -> i64 {
+        match self {
+            Conditional::Clone => libc::SYS_clone,
+            Conditional::Ioctl => libc::SYS_ioctl,
+            Conditional::Socket => libc::SYS_socket,
+            Conditional::Personality => libc::SYS_personality,
         }
     }
-    Ok(rules)
 }
 
 fn stmt(code: u16, k: u32) -> sock_filter {
@@ -303,39 +298,127 @@ fn jump(code: u16, k: u32, jt: u8, jf: u8) -> sock_filter {
 
 /// BPF_LD | BPF_W | BPF_ABS (class 0x00, size 0x00, mode 0x20).
 const BPF_LD_W_ABS: u16 = 0x20;
+const BPF_JA: u16 = 0x05;
 const BPF_JEQ_K: u16 = 0x05 | 0x10;
+const BPF_JGT_K: u16 = 0x05 | 0x20;
 const BPF_JGE_K: u16 = 0x05 | 0x30;
+const BPF_JSET_K: u16 = 0x05 | 0x40;
 const BPF_RET_K: u16 = 0x06;
+const RET_ALLOW: u32 = 0x7fff_0000;
+const RET_EPERM: u32 = SECCOMP_RET_ERRNO | libc::EPERM as u32;
+const RET_ENOSYS: u32 = SECCOMP_RET_ERRNO | libc::ENOSYS as u32;
 
-/// Our guard, placed before seccompiler's program: foreign arch → ENOSYS, x32 → ENOSYS,
-/// clone3 → ENOSYS. Offsets in `struct seccomp_data`: nr at 0, arch at 4.
+/// Offsets in `struct seccomp_data`: nr at 0, arch at 4, then six u64 args from 16. Arguments
+/// checked here are C ints, so their low 32 bits (little-endian: the first word) are the value.
+const fn arg_low(i: u32) -> u32 {
+    16 + 8 * i
+}
+
+/// The guard: foreign arch → ENOSYS, x32 → ENOSYS, clone3 → ENOSYS. Leaves `nr` in A.
 fn guard() -> Vec<sock_filter> {
-    let enosys = SECCOMP_RET_ERRNO | libc::ENOSYS as u32;
     vec![
         stmt(BPF_LD_W_ABS, 4),
         jump(BPF_JEQ_K, AUDIT_ARCH_X86_64, 1, 0),
-        stmt(BPF_RET_K, enosys),
+        stmt(BPF_RET_K, RET_ENOSYS),
         stmt(BPF_LD_W_ABS, 0),
         jump(BPF_JGE_K, X32_SYSCALL_BIT, 0, 1),
-        stmt(BPF_RET_K, enosys),
+        stmt(BPF_RET_K, RET_ENOSYS),
         jump(BPF_JEQ_K, libc::SYS_clone3 as u32, 0, 1),
-        stmt(BPF_RET_K, enosys),
+        stmt(BPF_RET_K, RET_ENOSYS),
     ]
+}
+
+/// Allow when the 32-bit argument `arg` equals one of `values`; otherwise EPERM.
+fn one_of(arg: u32, values: &[u32]) -> Vec<sock_filter> {
+    let n = values.len();
+    let mut v = vec![stmt(BPF_LD_W_ABS, arg_low(arg))];
+    for (i, val) in values.iter().enumerate() {
+        // On a match jump over the remaining compares and the EPERM, to the ALLOW.
+        v.push(jump(BPF_JEQ_K, *val, (n - i) as u8, 0));
+    }
+    v.push(stmt(BPF_RET_K, RET_EPERM));
+    v.push(stmt(BPF_RET_K, RET_ALLOW));
+    v
+}
+
+fn conditional_block(c: Conditional, unix_sockets_only: bool) -> Vec<sock_filter> {
+    match c {
+        Conditional::Clone => vec![
+            stmt(BPF_LD_W_ABS, arg_low(0)),
+            jump(BPF_JSET_K, CLONE_NAMESPACE_FLAGS as u32, 1, 0),
+            stmt(BPF_RET_K, RET_ALLOW),
+            stmt(BPF_RET_K, RET_EPERM),
+        ],
+        Conditional::Ioctl => vec![
+            stmt(BPF_LD_W_ABS, arg_low(1)),
+            jump(BPF_JEQ_K, TIOCSTI as u32, 2, 0),
+            jump(BPF_JEQ_K, TIOCLINUX as u32, 1, 0),
+            stmt(BPF_RET_K, RET_ALLOW),
+            stmt(BPF_RET_K, RET_EPERM),
+        ],
+        Conditional::Socket => {
+            let fams: &[i32] = if unix_sockets_only {
+                &[libc::AF_UNIX, libc::AF_NETLINK]
+            } else {
+                &[libc::AF_UNIX, libc::AF_INET, libc::AF_INET6, libc::AF_NETLINK]
+            };
+            one_of(0, &fams.iter().map(|f| *f as u32).collect::<Vec<_>>())
+        }
+        Conditional::Personality => one_of(0, &[0, 0x0008, 0x20000, 0x20008, 0xffff_ffff]),
+    }
+}
+
+/// Sorted syscall numbers → disjoint inclusive ranges.
+fn ranges(nrs: &BTreeSet<i64>) -> Vec<(u32, u32)> {
+    let mut out: Vec<(u32, u32)> = Vec::new();
+    for &nr in nrs {
+        let nr = nr as u32;
+        match out.last_mut() {
+            Some((_, hi)) if *hi + 1 == nr => *hi = nr,
+            _ => out.push((nr, nr)),
+        }
+    }
+    out
+}
+
+/// Binary search over `r` with `nr` in A: every leaf ends in a RET of its own, so no jump has to
+/// reach far (conditional jumps have 8-bit offsets; the far ones use JA's 32-bit offset).
+fn search(r: &[(u32, u32)]) -> Vec<sock_filter> {
+    match r {
+        [] => vec![stmt(BPF_RET_K, RET_EPERM)],
+        [(lo, hi)] => vec![
+            jump(BPF_JGE_K, *lo, 0, 2),
+            jump(BPF_JGT_K, *hi, 1, 0),
+            stmt(BPF_RET_K, RET_ALLOW),
+            stmt(BPF_RET_K, RET_EPERM),
+        ],
+        _ => {
+            let mid = r.len() / 2;
+            let left = search(&r[..mid]);
+            let right = search(&r[mid..]);
+            let mut v = Vec::with_capacity(2 + left.len() + right.len());
+            v.push(jump(BPF_JGE_K, r[mid].0, 0, 1));
+            v.push(stmt(BPF_JA, left.len() as u32));
+            v.extend(left);
+            v.extend(right);
+            v
+        }
+    }
 }
 
 /// The whole program, ready for `seccomp(SECCOMP_SET_MODE_FILTER)`.
 pub fn build_program(opts: &FilterOptions) -> Result<BpfProgram, SeccompError> {
-    let rules = build_rules(opts)?;
-    let filter = SeccompFilter::new(
-        rules,
-        SeccompAction::Errno(libc::EPERM as u32),
-        SeccompAction::Allow,
-        TargetArch::x86_64,
-    )
-    .map_err(|e| SeccompError::Build(e.to_string()))?;
-    let body: BpfProgram = filter.try_into().map_err(|e: seccompiler::BackendError| SeccompError::Build(e.to_string()))?;
+    let a = allowed(opts)?;
     let mut prog = guard();
-    prog.extend(body);
+    for c in &a.conditional {
+        let block = conditional_block(*c, a.unix_sockets_only);
+        prog.push(jump(BPF_JEQ_K, c.nr() as u32, 0, block.len() as u8));
+        prog.extend(block);
+    }
+    prog.extend(search(&ranges(&a.plain)));
+    if prog.len() > 4096 {
+        return Err(SeccompError::Build(format!("program of {} instructions exceeds the kernel's limit", prog.len())));
+    }
     Ok(prog)
 }
 
@@ -492,6 +575,26 @@ mod tests {
         assert_eq!(r, EPERM_RET);
         let r = run_bpf(&unix_only, libc::SYS_socket as u32, AUDIT_ARCH_X86_64, [libc::AF_UNIX as u64, 1, 0, 0, 0, 0]);
         assert_eq!(r, ALLOW_RET);
+    }
+
+    #[test]
+    fn every_syscall_number_gets_exactly_the_allow_list_answer() {
+        // Exhaustive over the whole x86_64 table (and beyond): the search tree must agree with
+        // the allow-list on every number, not only on the ones spot-checked above.
+        let opts = FilterOptions::default();
+        let a = allowed(&opts).unwrap();
+        let p = build_program(&opts).unwrap();
+        let conditional = [libc::SYS_clone, libc::SYS_ioctl, libc::SYS_socket, libc::SYS_personality, libc::SYS_clone3];
+        for nr in 0..1024i64 {
+            if conditional.contains(&nr) {
+                continue;
+            }
+            let want = if a.plain.contains(&nr) { ALLOW_RET } else { EPERM_RET };
+            assert_eq!(run_bpf(&p, nr as u32, AUDIT_ARCH_X86_64, [0; 6]), want, "syscall {nr}");
+        }
+        assert!(a.plain.len() > 200, "the allow-list lost entries: {}", a.plain.len());
+        // Small enough to load fast and evaluate in a few dozen instructions.
+        assert!(p.len() < 700, "program has {} instructions", p.len());
     }
 
     #[test]
