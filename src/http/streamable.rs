@@ -92,6 +92,9 @@ impl StreamSession {
     }
 }
 
+/// How long a POST answered as SSE waits for its first message before sending headers alone.
+const FIRST_EVENT_WAIT: Duration = Duration::from_millis(50);
+
 #[allow(clippy::result_large_err)]
 fn version_ok(h: &HeaderMap) -> Result<(), Response> {
     match h.get("mcp-protocol-version") {
@@ -183,10 +186,19 @@ pub async fn post(State(st): State<Shared>, Path(server): Path<String>, headers:
     }
     let k = key(&msg["id"]);
     let mut resp = if accepts_sse(&headers) {
-        let (tx, rx) = mpsc::channel(st.cfg.session_queue);
+        let (tx, mut rx) = mpsc::channel(st.cfg.session_queue);
         ss.lock().posts.insert(k, Waiter::Sse(tx));
         ss.session.send(msg);
-        let events = ReceiverStream::new(rx).map(|b| Ok::<_, Infallible>(Event::default().event("message").data(String::from_utf8_lossy(&b))));
+        // Most answers come within a millisecond: waiting briefly for the first message lets
+        // the headers, the event and the end of the stream leave in one write instead of three
+        // packets. A slow call still gets its headers (and keep-alives) after the wait.
+        let first = match tokio::time::timeout(FIRST_EVENT_WAIT, rx.recv()).await {
+            Ok(Some(b)) => Some(b),
+            Ok(None) | Err(_) => None,
+        };
+        let events = futures_util::stream::iter(first)
+            .chain(ReceiverStream::new(rx))
+            .map(|b| Ok::<_, Infallible>(Event::default().event("message").data(String::from_utf8_lossy(&b))));
         Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))).into_response()
     } else {
         let (tx, rx) = oneshot::channel();
