@@ -415,6 +415,9 @@ impl Supervisor {
                 Ok(lp) => {
                     backoff = Duration::from_millis(250);
                     tracing::debug!(server = %server.cfg.name, pid = lp.pid, "warm process ready");
+                    // The level is known as soon as a sandbox stands: /status shows it before
+                    // the first session.
+                    *server.metrics.level.lock().unwrap_or_else(|e| e.into_inner()) = Some(lp.level.clone());
                     permit.send(lp);
                 }
                 Err(e) => {
