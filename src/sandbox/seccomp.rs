@@ -11,7 +11,6 @@
 //!
 //! Nothing is answered with a kill: a denied syscall is an error the program can report.
 
-
 use std::collections::BTreeSet;
 
 pub use seccompiler::sock_filter;
