@@ -147,7 +147,7 @@ pub struct Proxy {
 #[derive(Debug, Clone)]
 pub enum ServerKind {
     Stdio { command: String, args: Vec<String>, env: BTreeMap<String, String> },
-    /// A remote upstream (SSE / Streamable HTTP). Accepted, not proxied yet.
+    /// A remote upstream (SSE / Streamable HTTP), served through the sandboxed url-bridge.
     Url { url: String, headers: BTreeMap<String, String>, transport_type: Option<String> },
 }
 
@@ -336,10 +336,8 @@ fn expand_tree(
     getenv: &dyn Fn(&str) -> Option<String>,
 ) -> Result<(), ConfigError> {
     match v {
-        Value::String(s) => {
-            if s.contains("${") {
-                *s = expand_str(s, path, getenv)?;
-            }
+        Value::String(s) if s.contains("${") => {
+            *s = expand_str(s, path, getenv)?;
         }
         Value::Array(a) => {
             for (i, item) in a.iter_mut().enumerate() {

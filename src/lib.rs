@@ -13,3 +13,4 @@ pub mod config;
 pub mod http;
 pub mod serve;
 pub mod supervisor;
+pub mod urlbridge;

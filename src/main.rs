@@ -50,6 +50,14 @@ enum Cmd {
         #[arg(long)]
         state_dir: Option<PathBuf>,
     },
+    /// Hidden: a `url` upstream as a stdio MCP server (run by `serve` inside a sandbox).
+    #[command(hide = true)]
+    UrlBridge {
+        #[arg(long)]
+        url: String,
+        #[arg(long)]
+        transport: Option<String>,
+    },
     /// Hidden: the single-threaded sandbox builder, started by mcpbox itself.
     #[command(hide = true)]
     SandboxInit {
@@ -133,6 +141,7 @@ fn main() -> ExitCode {
             init_logging("info", false);
             mcpbox::prepare::cli(&config, state_dir, force, min_level.into())
         }
+        Cmd::UrlBridge { url, transport } => mcpbox::urlbridge::main(url, transport),
         Cmd::Doctor { state_dir } => mcpbox::cli_doctor::doctor(state_dir),
         Cmd::Run { policy, state_dir, name, min_level, command } => {
             init_logging("warn", false);

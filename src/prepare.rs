@@ -276,7 +276,7 @@ fn find_uv() -> anyhow::Result<PathBuf> {
 
 /// A server runs under its own uid and must be able to reach the binary: one installed under a
 /// private home (`pip install --user`, pyenv under /root) is copied once into `STATE/.tools`.
-fn stage_for_others(state: &StateDir, bin: &Path) -> anyhow::Result<PathBuf> {
+pub(crate) fn stage_for_others(state: &StateDir, bin: &Path) -> anyhow::Result<PathBuf> {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let real = std::fs::canonicalize(bin)?;
     let open = |p: &Path, bits: u32| std::fs::metadata(p).map(|m| m.mode() & bits == bits).unwrap_or(false);

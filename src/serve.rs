@@ -58,10 +58,15 @@ fn urls(c: &Config) -> Vec<String> {
     c.servers
         .values()
         .filter(|s| !s.disabled)
-        .map(|s| match (&s.kind, c.proxy.transport) {
-            (ServerKind::Url { .. }, _) => format!("{}: url upstream (not proxied yet)", s.name),
-            (_, Transport::Sse) => format!("{}: {base}/{}/sse", s.name, s.name),
-            (_, Transport::StreamableHttp) => format!("{}: {base}/{}/mcp", s.name, s.name),
+        .map(|s| {
+            let via = match &s.kind {
+                ServerKind::Url { url, .. } => format!(" (upstream {})", url.split('?').next().unwrap_or(url)),
+                ServerKind::Stdio { .. } => String::new(),
+            };
+            match c.proxy.transport {
+                Transport::Sse => format!("{}: {base}/{}/sse{via}", s.name, s.name),
+                Transport::StreamableHttp => format!("{}: {base}/{}/mcp{via}", s.name, s.name),
+            }
         })
         .collect()
 }

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::future::BoxFuture;
+use anyhow::Context;
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::Child;
@@ -22,6 +23,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::bridge::{Hub, LineReader, Outbound, Sent, SessionId, SessionSink};
 use crate::config::{Config, Isolation, ServerConfig, ServerKind};
+use crate::launch::PolicyRef;
 
 /// A started server process.
 pub struct LaunchedProcess {
@@ -50,6 +52,25 @@ pub trait Launcher: Send + Sync + 'static {
     }
 }
 
+/// The policy of a `url` upstream's bridge: mcpbox's own code talking HTTP(S) to one remote
+/// server. It needs the network and the CA store; nothing of the host's files beyond them.
+const URL_BRIDGE_POLICY: &str = r#"
+extends = "default"
+[filesystem]
+read = [
+    { path = "/etc/ssl/certs", optional = true },
+    { path = "/usr/share/ca-certificates", optional = true },
+    { path = "/etc/resolv.conf", optional = true },
+    { path = "/etc/hosts", optional = true },
+    { path = "/etc/nsswitch.conf", optional = true },
+    { path = "/etc/gai.conf", optional = true },
+]
+[network]
+mode = "host"
+[env]
+pass = ["MCPBOX_UPSTREAM_HEADERS"]
+"#;
+
 /// Production launcher: `launch::plan` + `sandbox::Spawner`. Never runs a server unconfined.
 pub struct SandboxLauncher {
     pub state: crate::launch::StateDir,
@@ -74,9 +95,47 @@ impl SandboxLauncher {
         })
     }
 
+    /// A `url` upstream: mcpbox's own `url-bridge` mode stands in for the server, sandboxed
+    /// like one (network `host`, the CA store, nothing else), with the upstream's headers
+    /// passed in its environment rather than on its command line.
+    fn url_plan(&self, server: &ServerConfig) -> anyhow::Result<crate::launch::Planned> {
+        let ServerKind::Url { url, headers, transport_type } = &server.kind else { unreachable!() };
+        let transport = crate::urlbridge::Transport::pick(transport_type.as_deref(), url)?;
+        let exe = std::env::current_exe().context("locating the mcpbox binary")?;
+        let exe = crate::prepare::stage_for_others(&self.state, &exe)?;
+        let mut env = BTreeMap::new();
+        env.insert(crate::urlbridge::HEADERS_ENV.to_string(), serde_json::to_string(headers)?);
+        let policy = if server.policy_given {
+            server.policy.clone()
+        } else {
+            let table: toml::Table = toml::from_str(URL_BRIDGE_POLICY).expect("the built-in url-bridge policy parses");
+            PolicyRef::Inline { value: table, base_dir: "/".into() }
+        };
+        let launch = crate::launch::ServerLaunch {
+            name: server.name.clone(),
+            command: exe.to_string_lossy().into_owned(),
+            args: vec!["url-bridge".into(), "--url".into(), url.clone(), "--transport".into(), transport.as_str().into()],
+            env,
+            policy,
+        };
+        let extra = crate::launch::Extra {
+            grants: vec![(exe.clone(), crate::sandbox::Access::Exec)],
+            env: BTreeMap::new(),
+            notes: vec![],
+        };
+        crate::launch::plan_with(&self.state, &launch, &extra)
+    }
+
     fn plan(&self, server: &ServerConfig) -> anyhow::Result<crate::launch::Planned> {
         if let Some(e) = self.prepare_failed.get(&server.name) {
             anyhow::bail!("prepare failed: {e}");
+        }
+        if let ServerKind::Url { .. } = server.kind {
+            let mut planned = self.url_plan(server)?;
+            if self.min_level == crate::policy::Level::Container {
+                planned.spec.min_level = planned.spec.min_level.min(crate::policy::Level::Container);
+            }
+            return Ok(planned);
         }
         let launch = Self::server_launch(server)?;
         // npx/uvx: run the prepared entry point directly (no package manager in the sandbox).
@@ -296,17 +355,13 @@ fn new_session_id() -> SessionId {
 }
 
 impl Supervisor {
-    /// Build the servers of `config` (stdio servers only; url upstreams are skipped) and
+    /// Build the servers of `config` (url upstreams through the sandboxed url-bridge) and
     /// start the shared ones. Must be called inside a tokio runtime.
     pub fn start(config: &Config, launcher: Arc<dyn Launcher>, opts: Options) -> Arc<Self> {
         let mut servers = BTreeMap::new();
         for (name, cfg) in &config.servers {
             if cfg.disabled {
                 tracing::info!(server = %name, "disabled; not served");
-                continue;
-            }
-            if let ServerKind::Url { .. } = cfg.kind {
-                tracing::warn!(server = %name, "url upstream {name}: proxying not supported yet, skipped");
                 continue;
             }
             let ready = launcher.check(cfg).map_err(|e| format!("{e:#}"));

@@ -455,3 +455,38 @@ async fn sigterm_leaves_no_process_behind() {
     assert!(strays.is_empty(), "{strays:#?}");
     drop(legacy);
 }
+
+// ---- url upstreams -------------------------------------------------------------------------
+
+/// mcp-proxy configs name remote servers by `url`: mcpbox serves them through its own bridge,
+/// itself sandboxed. Here the upstream is another mcpbox serving server-everything, reached
+/// with its token in the configured `headers`, over both upstream transports.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn url_upstreams_are_proxied_through_a_sandboxed_bridge() {
+    let upstream = Mcpbox::start(json!({"ev": everything("session")}), json!({})).await;
+    let auth = json!({"Authorization": format!("Bearer {TOKEN}")});
+    let mb = Mcpbox::start(
+        json!({
+            "up": {"url": upstream.url("/ev/mcp"), "headers": auth},
+            "upsse": {"url": upstream.url("/ev/sse"), "headers": auth},
+        }),
+        json!({}),
+    )
+    .await;
+    tour(streamable_transport(&mb, "up"), "url upstream over streamable-http").await;
+    tour(rmcp_legacy_transport(&mb, "upsse").await, "url upstream over legacy sse").await;
+    // Each bridge ran in a full sandbox, like a server.
+    let log = mb.log_text();
+    for server in ["up", "upsse"] {
+        let started = log.lines().any(|l| {
+            l.contains("server started") && l.contains(&format!("\"server\":\"{server}\"")) && l.contains("\"level\":\"full\"")
+        });
+        assert!(started, "no sandboxed start of the {server} bridge in the log:\n{log}");
+    }
+    // Without the upstream's token the bridge gets 401 and the client a clear error, not a hang.
+    let bad = Mcpbox::start(json!({"noauth": {"url": upstream.url("/ev/mcp")}}), json!({})).await;
+    let s = bad.request("POST", "/noauth/mcp", &[("content-type", "application/json"), ("accept", "application/json")],
+        Some(init_msg(json!(1)).to_string().into_bytes())).await;
+    let body = s.json();
+    assert!(body["error"]["message"].as_str().is_some_and(|m| m.contains("401")), "initialize without the upstream's token: {body}");
+}

@@ -68,6 +68,9 @@ pub struct Mcpbox {
 impl Mcpbox {
     /// `servers` is the `mcpServers` object; `extra` is merged into the `mcpbox` section.
     pub async fn start(servers: Value, extra: Value) -> Mcpbox {
+        // reqwest is built with rustls and no default crypto provider (as mcpbox's url-bridge
+        // is): install ring once, before any client of this process is created.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let dir = tempfile::Builder::new().prefix("mcpbox-e2e-").tempdir().unwrap();
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         let port = free_port();
