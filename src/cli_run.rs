@@ -10,7 +10,8 @@ use crate::launch::{plan, PolicyRef, ServerLaunch, StateDir};
 use crate::policy::Level;
 
 pub struct RunArgs {
-    pub policy: String,
+    /// None: `default`, plus the node/python runtime base for npx/uvx commands (with a note).
+    pub policy: Option<String>,
     pub state_dir: Option<PathBuf>,
     pub name: Option<String>,
     pub min_level: Level,
@@ -20,12 +21,24 @@ pub struct RunArgs {
 /// Exit code when mcpbox itself could not start the server (as `env` and container runtimes do).
 pub const EXIT_SETUP: u8 = 125;
 
-pub fn run(args: RunArgs) -> ExitCode {
-    let name = args.name.clone().unwrap_or_else(|| {
-        let base = args.command[0].rsplit('/').next().unwrap_or("server");
-        let n: String = base.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '-' }).collect();
-        if n.is_empty() || n.starts_with('.') { "server".into() } else { n }
+/// The name a server gets when `--name` is not given: its state dir, uid, hostname and cgroup.
+/// For npx/uvx the package (not `npx`, which every such server would share), else the command.
+pub fn default_name(command: &[String]) -> String {
+    let from_pkg = crate::prepare::parse(&command[0], &command[1..]).and_then(|p| p.ok()).and_then(|p| {
+        let spec = p.bin.clone().or_else(|| p.install.first().cloned())?;
+        let spec = spec.rsplit('/').next().unwrap_or(&spec).to_string();
+        let spec = spec.split(['@', '=', '<', '>', '~', '!', '[', ' ']).find(|s| !s.is_empty())?.to_string();
+        Some(spec)
     });
+    let base = from_pkg.unwrap_or_else(|| command[0].rsplit('/').next().unwrap_or("server").to_string());
+    let n: String = base.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '-' }).take(64).collect();
+    let n = n.trim_start_matches('-');
+    if n.is_empty() { "server".into() } else { n.to_string() }
+}
+
+pub fn run(args: RunArgs) -> ExitCode {
+    let name = args.name.clone().unwrap_or_else(|| default_name(&args.command));
+    let policy_given = args.policy.is_some();
     let mut state = StateDir::new(args.state_dir.clone().unwrap_or_else(StateDir::default_root));
     state.min_level = args.min_level;
     let launch = ServerLaunch {
@@ -33,7 +46,7 @@ pub fn run(args: RunArgs) -> ExitCode {
         command: args.command[0].clone(),
         args: args.command[1..].to_vec(),
         env: std::env::vars().collect(),
-        policy: PolicyRef::Named(args.policy.clone()),
+        policy: PolicyRef::Named(args.policy.clone().unwrap_or_else(|| "default".into())),
     };
     let swept = crate::sandbox::sweep_stale_cgroups();
     if swept > 0 {
@@ -44,7 +57,7 @@ pub fn run(args: RunArgs) -> ExitCode {
         None => None,
         Some(pkg) => {
             let r = pkg.and_then(|pkg| crate::prepare::prepare_blocking(&state, &name, &pkg, false)).and_then(|_| {
-                crate::prepare::for_run(&state, &launch, true).expect("an npx/uvx command")
+                crate::prepare::for_run(&state, &launch, policy_given).expect("an npx/uvx command")
             });
             match r {
                 Ok(x) => Some(x),
@@ -68,6 +81,13 @@ pub fn run(args: RunArgs) -> ExitCode {
     };
     for n in &planned.notes {
         tracing::info!(server = %name, "{n}");
+    }
+    if !policy_given {
+        tracing::warn!(
+            server = %name,
+            "no --policy given: running under {} (for npx/uvx: `default` plus the node or python runtime base); write a policy to say what this server may reach",
+            planned.policy.source
+        );
     }
     if matches!(planned.spec.network, crate::policy::Network::Proxy { .. }) {
         eprintln!("mcpbox: network mode `proxy` is served by `mcpbox serve`; `mcpbox run` supports `none` and `host`");
@@ -124,4 +144,23 @@ pub fn run(args: RunArgs) -> ExitCode {
     use std::os::unix::process::ExitStatusExt;
     let code = status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
     ExitCode::from(code.clamp(0, 255) as u8)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::default_name;
+
+    fn v(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn default_names_come_from_the_package_for_npx_and_uvx() {
+        assert_eq!(default_name(&v(&["npx", "-y", "@modelcontextprotocol/server-memory@1.2.3"])), "server-memory");
+        assert_eq!(default_name(&v(&["uvx", "mcp-server-fetch@2025.1"])), "mcp-server-fetch");
+        assert_eq!(default_name(&v(&["uvx", "--from", "mcp-server-git==1.0", "mcp-server-git"])), "mcp-server-git");
+        assert_eq!(default_name(&v(&["/usr/bin/node", "server.js"])), "node");
+        assert_eq!(default_name(&v(&["./.hidden"])), "hidden");
+        assert_eq!(default_name(&v(&["./..."])), "server");
+    }
 }

@@ -26,13 +26,15 @@ enum Cmd {
     #[command(verbatim_doc_comment)]
     Run {
         /// Policy: a file path, or the name of a shipped or user policy (default, node, python, …).
-        #[arg(long, short = 'p', default_value = "default")]
-        policy: String,
+        /// Without it: `default`, plus the node or python runtime base for npx/uvx commands.
+        #[arg(long, short = 'p')]
+        policy: Option<String>,
         /// Where per-server data/ and cache/ live (default /var/lib/mcpbox as root,
         /// $XDG_STATE_HOME/mcpbox otherwise).
         #[arg(long)]
         state_dir: Option<PathBuf>,
-        /// Server name: its state directory, hostname and cgroup (default: the command's name).
+        /// Server name: its state directory, uid, hostname and cgroup (default: the package for
+        /// npx/uvx, else the command's name).
         #[arg(long)]
         name: Option<String>,
         /// Lowest confinement level accepted: `full` (default) or `container` (no namespaces,
@@ -144,7 +146,9 @@ fn main() -> ExitCode {
         Cmd::UrlBridge { url, transport } => mcpbox::urlbridge::main(url, transport),
         Cmd::Doctor { state_dir } => mcpbox::cli_doctor::doctor(state_dir),
         Cmd::Run { policy, state_dir, name, min_level, command } => {
-            init_logging("warn", false);
+            // Quiet by default (stderr is the MCP client's log), but a first start that
+            // installs an npx/uvx package says so instead of hanging silently.
+            init_logging("warn,mcpbox::prepare=info", false);
             mcpbox::cli_run::run(mcpbox::cli_run::RunArgs { policy, state_dir, name, min_level: min_level.into(), command })
         }
         Cmd::Policy { cmd: PolicyCmd::Check { file, data, cache } } => {

@@ -87,3 +87,35 @@ fn a_command_the_policy_does_not_allow_is_refused() {
     assert!(out.stdout.is_empty(), "{out}");
     assert!(out.stderr.contains("default") && out.stderr.contains("[filesystem] exec"), "{out}");
 }
+
+/// The drop-in use for local MCP clients: `mcpbox run -- npx -y PKG`, no policy named. The
+/// package is prepared in its own sandbox on first use, then the real server from npm answers
+/// `initialize` over stdin/stdout under `default` plus the node runtime base, named after its
+/// package (not `npx`, which every such server would share).
+#[test]
+fn npx_server_runs_over_stdio_without_a_policy() {
+    let d = tempdir();
+    let state = d.path().join("state");
+    let mut cmd = Command::new(mcpbox());
+    cmd.args(["run", "--state-dir"]).arg(&state).args(["--", "npx", "-y", "@modelcontextprotocol/server-sequential-thinking"]);
+    test_env(&mut cmd);
+    let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let init = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#;
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        writeln!(stdin, "{init}").unwrap();
+        // stdin closes here: the server answers, then ends.
+    }
+    let status = wait_timeout(&mut child, Duration::from_secs(120)).expect("mcpbox run did not finish in 120 s");
+    let mut out = String::new();
+    std::io::Read::read_to_string(child.stdout.as_mut().unwrap(), &mut out).unwrap();
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+    let answer = out.lines().find(|l| l.contains("\"id\":1")).unwrap_or_else(|| panic!("no answer to initialize\nstdout: {out}\nstderr: {err}"));
+    let v: serde_json::Value = serde_json::from_str(answer).unwrap();
+    assert_eq!(v["result"]["serverInfo"]["name"], "sequential-thinking-server", "{answer}");
+    assert!(status.success(), "exit {status:?}\n{err}");
+    assert!(err.contains("no --policy given") && err.contains("node"), "the runtime-base fallback must be said:\n{err}");
+    assert!(state.join("server-sequential-thinking/cache/prepared.json").is_file(), "prepared under the package's name:\n{err}");
+}
