@@ -314,6 +314,21 @@ fn id_of(v: &Value) -> Option<&Value> {
     }
 }
 
+/// The JSON messages of an SSE response, as they arrive.
+fn json_events(r: reqwest::Response) -> mpsc::UnboundedReceiver<Value> {
+    let mut events = sse_events(r);
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(ev) = events.recv().await {
+            let v: Value = serde_json::from_str(&ev.data).unwrap_or_else(|e| panic!("{e}: {:?}", ev.data));
+            if tx.send(v).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
 pub fn init_msg(id: Value) -> Value {
     json!({"jsonrpc": "2.0", "id": id, "method": "initialize", "params": {
         "protocolVersion": "2025-06-18", "capabilities": {},
@@ -578,34 +593,14 @@ impl Streamable {
             .await
             .unwrap();
         assert_eq!(r.status(), 200, "POST {msg}");
-        let mut events = sse_events(r);
-        let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            while let Some(ev) = events.recv().await {
-                let v: Value = serde_json::from_str(&ev.data).unwrap_or_else(|e| panic!("{e}: {:?}", ev.data));
-                if tx.send(v).is_err() {
-                    return;
-                }
-            }
-        });
-        rx
+        json_events(r)
     }
 
     /// The session's GET stream: every message on it.
     pub async fn get_stream(&self) -> mpsc::UnboundedReceiver<Value> {
         let r = self.builder(reqwest::Method::GET).header("accept", "text/event-stream").send().await.unwrap();
         assert_eq!(r.status(), 200, "GET stream");
-        let mut events = sse_events(r);
-        let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            while let Some(ev) = events.recv().await {
-                let v: Value = serde_json::from_str(&ev.data).unwrap_or_else(|e| panic!("{e}: {:?}", ev.data));
-                if tx.send(v).is_err() {
-                    return;
-                }
-            }
-        });
-        rx
+        json_events(r)
     }
 
     pub async fn delete(&self) -> u16 {
