@@ -44,18 +44,20 @@ if need uv; then
         || $SUDO python3 -m pip install --quiet --break-system-packages uv
 fi
 
-# Rust: the distribution's cargo may be too old (mcpbox needs 1.80+); use a rustup toolchain.
+# Rust: the distribution's cargo may be too old (mcpbox needs 1.91+: its build config names the "host-tuple" target); use a rustup toolchain.
 if need cargo; then
     if [ -x "$HOME/.cargo/bin/cargo" ]; then
         export PATH="$HOME/.cargo/bin:$PATH"
     else
-        echo "mcpbox: no Rust toolchain found. Install one with rustup (Rust 1.80 or newer), then run this again." >&2
+        echo "mcpbox: no Rust toolchain found. Install one with rustup (Rust 1.91 or newer), then run this again." >&2
         exit 1
     fi
 fi
 
 echo "==> building mcpbox"
 cargo build --release --locked
+# Statically linked for this machine's target (.cargo/config.toml): target/<host triple>/release.
+mcpbox="./target/$(rustc -vV | sed -n 's/^host: //p')/release/mcpbox"
 
 if [ -z "${MCPBOX_DEMO_DIR:-}" ]; then
     if [ "$(id -u)" -eq 0 ]; then MCPBOX_DEMO_DIR=/srv/mcpbox-demo; else MCPBOX_DEMO_DIR="${XDG_DATA_HOME:-$HOME/.local/share}/mcpbox-demo"; fi
@@ -73,7 +75,7 @@ if [ "$MCPBOX_TOKEN" = change-me ]; then
     echo "==> warning: MCPBOX_TOKEN is the default 'change-me'; set your own before exposing mcpbox" >&2
 fi
 
-./target/release/mcpbox doctor || true
+"$mcpbox" doctor || true
 echo "==> serving examples/mcpbox.json on http://127.0.0.1:9090 (token: \$MCPBOX_TOKEN)"
 echo "    e.g. http://127.0.0.1:9090/time/mcp  with  Authorization: Bearer \$MCPBOX_TOKEN"
-exec ./target/release/mcpbox serve --config examples/mcpbox.json "$@"
+exec "$mcpbox" serve --config examples/mcpbox.json "$@"

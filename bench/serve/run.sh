@@ -27,8 +27,10 @@ MCP_PROXY_VERSION=0.13.0
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$repo/target}"
 (cd "$repo" && cargo build --release --quiet --bin mcpbox)
 (cd "$here" && cargo build --release --quiet)
-mcpbox="$CARGO_TARGET_DIR/release/mcpbox"
-bench="$CARGO_TARGET_DIR/release/mcpbench"
+# Both are built for the host triple (.cargo/config.toml).
+triple=$(rustc -vV | sed -n 's/^host: //p')
+mcpbox="$CARGO_TARGET_DIR/$triple/release/mcpbox"
+bench="$CARGO_TARGET_DIR/$triple/release/mcpbench"
 
 # The backend, world-readable (servers run under their own uid when mcpbox is root).
 work="$(mktemp -d /tmp/mcpbench.XXXXXX)"
