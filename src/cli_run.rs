@@ -48,10 +48,15 @@ pub fn run(args: RunArgs) -> ExitCode {
         env: std::env::vars().collect(),
         policy: PolicyRef::Named(args.policy.clone().unwrap_or_else(|| "default".into())),
     };
-    let swept = crate::sandbox::sweep_stale_cgroups();
-    if swept > 0 {
-        tracing::info!("removed {swept} cgroup(s) left by earlier sandboxes");
-    }
+    // sandbox-init starts loading now and waits for its spec while we plan (a sandbox starts
+    // ~1 ms sooner on two cores); if planning fails, dropping it makes it exit unused.
+    let pending = match crate::sandbox::Pending::start(Stdio::inherit(), Stdio::inherit(), Stdio::inherit()) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("mcpbox: {name}: {e}");
+            return ExitCode::from(EXIT_SETUP);
+        }
+    };
     // npx/uvx: prepare into the cache if needed (its own sandbox), then run the entry point.
     let prepared = match crate::prepare::parse(&launch.command, &launch.args) {
         None => None,
@@ -103,7 +108,7 @@ pub fn run(args: RunArgs) -> ExitCode {
         eprintln!("mcpbox: sigprocmask: {e}");
         return ExitCode::from(EXIT_SETUP);
     }
-    let (mut child, report, _) = match crate::sandbox::spawn_blocking_std(&planned.spec, Stdio::inherit(), Stdio::inherit(), Stdio::inherit()) {
+    let (mut child, report, _) = match pending.send(&planned.spec) {
         Ok(x) => x,
         Err(e) => {
             eprintln!("mcpbox: {name}: {e}");
@@ -123,6 +128,11 @@ pub fn run(args: RunArgs) -> ExitCode {
         start_ms = report.start_latency.as_secs_f64() * 1e3,
         "sandbox ready"
     );
+    // Housekeeping while the server runs: cgroups left by sandboxes whose mcpbox was killed.
+    let swept = crate::sandbox::sweep_stale_cgroups();
+    if swept > 0 {
+        tracing::info!("removed {swept} cgroup(s) left by earlier sandboxes");
+    }
     let pid = Pid::from_raw(child.id() as i32);
     let status = loop {
         match child.try_wait() {

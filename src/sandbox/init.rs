@@ -9,8 +9,10 @@
 //! ```
 //!
 //! The order, and why:
-//!  1. Read the spec from the inherited memfd (never argv or env). We are single-threaded
-//!     (checked), so forking later is safe.
+//!  1. Check we are single-threaded (so forking later is safe); as root, drop the bounding set
+//!     and find the cgroup mounts. None of this needs the spec: mcpbox may start us before it
+//!     has planned the sandbox, and this work overlaps with its planning. Then read the spec from
+//!     the inherited pipe (never argv or env); an empty one means mcpbox gave up (exit quietly).
 //!  2. cgroups, while still host root: creating and joining them needs it.
 //!  3. Drop the host identity to the server's own unprivileged uid (as root), *before* creating
 //!     the user namespace: the namespace is then owned by that uid, the maps can only say
@@ -74,6 +76,10 @@ pub enum InitError {
     Threads(usize),
     #[error("reading the sandbox spec: {0}")]
     Spec(String),
+    /// mcpbox closed the spec pipe without writing: it failed before the sandbox was planned
+    /// and reports that itself.
+    #[error("no spec")]
+    Cancelled,
     #[error("{call}: {errno}")]
     Sys { call: String, errno: Errno },
     #[error("{0}")]
@@ -121,6 +127,7 @@ pub fn main(spec_fd: RawFd, report_fd: RawFd) -> i32 {
     let report = Report(report_fd);
     match outer(spec_fd, &report) {
         Ok(code) => code,
+        Err(InitError::Cancelled) => 125,
         Err(e) => {
             send(&report, &Msg::Error { message: e.to_string() });
             126
@@ -132,6 +139,9 @@ fn read_spec(spec_fd: RawFd) -> Result<SandboxSpec, InitError> {
     let fd = sys::adopt_fd(spec_fd).map_err(|e| InitError::Spec(format!("fd {spec_fd}: {e}")))?;
     let mut buf = Vec::new();
     std::fs::File::from(fd).read_to_end(&mut buf).map_err(|e| InitError::Spec(e.to_string()))?;
+    if buf.is_empty() {
+        return Err(InitError::Cancelled);
+    }
     serde_json::from_slice(&buf).map_err(|e| InitError::Spec(e.to_string()))
 }
 
@@ -148,15 +158,24 @@ fn outer(spec_fd: RawFd, report: &Report) -> Result<i32, InitError> {
     if threads != 1 {
         return Err(InitError::Threads(threads));
     }
+    // What needs no spec is done first: mcpbox may start us before it has planned the sandbox,
+    // and then this overlaps with its planning. cgroups need host root; so does dropping the
+    // bounding set, which must happen before the uid change.
+    let root = getuid().is_root();
+    let layout = if root {
+        drop_bounding_set()?;
+        Some(limits::layout())
+    } else {
+        None
+    };
     let spec = read_spec(spec_fd)?;
     let mut st = State { level: Level::Full, warnings: Vec::new(), limits: Applied::default(), host_uid: getuid().as_raw() };
     let leaf = format!("{}-{}", spec.name, std::process::id());
 
-    // 2. cgroups need host root; so does dropping the bounding set before the uid change.
-    if getuid().is_root() {
-        st.limits = limits::join_cgroups(&spec.limits, &spec.cgroup_parent, &leaf);
+    // 2. cgroups, while still host root.
+    if let Some(layout) = &layout {
+        st.limits = limits::join_cgroups(layout, &spec.limits, &spec.cgroup_parent, &leaf);
         st.warnings.append(&mut st.limits.warnings.clone());
-        drop_bounding_set()?;
     } else {
         st.limits = limits::rlimit_only(&spec.limits);
     }

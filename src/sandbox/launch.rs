@@ -1,6 +1,6 @@
 //! Starting `sandbox-init` from the supervisor side. No privileged work happens here: this file
 //! builds a `Command` for our own binary in its hidden mode, hands it the spec on an inherited
-//! memfd, and reads back the start report (or the setup error) from a close-on-exec pipe.
+//! pipe, and reads back the start report (or the setup error) from a close-on-exec socket.
 
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
@@ -94,9 +94,10 @@ impl Default for Spawner {
     }
 }
 
-/// Descriptors handed to sandbox-init; the parent keeps `report`.
+/// Descriptors handed to sandbox-init; the parent keeps `spec_w` and `report`.
 struct Channels {
-    spec: OwnedFd,
+    spec_r: OwnedFd,
+    spec_w: OwnedFd,
     report: OwnedFd,
     child_report: OwnedFd,
 }
@@ -108,24 +109,21 @@ fn high(fd: OwnedFd) -> std::io::Result<OwnedFd> {
     super::sys::adopt_fd(n)
 }
 
-fn channels(spec: &SandboxSpec) -> std::io::Result<Channels> {
-    use nix::sys::memfd::{memfd_create, MFdFlags};
+fn channels() -> std::io::Result<Channels> {
     use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
-    let mem = memfd_create("mcpbox-spec", MFdFlags::MFD_CLOEXEC)?;
-    let mut f = std::fs::File::from(mem);
-    std::io::Write::write_all(&mut f, &serde_json::to_vec(spec).map_err(std::io::Error::other)?)?;
-    std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(0))?;
+    // The spec goes down a pipe, written once sandbox-init is already starting (see `Pending`).
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
     let (a, b) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)?;
     // A sandbox-init that never reports must not hang the spawner forever.
     nix::sys::socket::setsockopt(&a, nix::sys::socket::sockopt::ReceiveTimeout, &nix::sys::time::TimeVal::new(30, 0))?;
-    Ok(Channels { spec: high(OwnedFd::from(f))?, report: a, child_report: high(b)? })
+    Ok(Channels { spec_r: high(r)?, spec_w: w, report: a, child_report: high(b)? })
 }
 
 fn command(ch: &Channels) -> Command {
     let mut cmd = Command::new("/proc/self/exe");
     cmd.args(["sandbox-init", "--spec-fd", "3", "--report-fd", "4"]).env_clear();
     let parent = std::process::id() as i32;
-    let (spec_fd, report_fd): (RawFd, RawFd) = (ch.spec.as_raw_fd(), ch.child_report.as_raw_fd());
+    let (spec_fd, report_fd): (RawFd, RawFd) = (ch.spec_r.as_raw_fd(), ch.child_report.as_raw_fd());
     // SAFETY: the closure only makes async-signal-safe calls (prctl, getppid, setsid, dup2,
     // _exit) on values captured before the fork; it allocates nothing.
     unsafe {
@@ -146,6 +144,19 @@ fn command(ch: &Channels) -> Command {
         });
     }
     cmd
+}
+
+/// Hand the spec to a started sandbox-init and read its report.
+fn send_spec(ch: Channels, spec: &SandboxSpec, started: Instant) -> Result<(StartReport, Option<std::net::TcpListener>), SandboxError> {
+    let Channels { spec_r, spec_w, report, child_report } = ch;
+    drop(child_report);
+    drop(spec_r);
+    let bytes = serde_json::to_vec(spec).map_err(|e| SandboxError::Spawn(std::io::Error::other(e)))?;
+    // sandbox-init reads until end of file; closing our end is that end.
+    std::io::Write::write_all(&mut std::fs::File::from(spec_w), &bytes).map_err(SandboxError::Spawn)?;
+    let (mut r, l) = read_report(&report)?;
+    r.start_latency = started.elapsed();
+    Ok((r, l))
 }
 
 /// Read sandbox-init's messages until the socket closes (the server exec'd, or setup died).
@@ -195,22 +206,13 @@ fn read_report(sock: &OwnedFd) -> Result<(StartReport, Option<std::net::TcpListe
     }
 }
 
-fn finish_report(ch: Channels, started: Instant) -> Result<(StartReport, Option<std::net::TcpListener>), SandboxError> {
-    let Channels { spec, report, child_report } = ch;
-    drop(child_report);
-    drop(spec);
-    let (mut r, l) = read_report(&report)?;
-    r.start_latency = started.elapsed();
-    Ok((r, l))
-}
-
 fn spawn_tokio(spec: &SandboxSpec) -> Result<Sandboxed, SandboxError> {
     let started = Instant::now();
-    let ch = channels(spec).map_err(SandboxError::Spawn)?;
+    let ch = channels().map_err(SandboxError::Spawn)?;
     let mut cmd = tokio::process::Command::from(command(&ch));
     cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
     let mut child = cmd.spawn().map_err(SandboxError::Spawn)?;
-    match finish_report(ch, started) {
+    match send_spec(ch, spec, started) {
         Ok((report, proxy_listener)) => Ok(Sandboxed { child, report, proxy_listener }),
         Err(e) => {
             let _ = child.start_kill();
@@ -219,26 +221,58 @@ fn spawn_tokio(spec: &SandboxSpec) -> Result<Sandboxed, SandboxError> {
     }
 }
 
-/// For `mcpbox run`: spawn from the calling (main) thread with the given stdio.
+/// A sandbox-init started before its spec is known (`mcpbox run` starts it first thing, so that
+/// loading the binary overlaps with planning). Dropped without [`Pending::send`], it reads an
+/// empty spec and exits without doing anything.
+pub struct Pending {
+    child: Option<std::process::Child>,
+    ch: Option<Channels>,
+    started: Instant,
+}
+
+impl Pending {
+    /// Start sandbox-init from the calling thread with the given stdio.
+    pub fn start(stdin: Stdio, stdout: Stdio, stderr: Stdio) -> Result<Pending, SandboxError> {
+        let started = Instant::now();
+        let ch = channels().map_err(SandboxError::Spawn)?;
+        let mut cmd = command(&ch);
+        cmd.stdin(stdin).stdout(stdout).stderr(stderr);
+        let child = cmd.spawn().map_err(SandboxError::Spawn)?;
+        Ok(Pending { child: Some(child), ch: Some(ch), started })
+    }
+
+    /// Give sandbox-init its spec; returns once the server was exec'd (or setup failed).
+    pub fn send(mut self, spec: &SandboxSpec) -> Result<(std::process::Child, StartReport, Option<std::net::TcpListener>), SandboxError> {
+        let (mut child, ch) = (self.child.take().expect("sent once"), self.ch.take().expect("sent once"));
+        match send_spec(ch, spec, self.started) {
+            Ok((report, l)) => Ok((child, report, l)),
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                Err(e)
+            }
+        }
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        // Closing the spec pipe unsent makes sandbox-init exit at once; reap it.
+        self.ch.take();
+        if let Some(mut c) = self.child.take() {
+            let _ = c.wait();
+        }
+    }
+}
+
+/// For `doctor` and `prepare`: start sandbox-init and hand it the spec at once.
 pub fn spawn_blocking_std(
     spec: &SandboxSpec,
     stdin: Stdio,
     stdout: Stdio,
     stderr: Stdio,
 ) -> Result<(std::process::Child, StartReport, Option<std::net::TcpListener>), SandboxError> {
-    let started = Instant::now();
-    let ch = channels(spec).map_err(SandboxError::Spawn)?;
-    let mut cmd = command(&ch);
-    cmd.stdin(stdin).stdout(stdout).stderr(stderr);
-    let mut child = cmd.spawn().map_err(SandboxError::Spawn)?;
-    match finish_report(ch, started) {
-        Ok((report, l)) => Ok((child, report, l)),
-        Err(e) => {
-            let _ = child.kill();
-            let _ = child.wait();
-            Err(e)
-        }
-    }
+    Pending::start(stdin, stdout, stderr)?.send(spec)
 }
 
 /// Remove what a sandbox leaves on the host after it exited (its cgroup directories). The

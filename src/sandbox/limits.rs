@@ -30,7 +30,7 @@ pub struct Applied {
 }
 
 /// Where the controllers live on this host.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Layout {
     /// Mount point of the cgroup v2 hierarchy, if any, with its available controllers.
     pub v2: Option<(PathBuf, Vec<String>)>,
@@ -39,7 +39,13 @@ pub struct Layout {
     pub v1_memory: Option<PathBuf>,
 }
 
+/// The host's cgroup layout, read on first use: mounts do not move under a running mcpbox.
 pub fn layout() -> Layout {
+    static LAYOUT: std::sync::OnceLock<Layout> = std::sync::OnceLock::new();
+    LAYOUT.get_or_init(read_layout).clone()
+}
+
+fn read_layout() -> Layout {
     let mut l = Layout::default();
     let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     for line in mounts.lines() {
@@ -79,9 +85,8 @@ fn mkdir(path: &Path) -> Result<(), CgroupError> {
 /// Create this sandbox's cgroups, set their limits and move the calling process into them.
 /// Needs host root (it runs in sandbox-init before the uid is dropped). Failures degrade to
 /// rlimits with a warning: rlimits are applied in any case by [`apply_rlimits`].
-pub fn join_cgroups(limits: &Limits, parent: &str, leaf: &str) -> Applied {
+pub fn join_cgroups(l: &Layout, limits: &Limits, parent: &str, leaf: &str) -> Applied {
     let mut a = Applied::default();
-    let l = layout();
     let me = std::process::id().to_string();
     let mut parts = Vec::new();
 
@@ -233,12 +238,14 @@ pub fn sweep_stale(parent: &str) -> usize {
     for root in roots {
         let Ok(entries) = fs::read_dir(&root) else { continue };
         for e in entries.flatten() {
-            let path = e.path();
-            if !path.is_dir() {
+            // Most entries are the controller's own files: skip them by name and by the
+            // directory entry's type, without a stat each.
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(pid) = name.rsplit_once('-').and_then(|(_, p)| p.parse::<u32>().ok()) else { continue };
+            if !e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
                 continue;
             }
-            let name = e.file_name().to_string_lossy().into_owned();
-            let Some(pid) = name.rsplit('-').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
+            let path = e.path();
             let alive = fs::read(format!("/proc/{pid}/cmdline"))
                 .map(|c| c.split(|b| *b == 0).any(|a| a == b"sandbox-init"))
                 .unwrap_or(false);
