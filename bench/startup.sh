@@ -18,7 +18,7 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 cargo build --release --quiet
-mcpbox=$PWD/target/$(rustc -vV | sed -n 's/^host: //p')/release/mcpbox
+mcpbox=$PWD/target/$(rustc --print host-tuple)/release/mcpbox
 state=$(mktemp -d /tmp/mcpbox-bench.XXXXXX)
 out=${BENCH_JSON:-bench/startup.json}
 trap 'rm -rf "$state"' EXIT

@@ -57,7 +57,7 @@ fi
 echo "==> building mcpbox"
 cargo build --release --locked
 # Statically linked for this machine's target (.cargo/config.toml): target/<host triple>/release.
-mcpbox="./target/$(rustc -vV | sed -n 's/^host: //p')/release/mcpbox"
+mcpbox="./target/$(rustc --print host-tuple)/release/mcpbox"
 
 if [ -z "${MCPBOX_DEMO_DIR:-}" ]; then
     if [ "$(id -u)" -eq 0 ]; then MCPBOX_DEMO_DIR=/srv/mcpbox-demo; else MCPBOX_DEMO_DIR="${XDG_DATA_HOME:-$HOME/.local/share}/mcpbox-demo"; fi

@@ -28,7 +28,7 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$repo/target}"
 (cd "$repo" && cargo build --release --quiet --bin mcpbox)
 (cd "$here" && cargo build --release --quiet)
 # Both are built for the host triple (.cargo/config.toml).
-triple=$(rustc -vV | sed -n 's/^host: //p')
+triple=$(rustc --print host-tuple)
 mcpbox="$CARGO_TARGET_DIR/$triple/release/mcpbox"
 bench="$CARGO_TARGET_DIR/$triple/release/mcpbench"
 
