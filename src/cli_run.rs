@@ -40,7 +40,8 @@ pub fn default_name(command: &[String]) -> String {
     if n.is_empty() { "server".into() } else { n.to_string() }
 }
 
-pub fn run(args: RunArgs) -> ExitCode {
+/// `early`: the sandbox-init that `main` started before parsing the command line, if it did.
+pub fn run(args: RunArgs, early: Option<Result<crate::sandbox::Pending, crate::sandbox::SandboxError>>) -> ExitCode {
     let name = args.name.clone().unwrap_or_else(|| default_name(&args.command));
     let policy_given = args.policy.is_some();
     let mut state = StateDir::new(args.state_dir.clone().unwrap_or_else(StateDir::default_root));
@@ -52,9 +53,10 @@ pub fn run(args: RunArgs) -> ExitCode {
         env: std::env::vars().collect(),
         policy: PolicyRef::Named(args.policy.clone().unwrap_or_else(|| "default".into())),
     };
-    // sandbox-init starts loading now and waits for its spec while we plan (a sandbox starts
-    // ~1 ms sooner on two cores); if planning fails, dropping it makes it exit unused.
-    let pending = match crate::sandbox::Pending::start(Stdio::inherit(), Stdio::inherit(), Stdio::inherit()) {
+    // sandbox-init loads and waits for its spec while we plan (a sandbox starts sooner on two
+    // cores); if planning fails, dropping it makes it exit unused.
+    let early = early.unwrap_or_else(|| crate::sandbox::Pending::start(Stdio::inherit(), Stdio::inherit(), Stdio::inherit()));
+    let pending = match early {
         Ok(p) => p,
         Err(e) => {
             eprintln!("mcpbox: {name}: {e}");

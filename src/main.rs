@@ -132,6 +132,12 @@ enum PolicyCmd {
 }
 
 fn main() -> ExitCode {
+    // `mcpbox run` starts its sandbox-init before anything else, even parsing the command line:
+    // loading it overlaps with everything up to planning the sandbox (see cli_run).
+    let early = std::env::args_os().nth(1).is_some_and(|a| a == "run").then(|| {
+        use std::process::Stdio;
+        mcpbox::sandbox::Pending::start(Stdio::inherit(), Stdio::inherit(), Stdio::inherit())
+    });
     // The hidden sandbox-init mode runs before anything else: no logging, no threads.
     let cli = Cli::parse();
     match cli.cmd {
@@ -151,7 +157,7 @@ fn main() -> ExitCode {
             // Quiet by default (stderr is the MCP client's log), but a first start that
             // installs an npx/uvx package says so instead of hanging silently.
             init_logging("warn,mcpbox::prepare=info", false);
-            mcpbox::cli_run::run(mcpbox::cli_run::RunArgs { policy, state_dir, name, min_level: min_level.into(), command })
+            mcpbox::cli_run::run(mcpbox::cli_run::RunArgs { policy, state_dir, name, min_level: min_level.into(), command }, early)
         }
         Cmd::Policy { cmd: PolicyCmd::Check { file, data, cache } } => {
             match mcpbox::policy::check(&file, data.as_deref(), cache.as_deref()) {
