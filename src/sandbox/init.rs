@@ -311,7 +311,7 @@ fn outer(spec_fd: RawFd, report: &Report, status: Option<Report>) -> Result<i32,
                     send(report, &Msg::Error { message: e.to_string() });
                     sys::exit_now(126);
                 }
-                server(&spec, report, &st, me);
+                server(&spec, report, &st, me, None);
             }
             Forked::Parent(child) => {
                 drop(entry);
@@ -378,6 +378,23 @@ fn pid1(spec: &SandboxSpec, report: &Report, alive_r: OwnedFd, st: &mut State, e
     entry.enter().map_err(|e| InitError::Io(format!("joining {e}")))?;
     unshare(CloneFlags::CLONE_NEWCGROUP).map_err(sys_err("unshare(CLONE_NEWCGROUP)"))?;
 
+    // 8 (early). The server is forked now and prepares everything that does not need the
+    // finished view (its filter program, limits, signals, capabilities) while we build it; it
+    // waits on `go` for the rest. Our cwd is the old root's "/", so pivot_root moves the
+    // server's root and cwd along with ours.
+    let (go_r, go_w) = nix::unistd::pipe().map_err(sys_err("pipe"))?;
+    nix::unistd::chdir("/").map_err(sys_err("chdir /"))?;
+    let mask = forwarded();
+    let me = nix::unistd::getpid();
+    let child = match sys::fork().map_err(|e| InitError::Io(format!("fork: {e}")))? {
+        Forked::Child => {
+            drop(go_w);
+            server(spec, report, st, me, Some(go_r))
+        }
+        Forked::Parent(child) => child,
+    };
+    drop(go_r);
+
     // 7. The mount view, hostname, loopback, proxy socket.
     mounts::build_root(spec)?;
     let host = spec.name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '-' }).take(63).collect::<String>();
@@ -389,18 +406,14 @@ fn pid1(spec: &SandboxSpec, report: &Report, alive_r: OwnedFd, st: &mut State, e
         let l = std::net::TcpListener::bind(("127.0.0.1", PROXY_PORT)).map_err(|e| InitError::Io(format!("binding the proxy port inside the sandbox: {e}")))?;
         send_with_fd(report, &Msg::Proxy, l.as_raw_fd())?;
     }
+    // The view is ready: let the server go on.
+    nix::unistd::write(&go_w, b"1").map_err(sys_err("write(go)"))?;
+    drop(go_w);
 
-    let mask = forwarded();
-    let me = nix::unistd::getpid();
-    match sys::fork().map_err(|e| InitError::Io(format!("fork: {e}")))? {
-        Forked::Child => server(spec, report, st, me),
-        Forked::Parent(child) => {
-            // PID 1 keeps nothing open and no privilege.
-            let _ = sys::close_from(3);
-            let _ = drop_caps();
-            Ok(supervise(child, &mask, true))
-        }
-    }
+    // PID 1 keeps nothing open and no privilege.
+    let _ = sys::close_from(3);
+    let _ = drop_caps();
+    Ok(supervise(child, &mask, true))
 }
 
 fn send_with_fd(report: &Report, msg: &Msg, fd: RawFd) -> Result<(), InitError> {
@@ -439,15 +452,17 @@ fn drop_caps() -> Result<(), InitError> {
 }
 
 /// The server process: never returns on success (execve).
-fn server(spec: &SandboxSpec, report: &Report, st: &State, parent: Pid) -> ! {
+/// `go`: at full level, PID 1 writes to it once the mount view is built (EOF: PID 1 failed).
+fn server(spec: &SandboxSpec, report: &Report, st: &State, parent: Pid, go: Option<OwnedFd>) -> ! {
     let mut report = *report;
     // Die with the sandbox-init that forked us (at full level PID 1's death ends the whole
     // namespace anyway; at container level this is what stops the server outliving it).
     if prctl::set_pdeathsig(Signal::SIGKILL).is_err() || nix::unistd::getppid() != parent {
         sys::exit_now(125);
     }
-    let e = match server_setup(spec, &mut report, st) {
+    let e = match server_setup(spec, &mut report, st, go) {
         Ok(never) => match never {},
+        Err(InitError::Cancelled) => sys::exit_now(127),
         Err(e) => e,
     };
     send(&report, &Msg::Error { message: e.to_string() });
@@ -456,10 +471,9 @@ fn server(spec: &SandboxSpec, report: &Report, st: &State, parent: Pid) -> ! {
 
 enum Never {}
 
-fn server_setup(spec: &SandboxSpec, report: &mut Report, st: &State) -> Result<Never, InitError> {
+fn server_setup(spec: &SandboxSpec, report: &mut Report, st: &State, go: Option<OwnedFd>) -> Result<Never, InitError> {
     let full = st.level == Level::Full;
     let tmp: PathBuf = if full { "/tmp".into() } else { spec.tmp_dir.clone() };
-    std::env::set_current_dir(&spec.cwd).map_err(|e| InitError::Io(format!("chdir {}: {e}", spec.cwd.display())))?;
 
     // Everything that allocates is prepared before the filters go on.
     let argv: Vec<CString> = spec.argv.iter().map(|a| CString::new(a.as_str())).collect::<Result<_, _>>().map_err(|e| InitError::Io(e.to_string()))?;
@@ -493,13 +507,23 @@ fn server_setup(spec: &SandboxSpec, report: &mut Report, st: &State) -> Result<N
     // Limits on this process (inherited by everything it starts).
     limits::apply_rlimits(&spec.limits, &st.limits).map_err(|e| InitError::Io(format!("setrlimit: {e}")))?;
 
-    // Every inherited descriptor above 2 goes, except the report socket (close-on-exec).
+    // Every inherited descriptor above 2 goes, except the report socket (close-on-exec) at 3
+    // and, until the view is ready, `go` at 4.
+    let io = |what: &'static str| move |e: std::io::Error| InitError::Io(format!("{what}: {e}"));
+    let go = go.map(|g| nix::fcntl::fcntl(&g, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(10))).transpose().map_err(sys_err("F_DUPFD_CLOEXEC"))?;
     if report.0 != 3 {
-        sys::dup2(report.0, 3).map_err(|e| InitError::Io(format!("dup2(report, 3): {e}")))?;
-        sys::set_cloexec(3).map_err(|e| InitError::Io(e.to_string()))?;
+        sys::dup2(report.0, 3).map_err(io("dup2(report, 3)"))?;
+        sys::set_cloexec(3).map_err(io("FD_CLOEXEC"))?;
         *report = Report(3);
     }
-    sys::close_from(4).map_err(|e| InitError::Io(format!("close_range: {e}")))?;
+    let go = match go {
+        Some(g) => {
+            sys::dup2(g, 4).map_err(io("dup2(go, 4)"))?;
+            Some(sys::adopt_fd(4).map_err(io("go"))?)
+        }
+        None => None,
+    };
+    sys::close_from(if go.is_some() { 5 } else { 4 }).map_err(io("close_range"))?;
 
     // A clean signal state for the server (dispositions now: every syscall after the filter
     // goes through it; the mask last, so nothing is delivered to us before execve).
@@ -507,6 +531,19 @@ fn server_setup(spec: &SandboxSpec, report: &mut Report, st: &State) -> Result<N
 
     drop_caps()?;
     prctl::set_no_new_privs().map_err(sys_err("prctl(PR_SET_NO_NEW_PRIVS)"))?;
+
+    // The rest needs the finished view. EOF instead: PID 1 failed and reports why itself.
+    if let Some(g) = go {
+        let mut b = [0u8; 1];
+        loop {
+            match nix::unistd::read(&g, &mut b) {
+                Ok(1) => break,
+                Err(Errno::EINTR) => continue,
+                _ => return Err(InitError::Cancelled),
+            }
+        }
+    }
+    std::env::set_current_dir(&spec.cwd).map_err(|e| InitError::Io(format!("chdir {}: {e}", spec.cwd.display())))?;
     let ll = ll::apply(&rules, &net, spec.landlock_min_abi)?;
     sys::apply_seccomp(&prog).map_err(|e| InitError::Seccomp(e.to_string()))?;
     SigSet::empty().thread_set_mask().map_err(sys_err("sigprocmask"))?;
