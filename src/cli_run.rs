@@ -3,11 +3,7 @@
 use std::path::PathBuf;
 use std::process::{ExitCode, Stdio};
 
-use std::os::fd::AsFd;
-
-use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{kill, SigSet, Signal};
-use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::unistd::Pid;
 
 use crate::launch::{plan, PolicyRef, ServerLaunch, StateDir};
@@ -114,7 +110,7 @@ pub fn run(args: RunArgs, early: Option<Result<crate::sandbox::Pending, crate::s
         eprintln!("mcpbox: sigprocmask: {e}");
         return ExitCode::from(EXIT_SETUP);
     }
-    let (mut child, report, _, exit) = match pending.send(&planned.spec) {
+    let (mut child, report, _) = match pending.send(&planned.spec) {
         Ok(x) => x,
         Err(e) => {
             eprintln!("mcpbox: {name}: {e}");
@@ -140,57 +136,25 @@ pub fn run(args: RunArgs, early: Option<Result<crate::sandbox::Pending, crate::s
         tracing::info!("removed {swept} cgroup(s) left by earlier sandboxes");
     }
     let pid = Pid::from_raw(child.id() as i32);
-    let sigfd = match SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK) {
-        Ok(f) => f,
-        Err(e) => {
-            eprintln!("mcpbox: signalfd: {e}");
-            return ExitCode::from(EXIT_SETUP);
-        }
-    };
-    // The exit code comes from sandbox-init's status pipe once every process of the sandbox is
-    // gone: its cgroups can go and the caller can have the code while sandbox-init's own exit
-    // still tears the namespaces down. If it dies without writing (killed), its exit status.
-    let mut pipe_open = true;
-    let code = loop {
+    let status = loop {
         match child.try_wait() {
-            Ok(Some(st)) => {
-                use std::os::unix::process::ExitStatusExt;
-                break st.code().unwrap_or_else(|| 128 + st.signal().unwrap_or(0));
-            }
+            Ok(Some(st)) => break st,
             Ok(None) => {}
             Err(e) => {
                 eprintln!("mcpbox: waiting for {name}: {e}");
                 return ExitCode::from(EXIT_SETUP);
             }
         }
-        let mut fds = vec![PollFd::new(sigfd.as_fd(), PollFlags::POLLIN)];
-        if pipe_open {
-            fds.push(PollFd::new(exit.fd(), PollFlags::POLLIN));
-        }
-        match poll(&mut fds, PollTimeout::NONE) {
-            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
-            Err(e) => {
-                eprintln!("mcpbox: waiting for {name}: poll: {e}");
-                return ExitCode::from(EXIT_SETUP);
-            }
-        }
-        let ready = |f: &PollFd| f.revents().is_some_and(|r| !r.is_empty());
-        if pipe_open && ready(&fds[1]) {
-            match exit.read() {
-                Some(code) => break code,
-                None => pipe_open = false,
-            }
-        }
-        while let Ok(Some(info)) = sigfd.read_signal() {
-            match Signal::try_from(info.ssi_signo as i32) {
-                Ok(Signal::SIGCHLD) | Err(_) => {}
-                Ok(sig) => {
-                    let _ = kill(pid, sig);
-                }
+        match mask.wait() {
+            Ok(Signal::SIGCHLD) | Err(_) => {}
+            Ok(sig) => {
+                let _ = kill(pid, sig);
             }
         }
     };
     crate::sandbox::cleanup(&report);
+    use std::os::unix::process::ExitStatusExt;
+    let code = status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
     ExitCode::from(code.clamp(0, 255) as u8)
 }
 

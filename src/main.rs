@@ -67,8 +67,6 @@ enum Cmd {
         spec_fd: i32,
         #[arg(long)]
         report_fd: i32,
-        #[arg(long)]
-        status_fd: Option<i32>,
     },
     /// Serve the servers of a config file over SSE and Streamable HTTP.
     Serve(mcpbox::serve::ServeArgs),
@@ -141,8 +139,8 @@ fn main() -> ExitCode {
     // The hidden sandbox-init mode runs before anything else: no logging, no threads.
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::SandboxInit { spec_fd, report_fd, status_fd } => {
-            let code = mcpbox::sandbox::sandbox_init_main(spec_fd, report_fd, status_fd);
+        Cmd::SandboxInit { spec_fd, report_fd } => {
+            let code = mcpbox::sandbox::sandbox_init_main(spec_fd, report_fd);
             ExitCode::from(code.clamp(0, 255) as u8)
         }
         // The tokio runtime is built inside: sandbox-init above must run before any thread.

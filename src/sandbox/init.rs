@@ -13,32 +13,26 @@
 //!     and find the cgroup mounts. None of this needs the spec: mcpbox may start us before it
 //!     has planned the sandbox, and this work overlaps with its planning. Then read the spec from
 //!     the inherited pipe (never argv or env); an empty one means mcpbox gave up (exit quietly).
-//!  2. cgroups, while still host root: create them, set the limits, and open their
-//!     `tasks`/`cgroup.procs` files. PID 1 joins through those files later (the kernel checks
-//!     the opener's credentials), so this outer process stays outside: its exit, which tears the
-//!     namespaces down, never holds up removing the cgroups.
+//!  2. cgroups, while still host root: creating and joining them needs it.
 //!  3. Drop the host identity to the server's own unprivileged uid (as root), *before* creating
 //!     the user namespace: the namespace is then owned by that uid, the maps can only say
 //!     "inside uid → that uid", and host uid 0 is never mapped anywhere.
 //!  4. PDEATHSIG again (a credential change clears it) and the parent check that closes the race
 //!     with our parent's death.
-//!  5. unshare every namespace at once (the cgroup one excepted, see 7); write setgroups/uid_map/
-//!     gid_map (dumpable must be on for that after the uid change, and goes off right after).
+//!  5. unshare every namespace at once; write setgroups/uid_map/gid_map (dumpable must be on for
+//!     that after the uid change, and goes off right after).
 //!  6. fork: the child is PID 1 of the new PID namespace. When it exits the kernel kills every
 //!     process left in the namespace, so nothing of the sandbox outlives it.
-//!  7. PID 1 joins the cgroups and unshares a cgroup namespace rooted there, builds the mount
-//!     view (see `mounts`), sets the hostname, brings loopback up, and
+//!  7. PID 1 builds the mount view (see `mounts`), sets the hostname, brings loopback up, and
 //!     for network mode `proxy` binds the proxy port inside the namespace and hands the socket
 //!     to mcpbox.
-//!  8. fork the server. The server closes every fd above 2, drops every capability, sets
-//!     NO_NEW_PRIVS, applies Landlock, then seccomp (last: it would refuse the earlier steps),
-//!     reports success and execs with the explicit environment of the spec.
+//!  8. The server is forked by PID 1 *before* step 7, so that it prepares in parallel: it
+//!     closes every fd above 2, drops every capability and sets NO_NEW_PRIVS, then waits until
+//!     PID 1 says the view is built; then it applies Landlock, then seccomp (last: it would
+//!     refuse the earlier steps), reports success and execs with the spec's explicit
+//!     environment.
 //!
-//!  9. When PID 1 is reaped (so every process of the namespace is gone), the outer writes the
-//!     exit code to the status fd, if mcpbox gave one, and exits with it.
-//!
-//! At container level (no namespaces can be made), steps 5–7 are skipped (the server joins the
-//! cgroups itself): Landlock alone
+//! At container level (no namespaces can be made), steps 5–7 are skipped: Landlock alone
 //! shapes the filesystem view, the outer sandbox-init becomes a child subreaper, and kills the
 //! server's process group and cgroup when the server exits.
 
@@ -127,20 +121,13 @@ fn forwarded() -> SigSet {
 }
 
 /// Entry point of the hidden subcommand. Returns the process exit code.
-///
-/// `status_fd`, when given, receives the server's exit code (4 bytes, little endian) as soon as
-/// the sandbox is gone, before this process's own exit (which still tears down the namespaces):
-/// `mcpbox run` answers its caller from it without waiting for that teardown.
-pub fn main(spec_fd: RawFd, report_fd: RawFd, status_fd: Option<RawFd>) -> i32 {
-    for fd in std::iter::once(report_fd).chain(status_fd) {
-        if let Err(e) = sys::set_cloexec(fd) {
-            eprintln!("mcpbox sandbox-init: fd {fd}: {e} (this mode is started by mcpbox itself)");
-            return 125;
-        }
+pub fn main(spec_fd: RawFd, report_fd: RawFd) -> i32 {
+    if let Err(e) = sys::set_cloexec(report_fd) {
+        eprintln!("mcpbox sandbox-init: report fd {report_fd}: {e} (this mode is started by mcpbox itself)");
+        return 125;
     }
     let report = Report(report_fd);
-    let status = status_fd.map(Report);
-    match outer(spec_fd, &report, status) {
+    match outer(spec_fd, &report) {
         Ok(code) => code,
         Err(InitError::Cancelled) => 125,
         Err(e) => {
@@ -168,7 +155,7 @@ struct State {
     host_uid: u32,
 }
 
-fn outer(spec_fd: RawFd, report: &Report, status: Option<Report>) -> Result<i32, InitError> {
+fn outer(spec_fd: RawFd, report: &Report) -> Result<i32, InitError> {
     let threads = sys::thread_count();
     if threads != 1 {
         return Err(InitError::Threads(threads));
@@ -187,11 +174,9 @@ fn outer(spec_fd: RawFd, report: &Report, status: Option<Report>) -> Result<i32,
     let mut st = State { level: Level::Full, warnings: Vec::new(), limits: Applied::default(), host_uid: getuid().as_raw() };
     let leaf = format!("{}-{}", spec.name, std::process::id());
 
-    // 2. cgroups, while still host root: made and opened here, joined by PID 1 (or, at
-    //    container level, the server), so that this process stays outside them.
-    let mut entry = limits::Entry::default();
+    // 2. cgroups, while still host root.
     if let Some(layout) = &layout {
-        (st.limits, entry) = limits::prepare_cgroups(layout, &spec.limits, &spec.cgroup_parent, &leaf);
+        st.limits = limits::join_cgroups(layout, &spec.limits, &spec.cgroup_parent, &leaf);
         st.warnings.append(&mut st.limits.warnings.clone());
     } else {
         st.limits = limits::rlimit_only(&spec.limits);
@@ -231,7 +216,8 @@ fn outer(spec_fd: RawFd, report: &Report, status: Option<Report>) -> Result<i32,
         | CloneFlags::CLONE_NEWPID
         | CloneFlags::CLONE_NEWNS
         | CloneFlags::CLONE_NEWIPC
-        | CloneFlags::CLONE_NEWUTS;
+        | CloneFlags::CLONE_NEWUTS
+        | CloneFlags::CLONE_NEWCGROUP;
     let own_net = !matches!(spec.network, Network::Host { .. });
     if own_net {
         flags |= CloneFlags::CLONE_NEWNET;
@@ -276,10 +262,7 @@ fn outer(spec_fd: RawFd, report: &Report, status: Option<Report>) -> Result<i32,
         match sys::fork().map_err(|e| InitError::Io(format!("fork: {e}")))? {
             Forked::Child => {
                 drop(alive_w);
-                if let Some(s) = status {
-                    sys::close_fd(s.0);
-                }
-                let code = match pid1(&spec, report, alive_r, &mut st, entry) {
+                let code = match pid1(&spec, report, alive_r, &mut st) {
                     Ok(code) => code,
                     Err(e) => {
                         send(report, &Msg::Error { message: e.to_string() });
@@ -290,13 +273,8 @@ fn outer(spec_fd: RawFd, report: &Report, status: Option<Report>) -> Result<i32,
             }
             Forked::Parent(child) => {
                 drop(alive_r);
-                drop(entry);
                 sys::close_fd(report.0);
                 let code = supervise(child, &mask, false);
-                // PID 1 is reaped: the namespace's every process is gone and out of the cgroups.
-                if let Some(s) = status {
-                    sys::write_fd(s.0, &code.to_le_bytes());
-                }
                 drop(alive_w);
                 Ok(code)
             }
@@ -307,14 +285,9 @@ fn outer(spec_fd: RawFd, report: &Report, status: Option<Report>) -> Result<i32,
         match sys::fork().map_err(|e| InitError::Io(format!("fork: {e}")))? {
             Forked::Child => {
                 let _ = nix::unistd::setpgid(Pid::from_raw(0), Pid::from_raw(0));
-                if let Err(e) = entry.enter() {
-                    send(report, &Msg::Error { message: e.to_string() });
-                    sys::exit_now(126);
-                }
                 server(&spec, report, &st, me, None);
             }
             Forked::Parent(child) => {
-                drop(entry);
                 sys::close_fd(report.0);
                 let code = supervise(child, &mask, false);
                 let _ = nix::sys::signal::killpg(child, Signal::SIGKILL);
@@ -364,7 +337,7 @@ fn supervise(child: Pid, mask: &SigSet, reap_all: bool) -> i32 {
     }
 }
 
-fn pid1(spec: &SandboxSpec, report: &Report, alive_r: OwnedFd, st: &mut State, entry: limits::Entry) -> Result<i32, InitError> {
+fn pid1(spec: &SandboxSpec, report: &Report, alive_r: OwnedFd, st: &mut State) -> Result<i32, InitError> {
     prctl::set_pdeathsig(Signal::SIGKILL).map_err(sys_err("prctl(PR_SET_PDEATHSIG)"))?;
     // The outer sandbox-init holds the write end: a hang-up means it is already gone.
     let mut fds = [nix::poll::PollFd::new(std::os::fd::AsFd::as_fd(&alive_r), nix::poll::PollFlags::POLLIN)];
@@ -372,11 +345,6 @@ fn pid1(spec: &SandboxSpec, report: &Report, alive_r: OwnedFd, st: &mut State, e
         return Ok(125);
     }
     drop(alive_r);
-
-    // Into the cgroups first (everything from here on counts against the limits), then a
-    // cgroup namespace rooted there: inside, the sandbox's cgroup is "/".
-    entry.enter().map_err(|e| InitError::Io(format!("joining {e}")))?;
-    unshare(CloneFlags::CLONE_NEWCGROUP).map_err(sys_err("unshare(CLONE_NEWCGROUP)"))?;
 
     // 8 (early). The server is forked now and prepares everything that does not need the
     // finished view (its filter program, limits, signals, capabilities) while we build it; it

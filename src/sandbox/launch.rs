@@ -94,14 +94,12 @@ impl Default for Spawner {
     }
 }
 
-/// Descriptors handed to sandbox-init; the parent keeps `spec_w`, `report` and `status_r`.
+/// Descriptors handed to sandbox-init; the parent keeps `spec_w` and `report`.
 struct Channels {
     spec_r: OwnedFd,
     spec_w: OwnedFd,
     report: OwnedFd,
     child_report: OwnedFd,
-    status_r: OwnedFd,
-    status_w: OwnedFd,
 }
 
 /// Move a descriptor to number 10 or above, close-on-exec, so that `pre_exec` can dup2 it to
@@ -118,16 +116,14 @@ fn channels() -> std::io::Result<Channels> {
     let (a, b) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)?;
     // A sandbox-init that never reports must not hang the spawner forever.
     nix::sys::socket::setsockopt(&a, nix::sys::socket::sockopt::ReceiveTimeout, &nix::sys::time::TimeVal::new(30, 0))?;
-    // The server's exit code, written when the sandbox is gone (see `sandbox-init --status-fd`).
-    let (sr, sw) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-    Ok(Channels { spec_r: high(r)?, spec_w: w, report: a, child_report: high(b)?, status_r: sr, status_w: high(sw)? })
+    Ok(Channels { spec_r: high(r)?, spec_w: w, report: a, child_report: high(b)? })
 }
 
 fn command(ch: &Channels) -> Command {
     let mut cmd = Command::new("/proc/self/exe");
-    cmd.args(["sandbox-init", "--spec-fd", "3", "--report-fd", "4", "--status-fd", "5"]).env_clear();
+    cmd.args(["sandbox-init", "--spec-fd", "3", "--report-fd", "4"]).env_clear();
     let parent = std::process::id() as i32;
-    let (spec_fd, report_fd, status_fd): (RawFd, RawFd, RawFd) = (ch.spec_r.as_raw_fd(), ch.child_report.as_raw_fd(), ch.status_w.as_raw_fd());
+    let (spec_fd, report_fd): (RawFd, RawFd) = (ch.spec_r.as_raw_fd(), ch.child_report.as_raw_fd());
     // SAFETY: the closure only makes async-signal-safe calls (prctl, getppid, setsid, dup2,
     // _exit) on values captured before the fork; it allocates nothing.
     unsafe {
@@ -141,7 +137,7 @@ fn command(ch: &Channels) -> Command {
             if libc::setsid() < 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            if libc::dup2(spec_fd, 3) < 0 || libc::dup2(report_fd, 4) < 0 || libc::dup2(status_fd, 5) < 0 {
+            if libc::dup2(spec_fd, 3) < 0 || libc::dup2(report_fd, 4) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
@@ -150,46 +146,17 @@ fn command(ch: &Channels) -> Command {
     cmd
 }
 
-/// Hand the spec to a started sandbox-init and read its report. Returns the read end of the
-/// status pipe too (see [`ExitStatusPipe`]).
-fn send_spec(ch: Channels, spec: &SandboxSpec, started: Instant) -> Result<(StartReport, Option<std::net::TcpListener>, OwnedFd), SandboxError> {
-    let Channels { spec_r, spec_w, report, child_report, status_r, status_w } = ch;
+/// Hand the spec to a started sandbox-init and read its report.
+fn send_spec(ch: Channels, spec: &SandboxSpec, started: Instant) -> Result<(StartReport, Option<std::net::TcpListener>), SandboxError> {
+    let Channels { spec_r, spec_w, report, child_report } = ch;
     drop(child_report);
     drop(spec_r);
-    drop(status_w);
     let bytes = serde_json::to_vec(spec).map_err(|e| SandboxError::Spawn(std::io::Error::other(e)))?;
     // sandbox-init reads until end of file; closing our end is that end.
     std::io::Write::write_all(&mut std::fs::File::from(spec_w), &bytes).map_err(SandboxError::Spawn)?;
     let (mut r, l) = read_report(&report)?;
     r.start_latency = started.elapsed();
-    Ok((r, l, status_r))
-}
-
-/// Where the outer sandbox-init writes the server's exit code once every process of the sandbox
-/// is gone and out of its cgroups, just before its own exit tears the namespaces down. Reading
-/// it lets `mcpbox run` clean up and answer its caller without waiting for that teardown.
-pub struct ExitStatusPipe(OwnedFd);
-
-impl ExitStatusPipe {
-    pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
-        std::os::fd::AsFd::as_fd(&self.0)
-    }
-
-    /// Read the exit code (call when readable). None: sandbox-init ended without writing one
-    /// (it was killed); wait for the process instead.
-    pub fn read(&self) -> Option<i32> {
-        let mut buf = [0u8; 4];
-        let mut got = 0;
-        while got < 4 {
-            match nix::unistd::read(&self.0, &mut buf[got..]) {
-                Ok(0) => return None,
-                Ok(n) => got += n,
-                Err(nix::errno::Errno::EINTR) => continue,
-                Err(_) => return None,
-            }
-        }
-        Some(i32::from_le_bytes(buf))
-    }
+    Ok((r, l))
 }
 
 /// Read sandbox-init's messages until the socket closes (the server exec'd, or setup died).
@@ -246,7 +213,7 @@ fn spawn_tokio(spec: &SandboxSpec) -> Result<Sandboxed, SandboxError> {
     cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
     let mut child = cmd.spawn().map_err(SandboxError::Spawn)?;
     match send_spec(ch, spec, started) {
-        Ok((report, proxy_listener, _)) => Ok(Sandboxed { child, report, proxy_listener }),
+        Ok((report, proxy_listener)) => Ok(Sandboxed { child, report, proxy_listener }),
         Err(e) => {
             let _ = child.start_kill();
             Err(e)
@@ -275,10 +242,10 @@ impl Pending {
     }
 
     /// Give sandbox-init its spec; returns once the server was exec'd (or setup failed).
-    pub fn send(mut self, spec: &SandboxSpec) -> Result<(std::process::Child, StartReport, Option<std::net::TcpListener>, ExitStatusPipe), SandboxError> {
+    pub fn send(mut self, spec: &SandboxSpec) -> Result<(std::process::Child, StartReport, Option<std::net::TcpListener>), SandboxError> {
         let (mut child, ch) = (self.child.take().expect("sent once"), self.ch.take().expect("sent once"));
         match send_spec(ch, spec, self.started) {
-            Ok((report, l, status)) => Ok((child, report, l, ExitStatusPipe(status))),
+            Ok((report, l)) => Ok((child, report, l)),
             Err(e) => {
                 let _ = child.kill();
                 let _ = child.wait();
@@ -305,8 +272,7 @@ pub fn spawn_blocking_std(
     stdout: Stdio,
     stderr: Stdio,
 ) -> Result<(std::process::Child, StartReport, Option<std::net::TcpListener>), SandboxError> {
-    let (child, report, l, _) = Pending::start(stdin, stdout, stderr)?.send(spec)?;
-    Ok((child, report, l))
+    Pending::start(stdin, stdout, stderr)?.send(spec)
 }
 
 /// Remove what a sandbox leaves on the host after it exited (its cgroup directories). The

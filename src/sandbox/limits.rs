@@ -82,46 +82,19 @@ fn mkdir(path: &Path) -> Result<(), CgroupError> {
     }
 }
 
-/// The open `cgroup.procs`/`tasks` files of a sandbox's cgroups, through which PID 1 moves
-/// itself in ([`Entry::enter`]). Opened as root by sandbox-init: the kernel checks a move
-/// against the credentials (and cgroup namespace) of the opener, so PID 1 can join after the
-/// uid change and the new namespaces, and the outer sandbox-init itself stays outside, where its
-/// exit does not hold up removing the cgroups.
-#[derive(Debug, Default)]
-pub struct Entry(Vec<(PathBuf, fs::File)>);
-
-impl Entry {
-    /// Move the calling process into every cgroup. "0" names the writer itself: a single-threaded
-    /// process moving itself through a v1 `tasks` file skips the global threadgroup lock, whose
-    /// RCU grace period otherwise costs milliseconds per start.
-    pub fn enter(self) -> Result<(), CgroupError> {
-        for (path, mut f) in self.0 {
-            io::Write::write_all(&mut f, b"0").map_err(|source| CgroupError { path, source })?;
-        }
-        Ok(())
-    }
-}
-
-fn open_entry(path: PathBuf) -> Result<(PathBuf, fs::File), CgroupError> {
-    match fs::OpenOptions::new().write(true).open(&path) {
-        Ok(f) => Ok((path, f)),
-        Err(source) => Err(CgroupError { path, source }),
-    }
-}
-
-/// Create this sandbox's cgroups and set their limits; [`Entry`] then moves PID 1 in. Needs host
-/// root (it runs in sandbox-init before the uid is dropped). Failures degrade to rlimits with a
-/// warning: rlimits are applied in any case by [`apply_rlimits`].
-pub fn prepare_cgroups(l: &Layout, limits: &Limits, parent: &str, leaf: &str) -> (Applied, Entry) {
+/// Create this sandbox's cgroups, set their limits and move the calling process into them.
+/// Needs host root (it runs in sandbox-init before the uid is dropped). Failures degrade to
+/// rlimits with a warning: rlimits are applied in any case by [`apply_rlimits`].
+pub fn join_cgroups(l: &Layout, limits: &Limits, parent: &str, leaf: &str) -> Applied {
     let mut a = Applied::default();
-    let mut entry = Entry::default();
+    let me = std::process::id().to_string();
     let mut parts = Vec::new();
 
     // cgroup v2 first: one directory carries both controllers.
     if let Some((root, ctrls)) = &l.v2 {
         let want: Vec<&str> = ["pids", "memory"].into_iter().filter(|c| ctrls.iter().any(|x| x == c)).collect();
         if !want.is_empty() {
-            let res = (|| -> Result<(PathBuf, (PathBuf, fs::File)), CgroupError> {
+            let res = (|| -> Result<PathBuf, CgroupError> {
                 let enable: String = want.iter().map(|c| format!("+{c} ")).collect();
                 write(&root.join("cgroup.subtree_control"), enable.trim())?;
                 let p = root.join(parent);
@@ -140,13 +113,12 @@ pub fn prepare_cgroups(l: &Layout, limits: &Limits, parent: &str, leaf: &str) ->
                         let _ = write(&dir.join("memory.swap.max"), "0");
                     }
                 }
-                let e = open_entry(dir.join("cgroup.procs"))?;
-                Ok((dir, e))
+                write(&dir.join("cgroup.procs"), &me)?;
+                Ok(dir)
             })();
             match res {
-                Ok((dir, e)) => {
+                Ok(dir) => {
                     a.dirs.push(dir);
-                    entry.0.push(e);
                     for c in &want {
                         parts.push(format!("{c}: cgroup v2"));
                         if *c == "pids" { a.pids_by_cgroup = true }
@@ -168,7 +140,7 @@ pub fn prepare_cgroups(l: &Layout, limits: &Limits, parent: &str, leaf: &str) ->
         if covered {
             continue;
         }
-        let res = (|| -> Result<(PathBuf, (PathBuf, fs::File)), CgroupError> {
+        let res = (|| -> Result<PathBuf, CgroupError> {
             let p = mount.join(parent);
             mkdir(&p)?;
             let dir = p.join(leaf);
@@ -178,13 +150,15 @@ pub fn prepare_cgroups(l: &Layout, limits: &Limits, parent: &str, leaf: &str) ->
                 // Without swap accounting this file is absent; then there is no swap to limit.
                 let _ = write(&dir.join("memory.memsw.limit_in_bytes"), &value.to_string());
             }
-            let e = open_entry(dir.join("tasks"))?;
-            Ok((dir, e))
+            // Move this (single-threaded) process by writing "0" to `tasks`: a thread moving
+            // itself skips the global threadgroup lock, whose RCU grace period otherwise costs
+            // milliseconds per start; for one thread it is the whole process.
+            write(&dir.join("tasks"), "0")?;
+            Ok(dir)
         })();
         match res {
-            Ok((dir, e)) => {
+            Ok(dir) => {
                 a.dirs.push(dir);
-                entry.0.push(e);
                 parts.push(format!("{name}: cgroup v1"));
                 if name == "pids" { a.pids_by_cgroup = true } else { a.memory_by_cgroup = true }
             }
@@ -198,7 +172,7 @@ pub fn prepare_cgroups(l: &Layout, limits: &Limits, parent: &str, leaf: &str) ->
         parts.push("memory: rlimit (RLIMIT_DATA, approximate)".into());
     }
     a.summary = parts.join(", ");
-    (a, entry)
+    a
 }
 
 /// What limits are enforced without cgroups (rootless).
