@@ -131,7 +131,7 @@ pub fn run(args: RunArgs, early: Option<Result<crate::sandbox::Pending, crate::s
         "sandbox ready"
     );
     // Housekeeping while the server runs: cgroups left by sandboxes whose mcpbox was killed.
-    let swept = crate::sandbox::sweep_stale_cgroups();
+    let swept = crate::sandbox::sweep_stale_cgroups_beside(&report);
     if swept > 0 {
         tracing::info!("removed {swept} cgroup(s) left by earlier sandboxes");
     }

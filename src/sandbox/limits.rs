@@ -234,6 +234,12 @@ pub fn sweep_stale(parent: &str) -> usize {
         roots.push(p.join(parent));
     }
     roots.extend(l.v1_pids.iter().chain(l.v1_memory.iter()).map(|p| p.join(parent)));
+    sweep_stale_in(roots)
+}
+
+/// [`sweep_stale`] over parent directories already known (those of a running sandbox's own
+/// cgroups), without reading the mount table.
+pub fn sweep_stale_in(roots: impl IntoIterator<Item = PathBuf>) -> usize {
     let mut removed = 0;
     for root in roots {
         let Ok(entries) = fs::read_dir(&root) else { continue };

@@ -17,10 +17,18 @@ pub use launch::{cleanup, spawn_blocking_std, Pending, SandboxError, Sandboxed, 
 pub use init::{main as sandbox_init_main, Msg, PROXY_PORT};
 
 /// Clean up cgroups of sandboxes whose supervisor died without cleaning up (root only; a no-op
-/// otherwise). Called when `run` and `serve` start.
+/// otherwise). Called when `serve` starts.
 pub fn sweep_stale_cgroups() -> usize {
     if !nix::unistd::geteuid().is_root() {
         return 0;
     }
     limits::sweep_stale("mcpbox")
+}
+
+/// The same, beside a running sandbox's own cgroups (`run`, once its server is up: this needs
+/// no look at the mount table).
+pub fn sweep_stale_cgroups_beside(report: &StartReport) -> usize {
+    let mut parents: Vec<std::path::PathBuf> = report.cgroups.iter().filter_map(|d| d.parent().map(|p| p.to_path_buf())).collect();
+    parents.dedup();
+    limits::sweep_stale_in(parents)
 }
