@@ -86,6 +86,9 @@ fn a_command_the_policy_does_not_allow_is_refused() {
     assert_eq!(out.code, 125, "{out}");
     assert!(out.stdout.is_empty(), "{out}");
     assert!(out.stderr.contains("default") && out.stderr.contains("[filesystem] exec"), "{out}");
+    // `run` started sandbox-init before planning; refused, it gets no spec and exits without a
+    // word: the refusal is the only line.
+    assert_eq!(out.stderr.trim().lines().count(), 1, "{out}");
 }
 
 /// The drop-in use for local MCP clients: `mcpbox run -- npx -y PKG`, no policy named. The
