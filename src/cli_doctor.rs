@@ -21,7 +21,6 @@ fn trial(state: &StateDir, min: Level) -> Result<crate::sandbox::StartReport, St
     let (mut child, report, _) = crate::sandbox::spawn_blocking_std(&planned.spec, Stdio::null(), Stdio::null(), Stdio::piped())
         .map_err(|e| e.to_string())?;
     let status = child.wait().map_err(|e| e.to_string())?;
-    crate::sandbox::cleanup(&report);
     if !status.success() {
         return Err(format!("/usr/bin/true exited with {status} inside the sandbox"));
     }

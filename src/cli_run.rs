@@ -152,7 +152,6 @@ pub fn run(args: RunArgs, early: Option<Result<crate::sandbox::Pending, crate::s
             }
         }
     };
-    crate::sandbox::cleanup(&report);
     use std::os::unix::process::ExitStatusExt;
     let code = status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
     ExitCode::from(code.clamp(0, 255) as u8)

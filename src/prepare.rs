@@ -656,7 +656,6 @@ fn run_sandboxed(state: &StateDir, name: &str, manager: Manager, exe: &Path, arg
     for r in readers {
         let _ = r.join();
     }
-    crate::sandbox::cleanup(&report);
     let tail = tail.lock().unwrap_or_else(|e| e.into_inner()).iter().cloned().collect::<Vec<_>>().join("\n  ");
     match status {
         None => bail!("{} did not finish within {:?}; last output:\n  {tail}", exe.display(), PREPARE_TIMEOUT),

@@ -204,13 +204,6 @@ impl Launcher for SandboxLauncher {
                     if let Some(t) = proxy_task {
                         t.abort();
                     }
-                    // Removing the cgroups may wait briefly for the namespace to be torn down.
-                    match tokio::runtime::Handle::try_current() {
-                        Ok(h) => {
-                            h.spawn_blocking(move || crate::sandbox::cleanup(&report));
-                        }
-                        Err(_) => crate::sandbox::cleanup(&report),
-                    }
                 }),
             })
         })

@@ -172,11 +172,11 @@ fn outer(spec_fd: RawFd, report: &Report) -> Result<i32, InitError> {
     };
     let spec = read_spec(spec_fd)?;
     let mut st = State { level: Level::Full, warnings: Vec::new(), limits: Applied::default(), host_uid: getuid().as_raw() };
-    let leaf = format!("{}-{}", spec.name, std::process::id());
 
-    // 2. cgroups, while still host root.
+    // 2. cgroups, while still host root. `slots` holds them until we exit.
+    let mut slots = Vec::new();
     if let Some(layout) = &layout {
-        st.limits = limits::join_cgroups(layout, &spec.limits, &spec.cgroup_parent, &leaf);
+        (st.limits, slots) = limits::join_cgroups(layout, &spec.limits, &spec.cgroup_parent, &spec.name);
         st.warnings.append(&mut st.limits.warnings.clone());
     } else {
         st.limits = limits::rlimit_only(&spec.limits);
@@ -276,6 +276,8 @@ fn outer(spec_fd: RawFd, report: &Report) -> Result<i32, InitError> {
                 sys::close_fd(report.0);
                 let code = supervise(child, &mask, false);
                 drop(alive_w);
+                // Every process of the sandbox is gone: its cgroup slots are free again.
+                drop(slots);
                 Ok(code)
             }
         }
@@ -298,6 +300,7 @@ fn outer(spec_fd: RawFd, report: &Report) -> Result<i32, InitError> {
                         break;
                     }
                 }
+                drop(slots);
                 Ok(code)
             }
         }

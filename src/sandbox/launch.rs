@@ -36,7 +36,8 @@ pub struct StartReport {
     pub warnings: Vec<String>,
     /// How limits are enforced: "cgroup v2", "cgroup v1", "rlimit".
     pub limits: String,
-    /// cgroup directories to remove after the sandbox exits.
+    /// The sandbox's cgroup directories: per-server slots, kept and reused (see
+    /// `limits::claim_slot`); nothing to remove when it exits.
     pub cgroups: Vec<std::path::PathBuf>,
     /// Host uid the server runs as.
     pub host_uid: u32,
@@ -273,18 +274,4 @@ pub fn spawn_blocking_std(
     stderr: Stdio,
 ) -> Result<(std::process::Child, StartReport, Option<std::net::TcpListener>), SandboxError> {
     Pending::start(stdin, stdout, stderr)?.send(spec)
-}
-
-/// Remove what a sandbox leaves on the host after it exited (its cgroup directories). The
-/// namespace's processes may take a moment to be torn down, so retry briefly.
-pub fn cleanup(report: &StartReport) {
-    for dir in &report.cgroups {
-        for _ in 0..50 {
-            match std::fs::remove_dir(dir) {
-                Ok(()) => break,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
-                Err(_) => std::thread::sleep(Duration::from_millis(10)),
-            }
-        }
-    }
 }

@@ -82,11 +82,47 @@ fn mkdir(path: &Path) -> Result<(), CgroupError> {
     }
 }
 
-/// Create this sandbox's cgroups, set their limits and move the calling process into them.
-/// Needs host root (it runs in sandbox-init before the uid is dropped). Failures degrade to
-/// rlimits with a warning: rlimits are applied in any case by [`apply_rlimits`].
-pub fn join_cgroups(l: &Layout, limits: &Limits, parent: &str, leaf: &str) -> Applied {
+/// The lock on a claimed cgroup slot (released when dropped or when the process exits).
+pub type Slot = nix::fcntl::Flock<fs::File>;
+
+/// A cgroup for one sandbox of server `name`: the first of `NAME.0`, `NAME.1`, … under `parent`
+/// that no running sandbox holds. A sandbox holds its slot with an exclusive `flock` on the
+/// directory, for as long as the returned file is open; its processes die with the sandbox, so
+/// a free slot is empty (anything still inside was left by a sandbox whose supervisor was
+/// killed, and is killed here). Slots are kept and reused: creating and removing a memory
+/// cgroup per start costs ~0.2 ms, and removed memory cgroups linger in the kernel while pages
+/// are still charged to them.
+fn claim_slot(parent: &Path, name: &str) -> Result<(PathBuf, Slot), CgroupError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    for k in 0..4096 {
+        let dir = parent.join(format!("{name}.{k}"));
+        mkdir(&dir)?;
+        let f = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY)
+            .open(&dir)
+            .map_err(|source| CgroupError { path: dir.clone(), source })?;
+        match nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            // A sweep may have removed the slot between our mkdir and the lock: take another.
+            Ok(_) if !dir.exists() => continue,
+            Ok(lock) => {
+                kill_members(std::slice::from_ref(&dir));
+                return Ok((dir, lock));
+            }
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => continue,
+            Err((_, e)) => return Err(CgroupError { path: dir, source: e.into() }),
+        }
+    }
+    Err(CgroupError { path: parent.join(format!("{name}.*")), source: io::Error::other("every slot is in use") })
+}
+
+/// Claim this sandbox's cgroups (see [`claim_slot`]), set their limits and move the calling
+/// process into them. Needs host root (it runs in sandbox-init before the uid is dropped).
+/// Failures degrade to rlimits with a warning: rlimits are applied in any case by
+/// [`apply_rlimits`]. The returned files hold the slots: keep them open while the sandbox runs.
+pub fn join_cgroups(l: &Layout, limits: &Limits, parent: &str, name: &str) -> (Applied, Vec<Slot>) {
     let mut a = Applied::default();
+    let mut held = Vec::new();
     let me = std::process::id().to_string();
     let mut parts = Vec::new();
 
@@ -94,14 +130,13 @@ pub fn join_cgroups(l: &Layout, limits: &Limits, parent: &str, leaf: &str) -> Ap
     if let Some((root, ctrls)) = &l.v2 {
         let want: Vec<&str> = ["pids", "memory"].into_iter().filter(|c| ctrls.iter().any(|x| x == c)).collect();
         if !want.is_empty() {
-            let res = (|| -> Result<PathBuf, CgroupError> {
+            let res = (|| -> Result<(PathBuf, Slot), CgroupError> {
                 let enable: String = want.iter().map(|c| format!("+{c} ")).collect();
                 write(&root.join("cgroup.subtree_control"), enable.trim())?;
                 let p = root.join(parent);
                 mkdir(&p)?;
                 write(&p.join("cgroup.subtree_control"), enable.trim())?;
-                let dir = p.join(leaf);
-                mkdir(&dir)?;
+                let (dir, slot) = claim_slot(&p, name)?;
                 if want.contains(&"pids") {
                     if let Some(n) = limits.pids {
                         write(&dir.join("pids.max"), &n.to_string())?;
@@ -114,11 +149,12 @@ pub fn join_cgroups(l: &Layout, limits: &Limits, parent: &str, leaf: &str) -> Ap
                     }
                 }
                 write(&dir.join("cgroup.procs"), &me)?;
-                Ok(dir)
+                Ok((dir, slot))
             })();
             match res {
-                Ok(dir) => {
+                Ok((dir, slot)) => {
                     a.dirs.push(dir);
+                    held.push(slot);
                     for c in &want {
                         parts.push(format!("{c}: cgroup v2"));
                         if *c == "pids" { a.pids_by_cgroup = true }
@@ -134,35 +170,40 @@ pub fn join_cgroups(l: &Layout, limits: &Limits, parent: &str, leaf: &str) -> Ap
         ("pids", l.v1_pids.clone(), "pids.max", limits.pids),
         ("memory", l.v1_memory.clone(), "memory.limit_in_bytes", limits.memory),
     ];
-    for (name, mount, file, value) in v1 {
-        let covered = if name == "pids" { a.pids_by_cgroup } else { a.memory_by_cgroup };
+    for (ctl, mount, file, value) in v1 {
+        let covered = if ctl == "pids" { a.pids_by_cgroup } else { a.memory_by_cgroup };
         let (Some(mount), Some(value)) = (mount, value) else { continue };
         if covered {
             continue;
         }
-        let res = (|| -> Result<PathBuf, CgroupError> {
+        let res = (|| -> Result<(PathBuf, Slot), CgroupError> {
             let p = mount.join(parent);
             mkdir(&p)?;
-            let dir = p.join(leaf);
-            mkdir(&dir)?;
-            write(&dir.join(file), &value.to_string())?;
-            if name == "memory" {
-                // Without swap accounting this file is absent; then there is no swap to limit.
+            let (dir, slot) = claim_slot(&p, name)?;
+            if ctl == "memory" {
+                // memory+swap may never be below memory alone: lift it first (a reused slot
+                // keeps the previous sandbox's values). Without swap accounting these files are
+                // absent; then there is no swap to limit.
+                let _ = write(&dir.join("memory.memsw.limit_in_bytes"), "-1");
+                write(&dir.join(file), &value.to_string())?;
                 let _ = write(&dir.join("memory.memsw.limit_in_bytes"), &value.to_string());
+            } else {
+                write(&dir.join(file), &value.to_string())?;
             }
             // Move this (single-threaded) process by writing "0" to `tasks`: a thread moving
             // itself skips the global threadgroup lock, whose RCU grace period otherwise costs
             // milliseconds per start; for one thread it is the whole process.
             write(&dir.join("tasks"), "0")?;
-            Ok(dir)
+            Ok((dir, slot))
         })();
         match res {
-            Ok(dir) => {
+            Ok((dir, slot)) => {
                 a.dirs.push(dir);
-                parts.push(format!("{name}: cgroup v1"));
-                if name == "pids" { a.pids_by_cgroup = true } else { a.memory_by_cgroup = true }
+                held.push(slot);
+                parts.push(format!("{ctl}: cgroup v1"));
+                if ctl == "pids" { a.pids_by_cgroup = true } else { a.memory_by_cgroup = true }
             }
-            Err(e) => a.warnings.push(format!("cgroup v1 {name} not usable ({e}); using rlimits")),
+            Err(e) => a.warnings.push(format!("cgroup v1 {ctl} not usable ({e}); using rlimits")),
         }
     }
     if !a.pids_by_cgroup && limits.pids.is_some() {
@@ -172,7 +213,7 @@ pub fn join_cgroups(l: &Layout, limits: &Limits, parent: &str, leaf: &str) -> Ap
         parts.push("memory: rlimit (RLIMIT_DATA, approximate)".into());
     }
     a.summary = parts.join(", ");
-    a
+    (a, held)
 }
 
 /// What limits are enforced without cgroups (rootless).
@@ -224,9 +265,11 @@ pub fn kill_members(dirs: &[PathBuf]) {
     }
 }
 
-/// Remove cgroups left by sandboxes whose sandbox-init is gone (mcpbox was killed before it
-/// could clean up): kill anything still inside, then remove the directory. Returns how many
-/// were removed. Directories are named `SERVER-PID` after the sandbox-init that made them.
+/// Tidy the sandboxes' cgroup parent: remove directories left by older mcpbox versions
+/// (`SERVER-PID`, one per sandbox) whose sandbox-init is gone, killing anything still inside, and
+/// free extra slots (`SERVER.K`, K > 0, made when several sandboxes of one server ran at once)
+/// that no sandbox holds. Each server's first slot stays for reuse. Returns how many were
+/// removed.
 pub fn sweep_stale(parent: &str) -> usize {
     let l = layout();
     let mut roots: Vec<PathBuf> = Vec::new();
@@ -247,24 +290,39 @@ pub fn sweep_stale_in(roots: impl IntoIterator<Item = PathBuf>) -> usize {
             // Most entries are the controller's own files: skip them by name and by the
             // directory entry's type, without a stat each.
             let name = e.file_name().to_string_lossy().into_owned();
-            let Some(pid) = name.rsplit_once('-').and_then(|(_, p)| p.parse::<u32>().ok()) else { continue };
+            let legacy_pid = name.rsplit_once('-').and_then(|(_, p)| p.parse::<u32>().ok());
+            let extra_slot = name.rsplit_once('.').and_then(|(_, k)| k.parse::<u32>().ok()).is_some_and(|k| k > 0);
+            if legacy_pid.is_none() && !extra_slot {
+                continue;
+            }
             if !e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
                 continue;
             }
             let path = e.path();
-            let alive = fs::read(format!("/proc/{pid}/cmdline"))
-                .map(|c| c.split(|b| *b == 0).any(|a| a == b"sandbox-init"))
-                .unwrap_or(false);
-            if alive {
-                continue;
-            }
-            kill_members(std::slice::from_ref(&path));
-            for _ in 0..20 {
+            if let Some(pid) = legacy_pid {
+                let alive = fs::read(format!("/proc/{pid}/cmdline"))
+                    .map(|c| c.split(|b| *b == 0).any(|a| a == b"sandbox-init"))
+                    .unwrap_or(false);
+                if alive {
+                    continue;
+                }
+                kill_members(std::slice::from_ref(&path));
+                for _ in 0..20 {
+                    if fs::remove_dir(&path).is_ok() {
+                        removed += 1;
+                        break;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+            } else {
+                // A free slot is empty; hold its lock while removing it, so nobody claims it
+                // half-way.
+                let Ok(f) = fs::File::open(&path) else { continue };
+                let Ok(_held) = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock) else { continue };
+                kill_members(std::slice::from_ref(&path));
                 if fs::remove_dir(&path).is_ok() {
                     removed += 1;
-                    break;
                 }
-                std::thread::sleep(std::time::Duration::from_millis(10));
             }
         }
     }

@@ -13,7 +13,7 @@ pub mod spec;
 pub use spec::{Access, Grant, Link, SandboxSpec};
 
 mod launch;
-pub use launch::{cleanup, spawn_blocking_std, Pending, SandboxError, Sandboxed, Spawner, StartReport};
+pub use launch::{spawn_blocking_std, Pending, SandboxError, Sandboxed, Spawner, StartReport};
 pub use init::{main as sandbox_init_main, Msg, PROXY_PORT};
 
 /// Clean up cgroups of sandboxes whose supervisor died without cleaning up (root only; a no-op
