@@ -384,6 +384,83 @@ fn nothing_is_left_after_mcpbox_is_sigkilled() {
     assert_eq!(left.len(), 1, "unconfined, the child should survive its parent");
 }
 
+/// The cgroup of `pid` for controller `ctl` ("pids", "memory"; "" for the v2 hierarchy), as the
+/// host sees it (e.g. `/mcpbox/NAME.0`).
+fn cgroup_of(pid: i32, ctl: &str) -> Option<String> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    s.lines().find_map(|l| {
+        let mut it = l.splitn(3, ':');
+        let (_, ctls, path) = (it.next()?, it.next()?, it.next()?);
+        ctls.split(',').any(|c| c == ctl).then(|| path.to_string())
+    })
+}
+
+/// Where the host mounts the cgroup hierarchy of `ctl` (v1) or the v2 hierarchy (`""`).
+fn cgroup_mount(ctl: &str) -> Option<std::path::PathBuf> {
+    let s = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    s.lines().find_map(|l| {
+        let (pre, post) = l.split_once(" - ")?;
+        let mnt = pre.split_whitespace().nth(4)?;
+        let mut post = post.split_whitespace();
+        let (fstype, opts) = (post.next()?, post.nth(1)?);
+        let hit = if ctl.is_empty() { fstype == "cgroup2" } else { fstype == "cgroup" && opts.split(',').any(|o| o == ctl) };
+        hit.then(|| mnt.into())
+    })
+}
+
+/// As root, each running sandbox of a server has a cgroup slot of its own (`NAME.0`, `NAME.1`),
+/// holding its processes and nobody else's; a free slot is taken again, and a free extra slot
+/// is swept. Rootless, no cgroup is made at all.
+#[test]
+fn each_running_sandbox_has_its_own_cgroup_slot_and_slots_are_reused() {
+    let s = shared();
+    let pol = probe_policy("slots", "", "");
+    let name = unique("slots");
+    let (m1, m2) = (unique("marker-slot"), unique("marker-slot"));
+    // The first is running before the second starts: it holds slot 0.
+    let (a, _) = start_paused(mcpbox_cmd(&pol, &name, &[], &s.probe, &["pause", &m1]));
+    let (b, _) = start_paused(mcpbox_cmd(&pol, &name, &[], &s.probe, &["pause", &m2]));
+    let (pa, pb) = (pids_with_marker(&m1), pids_with_marker(&m2));
+    assert_eq!((pa.len(), pb.len()), (2, 2), "both probes and their children should be running");
+    let ctls: Vec<&str> = if cgroup_mount("pids").is_some() { vec!["pids", "memory"] } else { vec![""] };
+    for ctl in &ctls {
+        for (pids, k) in [(&pa, 0), (&pb, 1)] {
+            for p in pids.iter() {
+                let cg = cgroup_of(*p, ctl).unwrap_or_default();
+                if is_root() {
+                    assert_eq!(cg, format!("/mcpbox/{name}.{k}"), "pid {p}, controller {ctl:?}");
+                } else {
+                    assert!(!cg.contains("/mcpbox/"), "rootless made a cgroup: {cg}");
+                }
+            }
+        }
+    }
+    drop((a, b));
+    assert!(eventually(Duration::from_secs(5), || pids_with_marker(&m1).is_empty() && pids_with_marker(&m2).is_empty()));
+    if !is_root() {
+        return;
+    }
+    // A new sandbox takes slot 0 again; the sweep it runs once its server is up removes the
+    // free slot 1, and slot 0 stays, empty, for the next start.
+    let m3 = unique("marker-slot");
+    let (c, _) = start_paused(mcpbox_cmd(&pol, &name, &[], &s.probe, &["pause", &m3]));
+    let pc = pids_with_marker(&m3);
+    for ctl in &ctls {
+        let mount = cgroup_mount(ctl).expect("cgroup mount");
+        let dir = |k: u32| mount.join(format!("mcpbox/{name}.{k}"));
+        assert!(pc.iter().all(|p| cgroup_of(*p, ctl).as_deref() == Some(format!("/mcpbox/{name}.0").as_str())), "{pc:?}");
+        assert!(eventually(Duration::from_secs(2), || !dir(1).exists()), "free slot 1 was not swept ({ctl:?})");
+        assert!(dir(0).exists());
+    }
+    drop(c);
+    assert!(eventually(Duration::from_secs(5), || pids_with_marker(&m3).is_empty()));
+    for ctl in &ctls {
+        let procs = cgroup_mount(ctl).unwrap().join(format!("mcpbox/{name}.0/cgroup.procs"));
+        let empty = || std::fs::read_to_string(&procs).map(|t| t.trim().is_empty()).unwrap_or(false);
+        assert!(eventually(Duration::from_secs(2), empty), "slot 0 should be empty once its sandbox is gone ({ctl:?})");
+    }
+}
+
 #[test]
 fn static_and_dynamic_probes_run_under_the_default_policy() {
     let s = shared();
