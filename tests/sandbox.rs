@@ -209,12 +209,12 @@ fn inside_status_shows_nnp_no_caps_and_seccomp() {
     let pol = probe_policy("status", "", "");
     let out = confined(&pol, &unique("status"), &["status"]);
     let d = out.result("status").1;
-    for want in ["NoNewPrivs: 1;", "CapEff: 0000000000000000;", "CapPrm: 0000000000000000;", "Seccomp: 2;"] {
+    for want in ["NoNewPrivs: 1;", "CapEff: 0000000000000000;", "CapPrm: 0000000000000000;", "CapBnd: 0000000000000000;", "Seccomp: 2;"] {
         assert!(d.contains(want), "missing `{want}`: {out}");
     }
     let out = unconfined(&["status"]);
     let d = out.result("status").1;
-    assert!(d.contains("Seccomp: 0;") && d.contains("NoNewPrivs: 0;"), "unconfined: {out}");
+    assert!(d.contains("Seccomp: 0;") && d.contains("NoNewPrivs: 0;") && !d.contains("CapBnd: 0000000000000000;"), "unconfined: {out}");
 }
 
 #[test]
@@ -603,7 +603,12 @@ fn container_level_still_denies() {
     assert_privileged_refused(&out);
     assert_eq!(out.denied("ptrace_child"), "EPERM", "{out}");
     let d = out.result("status").1;
-    for want in ["NoNewPrivs: 1;", "CapEff: 0000000000000000;", "Seccomp: 2;"] {
+    for want in ["NoNewPrivs: 1;", "CapEff: 0000000000000000;", "CapPrm: 0000000000000000;", "Seccomp: 2;"] {
         assert!(d.contains(want), "missing `{want}`: {out}");
+    }
+    // Without a user namespace only root can empty the bounding set (an unprivileged user has
+    // no CAP_SETPCAP; with NO_NEW_PRIVS nothing can be gained from it anyway).
+    if is_root() {
+        assert!(d.contains("CapBnd: 0000000000000000;"), "{out}");
     }
 }

@@ -9,14 +9,17 @@
 //! ```
 //!
 //! The order, and why:
-//!  1. Check we are single-threaded (so forking later is safe); as root, drop the bounding set
-//!     and find the cgroup mounts. None of this needs the spec: mcpbox may start us before it
-//!     has planned the sandbox, and this work overlaps with its planning. Then read the spec from
-//!     the inherited pipe (never argv or env); an empty one means mcpbox gave up (exit quietly).
+//!  1. Check we are single-threaded (so forking later is safe), then read the spec from the
+//!     inherited pipe (never argv or env). mcpbox starts us before it has planned the sandbox,
+//!     so that loading this binary overlaps with its planning; an empty spec means it gave up
+//!     (exit quietly).
 //!  2. cgroups, while still host root: creating and joining them needs it.
 //!  3. Drop the host identity to the server's own unprivileged uid (as root), *before* creating
 //!     the user namespace: the namespace is then owned by that uid, the maps can only say
-//!     "inside uid → that uid", and host uid 0 is never mapped anywhere.
+//!     "inside uid → that uid", and host uid 0 is never mapped anywhere. The permitted
+//!     capabilities are kept across the change (PR_SET_KEEPCAPS, not dumpable meanwhile) only
+//!     so that the bounding set can be dropped if step 5 fails; the new user namespace replaces
+//!     them all.
 //!  4. PDEATHSIG again (a credential change clears it) and the parent check that closes the race
 //!     with our parent's death.
 //!  5. unshare every namespace at once; write setgroups/uid_map/gid_map (dumpable must be on for
@@ -160,17 +163,9 @@ fn outer(spec_fd: RawFd, report: &Report) -> Result<i32, InitError> {
     if threads != 1 {
         return Err(InitError::Threads(threads));
     }
-    // What needs no spec is done first: mcpbox may start us before it has planned the sandbox,
-    // and then this overlaps with its planning. cgroups need host root; so does dropping the
-    // bounding set, which must happen before the uid change.
     let root = getuid().is_root();
-    let layout = if root {
-        drop_bounding_set()?;
-        Some(limits::layout())
-    } else {
-        None
-    };
     let spec = read_spec(spec_fd)?;
+    let layout = root.then(|| spec.cgroup_layout.clone().unwrap_or_else(limits::layout));
     let mut st = State { level: Level::Full, warnings: Vec::new(), limits: Applied::default(), host_uid: getuid().as_raw() };
 
     // 2. cgroups, while still host root. `slots` holds them until we exit.
@@ -188,6 +183,10 @@ fn outer(spec_fd: RawFd, report: &Report) -> Result<i32, InitError> {
             if uid == 0 || gid == 0 {
                 return Err(InitError::Refused("refusing to run a server as host uid/gid 0".into()));
             }
+            // The permitted set survives the uid change (the effective one does not), so that
+            // the bounding set can still be dropped below if no user namespace can be made; a new
+            // user namespace replaces every set anyway. Until then we are not dumpable.
+            prctl::set_keepcaps(true).map_err(sys_err("prctl(PR_SET_KEEPCAPS, 1)"))?;
             setgroups(&[]).map_err(sys_err("setgroups([])"))?;
             setresgid(Gid::from_raw(gid), Gid::from_raw(gid), Gid::from_raw(gid)).map_err(sys_err(format!("setresgid({gid})")))?;
             setresuid(Uid::from_raw(uid), Uid::from_raw(uid), Uid::from_raw(uid)).map_err(sys_err(format!("setresuid({uid})")))?;
@@ -222,12 +221,25 @@ fn outer(spec_fd: RawFd, report: &Report) -> Result<i32, InitError> {
     if own_net {
         flags |= CloneFlags::CLONE_NEWNET;
     }
-    prctl::set_dumpable(true).map_err(sys_err("prctl(PR_SET_DUMPABLE, 1)"))?;
     match unshare(flags) {
         Ok(()) => {
+            // Every capability set and securebit was replaced by the new user namespace's:
+            // nothing of the host's permitted set is left.
+            prctl::set_dumpable(true).map_err(sys_err("prctl(PR_SET_DUMPABLE, 1)"))?;
             write_maps(spec.inner_uid, outer_uid, spec.inner_gid, outer_gid)?;
         }
         Err(errno) => {
+            if root {
+                // No user namespace to reset them: drop the bounding set with the CAP_SETPCAP
+                // kept across the uid change, then every set for good.
+                let ioe = |e: caps::errors::CapsError| InitError::Io(format!("dropping capabilities: {e}"));
+                caps::raise(None, caps::CapSet::Effective, caps::Capability::CAP_SETPCAP).map_err(ioe)?;
+                drop_bounding_set()?;
+                for set in [caps::CapSet::Ambient, caps::CapSet::Inheritable, caps::CapSet::Effective, caps::CapSet::Permitted] {
+                    caps::clear(None, set).map_err(ioe)?;
+                }
+                prctl::set_keepcaps(false).map_err(sys_err("prctl(PR_SET_KEEPCAPS, 0)"))?;
+            }
             let why = format!("unshare(CLONE_NEWUSER|CLONE_NEWPID|CLONE_NEWNS|…): {errno}");
             if spec.min_level > Level::Container {
                 return Err(InitError::Refused(format!(

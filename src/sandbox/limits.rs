@@ -30,7 +30,7 @@ pub struct Applied {
 }
 
 /// Where the controllers live on this host.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Layout {
     /// Mount point of the cgroup v2 hierarchy, if any, with its available controllers.
     pub v2: Option<(PathBuf, Vec<String>)>,

@@ -11,6 +11,12 @@ mod sys;
 pub mod spec;
 
 pub use spec::{Access, Grant, Link, SandboxSpec};
+pub use limits::Layout as CgroupLayout;
+
+/// The host's cgroup layout (read once per process), for [`SandboxSpec::cgroup_layout`].
+pub fn cgroup_layout() -> CgroupLayout {
+    limits::layout()
+}
 
 mod launch;
 pub use launch::{spawn_blocking_std, Pending, SandboxError, Sandboxed, Spawner, StartReport};

@@ -63,6 +63,10 @@ pub struct SandboxSpec {
     pub inner_gid: u32,
     /// pid of the process that spawned sandbox-init (PDEATHSIG race check).
     pub parent_pid: i32,
-    /// cgroup v1/v2 parent under which a per-sandbox group is made (root only).
+    /// cgroup v1/v2 parent under which the sandbox's cgroups are (root only).
     pub cgroup_parent: String,
+    /// Where the host mounts its cgroup controllers, as mcpbox found them (root only; read by
+    /// sandbox-init itself when absent).
+    #[serde(default)]
+    pub cgroup_layout: Option<super::CgroupLayout>,
 }
