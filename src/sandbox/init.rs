@@ -30,9 +30,10 @@
 //!     for network mode `proxy` binds the proxy port inside the namespace and hands the socket
 //!     to mcpbox.
 //!  8. The server is forked by PID 1 *before* step 7, so that it prepares in parallel: it
-//!     closes every fd above 2, drops every capability and sets NO_NEW_PRIVS, then waits until
-//!     PID 1 says the view is built; then it applies Landlock, then seccomp (last: it would
-//!     refuse the earlier steps), reports success and execs with the spec's explicit
+//!     closes every fd above 2, drops every capability, sets NO_NEW_PRIVS and loads its seccomp
+//!     filter (whose allow-list has what the remaining steps call; when the policy denies extra
+//!     syscalls, the filter waits until last), then waits until PID 1 says the view is built;
+//!     then it applies Landlock, reports success and execs with the spec's explicit
 //!     environment.
 //!
 //! At container level (no namespaces can be made), steps 5–7 are skipped: Landlock alone
@@ -515,6 +516,15 @@ fn server_setup(spec: &SandboxSpec, report: &mut Report, st: &State, go: Option<
     drop_caps()?;
     prctl::set_no_new_privs().map_err(sys_err("prctl(PR_SET_NO_NEW_PRIVS)"))?;
 
+    // seccomp normally goes last, after Landlock. While PID 1 is still building the view we can
+    // load it now instead (off the start's critical path): the allow-list has everything the
+    // remaining steps call (read, chdir, open, the landlock_* calls, execve). Not when the policy
+    // denies extra syscalls, which could be among those.
+    let seccomp_early = go.is_some() && spec.seccomp_extra_deny.is_empty();
+    if seccomp_early {
+        sys::apply_seccomp(&prog).map_err(|e| InitError::Seccomp(e.to_string()))?;
+    }
+
     // The rest needs the finished view. EOF instead: PID 1 failed and reports why itself.
     if let Some(g) = go {
         let mut b = [0u8; 1];
@@ -528,7 +538,9 @@ fn server_setup(spec: &SandboxSpec, report: &mut Report, st: &State, go: Option<
     }
     std::env::set_current_dir(&spec.cwd).map_err(|e| InitError::Io(format!("chdir {}: {e}", spec.cwd.display())))?;
     let ll = ll::apply(&rules, &net, spec.landlock_min_abi)?;
-    sys::apply_seccomp(&prog).map_err(|e| InitError::Seccomp(e.to_string()))?;
+    if !seccomp_early {
+        sys::apply_seccomp(&prog).map_err(|e| InitError::Seccomp(e.to_string()))?;
+    }
     SigSet::empty().thread_set_mask().map_err(sys_err("sigprocmask"))?;
     let mut warnings = st.warnings.clone();
     warnings.extend(ll.warnings);
