@@ -1,11 +1,12 @@
 //! `mcpbox sandbox-init`: builds the sandbox in one straight line and ends in `execve`.
 //!
-//! Three processes take part (full level):
+//! Three processes take part (full level), and a short-lived fourth:
 //!
 //! ```text
 //! sandbox-init (outer)   host PID namespace; forwards signals to PID 1, exits with its status
-//!  └─ sandbox-init (PID 1 of the new PID namespace): mounts, hostname, loopback; reaps; forwards
-//!      └─ the server: ids, fds, capabilities, NO_NEW_PRIVS, Landlock, seccomp, execve
+//!  ├─ network helper: makes the network namespace, hands it over, exits
+//!  └─ sandbox-init (PID 1 of the new PID namespace): mounts, hostname; reaps; forwards
+//!      └─ the server: ids, fds, capabilities, NO_NEW_PRIVS, seccomp, Landlock, execve
 //! ```
 //!
 //! The order, and why:
@@ -22,13 +23,15 @@
 //!     them all.
 //!  4. PDEATHSIG again (a credential change clears it) and the parent check that closes the race
 //!     with our parent's death.
-//!  5. unshare every namespace at once; write setgroups/uid_map/gid_map (dumpable must be on for
-//!     that after the uid change, and goes off right after).
+//!  5. unshare the user namespace; write setgroups/uid_map/gid_map (dumpable must be on for
+//!     that after the uid change, and goes off right after); fork the network-namespace helper
+//!     (see `NetHelper`: the network namespace, the costliest to make, is made while PID 1
+//!     builds the mount view, and PID 1 and the server join it); unshare the other namespaces.
 //!  6. fork: the child is PID 1 of the new PID namespace. When it exits the kernel kills every
 //!     process left in the namespace, so nothing of the sandbox outlives it.
-//!  7. PID 1 builds the mount view (see `mounts`), sets the hostname, brings loopback up, and
-//!     for network mode `proxy` binds the proxy port inside the namespace and hands the socket
-//!     to mcpbox.
+//!  7. PID 1 builds the mount view (see `mounts`), sets the hostname, joins the network
+//!     namespace (loopback already up), and for network mode `proxy` binds the proxy port
+//!     inside it and hands the socket to mcpbox.
 //!  8. The server is forked by PID 1 *before* step 7, so that it prepares in parallel: it
 //!     closes every fd above 2, drops every capability, sets NO_NEW_PRIVS and loads its seccomp
 //!     filter (whose allow-list has what the remaining steps call; when the policy denies extra
@@ -211,23 +214,26 @@ fn outer(spec_fd: RawFd, report: &Report) -> Result<i32, InitError> {
         return Ok(125);
     }
 
-    // 5. Namespaces.
-    let mut flags = CloneFlags::CLONE_NEWUSER
-        | CloneFlags::CLONE_NEWPID
-        | CloneFlags::CLONE_NEWNS
-        | CloneFlags::CLONE_NEWIPC
-        | CloneFlags::CLONE_NEWUTS
-        | CloneFlags::CLONE_NEWCGROUP;
+    // 5. Namespaces: the user namespace (and its maps) first; the network namespace, the most
+    //    expensive to make, comes from a helper while PID 1 builds the mount view (NetHelper).
     let own_net = !matches!(spec.network, Network::Host { .. });
-    if own_net {
-        flags |= CloneFlags::CLONE_NEWNET;
-    }
-    match unshare(flags) {
+    let mut net: Option<NetHelper> = None;
+    match unshare(CloneFlags::CLONE_NEWUSER) {
         Ok(()) => {
             // Every capability set and securebit was replaced by the new user namespace's:
             // nothing of the host's permitted set is left.
             prctl::set_dumpable(true).map_err(sys_err("prctl(PR_SET_DUMPABLE, 1)"))?;
             write_maps(spec.inner_uid, outer_uid, spec.inner_gid, outer_gid)?;
+            prctl::set_dumpable(false).map_err(sys_err("prctl(PR_SET_DUMPABLE, 0)"))?;
+            if own_net {
+                net = Some(NetHelper::start(report)?);
+            }
+            let rest = CloneFlags::CLONE_NEWPID
+                | CloneFlags::CLONE_NEWNS
+                | CloneFlags::CLONE_NEWIPC
+                | CloneFlags::CLONE_NEWUTS
+                | CloneFlags::CLONE_NEWCGROUP;
+            unshare(rest).map_err(sys_err("unshare(CLONE_NEWPID|CLONE_NEWNS|CLONE_NEWIPC|CLONE_NEWUTS|CLONE_NEWCGROUP)"))?;
         }
         Err(errno) => {
             if root {
@@ -241,7 +247,7 @@ fn outer(spec_fd: RawFd, report: &Report) -> Result<i32, InitError> {
                 }
                 prctl::set_keepcaps(false).map_err(sys_err("prctl(PR_SET_KEEPCAPS, 0)"))?;
             }
-            let why = format!("unshare(CLONE_NEWUSER|CLONE_NEWPID|CLONE_NEWNS|…): {errno}");
+            let why = format!("unshare(CLONE_NEWUSER): {errno}");
             if spec.min_level > Level::Container {
                 return Err(InitError::Refused(format!(
                     "{why}: this host cannot create namespaces, so the `full` confinement level is impossible. \
@@ -275,7 +281,8 @@ fn outer(spec_fd: RawFd, report: &Report) -> Result<i32, InitError> {
         match sys::fork().map_err(|e| InitError::Io(format!("fork: {e}")))? {
             Forked::Child => {
                 drop(alive_w);
-                let code = match pid1(&spec, report, alive_r, &mut st) {
+                let join = net.as_mut().and_then(|n| n.join.take());
+                let code = match pid1(&spec, report, alive_r, &mut st, join) {
                     Ok(code) => code,
                     Err(e) => {
                         send(report, &Msg::Error { message: e.to_string() });
@@ -287,7 +294,13 @@ fn outer(spec_fd: RawFd, report: &Report) -> Result<i32, InitError> {
             Forked::Parent(child) => {
                 drop(alive_r);
                 sys::close_fd(report.0);
+                // Only PID 1 and the server need the helper's socket.
+                if let Some(n) = net.as_mut() {
+                    n.join.take();
+                }
                 let code = supervise(child, &mask, false);
+                // The helper exited long ago; reap it, so that nothing outlives us.
+                drop(net);
                 drop(alive_w);
                 // Every process of the sandbox is gone: its cgroup slots are free again.
                 drop(slots);
@@ -300,7 +313,7 @@ fn outer(spec_fd: RawFd, report: &Report) -> Result<i32, InitError> {
         match sys::fork().map_err(|e| InitError::Io(format!("fork: {e}")))? {
             Forked::Child => {
                 let _ = nix::unistd::setpgid(Pid::from_raw(0), Pid::from_raw(0));
-                server(&spec, report, &st, me, None);
+                server(&spec, report, &st, me, None, None);
             }
             Forked::Parent(child) => {
                 sys::close_fd(report.0);
@@ -353,7 +366,7 @@ fn supervise(child: Pid, mask: &SigSet, reap_all: bool) -> i32 {
     }
 }
 
-fn pid1(spec: &SandboxSpec, report: &Report, alive_r: OwnedFd, st: &mut State) -> Result<i32, InitError> {
+fn pid1(spec: &SandboxSpec, report: &Report, alive_r: OwnedFd, st: &mut State, net: Option<NetJoin>) -> Result<i32, InitError> {
     prctl::set_pdeathsig(Signal::SIGKILL).map_err(sys_err("prctl(PR_SET_PDEATHSIG)"))?;
     // The outer sandbox-init holds the write end: a hang-up means it is already gone.
     let mut fds = [nix::poll::PollFd::new(std::os::fd::AsFd::as_fd(&alive_r), nix::poll::PollFlags::POLLIN)];
@@ -373,18 +386,18 @@ fn pid1(spec: &SandboxSpec, report: &Report, alive_r: OwnedFd, st: &mut State) -
     let child = match sys::fork().map_err(|e| InitError::Io(format!("fork: {e}")))? {
         Forked::Child => {
             drop(go_w);
-            server(spec, report, st, me, Some(go_r))
+            server(spec, report, st, me, Some(go_r), net)
         }
         Forked::Parent(child) => child,
     };
     drop(go_r);
 
-    // 7. The mount view, hostname, loopback, proxy socket.
+    // 7. The mount view, hostname, network namespace (its loopback is up), proxy socket.
     mounts::build_root(spec)?;
     let host = spec.name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '-' }).take(63).collect::<String>();
     nix::unistd::sethostname(if host.is_empty() { "mcpbox".to_string() } else { host }).map_err(sys_err("sethostname"))?;
-    if !matches!(spec.network, Network::Host { .. }) {
-        sys::loopback_up().map_err(|e| InitError::Io(format!("bringing loopback up: {e}")))?;
+    if let Some(net) = net {
+        net.join()?;
     }
     if matches!(spec.network, Network::Proxy { .. }) {
         let l = std::net::TcpListener::bind(("127.0.0.1", PROXY_PORT)).map_err(|e| InitError::Io(format!("binding the proxy port inside the sandbox: {e}")))?;
@@ -400,12 +413,131 @@ fn pid1(spec: &SandboxSpec, report: &Report, alive_r: OwnedFd, st: &mut State) -
     Ok(supervise(child, &mask, true))
 }
 
+/// Makes the sandbox's network namespace (and brings its loopback up) in parallel with PID 1
+/// building the mount view: creating a network namespace is the costliest single step of a
+/// start (~0.4 ms of kernel work here). A child of the outer sandbox-init, forked right after the
+/// user namespace exists, so the network namespace belongs to it. It sends a descriptor of the
+/// namespace to PID 1 and to the server (one message each on a shared socket; a message in
+/// flight keeps the namespace alive) and exits. Dropped by the process that started it, it kills
+/// and reaps the helper, so that no helper outlives a start, failed or not.
+struct NetHelper {
+    pid: Pid,
+    owner: Pid,
+    join: Option<NetJoin>,
+}
+
+/// What PID 1 and the server inherit to join the helper's network namespace: the receiving end
+/// of its socket.
+struct NetJoin(OwnedFd);
+
+impl NetHelper {
+    fn start(report: &Report) -> Result<NetHelper, InitError> {
+        use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+        let (rx, tx) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC).map_err(sys_err("socketpair"))?;
+        let me = nix::unistd::getpid();
+        match sys::fork().map_err(|e| InitError::Io(format!("fork: {e}")))? {
+            Forked::Child => {
+                drop(rx);
+                sys::close_fd(report.0);
+                if prctl::set_pdeathsig(Signal::SIGKILL).is_err() || nix::unistd::getppid() != me {
+                    sys::exit_now(125);
+                }
+                let errno = |e: std::io::Error| Errno::from_raw(e.raw_os_error().unwrap_or(0));
+                let made = match unshare(CloneFlags::CLONE_NEWNET) {
+                    Err(e) => Err((1i32, e)),
+                    Ok(()) => match sys::loopback_up() {
+                        Err(e) => Err((2, errno(e))),
+                        Ok(()) => std::fs::File::open("/proc/self/ns/net").map_err(|e| (3, errno(e))),
+                    },
+                };
+                for _ in 0..2 {
+                    match &made {
+                        Ok(ns) => {
+                            if send_fd(tx.as_raw_fd(), b"netns", ns.as_raw_fd()).is_err() {
+                                sys::exit_now(1);
+                            }
+                        }
+                        Err((step, e)) => {
+                            let mut msg = step.to_le_bytes().to_vec();
+                            msg.extend((*e as i32).to_le_bytes());
+                            sys::write_fd(tx.as_raw_fd(), &msg);
+                        }
+                    }
+                }
+                sys::exit_now(if made.is_ok() { 0 } else { 1 });
+            }
+            Forked::Parent(pid) => {
+                drop(tx);
+                Ok(NetHelper { pid, owner: me, join: Some(NetJoin(rx)) })
+            }
+        }
+    }
+}
+
+impl Drop for NetHelper {
+    fn drop(&mut self) {
+        // Forked copies (in PID 1) hold this too; only the starter reaps.
+        if nix::unistd::getpid() == self.owner {
+            self.join.take();
+            let _ = kill(self.pid, Signal::SIGKILL);
+            let _ = waitpid(self.pid, None);
+        }
+    }
+}
+
+impl NetJoin {
+    /// Receive the namespace from the helper and move into it. Needs CAP_SYS_ADMIN in the
+    /// sandbox's user namespace (PID 1 has it; the server joins before dropping its capabilities).
+    fn join(self) -> Result<(), InitError> {
+        use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+        let mut buf = [0u8; 64];
+        let mut cmsg = nix::cmsg_space!([RawFd; 1]);
+        let (n, fd) = loop {
+            let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+            match recvmsg::<()>(self.0.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC) {
+                Ok(m) => {
+                    let fd = m.cmsgs().ok().and_then(|mut c| {
+                        c.find_map(|c| match c {
+                            ControlMessageOwned::ScmRights(v) => v.first().copied(),
+                            _ => None,
+                        })
+                    });
+                    break (m.bytes, fd);
+                }
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(InitError::Sys { call: "recvmsg(network namespace)".into(), errno: e }),
+            }
+        };
+        let Some(fd) = fd else {
+            if n < 8 {
+                return Err(InitError::Io("the network namespace helper ended before making the namespace".into()));
+            }
+            let step = i32::from_le_bytes(buf[..4].try_into().unwrap_or_default());
+            let errno = Errno::from_raw(i32::from_le_bytes(buf[4..8].try_into().unwrap_or_default()));
+            let call = match step {
+                1 => "unshare(CLONE_NEWNET)",
+                2 => "bringing loopback up",
+                _ => "opening /proc/self/ns/net",
+            };
+            return Err(InitError::Sys { call: call.into(), errno });
+        };
+        let ns = sys::adopt_fd(fd).map_err(|e| InitError::Io(format!("network namespace descriptor: {e}")))?;
+        nix::sched::setns(&ns, CloneFlags::CLONE_NEWNET).map_err(sys_err("setns(CLONE_NEWNET)"))?;
+        Ok(())
+    }
+}
+
 fn send_with_fd(report: &Report, msg: &Msg, fd: RawFd) -> Result<(), InitError> {
-    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
     let bytes = serde_json::to_vec(msg).map_err(|e| InitError::Io(e.to_string()))?;
-    let iov = [std::io::IoSlice::new(&bytes)];
+    send_fd(report.0, &bytes, fd)
+}
+
+/// One datagram carrying `fd` (SCM_RIGHTS).
+fn send_fd(sock: RawFd, bytes: &[u8], fd: RawFd) -> Result<(), InitError> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    let iov = [std::io::IoSlice::new(bytes)];
     let fds = [fd];
-    sendmsg::<()>(report.0, &iov, &[ControlMessage::ScmRights(&fds)], MsgFlags::empty(), None)
+    sendmsg::<()>(sock, &iov, &[ControlMessage::ScmRights(&fds)], MsgFlags::empty(), None)
         .map_err(sys_err("sendmsg(SCM_RIGHTS)"))?;
     Ok(())
 }
@@ -437,14 +569,14 @@ fn drop_caps() -> Result<(), InitError> {
 
 /// The server process: never returns on success (execve).
 /// `go`: at full level, PID 1 writes to it once the mount view is built (EOF: PID 1 failed).
-fn server(spec: &SandboxSpec, report: &Report, st: &State, parent: Pid, go: Option<OwnedFd>) -> ! {
+fn server(spec: &SandboxSpec, report: &Report, st: &State, parent: Pid, go: Option<OwnedFd>, netns: Option<NetJoin>) -> ! {
     let mut report = *report;
     // Die with the sandbox-init that forked us (at full level PID 1's death ends the whole
     // namespace anyway; at container level this is what stops the server outliving it).
     if prctl::set_pdeathsig(Signal::SIGKILL).is_err() || nix::unistd::getppid() != parent {
         sys::exit_now(125);
     }
-    let e = match server_setup(spec, &mut report, st, go) {
+    let e = match server_setup(spec, &mut report, st, go, netns) {
         Ok(never) => match never {},
         Err(InitError::Cancelled) => sys::exit_now(127),
         Err(e) => e,
@@ -455,7 +587,7 @@ fn server(spec: &SandboxSpec, report: &Report, st: &State, parent: Pid, go: Opti
 
 enum Never {}
 
-fn server_setup(spec: &SandboxSpec, report: &mut Report, st: &State, go: Option<OwnedFd>) -> Result<Never, InitError> {
+fn server_setup(spec: &SandboxSpec, report: &mut Report, st: &State, go: Option<OwnedFd>, netns: Option<NetJoin>) -> Result<Never, InitError> {
     let full = st.level == Level::Full;
     let tmp: PathBuf = if full { "/tmp".into() } else { spec.tmp_dir.clone() };
 
@@ -490,6 +622,11 @@ fn server_setup(spec: &SandboxSpec, report: &mut Report, st: &State, go: Option<
 
     // Limits on this process (inherited by everything it starts).
     limits::apply_rlimits(&spec.limits, &st.limits).map_err(|e| InitError::Io(format!("setrlimit: {e}")))?;
+
+    // Into the sandbox's network namespace (while we still have the capability for it).
+    if let Some(n) = netns {
+        n.join()?;
+    }
 
     // Every inherited descriptor above 2 goes, except the report socket (close-on-exec) at 3
     // and, until the view is ready, `go` at 4.
