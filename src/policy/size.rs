@@ -49,7 +49,7 @@ pub fn format_size(n: u64) -> String {
     }
     for (suffix, shift) in [("T", 40u32), ("G", 30), ("M", 20), ("K", 10)] {
         let unit = 1u64 << shift;
-        if n % unit == 0 {
+        if n.is_multiple_of(unit) {
             return format!("{}{}", n / unit, suffix);
         }
     }
