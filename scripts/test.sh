@@ -70,16 +70,20 @@ step() { # step NAME COMMAND...
 step "unit tests (root)" cargo test --quiet --lib
 step "Dockerfile lint and seccomp profile check" bash .ci/lint-docker.sh
 
+# The checkout must be traversable by other uids: the servers' own (as root, the real-server
+# suite keeps its prepared packages under the target dir) and the unprivileged test user, who
+# also reads the binary (CARGO_BIN_EXE_mcpbox is compiled in) and the probe source. A clone
+# made in a `mktemp -d` directory is not.
+chmod -R o+rX target tests policies
+d=$PWD
+while [ "$d" != / ]; do chmod o+x "$d"; d=$(dirname "$d"); done
+
 # A scratch TMPDIR per mode, removed afterwards (the suite keeps its probe and state there).
 tmp_root=$(mktemp -d /tmp/mcpbox-ci-root.XXXXXX)
 chmod 755 "$tmp_root"
 step "integration tests as root" env TMPDIR="$tmp_root" "$bin" --test-threads=2
 
 id "$ci_user" >/dev/null 2>&1 || useradd --create-home --shell /bin/bash "$ci_user"
-# The user must reach the binary (CARGO_BIN_EXE_mcpbox is compiled in) and the probe source.
-chmod -R o+rX target tests policies
-d=$PWD
-while [ "$d" != / ]; do chmod o+x "$d"; d=$(dirname "$d"); done
 tmp_user=$(mktemp -d /tmp/mcpbox-ci-user.XXXXXX)
 chown "$ci_user:" "$tmp_user"
 # Rootless: the sandbox, the CLI and `serve`. The real-server suite (npx/uvx packages from the
