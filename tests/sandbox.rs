@@ -440,10 +440,19 @@ fn each_running_sandbox_has_its_own_cgroup_slot_and_slots_are_reused() {
     if !is_root() {
         return;
     }
+    // A process left in a free slot (as a sandbox whose mcpbox was killed at container level
+    // could leave one) is killed by the next sandbox that takes the slot.
+    let mut stray = Command::new("sleep").arg("60").spawn().unwrap();
+    let slot0 = cgroup_mount(ctls[0]).unwrap().join(format!("mcpbox/{name}.0"));
+    std::fs::write(slot0.join("cgroup.procs"), stray.id().to_string()).unwrap();
     // A new sandbox takes slot 0 again; the sweep it runs once its server is up removes the
     // free slot 1, and slot 0 stays, empty, for the next start.
     let m3 = unique("marker-slot");
     let (c, _) = start_paused(mcpbox_cmd(&pol, &name, &[], &s.probe, &["pause", &m3]));
+    {
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(stray.wait().unwrap().signal(), Some(9), "the stray process in slot 0 should have been killed");
+    }
     let pc = pids_with_marker(&m3);
     for ctl in &ctls {
         let mount = cgroup_mount(ctl).expect("cgroup mount");

@@ -92,7 +92,7 @@ pub type Slot = nix::fcntl::Flock<fs::File>;
 /// killed, and is killed here). Slots are kept and reused: creating and removing a memory
 /// cgroup per start costs ~0.2 ms, and removed memory cgroups linger in the kernel while pages
 /// are still charged to them.
-fn claim_slot(parent: &Path, name: &str) -> Result<(PathBuf, Slot), CgroupError> {
+fn claim_slot(parent: &Path, name: &str, warnings: &mut Vec<String>) -> Result<(PathBuf, Slot), CgroupError> {
     use std::os::unix::fs::OpenOptionsExt;
     for k in 0..4096 {
         let dir = parent.join(format!("{name}.{k}"));
@@ -106,7 +106,13 @@ fn claim_slot(parent: &Path, name: &str) -> Result<(PathBuf, Slot), CgroupError>
             // A sweep may have removed the slot between our mkdir and the lock: take another.
             Ok(_) if !dir.exists() => continue,
             Ok(lock) => {
-                kill_members(std::slice::from_ref(&dir));
+                let killed = kill_members(std::slice::from_ref(&dir));
+                if killed > 0 {
+                    warnings.push(format!(
+                        "killed {killed} process(es) left in {} by a sandbox whose mcpbox was killed",
+                        dir.display()
+                    ));
+                }
                 return Ok((dir, lock));
             }
             Err((_, nix::errno::Errno::EWOULDBLOCK)) => continue,
@@ -123,6 +129,8 @@ fn claim_slot(parent: &Path, name: &str) -> Result<(PathBuf, Slot), CgroupError>
 pub fn join_cgroups(l: &Layout, limits: &Limits, parent: &str, name: &str) -> (Applied, Vec<Slot>) {
     let mut a = Applied::default();
     let mut held = Vec::new();
+    // Warnings from claiming slots (closures below cannot borrow `a` mutably as well).
+    let mut left = Vec::new();
     let me = std::process::id().to_string();
     let mut parts = Vec::new();
 
@@ -136,7 +144,7 @@ pub fn join_cgroups(l: &Layout, limits: &Limits, parent: &str, name: &str) -> (A
                 let p = root.join(parent);
                 mkdir(&p)?;
                 write(&p.join("cgroup.subtree_control"), enable.trim())?;
-                let (dir, slot) = claim_slot(&p, name)?;
+                let (dir, slot) = claim_slot(&p, name, &mut left)?;
                 if want.contains(&"pids") {
                     if let Some(n) = limits.pids {
                         write(&dir.join("pids.max"), &n.to_string())?;
@@ -179,7 +187,7 @@ pub fn join_cgroups(l: &Layout, limits: &Limits, parent: &str, name: &str) -> (A
         let res = (|| -> Result<(PathBuf, Slot), CgroupError> {
             let p = mount.join(parent);
             mkdir(&p)?;
-            let (dir, slot) = claim_slot(&p, name)?;
+            let (dir, slot) = claim_slot(&p, name, &mut left)?;
             if ctl == "memory" {
                 // memory+swap may never be below memory alone: lift it first (a reused slot
                 // keeps the previous sandbox's values). Without swap accounting these files are
@@ -213,6 +221,7 @@ pub fn join_cgroups(l: &Layout, limits: &Limits, parent: &str, name: &str) -> (A
         parts.push("memory: rlimit (RLIMIT_DATA, approximate)".into());
     }
     a.summary = parts.join(", ");
+    a.warnings.append(&mut left);
     (a, held)
 }
 
@@ -252,17 +261,20 @@ pub fn apply_rlimits(limits: &Limits, applied: &Applied) -> io::Result<()> {
 }
 
 /// Kill whatever is still in these cgroups (container level, after the server exits).
-pub fn kill_members(dirs: &[PathBuf]) {
+/// Returns how many processes were sent SIGKILL.
+pub fn kill_members(dirs: &[PathBuf]) -> usize {
     let me = std::process::id();
+    let mut killed = 0;
     for d in dirs {
         if let Ok(s) = fs::read_to_string(d.join("cgroup.procs")) {
             for pid in s.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
-                if pid as u32 != me {
-                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+                if pid as u32 != me && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).is_ok() {
+                    killed += 1;
                 }
             }
         }
     }
+    killed
 }
 
 /// Tidy the sandboxes' cgroup parent: remove directories left by older mcpbox versions
