@@ -145,16 +145,15 @@ pub fn join_cgroups(l: &Layout, limits: &Limits, parent: &str, name: &str) -> (A
                 mkdir(&p)?;
                 write(&p.join("cgroup.subtree_control"), enable.trim())?;
                 let (dir, slot) = claim_slot(&p, name, &mut left)?;
+                // Every value is written, "max" included: a reused slot keeps the previous
+                // sandbox's.
+                let or_max = |v: Option<u64>| v.map_or_else(|| "max".to_string(), |n| n.to_string());
                 if want.contains(&"pids") {
-                    if let Some(n) = limits.pids {
-                        write(&dir.join("pids.max"), &n.to_string())?;
-                    }
+                    write(&dir.join("pids.max"), &or_max(limits.pids))?;
                 }
                 if want.contains(&"memory") {
-                    if let Some(m) = limits.memory {
-                        write(&dir.join("memory.max"), &m.to_string())?;
-                        let _ = write(&dir.join("memory.swap.max"), "0");
-                    }
+                    write(&dir.join("memory.max"), &or_max(limits.memory))?;
+                    let _ = write(&dir.join("memory.swap.max"), if limits.memory.is_some() { "0" } else { "max" });
                 }
                 write(&dir.join("cgroup.procs"), &me)?;
                 Ok((dir, slot))
