@@ -130,12 +130,10 @@ enum PolicyCmd {
 }
 
 fn main() -> ExitCode {
-    // `mcpbox run` starts its sandbox-init before anything else, even parsing the command line:
-    // loading it overlaps with everything up to planning the sandbox (see cli_run).
-    let early = std::env::args_os().nth(1).is_some_and(|a| a == "run").then(|| {
-        use std::process::Stdio;
-        mcpbox::sandbox::Pending::start(Stdio::inherit(), Stdio::inherit(), Stdio::inherit())
-    });
+    // `mcpbox run` starts its sandbox-init before anything else, even parsing the command line,
+    // by forking while nothing has happened yet: it is ready by the time the sandbox is planned
+    // (see cli_run and Pending::fork_here).
+    let early = std::env::args_os().nth(1).is_some_and(|a| a == "run").then(mcpbox::sandbox::Pending::fork_here);
     // The hidden sandbox-init mode runs before anything else: no logging, no threads.
     let cli = Cli::parse();
     match cli.cmd {

@@ -386,6 +386,54 @@ fn nothing_is_left_after_mcpbox_is_sigkilled() {
 
 /// The cgroup of `pid` for controller `ctl` ("pids", "memory"; "" for the v2 hierarchy), as the
 /// host sees it (e.g. `/mcpbox/NAME.0`).
+/// Live (not zombie) children of `pid`, from /proc.
+fn children_of(pid: i32) -> Vec<i32> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(p) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else { continue };
+        let Some((_, rest)) = stat.rsplit_once(')') else { continue };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        if f.len() > 1 && f[1] == pid.to_string() && f[0] != "Z" {
+            v.push(p);
+        }
+    }
+    v
+}
+
+#[test]
+fn sandbox_init_holds_none_of_mcpboxs_command_line_or_environment() {
+    let s = shared();
+    let pol = probe_policy("initenv", "", "");
+    let marker = unique("marker-initenv");
+    let (child, _) = start_paused(mcpbox_cmd(&pol, &unique("initenv"), &[], &s.probe, &["pause", &marker]));
+    let has = |hay: &[u8], needle: &str| hay.windows(needle.len()).any(|w| w == needle.as_bytes());
+    // The check can fail: mcpbox itself has the canary in its environment and the probe's
+    // marker on its command line.
+    let me = child.0.id() as i32;
+    let own = std::fs::read(format!("/proc/{me}/environ")).unwrap();
+    assert!(has(&own, ENV_CANARY), "the canary is not in mcpbox's environment");
+    assert!(has(&std::fs::read(format!("/proc/{me}/cmdline")).unwrap(), &marker));
+    // Its sandbox-init processes: the one outside the namespaces and PID 1 of the sandbox.
+    let outer = children_of(me);
+    assert_eq!(outer.len(), 1, "mcpbox should have one child: {outer:?}");
+    let mut inits = outer.clone();
+    inits.extend(children_of(outer[0]));
+    assert_eq!(inits.len(), 2, "sandbox-init should have one live child, PID 1: {inits:?}");
+    for p in inits {
+        let cmdline = std::fs::read(format!("/proc/{p}/cmdline")).unwrap();
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).filter(|a| !a.is_empty()).collect();
+        assert_eq!(args.get(1..), Some(&[&b"sandbox-init"[..]][..]), "pid {p}: {:?}", String::from_utf8_lossy(&cmdline));
+        assert!(!has(&cmdline, &marker));
+        assert_eq!(std::fs::read_to_string(format!("/proc/{p}/comm")).unwrap().trim(), "sandbox-init");
+        // Root may read it (and sees nothing); they are not dumpable, so nobody else may.
+        match std::fs::read(format!("/proc/{p}/environ")) {
+            Ok(env) => assert!(env.iter().all(|b| *b == 0) && !has(&env, ENV_CANARY), "pid {p}: {:?}", String::from_utf8_lossy(&env)),
+            Err(e) => assert!(!is_root() && e.kind() == std::io::ErrorKind::PermissionDenied, "pid {p}: {e}"),
+        }
+    }
+}
+
 fn cgroup_of(pid: i32, ctl: &str) -> Option<String> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
     s.lines().find_map(|l| {

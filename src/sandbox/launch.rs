@@ -222,28 +222,102 @@ fn spawn_tokio(spec: &SandboxSpec) -> Result<Sandboxed, SandboxError> {
     }
 }
 
+/// The sandbox-init process behind a [`Pending`]: our child, either a fresh image of our binary
+/// in its hidden mode or (`mcpbox run`) a fork of ourselves made before anything else ran.
+pub enum InitProcess {
+    Exec(std::process::Child),
+    Forked { pid: nix::unistd::Pid, status: Option<std::process::ExitStatus> },
+}
+
+impl InitProcess {
+    pub fn id(&self) -> u32 {
+        match self {
+            InitProcess::Exec(c) => c.id(),
+            InitProcess::Forked { pid, .. } => pid.as_raw() as u32,
+        }
+    }
+
+    /// Its exit status if it has exited (reaping it), `None` while it runs.
+    pub fn try_wait(&mut self) -> std::io::Result<Option<std::process::ExitStatus>> {
+        self.wait_flags(Some(nix::sys::wait::WaitPidFlag::WNOHANG))
+    }
+
+    pub fn wait(&mut self) -> std::io::Result<std::process::ExitStatus> {
+        loop {
+            if let Some(s) = self.wait_flags(None)? {
+                return Ok(s);
+            }
+        }
+    }
+
+    pub fn kill(&mut self) -> std::io::Result<()> {
+        match self {
+            InitProcess::Exec(c) => c.kill(),
+            InitProcess::Forked { status: Some(_), .. } => Ok(()),
+            InitProcess::Forked { pid, .. } => Ok(nix::sys::signal::kill(*pid, nix::sys::signal::Signal::SIGKILL)?),
+        }
+    }
+
+    fn wait_flags(&mut self, flags: Option<nix::sys::wait::WaitPidFlag>) -> std::io::Result<Option<std::process::ExitStatus>> {
+        use nix::sys::wait::{waitpid, WaitStatus};
+        use std::os::unix::process::ExitStatusExt;
+        let (pid, status) = match self {
+            InitProcess::Exec(c) => return if flags.is_some() { c.try_wait() } else { c.wait().map(Some) },
+            InitProcess::Forked { status: Some(s), .. } => return Ok(Some(*s)),
+            InitProcess::Forked { pid, status } => (*pid, status),
+        };
+        let raw = match waitpid(pid, flags) {
+            Ok(WaitStatus::Exited(_, code)) => (code & 0xff) << 8,
+            Ok(WaitStatus::Signaled(_, sig, core)) => sig as i32 | if core { 0x80 } else { 0 },
+            Ok(_) => return Ok(None),
+            Err(nix::errno::Errno::EINTR) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        *status = Some(std::process::ExitStatus::from_raw(raw));
+        Ok(*status)
+    }
+}
+
 /// A sandbox-init started before its spec is known (`mcpbox run` starts it first thing, so that
-/// loading the binary overlaps with planning). Dropped without [`Pending::send`], it reads an
+/// it is ready by the time planning is done). Dropped without [`Pending::send`], it reads an
 /// empty spec and exits without doing anything.
 pub struct Pending {
-    child: Option<std::process::Child>,
+    child: Option<InitProcess>,
     ch: Option<Channels>,
     started: Instant,
 }
 
 impl Pending {
-    /// Start sandbox-init from the calling thread with the given stdio.
+    /// Start sandbox-init (a fresh image of our binary) from the calling thread with the given stdio.
     pub fn start(stdin: Stdio, stdout: Stdio, stderr: Stdio) -> Result<Pending, SandboxError> {
         let started = Instant::now();
         let ch = channels().map_err(SandboxError::Spawn)?;
         let mut cmd = command(&ch);
         cmd.stdin(stdin).stdout(stdout).stderr(stderr);
         let child = cmd.spawn().map_err(SandboxError::Spawn)?;
-        Ok(Pending { child: Some(child), ch: Some(ch), started })
+        Ok(Pending { child: Some(InitProcess::Exec(child)), ch: Some(ch), started })
+    }
+
+    /// Become two processes: the caller goes on, the child is sandbox-init with our stdio.
+    ///
+    /// Only for `mcpbox run`, first thing in `main`: the process is single-threaded and has
+    /// done nothing yet but look at its first argument, so the child holds nothing of mcpbox's
+    /// state; it scrubs the environment strings it inherited from its memory before waiting for
+    /// the spec, and it never returns. This saves loading our binary a second time (an exec and a
+    /// C library start-up: ~0.4 ms of the ~1 ms it took here; `serve`, which has threads, and
+    /// `doctor`/`prepare` use [`Pending::start`]).
+    pub fn fork_here() -> Result<Pending, SandboxError> {
+        let started = Instant::now();
+        let ch = channels().map_err(SandboxError::Spawn)?;
+        let parent = nix::unistd::getpid();
+        match super::sys::fork().map_err(SandboxError::Spawn)? {
+            super::sys::Forked::Child => become_init(&ch, parent),
+            super::sys::Forked::Parent(pid) => Ok(Pending { child: Some(InitProcess::Forked { pid, status: None }), ch: Some(ch), started }),
+        }
     }
 
     /// Give sandbox-init its spec; returns once the server was exec'd (or setup failed).
-    pub fn send(mut self, spec: &SandboxSpec) -> Result<(std::process::Child, StartReport, Option<std::net::TcpListener>), SandboxError> {
+    pub fn send(mut self, spec: &SandboxSpec) -> Result<(InitProcess, StartReport, Option<std::net::TcpListener>), SandboxError> {
         let (mut child, ch) = (self.child.take().expect("sent once"), self.ch.take().expect("sent once"));
         match send_spec(ch, spec, self.started) {
             Ok((report, l)) => Ok((child, report, l)),
@@ -254,6 +328,71 @@ impl Pending {
             }
         }
     }
+}
+
+/// The child side of [`Pending::fork_here`]: what `command`'s pre-exec step does, then
+/// sandbox-init itself.
+fn become_init(ch: &Channels, parent: nix::unistd::Pid) -> ! {
+    use super::sys::exit_now;
+    if nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).is_err() || nix::unistd::getppid() != parent {
+        exit_now(125);
+    }
+    if nix::unistd::setsid().is_err()
+        || super::sys::dup2(ch.spec_r.as_raw_fd(), 3).is_err()
+        || super::sys::dup2(ch.child_report.as_raw_fd(), 4).is_err()
+        || super::sys::close_from(5).is_err()
+    {
+        exit_now(126);
+    }
+    scrub_environment();
+    exit_now(super::init::main(3, 4))
+}
+
+/// Overwrite what a forked sandbox-init inherited of mcpbox's command line and environment:
+/// the environment strings are zeroed and the environment left empty (the server gets the one
+/// its policy gives, from the spec), and the command line becomes `mcpbox sandbox-init`, as
+/// `ps` shows it for the exec'd mode (the server's arguments belong to the server).
+fn scrub_environment() {
+    extern "C" {
+        static mut environ: *mut *mut libc::c_char;
+    }
+    // arg_start, arg_end, env_start, env_end: fields 48-51 of /proc/self/stat, counted after the
+    // parenthesised command name (which may hold spaces).
+    let areas = std::fs::read_to_string("/proc/self/stat").ok().and_then(|st| {
+        let f: Vec<usize> = st.rsplit_once(')')?.1.split_whitespace().skip(45).take(4).filter_map(|x| x.parse().ok()).collect();
+        (f.len() == 4 && f[0] < f[1] && f[2] <= f[3]).then(|| (f[0], f[1], f[2], f[3]))
+    });
+    // SAFETY: single-threaded (see `Pending::fork_here`). The areas are this process's own
+    // command line and environment on its initial stack, writable; `environ` is the C library's
+    // NULL-terminated array of NUL-terminated strings, all owned by this process. Nothing reads
+    // them afterwards.
+    unsafe {
+        if let Some((arg_start, arg_end, env_start, env_end)) = areas {
+            std::ptr::write_bytes(env_start as *mut u8, 0, env_end - env_start);
+            // Keep argv[0]; then "sandbox-init" if it fits, and zeros.
+            let argv0 = libc::strlen(arg_start as *const libc::c_char) + 1;
+            if arg_start + argv0 < arg_end {
+                let rest = (arg_start + argv0) as *mut u8;
+                let room = arg_end - arg_start - argv0;
+                std::ptr::write_bytes(rest, 0, room);
+                let mode = b"sandbox-init";
+                if room > mode.len() {
+                    std::ptr::copy_nonoverlapping(mode.as_ptr(), rest, mode.len());
+                }
+            }
+        }
+        let env = std::ptr::addr_of_mut!(environ).read();
+        if !env.is_null() {
+            let mut p = env;
+            while !(*p).is_null() {
+                let s = *p;
+                std::ptr::write_bytes(s, 0, libc::strlen(s));
+                p = p.add(1);
+            }
+            *env = std::ptr::null_mut();
+        }
+    }
+    let _ = nix::sys::prctl::set_name(c"sandbox-init");
 }
 
 impl Drop for Pending {
@@ -273,5 +412,9 @@ pub fn spawn_blocking_std(
     stdout: Stdio,
     stderr: Stdio,
 ) -> Result<(std::process::Child, StartReport, Option<std::net::TcpListener>), SandboxError> {
-    Pending::start(stdin, stdout, stderr)?.send(spec)
+    let (child, report, l) = Pending::start(stdin, stdout, stderr)?.send(spec)?;
+    match child {
+        InitProcess::Exec(c) => Ok((c, report, l)),
+        InitProcess::Forked { .. } => unreachable!("Pending::start execs"),
+    }
 }

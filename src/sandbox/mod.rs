@@ -19,7 +19,7 @@ pub fn cgroup_layout() -> CgroupLayout {
 }
 
 mod launch;
-pub use launch::{spawn_blocking_std, Pending, SandboxError, Sandboxed, Spawner, StartReport};
+pub use launch::{spawn_blocking_std, InitProcess, Pending, SandboxError, Sandboxed, Spawner, StartReport};
 pub use init::{main as sandbox_init_main, Msg, PROXY_PORT};
 
 /// Clean up cgroups of sandboxes whose supervisor died without cleaning up (root only; a no-op

@@ -72,10 +72,11 @@ pub enum Forked {
     Child,
 }
 
-/// `fork(2)`. Only called from sandbox-init, which is single-threaded, so the child may allocate.
+/// `fork(2)`. Only called from single-threaded processes (sandbox-init; `mcpbox run` before it
+/// does anything), so the child may allocate.
 pub fn fork() -> io::Result<Forked> {
-    // SAFETY: sandbox-init never starts threads (checked by `assert_single_threaded` at its
-    // entry), so the child inherits a consistent heap and no held locks.
+    // SAFETY: the callers never start threads (sandbox-init checks it at its entry; `run` forks
+    // first thing in main), so the child inherits a consistent heap and no held locks.
     match unsafe { nix::unistd::fork() } {
         Ok(nix::unistd::ForkResult::Parent { child }) => Ok(Forked::Parent(child)),
         Ok(nix::unistd::ForkResult::Child) => Ok(Forked::Child),
