@@ -130,8 +130,9 @@ pub fn run(args: RunArgs, early: Option<Result<crate::sandbox::Pending, crate::s
         start_ms = report.start_latency.as_secs_f64() * 1e3,
         "sandbox ready"
     );
-    // Housekeeping while the server runs: cgroups left by sandboxes whose mcpbox was killed.
-    let swept = crate::sandbox::sweep_stale_cgroups_beside(&report);
+    // Housekeeping while the server runs: free extra cgroup slots of this server, made when
+    // several of its sandboxes ran at once.
+    let swept = crate::sandbox::sweep_extra_slots_beside(&report);
     if swept > 0 {
         tracing::info!("removed {swept} cgroup(s) left by earlier sandboxes");
     }

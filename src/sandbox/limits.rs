@@ -325,15 +325,42 @@ pub fn sweep_stale_in(roots: impl IntoIterator<Item = PathBuf>) -> usize {
                     }
                     std::thread::sleep(std::time::Duration::from_millis(10));
                 }
-            } else {
-                // A free slot is empty; hold its lock while removing it, so nobody claims it
-                // half-way.
-                let Ok(f) = fs::File::open(&path) else { continue };
-                let Ok(_held) = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock) else { continue };
-                kill_members(std::slice::from_ref(&path));
-                if fs::remove_dir(&path).is_ok() {
-                    removed += 1;
-                }
+            } else if remove_free_slot(&path) {
+                removed += 1;
+            }
+        }
+    }
+    removed
+}
+
+/// Remove a slot directory if no sandbox holds it (true if it was removed). It is held locked
+/// while it goes, so that nobody claims it half-way.
+fn remove_free_slot(path: &Path) -> bool {
+    let Ok(f) = fs::File::open(path) else { return false };
+    let Ok(_held) = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock) else { return false };
+    kill_members(&[path.to_path_buf()]);
+    fs::remove_dir(path).is_ok()
+}
+
+/// The extra slots of the server owning `dirs` (its running sandbox's own slot directories):
+/// remove those no sandbox holds. Slots are claimed lowest first, so this looks at
+/// `NAME.1`, `NAME.2`, … up to the first that does not exist: a few stats, where a full
+/// [`sweep_stale_in`] lists the whole parent (every server's slots and the controller's files).
+pub fn sweep_extra_slots(dirs: &[PathBuf]) -> usize {
+    let mut removed = 0;
+    for dir in dirs {
+        let (Some(parent), Some(own)) = (dir.parent(), dir.file_name().and_then(|n| n.to_str())) else { continue };
+        let Some((name, _)) = own.rsplit_once('.') else { continue };
+        for k in 1.. {
+            let slot = parent.join(format!("{name}.{k}"));
+            if &slot == dir {
+                continue;
+            }
+            if !slot.exists() {
+                break;
+            }
+            if remove_free_slot(&slot) {
+                removed += 1;
             }
         }
     }

@@ -31,10 +31,9 @@ pub fn sweep_stale_cgroups() -> usize {
     limits::sweep_stale("mcpbox")
 }
 
-/// The same, beside a running sandbox's own cgroups (`run`, once its server is up: this needs
-/// no look at the mount table).
-pub fn sweep_stale_cgroups_beside(report: &StartReport) -> usize {
-    let mut parents: Vec<std::path::PathBuf> = report.cgroups.iter().filter_map(|d| d.parent().map(|p| p.to_path_buf())).collect();
-    parents.dedup();
-    limits::sweep_stale_in(parents)
+/// Beside a running sandbox (`run`, once its server is up): remove the free extra slots of its
+/// own server, without listing the cgroup parent or reading the mount table. Directories of
+/// other servers and of older versions are left to `serve`'s [`sweep_stale_cgroups`].
+pub fn sweep_extra_slots_beside(report: &StartReport) -> usize {
+    limits::sweep_extra_slots(&report.cgroups)
 }
