@@ -49,7 +49,7 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 
 use nix::errno::Errno;
-use nix::sched::{unshare, CloneFlags};
+use nix::sched::{sched_getaffinity, sched_setaffinity, unshare, CloneFlags, CpuSet};
 use nix::sys::prctl;
 use nix::sys::signal::{kill, SigSet, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
@@ -298,8 +298,9 @@ fn outer(spec_fd: RawFd, report: &Report) -> Result<i32, InitError> {
                 if let Some(n) = net.as_mut() {
                     n.join.take();
                 }
-                let code = supervise(child, &mask, false);
-                // The helper exited long ago; reap it, so that nothing outlives us.
+                let code = supervise(child, &mask, false, net.as_mut());
+                // The helper exited long ago (and was reaped then, unless it is stuck): nothing
+                // of it outlives us.
                 drop(net);
                 drop(alive_w);
                 // Every process of the sandbox is gone: its cgroup slots are free again.
@@ -313,11 +314,11 @@ fn outer(spec_fd: RawFd, report: &Report) -> Result<i32, InitError> {
         match sys::fork().map_err(|e| InitError::Io(format!("fork: {e}")))? {
             Forked::Child => {
                 let _ = nix::unistd::setpgid(Pid::from_raw(0), Pid::from_raw(0));
-                server(&spec, report, &st, me, None, None);
+                server(&spec, report, &st, me, None, None, None);
             }
             Forked::Parent(child) => {
                 sys::close_fd(report.0);
-                let code = supervise(child, &mask, false);
+                let code = supervise(child, &mask, false, None);
                 let _ = nix::sys::signal::killpg(child, Signal::SIGKILL);
                 limits::kill_members(&st.limits.dirs);
                 // Reap whatever the kills left as zombies re-parented to us.
@@ -344,9 +345,13 @@ fn write_maps(inner_uid: u32, outer_uid: u32, inner_gid: u32, outer_gid: u32) ->
 }
 
 /// Wait for `child`, passing signals on; return its exit code (128+N for a signal).
-/// As PID 1 (`reap_all`), also reap every orphan of the namespace.
-fn supervise(child: Pid, mask: &SigSet, reap_all: bool) -> i32 {
+/// As PID 1 (`reap_all`), also reap every orphan of the namespace; in the outer process, the
+/// network helper once it is done (`helper`), so that it does not linger as a zombie.
+fn supervise(child: Pid, mask: &SigSet, reap_all: bool, mut helper: Option<&mut NetHelper>) -> i32 {
     loop {
+        if let Some(h) = helper.as_deref_mut() {
+            h.try_reap();
+        }
         // Reap first: the child may have exited before we started waiting.
         loop {
             match waitpid(if reap_all { None } else { Some(child) }, Some(WaitPidFlag::WNOHANG)) {
@@ -383,14 +388,23 @@ fn pid1(spec: &SandboxSpec, report: &Report, alive_r: OwnedFd, st: &mut State, n
     nix::unistd::chdir("/").map_err(sys_err("chdir /"))?;
     let mask = forwarded();
     let me = nix::unistd::getpid();
+    let cpus = sched_getaffinity(Pid::from_raw(0)).ok();
     let child = match sys::fork().map_err(|e| InitError::Io(format!("fork: {e}")))? {
         Forked::Child => {
             drop(go_w);
-            server(spec, report, st, me, Some(go_r), net)
+            server(spec, report, st, me, Some(go_r), net, cpus)
         }
         Forked::Parent(child) => child,
     };
     drop(go_r);
+    // A new child starts on its parent's CPU, and the scheduler leaves a task that has just run
+    // where it is: on a small machine the server would only prepare while we sleep, and then
+    // keep us from running. Keep it off our CPU until `go` (it restores its own set then).
+    if let Some(cpus) = &cpus {
+        if let Some(away) = other_cpus(cpus) {
+            let _ = sched_setaffinity(child, &away);
+        }
+    }
 
     // 7. The mount view, hostname, network namespace (its loopback is up), proxy socket.
     mounts::build_root(spec)?;
@@ -410,7 +424,17 @@ fn pid1(spec: &SandboxSpec, report: &Report, alive_r: OwnedFd, st: &mut State, n
     // PID 1 keeps nothing open and no privilege.
     let _ = sys::close_from(3);
     let _ = drop_caps();
-    Ok(supervise(child, &mask, true))
+    Ok(supervise(child, &mask, true, None))
+}
+
+/// The CPUs of `cpus` other than the one we run on, if there are any.
+fn other_cpus(cpus: &CpuSet) -> Option<CpuSet> {
+    // SAFETY: sched_getcpu has no preconditions.
+    let here = unsafe { libc::sched_getcpu() };
+    let here = usize::try_from(here).ok()?;
+    let mut away = *cpus;
+    away.unset(here).ok()?;
+    (0..CpuSet::count()).any(|i| away.is_set(i).unwrap_or(false)).then_some(away)
 }
 
 /// Makes the sandbox's network namespace (and brings its loopback up) in parallel with PID 1
@@ -424,6 +448,7 @@ struct NetHelper {
     pid: Pid,
     owner: Pid,
     join: Option<NetJoin>,
+    reaped: bool,
 }
 
 /// What PID 1 and the server inherit to join the helper's network namespace: the receiving end
@@ -468,8 +493,15 @@ impl NetHelper {
             }
             Forked::Parent(pid) => {
                 drop(tx);
-                Ok(NetHelper { pid, owner: me, join: Some(NetJoin(rx)) })
+                Ok(NetHelper { pid, owner: me, join: Some(NetJoin(rx)), reaped: false })
             }
+        }
+    }
+
+    /// Reap the helper if it has exited (its pid is not ours to signal after that).
+    fn try_reap(&mut self) {
+        if !self.reaped && !matches!(waitpid(self.pid, Some(WaitPidFlag::WNOHANG)), Ok(WaitStatus::StillAlive)) {
+            self.reaped = true;
         }
     }
 }
@@ -477,7 +509,7 @@ impl NetHelper {
 impl Drop for NetHelper {
     fn drop(&mut self) {
         // Forked copies (in PID 1) hold this too; only the starter reaps.
-        if nix::unistd::getpid() == self.owner {
+        if nix::unistd::getpid() == self.owner && !self.reaped {
             self.join.take();
             let _ = kill(self.pid, Signal::SIGKILL);
             let _ = waitpid(self.pid, None);
@@ -569,14 +601,14 @@ fn drop_caps() -> Result<(), InitError> {
 
 /// The server process: never returns on success (execve).
 /// `go`: at full level, PID 1 writes to it once the mount view is built (EOF: PID 1 failed).
-fn server(spec: &SandboxSpec, report: &Report, st: &State, parent: Pid, go: Option<OwnedFd>, netns: Option<NetJoin>) -> ! {
+fn server(spec: &SandboxSpec, report: &Report, st: &State, parent: Pid, go: Option<OwnedFd>, netns: Option<NetJoin>, cpus: Option<CpuSet>) -> ! {
     let mut report = *report;
     // Die with the sandbox-init that forked us (at full level PID 1's death ends the whole
     // namespace anyway; at container level this is what stops the server outliving it).
     if prctl::set_pdeathsig(Signal::SIGKILL).is_err() || nix::unistd::getppid() != parent {
         sys::exit_now(125);
     }
-    let e = match server_setup(spec, &mut report, st, go, netns) {
+    let e = match server_setup(spec, &mut report, st, go, netns, cpus) {
         Ok(never) => match never {},
         Err(InitError::Cancelled) => sys::exit_now(127),
         Err(e) => e,
@@ -587,7 +619,7 @@ fn server(spec: &SandboxSpec, report: &Report, st: &State, parent: Pid, go: Opti
 
 enum Never {}
 
-fn server_setup(spec: &SandboxSpec, report: &mut Report, st: &State, go: Option<OwnedFd>, netns: Option<NetJoin>) -> Result<Never, InitError> {
+fn server_setup(spec: &SandboxSpec, report: &mut Report, st: &State, go: Option<OwnedFd>, netns: Option<NetJoin>, cpus: Option<CpuSet>) -> Result<Never, InitError> {
     let full = st.level == Level::Full;
     let tmp: PathBuf = if full { "/tmp".into() } else { spec.tmp_dir.clone() };
 
@@ -673,13 +705,20 @@ fn server_setup(spec: &SandboxSpec, report: &mut Report, st: &State, go: Option<
             }
         }
     }
+    // PID 1 may have kept us off its CPU while it built the view (see pid1): every CPU we were
+    // given is ours again.
+    let mut warnings = st.warnings.clone();
+    if let Some(cpus) = &cpus {
+        if let Err(e) = sched_setaffinity(Pid::from_raw(0), cpus) {
+            warnings.push(format!("could not restore the server's CPU affinity: {e}"));
+        }
+    }
     std::env::set_current_dir(&spec.cwd).map_err(|e| InitError::Io(format!("chdir {}: {e}", spec.cwd.display())))?;
     let ll = ll::apply(&rules, &net, spec.landlock_min_abi)?;
     if !seccomp_early {
         sys::apply_seccomp(&prog).map_err(|e| InitError::Seccomp(e.to_string()))?;
     }
     SigSet::empty().thread_set_mask().map_err(sys_err("sigprocmask"))?;
-    let mut warnings = st.warnings.clone();
     warnings.extend(ll.warnings);
     let rep = StartReport {
         level: st.level,
