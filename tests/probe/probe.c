@@ -318,7 +318,8 @@ static void do_status(void) {
     char line[256], out[512] = "";
     while (fgets(line, sizeof line, f)) {
         if (!strncmp(line, "NoNewPrivs:", 11) || !strncmp(line, "CapEff:", 7) || !strncmp(line, "CapPrm:", 7) ||
-            !strncmp(line, "CapBnd:", 7) || !strncmp(line, "Seccomp:", 8) || !strncmp(line, "Uid:", 4)) {
+            !strncmp(line, "CapBnd:", 7) || !strncmp(line, "Seccomp:", 8) || !strncmp(line, "Uid:", 4) ||
+            !strncmp(line, "Cpus_allowed_list:", 18)) {
             line[strcspn(line, "\n")] = 0;
             for (char *c = line; *c; c++)
                 if (*c == '\t') *c = ' ';
