@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Start-up cost of a sandbox: bare /bin/true, `mcpbox run --policy default -- /bin/true`, and
 # bubblewrap with comparable isolation, in one hyperfine run. Not part of CI. Run as root.
-# Usage: bench/startup.sh [extra hyperfine args, e.g. --runs 500]
+# Usage: bench/startup.sh [--cold] [extra hyperfine args, e.g. --runs 500]
+#   --cold: drop the page cache first (sync; echo 1 > /proc/sys/vm/drop_caches, the whole
+#           machine's), so that every binary is read back from disk as after a reboot.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,11 +19,26 @@ if [ ${#need[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}"
 fi
 
+cold=false
+if [ "${1:-}" = --cold ]; then
+    cold=true
+    shift
+fi
+
 cargo build --release --quiet
-mcpbox=$PWD/target/$(rustc --print host-tuple)/release/mcpbox
 state=$(mktemp -d /tmp/mcpbox-bench.XXXXXX)
+bin=$(mktemp -d /tmp/mcpbox-bench-bin.XXXXXX)
 out=${BENCH_JSON:-bench/startup.json}
-trap 'rm -rf "$state"' EXIT
+trap 'rm -rf "$state" "$bin"' EXIT
+# An installed copy, as docs/DEPLOY.md installs it (bwrap too was written by its installer), not
+# the linker's output: how a binary's page cache was filled changes what each start pays in page
+# faults, and mcpbox's 10 MB binary is far more exposed to it than bwrap (docs/BENCHMARKS.md).
+install -m 0755 "target/$(rustc --print host-tuple)/release/mcpbox" "$bin/mcpbox"
+mcpbox=$bin/mcpbox
+if $cold; then
+    sync
+    echo 1 > /proc/sys/vm/drop_caches
+fi
 
 # bwrap: every namespace, read-only system dirs, fresh /proc and /dev, private /tmp.
 bwrap_cmd="bwrap --unshare-all --die-with-parent --new-session --ro-bind /usr /usr \
