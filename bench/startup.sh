@@ -30,9 +30,9 @@ state=$(mktemp -d /tmp/mcpbox-bench.XXXXXX)
 bin=$(mktemp -d /tmp/mcpbox-bench-bin.XXXXXX)
 out=${BENCH_JSON:-bench/startup.json}
 trap 'rm -rf "$state" "$bin"' EXIT
-# An installed copy, as docs/DEPLOY.md installs it (bwrap too was written by its installer), not
-# the linker's output: how a binary's page cache was filled changes what each start pays in page
-# faults, and mcpbox's 10 MB binary is far more exposed to it than bwrap (docs/BENCHMARKS.md).
+# An installed copy, as docs/DEPLOY.md installs it, not the linker's output: how a binary's page
+# cache was filled changes what each start pays in page faults, and mcpbox's 10 MB binary is far
+# more exposed to it than bwrap's 70 KB (docs/BENCHMARKS.md).
 install -m 0755 "target/$(rustc --print host-tuple)/release/mcpbox" "$bin/mcpbox"
 mcpbox=$bin/mcpbox
 if $cold; then
