@@ -125,26 +125,31 @@ fn command(ch: &Channels) -> Command {
     cmd.args(["sandbox-init", "--spec-fd", "3", "--report-fd", "4"]).env_clear();
     let parent = std::process::id() as i32;
     let (spec_fd, report_fd): (RawFd, RawFd) = (ch.spec_r.as_raw_fd(), ch.child_report.as_raw_fd());
-    // SAFETY: the closure only makes async-signal-safe calls (prctl, getppid, setsid, dup2,
-    // _exit) on values captured before the fork; it allocates nothing.
+    // SAFETY: `child_setup` only makes async-signal-safe calls on values captured before the
+    // fork; it allocates nothing.
     unsafe {
-        cmd.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if libc::getppid() != parent {
-                libc::_exit(125);
-            }
-            if libc::setsid() < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if libc::dup2(spec_fd, 3) < 0 || libc::dup2(report_fd, 4) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
+        cmd.pre_exec(move || child_setup(parent, spec_fd, report_fd));
     }
     cmd
+}
+
+/// In the child, before it becomes sandbox-init (exec'd or not): die with the parent (and exit
+/// 125 if it is already gone), a session of its own, the spec at fd 3 and the report socket at 4.
+/// Async-signal-safe: prctl, getppid, setsid, dup2, _exit.
+fn child_setup(parent: libc::pid_t, spec_fd: RawFd, report_fd: RawFd) -> std::io::Result<()> {
+    // SAFETY: plain syscalls on integers.
+    unsafe {
+        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if libc::getppid() != parent {
+            libc::_exit(125);
+        }
+        if libc::setsid() < 0 || libc::dup2(spec_fd, 3) < 0 || libc::dup2(report_fd, 4) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// Hand the spec to a started sandbox-init and read its report.
@@ -334,14 +339,7 @@ impl Pending {
 /// sandbox-init itself.
 fn become_init(ch: &Channels, parent: nix::unistd::Pid) -> ! {
     use super::sys::exit_now;
-    if nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).is_err() || nix::unistd::getppid() != parent {
-        exit_now(125);
-    }
-    if nix::unistd::setsid().is_err()
-        || super::sys::dup2(ch.spec_r.as_raw_fd(), 3).is_err()
-        || super::sys::dup2(ch.child_report.as_raw_fd(), 4).is_err()
-        || super::sys::close_from(5).is_err()
-    {
+    if child_setup(parent.as_raw(), ch.spec_r.as_raw_fd(), ch.child_report.as_raw_fd()).is_err() || super::sys::close_from(5).is_err() {
         exit_now(126);
     }
     scrub_environment();
