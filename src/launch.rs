@@ -231,8 +231,8 @@ pub fn plan_with(state: &StateDir, launch: &ServerLaunch, extra: &Extra) -> anyh
         inner_gid: if root { 1000 } else { gid_self },
         parent_pid: std::process::id() as i32,
         cgroup_parent: "mcpbox".into(),
-        // Read here rather than in sandbox-init, whose start is the longer path to a sandbox.
-        cgroup_layout: if root { Some(crate::sandbox::cgroup_layout()) } else { None },
+        // Filled in when sent to a fresh sandbox-init; a forked one reads it while we plan.
+        cgroup_layout: None,
     };
     crate::sandbox::seccomp::check_names(&crate::sandbox::seccomp::FilterOptions {
         extra_deny: spec.seccomp_extra_deny.clone(),

@@ -129,12 +129,18 @@ fn forwarded() -> SigSet {
 
 /// Entry point of the hidden subcommand. Returns the process exit code.
 pub fn main(spec_fd: RawFd, report_fd: RawFd) -> i32 {
+    main_forked(spec_fd, report_fd, None)
+}
+
+/// [`main`] in a sandbox-init forked by `mcpbox run` (see `Pending::fork_here`): mcpbox may
+/// have moved us off its CPU while it plans; `cpus` is the set to take back once it has.
+pub(super) fn main_forked(spec_fd: RawFd, report_fd: RawFd, cpus: Option<CpuSet>) -> i32 {
     if let Err(e) = sys::set_cloexec(report_fd) {
         eprintln!("mcpbox sandbox-init: report fd {report_fd}: {e} (this mode is started by mcpbox itself)");
         return 125;
     }
     let report = Report(report_fd);
-    match outer(spec_fd, &report) {
+    match outer(spec_fd, &report, cpus) {
         Ok(code) => code,
         Err(InitError::Cancelled) => 125,
         Err(e) => {
@@ -162,13 +168,22 @@ struct State {
     host_uid: u32,
 }
 
-fn outer(spec_fd: RawFd, report: &Report) -> Result<i32, InitError> {
+fn outer(spec_fd: RawFd, report: &Report, cpus: Option<CpuSet>) -> Result<i32, InitError> {
     let threads = sys::thread_count();
     if threads != 1 {
         return Err(InitError::Threads(threads));
     }
     let root = getuid().is_root();
+    // While mcpbox plans (in parallel when we were forked onto another CPU): the host's cgroup
+    // mounts, unless the spec brings them.
+    if root {
+        let _ = limits::layout();
+    }
     let spec = read_spec(spec_fd)?;
+    // mcpbox waits for our report now: every CPU it gave us is ours again (and our children's).
+    if let Some(cpus) = &cpus {
+        let _ = sched_setaffinity(Pid::from_raw(0), cpus);
+    }
     let layout = root.then(|| spec.cgroup_layout.clone().unwrap_or_else(limits::layout));
     let mut st = State { level: Level::Full, warnings: Vec::new(), limits: Applied::default(), host_uid: getuid().as_raw() };
 
@@ -428,7 +443,7 @@ fn pid1(spec: &SandboxSpec, report: &Report, alive_r: OwnedFd, st: &mut State, n
 }
 
 /// The CPUs of `cpus` other than the one we run on, if there are any.
-fn other_cpus(cpus: &CpuSet) -> Option<CpuSet> {
+pub(super) fn other_cpus(cpus: &CpuSet) -> Option<CpuSet> {
     // SAFETY: sched_getcpu has no preconditions.
     let here = unsafe { libc::sched_getcpu() };
     let here = usize::try_from(here).ok()?;

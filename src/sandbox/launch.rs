@@ -152,11 +152,20 @@ fn child_setup(parent: libc::pid_t, spec_fd: RawFd, report_fd: RawFd) -> std::io
     Ok(())
 }
 
-/// Hand the spec to a started sandbox-init and read its report.
-fn send_spec(ch: Channels, spec: &SandboxSpec, started: Instant) -> Result<(StartReport, Option<std::net::TcpListener>), SandboxError> {
+/// Hand the spec to a started sandbox-init and read its report. A fresh image of our binary
+/// (`exec`) gets the host's cgroup layout with it (read once per mcpbox process); a forked
+/// sandbox-init reads the layout itself while we plan.
+fn send_spec(ch: Channels, spec: &SandboxSpec, started: Instant, exec: bool) -> Result<(StartReport, Option<std::net::TcpListener>), SandboxError> {
     let Channels { spec_r, spec_w, report, child_report } = ch;
     drop(child_report);
     drop(spec_r);
+    let filled;
+    let spec = if exec && spec.cgroup_layout.is_none() && nix::unistd::geteuid().is_root() {
+        filled = SandboxSpec { cgroup_layout: Some(super::limits::layout()), ..spec.clone() };
+        &filled
+    } else {
+        spec
+    };
     let bytes = serde_json::to_vec(spec).map_err(|e| SandboxError::Spawn(std::io::Error::other(e)))?;
     // sandbox-init reads until end of file; closing our end is that end.
     std::io::Write::write_all(&mut std::fs::File::from(spec_w), &bytes).map_err(SandboxError::Spawn)?;
@@ -218,7 +227,7 @@ fn spawn_tokio(spec: &SandboxSpec) -> Result<Sandboxed, SandboxError> {
     let mut cmd = tokio::process::Command::from(command(&ch));
     cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
     let mut child = cmd.spawn().map_err(SandboxError::Spawn)?;
-    match send_spec(ch, spec, started) {
+    match send_spec(ch, spec, started, true) {
         Ok((report, proxy_listener)) => Ok(Sandboxed { child, report, proxy_listener }),
         Err(e) => {
             let _ = child.start_kill();
@@ -315,16 +324,25 @@ impl Pending {
         let started = Instant::now();
         let ch = channels().map_err(SandboxError::Spawn)?;
         let parent = nix::unistd::getpid();
+        let cpus = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).ok();
         match super::sys::fork().map_err(SandboxError::Spawn)? {
-            super::sys::Forked::Child => become_init(&ch, parent),
-            super::sys::Forked::Parent(pid) => Ok(Pending { child: Some(InitProcess::Forked { pid, status: None }), ch: Some(ch), started }),
+            super::sys::Forked::Child => become_init(&ch, parent, cpus),
+            super::sys::Forked::Parent(pid) => {
+                // The child starts on our CPU and would sit there until we block: on another
+                // one, it gets ready while we plan (it takes back `cpus` when the spec comes).
+                if let Some(away) = cpus.as_ref().and_then(super::init::other_cpus) {
+                    let _ = nix::sched::sched_setaffinity(pid, &away);
+                }
+                Ok(Pending { child: Some(InitProcess::Forked { pid, status: None }), ch: Some(ch), started })
+            }
         }
     }
 
     /// Give sandbox-init its spec; returns once the server was exec'd (or setup failed).
     pub fn send(mut self, spec: &SandboxSpec) -> Result<(InitProcess, StartReport, Option<std::net::TcpListener>), SandboxError> {
         let (mut child, ch) = (self.child.take().expect("sent once"), self.ch.take().expect("sent once"));
-        match send_spec(ch, spec, self.started) {
+        let exec = matches!(child, InitProcess::Exec(_));
+        match send_spec(ch, spec, self.started, exec) {
             Ok((report, l)) => Ok((child, report, l)),
             Err(e) => {
                 let _ = child.kill();
@@ -337,13 +355,13 @@ impl Pending {
 
 /// The child side of [`Pending::fork_here`]: what `command`'s pre-exec step does, then
 /// sandbox-init itself.
-fn become_init(ch: &Channels, parent: nix::unistd::Pid) -> ! {
+fn become_init(ch: &Channels, parent: nix::unistd::Pid, cpus: Option<nix::sched::CpuSet>) -> ! {
     use super::sys::exit_now;
     if child_setup(parent.as_raw(), ch.spec_r.as_raw_fd(), ch.child_report.as_raw_fd()).is_err() || super::sys::close_from(5).is_err() {
         exit_now(126);
     }
     scrub_environment();
-    exit_now(super::init::main(3, 4))
+    exit_now(super::init::main_forked(3, 4, cpus))
 }
 
 /// Overwrite what a forked sandbox-init inherited of mcpbox's command line and environment:
