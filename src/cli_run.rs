@@ -6,7 +6,7 @@ use std::process::{ExitCode, Stdio};
 use nix::sys::signal::{kill, SigSet, Signal};
 use nix::unistd::Pid;
 
-use crate::launch::{plan, PolicyRef, ServerLaunch, StateDir};
+use crate::launch::{plan_begin, Extra, PolicyRef, ServerLaunch, StateDir};
 use crate::policy::Level;
 
 pub struct RunArgs {
@@ -52,7 +52,7 @@ pub fn run(args: RunArgs, early: Option<Result<crate::sandbox::Pending, crate::s
     // sandbox-init loads and waits for its spec while we plan (a sandbox starts sooner on two
     // cores); if planning fails, dropping it makes it exit unused.
     let early = early.unwrap_or_else(|| crate::sandbox::Pending::start(Stdio::inherit(), Stdio::inherit(), Stdio::inherit()));
-    let pending = match early {
+    let mut pending = match early {
         Ok(p) => p,
         Err(e) => {
             eprintln!("mcpbox: {name}: {e}");
@@ -75,11 +75,28 @@ pub fn run(args: RunArgs, early: Option<Result<crate::sandbox::Pending, crate::s
             }
         }
     };
-    let planned = match &prepared {
-        Some((l, extra)) => crate::launch::plan_with(&state, l, extra),
-        None => plan(&state, &launch),
+    let no_extra = Extra::default();
+    let (launch_now, extra) = match &prepared {
+        Some((l, extra)) => (l, extra),
+        None => (&launch, &no_extra),
     };
-    let planned = match planned {
+    let begun = match plan_begin(&state, launch_now) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("mcpbox: {e:#}");
+            return ExitCode::from(EXIT_SETUP);
+        }
+    };
+    if matches!(begun.outer().network, crate::policy::Network::Proxy { .. }) {
+        eprintln!("mcpbox: network mode `proxy` is served by `mcpbox serve`; `mcpbox run` supports `none` and `host`");
+        return ExitCode::from(EXIT_SETUP);
+    }
+    // sandbox-init makes the namespaces while the grants are resolved.
+    if let Err(e) = pending.send_outer(begun.outer()) {
+        eprintln!("mcpbox: {name}: {e}");
+        return ExitCode::from(EXIT_SETUP);
+    }
+    let planned = match begun.finish(launch_now, extra) {
         Ok(p) => p,
         Err(e) => {
             eprintln!("mcpbox: {e:#}");
@@ -95,10 +112,6 @@ pub fn run(args: RunArgs, early: Option<Result<crate::sandbox::Pending, crate::s
             "no --policy given: running under {} (for npx/uvx: `default` plus the node or python runtime base); write a policy to say what this server may reach",
             planned.policy.source
         );
-    }
-    if matches!(planned.spec.network, crate::policy::Network::Proxy { .. }) {
-        eprintln!("mcpbox: network mode `proxy` is served by `mcpbox serve`; `mcpbox run` supports `none` and `host`");
-        return ExitCode::from(EXIT_SETUP);
     }
 
     // Signals are taken synchronously by this thread and passed on to the sandbox.

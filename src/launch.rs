@@ -10,7 +10,7 @@ use std::path::{Component, Path, PathBuf};
 use anyhow::{bail, Context};
 
 use crate::policy::{self, Level, LoadContext, Network, Policy};
-use crate::sandbox::{Access, Grant, Link, SandboxSpec};
+use crate::sandbox::{Access, Grant, Link, OuterSpec, SandboxSpec};
 
 /// Which policy a server uses.
 #[derive(Debug, Clone)]
@@ -106,6 +106,21 @@ pub fn plan(state: &StateDir, launch: &ServerLaunch) -> anyhow::Result<Planned> 
 
 /// [`plan`] with what mcpbox adds on top of the policy (see [`Extra`]).
 pub fn plan_with(state: &StateDir, launch: &ServerLaunch, extra: &Extra) -> anyhow::Result<Planned> {
+    plan_begin(state, launch)?.finish(launch, extra)
+}
+
+/// The first half of planning: the server's directories and host uid, and its policy. Enough
+/// for sandbox-init to start on the namespaces ([`Begun::outer`]) while [`Begun::finish`]
+/// resolves the grants.
+pub struct Begun {
+    dirs: ServerDirs,
+    ids: Option<(u32, u32)>,
+    policy: Policy,
+    notes: Vec<String>,
+    outer: OuterSpec,
+}
+
+pub fn plan_begin(state: &StateDir, launch: &ServerLaunch) -> anyhow::Result<Begun> {
     check_name(&launch.name)?;
     let root = nix::unistd::geteuid().is_root();
     let dirs = ServerDirs::create(state, &launch.name)?;
@@ -120,13 +135,50 @@ pub fn plan_with(state: &StateDir, launch: &ServerLaunch, extra: &Extra) -> anyh
     vars.insert("DATA".to_string(), dirs.data.to_string_lossy().into_owned());
     vars.insert("CACHE".to_string(), dirs.cache.to_string_lossy().into_owned());
     let ctx = LoadContext { vars, search_dirs: state.policy_dirs.clone() };
-    let (policy, mut notes) = match &launch.policy {
+    let (policy, notes) = match &launch.policy {
         PolicyRef::Named(r) => policy::load_with_notes(r, &ctx),
         PolicyRef::Inline { value, base_dir } => policy::load_inline_with_notes(value.clone(), base_dir, &ctx),
     }
     .map_err(|e| anyhow::anyhow!("{e}"))?;
-    notes.extend(extra.notes.iter().cloned());
+    let outer = OuterSpec {
+        name: launch.name.clone(),
+        network: policy.network.clone(),
+        limits: policy.limits.clone(),
+        min_level: state.min_level.min(policy.sandbox.level),
+        host_ids: ids,
+        inner_uid: if root { 1000 } else { nix::unistd::getuid().as_raw() },
+        inner_gid: if root { 1000 } else { nix::unistd::getgid().as_raw() },
+        parent_pid: std::process::id() as i32,
+        cgroup_parent: "mcpbox".into(),
+        // Filled in by whoever starts sandbox-init (a forked one finds it itself).
+        cgroup_layout: None,
+    };
+    Ok(Begun { dirs, ids, policy, notes, outer })
+}
 
+impl Begun {
+    /// What the outer sandbox-init needs (see `sandbox::spec`).
+    pub fn outer(&self) -> &OuterSpec {
+        &self.outer
+    }
+
+    /// The second half of planning: grants, environment, command; the whole spec.
+    pub fn finish(self, launch: &ServerLaunch, extra: &Extra) -> anyhow::Result<Planned> {
+        let Begun { dirs, ids, policy, mut notes, outer } = self;
+        notes.extend(extra.notes.iter().cloned());
+        finish_plan(launch, extra, dirs, ids, policy, notes, outer)
+    }
+}
+
+fn finish_plan(
+    launch: &ServerLaunch,
+    extra: &Extra,
+    dirs: ServerDirs,
+    ids: Option<(u32, u32)>,
+    policy: Policy,
+    mut notes: Vec<String>,
+    outer: OuterSpec,
+) -> anyhow::Result<Planned> {
     // Grants: symlinks resolved (links recreated inside), strongest access per path, and
     // nothing that a broader grant already covers with at least the same rights.
     let mut want: BTreeMap<PathBuf, (Access, bool)> = BTreeMap::new();
@@ -210,29 +262,26 @@ pub fn plan_with(state: &StateDir, launch: &ServerLaunch, extra: &Extra) -> anyh
     let cwd = if grants.iter().any(|g| dirs.data.starts_with(&g.path)) { dirs.data.clone() } else { PathBuf::from("/tmp") };
     let mut argv = vec![exe.to_string_lossy().into_owned()];
     argv.extend(launch.args.iter().cloned());
-    let uid_self = nix::unistd::getuid().as_raw();
-    let gid_self = nix::unistd::getgid().as_raw();
     let spec = SandboxSpec {
-        name: launch.name.clone(),
+        name: outer.name,
         argv,
         env,
         cwd,
         tmp_dir: dirs.tmp.clone(),
         grants,
         links,
-        network: policy.network.clone(),
-        limits: policy.limits.clone(),
+        network: outer.network,
+        limits: outer.limits,
         seccomp_extra_deny: policy.seccomp.extra_deny.clone(),
         seccomp_extra_allow: policy.seccomp.extra_allow.clone(),
-        min_level: state.min_level.min(policy.sandbox.level),
+        min_level: outer.min_level,
         landlock_min_abi: policy.sandbox.landlock_min_abi,
         host_ids: ids,
-        inner_uid: if root { 1000 } else { uid_self },
-        inner_gid: if root { 1000 } else { gid_self },
-        parent_pid: std::process::id() as i32,
-        cgroup_parent: "mcpbox".into(),
-        // Filled in when sent to a fresh sandbox-init; a forked one reads it while we plan.
-        cgroup_layout: None,
+        inner_uid: outer.inner_uid,
+        inner_gid: outer.inner_gid,
+        parent_pid: outer.parent_pid,
+        cgroup_parent: outer.cgroup_parent,
+        cgroup_layout: outer.cgroup_layout,
     };
     crate::sandbox::seccomp::check_names(&crate::sandbox::seccomp::FilterOptions {
         extra_deny: spec.seccomp_extra_deny.clone(),

@@ -10,10 +10,12 @@
 //! ```
 //!
 //! The order, and why:
-//!  1. Check we are single-threaded (so forking later is safe), then read the spec from the
-//!     inherited pipe (never argv or env). mcpbox starts us before it has planned the sandbox,
-//!     so that loading this binary overlaps with its planning; an empty spec means it gave up
-//!     (exit quietly).
+//!  1. Check we are single-threaded (so forking later is safe), then read the first part of the
+//!     spec (`OuterSpec`: identities, limits, network mode) from the inherited pipe (never argv
+//!     or env). mcpbox starts us before it has planned the sandbox, and sends that part as soon
+//!     as it has loaded the policy: the namespaces are being made while it resolves the grants,
+//!     and PID 1 reads the rest (the whole `SandboxSpec`) from the same pipe. An end of file
+//!     instead of a message means mcpbox gave up (exit quietly).
 //!  2. cgroups, while still host root: creating and joining them needs it.
 //!  3. Drop the host identity to the server's own unprivileged uid (as root), *before* creating
 //!     the user namespace: the namespace is then owned by that uid, the maps can only say
@@ -44,7 +46,6 @@
 //! server's process group and cgroup when the server exits.
 
 use std::ffi::CString;
-use std::io::Read;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 
@@ -60,7 +61,7 @@ use super::landlock::{self as ll, NetRules, Rule};
 use super::launch::StartReport;
 use super::limits::{self, Applied};
 use super::seccomp::{build_program, FilterOptions};
-use super::spec::SandboxSpec;
+use super::spec::{OuterSpec, SandboxSpec};
 use super::sys::{self, Forked};
 use super::mounts;
 use crate::policy::{Level, Network};
@@ -150,14 +151,13 @@ pub(super) fn main_forked(spec_fd: RawFd, report_fd: RawFd, cpus: Option<CpuSet>
     }
 }
 
-fn read_spec(spec_fd: RawFd) -> Result<SandboxSpec, InitError> {
-    let fd = sys::adopt_fd(spec_fd).map_err(|e| InitError::Spec(format!("fd {spec_fd}: {e}")))?;
-    let mut buf = Vec::new();
-    std::fs::File::from(fd).read_to_end(&mut buf).map_err(|e| InitError::Spec(e.to_string()))?;
-    if buf.is_empty() {
-        return Err(InitError::Cancelled);
+/// The next message of the spec stream (see `spec`); end of file first: mcpbox gave up.
+fn read_spec<T: serde::de::DeserializeOwned>(input: &mut std::fs::File) -> Result<T, InitError> {
+    match super::spec::read_frame(input) {
+        Ok(Some(m)) => Ok(m),
+        Ok(None) => Err(InitError::Cancelled),
+        Err(e) => Err(InitError::Spec(e.to_string())),
     }
-    serde_json::from_slice(&buf).map_err(|e| InitError::Spec(e.to_string()))
 }
 
 /// Everything decided in the outer process that the server reports at the end.
@@ -179,8 +179,9 @@ fn outer(spec_fd: RawFd, report: &Report, cpus: Option<CpuSet>) -> Result<i32, I
     if root {
         let _ = limits::layout();
     }
-    let spec = read_spec(spec_fd)?;
-    // mcpbox waits for our report now: every CPU it gave us is ours again (and our children's).
+    let mut input = std::fs::File::from(sys::adopt_fd(spec_fd).map_err(|e| InitError::Spec(format!("fd {spec_fd}: {e}")))?);
+    let spec: OuterSpec = read_spec(&mut input)?;
+    // Every CPU we were given is ours again (and our children's): mcpbox has little left to do.
     if let Some(cpus) = &cpus {
         let _ = sched_setaffinity(Pid::from_raw(0), cpus);
     }
@@ -297,8 +298,9 @@ fn outer(spec_fd: RawFd, report: &Report, cpus: Option<CpuSet>) -> Result<i32, I
             Forked::Child => {
                 drop(alive_w);
                 let join = net.as_mut().and_then(|n| n.join.take());
-                let code = match pid1(&spec, report, alive_r, &mut st, join) {
+                let code = match pid1(input, report, alive_r, &mut st, join) {
                     Ok(code) => code,
+                    Err(InitError::Cancelled) => 125,
                     Err(e) => {
                         send(report, &Msg::Error { message: e.to_string() });
                         126
@@ -308,6 +310,7 @@ fn outer(spec_fd: RawFd, report: &Report, cpus: Option<CpuSet>) -> Result<i32, I
             }
             Forked::Parent(child) => {
                 drop(alive_r);
+                drop(input);
                 sys::close_fd(report.0);
                 // Only PID 1 and the server need the helper's socket.
                 if let Some(n) = net.as_mut() {
@@ -324,6 +327,8 @@ fn outer(spec_fd: RawFd, report: &Report, cpus: Option<CpuSet>) -> Result<i32, I
             }
         }
     } else {
+        let spec: SandboxSpec = read_spec(&mut input)?;
+        drop(input);
         prctl::set_child_subreaper(true).map_err(sys_err("prctl(PR_SET_CHILD_SUBREAPER)"))?;
         let me = nix::unistd::getpid();
         match sys::fork().map_err(|e| InitError::Io(format!("fork: {e}")))? {
@@ -386,7 +391,7 @@ fn supervise(child: Pid, mask: &SigSet, reap_all: bool, mut helper: Option<&mut 
     }
 }
 
-fn pid1(spec: &SandboxSpec, report: &Report, alive_r: OwnedFd, st: &mut State, net: Option<NetJoin>) -> Result<i32, InitError> {
+fn pid1(mut input: std::fs::File, report: &Report, alive_r: OwnedFd, st: &mut State, net: Option<NetJoin>) -> Result<i32, InitError> {
     prctl::set_pdeathsig(Signal::SIGKILL).map_err(sys_err("prctl(PR_SET_PDEATHSIG)"))?;
     // The outer sandbox-init holds the write end: a hang-up means it is already gone.
     let mut fds = [nix::poll::PollFd::new(std::os::fd::AsFd::as_fd(&alive_r), nix::poll::PollFlags::POLLIN)];
@@ -394,6 +399,10 @@ fn pid1(spec: &SandboxSpec, report: &Report, alive_r: OwnedFd, st: &mut State, n
         return Ok(125);
     }
     drop(alive_r);
+    // The whole spec (mcpbox may still have been resolving the grants when we were forked).
+    let spec: SandboxSpec = read_spec(&mut input)?;
+    drop(input);
+    let spec = &spec;
 
     // 8 (early). The server is forked now and prepares everything that does not need the
     // finished view (its filter program, limits, signals, capabilities) while we build it; it

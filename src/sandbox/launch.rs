@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use super::init::Msg;
+use super::spec::OuterSpec;
 use super::SandboxSpec;
 use crate::policy::Level;
 
@@ -152,22 +153,24 @@ fn child_setup(parent: libc::pid_t, spec_fd: RawFd, report_fd: RawFd) -> std::io
     Ok(())
 }
 
-/// Hand the spec to a started sandbox-init and read its report. A fresh image of our binary
-/// (`exec`) gets the host's cgroup layout with it (read once per mcpbox process); a forked
-/// sandbox-init reads the layout itself while we plan.
-fn send_spec(ch: Channels, spec: &SandboxSpec, started: Instant, exec: bool) -> Result<(StartReport, Option<std::net::TcpListener>), SandboxError> {
+/// Hand the spec to a started sandbox-init (both messages, or the second if the first went
+/// ahead: see `spec`) and read its report.
+fn send_spec(ch: Channels, spec: &SandboxSpec, outer_sent: bool, started: Instant, exec: bool) -> Result<(StartReport, Option<std::net::TcpListener>), SandboxError> {
     let Channels { spec_r, spec_w, report, child_report } = ch;
     drop(child_report);
     drop(spec_r);
-    let filled;
-    let spec = if exec && spec.cgroup_layout.is_none() && nix::unistd::geteuid().is_root() {
-        filled = SandboxSpec { cgroup_layout: Some(super::limits::layout()), ..spec.clone() };
-        &filled
-    } else {
-        spec
-    };
-    let bytes = serde_json::to_vec(spec).map_err(|e| SandboxError::Spawn(std::io::Error::other(e)))?;
-    // sandbox-init reads until end of file; closing our end is that end.
+    let mut bytes = Vec::new();
+    if !outer_sent {
+        let mut outer = spec.outer();
+        // Read here for a sandbox-init exec'd now; a forked one (`run`) reads it itself while it
+        // waits for the spec.
+        if exec && outer.cgroup_layout.is_none() && nix::unistd::geteuid().is_root() {
+            outer.cgroup_layout = Some(super::cgroup_layout());
+        }
+        bytes.extend(super::spec::frame(&outer));
+    }
+    bytes.extend(super::spec::frame(spec));
+    // Our end closes after this: sandbox-init needs nothing more.
     std::io::Write::write_all(&mut std::fs::File::from(spec_w), &bytes).map_err(SandboxError::Spawn)?;
     let (mut r, l) = read_report(&report)?;
     r.start_latency = started.elapsed();
@@ -227,7 +230,7 @@ fn spawn_tokio(spec: &SandboxSpec) -> Result<Sandboxed, SandboxError> {
     let mut cmd = tokio::process::Command::from(command(&ch));
     cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
     let mut child = cmd.spawn().map_err(SandboxError::Spawn)?;
-    match send_spec(ch, spec, started, true) {
+    match send_spec(ch, spec, false, started, true) {
         Ok((report, proxy_listener)) => Ok(Sandboxed { child, report, proxy_listener }),
         Err(e) => {
             let _ = child.start_kill();
@@ -298,6 +301,7 @@ impl InitProcess {
 pub struct Pending {
     child: Option<InitProcess>,
     ch: Option<Channels>,
+    outer_sent: Option<OuterSpec>,
     started: Instant,
 }
 
@@ -309,7 +313,7 @@ impl Pending {
         let mut cmd = command(&ch);
         cmd.stdin(stdin).stdout(stdout).stderr(stderr);
         let child = cmd.spawn().map_err(SandboxError::Spawn)?;
-        Ok(Pending { child: Some(InitProcess::Exec(child)), ch: Some(ch), started })
+        Ok(Pending { child: Some(InitProcess::Exec(child)), ch: Some(ch), outer_sent: None, started })
     }
 
     /// Become two processes: the caller goes on, the child is sandbox-init with our stdio.
@@ -333,16 +337,30 @@ impl Pending {
                 if let Some(away) = cpus.as_ref().and_then(super::init::other_cpus) {
                     let _ = nix::sched::sched_setaffinity(pid, &away);
                 }
-                Ok(Pending { child: Some(InitProcess::Forked { pid, status: None }), ch: Some(ch), started })
+                Ok(Pending { child: Some(InitProcess::Forked { pid, status: None }), ch: Some(ch), outer_sent: None, started })
             }
         }
+    }
+
+    /// Let sandbox-init start on the namespaces while the rest of the spec is worked out. The
+    /// spec given to [`Pending::send`] afterwards must agree with this.
+    pub fn send_outer(&mut self, outer: &OuterSpec) -> Result<(), SandboxError> {
+        let ch = self.ch.as_ref().expect("not sent yet");
+        assert!(self.outer_sent.is_none(), "the outer spec goes once");
+        let mut w = std::fs::File::from(ch.spec_w.try_clone().map_err(SandboxError::Spawn)?);
+        std::io::Write::write_all(&mut w, &super::spec::frame(outer)).map_err(SandboxError::Spawn)?;
+        self.outer_sent = Some(outer.clone());
+        Ok(())
     }
 
     /// Give sandbox-init its spec; returns once the server was exec'd (or setup failed).
     pub fn send(mut self, spec: &SandboxSpec) -> Result<(InitProcess, StartReport, Option<std::net::TcpListener>), SandboxError> {
         let (mut child, ch) = (self.child.take().expect("sent once"), self.ch.take().expect("sent once"));
         let exec = matches!(child, InitProcess::Exec(_));
-        match send_spec(ch, spec, self.started, exec) {
+        if let Some(sent) = &self.outer_sent {
+            debug_assert_eq!(&spec.outer(), sent, "the spec disagrees with the outer spec sent ahead of it");
+        }
+        match send_spec(ch, spec, self.outer_sent.is_some(), self.started, exec) {
             Ok((report, l)) => Ok((child, report, l)),
             Err(e) => {
                 let _ = child.kill();

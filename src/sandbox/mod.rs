@@ -10,7 +10,7 @@ pub mod seccomp;
 mod sys;
 pub mod spec;
 
-pub use spec::{Access, Grant, Link, SandboxSpec};
+pub use spec::{Access, Grant, Link, OuterSpec, SandboxSpec};
 pub use limits::Layout as CgroupLayout;
 
 /// The host's cgroup layout (read once per process), for [`SandboxSpec::cgroup_layout`].

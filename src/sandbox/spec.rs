@@ -1,4 +1,11 @@
 //! What `sandbox-init` receives on its inherited fd: everything it needs, decided before the fork.
+//!
+//! Two messages travel on it, each a little-endian u32 length and that much JSON: first the
+//! [`OuterSpec`] (what the process outside the namespaces needs: identities, cgroups, which
+//! namespaces), then the whole [`SandboxSpec`] (read by PID 1, or by the outer process at
+//! container level, before the server is forked). `mcpbox run` sends the first as soon as the
+//! policy is loaded, so that the namespaces are being made while it resolves the grants. An end
+//! of file before a message means mcpbox gave up: sandbox-init exits without a word.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -69,4 +76,97 @@ pub struct SandboxSpec {
     /// sandbox-init itself when absent).
     #[serde(default)]
     pub cgroup_layout: Option<super::CgroupLayout>,
+}
+
+/// The part of a [`SandboxSpec`] the outer sandbox-init needs before PID 1 exists; equal to
+/// the same fields of the full spec sent after it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OuterSpec {
+    pub name: String,
+    pub network: Network,
+    pub limits: Limits,
+    pub min_level: Level,
+    pub host_ids: Option<(u32, u32)>,
+    pub inner_uid: u32,
+    pub inner_gid: u32,
+    pub parent_pid: i32,
+    pub cgroup_parent: String,
+    #[serde(default)]
+    pub cgroup_layout: Option<super::CgroupLayout>,
+}
+
+impl SandboxSpec {
+    pub fn outer(&self) -> OuterSpec {
+        OuterSpec {
+            name: self.name.clone(),
+            network: self.network.clone(),
+            limits: self.limits.clone(),
+            min_level: self.min_level,
+            host_ids: self.host_ids,
+            inner_uid: self.inner_uid,
+            inner_gid: self.inner_gid,
+            parent_pid: self.parent_pid,
+            cgroup_parent: self.cgroup_parent.clone(),
+            cgroup_layout: self.cgroup_layout.clone(),
+        }
+    }
+}
+
+/// One message of the spec stream: its length, then its JSON.
+pub fn frame<T: Serialize>(msg: &T) -> Vec<u8> {
+    let json = serde_json::to_vec(msg).expect("specs serialize");
+    let mut out = (json.len() as u32).to_le_bytes().to_vec();
+    out.extend(json);
+    out
+}
+
+/// Read one message; `Ok(None)` at end of file before it starts.
+pub fn read_frame<T: serde::de::DeserializeOwned>(r: &mut impl std::io::Read) -> std::io::Result<Option<T>> {
+    let mut len = [0u8; 4];
+    let mut got = 0;
+    while got < 4 {
+        match r.read(&mut len[got..]) {
+            Ok(0) if got == 0 => return Ok(None),
+            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let mut buf = vec![0u8; u32::from_le_bytes(len) as usize];
+    r.read_exact(&mut buf)?;
+    serde_json::from_slice(&buf).map(Some).map_err(std::io::Error::other)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    struct Msg {
+        a: u32,
+        b: String,
+    }
+
+    #[test]
+    fn frames_read_back_in_order_then_end_of_file() {
+        let mut stream = frame(&Msg { a: 1, b: "x".into() });
+        stream.extend(frame(&Msg { a: 2, b: "y y".into() }));
+        let mut r = std::io::Cursor::new(stream);
+        assert_eq!(read_frame::<Msg>(&mut r).unwrap(), Some(Msg { a: 1, b: "x".into() }));
+        assert_eq!(read_frame::<Msg>(&mut r).unwrap(), Some(Msg { a: 2, b: "y y".into() }));
+        assert_eq!(read_frame::<Msg>(&mut r).unwrap(), None);
+    }
+
+    #[test]
+    fn a_cut_or_garbled_frame_is_an_error_not_the_end() {
+        let whole = frame(&Msg { a: 7, b: "seven".into() });
+        for cut in [2, 4, whole.len() - 1] {
+            let mut r = std::io::Cursor::new(whole[..cut].to_vec());
+            assert!(read_frame::<Msg>(&mut r).is_err(), "cut at {cut}");
+        }
+        let mut bad = 3u32.to_le_bytes().to_vec();
+        bad.extend(b"{x}");
+        assert!(read_frame::<Msg>(&mut std::io::Cursor::new(bad)).is_err());
+    }
 }
