@@ -114,7 +114,6 @@ pub fn plan_with(state: &StateDir, launch: &ServerLaunch, extra: &Extra) -> anyh
 /// resolves the grants.
 pub struct Begun {
     dirs: ServerDirs,
-    ids: Option<(u32, u32)>,
     policy: Policy,
     notes: Vec<String>,
     outer: OuterSpec,
@@ -153,7 +152,7 @@ pub fn plan_begin(state: &StateDir, launch: &ServerLaunch) -> anyhow::Result<Beg
         // Filled in by whoever starts sandbox-init (a forked one finds it itself).
         cgroup_layout: None,
     };
-    Ok(Begun { dirs, ids, policy, notes, outer })
+    Ok(Begun { dirs, policy, notes, outer })
 }
 
 impl Begun {
@@ -164,9 +163,9 @@ impl Begun {
 
     /// The second half of planning: grants, environment, command; the whole spec.
     pub fn finish(self, launch: &ServerLaunch, extra: &Extra) -> anyhow::Result<Planned> {
-        let Begun { dirs, ids, policy, mut notes, outer } = self;
+        let Begun { dirs, policy, mut notes, outer } = self;
         notes.extend(extra.notes.iter().cloned());
-        finish_plan(launch, extra, dirs, ids, policy, notes, outer)
+        finish_plan(launch, extra, dirs, policy, notes, outer)
     }
 }
 
@@ -174,7 +173,6 @@ fn finish_plan(
     launch: &ServerLaunch,
     extra: &Extra,
     dirs: ServerDirs,
-    ids: Option<(u32, u32)>,
     policy: Policy,
     mut notes: Vec<String>,
     outer: OuterSpec,
@@ -263,25 +261,16 @@ fn finish_plan(
     let mut argv = vec![exe.to_string_lossy().into_owned()];
     argv.extend(launch.args.iter().cloned());
     let spec = SandboxSpec {
-        name: outer.name,
+        outer,
         argv,
         env,
         cwd,
         tmp_dir: dirs.tmp.clone(),
         grants,
         links,
-        network: outer.network,
-        limits: outer.limits,
         seccomp_extra_deny: policy.seccomp.extra_deny.clone(),
         seccomp_extra_allow: policy.seccomp.extra_allow.clone(),
-        min_level: outer.min_level,
         landlock_min_abi: policy.sandbox.landlock_min_abi,
-        host_ids: ids,
-        inner_uid: outer.inner_uid,
-        inner_gid: outer.inner_gid,
-        parent_pid: outer.parent_pid,
-        cgroup_parent: outer.cgroup_parent,
-        cgroup_layout: outer.cgroup_layout,
     };
     crate::sandbox::seccomp::check_names(&crate::sandbox::seccomp::FilterOptions {
         extra_deny: spec.seccomp_extra_deny.clone(),

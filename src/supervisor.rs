@@ -133,7 +133,7 @@ impl SandboxLauncher {
         if let ServerKind::Url { .. } = server.kind {
             let mut planned = self.url_plan(server)?;
             if self.min_level == crate::policy::Level::Container {
-                planned.spec.min_level = planned.spec.min_level.min(crate::policy::Level::Container);
+                planned.spec.outer.min_level = planned.spec.outer.min_level.min(crate::policy::Level::Container);
             }
             return Ok(planned);
         }
@@ -149,7 +149,7 @@ impl SandboxLauncher {
         // A policy may ask for less than `full`; `--min-level container` permits `container`
         // for policies that did not write it down. Never below what the process allows.
         if self.min_level == crate::policy::Level::Container {
-            planned.spec.min_level = planned.spec.min_level.min(crate::policy::Level::Container);
+            planned.spec.outer.min_level = planned.spec.outer.min_level.min(crate::policy::Level::Container);
         }
         Ok(planned)
     }

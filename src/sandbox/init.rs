@@ -432,12 +432,12 @@ fn pid1(mut input: std::fs::File, report: &Report, alive_r: OwnedFd, st: &mut St
 
     // 7. The mount view, hostname, network namespace (its loopback is up), proxy socket.
     mounts::build_root(spec)?;
-    let host = spec.name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '-' }).take(63).collect::<String>();
+    let host = spec.outer.name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '-' }).take(63).collect::<String>();
     nix::unistd::sethostname(if host.is_empty() { "mcpbox".to_string() } else { host }).map_err(sys_err("sethostname"))?;
     if let Some(net) = net {
         net.join()?;
     }
-    if matches!(spec.network, Network::Proxy { .. }) {
+    if matches!(spec.outer.network, Network::Proxy { .. }) {
         let l = std::net::TcpListener::bind(("127.0.0.1", PROXY_PORT)).map_err(|e| InitError::Io(format!("binding the proxy port inside the sandbox: {e}")))?;
         send_with_fd(report, &Msg::Proxy, l.as_raw_fd())?;
     }
@@ -655,7 +655,7 @@ fn server_setup(spec: &SandboxSpec, report: &mut Report, st: &State, go: Option<
     let prog = build_program(&FilterOptions {
         extra_deny: spec.seccomp_extra_deny.clone(),
         extra_allow: spec.seccomp_extra_allow.clone(),
-        unix_sockets_only: !full && matches!(spec.network, Network::None),
+        unix_sockets_only: !full && matches!(spec.outer.network, Network::None),
     })
     .map_err(|e| InitError::Seccomp(e.to_string()))?;
     let mut rules: Vec<Rule> = spec.grants.iter().map(|g| Rule { path: g.path.clone(), access: g.access, dir: g.dir }).collect();
@@ -665,7 +665,7 @@ fn server_setup(spec: &SandboxSpec, report: &mut Report, st: &State, go: Option<
         // The root is a tmpfs holding only what the policy grants: listing it reveals nothing.
         rules.push(Rule { path: "/".into(), access: super::spec::Access::List, dir: true });
     }
-    let net = match (&spec.network, full) {
+    let net = match (&spec.outer.network, full) {
         (Network::Host { connect_ports: None, bind_ports: None }, _) => NetRules::None,
         (Network::Host { connect_ports, bind_ports }, _) => NetRules::Ports {
             connect: connect_ports.clone().unwrap_or_default(),
@@ -677,7 +677,7 @@ fn server_setup(spec: &SandboxSpec, report: &mut Report, st: &State, go: Option<
     };
 
     // Limits on this process (inherited by everything it starts).
-    limits::apply_rlimits(&spec.limits, &st.limits).map_err(|e| InitError::Io(format!("setrlimit: {e}")))?;
+    limits::apply_rlimits(&spec.outer.limits, &st.limits).map_err(|e| InitError::Io(format!("setrlimit: {e}")))?;
 
     // Into the sandbox's network namespace (while we still have the capability for it).
     if let Some(n) = netns {

@@ -161,7 +161,7 @@ fn send_spec(ch: Channels, spec: &SandboxSpec, outer_sent: bool, started: Instan
     drop(spec_r);
     let mut bytes = Vec::new();
     if !outer_sent {
-        let mut outer = spec.outer();
+        let mut outer = spec.outer.clone();
         // Read here for a sandbox-init exec'd now; a forked one (`run`) reads it itself while it
         // waits for the spec.
         if exec && outer.cgroup_layout.is_none() && nix::unistd::geteuid().is_root() {
@@ -358,7 +358,7 @@ impl Pending {
         let (mut child, ch) = (self.child.take().expect("sent once"), self.ch.take().expect("sent once"));
         let exec = matches!(child, InitProcess::Exec(_));
         if let Some(sent) = &self.outer_sent {
-            debug_assert_eq!(&spec.outer(), sent, "the spec disagrees with the outer spec sent ahead of it");
+            debug_assert_eq!(&spec.outer, sent, "the spec disagrees with the outer spec sent ahead of it");
         }
         match send_spec(ch, spec, self.outer_sent.is_some(), self.started, exec) {
             Ok((report, l)) => Ok((child, report, l)),

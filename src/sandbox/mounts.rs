@@ -104,7 +104,7 @@ pub fn build_root(spec: &SandboxSpec) -> Result<(), MountError> {
     }
     let shm = dev.join("shm");
     mkdir_p(&shm)?;
-    let tmp_size = spec.limits.tmp.unwrap_or(64 << 20);
+    let tmp_size = spec.outer.limits.tmp.unwrap_or(64 << 20);
     tmpfs(&shm, MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC, &format!("mode=1777,size={tmp_size}"))?;
     setattr(&dev, MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NOEXEC, false)?;
 

@@ -44,8 +44,9 @@ pub struct Link {
 /// The complete, self-contained description of one sandboxed process.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SandboxSpec {
-    /// Server name (hostname inside, cgroup name, logs).
-    pub name: String,
+    /// What the outer sandbox-init needs (sent ahead of the rest by `mcpbox run`).
+    #[serde(flatten)]
+    pub outer: OuterSpec,
     /// argv[0] must be an absolute path inside the sandbox.
     pub argv: Vec<String>,
     /// The whole environment of the server; nothing else is passed.
@@ -56,13 +57,21 @@ pub struct SandboxSpec {
     pub tmp_dir: PathBuf,
     pub grants: Vec<Grant>,
     pub links: Vec<Link>,
-    pub network: Network,
-    pub limits: Limits,
     /// Syscall names denied on top of the default allow-list.
     pub seccomp_extra_deny: Vec<String>,
     pub seccomp_extra_allow: Vec<String>,
-    pub min_level: Level,
     pub landlock_min_abi: u8,
+}
+
+/// The part of a [`SandboxSpec`] the outer sandbox-init needs before PID 1 exists: identities,
+/// limits, which namespaces.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OuterSpec {
+    /// Server name (hostname inside, cgroup name, logs).
+    pub name: String,
+    pub network: Network,
+    pub limits: Limits,
+    pub min_level: Level,
     /// Host uid/gid the server runs as when mcpbox is root (None when rootless: the caller's own).
     pub host_ids: Option<(u32, u32)>,
     /// uid/gid the server sees inside its user namespace.
@@ -76,40 +85,6 @@ pub struct SandboxSpec {
     /// sandbox-init itself when absent).
     #[serde(default)]
     pub cgroup_layout: Option<super::CgroupLayout>,
-}
-
-/// The part of a [`SandboxSpec`] the outer sandbox-init needs before PID 1 exists; equal to
-/// the same fields of the full spec sent after it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct OuterSpec {
-    pub name: String,
-    pub network: Network,
-    pub limits: Limits,
-    pub min_level: Level,
-    pub host_ids: Option<(u32, u32)>,
-    pub inner_uid: u32,
-    pub inner_gid: u32,
-    pub parent_pid: i32,
-    pub cgroup_parent: String,
-    #[serde(default)]
-    pub cgroup_layout: Option<super::CgroupLayout>,
-}
-
-impl SandboxSpec {
-    pub fn outer(&self) -> OuterSpec {
-        OuterSpec {
-            name: self.name.clone(),
-            network: self.network.clone(),
-            limits: self.limits.clone(),
-            min_level: self.min_level,
-            host_ids: self.host_ids,
-            inner_uid: self.inner_uid,
-            inner_gid: self.inner_gid,
-            parent_pid: self.parent_pid,
-            cgroup_parent: self.cgroup_parent.clone(),
-            cgroup_layout: self.cgroup_layout.clone(),
-        }
-    }
 }
 
 /// One message of the spec stream: its length, then its JSON.
