@@ -35,6 +35,16 @@ trap 'rm -rf "$state" "$bin"' EXIT
 # more exposed to it than bwrap's 70 KB (docs/BENCHMARKS.md).
 install -m 0755 "target/$(rustc --print host-tuple)/release/mcpbox" "$bin/mcpbox"
 mcpbox=$bin/mcpbox
+# The start-up code is packed by link/startup-order.txt (build.rs); names it no longer matches
+# (after a version bump or a dependency or toolchain update) are left where they were.
+if command -v nm >/dev/null && [ -s link/startup-order.txt ]; then
+    total=$(wc -l < link/startup-order.txt)
+    found=$(nm --defined-only "$mcpbox" | awk '{print $3}' | sort -u | comm -12 - <(sort -u link/startup-order.txt) | wc -l)
+    echo "link/startup-order.txt: $found of $total functions found in the binary"
+    if [ $((found * 5)) -lt $((total * 4)) ]; then
+        echo "  (stale: regenerate it with bench/startup-order.sh)" >&2
+    fi
+fi
 if $cold; then
     sync
     echo 1 > /proc/sys/vm/drop_caches
