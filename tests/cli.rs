@@ -82,13 +82,23 @@ fn sigterm_is_forwarded() {
 
 #[test]
 fn a_command_the_policy_does_not_allow_is_refused() {
-    let out = run_policy("default", &["/bin/ls", "/"]);
+    let name = unique("cli");
+    let mut cmd = Command::new(mcpbox());
+    cmd.args(["run", "--policy", "default", "--state-dir"]).arg(&shared().state).args(["--name", &name, "--", "/bin/ls", "/"]);
+    test_env(&mut cmd);
+    let out = run_timeout(cmd, Duration::from_secs(60));
     assert_eq!(out.code, 125, "{out}");
     assert!(out.stdout.is_empty(), "{out}");
     assert!(out.stderr.contains("default") && out.stderr.contains("[filesystem] exec"), "{out}");
-    // `run` started sandbox-init before planning; refused, it gets no spec and exits without a
-    // word: the refusal is the only line.
+    // `run` started sandbox-init before planning, and sent it the first part of the spec before
+    // the command was checked; refused, it gets no more and exits without a word: the refusal is
+    // the only line.
     assert_eq!(out.stderr.trim().lines().count(), 1, "{out}");
+    // By then sandbox-init had taken the server's uid and made its namespaces and PID 1: none
+    // of those processes outlives mcpbox.
+    if is_root() {
+        assert_eq!(pids_of_uid(allocated_uid(&name)), Vec::<i32>::new(), "a process of the refused server's uid outlived mcpbox");
+    }
 }
 
 /// The drop-in use for local MCP clients: `mcpbox run -- npx -y PKG`, no policy named. The
