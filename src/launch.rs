@@ -165,120 +165,109 @@ impl Begun {
     pub fn finish(self, launch: &ServerLaunch, extra: &Extra) -> anyhow::Result<Planned> {
         let Begun { dirs, policy, mut notes, outer } = self;
         notes.extend(extra.notes.iter().cloned());
-        finish_plan(launch, extra, dirs, policy, notes, outer)
-    }
-}
-
-fn finish_plan(
-    launch: &ServerLaunch,
-    extra: &Extra,
-    dirs: ServerDirs,
-    policy: Policy,
-    mut notes: Vec<String>,
-    outer: OuterSpec,
-) -> anyhow::Result<Planned> {
-    // Grants: symlinks resolved (links recreated inside), strongest access per path, and
-    // nothing that a broader grant already covers with at least the same rights.
-    let mut want: BTreeMap<PathBuf, (Access, bool)> = BTreeMap::new();
-    let mut links: Vec<Link> = Vec::new();
-    let fsys = &policy.filesystem;
-    for (rules, access) in [(&fsys.read, Access::Read), (&fsys.exec, Access::Exec), (&fsys.write, Access::Write)] {
-        for r in rules {
-            let (real, mut l) = resolve(&r.path).with_context(|| format!("policy {}: {}", policy.source, r.path.display()))?;
-            if real.starts_with("/proc") || real.starts_with("/dev") || real == Path::new("/tmp") {
-                bail!("policy {}: {} cannot be granted: /proc, /dev and /tmp are provided by the sandbox itself", policy.source, r.path.display());
+        // Grants: symlinks resolved (links recreated inside), strongest access per path, and
+        // nothing that a broader grant already covers with at least the same rights.
+        let mut want: BTreeMap<PathBuf, (Access, bool)> = BTreeMap::new();
+        let mut links: Vec<Link> = Vec::new();
+        let fsys = &policy.filesystem;
+        for (rules, access) in [(&fsys.read, Access::Read), (&fsys.exec, Access::Exec), (&fsys.write, Access::Write)] {
+            for r in rules {
+                let (real, mut l) = resolve(&r.path).with_context(|| format!("policy {}: {}", policy.source, r.path.display()))?;
+                if real.starts_with("/proc") || real.starts_with("/dev") || real == Path::new("/tmp") {
+                    bail!("policy {}: {} cannot be granted: /proc, /dev and /tmp are provided by the sandbox itself", policy.source, r.path.display());
+                }
+                let dir = fs::metadata(&real).map(|m| m.is_dir()).unwrap_or(false);
+                let e = want.entry(real).or_insert((access, dir));
+                e.0 = e.0.max(access);
+                links.append(&mut l);
             }
+        }
+        for (path, access) in &extra.grants {
+            let (real, mut l) = resolve(path).with_context(|| format!("granting {}", path.display()))?;
             let dir = fs::metadata(&real).map(|m| m.is_dir()).unwrap_or(false);
-            let e = want.entry(real).or_insert((access, dir));
-            e.0 = e.0.max(access);
+            let e = want.entry(real).or_insert((*access, dir));
+            e.0 = e.0.max(*access);
             links.append(&mut l);
         }
-    }
-    for (path, access) in &extra.grants {
-        let (real, mut l) = resolve(path).with_context(|| format!("granting {}", path.display()))?;
-        let dir = fs::metadata(&real).map(|m| m.is_dir()).unwrap_or(false);
-        let e = want.entry(real).or_insert((*access, dir));
-        e.0 = e.0.max(*access);
-        links.append(&mut l);
-    }
-    let mut grants: Vec<Grant> = Vec::new();
-    for (path, (access, dir)) in &want {
-        let covered = want.iter().any(|(p, (a, d))| *d && p != path && path.starts_with(p) && *a >= *access);
-        if !covered {
-            grants.push(Grant { path: path.clone(), access: *access, dir: *dir });
-        }
-    }
-
-    // Environment: PATH/HOME/LANG defaults, then the policy's `set`, then what it passes.
-    let mut env = BTreeMap::new();
-    env.insert("PATH".to_string(), DEFAULT_PATH.to_string());
-    env.insert("HOME".to_string(), dirs.data.to_string_lossy().into_owned());
-    env.insert("LANG".to_string(), "C.UTF-8".to_string());
-    for (k, v) in &policy.env.set {
-        env.insert(k.clone(), v.clone());
-    }
-    for name in &policy.env.pass {
-        match launch.env.get(name) {
-            Some(v) => {
-                env.insert(name.clone(), v.clone());
+        let mut grants: Vec<Grant> = Vec::new();
+        for (path, (access, dir)) in &want {
+            let covered = want.iter().any(|(p, (a, d))| *d && p != path && path.starts_with(p) && *a >= *access);
+            if !covered {
+                grants.push(Grant { path: path.clone(), access: *access, dir: *dir });
             }
-            None => notes.push(format!("env {name} is passed by the policy but not set; the server will not see it")),
         }
-    }
-    for (k, v) in &extra.env {
-        env.insert(k.clone(), v.clone());
-    }
-    if matches!(policy.network, Network::Proxy { .. }) {
-        let url = format!("http://127.0.0.1:{}", crate::sandbox::PROXY_PORT);
-        for k in ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"] {
-            env.insert(k.to_string(), url.clone());
+
+        // Environment: PATH/HOME/LANG defaults, then the policy's `set`, then what it passes.
+        let mut env = BTreeMap::new();
+        env.insert("PATH".to_string(), DEFAULT_PATH.to_string());
+        env.insert("HOME".to_string(), dirs.data.to_string_lossy().into_owned());
+        env.insert("LANG".to_string(), "C.UTF-8".to_string());
+        for (k, v) in &policy.env.set {
+            env.insert(k.clone(), v.clone());
         }
-        env.insert("NODE_USE_ENV_PROXY".into(), "1".into());
-        // Loopback must go through the proxy too: nothing else is reachable.
-        env.insert("NO_PROXY".into(), String::new());
-        env.insert("no_proxy".into(), String::new());
-    }
+        for name in &policy.env.pass {
+            match launch.env.get(name) {
+                Some(v) => {
+                    env.insert(name.clone(), v.clone());
+                }
+                None => notes.push(format!("env {name} is passed by the policy but not set; the server will not see it")),
+            }
+        }
+        for (k, v) in &extra.env {
+            env.insert(k.clone(), v.clone());
+        }
+        if matches!(policy.network, Network::Proxy { .. }) {
+            let url = format!("http://127.0.0.1:{}", crate::sandbox::PROXY_PORT);
+            for k in ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"] {
+                env.insert(k.to_string(), url.clone());
+            }
+            env.insert("NODE_USE_ENV_PROXY".into(), "1".into());
+            // Loopback must go through the proxy too: nothing else is reachable.
+            env.insert("NO_PROXY".into(), String::new());
+            env.insert("no_proxy".into(), String::new());
+        }
 
-    // The command: resolved on the host against the sandbox's PATH (the view is identical),
-    // and it must be executable under the policy.
-    let path_var = env.get("PATH").cloned().unwrap_or_else(|| DEFAULT_PATH.to_string());
-    let exe = resolve_command(&launch.command, &path_var)?;
-    let (exe_real, mut exe_links) = resolve(&exe)?;
-    let executable = grants.iter().any(|g| g.access >= Access::Exec && exe_real.starts_with(&g.path));
-    if !executable {
-        bail!(
-            "policy {} does not allow executing {}{}: add it to [filesystem] exec (or extend a runtime policy such as `node` or `python`)",
-            policy.source,
-            exe.display(),
-            if exe_real != exe { format!(" (which is {})", exe_real.display()) } else { String::new() }
-        );
-    }
-    links.append(&mut exe_links);
-    links.sort_by(|a, b| a.path.cmp(&b.path));
-    links.dedup();
+        // The command: resolved on the host against the sandbox's PATH (the view is identical),
+        // and it must be executable under the policy.
+        let path_var = env.get("PATH").cloned().unwrap_or_else(|| DEFAULT_PATH.to_string());
+        let exe = resolve_command(&launch.command, &path_var)?;
+        let (exe_real, mut exe_links) = resolve(&exe)?;
+        let executable = grants.iter().any(|g| g.access >= Access::Exec && exe_real.starts_with(&g.path));
+        if !executable {
+            bail!(
+                "policy {} does not allow executing {}{}: add it to [filesystem] exec (or extend a runtime policy such as `node` or `python`)",
+                policy.source,
+                exe.display(),
+                if exe_real != exe { format!(" (which is {})", exe_real.display()) } else { String::new() }
+            );
+        }
+        links.append(&mut exe_links);
+        links.sort_by(|a, b| a.path.cmp(&b.path));
+        links.dedup();
 
-    let cwd = if grants.iter().any(|g| dirs.data.starts_with(&g.path)) { dirs.data.clone() } else { PathBuf::from("/tmp") };
-    let mut argv = vec![exe.to_string_lossy().into_owned()];
-    argv.extend(launch.args.iter().cloned());
-    let spec = SandboxSpec {
-        outer,
-        argv,
-        env,
-        cwd,
-        tmp_dir: dirs.tmp.clone(),
-        grants,
-        links,
-        seccomp_extra_deny: policy.seccomp.extra_deny.clone(),
-        seccomp_extra_allow: policy.seccomp.extra_allow.clone(),
-        landlock_min_abi: policy.sandbox.landlock_min_abi,
-    };
-    crate::sandbox::seccomp::check_names(&crate::sandbox::seccomp::FilterOptions {
-        extra_deny: spec.seccomp_extra_deny.clone(),
-        extra_allow: spec.seccomp_extra_allow.clone(),
-        unix_sockets_only: false,
-    })
-    .map_err(|e| anyhow::anyhow!("policy {}: {e}", policy.source))?;
-    Ok(Planned { spec, policy, notes })
+        let cwd = if grants.iter().any(|g| dirs.data.starts_with(&g.path)) { dirs.data.clone() } else { PathBuf::from("/tmp") };
+        let mut argv = vec![exe.to_string_lossy().into_owned()];
+        argv.extend(launch.args.iter().cloned());
+        let spec = SandboxSpec {
+            outer,
+            argv,
+            env,
+            cwd,
+            tmp_dir: dirs.tmp.clone(),
+            grants,
+            links,
+            seccomp_extra_deny: policy.seccomp.extra_deny.clone(),
+            seccomp_extra_allow: policy.seccomp.extra_allow.clone(),
+            landlock_min_abi: policy.sandbox.landlock_min_abi,
+        };
+        crate::sandbox::seccomp::check_names(&crate::sandbox::seccomp::FilterOptions {
+            extra_deny: spec.seccomp_extra_deny.clone(),
+            extra_allow: spec.seccomp_extra_allow.clone(),
+            unix_sockets_only: false,
+        })
+        .map_err(|e| anyhow::anyhow!("policy {}: {e}", policy.source))?;
+        Ok(Planned { spec, policy, notes })
+    }
 }
 
 /// A server's directories under the state dir.
