@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::bridge::{Hub, LineReader, Outbound, Sent, SessionId, SessionSink};
+use crate::bridge::{Hub, LineReader, Outbound, Principal, Sent, SessionId, SessionSink};
 use crate::config::{Config, Isolation, ServerConfig, ServerKind};
 use crate::launch::PolicyRef;
 
@@ -293,6 +293,8 @@ impl Server {
 pub struct Session {
     pub id: SessionId,
     pub server: String,
+    /// Who opened it; only they can use it.
+    pub principal: Principal,
     hub: Arc<Hub>,
     pub closed: CancellationToken,
     last_active: Mutex<Instant>,
@@ -598,6 +600,7 @@ impl Supervisor {
     pub async fn open_session(
         self: &Arc<Self>,
         server_name: &str,
+        principal: Principal,
     ) -> Result<(Arc<Session>, mpsc::Receiver<Outbound>), OpenError> {
         if self.shutdown.is_cancelled() {
             return Err(OpenError::ShuttingDown);
@@ -637,6 +640,7 @@ impl Supervisor {
         let session = Arc::new(Session {
             id: id.clone(),
             server: server_name.to_string(),
+            principal,
             hub: hub.clone(),
             closed: closed.clone(),
             last_active: Mutex::new(Instant::now()),
@@ -645,7 +649,7 @@ impl Supervisor {
             initialized: AtomicBool::new(false),
         });
         server.sessions.lock().unwrap_or_else(|e| e.into_inner()).insert(id.clone(), session.clone());
-        tracing::info!(server = %server_name, session = %id, "session opened");
+        tracing::info!(server = %server_name, session = %id, principal = %session.principal, "session opened");
         let srv = server.clone();
         let sess = session.clone();
         self.tasks.spawn(async move {
