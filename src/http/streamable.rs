@@ -220,10 +220,10 @@ pub async fn post(st: Shared, server: String, principal: Principal, headers: Hea
 }
 
 pub async fn get(st: Shared, server: String, principal: Principal, headers: &HeaderMap) -> Response {
-    if let Err(r) = version_ok(&headers) {
+    if let Err(r) = version_ok(headers) {
         return r;
     }
-    if !accepts_sse(&headers) {
+    if !accepts_sse(headers) {
         return (StatusCode::NOT_ACCEPTABLE, "GET needs Accept: text/event-stream\n").into_response();
     }
     let ss = match lookup(&st, &server, &principal, headers) {
@@ -276,7 +276,7 @@ pub async fn get(st: Shared, server: String, principal: Principal, headers: &Hea
 }
 
 pub async fn delete(st: Shared, server: String, principal: Principal, headers: &HeaderMap) -> Response {
-    if let Err(r) = version_ok(&headers) {
+    if let Err(r) = version_ok(headers) {
         return r;
     }
     let ss = match lookup(&st, &server, &principal, headers) {
