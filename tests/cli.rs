@@ -132,3 +132,81 @@ fn npx_server_runs_over_stdio_without_a_policy() {
     assert!(err.contains("no --policy given") && err.contains("node"), "the runtime-base fallback must be said:\n{err}");
     assert!(state.join("server-sequential-thinking/cache/prepared.json").is_file(), "prepared under the package's name:\n{err}");
 }
+
+#[test]
+fn run_serves_the_egress_proxy_of_a_proxy_mode_policy() {
+    use crate::realservers::support::site;
+    use std::sync::atomic::Ordering;
+    let allowed = site("RUN-PROXY-CANARY-ALLOWED");
+    let denied = site("RUN-PROXY-CANARY-DENIED");
+    let d = tempdir();
+    let body = format!("extends = \"python\"\n[network]\nmode = \"proxy\"\nallow = [\"127.0.0.1:{}\"]\n", allowed.port);
+    let p = write_policy(d.path(), "proxied", &body);
+    // urllib takes http_proxy from the environment the policy sets; the direct way out does
+    // not exist (own network namespace, loopback only).
+    let script = r#"
+import sys, urllib.request
+for port in sys.argv[1:]:
+    try:
+        print(urllib.request.urlopen(f'http://127.0.0.1:{port}/', timeout=10).read().decode())
+    except Exception as e:
+        print('REFUSED', port, type(e).__name__)
+"#;
+    let out = run_policy(p.to_str().unwrap(), &["python3", "-c", script, &allowed.port.to_string(), &denied.port.to_string()]);
+    assert_eq!(out.code, 0, "{out}");
+    assert!(out.stdout.contains("RUN-PROXY-CANARY-ALLOWED"), "the allowed site through the proxy:\n{out}");
+    assert!(out.stdout.contains(&format!("REFUSED {}", denied.port)) && !out.stdout.contains("RUN-PROXY-CANARY-DENIED"), "{out}");
+    assert_eq!(denied.hits.load(Ordering::SeqCst), 0, "the unlisted site was contacted");
+    assert!(out.stderr.contains("egress denied"), "the proxy logs the refusal:\n{out}");
+}
+
+#[test]
+fn a_policy_that_would_fail_at_launch_is_refused_before_anything_is_prepared() {
+    let d = tempdir();
+    let state = d.path().join("state");
+    for (name, body, says) in [
+        ("badsys", "extends = \"node\"\n[seccomp]\nextra_deny = [\"not_a_syscall\"]\n", "not_a_syscall"),
+        ("badallow", "extends = \"node\"\n[network]\nmode = \"proxy\"\nallow = [\"*.com:443\"]\n", "*.com"),
+    ] {
+        let p = write_policy(d.path(), name, body);
+        let mut cmd = Command::new(mcpbox());
+        cmd.args(["run", "--policy"]).arg(&p).arg("--state-dir").arg(&state);
+        cmd.args(["--name", name, "--", "npx", "-y", "@modelcontextprotocol/server-memory"]);
+        test_env(&mut cmd);
+        let out = run_timeout(cmd, Duration::from_secs(60));
+        assert_eq!(out.code, 125, "{out}");
+        assert!(out.stderr.contains(says), "the refusal names its reason:\n{out}");
+        let cache = state.join(name).join("cache");
+        let prepared: Vec<_> = std::fs::read_dir(&cache).map(|r| r.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
+        assert!(prepared.is_empty(), "nothing may be prepared for a refused server: {prepared:?}");
+    }
+}
+
+#[test]
+fn serve_check_refuses_what_a_launch_would_refuse() {
+    let d = tempdir();
+    let state = d.path().join("state");
+    for (policy, says) in [
+        (serde_json::json!({"extends": "python", "seccomp": {"extra_deny": ["not_a_syscall"]}}), "not_a_syscall"),
+        (serde_json::json!({"extends": "python", "network": {"mode": "proxy", "allow": ["*.com:443"]}}), "*.com"),
+        (serde_json::json!({"extends": "no-such-policy"}), "no-such-policy"),
+    ] {
+        let cfg = serde_json::json!({"mcpServers": {"s": {"command": "python3", "args": ["-c", "0"], "policy": policy}}});
+        let path = d.path().join("mcpbox.json");
+        std::fs::write(&path, cfg.to_string()).unwrap();
+        let mut cmd = Command::new(mcpbox());
+        cmd.args(["serve", "--check", "--config"]).arg(&path).arg("--state-dir").arg(&state);
+        let out = run_timeout(cmd, Duration::from_secs(30));
+        assert_eq!(out.code, 2, "{out}");
+        assert!(out.stderr.contains("server s") && out.stderr.contains(says), "{out}");
+    }
+    assert!(!state.exists(), "--check creates nothing");
+    // The same config with a policy a launch accepts passes.
+    let cfg = serde_json::json!({"mcpServers": {"s": {"command": "python3", "args": ["-c", "0"], "policy": {"extends": "python"}}}});
+    let path = d.path().join("mcpbox.json");
+    std::fs::write(&path, cfg.to_string()).unwrap();
+    let mut cmd = Command::new(mcpbox());
+    cmd.args(["serve", "--check", "--config"]).arg(&path).arg("--state-dir").arg(&state);
+    let out = run_timeout(cmd, Duration::from_secs(30));
+    assert_eq!(out.code, 0, "{out}");
+}
