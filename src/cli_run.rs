@@ -10,7 +10,8 @@ use crate::plan::{self, plan_begin, Extra, PolicyRef, ServerLaunch, StateDir};
 use crate::policy::Level;
 
 pub struct RunArgs {
-    /// None: `default`, plus the node/python runtime base for npx/uvx commands (with a note).
+    /// None: for npx/uvx the shipped policy of the package, else `default` plus the node/python
+    /// runtime base; `default` for anything else (the log says which).
     pub policy: Option<String>,
     pub state_dir: Option<PathBuf>,
     pub name: Option<String>,
@@ -61,7 +62,7 @@ pub fn run(args: RunArgs, early: Option<Result<crate::sandbox::Pending, crate::s
     };
     // The plan's steps (see `plan`): everything that can refuse the server does so before a
     // package is prepared.
-    let (launch, note) = plan::effective(launch, policy_given);
+    let (launch, choice) = plan::effective(launch, policy_given);
     if let Err(e) = plan::check(&state, &launch) {
         eprintln!("mcpbox: {e:#}");
         return ExitCode::from(EXIT_SETUP);
@@ -74,14 +75,13 @@ pub fn run(args: RunArgs, early: Option<Result<crate::sandbox::Pending, crate::s
             .and_then(|_| plan::prepare::for_run(&state, &launch).expect("an npx/uvx command"))
             .map_err(|e| anyhow::anyhow!("prepare: {e:#}")),
     };
-    let (launch_now, mut extra) = match run {
+    let (launch_now, extra) = match run {
         Ok(x) => x,
         Err(e) => {
             eprintln!("mcpbox: {name}: {e:#}");
             return ExitCode::from(EXIT_SETUP);
         }
     };
-    extra.notes.extend(note);
     let begun = match plan_begin(&state, &launch_now) {
         Ok(b) => b,
         Err(e) => {
@@ -104,12 +104,13 @@ pub fn run(args: RunArgs, early: Option<Result<crate::sandbox::Pending, crate::s
     for n in &planned.notes {
         tracing::info!(server = %name, "{n}");
     }
-    if !policy_given {
-        tracing::warn!(
+    match choice {
+        plan::PolicyChoice::Given => {}
+        plan::PolicyChoice::Default => tracing::warn!(
             server = %name,
-            "no --policy given: running under {} (for npx/uvx: `default` plus the node or python runtime base); write a policy to say what this server may reach",
-            planned.policy.source
-        );
+            "no --policy given: running under `default`; write a policy to say what this server may reach"
+        ),
+        plan::PolicyChoice::ForPackage(m) | plan::PolicyChoice::RuntimeBase(m) => tracing::warn!(server = %name, "{m}"),
     }
 
     // Signals are taken synchronously by this thread and passed on to the sandbox.

@@ -103,7 +103,7 @@ fn a_command_the_policy_does_not_allow_is_refused() {
 
 /// The drop-in use for local MCP clients: `mcpbox run -- npx -y PKG`, no policy named. The
 /// package is prepared in its own sandbox on first use, then the real server from npm answers
-/// `initialize` over stdin/stdout under `default` plus the node runtime base, named after its
+/// `initialize` over stdin/stdout under the policy mcpbox ships for that package, named after its
 /// package (not `npx`, which every such server would share).
 #[test]
 fn npx_server_runs_over_stdio_without_a_policy() {
@@ -129,7 +129,7 @@ fn npx_server_runs_over_stdio_without_a_policy() {
     let v: serde_json::Value = serde_json::from_str(answer).unwrap();
     assert_eq!(v["result"]["serverInfo"]["name"], "sequential-thinking-server", "{answer}");
     assert!(status.success(), "exit {status:?}\n{err}");
-    assert!(err.contains("no --policy given") && err.contains("node"), "the runtime-base fallback must be said:\n{err}");
+    assert!(err.contains("shipped policy `server-sequential-thinking`"), "the log names the package's shipped policy:\n{err}");
     assert!(state.join("server-sequential-thinking/cache/prepared.json").is_file(), "prepared under the package's name:\n{err}");
 }
 
@@ -209,4 +209,49 @@ fn serve_check_refuses_what_a_launch_would_refuse() {
     cmd.args(["serve", "--check", "--config"]).arg(&path).arg("--state-dir").arg(&state);
     let out = run_timeout(cmd, Duration::from_secs(30));
     assert_eq!(out.code, 0, "{out}");
+}
+
+/// The README's own example, as written: `mcpbox run -- npx -y @modelcontextprotocol/server-memory`
+/// gets the shipped server-memory policy without `--policy`, so its main tool can write its graph
+/// (into the server's data dir; under the bare node base it failed with EROFS).
+#[test]
+fn the_readme_memory_example_works_without_a_policy() {
+    let d = tempdir();
+    let state = d.path().join("state");
+    let mut cmd = Command::new(mcpbox());
+    cmd.args(["run", "--state-dir"]).arg(&state).args(["--", "npx", "-y", "@modelcontextprotocol/server-memory"]);
+    test_env(&mut cmd);
+    let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let msgs = [
+        r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#,
+        r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#,
+        r#"{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"create_entities","arguments":{"entities":[{"name":"README-CANARY","entityType":"test","observations":["works as written"]}]}}}"#,
+    ];
+    let mut stdin = child.stdin.take().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    {
+        use std::io::Write;
+        for m in msgs {
+            writeln!(stdin, "{m}").unwrap();
+        }
+    }
+    // Wait for the tool's answer before closing stdin (the server may exit on EOF first).
+    let mut answer = None;
+    for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+        if line.contains("\"id\":2") {
+            answer = Some(line);
+            break;
+        }
+    }
+    drop(stdin);
+    wait_timeout(&mut child, Duration::from_secs(120)).expect("mcpbox run did not finish");
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+    let answer = answer.unwrap_or_else(|| panic!("no answer to create_entities\nstderr: {err}"));
+    let v: serde_json::Value = serde_json::from_str(&answer).unwrap();
+    assert!(v["result"]["isError"] != true && v.get("error").is_none(), "create_entities failed: {answer}\n{err}");
+    assert!(err.contains("shipped policy `server-memory`"), "{err}");
+    let data = state.join("server-memory/data");
+    let written: Vec<_> = std::fs::read_dir(&data).unwrap().flatten().filter(|e| std::fs::read_to_string(e.path()).is_ok_and(|t| t.contains("README-CANARY"))).collect();
+    assert!(!written.is_empty(), "the graph is in the server's data dir");
 }

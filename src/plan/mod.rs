@@ -3,7 +3,8 @@
 //! `prepare` and `doctor` all go through here:
 //!
 //! 1. [`effective`]: the launch as it will run under its policy (npx/uvx without a named policy
-//!    get their runtime base, with a note); a `url` upstream becomes mcpbox's own url-bridge.
+//!    get the shipped policy of their package, else their runtime base, and the log says which);
+//!    a `url` upstream becomes mcpbox's own url-bridge.
 //! 2. [`check`]: everything that can refuse the server (its name, its policy, what the policy
 //!    asks of the kernel and the egress proxy), before any package is prepared; it creates
 //!    nothing, so `serve --check` uses it too.
@@ -31,19 +32,76 @@ pub use spec::{
     ServerLaunch, StateDir, DEFAULT_PATH,
 };
 
-/// The launch as it will run: for an npx/uvx command without a named policy, the policy is the
-/// runtime base (`node` or `python`) and a note says so. Other launches are unchanged.
-pub fn effective(mut launch: ServerLaunch, policy_given: bool) -> (ServerLaunch, Option<String>) {
-    if policy_given {
-        return (launch, None);
+/// Shipped policies written for one package each: a server running that package with no policy
+/// named gets this one. Matched on the whole package name (scope included), never on a suffix.
+pub const PACKAGE_POLICIES: &[(prepare::Manager, &str, &str)] = &[
+    (prepare::Manager::Npm, "@modelcontextprotocol/server-everything", "server-everything"),
+    (prepare::Manager::Npm, "@modelcontextprotocol/server-filesystem", "server-filesystem"),
+    (prepare::Manager::Npm, "@modelcontextprotocol/server-memory", "server-memory"),
+    (prepare::Manager::Npm, "@modelcontextprotocol/server-sequential-thinking", "server-sequential-thinking"),
+    (prepare::Manager::Uv, "mcp-server-fetch", "mcp-server-fetch"),
+    (prepare::Manager::Uv, "mcp-server-git", "mcp-server-git"),
+    (prepare::Manager::Uv, "mcp-server-time", "mcp-server-time"),
+];
+
+/// The package name of an npm spec (`@scope/name@1.2`) or a Python requirement (`name==1.2`,
+/// `name[extra]>=1`), lower-cased for Python as its index compares them.
+pub fn package_name(manager: prepare::Manager, spec: &str) -> String {
+    match manager {
+        prepare::Manager::Npm => match spec.rfind('@') {
+            Some(i) if i > 0 => spec[..i].to_string(),
+            _ => spec.to_string(),
+        },
+        prepare::Manager::Uv => {
+            let end = spec.find(|c: char| "=<>!~[;@ ".contains(c)).unwrap_or(spec.len());
+            spec[..end].trim().to_ascii_lowercase().replace('_', "-")
+        }
     }
-    let Some(Ok(pkg)) = prepare::parse(&launch.command, &launch.args) else { return (launch, None) };
+}
+
+/// How the policy of a launch was chosen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PolicyChoice {
+    /// Named by the operator (`--policy`, or `policy` in the config).
+    Given,
+    /// None named; the shipped policy written for this package (the message says which).
+    ForPackage(String),
+    /// None named and none known: `default` plus the runtime base (the message says so).
+    RuntimeBase(String),
+    /// None named, not a package: `default`.
+    Default,
+}
+
+/// The launch as it will run: for an npx/uvx command without a named policy, the policy written
+/// for its package if mcpbox ships one, else the runtime base (`node` or `python`); the choice
+/// says which, for the log. Other launches are unchanged.
+pub fn effective(mut launch: ServerLaunch, policy_given: bool) -> (ServerLaunch, PolicyChoice) {
+    if policy_given {
+        return (launch, PolicyChoice::Given);
+    }
+    let Some(Ok(pkg)) = prepare::parse(&launch.command, &launch.args) else { return (launch, PolicyChoice::Default) };
+    let name = pkg.install.first().map(|s| package_name(pkg.manager, s)).unwrap_or_default();
+    if let Some((_, _, policy)) = PACKAGE_POLICIES.iter().find(|(m, p, _)| *m == pkg.manager && *p == name) {
+        launch.policy = PolicyRef::Named((*policy).into());
+        let msg = format!("no policy named: using the shipped policy `{policy}`, written for {name}; name another to override it");
+        return (launch, PolicyChoice::ForPackage(msg));
+    }
     let base = pkg.manager.runtime_policy();
     launch.policy = PolicyRef::Named(base.into());
-    let note = format!(
-        "no policy named for this server: using `default` plus the {base} runtime base (`{base}`); write one (see policies/) to say what it may reach"
+    let msg = format!(
+        "no policy named and none shipped for {name}: using `default` plus the {base} runtime base (`{base}`); write one (see policies/ and docs) to say what it may reach"
     );
-    (launch, Some(note))
+    (launch, PolicyChoice::RuntimeBase(msg))
+}
+
+impl PolicyChoice {
+    /// The line to log, if any.
+    pub fn message(&self) -> Option<&str> {
+        match self {
+            PolicyChoice::ForPackage(m) | PolicyChoice::RuntimeBase(m) => Some(m),
+            PolicyChoice::Given | PolicyChoice::Default => None,
+        }
+    }
 }
 
 /// The policy of a `url` upstream's bridge: mcpbox's own code talking HTTP(S) to one remote
@@ -81,7 +139,7 @@ impl Planner {
     /// Step 1 for a configured server: its launch (and what mcpbox adds on top of its policy).
     /// `stage`: copy mcpbox's binary where server uids can run it if needed (a url upstream's
     /// bridge); false for checks, which create nothing.
-    pub fn launch_of(&self, server: &ServerConfig, stage: bool) -> anyhow::Result<(ServerLaunch, Extra, Option<String>)> {
+    pub fn launch_of(&self, server: &ServerConfig, stage: bool) -> anyhow::Result<(ServerLaunch, Extra, PolicyChoice)> {
         match &server.kind {
             ServerKind::Stdio { command, args, env } => {
                 let launch = ServerLaunch {
@@ -91,8 +149,8 @@ impl Planner {
                     env: env.clone(),
                     policy: server.policy.clone(),
                 };
-                let (launch, note) = effective(launch, server.policy_given);
-                Ok((launch, Extra::default(), note))
+                let (launch, choice) = effective(launch, server.policy_given);
+                Ok((launch, Extra::default(), choice))
             }
             ServerKind::Url { url, headers, transport_type } => {
                 // mcpbox's own `url-bridge` mode stands in for the server, sandboxed like one
@@ -117,7 +175,7 @@ impl Planner {
                     policy,
                 };
                 let extra = Extra { grants: vec![(exe, crate::sandbox::Access::Exec)], env: BTreeMap::new(), notes: vec![] };
-                Ok((launch, extra, None))
+                Ok((launch, extra, PolicyChoice::Given))
             }
         }
     }
@@ -146,7 +204,7 @@ impl Planner {
         if let Some(e) = self.cannot_start.get(&server.name) {
             anyhow::bail!("{e}");
         }
-        let (launch, extra, note) = self.launch_of(server, true)?;
+        let (launch, extra, choice) = self.launch_of(server, true)?;
         let begun = plan_begin(&self.state, &launch)?;
         let (run, mut extra) = match prepare::for_run(&self.state, &launch) {
             Some(r) => {
@@ -158,7 +216,72 @@ impl Planner {
             }
             None => (launch, extra),
         };
-        extra.notes.extend(note);
+        extra.notes.extend(choice.message().map(str::to_owned));
         begun.finish(&run, &extra)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn launch(command: &str, args: &[&str]) -> ServerLaunch {
+        ServerLaunch {
+            name: "s".into(),
+            command: command.into(),
+            args: args.iter().map(|s| s.to_string()).collect(),
+            env: BTreeMap::new(),
+            policy: PolicyRef::Named("default".into()),
+        }
+    }
+
+    fn policy_of(l: &ServerLaunch) -> &str {
+        match &l.policy {
+            PolicyRef::Named(n) => n,
+            PolicyRef::Inline { .. } => "inline",
+        }
+    }
+
+    #[test]
+    fn a_known_package_gets_its_shipped_policy_and_an_unknown_one_its_runtime_base() {
+        let (l, c) = effective(launch("npx", &["-y", "@modelcontextprotocol/server-memory"]), false);
+        assert_eq!(policy_of(&l), "server-memory");
+        assert!(matches!(&c, PolicyChoice::ForPackage(m) if m.contains("server-memory")), "{c:?}");
+        let (l, _) = effective(launch("npx", &["-y", "@modelcontextprotocol/server-memory@2025.1.1"]), false);
+        assert_eq!(policy_of(&l), "server-memory");
+        let (l, _) = effective(launch("/usr/bin/uvx", &["mcp-server-time@0.6.2", "--local-timezone", "UTC"]), false);
+        assert_eq!(policy_of(&l), "mcp-server-time");
+        let (l, _) = effective(launch("uvx", &["--from", "mcp-server-git", "mcp-server-git", "--repository", "/r"]), false);
+        assert_eq!(policy_of(&l), "mcp-server-git");
+        // Another scope's package of the same base name is not the package the policy is for.
+        let (l, c) = effective(launch("npx", &["-y", "@evil/server-memory"]), false);
+        assert_eq!(policy_of(&l), "node");
+        assert!(matches!(&c, PolicyChoice::RuntimeBase(m) if m.contains("@evil/server-memory")), "{c:?}");
+        let (l, _) = effective(launch("uvx", &["some-unknown-server"]), false);
+        assert_eq!(policy_of(&l), "python");
+        // A named policy is never replaced; a plain command keeps `default`.
+        let (l, c) = effective(launch("npx", &["-y", "@modelcontextprotocol/server-memory"]), true);
+        assert_eq!((policy_of(&l), c), ("default", PolicyChoice::Given));
+        let (l, c) = effective(launch("node", &["x.js"]), false);
+        assert_eq!((policy_of(&l), c), ("default", PolicyChoice::Default));
+    }
+
+    #[test]
+    fn every_package_policy_is_shipped() {
+        let shipped = crate::policy::shipped_names();
+        for (_, pkg, policy) in PACKAGE_POLICIES {
+            assert!(shipped.contains(policy), "{pkg} names {policy}, which is not shipped");
+        }
+    }
+
+    #[test]
+    fn package_names() {
+        use prepare::Manager::{Npm, Uv};
+        assert_eq!(package_name(Npm, "@a/b@1.2"), "@a/b");
+        assert_eq!(package_name(Npm, "@a/b"), "@a/b");
+        assert_eq!(package_name(Npm, "b@latest"), "b");
+        assert_eq!(package_name(Uv, "Mcp_Server-Time==1"), "mcp-server-time");
+        assert_eq!(package_name(Uv, "x[extra]>=2"), "x");
+        assert_eq!(package_name(Uv, "x @ file:///p"), "x");
     }
 }

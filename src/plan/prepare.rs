@@ -837,8 +837,8 @@ mod tests {
         std::fs::write(pkg_dir.join("bin.js"), "").unwrap();
         let pkg = parse("npx", &v(&["-y", "x@1", "--flag"])).unwrap().unwrap();
         let launch = ServerLaunch { name: "srv".into(), command: "npx".into(), args: v(&["-y", "x@1", "--flag"]), env: BTreeMap::new(), policy: PolicyRef::Named("default".into()) };
-        let (launch, note) = super::super::effective(launch, false);
-        assert!(note.is_some_and(|n| n.contains("no policy")));
+        let (launch, choice) = super::super::effective(launch, false);
+        assert!(matches!(&choice, super::super::PolicyChoice::RuntimeBase(m) if m.contains("no policy")), "{choice:?}");
         assert!(for_run(&state, &launch).unwrap().is_err(), "not prepared yet");
         let rec = Prepared { request: pkg, package: "x".into(), version: "1".into(), interpreter: node.clone(), entry: pkg_dir.join("bin.js"), prepared_at: 0 };
         std::fs::write(cache.join(RECORD), serde_json::to_string(&rec).unwrap()).unwrap();
