@@ -67,8 +67,6 @@ read = [
 ]
 [network]
 mode = "host"
-[env]
-pass = ["MCPBOX_UPSTREAM_HEADERS"]
 "#;
 
 /// Production launcher: `launch::plan` + `sandbox::Spawner`. Never runs a server unconfined.
@@ -96,15 +94,17 @@ impl SandboxLauncher {
     }
 
     /// A `url` upstream: mcpbox's own `url-bridge` mode stands in for the server, sandboxed
-    /// like one (network `host`, the CA store, nothing else), with the upstream's headers
-    /// passed in its environment rather than on its command line.
+    /// like one (network `host`, the CA store, nothing else), with the upstream's URL and
+    /// headers passed in its environment rather than on its command line (readable by all).
     fn url_plan(&self, server: &ServerConfig) -> anyhow::Result<crate::launch::Planned> {
         let ServerKind::Url { url, headers, transport_type } = &server.kind else { unreachable!() };
         let transport = crate::urlbridge::Transport::pick(transport_type.as_deref(), url)?;
         let exe = std::env::current_exe().context("locating the mcpbox binary")?;
         let exe = crate::prepare::stage_for_others(&self.state, &exe)?;
-        let mut env = BTreeMap::new();
-        env.insert(crate::urlbridge::HEADERS_ENV.to_string(), serde_json::to_string(headers)?);
+        // Set by mcpbox whatever the policy passes: the bridge cannot work without them.
+        let mut bridge_env = BTreeMap::new();
+        bridge_env.insert(crate::urlbridge::URL_ENV.to_string(), url.clone());
+        bridge_env.insert(crate::urlbridge::HEADERS_ENV.to_string(), serde_json::to_string(headers)?);
         let policy = if server.policy_given {
             server.policy.clone()
         } else {
@@ -114,13 +114,13 @@ impl SandboxLauncher {
         let launch = crate::launch::ServerLaunch {
             name: server.name.clone(),
             command: exe.to_string_lossy().into_owned(),
-            args: vec!["url-bridge".into(), "--url".into(), url.clone(), "--transport".into(), transport.as_str().into()],
-            env,
+            args: vec!["url-bridge".into(), "--transport".into(), transport.as_str().into()],
+            env: BTreeMap::new(),
             policy,
         };
         let extra = crate::launch::Extra {
             grants: vec![(exe.clone(), crate::sandbox::Access::Exec)],
-            env: BTreeMap::new(),
+            env: bridge_env,
             notes: vec![],
         };
         crate::launch::plan_with(&self.state, &launch, &extra)
