@@ -18,7 +18,11 @@
 //! 3. A name is resolved. If it was allowed by a wildcard entry, every address it resolves to must
 //!    be public (no loopback, private, link-local, unique-local, unspecified, multicast, …);
 //!    otherwise the request is refused without connecting. An entry naming that exact
-//!    `host:port` is taken as the policy author's say-so and may resolve anywhere.
+//!    `host:port` is taken as the policy author's say-so and may resolve anywhere — unless the
+//!    proxy is [`ProxyConfig::public_only`] (the prepare sandboxes': a registry named by a
+//!    package manager's configuration never leads to loopback, link-local or private
+//!    addresses), where every address, of a name or an IP literal, must be public.
+//! 4. The connection goes to the addresses just checked: nothing is resolved twice.
 //!
 //! Denials answer `403 Forbidden` with a one-line body that names the policy and the target, and
 //! are logged once with the fields `server` and `target`.
@@ -379,6 +383,8 @@ pub struct ProxyConfig {
     pub max_header_bytes: usize,
     /// Connections served at once; further ones wait to be accepted.
     pub max_connections: usize,
+    /// Every target must resolve to public addresses only, whatever entry it matched.
+    pub public_only: bool,
     pub resolver: Arc<dyn Resolve>,
 }
 
@@ -393,6 +399,7 @@ impl ProxyConfig {
             header_timeout: Duration::from_secs(10),
             max_header_bytes: 16 * 1024,
             max_connections: 256,
+            public_only: false,
             resolver: Arc::new(SystemResolver),
         }
     }
@@ -408,6 +415,7 @@ impl fmt::Debug for ProxyConfig {
             .field("header_timeout", &self.header_timeout)
             .field("max_header_bytes", &self.max_header_bytes)
             .field("max_connections", &self.max_connections)
+            .field("public_only", &self.public_only)
             .finish_non_exhaustive()
     }
 }
@@ -596,7 +604,14 @@ async fn connect_checked(
             }
         }
     };
-    if how == Match::Wildcard {
+    if cfg.public_only {
+        if let Some(bad) = addrs.iter().find(|a| !is_public(a.ip())) {
+            return Err(deny(
+                "only public addresses are reachable from here",
+                &format!("resolves to non-public address {}", bad.ip()),
+            ));
+        }
+    } else if how == Match::Wildcard {
         if let Some(bad) = addrs.iter().find(|a| !is_public(a.ip())) {
             return Err(deny(
                 "network.allow: resolves to a non-public address; list the exact host:port to permit it",
@@ -938,6 +953,10 @@ mod tests {
     }
 
     fn start_proxy(allow: &[String], dns: FakeDns) -> Proxy {
+        start_proxy_with(allow, dns, false)
+    }
+
+    fn start_proxy_with(allow: &[String], dns: FakeDns, public_only: bool) -> Proxy {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let dns = Arc::new(dns);
@@ -945,6 +964,7 @@ mod tests {
         cfg.resolver = dns.clone();
         cfg.connect_timeout = Duration::from_secs(2);
         cfg.header_timeout = Duration::from_secs(2);
+        cfg.public_only = public_only;
         let task = tokio::spawn(serve(listener, Arc::new(cfg)));
         Proxy { addr, dns, task }
     }
@@ -1281,6 +1301,26 @@ mod tests {
         tokio::time::timeout(T, s.read_exact(&mut pong)).await.unwrap().unwrap();
         assert_eq!(&pong, b"ping");
         assert_eq!(proxy.dns.asked(), vec!["svc.internal".to_string()]);
+    }
+
+    /// The prepare sandboxes' proxy: an exact entry (a registry's host) that resolves to
+    /// loopback, link-local or private addresses, and a listed non-public IP literal, are refused
+    /// after resolution, without connecting.
+    #[tokio::test]
+    async fn a_public_only_proxy_refuses_every_non_public_address() {
+        let trap = Tripwire::new();
+        let port = trap.port();
+        let allow = [format!("registry.test:{port}"), format!("meta.test:{port}"), format!("lan.test:{port}"), format!("127.0.0.1:{port}")];
+        let dns = FakeDns::with(&[("registry.test", "93.184.216.34"), ("registry.test", "127.0.0.1"), ("meta.test", "169.254.169.254"), ("lan.test", "10.1.2.3")]);
+        let proxy = start_proxy_with(&allow, dns, true);
+        for target in ["registry.test", "meta.test", "lan.test", "127.0.0.1"] {
+            let reply = exchange(proxy.addr, format!("CONNECT {target}:{port} HTTP/1.1\r\n\r\n").as_bytes()).await;
+            assert!(reply.starts_with("HTTP/1.1 403 ") && reply.contains("only public addresses"), "{target}: {reply}");
+            let reply = exchange(proxy.addr, format!("GET http://{target}:{port}/x HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes()).await;
+            assert!(reply.starts_with("HTTP/1.1 403 "), "plain GET {target}: {reply}");
+        }
+        assert_eq!(proxy.dns.asked().len(), 6, "names are judged after resolution: {:?}", proxy.dns.asked());
+        trap.assert_untouched();
     }
 
     #[tokio::test]
