@@ -19,9 +19,9 @@
 //!    be public (no loopback, private, link-local, unique-local, unspecified, multicast, …);
 //!    otherwise the request is refused without connecting. An entry naming that exact
 //!    `host:port` is taken as the policy author's say-so and may resolve anywhere — unless the
-//!    proxy is [`ProxyConfig::public_only`] (the prepare sandboxes': a registry named by a
+//!    proxy is [`ProxyConfig::refuse_internal`] (the prepare sandboxes': a registry named by a
 //!    package manager's configuration never leads to loopback, link-local or private
-//!    addresses), where every address, of a name or an IP literal, must be public.
+//!    addresses), where no address, of a name or an IP literal, may be [`is_internal`].
 //! 4. The connection goes to the addresses just checked: nothing is resolved twice.
 //!
 //! Denials answer `403 Forbidden` with a one-line body that names the policy and the target, and
@@ -295,6 +295,44 @@ pub fn is_public(ip: IpAddr) -> bool {
     }
 }
 
+/// True for addresses that lead into this host or its local networks: loopback, unspecified,
+/// "this network", private (RFC 1918), shared (CGNAT), link-local (cloud metadata),
+/// unique-local, site-local, multicast and broadcast — and IPv6 forms embedding such an IPv4
+/// address. Narrower than `!is_public`: documentation, benchmarking and reserved ranges are not
+/// internal (some resolvers answer with them for names they forward through a gateway).
+pub fn is_internal(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => is_internal_v4(v4),
+        IpAddr::V6(v6) => {
+            let seg = v6.segments();
+            if v6.is_unspecified() || v6.is_loopback() {
+                return true;
+            }
+            if seg[..5] == [0; 5] && (seg[5] == 0xffff || seg[5] == 0) {
+                return is_internal_v4(Ipv4Addr::from(((seg[6] as u32) << 16) | seg[7] as u32));
+            }
+            if seg[0] == 0x64 && seg[1] == 0xff9b && seg[2..6] == [0; 4] {
+                return is_internal_v4(Ipv4Addr::from(((seg[6] as u32) << 16) | seg[7] as u32));
+            }
+            if seg[0] == 0x2002 {
+                return is_internal_v4(Ipv4Addr::from(((seg[1] as u32) << 16) | seg[2] as u32));
+            }
+            (seg[0] & 0xfe00) == 0xfc00 || (seg[0] & 0xffc0) == 0xfe80 || (seg[0] & 0xffc0) == 0xfec0 || (seg[0] & 0xff00) == 0xff00
+        }
+    }
+}
+
+fn is_internal_v4(ip: Ipv4Addr) -> bool {
+    let [a, b, _, _] = ip.octets();
+    a == 0 || a == 10 || a == 127
+        || (a == 100 && (64..128).contains(&b))
+        || (a == 169 && b == 254)
+        || (a == 172 && (16..32).contains(&b))
+        || (a == 192 && b == 168)
+        || (224..240).contains(&a)
+        || ip == Ipv4Addr::BROADCAST
+}
+
 fn is_public_v4(ip: Ipv4Addr) -> bool {
     let [a, b, c, _] = ip.octets();
     let non_public = a == 0                                  // "this network", 0.0.0.0
@@ -383,8 +421,8 @@ pub struct ProxyConfig {
     pub max_header_bytes: usize,
     /// Connections served at once; further ones wait to be accepted.
     pub max_connections: usize,
-    /// Every target must resolve to public addresses only, whatever entry it matched.
-    pub public_only: bool,
+    /// No target may resolve to an [`is_internal`] address, whatever entry it matched.
+    pub refuse_internal: bool,
     pub resolver: Arc<dyn Resolve>,
 }
 
@@ -399,7 +437,7 @@ impl ProxyConfig {
             header_timeout: Duration::from_secs(10),
             max_header_bytes: 16 * 1024,
             max_connections: 256,
-            public_only: false,
+            refuse_internal: false,
             resolver: Arc::new(SystemResolver),
         }
     }
@@ -415,7 +453,7 @@ impl fmt::Debug for ProxyConfig {
             .field("header_timeout", &self.header_timeout)
             .field("max_header_bytes", &self.max_header_bytes)
             .field("max_connections", &self.max_connections)
-            .field("public_only", &self.public_only)
+            .field("refuse_internal", &self.refuse_internal)
             .finish_non_exhaustive()
     }
 }
@@ -604,11 +642,11 @@ async fn connect_checked(
             }
         }
     };
-    if cfg.public_only {
-        if let Some(bad) = addrs.iter().find(|a| !is_public(a.ip())) {
+    if cfg.refuse_internal {
+        if let Some(bad) = addrs.iter().find(|a| is_internal(a.ip())) {
             return Err(deny(
-                "only public addresses are reachable from here",
-                &format!("resolves to non-public address {}", bad.ip()),
+                "loopback, link-local and private addresses are not reachable from here",
+                &format!("resolves to internal address {}", bad.ip()),
             ));
         }
     } else if how == Match::Wildcard {
@@ -956,7 +994,7 @@ mod tests {
         start_proxy_with(allow, dns, false)
     }
 
-    fn start_proxy_with(allow: &[String], dns: FakeDns, public_only: bool) -> Proxy {
+    fn start_proxy_with(allow: &[String], dns: FakeDns, refuse_internal: bool) -> Proxy {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let dns = Arc::new(dns);
@@ -964,7 +1002,7 @@ mod tests {
         cfg.resolver = dns.clone();
         cfg.connect_timeout = Duration::from_secs(2);
         cfg.header_timeout = Duration::from_secs(2);
-        cfg.public_only = public_only;
+        cfg.refuse_internal = refuse_internal;
         let task = tokio::spawn(serve(listener, Arc::new(cfg)));
         Proxy { addr, dns, task }
     }
@@ -1303,11 +1341,21 @@ mod tests {
         assert_eq!(proxy.dns.asked(), vec!["svc.internal".to_string()]);
     }
 
+    #[test]
+    fn internal_addresses() {
+        for a in ["127.0.0.1", "10.0.0.1", "172.16.0.1", "192.168.1.1", "169.254.169.254", "100.64.0.1", "0.0.0.0", "224.0.0.1", "255.255.255.255", "::1", "::", "fe80::1", "fd00::1", "::ffff:127.0.0.1", "::ffff:169.254.169.254", "64:ff9b::a00:1", "2002:c0a8:101::1"] {
+            assert!(is_internal(a.parse().unwrap()), "{a}");
+        }
+        for a in ["93.184.216.34", "203.0.113.80", "198.18.0.1", "2606:4700::1111", "::ffff:93.184.216.34"] {
+            assert!(!is_internal(a.parse().unwrap()), "{a}");
+        }
+    }
+
     /// The prepare sandboxes' proxy: an exact entry (a registry's host) that resolves to
     /// loopback, link-local or private addresses, and a listed non-public IP literal, are refused
     /// after resolution, without connecting.
     #[tokio::test]
-    async fn a_public_only_proxy_refuses_every_non_public_address() {
+    async fn a_refuse_internal_proxy_refuses_every_non_public_address() {
         let trap = Tripwire::new();
         let port = trap.port();
         let allow = [format!("registry.test:{port}"), format!("meta.test:{port}"), format!("lan.test:{port}"), format!("127.0.0.1:{port}")];
@@ -1315,7 +1363,7 @@ mod tests {
         let proxy = start_proxy_with(&allow, dns, true);
         for target in ["registry.test", "meta.test", "lan.test", "127.0.0.1"] {
             let reply = exchange(proxy.addr, format!("CONNECT {target}:{port} HTTP/1.1\r\n\r\n").as_bytes()).await;
-            assert!(reply.starts_with("HTTP/1.1 403 ") && reply.contains("only public addresses"), "{target}: {reply}");
+            assert!(reply.starts_with("HTTP/1.1 403 ") && reply.contains("not reachable from here"), "{target}: {reply}");
             let reply = exchange(proxy.addr, format!("GET http://{target}:{port}/x HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes()).await;
             assert!(reply.starts_with("HTTP/1.1 403 "), "plain GET {target}: {reply}");
         }

@@ -1,9 +1,10 @@
 //! npx and uvx servers in two sandboxed phases.
 //!
 //! *Prepare* runs the package manager alone — npm for `npx`, uv for `uvx` — in a sandbox whose
-//! only writable place is the server's cache dir, with the host network (the registry is
-//! whatever npm's or uv's own configuration says; nothing here names one). Install scripts run
-//! in that sandbox too. The result is recorded in `CACHE/prepared.json`.
+//! only writable place is the server's cache dir and whose only way out is mcpbox's egress
+//! proxy, to the registries npm's or uv's own configuration names (nothing here names one) and
+//! the hosts they serve files from, never an internal address. Install scripts run in that sandbox
+//! too, and no registry credentials reach it. The result is recorded in `CACHE/prepared.json`.
 //!
 //! *Run* never starts a package manager: the server's entry point is executed directly (node on
 //! the package's `bin` file, or the console script of a virtualenv built on the system Python),
@@ -303,18 +304,13 @@ pub(crate) fn stage_for_others(state: &StateDir, bin: &Path) -> anyhow::Result<P
     Ok(dst)
 }
 
-/// Names of mcpbox's environment handed to a prepare sandbox: how the host reaches the network
-/// and which CAs it trusts, and uv's own settings. Package registries come from here and from
-/// the package managers' config files, never from mcpbox.
-const PASS_ALWAYS: &[&str] = &[
-    "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "no_proxy", "all_proxy",
-    "SSL_CERT_FILE", "SSL_CERT_DIR",
-];
+/// Names of mcpbox's environment handed to a prepare sandbox: which CAs the host trusts, and
+/// uv's own settings. (Its way out is mcpbox's egress proxy, which sets the proxy variables.)
+const PASS_ALWAYS: &[&str] = &["SSL_CERT_FILE", "SSL_CERT_DIR"];
 const PASS_NPM: &[&str] = &["NODE_EXTRA_CA_CERTS"];
-const PASS_UV: &[&str] = &[
-    "UV_INDEX_URL", "UV_DEFAULT_INDEX", "UV_INDEX", "UV_EXTRA_INDEX_URL", "UV_FIND_LINKS", "UV_NATIVE_TLS",
-    "UV_INSECURE_HOST", "UV_INDEX_STRATEGY", "UV_HTTP_TIMEOUT", "UV_CONCURRENT_DOWNLOADS",
-];
+/// uv's settings that carry no credentials; the indexes are read by [`uv_settings`] and handed
+/// over without them.
+const PASS_UV: &[&str] = &["UV_NATIVE_TLS", "UV_INSECURE_HOST", "UV_INDEX_STRATEGY", "UV_HTTP_TIMEOUT", "UV_CONCURRENT_DOWNLOADS"];
 
 fn passed_env(names: &[&str], extra: &mut Extra) {
     for n in PASS_ALWAYS.iter().chain(names) {
@@ -328,60 +324,447 @@ fn passed_env(names: &[&str], extra: &mut Extra) {
     }
 }
 
-/// npm's registry and CA file as npm's configuration on this host says (global and user npmrc,
-/// npm_config_* variables), asked of npm itself outside any sandbox: no package code runs, and
-/// the user's npmrc (which may hold tokens) is not shown to install scripts.
-fn npm_settings(npm_cli: &Path, node: &Path, extra: &mut Extra) {
-    let out = std::process::Command::new(node)
-        .arg(npm_cli)
-        .args(["config", "get", "registry", "cafile"])
-        // Not mcpbox's working directory: a project .npmrc there is not the host's configuration.
-        .current_dir("/")
-        .stdin(Stdio::null())
-        .stderr(Stdio::null())
-        .output();
-    let Ok(out) = out else { return };
-    if !out.status.success() {
-        return;
-    }
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let Some((k, v)) = line.split_once('=') else { continue };
-        let v = v.trim();
-        if v.is_empty() || v == "null" || v == "undefined" {
-            continue;
-        }
-        match k.trim() {
-            "registry" => {
-                extra.env.insert("npm_config_registry".into(), v.into());
-            }
-            "cafile" if Path::new(v).is_file() => {
-                extra.env.insert("npm_config_cafile".into(), v.into());
-                extra.grants.push((PathBuf::from(v), Access::Read));
-            }
-            _ => {}
+// ---------------------------------------------------------------------------------------------
+// Egress: the registries the package manager's configuration names, and nothing else
+// ---------------------------------------------------------------------------------------------
+
+/// Where a prepare sandbox may connect, through mcpbox's egress proxy (never an internal address):
+/// `host:port` of the registries npm's or uv's configuration names, of the hosts those
+/// registries serve package files from (read from their answers), of URLs named on the command
+/// line, and what the operator lists in [`EXTRA_ALLOW_ENV`].
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Egress {
+    pub allow: std::collections::BTreeSet<String>,
+    /// Index/registry URLs (without credentials) whose answers name the download hosts.
+    pub indexes: Vec<String>,
+}
+
+/// Extra `host:port` entries (comma or space separated, wildcards as in `network.allow`) that
+/// prepare sandboxes may reach: e.g. where a package's install script downloads a prebuilt
+/// binary from.
+pub const EXTRA_ALLOW_ENV: &str = "MCPBOX_PREPARE_ALLOW";
+
+impl Egress {
+    fn add_url(&mut self, url: &str) {
+        if let Some(hp) = host_port(url) {
+            self.allow.insert(hp);
         }
     }
 }
 
-/// uv's config files: the system one and the user's (handed over explicitly, since HOME is the
-/// cache inside).
-fn uv_settings(extra: &mut Extra) {
-    for p in ["/etc/uv", "/etc/xdg/uv"] {
-        if Path::new(p).is_dir() {
-            extra.grants.push((PathBuf::from(p), Access::Read));
+/// `host:port` of an http(s) URL (the scheme's port when none is written).
+fn host_port(url: &str) -> Option<String> {
+    let u = reqwest::Url::parse(url).ok()?;
+    if !matches!(u.scheme(), "http" | "https") {
+        return None;
+    }
+    Some(format!("{}:{}", u.host_str()?, u.port_or_known_default()?))
+}
+
+/// The URL without user info, and whether it had some (credentials never enter a sandbox
+/// that runs install scripts).
+fn without_credentials(url: &str) -> (String, bool) {
+    match reqwest::Url::parse(url) {
+        Ok(mut u) if !u.username().is_empty() || u.password().is_some() => {
+            let _ = u.set_username("");
+            let _ = u.set_password(None);
+            (u.to_string(), true)
+        }
+        _ => (url.to_string(), false),
+    }
+}
+
+/// npm's configuration on this host (global and user npmrc, npm_config_* variables) as npm
+/// itself reports it, asked outside any sandbox: no package code runs. The sandbox gets the
+/// registries (the default and scoped ones) and the CA file as variables, and reads no npmrc at
+/// all: neither the user's nor the global one (which may hold tokens), nor one that an earlier
+/// install left in the cache.
+fn npm_settings(npm_cli: &Path, node: &Path, extra: &mut Extra, egress: &mut Egress) -> anyhow::Result<()> {
+    let out = std::process::Command::new(node)
+        .arg(npm_cli)
+        .args(["config", "list", "--json"])
+        // Not mcpbox's working directory: a project .npmrc there is not the host's configuration.
+        .current_dir("/")
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .context("running `npm config list --json`")?;
+    if !out.status.success() {
+        bail!("`npm config list --json` failed ({}): fix npm's configuration", out.status);
+    }
+    let cfg: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&out.stdout).context("`npm config list --json` printed no JSON object")?;
+    for (k, v) in npm_env(&cfg, &mut extra.notes)? {
+        if k.starts_with("npm_config_") && k.ends_with("registry") {
+            egress.add_url(&v);
+            egress.indexes.push(v.clone());
+        }
+        if k == "npm_config_cafile" {
+            extra.grants.push((PathBuf::from(&v), Access::Read));
+        }
+        extra.env.insert(k, v);
+    }
+    Ok(())
+}
+
+/// What a prepare sandbox's npm is told, from npm's effective configuration: the registry and
+/// scoped registries without credentials, the CA file, and no config files. Credentials found
+/// are named in `notes`, never passed.
+fn npm_env(cfg: &serde_json::Map<String, serde_json::Value>, notes: &mut Vec<String>) -> anyhow::Result<Vec<(String, String)>> {
+    let mut env = vec![("npm_config_userconfig".to_string(), "/dev/null".to_string()), ("npm_config_globalconfig".to_string(), "/dev/null/npmrc".to_string())];
+    let registry = cfg.get("registry").and_then(|v| v.as_str()).filter(|v| !v.is_empty()).context("npm's configuration names no registry (`npm config get registry`)")?;
+    let mut with_creds = Vec::new();
+    let mut registries = vec![("registry".to_string(), registry.to_string())];
+    for (k, v) in cfg {
+        if k.starts_with('@') && k.ends_with(":registry") {
+            if let Some(url) = v.as_str().filter(|u| !u.is_empty()) {
+                registries.push((k.clone(), url.to_string()));
+            }
+        }
+        let secret = k.starts_with("//") || matches!(k.as_str(), "_auth" | "_authToken" | "_password" | "username");
+        if secret && !v.is_null() && v.as_str() != Some("") {
+            with_creds.push(k.rsplit(':').next().unwrap_or(k).to_string());
         }
     }
-    let user = std::env::var_os("UV_CONFIG_FILE").map(PathBuf::from).or_else(|| {
-        let cfg = std::env::var_os("XDG_CONFIG_HOME")
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))?;
-        Some(cfg.join("uv/uv.toml"))
-    });
-    if let Some(u) = user.filter(|u| u.is_file()) {
-        extra.grants.push((u.clone(), Access::Read));
-        extra.env.insert("UV_CONFIG_FILE".into(), u.to_string_lossy().into_owned());
+    for (key, url) in registries {
+        let (clean, had) = without_credentials(&url);
+        if had {
+            with_creds.push(key.clone());
+        }
+        env.push((format!("npm_config_{key}"), clean));
     }
+    if let Some(ca) = cfg.get("cafile").and_then(|v| v.as_str()).filter(|v| Path::new(v).is_file()) {
+        env.push(("npm_config_cafile".into(), ca.into()));
+    }
+    if !with_creds.is_empty() {
+        with_creds.sort();
+        with_creds.dedup();
+        notes.push(format!(
+            "npm's configuration holds registry credentials ({}): they are not given to the prepare sandbox, where install scripts run; a registry that needs them will refuse (401)",
+            with_creds.join(", ")
+        ));
+    }
+    Ok(env)
+}
+
+/// uv's indexes as its configuration on this host says, read here (outside any sandbox):
+/// `UV_DEFAULT_INDEX`/`UV_INDEX_URL`, `UV_INDEX`/`UV_EXTRA_INDEX_URL`, `UV_FIND_LINKS`, and the
+/// system and user `uv.toml` (`index-url`, `extra-index-url`, `find-links`, `[[index]]`, at the
+/// top or under `[pip]`); uv's own default when nothing is configured (from `uv --help`).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+struct UvIndexes {
+    default: Option<String>,
+    extra: Vec<String>,
+    find_links: Vec<String>,
+}
+
+impl UvIndexes {
+    /// Merge one uv.toml (a later file overrides the default index, adds to the rest).
+    fn add_toml(&mut self, table: &toml::Table) {
+        for t in [Some(table), table.get("pip").and_then(|p| p.as_table())].into_iter().flatten() {
+            let strs = |k: &str| -> Vec<String> {
+                match t.get(k) {
+                    Some(toml::Value::String(s)) => vec![s.clone()],
+                    Some(toml::Value::Array(a)) => a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect(),
+                    _ => vec![],
+                }
+            };
+            if let Some(u) = strs("index-url").pop() {
+                self.default = Some(u);
+            }
+            self.extra.extend(strs("extra-index-url"));
+            self.find_links.extend(strs("find-links"));
+            for idx in t.get("index").and_then(|v| v.as_array()).into_iter().flatten() {
+                let Some(url) = idx.get("url").and_then(|u| u.as_str()) else { continue };
+                if idx.get("default").and_then(|d| d.as_bool()) == Some(true) {
+                    self.default = Some(url.to_string());
+                } else {
+                    self.extra.push(url.to_string());
+                }
+            }
+        }
+    }
+
+    /// The variables uv reads, over the files.
+    fn add_env(&mut self, var: impl Fn(&str) -> Option<String>) {
+        if let Some(u) = var("UV_DEFAULT_INDEX").or_else(|| var("UV_INDEX_URL")) {
+            self.default = Some(u);
+        }
+        for k in ["UV_INDEX", "UV_EXTRA_INDEX_URL"] {
+            for item in var(k).unwrap_or_default().split_whitespace() {
+                // `name=url`: a name has neither `:` nor `/`.
+                let url = match item.split_once('=') {
+                    Some((name, url)) if !name.contains([':', '/']) => url,
+                    _ => item,
+                };
+                self.extra.push(url.to_string());
+            }
+        }
+        if let Some(f) = var("UV_FIND_LINKS") {
+            self.find_links.extend(f.split([',', ' ']).filter(|s| !s.is_empty()).map(str::to_string));
+        }
+    }
+}
+
+/// The uv.toml files uv reads on this host, system first.
+fn uv_config_files() -> Vec<PathBuf> {
+    if std::env::var_os("UV_NO_CONFIG").is_some_and(|v| !v.is_empty()) {
+        return vec![];
+    }
+    if let Some(f) = std::env::var_os("UV_CONFIG_FILE").filter(|v| !v.is_empty()) {
+        return vec![PathBuf::from(f)];
+    }
+    let mut files = Vec::new();
+    let xdg_dirs = std::env::var("XDG_CONFIG_DIRS").ok().filter(|v| !v.is_empty()).unwrap_or_else(|| "/etc/xdg".into());
+    for d in xdg_dirs.split(':').map(PathBuf::from).chain([PathBuf::from("/etc")]) {
+        let f = d.join("uv/uv.toml");
+        if f.is_file() {
+            files.push(f);
+            break;
+        }
+    }
+    let user = std::env::var_os("XDG_CONFIG_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")));
+    if let Some(u) = user.map(|c| c.join("uv/uv.toml")).filter(|u| u.is_file()) {
+        files.push(u);
+    }
+    files
+}
+
+/// uv's default index, as its own help states it (`--default-index … (by default: <URL>)`):
+/// mcpbox names no index itself.
+fn uv_default_index(uv: &Path) -> anyhow::Result<String> {
+    let out = std::process::Command::new(uv)
+        .args(["pip", "install", "--help"])
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .with_context(|| format!("running {} pip install --help", uv.display()))?;
+    let help = String::from_utf8_lossy(&out.stdout);
+    let block = help.split("--default-index").nth(1).unwrap_or("");
+    let url = block.split("default: ").nth(1).map(|rest| rest.trim_start_matches('<').split(['>', ')', ']', ' ', '\n']).next().unwrap_or(""));
+    match url.filter(|u| u.starts_with("http")) {
+        Some(u) => Ok(u.to_string()),
+        None => bail!("cannot tell uv's default index from `{} pip install --help`; set UV_DEFAULT_INDEX", uv.display()),
+    }
+}
+
+/// uv's indexes for a prepare sandbox: handed over as variables without credentials, with
+/// `UV_NO_CONFIG=1` so that no uv.toml is read inside (not the user's, which may hold
+/// credentials, nor one an earlier install left in the cache). `UV_INDEX_*_USERNAME` /
+/// `_PASSWORD`, netrc and keyrings are not passed either.
+fn uv_settings(uv: &Path, extra: &mut Extra, egress: &mut Egress) -> anyhow::Result<()> {
+    let mut idx = UvIndexes::default();
+    for f in uv_config_files() {
+        let text = std::fs::read_to_string(&f).with_context(|| format!("reading uv's configuration {}", f.display()))?;
+        let table: toml::Table = toml::from_str(&text).with_context(|| format!("parsing uv's configuration {}", f.display()))?;
+        idx.add_toml(&table);
+    }
+    idx.add_env(|k| std::env::var(k).ok().filter(|v| !v.is_empty()));
+    let default = match idx.default.clone() {
+        Some(d) => d,
+        None => uv_default_index(uv)?,
+    };
+    let mut creds = false;
+    let mut clean = |u: &str| {
+        let (c, had) = without_credentials(u);
+        creds |= had;
+        c
+    };
+    let default = clean(&default);
+    let extra_idx: Vec<String> = idx.extra.iter().map(|u| clean(u)).collect();
+    let mut links = Vec::new();
+    for l in &idx.find_links {
+        if l.starts_with("http://") || l.starts_with("https://") {
+            links.push(clean(l));
+        } else {
+            let p = PathBuf::from(l.strip_prefix("file://").unwrap_or(l));
+            if p.is_absolute() && p.exists() {
+                extra.grants.push((p.clone(), Access::Read));
+                links.push(p.to_string_lossy().into_owned());
+            }
+        }
+    }
+    let cred_vars: Vec<String> = std::env::vars().map(|(k, _)| k).filter(|k| k.starts_with("UV_INDEX_") && (k.ends_with("_USERNAME") || k.ends_with("_PASSWORD"))).collect();
+    if creds || !cred_vars.is_empty() {
+        extra.notes.push(format!(
+            "uv's configuration holds index credentials{}: they are not given to the prepare sandbox, where build scripts run; an index that needs them will refuse (401)",
+            if cred_vars.is_empty() { String::new() } else { format!(" ({})", cred_vars.join(", ")) }
+        ));
+    }
+    for u in std::iter::once(&default).chain(&extra_idx).chain(links.iter().filter(|l| l.starts_with("http"))) {
+        egress.add_url(u);
+    }
+    egress.indexes.push(default.clone());
+    egress.indexes.extend(extra_idx.iter().cloned());
+    extra.env.insert("UV_NO_CONFIG".into(), "1".into());
+    extra.env.insert("UV_DEFAULT_INDEX".into(), default);
+    if !extra_idx.is_empty() {
+        extra.env.insert("UV_INDEX".into(), extra_idx.join(" "));
+    }
+    if !links.is_empty() {
+        extra.env.insert("UV_FIND_LINKS".into(), links.join(","));
+    }
+    Ok(())
+}
+
+/// The name a registry knows a requested package by: npm `@scope/name@1` → `@scope/name`,
+/// Python `name[extra]>=1` → `name`. None for local paths and URLs.
+fn package_name(manager: Manager, spec: &str) -> Option<String> {
+    if spec.starts_with('/') || spec.starts_with('.') || spec.contains(':') {
+        return None;
+    }
+    let name = match manager {
+        Manager::Npm => {
+            let (scope, rest) = if let Some(r) = spec.strip_prefix('@') { ("@", r) } else { ("", spec) };
+            format!("{scope}{}", rest.split('@').next().unwrap_or(rest))
+        }
+        Manager::Uv => spec.split(|c: char| "=<>!~[; @".contains(c)).next().unwrap_or(spec).to_string(),
+    };
+    (!name.is_empty() && !name.ends_with('/')).then_some(name)
+}
+
+/// The URL at which `index` describes package `name`.
+fn metadata_url(manager: Manager, index: &str, name: &str) -> String {
+    let base = index.trim_end_matches('/');
+    match manager {
+        Manager::Npm => format!("{base}/{}", name.replace('/', "%2f")),
+        Manager::Uv => {
+            // PEP 503 normalization: lowercase, runs of `-_.` become one `-`.
+            let mut norm = String::new();
+            for c in name.chars() {
+                if "-_.".contains(c) {
+                    if !norm.ends_with('-') {
+                        norm.push('-');
+                    }
+                } else {
+                    norm.push(c.to_ascii_lowercase());
+                }
+            }
+            format!("{base}/{norm}/")
+        }
+    }
+}
+
+/// Most download hosts taken from one registry answer: more is not a registry's file host.
+const MAX_FILE_HOSTS: usize = 8;
+
+/// The hosts a registry's answer names for package files: npm's `dist.tarball`, the Simple
+/// API's file `url` (JSON) or `href` (HTML), resolved against the page's final URL.
+fn file_hosts_in(page: &reqwest::Url, body: &[u8]) -> std::collections::BTreeSet<String> {
+    let mut urls = Vec::new();
+    if let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) {
+        fn walk(v: &serde_json::Value, out: &mut Vec<String>) {
+            match v {
+                serde_json::Value::Object(m) => {
+                    for (k, x) in m {
+                        match x {
+                            serde_json::Value::String(s) if k == "tarball" || k == "url" => out.push(s.clone()),
+                            _ => walk(x, out),
+                        }
+                    }
+                }
+                serde_json::Value::Array(a) => a.iter().for_each(|x| walk(x, out)),
+                _ => {}
+            }
+        }
+        walk(&v, &mut urls);
+    } else {
+        let text = String::from_utf8_lossy(body);
+        for part in text.split("href=").skip(1) {
+            let q = part.chars().next().unwrap_or('"');
+            if q == '"' || q == '\'' {
+                urls.extend(part[1..].split(q).next().map(str::to_string));
+            }
+        }
+    }
+    let mut hosts = std::collections::BTreeSet::new();
+    for u in urls {
+        if let Some(hp) = page.join(&u).ok().and_then(|abs| host_port(abs.as_str())) {
+            hosts.insert(hp);
+        }
+    }
+    hosts
+}
+
+/// Ask each registry about each requested package (outside any sandbox, mcpbox's own HTTP
+/// client: no package code runs) and collect the hosts its answer serves files from, and the
+/// host it redirected to. A registry that does not answer adds nothing (the install then says
+/// what it could not reach).
+fn discover_file_hosts(manager: Manager, pkg: &Package, egress: &mut Egress) {
+    let names: Vec<String> = pkg.install.iter().filter_map(|s| package_name(manager, s)).collect();
+    if names.is_empty() {
+        return;
+    }
+    let pages: Vec<String> = egress.indexes.iter().flat_map(|i| names.iter().map(move |n| metadata_url(manager, i, n))).collect();
+    let accept = match manager {
+        Manager::Npm => "application/vnd.npm.install-v1+json; q=1.0, application/json; q=0.8",
+        Manager::Uv => "application/vnd.pypi.simple.v1+json, text/html; q=0.1",
+    };
+    let found = on_own_runtime(async move {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut hosts = std::collections::BTreeSet::new();
+        let Ok(client) = reqwest::Client::builder().connect_timeout(Duration::from_secs(10)).timeout(Duration::from_secs(30)).build() else { return hosts };
+        for page in pages {
+            let resp = match client.get(&page).header("accept", accept).send().await {
+                Ok(r) if r.status().is_success() => r,
+                Ok(r) => {
+                    tracing::debug!("prepare: {page}: HTTP {}", r.status());
+                    continue;
+                }
+                Err(e) => {
+                    tracing::debug!("prepare: {page}: {e}");
+                    continue;
+                }
+            };
+            let final_url = resp.url().clone();
+            let mut body = Vec::new();
+            let mut stream = resp.bytes_stream();
+            while let Some(Ok(chunk)) = futures_util::StreamExt::next(&mut stream).await {
+                body.extend_from_slice(&chunk);
+                if body.len() > 64 << 20 {
+                    break;
+                }
+            }
+            let mut found = file_hosts_in(&final_url, &body);
+            if let Some(hp) = host_port(final_url.as_str()) {
+                found.insert(hp);
+            }
+            if found.len() > MAX_FILE_HOSTS {
+                tracing::warn!("prepare: {page} names {} download hosts; allowing none of them (list the ones needed in {EXTRA_ALLOW_ENV})", found.len());
+                continue;
+            }
+            hosts.extend(found);
+        }
+        hosts
+    });
+    egress.allow.extend(found);
+}
+
+/// The operator's extra entries ([`EXTRA_ALLOW_ENV`]), checked with the allow-list grammar.
+fn operator_allow(egress: &mut Egress) -> anyhow::Result<()> {
+    let Ok(v) = std::env::var(EXTRA_ALLOW_ENV) else { return Ok(()) };
+    let entries: Vec<String> = v.split([',', ' ']).filter(|s| !s.is_empty()).map(str::to_string).collect();
+    crate::netproxy::AllowList::parse(&entries).with_context(|| format!("{EXTRA_ALLOW_ENV}"))?;
+    egress.allow.extend(entries);
+    Ok(())
+}
+
+/// Run a future to completion on a runtime of its own, on a thread of its own (callers may be
+/// on a runtime's blocking thread already).
+fn on_own_runtime<F>(f: F) -> F::Output
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + Default + 'static,
+{
+    std::thread::spawn(move || match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt.block_on(f),
+        Err(_) => F::Output::default(),
+    })
+    .join()
+    .unwrap_or_default()
 }
 
 /// Progress and outcome of one prepare.
@@ -417,6 +800,11 @@ pub fn prepare_blocking(state: &StateDir, name: &str, pkg: &Package, force: bool
             return Ok(Outcome::Ready(p));
         }
     }
+    if force {
+        // Everything in CACHE was written by earlier installs (install scripts included): an
+        // npmrc, uv's config, poisoned npm or uv caches. Start from nothing.
+        empty_dir(&dirs.cache)?;
+    }
     let started = Instant::now();
     tracing::info!(server = %name, "preparing: resolving {} {}", pkg.manager.command(), pkg.install.join(" "));
     let _ = std::fs::remove_file(dirs.cache.join(RECORD));
@@ -447,6 +835,32 @@ pub fn prepare_blocking(state: &StateDir, name: &str, pkg: &Package, force: bool
     Ok(Outcome::Installed(p, took))
 }
 
+/// The rest of a prepare's egress, once the registries are known: URLs named on the command
+/// line, the registries' download hosts, the operator's extra entries.
+fn egress_for(manager: Manager, pkg: &Package, egress: &mut Egress) -> anyhow::Result<()> {
+    for spec in &pkg.install {
+        let url = spec.strip_prefix("git+").unwrap_or(spec);
+        if url.starts_with("https://") || url.starts_with("http://") {
+            egress.add_url(url.split('#').next().unwrap_or(url));
+        }
+    }
+    discover_file_hosts(manager, pkg, egress);
+    operator_allow(egress)
+}
+
+/// Remove everything inside `dir` (never following a link out of it), keep `dir` itself with
+/// its owner and mode.
+fn empty_dir(dir: &Path) -> anyhow::Result<()> {
+    for e in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let e = e?;
+        let p = e.path();
+        // file_type() does not follow links: a link is removed, not its target.
+        let r = if e.file_type()?.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
+        r.with_context(|| format!("removing {}", p.display()))?;
+    }
+    Ok(())
+}
+
 fn local_paths(pkg: &Package, extra: &mut Extra) -> anyhow::Result<Vec<String>> {
     // A local tarball or directory must be readable inside the sandbox: grant it (read only)
     // and hand it over by absolute path.
@@ -471,14 +885,22 @@ fn prepare_npm(state: &StateDir, name: &str, dirs: &ServerDirs, pkg: &Package) -
     let mut extra = Extra::default();
     extra.grants.push((npm_dir, Access::Read));
     passed_env(PASS_NPM, &mut extra);
-    npm_settings(&npm_cli, &node, &mut extra);
+    let mut egress = Egress::default();
+    npm_settings(&npm_cli, &node, &mut extra, &mut egress)?;
     let install = local_paths(pkg, &mut extra)?;
+    egress_for(Manager::Npm, pkg, &mut egress)?;
     let prefix = npm_prefix(&dirs.cache);
     std::fs::create_dir_all(&prefix)?;
+    // Made by mcpbox: the server's uid owns it like the cache around it (the plan's ownership
+    // walk only runs on a cache whose top it does not own yet).
+    {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(&dirs.cache)?;
+        std::os::unix::fs::lchown(&prefix, Some(m.uid()), Some(m.gid())).with_context(|| format!("chown {}", prefix.display()))?;
+    }
     let c = |p: &str| dirs.cache.join(p).to_string_lossy().into_owned();
     for (k, v) in [
         ("npm_config_cache", c("npm-cache")),
-        ("npm_config_userconfig", c(".npmrc")),
         ("npm_config_update_notifier", "false".into()),
         ("npm_config_fund", "false".into()),
         ("npm_config_audit", "false".into()),
@@ -491,7 +913,7 @@ fn prepare_npm(state: &StateDir, name: &str, dirs: &ServerDirs, pkg: &Package) -
     let mut args = vec![npm_cli.to_string_lossy().into_owned(), "install".into(), "--prefix".into(), prefix.to_string_lossy().into_owned(), "--omit=dev".into(), "--no-package-lock".into()];
     args.extend(install);
     tracing::info!(server = %name, "installing with npm into {}", prefix.display());
-    run_sandboxed(state, name, Manager::Npm, &node, args, extra)?;
+    run_sandboxed(state, name, Manager::Npm, &node, args, extra, &egress)?;
 
     // Which package was installed: the one dependency of the prefix's package.json.
     let top: serde_json::Value = serde_json::from_str(&read_inside(&dirs.cache, Path::new("npm/package.json"))?)?;
@@ -543,8 +965,10 @@ fn prepare_uv(state: &StateDir, name: &str, dirs: &ServerDirs, pkg: &Package) ->
     let mut extra = Extra::default();
     extra.grants.push((uv.clone(), Access::Exec));
     passed_env(PASS_UV, &mut extra);
-    uv_settings(&mut extra);
+    let mut egress = Egress::default();
+    uv_settings(&uv, &mut extra, &mut egress)?;
     let install = local_paths(pkg, &mut extra)?;
+    egress_for(Manager::Uv, pkg, &mut egress)?;
     let c = |p: &str| dirs.cache.join(p).to_string_lossy().into_owned();
     let py = python.to_string_lossy().into_owned();
     for (k, v) in [
@@ -559,11 +983,11 @@ fn prepare_uv(state: &StateDir, name: &str, dirs: &ServerDirs, pkg: &Package) ->
     let venv_dir = venv(&dirs.cache);
     let v = venv_dir.to_string_lossy().into_owned();
     tracing::info!(server = %name, "creating a virtualenv on {} at {v}", python.display());
-    run_sandboxed(state, name, Manager::Uv, &uv, vec!["venv".into(), "--python".into(), py, v.clone()], extra.clone())?;
+    run_sandboxed(state, name, Manager::Uv, &uv, vec!["venv".into(), "--python".into(), py, v.clone()], extra.clone(), &egress)?;
     tracing::info!(server = %name, "installing with uv: {}", install.join(" "));
     let mut args = vec!["pip".into(), "install".into(), "--python".into(), format!("{v}/bin/python")];
     args.extend(install);
-    run_sandboxed(state, name, Manager::Uv, &uv, args, extra)?;
+    run_sandboxed(state, name, Manager::Uv, &uv, args, extra, &egress)?;
 
     let bin = pkg.bin.clone().context("uvx: no command")?;
     let entry = venv_dir.join("bin").join(&bin);
@@ -608,7 +1032,13 @@ pub const PREPARE_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Run one package-manager step in the prepare sandbox; its output is logged at debug and the
 /// last lines are part of the error when it fails.
-fn run_sandboxed(state: &StateDir, name: &str, manager: Manager, exe: &Path, args: Vec<String>, extra: Extra) -> anyhow::Result<()> {
+///
+/// The sandbox's network is `proxy` mode: a namespace of its own whose only way out is mcpbox's
+/// egress proxy, served here for as long as the step runs, allowing `egress` and never loopback, link-local or private
+/// addresses. At `container` level (no namespaces: a default Docker container) and only when
+/// the process allows that level, the step runs on the container's network instead, narrowed
+/// by Landlock to the registries' ports, and says so.
+fn run_sandboxed(state: &StateDir, name: &str, manager: Manager, exe: &Path, args: Vec<String>, extra: Extra, egress: &Egress) -> anyhow::Result<()> {
     let launch = ServerLaunch {
         name: name.to_string(),
         command: exe.to_string_lossy().into_owned(),
@@ -616,12 +1046,44 @@ fn run_sandboxed(state: &StateDir, name: &str, manager: Manager, exe: &Path, arg
         env: BTreeMap::new(),
         policy: PolicyRef::Named(manager.prepare_policy().into()),
     };
-    let planned = launch::plan_with(state, &launch, &extra)?;
+    let mut planned = launch::plan_with(state, &launch, &extra)?;
     for n in &planned.notes {
         tracing::debug!(server = %name, "prepare: {n}");
     }
-    let (mut child, report, _) = crate::sandbox::spawn_blocking_std(&planned.spec, Stdio::null(), Stdio::piped(), Stdio::piped())
-        .map_err(|e| anyhow::anyhow!("prepare sandbox: {e}"))?;
+    if !matches!(planned.policy.network, crate::policy::Network::Proxy { .. }) {
+        bail!("policy {} must use network mode `proxy`: install scripts reach only the registries (add hosts with {EXTRA_ALLOW_ENV})", planned.policy.source);
+    }
+    let entries: Vec<String> = egress.allow.iter().cloned().collect();
+    let allow = crate::netproxy::AllowList::parse(&entries).map_err(|e| anyhow::anyhow!("prepare egress: {e}"))?;
+    tracing::debug!(server = %name, "prepare: egress through mcpbox's proxy to {}", entries.join(", "));
+    let spawned = crate::sandbox::spawn_blocking_std(&planned.spec, Stdio::null(), Stdio::piped(), Stdio::piped());
+    let (mut child, report, listener) = match spawned {
+        // sandbox-init refuses `proxy` without a network namespace (see sandbox::init).
+        Err(crate::sandbox::SandboxError::Setup(m)) if m.contains("needs a network namespace") && planned.spec.outer.min_level <= crate::policy::Level::Container => {
+            tracing::warn!(
+                server = %name,
+                "prepare at `container` level: no network namespace for the egress proxy, so npm/uv and install scripts use the container's network, narrowed to TCP ports {} by Landlock",
+                ports_of(&entries).iter().map(u16::to_string).collect::<Vec<_>>().join(", ")
+            );
+            container_network(&mut planned.spec, &entries);
+            crate::sandbox::spawn_blocking_std(&planned.spec, Stdio::null(), Stdio::piped(), Stdio::piped()).map_err(|e| anyhow::anyhow!("prepare sandbox: {e}"))?
+        }
+        other => other.map_err(|e| anyhow::anyhow!("prepare sandbox: {e}"))?,
+    };
+    // Served until this step ends (dropped at return).
+    let _proxy = match listener {
+        Some(l) => {
+            let mut cfg = crate::netproxy::ProxyConfig::new(allow, planned.policy.source.clone(), name.to_string());
+            cfg.refuse_internal = true;
+            Some(ProxyThread::start(l, cfg)?)
+        }
+        None if matches!(planned.spec.outer.network, crate::policy::Network::Proxy { .. }) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("the prepare sandbox did not hand over its proxy socket");
+        }
+        None => None,
+    };
     for w in &report.warnings {
         tracing::warn!(server = %name, "prepare sandbox weakened: {w}");
     }
@@ -661,6 +1123,65 @@ fn run_sandboxed(state: &StateDir, name: &str, manager: Manager, exe: &Path, arg
         None => bail!("{} did not finish within {:?}; last output:\n  {tail}", exe.display(), PREPARE_TIMEOUT),
         Some(st) if !st.success() => bail!("{} failed ({st}); last output:\n  {tail}", exe.display()),
         Some(_) => Ok(()),
+    }
+}
+
+/// The TCP ports of `host:port` entries.
+fn ports_of(entries: &[String]) -> Vec<u16> {
+    let mut ports: Vec<u16> = entries.iter().filter_map(|e| e.rsplit_once(':')?.1.parse().ok()).collect();
+    ports.sort_unstable();
+    ports.dedup();
+    ports
+}
+
+/// `container` level: the container's network, TCP connect narrowed by Landlock to the
+/// registries' ports, and no proxy variables pointing at a proxy that is not there.
+fn container_network(spec: &mut crate::sandbox::SandboxSpec, entries: &[String]) {
+    spec.outer.network = crate::policy::Network::Host { connect_ports: Some(ports_of(entries)), bind_ports: Some(vec![]) };
+    for k in ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy", "NODE_USE_ENV_PROXY"] {
+        spec.env.remove(k);
+    }
+}
+
+/// The egress proxy of one prepare step, on a thread and runtime of its own (prepare runs on
+/// blocking threads, or with no runtime at all). Stopped and joined when dropped.
+struct ProxyThread {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ProxyThread {
+    fn start(listener: std::net::TcpListener, cfg: crate::netproxy::ProxyConfig) -> anyhow::Result<ProxyThread> {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the prepare proxy's runtime")?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = cfg.server.clone();
+        let thread = std::thread::Builder::new()
+            .name("mcpbox-prepare-proxy".into())
+            .spawn(move || {
+                rt.block_on(async move {
+                    tokio::select! {
+                        r = crate::netproxy::serve(listener, std::sync::Arc::new(cfg)) => {
+                            if let Err(e) = r {
+                                tracing::warn!(server = %server, "prepare egress proxy stopped: {e}");
+                            }
+                        }
+                        _ = stopped => {}
+                    }
+                });
+            })
+            .context("starting the prepare proxy's thread")?;
+        Ok(ProxyThread { stop: Some(stop), thread: Some(thread) })
+    }
+}
+
+impl Drop for ProxyThread {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 
@@ -833,7 +1354,7 @@ mod tests {
         for p in ["prepare-npm", "prepare-uv"] {
             let pol = load(p, &ctx).unwrap();
             assert_eq!(pol.filesystem.write.iter().map(|r| r.path.clone()).collect::<Vec<_>>(), vec![cache.clone()], "{p}");
-            assert!(matches!(pol.network, Network::Host { .. }), "{p}");
+            assert_eq!(pol.network, Network::Proxy { allow: vec![] }, "{p}");
         }
     }
 
@@ -867,6 +1388,88 @@ mod tests {
         std::os::unix::fs::symlink(&elsewhere, cache.join("npm")).unwrap();
         std::fs::write(cache.join(RECORD), serde_json::to_string(&Prepared { entry: pkg_dir.join("bin.js"), ..bad }).unwrap()).unwrap();
         assert!(for_run(&state, &launch, true).unwrap().is_err());
+    }
+
+    #[test]
+    fn npm_gets_registries_without_credentials_and_reads_no_npmrc() {
+        let cfg: serde_json::Map<String, serde_json::Value> = serde_json::from_value(serde_json::json!({
+            "registry": "https://npm.example.test/",
+            "@corp:registry": "https://bob:hunter2@corp.example.test/npm/",
+            "//npm.example.test/:_authToken": "NPM-TOKEN-CANARY",
+            "cafile": "/nonexistent/ca.pem",
+            "fund": false,
+        }))
+        .unwrap();
+        let mut notes = Vec::new();
+        let env: BTreeMap<String, String> = npm_env(&cfg, &mut notes).unwrap().into_iter().collect();
+        assert_eq!(env["npm_config_registry"], "https://npm.example.test/");
+        assert_eq!(env["npm_config_@corp:registry"], "https://corp.example.test/npm/");
+        assert_eq!(env["npm_config_userconfig"], "/dev/null");
+        assert!(!env.contains_key("npm_config_cafile"), "a CA file that does not exist is not handed over");
+        let all = format!("{env:?}");
+        assert!(!all.contains("NPM-TOKEN-CANARY") && !all.contains("hunter2"), "{all}");
+        assert!(notes.iter().any(|n| n.contains("credentials") && n.contains("_authToken") && n.contains("@corp:registry")), "{notes:?}");
+        assert!(npm_env(&serde_json::Map::new(), &mut notes).is_err(), "no registry configured");
+    }
+
+    #[test]
+    fn uv_indexes_come_from_its_files_then_its_variables() {
+        let mut idx = UvIndexes::default();
+        let system: toml::Table = toml::from_str("index-url = \"https://sys.example.test/simple\"\n[pip]\nextra-index-url = [\"https://x.example.test/simple\"]").unwrap();
+        idx.add_toml(&system);
+        let user: toml::Table = toml::from_str("find-links = [\"https://links.example.test/\"]\n[[index]]\nurl = \"https://u:pw@user.example.test/simple\"\ndefault = true\n[[index]]\nname = \"extra\"\nurl = \"https://more.example.test/simple\"").unwrap();
+        idx.add_toml(&user);
+        assert_eq!(idx.default.as_deref(), Some("https://u:pw@user.example.test/simple"));
+        assert_eq!(idx.extra, vec!["https://x.example.test/simple".to_string(), "https://more.example.test/simple".to_string()]);
+        let vars = BTreeMap::from([
+            ("UV_INDEX_URL", "https://env.example.test/simple"),
+            ("UV_INDEX", "named=https://n.example.test/simple https://plain.example.test/simple"),
+            ("UV_FIND_LINKS", "https://f.example.test/a,/srv/wheels"),
+        ]);
+        idx.add_env(|k| vars.get(k).map(|v| v.to_string()));
+        assert_eq!(idx.default.as_deref(), Some("https://env.example.test/simple"));
+        assert!(idx.extra.contains(&"https://n.example.test/simple".to_string()) && idx.extra.contains(&"https://plain.example.test/simple".to_string()));
+        assert_eq!(idx.find_links, vec!["https://links.example.test/".to_string(), "https://f.example.test/a".into(), "/srv/wheels".into()]);
+        assert_eq!(without_credentials("https://u:pw@user.example.test/simple"), ("https://user.example.test/simple".to_string(), true));
+        assert_eq!(without_credentials("https://user.example.test/simple").1, false);
+        assert_eq!(host_port("https://user.example.test/simple").as_deref(), Some("user.example.test:443"));
+        assert_eq!(host_port("http://[::1]:8080/x").as_deref(), Some("[::1]:8080"));
+        assert_eq!(host_port("file:///srv/wheels"), None);
+    }
+
+    #[test]
+    fn download_hosts_are_read_from_the_registrys_answer() {
+        let page = reqwest::Url::parse("https://idx.example.test/simple/pkg/").unwrap();
+        let json = br#"{"files":[{"url":"https://files.example.test/p/a.whl"},{"url":"../../p/b.tar.gz"}],"meta":{"url":"x"}}"#;
+        let hosts: Vec<String> = file_hosts_in(&page, json).into_iter().collect();
+        assert_eq!(hosts, vec!["files.example.test:443".to_string(), "idx.example.test:443".into()]);
+        let html = b"<a href=\"https://dl.example.test:8443/a.whl#sha256=00\">a</a><a href='/rel/b.whl'>b</a>";
+        let hosts: Vec<String> = file_hosts_in(&page, html).into_iter().collect();
+        assert_eq!(hosts, vec!["dl.example.test:8443".to_string(), "idx.example.test:443".into()]);
+        let npm = br#"{"versions":{"1.0.0":{"dist":{"tarball":"https://tar.example.test/p/-/p-1.0.0.tgz"}}}}"#;
+        let page = reqwest::Url::parse("https://npm.example.test/p").unwrap();
+        assert_eq!(file_hosts_in(&page, npm).into_iter().collect::<Vec<_>>(), vec!["tar.example.test:443".to_string()]);
+        assert_eq!(package_name(Manager::Npm, "@scope/name@1.2").as_deref(), Some("@scope/name"));
+        assert_eq!(package_name(Manager::Npm, "name@latest").as_deref(), Some("name"));
+        assert_eq!(package_name(Manager::Npm, "/tmp/x.tgz"), None);
+        assert_eq!(package_name(Manager::Uv, "Mcp_Server.Time[cli]>=1").as_deref(), Some("Mcp_Server.Time"));
+        assert_eq!(package_name(Manager::Uv, "git+https://h.example.test/r"), None);
+        assert_eq!(metadata_url(Manager::Uv, "https://idx.example.test/simple/", "Mcp_Server..Time"), "https://idx.example.test/simple/mcp-server-time/");
+        assert_eq!(metadata_url(Manager::Npm, "https://npm.example.test/", "@scope/name"), "https://npm.example.test/@scope%2fname");
+    }
+
+    #[test]
+    fn force_empties_the_cache_without_following_links() {
+        let d = tempfile::tempdir().unwrap();
+        let (cache, outside) = (d.path().join("cache"), d.path().join("outside"));
+        std::fs::create_dir_all(cache.join("npm-cache/x")).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        std::fs::write(outside.join("keep"), "k").unwrap();
+        std::fs::write(cache.join(".npmrc"), "registry=poisoned").unwrap();
+        std::os::unix::fs::symlink(&outside, cache.join("link")).unwrap();
+        empty_dir(&cache).unwrap();
+        assert_eq!(std::fs::read_dir(&cache).unwrap().count(), 0);
+        assert!(outside.join("keep").is_file(), "a link's target was removed");
     }
 
     #[test]
