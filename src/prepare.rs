@@ -380,20 +380,26 @@ fn without_credentials(url: &str) -> (String, bool) {
 /// all: neither the user's nor the global one (which may hold tokens), nor one that an earlier
 /// install left in the cache.
 fn npm_settings(npm_cli: &Path, node: &Path, extra: &mut Extra, egress: &mut Egress) -> anyhow::Result<()> {
+    // The text form, not --json: only it shows that credentials exist (as `(protected)`).
     let out = std::process::Command::new(node)
         .arg(npm_cli)
-        .args(["config", "list", "--json"])
+        .args(["config", "list", "--long"])
         // Not mcpbox's working directory: a project .npmrc there is not the host's configuration.
         .current_dir("/")
         .stdin(Stdio::null())
         .stderr(Stdio::null())
         .output()
-        .context("running `npm config list --json`")?;
+        .context("running `npm config list --long`")?;
     if !out.status.success() {
-        bail!("`npm config list --json` failed ({}): fix npm's configuration", out.status);
+        bail!("`npm config list --long` failed ({}): fix npm's configuration", out.status);
     }
-    let cfg: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&out.stdout).context("`npm config list --json` printed no JSON object")?;
-    for (k, v) in npm_env(&cfg, &mut extra.notes)? {
+    let cfg = parse_npm_config_list(&String::from_utf8_lossy(&out.stdout));
+    let mut notes = Vec::new();
+    let env = npm_env(&cfg, &mut notes)?;
+    for n in notes {
+        tracing::warn!("prepare: {n}");
+    }
+    for (k, v) in env {
         if k.starts_with("npm_config_") && k.ends_with("registry") {
             egress.add_url(&v);
             egress.indexes.push(v.clone());
@@ -404,6 +410,31 @@ fn npm_settings(npm_cli: &Path, node: &Path, extra: &mut Extra, egress: &mut Egr
         extra.env.insert(k, v);
     }
     Ok(())
+}
+
+/// `npm config list --long`: `key = JSON value` lines in sections (`; "user" config from …`);
+/// overridden entries are commented out. A credential shows as `(protected)`, kept as that
+/// string, except in the defaults section (where npm lists its unset auth keys that way).
+fn parse_npm_config_list(text: &str) -> serde_json::Map<String, serde_json::Value> {
+    let mut cfg = serde_json::Map::new();
+    let mut defaults = false;
+    for line in text.lines().map(str::trim) {
+        if let Some(rest) = line.strip_prefix("; \"") {
+            defaults = rest.starts_with("default\"");
+            continue;
+        }
+        if line.starts_with(';') {
+            continue;
+        }
+        let Some((k, v)) = line.split_once(" = ") else { continue };
+        let v = v.trim();
+        if v == "(protected)" && defaults {
+            continue;
+        }
+        let value = serde_json::from_str(v).unwrap_or_else(|_| serde_json::Value::String(v.to_string()));
+        cfg.insert(k.trim().to_string(), value);
+    }
+    cfg
 }
 
 /// What a prepare sandbox's npm is told, from npm's effective configuration: the registry and
@@ -589,7 +620,7 @@ fn uv_settings(uv: &Path, extra: &mut Extra, egress: &mut Egress) -> anyhow::Res
     }
     let cred_vars: Vec<String> = std::env::vars().map(|(k, _)| k).filter(|k| k.starts_with("UV_INDEX_") && (k.ends_with("_USERNAME") || k.ends_with("_PASSWORD"))).collect();
     if creds || !cred_vars.is_empty() {
-        extra.notes.push(format!(
+        tracing::warn!("prepare: {}", format!(
             "uv's configuration holds index credentials{}: they are not given to the prepare sandbox, where build scripts run; an index that needs them will refuse (401)",
             if cred_vars.is_empty() { String::new() } else { format!(" ({})", cred_vars.join(", ")) }
         ));
@@ -1388,6 +1419,19 @@ mod tests {
         std::os::unix::fs::symlink(&elsewhere, cache.join("npm")).unwrap();
         std::fs::write(cache.join(RECORD), serde_json::to_string(&Prepared { entry: pkg_dir.join("bin.js"), ..bad }).unwrap()).unwrap();
         assert!(for_run(&state, &launch, true).unwrap().is_err());
+    }
+
+    #[test]
+    fn npm_config_list_is_read_with_its_protected_keys() {
+        let text = "; \"default\" config from default values\n_auth = (protected)\nregistry = \"https://npm.example.test/\"\n; cafile = null ; overridden by global\n\n\
+                    ; \"global\" config from /usr/etc/npmrc\ncafile = \"/etc/ssl/ca.pem\"\n; \"user\" config from /root/.npmrc\n\
+                    //npm.example.test/:_authToken = (protected)\n@corp:registry = \"https://corp.example.test/\"\n";
+        let cfg = parse_npm_config_list(text);
+        assert_eq!(cfg["registry"], "https://npm.example.test/");
+        assert_eq!(cfg["cafile"], "/etc/ssl/ca.pem");
+        assert_eq!(cfg["@corp:registry"], "https://corp.example.test/");
+        assert_eq!(cfg["//npm.example.test/:_authToken"], "(protected)");
+        assert!(!cfg.contains_key("_auth"), "an unset default is not a credential");
     }
 
     #[test]
