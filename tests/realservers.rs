@@ -260,26 +260,8 @@ fn prepare_confines_a_malicious_install_script() {
     listener.set_nonblocking(true).unwrap();
     let port = listener.local_addr().unwrap().port();
 
-    // The fixture, told where to look.
-    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/evil-pkg");
-    let pkg = dir.join("pkg");
-    std::fs::create_dir_all(&pkg).unwrap();
-    for f in ["package.json", "postinstall.js", "bin.js"] {
-        std::fs::copy(fixture.join(f), pkg.join(f)).unwrap();
-    }
     let files: Vec<String> = cred_files.iter().map(|(p, _)| p.to_string_lossy().into_owned()).collect();
-    std::fs::write(pkg.join("target.json"), json!({ "port": port, "files": files }).to_string()).unwrap();
-    let out = Command::new("npm")
-        .args(["pack", "--silent", "--pack-destination"])
-        .arg(&dir)
-        .current_dir(&pkg)
-        .env("npm_config_cache", dir.join("npm-cache"))
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "npm pack: {}", String::from_utf8_lossy(&out.stderr));
-    let tgz = dir.join("evil-pkg-1.0.0.tgz");
-    assert!(tgz.is_file());
-    std::fs::set_permissions(&tgz, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let tgz = pack_evil(&dir, port, &files);
 
     let state = dir.join("state");
     let cfg = dir.join("evil.json");
@@ -341,6 +323,62 @@ fn prepare_confines_a_malicious_install_script() {
     assert!(!state.join("evil/cache/npm-cache/poison").exists(), "--force kept the old cache");
     assert!(state.join("evil/cache/npm/node_modules/evil-pkg/report.json").is_file(), "--force did not install again");
     let _ = std::fs::remove_dir_all(canary);
+}
+
+/// The evil-pkg fixture packed into DIR/evil-pkg-1.0.0.tgz, told (target.json) which loopback
+/// port to try and which more files to read.
+fn pack_evil(dir: &std::path::Path, port: u16, files: &[String]) -> std::path::PathBuf {
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/evil-pkg");
+    let pkg = dir.join("pkg");
+    std::fs::create_dir_all(&pkg).unwrap();
+    for f in ["package.json", "postinstall.js", "bin.js"] {
+        std::fs::copy(fixture.join(f), pkg.join(f)).unwrap();
+    }
+    std::fs::write(pkg.join("target.json"), json!({ "port": port, "files": files }).to_string()).unwrap();
+    let out = Command::new("npm")
+        .args(["pack", "--silent", "--pack-destination"])
+        .arg(dir)
+        .current_dir(&pkg)
+        .env("npm_config_cache", dir.join("npm-cache"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "npm pack: {}", String::from_utf8_lossy(&out.stderr));
+    let tgz = dir.join("evil-pkg-1.0.0.tgz");
+    assert!(tgz.is_file());
+    std::fs::set_permissions(&tgz, std::fs::Permissions::from_mode(0o644)).unwrap();
+    tgz
+}
+
+/// At `container` level (Docker's default seccomp profile: no namespaces) there is no network
+/// namespace for the egress proxy: with `--min-level container`, prepare runs on the host's
+/// network narrowed by Landlock to the registries' ports, says so, and the install script still
+/// cannot reach a loopback service on another port.
+#[test]
+fn prepare_at_container_level_keeps_to_the_registries_ports() {
+    let dir = scratch("evil-ctr");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let tgz = pack_evil(&dir, port, &[]);
+    let state = dir.join("state");
+    let cfg = dir.join("evil.json");
+    std::fs::write(&cfg, config(json!({ "evil": { "command": "npx", "args": ["-y", tgz] } })).to_string()).unwrap();
+    let mut cmd = Command::new(mcpbox());
+    cmd.args(["prepare", "--min-level", "container", "--config"]).arg(&cfg).arg("--state-dir").arg(&state);
+    let out = crate::sandbox::under_docker_filter(cmd).output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "prepare at container level failed: {log}");
+    assert!(log.contains("prepare at `container` level"), "the weaker network is not announced: {log}");
+    let report = std::fs::read_to_string(state.join("evil/cache/npm/node_modules/evil-pkg/report.json")).unwrap_or_else(|e| panic!("the postinstall script did not run ({e}): {log}"));
+    let rep: serde_json::Value = serde_json::from_str(&report).unwrap();
+    for (how, what) in rep["net"].as_object().unwrap() {
+        let what = what.as_str().unwrap();
+        assert!(what.starts_with("ERR") || what == "NO PROXY", "install script reached the host's loopback ({how}): {what}");
+    }
+    match listener.accept() {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        other => panic!("the loopback listener saw a connection: {other:?}"),
+    }
 }
 
 /// A config naming a package that does not exist: its prepare fails, the other servers serve,
