@@ -778,7 +778,7 @@ fn discover_file_hosts(manager: Manager, pkg: &Package, egress: &mut Egress) {
 fn operator_allow(egress: &mut Egress) -> anyhow::Result<()> {
     let Ok(v) = std::env::var(EXTRA_ALLOW_ENV) else { return Ok(()) };
     let entries: Vec<String> = v.split([',', ' ']).filter(|s| !s.is_empty()).map(str::to_string).collect();
-    crate::netproxy::AllowList::parse(&entries).with_context(|| format!("{EXTRA_ALLOW_ENV}"))?;
+    crate::netproxy::AllowList::parse(&entries).context(EXTRA_ALLOW_ENV)?;
     egress.allow.extend(entries);
     Ok(())
 }
@@ -1475,7 +1475,7 @@ mod tests {
         assert!(idx.extra.contains(&"https://n.example.test/simple".to_string()) && idx.extra.contains(&"https://plain.example.test/simple".to_string()));
         assert_eq!(idx.find_links, vec!["https://links.example.test/".to_string(), "https://f.example.test/a".into(), "/srv/wheels".into()]);
         assert_eq!(without_credentials("https://u:pw@user.example.test/simple"), ("https://user.example.test/simple".to_string(), true));
-        assert_eq!(without_credentials("https://user.example.test/simple").1, false);
+        assert!(!without_credentials("https://user.example.test/simple").1);
         assert_eq!(host_port("https://user.example.test/simple").as_deref(), Some("user.example.test:443"));
         assert_eq!(host_port("http://[::1]:8080/x").as_deref(), Some("[::1]:8080"));
         assert_eq!(host_port("file:///srv/wheels"), None);
