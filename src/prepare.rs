@@ -876,7 +876,9 @@ fn egress_for(manager: Manager, pkg: &Package, egress: &mut Egress) -> anyhow::R
         }
     }
     discover_file_hosts(manager, pkg, egress);
-    operator_allow(egress)
+    operator_allow(egress)?;
+    tracing::info!("prepare: the sandbox reaches only {} (through mcpbox's egress proxy)", egress.allow.iter().cloned().collect::<Vec<_>>().join(", "));
+    Ok(())
 }
 
 /// Remove everything inside `dir` (never following a link out of it), keep `dir` itself with
@@ -1086,7 +1088,6 @@ fn run_sandboxed(state: &StateDir, name: &str, manager: Manager, exe: &Path, arg
     }
     let entries: Vec<String> = egress.allow.iter().cloned().collect();
     let allow = crate::netproxy::AllowList::parse(&entries).map_err(|e| anyhow::anyhow!("prepare egress: {e}"))?;
-    tracing::debug!(server = %name, "prepare: egress through mcpbox's proxy to {}", entries.join(", "));
     let spawned = crate::sandbox::spawn_blocking_std(&planned.spec, Stdio::null(), Stdio::piped(), Stdio::piped());
     let (mut child, report, listener) = match spawned {
         // sandbox-init refuses `proxy` without a network namespace (see sandbox::init).
