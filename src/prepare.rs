@@ -379,7 +379,10 @@ fn without_credentials(url: &str) -> (String, bool) {
 /// registries (the default and scoped ones) and the CA file as variables, and reads no npmrc at
 /// all: neither the user's nor the global one (which may hold tokens), nor one that an earlier
 /// install left in the cache.
-fn npm_settings(npm_cli: &Path, node: &Path, extra: &mut Extra, egress: &mut Egress) -> anyhow::Result<()> {
+///
+/// Returns the credential lines of the npmrc files npm read (for the download step only, see
+/// [`prepare_npm`]).
+fn npm_settings(npm_cli: &Path, node: &Path, extra: &mut Extra, egress: &mut Egress) -> anyhow::Result<Vec<String>> {
     // The text form, not --json: only it shows that credentials exist (as `(protected)`).
     let out = std::process::Command::new(node)
         .arg(npm_cli)
@@ -393,7 +396,9 @@ fn npm_settings(npm_cli: &Path, node: &Path, extra: &mut Extra, egress: &mut Egr
     if !out.status.success() {
         bail!("`npm config list --long` failed ({}): fix npm's configuration", out.status);
     }
-    let cfg = parse_npm_config_list(&String::from_utf8_lossy(&out.stdout));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let cfg = parse_npm_config_list(&text);
+    let auth = npm_auth_lines(&npm_config_files(&text), |k| std::env::var(k).ok());
     let mut notes = Vec::new();
     let env = npm_env(&cfg, &mut notes)?;
     for n in notes {
@@ -409,7 +414,50 @@ fn npm_settings(npm_cli: &Path, node: &Path, extra: &mut Extra, egress: &mut Egr
         }
         extra.env.insert(k, v);
     }
-    Ok(())
+    Ok(auth)
+}
+
+/// The npmrc files `npm config list --long` says it read (`; "user" config from PATH`).
+fn npm_config_files(text: &str) -> Vec<PathBuf> {
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix("; \"")?.split_once("\" config from ").map(|(_, p)| PathBuf::from(p.trim())))
+        .filter(|p| p.is_absolute())
+        .collect()
+}
+
+/// The credential lines of npmrc files (`//host/path/:_authToken=…`, `_auth`, …), with
+/// `${VAR}` expanded from mcpbox's environment as npm would.
+fn npm_auth_lines(files: &[PathBuf], var: impl Fn(&str) -> Option<String>) -> Vec<String> {
+    let mut out = Vec::new();
+    for f in files {
+        let Ok(text) = std::fs::read_to_string(f) else { continue };
+        for line in text.lines().map(str::trim) {
+            let Some((k, v)) = line.split_once('=') else { continue };
+            let k = k.trim();
+            let key = k.rsplit(':').next().unwrap_or(k);
+            if line.starts_with(['#', ';']) || !(k.starts_with("//") || k.starts_with('_')) || !matches!(key, "_auth" | "_authToken" | "_password" | "username") {
+                continue;
+            }
+            let mut value = String::new();
+            let mut rest = v.trim();
+            while let Some(i) = rest.find("${") {
+                value.push_str(&rest[..i]);
+                match rest[i + 2..].find('}') {
+                    Some(j) => {
+                        value.push_str(&var(&rest[i + 2..i + 2 + j]).unwrap_or_default());
+                        rest = &rest[i + 3 + j..];
+                    }
+                    None => {
+                        value.push_str(&rest[i..]);
+                        rest = "";
+                    }
+                }
+            }
+            value.push_str(rest);
+            out.push(format!("{k}={value}"));
+        }
+    }
+    out
 }
 
 /// `npm config list --long`: `key = JSON value` lines in sections (`; "user" config from …`);
@@ -470,7 +518,7 @@ fn npm_env(cfg: &serde_json::Map<String, serde_json::Value>, notes: &mut Vec<Str
         with_creds.sort();
         with_creds.dedup();
         notes.push(format!(
-            "npm's configuration holds registry credentials ({}): they are not given to the prepare sandbox, where install scripts run; a registry that needs them will refuse (401)",
+            "npm's configuration holds registry credentials ({}): they are not given to the prepare sandbox where install scripts run, only to npm while it downloads and unpacks with scripts off",
             with_creds.join(", ")
         ));
     }
@@ -919,7 +967,7 @@ fn prepare_npm(state: &StateDir, name: &str, dirs: &ServerDirs, pkg: &Package) -
     extra.grants.push((npm_dir, Access::Read));
     passed_env(PASS_NPM, &mut extra);
     let mut egress = Egress::default();
-    npm_settings(&npm_cli, &node, &mut extra, &mut egress)?;
+    let auth = npm_settings(&npm_cli, &node, &mut extra, &mut egress)?;
     let install = local_paths(pkg, &mut extra)?;
     egress_for(Manager::Npm, pkg, &mut egress)?;
     let prefix = npm_prefix(&dirs.cache);
@@ -943,9 +991,24 @@ fn prepare_npm(state: &StateDir, name: &str, dirs: &ServerDirs, pkg: &Package) -
     ] {
         extra.env.insert(k.into(), v);
     }
-    let mut args = vec![npm_cli.to_string_lossy().into_owned(), "install".into(), "--prefix".into(), prefix.to_string_lossy().into_owned(), "--omit=dev".into(), "--no-package-lock".into()];
+    // Two steps. 1: npm resolves, downloads and unpacks with every script off: no package code
+    // runs, so it may hold the registry credentials (a file beside the cache, granted to this
+    // step only and removed after it). 2: `npm rebuild` runs the install scripts, without them.
+    let npm = npm_cli.to_string_lossy().into_owned();
+    let pfx = prefix.to_string_lossy().into_owned();
+    let mut args = vec![npm.clone(), "install".into(), "--prefix".into(), pfx.clone(), "--omit=dev".into(), "--no-package-lock".into(), "--ignore-scripts".into()];
     args.extend(install);
-    tracing::info!(server = %name, "installing with npm into {}", prefix.display());
+    tracing::info!(server = %name, "installing with npm into {} (scripts off)", prefix.display());
+    let mut fetch = extra.clone();
+    let auth_file = AuthFile::write(&state.root.join(name).join(NPM_AUTH_FILE), &dirs.cache, &auth)?;
+    if let Some(f) = &auth_file {
+        fetch.grants.push((f.0.clone(), Access::Read));
+        fetch.env.insert("npm_config_userconfig".into(), f.0.to_string_lossy().into_owned());
+    }
+    run_sandboxed(state, name, Manager::Npm, &node, args, fetch, &egress)?;
+    drop(auth_file);
+    tracing::info!(server = %name, "running the install scripts (npm rebuild)");
+    let args = vec![npm, "rebuild".into(), "--prefix".into(), pfx];
     run_sandboxed(state, name, Manager::Npm, &node, args, extra, &egress)?;
 
     // Which package was installed: the one dependency of the prefix's package.json.
@@ -989,6 +1052,38 @@ fn prepare_npm(state: &StateDir, name: &str, dirs: &ServerDirs, pkg: &Package) -
     match want_bin {
         Some(b) => bail!("none of the installed packages ({}) provides a command `{b}`", deps.join(", ")),
         None => bail!("package {} has no bin to run (or several, none named after the package)", deps.join(", ")),
+    }
+}
+
+/// Beside (not in) a server's cache: the npm credentials of a download step.
+pub const NPM_AUTH_FILE: &str = "prepare-auth.npmrc";
+
+/// A credentials file readable by the server's uid only, removed when dropped.
+struct AuthFile(PathBuf);
+
+impl AuthFile {
+    /// None when there are no lines to write.
+    fn write(path: &Path, owner_like: &Path, lines: &[String]) -> anyhow::Result<Option<AuthFile>> {
+        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+        let _ = std::fs::remove_file(path);
+        if lines.is_empty() {
+            return Ok(None);
+        }
+        let mut text = lines.join("\n");
+        text.push('\n');
+        let file = AuthFile(path.to_path_buf());
+        // create_new: never through a link someone left there.
+        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o400).open(path).with_context(|| format!("creating {}", path.display()))?;
+        std::io::Write::write_all(&mut f, text.as_bytes())?;
+        let m = std::fs::metadata(owner_like)?;
+        std::os::unix::fs::fchown(&f, Some(m.uid()), Some(m.gid())).with_context(|| format!("chown {}", path.display()))?;
+        Ok(Some(file))
+    }
+}
+
+impl Drop for AuthFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
     }
 }
 
@@ -1433,6 +1528,27 @@ mod tests {
         assert_eq!(cfg["@corp:registry"], "https://corp.example.test/");
         assert_eq!(cfg["//npm.example.test/:_authToken"], "(protected)");
         assert!(!cfg.contains_key("_auth"), "an unset default is not a credential");
+    }
+
+    #[test]
+    fn npm_credentials_are_taken_from_the_files_npm_read() {
+        let d = tempfile::tempdir().unwrap();
+        let user = d.path().join("npmrc");
+        std::fs::write(&user, "registry=https://npm.example.test/\n//npm.example.test/:_authToken=${TOKEN_VAR}\n# //x/:_authToken=commented\n//corp.example.test/npm/:_password=cGFzcw==\n//corp.example.test/npm/:username=bob\n//npm.example.test/:certfile=/x\nemail=a@b\n").unwrap();
+        let text = format!("; \"default\" config from default values\n_auth = (protected)\n; \"user\" config from {}\n//npm.example.test/:_authToken = (protected)\n", user.display());
+        let files = npm_config_files(&text);
+        assert_eq!(files, vec![user.clone()]);
+        let lines = npm_auth_lines(&files, |k| (k == "TOKEN_VAR").then(|| "tok123".to_string()));
+        assert_eq!(lines, vec!["//npm.example.test/:_authToken=tok123", "//corp.example.test/npm/:_password=cGFzcw==", "//corp.example.test/npm/:username=bob"]);
+        // The file holding them: the server's uid alone reads it, and it goes when dropped.
+        let path = d.path().join(NPM_AUTH_FILE);
+        let f = AuthFile::write(&path, d.path(), &lines).unwrap().unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o400);
+        assert!(std::fs::read_to_string(&path).unwrap().contains("tok123"));
+        drop(f);
+        assert!(!path.exists());
+        assert!(AuthFile::write(&path, d.path(), &[]).unwrap().is_none());
     }
 
     #[test]

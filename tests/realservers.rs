@@ -260,10 +260,14 @@ fn prepare_confines_a_malicious_install_script() {
     listener.set_nonblocking(true).unwrap();
     let port = listener.local_addr().unwrap().port();
 
-    let files: Vec<String> = cred_files.iter().map(|(p, _)| p.to_string_lossy().into_owned()).collect();
+    let state = dir.join("state");
+    // npm's download step (scripts off) gets the credentials in a file beside the cache; the
+    // script, which runs in the next step, tries that file too.
+    let auth_file = state.join("evil").join("prepare-auth.npmrc");
+    let mut files: Vec<String> = cred_files.iter().map(|(p, _)| p.to_string_lossy().into_owned()).collect();
+    files.push(auth_file.to_string_lossy().into_owned());
     let tgz = pack_evil(&dir, port, &files);
 
-    let state = dir.join("state");
     let cfg = dir.join("evil.json");
     std::fs::write(&cfg, config(json!({ "evil": { "command": "npx", "args": ["-y", tgz] } })).to_string()).unwrap();
     let out = Command::new(mcpbox())
@@ -282,6 +286,7 @@ fn prepare_confines_a_malicious_install_script() {
     assert!(out.status.success(), "prepare of the fixture failed: {log}");
     assert!(state.join("evil/cache/prepared.json").is_file(), "the package was not recorded as prepared: {log}");
     assert!(log.contains("not given to the prepare sandbox"), "the withheld npm credentials are not named in the log: {log}");
+    assert!(!auth_file.exists(), "the download step's credentials file outlived it");
 
     let report = state.join("evil/cache/npm/node_modules/evil-pkg/report.json");
     let report = std::fs::read_to_string(&report).unwrap_or_else(|e| panic!("the postinstall script did not run ({e}): {log}"));
