@@ -557,7 +557,11 @@ impl UvIndexes {
                 if idx.get("default").and_then(|d| d.as_bool()) == Some(true) {
                     self.default = Some(url.to_string());
                 } else {
-                    self.extra.push(url.to_string());
+                    // Named, as uv matches UV_INDEX_{NAME}_USERNAME/PASSWORD by name.
+                    match idx.get("name").and_then(|n| n.as_str()) {
+                        Some(n) => self.extra.push(format!("{n}={url}")),
+                        None => self.extra.push(url.to_string()),
+                    }
                 }
             }
         }
@@ -569,18 +573,19 @@ impl UvIndexes {
             self.default = Some(u);
         }
         for k in ["UV_INDEX", "UV_EXTRA_INDEX_URL"] {
-            for item in var(k).unwrap_or_default().split_whitespace() {
-                // `name=url`: a name has neither `:` nor `/`.
-                let url = match item.split_once('=') {
-                    Some((name, url)) if !name.contains([':', '/']) => url,
-                    _ => item,
-                };
-                self.extra.push(url.to_string());
-            }
+            self.extra.extend(var(k).unwrap_or_default().split_whitespace().map(str::to_string));
         }
         if let Some(f) = var("UV_FIND_LINKS") {
             self.find_links.extend(f.split([',', ' ']).filter(|s| !s.is_empty()).map(str::to_string));
         }
+    }
+}
+
+/// An index as uv takes it, `URL` or `NAME=URL` (a name has neither `:` nor `/`): its name and URL.
+fn split_named(item: &str) -> (Option<&str>, &str) {
+    match item.split_once('=') {
+        Some((name, url)) if !name.contains([':', '/']) => (Some(name), url),
+        _ => (None, item),
     }
 }
 
@@ -634,7 +639,10 @@ fn uv_default_index(uv: &Path) -> anyhow::Result<String> {
 /// `UV_NO_CONFIG=1` so that no uv.toml is read inside (not the user's, which may hold
 /// credentials, nor one an earlier install left in the cache). `UV_INDEX_*_USERNAME` /
 /// `_PASSWORD`, netrc and keyrings are not passed either.
-fn uv_settings(uv: &Path, extra: &mut Extra, egress: &mut Egress) -> anyhow::Result<()> {
+///
+/// Returns, when there are credentials, the variables that carry them (the index URLs as
+/// configured and the credential variables), for the wheels-only step (see [`prepare_uv`]).
+fn uv_settings(uv: &Path, extra: &mut Extra, egress: &mut Egress) -> anyhow::Result<Option<BTreeMap<String, String>>> {
     let mut idx = UvIndexes::default();
     for f in uv_config_files() {
         let text = std::fs::read_to_string(&f).with_context(|| format!("reading uv's configuration {}", f.display()))?;
@@ -646,6 +654,10 @@ fn uv_settings(uv: &Path, extra: &mut Extra, egress: &mut Egress) -> anyhow::Res
         Some(d) => d,
         None => uv_default_index(uv)?,
     };
+    let mut with_creds = BTreeMap::from([("UV_DEFAULT_INDEX".to_string(), default.clone())]);
+    if !idx.extra.is_empty() {
+        with_creds.insert("UV_INDEX".into(), idx.extra.join(" "));
+    }
     let mut creds = false;
     let mut clean = |u: &str| {
         let (c, had) = without_credentials(u);
@@ -653,7 +665,14 @@ fn uv_settings(uv: &Path, extra: &mut Extra, egress: &mut Egress) -> anyhow::Res
         c
     };
     let default = clean(&default);
-    let extra_idx: Vec<String> = idx.extra.iter().map(|u| clean(u)).collect();
+    let extra_idx: Vec<String> = idx
+        .extra
+        .iter()
+        .map(|item| match split_named(item) {
+            (Some(n), url) => format!("{n}={}", clean(url)),
+            (None, url) => clean(url),
+        })
+        .collect();
     let mut links = Vec::new();
     for l in &idx.find_links {
         if l.starts_with("http://") || l.starts_with("https://") {
@@ -667,17 +686,23 @@ fn uv_settings(uv: &Path, extra: &mut Extra, egress: &mut Egress) -> anyhow::Res
         }
     }
     let cred_vars: Vec<String> = std::env::vars().map(|(k, _)| k).filter(|k| k.starts_with("UV_INDEX_") && (k.ends_with("_USERNAME") || k.ends_with("_PASSWORD"))).collect();
-    if creds || !cred_vars.is_empty() {
-        tracing::warn!("prepare: {}", format!(
-            "uv's configuration holds index credentials{}: they are not given to the prepare sandbox, where build scripts run; an index that needs them will refuse (401)",
+    let with_creds = (creds || !cred_vars.is_empty()).then(|| {
+        tracing::warn!(
+            "prepare: uv's configuration holds index credentials{}: they are not given to the prepare sandbox where build scripts run, only to uv while it installs wheels with builds off",
             if cred_vars.is_empty() { String::new() } else { format!(" ({})", cred_vars.join(", ")) }
-        ));
-    }
-    for u in std::iter::once(&default).chain(&extra_idx).chain(links.iter().filter(|l| l.starts_with("http"))) {
+        );
+        for k in &cred_vars {
+            if let Ok(v) = std::env::var(k) {
+                with_creds.insert(k.clone(), v);
+            }
+        }
+        with_creds
+    });
+    let urls: Vec<&str> = std::iter::once(default.as_str()).chain(extra_idx.iter().map(|i| split_named(i).1)).collect();
+    for u in urls.iter().copied().chain(links.iter().map(String::as_str).filter(|l| l.starts_with("http"))) {
         egress.add_url(u);
     }
-    egress.indexes.push(default.clone());
-    egress.indexes.extend(extra_idx.iter().cloned());
+    egress.indexes.extend(urls.iter().map(|u| u.to_string()));
     extra.env.insert("UV_NO_CONFIG".into(), "1".into());
     extra.env.insert("UV_DEFAULT_INDEX".into(), default);
     if !extra_idx.is_empty() {
@@ -686,7 +711,7 @@ fn uv_settings(uv: &Path, extra: &mut Extra, egress: &mut Egress) -> anyhow::Res
     if !links.is_empty() {
         extra.env.insert("UV_FIND_LINKS".into(), links.join(","));
     }
-    Ok(())
+    Ok(with_creds)
 }
 
 /// The name a registry knows a requested package by: npm `@scope/name@1` → `@scope/name`,
@@ -1057,6 +1082,32 @@ fn prepare_npm(state: &StateDir, name: &str, dirs: &ServerDirs, pkg: &Package) -
 
 /// Beside (not in) a server's cache: the npm credentials of a download step.
 pub const NPM_AUTH_FILE: &str = "prepare-auth.npmrc";
+/// Beside (not in) a server's cache: uv's cache while it installs with index credentials.
+pub const UV_AUTH_CACHE: &str = "prepare-auth-uv-cache";
+
+/// A directory owned like the cache, removed with everything in it when dropped.
+struct AuthDir(PathBuf);
+
+impl AuthDir {
+    fn create(path: &Path, owner_like: &Path) -> anyhow::Result<AuthDir> {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        if std::fs::symlink_metadata(path).is_ok() {
+            let _ = std::fs::remove_dir_all(path).or_else(|_| std::fs::remove_file(path));
+        }
+        std::fs::create_dir(path).with_context(|| format!("creating {}", path.display()))?;
+        let dir = AuthDir(path.to_path_buf());
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))?;
+        let m = std::fs::metadata(owner_like)?;
+        std::os::unix::fs::lchown(path, Some(m.uid()), Some(m.gid())).with_context(|| format!("chown {}", path.display()))?;
+        Ok(dir)
+    }
+}
+
+impl Drop for AuthDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
 
 /// A credentials file readable by the server's uid only, removed when dropped.
 struct AuthFile(PathBuf);
@@ -1094,7 +1145,7 @@ fn prepare_uv(state: &StateDir, name: &str, dirs: &ServerDirs, pkg: &Package) ->
     extra.grants.push((uv.clone(), Access::Exec));
     passed_env(PASS_UV, &mut extra);
     let mut egress = Egress::default();
-    uv_settings(&uv, &mut extra, &mut egress)?;
+    let creds = uv_settings(&uv, &mut extra, &mut egress)?;
     let install = local_paths(pkg, &mut extra)?;
     egress_for(Manager::Uv, pkg, &mut egress)?;
     let c = |p: &str| dirs.cache.join(p).to_string_lossy().into_owned();
@@ -1115,7 +1166,27 @@ fn prepare_uv(state: &StateDir, name: &str, dirs: &ServerDirs, pkg: &Package) ->
     tracing::info!(server = %name, "installing with uv: {}", install.join(" "));
     let mut args = vec!["pip".into(), "install".into(), "--python".into(), format!("{v}/bin/python")];
     args.extend(install);
-    run_sandboxed(state, name, Manager::Uv, &uv, args, extra, &egress)?;
+    // With index credentials: first wheels only (`--no-build`: no package code runs) with the
+    // credentials and a cache of its own beside the server's cache, removed after it (what uv
+    // keeps of an authenticated index is never shown to a build). Whatever needs a build is
+    // installed in the next step, without them.
+    let mut done = false;
+    if let Some(creds) = creds {
+        let scratch = AuthDir::create(&state.root.join(name).join(UV_AUTH_CACHE), &dirs.cache)?;
+        let mut with = extra.clone();
+        with.env.extend(creds);
+        with.env.insert("UV_CACHE_DIR".into(), scratch.0.to_string_lossy().into_owned());
+        with.grants.push((scratch.0.clone(), Access::Write));
+        let mut a = args.clone();
+        a.push("--no-build".into());
+        match run_sandboxed(state, name, Manager::Uv, &uv, a, with, &egress) {
+            Ok(()) => done = true,
+            Err(e) => tracing::warn!(server = %name, "wheels-only install with the index credentials failed; installing without them: {e:#}"),
+        }
+    }
+    if !done {
+        run_sandboxed(state, name, Manager::Uv, &uv, args, extra, &egress)?;
+    }
 
     let bin = pkg.bin.clone().context("uvx: no command")?;
     let entry = venv_dir.join("bin").join(&bin);
@@ -1581,7 +1652,7 @@ mod tests {
         let user: toml::Table = toml::from_str("find-links = [\"https://links.example.test/\"]\n[[index]]\nurl = \"https://u:pw@user.example.test/simple\"\ndefault = true\n[[index]]\nname = \"extra\"\nurl = \"https://more.example.test/simple\"").unwrap();
         idx.add_toml(&user);
         assert_eq!(idx.default.as_deref(), Some("https://u:pw@user.example.test/simple"));
-        assert_eq!(idx.extra, vec!["https://x.example.test/simple".to_string(), "https://more.example.test/simple".to_string()]);
+        assert_eq!(idx.extra, vec!["https://x.example.test/simple".to_string(), "extra=https://more.example.test/simple".to_string()]);
         let vars = BTreeMap::from([
             ("UV_INDEX_URL", "https://env.example.test/simple"),
             ("UV_INDEX", "named=https://n.example.test/simple https://plain.example.test/simple"),
@@ -1589,7 +1660,9 @@ mod tests {
         ]);
         idx.add_env(|k| vars.get(k).map(|v| v.to_string()));
         assert_eq!(idx.default.as_deref(), Some("https://env.example.test/simple"));
-        assert!(idx.extra.contains(&"https://n.example.test/simple".to_string()) && idx.extra.contains(&"https://plain.example.test/simple".to_string()));
+        assert!(idx.extra.contains(&"named=https://n.example.test/simple".to_string()) && idx.extra.contains(&"https://plain.example.test/simple".to_string()));
+        assert_eq!(split_named("named=https://n.example.test/simple"), (Some("named"), "https://n.example.test/simple"));
+        assert_eq!(split_named("https://n.example.test/simple?a=b"), (None, "https://n.example.test/simple?a=b"));
         assert_eq!(idx.find_links, vec!["https://links.example.test/".to_string(), "https://f.example.test/a".into(), "/srv/wheels".into()]);
         assert_eq!(without_credentials("https://u:pw@user.example.test/simple"), ("https://user.example.test/simple".to_string(), true));
         assert!(!without_credentials("https://user.example.test/simple").1);

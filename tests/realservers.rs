@@ -386,6 +386,70 @@ fn prepare_at_container_level_keeps_to_the_registries_ports() {
     }
 }
 
+/// The same for uv: a project whose build backend runs in the prepare sandbox, while uv's
+/// configuration holds index credentials (a canary in a `UV_INDEX_*_PASSWORD` variable and in the
+/// user's uv.toml). uv first tries wheels only with the credentials (no package code runs), then
+/// builds without them: the backend sees no credential and cannot reach the host's loopback, and
+/// the package is installed.
+#[test]
+fn prepare_builds_python_packages_without_the_index_credentials() {
+    const CRED: &str = "UV-CREDENTIAL-CANARY";
+    let dir = scratch("evil-py");
+    let home = dir.join("home");
+    std::fs::create_dir_all(home.join(".config/uv")).unwrap();
+    let uv_toml = home.join(".config/uv/uv.toml");
+    std::fs::write(&uv_toml, format!("[[index]]\nname = \"private\"\nurl = \"https://u:{CRED}@idx.example.test/simple\"\n")).unwrap();
+    std::fs::set_permissions(&uv_toml, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let port = listener.local_addr().unwrap().port();
+
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/evil-py");
+    let project = dir.join("evil-py");
+    std::fs::create_dir_all(&project).unwrap();
+    for f in ["pyproject.toml", "evil_backend.py", "evil_py.py"] {
+        std::fs::copy(fixture.join(f), project.join(f)).unwrap();
+    }
+    std::fs::write(project.join("target.json"), json!({ "port": port, "files": [uv_toml] }).to_string()).unwrap();
+    for e in std::fs::read_dir(&project).unwrap() {
+        std::fs::set_permissions(e.unwrap().path(), std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    std::fs::set_permissions(&project, std::fs::Permissions::from_mode(0o755)).unwrap();
+
+    let state = dir.join("state");
+    let cfg = dir.join("evil-py.json");
+    std::fs::write(&cfg, config(json!({ "evilpy": { "command": "uvx", "args": ["--from", project, "evil-py"] } })).to_string()).unwrap();
+    let out = Command::new(mcpbox())
+        .args(["prepare", "--config"])
+        .arg(&cfg)
+        .arg("--state-dir")
+        .arg(&state)
+        .env("HOME", &home)
+        .env("UV_INDEX_PRIVATE_PASSWORD", CRED)
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "prepare of the fixture failed: {log}");
+    assert!(log.contains("UV_INDEX_PRIVATE_PASSWORD") && log.contains("not given to the prepare sandbox"), "the credentials are not named in the log: {log}");
+    assert!(log.contains("installing without them"), "no wheels-only step with the credentials before the build: {log}");
+    assert!(state.join("evilpy/cache/venv/bin/evil-py").is_file(), "the package was not installed: {log}");
+    assert!(!state.join("evilpy").join("prepare-auth-uv-cache").exists(), "the credentialed step's cache outlived it");
+
+    let report = std::fs::read_to_string(state.join("evilpy/cache/evil-py-report.json")).unwrap_or_else(|e| panic!("the build backend did not run ({e}): {log}"));
+    let rep: serde_json::Value = serde_json::from_str(&report).unwrap();
+    assert_eq!(rep["ran"], true);
+    assert!(!report.contains(CRED), "the build backend saw an index credential: {report}");
+    assert!(rep["read"][uv_toml.to_string_lossy().as_ref()].as_str().is_some_and(|w| w.starts_with("ERR")), "{report}");
+    assert!(rep["net"]["direct"].as_str().is_some_and(|w| w.starts_with("ERR")), "the backend reached the host's loopback: {report}");
+    assert_eq!(rep["net"]["proxy"], "STATUS 403", "the proxy let the backend through to the host's loopback: {report}");
+    match listener.accept() {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        other => panic!("the loopback listener saw a connection: {other:?}"),
+    }
+    // Nothing of the credentials was left in the cache for later steps or the run phase.
+    assert!(files_containing(&state.join("evilpy/cache"), CRED).is_empty(), "a credential was written into the cache");
+}
+
 /// A config naming a package that does not exist: its prepare fails, the other servers serve,
 /// /readyz names it.
 #[test]
