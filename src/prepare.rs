@@ -756,26 +756,25 @@ fn metadata_url(manager: Manager, index: &str, name: &str) -> String {
 const MAX_FILE_HOSTS: usize = 8;
 
 /// The hosts a registry's answer names for package files: npm's `dist.tarball`, the Simple
-/// API's file `url` (JSON) or `href` (HTML), resolved against the page's final URL.
-fn file_hosts_in(page: &reqwest::Url, body: &[u8]) -> std::collections::BTreeSet<String> {
+/// API's `files[].url` (JSON) or `href` (HTML), resolved against the page's final URL. (Not
+/// every URL in the answer: a packument's `repository.url` is no download.)
+fn file_hosts_in(manager: Manager, page: &reqwest::Url, body: &[u8]) -> std::collections::BTreeSet<String> {
     let mut urls = Vec::new();
     if let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) {
-        fn walk(v: &serde_json::Value, out: &mut Vec<String>) {
-            match v {
-                serde_json::Value::Object(m) => {
-                    for (k, x) in m {
-                        match x {
-                            serde_json::Value::String(s) if k == "tarball" || k == "url" => out.push(s.clone()),
-                            _ => walk(x, out),
-                        }
-                    }
+        let s = |x: Option<&serde_json::Value>| x.and_then(|u| u.as_str()).map(str::to_string);
+        match manager {
+            Manager::Npm => {
+                for ver in v.get("versions").and_then(|x| x.as_object()).into_iter().flat_map(|m| m.values()) {
+                    urls.extend(s(ver.get("dist").and_then(|d| d.get("tarball"))));
                 }
-                serde_json::Value::Array(a) => a.iter().for_each(|x| walk(x, out)),
-                _ => {}
+            }
+            Manager::Uv => {
+                for f in v.get("files").and_then(|x| x.as_array()).into_iter().flatten() {
+                    urls.extend(s(f.get("url")));
+                }
             }
         }
-        walk(&v, &mut urls);
-    } else {
+    } else if manager == Manager::Uv {
         let text = String::from_utf8_lossy(body);
         for part in text.split("href=").skip(1) {
             let q = part.chars().next().unwrap_or('"');
@@ -810,8 +809,24 @@ fn discover_file_hosts(manager: Manager, pkg: &Package, egress: &mut Egress) {
     let found = on_own_runtime(async move {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let mut hosts = std::collections::BTreeSet::new();
-        let Ok(client) = reqwest::Client::builder().connect_timeout(Duration::from_secs(10)).timeout(Duration::from_secs(30)).build() else { return hosts };
+        // The proxy's rule here too: no loopback, link-local or private address, whatever a
+        // name resolves to or a redirect names.
+        let redirects = reqwest::redirect::Policy::custom(|a| match a.url().host_str().and_then(|h| h.trim_matches(['[', ']']).parse().ok()) {
+            Some(ip) if crate::netproxy::is_internal(ip) => a.stop(),
+            _ if a.previous().len() >= 5 => a.stop(),
+            _ => a.follow(),
+        });
+        let client = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .timeout(Duration::from_secs(30))
+            .redirect(redirects)
+            .dns_resolver(std::sync::Arc::new(ExternalOnly));
+        let Ok(client) = client.build() else { return hosts };
         for page in pages {
+            let literal = reqwest::Url::parse(&page).ok().and_then(|u| u.host_str()?.trim_matches(['[', ']']).parse::<std::net::IpAddr>().ok());
+            if literal.is_some_and(crate::netproxy::is_internal) {
+                continue;
+            }
             let resp = match client.get(&page).header("accept", accept).send().await {
                 Ok(r) if r.status().is_success() => r,
                 Ok(r) => {
@@ -832,7 +847,7 @@ fn discover_file_hosts(manager: Manager, pkg: &Package, egress: &mut Egress) {
                     break;
                 }
             }
-            let mut found = file_hosts_in(&final_url, &body);
+            let mut found = file_hosts_in(manager, &final_url, &body);
             if let Some(hp) = host_port(final_url.as_str()) {
                 found.insert(hp);
             }
@@ -845,6 +860,21 @@ fn discover_file_hosts(manager: Manager, pkg: &Package, egress: &mut Egress) {
         hosts
     });
     egress.allow.extend(found);
+}
+
+/// The system resolver, keeping only addresses that are not [`crate::netproxy::is_internal`].
+struct ExternalOnly;
+
+impl reqwest::dns::Resolve for ExternalOnly {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        Box::pin(async move {
+            let addrs: Vec<std::net::SocketAddr> = tokio::net::lookup_host((name.as_str(), 0)).await?.filter(|a| !crate::netproxy::is_internal(a.ip())).collect();
+            if addrs.is_empty() {
+                return Err(format!("{} resolves to no external address", name.as_str()).into());
+            }
+            Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
 }
 
 /// The operator's extra entries ([`EXTRA_ALLOW_ENV`]), checked with the allow-list grammar.
@@ -1674,15 +1704,15 @@ mod tests {
     #[test]
     fn download_hosts_are_read_from_the_registrys_answer() {
         let page = reqwest::Url::parse("https://idx.example.test/simple/pkg/").unwrap();
-        let json = br#"{"files":[{"url":"https://files.example.test/p/a.whl"},{"url":"../../p/b.tar.gz"}],"meta":{"url":"x"}}"#;
-        let hosts: Vec<String> = file_hosts_in(&page, json).into_iter().collect();
+        let json = br#"{"files":[{"url":"https://files.example.test/p/a.whl"},{"url":"../../p/b.tar.gz"}],"meta":{"url":"https://not.example.test/"}}"#;
+        let hosts: Vec<String> = file_hosts_in(Manager::Uv, &page, json).into_iter().collect();
         assert_eq!(hosts, vec!["files.example.test:443".to_string(), "idx.example.test:443".into()]);
         let html = b"<a href=\"https://dl.example.test:8443/a.whl#sha256=00\">a</a><a href='/rel/b.whl'>b</a>";
-        let hosts: Vec<String> = file_hosts_in(&page, html).into_iter().collect();
+        let hosts: Vec<String> = file_hosts_in(Manager::Uv, &page, html).into_iter().collect();
         assert_eq!(hosts, vec!["dl.example.test:8443".to_string(), "idx.example.test:443".into()]);
-        let npm = br#"{"versions":{"1.0.0":{"dist":{"tarball":"https://tar.example.test/p/-/p-1.0.0.tgz"}}}}"#;
+        let npm = br#"{"versions":{"1.0.0":{"dist":{"tarball":"https://tar.example.test/p/-/p-1.0.0.tgz"}}},"repository":{"url":"git+https://code.example.test/p.git"}}"#;
         let page = reqwest::Url::parse("https://npm.example.test/p").unwrap();
-        assert_eq!(file_hosts_in(&page, npm).into_iter().collect::<Vec<_>>(), vec!["tar.example.test:443".to_string()]);
+        assert_eq!(file_hosts_in(Manager::Npm, &page, npm).into_iter().collect::<Vec<_>>(), vec!["tar.example.test:443".to_string()]);
         assert_eq!(package_name(Manager::Npm, "@scope/name@1.2").as_deref(), Some("@scope/name"));
         assert_eq!(package_name(Manager::Npm, "name@latest").as_deref(), Some("name"));
         assert_eq!(package_name(Manager::Npm, "/tmp/x.tgz"), None);
