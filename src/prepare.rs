@@ -971,7 +971,7 @@ pub fn prepare_blocking(state: &StateDir, name: &str, pkg: &Package, force: bool
 
 /// The rest of a prepare's egress, once the registries are known: URLs named on the command
 /// line, the registries' download hosts, the operator's extra entries.
-fn egress_for(manager: Manager, pkg: &Package, egress: &mut Egress) -> anyhow::Result<()> {
+fn egress_for(name: &str, manager: Manager, pkg: &Package, egress: &mut Egress) -> anyhow::Result<()> {
     for spec in &pkg.install {
         let url = spec.strip_prefix("git+").unwrap_or(spec);
         if url.starts_with("https://") || url.starts_with("http://") {
@@ -980,7 +980,7 @@ fn egress_for(manager: Manager, pkg: &Package, egress: &mut Egress) -> anyhow::R
     }
     discover_file_hosts(manager, pkg, egress);
     operator_allow(egress)?;
-    tracing::info!("prepare: the sandbox reaches only {} (through mcpbox's egress proxy)", egress.allow.iter().cloned().collect::<Vec<_>>().join(", "));
+    tracing::info!(server = %name, "the prepare sandbox reaches only {} (through mcpbox's egress proxy)", egress.allow.iter().cloned().collect::<Vec<_>>().join(", "));
     Ok(())
 }
 
@@ -1024,7 +1024,7 @@ fn prepare_npm(state: &StateDir, name: &str, dirs: &ServerDirs, pkg: &Package) -
     let mut egress = Egress::default();
     let auth = npm_settings(&npm_cli, &node, &mut extra, &mut egress)?;
     let install = local_paths(pkg, &mut extra)?;
-    egress_for(Manager::Npm, pkg, &mut egress)?;
+    egress_for(name, Manager::Npm, pkg, &mut egress)?;
     let prefix = npm_prefix(&dirs.cache);
     std::fs::create_dir_all(&prefix)?;
     // Made by mcpbox: the server's uid owns it like the cache around it (the plan's ownership
@@ -1177,7 +1177,7 @@ fn prepare_uv(state: &StateDir, name: &str, dirs: &ServerDirs, pkg: &Package) ->
     let mut egress = Egress::default();
     let creds = uv_settings(&uv, &mut extra, &mut egress)?;
     let install = local_paths(pkg, &mut extra)?;
-    egress_for(Manager::Uv, pkg, &mut egress)?;
+    egress_for(name, Manager::Uv, pkg, &mut egress)?;
     let c = |p: &str| dirs.cache.join(p).to_string_lossy().into_owned();
     let py = python.to_string_lossy().into_owned();
     for (k, v) in [
