@@ -110,6 +110,12 @@ pub fn open_error(e: OpenError) -> Response {
             r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
             r
         }
+        // The global budget: the detail (which budget) is in the log.
+        OpenError::Busy(_) => {
+            let mut r = (StatusCode::SERVICE_UNAVAILABLE, "mcpbox is at its session limit; retry later\n").into_response();
+            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+            r
+        }
         OpenError::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response(),
         // The detail is in the log.
         OpenError::Launch(_) => (StatusCode::SERVICE_UNAVAILABLE, "the server could not be started\n").into_response(),
