@@ -211,7 +211,10 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, admitted: Admitted, app: R
     let app = TowerToHyperService::new(app);
     let body_timeout = settings.body_timeout;
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| handle(app.clone(), body_timeout, req));
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // http1_only: otherwise the builder first reads until it can tell HTTP/2's preface from
+    // HTTP/1 (up to 24 bytes), with no timer running, and a client that sends fewer bytes than
+    // that, or none at all, holds the connection for ever (axum::serve has exactly this gap).
+    let mut builder = auto::Builder::new(TokioExecutor::new()).http1_only();
     builder.http1().timer(TokioTimer::new()).header_read_timeout(settings.header_timeout).keep_alive(true);
     let conn = builder.serve_connection(TokioIo::new(tcp), svc);
     tokio::pin!(conn);
