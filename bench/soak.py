@@ -10,6 +10,7 @@ Phases, against one running `mcpbox serve` (its pid and port given):
      client makes CALLS tool calls; then the streams are closed.
   C. The half-sent connections are left alone: how many mcpbox closes by itself within
      ABANDON_WAIT seconds of their opening.
+  B and C run ROUNDS times.
   End: mcpbox's descriptors, threads, RSS and sandbox processes, against the baseline taken
   before phase A.
 Prints one JSON object (all the numbers) on stdout; progress on stderr.
@@ -30,6 +31,9 @@ STREAMS = int(os.environ.get("STREAMS", "200"))
 HALF_OPEN = int(os.environ.get("HALF_OPEN", "500"))
 CALLS = int(os.environ.get("CALLS", "300"))
 ABANDON_WAIT = float(os.environ.get("ABANDON_WAIT", "15"))
+# B and C are run this many times: RSS that stays flat from one round to the next is the
+# allocator keeping its high-water mark, not a leak.
+ROUNDS = int(os.environ.get("ROUNDS", "2"))
 SETTLE = float(os.environ.get("SETTLE", "15"))
 HOST = f"127.0.0.1:{PORT}"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -62,6 +66,18 @@ def descendants(pid):
         found += c
         todo += c
     return found
+
+
+def fd_targets():
+    out = {}
+    for fd in os.listdir(f"/proc/{PID}/fd"):
+        try:
+            t = os.readlink(f"/proc/{PID}/fd/{fd}")
+        except OSError:
+            continue
+        t = re.sub(r"\[\d+\]", "[N]", t)
+        out[t] = out.get(t, 0) + 1
+    return out
 
 
 def snapshot():
@@ -192,6 +208,7 @@ def settle():
 out = {}
 time.sleep(2)
 base = snapshot()
+base_fds = fd_targets()
 out["baseline"] = base
 log("baseline", base)
 
@@ -218,50 +235,62 @@ out["after_A"] = snapshot()
 log("after A", out["after_A"])
 
 # ---- B: idle streams and half-sent requests held while a client works ----
-streams = [Legacy("echos", i) for i in range(STREAMS)]
-half = []
-t_half = time.time()
-for i in range(HALF_OPEN):
-    s = connect_from(STREAMS + i)
-    s.sendall(f"POST /echo/mcp HTTP/1.1\r\nHost: {HOST}\r\n".encode())
-    half.append(s)
-time.sleep(0.5)
-out["held"] = snapshot()
-log("held", out["held"])
-t = time.time()
-client = Streamable("echo")
-init_ms = (time.time() - t) * 1e3
-lat = []
-for i in range(CALLS):
+def round_b_c(r):
+    streams = [Legacy("echos", i) for i in range(STREAMS)]
+    half = []
+    t_half = time.time()
+    for i in range(HALF_OPEN):
+        s = connect_from(STREAMS + i)
+        s.sendall(f"POST /echo/mcp HTTP/1.1\r\nHost: {HOST}\r\n".encode())
+        half.append(s)
+    time.sleep(0.5)
+    held = snapshot()
+    log(f"round {r}: held", held)
     t = time.time()
-    client.call(i + 1, f"c{i}")
-    lat.append(time.time() - t)
-client.close()
-out["B"] = {"streams": STREAMS, "half_open": HALF_OPEN, "client_init_ms": round(init_ms, 1), "calls": CALLS,
-            "call_ms_p50": round(pct(lat, 0.5) * 1e3, 2), "call_ms_p99": round(pct(lat, 0.99) * 1e3, 2)}
-out["peak"] = snapshot()
-for s in streams:
-    s.close()
-
-# ---- C: abandoned half-sent requests: does mcpbox close them? ----
-closed = 0
-for s in half:
-    s.settimeout(max(0.01, ABANDON_WAIT - (time.time() - t_half)))
-    try:
-        if s.recv(4096) == b"":
+    client = Streamable("echo")
+    init_ms = (time.time() - t) * 1e3
+    lat = []
+    for i in range(CALLS):
+        t = time.time()
+        client.call(i + 1, f"c{i}")
+        lat.append(time.time() - t)
+    client.close()
+    b = {"streams": STREAMS, "half_open": HALF_OPEN, "client_init_ms": round(init_ms, 1), "calls": CALLS,
+         "call_ms_p50": round(pct(lat, 0.5) * 1e3, 2), "call_ms_p99": round(pct(lat, 0.99) * 1e3, 2)}
+    peak = snapshot()
+    for s in streams:
+        s.close()
+    # ---- C: abandoned half-sent requests: does mcpbox close them? ----
+    closed = 0
+    for s in half:
+        s.settimeout(max(0.01, ABANDON_WAIT - (time.time() - t_half)))
+        try:
+            if s.recv(4096) == b"":
+                closed += 1
+        except socket.timeout:
+            pass
+        except OSError:
             closed += 1
-    except socket.timeout:
-        pass
-    except OSError:
-        closed += 1
-out["C"] = {"half_open": HALF_OPEN, "closed_by_mcpbox_within_s": ABANDON_WAIT, "closed": closed}
-log("C", out["C"])
-for s in half:
-    s.close()
+    c = {"half_open": HALF_OPEN, "closed_by_mcpbox_within_s": ABANDON_WAIT, "closed": closed}
+    log(f"round {r}: C", c)
+    for s in half:
+        s.close()
+    settle()
+    return b, peak, c, snapshot()
+
+
+for r in range(ROUNDS):
+    b, peak, c, after = round_b_c(r)
+    out["B"], out["peak"], out["C"] = b, peak, c
+    out[f"after_round_{r + 1}"] = after
+    log(f"round {r}: after", after)
 
 settle()
 # idle tokio blocking threads retire after 10 s
 time.sleep(max(0, 11 - SETTLE))
 out["end"] = snapshot()
+end_fds = fd_targets()
+out["fds_added"] = {k: end_fds.get(k, 0) - base_fds.get(k, 0) for k in set(base_fds) | set(end_fds)
+                    if end_fds.get(k, 0) != base_fds.get(k, 0)}
 log("end", out["end"])
 print(json.dumps(out))

@@ -53,12 +53,19 @@ r = json.load(open(sys.argv[1]))
 print()
 print("| | fds | threads | RSS MiB | sandboxes | processes |")
 print("|---|---|---|---|---|---|")
-for k, label in [("baseline", "baseline"), ("after_A", "after 2000 sessions"), ("peak", "200 streams + 500 half-sent held"), ("end", "end")]:
+rows = [("baseline", "baseline"), ("after_A", f"after {r['A']['sessions']} sessions"),
+        ("peak", f"{r['B']['streams']} streams + {r['B']['half_open']} half-sent held")]
+rows += [(k, f"after round {k.rsplit('_', 1)[1]} of B+C") for k in sorted(r) if k.startswith("after_round_")]
+rows += [("end", "end")]
+for k, label in rows:
     s = r[k]
     print(f"| {label} | {s['fds']} | {s['threads']} | {s['rss_kib'] / 1024:.1f} | {s['sandboxes']} | {s['processes']} |")
 a, b, c = r["A"], r["B"], r["C"]
 print(f"\nA: {a['sessions']} sessions in {a['seconds']} s (p50 {a['session_ms_p50']} ms, p99 {a['session_ms_p99']} ms each)")
 print(f"B: under load the client initialized in {b['client_init_ms']} ms; {b['calls']} calls p50 {b['call_ms_p50']} ms, p99 {b['call_ms_p99']} ms")
 print(f"C: {c['closed']} of {c['half_open']} abandoned half-sent requests closed by mcpbox within {c['closed_by_mcpbox_within_s']} s")
+print(f"descriptors added since the baseline: {r['fds_added'] or 'none'}")
 EOF
-grep -c . "$work/mcpbox.log" | xargs -I{} echo "mcpbox log: {} lines" >&2
+# What mcpbox logged (warnings and errors), counted by message.
+echo "mcpbox log:" >&2
+sed -E 's/^[^ ]+ +//' "$work/mcpbox.log" | sed -E 's/[0-9]+/N/g' | sort | uniq -c | sort -rn | head -20 >&2
