@@ -11,6 +11,8 @@ Phases, against one running `mcpbox serve` (its pid and port given):
   C. The half-sent connections are left alone: how many mcpbox closes by itself within
      ABANDON_WAIT seconds of their opening.
   B and C run ROUNDS times.
+  D. FLOOD idle connections from one address (the issue's 1100), then a normal client with a
+     10 s timeout: does it get through?
   End: mcpbox's descriptors, threads, RSS and sandbox processes, against the baseline taken
   before phase A.
 Prints one JSON object (all the numbers) on stdout; progress on stderr.
@@ -34,6 +36,7 @@ ABANDON_WAIT = float(os.environ.get("ABANDON_WAIT", "15"))
 # B and C are run this many times: RSS that stays flat from one round to the next is the
 # allocator keeping its high-water mark, not a leak.
 ROUNDS = int(os.environ.get("ROUNDS", "2"))
+FLOOD = int(os.environ.get("FLOOD", "1100"))
 SETTLE = float(os.environ.get("SETTLE", "15"))
 HOST = f"127.0.0.1:{PORT}"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -117,9 +120,9 @@ def connect_from(i):
 
 
 class Streamable:
-    def __init__(self, server):
+    def __init__(self, server, timeout=30):
         self.path = f"/{server}/mcp"
-        self.c = http.client.HTTPConnection("127.0.0.1", PORT, timeout=30)
+        self.c = http.client.HTTPConnection("127.0.0.1", PORT, timeout=timeout)
         self.h = dict(AUTH, **{"Content-Type": "application/json", "Accept": "application/json"})
         r = self.post(msg(0, "initialize", INIT))
         assert r[0] == 200, r
@@ -284,6 +287,32 @@ for r in range(ROUNDS):
     out["B"], out["peak"], out["C"] = b, peak, c
     out[f"after_round_{r + 1}"] = after
     log(f"round {r}: after", after)
+
+# ---- D: one address opens FLOOD idle connections; a normal client comes after ----
+flood = []
+for i in range(FLOOD):
+    s = socket.socket()
+    s.bind(("127.0.0.250", 0))
+    s.setblocking(False)
+    try:
+        s.connect(("127.0.0.1", PORT))
+    except BlockingIOError:
+        pass
+    flood.append(s)
+time.sleep(1)
+held = snapshot()
+t = time.time()
+try:
+    client = Streamable("echo", timeout=10)
+    client.call(1, "through")
+    client.close()
+    d_ok, d_err = True, None
+except Exception as e:  # noqa: BLE001 - the outcome is the measurement
+    d_ok, d_err = False, repr(e)
+out["D"] = {"flood": FLOOD, "fds_held": held["fds"], "client_ok": d_ok, "client_ms": round((time.time() - t) * 1e3, 1), "error": d_err}
+log("D", out["D"])
+for s in flood:
+    s.close()
 
 settle()
 # idle tokio blocking threads retire after 10 s

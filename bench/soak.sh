@@ -6,12 +6,14 @@
 #   B. 200 idle legacy SSE streams and 500 half-sent requests held while a normal client
 #      initializes and makes 300 tool calls;
 #   C. the half-sent requests left alone: how many mcpbox closes by itself within 15 s;
+#   D. 1100 idle connections from one address, then a normal client (10 s timeout);
 #   then mcpbox's descriptors, threads, RSS and sandbox processes against the baseline.
 # Run as root (the full sandbox, as on a VPS). Prints the JSON of the run and a table.
 #
 #   bench/soak.sh                              # builds the release binary
 #   MCPBOX_BIN=/path/to/mcpbox bench/soak.sh   # another build (e.g. an older commit)
 #   SESSIONS=200 STREAMS=50 HALF_OPEN=100 bench/soak.sh
+#   NOFILE=1024 bench/soak.sh                  # mcpbox under a descriptor limit of 1024
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 repo="$(cd "$here/.." && pwd)"
@@ -35,7 +37,10 @@ cat > "$work/mcpbox.json" <<EOF
  "mcpServers": {"echo": {$server},
                 "echos": {$server, "isolation": "shared", "maxSessions": 100000}}}
 EOF
-RUST_LOG="${RUST_LOG:-warn}" "$MCPBOX_BIN" serve --config "$work/mcpbox.json" --state-dir "$work/state" \
+# NOFILE=1024: run mcpbox under that descriptor limit (soft and hard), as on a default system.
+limit=()
+[ -n "${NOFILE:-}" ] && limit=(prlimit --nofile="$NOFILE:$NOFILE")
+RUST_LOG="${RUST_LOG:-warn}" "${limit[@]}" "$MCPBOX_BIN" serve --config "$work/mcpbox.json" --state-dir "$work/state" \
     2> "$work/mcpbox.log" &
 pid=$!
 trap 'kill -TERM $pid 2>/dev/null; wait $pid 2>/dev/null; rm -rf "$work"' EXIT
@@ -64,6 +69,9 @@ a, b, c = r["A"], r["B"], r["C"]
 print(f"\nA: {a['sessions']} sessions in {a['seconds']} s (p50 {a['session_ms_p50']} ms, p99 {a['session_ms_p99']} ms each)")
 print(f"B: under load the client initialized in {b['client_init_ms']} ms; {b['calls']} calls p50 {b['call_ms_p50']} ms, p99 {b['call_ms_p99']} ms")
 print(f"C: {c['closed']} of {c['half_open']} abandoned half-sent requests closed by mcpbox within {c['closed_by_mcpbox_within_s']} s")
+d = r["D"]
+print(f"D: {d['flood']} idle connections from one address ({d['fds_held']} descriptors held by mcpbox); a normal client: "
+      + (f"served in {d['client_ms']} ms" if d["client_ok"] else f"failed after {d['client_ms']} ms ({d['error']})"))
 print(f"descriptors added since the baseline: {r['fds_added'] or 'none'}")
 EOF
 # What mcpbox logged (warnings and errors), counted by message.
