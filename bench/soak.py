@@ -293,13 +293,19 @@ flood = []
 for i in range(FLOOD):
     s = socket.socket()
     s.bind(("127.0.0.250", 0))
-    s.setblocking(False)
+    s.settimeout(3)
     try:
         s.connect(("127.0.0.1", PORT))
-    except BlockingIOError:
+    except OSError:
         pass
     flood.append(s)
-time.sleep(1)
+# until mcpbox has taken all it will take (its descriptor count stops changing)
+last, since, t0 = -1, time.time(), time.time()
+while time.time() - since < 1.5 and time.time() - t0 < 20:
+    n = len(os.listdir(f"/proc/{PID}/fd"))
+    if n != last:
+        last, since = n, time.time()
+    time.sleep(0.1)
 held = snapshot()
 t = time.time()
 try:
