@@ -22,7 +22,7 @@ pub const DEFAULT_MAX_SESSIONS: usize = 16;
 pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_MAX_CONNECTIONS_PER_ADDRESS: usize = 64;
-pub const DEFAULT_MAX_SESSIONS_TOTAL: usize = 1024;
+pub const DEFAULT_MAX_SESSIONS_TOTAL: usize = 256;
 pub const DEFAULT_MAX_SANDBOXES: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
