@@ -150,6 +150,9 @@ pub enum OpenError {
     TooMany(String),
     #[error("shutting down")]
     ShuttingDown,
+    /// The global budget (sessions or sandboxes across all servers) is spent.
+    #[error("{0}")]
+    Busy(#[from] crate::budget::Exhausted),
     #[error("could not start the server: {0}")]
     Launch(String),
 }
@@ -240,6 +243,8 @@ pub struct Supervisor {
     opts: Options,
     shutdown: CancellationToken,
     tasks: TaskTracker,
+    /// Sessions and session sandboxes across all servers (`mcpbox.maxSessionsTotal`, `maxSandboxes`).
+    pub budget: Arc<crate::budget::Budget>,
 }
 
 struct ProcCtl {
@@ -289,6 +294,7 @@ impl Supervisor {
             opts,
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
+            budget: crate::budget::Budget::new(config.limits.max_sessions_total, config.limits.max_sandboxes),
         });
         for server in sup.servers.values() {
             if server.shared.is_some() && server.ready.is_ok() {
@@ -517,6 +523,14 @@ impl Supervisor {
             server.reserved.fetch_sub(1, Ordering::SeqCst);
             return Err(OpenError::TooMany(server_name.to_string()));
         }
+        // The global budget, also before anything starts; the slot goes back when the session ends.
+        let slot = match self.budget.acquire(server.shared.is_none()) {
+            Ok(s) => s,
+            Err(e) => {
+                server.reserved.fetch_sub(1, Ordering::SeqCst);
+                return Err(e.into());
+            }
+        };
         let id = new_session_id();
         let closed = self.shutdown.child_token();
         let (tx, rx) = mpsc::channel(self.opts.queue);
@@ -570,6 +584,7 @@ impl Supervisor {
             hub.detach(&id);
             srv.sessions.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
             srv.reserved.fetch_sub(1, Ordering::SeqCst);
+            drop(slot);
         });
         Ok((session, rx))
     }

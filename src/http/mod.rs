@@ -8,6 +8,7 @@
 //! the handlers, logs and metrics all take that decision (there are no axum path patterns).
 
 pub mod edge;
+pub mod listen;
 pub mod sse;
 pub mod streamable;
 
@@ -107,6 +108,12 @@ pub fn open_error(e: OpenError) -> Response {
         OpenError::NotFound => (StatusCode::NOT_FOUND, "no such server\n").into_response(),
         OpenError::TooMany(_) => {
             let mut r = (StatusCode::SERVICE_UNAVAILABLE, "too many sessions on this server\n").into_response();
+            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+            r
+        }
+        // The global budget: the detail (which budget) is in the log.
+        OpenError::Busy(_) => {
+            let mut r = (StatusCode::SERVICE_UNAVAILABLE, "mcpbox is at its session limit; retry later\n").into_response();
             r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
             r
         }
