@@ -589,9 +589,14 @@ fn docker_like_filters() -> Vec<Vec<seccompiler::sock_filter>> {
         .collect()
 }
 
-fn under_docker_filter(mut cmd: Command) -> Command {
+fn under_docker_filter(cmd: Command) -> Command {
+    under_filters(cmd, docker_like_filters())
+}
+
+/// `cmd` with NO_NEW_PRIVS and the seccomp programs `progs` (installed in order) applied in
+/// the child before exec.
+fn under_filters(mut cmd: Command, progs: Vec<Vec<seccompiler::sock_filter>>) -> Command {
     use std::os::unix::process::CommandExt;
-    let progs = docker_like_filters();
     // (address, length) of each program: raw pointers are not Send, addresses are.
     let fprogs: Vec<(usize, u16)> = progs.iter().map(|p| (p.as_ptr() as usize, p.len() as u16)).collect();
     // SAFETY: the closure only calls prctl and seccomp (async-signal-safe) on programs built
@@ -673,4 +678,163 @@ fn container_level_still_denies() {
     if is_root() {
         assert!(d.contains("CapBnd: 0000000000000000;"), "{out}");
     }
+}
+
+// ---- Docker's `full`-level profile (deploy/docker-seccomp.json), applied as Docker would ----
+
+/// x86_64 syscall numbers by name, from the kernel headers (linux-libc-dev, pulled in by libc6-dev).
+fn x86_64_syscalls() -> std::collections::HashMap<String, i64> {
+    let path = "/usr/include/x86_64-linux-gnu/asm/unistd_64.h";
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e} (install linux-libc-dev: scripts/test.sh does)"));
+    text.lines()
+        .filter_map(|l| {
+            let mut w = l.strip_prefix("#define __NR_")?.split_whitespace();
+            Some((w.next()?.to_string(), w.next()?.parse().ok()?))
+        })
+        .collect()
+}
+
+/// The capabilities Docker gives a container by default (moby's `DefaultCapabilities`): the
+/// profile's `includes`/`excludes` are decided against these.
+const DOCKER_DEFAULT_CAPS: &[&str] = &[
+    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD", "CAP_NET_RAW", "CAP_SETGID", "CAP_SETUID",
+    "CAP_SETFCAP", "CAP_SETPCAP", "CAP_NET_BIND_SERVICE", "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE",
+];
+
+/// Translate a Docker seccomp profile (JSON) into seccomp programs for x86_64, the way Docker
+/// sets it up for a default container: rules whose `includes`/`excludes` (arch `amd64`, the
+/// default capabilities, the running kernel) rule them out are dropped; names unknown on x86_64
+/// are skipped (as libseccomp does); arguments of one rule must all hold, rules of one syscall
+/// are alternatives. One program allows what the profile allows (anything else gets the default
+/// action); one program per `SCMP_ACT_ERRNO` value, installed after it, so that its errno wins
+/// (the kernel keeps the most recent filter's result among equal actions).
+fn docker_profile_filters(profile: &serde_json::Value) -> Vec<Vec<seccompiler::sock_filter>> {
+    use seccompiler::{SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule};
+    use std::collections::BTreeMap;
+    let nrs = x86_64_syscalls();
+    let release = nix::sys::utsname::uname().unwrap().release().to_string_lossy().into_owned();
+    let version = |v: &str| -> (u32, u32) {
+        let mut it = v.split(|c: char| !c.is_ascii_digit()).filter_map(|x| x.parse().ok());
+        (it.next().unwrap_or(0), it.next().unwrap_or(0))
+    };
+    let kernel = version(&release);
+    let strs = |v: &serde_json::Value| -> Vec<String> { v.as_array().map(|a| a.iter().filter_map(|x| x.as_str().map(String::from)).collect()).unwrap_or_default() };
+    let errno_of = |action: &str, errno: &serde_json::Value| -> Option<u32> {
+        match action {
+            "SCMP_ACT_ALLOW" => None,
+            "SCMP_ACT_ERRNO" => Some(errno.as_u64().unwrap_or(libc::EPERM as u64) as u32),
+            other => panic!("the loader does not know action {other}"),
+        }
+    };
+    let default = errno_of(profile["defaultAction"].as_str().unwrap(), &profile["defaultErrnoRet"]).expect("a profile that denies by default");
+    // None: unconditional; Some(rules): any of them.
+    type Rules = BTreeMap<i64, Option<Vec<SeccompRule>>>;
+    let mut by_action: BTreeMap<Option<u32>, Rules> = BTreeMap::new();
+    for rule in profile["syscalls"].as_array().unwrap() {
+        let (inc, exc) = (&rule["includes"], &rule["excludes"]);
+        if strs(&exc["arches"]).iter().any(|a| a == "amd64")
+            || strs(&exc["caps"]).iter().any(|c| DOCKER_DEFAULT_CAPS.contains(&c.as_str()))
+            || exc["minKernel"].as_str().is_some_and(|k| kernel >= version(k))
+        {
+            continue;
+        }
+        let arches = strs(&inc["arches"]);
+        if (!arches.is_empty() && !arches.iter().any(|a| a == "amd64"))
+            || !strs(&inc["caps"]).iter().all(|c| DOCKER_DEFAULT_CAPS.contains(&c.as_str()))
+            || inc["minKernel"].as_str().is_some_and(|k| kernel < version(k))
+        {
+            continue;
+        }
+        let conds: Vec<SeccompCondition> = rule["args"]
+            .as_array()
+            .map(|a| a.as_slice())
+            .unwrap_or_default()
+            .iter()
+            .map(|a| {
+                let (value, two) = (a["value"].as_u64().unwrap(), a["valueTwo"].as_u64().unwrap_or(0));
+                let op = match a["op"].as_str().unwrap() {
+                    "SCMP_CMP_EQ" => SeccompCmpOp::Eq,
+                    "SCMP_CMP_NE" => SeccompCmpOp::Ne,
+                    "SCMP_CMP_LT" => SeccompCmpOp::Lt,
+                    "SCMP_CMP_LE" => SeccompCmpOp::Le,
+                    "SCMP_CMP_GT" => SeccompCmpOp::Gt,
+                    "SCMP_CMP_GE" => SeccompCmpOp::Ge,
+                    "SCMP_CMP_MASKED_EQ" => SeccompCmpOp::MaskedEq(value),
+                    other => panic!("the loader does not know comparison {other}"),
+                };
+                let operand = if a["op"] == "SCMP_CMP_MASKED_EQ" { two } else { value };
+                SeccompCondition::new(a["index"].as_u64().unwrap() as u8, SeccompCmpArgLen::Qword, op, operand).unwrap()
+            })
+            .collect();
+        let action = errno_of(rule["action"].as_str().unwrap(), &rule["errnoRet"]);
+        let rules = by_action.entry(action).or_default();
+        for name in strs(&rule["names"]) {
+            let Some(nr) = nrs.get(&name) else { continue };
+            let entry = rules.entry(*nr).or_insert_with(|| Some(Vec::new()));
+            match (entry.as_mut(), conds.is_empty()) {
+                (_, true) => *entry = None,
+                (Some(v), false) => v.push(SeccompRule::new(conds.clone()).unwrap()),
+                (None, false) => {}
+            }
+        }
+    }
+    let arch = seccompiler::TargetArch::x86_64;
+    let program = |rules: Rules, mismatch: SeccompAction, matched: SeccompAction| -> Vec<seccompiler::sock_filter> {
+        let rules = rules.into_iter().map(|(nr, r)| (nr, r.unwrap_or_default())).collect();
+        let f = SeccompFilter::new(rules, mismatch, matched, arch).unwrap();
+        let prog: seccompiler::BpfProgram = f.try_into().unwrap();
+        prog
+    };
+    let mut progs = vec![program(by_action.remove(&None).unwrap_or_default(), SeccompAction::Errno(default), SeccompAction::Allow)];
+    for (errno, rules) in by_action {
+        progs.push(program(rules, SeccompAction::Allow, SeccompAction::Errno(errno.unwrap())));
+    }
+    progs
+}
+
+fn shipped_docker_profile() -> serde_json::Value {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/docker-seccomp.json");
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// Without `name` anywhere in the profile.
+fn profile_without(mut profile: serde_json::Value, name: &str) -> serde_json::Value {
+    for rule in profile["syscalls"].as_array_mut().unwrap() {
+        rule["names"].as_array_mut().unwrap().retain(|n| n != name);
+    }
+    profile
+}
+
+/// `deploy/docker-seccomp.json`, loaded the way Docker loads it, lets `mcpbox doctor` and
+/// `mcpbox run` reach the `full` level; without `mount_setattr` (which the mount setup calls),
+/// the same run is refused, naming it: so the filter really is in force.
+#[test]
+fn docker_full_profile_lets_the_full_level_start() {
+    let s = shared();
+    let profile = shipped_docker_profile();
+    let mut doctor = Command::new(mcpbox());
+    doctor.arg("doctor");
+    test_env(&mut doctor);
+    let out = run_timeout(under_filters(doctor, docker_profile_filters(&profile)), Duration::from_secs(60));
+    assert_eq!(out.code, 0, "{out}");
+    assert!(out.stdout.contains("\nlevel: full") && !out.stdout.contains("trial failed"), "doctor should reach `full` under the profile: {out}");
+    assert!(out.stdout.contains("under a filter (mode 2"), "doctor should see the profile's filter: {out}");
+
+    let pol = probe_policy("docker-full", "", "");
+    let cmd = mcpbox_cmd(&pol, &unique("dockerfull"), &[], &s.probe, &["uid", "status"]);
+    let out = run_timeout(under_filters(cmd, docker_profile_filters(&profile)), Duration::from_secs(60));
+    assert_eq!(out.code, 0, "{out}");
+    assert!(out.result("uid").0, "{out}");
+    assert!(!out.stderr.contains("container"), "the run should be at `full`, not `container`: {out}");
+    let mut truecmd = Command::new(mcpbox());
+    truecmd.args(["run", "--state-dir"]).arg(&s.state).args(["--name", &unique("dockertrue"), "--policy", "default", "--", "/bin/true"]);
+    test_env(&mut truecmd);
+    let out = run_timeout(under_filters(truecmd, docker_profile_filters(&profile)), Duration::from_secs(60));
+    assert_eq!(out.code, 0, "{out}");
+
+    let cmd = mcpbox_cmd(&pol, &unique("dockerfull"), &[], &s.probe, &["uid"]);
+    let out = run_timeout(under_filters(cmd, docker_profile_filters(&profile_without(profile, "mount_setattr"))), Duration::from_secs(60));
+    assert_ne!(out.code, 0, "the run should fail without mount_setattr: {out}");
+    assert!(out.try_result("uid").is_none(), "the server ran: {out}");
+    assert!(out.stderr.contains("mount_setattr"), "the failure should name mount_setattr: {out}");
 }
