@@ -838,3 +838,134 @@ fn docker_full_profile_lets_the_full_level_start() {
     assert!(out.try_result("uid").is_none(), "the server ran: {out}");
     assert!(out.stderr.contains("mount_setattr"), "the failure should name mount_setattr: {out}");
 }
+
+// ---- container level: nothing of a sandbox outlives it ----
+
+/// Run `cmd` with piped output until it exits (at most `timeout`), then give its stdout and
+/// stderr `eof` to reach end of file. The bool is false if something still held them open then.
+fn run_to_eof(mut cmd: Command, timeout: Duration, eof: Duration) -> (Output, bool) {
+    use std::io::Read;
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let started = std::time::Instant::now();
+    let mut child = cmd.spawn().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let out: Box<dyn Read + Send> = Box::new(child.stdout.take().unwrap());
+    let err: Box<dyn Read + Send> = Box::new(child.stderr.take().unwrap());
+    for (k, mut stream) in [(0, out), (1, err)] {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            let mut s = Vec::new();
+            let _ = stream.read_to_end(&mut s);
+            let _ = tx.send((k, String::from_utf8_lossy(&s).into_owned()));
+        });
+    }
+    let status = wait_timeout(&mut child, timeout).unwrap_or_else(|| panic!("{cmd:?} did not finish within {timeout:?}"));
+    let elapsed = started.elapsed();
+    let (mut stdout, mut stderr, mut closed) = (String::new(), String::new(), true);
+    let deadline = std::time::Instant::now() + eof;
+    for _ in 0..2 {
+        match rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now())) {
+            Ok((0, s)) => stdout = s,
+            Ok((_, s)) => stderr = s,
+            Err(_) => closed = false,
+        }
+    }
+    use std::os::unix::process::ExitStatusExt;
+    let code = status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
+    (Output { code, stdout, stderr, elapsed }, closed)
+}
+
+/// The processes of `pids` that are not zombies (an exited process whose parent, here the host's
+/// PID 1 once sandbox-init is gone, has not collected its status yet: it runs and holds nothing).
+fn not_zombies(pids: Vec<i32>) -> Vec<i32> {
+    pids.into_iter()
+        .filter(|p| {
+            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+            stat.rsplit_once(')').is_some_and(|(_, rest)| rest.split_whitespace().next() != Some("Z"))
+        })
+        .collect()
+}
+
+/// At `container` level (no PID namespace) a server that double-forks a setsid'd daemon holding
+/// its stdout: once the server exits, the run ends, its output reaches end of file, and within
+/// 1 s no process of the sandbox is left (as root: none of the server's uid either).
+#[test]
+fn container_level_leaves_no_daemon_when_the_server_exits() {
+    let s = shared();
+    let pol = probe_policy("ctr-daemon", "", "");
+    let name = unique("ctrdaemon");
+    let marker = unique("marker-ctrdaemon");
+    let cmd = under_docker_filter(mcpbox_cmd(&pol, &name, &["--min-level", "container"], &s.probe, &["daemon", &marker]));
+    let (out, closed) = run_to_eof(cmd, Duration::from_secs(60), Duration::from_secs(2));
+    let left = || {
+        let mut v = pids_with_marker(&marker);
+        if is_root() {
+            v.extend(pids_of_uid(allocated_uid(&name)));
+        }
+        not_zombies(v)
+    };
+    let gone = eventually(Duration::from_secs(1), || left().is_empty());
+    let left = left();
+    kill_all(&left);
+    assert!(closed, "a process of the sandbox held mcpbox's output open after the run ended: {left:?}\n{out}");
+    assert!(gone, "processes of the sandbox (or of the server's uid) outlived it by 1 s: {left:?}\n{out}");
+    assert_eq!(out.code, 0, "{out}");
+    assert!(out.result("daemon").0, "{out}");
+    assert!(out.stderr.contains("container"), "the run should be at `container` level: {out}");
+
+    // Unconfined, the daemon outlives the probe and keeps the pipe open: the checks above can fail.
+    let marker = unique("marker-ctrdaemon-unconfined");
+    let mut cmd = Command::new(&s.probe);
+    cmd.args(["daemon", &marker]);
+    let (out, closed) = run_to_eof(cmd, Duration::from_secs(10), Duration::from_millis(500));
+    let left = pids_with_marker(&marker);
+    kill_all(&left);
+    assert!(out.code == 0 && !closed && left.len() == 1, "unconfined, the daemon should survive and hold the pipe: {left:?} {out}");
+}
+
+/// At `container` level, a session that ends while its server runs, with a setsid'd
+/// double-forked daemon beside it: by SIGTERM to mcpbox (passed on to the server), by SIGKILL to
+/// mcpbox, and by SIGKILL to the sandbox-init mcpbox started (how `serve` ends a session whose
+/// server ignores SIGTERM). Within 1 s nothing of the sandbox is left.
+#[test]
+fn container_level_session_end_leaves_no_daemon() {
+    let s = shared();
+    let pol = probe_policy("ctr-end", "", "");
+    for how in ["SIGTERM to mcpbox", "SIGKILL to mcpbox", "SIGKILL to sandbox-init"] {
+        let name = unique("ctrend");
+        let marker = unique("marker-ctrend");
+        let mut cmd = under_docker_filter(mcpbox_cmd(&pol, &name, &["--min-level", "container"], &s.probe, &["daemon", &marker, "stay"]));
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = Killer(cmd.spawn().unwrap());
+        let mut line = String::new();
+        BufReader::new(child.0.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        assert!(line.starts_with("RESULT daemon ok"), "{how}: unexpected: {line:?}");
+        let running = pids_with_marker(&marker);
+        assert_eq!(running.len(), 2, "{how}: the probe and its daemon should be running: {running:?}");
+        let mcpbox_pid = nix::unistd::Pid::from_raw(child.0.id() as i32);
+        let target = match how {
+            "SIGKILL to sandbox-init" => {
+                let inits = children_of(mcpbox_pid.as_raw());
+                assert_eq!(inits.len(), 1, "{how}: mcpbox should have one child, sandbox-init: {inits:?}");
+                nix::unistd::Pid::from_raw(inits[0])
+            }
+            _ => mcpbox_pid,
+        };
+        let sig = if how.starts_with("SIGTERM") { nix::sys::signal::Signal::SIGTERM } else { nix::sys::signal::Signal::SIGKILL };
+        nix::sys::signal::kill(target, sig).unwrap();
+        let _ = wait_timeout(&mut child.0, Duration::from_secs(10)).unwrap_or_else(|| panic!("{how}: mcpbox did not exit"));
+        // As root, sandbox-init runs under the server's uid too: none of them may be left.
+        let left = || {
+            let mut v = pids_with_marker(&marker);
+            if is_root() {
+                v.extend(pids_of_uid(allocated_uid(&name)));
+            }
+            not_zombies(v)
+        };
+        let gone = eventually(Duration::from_secs(1), || left().is_empty());
+        let left = left();
+        let what: Vec<String> = left.iter().map(|p| std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default()).collect();
+        kill_all(&left);
+        assert!(gone, "{how}: processes of the sandbox outlived the session by 1 s: {what:?}");
+    }
+}
