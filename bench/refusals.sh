@@ -3,7 +3,7 @@
 # N times in a row (default 200), as root and as the unprivileged CI user (refusals used to
 # lose their reason to `Broken pipe` on a busy machine), and counts the
 # runs whose refusal came back without its reason. Not part of CI. Run as root.
-# Usage: [BUSY=1] bench/refusals.sh [N]
+# Usage: [BUSY=1] [CARGO_TARGET_DIR=DIR] bench/refusals.sh [N]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,7 +28,7 @@ for l in sys.stdin:
         print(m["executable"])')
 [ -n "$bin" ] || { echo "could not find the integration test binary" >&2; exit 1; }
 id "$ci_user" >/dev/null 2>&1 || useradd --create-home --shell /bin/bash "$ci_user"
-chmod -R o+rX target tests policies
+chmod -R o+rX "${CARGO_TARGET_DIR:-target}" tests policies
 d=$PWD
 while [ "$d" != / ]; do chmod o+x "$d"; d=$(dirname "$d"); done
 
