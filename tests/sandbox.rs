@@ -461,6 +461,129 @@ fn cgroup_mount(ctl: &str) -> Option<std::path::PathBuf> {
     })
 }
 
+/// The hierarchies mcpbox makes sandbox cgroups in here: v1 `pids` and `memory` where v1 is
+/// mounted, else cgroup v2 (`""`).
+fn cgroup_ctls() -> Vec<&'static str> {
+    if cgroup_mount("pids").is_some() { vec!["pids", "memory"] } else { vec![""] }
+}
+
+/// Cgroups made for one test (root only) to start mcpbox in, removed with everything below them
+/// when dropped. In cgroup v2 at the hierarchy's root: a cgroup under the test's own could not
+/// be given controllers while the test runs in it; in v1 under the test's own cgroup.
+struct ScratchCgroups(Vec<(&'static str, String, std::path::PathBuf)>);
+
+impl ScratchCgroups {
+    fn new(ctls: &[&'static str]) -> Self {
+        let name = unique("mcpbox-test-cg");
+        let v = ctls
+            .iter()
+            .map(|ctl| {
+                let mount = cgroup_mount(ctl).expect("cgroup mount");
+                let rel = if ctl.is_empty() {
+                    std::fs::write(mount.join("cgroup.subtree_control"), "+pids +memory").expect("enabling pids and memory at the v2 root");
+                    format!("/{name}")
+                } else {
+                    format!("{}/{name}", cgroup_of(std::process::id() as i32, ctl).unwrap().trim_end_matches('/'))
+                };
+                let dir = mount.join(rel.trim_start_matches('/'));
+                std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+                (*ctl, rel, dir)
+            })
+            .collect();
+        ScratchCgroups(v)
+    }
+
+    /// The cgroup path of `ctl`'s scratch cgroup, as /proc/PID/cgroup shows it.
+    fn rel(&self, ctl: &str) -> &str {
+        &self.0.iter().find(|(c, _, _)| *c == ctl).unwrap().1
+    }
+
+    fn dir(&self, ctl: &str) -> std::path::PathBuf {
+        self.0.iter().find(|(c, _, _)| *c == ctl).unwrap().2.clone()
+    }
+
+    /// `cmd`, started inside the scratch cgroups (by a shell that moves itself there, then execs it).
+    fn enter(&self, cmd: Command) -> Command {
+        let mut script = String::new();
+        for (_, _, dir) in &self.0 {
+            script += &format!("echo $$ > '{}/cgroup.procs' && ", dir.display());
+        }
+        script += "exec \"$@\"";
+        let mut sh = Command::new("/bin/sh");
+        sh.arg("-c").arg(script).arg("sh").arg(cmd.get_program()).args(cmd.get_args());
+        for (k, v) in cmd.get_envs() {
+            match v {
+                Some(v) => sh.env(k, v),
+                None => sh.env_remove(k),
+            };
+        }
+        sh
+    }
+}
+
+impl Drop for ScratchCgroups {
+    fn drop(&mut self) {
+        for (_, _, dir) in &self.0 {
+            // Deepest first: the slots, `mcpbox`, the supervisor leaf, the scratch cgroup.
+            let mut dirs: Vec<std::path::PathBuf> = vec![dir.clone()];
+            let mut i = 0;
+            while i < dirs.len() {
+                if let Ok(rd) = std::fs::read_dir(&dirs[i]) {
+                    dirs.extend(rd.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_dir())).map(|e| e.path()));
+                }
+                i += 1;
+            }
+            for d in dirs.iter().rev() {
+                let procs = std::fs::read_to_string(d.join("cgroup.procs")).unwrap_or_default();
+                kill_all(&procs.lines().filter_map(|l| l.parse().ok()).collect::<Vec<i32>>());
+                eventually(Duration::from_secs(2), || std::fs::remove_dir(d).is_ok() || !d.exists());
+            }
+        }
+    }
+}
+
+/// As root, a sandbox's cgroup lies under the cgroup mcpbox runs in (so that a systemd unit's
+/// TasksMax and KillMode cover it), not at the hierarchy's root; in cgroup v2 mcpbox moved
+/// itself into the leaf `mcpbox-supervisor` beside it. Rootless, no cgroup is made: the server
+/// stays in the cgroup mcpbox ran in.
+#[test]
+fn sandbox_cgroups_are_made_under_mcpboxs_own() {
+    let s = shared();
+    let pol = probe_policy("owncg", "", "");
+    let name = unique("owncg");
+    let marker = unique("marker-owncg");
+    let ctls = cgroup_ctls();
+    let me = std::process::id() as i32;
+    if !is_root() {
+        let (_child, _) = start_paused(mcpbox_cmd(&pol, &name, &[], &s.probe, &["pause", &marker]));
+        let pids = pids_with_marker(&marker);
+        assert_eq!(pids.len(), 2, "{pids:?}");
+        for ctl in &ctls {
+            for p in &pids {
+                assert_eq!(cgroup_of(*p, ctl), cgroup_of(me, ctl), "rootless, pid {p} left the cgroup mcpbox ran in ({ctl:?})");
+            }
+        }
+        return;
+    }
+    let scratch = ScratchCgroups::new(&ctls);
+    let (child, _) = start_paused(scratch.enter(mcpbox_cmd(&pol, &name, &[], &s.probe, &["pause", &marker])));
+    let pids = pids_with_marker(&marker);
+    assert_eq!(pids.len(), 2, "{pids:?}");
+    for ctl in &ctls {
+        let rel = scratch.rel(ctl);
+        for p in &pids {
+            let cg = cgroup_of(*p, ctl).unwrap_or_default();
+            assert!(cg.starts_with(&format!("{rel}/")), "pid {p}: cgroup {cg} is not under {rel}, where mcpbox ran ({ctl:?})");
+            assert_eq!(cg, format!("{rel}/mcpbox/{name}.0"), "pid {p} ({ctl:?})");
+        }
+        let own = cgroup_of(child.0.id() as i32, ctl).unwrap_or_default();
+        let want = if ctl.is_empty() { format!("{rel}/mcpbox-supervisor") } else { rel.to_string() };
+        assert_eq!(own, want, "where mcpbox itself is ({ctl:?})");
+    }
+    drop(child);
+    assert!(eventually(Duration::from_secs(5), || pids_with_marker(&marker).is_empty()));
+}
+
 /// As root, each running sandbox of a server has a cgroup slot of its own (`NAME.0`, `NAME.1`),
 /// holding its processes and nobody else's; a free slot is taken again, and a free extra slot
 /// is swept. Rootless, no cgroup is made at all.
@@ -470,18 +593,29 @@ fn each_running_sandbox_has_its_own_cgroup_slot_and_slots_are_reused() {
     let pol = probe_policy("slots", "", "");
     let name = unique("slots");
     let (m1, m2) = (unique("marker-slot"), unique("marker-slot"));
+    let ctls = cgroup_ctls();
+    // As root, mcpbox runs in a scratch cgroup of its own (as in a systemd unit), so that where
+    // it makes the slots does not depend on who shares the test's cgroup.
+    let scratch = is_root().then(|| ScratchCgroups::new(&ctls));
+    let run = |marker: &str| {
+        let cmd = mcpbox_cmd(&pol, &name, &[], &s.probe, &["pause", marker]);
+        start_paused(match &scratch {
+            Some(sc) => sc.enter(cmd),
+            None => cmd,
+        })
+    };
     // The first is running before the second starts: it holds slot 0.
-    let (a, _) = start_paused(mcpbox_cmd(&pol, &name, &[], &s.probe, &["pause", &m1]));
-    let (b, _) = start_paused(mcpbox_cmd(&pol, &name, &[], &s.probe, &["pause", &m2]));
+    let (a, _) = run(&m1);
+    let (b, _) = run(&m2);
     let (pa, pb) = (pids_with_marker(&m1), pids_with_marker(&m2));
     assert_eq!((pa.len(), pb.len()), (2, 2), "both probes and their children should be running");
-    let ctls: Vec<&str> = if cgroup_mount("pids").is_some() { vec!["pids", "memory"] } else { vec![""] };
+    let slot_dir = |ctl: &str| scratch.as_ref().expect("root").dir(ctl);
     for ctl in &ctls {
         for (pids, k) in [(&pa, 0), (&pb, 1)] {
             for p in pids.iter() {
                 let cg = cgroup_of(*p, ctl).unwrap_or_default();
-                if is_root() {
-                    assert_eq!(cg, format!("/mcpbox/{name}.{k}"), "pid {p}, controller {ctl:?}");
+                if let Some(sc) = &scratch {
+                    assert_eq!(cg, format!("{}/mcpbox/{name}.{k}", sc.rel(ctl)), "pid {p}, controller {ctl:?}");
                 } else {
                     assert!(!cg.contains("/mcpbox/"), "rootless made a cgroup: {cg}");
                 }
@@ -496,28 +630,29 @@ fn each_running_sandbox_has_its_own_cgroup_slot_and_slots_are_reused() {
     // A process left in a free slot (as a sandbox whose mcpbox was killed at container level
     // could leave one) is killed by the next sandbox that takes the slot.
     let mut stray = Command::new("sleep").arg("60").spawn().unwrap();
-    let slot0 = cgroup_mount(ctls[0]).unwrap().join(format!("mcpbox/{name}.0"));
+    let slot0 = slot_dir(ctls[0]).join(format!("mcpbox/{name}.0"));
     std::fs::write(slot0.join("cgroup.procs"), stray.id().to_string()).unwrap();
     // A new sandbox takes slot 0 again; the sweep it runs once its server is up removes the
     // free slot 1, and slot 0 stays, empty, for the next start.
     let m3 = unique("marker-slot");
-    let (c, _) = start_paused(mcpbox_cmd(&pol, &name, &[], &s.probe, &["pause", &m3]));
+    let (c, _) = run(&m3);
     {
         use std::os::unix::process::ExitStatusExt;
         assert_eq!(stray.wait().unwrap().signal(), Some(9), "the stray process in slot 0 should have been killed");
     }
     let pc = pids_with_marker(&m3);
     for ctl in &ctls {
-        let mount = cgroup_mount(ctl).expect("cgroup mount");
+        let mount = slot_dir(ctl);
         let dir = |k: u32| mount.join(format!("mcpbox/{name}.{k}"));
-        assert!(pc.iter().all(|p| cgroup_of(*p, ctl).as_deref() == Some(format!("/mcpbox/{name}.0").as_str())), "{pc:?}");
+        let rel = scratch.as_ref().unwrap().rel(ctl);
+        assert!(pc.iter().all(|p| cgroup_of(*p, ctl) == Some(format!("{rel}/mcpbox/{name}.0"))), "{pc:?}");
         assert!(eventually(Duration::from_secs(2), || !dir(1).exists()), "free slot 1 was not swept ({ctl:?})");
         assert!(dir(0).exists());
     }
     drop(c);
     assert!(eventually(Duration::from_secs(5), || pids_with_marker(&m3).is_empty()));
     for ctl in &ctls {
-        let procs = cgroup_mount(ctl).unwrap().join(format!("mcpbox/{name}.0/cgroup.procs"));
+        let procs = slot_dir(ctl).join(format!("mcpbox/{name}.0/cgroup.procs"));
         let empty = || std::fs::read_to_string(&procs).map(|t| t.trim().is_empty()).unwrap_or(false);
         assert!(eventually(Duration::from_secs(2), empty), "slot 0 should be empty once its sandbox is gone ({ctl:?})");
     }

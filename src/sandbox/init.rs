@@ -204,7 +204,7 @@ fn outer(spec_fd: RawFd, report: &Report, cpus: Option<CpuSet>) -> Result<i32, I
     // 2. cgroups, while still host root. `slots` holds them until we exit.
     let mut slots = Vec::new();
     if let Some(layout) = &layout {
-        (st.limits, slots) = limits::join_cgroups(layout, &spec.limits, &spec.cgroup_parent, &spec.name);
+        (st.limits, slots) = limits::join_cgroups(layout, &spec.limits, &spec.cgroup_parent, &spec.name, spec.parent_pid as u32);
         st.warnings.append(&mut st.limits.warnings.clone());
     } else {
         st.limits = limits::rlimit_only(&spec.limits);
