@@ -502,11 +502,18 @@ impl ScratchCgroups {
         self.0.iter().find(|(c, _, _)| *c == ctl).unwrap().2.clone()
     }
 
-    /// `cmd`, started inside the scratch cgroups (by a shell that moves itself there, then execs it).
+    /// `cmd`, started inside the scratch cgroups (by a shell that moves itself there, then execs
+    /// it). In cgroup v2, once an mcpbox started there has handed controllers to its sandboxes,
+    /// no process may join the scratch cgroup itself: then into the leaf it moved into (where
+    /// systemd's `DelegateSubgroup=mcpbox-supervisor` would start it).
     fn enter(&self, cmd: Command) -> Command {
         let mut script = String::new();
-        for (_, _, dir) in &self.0 {
-            script += &format!("echo $$ > '{}/cgroup.procs' && ", dir.display());
+        for (ctl, _, dir) in &self.0 {
+            script += &if ctl.is_empty() {
+                format!("{{ echo $$ > '{0}/cgroup.procs' || echo $$ > '{0}/mcpbox-supervisor/cgroup.procs'; }} 2>/dev/null && ", dir.display())
+            } else {
+                format!("echo $$ > '{}/cgroup.procs' && ", dir.display())
+            };
         }
         script += "exec \"$@\"";
         let mut sh = Command::new("/bin/sh");
