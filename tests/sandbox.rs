@@ -731,7 +731,7 @@ fn docker_like_filters() -> Vec<Vec<seccompiler::sock_filter>> {
         .collect()
 }
 
-fn under_docker_filter(cmd: Command) -> Command {
+pub fn under_docker_filter(cmd: Command) -> Command {
     under_filters(cmd, docker_like_filters())
 }
 
@@ -985,7 +985,7 @@ fn docker_full_profile_lets_the_full_level_start() {
 
 /// Run `cmd` with piped output until it exits (at most `timeout`), then give its stdout and
 /// stderr `eof` to reach end of file. The bool is false if something still held them open then.
-fn run_to_eof(mut cmd: Command, timeout: Duration, eof: Duration) -> (Output, bool) {
+pub fn run_to_eof(mut cmd: Command, timeout: Duration, eof: Duration) -> (Output, bool) {
     use std::io::Read;
     cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     let started = std::time::Instant::now();
@@ -1019,7 +1019,7 @@ fn run_to_eof(mut cmd: Command, timeout: Duration, eof: Duration) -> (Output, bo
 
 /// The processes of `pids` that are not zombies (an exited process whose parent, here the host's
 /// PID 1 once sandbox-init is gone, has not collected its status yet: it runs and holds nothing).
-fn not_zombies(pids: Vec<i32>) -> Vec<i32> {
+pub fn not_zombies(pids: Vec<i32>) -> Vec<i32> {
     pids.into_iter()
         .filter(|p| {
             let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
