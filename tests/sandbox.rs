@@ -1111,3 +1111,81 @@ fn container_level_session_end_leaves_no_daemon() {
         assert!(gone, "{how}: processes of the sandbox outlived the session by 1 s: {what:?}");
     }
 }
+
+/// `mcpbox serve` at `container` level with a shared server whose process leaves a setsid'd
+/// double-forked daemon: when serve stops (SIGTERM: it ends its servers, SIGKILL to sandbox-init
+/// after the grace period for one that ignores SIGTERM) or is killed, nothing of the sandbox is
+/// left 1 s after serve has exited: neither the server's processes nor any process that was in
+/// serve's tree while it ran (its sandbox-inits). (Not by uid: on a shared machine, the test
+/// suites of other checkouts hand out the same uids at the same time.)
+#[test]
+fn container_level_serve_leaves_no_daemon() {
+    let s = shared();
+    let pol = probe_policy("ctr-serve", "", "");
+    for how in ["SIGTERM", "SIGKILL"] {
+        let name = unique("ctrserve");
+        let marker = unique("marker-ctrserve");
+        let dir = tempdir();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let cfg = serde_json::json!({
+            "mcpProxy": { "addr": format!("127.0.0.1:{port}"), "name": "ctr", "type": "streamable-http", "options": { "authTokens": ["t0ken"] } },
+            "mcpServers": { &name: {
+                "command": s.probe, "args": ["daemon", &marker, "stay"], "isolation": "shared", "policy": pol,
+            } },
+        });
+        let cfg_path = dir.path().join("mcpbox.json");
+        std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+        let mut cmd = Command::new(mcpbox());
+        cmd.args(["serve", "--config"]).arg(&cfg_path).arg("--state-dir").arg(&s.state).args(["--min-level", "container", "--grace", "1"]);
+        test_env(&mut cmd);
+        let mut cmd = under_docker_filter(cmd);
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(std::fs::File::create(dir.path().join("log")).unwrap());
+        let mut serve = Killer(cmd.spawn().unwrap());
+        let log = || std::fs::read_to_string(dir.path().join("log")).unwrap_or_default();
+        assert!(eventually(Duration::from_secs(20), || pids_with_marker(&marker).len() == 2), "{how}: the server and its daemon should be running:\n{}", log());
+        let tree = tree_of(serve.0.id() as i32);
+        assert!(tree.len() >= 4, "{how}: serve's tree should hold sandbox-init, its reaper, the server and the daemon: {tree:?}");
+        let sig = if how == "SIGTERM" { nix::sys::signal::Signal::SIGTERM } else { nix::sys::signal::Signal::SIGKILL };
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(serve.0.id() as i32), sig).unwrap();
+        wait_timeout(&mut serve.0, Duration::from_secs(20)).unwrap_or_else(|| panic!("{how}: serve did not exit:\n{}", log()));
+        let left = || {
+            let mut v = pids_with_marker(&marker);
+            v.extend(tree.iter().filter(|(p, start)| start_time(*p) == Some(*start)).map(|(p, _)| *p));
+            v.sort();
+            v.dedup();
+            not_zombies(v)
+        };
+        let gone = eventually(Duration::from_secs(1), || left().is_empty());
+        let left = left();
+        kill_all(&left);
+        let what: Vec<String> = left.iter().map(|p| format!("{} uid {:?}", std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default(), proc_uid(*p))).collect();
+        assert!(gone, "{how}: processes of the sandbox outlived serve by 1 s: {left:?} {what:?}\n{}", log());
+        assert!(log().contains("container"), "{how}: the server should run at `container` level:\n{}", log());
+    }
+}
+
+/// The start time of `pid` (field 22 of /proc/PID/stat), to tell it from a later process that
+/// reuses its number.
+fn start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?.1.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Every descendant of `root` (from /proc/PID/task/TID/children), with its start time.
+fn tree_of(root: i32) -> Vec<(i32, u64)> {
+    let mut found = Vec::new();
+    let mut todo = vec![root];
+    while let Some(p) = todo.pop() {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) else { continue };
+        for t in tasks.flatten() {
+            let kids = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+            for k in kids.split_whitespace().filter_map(|k| k.parse::<i32>().ok()) {
+                if let Some(st) = start_time(k) {
+                    found.push((k, st));
+                    todo.push(k);
+                }
+            }
+        }
+    }
+    found
+}
