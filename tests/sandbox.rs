@@ -1144,7 +1144,6 @@ fn container_level_serve_leaves_no_daemon() {
         let log = || std::fs::read_to_string(dir.path().join("log")).unwrap_or_default();
         assert!(eventually(Duration::from_secs(20), || pids_with_marker(&marker).len() == 2), "{how}: the server and its daemon should be running:\n{}", log());
         let tree = tree_of(serve.0.id() as i32);
-        assert!(tree.len() >= 4, "{how}: serve's tree should hold sandbox-init, its reaper, the server and the daemon: {tree:?}");
         let sig = if how == "SIGTERM" { nix::sys::signal::Signal::SIGTERM } else { nix::sys::signal::Signal::SIGKILL };
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(serve.0.id() as i32), sig).unwrap();
         wait_timeout(&mut serve.0, Duration::from_secs(20)).unwrap_or_else(|| panic!("{how}: serve did not exit:\n{}", log()));
@@ -1160,6 +1159,7 @@ fn container_level_serve_leaves_no_daemon() {
         kill_all(&left);
         let what: Vec<String> = left.iter().map(|p| format!("{} uid {:?}", std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default(), proc_uid(*p))).collect();
         assert!(gone, "{how}: processes of the sandbox outlived serve by 1 s: {left:?} {what:?}\n{}", log());
+        assert!(tree.len() >= 4, "{how}: serve's tree should have held sandbox-init, its reaper, the server and the daemon: {tree:?}");
         assert!(log().contains("container"), "{how}: the server should run at `container` level:\n{}", log());
     }
 }
