@@ -41,9 +41,22 @@
 //!     then it applies Landlock, reports success and execs with the spec's explicit
 //!     environment.
 //!
-//! At container level (no namespaces can be made), steps 5–7 are skipped: Landlock alone
-//! shapes the filesystem view, the outer sandbox-init becomes a child subreaper, and kills the
-//! server's process group and cgroup when the server exits.
+//! At container level (no namespaces can be made), steps 5 and 7 are skipped: Landlock alone
+//! shapes the filesystem view. In step 6, with no PID namespace to end the tree when PID 1
+//! exits, the outer sandbox-init forks a *reaper* in PID 1's place (see `reaper`):
+//!
+//! ```text
+//! sandbox-init (outer)    child subreaper; forwards signals to the reaper, exits with its status
+//!  └─ sandbox-init (reaper): child subreaper; forwards signals; parent-death signal SIGPWR
+//!      └─ the server (and whatever it starts: orphans are re-parented to the reaper)
+//! ```
+//!
+//! When the server exits, or the outer sandbox-init is killed (mcpbox ends a session with
+//! SIGKILL after its grace period; PDEATHSIG reaches the reaper), the reaper kills every
+//! descendant it has (walking `/proc/PID/task/TID/children`) and reaps them until it has no
+//! child left: setsid'd and double-forked daemons included, nothing of the server outlives it.
+//! The outer one does the same for anything a killed reaper left, then kills what is left in
+//! the server's cgroups.
 
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -179,7 +192,7 @@ fn outer(spec_fd: RawFd, report: &Report, cpus: Option<CpuSet>) -> Result<i32, I
     // 2. cgroups, while still host root. `slots` holds them until we exit.
     let mut slots = Vec::new();
     if let Some(layout) = &layout {
-        (st.limits, slots) = limits::join_cgroups(layout, &spec.limits, &spec.cgroup_parent, &spec.name);
+        (st.limits, slots) = limits::join_cgroups(layout, &spec.limits, &spec.cgroup_parent, &spec.name, spec.parent_pid as u32);
         st.warnings.append(&mut st.limits.warnings.clone());
     } else {
         st.limits = limits::rlimit_only(&spec.limits);
@@ -317,29 +330,98 @@ fn outer(spec_fd: RawFd, report: &Report, cpus: Option<CpuSet>) -> Result<i32, I
     } else {
         let spec: SandboxSpec = read_spec(&mut input)?;
         drop(input);
+        // 6 (container level). No PID namespace to end the tree with PID 1: the reaper stands in
+        // for PID 1. We are a subreaper as well, so that what a killed reaper leaves comes to us.
         prctl::set_child_subreaper(true).map_err(sys_err("prctl(PR_SET_CHILD_SUBREAPER)"))?;
         let me = nix::unistd::getpid();
         match sys::fork().map_err(|e| InitError::Io(format!("fork: {e}")))? {
-            Forked::Child => {
-                let _ = nix::unistd::setpgid(Pid::from_raw(0), Pid::from_raw(0));
-                server(&spec, report, &st, me, None, None, None);
-            }
+            Forked::Child => reaper(&spec, report, &st, me, &mask),
             Forked::Parent(child) => {
                 sys::close_fd(report.0);
                 let code = supervise(child, &mask, false, None);
-                let _ = nix::sys::signal::killpg(child, Signal::SIGKILL);
+                end_descendants();
                 limits::kill_members(&st.limits.dirs);
-                // Reap whatever the kills left as zombies re-parented to us.
-                while let Ok(s) = waitpid(None::<Pid>, Some(WaitPidFlag::WNOHANG)) {
-                    if s == WaitStatus::StillAlive {
-                        break;
-                    }
-                }
                 drop(slots);
                 Ok(code)
             }
         }
     }
+}
+
+/// The reaper's death signal: the outer sandbox-init is gone (mcpbox killed it, or mcpbox
+/// itself died). Not one of the signals passed on to the server.
+const OUTER_GONE: Signal = Signal::SIGPWR;
+
+/// Container level: the child subreaper between the outer sandbox-init and the server, in
+/// place of PID 1. Every orphan of the server's tree (setsid'd, double-forked daemons included)
+/// is re-parented to it. It passes signals on to the server; when the server exits, or the outer
+/// sandbox-init is gone (SIGKILL from mcpbox ending the session, or mcpbox's own death: a
+/// parent-death signal it can catch, where the outer one has SIGKILL), it kills its whole tree
+/// and reaps it before it exits. Holds no privilege and nothing of the spec once the server runs.
+fn reaper(spec: &SandboxSpec, report: &Report, st: &State, outer: Pid, mask: &SigSet) -> ! {
+    let mut mask = *mask;
+    mask.add(OUTER_GONE);
+    if mask.thread_block().is_err()
+        || prctl::set_child_subreaper(true).is_err()
+        || prctl::set_pdeathsig(OUTER_GONE).is_err()
+        || getppid() != outer
+    {
+        sys::exit_now(125);
+    }
+    let me = nix::unistd::getpid();
+    let child = match sys::fork() {
+        Ok(Forked::Child) => {
+            let _ = nix::unistd::setpgid(Pid::from_raw(0), Pid::from_raw(0));
+            server(spec, report, st, me, None, None, None)
+        }
+        Ok(Forked::Parent(child)) => child,
+        Err(e) => {
+            send(report, &Msg::Error { message: format!("fork: {e}") });
+            sys::exit_now(126);
+        }
+    };
+    let _ = sys::close_from(3);
+    let _ = drop_caps();
+    let code = supervise(child, &mask, true, None);
+    end_descendants();
+    sys::exit_now(code)
+}
+
+/// Kill every descendant of this process (a child subreaper, so that every orphan of its tree
+/// was re-parented to it: its descendants are the whole tree) and reap them, until it has no
+/// child left. A process forked while a walk ran is found by the next one: each death that
+/// `wait` reports starts another walk.
+fn end_descendants() {
+    loop {
+        for pid in descendants(nix::unistd::getpid()) {
+            let _ = kill(pid, Signal::SIGKILL);
+        }
+        match waitpid(None::<Pid>, None) {
+            Err(Errno::ECHILD) => return,
+            _ => continue,
+        }
+    }
+}
+
+/// The live descendants of `root`, from `/proc/PID/task/TID/children` (where a kernel lacks
+/// that file, only what `wait` brings back; the loop in [`end_descendants`] still ends the tree,
+/// one generation per death).
+fn descendants(root: Pid) -> Vec<Pid> {
+    let mut found = Vec::new();
+    let mut todo = vec![root];
+    while let Some(p) = todo.pop() {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) else { continue };
+        for t in tasks.flatten() {
+            let Ok(kids) = std::fs::read_to_string(t.path().join("children")) else { continue };
+            for k in kids.split_whitespace().filter_map(|k| k.parse::<i32>().ok()).map(Pid::from_raw) {
+                if !found.contains(&k) {
+                    found.push(k);
+                    todo.push(k);
+                }
+            }
+        }
+    }
+    found
 }
 
 fn write_maps(inner_uid: u32, outer_uid: u32, inner_gid: u32, outer_gid: u32) -> Result<(), InitError> {
@@ -353,8 +435,9 @@ fn write_maps(inner_uid: u32, outer_uid: u32, inner_gid: u32, outer_gid: u32) ->
 }
 
 /// Wait for `child`, passing signals on; return its exit code (128+N for a signal).
-/// As PID 1 (`reap_all`), also reap every orphan of the namespace; in the outer process, the
-/// network helper once it is done (`helper`), so that it does not linger as a zombie.
+/// As PID 1 or the container-level reaper (`reap_all`), also reap every orphan of the tree; in
+/// the outer process, the network helper once it is done (`helper`), so that it does not linger
+/// as a zombie.
 fn supervise(child: Pid, mask: &SigSet, reap_all: bool, mut helper: Option<&mut NetHelper>) -> i32 {
     loop {
         if let Some(h) = helper.as_deref_mut() {
@@ -371,6 +454,8 @@ fn supervise(child: Pid, mask: &SigSet, reap_all: bool, mut helper: Option<&mut 
         }
         match mask.wait() {
             Ok(Signal::SIGCHLD) => continue,
+            // Only in the container-level reaper's mask: its parent is gone; end the tree.
+            Ok(OUTER_GONE) => return 128 + Signal::SIGKILL as i32,
             Ok(sig) => {
                 let _ = kill(child, sig);
             }

@@ -106,14 +106,27 @@ pub fn layers() -> Vec<Layer> {
     let how = |c: &str, v1p: &Option<std::path::PathBuf>| {
         if !root { "rlimit".to_string() } else if v2_has(c) { "cgroup v2".into() } else if v1p.is_some() { "cgroup v1".into() } else { "rlimit".into() }
     };
+    // Where sandboxes' cgroups go: under mcpbox's own (see limits::Own).
+    let own = |p: &std::path::Path| if p.as_os_str().is_empty() { "/".to_string() } else { p.display().to_string() };
+    let mut placed = Vec::new();
+    if l.v2.is_some() {
+        placed.push(format!("v2 {}", own(&l.own.v2)));
+    }
+    if l.v1_pids.is_some() {
+        placed.push(format!("pids {}", own(&l.own.pids)));
+    }
+    if l.v1_memory.is_some() {
+        placed.push(format!("memory {}", own(&l.own.memory)));
+    }
     v.push(Layer {
         name: "limits",
         ok: true,
         detail: format!(
-            "pids: {}, memory: {}; open files, file size, core dumps: rlimit. [{v2}; cgroup v1: {}]{}",
+            "pids: {}, memory: {}; open files, file size, core dumps: rlimit. [{v2}; cgroup v1: {}]{}{}",
             how("pids", &l.v1_pids),
             how("memory", &l.v1_memory),
             if v1.is_empty() { "none".into() } else { v1.join(", ") },
+            if root && !placed.is_empty() { format!(" sandboxes' cgroups go under mcpbox's own: {}", placed.join(", ")) } else { String::new() },
             if root { "" } else { " (cgroups need root or a delegated subtree; rootless mcpbox uses rlimits)" }
         ),
     });

@@ -395,6 +395,27 @@ static int run_check(int argc, char **argv) {
             for (;;) pause();
         }
         ok("left child %d", (int)c);
+    } else if (!strcmp(check, "daemon")) {
+        /* probe daemon MARKER [stay]: double-fork a daemon in a session of its own that keeps
+         * stdout and stderr open and waits forever; then exit (with `stay`, wait forever too). */
+        int p[2];
+        if (pipe(p) != 0) { denied(errno); return 0; }
+        pid_t c = fork();
+        if (c == 0) {
+            setsid();
+            if (fork() == 0) {
+                pid_t me = getpid();
+                if (write(p[1], &me, sizeof me) != sizeof me) _exit(1);
+                for (;;) pause();
+            }
+            _exit(0);
+        }
+        pid_t d = -1;
+        close(p[1]);
+        waitpid(c, NULL, 0);
+        if (read(p[0], &d, sizeof d) != sizeof d) { denied(EIO); return 0; }
+        ok("daemon %d", (int)d);
+        if (argc > 3 && !strcmp(argv[3], "stay")) for (;;) pause();
     } else if (!strcmp(check, "pause")) {
         /* probe pause MARKER: a child and ourselves, both waiting forever. */
         pid_t c = pause_child();
