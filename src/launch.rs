@@ -173,8 +173,9 @@ impl Begun {
         for (rules, access) in [(&fsys.read, Access::Read), (&fsys.exec, Access::Exec), (&fsys.write, Access::Write)] {
             for r in rules {
                 let (real, mut l) = resolve(&r.path).with_context(|| format!("policy {}: {}", policy.source, r.path.display()))?;
-                if real.starts_with("/proc") || real.starts_with("/dev") || real == Path::new("/tmp") {
-                    bail!("policy {}: {} cannot be granted: /proc, /dev and /tmp are provided by the sandbox itself", policy.source, r.path.display());
+                // Checked again on the real path: a symlink (`/srv/x -> /`) may lead to one.
+                if let Some(why) = policy::reserved_conflict(&real) {
+                    bail!("policy {}: {}{why}", policy.source, via(&r.path, &real));
                 }
                 let dir = fs::metadata(&real).map(|m| m.is_dir()).unwrap_or(false);
                 let e = want.entry(real).or_insert((access, dir));
@@ -184,6 +185,9 @@ impl Begun {
         }
         for (path, access) in &extra.grants {
             let (real, mut l) = resolve(path).with_context(|| format!("granting {}", path.display()))?;
+            if let Some(why) = policy::reserved_conflict(&real) {
+                bail!("granting {}{why}", via(path, &real));
+            }
             let dir = fs::metadata(&real).map(|m| m.is_dir()).unwrap_or(false);
             let e = want.entry(real).or_insert((*access, dir));
             e.0 = e.0.max(*access);
@@ -268,6 +272,11 @@ impl Begun {
         .map_err(|e| anyhow::anyhow!("policy {}: {e}", policy.source))?;
         Ok(Planned { spec, policy, notes })
     }
+}
+
+/// "PATH (which is REAL): " when a symlink led elsewhere, "" otherwise (the reason names it).
+fn via(path: &Path, real: &Path) -> String {
+    if path == real { String::new() } else { format!("{} (which is {}): ", path.display(), real.display()) }
 }
 
 /// A server's directories under the state dir.
