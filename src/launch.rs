@@ -4,13 +4,14 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::{BufRead, Write};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
 use anyhow::{bail, Context};
 
 use crate::policy::{self, Level, LoadContext, Network, Policy};
-use crate::sandbox::{Access, Grant, Link, OuterSpec, SandboxSpec};
+use crate::sandbox::{Access, DiskImage, Grant, Link, OuterSpec, SandboxSpec};
 
 /// Which policy a server uses.
 #[derive(Debug, Clone)]
@@ -134,11 +135,23 @@ pub fn plan_begin(state: &StateDir, launch: &ServerLaunch) -> anyhow::Result<Beg
     vars.insert("DATA".to_string(), dirs.data.to_string_lossy().into_owned());
     vars.insert("CACHE".to_string(), dirs.cache.to_string_lossy().into_owned());
     let ctx = LoadContext { vars, search_dirs: state.policy_dirs.clone() };
-    let (policy, notes) = match &launch.policy {
+    let (policy, mut notes) = match &launch.policy {
         PolicyRef::Named(r) => policy::load_with_notes(r, &ctx),
         PolicyRef::Inline { value, base_dir } => policy::load_inline_with_notes(value.clone(), base_dir, &ctx),
     }
     .map_err(|e| anyhow::anyhow!("{e}"))?;
+    // `[limits] disk` as root: the data dir is an image of its own (rootless, sandbox-init
+    // refuses or warns, as the policy says).
+    let disk = match (policy.limits.disk, ids) {
+        (Some(size), Some((uid, gid))) => {
+            let image = dirs.data.with_extension("img");
+            if let Some(note) = ensure_disk_image(&image, size, uid, gid, &dirs.data)? {
+                notes.push(note);
+            }
+            Some(DiskImage { image, at: dirs.data.clone() })
+        }
+        _ => None,
+    };
     let outer = OuterSpec {
         name: launch.name.clone(),
         network: policy.network.clone(),
@@ -151,6 +164,10 @@ pub fn plan_begin(state: &StateDir, launch: &ServerLaunch) -> anyhow::Result<Beg
         cgroup_parent: "mcpbox".into(),
         // Filled in by whoever starts sandbox-init (a forked one finds it itself).
         cgroup_layout: None,
+        // The kernel's default; the supervisor may start background sandboxes lower.
+        cpu_weight: None,
+        relax: policy.sandbox.relax,
+        disk,
     };
     Ok(Begun { dirs, policy, notes, outer })
 }
@@ -305,22 +322,90 @@ impl ServerDirs {
     }
 }
 
+/// Give a server's directory tree to its host uid. The server writes in these trees, so
+/// nothing in them is trusted: the walk goes by descriptor, opens each directory with
+/// `O_NOFOLLOW` below the one it came from, and changes owners with `fchown`/`fchownat(...,
+/// AT_SYMLINK_NOFOLLOW)`; a symlink is re-owned itself and never followed, and a directory
+/// swapped for one mid-walk fails to open instead of leading elsewhere.
 fn chown_tree_if_needed(dir: &Path, uid: u32, gid: u32) -> anyhow::Result<()> {
-    let m = fs::symlink_metadata(dir)?;
-    if m.uid() == uid && m.gid() == gid {
+    use nix::fcntl::{openat, AtFlags, OFlag};
+    use nix::sys::stat::{fstat, fstatat, Mode, SFlag};
+    use nix::unistd::{fchown, fchownat, Gid, Uid};
+    let (u, g) = (Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)));
+    let dir_flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let top = nix::fcntl::open(dir, dir_flags, Mode::empty()).with_context(|| format!("opening {}", dir.display()))?;
+    let st = fstat(&top).with_context(|| format!("stat {}", dir.display()))?;
+    if st.st_uid == uid && st.st_gid == gid {
         return Ok(());
     }
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(p) = stack.pop() {
-        let m = fs::symlink_metadata(&p)?;
-        std::os::unix::fs::lchown(&p, Some(uid), Some(gid)).with_context(|| format!("chown {}", p.display()))?;
-        if m.is_dir() {
-            for e in fs::read_dir(&p)? {
-                stack.push(e?.path());
+    let mut stack = vec![(top, dir.to_path_buf())];
+    while let Some((fd, path)) = stack.pop() {
+        fchown(&fd, u, g).with_context(|| format!("chown {}", path.display()))?;
+        let mut entries = nix::dir::Dir::from_fd(fd.try_clone()?).with_context(|| format!("listing {}", path.display()))?;
+        for e in entries.iter() {
+            let e = e.with_context(|| format!("listing {}", path.display()))?;
+            let name = e.file_name();
+            if name.to_bytes() == b"." || name.to_bytes() == b".." {
+                continue;
+            }
+            let shown = path.join(std::ffi::OsStr::from_bytes(name.to_bytes()));
+            let st = fstatat(&fd, name, AtFlags::AT_SYMLINK_NOFOLLOW).with_context(|| format!("stat {}", shown.display()))?;
+            if SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits()) == SFlag::S_IFDIR {
+                let sub = openat(&fd, name, dir_flags, Mode::empty()).with_context(|| format!("opening {} (without following links)", shown.display()))?;
+                stack.push((sub, shown));
+            } else {
+                fchownat(&fd, name, u, g, AtFlags::AT_SYMLINK_NOFOLLOW).with_context(|| format!("chown {}", shown.display()))?;
             }
         }
     }
     Ok(())
+}
+
+/// Make the ext4 image that holds a server's data dir (`[limits] disk`, root only), if there
+/// is none yet: `size` bytes, sparse, root-owned and private, its root directory owned by the
+/// server's uid, filled with what the data dir held before (so that turning the limit on keeps
+/// the server's data). Made beside and then linked into place, so that starts racing here
+/// agree on one image. An image of another size is kept as it is (noted): resize it with the
+/// server stopped (`e2fsck -f` then `resize2fs`).
+fn ensure_disk_image(image: &Path, size: u64, uid: u32, gid: u32, data: &Path) -> anyhow::Result<Option<String>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match fs::symlink_metadata(image) {
+        Ok(m) if m.is_file() && m.uid() == 0 => {
+            return Ok((m.len() != size).then(|| {
+                format!("{} is {}, the policy's [limits] disk says {}: the image keeps its size until it is resized (e2fsck -f, resize2fs)", image.display(), policy::format_size(m.len()), policy::format_size(size))
+            }));
+        }
+        Ok(_) => bail!("{} is not a regular file owned by root: remove it (mcpbox makes the data dir's disk image there)", image.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("stat {}", image.display())),
+    }
+    let tmp = image.with_extension(format!("img.new-{}", std::process::id()));
+    let _ = fs::remove_file(&tmp);
+    let f = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).custom_flags(libc::O_NOFOLLOW).open(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    f.set_len(size).with_context(|| format!("sizing {}", tmp.display()))?;
+    drop(f);
+    let out = std::process::Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-m", "0", "-E"])
+        .arg(format!("root_owner={uid}:{gid},lazy_itable_init=1,lazy_journal_init=1"))
+        .arg("-d")
+        .arg(data)
+        .arg(&tmp)
+        .env("PATH", "/usr/sbin:/sbin:/usr/bin:/bin")
+        .output();
+    let made = match out {
+        Ok(o) if o.status.success() => Ok(()),
+        Ok(o) => Err(anyhow::anyhow!("mkfs.ext4 failed ({}): {}", o.status, String::from_utf8_lossy(&o.stderr).trim())),
+        Err(e) => Err(anyhow::anyhow!("running mkfs.ext4: {e} (install e2fsprogs, or remove [limits] disk from the policy)")),
+    };
+    let placed = made.and_then(|()| match fs::hard_link(&tmp, image) {
+        Ok(()) => Ok(()),
+        // Another start made it first: use theirs.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(anyhow::Error::from(e).context(format!("placing {}", image.display()))),
+    });
+    let _ = fs::remove_file(&tmp);
+    placed.with_context(|| format!("making the disk image {} ([limits] disk = {})", image.display(), policy::format_size(size)))?;
+    Ok(None)
 }
 
 /// A stable host uid per server name, from the configured range, recorded in `STATE/uids`.

@@ -16,7 +16,10 @@
 //!     as it has loaded the policy: the namespaces are being made while it resolves the grants,
 //!     and PID 1 reads the rest (the whole `SandboxSpec`) from the same pipe. An end of file
 //!     instead of a message means mcpbox gave up (exit quietly).
-//!  2. cgroups, while still host root: creating and joining them needs it.
+//!  2. cgroups, while still host root: creating and joining them needs it (a CPU limit that no
+//!     cgroup can hold refuses the start unless the policy relaxes it); then the data dir's
+//!     disk image (`[limits] disk`), bound to a loop device and mounted *detached* (see
+//!     `disk`): only root can, and PID 1 attaches it inside the sandbox in step 7.
 //!  3. Drop the host identity to the server's own unprivileged uid (as root), *before* creating
 //!     the user namespace: the namespace is then owned by that uid, the maps can only say
 //!     "inside uid → that uid", and host uid 0 is never mapped anywhere. The permitted
@@ -166,6 +169,8 @@ struct State {
     warnings: Vec<String>,
     limits: Applied,
     host_uid: u32,
+    /// The data dir's filesystem (`[limits] disk`), mounted detached; PID 1 attaches it.
+    disk: Option<OwnedFd>,
 }
 
 fn outer(spec_fd: RawFd, report: &Report, cpus: Option<CpuSet>) -> Result<i32, InitError> {
@@ -186,15 +191,37 @@ fn outer(spec_fd: RawFd, report: &Report, cpus: Option<CpuSet>) -> Result<i32, I
         let _ = sched_setaffinity(Pid::from_raw(0), cpus);
     }
     let layout = root.then(|| spec.cgroup_layout.clone().unwrap_or_else(limits::layout));
-    let mut st = State { level: Level::Full, warnings: Vec::new(), limits: Applied::default(), host_uid: getuid().as_raw() };
+    let mut st = State { level: Level::Full, warnings: Vec::new(), limits: Applied::default(), host_uid: getuid().as_raw(), disk: None };
 
     // 2. cgroups, while still host root. `slots` holds them until we exit.
     let mut slots = Vec::new();
     if let Some(layout) = &layout {
-        (st.limits, slots) = limits::join_cgroups(layout, &spec.limits, &spec.cgroup_parent, &spec.name);
+        (st.limits, slots) = limits::join_cgroups(layout, &spec.limits, spec.cpu_weight, &spec.cgroup_parent, &spec.name);
         st.warnings.append(&mut st.limits.warnings.clone());
     } else {
         st.limits = limits::rlimit_only(&spec.limits);
+    }
+    if let (Some(cpu), false) = (spec.limits.cpu, st.limits.cpu_by_cgroup) {
+        let why = format!(
+            "[limits] cpu = \"{}\" cannot be enforced: {}",
+            crate::policy::format_cpu(cpu),
+            if root { "no cgroup cpu controller is usable (see `mcpbox doctor`)" } else { "mcpbox runs rootless and has no cgroup to hold CPU time in" }
+        );
+        if !spec.relax.cpu {
+            return Err(InitError::Refused(format!("{why}. Run mcpbox as root, or accept it unenforced with `[sandbox] relax = [\"cpu\"]` in the policy")));
+        }
+        st.warnings.push(format!("{why}; not enforced ([sandbox] relax)"));
+    }
+    // 2 (continued). The data dir's disk image, mounted detached while we are host root.
+    if let Some(size) = spec.limits.disk {
+        let got = match (&spec.disk, root) {
+            (Some(img), true) => super::disk::mount_image(img).map_err(|e| e.to_string()),
+            _ => Err(if root { "no disk image was prepared".to_string() } else { "mcpbox runs rootless and cannot mount a size-capped filesystem (loop devices need root)".to_string() }),
+        };
+        match got {
+            Ok(fd) => st.disk = Some(fd),
+            Err(e) => disk_unenforced(&spec, &mut st, size, &e)?,
+        }
     }
 
     // 3. The host identity the server runs under.
@@ -280,6 +307,10 @@ fn outer(spec_fd: RawFd, report: &Report, cpus: Option<CpuSet>) -> Result<i32, I
                 )));
             }
             st.level = Level::Container;
+            // Nowhere private to attach the data dir's filesystem.
+            if let (Some(size), Some(_)) = (spec.limits.disk, st.disk.take()) {
+                disk_unenforced(&spec, &mut st, size, "the `container` level has no mount namespace to mount it in")?;
+            }
             st.warnings.push(format!(
                 "running at `container` level ({why}): no namespaces, the filesystem view comes from Landlock alone and the network is the container's own{}",
                 if matches!(spec.network, Network::None) { " (TCP denied by Landlock, sockets limited to AF_UNIX by seccomp)" } else { "" }
@@ -311,6 +342,8 @@ fn outer(spec_fd: RawFd, report: &Report, cpus: Option<CpuSet>) -> Result<i32, I
             Forked::Parent(child) => {
                 drop(alive_r);
                 drop(input);
+                // PID 1 attaches it; our copy would keep the image mounted after the sandbox.
+                st.disk.take();
                 sys::close_fd(report.0);
                 // Only PID 1 and the server need the helper's socket.
                 if let Some(n) = net.as_mut() {
@@ -352,6 +385,17 @@ fn outer(spec_fd: RawFd, report: &Report, cpus: Option<CpuSet>) -> Result<i32, I
             }
         }
     }
+}
+
+/// `[limits] disk` could not be enforced: refused, unless the policy relaxes it (then a warning
+/// at every start).
+fn disk_unenforced(spec: &OuterSpec, st: &mut State, size: u64, why: &str) -> Result<(), InitError> {
+    let why = format!("[limits] disk = \"{}\" cannot be enforced: {why}", crate::policy::format_size(size));
+    if !spec.relax.disk {
+        return Err(InitError::Refused(format!("{why}. Run mcpbox as root, or accept it unenforced with `[sandbox] relax = [\"disk\"]` in the policy")));
+    }
+    st.warnings.push(format!("{why}; not enforced ([sandbox] relax), the data dir is the host's"));
+    Ok(())
 }
 
 fn write_maps(inner_uid: u32, outer_uid: u32, inner_gid: u32, outer_gid: u32) -> Result<(), InitError> {
@@ -431,7 +475,7 @@ fn pid1(mut input: std::fs::File, report: &Report, alive_r: OwnedFd, st: &mut St
     }
 
     // 7. The mount view, hostname, network namespace (its loopback is up), proxy socket.
-    mounts::build_root(spec)?;
+    mounts::build_root(spec, st.disk.take())?;
     let host = spec.outer.name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '-' }).take(63).collect::<String>();
     nix::unistd::sethostname(if host.is_empty() { "mcpbox".to_string() } else { host }).map_err(sys_err("sethostname"))?;
     if let Some(net) = net {
