@@ -187,9 +187,26 @@ impl Begun {
         let mut want: BTreeMap<PathBuf, (Access, bool)> = BTreeMap::new();
         let mut links: Vec<Link> = Vec::new();
         let fsys = &policy.filesystem;
+        // What the server can write (its own writable grants, real paths): a symlink found
+        // inside one may have been planted by the server, and is never followed.
+        let writable: Vec<PathBuf> = fsys.write.iter().filter_map(|r| resolve(&r.path).ok().map(|(real, _)| real)).collect();
+        let untrusted = |what: &Path, links: &[Link]| -> anyhow::Result<()> {
+            if let Some((l, w)) = links.iter().find_map(|l| writable.iter().find(|w| l.path != **w && l.path.starts_with(w)).map(|w| (l, w))) {
+                bail!(
+                    "policy {}: {}: refusing to follow the symlink {} -> {}: it lies in {}, which the server can write (it may have planted it); grant the real path instead",
+                    policy.source,
+                    what.display(),
+                    l.path.display(),
+                    l.target.display(),
+                    w.display()
+                );
+            }
+            Ok(())
+        };
         for (rules, access) in [(&fsys.read, Access::Read), (&fsys.exec, Access::Exec), (&fsys.write, Access::Write)] {
             for r in rules {
                 let (real, mut l) = resolve(&r.path).with_context(|| format!("policy {}: {}", policy.source, r.path.display()))?;
+                untrusted(&r.path, &l)?;
                 // Checked again on the real path: a symlink (`/srv/x -> /`) may lead to one.
                 if let Some(why) = policy::reserved_conflict(&real) {
                     bail!("policy {}: {}{why}", policy.source, via(&r.path, &real));
@@ -202,6 +219,7 @@ impl Begun {
         }
         for (path, access) in &extra.grants {
             let (real, mut l) = resolve(path).with_context(|| format!("granting {}", path.display()))?;
+            untrusted(path, &l)?;
             if let Some(why) = policy::reserved_conflict(&real) {
                 bail!("granting {}{why}", via(path, &real));
             }
@@ -253,6 +271,7 @@ impl Begun {
         let path_var = env.get("PATH").cloned().unwrap_or_else(|| DEFAULT_PATH.to_string());
         let exe = resolve_command(&launch.command, &path_var)?;
         let (exe_real, mut exe_links) = resolve(&exe)?;
+        untrusted(&exe, &exe_links)?;
         let executable = grants.iter().any(|g| g.access >= Access::Exec && exe_real.starts_with(&g.path));
         if !executable {
             bail!(
@@ -529,6 +548,42 @@ mod tests {
         assert_eq!(links.len(), 2);
         assert_eq!(links[0].path, base.join("abs"));
         assert_eq!(links[1].target, PathBuf::from("real"));
+    }
+
+    /// The ownership walk changes what is in the tree, symlinks included (themselves), and
+    /// nothing a symlink points at. As root it gives the tree to another uid; otherwise to our
+    /// own (the same walk, owners unchanged).
+    #[test]
+    fn ownership_walk_never_follows_links() {
+        use std::os::unix::fs::symlink;
+        let d = tempfile::tempdir().unwrap();
+        let tree = d.path().join("tree");
+        let outside = d.path().join("outside");
+        fs::create_dir_all(tree.join("sub/deeper")).unwrap();
+        fs::create_dir_all(outside.join("dir")).unwrap();
+        fs::write(tree.join("sub/file"), "x").unwrap();
+        fs::write(outside.join("secret"), "s").unwrap();
+        fs::write(outside.join("dir/inner"), "i").unwrap();
+        symlink(outside.join("secret"), tree.join("link-to-file")).unwrap();
+        symlink(outside.join("dir"), tree.join("sub/link-to-dir")).unwrap();
+        let me = (nix::unistd::getuid().as_raw(), nix::unistd::getgid().as_raw());
+        let (uid, gid) = if me.0 == 0 { (54321, 54321) } else { me };
+        chown_tree_if_needed(&tree, uid, gid).unwrap();
+        let owner = |p: &Path| fs::symlink_metadata(p).map(|m| (m.uid(), m.gid())).unwrap();
+        for p in ["", "sub", "sub/deeper", "sub/file", "link-to-file", "sub/link-to-dir"] {
+            assert_eq!(owner(&tree.join(p)), (uid, gid), "{p}");
+        }
+        for p in ["", "secret", "dir", "dir/inner"] {
+            assert_eq!(owner(&outside.join(p)), me, "outside/{p} was changed through a link");
+        }
+        // A tree whose top is a symlink is refused outright.
+        let top_link = d.path().join("top-link");
+        symlink(&outside, &top_link).unwrap();
+        let e = chown_tree_if_needed(&top_link, uid + 1, gid + 1).unwrap_err();
+        // O_DIRECTORY | O_NOFOLLOW on a symlink: ENOTDIR (ELOOP without O_DIRECTORY).
+        let msg = format!("{e:#}");
+        assert!(msg.contains("top-link") && ["ENOTDIR", "ELOOP"].iter().any(|errno| msg.contains(errno)), "{msg}");
+        assert_eq!(owner(&outside), me);
     }
 
     #[test]
