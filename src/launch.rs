@@ -187,19 +187,29 @@ impl Begun {
         let mut want: BTreeMap<PathBuf, (Access, bool)> = BTreeMap::new();
         let mut links: Vec<Link> = Vec::new();
         let fsys = &policy.filesystem;
-        // What the server can write (its own writable grants, real paths): a symlink found
-        // inside one may have been planted by the server, and is never followed.
+        // A symlink the server could have planted is never followed: one inside its own writable
+        // grants (real paths), or, as root, in a directory owned by its host uid (another of its
+        // sandboxes, or its prepare phase, writes there).
         let writable: Vec<PathBuf> = fsys.write.iter().filter_map(|r| resolve(&r.path).ok().map(|(real, _)| real)).collect();
+        let server_uid = outer.host_ids.map(|(uid, _)| uid);
         let untrusted = |what: &Path, links: &[Link]| -> anyhow::Result<()> {
-            if let Some((l, w)) = links.iter().find_map(|l| writable.iter().find(|w| l.path != **w && l.path.starts_with(w)).map(|w| (l, w))) {
-                bail!(
-                    "policy {}: {}: refusing to follow the symlink {} -> {}: it lies in {}, which the server can write (it may have planted it); grant the real path instead",
-                    policy.source,
-                    what.display(),
-                    l.path.display(),
-                    l.target.display(),
-                    w.display()
-                );
+            for l in links {
+                let inside = writable.iter().find(|w| l.path != **w && l.path.starts_with(w)).cloned();
+                let owned = || {
+                    let dir = l.path.parent()?;
+                    let m = fs::symlink_metadata(dir).ok()?;
+                    (Some(m.uid()) == server_uid).then(|| dir.to_path_buf())
+                };
+                if let Some(dir) = inside.or_else(owned) {
+                    bail!(
+                        "policy {}: {}: refusing to follow the symlink {} -> {}: it lies in {}, which the server can write (it may have planted it); grant the real path instead",
+                        policy.source,
+                        what.display(),
+                        l.path.display(),
+                        l.target.display(),
+                        dir.display()
+                    );
+                }
             }
             Ok(())
         };
