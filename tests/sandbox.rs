@@ -694,8 +694,8 @@ fn image_file_owner(image: &std::path::Path, name: &str) -> Option<u32> {
 #[test]
 fn disk_limit_stops_writes_with_enospc_and_mcpbox_is_unaffected() {
     let s = shared();
-    let strict = probe_policy("disk-strict", "write = [\"${DATA}\"]", "[limits]\ndisk = \"16M\"\n[sandbox]\nrelax = []\n");
-    let relaxed = probe_policy("disk-relaxed", "write = [\"${DATA}\"]", "[limits]\ndisk = \"16M\"\n[sandbox]\nrelax = [\"disk\"]\n");
+    let strict = probe_policy("disk-strict", "write = [\"${DATA}\"]", "[limits]\ndisk = \"16M\"\n[sandbox]\nrelax = [\"cpu\"]\n");
+    let relaxed = probe_policy("disk-relaxed", "write = [\"${DATA}\"]", "[limits]\ndisk = \"16M\"\n[sandbox]\nrelax = [\"cpu\", \"disk\"]\n");
     let name = unique("disk");
     let data = s.state.join(&name).join("data");
     let big = data.join("big");
@@ -754,8 +754,8 @@ fn disk_limit_stops_writes_with_enospc_and_mcpbox_is_unaffected() {
 #[test]
 fn cpu_limit_holds_the_server_to_its_quota() {
     let s = shared();
-    let strict = probe_policy("cpu-strict", "", "[limits]\ncpu = \"0.5\"\n[sandbox]\nrelax = []\n");
-    let relaxed = probe_policy("cpu-relaxed", "", "[limits]\ncpu = \"0.5\"\n[sandbox]\nrelax = [\"cpu\"]\n");
+    let strict = probe_policy("cpu-strict", "", "[limits]\ncpu = \"0.5\"\n[sandbox]\nrelax = [\"disk\"]\n");
+    let relaxed = probe_policy("cpu-relaxed", "", "[limits]\ncpu = \"0.5\"\n[sandbox]\nrelax = [\"cpu\", \"disk\"]\n");
     let name = unique("cpu");
     if !is_root() {
         let out = confined(&strict, &name, &["uid"]);
