@@ -219,7 +219,11 @@ fn outer(spec_fd: RawFd, report: &Report, cpus: Option<CpuSet>) -> Result<i32, I
             _ => Err(if root { "no disk image was prepared".to_string() } else { "mcpbox runs rootless and cannot mount a size-capped filesystem (loop devices need root)".to_string() }),
         };
         match got {
-            Ok(fd) => st.disk = Some(fd),
+            Ok(fd) => {
+                st.disk = Some(fd);
+                let sep = if st.limits.summary.is_empty() { "" } else { ", " };
+                st.limits.summary.push_str(&format!("{sep}disk: ext4 image ({})", crate::policy::format_size(size)));
+            }
             Err(e) => disk_unenforced(&spec, &mut st, size, &e)?,
         }
     }
