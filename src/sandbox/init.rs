@@ -34,9 +34,10 @@
 //!     builds the mount view, and PID 1 and the server join it); unshare the other namespaces.
 //!  6. fork: the child is PID 1 of the new PID namespace. When it exits the kernel kills every
 //!     process left in the namespace, so nothing of the sandbox outlives it.
-//!  7. PID 1 builds the mount view (see `mounts`), sets the hostname, joins the network
-//!     namespace (loopback already up), and for network mode `proxy` binds the proxy port
-//!     inside it and hands the socket to mcpbox.
+//!  7. PID 1 builds the mount view (see `mounts`: the data image from step 2 over the data dir,
+//!     then every grant mounted from a handle opened without following symlinks), sets the
+//!     hostname, joins the network namespace (loopback already up), and for network mode
+//!     `proxy` binds the proxy port inside it and hands the socket to mcpbox.
 //!  8. The server is forked by PID 1 *before* step 7, so that it prepares in parallel: it
 //!     closes every fd above 2, drops every capability, sets NO_NEW_PRIVS and loads its seccomp
 //!     filter (whose allow-list has what the remaining steps call; when the policy denies extra
@@ -193,7 +194,8 @@ fn outer(spec_fd: RawFd, report: &Report, cpus: Option<CpuSet>) -> Result<i32, I
     let layout = root.then(|| spec.cgroup_layout.clone().unwrap_or_else(limits::layout));
     let mut st = State { level: Level::Full, warnings: Vec::new(), limits: Applied::default(), host_uid: getuid().as_raw(), disk: None };
 
-    // 2. cgroups, while still host root. `slots` holds them until we exit.
+    // 2. cgroups, while still host root. `slots` holds them until we exit. A CPU limit needs
+    //    one: without it, refused unless relaxed.
     let mut slots = Vec::new();
     if let Some(layout) = &layout {
         (st.limits, slots) = limits::join_cgroups(layout, &spec.limits, spec.cpu_weight, &spec.cgroup_parent, &spec.name);
