@@ -29,7 +29,7 @@ printf '%s\n[limits]\ndisk = "1G"\n' "$base" > "$work/disk.toml"
 printf '%s\n[limits]\ncpu = "1.0"\ndisk = "1G"\n' "$base" > "$work/both.toml"
 out=${BENCH_JSON:-bench/limits.json}
 run() { echo "$work/mcpbox run --policy $work/$1.toml --state-dir $work/state --name bench-$1 -- /bin/true"; }
-hyperfine -N --warmup 20 --min-runs 200 --export-json "$out" "$@" \
+hyperfine -N --warmup 20 --export-json "$out" "${@:---min-runs=200}" \
     -n none "$(run none)" -n cpu "$(run cpu)" -n disk "$(run disk)" -n both "$(run both)"
 
 python3 - "$out" <<'PY'
