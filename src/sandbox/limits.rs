@@ -439,3 +439,19 @@ pub fn sweep_extra_slots(dirs: &[PathBuf]) -> usize {
     }
     removed
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_limits_become_quota_per_period_and_weights_are_clamped() {
+        assert_eq!(cpu_max(Some(1000)), "100000 100000");
+        assert_eq!(cpu_max(Some(500)), "50000 100000");
+        assert_eq!(cpu_max(Some(2250)), "225000 100000");
+        // The smallest policy value (0.01 core) is the kernel's smallest quota, 1 ms.
+        assert_eq!(cpu_max(Some(10)), "1000 100000");
+        assert_eq!(cpu_max(None), "max 100000");
+        assert_eq!((weight(None), weight(Some(0)), weight(Some(20)), weight(Some(50_000))), (100, 1, 20, 10_000));
+    }
+}
