@@ -25,6 +25,8 @@ namespace first and holds capabilities only inside it):
   the old root is detached with umount2(MNT_DETACH).
 - mount_setattr: read-only, nosuid, nodev and noexec are set on the binds (recursively, without
   restating locked flags as a remount would) with mount_setattr(2).
+- open_tree, move_mount: each grant is opened once without following symlinks and bound from that
+  handle (open_tree(OPEN_TREE_CLONE) + move_mount), never by path.
 - setns, CLONE_NEWNET only: the network namespace is made by a helper process while the mount
   view is built; the sandbox's PID 1 and the server join it with setns(fd, CLONE_NEWNET).
 - pivot_root: switch to the new root (the default profile does not list it at all).
@@ -33,7 +35,9 @@ Not added, on purpose:
 - clone/clone3 with CLONE_NEW* flags: mcpbox uses unshare + a plain fork, which the default
   profile already allows (clone3 keeps answering ENOSYS so libc falls back to clone).
 - setns with any other namespace type: mcpbox joins only the network namespace it made.
-- the rest of the new mount API (fsopen, fsmount, move_mount, open_tree): not used.
+- fsopen, fsconfig, fsmount: only the disk limit's ext4 image uses them, and only as host root
+  with loop devices, which a default container has neither of (the limit is then refused or,
+  where the policy relaxes it, not enforced and said so).
 
 The test `sandbox::docker_full_profile_lets_the_full_level_start` loads the generated profile as
 a seccomp filter around `mcpbox doctor` and `mcpbox run` and checks that they reach `full`.
@@ -79,9 +83,9 @@ ADDITIONS = [
         "comment": "mcpbox: sandbox-init creates its namespaces with unshare(2); namespace flags only",
     },
     {
-        "names": ["mount", "umount2", "mount_setattr"],
+        "names": ["mount", "umount2", "mount_setattr", "open_tree", "move_mount"],
         "action": "SCMP_ACT_ALLOW",
-        "comment": "mcpbox: tmpfs root, read-only binds (flags set with mount_setattr), fresh /proc, private /tmp; old root detached",
+        "comment": "mcpbox: tmpfs root, read-only binds from handles (open_tree + move_mount, flags set with mount_setattr), fresh /proc, private /tmp; old root detached",
     },
     {
         "names": ["setns"],

@@ -97,16 +97,19 @@ fn writes_outside_grants_fail_and_inside_work() {
         assert!(!target.exists(), "{} appeared on the host", target.display());
     }
 
-    // Inside the data dir: the file appears on the host, owned by the server's host uid.
+    // Inside the data dir: the file is kept, owned by the server's host uid. As root the data
+    // dir is a filesystem of its own (the default policy's `[limits] disk`): the file is in its
+    // image; rootless it appears in the host's data dir.
     let data = s.state.join(&name).join("data");
     let file = data.join("written-by-probe");
     let out = confined(&pol, &name, &["write", file.to_str().unwrap()]);
     assert!(out.result("write").0, "{out}");
-    let owner = std::fs::metadata(&file).expect("the file written inside appears on the host").uid();
     if is_root() {
+        let owner = image_file_owner(&s.state.join(&name).join("data.img"), "written-by-probe").expect("the file written inside is in the data image");
         assert_ne!(owner, 0, "root running mcpbox must never mean host root inside");
         assert_eq!(owner, allocated_uid(&name));
     } else {
+        let owner = std::fs::metadata(&file).expect("the file written inside appears on the host").uid();
         assert_eq!(owner, nix::unistd::getuid().as_raw());
     }
 
@@ -1188,4 +1191,252 @@ fn tree_of(root: i32) -> Vec<(i32, u64)> {
         }
     }
     found
+}
+
+/// The owner uid of `/NAME` inside an ext4 image, read with debugfs (no mount needed).
+fn image_file_owner(image: &std::path::Path, name: &str) -> Option<u32> {
+    let out = Command::new("/usr/sbin/debugfs").arg("-R").arg(format!("stat /{name}")).arg(image).output().expect("running debugfs (e2fsprogs)");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let rest = text.split("User:").nth(1)?;
+    rest.split_whitespace().next()?.parse().ok()
+}
+
+/// `[limits] disk`: as root the data dir is a filesystem of its own, and a server writing past
+/// its size gets ENOSPC (asserted by the probe's errno), while the host's disk gets nothing and
+/// mcpbox goes on starting the server; sandboxes of one server running at once share it.
+/// Rootless, the limit cannot be enforced: the start is refused unless the policy relaxes it,
+/// and then it is announced.
+#[test]
+fn disk_limit_stops_writes_with_enospc_and_mcpbox_is_unaffected() {
+    let s = shared();
+    let strict = probe_policy("disk-strict", "write = [\"${DATA}\"]", "[limits]\ndisk = \"16M\"\n[sandbox]\nrelax = [\"cpu\"]\n");
+    let relaxed = probe_policy("disk-relaxed", "write = [\"${DATA}\"]", "[limits]\ndisk = \"16M\"\n[sandbox]\nrelax = [\"cpu\", \"disk\"]\n");
+    let name = unique("disk");
+    let data = s.state.join(&name).join("data");
+    let big = data.join("big");
+    if !is_root() {
+        let out = confined(&strict, &name, &["write", data.join("x").to_str().unwrap()]);
+        assert_eq!(out.code, 125, "{out}");
+        assert!(out.try_result("write").is_none(), "the server must not have run: {out}");
+        assert!(out.stderr.contains("[limits] disk = \"16M\" cannot be enforced") && out.stderr.contains("relax = [\"disk\"]"), "{out}");
+        let out = confined(&relaxed, &name, &["write", data.join("x").to_str().unwrap()]);
+        assert!(out.result("write").0, "{out}");
+        assert!(out.stderr.contains("cannot be enforced") && out.stderr.contains("not enforced"), "the relaxed limit must be announced: {out}");
+        return;
+    }
+    let out = confined(&strict, &name, &["fill", big.to_str().unwrap(), "64"]);
+    assert_eq!(out.code, 0, "mcpbox reports the server's own exit: {out}");
+    let (ok, detail) = out.result("fill");
+    assert!(!ok, "64 MiB fitted in a 16M disk: {out}");
+    one_of(detail.split_whitespace().next().unwrap(), &["ENOSPC", "EDQUOT"], "writing past the disk limit", &out);
+    let mib: u64 = detail.split_whitespace().nth(2).unwrap().parse().unwrap();
+    assert!((4..=16).contains(&mib), "the disk held {mib} MiB: {out}");
+    // Nothing reached the host's own filesystem: the image stays its size, and the host's data
+    // dir holds no file.
+    assert!(!big.exists(), "the write landed in the host's data dir");
+    let image = s.state.join(&name).join("data.img");
+    let meta = std::fs::metadata(&image).unwrap();
+    assert_eq!((meta.len(), meta.uid(), meta.mode() & 0o777), (16 << 20, 0, 0o600), "the image: its size, root's, private");
+    assert!(meta.blocks() * 512 <= 17 << 20, "the image grew past its size on the host");
+
+    // mcpbox goes on: the next start of the same server works, on the same full disk.
+    let out = confined(&strict, &name, &["read", big.to_str().unwrap()]);
+    assert!(out.result("read").0, "{out}");
+    let small = data.join("small");
+    let out = confined(&strict, &name, &["fill", small.to_str().unwrap(), "1"]);
+    one_of(&out.denied("fill"), &["ENOSPC", "EDQUOT"], "the disk is still full", &out);
+
+    // Two sandboxes of one server at once share one filesystem (one loop device): a file
+    // written by one while the other holds the disk mounted is there for a third.
+    let marker = unique("disk-pause");
+    let (paused, _) = start_paused(mcpbox_cmd(&strict, &name, &[], &s.probe, &["pause", &marker]));
+    let out = confined(&strict, &name, &["fill", big.to_str().unwrap(), "2"]);
+    assert!(out.result("fill").0, "after truncating the big file there is room: {out}");
+    drop(paused);
+    let out = confined(&strict, &name, &["read", big.to_str().unwrap()]);
+    assert!(out.result("read").1.contains("bytes: xxxx"), "{out}");
+    // The file is the server's (its host uid) on the image, and the image is not mounted on the
+    // host once no sandbox runs.
+    assert_eq!(image_file_owner(&image, "big"), Some(allocated_uid(&name)));
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains(data.to_str().unwrap()), "the data image stayed mounted on the host");
+}
+
+/// `[limits] cpu`: as root the sandbox's cgroup holds the quota (read back from the host, via
+/// the probe's own cgroup), and two processes spinning for 2 s get no more than the quota's
+/// CPU time (with a generous margin; a loaded machine can only give them less). Rootless there
+/// is no cgroup: refused unless relaxed, then announced.
+#[test]
+fn cpu_limit_holds_the_server_to_its_quota() {
+    let s = shared();
+    let strict = probe_policy("cpu-strict", "", "[limits]\ncpu = \"0.5\"\n[sandbox]\nrelax = [\"disk\"]\n");
+    let relaxed = probe_policy("cpu-relaxed", "", "[limits]\ncpu = \"0.5\"\n[sandbox]\nrelax = [\"cpu\", \"disk\"]\n");
+    let name = unique("cpu");
+    if !is_root() {
+        let out = confined(&strict, &name, &["uid"]);
+        assert_eq!(out.code, 125, "{out}");
+        assert!(out.try_result("uid").is_none(), "the server must not have run: {out}");
+        assert!(out.stderr.contains("[limits] cpu = \"0.5\" cannot be enforced") && out.stderr.contains("relax = [\"cpu\"]"), "{out}");
+        let out = confined(&relaxed, &name, &["uid"]);
+        assert!(out.result("uid").0, "{out}");
+        assert!(out.stderr.contains("cannot be enforced") && out.stderr.contains("not enforced"), "the relaxed limit must be announced: {out}");
+        return;
+    }
+    let marker = unique("cpu-pause");
+    let (paused, _) = start_paused(mcpbox_cmd(&strict, &name, &[], &s.probe, &["pause", &marker]));
+    let pid = *pids_with_marker(&marker).first().expect("the paused probe");
+    let quota = if let Some(mnt) = cgroup_mount("cpu") {
+        let dir = mnt.join(cgroup_of(pid, "cpu").unwrap().trim_start_matches('/'));
+        let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap().trim().to_string();
+        format!("{} {}", read("cpu.cfs_quota_us"), read("cpu.cfs_period_us"))
+    } else {
+        let mnt = cgroup_mount("").expect("a cgroup hierarchy");
+        let dir = mnt.join(cgroup_of(pid, "").unwrap().trim_start_matches('/'));
+        std::fs::read_to_string(dir.join("cpu.max")).unwrap().trim().to_string()
+    };
+    assert_eq!(quota, "50000 100000", "the sandbox's CPU quota");
+    drop(paused);
+
+    let out = confined(&strict, &name, &["spin", "2", "2"]);
+    let detail = out.result("spin").1;
+    let permille: u64 = detail.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(permille <= 650, "two spinning processes got {permille}/1000 of a core under a 0.5 core limit: {out}");
+    assert!(!out.stderr.contains("cannot be enforced"), "no CPU warning as root: {out}");
+}
+
+/// Swap `dir` (a directory holding `f` = GRANTED-CONTENT) with `link` (a symlink to a canary
+/// directory) in a tight loop while `mcpbox run` starts `starts` times, each reading `dir/f`.
+/// Every start must read the real file or fail; none may show the canary. Returns (reads,
+/// failures' last stderr lines, swaps).
+fn swap_race(pol: &std::path::Path, name: &str, dir: &std::path::Path, link: &std::path::Path, starts: usize) -> (usize, Vec<String>, u64) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let swapper = {
+        let (stop, dir, link) = (stop.clone(), dir.to_path_buf(), link.to_path_buf());
+        let aside = dir.with_extension("aside");
+        std::thread::spawn(move || {
+            let mut swaps = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                // Each rename is atomic: `dir` is the directory, missing, or the symlink.
+                std::fs::rename(&dir, &aside).unwrap();
+                std::fs::rename(&link, &dir).unwrap();
+                std::thread::sleep(Duration::from_micros(200));
+                std::fs::rename(&dir, &link).unwrap();
+                std::fs::rename(&aside, &dir).unwrap();
+                std::thread::sleep(Duration::from_micros(200));
+                swaps += 1;
+            }
+            swaps
+        })
+    };
+    let (mut read, mut failed) = (0, Vec::new());
+    for _ in 0..starts {
+        let out = confined(pol, name, &["read", dir.join("f").to_str().unwrap()]);
+        if out.all().contains(CANARY) {
+            stop.store(true, Ordering::Relaxed);
+            panic!("the canary was read through a swapped-in symlink:\n{out}");
+        }
+        match out.try_result("read") {
+            Some((true, d)) if d.contains("GRANTED-CONTENT") => read += 1,
+            _ => failed.push(out.stderr.lines().last().unwrap_or("").to_string()),
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let swaps = swapper.join().unwrap();
+    assert!(swaps > starts as u64, "the swapper barely ran ({swaps} swaps)");
+    assert!(read > 0, "no start read the real directory (failures: {failed:?})");
+    (read, failed, swaps)
+}
+
+/// A directory with `f` = GRANTED-CONTENT, a canary directory with `f` = the canary, and a
+/// symlink `link` to the canary directory beside `dir`.
+fn swap_setup(parent: &std::path::Path, canary_dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    use std::os::unix::fs::PermissionsExt;
+    let (dir, link) = (parent.join("granted"), parent.join("link"));
+    mkdir_755(&dir);
+    mkdir_755(canary_dir);
+    for (f, text) in [(dir.join("f"), "GRANTED-CONTENT\n".to_string()), (canary_dir.join("f"), format!("{CANARY}\n"))] {
+        std::fs::write(&f, text).unwrap();
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    // Relative: it leads to the canary from wherever the tree is seen (an absolute one would
+    // miss it in a view where the host tree sits below another root).
+    std::os::unix::fs::symlink(std::path::Path::new("..").join(canary_dir.file_name().unwrap()), &link).unwrap();
+    (dir, link)
+}
+
+/// Grants are opened once without following symlinks and mounted from that handle, and
+/// planning never follows a symlink the server could have planted: while a thread keeps
+/// swapping a granted directory for a symlink to a canary directory, 50 starts each read the
+/// real directory or fail; none ever shows the canary.
+///
+/// Both modes: the directory lies in a tree the policy makes writable (a read grant inside it).
+/// As root, also: the swapped directory is itself a grant, separately mounted, in a directory
+/// owned by the server's host uid: the race between planning and mounting is the mount's.
+#[test]
+fn a_granted_dir_swapped_for_a_symlink_never_shows_the_canary() {
+    let base = tempdir();
+    let w = base.path().join("w");
+    mkdir_755(&w);
+    let (dir, link) = swap_setup(&w, &base.path().join("canary"));
+    let pol = probe_policy("swap", &format!("write = [\"{}\"]\nread = [\"{}\"]", w.display(), dir.display()), "");
+    let name = unique("swap");
+    let (read, failed, swaps) = swap_race(&pol, &name, &dir, &link, 50);
+    eprintln!("swap (inside a writable grant): {read} starts read the granted dir, {} failed, {swaps} swaps", failed.len());
+
+    // With the symlink in place for good, planning refuses to follow it.
+    std::fs::rename(&dir, w.join("aside")).unwrap();
+    std::fs::rename(&link, &dir).unwrap();
+    let out = confined(&pol, &name, &["read", dir.join("f").to_str().unwrap()]);
+    assert_eq!(out.code, 125, "{out}");
+    assert!(out.stderr.contains("refusing to follow the symlink") && !out.all().contains(CANARY), "{out}");
+
+    if !is_root() {
+        return;
+    }
+    // The grant itself swapped, in a directory of the server's own uid.
+    let owned = base.path().join("owned");
+    mkdir_755(&owned);
+    let (dir, link) = swap_setup(&owned, &base.path().join("canary2"));
+    let pol = probe_policy("swap-own", &format!("read = [\"{}\"]", dir.display()), "");
+    let name = unique("swap-own");
+    assert!(confined(&pol, &name, &["uid"]).result("uid").0);
+    let uid = allocated_uid(&name);
+    nix::unistd::chown(&owned, Some(nix::unistd::Uid::from_raw(uid)), Some(nix::unistd::Gid::from_raw(uid))).unwrap();
+    let (read, failed, swaps) = swap_race(&pol, &name, &dir, &link, 50);
+    let at_mount = failed.iter().filter(|f| f.contains("no symlinks")).count();
+    let at_plan = failed.iter().filter(|f| f.contains("refusing to follow")).count();
+    let other: Vec<&String> = failed.iter().filter(|f| !f.contains("no symlinks") && !f.contains("refusing to follow")).collect();
+    eprintln!("swap (a grant of its own): {read} read, {} failed ({at_plan} when planning, {at_mount} at the mount), {swaps} swaps; other failures: {other:?}", failed.len());
+}
+
+/// A grant that leads to `/` (through a symlink the policy loader cannot see) is refused when
+/// the sandbox is planned; written as `/` (or another spelling of it) it is refused by
+/// `policy check` as by a start.
+#[test]
+fn grants_over_proc_dev_tmp_are_refused_at_check_and_launch() {
+    let base = tempdir();
+    let link = base.path().join("root-link");
+    std::os::unix::fs::symlink("/", &link).unwrap();
+    let pol = probe_policy("root-link", &format!("read = [\"{}\"]", link.display()), "");
+    let out = confined(&pol, &unique("rootlink"), &["read", "/proc/1/environ"]);
+    assert_eq!(out.code, 125, "{out}");
+    assert!(out.try_result("read").is_none(), "{out}");
+    assert!(out.stderr.contains(&format!("{} (which is /): / cannot be granted", link.display())) && out.stderr.contains("it contains /proc"), "{out}");
+    for spelled in ["/", "//", "/./", "/dev", "/proc/self"] {
+        let pol = probe_policy("root", &format!("read = [\"{spelled}\"]"), "");
+        let out = run_timeout(
+            {
+                let mut c = Command::new(mcpbox());
+                c.args(["policy", "check"]).arg(&pol);
+                c
+            },
+            Duration::from_secs(30),
+        );
+        assert_ne!(out.code, 0, "{spelled}: {out}");
+        assert!(out.stderr.contains("cannot be granted"), "{spelled}: {out}");
+        let out = confined(&pol, &unique("root"), &["read", "/proc/1/environ"]);
+        assert_eq!(out.code, 125, "{spelled}: {out}");
+        assert!(out.stderr.contains("cannot be granted") && out.try_result("read").is_none(), "{spelled}: {out}");
+    }
 }

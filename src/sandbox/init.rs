@@ -16,7 +16,10 @@
 //!     as it has loaded the policy: the namespaces are being made while it resolves the grants,
 //!     and PID 1 reads the rest (the whole `SandboxSpec`) from the same pipe. An end of file
 //!     instead of a message means mcpbox gave up (exit quietly).
-//!  2. cgroups, while still host root: creating and joining them needs it.
+//!  2. cgroups, while still host root: creating and joining them needs it (a CPU limit that no
+//!     cgroup can hold refuses the start unless the policy relaxes it); then the data dir's
+//!     disk image (`[limits] disk`), bound to a loop device and mounted *detached* (see
+//!     `disk`): only root can, and PID 1 attaches it inside the sandbox in step 7.
 //!  3. Drop the host identity to the server's own unprivileged uid (as root), *before* creating
 //!     the user namespace: the namespace is then owned by that uid, the maps can only say
 //!     "inside uid → that uid", and host uid 0 is never mapped anywhere. The permitted
@@ -31,9 +34,10 @@
 //!     builds the mount view, and PID 1 and the server join it); unshare the other namespaces.
 //!  6. fork: the child is PID 1 of the new PID namespace. When it exits the kernel kills every
 //!     process left in the namespace, so nothing of the sandbox outlives it.
-//!  7. PID 1 builds the mount view (see `mounts`), sets the hostname, joins the network
-//!     namespace (loopback already up), and for network mode `proxy` binds the proxy port
-//!     inside it and hands the socket to mcpbox.
+//!  7. PID 1 builds the mount view (see `mounts`: the data image from step 2 over the data dir,
+//!     then every grant mounted from a handle opened without following symlinks), sets the
+//!     hostname, joins the network namespace (loopback already up), and for network mode
+//!     `proxy` binds the proxy port inside it and hands the socket to mcpbox.
 //!  8. The server is forked by PID 1 *before* step 7, so that it prepares in parallel: it
 //!     closes every fd above 2, drops every capability, sets NO_NEW_PRIVS and loads its seccomp
 //!     filter (whose allow-list has what the remaining steps call; when the policy denies extra
@@ -167,6 +171,8 @@ struct State {
     warnings: Vec<String>,
     limits: Applied,
     host_uid: u32,
+    /// The data dir's filesystem (`[limits] disk`), mounted detached; PID 1 attaches it.
+    disk: Option<OwnedFd>,
 }
 
 fn outer(spec_fd: RawFd, report: &Report, cpus: Option<CpuSet>) -> Result<i32, InitError> {
@@ -187,15 +193,42 @@ fn outer(spec_fd: RawFd, report: &Report, cpus: Option<CpuSet>) -> Result<i32, I
         let _ = sched_setaffinity(Pid::from_raw(0), cpus);
     }
     let layout = root.then(|| spec.cgroup_layout.clone().unwrap_or_else(limits::layout));
-    let mut st = State { level: Level::Full, warnings: Vec::new(), limits: Applied::default(), host_uid: getuid().as_raw() };
+    let mut st = State { level: Level::Full, warnings: Vec::new(), limits: Applied::default(), host_uid: getuid().as_raw(), disk: None };
 
-    // 2. cgroups, while still host root. `slots` holds them until we exit.
+    // 2. cgroups, while still host root. `slots` holds them until we exit. A CPU limit needs
+    //    one: without it, refused unless relaxed.
     let mut slots = Vec::new();
     if let Some(layout) = &layout {
-        (st.limits, slots) = limits::join_cgroups(layout, &spec.limits, &spec.cgroup_parent, &spec.name, spec.parent_pid as u32);
+        (st.limits, slots) = limits::join_cgroups(layout, &spec.limits, spec.cpu_weight, &spec.cgroup_parent, &spec.name, spec.parent_pid as u32);
         st.warnings.append(&mut st.limits.warnings.clone());
     } else {
         st.limits = limits::rlimit_only(&spec.limits);
+    }
+    if let (Some(cpu), false) = (spec.limits.cpu, st.limits.cpu_by_cgroup) {
+        let why = format!(
+            "[limits] cpu = \"{}\" cannot be enforced: {}",
+            crate::policy::format_cpu(cpu),
+            if root { "no cgroup cpu controller is usable (see `mcpbox doctor`)" } else { "mcpbox runs rootless and has no cgroup to hold CPU time in" }
+        );
+        if !spec.relax.cpu {
+            return Err(InitError::Refused(format!("{why}. Run mcpbox as root, or accept it unenforced with `[sandbox] relax = [\"cpu\"]` in the policy")));
+        }
+        st.warnings.push(format!("{why}; not enforced ([sandbox] relax)"));
+    }
+    // 2 (continued). The data dir's disk image, mounted detached while we are host root.
+    if let Some(size) = spec.limits.disk {
+        let got = match (&spec.disk, root) {
+            (Some(img), true) => super::disk::mount_image(img).map_err(|e| e.to_string()),
+            _ => Err(if root { "no disk image was prepared".to_string() } else { "mcpbox runs rootless and cannot mount a size-capped filesystem (loop devices need root)".to_string() }),
+        };
+        match got {
+            Ok(fd) => {
+                st.disk = Some(fd);
+                let sep = if st.limits.summary.is_empty() { "" } else { ", " };
+                st.limits.summary.push_str(&format!("{sep}disk: ext4 image ({})", crate::policy::format_size(size)));
+            }
+            Err(e) => disk_unenforced(&spec, &mut st, size, &e)?,
+        }
     }
 
     // 3. The host identity the server runs under.
@@ -281,6 +314,10 @@ fn outer(spec_fd: RawFd, report: &Report, cpus: Option<CpuSet>) -> Result<i32, I
                 )));
             }
             st.level = Level::Container;
+            // Nowhere private to attach the data dir's filesystem.
+            if let (Some(size), Some(_)) = (spec.limits.disk, st.disk.take()) {
+                disk_unenforced(&spec, &mut st, size, "the `container` level has no mount namespace to mount it in")?;
+            }
             st.warnings.push(format!(
                 "running at `container` level ({why}): no namespaces, the filesystem view comes from Landlock alone and the network is the container's own{}",
                 if matches!(spec.network, Network::None) { " (TCP denied by Landlock, sockets limited to AF_UNIX by seccomp)" } else { "" }
@@ -312,6 +349,8 @@ fn outer(spec_fd: RawFd, report: &Report, cpus: Option<CpuSet>) -> Result<i32, I
             Forked::Parent(child) => {
                 drop(alive_r);
                 drop(input);
+                // PID 1 attaches it; our copy would keep the image mounted after the sandbox.
+                st.disk.take();
                 sys::close_fd(report.0);
                 // Only PID 1 and the server need the helper's socket.
                 if let Some(n) = net.as_mut() {
@@ -424,6 +463,17 @@ fn descendants(root: Pid) -> Vec<Pid> {
     found
 }
 
+/// `[limits] disk` could not be enforced: refused, unless the policy relaxes it (then a warning
+/// at every start).
+fn disk_unenforced(spec: &OuterSpec, st: &mut State, size: u64, why: &str) -> Result<(), InitError> {
+    let why = format!("[limits] disk = \"{}\" cannot be enforced: {why}", crate::policy::format_size(size));
+    if !spec.relax.disk {
+        return Err(InitError::Refused(format!("{why}. Run mcpbox as root, or accept it unenforced with `[sandbox] relax = [\"disk\"]` in the policy")));
+    }
+    st.warnings.push(format!("{why}; not enforced ([sandbox] relax), the data dir is the host's"));
+    Ok(())
+}
+
 fn write_maps(inner_uid: u32, outer_uid: u32, inner_gid: u32, outer_gid: u32) -> Result<(), InitError> {
     let w = |path: &str, data: String| {
         std::fs::write(path, data).map_err(|e| InitError::Io(format!("writing {path}: {e}")))
@@ -504,7 +554,7 @@ fn pid1(mut input: std::fs::File, report: &Report, alive_r: OwnedFd, st: &mut St
     }
 
     // 7. The mount view, hostname, network namespace (its loopback is up), proxy socket.
-    mounts::build_root(spec)?;
+    mounts::build_root(spec, st.disk.take())?;
     let host = spec.outer.name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '-' }).take(63).collect::<String>();
     nix::unistd::sethostname(if host.is_empty() { "mcpbox".to_string() } else { host }).map_err(sys_err("sethostname"))?;
     if let Some(net) = net {

@@ -26,6 +26,9 @@ pub struct Applied {
     pub dirs: Vec<PathBuf>,
     pub pids_by_cgroup: bool,
     pub memory_by_cgroup: bool,
+    /// `cpu.max` (v2) or the CFS quota (v1) holds the server to its `[limits] cpu`, and its
+    /// weight is set: the CPU limit needs a cgroup, there is no rlimit for a rate.
+    pub cpu_by_cgroup: bool,
     pub warnings: Vec<String>,
 }
 
@@ -37,6 +40,8 @@ pub struct Layout {
     /// v1 mount points by controller name.
     pub v1_pids: Option<PathBuf>,
     pub v1_memory: Option<PathBuf>,
+    #[serde(default)]
+    pub v1_cpu: Option<PathBuf>,
     /// mcpbox's own cgroups: the sandboxes' cgroups are made under them.
     #[serde(default)]
     pub own: Own,
@@ -53,6 +58,8 @@ pub struct Own {
     pub v2: PathBuf,
     pub pids: PathBuf,
     pub memory: PathBuf,
+    #[serde(default)]
+    pub cpu: PathBuf,
 }
 
 /// The cgroup v2 leaf mcpbox moves itself into, inside its own cgroup, when it first makes a
@@ -96,6 +103,7 @@ fn read_own() -> Own {
                 match c {
                     "pids" => own.pids = path.clone(),
                     "memory" => own.memory = path.clone(),
+                    "cpu" => own.cpu = path.clone(),
                     _ => {}
                 }
             }
@@ -127,6 +135,7 @@ fn read_layout() -> Layout {
                 match o {
                     "pids" => l.v1_pids = Some(mount_point.into()),
                     "memory" => l.v1_memory = Some(mount_point.into()),
+                    "cpu" => l.v1_cpu = Some(mount_point.into()),
                     _ => {}
                 }
             }
@@ -191,7 +200,11 @@ fn claim_slot(parent: &Path, name: &str, warnings: &mut Vec<String>) -> Result<(
 /// process into them. Needs host root (it runs in sandbox-init before the uid is dropped).
 /// Failures degrade to rlimits with a warning: rlimits are applied in any case by
 /// [`apply_rlimits`]. The returned files hold the slots: keep them open while the sandbox runs.
-pub fn join_cgroups(l: &Layout, limits: &Limits, parent: &str, name: &str, mcpbox: u32) -> (Applied, Vec<Slot>) {
+///
+/// `cpu_weight` is the sandbox's share of contended CPU against its siblings (cgroup v2
+/// `cpu.weight`, 1-10000, 100 when None; v1 `cpu.shares` scaled to match): the supervisor can
+/// start warm-pool and background sandboxes lower, so that they yield to live sessions.
+pub fn join_cgroups(l: &Layout, limits: &Limits, cpu_weight: Option<u32>, parent: &str, name: &str, mcpbox: u32) -> (Applied, Vec<Slot>) {
     let mut a = Applied::default();
     let mut held = Vec::new();
     // Warnings from claiming slots (closures below cannot borrow `a` mutably as well).
@@ -203,12 +216,18 @@ pub fn join_cgroups(l: &Layout, limits: &Limits, parent: &str, name: &str, mcpbo
     if let Some((root, ctrls)) = &l.v2 {
         let want: Vec<&str> = ["pids", "memory"].into_iter().filter(|c| ctrls.iter().any(|x| x == c)).collect();
         if !want.is_empty() {
-            let mut attempt = |base: &Path| -> Result<(PathBuf, Slot), CgroupError> {
+            let mut attempt = |base: &Path| -> Result<(PathBuf, Slot, Result<(), CgroupError>), CgroupError> {
                 let enable: String = want.iter().map(|c| format!("+{c} ")).collect();
                 enable_below(base, enable.trim(), mcpbox)?;
                 let p = base.join(parent);
                 mkdir(&p)?;
                 write(&p.join("cgroup.subtree_control"), enable.trim())?;
+                // The cpu controller on its own: it may be refused (realtime tasks outside the
+                // root cgroup) without costing the others.
+                if ctrls.iter().any(|c| c == "cpu") {
+                    let _ = enable_below(base, "+cpu", mcpbox);
+                    let _ = write(&p.join("cgroup.subtree_control"), "+cpu");
+                }
                 let (dir, slot) = claim_slot(&p, name, &mut left)?;
                 // Every value is written, "max" included: a reused slot keeps the previous
                 // sandbox's.
@@ -220,8 +239,9 @@ pub fn join_cgroups(l: &Layout, limits: &Limits, parent: &str, name: &str, mcpbo
                     write(&dir.join("memory.max"), &or_max(limits.memory))?;
                     let _ = write(&dir.join("memory.swap.max"), if limits.memory.is_some() { "0" } else { "max" });
                 }
+                let cpu = set_cpu_v2(&dir, limits.cpu, cpu_weight);
                 write(&dir.join("cgroup.procs"), &me)?;
-                Ok((dir, slot))
+                Ok((dir, slot, cpu))
             };
             // Under mcpbox's own cgroup; where that cannot be done, at the root as before.
             let own = under(root, &l.own.v2);
@@ -233,7 +253,15 @@ pub fn join_cgroups(l: &Layout, limits: &Limits, parent: &str, name: &str, mcpbo
                 attempt(root)
             });
             match res {
-                Ok((dir, slot)) => {
+                Ok((dir, slot, cpu)) => {
+                    match cpu {
+                        Ok(()) => {
+                            a.cpu_by_cgroup = true;
+                            parts.push("cpu: cgroup v2".into());
+                        }
+                        Err(e) if limits.cpu.is_some() || cpu_weight.is_some() => a.warnings.push(format!("cgroup v2 cpu controller not usable ({e})")),
+                        Err(_) => {}
+                    }
                     a.dirs.push(dir);
                     held.push(slot);
                     for c in &want {
@@ -293,6 +321,37 @@ pub fn join_cgroups(l: &Layout, limits: &Limits, parent: &str, name: &str, mcpbo
                 if ctl == "pids" { a.pids_by_cgroup = true } else { a.memory_by_cgroup = true }
             }
             Err(e) => a.warnings.push(format!("cgroup v1 {ctl} not usable ({e}); using rlimits")),
+        }
+    }
+    if let (false, Some(mount)) = (a.cpu_by_cgroup, &l.v1_cpu) {
+        let own = under(mount, &l.own.cpu);
+        let mut attempt = |base: &Path| -> Result<(PathBuf, Slot), CgroupError> {
+            let p = base.join(parent);
+            mkdir(&p)?;
+            let (dir, slot) = claim_slot(&p, name, &mut left)?;
+            // Every value is written, "no limit" included: a reused slot keeps the previous
+            // sandbox's.
+            write(&dir.join("cpu.cfs_period_us"), &CPU_PERIOD_US.to_string())?;
+            write(&dir.join("cpu.cfs_quota_us"), &limits.cpu.map_or_else(|| "-1".to_string(), |m| quota_us(m).to_string()))?;
+            write(&dir.join("cpu.shares"), &(u64::from(weight(cpu_weight)) * 1024 / 100).max(2).to_string())?;
+            write(&dir.join("tasks"), "0")?;
+            Ok((dir, slot))
+        };
+        let res = attempt(&own).or_else(|e| {
+            if &own == mount {
+                return Err(e);
+            }
+            a.warnings.push(outside_own(&own, &e));
+            attempt(mount)
+        });
+        match res {
+            Ok((dir, slot)) => {
+                a.dirs.push(dir);
+                held.push(slot);
+                parts.push("cpu: cgroup v1".into());
+                a.cpu_by_cgroup = true;
+            }
+            Err(e) => a.warnings.push(format!("cgroup v1 cpu not usable ({e})")),
         }
     }
     if !a.pids_by_cgroup && limits.pids.is_some() {
@@ -357,6 +416,31 @@ fn enable_below(base: &Path, enable: &str, mcpbox: u32) -> Result<(), CgroupErro
         }
     }
     write(&file, enable)
+}
+
+/// The CFS period every sandbox gets (the kernel's default): a quota is cores × this.
+pub const CPU_PERIOD_US: u64 = 100_000;
+
+/// Quota per period for `milli` thousandths of a core.
+fn quota_us(milli: u32) -> u64 {
+    u64::from(milli) * CPU_PERIOD_US / 1000
+}
+
+fn weight(w: Option<u32>) -> u32 {
+    w.unwrap_or(100).clamp(1, 10_000)
+}
+
+/// What `cpu.max` gets for a limit of `milli` thousandths of a core ("max" for none).
+pub fn cpu_max(milli: Option<u32>) -> String {
+    match milli {
+        Some(m) => format!("{} {CPU_PERIOD_US}", quota_us(m)),
+        None => format!("max {CPU_PERIOD_US}"),
+    }
+}
+
+fn set_cpu_v2(dir: &Path, milli: Option<u32>, w: Option<u32>) -> Result<(), CgroupError> {
+    write(&dir.join("cpu.max"), &cpu_max(milli))?;
+    write(&dir.join("cpu.weight"), &weight(w).to_string())
 }
 
 /// What limits are enforced without cgroups (rootless).
@@ -425,7 +509,7 @@ pub fn sweep_stale(parent: &str) -> usize {
         roots.push(under(p, &l.own.v2).join(parent));
         roots.push(p.join(parent));
     }
-    for (mount, own) in [(&l.v1_pids, &l.own.pids), (&l.v1_memory, &l.own.memory)] {
+    for (mount, own) in [(&l.v1_pids, &l.own.pids), (&l.v1_memory, &l.own.memory), (&l.v1_cpu, &l.own.cpu)] {
         if let Some(m) = mount {
             roots.push(under(m, own).join(parent));
             roots.push(m.join(parent));
@@ -581,5 +665,16 @@ mod tests {
         assert_eq!(under(Path::new("/sys/fs/cgroup"), Path::new("/")), PathBuf::from("/sys/fs/cgroup"));
         assert_eq!(under(Path::new("/sys/fs/cgroup"), Path::new("")), PathBuf::from("/sys/fs/cgroup"));
         assert_eq!(under(Path::new("/sys/fs/cgroup"), Path::new("/system.slice/mcpbox.service")), PathBuf::from("/sys/fs/cgroup/system.slice/mcpbox.service"));
+    }
+
+    #[test]
+    fn cpu_limits_become_quota_per_period_and_weights_are_clamped() {
+        assert_eq!(cpu_max(Some(1000)), "100000 100000");
+        assert_eq!(cpu_max(Some(500)), "50000 100000");
+        assert_eq!(cpu_max(Some(2250)), "225000 100000");
+        // The smallest policy value (0.01 core) is the kernel's smallest quota, 1 ms.
+        assert_eq!(cpu_max(Some(10)), "1000 100000");
+        assert_eq!(cpu_max(None), "max 100000");
+        assert_eq!((weight(None), weight(Some(0)), weight(Some(20)), weight(Some(50_000))), (100, 1, 20, 10_000));
     }
 }
