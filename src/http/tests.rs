@@ -38,7 +38,7 @@ async fn start_text(text: String) -> Srv {
     let sup = Supervisor::start(
         &cfg,
         Arc::new(DirectLauncher),
-        Options { queue: cfg.session_queue, max_line: cfg.max_line_bytes, grace: Duration::from_secs(1) },
+        Options::from_config(&cfg, Duration::from_secs(1)),
     );
     let app = super::router(sup.clone(), cfg);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
