@@ -333,7 +333,7 @@ impl Hub {
         let body = Bytes::from(serde_json::to_vec(&d.msg).unwrap_or_default());
         if let Err(e) = sink.outbox.push(Outbound { body, reply_to: d.reply_to, related_to: d.related_to }) {
             tracing::warn!(server = %self.server, session = %sid, budget = e.budget, "session ends: budget mcpbox.sessionBufferBytes exceeded ({e})");
-            sink.outbox.close(Some(&format!("mcpbox ended this session: {e}")));
+            sink.outbox.overflowed(&format!("mcpbox ended this session: {e}"));
             sink.closed.cancel();
             st.sinks.remove(&sid);
             st.router.detach(&sid);

@@ -220,16 +220,32 @@ impl OutboxState {
         Ok(())
     }
 
-    /// End the outbox: everything it holds is freed; requests still waiting get `reason` as
-    /// their JSON-RPC error, and the event stream gets it as a last log message.
+    /// Drop everything held (the budget is exceeded: nothing of it is worth keeping).
+    pub fn discard(&mut self) {
+        self.ring = VecDeque::new();
+        for w in self.posts.values_mut() {
+            if let Waiter::Stream { queue, .. } = w {
+                *queue = VecDeque::new();
+            }
+        }
+        self.held = 0;
+    }
+
+    /// End the outbox: what no open stream will read is freed; requests still waiting get
+    /// `reason` as their JSON-RPC error, and the event stream gets it as a last log message.
     pub fn close(&mut self, reason: Option<&str>) {
         if self.closed {
             return;
         }
         self.closed = true;
-        self.ring = VecDeque::new();
-        self.held = 0;
+        // Events still on their way to an open event stream drain to it (a legacy client
+        // gets the errors of its last requests); with no stream open nobody can read them.
+        let ring = std::mem::take(&mut self.ring);
+        if self.get_open {
+            self.ring = ring.into_iter().filter(|(n, _)| *n > self.delivered).collect();
+        }
         let posts = std::mem::take(&mut self.posts);
+        self.held = self.ring.iter().map(|(_, b)| b.len()).sum();
         let Some(reason) = reason else { return };
         let error_for = |k: &Key| {
             let id = serde_json::from_str(k).unwrap_or(serde_json::Value::Null);
@@ -240,12 +256,15 @@ impl OutboxState {
                 Waiter::Json(tx) => {
                     let _ = tx.send(error_for(&k));
                 }
-                Waiter::Stream { done: false, .. } => {
-                    let b = error_for(&k);
-                    self.held += b.len();
-                    self.posts.insert(k, Waiter::Stream { queue: VecDeque::from([b]), done: true });
+                // A POST stream keeps what it holds up to its response (which may be the error
+                // the server's exit gave it), so that its reader still gets an answer.
+                Waiter::Stream { mut queue, done } => {
+                    if !done {
+                        queue.push_back(error_for(&k));
+                    }
+                    self.held += queue.iter().map(Bytes::len).sum::<usize>();
+                    self.posts.insert(k, Waiter::Stream { queue, done: true });
                 }
-                Waiter::Stream { .. } => {}
             }
         }
         let note = serde_json::json!({"jsonrpc": "2.0", "method": "notifications/message",
@@ -280,6 +299,15 @@ impl Outbox {
 
     pub fn close(&self, reason: Option<&str>) {
         self.lock().close(reason);
+        self.notify.notify_waiters();
+    }
+
+    /// Over budget: drop everything held, then close.
+    pub fn overflowed(&self, reason: &str) {
+        let mut st = self.lock();
+        st.discard();
+        st.close(Some(reason));
+        drop(st);
         self.notify.notify_waiters();
     }
 
@@ -382,11 +410,28 @@ mod tests {
         let Next::Item(b) = s.next_for_post(&"2".into()) else { panic!() };
         assert!(String::from_utf8_lossy(&b).contains("session ended: budget"));
         assert_eq!(s.next_for_post(&"2".into()), Next::End);
-        // Closing without a reason frees everything.
+        // A response already queued on a POST stream survives the close.
+        let mut s = OutboxState::new(Transport::Streamable, 1 << 20);
+        s.expect_stream("4".into());
+        s.push(reply("4", 2)).unwrap();
+        s.close(Some("gone"));
+        assert_eq!(s.next_for_post(&"4".into()), Next::Item(Bytes::from_static(b"rr")));
+        assert_eq!(s.next_for_post(&"4".into()), Next::End);
+        // Closing frees what no open stream reads; an open stream drains its undelivered events.
         let mut s = OutboxState::new(Transport::Streamable, 1 << 20);
         s.push(msg(5000)).unwrap();
         s.close(None);
         assert_eq!(s.held(), 0);
         assert_eq!(s.next_event(0), Next::End);
+        let mut l = OutboxState::new(Transport::LegacySse, 1 << 20);
+        l.open_events(None).unwrap();
+        l.push(msg(1)).unwrap();
+        assert!(matches!(l.next_event(0), Next::Item((1, _))));
+        l.push(msg(7)).unwrap();
+        l.close(None);
+        assert!(matches!(l.next_event(1), Next::Item((2, b)) if b.len() == 7));
+        assert_eq!(l.next_event(2), Next::End);
+        l.discard();
+        assert_eq!(l.held(), 0);
     }
 }
