@@ -4,7 +4,7 @@
 //! list.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -31,7 +31,6 @@ pub struct Session {
     streams: AtomicUsize,
     /// The server's request counter.
     requests: Arc<AtomicU64>,
-    pub initialized: AtomicBool,
 }
 
 impl Session {
@@ -59,7 +58,6 @@ impl Session {
             last_active: Mutex::new(Instant::now()),
             streams: AtomicUsize::new(0),
             requests,
-            initialized: AtomicBool::new(false),
         })
     }
 
