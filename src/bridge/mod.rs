@@ -410,4 +410,52 @@ mod tests {
         let v: Value = serde_json::from_slice(&out.try_recv().unwrap().body).unwrap();
         assert_eq!(v["error"]["message"], router::SERVER_EXITED);
     }
+
+    #[test]
+    fn a_server_that_does_not_read_holds_no_more_than_its_input_budget() {
+        let hub = Hub::new("s", false, None, Limits { max_line: 1 << 20, input: 1000 });
+        let (a, mut out) = session(&hub, "a");
+        let (stdin, backend) = input_queue(1000);
+        hub.connect_process(stdin);
+        let call = |i: u64| serde_json::json!({"jsonrpc":"2.0","id":i,"method":"tools/call","params":{"name":"x","arguments":{"pad":"p".repeat(300)}}});
+        let sent: Vec<Sent> = (0..10).map(|i| hub.from_client(&a, call(i))).collect();
+        assert_eq!(sent.iter().filter(|s| **s == Sent::Forwarded).count(), 10, "the router forwards; the queue refuses");
+        assert!(backend.held.load(Ordering::SeqCst) <= 1000, "{}", backend.held.load(Ordering::SeqCst));
+        let mut refused = 0;
+        while let Ok(o) = out.try_recv() {
+            let v: Value = serde_json::from_slice(&o.body).unwrap();
+            assert_eq!(v["error"]["message"], INPUT_FULL);
+            refused += 1;
+        }
+        assert!(refused >= 7, "{refused} of 10 refused");
+        // Once the server reads, calls pass again.
+        backend.written(backend.held.load(Ordering::SeqCst));
+        hub.from_client(&a, call(99));
+        assert!(out.try_recv().is_err(), "accepted");
+    }
+
+    #[test]
+    fn an_outbox_over_budget_ends_its_session_alone() {
+        let hub = Hub::new("s", true, None, LIMITS);
+        let small = Arc::new(Outbox::new(Transport::LegacySse, 1000));
+        small.lock().open_events(None).unwrap();
+        let ended = CancellationToken::new();
+        let a: SessionId = "a".into();
+        hub.attach(a.clone(), small.clone(), ended.clone());
+        let (b, mut out_b) = session(&hub, "b");
+        let (stdin, _backend) = input_queue(1 << 20);
+        hub.connect_process(stdin);
+        hub.from_client(&a, serde_json::json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"x"}}));
+        let note = format!(r#"{{"jsonrpc":"2.0","method":"notifications/message","params":{{"data":"{}"}}}}"#, "x".repeat(300));
+        for _ in 0..5 {
+            hub.from_backend(Frame::Line(Bytes::from(note.clone())));
+        }
+        assert!(ended.is_cancelled(), "a's session is ended");
+        assert!(small.lock().held() < 1000);
+        assert_eq!(hub.session_count(), 1);
+        let list_changed = r#"{"jsonrpc":"2.0","method":"notifications/tools/list_changed"}"#;
+        hub.from_backend(Frame::Line(Bytes::from_static(list_changed.as_bytes())));
+        assert!(out_b.try_recv().is_ok(), "b goes on");
+        let _ = b;
+    }
 }
