@@ -198,6 +198,15 @@ mod tests {
         assert_eq!(want("abcd", 3).to_string(), "abcd [mcpbox: 3 more bytes of this line dropped]");
     }
 
+    #[test]
+    fn the_blocking_reader_cuts_the_same_way() {
+        let mut input = b"one\n".to_vec();
+        input.extend(std::iter::repeat_n(b'y', 1 << 20));
+        let mut got = Vec::new();
+        read_log_lines_blocking(std::io::Cursor::new(input), 500, |l| got.push(l));
+        assert_eq!(got, vec![LogLine { text: "one".into(), dropped: 0 }, LogLine { text: "y".repeat(500), dropped: (1 << 20) - 500 }]);
+    }
+
     #[tokio::test]
     async fn a_pipe_without_newlines_costs_a_fixed_buffer() {
         let (mut w, r) = tokio::io::duplex(1 << 16);
