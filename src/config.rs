@@ -15,7 +15,10 @@ use crate::policy::PolicyRef;
 
 pub const DEFAULT_MAX_BODY: usize = 16 << 20;
 pub const DEFAULT_MAX_LINE: usize = 16 << 20;
-pub const DEFAULT_SESSION_QUEUE: usize = 1024;
+/// What one session's outbox may hold (undelivered messages and the replay ring), in bytes.
+pub const DEFAULT_SESSION_BUFFER: usize = 8 << 20;
+/// What one server's input queue may hold (and a restarting shared server's waiting messages).
+pub const DEFAULT_SERVER_INPUT: usize = 8 << 20;
 pub const DEFAULT_IDLE: Duration = Duration::from_secs(600);
 /// `maxSessions` of a server that does not set it; `0` in the config means no per-server limit.
 pub const DEFAULT_MAX_SESSIONS: usize = 16;
@@ -186,7 +189,8 @@ pub struct Config {
     pub uid_base: Option<u32>,
     pub max_body_bytes: usize,
     pub max_line_bytes: usize,
-    pub session_queue: usize,
+    pub session_buffer_bytes: usize,
+    pub server_input_bytes: usize,
     pub allowed_origins: Vec<String>,
     pub allowed_hosts: Vec<String>,
     pub limits: ServeLimits,
@@ -346,7 +350,11 @@ struct RawMcpbox {
     uid_base: Option<u32>,
     max_body_bytes: Option<usize>,
     max_line_bytes: Option<usize>,
+    /// Accepted for old configs and ignored: the session budget is in bytes now.
+    #[allow(dead_code)]
     session_queue: Option<usize>,
+    session_buffer_bytes: Option<usize>,
+    server_input_bytes: Option<usize>,
     #[serde(default)]
     allowed_origins: Vec<String>,
     #[serde(default)]
@@ -652,19 +660,25 @@ fn build(raw: RawFile, base_dir: &Path) -> Result<Config, ConfigError> {
         Some(m) => serve_limits(m)?,
         None => ServeLimits::default(),
     };
-    let (state_dir, uid_base, max_body, max_line, queue, origins, hosts) = match mb {
+    let (state_dir, uid_base, max_body, max_line, session_buffer, server_input, origins, hosts) = match mb {
         Some(m) => (
             m.state_dir,
             m.uid_base,
             m.max_body_bytes,
             m.max_line_bytes,
-            m.session_queue,
+            m.session_buffer_bytes,
+            m.server_input_bytes,
             m.allowed_origins,
             m.allowed_hosts,
         ),
-        None => (None, None, None, None, None, vec![], vec![]),
+        None => (None, None, None, None, None, None, vec![], vec![]),
     };
-    for (k, v) in [("maxBodyBytes", max_body), ("maxLineBytes", max_line), ("sessionQueue", queue)] {
+    for (k, v) in [
+        ("maxBodyBytes", max_body),
+        ("maxLineBytes", max_line),
+        ("sessionBufferBytes", session_buffer),
+        ("serverInputBytes", server_input),
+    ] {
         if v == Some(0) {
             return Err(field_err(format!("mcpbox.{k}"), "must be at least 1"));
         }
@@ -676,7 +690,8 @@ fn build(raw: RawFile, base_dir: &Path) -> Result<Config, ConfigError> {
         uid_base,
         max_body_bytes: max_body.unwrap_or(DEFAULT_MAX_BODY),
         max_line_bytes: max_line.unwrap_or(DEFAULT_MAX_LINE),
-        session_queue: queue.unwrap_or(DEFAULT_SESSION_QUEUE),
+        session_buffer_bytes: session_buffer.unwrap_or(DEFAULT_SESSION_BUFFER),
+        server_input_bytes: server_input.unwrap_or(DEFAULT_SERVER_INPUT),
         allowed_origins: origins.into_iter().map(|o| o.trim_end_matches('/').to_ascii_lowercase()).collect(),
         allowed_hosts: hosts.into_iter().map(|h| h.to_ascii_lowercase()).collect(),
         limits,

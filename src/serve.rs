@@ -180,7 +180,7 @@ async fn run(args: ServeArgs, cfg: Config) -> anyhow::Result<()> {
     let launcher = SandboxLauncher { planner, spawner: crate::sandbox::Spawner::new() };
     let cfg = Arc::new(cfg);
     let grace = Duration::from_secs(args.grace);
-    let sup = Supervisor::start(&cfg, Arc::new(launcher), Options { queue: cfg.session_queue, max_line: cfg.max_line_bytes, grace });
+    let sup = Supervisor::start(&cfg, Arc::new(launcher), Options::from_config(&cfg, grace));
     let listener = tokio::net::TcpListener::bind(cfg.proxy.addr).await?;
     tracing::info!("mcpbox {} listening on {}", env!("CARGO_PKG_VERSION"), listener.local_addr()?);
     for u in urls(&cfg) {

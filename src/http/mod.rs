@@ -12,10 +12,9 @@ pub mod listen;
 pub mod sse;
 pub mod streamable;
 
-use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
@@ -24,7 +23,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Router;
 use serde_json::{json, Value};
 
-use crate::bridge::{error_response, SessionId};
+use crate::bridge::error_response;
 use crate::config::{Config, Isolation};
 use crate::supervisor::{OpenError, Supervisor};
 use edge::{Endpoint, Routed, Target};
@@ -35,7 +34,6 @@ pub struct AppState {
     /// `baseURL`'s path ("" or "/prefix").
     pub prefix: String,
     pub edge: edge::Edge,
-    pub streams: Mutex<HashMap<SessionId, Arc<streamable::StreamSession>>>,
 }
 
 pub type Shared = Arc<AppState>;
@@ -46,7 +44,6 @@ pub fn router(sup: Arc<Supervisor>, cfg: Arc<Config>) -> Router {
         edge: edge::Edge::new(&cfg),
         sup,
         prefix,
-        streams: Mutex::new(HashMap::new()),
         cfg: cfg.clone(),
     });
     // No path patterns: every request goes to `dispatch`, which routes on the edge's one decision.
