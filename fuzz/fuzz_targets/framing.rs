@@ -52,8 +52,8 @@ fn frames(data: &[u8], max: usize, sizes: Vec<usize>) -> Vec<Frame> {
     }
 }
 
-/// The frames by definition: split at `\n`, drop one trailing `\r`, skip blank lines, longer
-/// than `max` is `TooLong`.
+/// The frames by definition: split at `\n`, drop one trailing `\r`; longer than `max` is
+/// `TooLong` (blank or not), else blank lines are skipped.
 fn model(data: &[u8], max: usize) -> Vec<Frame> {
     let mut out = Vec::new();
     let mut pieces: Vec<&[u8]> = data.split(|&b| b == b'\n').collect();
@@ -68,12 +68,9 @@ fn model(data: &[u8], max: usize) -> Vec<Frame> {
 }
 
 fn model_line(line: &[u8], max: usize, out: &mut Vec<Frame>) {
-    if line.iter().all(|b| b.is_ascii_whitespace()) {
-        return;
-    }
     if line.len() > max {
         out.push(Frame::TooLong(line.len()));
-    } else {
+    } else if !line.iter().all(|b| b.is_ascii_whitespace()) {
         out.push(Frame::Line(bytes::Bytes::copy_from_slice(line)));
     }
 }
