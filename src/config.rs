@@ -96,6 +96,11 @@ impl BaseUrl {
         }
         let (host, port) = split_host_port(authority)?;
         let path = path.split(['?', '#']).next().unwrap_or("").trim_end_matches('/').to_string();
+        // The edge matches request paths byte for byte and refuses `%`, dot and empty segments
+        // (http::edge::decide); a prefix with them would be reachable only in that form.
+        if path.contains('%') || path.split('/').skip(1).any(|s| s.is_empty() || s == "." || s == "..") {
+            return Err(format!("the path {path:?} must be plain: no `%`, no `.` or `..` segments, no `//`"));
+        }
         Ok(BaseUrl { scheme, host, port, path })
     }
 
@@ -743,5 +748,12 @@ mod tests {
         assert_eq!(b.path, "/mcp");
         assert_eq!(b.origin(), "https://example.com:8443");
         assert_eq!(BaseUrl::parse("http://[::1]:9").unwrap().host, "[::1]");
+        // Found by fuzzing (fuzz/fuzz_targets/decide.rs): a prefix the edge could only be reached
+        // through in a non-canonical form.
+        for bad in ["http://h/a/../b", "http://h/./mcp", "http://h/%6dcp", "http://h/a//b"] {
+            let e = BaseUrl::parse(bad).unwrap_err();
+            assert!(e.contains("must be plain"), "{bad}: {e}");
+        }
+        assert_eq!(BaseUrl::parse("http://h/a.b/c..d/").unwrap().path, "/a.b/c..d");
     }
 }
