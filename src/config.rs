@@ -436,11 +436,13 @@ fn parse_addr(s: &str) -> Result<SocketAddr, String> {
 /// `300` (seconds), `"300"`, `"500ms"`, `"30s"`, `"5m"`, `"1h"`.
 pub fn parse_duration(v: &Value) -> Result<Duration, String> {
     match v {
+        // `try_from`: a number of seconds past what a Duration holds (`1e30`) is an error, not a
+        // panic (found by fuzzing config::parse).
         Value::Number(n) => n
             .as_f64()
             .filter(|f| *f >= 0.0 && f.is_finite())
-            .map(Duration::from_secs_f64)
-            .ok_or_else(|| format!("{n} is not a non-negative number of seconds")),
+            .and_then(|f| Duration::try_from_secs_f64(f).ok())
+            .ok_or_else(|| format!("{n} is not a non-negative number of seconds (of a sane size)")),
         Value::String(s) => {
             let s = s.trim();
             let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
@@ -453,7 +455,7 @@ pub fn parse_duration(v: &Value) -> Result<Duration, String> {
                 "h" => n * 3600.0,
                 _ => return Err(format!("{s:?}: unknown unit {unit:?} (ms, s, m, h)")),
             };
-            Ok(Duration::from_secs_f64(secs))
+            Duration::try_from_secs_f64(secs).map_err(|_| format!("{s:?} is too long a duration"))
         }
         _ => Err("expected seconds (a number) or a string like \"30s\", \"5m\"".into()),
     }
@@ -702,6 +704,9 @@ mod tests {
         let cases = [
             (r#"{"mcpServers":{"a":{"command":"x","isolation":"sometimes"}}}"#, "mcpServers.a.isolation"),
             (r#"{"mcpServers":{"a":{"command":"x","idleTimeout":"5 fortnights"}}}"#, "mcpServers.a.idleTimeout"),
+            // Found by fuzzing: these panicked (a Duration cannot hold 7e29 seconds).
+            (r#"{"mcpServers":{"a":{"command":"x","idleTimeout":7E29}}}"#, "mcpServers.a.idleTimeout"),
+            (r#"{"mcpServers":{"a":{"command":"x","timeout":"99999999999999999999999h"}}}"#, "mcpServers.a.timeout"),
             (r#"{"mcpServers":{"a":{"command":"x","bogus":1}}}"#, "mcpServers.a"),
             (r#"{"mcpServers":{"a":{"command":"x","args":[1]}}}"#, "mcpServers.a.args"),
             (r#"{"mcpServers":{"a":{}}}"#, "mcpServers.a"),
