@@ -13,8 +13,9 @@ secs=${1:-20}
 shift || true
 
 if ! command -v cargo-fuzz >/dev/null && ! [ -x "${CARGO_HOME:-$HOME/.cargo}/bin/cargo-fuzz" ]; then
+    # A debug build: it only drives cargo, and builds in a fraction of the time.
     echo "== installing cargo-fuzz"
-    cargo install --locked cargo-fuzz
+    cargo install --locked --debug cargo-fuzz
 fi
 # cargo-fuzz passes nightly-only flags to rustc (-Zsanitizer, -Cpasses=sancov-module); a stable
 # toolchain accepts them with RUSTC_BOOTSTRAP. No sanitizer: the targets are safe Rust, where
