@@ -47,7 +47,7 @@ for t in "${targets[@]}"; do
         sed -n '/panicked at/,/^stack backtrace/p' "$log" | head -n 30
         grep -E '^SUMMARY|Test unit written|^Base64' "$log" || true
     fi
-    grep -E '^#[0-9]+ +DONE|^stat::(number_of_executed_units|average_exec_per_sec|new_units_added|peak_rss_mb)' "$log" || true
+    grep -E '^#[0-9]+[[:space:]]+DONE|^stat::(number_of_executed_units|average_exec_per_sec|new_units_added|peak_rss_mb)' "$log" || true
 done
 
 if [ ${#failed[@]} -gt 0 ]; then
