@@ -55,7 +55,7 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
                 *n += self.buf.len();
                 self.buf.clear();
                 self.scanned = 0;
-            } else if self.buf.len() > self.max + 1 {
+            } else if self.buf.len() > self.max.saturating_add(1) {
                 // (`max + 1`: the line's last byte may be a `\r` that is not part of the line.)
                 self.discarding = Some(self.buf.len());
                 self.buf.clear();
