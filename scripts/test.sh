@@ -96,6 +96,11 @@ step "integration tests as $ci_user" setpriv --reuid="$ci_user" --regid="$ci_use
 
 rm -rf "$tmp_root" "$tmp_user"
 
+# The parsers that read hostile input (JSON-RPC framing, request bodies, mcpbox.json, policies,
+# allow-list entries, the request path -> server decision), fuzzed briefly from their seed corpus
+# (docs/FUZZING.md); a crash fails the suite.
+step "fuzz (scripts/fuzz.sh, 6 s per target)" bash scripts/fuzz.sh 6
+
 say "summary ($((SECONDS - started)) s)"
 printf '%s\n' "${results[@]}"
 exit $fail
