@@ -1,6 +1,14 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 //! mcpbox: run stdio MCP servers in a native Linux sandbox and serve them over HTTP.
 
+// The sandbox is Linux's (namespaces, Landlock, cgroups) and its seccomp filter is written for
+// the x86_64 syscall table and audit architecture: nothing else would be confined as designed.
+#[cfg(not(all(target_os = "linux", target_arch = "x86_64")))]
+compile_error!(
+    "mcpbox supports x86_64 Linux only (Linux namespaces, Landlock and a seccomp filter written for the x86_64 \
+     syscall table); build it for x86_64-unknown-linux-gnu"
+);
+
 pub mod cli_doctor;
 pub mod cli_run;
 pub mod launch;
