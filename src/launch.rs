@@ -64,6 +64,22 @@ impl StateDir {
     pub fn new(root: PathBuf) -> Self {
         StateDir { root, uid_base: 200_000, uid_count: 10_000, min_level: Level::Full, policy_dirs: Vec::new() }
     }
+
+    /// The state dir of a config file's servers (`serve`, `serve --check`, `prepare`): `--state-dir`,
+    /// else the config's `stateDir`, else [`StateDir::default_root`]; the config's `uidBase`; user
+    /// policies looked up beside the config first (`policies/NAME.toml`).
+    pub fn for_config(state_dir: Option<PathBuf>, cfg: &crate::config::Config, config_path: &Path, min_level: Level) -> Self {
+        let root = state_dir.or_else(|| cfg.state_dir.clone()).unwrap_or_else(StateDir::default_root);
+        let mut state = StateDir::new(root);
+        if let Some(b) = cfg.uid_base {
+            state.uid_base = b;
+        }
+        state.min_level = min_level;
+        if let Some(dir) = config_path.parent() {
+            state.policy_dirs.push(dir.join("policies"));
+        }
+        state
+    }
 }
 
 /// Everything needed to start the server, decided once (before any fork).
@@ -107,6 +123,25 @@ pub fn plan(state: &StateDir, launch: &ServerLaunch) -> anyhow::Result<Planned> 
 /// [`plan`] with what mcpbox adds on top of the policy (see [`Extra`]).
 pub fn plan_with(state: &StateDir, launch: &ServerLaunch, extra: &Extra) -> anyhow::Result<Planned> {
     plan_begin(state, launch)?.finish(launch, extra)
+}
+
+/// Loads server `name`'s policy as its launch would, creating nothing: `${DATA}` and `${CACHE}`
+/// are its directories under the state dir, and paths under them need not exist yet. What this
+/// refuses (the allow-list grammar, syscall names, unknown keys, …) every launch refuses too:
+/// `serve --check` calls it for each server.
+pub fn load_policy(state: &StateDir, name: &str, policy: &PolicyRef) -> anyhow::Result<Policy> {
+    check_name(name)?;
+    let dirs = ServerDirs::of(state, name);
+    let mut vars = BTreeMap::new();
+    vars.insert("DATA".to_string(), dirs.data.to_string_lossy().into_owned());
+    vars.insert("CACHE".to_string(), dirs.cache.to_string_lossy().into_owned());
+    let ctx = LoadContext { vars, search_dirs: state.policy_dirs.clone() };
+    let unchecked = [dirs.data, dirs.cache];
+    let loaded = match policy {
+        PolicyRef::Named(r) => policy::load_detailed(r, &ctx, &unchecked),
+        PolicyRef::Inline { value, base_dir } => policy::load_inline_detailed(value.clone(), base_dir, &ctx, &unchecked),
+    };
+    loaded.map(|l| l.policy).map_err(|e| anyhow::anyhow!("server {name}: {e}"))
 }
 
 /// The first half of planning: the server's directories and host uid, and its policy. Enough
@@ -217,14 +252,10 @@ impl Begun {
             env.insert(k.clone(), v.clone());
         }
         if matches!(policy.network, Network::Proxy { .. }) {
-            let url = format!("http://127.0.0.1:{}", crate::sandbox::PROXY_PORT);
-            for k in ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"] {
-                env.insert(k.to_string(), url.clone());
-            }
-            env.insert("NODE_USE_ENV_PROXY".into(), "1".into());
             // Loopback must go through the proxy too: nothing else is reachable.
-            env.insert("NO_PROXY".into(), String::new());
-            env.insert("no_proxy".into(), String::new());
+            for (k, v) in crate::netproxy::proxy_env(crate::sandbox::PROXY_PORT) {
+                env.insert(k.to_string(), v);
+            }
         }
 
         // The command: resolved on the host against the sandbox's PATH (the view is identical),
@@ -260,12 +291,6 @@ impl Begun {
             seccomp_extra_allow: policy.seccomp.extra_allow.clone(),
             landlock_min_abi: policy.sandbox.landlock_min_abi,
         };
-        crate::sandbox::seccomp::check_names(&crate::sandbox::seccomp::FilterOptions {
-            extra_deny: spec.seccomp_extra_deny.clone(),
-            extra_allow: spec.seccomp_extra_allow.clone(),
-            unix_sockets_only: false,
-        })
-        .map_err(|e| anyhow::anyhow!("policy {}: {e}", policy.source))?;
         Ok(Planned { spec, policy, notes })
     }
 }
@@ -278,9 +303,15 @@ pub struct ServerDirs {
 }
 
 impl ServerDirs {
+    /// Where server `name`'s directories are (nothing is created).
+    pub fn of(state: &StateDir, name: &str) -> ServerDirs {
+        let base = state.root.join(name);
+        ServerDirs { data: base.join("data"), cache: base.join("cache"), tmp: base.join("tmp") }
+    }
+
     pub fn create(state: &StateDir, name: &str) -> anyhow::Result<ServerDirs> {
         let base = state.root.join(name);
-        let d = ServerDirs { data: base.join("data"), cache: base.join("cache"), tmp: base.join("tmp") };
+        let d = ServerDirs::of(state, name);
         for p in [&d.data, &d.cache, &d.tmp] {
             fs::create_dir_all(p).with_context(|| format!("creating {}", p.display()))?;
         }

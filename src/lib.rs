@@ -22,3 +22,16 @@ pub mod http;
 pub mod serve;
 pub mod supervisor;
 pub mod urlbridge;
+
+/// The one tokio runtime set-up of mcpbox's modes: multi-threaded for `serve`, one thread for
+/// `prepare` and `url-bridge`. Called after `main` has let the hidden sandbox-init mode run
+/// (it must start before any thread exists). On failure it says so on stderr and returns the
+/// exit code to leave with.
+pub fn runtime(mode: &str, multi_thread: bool) -> Result<tokio::runtime::Runtime, std::process::ExitCode> {
+    let mut b =
+        if multi_thread { tokio::runtime::Builder::new_multi_thread() } else { tokio::runtime::Builder::new_current_thread() };
+    b.enable_all().build().map_err(|e| {
+        eprintln!("mcpbox {mode}: cannot start the tokio runtime: {e}");
+        std::process::ExitCode::FAILURE
+    })
+}

@@ -761,21 +761,10 @@ pub fn cli(config: &Path, state_dir: Option<PathBuf>, force: bool, min_level: cr
             return std::process::ExitCode::from(2);
         }
     };
-    let root = state_dir.or_else(|| cfg.state_dir.clone()).unwrap_or_else(crate::serve::default_state_dir);
-    let mut state = StateDir::new(root);
-    if let Some(b) = cfg.uid_base {
-        state.uid_base = b;
-    }
-    state.min_level = min_level;
-    if let Some(dir) = config.parent() {
-        state.policy_dirs.push(dir.join("policies"));
-    }
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let state = StateDir::for_config(state_dir, &cfg, config, min_level);
+    let rt = match crate::runtime("prepare", false) {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("mcpbox: cannot start the runtime: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     let failed = rt.block_on(prepare_config(&state, &cfg, force));
     if failed.is_empty() {

@@ -40,16 +40,6 @@ fn load(args: &ServeArgs) -> Result<Config, config::ConfigError> {
     Ok(c)
 }
 
-pub fn default_state_dir() -> PathBuf {
-    if nix::unistd::geteuid().is_root() {
-        return PathBuf::from("/var/lib/mcpbox");
-    }
-    match std::env::var_os("XDG_STATE_HOME") {
-        Some(d) if !d.is_empty() => PathBuf::from(d).join("mcpbox"),
-        _ => PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/tmp".into())).join(".local/state/mcpbox"),
-    }
-}
-
 fn urls(c: &Config) -> Vec<String> {
     let base = match &c.proxy.base_url {
         Some(b) => format!("{}{}", b.origin(), b.path),
@@ -80,6 +70,22 @@ pub fn main(args: ServeArgs) -> ExitCode {
         }
     };
     if args.check {
+        // Every policy, loaded as a launch would load it: what a start would refuse, the check
+        // refuses (the servers' directories are not made, and paths under them not required).
+        let state = crate::launch::StateDir::for_config(args.state_dir.clone(), &cfg, &args.config, Level::Full);
+        let mut bad = false;
+        for s in cfg.servers.values().filter(|s| !s.disabled) {
+            if matches!(s.kind, ServerKind::Url { .. }) && !s.policy_given {
+                continue; // the built-in url-bridge policy
+            }
+            if let Err(e) = crate::launch::load_policy(&state, &s.name, &s.policy) {
+                eprintln!("mcpbox: {}: {e:#}", args.config.display());
+                bad = true;
+            }
+        }
+        if bad {
+            return ExitCode::from(2);
+        }
         println!("{}: ok; listen {}; {} server(s)", args.config.display(), cfg.proxy.addr, cfg.servers.len());
         for u in urls(&cfg) {
             println!("  {u}");
@@ -92,12 +98,9 @@ pub fn main(args: ServeArgs) -> ExitCode {
     } else {
         tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match crate::runtime("serve", true) {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("mcpbox: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     match rt.block_on(run(args, cfg)) {
         Ok(()) => ExitCode::SUCCESS,
@@ -113,20 +116,11 @@ async fn run(args: ServeArgs, cfg: Config) -> anyhow::Result<()> {
     if min_level == Level::Container {
         tracing::warn!("--min-level container: servers may run without namespaces (container level)");
     }
-    let state_root = args.state_dir.clone().or_else(|| cfg.state_dir.clone()).unwrap_or_else(default_state_dir);
     let swept = crate::sandbox::sweep_stale_cgroups();
     if swept > 0 {
         tracing::info!("removed {swept} cgroup(s) left by earlier sandboxes");
     }
-    let mut state = crate::launch::StateDir::new(state_root);
-    if let Some(b) = cfg.uid_base {
-        state.uid_base = b;
-    }
-    state.min_level = min_level;
-    // Policies named in the config are looked up beside it first (`policies/NAME.toml`).
-    if let Some(dir) = args.config.parent() {
-        state.policy_dirs.push(dir.join("policies"));
-    }
+    let state = crate::launch::StateDir::for_config(args.state_dir.clone(), &cfg, &args.config, min_level);
     // npx/uvx servers: install what is missing before serving (each in its prepare sandbox);
     // a failure is that server's alone and shows in /readyz.
     let prepare_failed = crate::prepare::prepare_config(&state, &cfg, false).await;

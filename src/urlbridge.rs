@@ -113,12 +113,9 @@ fn headers_from_env() -> anyhow::Result<reqwest::header::HeaderMap> {
 
 /// Entry point of the hidden subcommand.
 pub fn main(url: String, transport: Option<String>) -> ExitCode {
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match crate::runtime("url-bridge", false) {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("mcpbox url-bridge: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     match rt.block_on(run(url, transport)) {
         Ok(()) => ExitCode::SUCCESS,

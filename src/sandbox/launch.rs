@@ -1,6 +1,9 @@
-//! Starting `sandbox-init` from the supervisor side. No privileged work happens here: this file
-//! builds a `Command` for our own binary in its hidden mode, hands it the spec on an inherited
-//! pipe, and reads back the start report (or the setup error) from a close-on-exec socket.
+//! Starting `sandbox-init` from mcpbox's side. No privileged work happens here. sandbox-init is
+//! either a fresh image of our binary in its hidden mode (`serve` through [`Spawner`], `doctor`
+//! and `prepare`: [`Pending::start`]) or, for `mcpbox run`, a child forked first thing in `main`
+//! ([`Pending::fork_here`]). Either way it reads the spec from a pipe (two messages, see
+//! `spec`) and answers on a close-on-exec socket: the start report or the setup error, and in
+//! network mode `proxy` the egress proxy's listening socket.
 
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
