@@ -12,15 +12,7 @@ use anyhow::{bail, Context};
 use crate::policy::{self, Level, LoadContext, Network, Policy};
 use crate::sandbox::{Access, Grant, Link, OuterSpec, SandboxSpec};
 
-/// Which policy a server uses.
-#[derive(Debug, Clone)]
-pub enum PolicyRef {
-    /// A shipped policy name (`default`, `node`, …) or a path to a TOML file.
-    Named(String),
-    /// An inline policy (from `mcpbox.json`), in the TOML data model; relative `extends` are
-    /// resolved against `base_dir`.
-    Inline { value: toml::Table, base_dir: PathBuf },
-}
+pub use crate::policy::PolicyRef;
 
 /// One server to launch.
 #[derive(Debug, Clone)]

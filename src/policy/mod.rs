@@ -29,6 +29,16 @@ pub use render::{check, render};
 pub use size::{format_size, parse_size};
 pub use vars::{expand_vars, ExpandError};
 
+/// Which policy a server uses (as `mcpbox.json` or `run --policy` names it, not yet loaded).
+#[derive(Debug, Clone)]
+pub enum PolicyRef {
+    /// A shipped policy name (`default`, `node`, …) or a path to a TOML file.
+    Named(String),
+    /// An inline policy (from `mcpbox.json`), in the TOML data model; relative `extends` are
+    /// resolved against `base_dir`.
+    Inline { value: toml::Table, base_dir: PathBuf },
+}
+
 /// A validated, fully resolved policy: `extends` merged, `${…}` expanded, paths absolute.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Policy {
