@@ -1,5 +1,7 @@
 //! The seam between configuration and sandbox: a server's command, env and policy, plus the
-//! state directory, become a [`SandboxSpec`]. Shared by `mcpbox run` and `mcpbox serve`.
+//! state directory, become a [`SandboxSpec`]. Shared by `mcpbox run`, `serve` (and its
+//! `--check`, through [`load_policy`]) and `prepare`; the one home of the state dir's default
+//! and constructor ([`StateDir`]).
 
 use std::collections::BTreeMap;
 use std::fs;

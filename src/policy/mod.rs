@@ -1,7 +1,11 @@
-//! Policy types, TOML parsing, `extends`, validation.
+//! Policy types, TOML parsing, `extends`, validation, and the grammars a policy is written in:
+//! `[network] allow` entries and `host[:port]` (`allow.rs`), `${VAR}` (`vars.rs`), syscall
+//! names (`syscalls.rs`, a table kept as data).
 //!
-//! This module knows nothing of Landlock or seccomp: it turns TOML written by people into a
-//! validated [`Policy`]; `crate::sandbox` translates that into kernel objects.
+//! The lowest layer: it imports nothing else of mcpbox and no kernel crate (no Landlock, no
+//! seccomp). It turns TOML written by people into a validated [`Policy`]; `crate::sandbox`
+//! translates that into kernel objects, and everything that judges a policy (`policy check`,
+//! `serve --check`, `/readyz`, a launch) refuses what this module refuses.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
