@@ -3,7 +3,7 @@
 
 use std::process::{ExitCode, Stdio};
 
-use crate::launch::{plan, PolicyRef, ServerLaunch, StateDir};
+use crate::plan::{plan, PolicyRef, ServerLaunch, StateDir};
 use crate::policy::Level;
 use crate::sandbox::probe;
 

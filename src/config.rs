@@ -178,6 +178,18 @@ impl Config {
         &self.proxy.auth_tokens
     }
 
+    /// The tokens that open `/status` and `/metrics`: the global ones if any, else every
+    /// server's own (a token holder sees the status of every server then), else none (open).
+    pub fn admin_tokens(&self) -> Vec<String> {
+        if !self.proxy.auth_tokens.is_empty() {
+            return self.proxy.auth_tokens.clone();
+        }
+        let mut all: Vec<String> = self.servers.values().filter_map(|s| s.auth_tokens.clone()).flatten().collect();
+        all.sort();
+        all.dedup();
+        all
+    }
+
     /// Refuse to expose servers without a token on a non-loopback address.
     pub fn check_exposure(&self, allow_unauthenticated: bool) -> Result<(), ConfigError> {
         if allow_unauthenticated || self.proxy.addr.ip().is_loopback() {

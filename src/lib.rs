@@ -11,10 +11,9 @@ compile_error!(
 
 pub mod cli_doctor;
 pub mod cli_run;
-pub mod launch;
 pub mod netproxy;
 pub mod policy;
-pub mod prepare;
+pub mod plan;
 pub mod sandbox;
 pub mod bridge;
 pub mod config;

@@ -55,8 +55,7 @@ enum Cmd {
     /// Hidden: a `url` upstream as a stdio MCP server (run by `serve` inside a sandbox).
     #[command(hide = true)]
     UrlBridge {
-        #[arg(long)]
-        url: String,
+        // The URL comes in MCPBOX_UPSTREAM_URL: a command line is readable by every user.
         #[arg(long)]
         transport: Option<String>,
     },
@@ -145,14 +144,14 @@ fn main() -> ExitCode {
         Cmd::Serve(args) => mcpbox::serve::main(args),
         Cmd::Prepare { config, state_dir, force, min_level } => {
             init_logging("info", false);
-            mcpbox::prepare::cli(&config, state_dir, force, min_level.into())
+            mcpbox::plan::prepare::cli(&config, state_dir, force, min_level.into())
         }
-        Cmd::UrlBridge { url, transport } => mcpbox::urlbridge::main(url, transport),
+        Cmd::UrlBridge { transport } => mcpbox::urlbridge::main(transport),
         Cmd::Doctor { state_dir } => mcpbox::cli_doctor::doctor(state_dir),
         Cmd::Run { policy, state_dir, name, min_level, command } => {
             // Quiet by default (stderr is the MCP client's log), but a first start that
             // installs an npx/uvx package says so instead of hanging silently.
-            init_logging("warn,mcpbox::prepare=info", false);
+            init_logging("warn,mcpbox::plan::prepare=info", false);
             mcpbox::cli_run::run(mcpbox::cli_run::RunArgs { policy, state_dir, name, min_level: min_level.into(), command }, early)
         }
         Cmd::Policy { cmd: PolicyCmd::Check { file, data, cache } } => {

@@ -40,6 +40,10 @@ fn load(args: &ServeArgs) -> Result<Config, config::ConfigError> {
     Ok(c)
 }
 
+fn min_level(args: &ServeArgs) -> Level {
+    if args.min_level == "container" { Level::Container } else { Level::Full }
+}
+
 fn urls(c: &Config) -> Vec<String> {
     let base = match &c.proxy.base_url {
         Some(b) => format!("{}{}", b.origin(), b.path),
@@ -70,20 +74,13 @@ pub fn main(args: ServeArgs) -> ExitCode {
         }
     };
     if args.check {
-        // Every policy, loaded as a launch would load it: what a start would refuse, the check
-        // refuses (the servers' directories are not made, and paths under them not required).
-        let state = crate::launch::StateDir::for_config(args.state_dir.clone(), &cfg, &args.config, Level::Full);
-        let mut bad = false;
-        for s in cfg.servers.values().filter(|s| !s.disabled) {
-            if matches!(s.kind, ServerKind::Url { .. }) && !s.policy_given {
-                continue; // the built-in url-bridge policy
+        // Everything a launch would refuse, refused now (nothing is created or prepared).
+        let state = crate::plan::StateDir::for_config(&cfg, &args.config, args.state_dir.clone(), min_level(&args));
+        let refused = crate::plan::Planner::new(state).refusals(&cfg);
+        if !refused.is_empty() {
+            for (name, e) in &refused {
+                eprintln!("mcpbox: {}: server {name}: {e}", args.config.display());
             }
-            if let Err(e) = crate::launch::load_policy(&state, &s.name, &s.policy) {
-                eprintln!("mcpbox: {}: {e:#}", args.config.display());
-                bad = true;
-            }
-        }
-        if bad {
             return ExitCode::from(2);
         }
         println!("{}: ok; listen {}; {} server(s)", args.config.display(), cfg.proxy.addr, cfg.servers.len());
@@ -112,7 +109,7 @@ pub fn main(args: ServeArgs) -> ExitCode {
 }
 
 async fn run(args: ServeArgs, cfg: Config) -> anyhow::Result<()> {
-    let min_level = if args.min_level == "container" { Level::Container } else { Level::Full };
+    let min_level = min_level(&args);
     if min_level == Level::Container {
         tracing::warn!("--min-level container: servers may run without namespaces (container level)");
     }
@@ -120,16 +117,16 @@ async fn run(args: ServeArgs, cfg: Config) -> anyhow::Result<()> {
     if swept > 0 {
         tracing::info!("removed {swept} cgroup(s) left by earlier sandboxes");
     }
-    let state = crate::launch::StateDir::for_config(args.state_dir.clone(), &cfg, &args.config, min_level);
+    let state = crate::plan::StateDir::for_config(&cfg, &args.config, args.state_dir.clone(), min_level);
     // npx/uvx servers: install what is missing before serving (each in its prepare sandbox);
     // a failure is that server's alone and shows in /readyz.
-    let prepare_failed = crate::prepare::prepare_config(&state, &cfg, false).await;
-    let launcher = SandboxLauncher {
-        state,
-        spawner: crate::sandbox::Spawner::new(),
-        min_level,
-        prepare_failed,
-    };
+    // A server whose policy would refuse it at launch is refused now, before its package is
+    // prepared; it shows in /readyz like a failed prepare.
+    let mut planner = crate::plan::Planner::new(state);
+    let refused = planner.refusals(&cfg);
+    let failed = crate::plan::prepare::prepare_config(&planner.state, &cfg, false, &refused).await;
+    planner.cannot_start = refused.into_iter().chain(failed.into_iter().map(|(n, e)| (n, format!("prepare failed: {e}")))).collect();
+    let launcher = SandboxLauncher { planner, spawner: crate::sandbox::Spawner::new() };
     let cfg = Arc::new(cfg);
     let grace = Duration::from_secs(args.grace);
     let sup = Supervisor::start(&cfg, Arc::new(launcher), Options { queue: cfg.session_queue, max_line: cfg.max_line_bytes, grace });

@@ -574,7 +574,7 @@ fn docker_like_filters() -> Vec<Vec<seccompiler::sock_filter>> {
         .collect()
 }
 
-fn under_docker_filter(mut cmd: Command) -> Command {
+pub(crate) fn under_docker_filter(mut cmd: Command) -> Command {
     use std::os::unix::process::CommandExt;
     let progs = docker_like_filters();
     // (address, length) of each program: raw pointers are not Send, addresses are.

@@ -458,6 +458,30 @@ async fn sigterm_leaves_no_process_behind() {
 
 // ---- url upstreams -------------------------------------------------------------------------
 
+/// A `url` upstream's URL often carries its key (`?api_key=…`): it reaches the bridge in its
+/// environment (owner-only), never on a command line that every host user can read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_url_upstreams_key_is_on_no_command_line() {
+    let upstream = Mcpbox::start(json!({"ev": everything("session")}), json!({})).await;
+    let canary = format!("canary{}x{}", std::process::id(), rand_suffix());
+    let auth = json!({"Authorization": format!("Bearer {TOKEN}")});
+    let mb = Mcpbox::start(json!({"up": {"url": upstream.url(&format!("/ev/mcp?api_key={canary}")), "headers": auth}}), json!({})).await;
+    // A session through the bridge: it answers, so the bridge is running now.
+    let s = mb.request("POST", "/up/mcp", &[("content-type", "application/json"), ("accept", "application/json")],
+        Some(init_msg(json!(1)).to_string().into_bytes())).await;
+    let body = s.json();
+    assert!(body["result"]["serverInfo"]["name"].is_string(), "initialize through the bridge: {body}");
+    let bridges: Vec<Proc> = all_procs().into_iter().filter(|p| p.cmdline.contains("url-bridge")).collect();
+    assert!(!bridges.is_empty(), "no url-bridge process is running");
+    let leaks: Vec<Proc> = all_procs().into_iter().filter(|p| p.cmdline.contains(&canary)).collect();
+    assert!(leaks.is_empty(), "the upstream's key is on a command line: {leaks:#?}");
+    assert!(!mb.log_text().contains(&canary), "the upstream's key is in mcpbox's log");
+}
+
+fn rand_suffix() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() as u64
+}
+
 /// mcp-proxy configs name remote servers by `url`: mcpbox serves them through its own bridge,
 /// itself sandboxed. Here the upstream is another mcpbox serving server-everything, reached
 /// with its token in the configured `headers`, over both upstream transports.

@@ -16,6 +16,24 @@ use crate::config::ToolFilter;
 pub use framing::{Frame, LineReader};
 pub use router::{error_response, Action, Delivery, Key, Router, SessionId, SERVER_EXITED};
 
+/// Who a request comes from: which configured token it presented (never the token itself), or
+/// `anonymous` where no token guards the endpoint. A session belongs to the principal that opened
+/// it; the same session id presented by another principal names nothing.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Principal(pub std::sync::Arc<str>);
+
+impl Principal {
+    pub fn anonymous() -> Self {
+        Principal("anonymous".into())
+    }
+}
+
+impl std::fmt::Display for Principal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 /// A message on its way to a client, serialized once.
 #[derive(Debug, Clone)]
 pub struct Outbound {

@@ -4,6 +4,8 @@
 //! Routes, under `baseURL`'s path prefix for the per-server ones:
 //! `GET /NAME/sse`, `POST /NAME/message?sessionId=…`, `POST|GET|DELETE /NAME/mcp`;
 //! at the root: `GET /healthz`, `GET /readyz` (no auth), `GET /status`, `GET /metrics`.
+//! Which of these a request is for is decided once, by [`edge::decide`] on the raw path; auth,
+//! the handlers, logs and metrics all take that decision (there are no axum path patterns).
 
 pub mod edge;
 pub mod sse;
@@ -14,17 +16,17 @@ use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
-use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{header, HeaderValue, StatusCode};
-use axum::middleware::from_fn_with_state;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
+use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use axum::Router;
 use serde_json::{json, Value};
 
 use crate::bridge::{error_response, SessionId};
 use crate::config::{Config, Isolation};
 use crate::supervisor::{OpenError, Supervisor};
+use edge::{Endpoint, Routed, Target};
 
 pub struct AppState {
     pub sup: Arc<Supervisor>,
@@ -42,31 +44,57 @@ pub fn router(sup: Arc<Supervisor>, cfg: Arc<Config>) -> Router {
     let state = Arc::new(AppState {
         edge: edge::Edge::new(&cfg),
         sup,
-        prefix: prefix.clone(),
+        prefix,
         streams: Mutex::new(HashMap::new()),
         cfg: cfg.clone(),
     });
-    let servers = Router::new()
-        .route("/{server}/sse", get(sse::get))
-        .route("/{server}/message", post(sse::post))
-        .route(
-            "/{server}/mcp",
-            post(streamable::post).get(streamable::get).delete(streamable::delete),
-        )
-        .route_layer(from_fn_with_state(state.clone(), edge::auth));
-    let servers = if prefix.is_empty() { servers } else { Router::new().nest(&prefix, servers) };
-    let admin = Router::new()
-        .route("/status", get(status))
-        .route("/metrics", get(metrics))
-        .route_layer(from_fn_with_state(state.clone(), edge::auth));
-    Router::new()
-        .merge(servers)
-        .merge(admin)
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(readyz))
-        .layer(from_fn_with_state(state.clone(), edge::host_origin))
-        .layer(DefaultBodyLimit::max(cfg.max_body_bytes))
-        .with_state(state)
+    // No path patterns: every request goes to `dispatch`, which routes on the edge's one decision.
+    Router::new().fallback(dispatch).layer(DefaultBodyLimit::max(cfg.max_body_bytes)).with_state(state)
+}
+
+/// Every request: [`edge::admit`] decides what it is for and who sent it (or answers 404, 403,
+/// 401); the handlers get that decision and never look at the path again.
+async fn dispatch(State(st): State<Shared>, req: Request) -> Response {
+    let routed = match edge::admit(&st, req.uri(), req.headers()) {
+        Ok(r) => r,
+        Err(resp) => return resp,
+    };
+    let method = req.method().clone();
+    let get = method == Method::GET || method == Method::HEAD;
+    let Routed { target, principal } = routed;
+    match target {
+        Target::Health if get => "ok".into_response(),
+        Target::Ready if get => readyz(&st),
+        Target::Status if get => status(&st),
+        Target::Metrics if get => metrics(&st),
+        Target::Server { name, endpoint } => match (endpoint, method) {
+            (Endpoint::Sse, Method::GET) => sse::get(st, name, principal).await,
+            (Endpoint::Message, Method::POST) => {
+                let query = req.uri().query().unwrap_or("").to_owned();
+                match Bytes::from_request(req, &st).await {
+                    Ok(body) => sse::post(st, name, principal, &query, body).await,
+                    Err(rej) => rej.into_response(),
+                }
+            }
+            (Endpoint::Mcp, Method::POST) => {
+                let headers = req.headers().clone();
+                match Bytes::from_request(req, &st).await {
+                    Ok(body) => streamable::post(st, name, principal, headers, body).await,
+                    Err(rej) => rej.into_response(),
+                }
+            }
+            (Endpoint::Mcp, Method::GET) => streamable::get(st, name, principal, req.headers()).await,
+            (Endpoint::Mcp, Method::DELETE) => streamable::delete(st, name, principal, req.headers()).await,
+            (Endpoint::Sse, _) => method_not_allowed("GET"),
+            (Endpoint::Message, _) => method_not_allowed("POST"),
+            (Endpoint::Mcp, _) => method_not_allowed("GET, POST, DELETE"),
+        },
+        _ => method_not_allowed("GET"),
+    }
+}
+
+fn method_not_allowed(allow: &'static str) -> Response {
+    (StatusCode::METHOD_NOT_ALLOWED, [(header::ALLOW, allow)], "method not allowed\n").into_response()
 }
 
 /// A JSON-RPC error as an HTTP response.
@@ -132,7 +160,7 @@ fn check_jsonrpc(v: &Value) -> Result<(), Value> {
     }
 }
 
-async fn readyz(State(st): State<Shared>) -> Response {
+fn readyz(st: &Shared) -> Response {
     let failed: Vec<&str> = st.sup.servers.values().filter(|s| s.ready.is_err()).map(|s| s.cfg.name.as_str()).collect();
     if failed.is_empty() {
         (StatusCode::OK, "ready\n").into_response()
@@ -141,7 +169,7 @@ async fn readyz(State(st): State<Shared>) -> Response {
     }
 }
 
-async fn status(State(st): State<Shared>) -> Response {
+fn status(st: &Shared) -> Response {
     let servers: serde_json::Map<String, Value> = st
         .sup
         .servers
@@ -169,7 +197,7 @@ fn label(s: &str) -> String {
     s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
-async fn metrics(State(st): State<Shared>) -> Response {
+fn metrics(st: &Shared) -> Response {
     let mut out = String::new();
     let servers: Vec<_> = st.sup.servers.values().collect();
     let mut family = |name: &str, kind: &str, help: &str, f: &dyn Fn(&crate::supervisor::Server) -> u64| {

@@ -10,13 +10,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 
+use super::edge::Principal;
 use super::{open_error, parse_body, Parsed, Shared};
 use crate::supervisor::Session;
 
@@ -36,8 +36,8 @@ impl Drop for StreamGuard {
     }
 }
 
-pub async fn get(State(st): State<Shared>, Path(server): Path<String>) -> Response {
-    let (session, rx) = match st.sup.open_session(&server).await {
+pub async fn get(st: Shared, server: String, principal: Principal) -> Response {
+    let (session, rx) = match st.sup.open_session(&server, principal).await {
         Ok(x) => x,
         Err(e) => return open_error(e),
     };
@@ -54,19 +54,24 @@ pub async fn get(State(st): State<Shared>, Path(server): Path<String>) -> Respon
         .into_response()
 }
 
-pub async fn post(
-    State(st): State<Shared>,
-    Path(server): Path<String>,
-    Query(q): Query<HashMap<String, String>>,
-    body: Bytes,
-) -> Response {
+fn serde_urlencoded_query(query: &str) -> Option<HashMap<String, String>> {
+    let uri: axum::http::Uri = format!("/?{query}").parse().ok()?;
+    axum::extract::Query::<HashMap<String, String>>::try_from_uri(&uri).ok().map(|q| q.0)
+}
+
+pub async fn post(st: Shared, server: String, principal: Principal, query: &str, body: Bytes) -> Response {
     let Some(srv) = st.sup.server(&server) else {
         return (StatusCode::NOT_FOUND, "no such server\n").into_response();
+    };
+    let q: HashMap<String, String> = match serde_urlencoded_query(query) {
+        Some(q) => q,
+        None => return (StatusCode::BAD_REQUEST, "malformed query string\n").into_response(),
     };
     let Some(sid) = q.get("sessionId") else {
         return (StatusCode::BAD_REQUEST, "sessionId is required\n").into_response();
     };
-    let Some(session) = srv.session(sid).filter(|s| !s.closed.is_cancelled()) else {
+    // Another principal's session is as unknown as one that never existed.
+    let Some(session) = srv.session(sid).filter(|s| !s.closed.is_cancelled() && s.principal == principal) else {
         return (StatusCode::NOT_FOUND, "unknown or ended session\n").into_response();
     };
     match parse_body(&body) {

@@ -18,7 +18,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -27,6 +26,7 @@ use serde_json::Value;
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_stream::wrappers::ReceiverStream;
 
+use super::edge::Principal;
 use super::sse::StreamGuard;
 use super::{open_error, parse_body, rpc_error, Parsed, Shared};
 use crate::bridge::{router::key, Key, Outbound};
@@ -110,19 +110,20 @@ fn accepts_sse(h: &HeaderMap) -> bool {
 
 /// The streamable session named by the request, or the response to give.
 #[allow(clippy::result_large_err)]
-fn lookup(st: &Shared, server: &str, h: &HeaderMap) -> Result<Arc<StreamSession>, Response> {
+fn lookup(st: &Shared, server: &str, principal: &Principal, h: &HeaderMap) -> Result<Arc<StreamSession>, Response> {
     let Some(sid) = h.get(SESSION_HEADER).and_then(|v| v.to_str().ok()) else {
         return Err((StatusCode::BAD_REQUEST, "Mcp-Session-Id header is required\n").into_response());
     };
     let ss = st.streams.lock().unwrap_or_else(|e| e.into_inner()).get(sid).cloned();
     match ss {
-        Some(ss) if ss.session.server == server && !ss.session.closed.is_cancelled() => Ok(ss),
+        // Another principal's session is as unknown as one that never existed.
+        Some(ss) if ss.session.server == server && ss.session.principal == *principal && !ss.session.closed.is_cancelled() => Ok(ss),
         _ => Err((StatusCode::NOT_FOUND, "unknown or ended session\n").into_response()),
     }
 }
 
-async fn open(st: &Shared, server: &str) -> Result<Arc<StreamSession>, Response> {
-    let (session, mut rx) = st.sup.open_session(server).await.map_err(open_error)?;
+async fn open(st: &Shared, server: &str, principal: Principal) -> Result<Arc<StreamSession>, Response> {
+    let (session, mut rx) = st.sup.open_session(server, principal).await.map_err(open_error)?;
     let ss = Arc::new(StreamSession {
         session: session.clone(),
         inner: Mutex::new(Inner { posts: HashMap::new(), ring: VecDeque::new(), next_event: 0, delivered: 0, get_open: false, closed: false }),
@@ -148,7 +149,7 @@ async fn open(st: &Shared, server: &str) -> Result<Arc<StreamSession>, Response>
     Ok(ss)
 }
 
-pub async fn post(State(st): State<Shared>, Path(server): Path<String>, headers: HeaderMap, body: Bytes) -> Response {
+pub async fn post(st: Shared, server: String, principal: Principal, headers: HeaderMap, body: Bytes) -> Response {
     if let Err(r) = version_ok(&headers) {
         return r;
     }
@@ -169,12 +170,12 @@ pub async fn post(State(st): State<Shared>, Path(server): Path<String>, headers:
     let method = msg.get("method").and_then(Value::as_str);
     let is_request = method.is_some() && msg.get("id").is_some();
     let ss = if method == Some("initialize") && !headers.contains_key(SESSION_HEADER) {
-        match open(&st, &server).await {
+        match open(&st, &server, principal).await {
             Ok(ss) => ss,
             Err(r) => return r,
         }
     } else {
-        match lookup(&st, &server, &headers) {
+        match lookup(&st, &server, &principal, &headers) {
             Ok(ss) => ss,
             Err(r) => return r,
         }
@@ -218,14 +219,14 @@ pub async fn post(State(st): State<Shared>, Path(server): Path<String>, headers:
     resp
 }
 
-pub async fn get(State(st): State<Shared>, Path(server): Path<String>, headers: HeaderMap) -> Response {
-    if let Err(r) = version_ok(&headers) {
+pub async fn get(st: Shared, server: String, principal: Principal, headers: &HeaderMap) -> Response {
+    if let Err(r) = version_ok(headers) {
         return r;
     }
-    if !accepts_sse(&headers) {
+    if !accepts_sse(headers) {
         return (StatusCode::NOT_ACCEPTABLE, "GET needs Accept: text/event-stream\n").into_response();
     }
-    let ss = match lookup(&st, &server, &headers) {
+    let ss = match lookup(&st, &server, &principal, headers) {
         Ok(ss) => ss,
         Err(r) => return r,
     };
@@ -274,11 +275,11 @@ pub async fn get(State(st): State<Shared>, Path(server): Path<String>, headers: 
     resp
 }
 
-pub async fn delete(State(st): State<Shared>, Path(server): Path<String>, headers: HeaderMap) -> Response {
-    if let Err(r) = version_ok(&headers) {
+pub async fn delete(st: Shared, server: String, principal: Principal, headers: &HeaderMap) -> Response {
+    if let Err(r) = version_ok(headers) {
         return r;
     }
-    let ss = match lookup(&st, &server, &headers) {
+    let ss = match lookup(&st, &server, &principal, headers) {
         Ok(ss) => ss,
         Err(r) => return r,
     };

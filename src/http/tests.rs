@@ -20,7 +20,7 @@ struct Srv {
 }
 
 async fn start(extra: &str) -> Srv {
-    let text = format!(
+    start_text(format!(
         r#"{{"mcpProxy":{{"addr":"127.0.0.1:9090","options":{{"authTokens":["T"]}}}},
             "mcpbox":{{"maxBodyBytes":4096,"maxLineBytes":2048}},
             "mcpServers":{{
@@ -28,7 +28,11 @@ async fn start(extra: &str) -> Srv {
                        "options":{{"toolFilter":{{"mode":"block","list":["secret"]}}}}}},
               "shared":{{"command":"/usr/bin/python3","args":["{FIXTURE}"],"isolation":"shared",
                        "options":{{"authTokens":["S"]}}}} {extra} }}}}"#
-    );
+    ))
+    .await
+}
+
+async fn start_text(text: String) -> Srv {
     let cfg = crate::config::parse(&text, Path::new("t.json"), Path::new("/"), &|_| None).unwrap();
     let cfg = Arc::new(cfg);
     let sup = Supervisor::start(
@@ -393,4 +397,115 @@ async fn max_sessions_and_shutdown() {
         let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
         assert!(stat.is_empty() || stat.split(' ').nth(2) == Some("Z"), "process {p} still alive: {stat}");
     }
+}
+
+/// Every non-canonical spelling of a server's endpoint, for `/NAME/EP`.
+fn evasions(name: &str, ep: &str) -> Vec<String> {
+    let first = name.as_bytes()[0];
+    let enc_first = format!("%{first:02X}{}", &name[1..]);
+    let enc_first_lower = format!("%{first:02x}{}", &name[1..]);
+    let upper = name.to_ascii_uppercase();
+    vec![
+        format!("/{enc_first}/{ep}"),
+        format!("/{enc_first_lower}/{ep}"),
+        format!("//{name}/{ep}"),
+        format!("/{name}//{ep}"),
+        format!("/./{name}/{ep}"),
+        format!("/{name}/./{ep}"),
+        format!("/x/../{name}/{ep}"),
+        format!("/%2e%2e/{name}/{ep}"),
+        format!("/{upper}/{ep}"),
+        format!("/{name}/{}", ep.to_ascii_uppercase()),
+        format!("/{name}/{ep}/"),
+        format!("/{name}%2F{ep}"),
+        format!("/{name}/%{:02X}{}", ep.as_bytes()[0], &ep[1..]),
+        format!("/{name}%00/{ep}"),
+        format!("/{name}/{ep}%20"),
+    ]
+}
+
+#[tokio::test]
+async fn non_canonical_paths_reach_no_server_under_any_token() {
+    // Global token G; server `a` has its own token A, server `b` none (so G).
+    let s = start_text(format!(
+        r#"{{"mcpProxy":{{"addr":"127.0.0.1:9090","options":{{"authTokens":["G"]}}}},
+            "mcpServers":{{"a":{{"command":"/usr/bin/python3","args":["{FIXTURE}"],"options":{{"authTokens":["A"]}}}},
+                          "b":{{"command":"/usr/bin/python3","args":["{FIXTURE}"]}}}}}}"#
+    ))
+    .await;
+    let a = s.addr;
+    let init = init_body(json!(0));
+    // The canonical path: A opens `a`, G does not.
+    assert_eq!(call(a, "POST", "/a/mcp", &[("Authorization", "Bearer G"), JSON], &init).await.status, 401);
+    assert_eq!(call(a, "POST", "/a/mcp", &[("Authorization", "Bearer A"), JSON], &init).await.status, 200);
+    for (ep, method) in [("mcp", "POST"), ("sse", "GET"), ("message", "POST")] {
+        for path in evasions("a", ep) {
+            for tok in ["Bearer G", "Bearer A", ""] {
+                let h: Vec<(&str, &str)> = if tok.is_empty() { vec![JSON] } else { vec![("Authorization", tok), JSON] };
+                let r = call(a, method, &path, &h, &init).await;
+                assert_eq!(r.status, 404, "{method} {path} with {tok:?}: {} {}", r.status, r.body);
+            }
+        }
+    }
+    assert_eq!(s.sup.server("a").unwrap().active_sessions(), 1, "only the canonical open made a session");
+    for path in ["/%73tatus", "/status/", "//status", "/STATUS", "/metrics/", "/%6detrics"] {
+        assert_eq!(call(a, "GET", path, &[("Authorization", "Bearer G")], "").await.status, 404, "{path}");
+    }
+}
+
+#[tokio::test]
+async fn per_server_tokens_only_guard_every_endpoint_and_status() {
+    // No global token: every server has its own. Such a config may bind 0.0.0.0.
+    let s = start_text(format!(
+        r#"{{"mcpProxy":{{"addr":"127.0.0.1:9090"}},
+            "mcpServers":{{"a":{{"command":"/usr/bin/python3","args":["{FIXTURE}"],"options":{{"authTokens":["A"]}}}},
+                          "b":{{"command":"/usr/bin/python3","args":["{FIXTURE}"],"options":{{"authTokens":["B"]}}}}}}}}"#
+    ))
+    .await;
+    let a = s.addr;
+    let init = init_body(json!(0));
+    for path in evasions("a", "mcp") {
+        assert_eq!(call(a, "POST", &path, &[JSON], &init).await.status, 404, "{path}");
+    }
+    assert_eq!(call(a, "POST", "/a/mcp", &[JSON], &init).await.status, 401);
+    assert_eq!(call(a, "POST", "/a/mcp", &[("Authorization", "Bearer B"), JSON], &init).await.status, 401);
+    assert_eq!(call(a, "GET", "/a/sse", &[], "").await.status, 401);
+    assert_eq!(call(a, "POST", "/a/message?sessionId=x", &[], "{}").await.status, 401);
+    for path in ["/status", "/metrics"] {
+        let r = call(a, "GET", path, &[], "").await;
+        assert_eq!(r.status, 401, "{path} answered without a token: {}", r.body);
+        assert_eq!(call(a, "GET", path, &[("Authorization", "Bearer nope")], "").await.status, 401, "{path}");
+        assert_eq!(call(a, "GET", path, &[("Authorization", "Bearer A")], "").await.status, 200, "{path}");
+    }
+    assert_eq!(call(a, "GET", "/healthz", &[], "").await.status, 200);
+    assert_eq!(call(a, "GET", "/readyz", &[], "").await.status, 200);
+    assert_eq!(s.sup.server("a").unwrap().active_sessions(), 0);
+}
+
+#[tokio::test]
+async fn a_session_belongs_to_the_token_that_opened_it() {
+    let s = start(r#","two":{"command":"/usr/bin/python3","args":["FIX"],"options":{"authTokens":["P1","P2"]}}"#.replace("FIX", FIXTURE).as_str()).await;
+    let a = s.addr;
+    let (p1, p2) = (("Authorization", "Bearer P1"), ("Authorization", "Bearer P2"));
+    // Streamable HTTP: P2 presenting P1's session id gets 404 on POST, GET and DELETE.
+    let sid = st_init(a, "two", p1).await;
+    let ping = json!({"jsonrpc":"2.0","id":7,"method":"ping"}).to_string();
+    let stolen = [p2, JSON, ("Mcp-Session-Id", sid.as_str())];
+    assert_eq!(call(a, "POST", "/two/mcp", &stolen, &ping).await.status, 404);
+    assert_eq!(call(a, "GET", "/two/mcp", &[p2, ("Accept", "text/event-stream"), ("Mcp-Session-Id", &sid)], "").await.status, 404);
+    assert_eq!(call(a, "DELETE", "/two/mcp", &stolen, "").await.status, 404);
+    let r = call(a, "POST", "/two/mcp", &[p1, JSON, ("Mcp-Session-Id", sid.as_str())], &ping).await;
+    assert_eq!(r.status, 200, "the owner's session survived: {}", r.body);
+    assert_eq!(r.json()["id"], 7);
+    // Legacy SSE: P2 posting to P1's session gets 404 and nothing reaches P1's stream.
+    let mut c = send(a, "GET", "/two/sse", &[p1], "").await;
+    let (ev, endpoint, _) = c.event().await.unwrap();
+    assert_eq!(ev, "endpoint");
+    let call_body = tool_call(json!("stolen"), "echo", json!({"text":"from p2"}));
+    assert_eq!(call(a, "POST", &endpoint, &[p2], &call_body).await.status, 404);
+    assert_eq!(call(a, "POST", &endpoint, &[p1], &init_body(json!(1))).await.status, 202);
+    let (_, data, _) = c.event().await.unwrap();
+    assert_eq!(serde_json::from_str::<Value>(&data).unwrap()["id"], 1, "the first answer is P1's own: {data}");
+    // The same id under the other server's global token: also nothing.
+    assert_eq!(call(a, "POST", &endpoint, &[AUTH], &ping).await.status, 401);
 }

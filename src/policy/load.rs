@@ -91,17 +91,6 @@ pub fn load_inline_with_notes(
         .map(|d| (d.policy, d.notes))
 }
 
-/// [`load_inline_with_notes`] as [`load_detailed`]: listing the files read, and not checking
-/// paths under `unchecked_under` while that directory does not exist.
-pub fn load_inline_detailed(
-    table: toml::Table,
-    base_dir: &Path,
-    ctx: &LoadContext,
-    unchecked_under: &[PathBuf],
-) -> Result<Loaded, PolicyError> {
-    Loader::new(ctx, unchecked_under).run(Start::Inline(table, base_dir))
-}
-
 /// The result of [`load_detailed`]: the policy, notes, and every file read (in `extends` order).
 #[derive(Debug, Clone)]
 pub struct Loaded {
@@ -119,6 +108,16 @@ pub fn load_detailed(
     unchecked_under: &[PathBuf],
 ) -> Result<Loaded, PolicyError> {
     Loader::new(ctx, unchecked_under).run(Start::Reference(reference))
+}
+
+/// [`load_inline_with_notes`] with the files read and `unchecked_under` as in [`load_detailed`].
+pub fn load_inline_detailed(
+    table: toml::Table,
+    base_dir: &Path,
+    ctx: &LoadContext,
+    unchecked_under: &[PathBuf],
+) -> Result<Loaded, PolicyError> {
+    Loader::new(ctx, unchecked_under).run(Start::Inline(table, base_dir))
 }
 
 // ---------------------------------------------------------------------------------------------

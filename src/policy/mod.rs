@@ -16,6 +16,7 @@ mod allow;
 mod error;
 mod load;
 mod raw;
+mod reference;
 mod render;
 mod size;
 pub mod syscalls;
@@ -29,19 +30,10 @@ pub use load::{
     load, load_detailed, load_inline, load_inline_detailed, load_inline_with_notes, load_with_notes, shipped_names, LoadContext, Loaded,
     DEFAULT_LANDLOCK_MIN_ABI, DEFAULT_LEVEL, DEFAULT_LIMITS, DEFAULT_NETWORK_MODE, SHIPPED,
 };
+pub use reference::PolicyRef;
 pub use render::{check, render};
 pub use size::{format_size, parse_size};
 pub use vars::{expand_vars, ExpandError};
-
-/// Which policy a server uses (as `mcpbox.json` or `run --policy` names it, not yet loaded).
-#[derive(Debug, Clone)]
-pub enum PolicyRef {
-    /// A shipped policy name (`default`, `node`, …) or a path to a TOML file.
-    Named(String),
-    /// An inline policy (from `mcpbox.json`), in the TOML data model; relative `extends` are
-    /// resolved against `base_dir`.
-    Inline { value: toml::Table, base_dir: PathBuf },
-}
 
 /// A validated, fully resolved policy: `extends` merged, `${…}` expanded, paths absolute.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

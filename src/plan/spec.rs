@@ -1,7 +1,7 @@
-//! The seam between configuration and sandbox: a server's command, env and policy, plus the
-//! state directory, become a [`SandboxSpec`]. Shared by `mcpbox run`, `serve` (and its
-//! `--check`, through [`load_policy`]) and `prepare`; the one home of the state dir's default
-//! and constructor ([`StateDir`]).
+//! A server's command, environment and policy, plus its state directory, become a
+//! [`SandboxSpec`]: state dirs and host uids ([`StateDir`], [`ServerDirs`], [`allocate_uid`]),
+//! the policy loaded and the minimum level decided ([`plan_begin`]), then grants, environment
+//! and command resolved ([`Begun::finish`]).
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -11,10 +11,8 @@ use std::path::{Component, Path, PathBuf};
 
 use anyhow::{bail, Context};
 
-use crate::policy::{self, Level, LoadContext, Network, Policy};
+use crate::policy::{Level, LoadContext, Network, Policy, PolicyRef};
 use crate::sandbox::{Access, Grant, Link, OuterSpec, SandboxSpec};
-
-pub use crate::policy::PolicyRef;
 
 /// One server to launch.
 #[derive(Debug, Clone)]
@@ -59,10 +57,10 @@ impl StateDir {
         StateDir { root, uid_base: 200_000, uid_count: 10_000, min_level: Level::Full, policy_dirs: Vec::new() }
     }
 
-    /// The state dir of a config file's servers (`serve`, `serve --check`, `prepare`): `--state-dir`,
-    /// else the config's `stateDir`, else [`StateDir::default_root`]; the config's `uidBase`; user
-    /// policies looked up beside the config first (`policies/NAME.toml`).
-    pub fn for_config(state_dir: Option<PathBuf>, cfg: &crate::config::Config, config_path: &Path, min_level: Level) -> Self {
+    /// The state of `serve` and `prepare` for a config file: `--state-dir`, else the config's
+    /// `stateDir`, else [`StateDir::default_root`]; the config's uid base; policies looked up
+    /// beside the config first (`policies/NAME.toml`).
+    pub fn for_config(cfg: &crate::config::Config, config_path: &Path, state_dir: Option<PathBuf>, min_level: Level) -> Self {
         let root = state_dir.or_else(|| cfg.state_dir.clone()).unwrap_or_else(StateDir::default_root);
         let mut state = StateDir::new(root);
         if let Some(b) = cfg.uid_base {
@@ -119,25 +117,6 @@ pub fn plan_with(state: &StateDir, launch: &ServerLaunch, extra: &Extra) -> anyh
     plan_begin(state, launch)?.finish(launch, extra)
 }
 
-/// Loads server `name`'s policy as its launch would, creating nothing: `${DATA}` and `${CACHE}`
-/// are its directories under the state dir, and paths under them need not exist yet. What this
-/// refuses (the allow-list grammar, syscall names, unknown keys, …) every launch refuses too:
-/// `serve --check` calls it for each server.
-pub fn load_policy(state: &StateDir, name: &str, policy: &PolicyRef) -> anyhow::Result<Policy> {
-    check_name(name)?;
-    let dirs = ServerDirs::of(state, name);
-    let mut vars = BTreeMap::new();
-    vars.insert("DATA".to_string(), dirs.data.to_string_lossy().into_owned());
-    vars.insert("CACHE".to_string(), dirs.cache.to_string_lossy().into_owned());
-    let ctx = LoadContext { vars, search_dirs: state.policy_dirs.clone() };
-    let unchecked = [dirs.data, dirs.cache];
-    let loaded = match policy {
-        PolicyRef::Named(r) => policy::load_detailed(r, &ctx, &unchecked),
-        PolicyRef::Inline { value, base_dir } => policy::load_inline_detailed(value.clone(), base_dir, &ctx, &unchecked),
-    };
-    loaded.map(|l| l.policy).map_err(|e| anyhow::anyhow!("server {name}: {e}"))
-}
-
 /// The first half of planning: the server's directories and host uid, and its policy. Enough
 /// for sandbox-init to start on the namespaces ([`Begun::outer`]) while [`Begun::finish`]
 /// resolves the grants.
@@ -159,15 +138,7 @@ pub fn plan_begin(state: &StateDir, launch: &ServerLaunch) -> anyhow::Result<Beg
         }
     }
 
-    let mut vars = BTreeMap::new();
-    vars.insert("DATA".to_string(), dirs.data.to_string_lossy().into_owned());
-    vars.insert("CACHE".to_string(), dirs.cache.to_string_lossy().into_owned());
-    let ctx = LoadContext { vars, search_dirs: state.policy_dirs.clone() };
-    let (policy, notes) = match &launch.policy {
-        PolicyRef::Named(r) => policy::load_with_notes(r, &ctx),
-        PolicyRef::Inline { value, base_dir } => policy::load_inline_with_notes(value.clone(), base_dir, &ctx),
-    }
-    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (policy, notes) = launch.policy.load(&dirs.load_context(state)).map_err(|e| anyhow::anyhow!("{e}"))?;
     let outer = OuterSpec {
         name: launch.name.clone(),
         network: policy.network.clone(),
@@ -182,6 +153,19 @@ pub fn plan_begin(state: &StateDir, launch: &ServerLaunch) -> anyhow::Result<Beg
         cgroup_layout: None,
     };
     Ok(Begun { dirs, policy, notes, outer })
+}
+
+/// Everything that can refuse `launch` before anything is made for it: its name, its policy
+/// (loaded as a launch loads it, but without requiring DATA and CACHE to exist yet) and what
+/// the policy asks of the kernel and the egress proxy. Creates nothing; `mcpbox run` calls it
+/// before preparing a package, `serve` before preparing and with `--check`.
+pub fn check(state: &StateDir, launch: &ServerLaunch) -> anyhow::Result<Policy> {
+    check_name(&launch.name)?;
+    let dirs = ServerDirs::at(state, &launch.name);
+    // Loading refuses what a launch would refuse of the policy itself: the egress allow-list's
+    // grammar and syscall names are the policy module's (allow.rs, syscalls.rs).
+    let loaded = launch.policy.load_detailed(&dirs.load_context(state), &[dirs.data.clone(), dirs.cache.clone()]).map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(loaded.policy)
 }
 
 impl Begun {
@@ -297,15 +281,24 @@ pub struct ServerDirs {
 }
 
 impl ServerDirs {
-    /// Where server `name`'s directories are (nothing is created).
-    pub fn of(state: &StateDir, name: &str) -> ServerDirs {
+    /// Where a server's directories are (nothing is created).
+    pub fn at(state: &StateDir, name: &str) -> ServerDirs {
         let base = state.root.join(name);
         ServerDirs { data: base.join("data"), cache: base.join("cache"), tmp: base.join("tmp") }
     }
 
+    /// What a policy of this server may say `${DATA}` and `${CACHE}` for, and where named
+    /// policies are looked up.
+    pub fn load_context(&self, state: &StateDir) -> LoadContext {
+        let mut vars = BTreeMap::new();
+        vars.insert("DATA".to_string(), self.data.to_string_lossy().into_owned());
+        vars.insert("CACHE".to_string(), self.cache.to_string_lossy().into_owned());
+        LoadContext { vars, search_dirs: state.policy_dirs.clone() }
+    }
+
     pub fn create(state: &StateDir, name: &str) -> anyhow::Result<ServerDirs> {
         let base = state.root.join(name);
-        let d = ServerDirs::of(state, name);
+        let d = ServerDirs::at(state, name);
         for p in [&d.data, &d.cache, &d.tmp] {
             fs::create_dir_all(p).with_context(|| format!("creating {}", p.display()))?;
         }

@@ -1,0 +1,1696 @@
+//! npx and uvx servers in two sandboxed phases.
+//!
+//! *Prepare* runs the package manager alone — npm for `npx`, uv for `uvx` — in a sandbox whose
+//! only writable place is the server's cache dir and whose only way out is mcpbox's egress
+//! proxy, to the registries npm's or uv's own configuration names (nothing here names one) and
+//! the hosts they serve files from, never an internal address. Install scripts run in that sandbox
+//! too, and no registry credentials reach it. The result is recorded in `CACHE/prepared.json`.
+//!
+//! *Run* never starts a package manager: the server's entry point is executed directly (node on
+//! the package's `bin` file, or the console script of a virtualenv built on the system Python),
+//! with the installed tree granted read/exec and nothing of the cache writable.
+//!
+//! Cache layout: `npm/` (the install prefix), `npm-cache/`, `venv/`, `uv-cache/`, `prepared.json`.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde::{Deserialize, Serialize};
+
+use super::spec::{self as launch, Extra, ServerDirs, ServerLaunch, StateDir, DEFAULT_PATH};
+use crate::policy::PolicyRef;
+use crate::sandbox::Access;
+
+/// Which package manager a command stands for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Manager {
+    Npm,
+    Uv,
+}
+
+impl Manager {
+    /// The runtime base policy a server of this kind needs.
+    pub fn runtime_policy(self) -> &'static str {
+        match self {
+            Manager::Npm => "node",
+            Manager::Uv => "python",
+        }
+    }
+    fn prepare_policy(self) -> &'static str {
+        match self {
+            Manager::Npm => "prepare-npm",
+            Manager::Uv => "prepare-uv",
+        }
+    }
+    fn command(self) -> &'static str {
+        match self {
+            Manager::Npm => "npx",
+            Manager::Uv => "uvx",
+        }
+    }
+}
+
+/// An `npx …` or `uvx …` command line, taken apart.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Package {
+    pub manager: Manager,
+    /// What the package manager installs, in order: npm package specs (`name@version`, a
+    /// tarball path, …) or Python requirements (`name==version`).
+    pub install: Vec<String>,
+    /// The executable to run: npx's command after `--package`, uvx's command name. None for a
+    /// plain `npx PKG`: the package's own bin.
+    pub bin: Option<String>,
+    /// The server's own arguments.
+    #[serde(skip)]
+    pub args: Vec<String>,
+}
+
+impl Package {
+    /// Same packages and command: the server's own arguments do not matter to prepare.
+    pub fn same_install(&self, other: &Package) -> bool {
+        self.manager == other.manager && self.install == other.install && self.bin == other.bin
+    }
+}
+
+/// `Some` when `command` is npx or uvx (by name or path).
+pub fn parse(command: &str, args: &[String]) -> Option<anyhow::Result<Package>> {
+    let base = command.rsplit('/').next().unwrap_or(command);
+    match base {
+        "npx" => Some(parse_npx(args)),
+        "uvx" => Some(parse_uvx(args)),
+        _ => None,
+    }
+}
+
+fn parse_npx(args: &[String]) -> anyhow::Result<Package> {
+    let mut packages = Vec::new();
+    let mut i = 0;
+    while i < args.len() {
+        let a = args[i].as_str();
+        match a {
+            "-y" | "--yes" | "-q" | "--quiet" | "--silent" | "--no-install=false" => i += 1,
+            "-p" | "--package" => {
+                let v = args.get(i + 1).with_context(|| format!("npx {a} needs a package"))?;
+                packages.push(v.clone());
+                i += 2;
+            }
+            "--" => {
+                i += 1;
+                break;
+            }
+            "-c" | "--call" => bail!("npx {a} (a shell command line) is not supported: name the package and its command"),
+            _ if a.starts_with("--package=") => {
+                packages.push(a["--package=".len()..].to_string());
+                i += 1;
+            }
+            _ if a.starts_with('-') => bail!("npx option {a} is not supported by mcpbox (supported: -y/--yes, -p/--package)"),
+            _ => break,
+        }
+    }
+    let rest = &args[i..];
+    let Some(first) = rest.first() else { bail!("npx: no package given") };
+    if packages.is_empty() {
+        Ok(Package { manager: Manager::Npm, install: vec![first.clone()], bin: None, args: rest[1..].to_vec() })
+    } else {
+        Ok(Package { manager: Manager::Npm, install: packages, bin: Some(first.clone()), args: rest[1..].to_vec() })
+    }
+}
+
+fn parse_uvx(args: &[String]) -> anyhow::Result<Package> {
+    let mut from = None;
+    let mut with = Vec::new();
+    let mut i = 0;
+    while i < args.len() {
+        let a = args[i].as_str();
+        match a {
+            "-q" | "--quiet" | "-v" | "--verbose" | "--isolated" | "--no-cache" | "--refresh" | "--offline" => i += 1,
+            "--from" | "--with" => {
+                let v = args.get(i + 1).with_context(|| format!("uvx {a} needs a value"))?.clone();
+                if a == "--from" { from = Some(v) } else { with.push(v) }
+                i += 2;
+            }
+            "-p" | "--python" => bail!("uvx {a}: mcpbox uses the system Python (no interpreter downloads); drop the option"),
+            "--" => {
+                i += 1;
+                break;
+            }
+            _ if a.starts_with("--from=") => {
+                from = Some(a["--from=".len()..].to_string());
+                i += 1;
+            }
+            _ if a.starts_with("--with=") => {
+                with.push(a["--with=".len()..].to_string());
+                i += 1;
+            }
+            _ if a.starts_with('-') => bail!("uvx option {a} is not supported by mcpbox (supported: --from, --with)"),
+            _ => break,
+        }
+    }
+    let rest = &args[i..];
+    let Some(first) = rest.first() else { bail!("uvx: no command given") };
+    let (name, version) = match first.split_once('@') {
+        Some((n, v)) => (n.to_string(), Some(v.to_string())),
+        None => (first.clone(), None),
+    };
+    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+        bail!("uvx: `{first}` is not a command name");
+    }
+    let mut install = vec![match (&from, version) {
+        (Some(f), _) => f.clone(),
+        (None, Some(v)) => format!("{name}=={v}"),
+        (None, None) => name.clone(),
+    }];
+    install.extend(with);
+    Ok(Package { manager: Manager::Uv, install, bin: Some(name), args: rest[1..].to_vec() })
+}
+
+/// What `CACHE/prepared.json` records.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Prepared {
+    /// The request this was prepared for (manager, install list, bin): a changed command line
+    /// means prepare again.
+    pub request: Package,
+    /// The installed package's name and version.
+    pub package: String,
+    pub version: String,
+    /// What the run phase executes: `interpreter entry ARGS…`.
+    pub interpreter: PathBuf,
+    pub entry: PathBuf,
+    /// Seconds since the epoch.
+    pub prepared_at: u64,
+}
+
+const RECORD: &str = "prepared.json";
+
+fn npm_prefix(cache: &Path) -> PathBuf {
+    cache.join("npm")
+}
+fn venv(cache: &Path) -> PathBuf {
+    cache.join("venv")
+}
+
+/// The prepared record, if present, valid and for this request.
+pub fn load_prepared(cache: &Path, pkg: &Package) -> Option<Prepared> {
+    let text = read_inside(cache, Path::new(RECORD)).ok()?;
+    let p: Prepared = serde_json::from_str(&text).ok()?;
+    (p.request.same_install(pkg) && check_record(cache, &p).is_ok()).then_some(p)
+}
+
+/// The cache is written by the package manager and install scripts, which we do not trust: a
+/// record must point into the installed tree and at an interpreter we chose.
+fn check_record(cache: &Path, p: &Prepared) -> anyhow::Result<()> {
+    let cache_real = launch::resolve(cache)?.0;
+    let (tree, interp_ok) = match p.request.manager {
+        Manager::Npm => (npm_prefix(&cache_real), p.interpreter == find_node()?),
+        Manager::Uv => (venv(&cache_real), p.interpreter == venv(cache).join("bin/python")),
+    };
+    let entry = launch::resolve(&p.entry)?.0;
+    if !interp_ok || !entry.starts_with(&tree) || !entry.is_file() {
+        bail!("{} does not describe an installed package", cache.join(RECORD).display());
+    }
+    Ok(())
+}
+
+/// Read a small file that must really lie inside `base` (no symlink leading out).
+fn read_inside(base: &Path, rel: &Path) -> anyhow::Result<String> {
+    let base_real = launch::resolve(base)?.0;
+    let real = launch::resolve(&base.join(rel))?.0;
+    if !real.starts_with(&base_real) {
+        bail!("{} leads outside {}", rel.display(), base.display());
+    }
+    let mut s = String::new();
+    std::fs::File::open(&real)?.take(4 << 20).read_to_string(&mut s)?;
+    Ok(s)
+}
+
+fn find_node() -> anyhow::Result<PathBuf> {
+    launch::resolve_command("node", DEFAULT_PATH).context("npx servers need node on PATH (/usr/local/bin:/usr/bin:/bin)")
+}
+
+/// npm's CLI script and the npm package directory it lives in.
+fn find_npm() -> anyhow::Result<(PathBuf, PathBuf)> {
+    let npm = launch::resolve_command("npm", DEFAULT_PATH).context("npx servers need npm on PATH")?;
+    let real = std::fs::canonicalize(&npm)?;
+    let dir = real
+        .ancestors()
+        .find(|a| a.file_name().is_some_and(|n| n == "npm") && a.parent().and_then(|p| p.file_name()).is_some_and(|n| n == "node_modules"))
+        .with_context(|| format!("{} is not inside an npm installation (…/node_modules/npm)", real.display()))?
+        .to_path_buf();
+    Ok((dir.join("bin/npm-cli.js"), dir))
+}
+
+/// uv's binary: `MCPBOX_UV`, else an executable `uv` on mcpbox's PATH that is a real binary (not
+/// a version-manager shim), else where the `uv` Python package says it put it.
+fn find_uv() -> anyhow::Result<PathBuf> {
+    if let Some(p) = std::env::var_os("MCPBOX_UV").filter(|v| !v.is_empty()) {
+        return Ok(PathBuf::from(p));
+    }
+    let is_elf = |p: &Path| {
+        let mut magic = [0u8; 4];
+        std::fs::File::open(p).and_then(|mut f| f.read_exact(&mut magic)).is_ok() && magic == *b"\x7fELF"
+    };
+    let path = std::env::var("PATH").unwrap_or_default();
+    for dir in path.split(':').chain(DEFAULT_PATH.split(':')).filter(|d| d.starts_with('/')) {
+        let c = Path::new(dir).join("uv");
+        if c.is_file() && is_elf(&c) {
+            return Ok(c);
+        }
+    }
+    let out = std::process::Command::new("python3")
+        .args(["-c", "import uv; print(uv.find_uv_bin())"])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output();
+    if let Ok(o) = out {
+        let p = PathBuf::from(String::from_utf8_lossy(&o.stdout).trim());
+        if o.status.success() && p.is_absolute() && is_elf(&p) {
+            return Ok(p);
+        }
+    }
+    bail!("uvx servers need uv (`pip install uv`); none found on PATH or through python3 -m uv (set MCPBOX_UV to its path)")
+}
+
+/// A server runs under its own uid and must be able to reach the binary: one installed under a
+/// private home (`pip install --user`, pyenv under /root) is copied once into `STATE/.tools`.
+pub(crate) fn stage_for_others(state: &StateDir, bin: &Path) -> anyhow::Result<PathBuf> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let real = std::fs::canonicalize(bin)?;
+    let open = |p: &Path, bits: u32| std::fs::metadata(p).map(|m| m.mode() & bits == bits).unwrap_or(false);
+    let reachable = open(&real, 0o005) && real.ancestors().skip(1).all(|a| open(a, 0o001));
+    if reachable || !nix::unistd::geteuid().is_root() {
+        return Ok(real);
+    }
+    let dir = state.root.join(".tools");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
+    let name = real.file_name().context("binary without a name")?;
+    let dst = dir.join(name);
+    let same = match (std::fs::metadata(&real), std::fs::metadata(&dst)) {
+        (Ok(a), Ok(b)) => a.len() == b.len() && a.mtime() <= b.mtime(),
+        _ => false,
+    };
+    if !same {
+        let tmp = dir.join(format!(".{}.new", name.to_string_lossy()));
+        std::fs::copy(&real, &tmp).with_context(|| format!("copying {} to {}", real.display(), tmp.display()))?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))?;
+        std::fs::rename(&tmp, &dst)?;
+        tracing::info!("{} is not reachable by server uids; using a copy at {}", real.display(), dst.display());
+    }
+    Ok(dst)
+}
+
+/// Names of mcpbox's environment handed to a prepare sandbox: which CAs the host trusts, and
+/// uv's own settings. (Its way out is mcpbox's egress proxy, which sets the proxy variables.)
+const PASS_ALWAYS: &[&str] = &["SSL_CERT_FILE", "SSL_CERT_DIR"];
+const PASS_NPM: &[&str] = &["NODE_EXTRA_CA_CERTS"];
+/// uv's settings that carry no credentials; the indexes are read by [`uv_settings`] and handed
+/// over without them.
+const PASS_UV: &[&str] = &["UV_NATIVE_TLS", "UV_INSECURE_HOST", "UV_INDEX_STRATEGY", "UV_HTTP_TIMEOUT", "UV_CONCURRENT_DOWNLOADS"];
+
+fn passed_env(names: &[&str], extra: &mut Extra) {
+    for n in PASS_ALWAYS.iter().chain(names) {
+        if let Ok(v) = std::env::var(n) {
+            // CA files must be readable inside, too.
+            if n.contains("CERT") && Path::new(&v).is_absolute() && Path::new(&v).exists() {
+                extra.grants.push((PathBuf::from(&v), Access::Read));
+            }
+            extra.env.insert(n.to_string(), v);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Egress: the registries the package manager's configuration names, and nothing else
+// ---------------------------------------------------------------------------------------------
+
+/// Where a prepare sandbox may connect, through mcpbox's egress proxy (never an internal address):
+/// `host:port` of the registries npm's or uv's configuration names, of the hosts those
+/// registries serve package files from (read from their answers), of URLs named on the command
+/// line, and what the operator lists in [`EXTRA_ALLOW_ENV`].
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Egress {
+    pub allow: std::collections::BTreeSet<String>,
+    /// Index/registry URLs (without credentials) whose answers name the download hosts.
+    pub indexes: Vec<String>,
+}
+
+/// Extra `host:port` entries (comma or space separated, wildcards as in `network.allow`) that
+/// prepare sandboxes may reach: e.g. where a package's install script downloads a prebuilt
+/// binary from.
+pub const EXTRA_ALLOW_ENV: &str = "MCPBOX_PREPARE_ALLOW";
+
+impl Egress {
+    fn add_url(&mut self, url: &str) {
+        if let Some(hp) = host_port(url) {
+            self.allow.insert(hp);
+        }
+    }
+}
+
+/// `host:port` of an http(s) URL (the scheme's port when none is written).
+fn host_port(url: &str) -> Option<String> {
+    let u = reqwest::Url::parse(url).ok()?;
+    if !matches!(u.scheme(), "http" | "https") {
+        return None;
+    }
+    Some(format!("{}:{}", u.host_str()?, u.port_or_known_default()?))
+}
+
+/// The URL without user info, and whether it had some (credentials never enter a sandbox
+/// that runs install scripts).
+fn without_credentials(url: &str) -> (String, bool) {
+    match reqwest::Url::parse(url) {
+        Ok(mut u) if !u.username().is_empty() || u.password().is_some() => {
+            let _ = u.set_username("");
+            let _ = u.set_password(None);
+            (u.to_string(), true)
+        }
+        _ => (url.to_string(), false),
+    }
+}
+
+/// npm's configuration on this host (global and user npmrc, npm_config_* variables) as npm
+/// itself reports it, asked outside any sandbox: no package code runs. The sandbox gets the
+/// registries (the default and scoped ones) and the CA file as variables, and reads no npmrc at
+/// all: neither the user's nor the global one (which may hold tokens), nor one that an earlier
+/// install left in the cache.
+///
+/// Returns the credential lines of the npmrc files npm read (for the download step only, see
+/// [`prepare_npm`]).
+fn npm_settings(npm_cli: &Path, node: &Path, extra: &mut Extra, egress: &mut Egress) -> anyhow::Result<Vec<String>> {
+    // The text form, not --json: only it shows that credentials exist (as `(protected)`).
+    let out = std::process::Command::new(node)
+        .arg(npm_cli)
+        .args(["config", "list", "--long"])
+        // Not mcpbox's working directory: a project .npmrc there is not the host's configuration.
+        .current_dir("/")
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .context("running `npm config list --long`")?;
+    if !out.status.success() {
+        bail!("`npm config list --long` failed ({}): fix npm's configuration", out.status);
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let cfg = parse_npm_config_list(&text);
+    let auth = npm_auth_lines(&npm_config_files(&text), |k| std::env::var(k).ok());
+    let mut notes = Vec::new();
+    let env = npm_env(&cfg, &mut notes)?;
+    for n in notes {
+        tracing::warn!("prepare: {n}");
+    }
+    for (k, v) in env {
+        if k.starts_with("npm_config_") && k.ends_with("registry") {
+            egress.add_url(&v);
+            egress.indexes.push(v.clone());
+        }
+        if k == "npm_config_cafile" {
+            extra.grants.push((PathBuf::from(&v), Access::Read));
+        }
+        extra.env.insert(k, v);
+    }
+    Ok(auth)
+}
+
+/// The npmrc files `npm config list --long` says it read (`; "user" config from PATH`).
+fn npm_config_files(text: &str) -> Vec<PathBuf> {
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix("; \"")?.split_once("\" config from ").map(|(_, p)| PathBuf::from(p.trim())))
+        .filter(|p| p.is_absolute())
+        .collect()
+}
+
+/// The credential lines of npmrc files (`//host/path/:_authToken=…`, `_auth`, …), with
+/// `${VAR}` expanded from mcpbox's environment as npm would.
+fn npm_auth_lines(files: &[PathBuf], var: impl Fn(&str) -> Option<String>) -> Vec<String> {
+    let mut out = Vec::new();
+    for f in files {
+        let Ok(text) = std::fs::read_to_string(f) else { continue };
+        for line in text.lines().map(str::trim) {
+            let Some((k, v)) = line.split_once('=') else { continue };
+            let k = k.trim();
+            let key = k.rsplit(':').next().unwrap_or(k);
+            if line.starts_with(['#', ';']) || !(k.starts_with("//") || k.starts_with('_')) || !matches!(key, "_auth" | "_authToken" | "_password" | "username") {
+                continue;
+            }
+            let mut value = String::new();
+            let mut rest = v.trim();
+            while let Some(i) = rest.find("${") {
+                value.push_str(&rest[..i]);
+                match rest[i + 2..].find('}') {
+                    Some(j) => {
+                        value.push_str(&var(&rest[i + 2..i + 2 + j]).unwrap_or_default());
+                        rest = &rest[i + 3 + j..];
+                    }
+                    None => {
+                        value.push_str(&rest[i..]);
+                        rest = "";
+                    }
+                }
+            }
+            value.push_str(rest);
+            out.push(format!("{k}={value}"));
+        }
+    }
+    out
+}
+
+/// `npm config list --long`: `key = JSON value` lines in sections (`; "user" config from …`);
+/// overridden entries are commented out. A credential shows as `(protected)`, kept as that
+/// string, except in the defaults section (where npm lists its unset auth keys that way).
+fn parse_npm_config_list(text: &str) -> serde_json::Map<String, serde_json::Value> {
+    let mut cfg = serde_json::Map::new();
+    let mut defaults = false;
+    for line in text.lines().map(str::trim) {
+        if let Some(rest) = line.strip_prefix("; \"") {
+            defaults = rest.starts_with("default\"");
+            continue;
+        }
+        if line.starts_with(';') {
+            continue;
+        }
+        let Some((k, v)) = line.split_once(" = ") else { continue };
+        let v = v.trim();
+        if v == "(protected)" && defaults {
+            continue;
+        }
+        let value = serde_json::from_str(v).unwrap_or_else(|_| serde_json::Value::String(v.to_string()));
+        cfg.insert(k.trim().to_string(), value);
+    }
+    cfg
+}
+
+/// What a prepare sandbox's npm is told, from npm's effective configuration: the registry and
+/// scoped registries without credentials, the CA file, and no config files. Credentials found
+/// are named in `notes`, never passed.
+fn npm_env(cfg: &serde_json::Map<String, serde_json::Value>, notes: &mut Vec<String>) -> anyhow::Result<Vec<(String, String)>> {
+    let mut env = vec![("npm_config_userconfig".to_string(), "/dev/null".to_string()), ("npm_config_globalconfig".to_string(), "/dev/null/npmrc".to_string())];
+    let registry = cfg.get("registry").and_then(|v| v.as_str()).filter(|v| !v.is_empty()).context("npm's configuration names no registry (`npm config get registry`)")?;
+    let mut with_creds = Vec::new();
+    let mut registries = vec![("registry".to_string(), registry.to_string())];
+    for (k, v) in cfg {
+        if k.starts_with('@') && k.ends_with(":registry") {
+            if let Some(url) = v.as_str().filter(|u| !u.is_empty()) {
+                registries.push((k.clone(), url.to_string()));
+            }
+        }
+        let secret = k.starts_with("//") || matches!(k.as_str(), "_auth" | "_authToken" | "_password" | "username");
+        if secret && !v.is_null() && v.as_str() != Some("") {
+            with_creds.push(k.rsplit(':').next().unwrap_or(k).to_string());
+        }
+    }
+    for (key, url) in registries {
+        let (clean, had) = without_credentials(&url);
+        if had {
+            with_creds.push(key.clone());
+        }
+        env.push((format!("npm_config_{key}"), clean));
+    }
+    if let Some(ca) = cfg.get("cafile").and_then(|v| v.as_str()).filter(|v| Path::new(v).is_file()) {
+        env.push(("npm_config_cafile".into(), ca.into()));
+    }
+    if !with_creds.is_empty() {
+        with_creds.sort();
+        with_creds.dedup();
+        notes.push(format!(
+            "npm's configuration holds registry credentials ({}): they are not given to the prepare sandbox where install scripts run, only to npm while it downloads and unpacks with scripts off",
+            with_creds.join(", ")
+        ));
+    }
+    Ok(env)
+}
+
+/// uv's indexes as its configuration on this host says, read here (outside any sandbox):
+/// `UV_DEFAULT_INDEX`/`UV_INDEX_URL`, `UV_INDEX`/`UV_EXTRA_INDEX_URL`, `UV_FIND_LINKS`, and the
+/// system and user `uv.toml` (`index-url`, `extra-index-url`, `find-links`, `[[index]]`, at the
+/// top or under `[pip]`); uv's own default when nothing is configured (from `uv --help`).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+struct UvIndexes {
+    default: Option<String>,
+    extra: Vec<String>,
+    find_links: Vec<String>,
+}
+
+impl UvIndexes {
+    /// Merge one uv.toml (a later file overrides the default index, adds to the rest).
+    fn add_toml(&mut self, table: &toml::Table) {
+        for t in [Some(table), table.get("pip").and_then(|p| p.as_table())].into_iter().flatten() {
+            let strs = |k: &str| -> Vec<String> {
+                match t.get(k) {
+                    Some(toml::Value::String(s)) => vec![s.clone()],
+                    Some(toml::Value::Array(a)) => a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect(),
+                    _ => vec![],
+                }
+            };
+            if let Some(u) = strs("index-url").pop() {
+                self.default = Some(u);
+            }
+            self.extra.extend(strs("extra-index-url"));
+            self.find_links.extend(strs("find-links"));
+            for idx in t.get("index").and_then(|v| v.as_array()).into_iter().flatten() {
+                let Some(url) = idx.get("url").and_then(|u| u.as_str()) else { continue };
+                if idx.get("default").and_then(|d| d.as_bool()) == Some(true) {
+                    self.default = Some(url.to_string());
+                } else {
+                    // Named, as uv matches UV_INDEX_{NAME}_USERNAME/PASSWORD by name.
+                    match idx.get("name").and_then(|n| n.as_str()) {
+                        Some(n) => self.extra.push(format!("{n}={url}")),
+                        None => self.extra.push(url.to_string()),
+                    }
+                }
+            }
+        }
+    }
+
+    /// The variables uv reads, over the files.
+    fn add_env(&mut self, var: impl Fn(&str) -> Option<String>) {
+        if let Some(u) = var("UV_DEFAULT_INDEX").or_else(|| var("UV_INDEX_URL")) {
+            self.default = Some(u);
+        }
+        for k in ["UV_INDEX", "UV_EXTRA_INDEX_URL"] {
+            self.extra.extend(var(k).unwrap_or_default().split_whitespace().map(str::to_string));
+        }
+        if let Some(f) = var("UV_FIND_LINKS") {
+            self.find_links.extend(f.split([',', ' ']).filter(|s| !s.is_empty()).map(str::to_string));
+        }
+    }
+}
+
+/// An index as uv takes it, `URL` or `NAME=URL` (a name has neither `:` nor `/`): its name and URL.
+fn split_named(item: &str) -> (Option<&str>, &str) {
+    match item.split_once('=') {
+        Some((name, url)) if !name.contains([':', '/']) => (Some(name), url),
+        _ => (None, item),
+    }
+}
+
+/// The uv.toml files uv reads on this host, system first.
+fn uv_config_files() -> Vec<PathBuf> {
+    if std::env::var_os("UV_NO_CONFIG").is_some_and(|v| !v.is_empty()) {
+        return vec![];
+    }
+    if let Some(f) = std::env::var_os("UV_CONFIG_FILE").filter(|v| !v.is_empty()) {
+        return vec![PathBuf::from(f)];
+    }
+    let mut files = Vec::new();
+    let xdg_dirs = std::env::var("XDG_CONFIG_DIRS").ok().filter(|v| !v.is_empty()).unwrap_or_else(|| "/etc/xdg".into());
+    for d in xdg_dirs.split(':').map(PathBuf::from).chain([PathBuf::from("/etc")]) {
+        let f = d.join("uv/uv.toml");
+        if f.is_file() {
+            files.push(f);
+            break;
+        }
+    }
+    let user = std::env::var_os("XDG_CONFIG_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")));
+    if let Some(u) = user.map(|c| c.join("uv/uv.toml")).filter(|u| u.is_file()) {
+        files.push(u);
+    }
+    files
+}
+
+/// uv's default index, as its own help states it (`--default-index … (by default: <URL>)`):
+/// mcpbox names no index itself.
+fn uv_default_index(uv: &Path) -> anyhow::Result<String> {
+    let out = std::process::Command::new(uv)
+        .args(["pip", "install", "--help"])
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .with_context(|| format!("running {} pip install --help", uv.display()))?;
+    let help = String::from_utf8_lossy(&out.stdout);
+    let block = help.split("--default-index").nth(1).unwrap_or("");
+    let url = block.split("default: ").nth(1).map(|rest| rest.trim_start_matches('<').split(['>', ')', ']', ' ', '\n']).next().unwrap_or(""));
+    match url.filter(|u| u.starts_with("http")) {
+        Some(u) => Ok(u.to_string()),
+        None => bail!("cannot tell uv's default index from `{} pip install --help`; set UV_DEFAULT_INDEX", uv.display()),
+    }
+}
+
+/// uv's indexes for a prepare sandbox: handed over as variables without credentials, with
+/// `UV_NO_CONFIG=1` so that no uv.toml is read inside (not the user's, which may hold
+/// credentials, nor one an earlier install left in the cache). `UV_INDEX_*_USERNAME` /
+/// `_PASSWORD`, netrc and keyrings are not passed either.
+///
+/// Returns, when there are credentials, the variables that carry them (the index URLs as
+/// configured and the credential variables), for the wheels-only step (see [`prepare_uv`]).
+fn uv_settings(uv: &Path, extra: &mut Extra, egress: &mut Egress) -> anyhow::Result<Option<BTreeMap<String, String>>> {
+    let mut idx = UvIndexes::default();
+    for f in uv_config_files() {
+        let text = std::fs::read_to_string(&f).with_context(|| format!("reading uv's configuration {}", f.display()))?;
+        let table: toml::Table = toml::from_str(&text).with_context(|| format!("parsing uv's configuration {}", f.display()))?;
+        idx.add_toml(&table);
+    }
+    idx.add_env(|k| std::env::var(k).ok().filter(|v| !v.is_empty()));
+    let default = match idx.default.clone() {
+        Some(d) => d,
+        None => uv_default_index(uv)?,
+    };
+    let mut with_creds = BTreeMap::from([("UV_DEFAULT_INDEX".to_string(), default.clone())]);
+    if !idx.extra.is_empty() {
+        with_creds.insert("UV_INDEX".into(), idx.extra.join(" "));
+    }
+    let mut creds = false;
+    let mut clean = |u: &str| {
+        let (c, had) = without_credentials(u);
+        creds |= had;
+        c
+    };
+    let default = clean(&default);
+    let extra_idx: Vec<String> = idx
+        .extra
+        .iter()
+        .map(|item| match split_named(item) {
+            (Some(n), url) => format!("{n}={}", clean(url)),
+            (None, url) => clean(url),
+        })
+        .collect();
+    let mut links = Vec::new();
+    for l in &idx.find_links {
+        if l.starts_with("http://") || l.starts_with("https://") {
+            links.push(clean(l));
+        } else {
+            let p = PathBuf::from(l.strip_prefix("file://").unwrap_or(l));
+            if p.is_absolute() && p.exists() {
+                extra.grants.push((p.clone(), Access::Read));
+                links.push(p.to_string_lossy().into_owned());
+            }
+        }
+    }
+    let cred_vars: Vec<String> = std::env::vars().map(|(k, _)| k).filter(|k| k.starts_with("UV_INDEX_") && (k.ends_with("_USERNAME") || k.ends_with("_PASSWORD"))).collect();
+    let with_creds = (creds || !cred_vars.is_empty()).then(|| {
+        tracing::warn!(
+            "prepare: uv's configuration holds index credentials{}: they are not given to the prepare sandbox where build scripts run, only to uv while it installs wheels with builds off",
+            if cred_vars.is_empty() { String::new() } else { format!(" ({})", cred_vars.join(", ")) }
+        );
+        for k in &cred_vars {
+            if let Ok(v) = std::env::var(k) {
+                with_creds.insert(k.clone(), v);
+            }
+        }
+        with_creds
+    });
+    let urls: Vec<&str> = std::iter::once(default.as_str()).chain(extra_idx.iter().map(|i| split_named(i).1)).collect();
+    for u in urls.iter().copied().chain(links.iter().map(String::as_str).filter(|l| l.starts_with("http"))) {
+        egress.add_url(u);
+    }
+    egress.indexes.extend(urls.iter().map(|u| u.to_string()));
+    extra.env.insert("UV_NO_CONFIG".into(), "1".into());
+    extra.env.insert("UV_DEFAULT_INDEX".into(), default);
+    if !extra_idx.is_empty() {
+        extra.env.insert("UV_INDEX".into(), extra_idx.join(" "));
+    }
+    if !links.is_empty() {
+        extra.env.insert("UV_FIND_LINKS".into(), links.join(","));
+    }
+    Ok(with_creds)
+}
+
+/// The name a registry knows a requested package by: npm `@scope/name@1` → `@scope/name`,
+/// Python `name[extra]>=1` → `name`. None for local paths and URLs.
+fn package_name(manager: Manager, spec: &str) -> Option<String> {
+    if spec.starts_with('/') || spec.starts_with('.') || spec.contains(':') {
+        return None;
+    }
+    let name = match manager {
+        Manager::Npm => {
+            let (scope, rest) = if let Some(r) = spec.strip_prefix('@') { ("@", r) } else { ("", spec) };
+            format!("{scope}{}", rest.split('@').next().unwrap_or(rest))
+        }
+        Manager::Uv => spec.split(|c: char| "=<>!~[; @".contains(c)).next().unwrap_or(spec).to_string(),
+    };
+    (!name.is_empty() && !name.ends_with('/')).then_some(name)
+}
+
+/// The URL at which `index` describes package `name`.
+fn metadata_url(manager: Manager, index: &str, name: &str) -> String {
+    let base = index.trim_end_matches('/');
+    match manager {
+        Manager::Npm => format!("{base}/{}", name.replace('/', "%2f")),
+        Manager::Uv => {
+            // PEP 503 normalization: lowercase, runs of `-_.` become one `-`.
+            let mut norm = String::new();
+            for c in name.chars() {
+                if "-_.".contains(c) {
+                    if !norm.ends_with('-') {
+                        norm.push('-');
+                    }
+                } else {
+                    norm.push(c.to_ascii_lowercase());
+                }
+            }
+            format!("{base}/{norm}/")
+        }
+    }
+}
+
+/// Most download hosts taken from one registry answer: more is not a registry's file host.
+const MAX_FILE_HOSTS: usize = 8;
+
+/// The hosts a registry's answer names for package files: npm's `dist.tarball`, the Simple
+/// API's `files[].url` (JSON) or `href` (HTML), resolved against the page's final URL. (Not
+/// every URL in the answer: a packument's `repository.url` is no download.)
+fn file_hosts_in(manager: Manager, page: &reqwest::Url, body: &[u8]) -> std::collections::BTreeSet<String> {
+    let mut urls = Vec::new();
+    if let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) {
+        let s = |x: Option<&serde_json::Value>| x.and_then(|u| u.as_str()).map(str::to_string);
+        match manager {
+            Manager::Npm => {
+                for ver in v.get("versions").and_then(|x| x.as_object()).into_iter().flat_map(|m| m.values()) {
+                    urls.extend(s(ver.get("dist").and_then(|d| d.get("tarball"))));
+                }
+            }
+            Manager::Uv => {
+                for f in v.get("files").and_then(|x| x.as_array()).into_iter().flatten() {
+                    urls.extend(s(f.get("url")));
+                }
+            }
+        }
+    } else if manager == Manager::Uv {
+        let text = String::from_utf8_lossy(body);
+        for part in text.split("href=").skip(1) {
+            let q = part.chars().next().unwrap_or('"');
+            if q == '"' || q == '\'' {
+                urls.extend(part[1..].split(q).next().map(str::to_string));
+            }
+        }
+    }
+    let mut hosts = std::collections::BTreeSet::new();
+    for u in urls {
+        if let Some(hp) = page.join(&u).ok().and_then(|abs| host_port(abs.as_str())) {
+            hosts.insert(hp);
+        }
+    }
+    hosts
+}
+
+/// Ask each registry about each requested package (outside any sandbox, mcpbox's own HTTP
+/// client: no package code runs) and collect the hosts its answer serves files from, and the
+/// host it redirected to. A registry that does not answer adds nothing (the install then says
+/// what it could not reach).
+fn discover_file_hosts(manager: Manager, pkg: &Package, egress: &mut Egress) {
+    let names: Vec<String> = pkg.install.iter().filter_map(|s| package_name(manager, s)).collect();
+    if names.is_empty() {
+        return;
+    }
+    let pages: Vec<String> = egress.indexes.iter().flat_map(|i| names.iter().map(move |n| metadata_url(manager, i, n))).collect();
+    let accept = match manager {
+        Manager::Npm => "application/vnd.npm.install-v1+json; q=1.0, application/json; q=0.8",
+        Manager::Uv => "application/vnd.pypi.simple.v1+json, text/html; q=0.1",
+    };
+    let found = on_own_runtime(async move {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut hosts = std::collections::BTreeSet::new();
+        // The proxy's rule here too: no loopback, link-local or private address, whatever a
+        // name resolves to or a redirect names.
+        let redirects = reqwest::redirect::Policy::custom(|a| match a.url().host_str().and_then(|h| h.trim_matches(['[', ']']).parse().ok()) {
+            Some(ip) if crate::netproxy::is_internal(ip) => a.stop(),
+            _ if a.previous().len() >= 5 => a.stop(),
+            _ => a.follow(),
+        });
+        let client = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .timeout(Duration::from_secs(30))
+            .redirect(redirects)
+            .dns_resolver(std::sync::Arc::new(ExternalOnly));
+        let Ok(client) = client.build() else { return hosts };
+        for page in pages {
+            let literal = reqwest::Url::parse(&page).ok().and_then(|u| u.host_str()?.trim_matches(['[', ']']).parse::<std::net::IpAddr>().ok());
+            if literal.is_some_and(crate::netproxy::is_internal) {
+                continue;
+            }
+            let resp = match client.get(&page).header("accept", accept).send().await {
+                Ok(r) if r.status().is_success() => r,
+                Ok(r) => {
+                    tracing::debug!("prepare: {page}: HTTP {}", r.status());
+                    continue;
+                }
+                Err(e) => {
+                    tracing::debug!("prepare: {page}: {e}");
+                    continue;
+                }
+            };
+            let final_url = resp.url().clone();
+            let mut body = Vec::new();
+            let mut stream = resp.bytes_stream();
+            while let Some(Ok(chunk)) = futures_util::StreamExt::next(&mut stream).await {
+                body.extend_from_slice(&chunk);
+                if body.len() > 64 << 20 {
+                    break;
+                }
+            }
+            let mut found = file_hosts_in(manager, &final_url, &body);
+            if let Some(hp) = host_port(final_url.as_str()) {
+                found.insert(hp);
+            }
+            if found.len() > MAX_FILE_HOSTS {
+                tracing::warn!("prepare: {page} names {} download hosts; allowing none of them (list the ones needed in {EXTRA_ALLOW_ENV})", found.len());
+                continue;
+            }
+            hosts.extend(found);
+        }
+        hosts
+    });
+    egress.allow.extend(found);
+}
+
+/// The system resolver, keeping only addresses that are not [`crate::netproxy::is_internal`].
+struct ExternalOnly;
+
+impl reqwest::dns::Resolve for ExternalOnly {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        Box::pin(async move {
+            let addrs: Vec<std::net::SocketAddr> = tokio::net::lookup_host((name.as_str(), 0)).await?.filter(|a| !crate::netproxy::is_internal(a.ip())).collect();
+            if addrs.is_empty() {
+                return Err(format!("{} resolves to no external address", name.as_str()).into());
+            }
+            Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
+
+/// The operator's extra entries ([`EXTRA_ALLOW_ENV`]), checked with the allow-list grammar.
+fn operator_allow(egress: &mut Egress) -> anyhow::Result<()> {
+    let Ok(v) = std::env::var(EXTRA_ALLOW_ENV) else { return Ok(()) };
+    let entries: Vec<String> = v.split([',', ' ']).filter(|s| !s.is_empty()).map(str::to_string).collect();
+    crate::netproxy::AllowList::parse(&entries).context(EXTRA_ALLOW_ENV)?;
+    egress.allow.extend(entries);
+    Ok(())
+}
+
+/// Run a future to completion on a runtime of its own, on a thread of its own (callers may be
+/// on a runtime's blocking thread already).
+fn on_own_runtime<F>(f: F) -> F::Output
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + Default + 'static,
+{
+    std::thread::spawn(move || match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt.block_on(f),
+        Err(_) => F::Output::default(),
+    })
+    .join()
+    .unwrap_or_default()
+}
+
+/// Progress and outcome of one prepare.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Already prepared for this request.
+    Ready(Prepared),
+    /// Installed now.
+    Installed(Prepared, Duration),
+}
+
+impl Outcome {
+    pub fn prepared(&self) -> &Prepared {
+        match self {
+            Outcome::Ready(p) | Outcome::Installed(p, _) => p,
+        }
+    }
+}
+
+/// Prepare server `name` (blocking: runs sandboxes and waits for them). `force` prepares again
+/// even when the record matches.
+pub fn prepare_blocking(state: &StateDir, name: &str, pkg: &Package, force: bool) -> anyhow::Result<Outcome> {
+    launch::check_name(name)?;
+    let dirs = ServerDirs::create(state, name)?;
+    // One prepare per server at a time (serve and `mcpbox prepare` may overlap). The lock lives
+    // beside the cache, where the sandbox cannot reach it.
+    let lock_path = state.root.join(name).join("prepare.lock");
+    let lock_file = std::fs::OpenOptions::new().write(true).create(true).truncate(false).open(&lock_path).with_context(|| format!("opening {}", lock_path.display()))?;
+    let _lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| anyhow::anyhow!("locking {}: {e}", lock_path.display()))?;
+    if !force {
+        if let Some(p) = load_prepared(&dirs.cache, pkg) {
+            return Ok(Outcome::Ready(p));
+        }
+    }
+    if force {
+        // Everything in CACHE was written by earlier installs (install scripts included): an
+        // npmrc, uv's config, poisoned npm or uv caches. Start from nothing.
+        empty_dir(&dirs.cache)?;
+    }
+    let started = Instant::now();
+    tracing::info!(server = %name, "preparing: resolving {} {}", pkg.manager.command(), pkg.install.join(" "));
+    let _ = std::fs::remove_file(dirs.cache.join(RECORD));
+    let tree = match pkg.manager {
+        Manager::Npm => npm_prefix(&dirs.cache),
+        Manager::Uv => venv(&dirs.cache),
+    };
+    if tree.exists() {
+        std::fs::remove_dir_all(&tree).with_context(|| format!("removing the old install {}", tree.display()))?;
+    }
+    let p = match pkg.manager {
+        Manager::Npm => prepare_npm(state, name, &dirs, pkg)?,
+        Manager::Uv => prepare_uv(state, name, &dirs, pkg)?,
+    };
+    let text = serde_json::to_string_pretty(&p)?;
+    let tmp = dirs.cache.join(".prepared.json.new");
+    let _ = std::fs::remove_file(&tmp);
+    // create_new: never through a link someone left there.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, text.as_bytes()))
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, dirs.cache.join(RECORD))?;
+    let took = started.elapsed();
+    tracing::info!(server = %name, "prepared {}@{} in {:.1} s (entry {})", p.package, p.version, took.as_secs_f64(), p.entry.display());
+    Ok(Outcome::Installed(p, took))
+}
+
+/// The rest of a prepare's egress, once the registries are known: URLs named on the command
+/// line, the registries' download hosts, the operator's extra entries.
+fn egress_for(name: &str, manager: Manager, pkg: &Package, egress: &mut Egress) -> anyhow::Result<()> {
+    for spec in &pkg.install {
+        let url = spec.strip_prefix("git+").unwrap_or(spec);
+        if url.starts_with("https://") || url.starts_with("http://") {
+            egress.add_url(url.split('#').next().unwrap_or(url));
+        }
+    }
+    discover_file_hosts(manager, pkg, egress);
+    operator_allow(egress)?;
+    tracing::info!(server = %name, "the prepare sandbox reaches only {} (through mcpbox's egress proxy)", egress.allow.iter().cloned().collect::<Vec<_>>().join(", "));
+    Ok(())
+}
+
+/// Remove everything inside `dir` (never following a link out of it), keep `dir` itself with
+/// its owner and mode.
+fn empty_dir(dir: &Path) -> anyhow::Result<()> {
+    for e in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let e = e?;
+        let p = e.path();
+        // file_type() does not follow links: a link is removed, not its target.
+        let r = if e.file_type()?.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
+        r.with_context(|| format!("removing {}", p.display()))?;
+    }
+    Ok(())
+}
+
+fn local_paths(pkg: &Package, extra: &mut Extra) -> anyhow::Result<Vec<String>> {
+    // A local tarball or directory must be readable inside the sandbox: grant it (read only)
+    // and hand it over by absolute path.
+    let mut out = Vec::new();
+    for spec in &pkg.install {
+        let path = spec.strip_prefix("file:").unwrap_or(spec);
+        let local = path.starts_with('/') || path.starts_with("./") || path.starts_with("../") || path.ends_with(".tgz") || path.ends_with(".whl");
+        if local {
+            let abs = std::fs::canonicalize(path).with_context(|| format!("package {spec}: no such file"))?;
+            extra.grants.push((abs.clone(), Access::Read));
+            out.push(abs.to_string_lossy().into_owned());
+        } else {
+            out.push(spec.clone());
+        }
+    }
+    Ok(out)
+}
+
+fn prepare_npm(state: &StateDir, name: &str, dirs: &ServerDirs, pkg: &Package) -> anyhow::Result<Prepared> {
+    let node = find_node()?;
+    let (npm_cli, npm_dir) = find_npm()?;
+    let mut extra = Extra::default();
+    extra.grants.push((npm_dir, Access::Read));
+    passed_env(PASS_NPM, &mut extra);
+    let mut egress = Egress::default();
+    let auth = npm_settings(&npm_cli, &node, &mut extra, &mut egress)?;
+    let install = local_paths(pkg, &mut extra)?;
+    egress_for(name, Manager::Npm, pkg, &mut egress)?;
+    let prefix = npm_prefix(&dirs.cache);
+    std::fs::create_dir_all(&prefix)?;
+    // Made by mcpbox: the server's uid owns it like the cache around it (the plan's ownership
+    // walk only runs on a cache whose top it does not own yet).
+    {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(&dirs.cache)?;
+        std::os::unix::fs::lchown(&prefix, Some(m.uid()), Some(m.gid())).with_context(|| format!("chown {}", prefix.display()))?;
+    }
+    let c = |p: &str| dirs.cache.join(p).to_string_lossy().into_owned();
+    for (k, v) in [
+        ("npm_config_cache", c("npm-cache")),
+        ("npm_config_update_notifier", "false".into()),
+        ("npm_config_fund", "false".into()),
+        ("npm_config_audit", "false".into()),
+        ("npm_config_yes", "true".into()),
+        ("npm_config_loglevel", "warn".into()),
+        ("HOME", c("")),
+    ] {
+        extra.env.insert(k.into(), v);
+    }
+    // Two steps. 1: npm resolves, downloads and unpacks with every script off: no package code
+    // runs, so it may hold the registry credentials (a file beside the cache, granted to this
+    // step only and removed after it). 2: `npm rebuild` runs the install scripts, without them.
+    let npm = npm_cli.to_string_lossy().into_owned();
+    let pfx = prefix.to_string_lossy().into_owned();
+    let mut args = vec![npm.clone(), "install".into(), "--prefix".into(), pfx.clone(), "--omit=dev".into(), "--no-package-lock".into(), "--ignore-scripts".into()];
+    args.extend(install);
+    tracing::info!(server = %name, "installing with npm into {} (scripts off)", prefix.display());
+    let mut fetch = extra.clone();
+    let auth_file = AuthFile::write(&state.root.join(name).join(NPM_AUTH_FILE), &dirs.cache, &auth)?;
+    if let Some(f) = &auth_file {
+        fetch.grants.push((f.0.clone(), Access::Read));
+        fetch.env.insert("npm_config_userconfig".into(), f.0.to_string_lossy().into_owned());
+    }
+    run_sandboxed(state, name, Manager::Npm, &node, args, fetch, &egress)?;
+    drop(auth_file);
+    tracing::info!(server = %name, "running the install scripts (npm rebuild)");
+    let args = vec![npm, "rebuild".into(), "--prefix".into(), pfx];
+    run_sandboxed(state, name, Manager::Npm, &node, args, extra, &egress)?;
+
+    // Which package was installed: the one dependency of the prefix's package.json.
+    let top: serde_json::Value = serde_json::from_str(&read_inside(&dirs.cache, Path::new("npm/package.json"))?)?;
+    let deps: Vec<String> = top.get("dependencies").and_then(|d| d.as_object()).map(|m| m.keys().cloned().collect()).unwrap_or_default();
+    // With --package, the command names the bin; pick the package that provides it.
+    let mut candidates = Vec::new();
+    for d in &deps {
+        let rel = Path::new("npm/node_modules").join(d).join("package.json");
+        let pj: serde_json::Value = serde_json::from_str(&read_inside(&dirs.cache, &rel)?)?;
+        candidates.push((d.clone(), pj));
+    }
+    let want_bin = pkg.bin.clone();
+    for (dep, pj) in &candidates {
+        let bins: BTreeMap<String, String> = match pj.get("bin") {
+            Some(serde_json::Value::String(s)) => {
+                let unscoped = dep.rsplit('/').next().unwrap_or(dep).to_string();
+                BTreeMap::from([(unscoped, s.clone())])
+            }
+            Some(serde_json::Value::Object(m)) => m.iter().filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string()))).collect(),
+            _ => BTreeMap::new(),
+        };
+        let unscoped = dep.rsplit('/').next().unwrap_or(dep);
+        let chosen = match &want_bin {
+            Some(b) => bins.get(b),
+            // npx's rule: the only bin, or the one named like the package.
+            None if bins.len() == 1 => bins.values().next(),
+            None => bins.get(unscoped),
+        };
+        if let Some(rel) = chosen {
+            let pkg_dir = prefix.join("node_modules").join(dep);
+            let entry = pkg_dir.join(rel);
+            let real = launch::resolve(&entry)?.0;
+            if !real.starts_with(launch::resolve(&prefix)?.0) || !real.is_file() {
+                bail!("package {dep}: bin {rel} is not a file inside the package");
+            }
+            let version = pj.get("version").and_then(|v| v.as_str()).unwrap_or("?").to_string();
+            return Ok(Prepared { request: pkg.clone(), package: dep.clone(), version, interpreter: node, entry, prepared_at: now() });
+        }
+    }
+    match want_bin {
+        Some(b) => bail!("none of the installed packages ({}) provides a command `{b}`", deps.join(", ")),
+        None => bail!("package {} has no bin to run (or several, none named after the package)", deps.join(", ")),
+    }
+}
+
+/// Beside (not in) a server's cache: the npm credentials of a download step.
+pub const NPM_AUTH_FILE: &str = "prepare-auth.npmrc";
+/// Beside (not in) a server's cache: uv's cache while it installs with index credentials.
+pub const UV_AUTH_CACHE: &str = "prepare-auth-uv-cache";
+
+/// A directory owned like the cache, removed with everything in it when dropped.
+struct AuthDir(PathBuf);
+
+impl AuthDir {
+    fn create(path: &Path, owner_like: &Path) -> anyhow::Result<AuthDir> {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        if std::fs::symlink_metadata(path).is_ok() {
+            let _ = std::fs::remove_dir_all(path).or_else(|_| std::fs::remove_file(path));
+        }
+        std::fs::create_dir(path).with_context(|| format!("creating {}", path.display()))?;
+        let dir = AuthDir(path.to_path_buf());
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))?;
+        let m = std::fs::metadata(owner_like)?;
+        std::os::unix::fs::lchown(path, Some(m.uid()), Some(m.gid())).with_context(|| format!("chown {}", path.display()))?;
+        Ok(dir)
+    }
+}
+
+impl Drop for AuthDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A credentials file readable by the server's uid only, removed when dropped.
+struct AuthFile(PathBuf);
+
+impl AuthFile {
+    /// None when there are no lines to write.
+    fn write(path: &Path, owner_like: &Path, lines: &[String]) -> anyhow::Result<Option<AuthFile>> {
+        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+        let _ = std::fs::remove_file(path);
+        if lines.is_empty() {
+            return Ok(None);
+        }
+        let mut text = lines.join("\n");
+        text.push('\n');
+        let file = AuthFile(path.to_path_buf());
+        // create_new: never through a link someone left there.
+        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o400).open(path).with_context(|| format!("creating {}", path.display()))?;
+        std::io::Write::write_all(&mut f, text.as_bytes())?;
+        let m = std::fs::metadata(owner_like)?;
+        std::os::unix::fs::fchown(&f, Some(m.uid()), Some(m.gid())).with_context(|| format!("chown {}", path.display()))?;
+        Ok(Some(file))
+    }
+}
+
+impl Drop for AuthFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn prepare_uv(state: &StateDir, name: &str, dirs: &ServerDirs, pkg: &Package) -> anyhow::Result<Prepared> {
+    let uv = stage_for_others(state, &find_uv()?)?;
+    let python = launch::resolve_command("python3", DEFAULT_PATH).context("uvx servers need python3")?;
+    let mut extra = Extra::default();
+    extra.grants.push((uv.clone(), Access::Exec));
+    passed_env(PASS_UV, &mut extra);
+    let mut egress = Egress::default();
+    let creds = uv_settings(&uv, &mut extra, &mut egress)?;
+    let install = local_paths(pkg, &mut extra)?;
+    egress_for(name, Manager::Uv, pkg, &mut egress)?;
+    let c = |p: &str| dirs.cache.join(p).to_string_lossy().into_owned();
+    let py = python.to_string_lossy().into_owned();
+    for (k, v) in [
+        ("UV_CACHE_DIR", c("uv-cache")),
+        ("UV_PYTHON_DOWNLOADS", "never".into()),
+        ("UV_PYTHON", py.clone()),
+        ("UV_NO_PROGRESS", "1".into()),
+        ("HOME", c("")),
+    ] {
+        extra.env.insert(k.into(), v);
+    }
+    let venv_dir = venv(&dirs.cache);
+    let v = venv_dir.to_string_lossy().into_owned();
+    tracing::info!(server = %name, "creating a virtualenv on {} at {v}", python.display());
+    run_sandboxed(state, name, Manager::Uv, &uv, vec!["venv".into(), "--python".into(), py, v.clone()], extra.clone(), &egress)?;
+    tracing::info!(server = %name, "installing with uv: {}", install.join(" "));
+    let mut args = vec!["pip".into(), "install".into(), "--python".into(), format!("{v}/bin/python")];
+    args.extend(install);
+    // With index credentials: first wheels only (`--no-build`: no package code runs) with the
+    // credentials and a cache of its own beside the server's cache, removed after it (what uv
+    // keeps of an authenticated index is never shown to a build). Whatever needs a build is
+    // installed in the next step, without them.
+    let mut done = false;
+    if let Some(creds) = creds {
+        let scratch = AuthDir::create(&state.root.join(name).join(UV_AUTH_CACHE), &dirs.cache)?;
+        let mut with = extra.clone();
+        with.env.extend(creds);
+        with.env.insert("UV_CACHE_DIR".into(), scratch.0.to_string_lossy().into_owned());
+        with.grants.push((scratch.0.clone(), Access::Write));
+        let mut a = args.clone();
+        a.push("--no-build".into());
+        match run_sandboxed(state, name, Manager::Uv, &uv, a, with, &egress) {
+            Ok(()) => done = true,
+            Err(e) => tracing::warn!(server = %name, "wheels-only install with the index credentials failed; installing without them: {e:#}"),
+        }
+    }
+    if !done {
+        run_sandboxed(state, name, Manager::Uv, &uv, args, extra, &egress)?;
+    }
+
+    let bin = pkg.bin.clone().context("uvx: no command")?;
+    let entry = venv_dir.join("bin").join(&bin);
+    let real = launch::resolve(&entry).with_context(|| format!("the installed packages provide no command `{bin}`"))?.0;
+    if !real.starts_with(launch::resolve(&venv_dir)?.0) || !real.is_file() {
+        bail!("the installed packages provide no command `{bin}` inside the virtualenv");
+    }
+    // The distribution's version, from its .dist-info directory.
+    let norm = |s: &str| s.to_ascii_lowercase().replace(['-', '.'], "_");
+    let first = &pkg.install[0];
+    let dist = if first.starts_with('/') {
+        bin.clone()
+    } else {
+        first.split(|c: char| "=<>!~[; @".contains(c)).next().unwrap_or(first).to_string()
+    };
+    let mut version = "?".to_string();
+    if let Ok(libs) = std::fs::read_dir(venv_dir.join("lib")) {
+        for lib in libs.flatten() {
+            if let Ok(sp) = std::fs::read_dir(lib.path().join("site-packages")) {
+                for e in sp.flatten() {
+                    let f = e.file_name().to_string_lossy().into_owned();
+                    if let Some(stem) = f.strip_suffix(".dist-info") {
+                        if let Some((n, ver)) = stem.rsplit_once('-') {
+                            if norm(n) == norm(&dist) {
+                                version = ver.to_string();
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(Prepared { request: pkg.clone(), package: dist, version, interpreter: venv_dir.join("bin/python"), entry, prepared_at: now() })
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// How long one package-manager step may take.
+pub const PREPARE_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Run one package-manager step in the prepare sandbox; its output is logged at debug and the
+/// last lines are part of the error when it fails.
+///
+/// The sandbox's network is `proxy` mode: a namespace of its own whose only way out is mcpbox's
+/// egress proxy, served here for as long as the step runs, allowing `egress` and never loopback, link-local or private
+/// addresses. At `container` level (no namespaces: a default Docker container) and only when
+/// the process allows that level, the step runs on the container's network instead, narrowed
+/// by Landlock to the registries' ports, and says so.
+fn run_sandboxed(state: &StateDir, name: &str, manager: Manager, exe: &Path, args: Vec<String>, extra: Extra, egress: &Egress) -> anyhow::Result<()> {
+    let launch = ServerLaunch {
+        name: name.to_string(),
+        command: exe.to_string_lossy().into_owned(),
+        args,
+        env: BTreeMap::new(),
+        policy: PolicyRef::Named(manager.prepare_policy().into()),
+    };
+    let mut planned = launch::plan_with(state, &launch, &extra)?;
+    for n in &planned.notes {
+        tracing::debug!(server = %name, "prepare: {n}");
+    }
+    if !matches!(planned.policy.network, crate::policy::Network::Proxy { .. }) {
+        bail!("policy {} must use network mode `proxy`: install scripts reach only the registries (add hosts with {EXTRA_ALLOW_ENV})", planned.policy.source);
+    }
+    let entries: Vec<String> = egress.allow.iter().cloned().collect();
+    let allow = crate::netproxy::AllowList::parse(&entries).map_err(|e| anyhow::anyhow!("prepare egress: {e}"))?;
+    let spawned = crate::sandbox::spawn_blocking_std(&planned.spec, Stdio::null(), Stdio::piped(), Stdio::piped());
+    let (mut child, report, listener) = match spawned {
+        // sandbox-init refuses `proxy` without a network namespace (see sandbox::init).
+        Err(crate::sandbox::SandboxError::Setup(m)) if m.contains("needs a network namespace") && planned.spec.outer.min_level <= crate::policy::Level::Container => {
+            tracing::warn!(
+                server = %name,
+                "prepare at `container` level: no network namespace for the egress proxy, so npm/uv and install scripts use the container's network, narrowed to TCP ports {} by Landlock",
+                ports_of(&entries).iter().map(u16::to_string).collect::<Vec<_>>().join(", ")
+            );
+            container_network(&mut planned.spec, &entries);
+            crate::sandbox::spawn_blocking_std(&planned.spec, Stdio::null(), Stdio::piped(), Stdio::piped()).map_err(|e| anyhow::anyhow!("prepare sandbox: {e}"))?
+        }
+        other => other.map_err(|e| anyhow::anyhow!("prepare sandbox: {e}"))?,
+    };
+    // Served until this step ends (dropped at return).
+    let _proxy = match listener {
+        Some(l) => {
+            let mut cfg = crate::netproxy::ProxyConfig::new(allow, planned.policy.source.clone(), name.to_string());
+            cfg.refuse_internal = true;
+            Some(crate::netproxy::ProxyThread::start(l, cfg)?)
+        }
+        None if matches!(planned.spec.outer.network, crate::policy::Network::Proxy { .. }) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("the prepare sandbox did not hand over its proxy socket");
+        }
+        None => None,
+    };
+    for w in &report.warnings {
+        tracing::warn!(server = %name, "prepare sandbox weakened: {w}");
+    }
+    let tail = Arc::new(Mutex::new(std::collections::VecDeque::<String>::new()));
+    let mut readers = Vec::new();
+    for stream in [child.stdout.take().map(|s| Box::new(s) as Box<dyn Read + Send>), child.stderr.take().map(|s| Box::new(s) as Box<dyn Read + Send>)].into_iter().flatten() {
+        let (tail, name) = (tail.clone(), name.to_string());
+        readers.push(std::thread::spawn(move || {
+            for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                let line: String = line.chars().take(500).collect();
+                tracing::debug!(server = %name, "prepare: {line}");
+                let mut t = tail.lock().unwrap_or_else(|e| e.into_inner());
+                if t.len() >= 20 {
+                    t.pop_front();
+                }
+                t.push_back(line);
+            }
+        }));
+    }
+    let deadline = Instant::now() + PREPARE_TIMEOUT;
+    let status = loop {
+        if let Some(st) = child.try_wait()? {
+            break Some(st);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    for r in readers {
+        let _ = r.join();
+    }
+    let tail = tail.lock().unwrap_or_else(|e| e.into_inner()).iter().cloned().collect::<Vec<_>>().join("\n  ");
+    match status {
+        None => bail!("{} did not finish within {:?}; last output:\n  {tail}", exe.display(), PREPARE_TIMEOUT),
+        Some(st) if !st.success() => bail!("{} failed ({st}); last output:\n  {tail}", exe.display()),
+        Some(_) => Ok(()),
+    }
+}
+
+/// The TCP ports of `host:port` entries.
+fn ports_of(entries: &[String]) -> Vec<u16> {
+    let mut ports: Vec<u16> = entries.iter().filter_map(|e| e.rsplit_once(':')?.1.parse().ok()).collect();
+    ports.sort_unstable();
+    ports.dedup();
+    ports
+}
+
+/// `container` level: the container's network, TCP connect narrowed by Landlock to the
+/// registries' ports, and no proxy variables pointing at a proxy that is not there.
+fn container_network(spec: &mut crate::sandbox::SandboxSpec, entries: &[String]) {
+    spec.outer.network = crate::policy::Network::Host { connect_ports: Some(ports_of(entries)), bind_ports: Some(vec![]) };
+    for k in ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy", "NODE_USE_ENV_PROXY"] {
+        spec.env.remove(k);
+    }
+}
+
+/// The run phase: rewrite an npx/uvx launch to execute the prepared entry point directly
+/// (the policy stays what [`super::effective`] chose). Returns None for other commands.
+pub fn for_run(state: &StateDir, launch: &ServerLaunch) -> Option<anyhow::Result<(ServerLaunch, Extra)>> {
+    let pkg = match parse(&launch.command, &launch.args)? {
+        Ok(p) => p,
+        Err(e) => return Some(Err(e)),
+    };
+    Some(run_launch(state, launch, pkg))
+}
+
+fn run_launch(state: &StateDir, launch: &ServerLaunch, pkg: Package) -> anyhow::Result<(ServerLaunch, Extra)> {
+    let cache = state.root.join(&launch.name).join("cache");
+    let Some(p) = load_prepared(&cache, &pkg) else {
+        bail!(
+            "{} {} is not prepared for server {} (run `mcpbox prepare --config …`, or let `mcpbox serve` prepare it at start)",
+            pkg.manager.command(),
+            pkg.install.join(" "),
+            launch.name
+        );
+    };
+    let mut extra = Extra::default();
+    let tree = match pkg.manager {
+        Manager::Npm => npm_prefix(&cache),
+        Manager::Uv => venv(&cache),
+    };
+    // The tree was written by the package manager and install scripts: a symlink there must not
+    // turn into a grant of something outside the cache.
+    let cache_real = launch::resolve(&cache)?.0;
+    let tree_real = launch::resolve(&tree)?.0;
+    if !tree_real.starts_with(&cache_real) || tree_real == cache_real {
+        bail!("{} leads outside the cache of server {}; prepare again (--force)", tree.display(), launch.name);
+    }
+    // The installed tree: read and exec (console scripts, native addons), never write.
+    extra.grants.push((tree_real, Access::Exec));
+    // Should anything still call a package manager, it is told to stay offline.
+    extra.env.insert("npm_config_offline".into(), "true".into());
+    extra.env.insert("UV_OFFLINE".into(), "1".into());
+    let mut l = launch.clone();
+    l.command = p.interpreter.to_string_lossy().into_owned();
+    l.args = std::iter::once(p.entry.to_string_lossy().into_owned()).chain(pkg.args.iter().cloned()).collect();
+    Ok((l, extra))
+}
+
+/// Prepare every enabled npx/uvx server of `cfg`, one after another (they compete for the same
+/// network and disk). Returns the servers whose prepare failed, with the reason.
+/// Servers in `refused` (their policy would refuse them at launch) are not prepared.
+pub async fn prepare_config(state: &StateDir, cfg: &crate::config::Config, force: bool, refused: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    let mut failed = BTreeMap::new();
+    for (name, server) in &cfg.servers {
+        let crate::config::ServerKind::Stdio { command, args, .. } = &server.kind else { continue };
+        if server.disabled || refused.contains_key(name) {
+            continue;
+        }
+        let pkg = match parse(command, args) {
+            None => continue,
+            Some(Ok(p)) => p,
+            Some(Err(e)) => {
+                tracing::error!(server = %name, "cannot prepare: {e:#}");
+                failed.insert(name.clone(), format!("{e:#}"));
+                continue;
+            }
+        };
+        let (st, n) = (state.clone(), name.clone());
+        let r = tokio::task::spawn_blocking(move || prepare_blocking(&st, &n, &pkg, force)).await;
+        match r {
+            Ok(Ok(Outcome::Ready(p))) => {
+                tracing::info!(server = %name, "already prepared: {}@{}", p.package, p.version);
+            }
+            Ok(Ok(Outcome::Installed(..))) => {}
+            Ok(Err(e)) => {
+                tracing::error!(server = %name, "prepare failed: {e:#}");
+                failed.insert(name.clone(), format!("{e:#}"));
+            }
+            Err(e) => {
+                failed.insert(name.clone(), format!("prepare task: {e}"));
+            }
+        }
+    }
+    failed
+}
+
+/// `mcpbox prepare --config FILE`: 0 when every npx/uvx server is prepared, 1 otherwise.
+pub fn cli(config: &Path, state_dir: Option<PathBuf>, force: bool, min_level: crate::policy::Level) -> std::process::ExitCode {
+    let cfg = match crate::config::load(config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("mcpbox: {}: {e}", config.display());
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let state = StateDir::for_config(&cfg, config, state_dir, min_level);
+    let rt = match crate::runtime("prepare", false) {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    let planner = super::Planner::new(state.clone());
+    let refused = planner.refusals(&cfg);
+    let mut failed = rt.block_on(prepare_config(&state, &cfg, force, &refused));
+    failed.extend(refused);
+    if failed.is_empty() {
+        std::process::ExitCode::SUCCESS
+    } else {
+        eprintln!("mcpbox: prepare failed for {}", failed.keys().cloned().collect::<Vec<_>>().join(", "));
+        std::process::ExitCode::FAILURE
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn npx_lines() {
+        let p = parse("npx", &v(&["-y", "@modelcontextprotocol/server-filesystem@1.0.0", "/srv", "--x"])).unwrap().unwrap();
+        assert_eq!(p.install, v(&["@modelcontextprotocol/server-filesystem@1.0.0"]));
+        assert_eq!(p.bin, None);
+        assert_eq!(p.args, v(&["/srv", "--x"]));
+        let p = parse("/usr/bin/npx", &v(&["--yes", "--package", "a", "-p=b", "cmd"])).unwrap();
+        assert!(p.is_err(), "-p=b is not an npx form");
+        let p = parse("npx", &v(&["--package=a", "--package", "b", "cmd", "arg"])).unwrap().unwrap();
+        assert_eq!((p.install, p.bin, p.args), (v(&["a", "b"]), Some("cmd".into()), v(&["arg"])));
+        assert!(parse("npx", &v(&["-y"])).unwrap().is_err());
+        assert!(parse("npx", &v(&["-c", "echo"])).unwrap().is_err());
+        assert!(parse("node", &v(&["x"])).is_none());
+    }
+
+    #[test]
+    fn shipped_server_policies_say_what_the_servers_need() {
+        use crate::policy::{load, LoadContext, Network};
+        let d = tempfile::tempdir().unwrap();
+        let (data, cache) = (d.path().join("data"), d.path().join("cache"));
+        std::fs::create_dir_all(&data).unwrap();
+        std::fs::create_dir_all(&cache).unwrap();
+        let mut ctx = LoadContext::default();
+        ctx.vars.insert("DATA".into(), data.to_string_lossy().into_owned());
+        ctx.vars.insert("CACHE".into(), cache.to_string_lossy().into_owned());
+        let mem = load("server-memory", &ctx).unwrap();
+        assert!(mem.env.set["MEMORY_FILE_PATH"].starts_with(&*data.to_string_lossy()));
+        assert!(mem.filesystem.write.iter().any(|r| r.path == data));
+        assert_eq!(load("mcp-server-fetch", &ctx).unwrap().network, Network::Proxy { allow: vec![] });
+        let git = load("mcp-server-git", &ctx).unwrap();
+        assert_eq!(git.env.set["GIT_CONFIG_KEY_0"], "safe.directory");
+        assert!(git.filesystem.exec.iter().any(|r| r.path == Path::new("/usr/bin/git")));
+        assert_eq!(load("mcp-server-time", &ctx).unwrap().env.set["TZ"], "UTC");
+        for p in ["server-everything", "server-sequential-thinking", "mcp-server-time", "mcp-server-git"] {
+            assert_eq!(load(p, &ctx).unwrap().network, Network::None, "{p}");
+        }
+        for p in ["prepare-npm", "prepare-uv"] {
+            let pol = load(p, &ctx).unwrap();
+            assert_eq!(pol.filesystem.write.iter().map(|r| r.path.clone()).collect::<Vec<_>>(), vec![cache.clone()], "{p}");
+            assert_eq!(pol.network, Network::Proxy { allow: vec![] }, "{p}");
+        }
+    }
+
+    #[test]
+    fn run_phase_execs_the_recorded_entry_with_the_runtime_base_when_no_policy() {
+        let Ok(node) = find_node() else { return };
+        let d = tempfile::tempdir().unwrap();
+        let state = StateDir::new(d.path().to_path_buf());
+        let cache = d.path().join("srv/cache");
+        let pkg_dir = cache.join("npm/node_modules/x");
+        std::fs::create_dir_all(&pkg_dir).unwrap();
+        std::fs::write(pkg_dir.join("bin.js"), "").unwrap();
+        let pkg = parse("npx", &v(&["-y", "x@1", "--flag"])).unwrap().unwrap();
+        let launch = ServerLaunch { name: "srv".into(), command: "npx".into(), args: v(&["-y", "x@1", "--flag"]), env: BTreeMap::new(), policy: PolicyRef::Named("default".into()) };
+        let (launch, choice) = super::super::effective(launch, false);
+        assert!(matches!(&choice, super::super::PolicyChoice::RuntimeBase(m) if m.contains("no policy")), "{choice:?}");
+        assert!(for_run(&state, &launch).unwrap().is_err(), "not prepared yet");
+        let rec = Prepared { request: pkg, package: "x".into(), version: "1".into(), interpreter: node.clone(), entry: pkg_dir.join("bin.js"), prepared_at: 0 };
+        std::fs::write(cache.join(RECORD), serde_json::to_string(&rec).unwrap()).unwrap();
+        let (l, extra) = for_run(&state, &launch).unwrap().unwrap();
+        assert_eq!(l.command, node.to_string_lossy());
+        assert_eq!(l.args, v(&[&pkg_dir.join("bin.js").to_string_lossy(), "--flag"]));
+        assert!(matches!(&l.policy, PolicyRef::Named(n) if n == "node"));
+        assert!(extra.grants.iter().any(|(p, a)| *p == cache.join("npm") && *a == Access::Exec));
+        // A record pointing outside the installed tree is not trusted.
+        let bad = Prepared { entry: PathBuf::from("/etc/passwd"), ..rec };
+        std::fs::write(cache.join(RECORD), serde_json::to_string(&bad).unwrap()).unwrap();
+        assert!(for_run(&state, &launch).unwrap().is_err());
+        // An install tree replaced by a link to somewhere else is not granted.
+        let elsewhere = d.path().join("elsewhere");
+        std::fs::rename(cache.join("npm"), &elsewhere).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, cache.join("npm")).unwrap();
+        std::fs::write(cache.join(RECORD), serde_json::to_string(&Prepared { entry: pkg_dir.join("bin.js"), ..bad }).unwrap()).unwrap();
+        assert!(for_run(&state, &launch).unwrap().is_err());
+    }
+
+    #[test]
+    fn npm_config_list_is_read_with_its_protected_keys() {
+        let text = "; \"default\" config from default values\n_auth = (protected)\nregistry = \"https://npm.example.test/\"\n; cafile = null ; overridden by global\n\n\
+                    ; \"global\" config from /usr/etc/npmrc\ncafile = \"/etc/ssl/ca.pem\"\n; \"user\" config from /root/.npmrc\n\
+                    //npm.example.test/:_authToken = (protected)\n@corp:registry = \"https://corp.example.test/\"\n";
+        let cfg = parse_npm_config_list(text);
+        assert_eq!(cfg["registry"], "https://npm.example.test/");
+        assert_eq!(cfg["cafile"], "/etc/ssl/ca.pem");
+        assert_eq!(cfg["@corp:registry"], "https://corp.example.test/");
+        assert_eq!(cfg["//npm.example.test/:_authToken"], "(protected)");
+        assert!(!cfg.contains_key("_auth"), "an unset default is not a credential");
+    }
+
+    #[test]
+    fn npm_credentials_are_taken_from_the_files_npm_read() {
+        let d = tempfile::tempdir().unwrap();
+        let user = d.path().join("npmrc");
+        std::fs::write(&user, "registry=https://npm.example.test/\n//npm.example.test/:_authToken=${TOKEN_VAR}\n# //x/:_authToken=commented\n//corp.example.test/npm/:_password=cGFzcw==\n//corp.example.test/npm/:username=bob\n//npm.example.test/:certfile=/x\nemail=a@b\n").unwrap();
+        let text = format!("; \"default\" config from default values\n_auth = (protected)\n; \"user\" config from {}\n//npm.example.test/:_authToken = (protected)\n", user.display());
+        let files = npm_config_files(&text);
+        assert_eq!(files, vec![user.clone()]);
+        let lines = npm_auth_lines(&files, |k| (k == "TOKEN_VAR").then(|| "tok123".to_string()));
+        assert_eq!(lines, vec!["//npm.example.test/:_authToken=tok123", "//corp.example.test/npm/:_password=cGFzcw==", "//corp.example.test/npm/:username=bob"]);
+        // The file holding them: the server's uid alone reads it, and it goes when dropped.
+        let path = d.path().join(NPM_AUTH_FILE);
+        let f = AuthFile::write(&path, d.path(), &lines).unwrap().unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o400);
+        assert!(std::fs::read_to_string(&path).unwrap().contains("tok123"));
+        drop(f);
+        assert!(!path.exists());
+        assert!(AuthFile::write(&path, d.path(), &[]).unwrap().is_none());
+    }
+
+    #[test]
+    fn npm_gets_registries_without_credentials_and_reads_no_npmrc() {
+        let cfg: serde_json::Map<String, serde_json::Value> = serde_json::from_value(serde_json::json!({
+            "registry": "https://npm.example.test/",
+            "@corp:registry": "https://bob:hunter2@corp.example.test/npm/",
+            "//npm.example.test/:_authToken": "NPM-TOKEN-CANARY",
+            "cafile": "/nonexistent/ca.pem",
+            "fund": false,
+        }))
+        .unwrap();
+        let mut notes = Vec::new();
+        let env: BTreeMap<String, String> = npm_env(&cfg, &mut notes).unwrap().into_iter().collect();
+        assert_eq!(env["npm_config_registry"], "https://npm.example.test/");
+        assert_eq!(env["npm_config_@corp:registry"], "https://corp.example.test/npm/");
+        assert_eq!(env["npm_config_userconfig"], "/dev/null");
+        assert!(!env.contains_key("npm_config_cafile"), "a CA file that does not exist is not handed over");
+        let all = format!("{env:?}");
+        assert!(!all.contains("NPM-TOKEN-CANARY") && !all.contains("hunter2"), "{all}");
+        assert!(notes.iter().any(|n| n.contains("credentials") && n.contains("_authToken") && n.contains("@corp:registry")), "{notes:?}");
+        assert!(npm_env(&serde_json::Map::new(), &mut notes).is_err(), "no registry configured");
+    }
+
+    #[test]
+    fn uv_indexes_come_from_its_files_then_its_variables() {
+        let mut idx = UvIndexes::default();
+        let system: toml::Table = toml::from_str("index-url = \"https://sys.example.test/simple\"\n[pip]\nextra-index-url = [\"https://x.example.test/simple\"]").unwrap();
+        idx.add_toml(&system);
+        let user: toml::Table = toml::from_str("find-links = [\"https://links.example.test/\"]\n[[index]]\nurl = \"https://u:pw@user.example.test/simple\"\ndefault = true\n[[index]]\nname = \"extra\"\nurl = \"https://more.example.test/simple\"").unwrap();
+        idx.add_toml(&user);
+        assert_eq!(idx.default.as_deref(), Some("https://u:pw@user.example.test/simple"));
+        assert_eq!(idx.extra, vec!["https://x.example.test/simple".to_string(), "extra=https://more.example.test/simple".to_string()]);
+        let vars = BTreeMap::from([
+            ("UV_INDEX_URL", "https://env.example.test/simple"),
+            ("UV_INDEX", "named=https://n.example.test/simple https://plain.example.test/simple"),
+            ("UV_FIND_LINKS", "https://f.example.test/a,/srv/wheels"),
+        ]);
+        idx.add_env(|k| vars.get(k).map(|v| v.to_string()));
+        assert_eq!(idx.default.as_deref(), Some("https://env.example.test/simple"));
+        assert!(idx.extra.contains(&"named=https://n.example.test/simple".to_string()) && idx.extra.contains(&"https://plain.example.test/simple".to_string()));
+        assert_eq!(split_named("named=https://n.example.test/simple"), (Some("named"), "https://n.example.test/simple"));
+        assert_eq!(split_named("https://n.example.test/simple?a=b"), (None, "https://n.example.test/simple?a=b"));
+        assert_eq!(idx.find_links, vec!["https://links.example.test/".to_string(), "https://f.example.test/a".into(), "/srv/wheels".into()]);
+        assert_eq!(without_credentials("https://u:pw@user.example.test/simple"), ("https://user.example.test/simple".to_string(), true));
+        assert!(!without_credentials("https://user.example.test/simple").1);
+        assert_eq!(host_port("https://user.example.test/simple").as_deref(), Some("user.example.test:443"));
+        assert_eq!(host_port("http://[::1]:8080/x").as_deref(), Some("[::1]:8080"));
+        assert_eq!(host_port("file:///srv/wheels"), None);
+    }
+
+    #[test]
+    fn download_hosts_are_read_from_the_registrys_answer() {
+        let page = reqwest::Url::parse("https://idx.example.test/simple/pkg/").unwrap();
+        let json = br#"{"files":[{"url":"https://files.example.test/p/a.whl"},{"url":"../../p/b.tar.gz"}],"meta":{"url":"https://not.example.test/"}}"#;
+        let hosts: Vec<String> = file_hosts_in(Manager::Uv, &page, json).into_iter().collect();
+        assert_eq!(hosts, vec!["files.example.test:443".to_string(), "idx.example.test:443".into()]);
+        let html = b"<a href=\"https://dl.example.test:8443/a.whl#sha256=00\">a</a><a href='/rel/b.whl'>b</a>";
+        let hosts: Vec<String> = file_hosts_in(Manager::Uv, &page, html).into_iter().collect();
+        assert_eq!(hosts, vec!["dl.example.test:8443".to_string(), "idx.example.test:443".into()]);
+        let npm = br#"{"versions":{"1.0.0":{"dist":{"tarball":"https://tar.example.test/p/-/p-1.0.0.tgz"}}},"repository":{"url":"git+https://code.example.test/p.git"}}"#;
+        let page = reqwest::Url::parse("https://npm.example.test/p").unwrap();
+        assert_eq!(file_hosts_in(Manager::Npm, &page, npm).into_iter().collect::<Vec<_>>(), vec!["tar.example.test:443".to_string()]);
+        assert_eq!(package_name(Manager::Npm, "@scope/name@1.2").as_deref(), Some("@scope/name"));
+        assert_eq!(package_name(Manager::Npm, "name@latest").as_deref(), Some("name"));
+        assert_eq!(package_name(Manager::Npm, "/tmp/x.tgz"), None);
+        assert_eq!(package_name(Manager::Uv, "Mcp_Server.Time[cli]>=1").as_deref(), Some("Mcp_Server.Time"));
+        assert_eq!(package_name(Manager::Uv, "git+https://h.example.test/r"), None);
+        assert_eq!(metadata_url(Manager::Uv, "https://idx.example.test/simple/", "Mcp_Server..Time"), "https://idx.example.test/simple/mcp-server-time/");
+        assert_eq!(metadata_url(Manager::Npm, "https://npm.example.test/", "@scope/name"), "https://npm.example.test/@scope%2fname");
+    }
+
+    #[test]
+    fn force_empties_the_cache_without_following_links() {
+        let d = tempfile::tempdir().unwrap();
+        let (cache, outside) = (d.path().join("cache"), d.path().join("outside"));
+        std::fs::create_dir_all(cache.join("npm-cache/x")).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        std::fs::write(outside.join("keep"), "k").unwrap();
+        std::fs::write(cache.join(".npmrc"), "registry=poisoned").unwrap();
+        std::os::unix::fs::symlink(&outside, cache.join("link")).unwrap();
+        empty_dir(&cache).unwrap();
+        assert_eq!(std::fs::read_dir(&cache).unwrap().count(), 0);
+        assert!(outside.join("keep").is_file(), "a link's target was removed");
+    }
+
+    #[test]
+    fn uvx_lines() {
+        let p = parse("uvx", &v(&["mcp-server-fetch", "--ignore-robots-txt"])).unwrap().unwrap();
+        assert_eq!((p.install.clone(), p.bin.clone(), p.args.clone()), (v(&["mcp-server-fetch"]), Some("mcp-server-fetch".into()), v(&["--ignore-robots-txt"])));
+        let p = parse("uvx", &v(&["mcp-server-time@0.6.2", "--local-timezone", "UTC"])).unwrap().unwrap();
+        assert_eq!(p.install, v(&["mcp-server-time==0.6.2"]));
+        assert_eq!(p.bin.as_deref(), Some("mcp-server-time"));
+        let p = parse("uvx", &v(&["--from", "git-tools==1", "--with", "x", "tool"])).unwrap().unwrap();
+        assert_eq!(p.install, v(&["git-tools==1", "x"]));
+        assert!(parse("uvx", &v(&["--python", "3.12", "x"])).unwrap().is_err());
+        assert!(parse("uvx", &v(&["../x"])).unwrap().is_err());
+    }
+}
