@@ -1357,7 +1357,7 @@ fn run_sandboxed(state: &StateDir, name: &str, manager: Manager, exe: &Path, arg
 
 /// The TCP ports of `host:port` entries.
 fn ports_of(entries: &[String]) -> Vec<u16> {
-    let mut ports: Vec<u16> = entries.iter().filter_map(|e| e.rsplit_once(':')?.1.parse().ok()).collect();
+    let mut ports: Vec<u16> = entries.iter().filter_map(|e| e.parse::<crate::policy::AllowEntry>().ok()).map(|e| e.port).collect();
     ports.sort_unstable();
     ports.dedup();
     ports
