@@ -15,6 +15,13 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 2
 fi
 
+# House habits first, and they fail the run at once: the code is formatted as rustfmt.toml says,
+# and clippy has nothing to say (every target, warnings are errors).
+say "cargo fmt --check"
+cargo fmt --check
+say "cargo clippy --all-targets -- -D warnings"
+cargo clippy --quiet --all-targets -- -D warnings
+
 # Tools the tests use: a C compiler and libc.a for the probe (built dynamic and static),
 # node and python3 for the runtime policies.
 need=()

@@ -123,27 +123,11 @@ impl BaseUrl {
     }
 }
 
-/// Split `host[:port]` / `[v6]:port`; host is lowercased.
+/// Split `host[:port]` / `[v6]:port` with the policy's splitter ([`crate::policy::split_host_port`]);
+/// the host is lowercased, an IPv6 address keeps its brackets (as `Host` headers write it).
 pub fn split_host_port(s: &str) -> Result<(String, Option<u16>), String> {
-    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
-        let end = rest.find(']').ok_or("unclosed [ in host")?;
-        let host = format!("[{}]", &rest[..end]);
-        let after = &rest[end + 1..];
-        match after.strip_prefix(':') {
-            Some(p) => (host, Some(p)),
-            None if after.is_empty() => (host, None),
-            None => return Err("junk after ]".into()),
-        }
-    } else {
-        match s.rsplit_once(':') {
-            Some((h, p)) => (h.to_string(), Some(p)),
-            None => (s.to_string(), None),
-        }
-    };
-    let port = match port {
-        Some(p) => Some(p.parse::<u16>().map_err(|_| format!("bad port {p:?}"))?),
-        None => None,
-    };
+    let (host, port) = crate::policy::split_host_port(s).map_err(|e| format!("`{s}`: {e}"))?;
+    let host = if host.contains(':') { format!("[{host}]") } else { host.to_string() };
     Ok((host.to_ascii_lowercase(), port))
 }
 
@@ -450,26 +434,11 @@ fn expand_str(
     field: &str,
     getenv: &dyn Fn(&str) -> Option<String>,
 ) -> Result<String, ConfigError> {
-    let mut out = String::with_capacity(s.len());
-    let mut rest = s;
-    while let Some(i) = rest.find("${") {
-        out.push_str(&rest[..i]);
-        let after = &rest[i + 2..];
-        let end = after
-            .find('}')
-            .ok_or_else(|| field_err(field, "unclosed ${ in value"))?;
-        let name = &after[..end];
-        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-            return Err(field_err(field, format!("${{{name}}} is not a valid variable name")));
-        }
-        let val = getenv(name).ok_or_else(|| {
-            field_err(field, format!("environment variable {name} is not set"))
-        })?;
-        out.push_str(&val);
-        rest = &after[end + 1..];
-    }
-    out.push_str(rest);
-    Ok(out)
+    crate::policy::expand_vars(s, getenv).map_err(|e| match e {
+        crate::policy::ExpandError::Unclosed(_) => field_err(field, "unclosed ${ in value"),
+        crate::policy::ExpandError::BadName(name) => field_err(field, format!("${{{name}}} is not a valid variable name")),
+        crate::policy::ExpandError::Undefined(name) => field_err(field, format!("environment variable {name} is not set")),
+    })
 }
 
 fn parse_addr(s: &str) -> Result<SocketAddr, String> {
