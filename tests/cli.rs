@@ -255,3 +255,58 @@ fn the_readme_memory_example_works_without_a_policy() {
     let written: Vec<_> = std::fs::read_dir(&data).unwrap().flatten().filter(|e| std::fs::read_to_string(e.path()).is_ok_and(|t| t.contains("README-CANARY"))).collect();
     assert!(!written.is_empty(), "the graph is in the server's data dir");
 }
+
+/// `mcpbox run` with an npx command line as configs write it, answering `initialize` on stdio.
+fn initialize_over_run(state: &std::path::Path, name: &str, npx: &[&str]) -> (serde_json::Value, String) {
+    let mut cmd = Command::new(mcpbox());
+    cmd.args(["run", "--state-dir"]).arg(state).args(["--name", name, "--", "npx"]).args(npx);
+    test_env(&mut cmd);
+    let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let init = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#;
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        writeln!(stdin, "{init}").unwrap();
+    }
+    let status = wait_timeout(&mut child, Duration::from_secs(120)).expect("mcpbox run did not finish in 120 s");
+    let mut out = String::new();
+    std::io::Read::read_to_string(child.stdout.as_mut().unwrap(), &mut out).unwrap();
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+    let answer = out.lines().find(|l| l.contains("\"id\":1")).unwrap_or_else(|| panic!("{npx:?}: no answer to initialize\nstdout: {out}\nstderr: {err}"));
+    assert!(status.success(), "{npx:?}: exit {status:?}\n{err}");
+    (serde_json::from_str(answer).unwrap(), err)
+}
+
+/// An extended npx line as real configs carry it (`--yes --prefer-offline -q --package=PKG -- BIN`)
+/// is prepared and run like `npx -y PKG`; then the issue's own form, `npx --offline --prefix DIR --
+/// BIN`, runs the bin of that install from DIR as it is (nothing prepared, nothing fetched), and a
+/// bin DIR does not have is refused rather than fetched from the registry under that name.
+#[test]
+fn npx_lines_as_configs_write_them_run() {
+    let d = tempdir();
+    let state = d.path().join("state");
+    let (v, err) = initialize_over_run(
+        &state,
+        "seqthink-ext",
+        &["--yes", "--prefer-offline", "-q", "--package=@modelcontextprotocol/server-sequential-thinking", "--", "mcp-server-sequential-thinking"],
+    );
+    assert_eq!(v["result"]["serverInfo"]["name"], "sequential-thinking-server", "{v}");
+    assert!(err.contains("shipped policy `server-sequential-thinking`"), "the package is recognised behind --package=:\n{err}");
+    // A local install: the tree prepare made, copied where a user would have installed it.
+    let inst = d.path().join("inst");
+    let copied = Command::new("cp").arg("-a").arg(state.join("seqthink-ext/cache/npm")).arg(&inst).status().unwrap();
+    assert!(copied.success());
+    let ok = Command::new("chmod").args(["-R", "a+rX"]).arg(&inst).status().unwrap();
+    assert!(ok.success());
+    let dir = inst.to_string_lossy().into_owned();
+    let (v, err) = initialize_over_run(&state, "seqthink-local", &["--offline", "--prefix", &dir, "--", "mcp-server-sequential-thinking"]);
+    assert_eq!(v["result"]["serverInfo"]["name"], "sequential-thinking-server", "{v}");
+    assert!(!state.join("seqthink-local/cache/prepared.json").exists(), "a --prefix install is not prepared:\n{err}");
+    let mut cmd = Command::new(mcpbox());
+    cmd.args(["run", "--state-dir"]).arg(&state).args(["--name", "notthere", "--", "npx", "--prefix", &dir, "--", "some-other-bin"]);
+    test_env(&mut cmd);
+    let out = run_timeout(cmd, Duration::from_secs(60));
+    assert_eq!(out.code, 125, "{out}");
+    assert!(out.stderr.contains("is not installed there"), "{out}");
+}
