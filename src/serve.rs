@@ -83,6 +83,9 @@ pub fn main(args: ServeArgs) -> ExitCode {
             }
             return ExitCode::from(2);
         }
+        for w in &cfg.warnings {
+            eprintln!("mcpbox: {}: warning: {w}", args.config.display());
+        }
         println!("{}: ok; listen {}; {} server(s)", args.config.display(), cfg.proxy.addr, cfg.servers.len());
         for u in urls(&cfg) {
             println!("  {u}");
@@ -115,6 +118,9 @@ async fn run(args: ServeArgs, cfg: Config) -> anyhow::Result<()> {
     let min_level = min_level(&args);
     if min_level == Level::Container {
         tracing::warn!("--min-level container: servers may run without namespaces (container level)");
+    }
+    for w in &cfg.warnings {
+        tracing::warn!("{}: {w}", args.config.display());
     }
     let swept = crate::sandbox::sweep_stale_cgroups();
     if swept > 0 {

@@ -310,3 +310,36 @@ fn npx_lines_as_configs_write_them_run() {
     assert_eq!(out.code, 125, "{out}");
     assert!(out.stderr.contains("is not installed there"), "{out}");
 }
+
+/// mcp-proxy's own example config passes `serve --check` as it is, with a warning for each key
+/// that is accepted but changes nothing; `_…` keys are comments; any other unknown key stops it,
+/// named.
+#[test]
+fn serve_check_takes_the_mcp_proxy_example_and_says_what_has_no_effect() {
+    let d = tempdir();
+    let state = d.path().join("state");
+    let reference = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/reference/mcp-proxy-example-config.json");
+    let reference = if reference.exists() { reference } else { std::path::PathBuf::from("/work/shared/reference/mcp-proxy-example-config.json") };
+    let text = std::fs::read_to_string(&reference).unwrap_or_else(|e| panic!("{}: {e} (the reference config ships in /work/shared/reference)", reference.display()));
+    let check = |cfg: &serde_json::Value| {
+        let path = d.path().join("config.json");
+        std::fs::write(&path, cfg.to_string()).unwrap();
+        let mut cmd = Command::new(mcpbox());
+        cmd.args(["serve", "--check", "--config"]).arg(&path).arg("--state-dir").arg(&state);
+        run_timeout(cmd, Duration::from_secs(30))
+    };
+    let mut cfg: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let out = check(&cfg);
+    assert_eq!(out.code, 0, "{out}");
+    assert!(out.stdout.contains("3 server(s)"), "{out}");
+    assert!(out.stderr.contains("warning: mcpProxy.version") && out.stderr.contains("warning: mcpServers.fetch.options.panicIfInvalid"), "{out}");
+    cfg["_comment"] = "top-level comment".into();
+    cfg["mcpServers"]["fetch"]["_comment"] = "a server's comment".into();
+    let out = check(&cfg);
+    assert_eq!(out.code, 0, "{out}");
+    cfg["mcpServers"]["fetch"]["comment"] = "not a comment".into();
+    let out = check(&cfg);
+    assert_eq!(out.code, 2, "{out}");
+    assert!(out.stderr.contains("mcpServers.fetch") && out.stderr.contains("unknown field `comment`"), "{out}");
+    assert!(!state.exists(), "--check creates nothing");
+}
