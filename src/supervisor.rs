@@ -266,7 +266,7 @@ impl Supervisor {
                 tracing::error!(server = %name, "cannot start: {e}");
             }
             let shared = (cfg.isolation == Isolation::Shared)
-                .then(|| Arc::new(Hub::new(name, true, cfg.tool_filter.clone(), opts.max_line)));
+                .then(|| Hub::new(name, true, cfg.tool_filter.clone(), opts.max_line).with_options(cfg.log_enabled, cfg.timeout));
             servers.insert(
                 name.clone(),
                 Arc::new(Server {
@@ -522,7 +522,7 @@ impl Supervisor {
         let (tx, rx) = mpsc::channel(self.opts.queue);
         let hub = match &server.shared {
             Some(h) => h.clone(),
-            None => Arc::new(Hub::new(server_name, false, server.cfg.tool_filter.clone(), self.opts.max_line)),
+            None => Hub::new(server_name, false, server.cfg.tool_filter.clone(), self.opts.max_line).with_options(server.cfg.log_enabled, server.cfg.timeout),
         };
         hub.attach(id.clone(), SessionSink { tx, closed: closed.clone() });
         let proc = if server.shared.is_none() {
