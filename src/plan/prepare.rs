@@ -10,6 +10,11 @@
 //! the package's `bin` file, or the console script of a virtualenv built on the system Python),
 //! with the installed tree granted read/exec and nothing of the cache writable.
 //!
+//! The command lines taken for packages — npx, `npm exec`, `pnpm dlx`, uvx, `uv tool run`,
+//! `uv run --with` — are read by [`parse`] (what each option means here: README, "npx and uvx
+//! servers"). `npx --prefix DIR` names an install the user made: nothing is prepared, node runs
+//! its bin from DIR.
+//!
 //! Cache layout: `npm/` (the install prefix), `npm-cache/`, `venv/`, `uv-cache/`, `prepared.json`.
 
 use std::collections::BTreeMap;
@@ -2029,6 +2034,10 @@ mod tests {
         assert_eq!(ok("/usr/local/bin/uv", &["-q", "tool", "run", "t"]).bin.as_deref(), Some("t"));
         let p = ok("uv", &["run", "--with", "mcp-server-time==0.6.2", "--with=tzdata", "--no-project", "--python", "3", "--", "mcp-server-time", "--local-timezone", "UTC"]);
         assert_eq!((p.install.clone(), p.bin.as_deref(), p.python.as_deref(), p.args.clone()), (v(&["mcp-server-time==0.6.2", "tzdata"]), Some("mcp-server-time"), Some("3"), v(&["--local-timezone", "UTC"])));
+        // What the Python SDK's `mcp install` writes into Claude Desktop's config: the SDK's CLI,
+        // prepared, running the user's script (which the server's policy must grant).
+        let p = ok("/home/u/.local/bin/uv", &["run", "--with", "mcp[cli]", "mcp", "run", "/srv/server.py"]);
+        assert_eq!((p.install.clone(), p.bin.as_deref(), p.args.clone()), (v(&["mcp[cli]"]), Some("mcp"), v(&["run", "/srv/server.py"])));
         // Not package launches.
         assert!(parse("uv", &v(&["pip", "list"])).is_none());
         assert!(parse("python", &v(&["-m", "mcp_server_fetch"])).is_none());
