@@ -343,3 +343,53 @@ fn serve_check_takes_the_mcp_proxy_example_and_says_what_has_no_effect() {
     assert!(out.stderr.contains("mcpServers.fetch") && out.stderr.contains("unknown field `comment`"), "{out}");
     assert!(!state.exists(), "--check creates nothing");
 }
+
+/// `uv --directory DIR run server.py`, as Claude Desktop configs run a local project: the
+/// project's own `.venv` runs the script as it is (no uv, nothing prepared), DIR read-only.
+#[test]
+fn a_synced_uv_project_runs_from_its_venv() {
+    let d = tempdir();
+    let proj = d.path().join("proj");
+    mkdir_755(&proj);
+    let venv = Command::new("/usr/bin/python3").args(["-m", "venv", "--without-pip"]).arg(proj.join(".venv")).status().expect("/usr/bin/python3");
+    assert!(venv.success(), "python3 -m venv failed");
+    let script = r#"
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("method") == "initialize":
+        try:
+            open(sys.argv[1] + "/WRITTEN", "w")
+            wrote = "yes"
+        except OSError as e:
+            wrote = e.__class__.__name__
+        info = {"name": "local-project", "version": sys.prefix + " " + wrote}
+        print(json.dumps({"jsonrpc": "2.0", "id": m["id"], "result": {"protocolVersion": "2025-06-18", "capabilities": {}, "serverInfo": info}}), flush=True)
+"#;
+    std::fs::write(proj.join("server.py"), script).unwrap();
+    let ok = Command::new("chmod").args(["-R", "a+rX"]).arg(&proj).status().unwrap();
+    assert!(ok.success());
+    let state = d.path().join("state");
+    let mut cmd = Command::new(mcpbox());
+    let dir = proj.to_string_lossy().into_owned();
+    cmd.args(["run", "--state-dir"]).arg(&state).args(["--name", "localproj", "--", "uv", "--directory", &dir, "run", "server.py", &dir]);
+    test_env(&mut cmd);
+    let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        writeln!(stdin, r#"{{"jsonrpc":"2.0","id":1,"method":"initialize","params":{{}}}}"#).unwrap();
+    }
+    let status = wait_timeout(&mut child, Duration::from_secs(60)).expect("mcpbox run did not finish");
+    let mut out = String::new();
+    std::io::Read::read_to_string(child.stdout.as_mut().unwrap(), &mut out).unwrap();
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(status.success(), "exit {status:?}\n{out}\n{err}");
+    let v: serde_json::Value = serde_json::from_str(out.lines().next().unwrap_or_default()).unwrap_or_else(|e| panic!("{e}: {out}\n{err}"));
+    let real = std::fs::canonicalize(&proj).unwrap();
+    let version = v["result"]["serverInfo"]["version"].as_str().unwrap_or_default().to_string();
+    assert!(version.starts_with(&format!("{}/.venv ", real.display())), "the project's venv runs it: {v}");
+    assert!(!version.ends_with(" yes") && !proj.join("WRITTEN").exists(), "the project is read-only to the server: {v}");
+    assert!(!state.join("localproj/cache/prepared.json").exists(), "nothing is prepared");
+}

@@ -80,7 +80,8 @@ pub fn effective(mut launch: ServerLaunch, policy_given: bool) -> (ServerLaunch,
         return (launch, PolicyChoice::Given);
     }
     let Some(Ok(pkg)) = prepare::parse(&launch.command, &launch.args) else { return (launch, PolicyChoice::Default) };
-    let name = pkg.install.first().map(|s| package_name(pkg.manager, s)).unwrap_or_default();
+    // A local project installs nothing: its command names it.
+    let name = pkg.install.first().map(|s| package_name(pkg.manager, s)).or_else(|| pkg.bin.clone()).unwrap_or_default();
     if let Some((_, _, policy)) = PACKAGE_POLICIES.iter().find(|(m, p, _)| *m == pkg.manager && *p == name) {
         launch.policy = PolicyRef::Named((*policy).into());
         let msg = format!("no policy named: using the shipped policy `{policy}`, written for {name}; name another to override it");

@@ -110,7 +110,7 @@ pub const SUPPORTED_FORMS: &str = "supported: `npx`, `npm exec`/`npm x`, `pnpm d
 --loglevel, --offline/--prefer-offline/--prefer-online, --registry URL, --prefix DIR, -p/--package PKG, --, then PKG or BIN and its \
 arguments; `uvx` and `uv tool run` with --from, --with, -p/--python VERSION|PATH, -i/--index-url/--default-index URL, \
 -q/-v/--isolated/--no-cache/--refresh/--offline/--no-progress/--native-tls, --, then CMD[@VERSION] and its arguments; \
-`uv run --with REQ… [--no-project] [--python …] [--] CMD ARGS…`";
+`uv run --with REQ… [--no-project] [--python …] [--] CMD ARGS…`; `uv --directory DIR run [python] SCRIPT.py|CMD ARGS…` for a synced local project";
 
 /// `Some` when `command` (by name or path) installs a package and runs it: npx, `npm exec`,
 /// `pnpm dlx`, pnpx, uvx, `uv tool run`, `uv run --with`. Other commands — `node FILE`,
@@ -209,18 +209,18 @@ fn parse_npx(tool: &str, args: &[String]) -> anyhow::Result<Package> {
 /// launches (`None`).
 fn parse_uv(args: &[String]) -> Option<anyhow::Result<Package>> {
     let mut i = 0;
+    let mut project = None;
     while i < args.len() {
         let a = args[i].as_str();
-        match a {
-            "-q" | "--quiet" | "-v" | "--verbose" | "--offline" | "--no-cache" | "-n" | "--no-progress" | "--native-tls" => i += 1,
-            "run" => return Some(parse_uv_run(&args[i + 1..])),
-            "tool" if args.get(i + 1).map(String::as_str) == Some("run") => return Some(parse_uvx("uv tool run", &args[i + 2..])),
-            _ if a.starts_with("--directory") || a.starts_with("--project") => {
-                return Some(Err(anyhow::anyhow!(
-                    "uv {a}: a local project; mcpbox does not sync projects. Run `uv sync` there yourself and make the command the project's own \
-                     (DIR/.venv/bin/python SCRIPT or its console script), with a policy granting DIR; or name a published package ({SUPPORTED_FORMS})"
-                )))
-            }
+        let name = a.split('=').next().unwrap_or(a);
+        match name {
+            "-q" | "--quiet" | "-v" | "--verbose" | "--offline" | "--no-cache" | "-n" | "--no-progress" | "--native-tls" if !a.contains('=') => i += 1,
+            "--directory" | "--project" => match option_value("uv", args, &mut i, name) {
+                Ok(d) => project = Some(d),
+                Err(e) => return Some(Err(e)),
+            },
+            "run" => return Some(parse_uv_run(&args[i + 1..], project)),
+            "tool" if args.get(i + 1).map(String::as_str) == Some("run") && project.is_none() => return Some(parse_uvx("uv tool run", &args[i + 2..])),
             _ if a.starts_with('-') => return Some(Err(anyhow::anyhow!("uv option {a} is not supported by mcpbox ({SUPPORTED_FORMS})"))),
             _ => return None,
         }
@@ -329,7 +329,10 @@ fn check_command_name(tool: &str, name: &str, written: &str) -> anyhow::Result<(
 /// `uv run --with REQ… [--] CMD ARGS…`: outside a project, uv installs the `--with`
 /// requirements into a throwaway environment and runs CMD from it — the same as
 /// `uvx --from REQ --with REQ… CMD`.
-fn parse_uv_run(args: &[String]) -> anyhow::Result<Package> {
+///
+/// `uv --directory DIR run [python] SCRIPT.py|CMD ARGS…` (`project`: DIR): a local project the
+/// user has synced. Like `npx --prefix`, nothing is prepared: its `DIR/.venv` runs as it is.
+fn parse_uv_run(args: &[String], mut project: Option<String>) -> anyhow::Result<Package> {
     let tool = "uv run";
     let mut with = Vec::new();
     let (mut python, mut registry) = (None, None);
@@ -343,23 +346,23 @@ fn parse_uv_run(args: &[String]) -> anyhow::Result<Package> {
         match name {
             "--with" | "-w" => with.push(option_value(tool, args, &mut i, name)?),
             "--no-project" | "--no-sync" | "--frozen" | "--locked" if !a.contains('=') => i += 1,
+            "--directory" | "--project" => project = Some(option_value(tool, args, &mut i, name)?),
             "--" => {
                 i += 1;
                 break;
             }
-            "--directory" | "--project" => bail!(
-                "uv run {a}: a local project; mcpbox does not sync projects. Run `uv sync` there yourself and make the command the project's own \
-                 (DIR/.venv/bin/python SCRIPT or its console script), with a policy granting DIR"
-            ),
-            "-m" | "--module" | "--script" | "-s" => bail!("uv run {a} is not supported: name the installed package's command instead ({SUPPORTED_FORMS})"),
+            "-m" | "--module" | "--script" | "-s" => bail!("uv run {a} is not supported: name the command or the script file instead ({SUPPORTED_FORMS})"),
             _ if a.starts_with('-') => bail!("uv run option {a} is not supported by mcpbox ({SUPPORTED_FORMS})"),
             _ => break,
         }
     }
     let rest = &args[i..];
     let Some(cmd) = rest.first() else { bail!("uv run: no command given ({SUPPORTED_FORMS})") };
+    if let Some(dir) = project {
+        return local_project(dir, rest, !with.is_empty() || python.is_some() || registry.is_some());
+    }
     if with.is_empty() {
-        bail!("uv run {cmd} without --with runs a local project or script; mcpbox prepares only published packages: use `uv run --with PKG CMD`, uvx, or the project's own command under a policy");
+        bail!("uv run {cmd} without --with runs a local project or script; mcpbox prepares only published packages: use `uv run --with PKG CMD`, uvx, `uv --directory DIR run …` for a synced project, or the command itself under a policy");
     }
     if cmd.starts_with("python") || cmd.ends_with(".py") {
         bail!("uv run … {cmd}: an interpreter or a script, not a package's command; name the command the --with package installs ({SUPPORTED_FORMS})");
@@ -368,6 +371,31 @@ fn parse_uv_run(args: &[String]) -> anyhow::Result<Package> {
     let mut p = Package::new(Manager::Uv, with, Some(cmd.clone()), rest[1..].to_vec());
     p.python = python;
     p.registry = registry;
+    Ok(p)
+}
+
+/// `uv --directory DIR run …`: `bin` is the script (`SCRIPT.py`, after an optional `python`) or
+/// the console script of `DIR/.venv`; nothing is installed.
+fn local_project(dir: String, rest: &[String], installs: bool) -> anyhow::Result<Package> {
+    let dir = PathBuf::from(dir);
+    if !dir.is_absolute() {
+        bail!("uv --directory {}: give the project directory as an absolute path", dir.display());
+    }
+    if installs {
+        bail!("uv --directory {} run with --with/--python/--index-url: mcpbox runs a project's .venv as it is and installs nothing; add the packages to the project and `uv sync` it", dir.display());
+    }
+    let rest = match rest.first().map(String::as_str) {
+        Some("python" | "python3") => &rest[1..],
+        _ => rest,
+    };
+    let Some(cmd) = rest.first().filter(|c| !c.starts_with('-')) else {
+        bail!("uv --directory {} run: name a script file or the project's command (not python's options)", dir.display())
+    };
+    if !cmd.ends_with(".py") {
+        check_command_name("uv run", cmd, cmd)?;
+    }
+    let mut p = Package::new(Manager::Uv, vec![], Some(cmd.clone()), rest[1..].to_vec());
+    p.local = Some(dir);
     Ok(p)
 }
 
@@ -392,7 +420,7 @@ fn explicit_registry(pkg: &Package, extra: &mut Extra, egress: &mut Egress) {
 
 /// `npx --prefix DIR`: the installed package's bin under DIR — `node_modules/.bin/BIN`, or the
 /// bin of `node_modules/PKG` by npx's rule — resolved inside `DIR`. Returns (DIR resolved, entry).
-fn local_entry(pkg: &Package, dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
+fn local_npm_entry(pkg: &Package, dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
     let root = launch::resolve(dir).with_context(|| format!("npx --prefix {}: no such directory", dir.display()))?.0;
     let modules = root.join("node_modules");
     let spec = pkg.install.first().cloned().unwrap_or_default();
@@ -423,23 +451,71 @@ fn local_entry(pkg: &Package, dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> 
     )
 }
 
-/// What a `--prefix` install runs: node on its bin (nothing is prepared or recorded).
-fn local_prepared(pkg: &Package, dir: &Path) -> anyhow::Result<Prepared> {
-    let (_, entry) = local_entry(pkg, dir)?;
-    let package = pkg.install.first().and_then(|s| package_name(Manager::Npm, s)).unwrap_or_else(|| pkg.bin.clone().unwrap_or_default());
-    Ok(Prepared { request: pkg.clone(), package, version: "local".into(), interpreter: find_node()?, entry, prepared_at: 0 })
+/// What a local install or project runs, and what the run phase is granted: DIR, and for a uv
+/// project the base interpreter its `.venv` was made from when it lies outside the system
+/// prefixes (a uv-managed Python).
+#[derive(Debug)]
+struct Local {
+    interpreter: PathBuf,
+    entry: PathBuf,
+    grants: Vec<PathBuf>,
 }
 
-/// The run phase of a `--prefix` install: node on its bin, DIR granted read and exec.
+fn local_entry(pkg: &Package, dir: &Path) -> anyhow::Result<Local> {
+    match pkg.manager {
+        Manager::Npm => {
+            let (root, entry) = local_npm_entry(pkg, dir)?;
+            Ok(Local { grants: vec![root], interpreter: find_node()?, entry })
+        }
+        Manager::Uv => local_uv_entry(pkg, dir),
+    }
+}
+
+/// `uv --directory DIR run SCRIPT.py|CMD`: `DIR/.venv/bin/python` on the script (inside DIR) or
+/// on the console script `DIR/.venv/bin/CMD`.
+fn local_uv_entry(pkg: &Package, dir: &Path) -> anyhow::Result<Local> {
+    let root = launch::resolve(dir).with_context(|| format!("uv --directory {}: no such directory", dir.display()))?.0;
+    let venv = root.join(".venv");
+    let interpreter = venv.join("bin/python");
+    if !interpreter.exists() {
+        bail!("uv --directory {}: no .venv/bin/python there; mcpbox runs a project as it is: run `uv sync` in it first", dir.display());
+    }
+    let bin = pkg.bin.clone().unwrap_or_default();
+    let entry = if bin.ends_with(".py") { root.join(&bin) } else { venv.join("bin").join(&bin) };
+    let real = launch::resolve(&entry).ok().map(|r| r.0).filter(|r| r.starts_with(&root) && r.is_file());
+    let Some(entry) = real else {
+        bail!("uv --directory {}: `{bin}` is not a file of the project (a script inside it, or a command of its .venv); mcpbox runs the project as it is", dir.display());
+    };
+    let mut grants = vec![root.clone()];
+    // `home = …/bin` of the interpreter the venv was made from.
+    let cfg = std::fs::read_to_string(venv.join("pyvenv.cfg")).unwrap_or_default();
+    let home = cfg.lines().filter_map(|l| l.split_once('=')).find(|(k, _)| k.trim() == "home").map(|(_, v)| PathBuf::from(v.trim()));
+    if let Some(prefix) = home.as_deref().and_then(Path::parent).filter(|p| p.is_absolute() && !matches!(p.to_str(), Some("/" | "/usr" | "/usr/local"))) {
+        grants.push(prefix.to_path_buf());
+    }
+    Ok(Local { interpreter, entry, grants })
+}
+
+/// What a local install or project runs (nothing is prepared or recorded).
+fn local_prepared(pkg: &Package, dir: &Path) -> anyhow::Result<Prepared> {
+    let l = local_entry(pkg, dir)?;
+    let package = pkg.install.first().and_then(|s| package_name(Manager::Npm, s)).unwrap_or_else(|| pkg.bin.clone().unwrap_or_default());
+    Ok(Prepared { request: pkg.clone(), package, version: "local".into(), interpreter: l.interpreter, entry: l.entry, prepared_at: 0 })
+}
+
+/// The run phase of a local install or project: its interpreter on its entry, DIR granted read
+/// and exec (never write).
 fn run_local(launch: &ServerLaunch, pkg: &Package, dir: &Path) -> anyhow::Result<(ServerLaunch, Extra)> {
-    let p = local_prepared(pkg, dir)?;
-    let (root, _) = local_entry(pkg, dir)?;
+    let local = local_entry(pkg, dir)?;
     let mut extra = Extra::default();
-    extra.grants.push((root, Access::Exec));
+    for g in local.grants {
+        extra.grants.push((g, Access::Exec));
+    }
     extra.env.insert("npm_config_offline".into(), "true".into());
+    extra.env.insert("UV_OFFLINE".into(), "1".into());
     let mut l = launch.clone();
-    l.command = p.interpreter.to_string_lossy().into_owned();
-    l.args = std::iter::once(p.entry.to_string_lossy().into_owned()).chain(pkg.args.iter().cloned()).collect();
+    l.command = local.interpreter.to_string_lossy().into_owned();
+    l.args = std::iter::once(local.entry.to_string_lossy().into_owned()).chain(pkg.args.iter().cloned()).collect();
     Ok((l, extra))
 }
 
@@ -2046,8 +2122,15 @@ mod tests {
         for py in ["pypy", ">=3.11", "cpython-3.12", "3.12.1"] {
             assert!(refused("uvx", &["--python", py, "t"]).contains("UV_PYTHON_DOWNLOADS=never"), "{py}");
         }
-        assert!(refused("uv", &["--directory", "/srv/proj", "run", "server.py"]).contains("uv sync"));
-        assert!(refused("uv", &["run", "--directory", "/srv/proj", "server.py"]).contains("uv sync"));
+        // A synced local project, as Claude Desktop configs run one: nothing to prepare.
+        for a in [vec!["--directory", "/srv/proj", "run", "server.py", "--x"], vec!["run", "--directory=/srv/proj", "python", "server.py", "--x"]] {
+            let p = ok("uv", &a);
+            assert_eq!((p.local.clone(), p.install.clone(), p.bin.as_deref(), p.args.clone()), (Some(PathBuf::from("/srv/proj")), vec![], Some("server.py"), v(&["--x"])), "{a:?}");
+        }
+        assert_eq!(ok("uv", &["--project", "/srv/proj", "run", "my-server"]).bin.as_deref(), Some("my-server"));
+        assert!(refused("uv", &["--directory", "proj", "run", "server.py"]).contains("absolute"));
+        assert!(refused("uv", &["--directory", "/srv/proj", "run", "--with", "x", "server.py"]).contains("uv sync"));
+        assert!(refused("uv", &["--directory", "/srv/proj", "run", "python", "-c", "0"]).contains("script file"));
         assert!(refused("uv", &["run", "server.py"]).contains("--with"));
         assert!(refused("uv", &["run", "--with", "mcp-server-fetch", "python", "-m", "mcp_server_fetch"]).contains("interpreter"));
         let e = refused("uvx", &["--prerelease", "allow", "t"]);
@@ -2097,6 +2180,42 @@ mod tests {
     }
 
     #[test]
+    fn a_synced_uv_project_runs_from_its_venv_and_nothing_outside() {
+        let d = tempfile::tempdir().unwrap();
+        let proj = d.path().join("proj");
+        std::fs::create_dir_all(proj.join(".venv/bin")).unwrap();
+        let py3 = launch::resolve_command("python3", DEFAULT_PATH).expect("python3 on PATH");
+        std::os::unix::fs::symlink(&py3, proj.join(".venv/bin/python")).unwrap();
+        std::fs::write(proj.join(".venv/pyvenv.cfg"), "home = /opt/uvpython/cpython-3.12/bin\nversion = 3.12.0\n").unwrap();
+        std::fs::write(proj.join("server.py"), "").unwrap();
+        std::fs::write(proj.join(".venv/bin/my-server"), "").unwrap();
+        let ps = proj.to_string_lossy().into_owned();
+        let args = v(&["--directory", &ps, "run", "server.py", "--flag"]);
+        let launch = ServerLaunch { name: "srv".into(), command: "uv".into(), args: args.clone(), env: BTreeMap::new(), policy: PolicyRef::Named("python".into()) };
+        let state = StateDir::new(d.path().join("state"));
+        let (l, extra) = for_run(&state, &launch).unwrap().unwrap();
+        let real = std::fs::canonicalize(&proj).unwrap();
+        assert_eq!(l.command, real.join(".venv/bin/python").to_string_lossy());
+        assert_eq!(l.args, v(&[&real.join("server.py").to_string_lossy(), "--flag"]));
+        assert_eq!(extra.grants, vec![(real.clone(), Access::Exec), (PathBuf::from("/opt/uvpython/cpython-3.12"), Access::Exec)]);
+        assert!(matches!(prepare_blocking(&state, "srv", &parse("uv", &args).unwrap().unwrap(), false).unwrap(), Outcome::Ready(_)));
+        assert!(!state.root.join("srv").exists(), "nothing prepared");
+        let l2 = local_entry(&ok("uv", &["--directory", &ps, "run", "my-server"]), &proj).unwrap();
+        assert_eq!(l2.entry, real.join(".venv/bin/my-server"));
+        // A system interpreter is the policy's business: no grant of /usr.
+        std::fs::write(proj.join(".venv/pyvenv.cfg"), "home = /usr/bin\n").unwrap();
+        assert_eq!(local_entry(&ok("uv", &["--directory", &ps, "run", "my-server"]), &proj).unwrap().grants, vec![real.clone()]);
+        // Not in the project, or leading out of it: refused.
+        assert!(local_entry(&ok("uv", &["--directory", &ps, "run", "other.py"]), &proj).is_err());
+        std::os::unix::fs::symlink("/etc/passwd", proj.join("escape.py")).unwrap();
+        assert!(local_entry(&ok("uv", &["--directory", &ps, "run", "escape.py"]), &proj).is_err());
+        // Not synced: says how.
+        std::fs::remove_file(proj.join(".venv/bin/python")).unwrap();
+        let e = format!("{:#}", local_entry(&ok("uv", &["--directory", &ps, "run", "server.py"]), &proj).err().unwrap());
+        assert!(e.contains("uv sync"), "{e}");
+    }
+
+    #[test]
     fn a_prefix_install_runs_its_bin_from_there_and_nothing_outside() {
         let node = find_node().expect("node on PATH (scripts/install-test-deps.sh installs it)");
         let d = tempfile::tempdir().unwrap();
@@ -2121,8 +2240,7 @@ mod tests {
         assert!(matches!(prepare_blocking(&state, "srv", &pkg, false).unwrap(), Outcome::Ready(_)));
         assert!(!state.root.join("srv").exists());
         // By package name: the package's own bin.
-        let (_, e) = local_entry(&ok("npx", &["--prefix", &dir_s, "some-pkg"]), &dir).unwrap();
-        assert_eq!(e, real);
+        assert_eq!(local_entry(&ok("npx", &["--prefix", &dir_s, "some-pkg"]), &dir).unwrap().entry, real);
         // Not installed there: refused, never fetched.
         let e = format!("{:#}", local_entry(&ok("npx", &["--prefix", &dir_s, "other"]), &dir).unwrap_err());
         assert!(e.contains("not installed there"), "{e}");
