@@ -18,7 +18,7 @@
 //! Cache layout: `npm/` (the install prefix), `npm-cache/`, `venv/`, `uv-cache/`, `prepared.json`.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -1679,15 +1679,16 @@ fn run_sandboxed(state: &StateDir, name: &str, manager: Manager, exe: &Path, arg
     for stream in [child.stdout.take().map(|s| Box::new(s) as Box<dyn Read + Send>), child.stderr.take().map(|s| Box::new(s) as Box<dyn Read + Send>)].into_iter().flatten() {
         let (tail, name) = (tail.clone(), name.to_string());
         readers.push(std::thread::spawn(move || {
-            for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                let line: String = line.chars().take(500).collect();
+            // Bounded while reading: an install script's endless line costs 500 bytes here.
+            crate::bridge::framing::read_log_lines_blocking(stream, 500, |line| {
+                let line = line.to_string();
                 tracing::debug!(server = %name, "prepare: {line}");
                 let mut t = tail.lock().unwrap_or_else(|e| e.into_inner());
                 if t.len() >= 20 {
                     t.pop_front();
                 }
                 t.push_back(line);
-            }
+            });
         }));
     }
     let deadline = Instant::now() + PREPARE_TIMEOUT;
