@@ -268,10 +268,10 @@ fn the_readme_memory_example_works_without_a_policy() {
     assert!(!written.is_empty(), "the graph is in the server's data dir");
 }
 
-/// `mcpbox run` with an npx command line as configs write it, answering `initialize` on stdio.
-fn initialize_over_run(state: &std::path::Path, name: &str, npx: &[&str]) -> (serde_json::Value, String) {
+/// `mcpbox run` with a command line as configs write it, answering `initialize` on stdio.
+pub(crate) fn initialize_over_run(state: &std::path::Path, name: &str, npx: &[&str]) -> (serde_json::Value, String) {
     let mut cmd = Command::new(mcpbox());
-    cmd.args(["run", "--state-dir"]).arg(state).args(["--name", name, "--", "npx"]).args(npx);
+    cmd.args(["run", "--state-dir"]).arg(state).args(["--name", name, "--"]).args(npx);
     test_env(&mut cmd);
     let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     let init = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#;
@@ -301,7 +301,7 @@ fn npx_lines_as_configs_write_them_run() {
     let (v, err) = initialize_over_run(
         &state,
         "seqthink-ext",
-        &["--yes", "--prefer-offline", "-q", "--package=@modelcontextprotocol/server-sequential-thinking", "--", "mcp-server-sequential-thinking"],
+        &["npx", "--yes", "--prefer-offline", "-q", "--package=@modelcontextprotocol/server-sequential-thinking", "--", "mcp-server-sequential-thinking"],
     );
     assert_eq!(v["result"]["serverInfo"]["name"], "sequential-thinking-server", "{v}");
     assert!(err.contains("shipped policy `server-sequential-thinking`"), "the package is recognised behind --package=:\n{err}");
@@ -312,7 +312,7 @@ fn npx_lines_as_configs_write_them_run() {
     let ok = Command::new("chmod").args(["-R", "a+rX"]).arg(&inst).status().unwrap();
     assert!(ok.success());
     let dir = inst.to_string_lossy().into_owned();
-    let (v, err) = initialize_over_run(&state, "seqthink-local", &["--offline", "--prefix", &dir, "--", "mcp-server-sequential-thinking"]);
+    let (v, err) = initialize_over_run(&state, "seqthink-local", &["npx", "--offline", "--prefix", &dir, "--", "mcp-server-sequential-thinking"]);
     assert_eq!(v["result"]["serverInfo"]["name"], "sequential-thinking-server", "{v}");
     assert!(!state.join("seqthink-local/cache/prepared.json").exists(), "a --prefix install is not prepared:\n{err}");
     let mut cmd = Command::new(mcpbox());
