@@ -353,6 +353,12 @@ fn serve_check_takes_the_mcp_proxy_example_and_says_what_has_no_effect() {
     let out = check(&cfg);
     assert_eq!(out.code, 2, "{out}");
     assert!(out.stderr.contains("mcpServers.fetch") && out.stderr.contains("unknown field `comment`"), "{out}");
+    // A package command line with an option mcpbox does not take: refused, named, with the forms.
+    cfg["mcpServers"]["fetch"].as_object_mut().unwrap().remove("comment");
+    cfg["mcpServers"]["github"]["args"] = serde_json::json!(["--workspace", "w", "-y", "@modelcontextprotocol/server-github"]);
+    let out = check(&cfg);
+    assert_eq!(out.code, 2, "{out}");
+    assert!(out.stderr.contains("server github") && out.stderr.contains("--workspace") && out.stderr.contains("supported: `npx`"), "{out}");
     assert!(!state.exists(), "--check creates nothing");
 }
 

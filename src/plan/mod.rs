@@ -183,6 +183,13 @@ impl Planner {
 
     /// Steps 1-2: everything that can refuse the server before a package is prepared.
     pub fn check(&self, server: &ServerConfig) -> anyhow::Result<()> {
+        // A package command line mcpbox cannot take (an unsupported option) is refused here, so
+        // that `serve --check` says so too.
+        if let ServerKind::Stdio { command, args, .. } = &server.kind {
+            if let Some(Err(e)) = prepare::parse(command, args) {
+                return Err(e);
+            }
+        }
         let (launch, _, _) = self.launch_of(server, false)?;
         check(&self.state, &launch).map(|_| ())
     }
