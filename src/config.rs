@@ -182,6 +182,9 @@ pub struct Config {
     pub server_input_bytes: usize,
     pub allowed_origins: Vec<String>,
     pub allowed_hosts: Vec<String>,
+    /// mcp-proxy keys that are accepted but change nothing under mcpbox, each with the reason:
+    /// logged at start and printed by `serve --check`.
+    pub warnings: Vec<String>,
     pub limits: ServeLimits,
 }
 
@@ -301,6 +304,8 @@ struct RawOptions {
     log_enabled: Option<bool>,
     tool_filter: Option<RawToolFilter>,
     disabled: Option<bool>,
+    /// mcp-proxy's metrics settings (`enabled`, `collectInterval`, …): accepted, warned about.
+    metrics: Option<Value>,
 }
 
 #[derive(Deserialize)]
@@ -374,6 +379,14 @@ pub fn parse(
 ) -> Result<Config, ConfigError> {
     let mut value: Value = serde_json::from_str(text)
         .map_err(|e| ConfigError::Syntax { path: path.to_owned(), msg: e.to_string() })?;
+    strip_comments(&mut value, None);
+    if let Some(old) = ["server", "clients"].into_iter().find(|k| value.get(k).is_some()) {
+        return Err(field_err(
+            old,
+            "mcp-proxy's deprecated v1 format (`server`, `clients`): write it as `mcpProxy` and `mcpServers` \
+             (each client's `config` keys become the server's own, `globalAuthTokens` becomes mcpProxy.options.authTokens)",
+        ));
+    }
     expand_tree(&mut value, &mut String::new(), getenv)?;
     let raw: RawFile = serde_path_to_error::deserialize(value).map_err(|e| {
         let p = e.path().to_string();
@@ -381,6 +394,24 @@ pub fn parse(
         field_err(field, e.into_inner().to_string())
     })?;
     build(raw, base_dir)
+}
+
+/// Keys starting with `_` are comments, at every level of the file (a server whose name starts
+/// with `_` is commented out) — except inside the maps whose keys are names the user chose:
+/// `env`, `headers` and a policy's `env.set`, where `_NAME` is a name like any other.
+fn strip_comments(v: &mut Value, parent: Option<&str>) {
+    match v {
+        Value::Object(o) => {
+            if !matches!(parent, Some("env" | "headers" | "set")) {
+                o.retain(|k, _| !k.starts_with('_'));
+            }
+            for (k, item) in o.iter_mut() {
+                strip_comments(item, Some(k));
+            }
+        }
+        Value::Array(a) => a.iter_mut().for_each(|item| strip_comments(item, parent)),
+        _ => {}
+    }
 }
 
 /// Expand `${VAR}` in every string value. Inside inline policies `${DATA}` and `${CACHE}` are
@@ -535,10 +566,16 @@ fn build(raw: RawFile, base_dir: &Path) -> Result<Config, ConfigError> {
             return Err(field_err("mcpProxy.type", format!("{t:?} is not \"sse\" or \"streamable-http\"")))
         }
     };
+    let mut warnings = Vec::new();
     let popts = rp.options.unwrap_or_default();
+    if rp.version.is_some() {
+        warnings.push("mcpProxy.version: accepted, no effect: clients see each server's own serverInfo (mcpbox passes its initialize answer through)".to_string());
+    }
+    no_effect_options(&popts, "mcpProxy.options", &mut warnings);
     let global_tokens = tokens(popts.auth_tokens, "mcpProxy.options.authTokens")?.unwrap_or_default();
     let global_filter = tool_filter(popts.tool_filter, "mcpProxy.options.toolFilter")?;
-    let global_log = popts.log_enabled.unwrap_or(true);
+    // As in mcp-proxy: off unless asked for.
+    let global_log = popts.log_enabled.unwrap_or(false);
     let proxy = Proxy {
         addr,
         base_url,
@@ -561,6 +598,13 @@ fn build(raw: RawFile, base_dir: &Path) -> Result<Config, ConfigError> {
             ));
         }
         let opts = rs.options.unwrap_or_default();
+        no_effect_options(&opts, &format!("{f}.options"), &mut warnings);
+        if rs.command.is_some() && !rs.headers.is_empty() {
+            warnings.push(format!("{f}.headers: accepted, no effect: headers are for url servers"));
+        }
+        if rs.url.is_some() && (!rs.args.is_empty() || !rs.env.is_empty()) {
+            warnings.push(format!("{f}.args/env: accepted, no effect: a url server runs no command"));
+        }
         let kind = match (rs.command, rs.url) {
             (Some(_), Some(_)) => return Err(field_err(&f, "has both command and url; pick one")),
             (None, None) => return Err(field_err(&f, "needs a command (stdio server) or a url")),
@@ -627,7 +671,6 @@ fn build(raw: RawFile, base_dir: &Path) -> Result<Config, ConfigError> {
             disabled: rs.disabled.or(opts.disabled).unwrap_or(false),
             log_enabled: opts.log_enabled.unwrap_or(global_log),
         };
-        let _ = opts.panic_if_invalid; // accepted for compatibility: invalid configs always fail here
         servers.insert(name, sc);
     }
 
@@ -670,6 +713,7 @@ fn build(raw: RawFile, base_dir: &Path) -> Result<Config, ConfigError> {
         server_input_bytes: server_input.unwrap_or(DEFAULT_SERVER_INPUT),
         allowed_origins: origins.into_iter().map(|o| o.trim_end_matches('/').to_ascii_lowercase()).collect(),
         allowed_hosts: hosts.into_iter().map(|h| h.to_ascii_lowercase()).collect(),
+        warnings,
         limits,
     })
 }
@@ -704,6 +748,22 @@ fn serve_limits(m: &RawMcpbox) -> Result<ServeLimits, ConfigError> {
     })
 }
 
+/// The mcp-proxy options that mcpbox accepts but that change nothing here, said once each.
+fn no_effect_options(o: &RawOptions, field: &str, warnings: &mut Vec<String>) {
+    if o.panic_if_invalid == Some(true) {
+        warnings.push(format!(
+            "{field}.panicIfInvalid: accepted, no effect: an invalid config always stops mcpbox, and a server that cannot start is refused alone \
+             (in the log and /readyz) while the others serve"
+        ));
+    }
+    if o.metrics.is_some() {
+        warnings.push(format!("{field}.metrics: accepted, no effect: mcpbox always serves /metrics (Prometheus text), behind the admin tokens"));
+    }
+    if o.tool_filter.as_ref().is_some_and(|t| t.mode.as_deref().unwrap_or("").is_empty()) {
+        warnings.push(format!("{field}.toolFilter: no mode (allow or block), so no filter, as in mcp-proxy"));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -731,6 +791,9 @@ mod tests {
         let f = c.servers["github"].tool_filter.as_ref().unwrap();
         assert!(!f.allows("create_or_update_file") && f.allows("search_code"));
         c.check_exposure(false).unwrap();
+        let w = c.warnings.join("\n");
+        assert!(w.contains("mcpProxy.version") && w.contains("mcpServers.fetch.options.panicIfInvalid"), "{w}");
+        assert!(c.proxy.log_enabled && !c.servers["fetch"].log_enabled && c.servers["github"].log_enabled);
     }
 
     #[test]
@@ -813,6 +876,67 @@ mod tests {
         // an empty token is an error, not an open door
         let e = parse(r#"{"mcpProxy":{"options":{"authTokens":["${E}"]}}}"#, Path::new("t"), Path::new("/"), &env(&[("E", "")])).unwrap_err();
         assert!(e.to_string().contains("mcpProxy.options.authTokens[0]"), "{e}");
+    }
+
+    #[test]
+    fn underscore_keys_are_comments_at_every_level() {
+        let c = p(r#"{
+            "_comment": "top level",
+            "mcpProxy": {"_note": 1, "addr": "127.0.0.1:9", "options": {"_why": "x", "authTokens": ["${TOK}"]}},
+            "mcpServers": {
+                "_disabled-server": {"command": "whatever", "bogus": true},
+                "a": {"_comment": "a server", "command": "x", "env": {"_UNDERSCORE": "kept", "K": "v"},
+                      "options": {"_c": 0, "toolFilter": {"_c": "", "mode": "block", "list": ["t"]}},
+                      "policy": {"_c": "", "extends": "node", "env": {"set": {"_KEEP": "1"}}}}
+            },
+            "mcpbox": {"_comment": "extensions", "maxBodyBytes": 8}
+        }"#)
+        .unwrap();
+        assert_eq!(c.servers.keys().collect::<Vec<_>>(), ["a"], "a server named _… is commented out");
+        let ServerKind::Stdio { env, .. } = &c.servers["a"].kind else { panic!() };
+        assert_eq!(env["_UNDERSCORE"], "kept", "env names are not config keys");
+        let PolicyRef::Inline { value, .. } = &c.servers["a"].policy else { panic!() };
+        assert!(!value.contains_key("_c") && value["env"]["set"].as_table().unwrap().contains_key("_KEEP"));
+        assert_eq!(c.max_body_bytes, 8);
+        assert_eq!(c.proxy.auth_tokens, ["s3cret".to_string()]);
+        // A comment never needs its ${…} set.
+        p(r#"{"_comment": "set ${UNSET_VAR} first", "mcpServers": {}}"#).unwrap();
+    }
+
+    #[test]
+    fn unknown_keys_stay_errors_naming_them() {
+        for (text, field, key) in [
+            (r#"{"mcpProxy":{"adress":":1"}}"#, "mcpProxy", "adress"),
+            (r#"{"mcpServers":{"a":{"command":"x","comment":"not a comment"}}}"#, "mcpServers.a", "comment"),
+            (r#"{"mcpServers":{"a":{"command":"x","options":{"logEnable":true}}}}"#, "mcpServers.a.options", "logEnable"),
+            (r#"{"mcpservers":{}}"#, "expected one of", "mcpservers"),
+        ] {
+            let e = p(text).unwrap_err().to_string();
+            assert!(e.contains(field) && e.contains(key), "{text}: {e}");
+        }
+        let e = p(r#"{"server":{"addr":":1"},"clients":{}}"#).unwrap_err().to_string();
+        assert!(e.contains("v1 format") && e.contains("mcpServers"), "{e}");
+    }
+
+    #[test]
+    fn mcp_proxy_keys_without_effect_are_warned_about() {
+        let c = p(r#"{"mcpProxy":{"name":"n","version":"1.0.0","type":"sse","options":{"panicIfInvalid":true,"logEnabled":true,
+            "metrics":{"enabled":true,"collectInterval":"15s"}}},
+            "mcpServers":{"a":{"command":"x","headers":{"H":"v"},"timeout":"30s","options":{"panicIfInvalid":false,"logEnabled":false,"toolFilter":{"list":["t"]}}},
+                          "b":{"url":"https://up.example.test/mcp","transportType":"streamable-http","args":["y"]}}}"#)
+        .unwrap();
+        let w = c.warnings.join("\n");
+        for said in ["mcpProxy.version", "mcpProxy.options.panicIfInvalid", "mcpProxy.options.metrics", "mcpServers.a.headers", "mcpServers.a.options.toolFilter", "mcpServers.b.args/env"] {
+            assert!(w.contains(said), "no warning for {said}:\n{w}");
+        }
+        assert_eq!(c.warnings.len(), 6, "{w}");
+        // Honoured: logEnabled per server over the global one, timeout, name.
+        assert!(!c.servers["a"].log_enabled && c.servers["b"].log_enabled);
+        assert_eq!(c.servers["a"].timeout, Some(Duration::from_secs(30)));
+        assert_eq!(c.proxy.name, "n");
+        // A plain config has nothing to warn about; logging is off unless asked for.
+        let c = p(r#"{"mcpServers":{"a":{"command":"x"}}}"#).unwrap();
+        assert!(c.warnings.is_empty() && !c.servers["a"].log_enabled);
     }
 
     #[test]

@@ -112,6 +112,9 @@ pub fn main(args: ServeArgs) -> ExitCode {
             }
             return ExitCode::from(2);
         }
+        for w in &cfg.warnings {
+            eprintln!("mcpbox: {}: warning: {w}", args.config.display());
+        }
         println!("{}: ok; listen {}; {} server(s)", args.config.display(), cfg.proxy.addr, cfg.servers.len());
         for u in urls(&cfg) {
             println!("  {u}");
@@ -144,6 +147,9 @@ async fn run(args: ServeArgs, cfg: Config) -> anyhow::Result<()> {
     let min_level = min_level(&args);
     if min_level == Level::Container {
         tracing::warn!("--min-level container: servers may run without namespaces (container level)");
+    }
+    for w in &cfg.warnings {
+        tracing::warn!("{}: {w}", args.config.display());
     }
     // Every client connection is a descriptor: take what the system allows, and size the
     // connection cap from it (below).

@@ -259,7 +259,7 @@ impl Supervisor {
                 tracing::error!(server = %name, "cannot start: {e}");
             }
             let shared = (cfg.isolation == Isolation::Shared)
-                .then(|| Arc::new(Hub::new(name, true, cfg.tool_filter.clone(), opts.limits())));
+                .then(|| Hub::new(name, true, cfg.tool_filter.clone(), opts.limits()).with_options(cfg.log_enabled, cfg.timeout));
             servers.insert(
                 name.clone(),
                 Arc::new(Server {
@@ -534,7 +534,7 @@ impl Supervisor {
         let closed = self.shutdown.child_token();
         let hub = match &server.shared {
             Some(h) => h.clone(),
-            None => Arc::new(Hub::new(server_name, false, server.cfg.tool_filter.clone(), self.opts.limits())),
+            None => Hub::new(server_name, false, server.cfg.tool_filter.clone(), self.opts.limits()).with_options(server.cfg.log_enabled, server.cfg.timeout),
         };
         let session = Session::new(
             id.clone(),
