@@ -113,26 +113,8 @@ fn a_command_the_policy_does_not_allow_is_refused() {
 fn npx_server_runs_over_stdio_without_a_policy() {
     let d = tempdir();
     let state = d.path().join("state");
-    let mut cmd = Command::new(mcpbox());
-    cmd.args(["run", "--state-dir"]).arg(&state).args(["--", "npx", "-y", "@modelcontextprotocol/server-sequential-thinking"]);
-    test_env(&mut cmd);
-    let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-    let init = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#;
-    {
-        use std::io::Write;
-        let mut stdin = child.stdin.take().unwrap();
-        writeln!(stdin, "{init}").unwrap();
-        // stdin closes here: the server answers, then ends.
-    }
-    let status = wait_timeout(&mut child, Duration::from_secs(120)).expect("mcpbox run did not finish in 120 s");
-    let mut out = String::new();
-    std::io::Read::read_to_string(child.stdout.as_mut().unwrap(), &mut out).unwrap();
-    let mut err = String::new();
-    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
-    let answer = out.lines().find(|l| l.contains("\"id\":1")).unwrap_or_else(|| panic!("no answer to initialize\nstdout: {out}\nstderr: {err}"));
-    let v: serde_json::Value = serde_json::from_str(answer).unwrap();
-    assert_eq!(v["result"]["serverInfo"]["name"], "sequential-thinking-server", "{answer}");
-    assert!(status.success(), "exit {status:?}\n{err}");
+    let (v, err) = initialize_over_run(&state, None, &["npx", "-y", "@modelcontextprotocol/server-sequential-thinking"]);
+    assert_eq!(v["result"]["serverInfo"]["name"], "sequential-thinking-server", "{v}");
     assert!(err.contains("shipped policy `server-sequential-thinking`"), "the log names the package's shipped policy:\n{err}");
     assert!(state.join("server-sequential-thinking/cache/prepared.json").is_file(), "prepared under the package's name:\n{err}");
 }
@@ -346,9 +328,14 @@ fn the_readme_memory_example_works_without_a_policy() {
 }
 
 /// `mcpbox run` with a command line as configs write it, answering `initialize` on stdio.
-pub(crate) fn initialize_over_run(state: &std::path::Path, name: &str, npx: &[&str]) -> (serde_json::Value, String) {
+/// `name`: `--name`, or None for the default (the package's name).
+pub(crate) fn initialize_over_run(state: &std::path::Path, name: Option<&str>, npx: &[&str]) -> (serde_json::Value, String) {
     let mut cmd = Command::new(mcpbox());
-    cmd.args(["run", "--state-dir"]).arg(state).args(["--name", name, "--"]).args(npx);
+    cmd.args(["run", "--state-dir"]).arg(state);
+    if let Some(name) = name {
+        cmd.args(["--name", name]);
+    }
+    cmd.arg("--").args(npx);
     test_env(&mut cmd);
     let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     let init = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#;
@@ -377,7 +364,7 @@ fn npx_lines_as_configs_write_them_run() {
     let state = d.path().join("state");
     let (v, err) = initialize_over_run(
         &state,
-        "seqthink-ext",
+        Some("seqthink-ext"),
         &["npx", "--yes", "--prefer-offline", "-q", "--package=@modelcontextprotocol/server-sequential-thinking", "--", "mcp-server-sequential-thinking"],
     );
     assert_eq!(v["result"]["serverInfo"]["name"], "sequential-thinking-server", "{v}");
@@ -389,7 +376,7 @@ fn npx_lines_as_configs_write_them_run() {
     let ok = Command::new("chmod").args(["-R", "a+rX"]).arg(&inst).status().unwrap();
     assert!(ok.success());
     let dir = inst.to_string_lossy().into_owned();
-    let (v, err) = initialize_over_run(&state, "seqthink-local", &["npx", "--offline", "--prefix", &dir, "--", "mcp-server-sequential-thinking"]);
+    let (v, err) = initialize_over_run(&state, Some("seqthink-local"), &["npx", "--offline", "--prefix", &dir, "--", "mcp-server-sequential-thinking"]);
     assert_eq!(v["result"]["serverInfo"]["name"], "sequential-thinking-server", "{v}");
     assert!(!state.join("seqthink-local/cache/prepared.json").exists(), "a --prefix install is not prepared:\n{err}");
     let mut cmd = Command::new(mcpbox());

@@ -500,7 +500,7 @@ fn example_config_checks() {
 fn uvx_with_a_python_version_and_latest_runs_on_the_host_interpreter() {
     let d = crate::common::tempdir();
     let state = d.path().join("state");
-    let (v, err) = crate::cli::initialize_over_run(&state, "time-py3", &["uvx", "--python", "3", "-q", "mcp-server-time@latest", "--local-timezone", "UTC"]);
+    let (v, err) = crate::cli::initialize_over_run(&state, Some("time-py3"), &["uvx", "--python", "3", "-q", "mcp-server-time@latest", "--local-timezone", "UTC"]);
     assert_eq!(v["result"]["serverInfo"]["name"], "mcp-time", "{v}");
     let made = err.lines().find(|l| l.contains("creating a virtualenv on")).unwrap_or_else(|| panic!("no virtualenv made:\n{err}"));
     assert!(made.contains("/python3 at "), "{made}");
