@@ -44,7 +44,7 @@ if [ ${#need[@]} -gt 0 ]; then
     own_policy=0
     if [ ! -e "$policy_rc" ]; then printf '#!/bin/sh\nexit 101\n' >"$policy_rc"; chmod 755 "$policy_rc"; own_policy=1; fi
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}"
-    [ "$own_policy" = 1 ] && rm -f "$policy_rc"
+    if [ "$own_policy" = 1 ]; then rm -f "$policy_rc"; fi
 fi
 
 say "test dependencies"
