@@ -36,10 +36,7 @@ struct Nginx {
 
 impl Nginx {
     async fn start(replicas: [SocketAddr; 3]) -> Nginx {
-        assert!(
-            Path::new(NGINX).is_file(),
-            "{NGINX} is missing: scripts/test.sh installs it (apt-get install nginx-light)"
-        );
+        assert!(Path::new(NGINX).is_file(), "{NGINX} is missing: scripts/test.sh installs it (apt-get install nginx-light)");
         let dir = tempfile::Builder::new().prefix("mcpbox-nginx-").tempdir().unwrap();
         let shipped = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/nginx/mcpbox.conf")).unwrap();
         let port = free_port();
@@ -197,12 +194,7 @@ async fn open(http: &reqwest::Client, base: &str, legacy: bool) -> Session {
         call(http, base, &mut s, initialized_msg()).await;
         s
     } else {
-        let r = auth(http.post(format!("{base}/echo/mcp")))
-            .header("accept", "application/json")
-            .body(init_msg(json!(0)).to_string())
-            .send()
-            .await
-            .unwrap();
+        let r = auth(http.post(format!("{base}/echo/mcp"))).header("accept", "application/json").body(init_msg(json!(0)).to_string()).send().await.unwrap();
         let sid = r.headers().get("mcp-session-id").map(|v| v.to_str().unwrap().to_string());
         let r = Resp::read(r).await;
         assert_eq!(r.status, 200, "initialize through nginx: {}", r.body);
@@ -306,7 +298,14 @@ async fn fifty_sessions_through_nginx_reach_their_replicas_and_a_drained_replica
         assert!(Instant::now() < deadline, "r2's /readyz still not 503 after SIGTERM");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let r = mbs[2].request("POST", "/echo/mcp", &[("accept", "application/json"), ("content-type", "application/json")], Some(init_msg(json!(0)).to_string().into_bytes())).await;
+    let r = mbs[2]
+        .request(
+            "POST",
+            "/echo/mcp",
+            &[("accept", "application/json"), ("content-type", "application/json")],
+            Some(init_msg(json!(0)).to_string().into_bytes()),
+        )
+        .await;
     assert_eq!(r.status, 503, "initialize on a draining replica: {}", r.body);
     assert!(r.header("retry-after").is_some(), "503 without Retry-After");
     let r = mbs[2].request("GET", "/echo/sse", &[("accept", "text/event-stream")], None).await;
@@ -315,12 +314,10 @@ async fn fifty_sessions_through_nginx_reach_their_replicas_and_a_drained_replica
 
     // 20 more sessions through nginx, while r2's open ones go on: none of the new ones is on r2.
     let more = open_many(&http, &base, 20);
-    let old = futures::future::join_all(
-        sessions.iter_mut().filter(|s| s.replica() == "r2").map(|s| {
-            let (http, base) = (&http, &base);
-            async move { echo_round(http, base, s, 3).await }
-        }),
-    );
+    let old = futures::future::join_all(sessions.iter_mut().filter(|s| s.replica() == "r2").map(|s| {
+        let (http, base) = (&http, &base);
+        async move { echo_round(http, base, s, 3).await }
+    }));
     let (more, _) = tokio::join!(more, old);
     for s in &more {
         assert_ne!(s.replica(), "r2", "a new session went to the draining replica");
