@@ -2,7 +2,8 @@
 # Checks the Kubernetes manifests (called by scripts/test.sh): renders the base and every
 # overlay with kustomize (kubectl's built-in), validates the result offline against the
 # Kubernetes API schemas (kubernetes-validate, strict: unknown fields fail), runs checkov on it
-# (any finding not answered by a checkov.io/skip annotation in the manifest fails), and checks
+# (any finding not answered by a checkov.io/skip annotation in the manifest fails), checks the
+# nginx config with `nginx -t`, and checks
 # that the Localhost seccomp profile is the one deploy/gen-seccomp.py generates.
 #
 # The tools come from the Python package index into a venv, kept between runs:
@@ -39,6 +40,26 @@ echo "kubernetes-validate: every resource valid against the $k8s_version schemas
 # --skip-download: no network; findings are answered by checkov.io/skipN annotations.
 "$venv/bin/checkov" -d "$out" --framework kubernetes --compact --quiet --skip-download
 echo "checkov: no unanswered finding"
+
+# nginx's own syntax check of the proxy config, offline: the cluster's resolver name swapped for
+# loopback (nginx resolves it at start), pid/logs/temp files in the scratch dir.
+nginx=/usr/sbin/nginx
+[ -x "$nginx" ] || { echo "check.sh: $nginx is missing (apt-get install nginx-light)" >&2; exit 1; }
+mkdir -p "$out/nginx"
+sed 's/^resolver kube-dns\.kube-system\.svc\.cluster\.local /resolver 127.0.0.1 /' base/nginx/mcpbox.conf >"$out/nginx/mcpbox.conf"
+grep -q '^resolver 127.0.0.1 ' "$out/nginx/mcpbox.conf" || { echo "check.sh: no resolver line to swap in base/nginx/mcpbox.conf" >&2; exit 1; }
+cat >"$out/nginx/nginx.conf" <<CONF
+pid $out/nginx/nginx.pid;
+error_log $out/nginx/error.log;
+events {}
+http {
+    client_body_temp_path $out/nginx; proxy_temp_path $out/nginx; fastcgi_temp_path $out/nginx;
+    uwsgi_temp_path $out/nginx; scgi_temp_path $out/nginx; access_log off;
+    include $out/nginx/mcpbox.conf;
+}
+CONF
+"$nginx" -t -q -p "$out/nginx" -e "$out/nginx/error.log" -c "$out/nginx/nginx.conf"
+echo "nginx -t: base/nginx/mcpbox.conf is valid"
 
 cmp seccomp/mcpbox.json ../docker-seccomp.json
 python3 ../gen-seccomp.py --check >/dev/null
