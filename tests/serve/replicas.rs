@@ -36,15 +36,23 @@ struct Nginx {
 
 impl Nginx {
     async fn start(replicas: [SocketAddr; 3]) -> Nginx {
-        assert!(Path::new(NGINX).is_file(), "{NGINX} is missing: scripts/test.sh installs it (apt-get install nginx-light)");
+        assert!(
+            Path::new(NGINX).is_file(),
+            "{NGINX} is missing: scripts/test.sh installs it (apt-get install nginx-light)"
+        );
         let dir = tempfile::Builder::new().prefix("mcpbox-nginx-").tempdir().unwrap();
-        let shipped = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/nginx/mcpbox.conf")).unwrap();
+        let shipped =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/nginx/mcpbox.conf")).unwrap();
         let port = free_port();
         let mut conf = shipped.clone();
         for (i, r) in replicas.iter().enumerate() {
             let from = format!("127.0.0.1:{}", 9091 + i);
             // Its own upstream and the round-robin one.
-            assert_eq!(conf.matches(&format!("server {from}")).count(), 2, "deploy/nginx/mcpbox.conf no longer names {from} twice");
+            assert_eq!(
+                conf.matches(&format!("server {from}")).count(),
+                2,
+                "deploy/nginx/mcpbox.conf no longer names {from} twice"
+            );
             conf = conf.replace(&format!("server {from}"), &format!("server {r}"));
         }
         assert!(conf.contains("listen 8080;"), "deploy/nginx/mcpbox.conf no longer listens on 8080");
@@ -194,7 +202,12 @@ async fn open(http: &reqwest::Client, base: &str, legacy: bool) -> Session {
         call(http, base, &mut s, initialized_msg()).await;
         s
     } else {
-        let r = auth(http.post(format!("{base}/echo/mcp"))).header("accept", "application/json").body(init_msg(json!(0)).to_string()).send().await.unwrap();
+        let r = auth(http.post(format!("{base}/echo/mcp")))
+            .header("accept", "application/json")
+            .body(init_msg(json!(0)).to_string())
+            .send()
+            .await
+            .unwrap();
         let sid = r.headers().get("mcp-session-id").map(|v| v.to_str().unwrap().to_string());
         let r = Resp::read(r).await;
         assert_eq!(r.status, 200, "initialize through nginx: {}", r.body);
@@ -284,7 +297,11 @@ async fn fifty_sessions_through_nginx_reach_their_replicas_and_a_drained_replica
     for (i, s) in sessions.iter().enumerate() {
         per_replica.entry(s.replica().to_string()).or_default().push(i);
     }
-    assert_eq!(per_replica.keys().cloned().collect::<Vec<_>>(), ["r0", "r1", "r2"], "round robin reached every replica");
+    assert_eq!(
+        per_replica.keys().cloned().collect::<Vec<_>>(),
+        ["r0", "r1", "r2"],
+        "round robin reached every replica"
+    );
     // Each replica holds exactly the sessions whose ids name it.
     for (i, mb) in mbs.iter().enumerate() {
         assert_eq!(status_sessions(mb).await, per_replica[&format!("r{i}")].len() as u64, "r{i}'s /status");
@@ -335,14 +352,20 @@ async fn fifty_sessions_through_nginx_reach_their_replicas_and_a_drained_replica
         }
         match s.client {
             Client::Streamable { sid } => {
-                let r = auth(http.delete(format!("{base}/echo/mcp"))).header("mcp-session-id", sid.as_str()).send().await.unwrap();
+                let r = auth(http.delete(format!("{base}/echo/mcp")))
+                    .header("mcp-session-id", sid.as_str())
+                    .send()
+                    .await
+                    .unwrap();
                 assert_eq!(r.status(), 204, "DELETE {sid} through nginx");
             }
             Client::Legacy { events, .. } => events.close(),
         }
     }
     let t = Instant::now();
-    let st = mbs[2].wait_exit(Duration::from_secs(15)).unwrap_or_else(|| panic!("r2 still running with no sessions left:\n{}", mbs[2].log_text()));
+    let st = mbs[2]
+        .wait_exit(Duration::from_secs(15))
+        .unwrap_or_else(|| panic!("r2 still running with no sessions left:\n{}", mbs[2].log_text()));
     assert!(st.success(), "r2 exited with {st}:\n{}", mbs[2].log_text());
     assert!(t.elapsed() < Duration::from_secs(15));
     let mut sessions = kept;
@@ -374,7 +397,9 @@ async fn fifty_sessions_through_nginx_reach_their_replicas_and_a_drained_replica
     for s in sessions.iter_mut().filter(|s| s.replica() == "r1") {
         echo_round(&http, &base, s, 5).await;
     }
-    let st = mbs[1].wait_exit(Duration::from_secs(12)).unwrap_or_else(|| panic!("r1 outlived its 3 s drain grace:\n{}", mbs[1].log_text()));
+    let st = mbs[1]
+        .wait_exit(Duration::from_secs(12))
+        .unwrap_or_else(|| panic!("r1 outlived its 3 s drain grace:\n{}", mbs[1].log_text()));
     assert!(st.success(), "r1 exited with {st}");
     assert!(t.elapsed() > Duration::from_secs(2), "r1 did not wait for its drain grace ({:?})", t.elapsed());
     let log = mbs[1].log_text();
