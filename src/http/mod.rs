@@ -143,7 +143,8 @@ pub fn open_error(e: OpenError) -> Response {
         OpenError::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response(),
         // Draining after SIGTERM: the proxy's next pick is another replica.
         OpenError::Draining => {
-            let mut r = (StatusCode::SERVICE_UNAVAILABLE, "draining: this replica takes no new sessions; retry\n").into_response();
+            let mut r = (StatusCode::SERVICE_UNAVAILABLE, "draining: this replica takes no new sessions; retry\n")
+                .into_response();
             r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             r
         }

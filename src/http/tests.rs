@@ -732,9 +732,19 @@ async fn replica_ids_foreign_sessions_and_draining() {
     assert_eq!((r.status, r.header("retry-after")), (503, Some("1")), "{}", r.body);
     let r = call(a, "GET", "/echo/sse", &[AUTH], "").await;
     assert_eq!((r.status, r.header("retry-after")), (503, Some("1")), "{}", r.body);
-    let r = call(a, "POST", "/echo/mcp", &[AUTH, JSON, ("Mcp-Session-Id", &sid)], &tool_call(json!(1), "echo", json!({"text":"still"}))).await;
+    let r = call(
+        a,
+        "POST",
+        "/echo/mcp",
+        &[AUTH, JSON, ("Mcp-Session-Id", &sid)],
+        &tool_call(json!(1), "echo", json!({"text":"still"})),
+    )
+    .await;
     assert_eq!(r.json()["result"]["content"][0]["text"], "still");
-    assert_eq!(call(a, "POST", &endpoint, &[AUTH], &tool_call(json!(2), "echo", json!({"text":"here"}))).await.status, 202);
+    assert_eq!(
+        call(a, "POST", &endpoint, &[AUTH], &tool_call(json!(2), "echo", json!({"text":"here"}))).await.status,
+        202
+    );
     let (_, data, _) = c.event().await.unwrap();
     assert_eq!(serde_json::from_str::<Value>(&data).unwrap()["result"]["content"][0]["text"], "here");
     assert_eq!(s.sup.open_sessions(), 2);
