@@ -186,6 +186,26 @@ pub struct Config {
     /// logged at start and printed by `serve --check`.
     pub warnings: Vec<String>,
     pub limits: ServeLimits,
+    pub replica: Replica,
+}
+
+/// Running as one of several replicas behind a proxy (`mcpbox.replicaId`, `mcpbox.drainGrace`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Replica {
+    /// Carried in every session id (`ID.<random>`) so that a proxy can route on it; `None`:
+    /// session ids are bare random hex, as for a single mcpbox.
+    pub id: Option<String>,
+    /// After SIGTERM: how long open sessions may go on while no new ones are taken (0: end
+    /// them at once).
+    pub drain_grace: Duration,
+}
+
+/// A replica id: 1-63 ASCII letters, digits, `-` and `_` (no `.`: it ends the id in a session id).
+pub fn check_replica_id(id: &str) -> Result<(), String> {
+    if id.is_empty() || id.len() > 63 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+        return Err(format!("replica id {id:?}: use 1-63 ASCII letters, digits, '-' or '_'"));
+    }
+    Ok(())
 }
 
 /// The HTTP edge's timeouts and connection caps, and the global session budget (`mcpbox`
@@ -359,6 +379,8 @@ struct RawMcpbox {
     max_connections_per_address: Option<usize>,
     max_sessions_total: Option<usize>,
     max_sandboxes: Option<usize>,
+    replica_id: Option<String>,
+    drain_grace: Option<Value>,
 }
 
 // ---- loading ---------------------------------------------------------------------------
@@ -679,6 +701,10 @@ fn build(raw: RawFile, base_dir: &Path) -> Result<Config, ConfigError> {
         Some(m) => serve_limits(m)?,
         None => ServeLimits::default(),
     };
+    let replica = match &mb {
+        Some(m) => replica(m)?,
+        None => Replica::default(),
+    };
     let (state_dir, uid_base, max_body, max_line, session_buffer, server_input, origins, hosts) = match mb {
         Some(m) => (
             m.state_dir,
@@ -715,7 +741,19 @@ fn build(raw: RawFile, base_dir: &Path) -> Result<Config, ConfigError> {
         allowed_hosts: hosts.into_iter().map(|h| h.to_ascii_lowercase()).collect(),
         warnings,
         limits,
+        replica,
     })
+}
+
+fn replica(m: &RawMcpbox) -> Result<Replica, ConfigError> {
+    if let Some(id) = &m.replica_id {
+        check_replica_id(id).map_err(|msg| field_err("mcpbox.replicaId", msg))?;
+    }
+    let drain_grace = match &m.drain_grace {
+        Some(v) => parse_duration(v).map_err(|msg| field_err("mcpbox.drainGrace", msg))?,
+        None => Duration::ZERO,
+    };
+    Ok(Replica { id: m.replica_id.clone(), drain_grace })
 }
 
 fn serve_limits(m: &RawMcpbox) -> Result<ServeLimits, ConfigError> {
@@ -977,4 +1015,16 @@ mod tests {
         }
         assert_eq!(BaseUrl::parse("http://h/a.b/c..d/").unwrap().path, "/a.b/c..d");
     }
+
+    #[test]
+    fn replica_id_and_drain_grace() {
+        let c = p(r#"{"mcpbox":{"replicaId":"mcpbox-2","drainGrace":"90s"},"mcpServers":{}}"#).unwrap();
+        assert_eq!(c.replica, Replica { id: Some("mcpbox-2".into()), drain_grace: Duration::from_secs(90) });
+        assert_eq!(p(r#"{"mcpServers":{}}"#).unwrap().replica, Replica::default());
+        for bad in ["a.b", "", "r 1"] {
+            let e = p(&format!(r#"{{"mcpbox":{{"replicaId":"{bad}"}},"mcpServers":{{}}}}"#)).unwrap_err().to_string();
+            assert!(e.contains("mcpbox.replicaId"), "{e}");
+        }
+    }
+
 }

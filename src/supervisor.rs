@@ -151,6 +151,9 @@ pub enum OpenError {
     TooMany(String),
     #[error("shutting down")]
     ShuttingDown,
+    /// SIGTERM came: open sessions go on for the drain grace, new ones belong on other replicas.
+    #[error("draining: this replica takes no new sessions")]
+    Draining,
     /// The global budget (sessions or sandboxes across all servers) is spent.
     #[error("{0}")]
     Busy(#[from] crate::budget::Exhausted),
@@ -208,6 +211,8 @@ pub struct Options {
     /// Bytes queued for one server's stdin (`mcpbox.serverInputBytes`).
     pub server_input: usize,
     pub grace: Duration,
+    /// `mcpbox.replicaId`: the prefix of every session id (`ID.<random>`).
+    pub replica_id: Option<String>,
 }
 
 impl Options {
@@ -217,6 +222,7 @@ impl Options {
             session_buffer: cfg.session_buffer_bytes,
             server_input: cfg.server_input_bytes,
             grace,
+            replica_id: cfg.replica.id.clone(),
         }
     }
 
@@ -233,15 +239,26 @@ pub struct Supervisor {
     tasks: TaskTracker,
     /// Sessions and session sandboxes across all servers (`mcpbox.maxSessionsTotal`, `maxSandboxes`).
     pub budget: Arc<crate::budget::Budget>,
+    /// Set by [`Supervisor::drain`]: no new sessions, open ones go on.
+    draining: std::sync::atomic::AtomicBool,
 }
 
 struct ProcCtl {
     exited: oneshot::Receiver<String>,
 }
 
-fn new_session_id() -> SessionId {
+/// Random hex, after `REPLICA.` when this mcpbox is one of several replicas (a proxy routes on it).
+fn new_session_id(replica: Option<&str>) -> SessionId {
     let a: u128 = rand::random();
-    Arc::from(format!("{a:032x}"))
+    match replica {
+        Some(r) => Arc::from(format!("{r}.{a:032x}")),
+        None => Arc::from(format!("{a:032x}")),
+    }
+}
+
+/// The replica a session id names (the part before its first `.`), if any.
+pub fn session_replica(id: &str) -> Option<&str> {
+    id.split_once('.').map(|(r, _)| r)
 }
 
 impl Supervisor {
@@ -282,6 +299,7 @@ impl Supervisor {
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
             budget: crate::budget::Budget::new(config.limits.max_sessions_total, config.limits.max_sandboxes),
+            draining: Default::default(),
         });
         for server in sup.servers.values() {
             if server.shared.is_some() && server.ready.is_ok() {
@@ -520,6 +538,9 @@ impl Supervisor {
         if self.shutdown.is_cancelled() {
             return Err(OpenError::ShuttingDown);
         }
+        if self.is_draining() {
+            return Err(OpenError::Draining);
+        }
         let server = self.servers.get(server_name).ok_or(OpenError::NotFound)?.clone();
         if let Err(e) = &server.ready {
             return Err(OpenError::Launch(e.clone()));
@@ -530,7 +551,7 @@ impl Supervisor {
         };
         // The global budget, also before anything starts; its slot goes back when the session ends.
         let budget_slot = self.budget.acquire(server.shared.is_none())?;
-        let id = new_session_id();
+        let id = new_session_id(self.opts.replica_id.as_deref());
         let closed = self.shutdown.child_token();
         let hub = match &server.shared {
             Some(h) => h.clone(),
@@ -602,6 +623,20 @@ impl Supervisor {
                 }
             }
         }
+    }
+
+    /// Take no new sessions from now on; open ones go on until [`Supervisor::shutdown`].
+    pub fn drain(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Open sessions across all servers.
+    pub fn open_sessions(&self) -> usize {
+        self.servers.values().map(|s| s.active_sessions()).sum()
     }
 
     /// Stop everything: sessions end, children get SIGTERM then SIGKILL after the grace

@@ -19,6 +19,9 @@ use crate::serve_support::*;
 /// The HTTP edge under hostile connections: timeouts, caps, the global budget.
 mod edge;
 
+/// Three replicas behind the shipped nginx configuration (deploy/nginx/mcpbox.conf).
+mod replicas;
+
 /// Two servers in one mcpbox: `ev` (a process per session) and `evs` (one shared process).
 async fn both_modes(extra: Value) -> Mcpbox {
     Mcpbox::start(json!({"ev": everything("session"), "evs": everything("shared")}), extra).await

@@ -158,6 +158,21 @@ impl Mcpbox {
         }
     }
 
+    /// Wait (up to `within`) for mcpbox to exit on its own; `None`: still running.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(st) = self.child.as_mut()?.try_wait().unwrap() {
+                self.child = None;
+                return Some(st);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// A raw request with the right token; `headers` may add more (or override Authorization).
     pub async fn request(&self, method: &str, path: &str, headers: &[(&str, &str)], body: Option<Vec<u8>>) -> Resp {
         let mut rb = self
