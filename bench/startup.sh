@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Start-up cost of a sandbox: bare /bin/true, `mcpbox run --policy default -- /bin/true`, and
-# bubblewrap with comparable isolation, in one hyperfine run. Not part of CI. Run as root.
+# Start-up cost of a sandbox: bare /bin/true, `mcpbox run -- /bin/true` under the default policy's
+# grants, and bubblewrap with comparable isolation, in one hyperfine run. Not part of CI. Run as
+# root. The policy is `default` without its CPU and disk limits (bwrap has neither; what they cost
+# is measured by bench/limits.sh).
 # Usage: [BASELINE=/path/to/mcpbox] bench/startup.sh [--cold] [extra hyperfine args, e.g. --runs 500]
 #   --cold: drop the page cache first (sync; echo 1 > /proc/sys/vm/drop_caches, the whole
 #           machine's), so that every binary is read back from disk as after a reboot.
@@ -37,10 +39,12 @@ trap 'rm -rf "$state" "$bin"' EXIT
 # more exposed to it than bwrap's 70 KB (docs/BENCHMARKS.md).
 install -m 0755 target/release/mcpbox "$bin/mcpbox"
 mcpbox=$bin/mcpbox
+policy=$bin/startup.toml
+sed -e '/^cpu = /d' -e '/^disk = /d' policies/default.toml > "$policy"
 baseline=()
 if [ -n "${BASELINE:-}" ]; then
     install -m 0755 "$BASELINE" "$bin/mcpbox-baseline"
-    baseline=(-n baseline "$bin/mcpbox-baseline run --policy default --state-dir $state --name bench -- /bin/true")
+    baseline=(-n baseline "$bin/mcpbox-baseline run --policy $policy --state-dir $state --name bench -- /bin/true")
 fi
 if $cold; then
     sync
@@ -54,7 +58,7 @@ bwrap_cmd="bwrap --unshare-all --die-with-parent --new-session --ro-bind /usr /u
 
 hyperfine -N --warmup 20 --min-runs 300 --export-json "$out" "$@" \
     -n bare /bin/true \
-    -n mcpbox "$mcpbox run --policy default --state-dir $state --name bench -- /bin/true" \
+    -n mcpbox "$mcpbox run --policy $policy --state-dir $state --name bench -- /bin/true" \
     -n bwrap "$bwrap_cmd" "${baseline[@]}"
 
 python3 - "$out" <<'PY'
