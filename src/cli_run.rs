@@ -134,7 +134,8 @@ pub fn run(args: RunArgs, early: Option<Result<crate::sandbox::Pending, crate::s
     if let crate::policy::Network::Proxy { allow } = &planned.policy.network {
         let started = proxy_listener.ok_or_else(|| anyhow::anyhow!("the sandbox did not hand over its proxy socket")).and_then(|l| {
             let allow = crate::netproxy::AllowList::parse(allow).map_err(|e| anyhow::anyhow!("network.allow: {e}"))?;
-            let cfg = crate::netproxy::ProxyConfig::new(allow, planned.policy.source.clone(), name.clone());
+            let mut cfg = crate::netproxy::ProxyConfig::new(allow, planned.policy.source.clone(), name.clone());
+            cfg.denials = Some(crate::denials::registry().server(&name, Some(crate::denials::file_for(&state.root, &name))));
             Ok(crate::netproxy::ProxyThread::start(l, cfg)?)
         });
         match started {

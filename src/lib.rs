@@ -10,6 +10,7 @@ pub mod sandbox;
 pub mod bridge;
 pub mod budget;
 pub mod config;
+pub mod denials;
 pub mod http;
 pub mod serve;
 pub mod supervisor;

@@ -65,6 +65,7 @@ impl Launcher for SandboxLauncher {
         let spawner = self.spawner.clone();
         let name = server.name.clone();
         let session = session.map(str::to_owned);
+        let denials = crate::denials::registry().server(&name, Some(crate::denials::file_for(&self.planner.state.root, &name)));
         Box::pin(async move {
             let planned = planned?;
             for note in &planned.notes {
@@ -85,7 +86,10 @@ impl Launcher for SandboxLauncher {
                 (Some(listener), crate::policy::Network::Proxy { allow }) => {
                     let allow = crate::netproxy::AllowList::parse(allow)
                         .map_err(|e| anyhow::anyhow!("policy {}: network.allow: {e}", planned.policy.source))?;
-                    let cfg = std::sync::Arc::new(crate::netproxy::ProxyConfig::new(allow, planned.policy.source.clone(), name.clone()));
+                    let mut cfg = crate::netproxy::ProxyConfig::new(allow, planned.policy.source.clone(), name.clone());
+                    cfg.session = session.clone();
+                    cfg.denials = Some(denials);
+                    let cfg = std::sync::Arc::new(cfg);
                     let server_name = name.clone();
                     Some(tokio::spawn(async move {
                         if let Err(e) = crate::netproxy::serve(listener, cfg).await {
