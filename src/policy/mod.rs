@@ -8,6 +8,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+mod diff;
 mod error;
 mod load;
 mod raw;
@@ -17,6 +18,7 @@ mod size;
 #[cfg(test)]
 mod tests;
 
+pub use diff::{diff, path_covered, render_diff, Grant, PolicyDiff};
 pub use error::{Loc, PolicyError};
 pub use load::{
     load, load_detailed, load_inline, load_inline_detailed, load_inline_with_notes, load_with_notes, shipped_names, LoadContext, Loaded,
