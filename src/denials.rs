@@ -66,7 +66,8 @@ pub struct Denial {
     pub reason: Option<String>,
 }
 
-/// A distinct denial as kept: how often, first and last seen (Unix seconds), the last session.
+/// A distinct denial as kept: how often, first and last seen (Unix seconds), the last session
+/// and the policy (shipped name or file path) it was last refused under.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Recorded {
     #[serde(flatten)]
@@ -76,6 +77,8 @@ pub struct Recorded {
     pub last: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
 }
 
 /// The record file's contents.
@@ -155,11 +158,11 @@ impl ServerDenials {
     }
 
     /// Records, counts and (rate-limited) logs one denial.
-    pub fn record(&self, session: Option<&str>, d: Denial) {
-        self.record_at(session, d, Instant::now(), now_secs());
+    pub fn record(&self, session: Option<&str>, policy: Option<&str>, d: Denial) {
+        self.record_at(session, policy, d, Instant::now(), now_secs());
     }
 
-    fn record_at(&self, session: Option<&str>, d: Denial, now: Instant, wall: u64) {
+    fn record_at(&self, session: Option<&str>, policy: Option<&str>, d: Denial, now: Instant, wall: u64) {
         let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         g.totals[d.layer.index()] += 1;
 
@@ -196,11 +199,12 @@ impl ServerDenials {
         let is_new = pos.is_none();
         let mut rec = match pos.and_then(|i| g.recent.remove(i)) {
             Some(r) => r,
-            None => Recorded { denial: d, count: 0, first: wall, last: wall, session: None },
+            None => Recorded { denial: d, count: 0, first: wall, last: wall, session: None, policy: None },
         };
         rec.count += 1;
         rec.last = wall;
         rec.session = session.map(str::to_owned);
+        rec.policy = policy.map(str::to_owned);
         g.recent.push_back(rec);
         while g.recent.len() > MAX_RECENT {
             g.recent.pop_front();
@@ -272,9 +276,9 @@ mod tests {
     fn counts_per_layer_and_keeps_distinct_denials_with_counts() {
         let d = ServerDenials::new("s", None);
         let t = Instant::now();
-        d.record_at(Some("a"), egress("x.test:443"), t, 1);
-        d.record_at(Some("b"), egress("x.test:443"), t, 2);
-        d.record_at(None, Denial { layer: Layer::Landlock, access: "read".into(), object: "/etc/x".into(), reason: None }, t, 3);
+        d.record_at(Some("a"), None, egress("x.test:443"), t, 1);
+        d.record_at(Some("b"), None, egress("x.test:443"), t, 2);
+        d.record_at(None, None, Denial { layer: Layer::Landlock, access: "read".into(), object: "/etc/x".into(), reason: None }, t, 3);
         assert_eq!(d.totals(), [(Layer::Landlock, 1), (Layer::Seccomp, 0), (Layer::Egress, 2)]);
         let r = d.recent();
         assert_eq!(r.len(), 2);
@@ -288,10 +292,10 @@ mod tests {
         let d = ServerDenials::new("s", None);
         let t = Instant::now();
         for i in 0..MAX_RECENT + 5 {
-            d.record_at(None, egress(&format!("h{i}.test:443")), t, i as u64);
+            d.record_at(None, None, egress(&format!("h{i}.test:443")), t, i as u64);
         }
         // Seeing h5 again makes it the most recent: h6.. survive, h5 too.
-        d.record_at(None, egress("h5.test:443"), t, 999);
+        d.record_at(None, None, egress("h5.test:443"), t, 999);
         let r = d.recent();
         assert_eq!(r.len(), MAX_RECENT);
         assert_eq!(r.last().unwrap().denial.object, "h5.test:443");
@@ -304,13 +308,13 @@ mod tests {
         let d = ServerDenials::new("s", None);
         let t = Instant::now();
         for i in 0..LOG_BURST + 7 {
-            d.record_at(None, egress(&format!("h{i}.test:1")), t, 0);
+            d.record_at(None, None, egress(&format!("h{i}.test:1")), t, 0);
         }
         {
             let g = d.inner.lock().unwrap();
             assert_eq!((g.logged, g.suppressed), (LOG_BURST, 7));
         }
-        d.record_at(None, egress("late.test:1"), t + LOG_WINDOW, 0);
+        d.record_at(None, None, egress("late.test:1"), t + LOG_WINDOW, 0);
         let g = d.inner.lock().unwrap();
         assert_eq!((g.logged, g.suppressed), (1, 0));
     }
@@ -320,7 +324,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let f = file_for(dir.path(), "srv");
         let d = ServerDenials::new("srv", Some(f.clone()));
-        d.record(Some("s1"), egress("a.test:443"));
+        d.record(Some("s1"), Some("p.toml"), egress("a.test:443"));
         let rec = read_file(&f).unwrap();
         assert_eq!(rec.server, "srv");
         assert_eq!(rec.denials.len(), 1);

@@ -2,6 +2,7 @@
 //! mcpbox: run stdio MCP servers in a native Linux sandbox and serve them over HTTP.
 
 pub mod cli_doctor;
+pub mod cli_policy;
 pub mod cli_run;
 pub mod netproxy;
 pub mod policy;

@@ -193,6 +193,14 @@ fn parse_entry(raw: &str) -> Result<Entry, AllowListError> {
     Ok(Entry { host: HostPattern::Exact(host), port })
 }
 
+/// `host:port` (a request target, as denials name it) parsed as an exact allow-list entry is.
+pub fn parse_target(s: &str) -> Option<(Host, u16)> {
+    match parse_entry(s).ok()? {
+        Entry { host: HostPattern::Exact(h), port } => Some((h, port)),
+        Entry { host: HostPattern::Subdomains(_), .. } => None,
+    }
+}
+
 #[derive(Debug)]
 enum AuthorityError {
     MissingPort,
@@ -669,6 +677,7 @@ async fn connect_checked(
             // Logged there, rate-limited, with the session.
             Some(d) => d.record(
                 cfg.session.as_deref(),
+                Some(&cfg.policy_name),
                 crate::denials::Denial {
                     layer: crate::denials::Layer::Egress,
                     access: "connect".into(),
