@@ -185,10 +185,11 @@ impl ServerDenials {
                 access = %d.access,
                 object = %d.object,
                 reason = d.reason.as_deref().unwrap_or(""),
-                "denied: {} {} {} (see `mcpbox policy suggest`)",
+                "{} denied: {} {} (see `mcpbox policy suggest {}`)",
                 d.layer.as_str(),
                 d.access,
-                d.object
+                d.object,
+                self.server
             );
         } else {
             g.suppressed += 1;
