@@ -41,6 +41,7 @@ pub fn doctor(state_dir: Option<std::path::PathBuf>) -> ExitCode {
     );
     let layers = probe::layers();
     print!("{}", probe::render(&layers));
+    print!("{}", denials_reported());
 
     let tmp = match tempfile::Builder::new().prefix("mcpbox-doctor").tempdir() {
         Ok(t) => t,
@@ -78,4 +79,23 @@ pub fn doctor(state_dir: Option<std::path::PathBuf>) -> ExitCode {
             }
         }
     }
+}
+
+/// Which layers' refusals mcpbox can report on this host (`policy suggest` works from these).
+pub fn denials_reported() -> String {
+    let rows = [
+        ("egress", true, "every host:port the proxy refuses is logged, counted and recorded"),
+        (
+            "landlock",
+            false,
+            "not reported: mcpbox does not read the kernel's audit records yet; at level `full` a path outside \
+             the grants does not exist in the sandbox (ENOENT), and the error the server prints is the only trace",
+        ),
+        ("seccomp", false, "not reported: a refused syscall returns EPERM to the server and is not recorded yet"),
+    ];
+    let mut s = String::from("\n  denials reported (`mcpbox policy suggest`):\n");
+    for (name, ok, detail) in rows {
+        s.push_str(&format!("  {:<20} {:<4} {}\n", name, if ok { "ok" } else { "NO" }, detail));
+    }
+    s
 }
