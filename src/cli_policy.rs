@@ -179,30 +179,52 @@ fn reference_of(source: &str) -> String {
     }
 }
 
-/// `mcpbox policy suggest NAME [--state-dir D] [--policy P]`.
-pub fn suggest_cli(server: &str, state_dir: Option<PathBuf>, policy: Option<String>) -> ExitCode {
-    let state = StateDir::new(state_dir.unwrap_or_else(StateDir::default_root));
+/// `mcpbox policy suggest NAME [--config FILE] [--state-dir D] [--policy P]`.
+pub fn suggest_cli(server: &str, config: Option<&Path>, state_dir: Option<PathBuf>, policy: Option<String>) -> ExitCode {
+    let fail = |msg: String| {
+        eprintln!("mcpbox: policy suggest {server}: {msg}");
+        ExitCode::FAILURE
+    };
+    // With a config: its state dir, and the policy the server runs under (as `serve` plans it).
+    let (state, configured) = match config {
+        Some(path) => {
+            let cfg = match crate::config::load(path) {
+                Ok(c) => c,
+                Err(e) => return fail(format!("{e}")),
+            };
+            let state = StateDir::for_config(&cfg, path, state_dir, crate::policy::Level::Full);
+            let Some(sc) = cfg.servers.get(server) else {
+                return fail(format!("{} has no server of that name", path.display()));
+            };
+            let planner = crate::plan::Planner::new(state.clone());
+            let resolved = planner.launch_of(sc, false).and_then(|(launch, _, _)| crate::plan::check(&state, &launch));
+            match resolved {
+                Ok(p) => (state, Some(p)),
+                Err(e) => return fail(format!("its policy: {e:#}")),
+            }
+        }
+        None => (StateDir::new(state_dir.unwrap_or_else(StateDir::default_root)), None),
+    };
     let file = crate::denials::file_for(&state.root, server);
     let record = match crate::denials::read_file(&file) {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("mcpbox: policy suggest {server}: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let reference = match policy.or_else(|| record.denials.iter().rev().find_map(|r| r.policy.clone()).map(|p| reference_of(&p))) {
-        Some(r) => r,
-        None => {
-            eprintln!("mcpbox: policy suggest {server}: the record does not name the policy; pass --policy FILE");
-            return ExitCode::FAILURE;
-        }
+        Err(e) => return fail(format!("{e}")),
     };
     let dirs = ServerDirs::at(&state, server);
-    let policy = match crate::policy::load(&reference, &dirs.load_context(&state)) {
-        Ok(p) => p,
-        Err(e) => {
-            eprintln!("mcpbox: policy suggest {server}: policy {reference}: {e} (pass the server's policy file with --policy)");
-            return ExitCode::FAILURE;
+    let policy = match (policy, configured) {
+        (Some(reference), _) => match crate::policy::load(&reference, &dirs.load_context(&state)) {
+            Ok(p) => p,
+            Err(e) => return fail(format!("policy {reference}: {e}")),
+        },
+        (None, Some(p)) => p,
+        (None, None) => {
+            let Some(reference) = record.denials.iter().rev().find_map(|r| r.policy.clone()).map(|p| reference_of(&p)) else {
+                return fail("the record does not name the policy; pass --policy FILE or --config FILE".into());
+            };
+            match crate::policy::load(&reference, &dirs.load_context(&state)) {
+                Ok(p) => p,
+                Err(e) => return fail(format!("policy {reference}: {e} (pass --policy FILE, or --config FILE for a policy inline in mcpbox.json)")),
+            }
         }
     };
     let s = suggest(&policy, &record.denials);

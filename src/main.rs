@@ -158,12 +158,16 @@ enum PolicyCmd {
     Suggest {
         /// The server's name (as in mcpbox.json, or `mcpbox run --name`).
         server: String,
-        /// The state directory the server ran under (default /var/lib/mcpbox as root,
-        /// $XDG_STATE_HOME/mcpbox otherwise).
+        /// The mcpbox.json the server is served from: its state directory and the policy the
+        /// server runs under (inline ones too) are taken from there.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The state directory the server ran under (default: the config's, else
+        /// /var/lib/mcpbox as root, $XDG_STATE_HOME/mcpbox otherwise).
         #[arg(long)]
         state_dir: Option<PathBuf>,
-        /// The policy to compare against (file or shipped/user name); default: the one the
-        /// denials were recorded under.
+        /// The policy to compare against (file or shipped/user name), e.g. the one you are
+        /// editing; default: the server's in --config, else the one the denials were recorded under.
         #[arg(long, short = 'p')]
         policy: Option<String>,
     },
@@ -217,7 +221,9 @@ fn main() -> ExitCode {
             init_logging("warn,mcpbox::plan::prepare=info", false);
             mcpbox::cli_run::run(mcpbox::cli_run::RunArgs { policy, state_dir, name, min_level: min_level.into(), command }, early)
         }
-        Cmd::Policy { cmd: PolicyCmd::Suggest { server, state_dir, policy } } => mcpbox::cli_policy::suggest_cli(&server, state_dir, policy),
+        Cmd::Policy { cmd: PolicyCmd::Suggest { server, config, state_dir, policy } } => {
+            mcpbox::cli_policy::suggest_cli(&server, config.as_deref(), state_dir, policy)
+        }
         Cmd::Policy { cmd: PolicyCmd::Diff { a, b, data, cache } } => mcpbox::cli_policy::diff_cli(&a, &b, data.as_deref(), cache.as_deref()),
         Cmd::Policy { cmd: PolicyCmd::Check { file, data, cache } } => {
             match mcpbox::policy::check(&file, data.as_deref(), cache.as_deref()) {

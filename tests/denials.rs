@@ -90,7 +90,15 @@ async fn refusals_are_logged_counted_recorded_and_suggested() {
     assert_eq!(plus, vec![format!("+ allow = [\"{target}\"]").as_str()], "{out}");
     assert!(out.stdout.contains(&format!("against policy {}", policy.display())), "{out}");
 
-    // With the suggestion applied, nothing is left to add and the host is reached.
+    // The same from the config the server is served from (the policy as `serve` plans it).
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_mcpbox"));
+    cmd.args(["policy", "suggest", "den", "--config"]).arg(mb.dir.path().join("mcpbox.json")).arg("--state-dir").arg(mb.dir.path().join("state"));
+    test_env(&mut cmd);
+    let out = run_timeout(cmd, Duration::from_secs(30));
+    let plus: Vec<&str> = out.stdout.lines().filter(|l| l.starts_with('+')).collect();
+    assert!(out.code == 0 && plus == vec![format!("+ allow = [\"{target}\"]").as_str()], "{out}");
+
+    // With the suggestion applied, nothing is left to add.
     let fixed = dir.path().join("den-fixed.toml");
     let body = std::fs::read_to_string(&policy).unwrap().replace(&format!("\"127.0.0.1:{}\"]", allowed.port), &format!("\"127.0.0.1:{}\", \"{target}\"]", allowed.port));
     std::fs::write(&fixed, body).unwrap();
