@@ -37,7 +37,8 @@ fn quoted(s: &str) -> String {
 fn seen(r: &Recorded) -> String {
     let times = if r.count == 1 { "once".to_string() } else { format!("{} times", r.count) };
     let session = r.session.as_deref().map(|s| format!(", last in session {s}")).unwrap_or_default();
-    format!("{} {} {}: {times}{session}", r.denial.layer.as_str(), r.denial.access, r.denial.object)
+    let object = if r.denial.object.is_empty() { String::new() } else { format!(" {}", r.denial.object) };
+    format!("{} {}{object}: {times}{session}", r.denial.layer.as_str(), r.denial.access)
 }
 
 /// The grants that would have permitted each recorded denial `policy` does not already permit.
@@ -114,12 +115,16 @@ pub fn suggest(policy: &Policy, denials: &[Recorded]) -> Suggestion {
                 }
                 add(&mut s, "network", key, port.to_string(), seen(r));
             }
+            // `extra_allow` can only name what `extra_deny` took away; the rest of the allow-list
+            // is mcpbox's, not the policy's.
             (Layer::Seccomp, name) => {
-                if policy.seccomp.extra_allow.iter().any(|a| a == name) {
-                    s.covered += 1;
-                    continue;
+                if policy.seccomp.extra_deny.iter().any(|a| a == name) {
+                    s.notes.push(format!("{}: denied by this policy's [seccomp] extra_deny; remove {name:?} there to permit it", seen(r)));
+                } else if let Some((_, _, why)) = crate::sandbox::seccomp::HARD_DENY.iter().find(|(n, _, _)| *n == name) {
+                    s.notes.push(format!("{}: {why}; mcpbox never allows it", seen(r)));
+                } else {
+                    s.notes.push(format!("{}: not in mcpbox's seccomp allow-list, which no policy widens", seen(r)));
                 }
-                add(&mut s, "seccomp", "extra_allow", quoted(name), format!("{} (some syscalls are never allowed: `policy check` says so)", seen(r)));
             }
             _ => s.notes.push(format!("{}: no grant of a policy covers this kind of access", seen(r))),
         }
@@ -286,15 +291,16 @@ mod tests {
             rec(Layer::Egress, "connect", "in.wild.test:443", "wildcard match resolves to non-public address 10.0.0.1"),
             rec(Layer::Landlock, "read", "/etc/hostname", ""),
             rec(Layer::Landlock, "read", "/usr/share/x", ""),
-            rec(Layer::Seccomp, "ptrace", "", ""),
+            rec(Layer::Seccomp, "bpf", "", ""),
         ];
         let s = suggest(&p, &denials);
         let got: Vec<(&str, &str)> = s.additions.iter().map(|a| (a.key, a.value.as_str())).collect();
         assert_eq!(
             got,
-            vec![("allow", "\"api.other.test:443\""), ("allow", "\"in.wild.test:443\""), ("read", "\"/etc/hostname\""), ("extra_allow", "\"ptrace\"")]
+            vec![("allow", "\"api.other.test:443\""), ("allow", "\"in.wild.test:443\""), ("read", "\"/etc/hostname\"")]
         );
         assert_eq!(s.covered, 2);
+        assert!(s.notes.len() == 1 && s.notes[0].contains("seccomp bpf") && s.notes[0].contains("never allows"), "{:?}", s.notes);
         let text = render_suggest("srv", &p, denials.len(), &s);
         assert!(text.contains("[network]\n# egress connect api.other.test:443: 2 times, last in session s1\n"), "{text}");
         assert!(text.contains("+ allow = [\"api.other.test:443\", \"in.wild.test:443\"]\n"), "{text}");

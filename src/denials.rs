@@ -120,6 +120,8 @@ pub fn read_file(path: &Path) -> Result<RecordFile, DenialsError> {
 }
 
 struct Inner {
+    /// The policy the server runs under, for denials whose layer does not know it.
+    policy: Option<String>,
     totals: [u64; 3],
     /// Distinct denials, least recently seen first.
     recent: VecDeque<Recorded>,
@@ -150,11 +152,17 @@ impl ServerDenials {
                 recent.extend(rec.denials.into_iter().rev().take(MAX_RECENT).rev());
             }
         }
-        ServerDenials { server, file, inner: Mutex::new(Inner { totals: [0; 3], recent, window_start: None, logged: 0, suppressed: 0 }) }
+        ServerDenials { server, file, inner: Mutex::new(Inner { policy: None, totals: [0; 3], recent, window_start: None, logged: 0, suppressed: 0 }) }
     }
 
     pub fn server(&self) -> &str {
         &self.server
+    }
+
+    /// The policy (shipped name or file path) the server runs under, recorded with denials
+    /// whose layer does not name it (seccomp's).
+    pub fn set_policy(&self, source: &str) {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).policy = Some(source.to_string());
     }
 
     /// Records, counts and (rate-limited) logs one denial.
@@ -205,7 +213,7 @@ impl ServerDenials {
         rec.count += 1;
         rec.last = wall;
         rec.session = session.map(str::to_owned);
-        rec.policy = policy.map(str::to_owned);
+        rec.policy = policy.map(str::to_owned).or_else(|| g.policy.clone());
         g.recent.push_back(rec);
         while g.recent.len() > MAX_RECENT {
             g.recent.pop_front();

@@ -68,6 +68,7 @@ impl Launcher for SandboxLauncher {
         let denials = crate::denials::registry().server(&name, Some(crate::denials::file_for(&self.planner.state.root, &name)));
         Box::pin(async move {
             let planned = planned?;
+            denials.set_policy(&planned.policy.source);
             for note in &planned.notes {
                 tracing::warn!(server = %name, session = ?session, "{note}");
             }

@@ -1,5 +1,5 @@
 //! Denials made visible: a server that reads outside its grants and asks for a host that is not
-//! on its allow-list; the refusal is logged with server, session and target, counted in /status
+//! on its allow-list, and makes a syscall seccomp denies; each refusal is logged with server, session and target, counted in /status
 //! and /metrics, recorded in the state dir, and `mcpbox policy suggest` proposes exactly it.
 
 use std::os::unix::fs::PermissionsExt;
@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::common::{run_timeout, test_env};
+use crate::common::{eventually, run_timeout, test_env};
 use crate::realservers::support::site;
 use crate::serve_support::*;
 
@@ -74,6 +74,20 @@ async fn refusals_are_logged_counted_recorded_and_suggested() {
     let metrics = mb.request("GET", "/metrics", &[], None).await.body;
     assert!(metrics.contains("mcpbox_denials_total{server=\"den\",layer=\"egress\"} 1\n"), "{metrics}");
     assert!(metrics.contains("mcpbox_denials_total{server=\"den\",layer=\"landlock\"} 0\n"), "{metrics}");
+    assert!(metrics.contains("mcpbox_denials_total{server=\"den\",layer=\"seccomp\"} 0\n"), "{metrics}");
+
+    // A syscall outside the seccomp allow-list (bpf, 321 on x86_64): EPERM, as without the
+    // supervisor, and recorded by name.
+    let call = call_msg(json!(3), "probe", json!({"path": secret, "url": format!("http://127.0.0.1:{}/", allowed.port), "syscall": 321}));
+    let out = text_of(&st.request(call).await);
+    assert!(out.contains("SYSCALL -1 ERRNO 1"), "bpf is refused with EPERM: {out}");
+    assert!(
+        eventually(Duration::from_secs(5), || mb.log_text().lines().any(|l| l.contains("seccomp denied: bpf") && l.contains("\"server\":\"den\""))),
+        "no seccomp denial line:\n{}",
+        mb.log_text()
+    );
+    let metrics = mb.request("GET", "/metrics", &[], None).await.body;
+    assert!(metrics.contains("mcpbox_denials_total{server=\"den\",layer=\"seccomp\"} 1\n"), "{metrics}");
 
     // Asking again counts again.
     let _ = st.request(probe(denied.port)).await;
@@ -89,6 +103,7 @@ async fn refusals_are_logged_counted_recorded_and_suggested() {
     let plus: Vec<&str> = out.stdout.lines().filter(|l| l.starts_with('+')).collect();
     assert_eq!(plus, vec![format!("+ allow = [\"{target}\"]").as_str()], "{out}");
     assert!(out.stdout.contains(&format!("against policy {}", policy.display())), "{out}");
+    assert!(out.stdout.contains("# cannot be granted: seccomp bpf") && out.stdout.contains("never allows"), "{out}");
 
     // The same from the config the server is served from (the policy as `serve` plans it).
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_mcpbox"));

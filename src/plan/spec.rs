@@ -192,6 +192,7 @@ fn refuse_early(policy: &Policy) -> anyhow::Result<()> {
         extra_deny: policy.seccomp.extra_deny.clone(),
         extra_allow: policy.seccomp.extra_allow.clone(),
         unix_sockets_only: false,
+        notify: false,
     })
     .map_err(|e| anyhow::anyhow!("policy {}: {e}", policy.source))?;
     if let Network::Proxy { allow } = &policy.network {
