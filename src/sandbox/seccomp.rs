@@ -7,7 +7,9 @@
 //! 2. the few syscalls allowed only with certain arguments (clone, ioctl, socket, personality);
 //! 3. a binary search over the ranges of allowed syscall numbers: about 20 instructions run per
 //!    syscall instead of hundreds for a linear chain, and a program a third the size to load.
-//!    Anything not allowed answers `EPERM`.
+//!    Anything not allowed answers `EPERM`; with [`FilterOptions::notify`], the denials go to
+//!    mcpbox instead (`SECCOMP_RET_USER_NOTIF`), which answers `EPERM` and records them (see
+//!    `sandbox::notify`).
 //!
 //! Nothing is answered with a kill: a denied syscall is an error the program can report.
 
