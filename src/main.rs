@@ -141,15 +141,15 @@ enum PolicyCmd {
     },
     /// Turn the denials recorded for a server into the grants that would have permitted them.
     ///
-    /// Every refusal of a sandbox layer is recorded per server (the most recent 128 distinct
-    /// ones, in STATE/NAME/denials.json; also under "denials" in /status). This prints them as a
-    /// diff against the server's policy:
-    ///   [filesystem]
-    ///   # landlock read /srv/notes/todo.md: 3 times, last in session 4f…
-    ///   + read = ["/srv/notes/todo.md"]
+    /// Every refusal a sandbox layer reports is recorded per server (the most recent 128
+    /// distinct ones, in STATE/NAME/denials.json; also under "denials" in /status). This prints
+    /// them as a diff against the server's policy:
     ///   [network]
-    ///   # egress connect api.example.com:443: once
+    ///   # egress connect api.example.com:443: 3 times, last in session 4f…
     ///   + allow = ["api.example.com:443"]
+    ///   # cannot be granted: seccomp bpf: once: … mcpbox never allows it
+    /// Reported today: the egress proxy and seccomp; Landlock not yet (a path outside the grants
+    /// is simply absent: the server's ENOENT names what to add to [filesystem]).
     /// Read each line before adding it: a denial says what the server tried, not what it needs
     /// (a hostile package tries things too). Grant the narrowest path that works, check the
     /// result with `mcpbox policy check`, and compare with `mcpbox policy diff OLD NEW`.
