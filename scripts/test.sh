@@ -110,7 +110,7 @@ chown "$ci_user:" "$tmp_user"
 # registries) runs as root only: its package tools are installed for root here.
 step "integration tests as $ci_user" setpriv --reuid="$ci_user" --regid="$ci_user" --init-groups \
     env -i HOME="/home/$ci_user" PATH=/usr/local/bin:/usr/bin:/bin TMPDIR="$tmp_user" LANG=C.UTF-8 \
-    "$bin" --test-threads=2 sandbox:: cli:: serve::
+    "$bin" --test-threads=2 sandbox:: cli:: serve:: denials::
 
 rm -rf "$tmp_root" "$tmp_user"
 

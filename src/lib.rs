@@ -10,6 +10,7 @@ compile_error!(
 );
 
 pub mod cli_doctor;
+pub mod cli_policy;
 pub mod cli_run;
 pub mod netproxy;
 pub mod policy;
@@ -18,6 +19,7 @@ pub mod sandbox;
 pub mod bridge;
 pub mod budget;
 pub mod config;
+pub mod denials;
 pub mod http;
 pub mod serve;
 pub mod supervisor;

@@ -115,6 +115,14 @@ impl AllowList {
     }
 }
 
+/// `host:port` (a request target, as denials name it) parsed as an exact allow-list entry is.
+pub fn parse_target(s: &str) -> Option<(Host, u16)> {
+    match s.trim().parse::<crate::policy::AllowEntry>().ok()? {
+        crate::policy::AllowEntry { host: crate::policy::HostPattern::Exact(h), port } => Some((h, port)),
+        _ => None,
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Address classification
 // ---------------------------------------------------------------------------------------------
@@ -247,6 +255,10 @@ pub struct ProxyConfig {
     pub policy_name: String,
     /// The server's name, for logs.
     pub server: String,
+    /// The session the sandbox serves, if it serves one (for denial lines).
+    pub session: Option<String>,
+    /// Where refusals are recorded and counted; without it they are only logged.
+    pub denials: Option<Arc<crate::denials::ServerDenials>>,
     /// Resolving plus connecting to the origin.
     pub connect_timeout: Duration,
     /// Reading the whole request head from the sandboxed client.
@@ -267,6 +279,8 @@ impl ProxyConfig {
             allow,
             policy_name: policy_name.into(),
             server: server.into(),
+            session: None,
+            denials: None,
             connect_timeout: Duration::from_secs(10),
             header_timeout: Duration::from_secs(10),
             max_header_bytes: 16 * 1024,
@@ -283,6 +297,7 @@ impl fmt::Debug for ProxyConfig {
             .field("allow", &self.allow)
             .field("policy_name", &self.policy_name)
             .field("server", &self.server)
+            .field("session", &self.session)
             .field("connect_timeout", &self.connect_timeout)
             .field("header_timeout", &self.header_timeout)
             .field("max_header_bytes", &self.max_header_bytes)
@@ -494,7 +509,20 @@ async fn connect_checked(
     target: &str,
 ) -> Result<TcpStream, Reply> {
     let deny = |why: &str, detail: &str| {
-        tracing::warn!(server = %cfg.server, target = %target, method, reason = detail, "egress denied");
+        match &cfg.denials {
+            // Logged there, rate-limited, with the session.
+            Some(d) => d.record(
+                cfg.session.as_deref(),
+                Some(&cfg.policy_name),
+                crate::denials::Denial {
+                    layer: crate::denials::Layer::Egress,
+                    access: "connect".into(),
+                    object: target.to_string(),
+                    reason: Some(detail.to_string()),
+                },
+            ),
+            None => tracing::warn!(server = %cfg.server, target = %target, method, reason = detail, "egress denied"),
+        }
         Reply::new(403, format!("mcpbox: {method} {target} denied by policy {} ({why})", cfg.policy_name))
     };
 

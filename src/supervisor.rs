@@ -65,8 +65,10 @@ impl Launcher for SandboxLauncher {
         let spawner = self.spawner.clone();
         let name = server.name.clone();
         let session = session.map(str::to_owned);
+        let denials = crate::denials::registry().server(&name, Some(crate::denials::file_for(&self.planner.state.root, &name)));
         Box::pin(async move {
             let planned = planned?;
+            denials.set_policy(&planned.policy.source);
             for note in &planned.notes {
                 tracing::warn!(server = %name, session = ?session, "{note}");
             }
@@ -84,7 +86,10 @@ impl Launcher for SandboxLauncher {
             let proxy_task = match (sb.proxy_listener, &planned.policy.network) {
                 (Some(listener), crate::policy::Network::Proxy { allow }) => {
                     let allow = crate::netproxy::AllowList::new(allow);
-                    let cfg = std::sync::Arc::new(crate::netproxy::ProxyConfig::new(allow, planned.policy.source.clone(), name.clone()));
+                    let mut cfg = crate::netproxy::ProxyConfig::new(allow, planned.policy.source.clone(), name.clone());
+                    cfg.session = session.clone();
+                    cfg.denials = Some(denials);
+                    let cfg = std::sync::Arc::new(cfg);
                     let server_name = name.clone();
                     Some(tokio::spawn(async move {
                         if let Err(e) = crate::netproxy::serve(listener, cfg).await {

@@ -226,11 +226,23 @@ fn status(st: &Shared) -> Response {
                     "restarts": m.restarts.load(Ordering::Relaxed),
                     "requests": m.requests.load(Ordering::Relaxed),
                     "errors": m.errors.load(Ordering::Relaxed),
+                    "denials": denials_json(&s.cfg.name),
                 }),
             )
         })
         .collect();
     axum::Json(json!({"name": st.cfg.proxy.name, "version": env!("CARGO_PKG_VERSION"), "servers": servers})).into_response()
+}
+
+/// Counts per layer and the most recent distinct denials (newest first, at most 20; the full
+/// record is in the server's state dir for `mcpbox policy suggest`).
+fn denials_json(server: &str) -> Value {
+    let Some(d) = crate::denials::registry().get(server) else {
+        return json!({"total": {}, "recent": []});
+    };
+    let total: serde_json::Map<String, Value> = d.totals().iter().map(|(l, n)| (l.as_str().to_string(), json!(n))).collect();
+    let recent: Vec<Value> = d.recent().iter().rev().take(20).map(|r| json!(r)).collect();
+    json!({"total": total, "recent": recent})
 }
 
 fn label(s: &str) -> String {
@@ -256,6 +268,14 @@ fn metrics(st: &Shared) -> Response {
         let sum = s.metrics.start_us.load(Ordering::Relaxed) as f64 / 1e6;
         let _ = writeln!(out, "mcpbox_sandbox_start_seconds_sum{{server=\"{n}\"}} {sum}");
         let _ = writeln!(out, "mcpbox_sandbox_start_seconds_count{{server=\"{n}\"}} {}", s.metrics.starts.load(Ordering::Relaxed));
+    }
+    let _ = writeln!(out, "# HELP mcpbox_denials_total Accesses a sandbox layer refused (landlock, seccomp, egress).\n# TYPE mcpbox_denials_total counter");
+    for s in &servers {
+        let totals = crate::denials::registry().get(&s.cfg.name).map(|d| d.totals());
+        for layer in crate::denials::Layer::ALL {
+            let n = totals.iter().flatten().find(|(l, _)| *l == layer).map_or(0, |(_, n)| *n);
+            let _ = writeln!(out, "mcpbox_denials_total{{server=\"{}\",layer=\"{}\"}} {n}", label(&s.cfg.name), layer.as_str());
+        }
     }
     let _ = writeln!(out, "# HELP mcpbox_confinement_level Confinement level of the last started process.\n# TYPE mcpbox_confinement_level gauge");
     for s in &servers {

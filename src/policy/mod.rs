@@ -13,6 +13,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 mod allow;
+mod diff;
 mod error;
 mod load;
 mod raw;
@@ -25,6 +26,7 @@ mod vars;
 mod tests;
 
 pub use allow::{parse_host, split_host_port, AllowEntry, AllowEntryError, AuthorityError, Host, HostPattern};
+pub use diff::{diff, path_covered, render_diff, Grant, PolicyDiff};
 pub use error::{Loc, PolicyError};
 pub use load::{
     load, load_detailed, load_inline, load_inline_detailed, load_inline_with_notes, load_with_notes, shipped_names, LoadContext, Loaded,

@@ -7,7 +7,9 @@
 //! 2. the few syscalls allowed only with certain arguments (clone, ioctl, socket, personality);
 //! 3. a binary search over the ranges of allowed syscall numbers: about 20 instructions run per
 //!    syscall instead of hundreds for a linear chain, and a program a third the size to load.
-//!    Anything not allowed answers `EPERM`.
+//!    Anything not allowed answers `EPERM`; with [`FilterOptions::notify`], the denials go to
+//!    mcpbox instead (`SECCOMP_RET_USER_NOTIF`), which answers `EPERM` and records them (see
+//!    `sandbox::notify`).
 //!
 //! Nothing is answered with a kill: a denied syscall is an error the program can report.
 
@@ -145,11 +147,19 @@ pub struct FilterOptions {
     /// Only `AF_UNIX` (and `AF_NETLINK` for interface listing) sockets: used when the network is
     /// meant to be off but no network namespace could be made (container level, mode `none`).
     pub unix_sockets_only: bool,
+    /// Denied syscalls go to a supervisor (`SECCOMP_RET_USER_NOTIF`) that answers EPERM and
+    /// records them, instead of the filter answering EPERM itself.
+    pub notify: bool,
 }
 
 /// The number of the x86_64 syscall `name` (the policy module's table).
 pub fn syscall_number(name: &str) -> Option<i64> {
     syscalls::number(name)
+}
+
+/// The name of syscall `nr` (x86_64), from the policy's name table.
+pub fn syscall_name(nr: i64) -> Option<&'static str> {
+    syscalls::X86_64.iter().find(|(_, n)| *n == nr).map(|(name, _)| *name)
 }
 
 /// Refuses names the filter cannot apply. Loading a policy refuses them first (with file and
@@ -239,6 +249,7 @@ const BPF_RET_K: u16 = 0x06;
 const RET_ALLOW: u32 = 0x7fff_0000;
 const RET_EPERM: u32 = SECCOMP_RET_ERRNO | libc::EPERM as u32;
 const RET_ENOSYS: u32 = SECCOMP_RET_ERRNO | libc::ENOSYS as u32;
+const RET_USER_NOTIF: u32 = 0x7fc0_0000;
 
 /// Offsets in `struct seccomp_data`: nr at 0, arch at 4, then six u64 args from 16. Arguments
 /// checked here are C ints, so their low 32 bits (little-endian: the first word) are the value.
@@ -348,6 +359,13 @@ pub fn build_program(opts: &FilterOptions) -> Result<BpfProgram, SeccompError> {
         prog.extend(block);
     }
     prog.extend(search(&ranges(&a.plain)));
+    if opts.notify {
+        // Every denial (and only denials) answers EPERM: those become notifications. The guard's
+        // ENOSYS answers stay in the filter.
+        for ins in prog.iter_mut().filter(|i| i.code == BPF_RET_K && i.k == RET_EPERM) {
+            ins.k = RET_USER_NOTIF;
+        }
+    }
     if prog.len() > 4096 {
         return Err(SeccompError::Build(format!("program of {} instructions exceeds the kernel's limit", prog.len())));
     }
@@ -564,5 +582,26 @@ mod tests {
         assert!(matches!(build_program(&bad), Err(SeccompError::HardDenied(n, _)) if n == "ptrace"));
         let unknown = FilterOptions { extra_deny: vec!["no_such_call".into()], ..Default::default() };
         assert!(matches!(build_program(&unknown), Err(SeccompError::UnknownSyscall(n)) if n == "no_such_call"));
+    }
+
+    #[test]
+    fn with_notify_every_denial_goes_to_the_supervisor_and_nothing_else_does() {
+        let plain = build_program(&FilterOptions::default()).unwrap();
+        let notify = build_program(&FilterOptions { notify: true, ..Default::default() }).unwrap();
+        assert_eq!(plain.len(), notify.len());
+        let probe = |prog: &[sock_filter], nr: i64, arch: u32| run_bpf(prog, nr as u32, arch, [0; 6]);
+        for nr in [libc::SYS_bpf, libc::SYS_ptrace, libc::SYS_kexec_load, libc::SYS_io_uring_setup] {
+            assert_eq!(probe(&plain, nr, AUDIT_ARCH_X86_64), RET_EPERM);
+            assert_eq!(probe(&notify, nr, AUDIT_ARCH_X86_64), RET_USER_NOTIF, "syscall {nr}");
+        }
+        for nr in [libc::SYS_read, libc::SYS_openat, libc::SYS_execve] {
+            assert_eq!(probe(&notify, nr, AUDIT_ARCH_X86_64), RET_ALLOW);
+        }
+        // Namespace flags on clone are a denial too; the guard's ENOSYS answers are not.
+        assert_eq!(run_bpf(&notify, libc::SYS_clone as u32, AUDIT_ARCH_X86_64, [libc::CLONE_NEWUSER as u64, 0, 0, 0, 0, 0]), RET_USER_NOTIF);
+        assert_eq!(probe(&notify, libc::SYS_clone3, AUDIT_ARCH_X86_64), RET_ENOSYS);
+        assert_eq!(probe(&notify, 1, 0x4000_0003), RET_ENOSYS);
+        assert_eq!(syscall_name(libc::SYS_bpf), Some("bpf"));
+        assert_eq!(syscall_name(libc::SYS_read), Some("read"));
     }
 }
