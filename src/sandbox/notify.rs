@@ -7,8 +7,14 @@
 //! server's denied syscalls `ENOSYS` itself: still refused.
 
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::time::{Duration, Instant};
 
 use crate::denials::{Denial, Layer};
+
+/// Notifications answered per second at most. A server that loops on a denied syscall waits for
+/// its answers past this rate, so that it cannot make mcpbox spend more than a sliver of a core
+/// (each answer is two ioctls and a record) on its denials.
+const MAX_PER_SECOND: u32 = 1000;
 
 /// Answers and records the notifications of `listener` for `server`, on a thread of its own.
 pub fn start(listener: OwnedFd, server: &str) {
@@ -23,7 +29,18 @@ pub fn start(listener: OwnedFd, server: &str) {
 fn serve(listener: OwnedFd, server: &str) {
     let record = crate::denials::registry().server(server, None);
     let fd = listener.as_raw_fd();
+    let (mut window, mut in_window) = (Instant::now(), 0u32);
     loop {
+        in_window += 1;
+        if in_window > MAX_PER_SECOND {
+            let spent = window.elapsed();
+            if spent < Duration::from_secs(1) {
+                std::thread::sleep(Duration::from_secs(1) - spent);
+            }
+            (window, in_window) = (Instant::now(), 1);
+        } else if window.elapsed() >= Duration::from_secs(1) {
+            (window, in_window) = (Instant::now(), 1);
+        }
         let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
         // SAFETY: one valid pollfd for the duration of the call.
         let n = unsafe { libc::poll(&mut pfd, 1, -1) };
