@@ -133,7 +133,7 @@ pub fn plan_begin(state: &StateDir, launch: &ServerLaunch) -> anyhow::Result<Beg
     let mut vars = BTreeMap::new();
     vars.insert("DATA".to_string(), dirs.data.to_string_lossy().into_owned());
     vars.insert("CACHE".to_string(), dirs.cache.to_string_lossy().into_owned());
-    let ctx = LoadContext { vars, search_dirs: state.policy_dirs.clone() };
+    let ctx = LoadContext { vars, search_dirs: state.policy_dirs.clone(), lazy: None };
     let (policy, notes) = match &launch.policy {
         PolicyRef::Named(r) => policy::load_with_notes(r, &ctx),
         PolicyRef::Inline { value, base_dir } => policy::load_inline_with_notes(value.clone(), base_dir, &ctx),

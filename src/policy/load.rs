@@ -47,6 +47,21 @@ pub struct LoadContext {
     pub vars: BTreeMap<String, String>,
     /// User policy directories, searched (in order) for bare names before the shipped policies.
     pub search_dirs: Vec<PathBuf>,
+    /// Variables worked out only when a policy uses one (the runtimes' paths, `${PYTHON_STDLIB}`
+    /// …: finding them runs the interpreter), asked after `vars`.
+    pub lazy: Option<LazyVars>,
+}
+
+/// A lookup for variables that cost something to compute. `None`: not a name it knows;
+/// `Some(Err(why))`: a name it knows that has no value on this host (the policy is refused,
+/// saying why); `Some(Ok(value))`.
+#[derive(Clone)]
+pub struct LazyVars(pub std::sync::Arc<dyn Fn(&str) -> Option<Result<String, String>> + Send + Sync>);
+
+impl std::fmt::Debug for LazyVars {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LazyVars(..)")
+    }
 }
 
 /// Names of the shipped policies, in table order.
@@ -515,8 +530,16 @@ impl<'a> Loader<'a> {
                 ));
             };
             let name = &after[..end];
-            match self.ctx.vars.get(name) {
-                Some(v) => out.push_str(v),
+            let lazy = || self.ctx.lazy.as_ref().and_then(|l| (l.0)(name));
+            match self.ctx.vars.get(name).map(|v| Ok(v.clone())).or_else(lazy) {
+                Some(Ok(v)) => out.push_str(&v),
+                Some(Err(why)) => {
+                    return Err(PolicyError::Unavailable {
+                        name: name.into(),
+                        why,
+                        loc: loc.clone(),
+                    })
+                }
                 None => {
                     return Err(PolicyError::UndefinedVar {
                         name: name.into(),

@@ -18,10 +18,10 @@ mod tests;
 
 pub use error::{Loc, PolicyError};
 pub use load::{
-    load, load_detailed, load_inline, load_inline_with_notes, load_with_notes, shipped_names, LoadContext, Loaded,
+    load, load_detailed, load_inline, load_inline_with_notes, load_with_notes, shipped_names, LazyVars, LoadContext, Loaded,
     DEFAULT_LANDLOCK_MIN_ABI, DEFAULT_LEVEL, DEFAULT_LIMITS, DEFAULT_NETWORK_MODE, SHIPPED,
 };
-pub use render::{check, render};
+pub use render::{check, check_with, render};
 pub use size::{format_size, parse_size};
 
 /// A validated, fully resolved policy: `extends` merged, `${…}` expanded, paths absolute.

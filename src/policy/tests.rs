@@ -581,3 +581,33 @@ fn check_skips_missing_data_dir_and_says_so() {
         "{e}"
     );
 }
+
+#[test]
+fn lazy_variables_expand_and_a_missing_runtime_is_named() {
+    let d = tempfile::tempdir().unwrap();
+    let mut c = ctx(d.path());
+    let asked = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let a2 = asked.clone();
+    let dir = d.path().display().to_string();
+    c.lazy = Some(LazyVars(std::sync::Arc::new(move |name: &str| {
+        a2.lock().unwrap().push(name.to_string());
+        match name {
+            "RT_HOME" => Some(Ok(dir.clone())),
+            "RT_GONE" => Some(Err("no such runtime on PATH".to_string())),
+            _ => None,
+        }
+    })));
+    let p = write(d.path(), "rt.toml", "[filesystem]\nread = [\"${RT_HOME}/data\"]\n");
+    let pol = load(p.to_str().unwrap(), &c).unwrap();
+    assert_eq!(paths(&pol.filesystem.read), vec![d.path().join("data").display().to_string()]);
+    // A policy that does not use them never asks.
+    asked.lock().unwrap().clear();
+    let p = write(d.path(), "plain.toml", "[filesystem]\nread = [\"${DATA}\"]\n");
+    load(p.to_str().unwrap(), &c).unwrap();
+    assert!(asked.lock().unwrap().is_empty());
+    let p = write(d.path(), "gone.toml", "[filesystem]\n\nexec = [\"${RT_GONE}\"]\n");
+    let e = err(&p, &c);
+    assert!(e.contains("${RT_GONE}") && e.contains("no such runtime on PATH") && e.contains("gone.toml line 3"), "{e}");
+    let p = write(d.path(), "typo.toml", "[filesystem]\nexec = [\"${RT_NOPE}\"]\n");
+    assert!(err(&p, &c).contains("undefined variable ${RT_NOPE}"));
+}
