@@ -7,6 +7,7 @@ pub mod launch;
 pub mod netproxy;
 pub mod policy;
 pub mod prepare;
+pub mod runtime;
 pub mod sandbox;
 pub mod bridge;
 pub mod config;
