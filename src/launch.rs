@@ -10,6 +10,7 @@ use std::path::{Component, Path, PathBuf};
 use anyhow::{bail, Context};
 
 use crate::policy::{self, Level, LoadContext, Network, Policy};
+use crate::runtime::{self, Runtime};
 use crate::sandbox::{Access, Grant, Link, OuterSpec, SandboxSpec};
 
 /// Which policy a server uses.
@@ -117,6 +118,9 @@ pub struct Begun {
     policy: Policy,
     notes: Vec<String>,
     outer: OuterSpec,
+    /// The runtimes the policy named (`${NODE_EXE}`, `${PYTHON_STDLIB}`, …), as they described
+    /// themselves: their linked libraries are granted too.
+    runtimes: Vec<Runtime>,
 }
 
 pub fn plan_begin(state: &StateDir, launch: &ServerLaunch) -> anyhow::Result<Begun> {
@@ -133,12 +137,19 @@ pub fn plan_begin(state: &StateDir, launch: &ServerLaunch) -> anyhow::Result<Beg
     let mut vars = BTreeMap::new();
     vars.insert("DATA".to_string(), dirs.data.to_string_lossy().into_owned());
     vars.insert("CACHE".to_string(), dirs.cache.to_string_lossy().into_owned());
-    let ctx = LoadContext { vars, search_dirs: state.policy_dirs.clone(), lazy: None };
-    let (policy, notes) = match &launch.policy {
+    // The runtime variables are the interpreter this command runs on (found only if the
+    // policy names one); the command is resolved as `finish` resolves it.
+    let lazy = runtimes_for(state, launch);
+    let ctx = LoadContext { vars, search_dirs: state.policy_dirs.clone(), lazy: Some(lazy.vars()) };
+    let (policy, mut notes) = match &launch.policy {
         PolicyRef::Named(r) => policy::load_with_notes(r, &ctx),
         PolicyRef::Inline { value, base_dir } => policy::load_inline_with_notes(value.clone(), base_dir, &ctx),
     }
     .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let runtimes = lazy.used();
+    for r in &runtimes {
+        notes.push(format!("runtime {}", r.describe()));
+    }
     let outer = OuterSpec {
         name: launch.name.clone(),
         network: policy.network.clone(),
@@ -152,7 +163,34 @@ pub fn plan_begin(state: &StateDir, launch: &ServerLaunch) -> anyhow::Result<Beg
         // Filled in by whoever starts sandbox-init (a forked one finds it itself).
         cgroup_layout: None,
     };
-    Ok(Begun { dirs, policy, notes, outer })
+    Ok(Begun { dirs, policy, notes, outer, runtimes })
+}
+
+/// `mcpbox policy check`: the effective policy with the runtime variables filled in for
+/// `command` (as a server with that command would get them; None: node/python3 on the sandbox's
+/// PATH), and a comment line per runtime saying what it resolved to.
+pub fn check_policy(reference: &str, data: Option<&Path>, cache: Option<&Path>, command: Option<&str>) -> anyhow::Result<String> {
+    let state = StateDir::new(StateDir::default_root());
+    let launch = ServerLaunch { name: "check".into(), command: command.unwrap_or("").into(), args: vec![], env: BTreeMap::new(), policy: PolicyRef::Named(reference.into()) };
+    if let Some(c) = command {
+        resolve_command(c, DEFAULT_PATH)?;
+    }
+    let lazy = runtimes_for(&state, &launch);
+    let text = policy::check_with(reference, data, cache, Some(lazy.vars())).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let runtimes: String = lazy.used().iter().map(|r| format!("# runtime {}\n", r.describe())).collect();
+    // After the header comments, before the policy itself.
+    Ok(match text.split_once("\n\n") {
+        Some((head, rest)) => format!("{head}\n{runtimes}\n{rest}"),
+        None => format!("{runtimes}{text}"),
+    })
+}
+
+/// The runtimes a launch's policy may name: the interpreter its command resolves to (a
+/// virtualenv's `bin/python` leads to the interpreter it was built on), else `node`/`python3`
+/// on the sandbox's PATH. Nothing under the state dir is ever run to find them.
+pub fn runtimes_for(state: &StateDir, launch: &ServerLaunch) -> runtime::Lazy {
+    let command_real = resolve_command(&launch.command, DEFAULT_PATH).ok().and_then(|p| resolve(&p).ok()).map(|(r, _)| r);
+    runtime::Lazy::new(command_real, DEFAULT_PATH, &state.root)
 }
 
 impl Begun {
@@ -163,7 +201,7 @@ impl Begun {
 
     /// The second half of planning: grants, environment, command; the whole spec.
     pub fn finish(self, launch: &ServerLaunch, extra: &Extra) -> anyhow::Result<Planned> {
-        let Begun { dirs, policy, mut notes, outer } = self;
+        let Begun { dirs, policy, mut notes, outer, runtimes } = self;
         notes.extend(extra.notes.iter().cloned());
         // Grants: symlinks resolved (links recreated inside), strongest access per path, and
         // nothing that a broader grant already covers with at least the same rights.
@@ -182,7 +220,11 @@ impl Begun {
                 links.append(&mut l);
             }
         }
-        for (path, access) in &extra.grants {
+        // The libraries the runtimes mapped at start: each file, read and exec (most lie in the
+        // system library directory the default policy grants, and are dropped below as covered).
+        let runtime_libs = runtimes.iter().flat_map(|r| r.libs.iter().map(|l| (l.clone(), Access::Exec)));
+        for (path, access) in extra.grants.iter().cloned().chain(runtime_libs) {
+            let (path, access) = (&path, &access);
             let (real, mut l) = resolve(path).with_context(|| format!("granting {}", path.display()))?;
             let dir = fs::metadata(&real).map(|m| m.is_dir()).unwrap_or(false);
             let e = want.entry(real).or_insert((*access, dir));

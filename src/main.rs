@@ -126,6 +126,11 @@ enum PolicyCmd {
         /// What ${CACHE} expands to (default: a placeholder, as for --data).
         #[arg(long)]
         cache: Option<PathBuf>,
+        /// The server's command: the runtime variables (${NODE_EXE}, ${PYTHON_STDLIB}, …) are
+        /// filled in for the interpreter it resolves to (default: node/python3 on the
+        /// sandbox's PATH).
+        #[arg(long)]
+        command: Option<String>,
     },
 }
 
@@ -155,14 +160,14 @@ fn main() -> ExitCode {
             init_logging("warn,mcpbox::prepare=info", false);
             mcpbox::cli_run::run(mcpbox::cli_run::RunArgs { policy, state_dir, name, min_level: min_level.into(), command }, early)
         }
-        Cmd::Policy { cmd: PolicyCmd::Check { file, data, cache } } => {
-            match mcpbox::policy::check(&file, data.as_deref(), cache.as_deref()) {
+        Cmd::Policy { cmd: PolicyCmd::Check { file, data, cache, command } } => {
+            match mcpbox::launch::check_policy(&file, data.as_deref(), cache.as_deref(), command.as_deref()) {
                 Ok(text) => {
                     print!("{text}");
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
-                    eprintln!("mcpbox: policy check {file}: {e}");
+                    eprintln!("mcpbox: policy check {file}: {e:#}");
                     ExitCode::FAILURE
                 }
             }

@@ -119,7 +119,8 @@ impl Runtime {
     /// One line for `policy check` and `doctor`.
     pub fn describe(&self) -> String {
         let vars: Vec<String> = self.vars.iter().map(|(k, v)| format!("{k}={}", v.display())).collect();
-        format!("{} {} at {}: {}", self.kind, self.version, self.exe.display(), vars.join(" "))
+        let libs: Vec<String> = self.libs.iter().map(|l| l.display().to_string()).collect();
+        format!("{} {} at {}: {}; links {}", self.kind, self.version, self.exe.display(), vars.join(" "), if libs.is_empty() { "nothing".into() } else { libs.join(" ") })
     }
 }
 

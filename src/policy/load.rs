@@ -166,6 +166,8 @@ struct Rule {
     path: PathBuf,
     optional: bool,
     loc: Loc,
+    /// The lazily computed variable (a runtime's path) this path came from, if any.
+    lazy_var: Option<String>,
 }
 
 /// One file's contribution (already expanded), or the merge of several.
@@ -383,10 +385,12 @@ impl<'a> Loader<'a> {
                     let expanded = self.expand(&rp.path, &loc)?;
                     let path =
                         normalise(&expanded).map_err(|m| PolicyError::invalid(m, loc.clone()))?;
+                    let lazy_var = rp.path.split("${").skip(1).filter_map(|r| r.split_once('}')).map(|(n, _)| n).find(|n| !self.ctx.vars.contains_key(*n)).map(str::to_string);
                     Ok(Rule {
                         path,
                         optional: rp.optional,
                         loc,
+                        lazy_var,
                     })
                 })
                 .collect()
@@ -677,6 +681,16 @@ impl<'a> Loader<'a> {
                     r.path.display(),
                     r.loc
                 )),
+                Ok(false) if r.lazy_var.is_some() => {
+                    return Err(PolicyError::invalid(
+                        format!(
+                            "runtime path {} (${{{}}}) does not exist: the runtime cannot work without it, so the server is not started; reinstall the runtime or run the server on another",
+                            r.path.display(),
+                            r.lazy_var.as_deref().unwrap_or_default()
+                        ),
+                        r.loc,
+                    ))
+                }
                 Ok(false) => {
                     return Err(PolicyError::MissingPath {
                         path: r.path,
