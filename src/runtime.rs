@@ -157,7 +157,7 @@ pub fn describe(kind: Kind, exe: &Path, untrusted_root: &Path) -> Result<Runtime
     if let Some(r) = seen.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
         return Ok(r.clone());
     }
-    let out = probe(kind, exe)?;
+    let out = probe(kind, exe, &meta)?;
     let r = match kind {
         Kind::Python => from_python(exe, &out)?,
         Kind::Node => from_node(exe, &out)?,
@@ -183,10 +183,13 @@ fn check_trusted(kind: Kind, exe: &Path, untrusted_root: &Path) -> Result<std::f
     if !meta.is_file() || meta.mode() & 0o111 == 0 {
         return Err(bad("is not an executable file".into()));
     }
+    // A runtime a user installed in their home (nvm, pyenv) belongs to that user: it is run as
+    // them (see `probe`), and besides root and mcpbox's user only they may own the way to it.
+    let owner = meta.uid();
     for p in exe.ancestors() {
         let m = std::fs::metadata(p).map_err(|e| bad(format!("{}: {e}", p.display())))?;
-        if m.uid() != 0 && m.uid() != me {
-            return Err(bad(format!("{} belongs to uid {}: only root or mcpbox's own user may own the runtime and the directories above it", p.display(), m.uid())));
+        if m.uid() != 0 && m.uid() != me && m.uid() != owner {
+            return Err(bad(format!("{} belongs to uid {}: only root, mcpbox's own user or the runtime's owner may own the runtime and the directories above it", p.display(), m.uid())));
         }
         let sticky = m.is_dir() && m.mode() & 0o1000 != 0;
         if m.mode() & 0o022 != 0 && !sticky {
@@ -221,8 +224,10 @@ console.log(JSON.stringify({ version: process.version, maps: [...maps].sort() })
 /// How long an interpreter may take to describe itself (a cold start on a busy disk).
 const PROBE_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// Run the interpreter on its probe program with an empty environment; its stdout.
-fn probe(kind: Kind, exe: &Path) -> Result<String, RuntimeError> {
+/// Run the interpreter on its probe program with an empty environment; its stdout. A binary
+/// that belongs to another user than mcpbox's (and not to root) runs as that user: mcpbox as
+/// root never runs code a user could have changed with root's rights.
+fn probe(kind: Kind, exe: &Path, meta: &std::fs::Metadata) -> Result<String, RuntimeError> {
     let fail = |why: String| RuntimeError::Probe { kind, path: exe.to_path_buf(), why };
     let mut cmd = Command::new(exe);
     match kind {
@@ -230,6 +235,15 @@ fn probe(kind: Kind, exe: &Path) -> Result<String, RuntimeError> {
         Kind::Node => cmd.args(["-e", NODE_PROBE]),
     };
     cmd.env_clear().env("PATH", "/usr/bin:/bin").env("LANG", "C.UTF-8").current_dir("/");
+    let me = nix::unistd::geteuid().as_raw();
+    if meta.uid() != 0 && meta.uid() != me {
+        if me != 0 {
+            return Err(fail(format!("it belongs to uid {}, and mcpbox (uid {me}) runs only its own or root's binaries", meta.uid())));
+        }
+        // std drops the supplementary groups too when root sets the uid.
+        std::os::unix::process::CommandExt::uid(&mut cmd, meta.uid());
+        std::os::unix::process::CommandExt::gid(&mut cmd, meta.gid());
+    }
     let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().map_err(|e| fail(format!("cannot start it: {e}")))?;
     let (mut out, mut err) = (child.stdout.take().expect("piped"), child.stderr.take().expect("piped"));
     let reader = std::thread::spawn(move || {
