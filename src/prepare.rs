@@ -180,6 +180,12 @@ pub struct Prepared {
     /// What the run phase executes: `interpreter entry ARGS…`.
     pub interpreter: PathBuf,
     pub entry: PathBuf,
+    /// The runtime the package was installed for, every symlink resolved: the node that ran
+    /// npm, the python uv built the virtualenv on. The run phase runs on it (the runtime base
+    /// policy is filled in from it); a record without one, or whose interpreter no longer
+    /// leads to it, is prepared again.
+    #[serde(default)]
+    pub runtime: Option<PathBuf>,
     /// Seconds since the epoch.
     pub prepared_at: u64,
 }
@@ -211,6 +217,12 @@ fn check_record(cache: &Path, p: &Prepared) -> anyhow::Result<()> {
     let entry = launch::resolve(&p.entry)?.0;
     if !interp_ok || !entry.starts_with(&tree) || !entry.is_file() {
         bail!("{} does not describe an installed package", cache.join(RECORD).display());
+    }
+    // The interpreter (for uv, the virtualenv's python, a link the prepare sandbox wrote) must
+    // still lead to the runtime it was prepared on.
+    let runs_on = launch::resolve(&p.interpreter)?.0;
+    if p.runtime.as_deref() != Some(runs_on.as_path()) {
+        bail!("{} was prepared on {}, but {} now leads to {}; prepare again", cache.join(RECORD).display(), p.runtime.as_deref().map(|r| r.display().to_string()).unwrap_or_else(|| "an unrecorded runtime".into()), p.interpreter.display(), runs_on.display());
     }
     Ok(())
 }
@@ -528,7 +540,8 @@ fn prepare_npm(state: &StateDir, name: &str, dirs: &ServerDirs, pkg: &Package) -
                 bail!("package {dep}: bin {rel} is not a file inside the package");
             }
             let version = pj.get("version").and_then(|v| v.as_str()).unwrap_or("?").to_string();
-            return Ok(Prepared { request: pkg.clone(), package: dep.clone(), version, interpreter: node, entry, prepared_at: now() });
+            let runtime = Some(launch::resolve(&node)?.0);
+            return Ok(Prepared { request: pkg.clone(), package: dep.clone(), version, interpreter: node, entry, runtime, prepared_at: now() });
         }
     }
     match want_bin {
@@ -596,7 +609,13 @@ fn prepare_uv(state: &StateDir, name: &str, dirs: &ServerDirs, pkg: &Package) ->
             }
         }
     }
-    Ok(Prepared { request: pkg.clone(), package: dist, version, interpreter: venv_dir.join("bin/python"), entry, prepared_at: now() })
+    // uv was told to build on `python`; the virtualenv's python must lead there.
+    let runtime = launch::resolve(&python)?.0;
+    let built_on = launch::resolve(&venv_dir.join("bin/python"))?.0;
+    if built_on != runtime {
+        bail!("uv built the virtualenv on {}, not on {} as asked", built_on.display(), runtime.display());
+    }
+    Ok(Prepared { request: pkg.clone(), package: dist, version, interpreter: venv_dir.join("bin/python"), entry, runtime: Some(runtime), prepared_at: now() })
 }
 
 fn now() -> u64 {
@@ -849,7 +868,12 @@ mod tests {
         let pkg = parse("npx", &v(&["-y", "x@1", "--flag"])).unwrap().unwrap();
         let launch = ServerLaunch { name: "srv".into(), command: "npx".into(), args: v(&["-y", "x@1", "--flag"]), env: BTreeMap::new(), policy: PolicyRef::Named("default".into()) };
         assert!(for_run(&state, &launch, false).unwrap().is_err(), "not prepared yet");
-        let rec = Prepared { request: pkg, package: "x".into(), version: "1".into(), interpreter: node.clone(), entry: pkg_dir.join("bin.js"), prepared_at: 0 };
+        let runtime = Some(launch::resolve(&node).unwrap().0);
+        // A record without the runtime it was prepared on is prepared again.
+        let old = Prepared { request: pkg.clone(), package: "x".into(), version: "1".into(), interpreter: node.clone(), entry: pkg_dir.join("bin.js"), runtime: None, prepared_at: 0 };
+        std::fs::write(cache.join(RECORD), serde_json::to_string(&old).unwrap()).unwrap();
+        assert!(for_run(&state, &launch, false).unwrap().is_err(), "a record without its runtime");
+        let rec = Prepared { runtime, ..old };
         std::fs::write(cache.join(RECORD), serde_json::to_string(&rec).unwrap()).unwrap();
         let (l, extra) = for_run(&state, &launch, false).unwrap().unwrap();
         assert_eq!(l.command, node.to_string_lossy());
