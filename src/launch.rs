@@ -119,8 +119,13 @@ pub struct Begun {
     notes: Vec<String>,
     outer: OuterSpec,
     /// The runtimes the policy named (`${NODE_EXE}`, `${PYTHON_STDLIB}`, …), as they described
-    /// themselves: their linked libraries are granted too.
-    runtimes: Vec<Runtime>,
+    /// themselves: their linked libraries are granted too, and the names they are called by.
+    runtimes: RuntimesUsed,
+}
+
+struct RuntimesUsed {
+    found: Vec<Runtime>,
+    commands: Vec<PathBuf>,
 }
 
 pub fn plan_begin(state: &StateDir, launch: &ServerLaunch) -> anyhow::Result<Begun> {
@@ -146,8 +151,8 @@ pub fn plan_begin(state: &StateDir, launch: &ServerLaunch) -> anyhow::Result<Beg
         PolicyRef::Inline { value, base_dir } => policy::load_inline_with_notes(value.clone(), base_dir, &ctx),
     }
     .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let runtimes = lazy.used();
-    for r in &runtimes {
+    let runtimes = RuntimesUsed { found: lazy.used(), commands: lazy.commands() };
+    for r in &runtimes.found {
         notes.push(format!("runtime {}", r.describe()));
     }
     let outer = OuterSpec {
@@ -222,7 +227,8 @@ impl Begun {
         }
         // The libraries the runtimes mapped at start: each file, read and exec (most lie in the
         // system library directory the default policy grants, and are dropped below as covered).
-        let runtime_libs = runtimes.iter().flat_map(|r| r.libs.iter().map(|l| (l.clone(), Access::Exec)));
+        let runtime_libs = runtimes.found.iter().flat_map(|r| r.libs.iter().map(|l| (l.clone(), Access::Exec)));
+        let runtime_libs = runtime_libs.chain(runtimes.commands.iter().map(|c| (c.clone(), Access::Exec)));
         for (path, access) in extra.grants.iter().cloned().chain(runtime_libs) {
             let (path, access) = (&path, &access);
             let (real, mut l) = resolve(path).with_context(|| format!("granting {}", path.display()))?;

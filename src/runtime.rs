@@ -140,10 +140,15 @@ pub fn discover(kind: Kind, command_real: Option<&Path>, search_path: &str, untr
 
 /// The first executable `cmd` on `search_path`, every symlink resolved.
 fn which(cmd: &str, search_path: &str) -> Option<PathBuf> {
+    which_as_found(cmd, search_path).and_then(|c| std::fs::canonicalize(c).ok())
+}
+
+/// The first executable `cmd` on `search_path`, as found (`/usr/bin/python3`, often a link).
+fn which_as_found(cmd: &str, search_path: &str) -> Option<PathBuf> {
     search_path.split(':').filter(|d| d.starts_with('/')).find_map(|d| {
         let c = Path::new(d).join(cmd);
         let m = std::fs::metadata(&c).ok()?;
-        (m.is_file() && m.mode() & 0o111 != 0).then(|| std::fs::canonicalize(&c).ok()).flatten()
+        (m.is_file() && m.mode() & 0o111 != 0).then_some(c)
     })
 }
 
@@ -440,6 +445,20 @@ impl Lazy {
     /// The runtimes the policy used (those found; failures were already errors).
     pub fn used(&self) -> Vec<Runtime> {
         self.found.lock().unwrap_or_else(|e| e.into_inner()).values().filter_map(|r| r.as_ref().ok().cloned()).collect()
+    }
+
+    /// The names programs call the used runtimes by: `node`/`python3` on the sandbox's PATH
+    /// when that is the same binary (usually a link, such as /usr/bin/python3 -> python3.11,
+    /// which the sandbox then recreates: uv, build backends and `#!/usr/bin/env python3`
+    /// scripts find the interpreter under its usual name).
+    pub fn commands(&self) -> Vec<PathBuf> {
+        self.used()
+            .iter()
+            .filter_map(|r| {
+                let c = which_as_found(r.kind.default_command(), &self.search_path)?;
+                (std::fs::canonicalize(&c).ok()? == r.exe && c != r.exe).then_some(c)
+            })
+            .collect()
     }
 }
 
