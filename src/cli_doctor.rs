@@ -87,7 +87,8 @@ pub fn doctor(state_dir: Option<std::path::PathBuf>) -> ExitCode {
 fn runtimes() {
     use crate::launch::DEFAULT_PATH;
     use crate::runtime::{self, Kind};
-    println!("\n  runtimes (the `node`/`python` policy bases; found on the sandbox's PATH {DEFAULT_PATH}):");
+    println!("\n  runtimes (the `node`/`python` policy bases, for servers whose command is not an interpreter;");
+    println!("  MCPBOX_NODE / MCPBOX_PYTHON if set, else found on the sandbox's PATH {DEFAULT_PATH}):");
     // No state dir exists here yet: nothing is excluded for lying under it.
     let no_state = std::path::Path::new("/nonexistent/mcpbox-doctor-state");
     for kind in Kind::ALL {

@@ -57,6 +57,14 @@ impl Kind {
         }
     }
 
+    /// The environment variable naming the interpreter to use instead of the PATH's.
+    pub fn env_var(self) -> &'static str {
+        match self {
+            Kind::Node => "MCPBOX_NODE",
+            Kind::Python => "MCPBOX_PYTHON",
+        }
+    }
+
     /// The prefix of the policy variables this runtime fills in.
     fn var_prefix(self) -> &'static str {
         match self {
@@ -92,7 +100,7 @@ impl std::fmt::Display for Kind {
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum RuntimeError {
-    #[error("no {kind} runtime: `{command}` is not on the sandbox's PATH ({path}); install it there, or run the server with the interpreter's absolute path as its command")]
+    #[error("no {kind} runtime: `{command}` is not on the sandbox's PATH ({path}); install it there, name it in {}, or run the server with the interpreter's absolute path as its command", kind.env_var())]
     NotFound { kind: Kind, command: String, path: String },
     #[error("{kind} runtime {path}: {why}")]
     Untrusted { kind: Kind, path: PathBuf, why: String },
@@ -131,16 +139,26 @@ pub fn discover(kind: Kind, command_real: Option<&Path>, search_path: &str, untr
     let exe = match command_real.filter(|c| c.file_name().and_then(|n| n.to_str()).is_some_and(|n| kind.matches_name(n))) {
         Some(c) => c.to_path_buf(),
         None => {
-            let cmd = kind.default_command();
-            which(cmd, search_path).ok_or_else(|| RuntimeError::NotFound { kind, command: cmd.into(), path: search_path.into() })?
+            let found = default_interpreter(kind, search_path)?;
+            std::fs::canonicalize(&found).map_err(|e| RuntimeError::Probe { kind, path: found, why: e.to_string() })?
         }
     };
     describe(kind, &exe, untrusted_root)
 }
 
-/// The first executable `cmd` on `search_path`, every symlink resolved.
-fn which(cmd: &str, search_path: &str) -> Option<PathBuf> {
-    which_as_found(cmd, search_path).and_then(|c| std::fs::canonicalize(c).ok())
+/// The interpreter servers of this kind run on unless their command names one, as found (not
+/// resolved): `MCPBOX_NODE` / `MCPBOX_PYTHON` from mcpbox's environment (an absolute path), else
+/// `node` / `python3` on `search_path`. npx/uvx servers are prepared on it.
+pub fn default_interpreter(kind: Kind, search_path: &str) -> Result<PathBuf, RuntimeError> {
+    if let Some(v) = std::env::var_os(kind.env_var()).filter(|v| !v.is_empty()) {
+        let p = PathBuf::from(v);
+        if !p.is_absolute() || !p.is_file() {
+            return Err(RuntimeError::Untrusted { kind, path: p, why: format!("({} in mcpbox's environment) is not an absolute path to a file", kind.env_var()) });
+        }
+        return Ok(p);
+    }
+    let cmd = kind.default_command();
+    which_as_found(cmd, search_path).ok_or_else(|| RuntimeError::NotFound { kind, command: cmd.into(), path: search_path.into() })
 }
 
 /// The first executable `cmd` on `search_path`, as found (`/usr/bin/python3`, often a link).
@@ -455,7 +473,7 @@ impl Lazy {
         self.used()
             .iter()
             .filter_map(|r| {
-                let c = which_as_found(r.kind.default_command(), &self.search_path)?;
+                let c = default_interpreter(r.kind, &self.search_path).ok()?;
                 (std::fs::canonicalize(&c).ok()? == r.exe && c != r.exe).then_some(c)
             })
             .collect()
