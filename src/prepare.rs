@@ -212,7 +212,8 @@ fn check_record(cache: &Path, p: &Prepared) -> anyhow::Result<()> {
     let cache_real = launch::resolve(cache)?.0;
     let (tree, interp_ok) = match p.request.manager {
         Manager::Npm => (npm_prefix(&cache_real), p.interpreter == find_node()?),
-        Manager::Uv => (venv(&cache_real), p.interpreter == venv(cache).join("bin/python")),
+        // A virtualenv built on another python than the one chosen now is built again.
+        Manager::Uv => (venv(&cache_real), p.interpreter == venv(cache).join("bin/python") && p.runtime == Some(launch::resolve(&find_python()?)?.0)),
     };
     let entry = launch::resolve(&p.entry)?.0;
     if !interp_ok || !entry.starts_with(&tree) || !entry.is_file() {
@@ -239,8 +240,15 @@ fn read_inside(base: &Path, rel: &Path) -> anyhow::Result<String> {
     Ok(s)
 }
 
+/// The node npx servers are prepared and run on: `MCPBOX_NODE`, else `node` on the sandbox's PATH.
 fn find_node() -> anyhow::Result<PathBuf> {
-    launch::resolve_command("node", DEFAULT_PATH).context("npx servers need node on PATH (/usr/local/bin:/usr/bin:/bin)")
+    crate::runtime::default_interpreter(crate::runtime::Kind::Node, DEFAULT_PATH).context("npx servers need node")
+}
+
+/// The python uvx servers' virtualenvs are built on: `MCPBOX_PYTHON`, else `python3` on the
+/// sandbox's PATH.
+fn find_python() -> anyhow::Result<PathBuf> {
+    crate::runtime::default_interpreter(crate::runtime::Kind::Python, DEFAULT_PATH).context("uvx servers need python3")
 }
 
 /// npm's CLI script and the npm package directory it lives in.
@@ -552,7 +560,7 @@ fn prepare_npm(state: &StateDir, name: &str, dirs: &ServerDirs, pkg: &Package) -
 
 fn prepare_uv(state: &StateDir, name: &str, dirs: &ServerDirs, pkg: &Package) -> anyhow::Result<Prepared> {
     let uv = stage_for_others(state, &find_uv()?)?;
-    let python = launch::resolve_command("python3", DEFAULT_PATH).context("uvx servers need python3")?;
+    let python = find_python()?;
     let mut extra = Extra::default();
     extra.grants.push((uv.clone(), Access::Exec));
     passed_env(PASS_UV, &mut extra);
