@@ -30,11 +30,15 @@ fn node_lts_home() -> PathBuf {
 /// `mcpbox run` of `command`, driven over stdio: initialize, initialized, tools/call `tool`;
 /// returns the answer to the call and mcpbox's stderr.
 fn call_over_stdio(policy: &Path, name: &str, command: &[&str], tool: &str, args: Value) -> (Value, String) {
+    call_over_stdio_env(policy, name, command, tool, args, &[])
+}
+
+fn call_over_stdio_env(policy: &Path, name: &str, command: &[&str], tool: &str, args: Value, env: &[(&str, &str)]) -> (Value, String) {
     let s = shared();
     let mut cmd = Command::new(mcpbox());
     cmd.args(["run", "--policy"]).arg(policy).arg("--state-dir").arg(&s.state).args(["--name", name, "--"]).args(command);
     test_env(&mut cmd);
-    cmd.env("MCPBOX_LOG", "info");
+    cmd.env("MCPBOX_LOG", "info").envs(env.iter().copied());
     let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     let mut stdin = child.stdin.take().unwrap();
     let stdout = child.stdout.take().unwrap();
@@ -55,7 +59,8 @@ fn call_over_stdio(policy: &Path, name: &str, command: &[&str], tool: &str, args
         let _ = stdin.flush();
     };
     let wait_for = |id: i64| -> Option<Value> {
-        let deadline = std::time::Instant::now() + Duration::from_secs(90);
+        // The first start of an npx/uvx server prepares it from the registry.
+        let deadline = std::time::Instant::now() + Duration::from_secs(300);
         while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
             match rx.recv_timeout(left) {
                 Ok(v) if v["id"] == json!(id) => return Some(v),
@@ -177,6 +182,27 @@ fn relocated_python_and_a_uv_virtualenv_on_it_run_a_server() {
     let (answer, err) = call_over_stdio(&pol, &unique("reloc"), &[py.to_str().unwrap(), copy.to_str().unwrap()], "echo", json!({"text": "relocated ok"}));
     assert_eq!(text_of(&answer), "relocated ok", "tools/call echo: {answer}\n{err}");
     assert!(err.contains(&"runtime python") && err.contains(&stdlib), "{err}");
+}
+
+/// A real uvx server prepared on the relocated CPython (`MCPBOX_PYTHON`): uv builds its
+/// virtualenv there, the record names that runtime, and the run phase's python base grants its
+/// tree and nothing of /usr/lib/python3*.
+#[test]
+fn a_uvx_server_is_prepared_and_runs_on_the_python_mcpbox_is_told_to_use() {
+    assert!(is_root(), "tests/runtimes.rs runs as root (scripts/test.sh)");
+    let reloc = installed("/opt/mcpbox-python");
+    let py = reloc.join("bin/python3");
+    let real = std::fs::canonicalize(&py).unwrap();
+    let name = unique("uvx-reloc");
+    let pol = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/mcp-server-time.toml");
+    let (answer, err) = call_over_stdio_env(&pol, &name, &["uvx", "mcp-server-time", "--local-timezone", "UTC"], "get_current_time", json!({"timezone": "Asia/Tokyo"}), &[("MCPBOX_PYTHON", py.to_str().unwrap())]);
+    let text = text_of(&answer);
+    assert!(text.contains("Asia/Tokyo") && text.contains("+09:00"), "get_current_time: {answer}\n{err}");
+    let record: Value = serde_json::from_str(&std::fs::read_to_string(shared().state.join(&name).join("cache/prepared.json")).unwrap()).unwrap();
+    assert_eq!(record["runtime"], json!(real), "{record}");
+    let stdlib = format!("PYTHON_STDLIB={}/lib/python3.", reloc.display());
+    assert!(err.contains(&"runtime python") && err.contains(&stdlib), "{err}");
+    assert!(!err.contains("PYTHON_STDLIB=/usr/lib/python3"), "{err}");
 }
 
 /// A runtime base whose essential path did not resolve refuses to start the server, naming the
