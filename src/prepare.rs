@@ -133,7 +133,7 @@ fn parse_uvx(args: &[String]) -> anyhow::Result<Package> {
                 if a == "--from" { from = Some(v) } else { with.push(v) }
                 i += 2;
             }
-            "-p" | "--python" => bail!("uvx {a}: mcpbox uses the system Python (no interpreter downloads); drop the option"),
+            "-p" | "--python" => bail!("uvx {a}: mcpbox builds on the python it is told to use (MCPBOX_PYTHON, else python3 on the sandbox's PATH; no interpreter downloads); drop the option"),
             "--" => {
                 i += 1;
                 break;
