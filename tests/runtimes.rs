@@ -139,13 +139,13 @@ fn everything_on(node: &Path, tree: &Path, name: &str) {
     let entry = crate::serve_support::everything_entry();
     let pol = write_policy(d.path(), name, &format!("extends = \"server-everything\"\n[filesystem]\nread = [\"{}\"]\n", modules.display()));
     let (text, paths) = check(&pol, node);
-    assert!(text.contains(&"# runtime node v24.") && text.contains(&format!("NODE_EXE={}", node.display())), "{text}");
+    assert!(text.contains("# runtime node v24.") && text.contains(&format!("NODE_EXE={}", node.display())), "{text}");
     assert_only_runtime_tree(&paths, tree, &[&modules], &text);
 
     let (answer, err) = call_over_stdio(&pol, &unique(name), &[node.to_str().unwrap(), entry.to_str().unwrap(), "stdio"], "echo", json!({"message": "hello from the LTS"}));
     assert!(text_of(&answer).contains("hello from the LTS"), "tools/call echo: {answer}\n{err}");
     // The node that answered is the one found, not /usr/bin/node.
-    assert!(err.contains(&"runtime node v24") && err.contains(&node.display().to_string()), "{err}");
+    assert!(err.contains("runtime node v24") && err.contains(&node.display().to_string()), "{err}");
 }
 
 #[test]
@@ -181,7 +181,7 @@ fn relocated_python_and_a_uv_virtualenv_on_it_run_a_server() {
 
     let (answer, err) = call_over_stdio(&pol, &unique("reloc"), &[py.to_str().unwrap(), copy.to_str().unwrap()], "echo", json!({"text": "relocated ok"}));
     assert_eq!(text_of(&answer), "relocated ok", "tools/call echo: {answer}\n{err}");
-    assert!(err.contains(&"runtime python") && err.contains(&stdlib), "{err}");
+    assert!(err.contains("runtime python") && err.contains(&stdlib), "{err}");
 }
 
 /// A real uvx server prepared on the relocated CPython (`MCPBOX_PYTHON`): uv builds its
@@ -201,7 +201,7 @@ fn a_uvx_server_is_prepared_and_runs_on_the_python_mcpbox_is_told_to_use() {
     let record: Value = serde_json::from_str(&std::fs::read_to_string(shared().state.join(&name).join("cache/prepared.json")).unwrap()).unwrap();
     assert_eq!(record["runtime"], json!(real), "{record}");
     let stdlib = format!("PYTHON_STDLIB={}/lib/python3.", reloc.display());
-    assert!(err.contains(&"runtime python") && err.contains(&stdlib), "{err}");
+    assert!(err.contains("runtime python") && err.contains(&stdlib), "{err}");
     assert!(!err.contains("PYTHON_STDLIB=/usr/lib/python3"), "{err}");
 }
 

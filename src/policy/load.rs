@@ -56,7 +56,10 @@ pub struct LoadContext {
 /// `Some(Err(why))`: a name it knows that has no value on this host (the policy is refused,
 /// saying why); `Some(Ok(value))`.
 #[derive(Clone)]
-pub struct LazyVars(pub std::sync::Arc<dyn Fn(&str) -> Option<Result<String, String>> + Send + Sync>);
+pub struct LazyVars(pub std::sync::Arc<LazyFn>);
+
+/// See [`LazyVars`].
+pub type LazyFn = dyn Fn(&str) -> Option<Result<String, String>> + Send + Sync;
 
 impl std::fmt::Debug for LazyVars {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
