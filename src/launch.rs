@@ -143,7 +143,7 @@ pub fn plan_begin(state: &StateDir, launch: &ServerLaunch) -> anyhow::Result<Beg
     vars.insert("DATA".to_string(), dirs.data.to_string_lossy().into_owned());
     vars.insert("CACHE".to_string(), dirs.cache.to_string_lossy().into_owned());
     // The runtime variables are the interpreter this command runs on (found only if the
-    // policy names one); the command is resolved as `finish` resolves it.
+    // policy names one); a bare command is looked up on the sandbox's default PATH.
     let lazy = runtimes_for(state, launch);
     let ctx = LoadContext { vars, search_dirs: state.policy_dirs.clone(), lazy: Some(lazy.vars()) };
     let (policy, mut notes) = match &launch.policy {

@@ -80,7 +80,8 @@ impl Kind {
             Kind::Node => file_name == "node" || file_name == "nodejs",
             Kind::Python => {
                 let Some(v) = file_name.strip_prefix("python") else { return false };
-                let v = v.strip_suffix('t').unwrap_or(v);
+                // A free-threaded build: python3.13t.
+                let v = v.strip_suffix('t').filter(|r| !r.is_empty()).unwrap_or(v);
                 v.is_empty() || v.split('.').all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_digit()))
             }
         }
@@ -489,7 +490,7 @@ mod tests {
         for n in ["python", "python3", "python3.11", "python3.13t"] {
             assert!(Kind::Python.matches_name(n), "{n}");
         }
-        for n in ["python3-config", "pythonx", "python3.", "perl", "python3.11.bak", "node"] {
+        for n in ["python3-config", "pythonx", "pythont", "python3.", "perl", "python3.11.bak", "node"] {
             assert!(!Kind::Python.matches_name(n), "{n}");
         }
         assert!(Kind::Node.matches_name("node") && Kind::Node.matches_name("nodejs") && !Kind::Node.matches_name("node.sh"));
