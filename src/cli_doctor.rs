@@ -90,7 +90,7 @@ fn runtimes() {
     println!("\n  runtimes (the `node`/`python` policy bases, for servers whose command is not an interpreter;");
     println!("  MCPBOX_NODE / MCPBOX_PYTHON if set, else found on the sandbox's PATH {DEFAULT_PATH}):");
     // No state dir exists here yet: nothing is excluded for lying under it.
-    let no_state = std::path::Path::new("/nonexistent/mcpbox-doctor-state");
+    let no_state = &runtime::Untrusted::dir(std::path::Path::new("/nonexistent/mcpbox-doctor-state"));
     for kind in Kind::ALL {
         let found = runtime::discover(kind, None, DEFAULT_PATH, no_state);
         match &found {

@@ -195,7 +195,8 @@ pub fn check_policy(reference: &str, data: Option<&Path>, cache: Option<&Path>, 
 /// on the sandbox's PATH. Nothing under the state dir is ever run to find them.
 pub fn runtimes_for(state: &StateDir, launch: &ServerLaunch) -> runtime::Lazy {
     let command_real = resolve_command(&launch.command, DEFAULT_PATH).ok().and_then(|p| resolve(&p).ok()).map(|(r, _)| r);
-    runtime::Lazy::new(command_real, DEFAULT_PATH, &state.root)
+    let uids = if nix::unistd::geteuid().is_root() { state.uid_base..state.uid_base.saturating_add(state.uid_count) } else { 0..0 };
+    runtime::Lazy::new(command_real, DEFAULT_PATH, runtime::Untrusted { root: state.root.clone(), uids })
 }
 
 impl Begun {

@@ -843,7 +843,7 @@ mod tests {
         let (data, cache) = (d.path().join("data"), d.path().join("cache"));
         std::fs::create_dir_all(&data).unwrap();
         std::fs::create_dir_all(&cache).unwrap();
-        let mut ctx = LoadContext { lazy: Some(crate::runtime::Lazy::new(None, DEFAULT_PATH, d.path()).vars()), ..LoadContext::default() };
+        let mut ctx = LoadContext { lazy: Some(crate::runtime::Lazy::new(None, DEFAULT_PATH, crate::runtime::Untrusted::dir(d.path())).vars()), ..LoadContext::default() };
         ctx.vars.insert("DATA".into(), data.to_string_lossy().into_owned());
         ctx.vars.insert("CACHE".into(), cache.to_string_lossy().into_owned());
         let mem = load("server-memory", &ctx).unwrap();

@@ -9,10 +9,12 @@
 //!
 //! Which interpreter: the one the server's command resolves to (symlinks followed: a uv
 //! virtualenv's `bin/python` leads to the interpreter uv built it on), else `node` / `python3`
-//! on the sandbox's PATH. Running it is running a program as mcpbox's user, so only a binary
-//! that looks like the interpreter (by name), lies outside the state dir, and that neither it
-//! nor any directory above it lets anyone but root or mcpbox's own user change it, is run:
-//! a server cannot plant an "interpreter" for mcpbox to start. Python runs with `-I -S`
+//! on the sandbox's PATH (or `MCPBOX_NODE` / `MCPBOX_PYTHON`). Running it is running a program
+//! outside any sandbox, so only a binary that looks like the interpreter (by name), lies outside
+//! the state dir, is owned by no server uid, and that neither it nor any directory above it lets
+//! anyone but root, mcpbox's own user or the binary's owner change, is run — as its owner when
+//! that is another user: a server cannot plant an "interpreter" for mcpbox to start. Python
+//! runs with `-I -S`
 //! (no environment, no user site, no `site` module, hence no `.pth` code); both run with an
 //! empty environment.
 //!
@@ -133,10 +135,26 @@ impl Runtime {
     }
 }
 
+/// What servers can write: nothing here is ever run to describe a runtime.
+#[derive(Debug, Clone)]
+pub struct Untrusted {
+    /// The state dir (every server's DATA and CACHE).
+    pub root: PathBuf,
+    /// The host uids servers run under (as root): a binary, or a directory above it, that one of
+    /// them owns may have been written by a server, wherever it lies.
+    pub uids: std::ops::Range<u32>,
+}
+
+impl Untrusted {
+    /// Only a state dir (no server uids: mcpbox not root, or none allocated).
+    pub fn dir(root: &Path) -> Untrusted {
+        Untrusted { root: root.to_path_buf(), uids: 0..0 }
+    }
+}
+
 /// Find the `kind` runtime for a server whose command resolves to `command_real` (None, or
-/// another program: look up the default command on `search_path`, the sandbox's PATH).
-/// `untrusted_root` is the state dir: nothing under it is ever run.
-pub fn discover(kind: Kind, command_real: Option<&Path>, search_path: &str, untrusted_root: &Path) -> Result<Runtime, RuntimeError> {
+/// another program: the configured or PATH default, see [`default_interpreter`]).
+pub fn discover(kind: Kind, command_real: Option<&Path>, search_path: &str, untrusted: &Untrusted) -> Result<Runtime, RuntimeError> {
     let exe = match command_real.filter(|c| c.file_name().and_then(|n| n.to_str()).is_some_and(|n| kind.matches_name(n))) {
         Some(c) => c.to_path_buf(),
         None => {
@@ -144,7 +162,7 @@ pub fn discover(kind: Kind, command_real: Option<&Path>, search_path: &str, untr
             std::fs::canonicalize(&found).map_err(|e| RuntimeError::Probe { kind, path: found, why: e.to_string() })?
         }
     };
-    describe(kind, &exe, untrusted_root)
+    describe(kind, &exe, untrusted)
 }
 
 /// The interpreter servers of this kind run on unless their command names one, as found (not
@@ -172,8 +190,8 @@ fn which_as_found(cmd: &str, search_path: &str) -> Option<PathBuf> {
 }
 
 /// Describe the interpreter at `exe` (a real path), remembering the answer per binary.
-pub fn describe(kind: Kind, exe: &Path, untrusted_root: &Path) -> Result<Runtime, RuntimeError> {
-    let meta = check_trusted(kind, exe, untrusted_root)?;
+pub fn describe(kind: Kind, exe: &Path, untrusted: &Untrusted) -> Result<Runtime, RuntimeError> {
+    let meta = check_trusted(kind, exe, untrusted)?;
     type Key = (PathBuf, u64, u64, u64, i64, i64);
     static SEEN: OnceLock<Mutex<HashMap<Key, Runtime>>> = OnceLock::new();
     let key = (exe.to_path_buf(), meta.dev(), meta.ino(), meta.size(), meta.mtime(), meta.mtime_nsec());
@@ -192,7 +210,8 @@ pub fn describe(kind: Kind, exe: &Path, untrusted_root: &Path) -> Result<Runtime
 
 /// The binary must be the interpreter by name, a regular executable file outside the state
 /// dir, and only root or mcpbox's own user may change it or any directory above it.
-fn check_trusted(kind: Kind, exe: &Path, untrusted_root: &Path) -> Result<std::fs::Metadata, RuntimeError> {
+fn check_trusted(kind: Kind, exe: &Path, untrusted: &Untrusted) -> Result<std::fs::Metadata, RuntimeError> {
+    let untrusted_root = untrusted.root.as_path();
     let bad = |why: String| RuntimeError::Untrusted { kind, path: exe.to_path_buf(), why };
     let name = exe.file_name().and_then(|n| n.to_str()).unwrap_or("");
     if !exe.is_absolute() || !kind.matches_name(name) {
@@ -212,6 +231,9 @@ fn check_trusted(kind: Kind, exe: &Path, untrusted_root: &Path) -> Result<std::f
     let owner = meta.uid();
     for p in exe.ancestors() {
         let m = std::fs::metadata(p).map_err(|e| bad(format!("{}: {e}", p.display())))?;
+        if untrusted.uids.contains(&m.uid()) {
+            return Err(bad(format!("{} belongs to uid {}, a server's: it is not run", p.display(), m.uid())));
+        }
         if m.uid() != 0 && m.uid() != me && m.uid() != owner {
             return Err(bad(format!("{} belongs to uid {}: only root, mcpbox's own user or the runtime's owner may own the runtime and the directories above it", p.display(), m.uid())));
         }
@@ -428,19 +450,19 @@ fn is_home(p: &Path) -> bool {
 pub struct Lazy {
     command_real: Option<PathBuf>,
     search_path: String,
-    untrusted_root: PathBuf,
+    untrusted: Untrusted,
     found: Arc<Mutex<BTreeMap<Kind, Result<Runtime, RuntimeError>>>>,
 }
 
 impl Lazy {
-    pub fn new(command_real: Option<PathBuf>, search_path: &str, untrusted_root: &Path) -> Lazy {
-        Lazy { command_real, search_path: search_path.into(), untrusted_root: untrusted_root.to_path_buf(), found: Default::default() }
+    pub fn new(command_real: Option<PathBuf>, search_path: &str, untrusted: Untrusted) -> Lazy {
+        Lazy { command_real, search_path: search_path.into(), untrusted, found: Default::default() }
     }
 
     /// The runtime of `kind`, discovered on first use.
     pub fn get(&self, kind: Kind) -> Result<Runtime, RuntimeError> {
         let mut found = self.found.lock().unwrap_or_else(|e| e.into_inner());
-        found.entry(kind).or_insert_with(|| discover(kind, self.command_real.as_deref(), &self.search_path, &self.untrusted_root)).clone()
+        found.entry(kind).or_insert_with(|| discover(kind, self.command_real.as_deref(), &self.search_path, &self.untrusted)).clone()
     }
 
     /// A policy variable's value: None when it is not a runtime variable.
@@ -544,22 +566,27 @@ mod tests {
         let fake = d.path().join("python3");
         std::fs::write(&fake, "#!/bin/sh\necho pwned\n").unwrap();
         std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-        let e = describe(Kind::Python, &fake, d.path()).unwrap_err();
+        let e = describe(Kind::Python, &fake, &Untrusted::dir(d.path())).unwrap_err();
         assert!(matches!(e, RuntimeError::Untrusted { .. }) && e.to_string().contains("state dir"), "{e}");
-        let e = describe(Kind::Python, Path::new("/usr/bin/true"), d.path()).unwrap_err();
+        let e = describe(Kind::Python, Path::new("/usr/bin/true"), &Untrusted::dir(d.path())).unwrap_err();
         assert!(e.to_string().contains("not named like a python interpreter"), "{e}");
         // World-writable directory above it: refused.
         let open = d.path().join("open");
         std::fs::create_dir(&open).unwrap();
         std::fs::set_permissions(&open, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
         std::fs::copy(&fake, open.join("python3")).unwrap();
-        let e = describe(Kind::Python, &open.join("python3"), Path::new("/nonexistent-state")).unwrap_err();
+        let e = describe(Kind::Python, &open.join("python3"), &Untrusted::dir(Path::new("/nonexistent-state"))).unwrap_err();
         assert!(e.to_string().contains("writable by its group or by everyone"), "{e}");
+        // Owned by a server's uid, wherever it lies: refused.
+        let mine = nix::unistd::geteuid().as_raw();
+        let servers = Untrusted { root: PathBuf::from("/nonexistent-state"), uids: mine..mine + 1 };
+        let e = describe(Kind::Python, &fake, &servers).unwrap_err();
+        assert!(e.to_string().contains("a server's"), "{e}");
     }
 
     #[test]
     fn the_system_python_describes_itself() {
-        let r = discover(Kind::Python, None, "/usr/local/bin:/usr/bin:/bin", Path::new("/nonexistent-state"))
+        let r = discover(Kind::Python, None, "/usr/local/bin:/usr/bin:/bin", &Untrusted::dir(Path::new("/nonexistent-state")))
             .unwrap_or_else(|e| panic!("python3 on the sandbox PATH is needed by this test (scripts/test.sh installs it): {e}"));
         assert!(r.vars["PYTHON_STDLIB"].join("os.py").is_file(), "{}", r.describe());
         assert!(r.vars["PYTHON_DYNLOAD"].is_dir(), "{}", r.describe());
