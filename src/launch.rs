@@ -182,7 +182,13 @@ pub fn check_policy(reference: &str, data: Option<&Path>, cache: Option<&Path>, 
     }
     let lazy = runtimes_for(&state, &launch);
     let text = policy::check_with(reference, data, cache, Some(lazy.vars())).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let runtimes: String = lazy.used().iter().map(|r| format!("# runtime {}\n", r.describe())).collect();
+    let mut runtimes: String = lazy.used().iter().map(|r| format!("# runtime {}\n", r.describe())).collect();
+    for c in lazy.commands() {
+        runtimes.push_str(&format!("# granted with the runtime (exec, the name it is called by): {}\n", c.display()));
+    }
+    if !runtimes.is_empty() {
+        runtimes.push_str("# a launch also grants read+exec on each library listed under `links` that the policy does not cover\n");
+    }
     // After the header comments, before the policy itself.
     Ok(match text.split_once("\n\n") {
         Some((head, rest)) => format!("{head}\n{runtimes}\n{rest}"),
