@@ -3,7 +3,7 @@
 
 use std::process::{ExitCode, Stdio};
 
-use crate::launch::{plan, PolicyRef, ServerLaunch, StateDir};
+use crate::plan::{plan, PolicyRef, ServerLaunch, StateDir};
 use crate::policy::Level;
 use crate::sandbox::probe;
 
@@ -85,8 +85,8 @@ pub fn doctor(state_dir: Option<std::path::PathBuf>) -> ExitCode {
 /// and, when mcpbox's own PATH finds a different one (nvm, pyenv), that one too, since servers
 /// started by bare name do not get it.
 fn runtimes() {
-    use crate::launch::DEFAULT_PATH;
-    use crate::runtime::{self, Kind};
+    use crate::plan::DEFAULT_PATH;
+    use crate::plan::runtime::{self, Kind};
     println!("\n  runtimes (the `node`/`python` policy bases, for servers whose command is not an interpreter;");
     println!("  MCPBOX_NODE / MCPBOX_PYTHON if set, else found on the sandbox's PATH {DEFAULT_PATH}):");
     // No state dir exists here yet: nothing is excluded for lying under it.
@@ -99,7 +99,7 @@ fn runtimes() {
         }
         let cmd = kind.default_command();
         let user_path = std::env::var("PATH").unwrap_or_default();
-        let Ok(mine) = crate::launch::resolve_command(cmd, &user_path) else { continue };
+        let Ok(mine) = crate::plan::resolve_command(cmd, &user_path) else { continue };
         let real = std::fs::canonicalize(&mine).unwrap_or_else(|_| mine.clone());
         if found.as_ref().is_ok_and(|r| r.exe == real) {
             continue;

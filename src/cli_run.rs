@@ -6,11 +6,12 @@ use std::process::{ExitCode, Stdio};
 use nix::sys::signal::{kill, SigSet, Signal};
 use nix::unistd::Pid;
 
-use crate::launch::{plan_begin, Extra, PolicyRef, ServerLaunch, StateDir};
+use crate::plan::{self, plan_begin, Extra, PolicyRef, ServerLaunch, StateDir};
 use crate::policy::Level;
 
 pub struct RunArgs {
-    /// None: `default`, plus the node/python runtime base for npx/uvx commands (with a note).
+    /// None: for npx/uvx the shipped policy of the package, else `default` plus the node/python
+    /// runtime base; `default` for anything else (the log says which).
     pub policy: Option<String>,
     pub state_dir: Option<PathBuf>,
     pub name: Option<String>,
@@ -24,7 +25,7 @@ pub const EXIT_SETUP: u8 = 125;
 /// The name a server gets when `--name` is not given: its state dir, uid, hostname and cgroup.
 /// For npx/uvx the package (not `npx`, which every such server would share), else the command.
 pub fn default_name(command: &[String]) -> String {
-    let from_pkg = crate::prepare::parse(&command[0], &command[1..]).and_then(|p| p.ok()).and_then(|p| {
+    let from_pkg = plan::prepare::parse(&command[0], &command[1..]).and_then(|p| p.ok()).and_then(|p| {
         let spec = p.bin.clone().or_else(|| p.install.first().cloned())?;
         let spec = spec.rsplit('/').next().unwrap_or(&spec).to_string();
         let spec = spec.split(['@', '=', '<', '>', '~', '!', '[', ' ']).find(|s| !s.is_empty())?.to_string();
@@ -59,44 +60,41 @@ pub fn run(args: RunArgs, early: Option<Result<crate::sandbox::Pending, crate::s
             return ExitCode::from(EXIT_SETUP);
         }
     };
+    // The plan's steps (see `plan`): everything that can refuse the server does so before a
+    // package is prepared.
+    let (launch, choice) = plan::effective(launch, policy_given);
+    if let Err(e) = plan::check(&state, &launch) {
+        eprintln!("mcpbox: {e:#}");
+        return ExitCode::from(EXIT_SETUP);
+    }
     // npx/uvx: prepare into the cache if needed (its own sandbox), then run the entry point.
-    let prepared = match crate::prepare::parse(&launch.command, &launch.args) {
-        None => None,
-        Some(pkg) => {
-            let r = pkg.and_then(|pkg| crate::prepare::prepare_blocking(&state, &name, &pkg, false)).and_then(|_| {
-                crate::prepare::for_run(&state, &launch, policy_given).expect("an npx/uvx command")
-            });
-            match r {
-                Ok(x) => Some(x),
-                Err(e) => {
-                    eprintln!("mcpbox: {name}: prepare: {e:#}");
-                    return ExitCode::from(EXIT_SETUP);
-                }
-            }
+    let run = match plan::prepare::parse(&launch.command, &launch.args) {
+        None => Ok((launch.clone(), Extra::default())),
+        Some(pkg) => pkg
+            .and_then(|pkg| plan::prepare::prepare_blocking(&state, &name, &pkg, false))
+            .and_then(|_| plan::prepare::for_run(&state, &launch).expect("an npx/uvx command"))
+            .map_err(|e| anyhow::anyhow!("prepare: {e:#}")),
+    };
+    let (launch_now, extra) = match run {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("mcpbox: {name}: {e:#}");
+            return ExitCode::from(EXIT_SETUP);
         }
     };
-    let no_extra = Extra::default();
-    let (launch_now, extra) = match &prepared {
-        Some((l, extra)) => (l, extra),
-        None => (&launch, &no_extra),
-    };
-    let begun = match plan_begin(&state, launch_now) {
+    let begun = match plan_begin(&state, &launch_now) {
         Ok(b) => b,
         Err(e) => {
             eprintln!("mcpbox: {e:#}");
             return ExitCode::from(EXIT_SETUP);
         }
     };
-    if matches!(begun.outer().network, crate::policy::Network::Proxy { .. }) {
-        eprintln!("mcpbox: network mode `proxy` is served by `mcpbox serve`; `mcpbox run` supports `none` and `host`");
-        return ExitCode::from(EXIT_SETUP);
-    }
     // sandbox-init makes the namespaces while the grants are resolved.
     if let Err(e) = pending.send_outer(begun.outer()) {
         eprintln!("mcpbox: {name}: {e}");
         return ExitCode::from(EXIT_SETUP);
     }
-    let planned = match begun.finish(launch_now, extra) {
+    let planned = match begun.finish(&launch_now, &extra) {
         Ok(p) => p,
         Err(e) => {
             eprintln!("mcpbox: {e:#}");
@@ -106,12 +104,13 @@ pub fn run(args: RunArgs, early: Option<Result<crate::sandbox::Pending, crate::s
     for n in &planned.notes {
         tracing::info!(server = %name, "{n}");
     }
-    if !policy_given {
-        tracing::warn!(
+    match choice {
+        plan::PolicyChoice::Given => {}
+        plan::PolicyChoice::Default => tracing::warn!(
             server = %name,
-            "no --policy given: running under {} (for npx/uvx: `default` plus the node or python runtime base); write a policy to say what this server may reach",
-            planned.policy.source
-        );
+            "no --policy given: running under `default`; write a policy to say what this server may reach"
+        ),
+        plan::PolicyChoice::ForPackage(m) | plan::PolicyChoice::RuntimeBase(m) => tracing::warn!(server = %name, "{m}"),
     }
 
     // Signals are taken synchronously by this thread and passed on to the sandbox.
@@ -123,13 +122,27 @@ pub fn run(args: RunArgs, early: Option<Result<crate::sandbox::Pending, crate::s
         eprintln!("mcpbox: sigprocmask: {e}");
         return ExitCode::from(EXIT_SETUP);
     }
-    let (mut child, report, _) = match pending.send(&planned.spec) {
+    let (mut child, report, proxy_listener) = match pending.send(&planned.spec) {
         Ok(x) => x,
         Err(e) => {
             eprintln!("mcpbox: {name}: {e}");
             return ExitCode::from(EXIT_SETUP);
         }
     };
+    // Network mode `proxy`: the sandbox handed back its listening socket; the egress proxy runs
+    // here, in the host's network, as it does under `serve`.
+    if let crate::policy::Network::Proxy { allow } = &planned.policy.network {
+        let started = proxy_listener.ok_or_else(|| anyhow::anyhow!("the sandbox did not hand over its proxy socket")).and_then(|l| {
+            let allow = crate::netproxy::AllowList::parse(allow).map_err(|e| anyhow::anyhow!("network.allow: {e}"))?;
+            let cfg = std::sync::Arc::new(crate::netproxy::ProxyConfig::new(allow, planned.policy.source.clone(), name.clone()));
+            Ok(crate::netproxy::serve_in_thread(l, cfg)?)
+        });
+        if let Err(e) = started {
+            eprintln!("mcpbox: {name}: cannot serve the egress proxy: {e:#}");
+            let _ = child.kill();
+            return ExitCode::from(EXIT_SETUP);
+        }
+    }
     for w in &report.warnings {
         tracing::warn!(server = %name, "{w}");
     }

@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::launch::PolicyRef;
+use crate::policy::PolicyRef;
 
 pub const DEFAULT_MAX_BODY: usize = 16 << 20;
 pub const DEFAULT_MAX_LINE: usize = 16 << 20;

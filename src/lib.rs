@@ -3,11 +3,9 @@
 
 pub mod cli_doctor;
 pub mod cli_run;
-pub mod launch;
 pub mod netproxy;
 pub mod policy;
-pub mod prepare;
-pub mod runtime;
+pub mod plan;
 pub mod sandbox;
 pub mod bridge;
 pub mod config;

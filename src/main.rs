@@ -150,18 +150,18 @@ fn main() -> ExitCode {
         Cmd::Serve(args) => mcpbox::serve::main(args),
         Cmd::Prepare { config, state_dir, force, min_level } => {
             init_logging("info", false);
-            mcpbox::prepare::cli(&config, state_dir, force, min_level.into())
+            mcpbox::plan::prepare::cli(&config, state_dir, force, min_level.into())
         }
         Cmd::UrlBridge { url, transport } => mcpbox::urlbridge::main(url, transport),
         Cmd::Doctor { state_dir } => mcpbox::cli_doctor::doctor(state_dir),
         Cmd::Run { policy, state_dir, name, min_level, command } => {
             // Quiet by default (stderr is the MCP client's log), but a first start that
             // installs an npx/uvx package says so instead of hanging silently.
-            init_logging("warn,mcpbox::prepare=info", false);
+            init_logging("warn,mcpbox::plan::prepare=info", false);
             mcpbox::cli_run::run(mcpbox::cli_run::RunArgs { policy, state_dir, name, min_level: min_level.into(), command }, early)
         }
         Cmd::Policy { cmd: PolicyCmd::Check { file, data, cache, command } } => {
-            match mcpbox::launch::check_policy(&file, data.as_deref(), cache.as_deref(), command.as_deref()) {
+            match mcpbox::plan::check_policy(&file, data.as_deref(), cache.as_deref(), command.as_deref()) {
                 Ok(text) => {
                     print!("{text}");
                     ExitCode::SUCCESS

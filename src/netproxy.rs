@@ -434,6 +434,18 @@ pub fn proxy_env(port: u16) -> Vec<(&'static str, String)> {
 // Serving
 // ---------------------------------------------------------------------------------------------
 
+/// [`serve`] on a thread of its own with a single-threaded runtime, for callers that have no
+/// tokio runtime (`mcpbox run`). The thread serves until the process exits.
+pub fn serve_in_thread(listener: std::net::TcpListener, cfg: Arc<ProxyConfig>) -> io::Result<std::thread::JoinHandle<()>> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    std::thread::Builder::new().name("egress-proxy".into()).spawn(move || {
+        let server = cfg.server.clone();
+        if let Err(e) = rt.block_on(serve(listener, cfg)) {
+            tracing::warn!(server = %server, "egress proxy stopped: {e}");
+        }
+    })
+}
+
 /// Serves the proxy on `listener` (already bound, normally inside the server's namespace) until
 /// the listener fails or the task is aborted. One task per connection.
 pub async fn serve(listener: std::net::TcpListener, cfg: Arc<ProxyConfig>) -> io::Result<()> {

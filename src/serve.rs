@@ -40,14 +40,8 @@ fn load(args: &ServeArgs) -> Result<Config, config::ConfigError> {
     Ok(c)
 }
 
-pub fn default_state_dir() -> PathBuf {
-    if nix::unistd::geteuid().is_root() {
-        return PathBuf::from("/var/lib/mcpbox");
-    }
-    match std::env::var_os("XDG_STATE_HOME") {
-        Some(d) if !d.is_empty() => PathBuf::from(d).join("mcpbox"),
-        _ => PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/tmp".into())).join(".local/state/mcpbox"),
-    }
+fn min_level(args: &ServeArgs) -> Level {
+    if args.min_level == "container" { Level::Container } else { Level::Full }
 }
 
 fn urls(c: &Config) -> Vec<String> {
@@ -80,6 +74,15 @@ pub fn main(args: ServeArgs) -> ExitCode {
         }
     };
     if args.check {
+        // Everything a launch would refuse, refused now (nothing is created or prepared).
+        let state = crate::plan::StateDir::for_config(&cfg, &args.config, args.state_dir.clone(), min_level(&args));
+        let refused = crate::plan::Planner::new(state).refusals(&cfg);
+        if !refused.is_empty() {
+            for (name, e) in &refused {
+                eprintln!("mcpbox: {}: server {name}: {e}", args.config.display());
+            }
+            return ExitCode::from(2);
+        }
         println!("{}: ok; listen {}; {} server(s)", args.config.display(), cfg.proxy.addr, cfg.servers.len());
         for u in urls(&cfg) {
             println!("  {u}");
@@ -109,33 +112,24 @@ pub fn main(args: ServeArgs) -> ExitCode {
 }
 
 async fn run(args: ServeArgs, cfg: Config) -> anyhow::Result<()> {
-    let min_level = if args.min_level == "container" { Level::Container } else { Level::Full };
+    let min_level = min_level(&args);
     if min_level == Level::Container {
         tracing::warn!("--min-level container: servers may run without namespaces (container level)");
     }
-    let state_root = args.state_dir.clone().or_else(|| cfg.state_dir.clone()).unwrap_or_else(default_state_dir);
     let swept = crate::sandbox::sweep_stale_cgroups();
     if swept > 0 {
         tracing::info!("removed {swept} cgroup(s) left by earlier sandboxes");
     }
-    let mut state = crate::launch::StateDir::new(state_root);
-    if let Some(b) = cfg.uid_base {
-        state.uid_base = b;
-    }
-    state.min_level = min_level;
-    // Policies named in the config are looked up beside it first (`policies/NAME.toml`).
-    if let Some(dir) = args.config.parent() {
-        state.policy_dirs.push(dir.join("policies"));
-    }
+    let state = crate::plan::StateDir::for_config(&cfg, &args.config, args.state_dir.clone(), min_level);
     // npx/uvx servers: install what is missing before serving (each in its prepare sandbox);
     // a failure is that server's alone and shows in /readyz.
-    let prepare_failed = crate::prepare::prepare_config(&state, &cfg, false).await;
-    let launcher = SandboxLauncher {
-        state,
-        spawner: crate::sandbox::Spawner::new(),
-        min_level,
-        prepare_failed,
-    };
+    // A server whose policy would refuse it at launch is refused now, before its package is
+    // prepared; it shows in /readyz like a failed prepare.
+    let mut planner = crate::plan::Planner::new(state);
+    let refused = planner.refusals(&cfg);
+    let failed = crate::plan::prepare::prepare_config(&planner.state, &cfg, false, &refused).await;
+    planner.cannot_start = refused.into_iter().chain(failed.into_iter().map(|(n, e)| (n, format!("prepare failed: {e}")))).collect();
+    let launcher = SandboxLauncher { planner, spawner: crate::sandbox::Spawner::new() };
     let cfg = Arc::new(cfg);
     let grace = Duration::from_secs(args.grace);
     let sup = Supervisor::start(&cfg, Arc::new(launcher), Options { queue: cfg.session_queue, max_line: cfg.max_line_bytes, grace });

@@ -13,7 +13,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::future::BoxFuture;
-use anyhow::Context;
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::Child;
@@ -22,8 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::bridge::{Hub, LineReader, Outbound, Principal, Sent, SessionId, SessionSink};
-use crate::config::{Config, Isolation, ServerConfig, ServerKind};
-use crate::launch::PolicyRef;
+use crate::config::{Config, Isolation, ServerConfig};
 
 /// A started server process.
 pub struct LaunchedProcess {
@@ -52,112 +50,16 @@ pub trait Launcher: Send + Sync + 'static {
     }
 }
 
-/// The policy of a `url` upstream's bridge: mcpbox's own code talking HTTP(S) to one remote
-/// server. It needs the network and the CA store; nothing of the host's files beyond them.
-const URL_BRIDGE_POLICY: &str = r#"
-extends = "default"
-[filesystem]
-read = [
-    { path = "/etc/ssl/certs", optional = true },
-    { path = "/usr/share/ca-certificates", optional = true },
-    { path = "/etc/resolv.conf", optional = true },
-    { path = "/etc/hosts", optional = true },
-    { path = "/etc/nsswitch.conf", optional = true },
-    { path = "/etc/gai.conf", optional = true },
-]
-[network]
-mode = "host"
-[env]
-pass = ["MCPBOX_UPSTREAM_HEADERS"]
-"#;
-
-/// Production launcher: `launch::plan` + `sandbox::Spawner`. Never runs a server unconfined.
+/// Production launcher: [`crate::plan::Planner`] + `sandbox::Spawner`. Never runs a server
+/// unconfined.
 pub struct SandboxLauncher {
-    pub state: crate::launch::StateDir,
+    pub planner: crate::plan::Planner,
     pub spawner: crate::sandbox::Spawner,
-    /// `--min-level`: the lowest level any server may get, whatever its policy asks.
-    pub min_level: crate::policy::Level,
-    /// npx/uvx servers whose prepare failed at start, with the reason: they cannot start.
-    pub prepare_failed: BTreeMap<String, String>,
-}
-
-impl SandboxLauncher {
-    fn server_launch(server: &ServerConfig) -> anyhow::Result<crate::launch::ServerLaunch> {
-        let ServerKind::Stdio { command, args, env } = &server.kind else {
-            anyhow::bail!("server {} is a url upstream, not a command", server.name);
-        };
-        Ok(crate::launch::ServerLaunch {
-            name: server.name.clone(),
-            command: command.clone(),
-            args: args.clone(),
-            env: env.clone(),
-            policy: server.policy.clone(),
-        })
-    }
-
-    /// A `url` upstream: mcpbox's own `url-bridge` mode stands in for the server, sandboxed
-    /// like one (network `host`, the CA store, nothing else), with the upstream's headers
-    /// passed in its environment rather than on its command line.
-    fn url_plan(&self, server: &ServerConfig) -> anyhow::Result<crate::launch::Planned> {
-        let ServerKind::Url { url, headers, transport_type } = &server.kind else { unreachable!() };
-        let transport = crate::urlbridge::Transport::pick(transport_type.as_deref(), url)?;
-        let exe = std::env::current_exe().context("locating the mcpbox binary")?;
-        let exe = crate::prepare::stage_for_others(&self.state, &exe)?;
-        let mut env = BTreeMap::new();
-        env.insert(crate::urlbridge::HEADERS_ENV.to_string(), serde_json::to_string(headers)?);
-        let policy = if server.policy_given {
-            server.policy.clone()
-        } else {
-            let table: toml::Table = toml::from_str(URL_BRIDGE_POLICY).expect("the built-in url-bridge policy parses");
-            PolicyRef::Inline { value: table, base_dir: "/".into() }
-        };
-        let launch = crate::launch::ServerLaunch {
-            name: server.name.clone(),
-            command: exe.to_string_lossy().into_owned(),
-            args: vec!["url-bridge".into(), "--url".into(), url.clone(), "--transport".into(), transport.as_str().into()],
-            env,
-            policy,
-        };
-        let extra = crate::launch::Extra {
-            grants: vec![(exe.clone(), crate::sandbox::Access::Exec)],
-            env: BTreeMap::new(),
-            notes: vec![],
-        };
-        crate::launch::plan_with(&self.state, &launch, &extra)
-    }
-
-    fn plan(&self, server: &ServerConfig) -> anyhow::Result<crate::launch::Planned> {
-        if let Some(e) = self.prepare_failed.get(&server.name) {
-            anyhow::bail!("prepare failed: {e}");
-        }
-        if let ServerKind::Url { .. } = server.kind {
-            let mut planned = self.url_plan(server)?;
-            if self.min_level == crate::policy::Level::Container {
-                planned.spec.outer.min_level = planned.spec.outer.min_level.min(crate::policy::Level::Container);
-            }
-            return Ok(planned);
-        }
-        let launch = Self::server_launch(server)?;
-        // npx/uvx: run the prepared entry point directly (no package manager in the sandbox).
-        let mut planned = match crate::prepare::for_run(&self.state, &launch, server.policy_given) {
-            Some(r) => {
-                let (launch, extra) = r?;
-                crate::launch::plan_with(&self.state, &launch, &extra)?
-            }
-            None => crate::launch::plan(&self.state, &launch)?,
-        };
-        // A policy may ask for less than `full`; `--min-level container` permits `container`
-        // for policies that did not write it down. Never below what the process allows.
-        if self.min_level == crate::policy::Level::Container {
-            planned.spec.outer.min_level = planned.spec.outer.min_level.min(crate::policy::Level::Container);
-        }
-        Ok(planned)
-    }
 }
 
 impl Launcher for SandboxLauncher {
     fn launch(&self, server: &ServerConfig, session: Option<&str>) -> BoxFuture<'static, anyhow::Result<LaunchedProcess>> {
-        let planned = self.plan(server);
+        let planned = self.planner.plan(server);
         let spawner = self.spawner.clone();
         let name = server.name.clone();
         let session = session.map(str::to_owned);
@@ -210,7 +112,7 @@ impl Launcher for SandboxLauncher {
     }
 
     fn check(&self, server: &ServerConfig) -> anyhow::Result<()> {
-        self.plan(server).map(|_| ())
+        self.planner.plan(server).map(|_| ())
     }
 }
 
@@ -221,7 +123,7 @@ pub struct DirectLauncher;
 #[cfg(test)]
 impl Launcher for DirectLauncher {
     fn launch(&self, server: &ServerConfig, _session: Option<&str>) -> BoxFuture<'static, anyhow::Result<LaunchedProcess>> {
-        let ServerKind::Stdio { command, args, env } = server.kind.clone() else {
+        let crate::config::ServerKind::Stdio { command, args, env } = server.kind.clone() else {
             return Box::pin(async { anyhow::bail!("not a stdio server") });
         };
         Box::pin(async move {

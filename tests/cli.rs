@@ -103,7 +103,7 @@ fn a_command_the_policy_does_not_allow_is_refused() {
 
 /// The drop-in use for local MCP clients: `mcpbox run -- npx -y PKG`, no policy named. The
 /// package is prepared in its own sandbox on first use, then the real server from npm answers
-/// `initialize` over stdin/stdout under `default` plus the node runtime base, named after its
+/// `initialize` over stdin/stdout under the policy mcpbox ships for that package, named after its
 /// package (not `npx`, which every such server would share).
 #[test]
 fn npx_server_runs_over_stdio_without_a_policy() {
@@ -129,6 +129,129 @@ fn npx_server_runs_over_stdio_without_a_policy() {
     let v: serde_json::Value = serde_json::from_str(answer).unwrap();
     assert_eq!(v["result"]["serverInfo"]["name"], "sequential-thinking-server", "{answer}");
     assert!(status.success(), "exit {status:?}\n{err}");
-    assert!(err.contains("no --policy given") && err.contains("node"), "the runtime-base fallback must be said:\n{err}");
+    assert!(err.contains("shipped policy `server-sequential-thinking`"), "the log names the package's shipped policy:\n{err}");
     assert!(state.join("server-sequential-thinking/cache/prepared.json").is_file(), "prepared under the package's name:\n{err}");
+}
+
+#[test]
+fn run_serves_the_egress_proxy_of_a_proxy_mode_policy() {
+    use crate::realservers::support::site;
+    use std::sync::atomic::Ordering;
+    let allowed = site("RUN-PROXY-CANARY-ALLOWED");
+    let denied = site("RUN-PROXY-CANARY-DENIED");
+    let d = tempdir();
+    let body = format!("extends = \"python\"\n[network]\nmode = \"proxy\"\nallow = [\"127.0.0.1:{}\"]\n", allowed.port);
+    let p = write_policy(d.path(), "proxied", &body);
+    // urllib takes http_proxy from the environment the policy sets; the direct way out does
+    // not exist (own network namespace, loopback only).
+    let script = r#"
+import sys, urllib.request
+for port in sys.argv[1:]:
+    try:
+        print(urllib.request.urlopen(f'http://127.0.0.1:{port}/', timeout=10).read().decode())
+    except Exception as e:
+        print('REFUSED', port, type(e).__name__)
+"#;
+    let out = run_policy(p.to_str().unwrap(), &["python3", "-c", script, &allowed.port.to_string(), &denied.port.to_string()]);
+    assert_eq!(out.code, 0, "{out}");
+    assert!(out.stdout.contains("RUN-PROXY-CANARY-ALLOWED"), "the allowed site through the proxy:\n{out}");
+    assert!(out.stdout.contains(&format!("REFUSED {}", denied.port)) && !out.stdout.contains("RUN-PROXY-CANARY-DENIED"), "{out}");
+    assert_eq!(denied.hits.load(Ordering::SeqCst), 0, "the unlisted site was contacted");
+    assert!(out.stderr.contains("egress denied"), "the proxy logs the refusal:\n{out}");
+}
+
+#[test]
+fn a_policy_that_would_fail_at_launch_is_refused_before_anything_is_prepared() {
+    let d = tempdir();
+    let state = d.path().join("state");
+    for (name, body, says) in [
+        ("badsys", "extends = \"node\"\n[seccomp]\nextra_deny = [\"not_a_syscall\"]\n", "not_a_syscall"),
+        ("badallow", "extends = \"node\"\n[network]\nmode = \"proxy\"\nallow = [\"*.com:443\"]\n", "*.com"),
+    ] {
+        let p = write_policy(d.path(), name, body);
+        let mut cmd = Command::new(mcpbox());
+        cmd.args(["run", "--policy"]).arg(&p).arg("--state-dir").arg(&state);
+        cmd.args(["--name", name, "--", "npx", "-y", "@modelcontextprotocol/server-memory"]);
+        test_env(&mut cmd);
+        let out = run_timeout(cmd, Duration::from_secs(60));
+        assert_eq!(out.code, 125, "{out}");
+        assert!(out.stderr.contains(says), "the refusal names its reason:\n{out}");
+        let cache = state.join(name).join("cache");
+        let prepared: Vec<_> = std::fs::read_dir(&cache).map(|r| r.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
+        assert!(prepared.is_empty(), "nothing may be prepared for a refused server: {prepared:?}");
+    }
+}
+
+#[test]
+fn serve_check_refuses_what_a_launch_would_refuse() {
+    let d = tempdir();
+    let state = d.path().join("state");
+    for (policy, says) in [
+        (serde_json::json!({"extends": "python", "seccomp": {"extra_deny": ["not_a_syscall"]}}), "not_a_syscall"),
+        (serde_json::json!({"extends": "python", "network": {"mode": "proxy", "allow": ["*.com:443"]}}), "*.com"),
+        (serde_json::json!({"extends": "no-such-policy"}), "no-such-policy"),
+    ] {
+        let cfg = serde_json::json!({"mcpServers": {"s": {"command": "python3", "args": ["-c", "0"], "policy": policy}}});
+        let path = d.path().join("mcpbox.json");
+        std::fs::write(&path, cfg.to_string()).unwrap();
+        let mut cmd = Command::new(mcpbox());
+        cmd.args(["serve", "--check", "--config"]).arg(&path).arg("--state-dir").arg(&state);
+        let out = run_timeout(cmd, Duration::from_secs(30));
+        assert_eq!(out.code, 2, "{out}");
+        assert!(out.stderr.contains("server s") && out.stderr.contains(says), "{out}");
+    }
+    assert!(!state.exists(), "--check creates nothing");
+    // The same config with a policy a launch accepts passes.
+    let cfg = serde_json::json!({"mcpServers": {"s": {"command": "python3", "args": ["-c", "0"], "policy": {"extends": "python"}}}});
+    let path = d.path().join("mcpbox.json");
+    std::fs::write(&path, cfg.to_string()).unwrap();
+    let mut cmd = Command::new(mcpbox());
+    cmd.args(["serve", "--check", "--config"]).arg(&path).arg("--state-dir").arg(&state);
+    let out = run_timeout(cmd, Duration::from_secs(30));
+    assert_eq!(out.code, 0, "{out}");
+}
+
+/// The README's own example, as written: `mcpbox run -- npx -y @modelcontextprotocol/server-memory`
+/// gets the shipped server-memory policy without `--policy`, so its main tool can write its graph
+/// (into the server's data dir; under the bare node base it failed with EROFS).
+#[test]
+fn the_readme_memory_example_works_without_a_policy() {
+    let d = tempdir();
+    let state = d.path().join("state");
+    let mut cmd = Command::new(mcpbox());
+    cmd.args(["run", "--state-dir"]).arg(&state).args(["--", "npx", "-y", "@modelcontextprotocol/server-memory"]);
+    test_env(&mut cmd);
+    let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let msgs = [
+        r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#,
+        r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#,
+        r#"{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"create_entities","arguments":{"entities":[{"name":"README-CANARY","entityType":"test","observations":["works as written"]}]}}}"#,
+    ];
+    let mut stdin = child.stdin.take().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    {
+        use std::io::Write;
+        for m in msgs {
+            writeln!(stdin, "{m}").unwrap();
+        }
+    }
+    // Wait for the tool's answer before closing stdin (the server may exit on EOF first).
+    let mut answer = None;
+    for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+        if line.contains("\"id\":2") {
+            answer = Some(line);
+            break;
+        }
+    }
+    drop(stdin);
+    wait_timeout(&mut child, Duration::from_secs(120)).expect("mcpbox run did not finish");
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+    let answer = answer.unwrap_or_else(|| panic!("no answer to create_entities\nstderr: {err}"));
+    let v: serde_json::Value = serde_json::from_str(&answer).unwrap();
+    assert!(v["result"]["isError"] != true && v.get("error").is_none(), "create_entities failed: {answer}\n{err}");
+    assert!(err.contains("shipped policy `server-memory`"), "{err}");
+    let data = state.join("server-memory/data");
+    let written: Vec<_> = std::fs::read_dir(&data).unwrap().flatten().filter(|e| std::fs::read_to_string(e.path()).is_ok_and(|t| t.contains("README-CANARY"))).collect();
+    assert!(!written.is_empty(), "the graph is in the server's data dir");
 }

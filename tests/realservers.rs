@@ -7,7 +7,7 @@
 //! and the registries that npm's and uv's own configuration name.
 
 #[path = "realservers_support.rs"]
-mod support;
+pub(crate) mod support;
 
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;

@@ -128,6 +128,16 @@ pub fn load_detailed(
     Loader::new(ctx, unchecked_under).run(Start::Reference(reference))
 }
 
+/// [`load_inline_with_notes`] with the files read and `unchecked_under` as in [`load_detailed`].
+pub fn load_inline_detailed(
+    table: toml::Table,
+    base_dir: &Path,
+    ctx: &LoadContext,
+    unchecked_under: &[PathBuf],
+) -> Result<Loaded, PolicyError> {
+    Loader::new(ctx, unchecked_under).run(Start::Inline(table, base_dir))
+}
+
 // ---------------------------------------------------------------------------------------------
 
 enum Start<'a> {

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 mod error;
 mod load;
 mod raw;
+mod reference;
 mod render;
 mod size;
 #[cfg(test)]
@@ -18,9 +19,10 @@ mod tests;
 
 pub use error::{Loc, PolicyError};
 pub use load::{
-    load, load_detailed, load_inline, load_inline_with_notes, load_with_notes, shipped_names, LazyVars, LoadContext, Loaded,
+    load, load_detailed, load_inline, load_inline_detailed, load_inline_with_notes, load_with_notes, shipped_names, LazyVars, LoadContext, Loaded,
     DEFAULT_LANDLOCK_MIN_ABI, DEFAULT_LEVEL, DEFAULT_LIMITS, DEFAULT_NETWORK_MODE, SHIPPED,
 };
+pub use reference::PolicyRef;
 pub use render::{check, check_with, render};
 pub use size::{format_size, parse_size};
 

@@ -17,7 +17,7 @@ fn ctx(dir: &Path) -> LoadContext {
     c
 }
 
-/// Runtime variables as a launch fills them in (see crate::runtime), for a node and a python
+/// Runtime variables as a launch fills them in (see crate::plan::runtime), for a node and a python
 /// installed under `rt`.
 fn fake_runtimes(rt: &Path) -> LazyVars {
     let mut vars = std::collections::BTreeMap::new();

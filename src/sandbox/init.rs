@@ -55,10 +55,9 @@ use nix::sys::prctl;
 use nix::sys::signal::{kill, SigSet, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{getgid, getppid, getuid, setgroups, setresgid, setresuid, Gid, Pid, Uid};
-use serde::{Deserialize, Serialize};
 
 use super::landlock::{self as ll, NetRules, Rule};
-use super::launch::StartReport;
+use super::spec::{Msg, StartReport};
 use super::limits::{self, Applied};
 use super::seccomp::{build_program, FilterOptions};
 use super::spec::{OuterSpec, SandboxSpec};
@@ -68,17 +67,6 @@ use crate::policy::{Level, Network};
 
 /// The port the egress proxy listens on inside the sandbox's network namespace.
 pub const PROXY_PORT: u16 = 3128;
-
-/// Messages from sandbox-init to mcpbox over the report socket (SOCK_SEQPACKET: one message
-/// per datagram). The socket is close-on-exec: end of stream means the server was exec'd.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(tag = "t", rename_all = "snake_case")]
-pub enum Msg {
-    /// Carries the listening socket of the egress proxy as SCM_RIGHTS.
-    Proxy,
-    Ready(StartReport),
-    Error { message: String },
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum InitError {

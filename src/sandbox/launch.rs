@@ -1,18 +1,16 @@
-//! Starting `sandbox-init` from the supervisor side. No privileged work happens here: this file
-//! builds a `Command` for our own binary in its hidden mode, hands it the spec on an inherited
-//! pipe, and reads back the start report (or the setup error) from a close-on-exec socket.
+//! Starting `sandbox-init` from mcpbox's side (process plumbing; planning is `crate::plan`). No
+//! privileged work happens here: sandbox-init is either our own binary executed in its hidden
+//! mode ([`Spawner`], [`Pending::start`]: `serve`, `prepare`, `doctor`) or, for `mcpbox run`, a
+//! child forked first thing in `main` ([`Pending::fork_here`]). Either way it gets the spec on
+//! an inherited pipe and answers on a close-on-exec socket (wire types in `spec`).
 
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use serde::{Deserialize, Serialize};
-
-use super::init::Msg;
-use super::spec::OuterSpec;
+use super::spec::{Msg, OuterSpec, StartReport};
 use super::SandboxSpec;
-use crate::policy::Level;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
@@ -25,25 +23,6 @@ pub enum SandboxError {
     Died(String),
     #[error("the sandbox spawner thread is gone")]
     SpawnerGone,
-}
-
-/// What sandbox-init reports once the server is about to `execve`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StartReport {
-    pub level: Level,
-    /// Landlock ABI actually enforced (0: none).
-    pub landlock_abi: u8,
-    /// Every weakening, one sentence each; logged by the caller at every start.
-    pub warnings: Vec<String>,
-    /// How limits are enforced: "cgroup v2", "cgroup v1", "rlimit".
-    pub limits: String,
-    /// The sandbox's cgroup directories: per-server slots, kept and reused (see
-    /// `limits::claim_slot`); nothing to remove when it exits.
-    pub cgroups: Vec<std::path::PathBuf>,
-    /// Host uid the server runs as.
-    pub host_uid: u32,
-    #[serde(skip)]
-    pub start_latency: Duration,
 }
 
 /// A running sandbox started by [`Spawner`].

@@ -10,7 +10,7 @@ pub mod seccomp;
 mod sys;
 pub mod spec;
 
-pub use spec::{Access, Grant, Link, OuterSpec, SandboxSpec};
+pub use spec::{Access, Grant, Link, Msg, OuterSpec, SandboxSpec, StartReport};
 pub use limits::Layout as CgroupLayout;
 
 /// The host's cgroup layout (read once per process), for [`SandboxSpec::cgroup_layout`].
@@ -19,8 +19,8 @@ pub fn cgroup_layout() -> CgroupLayout {
 }
 
 mod launch;
-pub use launch::{spawn_blocking_std, InitProcess, Pending, SandboxError, Sandboxed, Spawner, StartReport};
-pub use init::{main as sandbox_init_main, Msg, PROXY_PORT};
+pub use launch::{spawn_blocking_std, InitProcess, Pending, SandboxError, Sandboxed, Spawner};
+pub use init::{main as sandbox_init_main, PROXY_PORT};
 
 /// Clean up cgroups of sandboxes whose supervisor died without cleaning up (root only; a no-op
 /// otherwise). Called when `serve` starts.

@@ -6,9 +6,14 @@
 //! container level, before the server is forked). `mcpbox run` sends the first as soon as the
 //! policy is loaded, so that the namespaces are being made while it resolves the grants. An end
 //! of file before a message means mcpbox gave up: sandbox-init exits without a word.
+//!
+//! And what travels back on the report socket: [`Msg`] (the proxy socket, [`StartReport`] or an
+//! error). Both ends of both channels (`launch` in mcpbox, `init` in sandbox-init) import their
+//! wire types from here.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -111,6 +116,36 @@ pub fn read_frame<T: serde::de::DeserializeOwned>(r: &mut impl std::io::Read) ->
     let mut buf = vec![0u8; u32::from_le_bytes(len) as usize];
     r.read_exact(&mut buf)?;
     serde_json::from_slice(&buf).map(Some).map_err(std::io::Error::other)
+}
+
+/// What sandbox-init reports once the server is about to `execve`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StartReport {
+    pub level: Level,
+    /// Landlock ABI actually enforced (0: none).
+    pub landlock_abi: u8,
+    /// Every weakening, one sentence each; logged by the caller at every start.
+    pub warnings: Vec<String>,
+    /// How limits are enforced: "cgroup v2", "cgroup v1", "rlimit".
+    pub limits: String,
+    /// The sandbox's cgroup directories: per-server slots, kept and reused (see
+    /// `limits::claim_slot`); nothing to remove when it exits.
+    pub cgroups: Vec<std::path::PathBuf>,
+    /// Host uid the server runs as.
+    pub host_uid: u32,
+    #[serde(skip)]
+    pub start_latency: Duration,
+}
+
+/// Messages from sandbox-init to mcpbox over the report socket (SOCK_SEQPACKET: one message
+/// per datagram). The socket is close-on-exec: end of stream means the server was exec'd.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "t", rename_all = "snake_case")]
+pub enum Msg {
+    /// Carries the listening socket of the egress proxy as SCM_RIGHTS.
+    Proxy,
+    Ready(StartReport),
+    Error { message: String },
 }
 
 #[cfg(test)]

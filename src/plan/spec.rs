@@ -1,5 +1,7 @@
-//! The seam between configuration and sandbox: a server's command, env and policy, plus the
-//! state directory, become a [`SandboxSpec`]. Shared by `mcpbox run` and `mcpbox serve`.
+//! A server's command, environment and policy, plus its state directory, become a
+//! [`SandboxSpec`]: state dirs and host uids ([`StateDir`], [`ServerDirs`], [`allocate_uid`]),
+//! the policy loaded and the minimum level decided ([`plan_begin`]), then grants, environment
+//! and command resolved ([`Begun::finish`]).
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -9,19 +11,9 @@ use std::path::{Component, Path, PathBuf};
 
 use anyhow::{bail, Context};
 
-use crate::policy::{self, Level, LoadContext, Network, Policy};
-use crate::runtime::{self, Runtime};
+use crate::policy::{self, Level, LoadContext, Network, Policy, PolicyRef};
+use super::runtime::{self, Runtime};
 use crate::sandbox::{Access, Grant, Link, OuterSpec, SandboxSpec};
-
-/// Which policy a server uses.
-#[derive(Debug, Clone)]
-pub enum PolicyRef {
-    /// A shipped policy name (`default`, `node`, …) or a path to a TOML file.
-    Named(String),
-    /// An inline policy (from `mcpbox.json`), in the TOML data model; relative `extends` are
-    /// resolved against `base_dir`.
-    Inline { value: toml::Table, base_dir: PathBuf },
-}
 
 /// One server to launch.
 #[derive(Debug, Clone)]
@@ -64,6 +56,22 @@ impl StateDir {
 
     pub fn new(root: PathBuf) -> Self {
         StateDir { root, uid_base: 200_000, uid_count: 10_000, min_level: Level::Full, policy_dirs: Vec::new() }
+    }
+
+    /// The state of `serve` and `prepare` for a config file: `--state-dir`, else the config's
+    /// `stateDir`, else [`StateDir::default_root`]; the config's uid base; policies looked up
+    /// beside the config first (`policies/NAME.toml`).
+    pub fn for_config(cfg: &crate::config::Config, config_path: &Path, state_dir: Option<PathBuf>, min_level: Level) -> Self {
+        let root = state_dir.or_else(|| cfg.state_dir.clone()).unwrap_or_else(StateDir::default_root);
+        let mut state = StateDir::new(root);
+        if let Some(b) = cfg.uid_base {
+            state.uid_base = b;
+        }
+        state.min_level = min_level;
+        if let Some(dir) = config_path.parent() {
+            state.policy_dirs.push(dir.join("policies"));
+        }
+        state
     }
 }
 
@@ -139,18 +147,12 @@ pub fn plan_begin(state: &StateDir, launch: &ServerLaunch) -> anyhow::Result<Beg
         }
     }
 
-    let mut vars = BTreeMap::new();
-    vars.insert("DATA".to_string(), dirs.data.to_string_lossy().into_owned());
-    vars.insert("CACHE".to_string(), dirs.cache.to_string_lossy().into_owned());
     // The runtime variables are the interpreter this command runs on (found only if the
     // policy names one); a bare command is looked up on the sandbox's default PATH.
     let lazy = runtimes_for(state, launch);
-    let ctx = LoadContext { vars, search_dirs: state.policy_dirs.clone(), lazy: Some(lazy.vars()) };
-    let (policy, mut notes) = match &launch.policy {
-        PolicyRef::Named(r) => policy::load_with_notes(r, &ctx),
-        PolicyRef::Inline { value, base_dir } => policy::load_inline_with_notes(value.clone(), base_dir, &ctx),
-    }
-    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let ctx = LoadContext { lazy: Some(lazy.vars()), ..dirs.load_context(state) };
+    let (policy, mut notes) = launch.policy.load(&ctx).map_err(|e| anyhow::anyhow!("{e}"))?;
+    refuse_early(&policy)?;
     let runtimes = RuntimesUsed { found: lazy.used(), commands: lazy.commands() };
     for r in &runtimes.found {
         notes.push(format!("runtime {}", r.describe()));
@@ -203,6 +205,34 @@ pub fn runtimes_for(state: &StateDir, launch: &ServerLaunch) -> runtime::Lazy {
     let command_real = resolve_command(&launch.command, DEFAULT_PATH).ok().and_then(|p| resolve(&p).ok()).map(|(r, _)| r);
     let uids = if nix::unistd::geteuid().is_root() { state.uid_base..state.uid_base.saturating_add(state.uid_count) } else { 0..0 };
     runtime::Lazy::new(command_real, DEFAULT_PATH, runtime::Untrusted { root: state.root.clone(), uids })
+}
+
+/// Everything that can refuse `launch` before anything is made for it: its name, its policy
+/// (loaded as a launch loads it, but without requiring DATA and CACHE to exist yet) and what
+/// the policy asks of the kernel and the egress proxy. Creates nothing; `mcpbox run` calls it
+/// before preparing a package, `serve` before preparing and with `--check`.
+pub fn check(state: &StateDir, launch: &ServerLaunch) -> anyhow::Result<Policy> {
+    check_name(&launch.name)?;
+    let dirs = ServerDirs::at(state, &launch.name);
+    let ctx = LoadContext { lazy: Some(runtimes_for(state, launch).vars()), ..dirs.load_context(state) };
+    let loaded = launch.policy.load_detailed(&ctx, &[dirs.data.clone(), dirs.cache.clone()]).map_err(|e| anyhow::anyhow!("{e}"))?;
+    refuse_early(&loaded.policy)?;
+    Ok(loaded.policy)
+}
+
+/// What would refuse this policy at launch, checked before anything is prepared or started:
+/// seccomp names this kernel's filter does not know, an egress allow-list the proxy rejects.
+fn refuse_early(policy: &Policy) -> anyhow::Result<()> {
+    crate::sandbox::seccomp::check_names(&crate::sandbox::seccomp::FilterOptions {
+        extra_deny: policy.seccomp.extra_deny.clone(),
+        extra_allow: policy.seccomp.extra_allow.clone(),
+        unix_sockets_only: false,
+    })
+    .map_err(|e| anyhow::anyhow!("policy {}: {e}", policy.source))?;
+    if let Network::Proxy { allow } = &policy.network {
+        crate::netproxy::AllowList::parse(allow).map_err(|e| anyhow::anyhow!("policy {}: network.allow: {e}", policy.source))?;
+    }
+    Ok(())
 }
 
 impl Begun {
@@ -315,12 +345,6 @@ impl Begun {
             seccomp_extra_allow: policy.seccomp.extra_allow.clone(),
             landlock_min_abi: policy.sandbox.landlock_min_abi,
         };
-        crate::sandbox::seccomp::check_names(&crate::sandbox::seccomp::FilterOptions {
-            extra_deny: spec.seccomp_extra_deny.clone(),
-            extra_allow: spec.seccomp_extra_allow.clone(),
-            unix_sockets_only: false,
-        })
-        .map_err(|e| anyhow::anyhow!("policy {}: {e}", policy.source))?;
         Ok(Planned { spec, policy, notes })
     }
 }
@@ -333,9 +357,24 @@ pub struct ServerDirs {
 }
 
 impl ServerDirs {
+    /// Where a server's directories are (nothing is created).
+    pub fn at(state: &StateDir, name: &str) -> ServerDirs {
+        let base = state.root.join(name);
+        ServerDirs { data: base.join("data"), cache: base.join("cache"), tmp: base.join("tmp") }
+    }
+
+    /// What a policy of this server may say `${DATA}` and `${CACHE}` for, and where named
+    /// policies are looked up.
+    pub fn load_context(&self, state: &StateDir) -> LoadContext {
+        let mut vars = BTreeMap::new();
+        vars.insert("DATA".to_string(), self.data.to_string_lossy().into_owned());
+        vars.insert("CACHE".to_string(), self.cache.to_string_lossy().into_owned());
+        LoadContext { vars, search_dirs: state.policy_dirs.clone(), lazy: None }
+    }
+
     pub fn create(state: &StateDir, name: &str) -> anyhow::Result<ServerDirs> {
         let base = state.root.join(name);
-        let d = ServerDirs { data: base.join("data"), cache: base.join("cache"), tmp: base.join("tmp") };
+        let d = ServerDirs::at(state, name);
         for p in [&d.data, &d.cache, &d.tmp] {
             fs::create_dir_all(p).with_context(|| format!("creating {}", p.display()))?;
         }

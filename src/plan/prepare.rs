@@ -21,7 +21,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 
-use crate::launch::{self, Extra, PolicyRef, ServerDirs, ServerLaunch, StateDir, DEFAULT_PATH};
+use super::spec::{self as launch, Extra, ServerDirs, ServerLaunch, StateDir, DEFAULT_PATH};
+use crate::policy::PolicyRef;
 use crate::sandbox::Access;
 
 /// Which package manager a command stands for.
@@ -242,13 +243,13 @@ fn read_inside(base: &Path, rel: &Path) -> anyhow::Result<String> {
 
 /// The node npx servers are prepared and run on: `MCPBOX_NODE`, else `node` on the sandbox's PATH.
 fn find_node() -> anyhow::Result<PathBuf> {
-    crate::runtime::default_interpreter(crate::runtime::Kind::Node, DEFAULT_PATH).context("npx servers need node")
+    super::runtime::default_interpreter(super::runtime::Kind::Node, DEFAULT_PATH).context("npx servers need node")
 }
 
 /// The python uvx servers' virtualenvs are built on: `MCPBOX_PYTHON`, else `python3` on the
 /// sandbox's PATH.
 fn find_python() -> anyhow::Result<PathBuf> {
-    crate::runtime::default_interpreter(crate::runtime::Kind::Python, DEFAULT_PATH).context("uvx servers need python3")
+    super::runtime::default_interpreter(super::runtime::Kind::Python, DEFAULT_PATH).context("uvx servers need python3")
 }
 
 /// npm's CLI script and the npm package directory it lives in.
@@ -691,18 +692,17 @@ fn run_sandboxed(state: &StateDir, name: &str, manager: Manager, exe: &Path, arg
     }
 }
 
-/// The run phase: rewrite an npx/uvx launch to execute the prepared entry point directly.
-/// `policy_given` false: the runtime base policy is used, with a warning. Returns None for
-/// other commands.
-pub fn for_run(state: &StateDir, launch: &ServerLaunch, policy_given: bool) -> Option<anyhow::Result<(ServerLaunch, Extra)>> {
+/// The run phase: rewrite an npx/uvx launch to execute the prepared entry point directly
+/// (the policy stays what [`super::effective`] chose). Returns None for other commands.
+pub fn for_run(state: &StateDir, launch: &ServerLaunch) -> Option<anyhow::Result<(ServerLaunch, Extra)>> {
     let pkg = match parse(&launch.command, &launch.args)? {
         Ok(p) => p,
         Err(e) => return Some(Err(e)),
     };
-    Some(run_launch(state, launch, pkg, policy_given))
+    Some(run_launch(state, launch, pkg))
 }
 
-fn run_launch(state: &StateDir, launch: &ServerLaunch, pkg: Package, policy_given: bool) -> anyhow::Result<(ServerLaunch, Extra)> {
+fn run_launch(state: &StateDir, launch: &ServerLaunch, pkg: Package) -> anyhow::Result<(ServerLaunch, Extra)> {
     let cache = state.root.join(&launch.name).join("cache");
     let Some(p) = load_prepared(&cache, &pkg) else {
         bail!(
@@ -730,13 +730,6 @@ fn run_launch(state: &StateDir, launch: &ServerLaunch, pkg: Package, policy_give
     extra.env.insert("npm_config_offline".into(), "true".into());
     extra.env.insert("UV_OFFLINE".into(), "1".into());
     let mut l = launch.clone();
-    if !policy_given {
-        let base = pkg.manager.runtime_policy();
-        extra.notes.push(format!(
-            "no policy named for this server: using `default` plus the {base} runtime base (`{base}`); write one (see policies/) to say what it may reach"
-        ));
-        l.policy = PolicyRef::Named(base.into());
-    }
     l.command = p.interpreter.to_string_lossy().into_owned();
     l.args = std::iter::once(p.entry.to_string_lossy().into_owned()).chain(pkg.args.iter().cloned()).collect();
     Ok((l, extra))
@@ -744,11 +737,12 @@ fn run_launch(state: &StateDir, launch: &ServerLaunch, pkg: Package, policy_give
 
 /// Prepare every enabled npx/uvx server of `cfg`, one after another (they compete for the same
 /// network and disk). Returns the servers whose prepare failed, with the reason.
-pub async fn prepare_config(state: &StateDir, cfg: &crate::config::Config, force: bool) -> BTreeMap<String, String> {
+/// Servers in `refused` (their policy would refuse them at launch) are not prepared.
+pub async fn prepare_config(state: &StateDir, cfg: &crate::config::Config, force: bool, refused: &BTreeMap<String, String>) -> BTreeMap<String, String> {
     let mut failed = BTreeMap::new();
     for (name, server) in &cfg.servers {
         let crate::config::ServerKind::Stdio { command, args, .. } = &server.kind else { continue };
-        if server.disabled {
+        if server.disabled || refused.contains_key(name) {
             continue;
         }
         let pkg = match parse(command, args) {
@@ -788,15 +782,7 @@ pub fn cli(config: &Path, state_dir: Option<PathBuf>, force: bool, min_level: cr
             return std::process::ExitCode::from(2);
         }
     };
-    let root = state_dir.or_else(|| cfg.state_dir.clone()).unwrap_or_else(crate::serve::default_state_dir);
-    let mut state = StateDir::new(root);
-    if let Some(b) = cfg.uid_base {
-        state.uid_base = b;
-    }
-    state.min_level = min_level;
-    if let Some(dir) = config.parent() {
-        state.policy_dirs.push(dir.join("policies"));
-    }
+    let state = StateDir::for_config(&cfg, config, state_dir, min_level);
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -804,7 +790,10 @@ pub fn cli(config: &Path, state_dir: Option<PathBuf>, force: bool, min_level: cr
             return std::process::ExitCode::FAILURE;
         }
     };
-    let failed = rt.block_on(prepare_config(&state, &cfg, force));
+    let planner = super::Planner::new(state.clone());
+    let refused = planner.refusals(&cfg);
+    let mut failed = rt.block_on(prepare_config(&state, &cfg, force, &refused));
+    failed.extend(refused);
     if failed.is_empty() {
         std::process::ExitCode::SUCCESS
     } else {
@@ -843,7 +832,7 @@ mod tests {
         let (data, cache) = (d.path().join("data"), d.path().join("cache"));
         std::fs::create_dir_all(&data).unwrap();
         std::fs::create_dir_all(&cache).unwrap();
-        let mut ctx = LoadContext { lazy: Some(crate::runtime::Lazy::new(None, DEFAULT_PATH, crate::runtime::Untrusted::dir(d.path())).vars()), ..LoadContext::default() };
+        let mut ctx = LoadContext { lazy: Some(super::runtime::Lazy::new(None, DEFAULT_PATH, super::runtime::Untrusted::dir(d.path())).vars()), ..LoadContext::default() };
         ctx.vars.insert("DATA".into(), data.to_string_lossy().into_owned());
         ctx.vars.insert("CACHE".into(), cache.to_string_lossy().into_owned());
         let mem = load("server-memory", &ctx).unwrap();
@@ -875,30 +864,31 @@ mod tests {
         std::fs::write(pkg_dir.join("bin.js"), "").unwrap();
         let pkg = parse("npx", &v(&["-y", "x@1", "--flag"])).unwrap().unwrap();
         let launch = ServerLaunch { name: "srv".into(), command: "npx".into(), args: v(&["-y", "x@1", "--flag"]), env: BTreeMap::new(), policy: PolicyRef::Named("default".into()) };
-        assert!(for_run(&state, &launch, false).unwrap().is_err(), "not prepared yet");
+        let (launch, choice) = super::super::effective(launch, false);
+        assert!(matches!(&choice, super::super::PolicyChoice::RuntimeBase(m) if m.contains("no policy")), "{choice:?}");
+        assert!(for_run(&state, &launch).unwrap().is_err(), "not prepared yet");
         let runtime = Some(launch::resolve(&node).unwrap().0);
         // A record without the runtime it was prepared on is prepared again.
         let old = Prepared { request: pkg.clone(), package: "x".into(), version: "1".into(), interpreter: node.clone(), entry: pkg_dir.join("bin.js"), runtime: None, prepared_at: 0 };
         std::fs::write(cache.join(RECORD), serde_json::to_string(&old).unwrap()).unwrap();
-        assert!(for_run(&state, &launch, false).unwrap().is_err(), "a record without its runtime");
+        assert!(for_run(&state, &launch).unwrap().is_err(), "a record without its runtime");
         let rec = Prepared { runtime, ..old };
         std::fs::write(cache.join(RECORD), serde_json::to_string(&rec).unwrap()).unwrap();
-        let (l, extra) = for_run(&state, &launch, false).unwrap().unwrap();
+        let (l, extra) = for_run(&state, &launch).unwrap().unwrap();
         assert_eq!(l.command, node.to_string_lossy());
         assert_eq!(l.args, v(&[&pkg_dir.join("bin.js").to_string_lossy(), "--flag"]));
         assert!(matches!(&l.policy, PolicyRef::Named(n) if n == "node"));
         assert!(extra.grants.iter().any(|(p, a)| *p == cache.join("npm") && *a == Access::Exec));
-        assert!(extra.notes.iter().any(|n| n.contains("no policy")));
         // A record pointing outside the installed tree is not trusted.
         let bad = Prepared { entry: PathBuf::from("/etc/passwd"), ..rec };
         std::fs::write(cache.join(RECORD), serde_json::to_string(&bad).unwrap()).unwrap();
-        assert!(for_run(&state, &launch, true).unwrap().is_err());
+        assert!(for_run(&state, &launch).unwrap().is_err());
         // An install tree replaced by a link to somewhere else is not granted.
         let elsewhere = d.path().join("elsewhere");
         std::fs::rename(cache.join("npm"), &elsewhere).unwrap();
         std::os::unix::fs::symlink(&elsewhere, cache.join("npm")).unwrap();
         std::fs::write(cache.join(RECORD), serde_json::to_string(&Prepared { entry: pkg_dir.join("bin.js"), ..bad }).unwrap()).unwrap();
-        assert!(for_run(&state, &launch, true).unwrap().is_err());
+        assert!(for_run(&state, &launch).unwrap().is_err());
     }
 
     #[test]
