@@ -832,7 +832,7 @@ mod tests {
         let (data, cache) = (d.path().join("data"), d.path().join("cache"));
         std::fs::create_dir_all(&data).unwrap();
         std::fs::create_dir_all(&cache).unwrap();
-        let mut ctx = LoadContext { lazy: Some(super::runtime::Lazy::new(None, DEFAULT_PATH, super::runtime::Untrusted::dir(d.path())).vars()), ..LoadContext::default() };
+        let mut ctx = LoadContext { lazy: Some(crate::plan::runtime::Lazy::new(None, DEFAULT_PATH, crate::plan::runtime::Untrusted::dir(d.path())).vars()), ..LoadContext::default() };
         ctx.vars.insert("DATA".into(), data.to_string_lossy().into_owned());
         ctx.vars.insert("CACHE".into(), cache.to_string_lossy().into_owned());
         let mem = load("server-memory", &ctx).unwrap();
