@@ -236,3 +236,19 @@ fn a_runtime_without_its_standard_library_is_refused_by_name() {
     assert_eq!(out.code, 1, "{out}");
     assert!(out.stderr.contains(&format!("python runtime {} could not describe itself", py.display())) && out.stderr.contains("broken"), "{out}");
 }
+
+/// `mcpbox doctor` says which node and python the bases find and what they resolve to, and
+/// follows MCPBOX_PYTHON.
+#[test]
+fn doctor_reports_the_runtimes_it_finds() {
+    let reloc = installed("/opt/mcpbox-python");
+    let mut cmd = Command::new(mcpbox());
+    cmd.arg("doctor").env("MCPBOX_PYTHON", reloc.join("bin/python3"));
+    let out = run_timeout(cmd, Duration::from_secs(120));
+    let section = out.stdout.split("runtimes (").nth(1).unwrap_or_else(|| panic!("no runtime section:\n{out}"));
+    let line = |name: &str| section.lines().find(|l| l.trim_start().starts_with(&format!("{name} "))).unwrap_or_else(|| panic!("no {name} line:\n{out}")).to_string();
+    let node = line("node");
+    assert!(node.contains("NODE_EXE=/") && node.contains("node v"), "{node}");
+    let py = line("python");
+    assert!(py.contains(&format!("PYTHON_STDLIB={}/lib/python3.", reloc.display())) && py.contains("PYTHON_DYNLOAD="), "{py}");
+}
