@@ -5,8 +5,9 @@ build `full` sandboxes inside a container, and print that delta.
 Usage:
     deploy/gen-seccomp.py [--base DOCKER_DEFAULT_JSON] [--out PATH] [--check]
 
---base   Docker's default profile (moby/profiles seccomp/default.json). Defaults to the copy in
-         the project's shared reference folder (../shared/reference/ beside the repository).
+--base   Docker's default profile (moby/profiles seccomp/default.json). Defaults to the copy kept
+         beside this script, deploy/docker-default-seccomp.json (Apache-2.0, the moby project:
+         see deploy/docker-default-seccomp.NOTICE).
 --out    Where to write (default: deploy/docker-seccomp.json next to this script).
 --check  Write nothing; exit 1 if --out differs from what would be generated.
 
@@ -22,13 +23,24 @@ namespace first and holds capabilities only inside it):
   also accepts) pass; anything else keeps failing with EPERM.
 - mount, umount2: the tmpfs root, read-only binds, a fresh /proc, /dev nodes, the private /tmp;
   the old root is detached with umount2(MNT_DETACH).
+- mount_setattr: read-only, nosuid, nodev and noexec are set on the binds (recursively, without
+  restating locked flags as a remount would) with mount_setattr(2).
+- open_tree, move_mount: each grant is opened once without following symlinks and bound from that
+  handle (open_tree(OPEN_TREE_CLONE) + move_mount), never by path.
+- setns, CLONE_NEWNET only: the network namespace is made by a helper process while the mount
+  view is built; the sandbox's PID 1 and the server join it with setns(fd, CLONE_NEWNET).
 - pivot_root: switch to the new root (the default profile does not list it at all).
 - sethostname: a fixed hostname inside the new UTS namespace.
 Not added, on purpose:
 - clone/clone3 with CLONE_NEW* flags: mcpbox uses unshare + a plain fork, which the default
   profile already allows (clone3 keeps answering ENOSYS so libc falls back to clone).
-- setns: mcpbox never joins an existing namespace.
-- the new mount API (fsopen, fsmount, move_mount, open_tree, mount_setattr): not used.
+- setns with any other namespace type: mcpbox joins only the network namespace it made.
+- fsopen, fsconfig, fsmount: only the disk limit's ext4 image uses them, and only as host root
+  with loop devices, which a default container has neither of (the limit is then refused or,
+  where the policy relaxes it, not enforced and said so).
+
+The test `sandbox::docker_full_profile_lets_the_full_level_start` loads the generated profile as
+a seccomp filter around `mcpbox doctor` and `mcpbox run` and checks that they reach `full`.
 """
 
 import argparse
@@ -39,7 +51,7 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-DEFAULT_BASE = os.path.join(os.path.dirname(REPO), "shared", "reference", "docker-default-seccomp.json")
+DEFAULT_BASE = os.path.join(HERE, "docker-default-seccomp.json")
 DEFAULT_OUT = os.path.join(HERE, "docker-seccomp.json")
 
 CLONE_FS = 0x00000200
@@ -71,9 +83,15 @@ ADDITIONS = [
         "comment": "mcpbox: sandbox-init creates its namespaces with unshare(2); namespace flags only",
     },
     {
-        "names": ["mount", "umount2"],
+        "names": ["mount", "umount2", "mount_setattr", "open_tree", "move_mount"],
         "action": "SCMP_ACT_ALLOW",
-        "comment": "mcpbox: tmpfs root, read-only binds, fresh /proc, private /tmp; old root detached",
+        "comment": "mcpbox: tmpfs root, read-only binds from handles (open_tree + move_mount, flags set with mount_setattr), fresh /proc, private /tmp; old root detached",
+    },
+    {
+        "names": ["setns"],
+        "action": "SCMP_ACT_ALLOW",
+        "args": [{"index": 1, "value": CLONE_NEWNET, "op": "SCMP_CMP_EQ"}],
+        "comment": "mcpbox: PID 1 and the server join the sandbox's network namespace; that namespace type only",
     },
     {
         "names": ["pivot_root"],
@@ -103,7 +121,10 @@ def print_delta(out=sys.stdout):
     for rule in ADDITIONS:
         cond = ""
         for a in rule.get("args", []):
-            cond = f"  when (arg{a['index']} & {a['value']:#010x}) == {a['valueTwo']}"
+            if a["op"] == "SCMP_CMP_MASKED_EQ":
+                cond = f"  when (arg{a['index']} & {a['value']:#010x}) == {a['valueTwo']}"
+            else:
+                cond = f"  when arg{a['index']} == {a['value']:#010x}"
         print(f"  + {rule['action']} {', '.join(rule['names'])}{cond}", file=out)
         print(f"      {rule['comment']}", file=out)
 

@@ -23,6 +23,8 @@ command -v cc >/dev/null || need+=(build-essential)
 [ -x /usr/bin/python3 ] || need+=(python3)
 [ -x /usr/bin/node ] || need+=(nodejs)
 command -v setpriv >/dev/null || need+=(util-linux)
+# mkfs.ext4 makes each server's data-dir image ([limits] disk, as root); the tests read it with debugfs.
+[ -x /usr/sbin/mkfs.ext4 ] && [ -x /usr/sbin/debugfs ] || need+=(e2fsprogs)
 # The serve and real-server suites: npm (server-everything, npx servers), git (mcp-server-git),
 # tzdata (mcp-server-time), pip (uv comes from the Python package index).
 command -v npm >/dev/null || need+=(npm)

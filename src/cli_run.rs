@@ -134,13 +134,17 @@ pub fn run(args: RunArgs, early: Option<Result<crate::sandbox::Pending, crate::s
     if let crate::policy::Network::Proxy { allow } = &planned.policy.network {
         let started = proxy_listener.ok_or_else(|| anyhow::anyhow!("the sandbox did not hand over its proxy socket")).and_then(|l| {
             let allow = crate::netproxy::AllowList::parse(allow).map_err(|e| anyhow::anyhow!("network.allow: {e}"))?;
-            let cfg = std::sync::Arc::new(crate::netproxy::ProxyConfig::new(allow, planned.policy.source.clone(), name.clone()));
-            Ok(crate::netproxy::serve_in_thread(l, cfg)?)
+            let cfg = crate::netproxy::ProxyConfig::new(allow, planned.policy.source.clone(), name.clone());
+            Ok(crate::netproxy::ProxyThread::start(l, cfg)?)
         });
-        if let Err(e) = started {
-            eprintln!("mcpbox: {name}: cannot serve the egress proxy: {e:#}");
-            let _ = child.kill();
-            return ExitCode::from(EXIT_SETUP);
+        match started {
+            // Serves until mcpbox exits with the server's status (never dropped before that).
+            Ok(proxy) => std::mem::forget(proxy),
+            Err(e) => {
+                eprintln!("mcpbox: {name}: cannot serve the egress proxy: {e:#}");
+                let _ = child.kill();
+                return ExitCode::from(EXIT_SETUP);
+            }
         }
     }
     for w in &report.warnings {

@@ -15,8 +15,18 @@ use crate::policy::PolicyRef;
 
 pub const DEFAULT_MAX_BODY: usize = 16 << 20;
 pub const DEFAULT_MAX_LINE: usize = 16 << 20;
-pub const DEFAULT_SESSION_QUEUE: usize = 1024;
+/// What one session's outbox may hold (undelivered messages and the replay ring), in bytes.
+pub const DEFAULT_SESSION_BUFFER: usize = 8 << 20;
+/// What one server's input queue may hold (and a restarting shared server's waiting messages).
+pub const DEFAULT_SERVER_INPUT: usize = 8 << 20;
 pub const DEFAULT_IDLE: Duration = Duration::from_secs(600);
+/// `maxSessions` of a server that does not set it; `0` in the config means no per-server limit.
+pub const DEFAULT_MAX_SESSIONS: usize = 16;
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_MAX_CONNECTIONS_PER_ADDRESS: usize = 64;
+pub const DEFAULT_MAX_SESSIONS_TOTAL: usize = 256;
+pub const DEFAULT_MAX_SANDBOXES: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -163,6 +173,7 @@ pub struct ServerConfig {
     /// the runtime base on top, with a warning).
     pub policy_given: bool,
     pub isolation: Isolation,
+    /// `None`: no per-server limit (`"maxSessions": 0`); the global budget still applies.
     pub max_sessions: Option<usize>,
     pub idle_timeout: Duration,
     pub timeout: Option<Duration>,
@@ -178,9 +189,43 @@ pub struct Config {
     pub uid_base: Option<u32>,
     pub max_body_bytes: usize,
     pub max_line_bytes: usize,
-    pub session_queue: usize,
+    pub session_buffer_bytes: usize,
+    pub server_input_bytes: usize,
     pub allowed_origins: Vec<String>,
     pub allowed_hosts: Vec<String>,
+    pub limits: ServeLimits,
+}
+
+/// The HTTP edge's timeouts and connection caps, and the global session budget (`mcpbox`
+/// section). See README "Configuration" for what each one bounds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServeLimits {
+    /// A connection must send a complete request head within this long of being accepted or of
+    /// its previous answer (so this is also the keep-alive idle timeout).
+    pub header_timeout: Duration,
+    /// A request body must arrive in full within this long of its head.
+    pub body_timeout: Duration,
+    /// Open client connections in all; `None`: sized from the descriptor limit at start.
+    pub max_connections: Option<usize>,
+    /// Open client connections per client address (IPv6: per /64).
+    pub max_connections_per_address: usize,
+    /// Open sessions across all servers.
+    pub max_sessions_total: usize,
+    /// Sandboxes started for sessions across all servers (`isolation: "session"`).
+    pub max_sandboxes: usize,
+}
+
+impl Default for ServeLimits {
+    fn default() -> Self {
+        ServeLimits {
+            header_timeout: DEFAULT_HEADER_TIMEOUT,
+            body_timeout: DEFAULT_BODY_TIMEOUT,
+            max_connections: None,
+            max_connections_per_address: DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
+            max_sessions_total: DEFAULT_MAX_SESSIONS_TOTAL,
+            max_sandboxes: DEFAULT_MAX_SANDBOXES,
+        }
+    }
 }
 
 impl Config {
@@ -305,11 +350,21 @@ struct RawMcpbox {
     uid_base: Option<u32>,
     max_body_bytes: Option<usize>,
     max_line_bytes: Option<usize>,
+    /// Accepted for old configs and ignored: the session budget is in bytes now.
+    #[allow(dead_code)]
     session_queue: Option<usize>,
+    session_buffer_bytes: Option<usize>,
+    server_input_bytes: Option<usize>,
     #[serde(default)]
     allowed_origins: Vec<String>,
     #[serde(default)]
     allowed_hosts: Vec<String>,
+    header_timeout: Option<Value>,
+    body_timeout: Option<Value>,
+    max_connections: Option<usize>,
+    max_connections_per_address: Option<usize>,
+    max_sessions_total: Option<usize>,
+    max_sandboxes: Option<usize>,
 }
 
 // ---- loading ---------------------------------------------------------------------------
@@ -565,9 +620,11 @@ fn build(raw: RawFile, base_dir: &Path) -> Result<Config, ConfigError> {
             Some("shared") => Isolation::Shared,
             Some(i) => return Err(field_err(format!("{f}.isolation"), format!("{i:?} is not \"session\" or \"shared\""))),
         };
-        if rs.max_sessions == Some(0) {
-            return Err(field_err(format!("{f}.maxSessions"), "must be at least 1"));
-        }
+        let max_sessions = match rs.max_sessions {
+            None => Some(DEFAULT_MAX_SESSIONS),
+            Some(0) => None,
+            Some(n) => Some(n),
+        };
         let idle_timeout = match &rs.idle_timeout {
             Some(v) => parse_duration(v).map_err(|m| field_err(format!("{f}.idleTimeout"), m))?,
             None => DEFAULT_IDLE,
@@ -588,7 +645,7 @@ fn build(raw: RawFile, base_dir: &Path) -> Result<Config, ConfigError> {
             policy,
             policy_given,
             isolation,
-            max_sessions: rs.max_sessions,
+            max_sessions,
             idle_timeout,
             timeout,
             disabled: rs.disabled.or(opts.disabled).unwrap_or(false),
@@ -599,19 +656,29 @@ fn build(raw: RawFile, base_dir: &Path) -> Result<Config, ConfigError> {
     }
 
     let mb = raw.mcpbox;
-    let (state_dir, uid_base, max_body, max_line, queue, origins, hosts) = match mb {
+    let limits = match &mb {
+        Some(m) => serve_limits(m)?,
+        None => ServeLimits::default(),
+    };
+    let (state_dir, uid_base, max_body, max_line, session_buffer, server_input, origins, hosts) = match mb {
         Some(m) => (
             m.state_dir,
             m.uid_base,
             m.max_body_bytes,
             m.max_line_bytes,
-            m.session_queue,
+            m.session_buffer_bytes,
+            m.server_input_bytes,
             m.allowed_origins,
             m.allowed_hosts,
         ),
-        None => (None, None, None, None, None, vec![], vec![]),
+        None => (None, None, None, None, None, None, vec![], vec![]),
     };
-    for (k, v) in [("maxBodyBytes", max_body), ("maxLineBytes", max_line), ("sessionQueue", queue)] {
+    for (k, v) in [
+        ("maxBodyBytes", max_body),
+        ("maxLineBytes", max_line),
+        ("sessionBufferBytes", session_buffer),
+        ("serverInputBytes", server_input),
+    ] {
         if v == Some(0) {
             return Err(field_err(format!("mcpbox.{k}"), "must be at least 1"));
         }
@@ -623,9 +690,41 @@ fn build(raw: RawFile, base_dir: &Path) -> Result<Config, ConfigError> {
         uid_base,
         max_body_bytes: max_body.unwrap_or(DEFAULT_MAX_BODY),
         max_line_bytes: max_line.unwrap_or(DEFAULT_MAX_LINE),
-        session_queue: queue.unwrap_or(DEFAULT_SESSION_QUEUE),
+        session_buffer_bytes: session_buffer.unwrap_or(DEFAULT_SESSION_BUFFER),
+        server_input_bytes: server_input.unwrap_or(DEFAULT_SERVER_INPUT),
         allowed_origins: origins.into_iter().map(|o| o.trim_end_matches('/').to_ascii_lowercase()).collect(),
         allowed_hosts: hosts.into_iter().map(|h| h.to_ascii_lowercase()).collect(),
+        limits,
+    })
+}
+
+fn serve_limits(m: &RawMcpbox) -> Result<ServeLimits, ConfigError> {
+    let d = ServeLimits::default();
+    let timeout = |v: &Option<Value>, key: &str, default: Duration| -> Result<Duration, ConfigError> {
+        let Some(v) = v else { return Ok(default) };
+        let t = parse_duration(v).map_err(|msg| field_err(format!("mcpbox.{key}"), msg))?;
+        if t < Duration::from_millis(100) {
+            return Err(field_err(format!("mcpbox.{key}"), "must be at least 100ms (a timeout of 0 would be none at all)"));
+        }
+        Ok(t)
+    };
+    let count = |v: Option<usize>, key: &str, default: usize| -> Result<usize, ConfigError> {
+        match v {
+            Some(0) => Err(field_err(format!("mcpbox.{key}"), "must be at least 1")),
+            Some(n) => Ok(n),
+            None => Ok(default),
+        }
+    };
+    Ok(ServeLimits {
+        header_timeout: timeout(&m.header_timeout, "headerTimeout", d.header_timeout)?,
+        body_timeout: timeout(&m.body_timeout, "bodyTimeout", d.body_timeout)?,
+        max_connections: match m.max_connections {
+            Some(0) => return Err(field_err("mcpbox.maxConnections", "must be at least 1 (leave it out to size it from the descriptor limit)")),
+            v => v,
+        },
+        max_connections_per_address: count(m.max_connections_per_address, "maxConnectionsPerAddress", d.max_connections_per_address)?,
+        max_sessions_total: count(m.max_sessions_total, "maxSessionsTotal", d.max_sessions_total)?,
+        max_sandboxes: count(m.max_sandboxes, "maxSandboxes", d.max_sandboxes)?,
     })
 }
 
@@ -735,6 +834,30 @@ mod tests {
         // an empty token is an error, not an open door
         let e = parse(r#"{"mcpProxy":{"options":{"authTokens":["${E}"]}}}"#, Path::new("t"), Path::new("/"), &env(&[("E", "")])).unwrap_err();
         assert!(e.to_string().contains("mcpProxy.options.authTokens[0]"), "{e}");
+    }
+
+    #[test]
+    fn serve_limits_and_max_sessions() {
+        let c = p(r#"{"mcpServers":{"a":{"command":"x"},"b":{"command":"x","maxSessions":0},"c":{"command":"x","maxSessions":3}}}"#).unwrap();
+        assert_eq!(c.servers["a"].max_sessions, Some(DEFAULT_MAX_SESSIONS));
+        assert_eq!(c.servers["b"].max_sessions, None);
+        assert_eq!(c.servers["c"].max_sessions, Some(3));
+        assert_eq!(c.limits, ServeLimits::default());
+        let c = p(r#"{"mcpbox":{"headerTimeout":"2s","bodyTimeout":1.5,"maxConnections":100,"maxConnectionsPerAddress":8,
+                     "maxSessionsTotal":9,"maxSandboxes":4}}"#).unwrap();
+        let l = &c.limits;
+        assert_eq!((l.header_timeout, l.body_timeout), (Duration::from_secs(2), Duration::from_millis(1500)));
+        assert_eq!((l.max_connections, l.max_connections_per_address, l.max_sessions_total, l.max_sandboxes), (Some(100), 8, 9, 4));
+        for (text, field) in [
+            (r#"{"mcpbox":{"headerTimeout":0}}"#, "mcpbox.headerTimeout"),
+            (r#"{"mcpbox":{"bodyTimeout":"soon"}}"#, "mcpbox.bodyTimeout"),
+            (r#"{"mcpbox":{"maxConnections":0}}"#, "mcpbox.maxConnections"),
+            (r#"{"mcpbox":{"maxConnectionsPerAddress":0}}"#, "mcpbox.maxConnectionsPerAddress"),
+            (r#"{"mcpbox":{"maxSandboxes":0}}"#, "mcpbox.maxSandboxes"),
+        ] {
+            let e = p(text).unwrap_err().to_string();
+            assert!(e.contains(field), "{text}: {e}");
+        }
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub mod policy;
 pub mod plan;
 pub mod sandbox;
 pub mod bridge;
+pub mod budget;
 pub mod config;
 pub mod http;
 pub mod serve;

@@ -55,8 +55,7 @@ enum Cmd {
     /// Hidden: a `url` upstream as a stdio MCP server (run by `serve` inside a sandbox).
     #[command(hide = true)]
     UrlBridge {
-        #[arg(long)]
-        url: String,
+        // The URL comes in MCPBOX_UPSTREAM_URL: a command line is readable by every user.
         #[arg(long)]
         transport: Option<String>,
     },
@@ -152,7 +151,7 @@ fn main() -> ExitCode {
             init_logging("info", false);
             mcpbox::plan::prepare::cli(&config, state_dir, force, min_level.into())
         }
-        Cmd::UrlBridge { url, transport } => mcpbox::urlbridge::main(url, transport),
+        Cmd::UrlBridge { transport } => mcpbox::urlbridge::main(transport),
         Cmd::Doctor { state_dir } => mcpbox::cli_doctor::doctor(state_dir),
         Cmd::Run { policy, state_dir, name, min_level, command } => {
             // Quiet by default (stderr is the MCP client's log), but a first start that

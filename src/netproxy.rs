@@ -18,7 +18,11 @@
 //! 3. A name is resolved. If it was allowed by a wildcard entry, every address it resolves to must
 //!    be public (no loopback, private, link-local, unique-local, unspecified, multicast, …);
 //!    otherwise the request is refused without connecting. An entry naming that exact
-//!    `host:port` is taken as the policy author's say-so and may resolve anywhere.
+//!    `host:port` is taken as the policy author's say-so and may resolve anywhere — unless the
+//!    proxy is [`ProxyConfig::refuse_internal`] (the prepare sandboxes': a registry named by a
+//!    package manager's configuration never leads to loopback, link-local or private
+//!    addresses), where no address, of a name or an IP literal, may be [`is_internal`].
+//! 4. The connection goes to the addresses just checked: nothing is resolved twice.
 //!
 //! Denials answer `403 Forbidden` with a one-line body that names the policy and the target, and
 //! are logged once with the fields `server` and `target`.
@@ -291,6 +295,44 @@ pub fn is_public(ip: IpAddr) -> bool {
     }
 }
 
+/// True for addresses that lead into this host or its local networks: loopback, unspecified,
+/// "this network", private (RFC 1918), shared (CGNAT), link-local (cloud metadata),
+/// unique-local, site-local, multicast and broadcast — and IPv6 forms embedding such an IPv4
+/// address. Narrower than `!is_public`: documentation, benchmarking and reserved ranges are not
+/// internal (some resolvers answer with them for names they forward through a gateway).
+pub fn is_internal(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => is_internal_v4(v4),
+        IpAddr::V6(v6) => {
+            let seg = v6.segments();
+            if v6.is_unspecified() || v6.is_loopback() {
+                return true;
+            }
+            if seg[..5] == [0; 5] && (seg[5] == 0xffff || seg[5] == 0) {
+                return is_internal_v4(Ipv4Addr::from(((seg[6] as u32) << 16) | seg[7] as u32));
+            }
+            if seg[0] == 0x64 && seg[1] == 0xff9b && seg[2..6] == [0; 4] {
+                return is_internal_v4(Ipv4Addr::from(((seg[6] as u32) << 16) | seg[7] as u32));
+            }
+            if seg[0] == 0x2002 {
+                return is_internal_v4(Ipv4Addr::from(((seg[1] as u32) << 16) | seg[2] as u32));
+            }
+            (seg[0] & 0xfe00) == 0xfc00 || (seg[0] & 0xffc0) == 0xfe80 || (seg[0] & 0xffc0) == 0xfec0 || (seg[0] & 0xff00) == 0xff00
+        }
+    }
+}
+
+fn is_internal_v4(ip: Ipv4Addr) -> bool {
+    let [a, b, _, _] = ip.octets();
+    a == 0 || a == 10 || a == 127
+        || (a == 100 && (64..128).contains(&b))
+        || (a == 169 && b == 254)
+        || (a == 172 && (16..32).contains(&b))
+        || (a == 192 && b == 168)
+        || (224..240).contains(&a)
+        || ip == Ipv4Addr::BROADCAST
+}
+
 fn is_public_v4(ip: Ipv4Addr) -> bool {
     let [a, b, c, _] = ip.octets();
     let non_public = a == 0                                  // "this network", 0.0.0.0
@@ -379,6 +421,8 @@ pub struct ProxyConfig {
     pub max_header_bytes: usize,
     /// Connections served at once; further ones wait to be accepted.
     pub max_connections: usize,
+    /// No target may resolve to an [`is_internal`] address, whatever entry it matched.
+    pub refuse_internal: bool,
     pub resolver: Arc<dyn Resolve>,
 }
 
@@ -393,6 +437,7 @@ impl ProxyConfig {
             header_timeout: Duration::from_secs(10),
             max_header_bytes: 16 * 1024,
             max_connections: 256,
+            refuse_internal: false,
             resolver: Arc::new(SystemResolver),
         }
     }
@@ -408,6 +453,7 @@ impl fmt::Debug for ProxyConfig {
             .field("header_timeout", &self.header_timeout)
             .field("max_header_bytes", &self.max_header_bytes)
             .field("max_connections", &self.max_connections)
+            .field("refuse_internal", &self.refuse_internal)
             .finish_non_exhaustive()
     }
 }
@@ -434,16 +480,46 @@ pub fn proxy_env(port: u16) -> Vec<(&'static str, String)> {
 // Serving
 // ---------------------------------------------------------------------------------------------
 
-/// [`serve`] on a thread of its own with a single-threaded runtime, for callers that have no
-/// tokio runtime (`mcpbox run`). The thread serves until the process exits.
-pub fn serve_in_thread(listener: std::net::TcpListener, cfg: Arc<ProxyConfig>) -> io::Result<std::thread::JoinHandle<()>> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    std::thread::Builder::new().name("egress-proxy".into()).spawn(move || {
+/// [`serve`] on a thread and runtime of its own, for callers that run on blocking threads or
+/// have no runtime at all (prepare steps, `mcpbox run`). Stopped and joined when dropped.
+pub struct ProxyThread {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ProxyThread {
+    pub fn start(listener: std::net::TcpListener, cfg: ProxyConfig) -> io::Result<ProxyThread> {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let server = cfg.server.clone();
-        if let Err(e) = rt.block_on(serve(listener, cfg)) {
-            tracing::warn!(server = %server, "egress proxy stopped: {e}");
+        let thread = std::thread::Builder::new()
+            .name("mcpbox-egress-proxy".into())
+            .spawn(move || {
+                rt.block_on(async move {
+                    tokio::select! {
+                        r = serve(listener, Arc::new(cfg)) => {
+                            if let Err(e) = r {
+                                tracing::warn!(server = %server, "egress proxy stopped: {e}");
+                            }
+                        }
+                        _ = stopped => {}
+                    }
+                });
+            })
+            ?;
+        Ok(ProxyThread { stop: Some(stop), thread: Some(thread) })
+    }
+}
+
+impl Drop for ProxyThread {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
         }
-    })
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// Serves the proxy on `listener` (already bound, normally inside the server's namespace) until
@@ -608,7 +684,14 @@ async fn connect_checked(
             }
         }
     };
-    if how == Match::Wildcard {
+    if cfg.refuse_internal {
+        if let Some(bad) = addrs.iter().find(|a| is_internal(a.ip())) {
+            return Err(deny(
+                "loopback, link-local and private addresses are not reachable from here",
+                &format!("resolves to internal address {}", bad.ip()),
+            ));
+        }
+    } else if how == Match::Wildcard {
         if let Some(bad) = addrs.iter().find(|a| !is_public(a.ip())) {
             return Err(deny(
                 "network.allow: resolves to a non-public address; list the exact host:port to permit it",
@@ -950,6 +1033,10 @@ mod tests {
     }
 
     fn start_proxy(allow: &[String], dns: FakeDns) -> Proxy {
+        start_proxy_with(allow, dns, false)
+    }
+
+    fn start_proxy_with(allow: &[String], dns: FakeDns, refuse_internal: bool) -> Proxy {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let dns = Arc::new(dns);
@@ -957,6 +1044,7 @@ mod tests {
         cfg.resolver = dns.clone();
         cfg.connect_timeout = Duration::from_secs(2);
         cfg.header_timeout = Duration::from_secs(2);
+        cfg.refuse_internal = refuse_internal;
         let task = tokio::spawn(serve(listener, Arc::new(cfg)));
         Proxy { addr, dns, task }
     }
@@ -1293,6 +1381,36 @@ mod tests {
         tokio::time::timeout(T, s.read_exact(&mut pong)).await.unwrap().unwrap();
         assert_eq!(&pong, b"ping");
         assert_eq!(proxy.dns.asked(), vec!["svc.internal".to_string()]);
+    }
+
+    #[test]
+    fn internal_addresses() {
+        for a in ["127.0.0.1", "10.0.0.1", "172.16.0.1", "192.168.1.1", "169.254.169.254", "100.64.0.1", "0.0.0.0", "224.0.0.1", "255.255.255.255", "::1", "::", "fe80::1", "fd00::1", "::ffff:127.0.0.1", "::ffff:169.254.169.254", "64:ff9b::a00:1", "2002:c0a8:101::1"] {
+            assert!(is_internal(a.parse().unwrap()), "{a}");
+        }
+        for a in ["93.184.216.34", "203.0.113.80", "198.18.0.1", "2606:4700::1111", "::ffff:93.184.216.34"] {
+            assert!(!is_internal(a.parse().unwrap()), "{a}");
+        }
+    }
+
+    /// The prepare sandboxes' proxy: an exact entry (a registry's host) that resolves to
+    /// loopback, link-local or private addresses, and a listed non-public IP literal, are refused
+    /// after resolution, without connecting.
+    #[tokio::test]
+    async fn a_refuse_internal_proxy_refuses_every_non_public_address() {
+        let trap = Tripwire::new();
+        let port = trap.port();
+        let allow = [format!("registry.test:{port}"), format!("meta.test:{port}"), format!("lan.test:{port}"), format!("127.0.0.1:{port}")];
+        let dns = FakeDns::with(&[("registry.test", "93.184.216.34"), ("registry.test", "127.0.0.1"), ("meta.test", "169.254.169.254"), ("lan.test", "10.1.2.3")]);
+        let proxy = start_proxy_with(&allow, dns, true);
+        for target in ["registry.test", "meta.test", "lan.test", "127.0.0.1"] {
+            let reply = exchange(proxy.addr, format!("CONNECT {target}:{port} HTTP/1.1\r\n\r\n").as_bytes()).await;
+            assert!(reply.starts_with("HTTP/1.1 403 ") && reply.contains("not reachable from here"), "{target}: {reply}");
+            let reply = exchange(proxy.addr, format!("GET http://{target}:{port}/x HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes()).await;
+            assert!(reply.starts_with("HTTP/1.1 403 "), "plain GET {target}: {reply}");
+        }
+        assert_eq!(proxy.dns.asked().len(), 6, "names are judged after resolution: {:?}", proxy.dns.asked());
+        trap.assert_untouched();
     }
 
     #[tokio::test]

@@ -65,6 +65,35 @@ fn urls(c: &Config) -> Vec<String> {
         .collect()
 }
 
+/// The global connection cap: `maxConnections` if set, else sized from the descriptor limit.
+fn max_connections(cfg: &Config, nofile: u64) -> usize {
+    cfg.limits.max_connections.unwrap_or_else(|| crate::http::listen::default_max_connections(nofile, cfg.limits.max_sandboxes))
+}
+
+/// The effective limits, for `serve --check` and the start banner.
+fn limits_summary(cfg: &Config, nofile: u64) -> Vec<String> {
+    let l = &cfg.limits;
+    let conns = match l.max_connections {
+        Some(n) => format!("{n}"),
+        None => format!("{} (from the descriptor limit {nofile})", max_connections(cfg, nofile)),
+    };
+    let mut out = vec![
+        format!(
+            "connections: at most {conns}, {} per client address; headerTimeout {:?} (also the keep-alive idle timeout), bodyTimeout {:?}",
+            l.max_connections_per_address, l.header_timeout, l.body_timeout
+        ),
+        format!("sessions: at most {} across all servers, {} session sandboxes", l.max_sessions_total, l.max_sandboxes),
+    ];
+    for s in cfg.servers.values().filter(|s| !s.disabled) {
+        let max = match s.max_sessions {
+            Some(n) => n.to_string(),
+            None => "unlimited (maxSessions 0; the global budget applies)".into(),
+        };
+        out.push(format!("  {}: maxSessions {max}", s.name));
+    }
+    out
+}
+
 pub fn main(args: ServeArgs) -> ExitCode {
     let cfg = match load(&args) {
         Ok(c) => c,
@@ -86,6 +115,9 @@ pub fn main(args: ServeArgs) -> ExitCode {
         println!("{}: ok; listen {}; {} server(s)", args.config.display(), cfg.proxy.addr, cfg.servers.len());
         for u in urls(&cfg) {
             println!("  {u}");
+        }
+        for line in limits_summary(&cfg, crate::http::listen::nofile_hard()) {
+            println!("{line}");
         }
         return ExitCode::SUCCESS;
     }
@@ -116,6 +148,22 @@ async fn run(args: ServeArgs, cfg: Config) -> anyhow::Result<()> {
     if min_level == Level::Container {
         tracing::warn!("--min-level container: servers may run without namespaces (container level)");
     }
+    // Every client connection is a descriptor: take what the system allows, and size the
+    // connection cap from it (below).
+    let nofile = match crate::http::listen::raise_nofile() {
+        Ok((before, now)) if now > before => {
+            tracing::info!("raised the descriptor limit (RLIMIT_NOFILE) from {before} to {now}");
+            now
+        }
+        Ok((_, now)) => now,
+        Err(e) => {
+            tracing::warn!("cannot raise the descriptor limit (RLIMIT_NOFILE): {e}");
+            nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).map(|(s, _)| s).unwrap_or(1024)
+        }
+    };
+    if nofile < 4096 {
+        tracing::warn!("the descriptor limit is {nofile}: connections and sessions are capped low; raise it (systemd LimitNOFILE=, ulimit -n)");
+    }
     let swept = crate::sandbox::sweep_stale_cgroups();
     if swept > 0 {
         tracing::info!("removed {swept} cgroup(s) left by earlier sandboxes");
@@ -132,35 +180,40 @@ async fn run(args: ServeArgs, cfg: Config) -> anyhow::Result<()> {
     let launcher = SandboxLauncher { planner, spawner: crate::sandbox::Spawner::new() };
     let cfg = Arc::new(cfg);
     let grace = Duration::from_secs(args.grace);
-    let sup = Supervisor::start(&cfg, Arc::new(launcher), Options { queue: cfg.session_queue, max_line: cfg.max_line_bytes, grace });
+    let sup = Supervisor::start(&cfg, Arc::new(launcher), Options::from_config(&cfg, grace));
     let listener = tokio::net::TcpListener::bind(cfg.proxy.addr).await?;
     tracing::info!("mcpbox {} listening on {}", env!("CARGO_PKG_VERSION"), listener.local_addr()?);
     for u in urls(&cfg) {
         tracing::info!("serving {u}");
     }
+    for line in limits_summary(&cfg, nofile) {
+        tracing::info!("{}", line.trim_start());
+    }
+    if cfg.proxy.base_url.as_ref().is_some_and(|b| b.scheme == "https") {
+        // TLS ends in a reverse proxy: every client then comes from the proxy's one address.
+        tracing::info!(
+            "behind a reverse proxy all clients share its address: mcpbox.maxConnectionsPerAddress ({}) caps them together",
+            cfg.limits.max_connections_per_address
+        );
+    }
     let app = crate::http::router(sup.clone(), cfg.clone());
-    // TCP_NODELAY: an SSE answer is written as several small chunks (headers, the event, the
-    // end of the stream); with Nagle's algorithm on, each waits for the client's delayed ACK
-    // and every request answered as a stream took ~40 ms instead of ~0.1 ms.
-    use axum::serve::ListenerExt;
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!("cannot set TCP_NODELAY: {e}");
-        }
-    });
-    let sup2 = sup.clone();
-    let stopped = tokio_util::sync::CancellationToken::new();
-    let stopped2 = stopped.clone();
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-        wait_for_signal().await;
-        tracing::info!("shutting down: closing sessions, stopping servers");
-        sup2.shutdown().await;
-        stopped2.cancel();
-    });
-    let serve = tokio::spawn(async move { server.await });
-    stopped.cancelled().await;
+    let settings = crate::http::listen::Settings {
+        header_timeout: cfg.limits.header_timeout,
+        body_timeout: cfg.limits.body_timeout,
+        max_connections: max_connections(&cfg, nofile),
+        max_per_address: cfg.limits.max_connections_per_address,
+    };
+    let stop = tokio_util::sync::CancellationToken::new();
+    let conns = tokio_util::task::TaskTracker::new();
+    let accept = tokio::spawn(crate::http::listen::serve(listener, app, settings, stop.clone(), conns.clone()));
+    wait_for_signal().await;
+    tracing::info!("shutting down: closing sessions, stopping servers");
+    sup.shutdown().await;
+    stop.cancel();
+    let _ = accept.await;
     // Streams end with their sessions; do not wait forever for slow clients.
-    let _ = tokio::time::timeout(Duration::from_secs(2), serve).await;
+    conns.close();
+    let _ = tokio::time::timeout(Duration::from_secs(2), conns.wait()).await;
     tracing::info!("stopped");
     Ok(())
 }

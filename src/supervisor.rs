@@ -1,26 +1,28 @@
-//! Server lifecycle: processes (always through a [`Launcher`]), sessions, restarts with
-//! backoff, idle timeouts, shutdown.
+//! Server lifecycle: processes (always through a [`Launcher`]), the warm pool, restarts with
+//! backoff, idle timeouts, shutdown. Sessions themselves, their outboxes and the routing of
+//! messages live in [`crate::bridge`]; the supervisor opens sessions there and ends them.
 //!
 //! - `isolation: "session"`: every session gets its own process; the session ends when the
 //!   process exits (in-flight requests get "MCP server exited") and the process is killed
 //!   when the session ends (DELETE, SSE disconnect, idle, shutdown).
 //! - `isolation: "shared"`: one process per server behind one [`Hub`]; it is restarted with
 //!   exponential backoff (250 ms … 30 s) and sessions survive the restart.
+//! - A process whose stdout closes is ended at once (its in-flight requests fail first): a
+//!   server that can no longer answer is not left running until the idle timeout.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::future::BoxFuture;
-use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::AsyncWriteExt;
 use tokio::process::Child;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::bridge::{Hub, LineReader, Outbound, Principal, Sent, SessionId, SessionSink};
+use crate::bridge::{framing, input_queue, Hub, Limits, LineReader, Principal, Session, SessionId, Sessions, Transport};
 use crate::config::{Config, Isolation, ServerConfig};
 
 /// A started server process.
@@ -150,13 +152,17 @@ pub enum OpenError {
     TooMany(String),
     #[error("shutting down")]
     ShuttingDown,
+    /// The global budget (sessions or sandboxes across all servers) is spent.
+    #[error("{0}")]
+    Busy(#[from] crate::budget::Exhausted),
     #[error("could not start the server: {0}")]
     Launch(String),
 }
 
 #[derive(Default)]
 pub struct Metrics {
-    pub requests: AtomicU64,
+    /// Shared with the server's sessions, which count their requests.
+    pub requests: Arc<AtomicU64>,
     pub errors: AtomicU64,
     pub restarts: AtomicU64,
     pub starts: AtomicU64,
@@ -167,8 +173,7 @@ pub struct Metrics {
 
 pub struct Server {
     pub cfg: ServerConfig,
-    pub sessions: Mutex<HashMap<SessionId, Arc<Session>>>,
-    reserved: AtomicUsize,
+    pub sessions: Sessions,
     shared: Option<Arc<Hub>>,
     pub metrics: Metrics,
     /// Result of the launcher's check at startup.
@@ -184,54 +189,41 @@ struct Warm {
 }
 
 impl Server {
-    pub fn session(&self, id: &str) -> Option<Arc<Session>> {
-        self.sessions.lock().unwrap_or_else(|e| e.into_inner()).get(id).cloned()
+    /// The open session `id`, if `principal` opened it.
+    pub fn session(&self, id: &str, principal: &Principal) -> Option<Arc<Session>> {
+        self.sessions.get(id, principal)
     }
     pub fn active_sessions(&self) -> usize {
-        self.sessions.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.sessions.len()
     }
 }
 
-pub struct Session {
-    pub id: SessionId,
-    pub server: String,
-    /// Who opened it; only they can use it.
-    pub principal: Principal,
-    hub: Arc<Hub>,
-    pub closed: CancellationToken,
-    last_active: Mutex<Instant>,
-    /// Open client streams (SSE, GET); idle timeouts only apply with none open.
-    pub streams: AtomicUsize,
-    metrics_server: Arc<Server>,
-    pub initialized: AtomicBool,
-}
-
-impl Session {
-    /// A message from the client (a JSON-RPC object).
-    pub fn send(&self, msg: Value) -> Sent {
-        *self.last_active.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
-        if msg.get("method").is_some() && msg.get("id").is_some() {
-            self.metrics_server.metrics.requests.fetch_add(1, Ordering::Relaxed);
-        }
-        self.hub.from_client(&self.id, msg)
-    }
-
-    pub fn touch(&self) {
-        *self.last_active.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
-    }
-
-    pub fn close(&self, reason: &str) {
-        if !self.closed.is_cancelled() {
-            tracing::info!(server = %self.server, session = %self.id, "session ends: {reason}");
-            self.closed.cancel();
-        }
-    }
-}
+/// Longest line of a server's stderr that is logged; the rest of a longer line is dropped
+/// while reading (with a note in the log), never collected.
+pub const STDERR_LINE_MAX: usize = 4096;
 
 pub struct Options {
-    pub queue: usize,
     pub max_line: usize,
+    /// Bytes one session's outbox may hold (`mcpbox.sessionBufferBytes`).
+    pub session_buffer: usize,
+    /// Bytes queued for one server's stdin (`mcpbox.serverInputBytes`).
+    pub server_input: usize,
     pub grace: Duration,
+}
+
+impl Options {
+    pub fn from_config(cfg: &Config, grace: Duration) -> Self {
+        Options {
+            max_line: cfg.max_line_bytes,
+            session_buffer: cfg.session_buffer_bytes,
+            server_input: cfg.server_input_bytes,
+            grace,
+        }
+    }
+
+    fn limits(&self) -> Limits {
+        Limits { max_line: self.max_line, input: self.server_input }
+    }
 }
 
 pub struct Supervisor {
@@ -240,6 +232,8 @@ pub struct Supervisor {
     opts: Options,
     shutdown: CancellationToken,
     tasks: TaskTracker,
+    /// Sessions and session sandboxes across all servers (`mcpbox.maxSessionsTotal`, `maxSandboxes`).
+    pub budget: Arc<crate::budget::Budget>,
 }
 
 struct ProcCtl {
@@ -266,13 +260,12 @@ impl Supervisor {
                 tracing::error!(server = %name, "cannot start: {e}");
             }
             let shared = (cfg.isolation == Isolation::Shared)
-                .then(|| Arc::new(Hub::new(name, true, cfg.tool_filter.clone(), opts.max_line)));
+                .then(|| Arc::new(Hub::new(name, true, cfg.tool_filter.clone(), opts.limits())));
             servers.insert(
                 name.clone(),
                 Arc::new(Server {
                     cfg: cfg.clone(),
-                    sessions: Mutex::new(HashMap::new()),
-                    reserved: AtomicUsize::new(0),
+                    sessions: Sessions::default(),
                     shared,
                     metrics: Metrics::default(),
                     warm: (cfg.isolation == Isolation::Session && ready.is_ok()).then(|| {
@@ -289,6 +282,7 @@ impl Supervisor {
             opts,
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
+            budget: crate::budget::Budget::new(config.limits.max_sessions_total, config.limits.max_sandboxes),
         });
         for server in sup.servers.values() {
             if server.shared.is_some() && server.ready.is_ok() {
@@ -432,22 +426,22 @@ impl Supervisor {
             let _ = child.start_kill();
             anyhow::bail!("launcher returned a process without piped stdio");
         };
-        let (tx, mut rx) = mpsc::channel::<bytes::Bytes>(self.opts.queue);
+        let (tx, mut rx) = input_queue(hub.input_budget());
         hub.connect_process(tx);
         tokio::spawn(async move {
             while let Some(b) = rx.recv().await {
                 if stdin.write_all(&b).await.is_err() {
                     break;
                 }
+                rx.written(b.len());
             }
         });
-        // stderr: drained, logged at a bounded rate.
+        // stderr: drained with a bounded line buffer, logged at a bounded rate.
         let (n2, s2) = (name.clone(), sess_field.clone());
         tokio::spawn(async move {
-            let mut lines = BufReader::new(stderr).lines();
             let mut window = Instant::now();
             let (mut count, mut dropped) = (0u32, 0u64);
-            while let Ok(Some(line)) = lines.next_line().await {
+            framing::read_log_lines(stderr, STDERR_LINE_MAX, |line| {
                 if window.elapsed() > Duration::from_secs(1) {
                     if dropped > 0 {
                         tracing::warn!(server = %n2, session = %s2, pid, "suppressed {dropped} stderr lines");
@@ -459,18 +453,26 @@ impl Supervisor {
                 count += 1;
                 if count > 50 {
                     dropped += 1;
-                    continue;
+                    return;
                 }
-                let line: String = line.chars().take(2000).collect();
                 tracing::info!(server = %n2, session = %s2, pid, "stderr: {line}");
-            }
+            })
+            .await;
         });
+        // stdout: its end means the server can no longer answer; in-flight requests fail now
+        // and the process is ended (below), whether or not it meant to exit.
         let hub2 = hub.clone();
+        let stdout_closed = CancellationToken::new();
+        let closed2 = stdout_closed.clone();
+        let (n3, s3) = (name.clone(), sess_field.clone());
         let reader = tokio::spawn(async move {
             let mut lr = LineReader::new(stdout, hub2.max_line());
             while let Ok(Some(frame)) = lr.next_frame().await {
                 hub2.from_backend(frame);
             }
+            tracing::debug!(server = %n3, session = %s3, pid, "server closed its stdout");
+            hub2.process_exited();
+            closed2.cancel();
         });
         let kill = match &session {
             Some((_, closed)) => closed.clone(),
@@ -484,6 +486,17 @@ impl Supervisor {
                 s = child.wait() => s,
                 _ = kill.cancelled() => terminate(&mut child, pid, grace).await,
                 _ = shutdown.cancelled() => terminate(&mut child, pid, grace).await,
+                _ = stdout_closed.cancelled() => {
+                    // Usually the process is exiting anyway; one that lives on without its
+                    // stdout is ended.
+                    match tokio::time::timeout(Duration::from_millis(100), child.wait()).await {
+                        Ok(s) => s,
+                        Err(_) => {
+                            tracing::warn!(server = %name, session = %sess_field, pid, "server closed its stdout but kept running; ending it");
+                            terminate(&mut child, pid, grace).await
+                        }
+                    }
+                }
             };
             let status = match status {
                 Ok(s) => s.to_string(),
@@ -498,12 +511,13 @@ impl Supervisor {
         Ok(ProcCtl { exited: done_rx })
     }
 
-    /// Open a client session on `server`.
+    /// Open a client session on `server`, read through `transport`.
     pub async fn open_session(
         self: &Arc<Self>,
         server_name: &str,
         principal: Principal,
-    ) -> Result<(Arc<Session>, mpsc::Receiver<Outbound>), OpenError> {
+        transport: Transport,
+    ) -> Result<Arc<Session>, OpenError> {
         if self.shutdown.is_cancelled() {
             return Err(OpenError::ShuttingDown);
         }
@@ -512,25 +526,33 @@ impl Supervisor {
             return Err(OpenError::Launch(e.clone()));
         }
         // Reserve a slot before the (slow) launch so concurrent opens cannot overshoot.
-        let n = server.reserved.fetch_add(1, Ordering::SeqCst);
-        if server.cfg.max_sessions.is_some_and(|m| n >= m) {
-            server.reserved.fetch_sub(1, Ordering::SeqCst);
+        let Some(slot) = server.sessions.reserve(server.cfg.max_sessions) else {
             return Err(OpenError::TooMany(server_name.to_string()));
-        }
+        };
+        // The global budget, also before anything starts; its slot goes back when the session ends.
+        let budget_slot = self.budget.acquire(server.shared.is_none())?;
         let id = new_session_id();
         let closed = self.shutdown.child_token();
-        let (tx, rx) = mpsc::channel(self.opts.queue);
         let hub = match &server.shared {
             Some(h) => h.clone(),
-            None => Arc::new(Hub::new(server_name, false, server.cfg.tool_filter.clone(), self.opts.max_line)),
+            None => Arc::new(Hub::new(server_name, false, server.cfg.tool_filter.clone(), self.opts.limits())),
         };
-        hub.attach(id.clone(), SessionSink { tx, closed: closed.clone() });
+        let session = Session::new(
+            id.clone(),
+            server_name,
+            principal,
+            transport,
+            hub.clone(),
+            self.opts.session_buffer,
+            closed.clone(),
+            server.metrics.requests.clone(),
+        );
         let proc = if server.shared.is_none() {
             let warm = self.take_warm(&server).await;
             match self.start_process(&server, hub.clone(), Some((id.clone(), closed.clone())), warm).await {
                 Ok(p) => Some(p),
                 Err(e) => {
-                    server.reserved.fetch_sub(1, Ordering::SeqCst);
+                    session.finish("the server could not be started");
                     server.metrics.errors.fetch_add(1, Ordering::Relaxed);
                     tracing::error!(server = %server_name, "cannot start server for a new session: {e:#}");
                     return Err(OpenError::Launch(format!("{e:#}")));
@@ -539,39 +561,30 @@ impl Supervisor {
         } else {
             None
         };
-        let session = Arc::new(Session {
-            id: id.clone(),
-            server: server_name.to_string(),
-            principal,
-            hub: hub.clone(),
-            closed: closed.clone(),
-            last_active: Mutex::new(Instant::now()),
-            streams: AtomicUsize::new(0),
-            metrics_server: server.clone(),
-            initialized: AtomicBool::new(false),
-        });
-        server.sessions.lock().unwrap_or_else(|e| e.into_inner()).insert(id.clone(), session.clone());
+        server.sessions.insert(slot, session.clone());
         tracing::info!(server = %server_name, session = %id, principal = %session.principal, "session opened");
         let srv = server.clone();
         let sess = session.clone();
         self.tasks.spawn(async move {
+            let mut reason = "session ended".to_string();
             match proc {
                 Some(p) => {
                     tokio::select! {
                         _ = closed.cancelled() => {}
                         r = p.exited => {
                             srv.metrics.errors.fetch_add(1, Ordering::Relaxed);
-                            sess.close(&format!("server process exited ({})", r.unwrap_or_default()));
+                            reason = format!("server process exited ({})", r.unwrap_or_default());
+                            sess.close(&reason);
                         }
                     }
                 }
                 None => closed.cancelled().await,
             }
-            hub.detach(&id);
-            srv.sessions.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
-            srv.reserved.fetch_sub(1, Ordering::SeqCst);
+            sess.finish(&reason);
+            srv.sessions.remove(&sess.id);
+            drop(budget_slot);
         });
-        Ok((session, rx))
+        Ok(session)
     }
 
     async fn reap_idle(self: Arc<Self>) {
@@ -583,10 +596,8 @@ impl Supervisor {
             }
             for server in self.servers.values() {
                 let idle = server.cfg.idle_timeout;
-                let sessions: Vec<Arc<Session>> = server.sessions.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
-                for s in sessions {
-                    let last = *s.last_active.lock().unwrap_or_else(|e| e.into_inner());
-                    if s.streams.load(Ordering::Relaxed) == 0 && last.elapsed() > idle {
+                for s in server.sessions.all() {
+                    if s.idle_for().is_some_and(|d| d > idle) {
                         s.close(&format!("idle for {idle:?}"));
                     }
                 }

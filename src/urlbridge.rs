@@ -7,8 +7,11 @@
 //! endpoint it announces). It runs in a sandbox like any server (network `host`), so the code
 //! that parses what a remote server sends holds no more than it needs.
 //!
-//! Headers for the upstream (its tokens) come in `MCPBOX_UPSTREAM_HEADERS` as a JSON object,
-//! never on the command line.
+//! The upstream's URL (which often carries `?api_key=…`) comes in `MCPBOX_UPSTREAM_URL` and its
+//! headers (its tokens) in `MCPBOX_UPSTREAM_HEADERS` as a JSON object: never on the command
+//! line, which every user of the host can read in `/proc/PID/cmdline` (a process's environment
+//! is readable by its owner only). What the bridge writes to stderr (mcpbox's log) names the
+//! URL without its query.
 
 use std::collections::BTreeMap;
 use std::process::ExitCode;
@@ -21,6 +24,37 @@ use tokio::sync::mpsc;
 
 /// The environment variable carrying the upstream's headers.
 pub const HEADERS_ENV: &str = "MCPBOX_UPSTREAM_HEADERS";
+/// The environment variable carrying the upstream's URL.
+pub const URL_ENV: &str = "MCPBOX_UPSTREAM_URL";
+
+/// The URL as logs may show it: without its query (and fragment) and without user info.
+pub fn redact(url: &str) -> String {
+    let base = url.split(['?', '#']).next().unwrap_or(url);
+    let base = match base.split_once("://") {
+        Some((scheme, rest)) => {
+            let (auth, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+            let host = auth.rsplit_once('@').map_or(auth, |(_, h)| h);
+            format!("{scheme}://{host}{path}")
+        }
+        None => base.to_string(),
+    };
+    if url.contains(['?', '#']) { format!("{base}?…") } else { base }
+}
+
+/// The upstream URL and its redacted form, for scrubbing messages that quote it.
+static URL_SEEN: std::sync::OnceLock<(String, String)> = std::sync::OnceLock::new();
+
+/// A message for stderr with the upstream URL (as given, or as reqwest prints it) redacted.
+fn scrub(msg: impl std::fmt::Display) -> String {
+    let mut s = msg.to_string();
+    if let Some((url, red)) = URL_SEEN.get() {
+        s = s.replace(url.as_str(), red);
+        if let Ok(parsed) = reqwest::Url::parse(url) {
+            s = s.replace(parsed.as_str(), red);
+        }
+    }
+    s
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transport {
@@ -111,8 +145,16 @@ fn headers_from_env() -> anyhow::Result<reqwest::header::HeaderMap> {
     Ok(map)
 }
 
-/// Entry point of the hidden subcommand.
-pub fn main(url: String, transport: Option<String>) -> ExitCode {
+/// Entry point of the hidden subcommand: the URL is read from [`URL_ENV`].
+pub fn main(transport: Option<String>) -> ExitCode {
+    let url = match std::env::var(URL_ENV) {
+        Ok(u) if !u.is_empty() => u,
+        _ => {
+            eprintln!("mcpbox url-bridge: {URL_ENV} is not set (mcpbox serve sets it; the URL never goes on the command line)");
+            return ExitCode::from(2);
+        }
+    };
+    let _ = URL_SEEN.set((url.clone(), redact(&url)));
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -123,7 +165,7 @@ pub fn main(url: String, transport: Option<String>) -> ExitCode {
     match rt.block_on(run(url, transport)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("mcpbox url-bridge: {e:#}");
+            eprintln!("mcpbox url-bridge: {}", scrub(format!("{e:#}")));
             ExitCode::FAILURE
         }
     }
@@ -223,13 +265,13 @@ async fn streamable(client: reqwest::Client, url: String, out: mpsc::Sender<Stri
         let task = async move { post_streamable(&client, &url, msg, &out, &state).await };
         if is_initialize {
             if let Err(e) = task.await {
-                eprintln!("mcpbox url-bridge: initialize: {e:#}");
+                eprintln!("mcpbox url-bridge: initialize: {}", scrub(format!("{e:#}")));
                 bail!("the upstream did not accept initialize");
             }
         } else {
             tasks.spawn(async move {
                 if let Err(e) = task.await {
-                    eprintln!("mcpbox url-bridge: {e:#}");
+                    eprintln!("mcpbox url-bridge: {}", scrub(format!("{e:#}")));
                 }
             });
         }
@@ -337,7 +379,7 @@ fn maybe_open_get_stream(client: &reqwest::Client, url: &str, out: &mpsc::Sender
 async fn legacy_sse(client: reqwest::Client, url: String, out: mpsc::Sender<String>) -> anyhow::Result<()> {
     let resp = client.get(&url).header("accept", "text/event-stream").send().await.context("connecting to the upstream")?;
     if !resp.status().is_success() {
-        bail!("upstream answered HTTP {} to GET {url}", resp.status());
+        bail!("upstream answered HTTP {} to GET {}", resp.status(), redact(&url));
     }
     let (ep_tx, ep_rx) = tokio::sync::oneshot::channel();
     let out2 = out.clone();
@@ -360,7 +402,7 @@ async fn legacy_sse(client: reqwest::Client, url: String, out: mpsc::Sender<Stri
                 match r {
                     Ok(r) if r.status().is_success() => {}
                     Ok(r) => eprintln!("mcpbox url-bridge: upstream answered HTTP {} to a message", r.status()),
-                    Err(e) => eprintln!("mcpbox url-bridge: posting to the upstream: {e}"),
+                    Err(e) => eprintln!("mcpbox url-bridge: posting to the upstream: {}", scrub(e)),
                 }
             }
             _ = stream_finished(&stream) => bail!("the upstream closed its event stream"),
@@ -379,6 +421,15 @@ async fn stream_finished(h: &tokio::task::JoinHandle<anyhow::Result<()>>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn redacted_urls_keep_no_query_and_no_user_info() {
+        assert_eq!(redact("https://h.example:8443/mcp?api_key=SECRET#x"), "https://h.example:8443/mcp?…");
+        assert_eq!(redact("https://user:pw@h.example/sse"), "https://h.example/sse");
+        assert_eq!(redact("http://127.0.0.1:9/ev/mcp"), "http://127.0.0.1:9/ev/mcp");
+        let _ = URL_SEEN.set(("http://127.0.0.1:9/a?k=SECRET".into(), redact("http://127.0.0.1:9/a?k=SECRET")));
+        assert!(!scrub("error sending request for url (http://127.0.0.1:9/a?k=SECRET)").contains("SECRET"));
+    }
 
     #[test]
     fn sse_parser_handles_split_chunks_and_multiline_data() {

@@ -97,7 +97,11 @@ fn a_command_the_policy_does_not_allow_is_refused() {
     // By then sandbox-init had taken the server's uid and made its namespaces and PID 1: none
     // of those processes outlives mcpbox.
     if is_root() {
-        assert_eq!(pids_of_uid(allocated_uid(&name)), Vec::<i32>::new(), "a process of the refused server's uid outlived mcpbox");
+        // Tests with state dirs of their own allocate the same host uids: count only processes
+        // in this server's cgroup.
+        let mine = |pid: &i32| std::fs::read_to_string(format!("/proc/{pid}/cgroup")).is_ok_and(|c| c.contains(&format!("/{name}")));
+        let left: Vec<i32> = pids_of_uid(allocated_uid(&name)).into_iter().filter(mine).collect();
+        assert_eq!(left, Vec::<i32>::new(), "a process of the refused server outlived mcpbox");
     }
 }
 
@@ -251,7 +255,69 @@ fn the_readme_memory_example_works_without_a_policy() {
     let v: serde_json::Value = serde_json::from_str(&answer).unwrap();
     assert!(v["result"]["isError"] != true && v.get("error").is_none(), "create_entities failed: {answer}\n{err}");
     assert!(err.contains("shipped policy `server-memory`"), "{err}");
+    if is_root() {
+        // As root the data dir is the server's own filesystem (`[limits] disk` of the shipped
+        // policies): the graph (MEMORY_FILE_PATH, policies/server-memory.toml) is in its image.
+        let image = state.join("server-memory/data.img");
+        let out = Command::new("/usr/sbin/debugfs").args(["-R", "cat /memory.jsonl"]).arg(&image).output().expect("running debugfs (e2fsprogs)");
+        assert!(String::from_utf8_lossy(&out.stdout).contains("README-CANARY"), "the graph is in the server's data image");
+        return;
+    }
     let data = state.join("server-memory/data");
     let written: Vec<_> = std::fs::read_dir(&data).unwrap().flatten().filter(|e| std::fs::read_to_string(e.path()).is_ok_and(|t| t.contains("README-CANARY"))).collect();
     assert!(!written.is_empty(), "the graph is in the server's data dir");
+}
+
+/// A hostile install script (tests/fixtures/daemon-pkg) leaves a daemon in a session of its own
+/// that tries to hold mcpbox's prepare output pipe open (npm's stdout and stderr, through /proc).
+/// At `container` level too (no PID namespace), `mcpbox prepare` finishes, its output closes, and
+/// no process of the daemon is left 1 s later: it can never wedge `prepare`, nor `serve`'s start,
+/// which prepares first. (Before the container-level reaper, rootless, the daemon survived.)
+#[test]
+fn a_daemon_left_by_an_install_script_cannot_wedge_prepare() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = tempdir();
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/daemon-pkg");
+    let out = Command::new("npm")
+        .args(["pack", "--silent", "--pack-destination"])
+        .arg(d.path())
+        .current_dir(&fixture)
+        .env("npm_config_cache", d.path().join("npm-cache"))
+        .output()
+        .expect("running npm (scripts/test.sh installs it)");
+    assert!(out.status.success(), "npm pack: {}", String::from_utf8_lossy(&out.stderr));
+    let tgz = d.path().join("daemon-pkg-1.0.0.tgz");
+    std::fs::set_permissions(&tgz, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let cfg = d.path().join("daemon.json");
+    let body = serde_json::json!({ "mcpServers": { "daemon": { "command": "npx", "args": ["-y", tgz] } } });
+    std::fs::write(&cfg, body.to_string()).unwrap();
+    let marker = "mcpbox-daemon-pkg-marker";
+    let daemons = || {
+        let pids = std::fs::read_dir("/proc").unwrap().flatten().filter_map(|e| e.file_name().to_string_lossy().parse::<i32>().ok());
+        crate::sandbox::not_zombies(
+            pids.filter(|p| std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).contains(marker))).collect(),
+        )
+    };
+    for level in ["full", "container"] {
+        let mut cmd = Command::new(mcpbox());
+        cmd.args(["prepare", "--config"]).arg(&cfg).arg("--state-dir").arg(d.path().join(format!("state-{level}")));
+        test_env(&mut cmd);
+        let cmd = if level == "container" {
+            cmd.args(["--min-level", "container"]);
+            crate::sandbox::under_docker_filter(cmd)
+        } else {
+            cmd
+        };
+        let (out, closed) = crate::sandbox::run_to_eof(cmd, Duration::from_secs(120), Duration::from_secs(2));
+        let gone = eventually(Duration::from_secs(1), || daemons().is_empty());
+        let left = daemons();
+        kill_all(&left);
+        assert!(closed, "{level}: a process held prepare's output open after it ended: {left:?}\n{out}");
+        assert!(gone, "{level}: the install script's daemon outlived prepare: {left:?}\n{out}");
+        assert_eq!(out.code, 0, "{level}: {out}");
+        assert!(out.stderr.contains("prepared daemon-pkg@1.0.0"), "{level}: the package should be prepared: {out}");
+        if level == "container" {
+            assert!(out.stderr.contains("container"), "the prepare sandbox should be at `container` level: {out}");
+        }
+    }
 }

@@ -153,9 +153,10 @@ fn memory_graph_persists_across_restarts_in_its_data_dir_only() {
     srv.stop();
 
     // The graph is in the data dir, and nowhere else under the state dir (not in the package).
+    // As root the data dir is the server's own filesystem (`[limits] disk`): its image.
     let found = files_containing(&state, &marker);
-    let data = state.join("memory/data");
-    assert!(!found.is_empty() && found.iter().all(|f| f.starts_with(&data)), "graph files: {found:?}");
+    let (data, image) = (state.join("memory/data"), state.join("memory/data.img"));
+    assert!(!found.is_empty() && found.iter().all(|f| f.starts_with(&data) || *f == image), "graph files: {found:?}");
 }
 
 #[test]
@@ -227,9 +228,13 @@ fn git_reads_its_repository_and_not_another() {
 }
 
 /// A hostile package's install script runs inside the prepare sandbox: it cannot read a planted
-/// world-readable secret, write outside the cache, or see mcpbox's environment.
+/// world-readable secret, the registry credentials of npm's and uv's configuration (canaries in
+/// mcpbox's environment, the user's npmrc, netrc and uv.toml), write outside the cache, see
+/// mcpbox's environment, or reach a service on the host's loopback, directly or through the
+/// egress proxy; and the package still installs.
 #[test]
 fn prepare_confines_a_malicious_install_script() {
+    const CRED: &str = "REGISTRY-CREDENTIAL-CANARY";
     let dir = scratch("evil");
     let canary = std::path::Path::new("/var/tmp/mcpbox-evil-canary");
     let _ = std::fs::remove_dir_all(canary);
@@ -238,20 +243,32 @@ fn prepare_confines_a_malicious_install_script() {
     std::fs::write(canary.join("secret"), "EVIL-SECRET-CANARY").unwrap();
     std::fs::set_permissions(canary.join("secret"), std::fs::Permissions::from_mode(0o644)).unwrap();
 
-    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/evil-pkg");
-    let out = Command::new("npm")
-        .args(["pack", "--silent", "--pack-destination"])
-        .arg(&dir)
-        .current_dir(&fixture)
-        .env("npm_config_cache", dir.join("npm-cache"))
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "npm pack: {}", String::from_utf8_lossy(&out.stderr));
-    let tgz = dir.join("evil-pkg-1.0.0.tgz");
-    assert!(tgz.is_file());
-    std::fs::set_permissions(&tgz, std::fs::Permissions::from_mode(0o644)).unwrap();
+    // mcpbox's HOME, with credentials where npm, curl/uv and uv look for them (world-readable:
+    // only the sandbox may keep the script from them).
+    let home = dir.join("home");
+    std::fs::create_dir_all(home.join(".config/uv")).unwrap();
+    let cred_files = [
+        (home.join(".npmrc"), format!("//npm.example.test/:_authToken={CRED}\n")),
+        (home.join(".netrc"), format!("machine idx.example.test login u password {CRED}\n")),
+        (home.join(".config/uv/uv.toml"), format!("[[index]]\nname = \"private\"\nurl = \"https://u:{CRED}@idx.example.test/simple\"\n")),
+    ];
+    for (p, text) in &cred_files {
+        std::fs::write(p, text).unwrap();
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    // A service on the host's loopback that the install script must not reach.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let port = listener.local_addr().unwrap().port();
 
     let state = dir.join("state");
+    // npm's download step (scripts off) gets the credentials in a file beside the cache; the
+    // script, which runs in the next step, tries that file too.
+    let auth_file = state.join("evil").join("prepare-auth.npmrc");
+    let mut files: Vec<String> = cred_files.iter().map(|(p, _)| p.to_string_lossy().into_owned()).collect();
+    files.push(auth_file.to_string_lossy().into_owned());
+    let tgz = pack_evil(&dir, port, &files);
+
     let cfg = dir.join("evil.json");
     std::fs::write(&cfg, config(json!({ "evil": { "command": "npx", "args": ["-y", tgz] } })).to_string()).unwrap();
     let out = Command::new(mcpbox())
@@ -260,26 +277,178 @@ fn prepare_confines_a_malicious_install_script() {
         .arg("--state-dir")
         .arg(&state)
         .env("MCPBOX_EVIL_ENV_CANARY", "evil-env-canary")
+        .env("HOME", &home)
+        .env("NPM_TOKEN", CRED)
+        .env("UV_INDEX_PRIVATE_PASSWORD", CRED)
+        .env("UV_INDEX_URL", format!("https://u:{CRED}@idx.example.test/simple"))
         .output()
         .unwrap();
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "prepare of the fixture failed: {log}");
+    assert!(state.join("evil/cache/prepared.json").is_file(), "the package was not recorded as prepared: {log}");
+    assert!(log.contains("not given to the prepare sandbox"), "the withheld npm credentials are not named in the log: {log}");
+    assert!(!auth_file.exists(), "the download step's credentials file outlived it");
 
     let report = state.join("evil/cache/npm/node_modules/evil-pkg/report.json");
     let report = std::fs::read_to_string(&report).unwrap_or_else(|e| panic!("the postinstall script did not run ({e}): {log}"));
     let rep: serde_json::Value = serde_json::from_str(&report).unwrap();
     assert_eq!(rep["ran"], true);
     assert!(!report.contains("EVIL-SECRET-CANARY"), "the install script read the secret: {report}");
+    assert!(!report.contains(CRED), "the install script saw a registry credential: {report}");
+    for f in &files {
+        assert!(rep["read"][f].as_str().is_some_and(|w| w.starts_with("ERR")), "install script read {f}: {}", rep["read"][f]);
+    }
     for (path, what) in rep["read"].as_object().unwrap() {
         assert!(what.as_str().unwrap().starts_with("ERR"), "install script read {path}: {what}");
     }
     for (path, what) in rep["wrote"].as_object().unwrap() {
         assert!(what.as_str().unwrap().starts_with("ERR"), "install script wrote {path}: {what}");
     }
+    // The host's loopback: refused directly (a namespace of its own) and by the proxy (403).
+    let tried = rep["net"].as_object().unwrap();
+    assert_eq!(tried.len(), 4, "{report}");
+    for (how, what) in tried {
+        let what = what.as_str().unwrap();
+        let refused = if how.starts_with("proxy") { what == "STATUS 403" } else { what.starts_with("ERR") };
+        assert!(refused, "install script reached the host's loopback ({how}): {what}");
+    }
+    match listener.accept() {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        other => panic!("the loopback listener saw a connection: {other:?}"),
+    }
+    assert!(log.contains("egress denied"), "the proxy's refusal is not logged: {log}");
     assert!(!canary.join("pwned").exists(), "a file appeared in the canary dir");
     assert!(!state.join("evil/pwned").exists() && !state.join("evil/data/pwned").exists(), "a file appeared outside the cache");
     assert!(!report.contains("MCPBOX_EVIL_ENV_CANARY"), "mcpbox's environment reached the install script: {report}");
+
+    // `--force` starts from an empty cache: what the script left there is gone, and the
+    // package is installed again.
+    std::fs::write(state.join("evil/cache/npm-cache/poison"), "x").unwrap();
+    let out = Command::new(mcpbox()).args(["prepare", "--force", "--config"]).arg(&cfg).arg("--state-dir").arg(&state).env("HOME", &home).output().unwrap();
+    assert!(out.status.success(), "prepare --force: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(!state.join("evil/cache/npm-cache/poison").exists(), "--force kept the old cache");
+    assert!(state.join("evil/cache/npm/node_modules/evil-pkg/report.json").is_file(), "--force did not install again");
     let _ = std::fs::remove_dir_all(canary);
+}
+
+/// The evil-pkg fixture packed into DIR/evil-pkg-1.0.0.tgz, told (target.json) which loopback
+/// port to try and which more files to read.
+fn pack_evil(dir: &std::path::Path, port: u16, files: &[String]) -> std::path::PathBuf {
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/evil-pkg");
+    let pkg = dir.join("pkg");
+    std::fs::create_dir_all(&pkg).unwrap();
+    for f in ["package.json", "postinstall.js", "bin.js"] {
+        std::fs::copy(fixture.join(f), pkg.join(f)).unwrap();
+    }
+    std::fs::write(pkg.join("target.json"), json!({ "port": port, "files": files }).to_string()).unwrap();
+    let out = Command::new("npm")
+        .args(["pack", "--silent", "--pack-destination"])
+        .arg(dir)
+        .current_dir(&pkg)
+        .env("npm_config_cache", dir.join("npm-cache"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "npm pack: {}", String::from_utf8_lossy(&out.stderr));
+    let tgz = dir.join("evil-pkg-1.0.0.tgz");
+    assert!(tgz.is_file());
+    std::fs::set_permissions(&tgz, std::fs::Permissions::from_mode(0o644)).unwrap();
+    tgz
+}
+
+/// At `container` level (Docker's default seccomp profile: no namespaces) there is no network
+/// namespace for the egress proxy: with `--min-level container`, prepare runs on the host's
+/// network narrowed by Landlock to the registries' ports, says so, and the install script still
+/// cannot reach a loopback service on another port.
+#[test]
+fn prepare_at_container_level_keeps_to_the_registries_ports() {
+    let dir = scratch("evil-ctr");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let tgz = pack_evil(&dir, port, &[]);
+    let state = dir.join("state");
+    let cfg = dir.join("evil.json");
+    std::fs::write(&cfg, config(json!({ "evil": { "command": "npx", "args": ["-y", tgz] } })).to_string()).unwrap();
+    let mut cmd = Command::new(mcpbox());
+    cmd.args(["prepare", "--min-level", "container", "--config"]).arg(&cfg).arg("--state-dir").arg(&state);
+    let out = crate::sandbox::under_docker_filter(cmd).output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "prepare at container level failed: {log}");
+    assert!(log.contains("prepare at `container` level"), "the weaker network is not announced: {log}");
+    let report = std::fs::read_to_string(state.join("evil/cache/npm/node_modules/evil-pkg/report.json")).unwrap_or_else(|e| panic!("the postinstall script did not run ({e}): {log}"));
+    let rep: serde_json::Value = serde_json::from_str(&report).unwrap();
+    for (how, what) in rep["net"].as_object().unwrap() {
+        let what = what.as_str().unwrap();
+        assert!(what.starts_with("ERR") || what == "NO PROXY", "install script reached the host's loopback ({how}): {what}");
+    }
+    match listener.accept() {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        other => panic!("the loopback listener saw a connection: {other:?}"),
+    }
+}
+
+/// The same for uv: a project whose build backend runs in the prepare sandbox, while uv's
+/// configuration holds index credentials (a canary in a `UV_INDEX_*_PASSWORD` variable and in the
+/// user's uv.toml). uv first tries wheels only with the credentials (no package code runs), then
+/// builds without them: the backend sees no credential and cannot reach the host's loopback, and
+/// the package is installed.
+#[test]
+fn prepare_builds_python_packages_without_the_index_credentials() {
+    const CRED: &str = "UV-CREDENTIAL-CANARY";
+    let dir = scratch("evil-py");
+    let home = dir.join("home");
+    std::fs::create_dir_all(home.join(".config/uv")).unwrap();
+    let uv_toml = home.join(".config/uv/uv.toml");
+    std::fs::write(&uv_toml, format!("[[index]]\nname = \"private\"\nurl = \"https://u:{CRED}@idx.example.test/simple\"\n")).unwrap();
+    std::fs::set_permissions(&uv_toml, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let port = listener.local_addr().unwrap().port();
+
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/evil-py");
+    let project = dir.join("evil-py");
+    std::fs::create_dir_all(&project).unwrap();
+    for f in ["pyproject.toml", "evil_backend.py", "evil_py.py"] {
+        std::fs::copy(fixture.join(f), project.join(f)).unwrap();
+    }
+    std::fs::write(project.join("target.json"), json!({ "port": port, "files": [uv_toml] }).to_string()).unwrap();
+    for e in std::fs::read_dir(&project).unwrap() {
+        std::fs::set_permissions(e.unwrap().path(), std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    std::fs::set_permissions(&project, std::fs::Permissions::from_mode(0o755)).unwrap();
+
+    let state = dir.join("state");
+    let cfg = dir.join("evil-py.json");
+    std::fs::write(&cfg, config(json!({ "evilpy": { "command": "uvx", "args": ["--from", project, "evil-py"] } })).to_string()).unwrap();
+    let out = Command::new(mcpbox())
+        .args(["prepare", "--config"])
+        .arg(&cfg)
+        .arg("--state-dir")
+        .arg(&state)
+        .env("HOME", &home)
+        .env("UV_INDEX_PRIVATE_PASSWORD", CRED)
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "prepare of the fixture failed: {log}");
+    assert!(log.contains("UV_INDEX_PRIVATE_PASSWORD") && log.contains("not given to the prepare sandbox"), "the credentials are not named in the log: {log}");
+    assert!(log.contains("installing without them"), "no wheels-only step with the credentials before the build: {log}");
+    assert!(state.join("evilpy/cache/venv/bin/evil-py").is_file(), "the package was not installed: {log}");
+    assert!(!state.join("evilpy").join("prepare-auth-uv-cache").exists(), "the credentialed step's cache outlived it");
+
+    let report = std::fs::read_to_string(state.join("evilpy/cache/evil-py-report.json")).unwrap_or_else(|e| panic!("the build backend did not run ({e}): {log}"));
+    let rep: serde_json::Value = serde_json::from_str(&report).unwrap();
+    assert_eq!(rep["ran"], true);
+    assert!(!report.contains(CRED), "the build backend saw an index credential: {report}");
+    assert!(rep["read"][uv_toml.to_string_lossy().as_ref()].as_str().is_some_and(|w| w.starts_with("ERR")), "{report}");
+    assert!(rep["net"]["direct"].as_str().is_some_and(|w| w.starts_with("ERR")), "the backend reached the host's loopback: {report}");
+    assert_eq!(rep["net"]["proxy"], "STATUS 403", "the proxy let the backend through to the host's loopback: {report}");
+    match listener.accept() {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        other => panic!("the loopback listener saw a connection: {other:?}"),
+    }
+    // Nothing of the credentials was left in the cache for later steps or the run phase.
+    assert!(files_containing(&state.join("evilpy/cache"), CRED).is_empty(), "a credential was written into the cache");
 }
 
 /// A config naming a package that does not exist: its prepare fails, the other servers serve,

@@ -16,6 +16,9 @@ use serde_json::{json, Value};
 
 use crate::serve_support::*;
 
+/// The HTTP edge under hostile connections: timeouts, caps, the global budget.
+mod edge;
+
 /// Two servers in one mcpbox: `ev` (a process per session) and `evs` (one shared process).
 async fn both_modes(extra: Value) -> Mcpbox {
     Mcpbox::start(json!({"ev": everything("session"), "evs": everything("shared")}), extra).await
@@ -458,6 +461,30 @@ async fn sigterm_leaves_no_process_behind() {
 
 // ---- url upstreams -------------------------------------------------------------------------
 
+/// A `url` upstream's URL often carries its key (`?api_key=…`): it reaches the bridge in its
+/// environment (owner-only), never on a command line that every host user can read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_url_upstreams_key_is_on_no_command_line() {
+    let upstream = Mcpbox::start(json!({"ev": everything("session")}), json!({})).await;
+    let canary = format!("canary{}x{}", std::process::id(), rand_suffix());
+    let auth = json!({"Authorization": format!("Bearer {TOKEN}")});
+    let mb = Mcpbox::start(json!({"up": {"url": upstream.url(&format!("/ev/mcp?api_key={canary}")), "headers": auth}}), json!({})).await;
+    // A session through the bridge: it answers, so the bridge is running now.
+    let s = mb.request("POST", "/up/mcp", &[("content-type", "application/json"), ("accept", "application/json")],
+        Some(init_msg(json!(1)).to_string().into_bytes())).await;
+    let body = s.json();
+    assert!(body["result"]["serverInfo"]["name"].is_string(), "initialize through the bridge: {body}");
+    let bridges: Vec<Proc> = all_procs().into_iter().filter(|p| p.cmdline.contains("url-bridge")).collect();
+    assert!(!bridges.is_empty(), "no url-bridge process is running");
+    let leaks: Vec<Proc> = all_procs().into_iter().filter(|p| p.cmdline.contains(&canary)).collect();
+    assert!(leaks.is_empty(), "the upstream's key is on a command line: {leaks:#?}");
+    assert!(!mb.log_text().contains(&canary), "the upstream's key is in mcpbox's log");
+}
+
+fn rand_suffix() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() as u64
+}
+
 /// mcp-proxy configs name remote servers by `url`: mcpbox serves them through its own bridge,
 /// itself sandboxed. Here the upstream is another mcpbox serving server-everything, reached
 /// with its token in the configured `headers`, over both upstream transports.
@@ -489,4 +516,107 @@ async fn url_upstreams_are_proxied_through_a_sandboxed_bridge() {
         Some(init_msg(json!(1)).to_string().into_bytes())).await;
     let body = s.json();
     assert!(body["error"]["message"].as_str().is_some_and(|m| m.contains("401")), "initialize without the upstream's token: {body}");
+}
+
+// ---- budgets: mcpbox's own memory while a server floods ---------------------------------------
+
+/// The hostile fixture (tests/fixtures/flood_mcp.py), copied where a server's uid can read it,
+/// run by Debian's python under the shipped `python` policy.
+fn flood_servers() -> (tempfile::TempDir, Value) {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::Builder::new().prefix("mcpbox-flood-").tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let script = dir.path().join("flood_mcp.py");
+    std::fs::copy(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/flood_mcp.py"), &script).unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let server = |isolation: &str| {
+        json!({"command": "/usr/bin/python3", "args": [script], "isolation": isolation,
+               "policy": {"extends": "python", "filesystem": {"read": [dir.path()]}}})
+    };
+    let servers = json!({"flood": server("session"), "calm": server("shared")});
+    (dir, servers)
+}
+
+/// A `/proc/PID/status` field in KiB (VmRSS, VmHWM: the peak).
+fn vm_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with(field)).unwrap_or_else(|| panic!("no {field} in {status}"));
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// The bound docs/DEPLOY.md states for mcpbox's own memory while one server floods.
+const RSS_BOUND_MIB: u64 = 200;
+
+/// A server that floods — 512 MiB of stderr without a newline, 64 MiB of 1 MiB notifications
+/// to a Streamable client that has no GET stream, 1 GiB to a legacy SSE client that does not read —
+/// moves mcpbox's peak RSS by a fixed amount, not by what it sends; the session that does not
+/// read ends with the budget named; the healthy server beside it answers all along.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_server_leaves_mcpbox_within_its_memory_bound() {
+    let (_fixtures, servers) = flood_servers();
+    let mb = Mcpbox::start(servers, json!({"maxLineBytes": 2_000_000})).await;
+    let calm = Streamable::open(&mb, "calm").await;
+    let calm_answers = |i: u64| {
+        let calm = &calm;
+        async move {
+            let r = tokio::time::timeout(Duration::from_secs(10), calm.request(call_msg(json!(i), "echo", json!({"text": "calm"})))).await;
+            assert_eq!(text_of(&r.expect("the healthy server answers within 10 s")), "calm");
+        }
+    };
+    calm_answers(0).await;
+    let mut n = 1;
+
+    // 1. stderr without a newline: read through a bounded buffer, the rest dropped and counted.
+    let t = Instant::now();
+    let flood = Streamable::open(&mb, "flood").await;
+    let (r, ()) = tokio::join!(flood.request(call_msg(json!(1), "stderr", json!({"mb": 512}))), calm_answers(n));
+    assert_eq!(text_of(&r), "done");
+    n += 1;
+
+    eprintln!("stderr flood done after {:?}", t.elapsed());
+    // 2. 64 MiB of notifications to a session with no GET stream: the replay ring keeps the
+    //    newest within the session budget; all of it passes through mcpbox.
+    let (r, ()) = tokio::join!(flood.request(call_msg(json!(2), "flood", json!({"mb": 64, "size": 1 << 20}))), calm_answers(n));
+    assert!(text_of(&r).parse::<u64>().unwrap() >= 64 << 20, "{r}");
+    eprintln!("notification flood done after {:?}", t.elapsed());
+    n += 1;
+    assert_eq!(flood.delete().await, 204);
+
+    // 3. The same to a legacy SSE client that reads its endpoint event and then nothing.
+    let mut sse = mb
+        .http
+        .get(mb.url("/flood/sse"))
+        .header("authorization", format!("Bearer {TOKEN}"))
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap();
+    let mut head = String::new();
+    while !head.contains("\n\n") {
+        head.push_str(&String::from_utf8_lossy(&sse.chunk().await.unwrap().expect("the endpoint event")));
+    }
+    let endpoint = head.lines().find_map(|l| l.strip_prefix("data: ")).expect("endpoint").to_string();
+    for msg in [init_msg(json!(0)), call_msg(json!(3), "flood", json!({"mb": 1024, "size": 1 << 20}))] {
+        let r = mb.request("POST", &endpoint, &[("content-type", "application/json")], Some(msg.to_string().into_bytes())).await;
+        assert_eq!(r.status, 202);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !mb.log_text().contains("mcpbox.sessionBufferBytes exceeded") {
+        assert!(Instant::now() < deadline, "the session that does not read was not ended:\n{}", mb.log_text());
+        calm_answers(n).await;
+        n += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let r = mb.request("POST", &endpoint, &[("content-type", "application/json")], Some(call_msg(json!(4), "pid", json!({})).to_string().into_bytes())).await;
+    assert_eq!(r.status, 404, "the flooded session is gone");
+    drop(sse);
+    eprintln!("legacy flood ended after {:?}", t.elapsed());
+
+    let log = mb.log_text();
+    assert!(log.contains("more bytes of this line dropped"), "the stderr line's cut is logged:\n{log}");
+    let peak = vm_kib(mb.pid(), "VmHWM:") / 1024;
+    let now = vm_kib(mb.pid(), "VmRSS:") / 1024;
+    eprintln!("mcpbox peak RSS {peak} MiB, now {now} MiB, while a server flooded");
+    assert!(peak < RSS_BOUND_MIB, "mcpbox's peak RSS was {peak} MiB (bound {RSS_BOUND_MIB} MiB)");
+    calm_answers(n).await;
 }

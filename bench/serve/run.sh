@@ -61,7 +61,8 @@ if want mcpbox; then
     cat > "$work/mcpbox.json" <<EOF
 {"mcpProxy": {"addr": "127.0.0.1:$p", "options": {"authTokens": ["bench-token"]}},
  "mcpServers": {"echo": {"command": "$py", "args": ["$work/echo.py"],
-   "policy": {"extends": "python", "filesystem": {"read": ["$work/echo.py"]}}}}}
+   "policy": {"extends": "python", "filesystem": {"read": ["$work/echo.py"]}},
+   "maxSessions": 0}}}
 EOF
     box=("$mcpbox" serve --config "$work/mcpbox.json" --state-dir "$work/state")
     export RUST_LOG=warn

@@ -1,4 +1,7 @@
-//! Newline-delimited JSON-RPC over a child's stdio, with a bound on the line length.
+//! Newline-delimited JSON-RPC over a child's stdio, with a bound on the line length
+//! ([`LineReader`]), and bounded reading of log output (a server's stderr, prepare's output):
+//! [`LogLines`] keeps at most a fixed number of bytes of any line and counts the rest, so a
+//! writer that never ends its line costs a fixed buffer, not its output.
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt};
@@ -81,10 +84,144 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
     }
 }
 
+/// One line of log output, cut to the reader's limit.
+#[derive(Debug, PartialEq, Eq)]
+pub struct LogLine {
+    /// The start of the line (at most the limit), without `\n` or a trailing `\r`.
+    pub text: String,
+    /// Bytes of the line dropped beyond the limit (0 for a line that fitted).
+    pub dropped: usize,
+}
+
+impl std::fmt::Display for LogLine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.text)?;
+        if self.dropped > 0 {
+            write!(f, " [mcpbox: {} more bytes of this line dropped]", self.dropped)?;
+        }
+        Ok(())
+    }
+}
+
+/// Splits a byte stream into [`LogLine`]s holding at most `max` bytes each. Pure: bytes in,
+/// lines out; the readers below feed it from a pipe.
+pub struct LogLines {
+    max: usize,
+    head: Vec<u8>,
+    dropped: usize,
+}
+
+impl LogLines {
+    pub fn new(max: usize) -> Self {
+        LogLines { max, head: Vec::new(), dropped: 0 }
+    }
+
+    fn take(&mut self) -> LogLine {
+        if self.head.last() == Some(&b'\r') && self.dropped == 0 {
+            self.head.pop();
+        }
+        let text = String::from_utf8_lossy(&self.head).into_owned();
+        self.head.clear();
+        LogLine { text, dropped: std::mem::take(&mut self.dropped) }
+    }
+
+    /// Feed bytes; every completed line goes to `out`.
+    pub fn feed(&mut self, mut bytes: &[u8], out: &mut impl FnMut(LogLine)) {
+        while !bytes.is_empty() {
+            let (part, rest, done) = match bytes.iter().position(|&b| b == b'\n') {
+                Some(i) => (&bytes[..i], &bytes[i + 1..], true),
+                None => (bytes, &[][..], false),
+            };
+            let room = self.max - self.head.len();
+            self.head.extend_from_slice(&part[..part.len().min(room)]);
+            self.dropped += part.len().saturating_sub(room);
+            if done {
+                out(self.take());
+            }
+            bytes = rest;
+        }
+    }
+
+    /// End of stream: the last line, if it was not ended by `\n`.
+    pub fn finish(&mut self, out: &mut impl FnMut(LogLine)) {
+        if !self.head.is_empty() || self.dropped > 0 {
+            out(self.take());
+        }
+    }
+}
+
+/// Read `r` to its end (or an error) as [`LogLine`]s of at most `max` bytes.
+pub async fn read_log_lines<R: AsyncRead + Unpin>(mut r: R, max: usize, mut out: impl FnMut(LogLine)) {
+    let mut lines = LogLines::new(max);
+    let mut buf = vec![0u8; 16 * 1024];
+    while let Ok(n) = r.read(&mut buf).await {
+        if n == 0 {
+            break;
+        }
+        lines.feed(&buf[..n], &mut out);
+    }
+    lines.finish(&mut out);
+}
+
+/// [`read_log_lines`] for a blocking reader (a thread per pipe).
+pub fn read_log_lines_blocking<R: std::io::Read>(mut r: R, max: usize, mut out: impl FnMut(LogLine)) {
+    let mut lines = LogLines::new(max);
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        match r.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => lines.feed(&buf[..n], &mut out),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
+        }
+    }
+    lines.finish(&mut out);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use tokio::io::AsyncWriteExt;
+
+    #[test]
+    fn log_lines_are_cut_and_the_rest_counted() {
+        let mut l = LogLines::new(4);
+        let mut got = Vec::new();
+        let mut out = |x: LogLine| got.push(x);
+        l.feed(b"ab\r\nabcdefg", &mut out);
+        l.feed(&[b'z'; 100_000], &mut out);
+        l.feed(b"\nxy", &mut out);
+        l.finish(&mut out);
+        let want = |t: &str, d: usize| LogLine { text: t.into(), dropped: d };
+        assert_eq!(got, vec![want("ab", 0), want("abcd", 100_003), want("xy", 0)]);
+        assert!(l.head.capacity() <= 64, "the buffer never grows past the limit: {}", l.head.capacity());
+        assert_eq!(want("abcd", 3).to_string(), "abcd [mcpbox: 3 more bytes of this line dropped]");
+    }
+
+    #[test]
+    fn the_blocking_reader_cuts_the_same_way() {
+        let mut input = b"one\n".to_vec();
+        input.extend(std::iter::repeat_n(b'y', 1 << 20));
+        let mut got = Vec::new();
+        read_log_lines_blocking(std::io::Cursor::new(input), 500, |l| got.push(l));
+        assert_eq!(got, vec![LogLine { text: "one".into(), dropped: 0 }, LogLine { text: "y".repeat(500), dropped: (1 << 20) - 500 }]);
+    }
+
+    #[tokio::test]
+    async fn a_pipe_without_newlines_costs_a_fixed_buffer() {
+        let (mut w, r) = tokio::io::duplex(1 << 16);
+        let writer = tokio::spawn(async move {
+            let chunk = vec![b'x'; 1 << 20];
+            for _ in 0..64 {
+                w.write_all(&chunk).await.unwrap();
+            }
+        });
+        let mut got = Vec::new();
+        read_log_lines(r, 100, |l| got.push(l)).await;
+        writer.await.unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!((got[0].text.len(), got[0].dropped), (100, (64 << 20) - 100));
+    }
 
     #[tokio::test]
     async fn partial_and_long_lines() {

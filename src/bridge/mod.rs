@@ -1,11 +1,25 @@
 //! JSON-RPC between client sessions and a server's stdio: framing ([`framing`]), routing and id
-//! remapping ([`router`]), and the [`Hub`] that ties one server process to its sessions.
+//! remapping ([`router`]), each session's outbox with reply routing, replay and its byte budget
+//! ([`outbox`]), the sessions themselves ([`session`]), and the [`Hub`] that ties one server
+//! process to its sessions.
+//!
+//! The HTTP transports (`http/sse.rs`, `http/streamable.rs`) are adapters over [`Session`];
+//! the supervisor starts processes, wires them to a hub, and opens and ends sessions. This
+//! module does no I/O of its own beyond the queues it is handed; it imports nothing above it.
+//!
+//! Budgets (bytes, never message counts): a session's outbox (`mcpbox.sessionBufferBytes`),
+//! a server's input queue (`mcpbox.serverInputBytes`, also holding a shared server's messages
+//! while it restarts), a server's output lines (`mcpbox.maxLineBytes`), and the router's tables
+//! (requests in flight per session, server-to-client requests outstanding).
 
 pub mod framing;
+pub mod outbox;
 pub mod router;
+pub mod session;
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use serde_json::{json, Value};
@@ -14,7 +28,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::ToolFilter;
 pub use framing::{Frame, LineReader};
+pub use outbox::{Outbox, Transport};
 pub use router::{error_response, Action, Delivery, Key, Router, SessionId, SERVER_EXITED};
+pub use session::{Session, Sessions};
 
 /// Who a request comes from: which configured token it presented (never the token itself), or
 /// `anonymous` where no token guards the endpoint. A session belongs to the principal that opened
@@ -42,27 +58,82 @@ pub struct Outbound {
     pub related_to: Option<Key>,
 }
 
-/// Where a session's messages go: a bounded queue, and the token that ends the session.
-pub struct SessionSink {
-    pub tx: mpsc::Sender<Outbound>,
-    pub closed: CancellationToken,
+/// The way to a server's stdin: a queue bounded in bytes. A server that stops reading its
+/// input makes senders fail at once instead of making mcpbox hold what they send.
+#[derive(Clone)]
+pub struct Input {
+    tx: mpsc::UnboundedSender<Bytes>,
+    held: Arc<AtomicUsize>,
+    budget: usize,
+}
+
+/// The server side of [`Input`]: the writer calls [`InputRx::written`] once a message is out.
+pub struct InputRx {
+    rx: mpsc::UnboundedReceiver<Bytes>,
+    held: Arc<AtomicUsize>,
+}
+
+/// A bounded input queue of `budget` bytes (one message larger than that still passes when the
+/// queue is empty: the body limit bounds it).
+pub fn input_queue(budget: usize) -> (Input, InputRx) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let held = Arc::new(AtomicUsize::new(0));
+    (Input { tx, held: held.clone(), budget }, InputRx { rx, held })
+}
+
+impl Input {
+    fn try_send(&self, b: Bytes) -> Result<(), &'static str> {
+        let len = b.len();
+        let before = self.held.fetch_add(len, Ordering::SeqCst);
+        if before > 0 && before + len > self.budget {
+            self.held.fetch_sub(len, Ordering::SeqCst);
+            return Err("full");
+        }
+        self.tx.send(b).map_err(|_| {
+            self.held.fetch_sub(len, Ordering::SeqCst);
+            "closed"
+        })
+    }
+}
+
+impl InputRx {
+    pub async fn recv(&mut self) -> Option<Bytes> {
+        self.rx.recv().await
+    }
+
+    pub fn written(&self, len: usize) {
+        self.held.fetch_sub(len, Ordering::SeqCst);
+    }
+}
+
+struct Sink {
+    outbox: Arc<Outbox>,
+    closed: CancellationToken,
 }
 
 struct State {
     router: Router,
-    sinks: HashMap<SessionId, SessionSink>,
-    stdin: Option<mpsc::Sender<Bytes>>,
-    waiting: std::collections::VecDeque<(SessionId, Value)>,
+    sinks: HashMap<SessionId, Sink>,
+    stdin: Option<Input>,
+    /// A shared server's client messages while it has no process, with their size.
+    waiting: std::collections::VecDeque<(SessionId, Value, usize)>,
+    waiting_bytes: usize,
 }
 
-/// Client messages a shared server's hub holds while its process is (re)starting.
-const MAX_WAITING: usize = 1024;
+/// The budgets a hub enforces.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Longest line accepted from the server's stdout.
+    pub max_line: usize,
+    /// Bytes queued for the server's stdin (and held for a restarting shared server).
+    pub input: usize,
+}
 
 /// One server process (or, in shared mode, the succession of its restarts) and its sessions.
 pub struct Hub {
     server: String,
     shared: bool,
-    max_line: usize,
+    limits: Limits,
     state: Mutex<State>,
 }
 
@@ -75,39 +146,51 @@ pub enum Sent {
 }
 
 impl Hub {
-    pub fn new(server: &str, shared: bool, filter: Option<ToolFilter>, max_line: usize) -> Self {
+    pub fn new(server: &str, shared: bool, filter: Option<ToolFilter>, limits: Limits) -> Self {
         Hub {
             server: server.to_string(),
             shared,
-            max_line,
+            limits,
             state: Mutex::new(State {
                 router: Router::new(shared, filter),
                 sinks: HashMap::new(),
                 stdin: None,
                 waiting: std::collections::VecDeque::new(),
+                waiting_bytes: 0,
             }),
         }
     }
 
     pub fn max_line(&self) -> usize {
-        self.max_line
+        self.limits.max_line
+    }
+
+    pub fn input_budget(&self) -> usize {
+        self.limits.input
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn attach(&self, sid: SessionId, sink: SessionSink) {
+    /// A session joins: the hub delivers its messages to `outbox`, and cancels `closed` if the
+    /// session must end (its outbox over budget).
+    pub fn attach(&self, sid: SessionId, outbox: Arc<Outbox>, closed: CancellationToken) {
         let mut st = self.lock();
         st.router.attach(sid.clone());
-        st.sinks.insert(sid, sink);
+        st.sinks.insert(sid, Sink { outbox, closed });
     }
 
-    /// Drop a session: its queue closes (its streams end once drained).
+    /// Drop a session: what is on its way to it is dropped.
     pub fn detach(&self, sid: &SessionId) {
         let mut st = self.lock();
         st.router.detach(sid);
         st.sinks.remove(sid);
+        let before = st.waiting.len();
+        st.waiting.retain(|(s, _, _)| s != sid);
+        if st.waiting.len() != before {
+            st.waiting_bytes = st.waiting.iter().map(|(_, _, n)| n).sum();
+        }
     }
 
     pub fn session_count(&self) -> usize {
@@ -116,14 +199,15 @@ impl Hub {
 
     /// A new process is up: route to its stdin; bring it up to date if sessions already
     /// initialized an earlier one.
-    pub fn connect_process(&self, stdin: mpsc::Sender<Bytes>) {
+    pub fn connect_process(&self, stdin: Input) {
         let mut st = self.lock();
         st.stdin = Some(stdin);
         let actions = st.router.reinitialize();
         self.run(&mut st, actions);
         // What clients sent while there was no process goes to this one, in order.
         let waiting = std::mem::take(&mut st.waiting);
-        for (sid, msg) in waiting {
+        st.waiting_bytes = 0;
+        for (sid, msg, _) in waiting {
             if st.sinks.contains_key(&sid) {
                 let actions = st.router.from_client(&sid, msg);
                 self.run(&mut st, actions);
@@ -135,15 +219,20 @@ impl Hub {
     pub fn fail_waiting(&self, reason: &str) {
         let mut st = self.lock();
         let waiting = std::mem::take(&mut st.waiting);
-        for (sid, msg) in waiting {
-            if let (Some(id), true) = (msg.get("id"), msg.get("method").is_some()) {
-                let d = Delivery { msg: error_response(id.clone(), -32603, reason), reply_to: Some(router::key(id)), related_to: None };
-                self.deliver(&mut st, sid, d);
-            }
+        st.waiting_bytes = 0;
+        for (sid, msg, _) in waiting {
+            self.answer_error(&mut st, &sid, &msg, reason);
         }
     }
 
-    /// The process is gone: fail everything in flight.
+    fn answer_error(&self, st: &mut State, sid: &SessionId, msg: &Value, reason: &str) {
+        if let (Some(id), true) = (msg.get("id"), msg.get("method").is_some()) {
+            let d = Delivery { msg: error_response(id.clone(), -32603, reason), reply_to: Some(router::key(id)), related_to: None };
+            self.deliver(st, sid.clone(), d);
+        }
+    }
+
+    /// The process is gone (or its stdout closed, which ends it): fail everything in flight.
     pub fn process_exited(&self) {
         let mut st = self.lock();
         st.stdin = None;
@@ -153,21 +242,22 @@ impl Hub {
 
     pub fn from_client(&self, sid: &SessionId, msg: Value) -> Sent {
         let mut st = self.lock();
-        if st.stdin.is_none() && self.shared && st.waiting.len() < MAX_WAITING {
+        if st.stdin.is_none() && self.shared {
             // A shared server between processes (starting, or restarting after a crash):
-            // hold the message for the next one rather than failing it.
-            st.waiting.push_back((sid.clone(), msg));
-            return Sent::Forwarded;
+            // hold the message for the next one rather than failing it, within the input budget.
+            let size = serde_json::to_vec(&msg).map(|v| v.len()).unwrap_or(0);
+            if st.waiting_bytes + size <= self.limits.input || st.waiting.is_empty() {
+                st.waiting_bytes += size;
+                st.waiting.push_back((sid.clone(), msg, size));
+                return Sent::Forwarded;
+            }
+            tracing::warn!(server = %self.server, session = %sid, budget = self.limits.input,
+                "messages held for a restarting server went over mcpbox.serverInputBytes; message refused");
+            self.answer_error(&mut st, sid, &msg, INPUT_FULL);
+            return Sent::Answered;
         }
         if st.stdin.is_none() {
-            if let (Some(id), true) = (msg.get("id"), msg.get("method").is_some()) {
-                let d = Delivery {
-                    msg: error_response(id.clone(), -32603, SERVER_EXITED),
-                    reply_to: Some(router::key(id)),
-                    related_to: None,
-                };
-                self.deliver(&mut st, sid.clone(), d);
-            }
+            self.answer_error(&mut st, sid, &msg, SERVER_EXITED);
             return Sent::Answered;
         }
         let actions = st.router.from_client(sid, msg);
@@ -200,10 +290,11 @@ impl Hub {
                 }
             },
             Frame::TooLong(n) => {
-                tracing::warn!(server = %self.server, bytes = n, limit = self.max_line, "server wrote an over-long line; discarded");
+                let max = self.limits.max_line;
+                tracing::warn!(server = %self.server, bytes = n, limit = max, "server wrote a line longer than mcpbox.maxLineBytes; discarded");
                 let note = json!({"jsonrpc": "2.0", "method": "notifications/message", "params": {
                     "level": "error", "logger": "mcpbox",
-                    "data": format!("mcpbox discarded a {n}-byte message from the server (limit {} bytes)", self.max_line)}});
+                    "data": format!("mcpbox discarded a {n}-byte message from the server (mcpbox.maxLineBytes is {max} bytes)")}});
                 let targets = st.router.busy_sessions();
                 for sid in targets {
                     self.deliver(&mut st, sid, Delivery { msg: note.clone(), reply_to: None, related_to: None });
@@ -219,10 +310,17 @@ impl Hub {
                 Action::Backend(v) => {
                     let mut b = serde_json::to_vec(&v).unwrap_or_default();
                     b.push(b'\n');
-                    let ok = st.stdin.as_ref().is_some_and(|tx| tx.try_send(Bytes::from(b)).is_ok());
-                    if !ok {
-                        tracing::warn!(server = %self.server, "server input queue full or closed; message not delivered");
-                        queue.extend(st.router.undeliverable(&v, "MCP server is not accepting input (queue full)"));
+                    let sent = match st.stdin.as_ref() {
+                        Some(tx) => tx.try_send(Bytes::from(b)),
+                        None => Err("closed"),
+                    };
+                    if let Err(why) = sent {
+                        let reason = if why == "full" { INPUT_FULL } else { SERVER_EXITED };
+                        if why == "full" {
+                            tracing::warn!(server = %self.server, budget = self.limits.input,
+                                "server does not read its input: mcpbox.serverInputBytes is full; message refused");
+                        }
+                        queue.extend(st.router.undeliverable(&v, reason));
                     }
                 }
                 Action::Session(sid, d) => self.deliver(st, sid, d),
@@ -233,50 +331,68 @@ impl Hub {
     fn deliver(&self, st: &mut State, sid: SessionId, d: Delivery) {
         let Some(sink) = st.sinks.get(&sid) else { return };
         let body = Bytes::from(serde_json::to_vec(&d.msg).unwrap_or_default());
-        match sink.tx.try_send(Outbound { body, reply_to: d.reply_to, related_to: d.related_to }) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                tracing::warn!(server = %self.server, session = %sid, "client does not read its messages: outbound queue full, closing the session");
-                sink.closed.cancel();
-                st.sinks.remove(&sid);
-                st.router.detach(&sid);
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => {
-                st.sinks.remove(&sid);
-                st.router.detach(&sid);
-            }
+        if let Err(e) = sink.outbox.push(Outbound { body, reply_to: d.reply_to, related_to: d.related_to }) {
+            tracing::warn!(server = %self.server, session = %sid, budget = e.budget, "session ends: budget mcpbox.sessionBufferBytes exceeded ({e})");
+            sink.outbox.overflowed(&format!("mcpbox ended this session: {e}"));
+            sink.closed.cancel();
+            st.sinks.remove(&sid);
+            st.router.detach(&sid);
+        } else if sink.outbox.lock().is_closed() {
+            st.sinks.remove(&sid);
+            st.router.detach(&sid);
         }
     }
 }
+
+/// The error a request gets when the server's input queue is full.
+pub const INPUT_FULL: &str = "MCP server is not reading its input: mcpbox.serverInputBytes is full; try again later";
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn session(hub: &Hub, name: &str) -> (SessionId, mpsc::Receiver<Outbound>) {
-        let (tx, rx) = mpsc::channel(16);
+    const LIMITS: Limits = Limits { max_line: 1 << 20, input: 1 << 20 };
+
+    /// A legacy session's outbox and its stream, read without sockets.
+    struct Out(Arc<Outbox>, u64);
+
+    impl Out {
+        fn try_recv(&mut self) -> Result<Outbound, ()> {
+            match self.0.lock().next_event(self.1) {
+                outbox::Next::Item((n, body)) => {
+                    self.1 = n;
+                    Ok(Outbound { body, reply_to: None, related_to: None })
+                }
+                _ => Err(()),
+            }
+        }
+    }
+
+    fn session(hub: &Hub, name: &str) -> (SessionId, Out) {
+        let outbox = Arc::new(Outbox::new(Transport::LegacySse, 1 << 20));
+        let cursor = outbox.lock().open_events(None).unwrap();
         let sid: SessionId = name.to_string().into();
-        hub.attach(sid.clone(), SessionSink { tx, closed: CancellationToken::new() });
-        (sid, rx)
+        hub.attach(sid.clone(), outbox.clone(), CancellationToken::new());
+        (sid, Out(outbox, cursor))
     }
 
     #[test]
     fn shared_requests_wait_for_the_next_process() {
-        let hub = Hub::new("s", true, None, 1 << 20);
+        let hub = Hub::new("s", true, None, LIMITS);
         let (a, mut out) = session(&hub, "a");
         let req = serde_json::json!({"jsonrpc":"2.0","id":1,"method":"tools/list"});
         assert_eq!(hub.from_client(&a, req), Sent::Forwarded);
         assert!(out.try_recv().is_err(), "no error while the process is starting");
-        let (stdin, mut backend) = mpsc::channel(16);
+        let (stdin, mut backend) = input_queue(1 << 20);
         hub.connect_process(stdin);
-        let line = backend.try_recv().expect("the waiting request reaches the new process");
+        let line = backend.rx.try_recv().expect("the waiting request reaches the new process");
         let v: Value = serde_json::from_slice(&line).unwrap();
         assert_eq!(v["method"], "tools/list");
     }
 
     #[test]
     fn waiting_requests_fail_when_the_start_fails() {
-        let hub = Hub::new("s", true, None, 1 << 20);
+        let hub = Hub::new("s", true, None, LIMITS);
         let (a, mut out) = session(&hub, "a");
         hub.from_client(&a, serde_json::json!({"jsonrpc":"2.0","id":"x","method":"tools/list"}));
         hub.fail_waiting("MCP server could not be started");
@@ -288,10 +404,58 @@ mod tests {
 
     #[test]
     fn session_hubs_without_a_process_answer_at_once() {
-        let hub = Hub::new("s", false, None, 1 << 20);
+        let hub = Hub::new("s", false, None, LIMITS);
         let (a, mut out) = session(&hub, "a");
         assert_eq!(hub.from_client(&a, serde_json::json!({"jsonrpc":"2.0","id":2,"method":"ping"})), Sent::Answered);
         let v: Value = serde_json::from_slice(&out.try_recv().unwrap().body).unwrap();
         assert_eq!(v["error"]["message"], router::SERVER_EXITED);
+    }
+
+    #[test]
+    fn a_server_that_does_not_read_holds_no_more_than_its_input_budget() {
+        let hub = Hub::new("s", false, None, Limits { max_line: 1 << 20, input: 1000 });
+        let (a, mut out) = session(&hub, "a");
+        let (stdin, backend) = input_queue(1000);
+        hub.connect_process(stdin);
+        let call = |i: u64| serde_json::json!({"jsonrpc":"2.0","id":i,"method":"tools/call","params":{"name":"x","arguments":{"pad":"p".repeat(300)}}});
+        let sent: Vec<Sent> = (0..10).map(|i| hub.from_client(&a, call(i))).collect();
+        assert_eq!(sent.iter().filter(|s| **s == Sent::Forwarded).count(), 10, "the router forwards; the queue refuses");
+        assert!(backend.held.load(Ordering::SeqCst) <= 1000, "{}", backend.held.load(Ordering::SeqCst));
+        let mut refused = 0;
+        while let Ok(o) = out.try_recv() {
+            let v: Value = serde_json::from_slice(&o.body).unwrap();
+            assert_eq!(v["error"]["message"], INPUT_FULL);
+            refused += 1;
+        }
+        assert!(refused >= 7, "{refused} of 10 refused");
+        // Once the server reads, calls pass again.
+        backend.written(backend.held.load(Ordering::SeqCst));
+        hub.from_client(&a, call(99));
+        assert!(out.try_recv().is_err(), "accepted");
+    }
+
+    #[test]
+    fn an_outbox_over_budget_ends_its_session_alone() {
+        let hub = Hub::new("s", true, None, LIMITS);
+        let small = Arc::new(Outbox::new(Transport::LegacySse, 1000));
+        small.lock().open_events(None).unwrap();
+        let ended = CancellationToken::new();
+        let a: SessionId = "a".into();
+        hub.attach(a.clone(), small.clone(), ended.clone());
+        let (b, mut out_b) = session(&hub, "b");
+        let (stdin, _backend) = input_queue(1 << 20);
+        hub.connect_process(stdin);
+        hub.from_client(&a, serde_json::json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"x"}}));
+        let note = format!(r#"{{"jsonrpc":"2.0","method":"notifications/message","params":{{"data":"{}"}}}}"#, "x".repeat(300));
+        for _ in 0..5 {
+            hub.from_backend(Frame::Line(Bytes::from(note.clone())));
+        }
+        assert!(ended.is_cancelled(), "a's session is ended");
+        assert!(small.lock().held() < 1000);
+        assert_eq!(hub.session_count(), 1);
+        let list_changed = r#"{"jsonrpc":"2.0","method":"notifications/tools/list_changed"}"#;
+        hub.from_backend(Frame::Line(Bytes::from_static(list_changed.as_bytes())));
+        assert!(out_b.try_recv().is_ok(), "b goes on");
+        let _ = b;
     }
 }

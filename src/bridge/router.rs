@@ -25,6 +25,13 @@ pub fn key(v: &Value) -> Key {
 
 pub const SERVER_EXITED: &str = "MCP server exited";
 
+/// Requests one session may have in flight at once (each holds an entry until answered).
+pub const MAX_IN_FLIGHT: usize = 1024;
+/// Server-to-client requests outstanding at once, per server process.
+pub const MAX_SERVER_REQUESTS: usize = 1024;
+/// Longest id (as JSON text) accepted on a server-to-client request.
+pub const MAX_SERVER_ID: usize = 256;
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
     /// Write to the server's stdin.
@@ -176,6 +183,10 @@ impl Router {
                         }
                     }
                 }
+                if self.pending.values().filter(|p| &p.sid == sid).count() >= MAX_IN_FLIGHT {
+                    let m = format!("too many requests in flight on this session (limit {MAX_IN_FLIGHT}); wait for answers first");
+                    return reply(error_response(client_id.clone(), -32603, &m), &client_id);
+                }
                 let kind = match method.as_str() {
                     "initialize" => Kind::Initialize,
                     "tools/list" => Kind::ToolsList,
@@ -265,6 +276,12 @@ impl Router {
         let method = obj.get("method").and_then(Value::as_str).map(str::to_owned);
         if let Some(method) = method {
             if is_request(obj) {
+                let id_len = obj.get("id").map(|i| key(i).len()).unwrap_or(0);
+                if self.server_reqs.len() >= MAX_SERVER_REQUESTS || id_len > MAX_SERVER_ID {
+                    let id = obj.get("id").filter(|_| id_len <= MAX_SERVER_ID).cloned().unwrap_or(Value::Null);
+                    let m = format!("mcpbox refused this request: at most {MAX_SERVER_REQUESTS} server requests may be outstanding, with ids of at most {MAX_SERVER_ID} bytes");
+                    return vec![Action::Backend(error_response(id, -32603, &m))];
+                }
                 let target = self.most_recent_in_flight().or_else(|| self.last_active.clone().map(|s| (s, String::new())));
                 let Some((sid, related)) = target else {
                     let id = obj.get("id").cloned().unwrap_or(Value::Null);
@@ -566,6 +583,30 @@ mod tests {
         assert_eq!((s.as_ref(), &d.msg["result"]["ok"]), ("b", &json!(true)));
         // notifications cannot be answered and produce nothing
         assert!(r.undeliverable(&json!({"jsonrpc":"2.0","method":"notifications/initialized"}), "x").is_empty());
+    }
+
+    #[test]
+    fn tables_are_bounded() {
+        let mut r = Router::new(true, None);
+        let (a, b) = (sid("a"), sid("b"));
+        r.attach(a.clone());
+        r.attach(b.clone());
+        for i in 0..MAX_IN_FLIGHT {
+            backend(&r.from_client(&a, json!({"jsonrpc":"2.0","id":i,"method":"ping"})));
+        }
+        let (s, d) = session(&r.from_client(&a, json!({"jsonrpc":"2.0","id":"one-more","method":"ping"})));
+        assert_eq!((s.as_ref(), &d.msg["id"]), ("a", &json!("one-more")));
+        assert!(d.msg["error"]["message"].as_str().unwrap().contains("too many requests in flight"));
+        // another session is not held back by a's requests
+        backend(&r.from_client(&b, json!({"jsonrpc":"2.0","id":1,"method":"ping"})));
+        for i in 0..MAX_SERVER_REQUESTS {
+            session(&r.from_backend(json!({"jsonrpc":"2.0","id":i,"method":"roots/list"})));
+        }
+        let e = backend(&r.from_backend(json!({"jsonrpc":"2.0","id":"x","method":"roots/list"})));
+        assert_eq!(e["id"], json!("x"));
+        assert!(e["error"]["message"].as_str().unwrap().contains("outstanding"));
+        let e = backend(&r.from_backend(json!({"jsonrpc":"2.0","id":"y".repeat(1000),"method":"roots/list"})));
+        assert_eq!(e["id"], Value::Null);
     }
 
     #[test]

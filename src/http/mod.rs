@@ -8,13 +8,13 @@
 //! the handlers, logs and metrics all take that decision (there are no axum path patterns).
 
 pub mod edge;
+pub mod listen;
 pub mod sse;
 pub mod streamable;
 
-use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
@@ -23,7 +23,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Router;
 use serde_json::{json, Value};
 
-use crate::bridge::{error_response, SessionId};
+use crate::bridge::error_response;
 use crate::config::{Config, Isolation};
 use crate::supervisor::{OpenError, Supervisor};
 use edge::{Endpoint, Routed, Target};
@@ -34,7 +34,6 @@ pub struct AppState {
     /// `baseURL`'s path ("" or "/prefix").
     pub prefix: String,
     pub edge: edge::Edge,
-    pub streams: Mutex<HashMap<SessionId, Arc<streamable::StreamSession>>>,
 }
 
 pub type Shared = Arc<AppState>;
@@ -45,7 +44,6 @@ pub fn router(sup: Arc<Supervisor>, cfg: Arc<Config>) -> Router {
         edge: edge::Edge::new(&cfg),
         sup,
         prefix,
-        streams: Mutex::new(HashMap::new()),
         cfg: cfg.clone(),
     });
     // No path patterns: every request goes to `dispatch`, which routes on the edge's one decision.
@@ -107,6 +105,12 @@ pub fn open_error(e: OpenError) -> Response {
         OpenError::NotFound => (StatusCode::NOT_FOUND, "no such server\n").into_response(),
         OpenError::TooMany(_) => {
             let mut r = (StatusCode::SERVICE_UNAVAILABLE, "too many sessions on this server\n").into_response();
+            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+            r
+        }
+        // The global budget: the detail (which budget) is in the log.
+        OpenError::Busy(_) => {
+            let mut r = (StatusCode::SERVICE_UNAVAILABLE, "mcpbox is at its session limit; retry later\n").into_response();
             r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
             r
         }

@@ -1,12 +1,13 @@
-//! Legacy HTTP+SSE transport: `GET /NAME/sse` opens a session whose messages flow as `message`
-//! events after a first `endpoint` event; `POST /NAME/message?sessionId=…` answers 202.
-//! Malformed bodies get 400 with a JSON-RPC error body (not a stream event): the sender sees
-//! it at once, and the session stays usable.
+//! Legacy HTTP+SSE transport, an adapter over [`crate::bridge::Session`]: `GET /NAME/sse` opens
+//! a session whose messages flow as `message` events after a first `endpoint` event;
+//! `POST /NAME/message?sessionId=…` answers 202. Malformed bodies get 400 with a JSON-RPC error
+//! body (not a stream event): the sender sees it at once, and the session stays usable. The
+//! session lives as long as its stream; a client that stops reading it fills the session's
+//! budget and the session ends.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
@@ -14,40 +15,24 @@ use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
-use tokio_stream::wrappers::ReceiverStream;
 
 use super::edge::Principal;
 use super::{open_error, parse_body, Parsed, Shared};
-use crate::supervisor::Session;
-
-/// Ends the session when the client's stream goes away.
-pub(crate) struct StreamGuard {
-    pub session: Arc<Session>,
-    pub end_session: bool,
-}
-
-impl Drop for StreamGuard {
-    fn drop(&mut self) {
-        self.session.streams.fetch_sub(1, Ordering::Relaxed);
-        self.session.touch();
-        if self.end_session {
-            self.session.close("SSE client disconnected");
-        }
-    }
-}
+use crate::bridge::Transport;
 
 pub async fn get(st: Shared, server: String, principal: Principal) -> Response {
-    let (session, rx) = match st.sup.open_session(&server, principal).await {
+    let session = match st.sup.open_session(&server, principal, Transport::LegacySse).await {
         Ok(x) => x,
         Err(e) => return open_error(e),
     };
-    session.streams.fetch_add(1, Ordering::Relaxed);
     let endpoint = format!("{}/{}/message?sessionId={}", st.prefix, server, session.id);
-    let guard = StreamGuard { session, end_session: true };
+    let Some(events) = session.events(None) else {
+        return (StatusCode::CONFLICT, "this session already has a stream\n").into_response();
+    };
     let first = futures_util::stream::once(async move { Event::default().event("endpoint").data(endpoint) });
-    let rest = ReceiverStream::new(rx).map(move |o| {
-        let _keep = &guard;
-        Event::default().event("message").data(String::from_utf8_lossy(&o.body))
+    let rest = futures_util::stream::unfold(events, |mut events| async move {
+        let (_, body) = events.next().await?;
+        Some((Event::default().event("message").data(String::from_utf8_lossy(&body)), events))
     });
     Sse::new(first.chain(rest).map(Ok::<_, Infallible>))
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
@@ -70,8 +55,7 @@ pub async fn post(st: Shared, server: String, principal: Principal, query: &str,
     let Some(sid) = q.get("sessionId") else {
         return (StatusCode::BAD_REQUEST, "sessionId is required\n").into_response();
     };
-    // Another principal's session is as unknown as one that never existed.
-    let Some(session) = srv.session(sid).filter(|s| !s.closed.is_cancelled() && s.principal == principal) else {
+    let Some(session) = srv.session(sid, &principal).filter(|s| s.transport == Transport::LegacySse) else {
         return (StatusCode::NOT_FOUND, "unknown or ended session\n").into_response();
     };
     match parse_body(&body) {

@@ -38,7 +38,7 @@ async fn start_text(text: String) -> Srv {
     let sup = Supervisor::start(
         &cfg,
         Arc::new(DirectLauncher),
-        Options { queue: cfg.session_queue, max_line: cfg.max_line_bytes, grace: Duration::from_secs(1) },
+        Options::from_config(&cfg, Duration::from_secs(1)),
     );
     let app = super::router(sup.clone(), cfg);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -508,4 +508,193 @@ async fn a_session_belongs_to_the_token_that_opened_it() {
     assert_eq!(serde_json::from_str::<Value>(&data).unwrap()["id"], 1, "the first answer is P1's own: {data}");
     // The same id under the other server's global token: also nothing.
     assert_eq!(call(a, "POST", &endpoint, &[AUTH], &ping).await.status, 401);
+}
+
+// ---- budgets: a hostile server beside a healthy one ------------------------------------------
+
+const FLOOD: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/flood_mcp.py");
+
+/// `flood` (a process per session) and `calm` (shared) run the hostile fixture; `echo` is healthy.
+async fn start_flood(mcpbox: &str) -> Srv {
+    start_text(format!(
+        r#"{{"mcpProxy":{{"addr":"127.0.0.1:9090","options":{{"authTokens":["T"]}}}},
+            "mcpbox":{{"maxLineBytes":2000000 {mcpbox}}},
+            "mcpServers":{{
+              "flood":{{"command":"/usr/bin/python3","args":["{FLOOD}"]}},
+              "calm":{{"command":"/usr/bin/python3","args":["{FLOOD}"],"isolation":"shared"}},
+              "echo":{{"command":"/usr/bin/python3","args":["{FIXTURE}"]}} }}}}"#
+    ))
+    .await
+}
+
+/// initialize a Streamable session on any server; returns its id.
+async fn st_open(addr: SocketAddr, server: &str) -> String {
+    let r = call(addr, "POST", &format!("/{server}/mcp"), &[AUTH, JSON], &init_body(json!(0))).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.header("mcp-session-id").expect("session id").to_string()
+}
+
+/// Open a legacy SSE session and initialize it; returns the stream and the message endpoint.
+async fn legacy_open(addr: SocketAddr, server: &str) -> (Conn, String) {
+    let mut c = send(addr, "GET", &format!("/{server}/sse"), &[AUTH], "").await;
+    assert_eq!(c.status, 200);
+    let (_, endpoint, _) = c.event().await.unwrap();
+    assert_eq!(call(addr, "POST", &endpoint, &[AUTH], &init_body(json!("i"))).await.status, 202);
+    let (_, data, _) = c.event().await.unwrap();
+    assert_eq!(serde_json::from_str::<Value>(&data).unwrap()["id"], "i");
+    (c, endpoint)
+}
+
+fn alive(pid: u64) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    !stat.is_empty() && stat.rsplit(')').next().and_then(|r| r.split_whitespace().next()) != Some("Z")
+}
+
+async fn until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(std::time::Instant::now() < deadline, "{what}: not within {secs} s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_burst_of_small_messages_does_not_end_a_session_that_reads() {
+    let s = start_flood("").await;
+    let a = s.addr;
+    // Legacy SSE: 5000 notifications on the session's stream, read at full speed.
+    let (mut c, endpoint) = legacy_open(a, "flood").await;
+    assert_eq!(call(a, "POST", &endpoint, &[AUTH], &tool_call(json!(1), "burst", json!({"n": 5000}))).await.status, 202);
+    let mut notes = 0;
+    loop {
+        let (_, data, _) = c.event().await.expect("the stream stays open");
+        let v: Value = serde_json::from_str(&data).unwrap();
+        if v["id"] == 1 {
+            break;
+        }
+        assert_eq!(v["params"]["data"], notes);
+        notes += 1;
+    }
+    assert_eq!(notes, 5000);
+    assert_eq!(call(a, "POST", &endpoint, &[AUTH], &tool_call(json!(2), "echo", json!({"text": "still"}))).await.status, 202);
+    let (_, data, _) = c.event().await.unwrap();
+    assert_eq!(serde_json::from_str::<Value>(&data).unwrap()["result"]["content"][0]["text"], "still");
+    // Streamable HTTP: 5000 progress notifications on the call's own stream, then its answer.
+    let sid = st_open(a, "flood").await;
+    let body = json!({"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"burst","arguments":{"n":5000},"_meta":{"progressToken":"p"}}});
+    let mut p = send(a, "POST", "/flood/mcp", &[AUTH, ("Accept", "application/json, text/event-stream"), ("Mcp-Session-Id", &sid)], &body.to_string()).await;
+    let mut progress = 0;
+    loop {
+        let (_, data, _) = p.event().await.expect("the POST stream carries everything");
+        let v: Value = serde_json::from_str(&data).unwrap();
+        if v["id"] == 3 {
+            break;
+        }
+        assert_eq!((v["params"]["progressToken"].clone(), v["params"]["progress"].clone()), (json!("p"), json!(progress)));
+        progress += 1;
+    }
+    assert_eq!(progress, 5000);
+    let r = call(a, "POST", "/flood/mcp", &[AUTH, JSON, ("Mcp-Session-Id", &sid)], &tool_call(json!(4), "echo", json!({"text": "here"}))).await;
+    assert_eq!(r.json()["result"]["content"][0]["text"], "here");
+    assert_eq!(s.sup.server("flood").unwrap().active_sessions(), 2);
+}
+
+#[tokio::test]
+async fn a_client_that_does_not_read_loses_its_session_and_only_that() {
+    let s = start_flood(r#","sessionBufferBytes":1048576"#).await;
+    let a = s.addr;
+    // Legacy SSE that stops reading while the server floods: the session ends (budget named).
+    let (c, endpoint) = legacy_open(a, "flood").await;
+    let pid_call = call(a, "POST", &endpoint, &[AUTH], &tool_call(json!(1), "flood", json!({"mb": 256, "size": 65536}))).await;
+    assert_eq!(pid_call.status, 202);
+    let healthy = st_open(a, "echo").await;
+    let h = [AUTH, JSON, ("Mcp-Session-Id", healthy.as_str())];
+    let mut answered = 0;
+    let sessions = || s.sup.server("flood").unwrap().active_sessions();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while sessions() > 0 {
+        assert!(std::time::Instant::now() < deadline, "the flooded session did not end");
+        // The healthy server keeps answering during the flood.
+        let r = call(a, "POST", "/echo/mcp", &h, &tool_call(json!(answered), "echo", json!({"text": "ok"}))).await;
+        assert_eq!(r.json()["result"]["content"][0]["text"], "ok");
+        answered += 1;
+    }
+    drop(c);
+    assert_eq!(call(a, "POST", &endpoint, &[AUTH], "{}").await.status, 404, "the flooded session is gone");
+    // A Streamable session whose GET stream is open but not read: the same, with the budget
+    // named in the error its waiting call gets.
+    let sid = st_open(a, "flood").await;
+    let g = send(a, "GET", "/flood/mcp", &[AUTH, ("Accept", "text/event-stream"), ("Mcp-Session-Id", &sid)], "").await;
+    assert_eq!(g.status, 200);
+    let t = std::time::Instant::now();
+    let r = call(a, "POST", "/flood/mcp", &[AUTH, JSON, ("Mcp-Session-Id", &sid)], &tool_call(json!("f"), "flood", json!({"mb": 256, "size": 65536}))).await;
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    assert_eq!(r.json()["id"], "f");
+    let msg = r.json()["error"]["message"].as_str().unwrap().to_string();
+    assert!(msg.contains("mcpbox.sessionBufferBytes") && msg.contains("1048576"), "{msg}");
+    drop(g);
+    until("the flooded session ends", 5, || sessions() == 0).await;
+    let r = call(a, "POST", "/echo/mcp", &h, &tool_call(json!("after"), "echo", json!({"text": "after"}))).await;
+    assert_eq!(r.json()["result"]["content"][0]["text"], "after");
+}
+
+#[tokio::test]
+async fn a_server_that_closes_stdout_fails_the_call_at_once_and_is_ended() {
+    let s = start_flood("").await;
+    let a = s.addr;
+    for server in ["flood", "calm"] {
+        let sid = st_open(a, server).await;
+        let h = [AUTH, JSON, ("Mcp-Session-Id", sid.as_str())];
+        let r = call(a, "POST", &format!("/{server}/mcp"), &h, &tool_call(json!(1), "pid", json!({}))).await;
+        let pid: u64 = r.json()["result"]["content"][0]["text"].as_str().unwrap().parse().unwrap();
+        assert!(alive(pid));
+        let t = std::time::Instant::now();
+        let r = call(a, "POST", &format!("/{server}/mcp"), &h, &tool_call(json!(2), "close_stdout", json!({}))).await;
+        assert!(t.elapsed() < Duration::from_secs(1), "{server}: answered after {:?}", t.elapsed());
+        assert_eq!((r.json()["id"].clone(), r.json()["error"]["message"].clone()), (json!(2), json!("MCP server exited")), "{server}");
+        // grace is 1 s: SIGTERM at once, SIGKILL after it.
+        until(&format!("{server}: the process that closed its stdout is gone"), 3, || !alive(pid)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_server_that_stops_reading_gets_errors_instead_of_buffers() {
+    let s = start_flood(r#","serverInputBytes":65536"#).await;
+    let a = s.addr;
+    let (mut c, endpoint) = legacy_open(a, "flood").await;
+    assert_eq!(call(a, "POST", &endpoint, &[AUTH], &tool_call(json!("d"), "deaf", json!({}))).await.status, 202);
+    let (_, data, _) = c.event().await.unwrap();
+    assert_eq!(serde_json::from_str::<Value>(&data).unwrap()["id"], "d");
+    // 100 calls of 32 KiB: the pipe (64 KiB) and the input budget (64 KiB) take a few; the rest
+    // are refused at once with an error naming the budget.
+    let pad = "p".repeat(32 * 1024);
+    for i in 0..100 {
+        assert_eq!(call(a, "POST", &endpoint, &[AUTH], &tool_call(json!(i), "echo", json!({"text": pad}))).await.status, 202);
+    }
+    let mut refused = 0;
+    while let Ok(Some((_, data, _))) = tokio::time::timeout(Duration::from_secs(2), c.event()).await {
+        let v: Value = serde_json::from_str(&data).unwrap();
+        assert!(v["error"]["message"].as_str().unwrap().contains("mcpbox.serverInputBytes"), "{v}");
+        refused += 1;
+    }
+    assert!(refused >= 90, "only {refused} of 100 refused");
+    assert_eq!(s.sup.server("flood").unwrap().active_sessions(), 1, "the session itself goes on");
+}
+
+#[tokio::test]
+async fn delete_frees_what_the_session_held() {
+    let s = start_flood("").await;
+    let a = s.addr;
+    let sid = st_open(a, "flood").await;
+    let h = [AUTH, JSON, ("Mcp-Session-Id", sid.as_str())];
+    // 64 MiB of notifications with no GET stream: the replay ring keeps the newest 8 MiB.
+    let r = call(a, "POST", "/flood/mcp", &h, &tool_call(json!(1), "flood", json!({"mb": 64, "size": 65536}))).await;
+    assert!(r.json()["result"]["content"][0]["text"].as_str().unwrap().parse::<u64>().unwrap() >= 64 << 20);
+    let session = s.sup.server("flood").unwrap().sessions.all().pop().unwrap();
+    let held = session.outbox.lock().held();
+    assert!(held > 4 << 20 && held <= crate::config::DEFAULT_SESSION_BUFFER, "the ring holds {held} bytes");
+    assert_eq!(call(a, "DELETE", "/flood/mcp", &h, "").await.status, 204);
+    until("the session ends", 5, || s.sup.server("flood").unwrap().active_sessions() == 0).await;
+    let left = session.outbox.lock().held();
+    assert!(left < 1024, "DELETE frees the outbox (all but the closing note): {left} bytes held");
 }

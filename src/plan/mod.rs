@@ -123,8 +123,6 @@ read = [
 ]
 [network]
 mode = "host"
-[env]
-pass = ["MCPBOX_UPSTREAM_HEADERS"]
 "#;
 
 /// Plans the servers of a config: what `serve` (through the supervisor's launcher) and
@@ -158,13 +156,15 @@ impl Planner {
             }
             ServerKind::Url { url, headers, transport_type } => {
                 // mcpbox's own `url-bridge` mode stands in for the server, sandboxed like one
-                // (network `host`, the CA store, nothing else), with the upstream's headers in
-                // its environment rather than on its command line.
+                // (network `host`, the CA store, nothing else), with the upstream's URL and
+                // headers in its environment rather than on its command line (readable by all).
                 let transport = crate::urlbridge::Transport::pick(transport_type.as_deref(), url)?;
                 let exe = std::env::current_exe().context("locating the mcpbox binary")?;
                 let exe = if stage { prepare::stage_for_others(&self.state, &exe)? } else { exe };
-                let mut env = BTreeMap::new();
-                env.insert(crate::urlbridge::HEADERS_ENV.to_string(), serde_json::to_string(headers)?);
+                // Set by mcpbox whatever the policy passes: the bridge cannot work without them.
+                let mut bridge_env = BTreeMap::new();
+                bridge_env.insert(crate::urlbridge::URL_ENV.to_string(), url.clone());
+                bridge_env.insert(crate::urlbridge::HEADERS_ENV.to_string(), serde_json::to_string(headers)?);
                 let policy = if server.policy_given {
                     server.policy.clone()
                 } else {
@@ -174,11 +174,11 @@ impl Planner {
                 let launch = ServerLaunch {
                     name: server.name.clone(),
                     command: exe.to_string_lossy().into_owned(),
-                    args: vec!["url-bridge".into(), "--url".into(), url.clone(), "--transport".into(), transport.as_str().into()],
-                    env,
+                    args: vec!["url-bridge".into(), "--transport".into(), transport.as_str().into()],
+                    env: BTreeMap::new(),
                     policy,
                 };
-                let extra = Extra { grants: vec![(exe, crate::sandbox::Access::Exec)], env: BTreeMap::new(), notes: vec![] };
+                let extra = Extra { grants: vec![(exe, crate::sandbox::Access::Exec)], env: bridge_env, notes: vec![] };
                 Ok((launch, extra, PolicyChoice::Given))
             }
         }

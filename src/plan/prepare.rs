@@ -1,9 +1,10 @@
 //! npx and uvx servers in two sandboxed phases.
 //!
 //! *Prepare* runs the package manager alone — npm for `npx`, uv for `uvx` — in a sandbox whose
-//! only writable place is the server's cache dir, with the host network (the registry is
-//! whatever npm's or uv's own configuration says; nothing here names one). Install scripts run
-//! in that sandbox too. The result is recorded in `CACHE/prepared.json`.
+//! only writable place is the server's cache dir and whose only way out is mcpbox's egress
+//! proxy, to the registries npm's or uv's own configuration names (nothing here names one) and
+//! the hosts they serve files from, never an internal address. Install scripts run in that sandbox
+//! too, and no registry credentials reach it. The result is recorded in `CACHE/prepared.json`.
 //!
 //! *Run* never starts a package manager: the server's entry point is executed directly (node on
 //! the package's `bin` file, or the console script of a virtualenv built on the system Python),
@@ -12,7 +13,7 @@
 //! Cache layout: `npm/` (the install prefix), `npm-cache/`, `venv/`, `uv-cache/`, `prepared.json`.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -324,18 +325,13 @@ pub(crate) fn stage_for_others(state: &StateDir, bin: &Path) -> anyhow::Result<P
     Ok(dst)
 }
 
-/// Names of mcpbox's environment handed to a prepare sandbox: how the host reaches the network
-/// and which CAs it trusts, and uv's own settings. Package registries come from here and from
-/// the package managers' config files, never from mcpbox.
-const PASS_ALWAYS: &[&str] = &[
-    "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "no_proxy", "all_proxy",
-    "SSL_CERT_FILE", "SSL_CERT_DIR",
-];
+/// Names of mcpbox's environment handed to a prepare sandbox: which CAs the host trusts, and
+/// uv's own settings. (Its way out is mcpbox's egress proxy, which sets the proxy variables.)
+const PASS_ALWAYS: &[&str] = &["SSL_CERT_FILE", "SSL_CERT_DIR"];
 const PASS_NPM: &[&str] = &["NODE_EXTRA_CA_CERTS"];
-const PASS_UV: &[&str] = &[
-    "UV_INDEX_URL", "UV_DEFAULT_INDEX", "UV_INDEX", "UV_EXTRA_INDEX_URL", "UV_FIND_LINKS", "UV_NATIVE_TLS",
-    "UV_INSECURE_HOST", "UV_INDEX_STRATEGY", "UV_HTTP_TIMEOUT", "UV_CONCURRENT_DOWNLOADS",
-];
+/// uv's settings that carry no credentials; the indexes are read by [`uv_settings`] and handed
+/// over without them.
+const PASS_UV: &[&str] = &["UV_NATIVE_TLS", "UV_INSECURE_HOST", "UV_INDEX_STRATEGY", "UV_HTTP_TIMEOUT", "UV_CONCURRENT_DOWNLOADS"];
 
 fn passed_env(names: &[&str], extra: &mut Extra) {
     for n in PASS_ALWAYS.iter().chain(names) {
@@ -349,60 +345,581 @@ fn passed_env(names: &[&str], extra: &mut Extra) {
     }
 }
 
-/// npm's registry and CA file as npm's configuration on this host says (global and user npmrc,
-/// npm_config_* variables), asked of npm itself outside any sandbox: no package code runs, and
-/// the user's npmrc (which may hold tokens) is not shown to install scripts.
-fn npm_settings(npm_cli: &Path, node: &Path, extra: &mut Extra) {
-    let out = std::process::Command::new(node)
-        .arg(npm_cli)
-        .args(["config", "get", "registry", "cafile"])
-        // Not mcpbox's working directory: a project .npmrc there is not the host's configuration.
-        .current_dir("/")
-        .stdin(Stdio::null())
-        .stderr(Stdio::null())
-        .output();
-    let Ok(out) = out else { return };
-    if !out.status.success() {
-        return;
-    }
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let Some((k, v)) = line.split_once('=') else { continue };
-        let v = v.trim();
-        if v.is_empty() || v == "null" || v == "undefined" {
-            continue;
-        }
-        match k.trim() {
-            "registry" => {
-                extra.env.insert("npm_config_registry".into(), v.into());
-            }
-            "cafile" if Path::new(v).is_file() => {
-                extra.env.insert("npm_config_cafile".into(), v.into());
-                extra.grants.push((PathBuf::from(v), Access::Read));
-            }
-            _ => {}
+// ---------------------------------------------------------------------------------------------
+// Egress: the registries the package manager's configuration names, and nothing else
+// ---------------------------------------------------------------------------------------------
+
+/// Where a prepare sandbox may connect, through mcpbox's egress proxy (never an internal address):
+/// `host:port` of the registries npm's or uv's configuration names, of the hosts those
+/// registries serve package files from (read from their answers), of URLs named on the command
+/// line, and what the operator lists in [`EXTRA_ALLOW_ENV`].
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Egress {
+    pub allow: std::collections::BTreeSet<String>,
+    /// Index/registry URLs (without credentials) whose answers name the download hosts.
+    pub indexes: Vec<String>,
+}
+
+/// Extra `host:port` entries (comma or space separated, wildcards as in `network.allow`) that
+/// prepare sandboxes may reach: e.g. where a package's install script downloads a prebuilt
+/// binary from.
+pub const EXTRA_ALLOW_ENV: &str = "MCPBOX_PREPARE_ALLOW";
+
+impl Egress {
+    fn add_url(&mut self, url: &str) {
+        if let Some(hp) = host_port(url) {
+            self.allow.insert(hp);
         }
     }
 }
 
-/// uv's config files: the system one and the user's (handed over explicitly, since HOME is the
-/// cache inside).
-fn uv_settings(extra: &mut Extra) {
-    for p in ["/etc/uv", "/etc/xdg/uv"] {
-        if Path::new(p).is_dir() {
-            extra.grants.push((PathBuf::from(p), Access::Read));
+/// `host:port` of an http(s) URL (the scheme's port when none is written).
+fn host_port(url: &str) -> Option<String> {
+    let u = reqwest::Url::parse(url).ok()?;
+    if !matches!(u.scheme(), "http" | "https") {
+        return None;
+    }
+    Some(format!("{}:{}", u.host_str()?, u.port_or_known_default()?))
+}
+
+/// The URL without user info, and whether it had some (credentials never enter a sandbox
+/// that runs install scripts).
+fn without_credentials(url: &str) -> (String, bool) {
+    match reqwest::Url::parse(url) {
+        Ok(mut u) if !u.username().is_empty() || u.password().is_some() => {
+            let _ = u.set_username("");
+            let _ = u.set_password(None);
+            (u.to_string(), true)
+        }
+        _ => (url.to_string(), false),
+    }
+}
+
+/// npm's configuration on this host (global and user npmrc, npm_config_* variables) as npm
+/// itself reports it, asked outside any sandbox: no package code runs. The sandbox gets the
+/// registries (the default and scoped ones) and the CA file as variables, and reads no npmrc at
+/// all: neither the user's nor the global one (which may hold tokens), nor one that an earlier
+/// install left in the cache.
+///
+/// Returns the credential lines of the npmrc files npm read (for the download step only, see
+/// [`prepare_npm`]).
+fn npm_settings(npm_cli: &Path, node: &Path, extra: &mut Extra, egress: &mut Egress) -> anyhow::Result<Vec<String>> {
+    // The text form, not --json: only it shows that credentials exist (as `(protected)`).
+    let out = std::process::Command::new(node)
+        .arg(npm_cli)
+        .args(["config", "list", "--long"])
+        // Not mcpbox's working directory: a project .npmrc there is not the host's configuration.
+        .current_dir("/")
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .context("running `npm config list --long`")?;
+    if !out.status.success() {
+        bail!("`npm config list --long` failed ({}): fix npm's configuration", out.status);
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let cfg = parse_npm_config_list(&text);
+    let auth = npm_auth_lines(&npm_config_files(&text), |k| std::env::var(k).ok());
+    let mut notes = Vec::new();
+    let env = npm_env(&cfg, &mut notes)?;
+    for n in notes {
+        tracing::warn!("prepare: {n}");
+    }
+    for (k, v) in env {
+        if k.starts_with("npm_config_") && k.ends_with("registry") {
+            egress.add_url(&v);
+            egress.indexes.push(v.clone());
+        }
+        if k == "npm_config_cafile" {
+            extra.grants.push((PathBuf::from(&v), Access::Read));
+        }
+        extra.env.insert(k, v);
+    }
+    Ok(auth)
+}
+
+/// The npmrc files `npm config list --long` says it read (`; "user" config from PATH`).
+fn npm_config_files(text: &str) -> Vec<PathBuf> {
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix("; \"")?.split_once("\" config from ").map(|(_, p)| PathBuf::from(p.trim())))
+        .filter(|p| p.is_absolute())
+        .collect()
+}
+
+/// The credential lines of npmrc files (`//host/path/:_authToken=…`, `_auth`, …), with
+/// `${VAR}` expanded from mcpbox's environment as npm would.
+fn npm_auth_lines(files: &[PathBuf], var: impl Fn(&str) -> Option<String>) -> Vec<String> {
+    let mut out = Vec::new();
+    for f in files {
+        let Ok(text) = std::fs::read_to_string(f) else { continue };
+        for line in text.lines().map(str::trim) {
+            let Some((k, v)) = line.split_once('=') else { continue };
+            let k = k.trim();
+            let key = k.rsplit(':').next().unwrap_or(k);
+            if line.starts_with(['#', ';']) || !(k.starts_with("//") || k.starts_with('_')) || !matches!(key, "_auth" | "_authToken" | "_password" | "username") {
+                continue;
+            }
+            let mut value = String::new();
+            let mut rest = v.trim();
+            while let Some(i) = rest.find("${") {
+                value.push_str(&rest[..i]);
+                match rest[i + 2..].find('}') {
+                    Some(j) => {
+                        value.push_str(&var(&rest[i + 2..i + 2 + j]).unwrap_or_default());
+                        rest = &rest[i + 3 + j..];
+                    }
+                    None => {
+                        value.push_str(&rest[i..]);
+                        rest = "";
+                    }
+                }
+            }
+            value.push_str(rest);
+            out.push(format!("{k}={value}"));
         }
     }
-    let user = std::env::var_os("UV_CONFIG_FILE").map(PathBuf::from).or_else(|| {
-        let cfg = std::env::var_os("XDG_CONFIG_HOME")
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))?;
-        Some(cfg.join("uv/uv.toml"))
-    });
-    if let Some(u) = user.filter(|u| u.is_file()) {
-        extra.grants.push((u.clone(), Access::Read));
-        extra.env.insert("UV_CONFIG_FILE".into(), u.to_string_lossy().into_owned());
+    out
+}
+
+/// `npm config list --long`: `key = JSON value` lines in sections (`; "user" config from …`);
+/// overridden entries are commented out. A credential shows as `(protected)`, kept as that
+/// string, except in the defaults section (where npm lists its unset auth keys that way).
+fn parse_npm_config_list(text: &str) -> serde_json::Map<String, serde_json::Value> {
+    let mut cfg = serde_json::Map::new();
+    let mut defaults = false;
+    for line in text.lines().map(str::trim) {
+        if let Some(rest) = line.strip_prefix("; \"") {
+            defaults = rest.starts_with("default\"");
+            continue;
+        }
+        if line.starts_with(';') {
+            continue;
+        }
+        let Some((k, v)) = line.split_once(" = ") else { continue };
+        let v = v.trim();
+        if v == "(protected)" && defaults {
+            continue;
+        }
+        let value = serde_json::from_str(v).unwrap_or_else(|_| serde_json::Value::String(v.to_string()));
+        cfg.insert(k.trim().to_string(), value);
     }
+    cfg
+}
+
+/// What a prepare sandbox's npm is told, from npm's effective configuration: the registry and
+/// scoped registries without credentials, the CA file, and no config files. Credentials found
+/// are named in `notes`, never passed.
+fn npm_env(cfg: &serde_json::Map<String, serde_json::Value>, notes: &mut Vec<String>) -> anyhow::Result<Vec<(String, String)>> {
+    let mut env = vec![("npm_config_userconfig".to_string(), "/dev/null".to_string()), ("npm_config_globalconfig".to_string(), "/dev/null/npmrc".to_string())];
+    let registry = cfg.get("registry").and_then(|v| v.as_str()).filter(|v| !v.is_empty()).context("npm's configuration names no registry (`npm config get registry`)")?;
+    let mut with_creds = Vec::new();
+    let mut registries = vec![("registry".to_string(), registry.to_string())];
+    for (k, v) in cfg {
+        if k.starts_with('@') && k.ends_with(":registry") {
+            if let Some(url) = v.as_str().filter(|u| !u.is_empty()) {
+                registries.push((k.clone(), url.to_string()));
+            }
+        }
+        let secret = k.starts_with("//") || matches!(k.as_str(), "_auth" | "_authToken" | "_password" | "username");
+        if secret && !v.is_null() && v.as_str() != Some("") {
+            with_creds.push(k.rsplit(':').next().unwrap_or(k).to_string());
+        }
+    }
+    for (key, url) in registries {
+        let (clean, had) = without_credentials(&url);
+        if had {
+            with_creds.push(key.clone());
+        }
+        env.push((format!("npm_config_{key}"), clean));
+    }
+    if let Some(ca) = cfg.get("cafile").and_then(|v| v.as_str()).filter(|v| Path::new(v).is_file()) {
+        env.push(("npm_config_cafile".into(), ca.into()));
+    }
+    if !with_creds.is_empty() {
+        with_creds.sort();
+        with_creds.dedup();
+        notes.push(format!(
+            "npm's configuration holds registry credentials ({}): they are not given to the prepare sandbox where install scripts run, only to npm while it downloads and unpacks with scripts off",
+            with_creds.join(", ")
+        ));
+    }
+    Ok(env)
+}
+
+/// uv's indexes as its configuration on this host says, read here (outside any sandbox):
+/// `UV_DEFAULT_INDEX`/`UV_INDEX_URL`, `UV_INDEX`/`UV_EXTRA_INDEX_URL`, `UV_FIND_LINKS`, and the
+/// system and user `uv.toml` (`index-url`, `extra-index-url`, `find-links`, `[[index]]`, at the
+/// top or under `[pip]`); uv's own default when nothing is configured (from `uv --help`).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+struct UvIndexes {
+    default: Option<String>,
+    extra: Vec<String>,
+    find_links: Vec<String>,
+}
+
+impl UvIndexes {
+    /// Merge one uv.toml (a later file overrides the default index, adds to the rest).
+    fn add_toml(&mut self, table: &toml::Table) {
+        for t in [Some(table), table.get("pip").and_then(|p| p.as_table())].into_iter().flatten() {
+            let strs = |k: &str| -> Vec<String> {
+                match t.get(k) {
+                    Some(toml::Value::String(s)) => vec![s.clone()],
+                    Some(toml::Value::Array(a)) => a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect(),
+                    _ => vec![],
+                }
+            };
+            if let Some(u) = strs("index-url").pop() {
+                self.default = Some(u);
+            }
+            self.extra.extend(strs("extra-index-url"));
+            self.find_links.extend(strs("find-links"));
+            for idx in t.get("index").and_then(|v| v.as_array()).into_iter().flatten() {
+                let Some(url) = idx.get("url").and_then(|u| u.as_str()) else { continue };
+                if idx.get("default").and_then(|d| d.as_bool()) == Some(true) {
+                    self.default = Some(url.to_string());
+                } else {
+                    // Named, as uv matches UV_INDEX_{NAME}_USERNAME/PASSWORD by name.
+                    match idx.get("name").and_then(|n| n.as_str()) {
+                        Some(n) => self.extra.push(format!("{n}={url}")),
+                        None => self.extra.push(url.to_string()),
+                    }
+                }
+            }
+        }
+    }
+
+    /// The variables uv reads, over the files.
+    fn add_env(&mut self, var: impl Fn(&str) -> Option<String>) {
+        if let Some(u) = var("UV_DEFAULT_INDEX").or_else(|| var("UV_INDEX_URL")) {
+            self.default = Some(u);
+        }
+        for k in ["UV_INDEX", "UV_EXTRA_INDEX_URL"] {
+            self.extra.extend(var(k).unwrap_or_default().split_whitespace().map(str::to_string));
+        }
+        if let Some(f) = var("UV_FIND_LINKS") {
+            self.find_links.extend(f.split([',', ' ']).filter(|s| !s.is_empty()).map(str::to_string));
+        }
+    }
+}
+
+/// An index as uv takes it, `URL` or `NAME=URL` (a name has neither `:` nor `/`): its name and URL.
+fn split_named(item: &str) -> (Option<&str>, &str) {
+    match item.split_once('=') {
+        Some((name, url)) if !name.contains([':', '/']) => (Some(name), url),
+        _ => (None, item),
+    }
+}
+
+/// The uv.toml files uv reads on this host, system first.
+fn uv_config_files() -> Vec<PathBuf> {
+    if std::env::var_os("UV_NO_CONFIG").is_some_and(|v| !v.is_empty()) {
+        return vec![];
+    }
+    if let Some(f) = std::env::var_os("UV_CONFIG_FILE").filter(|v| !v.is_empty()) {
+        return vec![PathBuf::from(f)];
+    }
+    let mut files = Vec::new();
+    let xdg_dirs = std::env::var("XDG_CONFIG_DIRS").ok().filter(|v| !v.is_empty()).unwrap_or_else(|| "/etc/xdg".into());
+    for d in xdg_dirs.split(':').map(PathBuf::from).chain([PathBuf::from("/etc")]) {
+        let f = d.join("uv/uv.toml");
+        if f.is_file() {
+            files.push(f);
+            break;
+        }
+    }
+    let user = std::env::var_os("XDG_CONFIG_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")));
+    if let Some(u) = user.map(|c| c.join("uv/uv.toml")).filter(|u| u.is_file()) {
+        files.push(u);
+    }
+    files
+}
+
+/// uv's default index, as its own help states it (`--default-index … (by default: <URL>)`):
+/// mcpbox names no index itself.
+fn uv_default_index(uv: &Path) -> anyhow::Result<String> {
+    let out = std::process::Command::new(uv)
+        .args(["pip", "install", "--help"])
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .with_context(|| format!("running {} pip install --help", uv.display()))?;
+    let help = String::from_utf8_lossy(&out.stdout);
+    let block = help.split("--default-index").nth(1).unwrap_or("");
+    let url = block.split("default: ").nth(1).map(|rest| rest.trim_start_matches('<').split(['>', ')', ']', ' ', '\n']).next().unwrap_or(""));
+    match url.filter(|u| u.starts_with("http")) {
+        Some(u) => Ok(u.to_string()),
+        None => bail!("cannot tell uv's default index from `{} pip install --help`; set UV_DEFAULT_INDEX", uv.display()),
+    }
+}
+
+/// uv's indexes for a prepare sandbox: handed over as variables without credentials, with
+/// `UV_NO_CONFIG=1` so that no uv.toml is read inside (not the user's, which may hold
+/// credentials, nor one an earlier install left in the cache). `UV_INDEX_*_USERNAME` /
+/// `_PASSWORD`, netrc and keyrings are not passed either.
+///
+/// Returns, when there are credentials, the variables that carry them (the index URLs as
+/// configured and the credential variables), for the wheels-only step (see [`prepare_uv`]).
+fn uv_settings(uv: &Path, extra: &mut Extra, egress: &mut Egress) -> anyhow::Result<Option<BTreeMap<String, String>>> {
+    let mut idx = UvIndexes::default();
+    for f in uv_config_files() {
+        let text = std::fs::read_to_string(&f).with_context(|| format!("reading uv's configuration {}", f.display()))?;
+        let table: toml::Table = toml::from_str(&text).with_context(|| format!("parsing uv's configuration {}", f.display()))?;
+        idx.add_toml(&table);
+    }
+    idx.add_env(|k| std::env::var(k).ok().filter(|v| !v.is_empty()));
+    let default = match idx.default.clone() {
+        Some(d) => d,
+        None => uv_default_index(uv)?,
+    };
+    let mut with_creds = BTreeMap::from([("UV_DEFAULT_INDEX".to_string(), default.clone())]);
+    if !idx.extra.is_empty() {
+        with_creds.insert("UV_INDEX".into(), idx.extra.join(" "));
+    }
+    let mut creds = false;
+    let mut clean = |u: &str| {
+        let (c, had) = without_credentials(u);
+        creds |= had;
+        c
+    };
+    let default = clean(&default);
+    let extra_idx: Vec<String> = idx
+        .extra
+        .iter()
+        .map(|item| match split_named(item) {
+            (Some(n), url) => format!("{n}={}", clean(url)),
+            (None, url) => clean(url),
+        })
+        .collect();
+    let mut links = Vec::new();
+    for l in &idx.find_links {
+        if l.starts_with("http://") || l.starts_with("https://") {
+            links.push(clean(l));
+        } else {
+            let p = PathBuf::from(l.strip_prefix("file://").unwrap_or(l));
+            if p.is_absolute() && p.exists() {
+                extra.grants.push((p.clone(), Access::Read));
+                links.push(p.to_string_lossy().into_owned());
+            }
+        }
+    }
+    let cred_vars: Vec<String> = std::env::vars().map(|(k, _)| k).filter(|k| k.starts_with("UV_INDEX_") && (k.ends_with("_USERNAME") || k.ends_with("_PASSWORD"))).collect();
+    let with_creds = (creds || !cred_vars.is_empty()).then(|| {
+        tracing::warn!(
+            "prepare: uv's configuration holds index credentials{}: they are not given to the prepare sandbox where build scripts run, only to uv while it installs wheels with builds off",
+            if cred_vars.is_empty() { String::new() } else { format!(" ({})", cred_vars.join(", ")) }
+        );
+        for k in &cred_vars {
+            if let Ok(v) = std::env::var(k) {
+                with_creds.insert(k.clone(), v);
+            }
+        }
+        with_creds
+    });
+    let urls: Vec<&str> = std::iter::once(default.as_str()).chain(extra_idx.iter().map(|i| split_named(i).1)).collect();
+    for u in urls.iter().copied().chain(links.iter().map(String::as_str).filter(|l| l.starts_with("http"))) {
+        egress.add_url(u);
+    }
+    egress.indexes.extend(urls.iter().map(|u| u.to_string()));
+    extra.env.insert("UV_NO_CONFIG".into(), "1".into());
+    extra.env.insert("UV_DEFAULT_INDEX".into(), default);
+    if !extra_idx.is_empty() {
+        extra.env.insert("UV_INDEX".into(), extra_idx.join(" "));
+    }
+    if !links.is_empty() {
+        extra.env.insert("UV_FIND_LINKS".into(), links.join(","));
+    }
+    Ok(with_creds)
+}
+
+/// The name a registry knows a requested package by: npm `@scope/name@1` → `@scope/name`,
+/// Python `name[extra]>=1` → `name`. None for local paths and URLs.
+fn package_name(manager: Manager, spec: &str) -> Option<String> {
+    if spec.starts_with('/') || spec.starts_with('.') || spec.contains(':') {
+        return None;
+    }
+    let name = match manager {
+        Manager::Npm => {
+            let (scope, rest) = if let Some(r) = spec.strip_prefix('@') { ("@", r) } else { ("", spec) };
+            format!("{scope}{}", rest.split('@').next().unwrap_or(rest))
+        }
+        Manager::Uv => spec.split(|c: char| "=<>!~[; @".contains(c)).next().unwrap_or(spec).to_string(),
+    };
+    (!name.is_empty() && !name.ends_with('/')).then_some(name)
+}
+
+/// The URL at which `index` describes package `name`.
+fn metadata_url(manager: Manager, index: &str, name: &str) -> String {
+    let base = index.trim_end_matches('/');
+    match manager {
+        Manager::Npm => format!("{base}/{}", name.replace('/', "%2f")),
+        Manager::Uv => {
+            // PEP 503 normalization: lowercase, runs of `-_.` become one `-`.
+            let mut norm = String::new();
+            for c in name.chars() {
+                if "-_.".contains(c) {
+                    if !norm.ends_with('-') {
+                        norm.push('-');
+                    }
+                } else {
+                    norm.push(c.to_ascii_lowercase());
+                }
+            }
+            format!("{base}/{norm}/")
+        }
+    }
+}
+
+/// Most download hosts taken from one registry answer: more is not a registry's file host.
+const MAX_FILE_HOSTS: usize = 8;
+
+/// The hosts a registry's answer names for package files: npm's `dist.tarball`, the Simple
+/// API's `files[].url` (JSON) or `href` (HTML), resolved against the page's final URL. (Not
+/// every URL in the answer: a packument's `repository.url` is no download.)
+fn file_hosts_in(manager: Manager, page: &reqwest::Url, body: &[u8]) -> std::collections::BTreeSet<String> {
+    let mut urls = Vec::new();
+    if let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) {
+        let s = |x: Option<&serde_json::Value>| x.and_then(|u| u.as_str()).map(str::to_string);
+        match manager {
+            Manager::Npm => {
+                for ver in v.get("versions").and_then(|x| x.as_object()).into_iter().flat_map(|m| m.values()) {
+                    urls.extend(s(ver.get("dist").and_then(|d| d.get("tarball"))));
+                }
+            }
+            Manager::Uv => {
+                for f in v.get("files").and_then(|x| x.as_array()).into_iter().flatten() {
+                    urls.extend(s(f.get("url")));
+                }
+            }
+        }
+    } else if manager == Manager::Uv {
+        let text = String::from_utf8_lossy(body);
+        for part in text.split("href=").skip(1) {
+            let q = part.chars().next().unwrap_or('"');
+            if q == '"' || q == '\'' {
+                urls.extend(part[1..].split(q).next().map(str::to_string));
+            }
+        }
+    }
+    let mut hosts = std::collections::BTreeSet::new();
+    for u in urls {
+        if let Some(hp) = page.join(&u).ok().and_then(|abs| host_port(abs.as_str())) {
+            hosts.insert(hp);
+        }
+    }
+    hosts
+}
+
+/// Ask each registry about each requested package (outside any sandbox, mcpbox's own HTTP
+/// client: no package code runs) and collect the hosts its answer serves files from, and the
+/// host it redirected to. A registry that does not answer adds nothing (the install then says
+/// what it could not reach).
+fn discover_file_hosts(manager: Manager, pkg: &Package, egress: &mut Egress) {
+    let names: Vec<String> = pkg.install.iter().filter_map(|s| package_name(manager, s)).collect();
+    if names.is_empty() {
+        return;
+    }
+    let pages: Vec<String> = egress.indexes.iter().flat_map(|i| names.iter().map(move |n| metadata_url(manager, i, n))).collect();
+    let accept = match manager {
+        Manager::Npm => "application/vnd.npm.install-v1+json; q=1.0, application/json; q=0.8",
+        Manager::Uv => "application/vnd.pypi.simple.v1+json, text/html; q=0.1",
+    };
+    let found = on_own_runtime(async move {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut hosts = std::collections::BTreeSet::new();
+        // The proxy's rule here too: no loopback, link-local or private address, whatever a
+        // name resolves to or a redirect names.
+        let redirects = reqwest::redirect::Policy::custom(|a| match a.url().host_str().and_then(|h| h.trim_matches(['[', ']']).parse().ok()) {
+            Some(ip) if crate::netproxy::is_internal(ip) => a.stop(),
+            _ if a.previous().len() >= 5 => a.stop(),
+            _ => a.follow(),
+        });
+        let client = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .timeout(Duration::from_secs(30))
+            .redirect(redirects)
+            .dns_resolver(std::sync::Arc::new(ExternalOnly));
+        let Ok(client) = client.build() else { return hosts };
+        for page in pages {
+            let literal = reqwest::Url::parse(&page).ok().and_then(|u| u.host_str()?.trim_matches(['[', ']']).parse::<std::net::IpAddr>().ok());
+            if literal.is_some_and(crate::netproxy::is_internal) {
+                continue;
+            }
+            let resp = match client.get(&page).header("accept", accept).send().await {
+                Ok(r) if r.status().is_success() => r,
+                Ok(r) => {
+                    tracing::debug!("prepare: {page}: HTTP {}", r.status());
+                    continue;
+                }
+                Err(e) => {
+                    tracing::debug!("prepare: {page}: {e}");
+                    continue;
+                }
+            };
+            let final_url = resp.url().clone();
+            let mut body = Vec::new();
+            let mut stream = resp.bytes_stream();
+            while let Some(Ok(chunk)) = futures_util::StreamExt::next(&mut stream).await {
+                body.extend_from_slice(&chunk);
+                if body.len() > 64 << 20 {
+                    break;
+                }
+            }
+            let mut found = file_hosts_in(manager, &final_url, &body);
+            if let Some(hp) = host_port(final_url.as_str()) {
+                found.insert(hp);
+            }
+            if found.len() > MAX_FILE_HOSTS {
+                tracing::warn!("prepare: {page} names {} download hosts; allowing none of them (list the ones needed in {EXTRA_ALLOW_ENV})", found.len());
+                continue;
+            }
+            hosts.extend(found);
+        }
+        hosts
+    });
+    egress.allow.extend(found);
+}
+
+/// The system resolver, keeping only addresses that are not [`crate::netproxy::is_internal`].
+struct ExternalOnly;
+
+impl reqwest::dns::Resolve for ExternalOnly {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        Box::pin(async move {
+            let addrs: Vec<std::net::SocketAddr> = tokio::net::lookup_host((name.as_str(), 0)).await?.filter(|a| !crate::netproxy::is_internal(a.ip())).collect();
+            if addrs.is_empty() {
+                return Err(format!("{} resolves to no external address", name.as_str()).into());
+            }
+            Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
+
+/// The operator's extra entries ([`EXTRA_ALLOW_ENV`]), checked with the allow-list grammar.
+fn operator_allow(egress: &mut Egress) -> anyhow::Result<()> {
+    let Ok(v) = std::env::var(EXTRA_ALLOW_ENV) else { return Ok(()) };
+    let entries: Vec<String> = v.split([',', ' ']).filter(|s| !s.is_empty()).map(str::to_string).collect();
+    crate::netproxy::AllowList::parse(&entries).context(EXTRA_ALLOW_ENV)?;
+    egress.allow.extend(entries);
+    Ok(())
+}
+
+/// Run a future to completion on a runtime of its own, on a thread of its own (callers may be
+/// on a runtime's blocking thread already).
+fn on_own_runtime<F>(f: F) -> F::Output
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + Default + 'static,
+{
+    std::thread::spawn(move || match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt.block_on(f),
+        Err(_) => F::Output::default(),
+    })
+    .join()
+    .unwrap_or_default()
 }
 
 /// Progress and outcome of one prepare.
@@ -438,6 +955,11 @@ pub fn prepare_blocking(state: &StateDir, name: &str, pkg: &Package, force: bool
             return Ok(Outcome::Ready(p));
         }
     }
+    if force {
+        // Everything in CACHE was written by earlier installs (install scripts included): an
+        // npmrc, uv's config, poisoned npm or uv caches. Start from nothing.
+        empty_dir(&dirs.cache)?;
+    }
     let started = Instant::now();
     tracing::info!(server = %name, "preparing: resolving {} {}", pkg.manager.command(), pkg.install.join(" "));
     let _ = std::fs::remove_file(dirs.cache.join(RECORD));
@@ -468,6 +990,34 @@ pub fn prepare_blocking(state: &StateDir, name: &str, pkg: &Package, force: bool
     Ok(Outcome::Installed(p, took))
 }
 
+/// The rest of a prepare's egress, once the registries are known: URLs named on the command
+/// line, the registries' download hosts, the operator's extra entries.
+fn egress_for(name: &str, manager: Manager, pkg: &Package, egress: &mut Egress) -> anyhow::Result<()> {
+    for spec in &pkg.install {
+        let url = spec.strip_prefix("git+").unwrap_or(spec);
+        if url.starts_with("https://") || url.starts_with("http://") {
+            egress.add_url(url.split('#').next().unwrap_or(url));
+        }
+    }
+    discover_file_hosts(manager, pkg, egress);
+    operator_allow(egress)?;
+    tracing::info!(server = %name, "the prepare sandbox reaches only {} (through mcpbox's egress proxy)", egress.allow.iter().cloned().collect::<Vec<_>>().join(", "));
+    Ok(())
+}
+
+/// Remove everything inside `dir` (never following a link out of it), keep `dir` itself with
+/// its owner and mode.
+fn empty_dir(dir: &Path) -> anyhow::Result<()> {
+    for e in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let e = e?;
+        let p = e.path();
+        // file_type() does not follow links: a link is removed, not its target.
+        let r = if e.file_type()?.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
+        r.with_context(|| format!("removing {}", p.display()))?;
+    }
+    Ok(())
+}
+
 fn local_paths(pkg: &Package, extra: &mut Extra) -> anyhow::Result<Vec<String>> {
     // A local tarball or directory must be readable inside the sandbox: grant it (read only)
     // and hand it over by absolute path.
@@ -492,14 +1042,22 @@ fn prepare_npm(state: &StateDir, name: &str, dirs: &ServerDirs, pkg: &Package) -
     let mut extra = Extra::default();
     extra.grants.push((npm_dir, Access::Read));
     passed_env(PASS_NPM, &mut extra);
-    npm_settings(&npm_cli, &node, &mut extra);
+    let mut egress = Egress::default();
+    let auth = npm_settings(&npm_cli, &node, &mut extra, &mut egress)?;
     let install = local_paths(pkg, &mut extra)?;
+    egress_for(name, Manager::Npm, pkg, &mut egress)?;
     let prefix = npm_prefix(&dirs.cache);
     std::fs::create_dir_all(&prefix)?;
+    // Made by mcpbox: the server's uid owns it like the cache around it (the plan's ownership
+    // walk only runs on a cache whose top it does not own yet).
+    {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(&dirs.cache)?;
+        std::os::unix::fs::lchown(&prefix, Some(m.uid()), Some(m.gid())).with_context(|| format!("chown {}", prefix.display()))?;
+    }
     let c = |p: &str| dirs.cache.join(p).to_string_lossy().into_owned();
     for (k, v) in [
         ("npm_config_cache", c("npm-cache")),
-        ("npm_config_userconfig", c(".npmrc")),
         ("npm_config_update_notifier", "false".into()),
         ("npm_config_fund", "false".into()),
         ("npm_config_audit", "false".into()),
@@ -509,10 +1067,25 @@ fn prepare_npm(state: &StateDir, name: &str, dirs: &ServerDirs, pkg: &Package) -
     ] {
         extra.env.insert(k.into(), v);
     }
-    let mut args = vec![npm_cli.to_string_lossy().into_owned(), "install".into(), "--prefix".into(), prefix.to_string_lossy().into_owned(), "--omit=dev".into(), "--no-package-lock".into()];
+    // Two steps. 1: npm resolves, downloads and unpacks with every script off: no package code
+    // runs, so it may hold the registry credentials (a file beside the cache, granted to this
+    // step only and removed after it). 2: `npm rebuild` runs the install scripts, without them.
+    let npm = npm_cli.to_string_lossy().into_owned();
+    let pfx = prefix.to_string_lossy().into_owned();
+    let mut args = vec![npm.clone(), "install".into(), "--prefix".into(), pfx.clone(), "--omit=dev".into(), "--no-package-lock".into(), "--ignore-scripts".into()];
     args.extend(install);
-    tracing::info!(server = %name, "installing with npm into {}", prefix.display());
-    run_sandboxed(state, name, Manager::Npm, &node, args, extra)?;
+    tracing::info!(server = %name, "installing with npm into {} (scripts off)", prefix.display());
+    let mut fetch = extra.clone();
+    let auth_file = AuthFile::write(&state.root.join(name).join(NPM_AUTH_FILE), &dirs.cache, &auth)?;
+    if let Some(f) = &auth_file {
+        fetch.grants.push((f.0.clone(), Access::Read));
+        fetch.env.insert("npm_config_userconfig".into(), f.0.to_string_lossy().into_owned());
+    }
+    run_sandboxed(state, name, Manager::Npm, &node, args, fetch, &egress)?;
+    drop(auth_file);
+    tracing::info!(server = %name, "running the install scripts (npm rebuild)");
+    let args = vec![npm, "rebuild".into(), "--prefix".into(), pfx];
+    run_sandboxed(state, name, Manager::Npm, &node, args, extra, &egress)?;
 
     // Which package was installed: the one dependency of the prefix's package.json.
     let top: serde_json::Value = serde_json::from_str(&read_inside(&dirs.cache, Path::new("npm/package.json"))?)?;
@@ -559,14 +1132,74 @@ fn prepare_npm(state: &StateDir, name: &str, dirs: &ServerDirs, pkg: &Package) -
     }
 }
 
+/// Beside (not in) a server's cache: the npm credentials of a download step.
+pub const NPM_AUTH_FILE: &str = "prepare-auth.npmrc";
+/// Beside (not in) a server's cache: uv's cache while it installs with index credentials.
+pub const UV_AUTH_CACHE: &str = "prepare-auth-uv-cache";
+
+/// A directory owned like the cache, removed with everything in it when dropped.
+struct AuthDir(PathBuf);
+
+impl AuthDir {
+    fn create(path: &Path, owner_like: &Path) -> anyhow::Result<AuthDir> {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        if std::fs::symlink_metadata(path).is_ok() {
+            let _ = std::fs::remove_dir_all(path).or_else(|_| std::fs::remove_file(path));
+        }
+        std::fs::create_dir(path).with_context(|| format!("creating {}", path.display()))?;
+        let dir = AuthDir(path.to_path_buf());
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))?;
+        let m = std::fs::metadata(owner_like)?;
+        std::os::unix::fs::lchown(path, Some(m.uid()), Some(m.gid())).with_context(|| format!("chown {}", path.display()))?;
+        Ok(dir)
+    }
+}
+
+impl Drop for AuthDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A credentials file readable by the server's uid only, removed when dropped.
+struct AuthFile(PathBuf);
+
+impl AuthFile {
+    /// None when there are no lines to write.
+    fn write(path: &Path, owner_like: &Path, lines: &[String]) -> anyhow::Result<Option<AuthFile>> {
+        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+        let _ = std::fs::remove_file(path);
+        if lines.is_empty() {
+            return Ok(None);
+        }
+        let mut text = lines.join("\n");
+        text.push('\n');
+        let file = AuthFile(path.to_path_buf());
+        // create_new: never through a link someone left there.
+        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o400).open(path).with_context(|| format!("creating {}", path.display()))?;
+        std::io::Write::write_all(&mut f, text.as_bytes())?;
+        let m = std::fs::metadata(owner_like)?;
+        std::os::unix::fs::fchown(&f, Some(m.uid()), Some(m.gid())).with_context(|| format!("chown {}", path.display()))?;
+        Ok(Some(file))
+    }
+}
+
+impl Drop for AuthFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 fn prepare_uv(state: &StateDir, name: &str, dirs: &ServerDirs, pkg: &Package) -> anyhow::Result<Prepared> {
     let uv = stage_for_others(state, &find_uv()?)?;
     let python = find_python()?;
     let mut extra = Extra::default();
     extra.grants.push((uv.clone(), Access::Exec));
     passed_env(PASS_UV, &mut extra);
-    uv_settings(&mut extra);
+    let mut egress = Egress::default();
+    let creds = uv_settings(&uv, &mut extra, &mut egress)?;
     let install = local_paths(pkg, &mut extra)?;
+    egress_for(name, Manager::Uv, pkg, &mut egress)?;
     let c = |p: &str| dirs.cache.join(p).to_string_lossy().into_owned();
     let py = python.to_string_lossy().into_owned();
     for (k, v) in [
@@ -581,11 +1214,31 @@ fn prepare_uv(state: &StateDir, name: &str, dirs: &ServerDirs, pkg: &Package) ->
     let venv_dir = venv(&dirs.cache);
     let v = venv_dir.to_string_lossy().into_owned();
     tracing::info!(server = %name, "creating a virtualenv on {} at {v}", python.display());
-    run_sandboxed(state, name, Manager::Uv, &uv, vec!["venv".into(), "--python".into(), py, v.clone()], extra.clone())?;
+    run_sandboxed(state, name, Manager::Uv, &uv, vec!["venv".into(), "--python".into(), py, v.clone()], extra.clone(), &egress)?;
     tracing::info!(server = %name, "installing with uv: {}", install.join(" "));
     let mut args = vec!["pip".into(), "install".into(), "--python".into(), format!("{v}/bin/python")];
     args.extend(install);
-    run_sandboxed(state, name, Manager::Uv, &uv, args, extra)?;
+    // With index credentials: first wheels only (`--no-build`: no package code runs) with the
+    // credentials and a cache of its own beside the server's cache, removed after it (what uv
+    // keeps of an authenticated index is never shown to a build). Whatever needs a build is
+    // installed in the next step, without them.
+    let mut done = false;
+    if let Some(creds) = creds {
+        let scratch = AuthDir::create(&state.root.join(name).join(UV_AUTH_CACHE), &dirs.cache)?;
+        let mut with = extra.clone();
+        with.env.extend(creds);
+        with.env.insert("UV_CACHE_DIR".into(), scratch.0.to_string_lossy().into_owned());
+        with.grants.push((scratch.0.clone(), Access::Write));
+        let mut a = args.clone();
+        a.push("--no-build".into());
+        match run_sandboxed(state, name, Manager::Uv, &uv, a, with, &egress) {
+            Ok(()) => done = true,
+            Err(e) => tracing::warn!(server = %name, "wheels-only install with the index credentials failed; installing without them: {e:#}"),
+        }
+    }
+    if !done {
+        run_sandboxed(state, name, Manager::Uv, &uv, args, extra, &egress)?;
+    }
 
     let bin = pkg.bin.clone().context("uvx: no command")?;
     let entry = venv_dir.join("bin").join(&bin);
@@ -636,7 +1289,13 @@ pub const PREPARE_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Run one package-manager step in the prepare sandbox; its output is logged at debug and the
 /// last lines are part of the error when it fails.
-fn run_sandboxed(state: &StateDir, name: &str, manager: Manager, exe: &Path, args: Vec<String>, extra: Extra) -> anyhow::Result<()> {
+///
+/// The sandbox's network is `proxy` mode: a namespace of its own whose only way out is mcpbox's
+/// egress proxy, served here for as long as the step runs, allowing `egress` and never loopback, link-local or private
+/// addresses. At `container` level (no namespaces: a default Docker container) and only when
+/// the process allows that level, the step runs on the container's network instead, narrowed
+/// by Landlock to the registries' ports, and says so.
+fn run_sandboxed(state: &StateDir, name: &str, manager: Manager, exe: &Path, args: Vec<String>, extra: Extra, egress: &Egress) -> anyhow::Result<()> {
     let launch = ServerLaunch {
         name: name.to_string(),
         command: exe.to_string_lossy().into_owned(),
@@ -644,12 +1303,43 @@ fn run_sandboxed(state: &StateDir, name: &str, manager: Manager, exe: &Path, arg
         env: BTreeMap::new(),
         policy: PolicyRef::Named(manager.prepare_policy().into()),
     };
-    let planned = launch::plan_with(state, &launch, &extra)?;
+    let mut planned = launch::plan_with(state, &launch, &extra)?;
     for n in &planned.notes {
         tracing::debug!(server = %name, "prepare: {n}");
     }
-    let (mut child, report, _) = crate::sandbox::spawn_blocking_std(&planned.spec, Stdio::null(), Stdio::piped(), Stdio::piped())
-        .map_err(|e| anyhow::anyhow!("prepare sandbox: {e}"))?;
+    if !matches!(planned.policy.network, crate::policy::Network::Proxy { .. }) {
+        bail!("policy {} must use network mode `proxy`: install scripts reach only the registries (add hosts with {EXTRA_ALLOW_ENV})", planned.policy.source);
+    }
+    let entries: Vec<String> = egress.allow.iter().cloned().collect();
+    let allow = crate::netproxy::AllowList::parse(&entries).map_err(|e| anyhow::anyhow!("prepare egress: {e}"))?;
+    let spawned = crate::sandbox::spawn_blocking_std(&planned.spec, Stdio::null(), Stdio::piped(), Stdio::piped());
+    let (mut child, report, listener) = match spawned {
+        // sandbox-init refuses `proxy` without a network namespace (see sandbox::init).
+        Err(crate::sandbox::SandboxError::Setup(m)) if m.contains("needs a network namespace") && planned.spec.outer.min_level <= crate::policy::Level::Container => {
+            tracing::warn!(
+                server = %name,
+                "prepare at `container` level: no network namespace for the egress proxy, so npm/uv and install scripts use the container's network, narrowed to TCP ports {} by Landlock",
+                ports_of(&entries).iter().map(u16::to_string).collect::<Vec<_>>().join(", ")
+            );
+            container_network(&mut planned.spec, &entries);
+            crate::sandbox::spawn_blocking_std(&planned.spec, Stdio::null(), Stdio::piped(), Stdio::piped()).map_err(|e| anyhow::anyhow!("prepare sandbox: {e}"))?
+        }
+        other => other.map_err(|e| anyhow::anyhow!("prepare sandbox: {e}"))?,
+    };
+    // Served until this step ends (dropped at return).
+    let _proxy = match listener {
+        Some(l) => {
+            let mut cfg = crate::netproxy::ProxyConfig::new(allow, planned.policy.source.clone(), name.to_string());
+            cfg.refuse_internal = true;
+            Some(crate::netproxy::ProxyThread::start(l, cfg)?)
+        }
+        None if matches!(planned.spec.outer.network, crate::policy::Network::Proxy { .. }) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("the prepare sandbox did not hand over its proxy socket");
+        }
+        None => None,
+    };
     for w in &report.warnings {
         tracing::warn!(server = %name, "prepare sandbox weakened: {w}");
     }
@@ -658,15 +1348,16 @@ fn run_sandboxed(state: &StateDir, name: &str, manager: Manager, exe: &Path, arg
     for stream in [child.stdout.take().map(|s| Box::new(s) as Box<dyn Read + Send>), child.stderr.take().map(|s| Box::new(s) as Box<dyn Read + Send>)].into_iter().flatten() {
         let (tail, name) = (tail.clone(), name.to_string());
         readers.push(std::thread::spawn(move || {
-            for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                let line: String = line.chars().take(500).collect();
+            // Bounded while reading: an install script's endless line costs 500 bytes here.
+            crate::bridge::framing::read_log_lines_blocking(stream, 500, |line| {
+                let line = line.to_string();
                 tracing::debug!(server = %name, "prepare: {line}");
                 let mut t = tail.lock().unwrap_or_else(|e| e.into_inner());
                 if t.len() >= 20 {
                     t.pop_front();
                 }
                 t.push_back(line);
-            }
+            });
         }));
     }
     let deadline = Instant::now() + PREPARE_TIMEOUT;
@@ -689,6 +1380,23 @@ fn run_sandboxed(state: &StateDir, name: &str, manager: Manager, exe: &Path, arg
         None => bail!("{} did not finish within {:?}; last output:\n  {tail}", exe.display(), PREPARE_TIMEOUT),
         Some(st) if !st.success() => bail!("{} failed ({st}); last output:\n  {tail}", exe.display()),
         Some(_) => Ok(()),
+    }
+}
+
+/// The TCP ports of `host:port` entries.
+fn ports_of(entries: &[String]) -> Vec<u16> {
+    let mut ports: Vec<u16> = entries.iter().filter_map(|e| e.rsplit_once(':')?.1.parse().ok()).collect();
+    ports.sort_unstable();
+    ports.dedup();
+    ports
+}
+
+/// `container` level: the container's network, TCP connect narrowed by Landlock to the
+/// registries' ports, and no proxy variables pointing at a proxy that is not there.
+fn container_network(spec: &mut crate::sandbox::SandboxSpec, entries: &[String]) {
+    spec.outer.network = crate::policy::Network::Host { connect_ports: Some(ports_of(entries)), bind_ports: Some(vec![]) };
+    for k in ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy", "NODE_USE_ENV_PROXY"] {
+        spec.env.remove(k);
     }
 }
 
@@ -849,7 +1557,7 @@ mod tests {
         for p in ["prepare-npm", "prepare-uv"] {
             let pol = load(p, &ctx).unwrap();
             assert_eq!(pol.filesystem.write.iter().map(|r| r.path.clone()).collect::<Vec<_>>(), vec![cache.clone()], "{p}");
-            assert!(matches!(pol.network, Network::Host { .. }), "{p}");
+            assert_eq!(pol.network, Network::Proxy { allow: vec![] }, "{p}");
         }
     }
 
@@ -889,6 +1597,124 @@ mod tests {
         std::os::unix::fs::symlink(&elsewhere, cache.join("npm")).unwrap();
         std::fs::write(cache.join(RECORD), serde_json::to_string(&Prepared { entry: pkg_dir.join("bin.js"), ..bad }).unwrap()).unwrap();
         assert!(for_run(&state, &launch).unwrap().is_err());
+    }
+
+    #[test]
+    fn npm_config_list_is_read_with_its_protected_keys() {
+        let text = "; \"default\" config from default values\n_auth = (protected)\nregistry = \"https://npm.example.test/\"\n; cafile = null ; overridden by global\n\n\
+                    ; \"global\" config from /usr/etc/npmrc\ncafile = \"/etc/ssl/ca.pem\"\n; \"user\" config from /root/.npmrc\n\
+                    //npm.example.test/:_authToken = (protected)\n@corp:registry = \"https://corp.example.test/\"\n";
+        let cfg = parse_npm_config_list(text);
+        assert_eq!(cfg["registry"], "https://npm.example.test/");
+        assert_eq!(cfg["cafile"], "/etc/ssl/ca.pem");
+        assert_eq!(cfg["@corp:registry"], "https://corp.example.test/");
+        assert_eq!(cfg["//npm.example.test/:_authToken"], "(protected)");
+        assert!(!cfg.contains_key("_auth"), "an unset default is not a credential");
+    }
+
+    #[test]
+    fn npm_credentials_are_taken_from_the_files_npm_read() {
+        let d = tempfile::tempdir().unwrap();
+        let user = d.path().join("npmrc");
+        std::fs::write(&user, "registry=https://npm.example.test/\n//npm.example.test/:_authToken=${TOKEN_VAR}\n# //x/:_authToken=commented\n//corp.example.test/npm/:_password=cGFzcw==\n//corp.example.test/npm/:username=bob\n//npm.example.test/:certfile=/x\nemail=a@b\n").unwrap();
+        let text = format!("; \"default\" config from default values\n_auth = (protected)\n; \"user\" config from {}\n//npm.example.test/:_authToken = (protected)\n", user.display());
+        let files = npm_config_files(&text);
+        assert_eq!(files, vec![user.clone()]);
+        let lines = npm_auth_lines(&files, |k| (k == "TOKEN_VAR").then(|| "tok123".to_string()));
+        assert_eq!(lines, vec!["//npm.example.test/:_authToken=tok123", "//corp.example.test/npm/:_password=cGFzcw==", "//corp.example.test/npm/:username=bob"]);
+        // The file holding them: the server's uid alone reads it, and it goes when dropped.
+        let path = d.path().join(NPM_AUTH_FILE);
+        let f = AuthFile::write(&path, d.path(), &lines).unwrap().unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o400);
+        assert!(std::fs::read_to_string(&path).unwrap().contains("tok123"));
+        drop(f);
+        assert!(!path.exists());
+        assert!(AuthFile::write(&path, d.path(), &[]).unwrap().is_none());
+    }
+
+    #[test]
+    fn npm_gets_registries_without_credentials_and_reads_no_npmrc() {
+        let cfg: serde_json::Map<String, serde_json::Value> = serde_json::from_value(serde_json::json!({
+            "registry": "https://npm.example.test/",
+            "@corp:registry": "https://bob:hunter2@corp.example.test/npm/",
+            "//npm.example.test/:_authToken": "NPM-TOKEN-CANARY",
+            "cafile": "/nonexistent/ca.pem",
+            "fund": false,
+        }))
+        .unwrap();
+        let mut notes = Vec::new();
+        let env: BTreeMap<String, String> = npm_env(&cfg, &mut notes).unwrap().into_iter().collect();
+        assert_eq!(env["npm_config_registry"], "https://npm.example.test/");
+        assert_eq!(env["npm_config_@corp:registry"], "https://corp.example.test/npm/");
+        assert_eq!(env["npm_config_userconfig"], "/dev/null");
+        assert!(!env.contains_key("npm_config_cafile"), "a CA file that does not exist is not handed over");
+        let all = format!("{env:?}");
+        assert!(!all.contains("NPM-TOKEN-CANARY") && !all.contains("hunter2"), "{all}");
+        assert!(notes.iter().any(|n| n.contains("credentials") && n.contains("_authToken") && n.contains("@corp:registry")), "{notes:?}");
+        assert!(npm_env(&serde_json::Map::new(), &mut notes).is_err(), "no registry configured");
+    }
+
+    #[test]
+    fn uv_indexes_come_from_its_files_then_its_variables() {
+        let mut idx = UvIndexes::default();
+        let system: toml::Table = toml::from_str("index-url = \"https://sys.example.test/simple\"\n[pip]\nextra-index-url = [\"https://x.example.test/simple\"]").unwrap();
+        idx.add_toml(&system);
+        let user: toml::Table = toml::from_str("find-links = [\"https://links.example.test/\"]\n[[index]]\nurl = \"https://u:pw@user.example.test/simple\"\ndefault = true\n[[index]]\nname = \"extra\"\nurl = \"https://more.example.test/simple\"").unwrap();
+        idx.add_toml(&user);
+        assert_eq!(idx.default.as_deref(), Some("https://u:pw@user.example.test/simple"));
+        assert_eq!(idx.extra, vec!["https://x.example.test/simple".to_string(), "extra=https://more.example.test/simple".to_string()]);
+        let vars = BTreeMap::from([
+            ("UV_INDEX_URL", "https://env.example.test/simple"),
+            ("UV_INDEX", "named=https://n.example.test/simple https://plain.example.test/simple"),
+            ("UV_FIND_LINKS", "https://f.example.test/a,/srv/wheels"),
+        ]);
+        idx.add_env(|k| vars.get(k).map(|v| v.to_string()));
+        assert_eq!(idx.default.as_deref(), Some("https://env.example.test/simple"));
+        assert!(idx.extra.contains(&"named=https://n.example.test/simple".to_string()) && idx.extra.contains(&"https://plain.example.test/simple".to_string()));
+        assert_eq!(split_named("named=https://n.example.test/simple"), (Some("named"), "https://n.example.test/simple"));
+        assert_eq!(split_named("https://n.example.test/simple?a=b"), (None, "https://n.example.test/simple?a=b"));
+        assert_eq!(idx.find_links, vec!["https://links.example.test/".to_string(), "https://f.example.test/a".into(), "/srv/wheels".into()]);
+        assert_eq!(without_credentials("https://u:pw@user.example.test/simple"), ("https://user.example.test/simple".to_string(), true));
+        assert!(!without_credentials("https://user.example.test/simple").1);
+        assert_eq!(host_port("https://user.example.test/simple").as_deref(), Some("user.example.test:443"));
+        assert_eq!(host_port("http://[::1]:8080/x").as_deref(), Some("[::1]:8080"));
+        assert_eq!(host_port("file:///srv/wheels"), None);
+    }
+
+    #[test]
+    fn download_hosts_are_read_from_the_registrys_answer() {
+        let page = reqwest::Url::parse("https://idx.example.test/simple/pkg/").unwrap();
+        let json = br#"{"files":[{"url":"https://files.example.test/p/a.whl"},{"url":"../../p/b.tar.gz"}],"meta":{"url":"https://not.example.test/"}}"#;
+        let hosts: Vec<String> = file_hosts_in(Manager::Uv, &page, json).into_iter().collect();
+        assert_eq!(hosts, vec!["files.example.test:443".to_string(), "idx.example.test:443".into()]);
+        let html = b"<a href=\"https://dl.example.test:8443/a.whl#sha256=00\">a</a><a href='/rel/b.whl'>b</a>";
+        let hosts: Vec<String> = file_hosts_in(Manager::Uv, &page, html).into_iter().collect();
+        assert_eq!(hosts, vec!["dl.example.test:8443".to_string(), "idx.example.test:443".into()]);
+        let npm = br#"{"versions":{"1.0.0":{"dist":{"tarball":"https://tar.example.test/p/-/p-1.0.0.tgz"}}},"repository":{"url":"git+https://code.example.test/p.git"}}"#;
+        let page = reqwest::Url::parse("https://npm.example.test/p").unwrap();
+        assert_eq!(file_hosts_in(Manager::Npm, &page, npm).into_iter().collect::<Vec<_>>(), vec!["tar.example.test:443".to_string()]);
+        assert_eq!(package_name(Manager::Npm, "@scope/name@1.2").as_deref(), Some("@scope/name"));
+        assert_eq!(package_name(Manager::Npm, "name@latest").as_deref(), Some("name"));
+        assert_eq!(package_name(Manager::Npm, "/tmp/x.tgz"), None);
+        assert_eq!(package_name(Manager::Uv, "Mcp_Server.Time[cli]>=1").as_deref(), Some("Mcp_Server.Time"));
+        assert_eq!(package_name(Manager::Uv, "git+https://h.example.test/r"), None);
+        assert_eq!(metadata_url(Manager::Uv, "https://idx.example.test/simple/", "Mcp_Server..Time"), "https://idx.example.test/simple/mcp-server-time/");
+        assert_eq!(metadata_url(Manager::Npm, "https://npm.example.test/", "@scope/name"), "https://npm.example.test/@scope%2fname");
+    }
+
+    #[test]
+    fn force_empties_the_cache_without_following_links() {
+        let d = tempfile::tempdir().unwrap();
+        let (cache, outside) = (d.path().join("cache"), d.path().join("outside"));
+        std::fs::create_dir_all(cache.join("npm-cache/x")).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        std::fs::write(outside.join("keep"), "k").unwrap();
+        std::fs::write(cache.join(".npmrc"), "registry=poisoned").unwrap();
+        std::os::unix::fs::symlink(&outside, cache.join("link")).unwrap();
+        empty_dir(&cache).unwrap();
+        assert_eq!(std::fs::read_dir(&cache).unwrap().count(), 0);
+        assert!(outside.join("keep").is_file(), "a link's target was removed");
     }
 
     #[test]

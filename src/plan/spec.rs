@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::{BufRead, Write};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
@@ -13,7 +14,7 @@ use anyhow::{bail, Context};
 
 use crate::policy::{self, Level, LoadContext, Network, Policy, PolicyRef};
 use super::runtime::{self, Runtime};
-use crate::sandbox::{Access, Grant, Link, OuterSpec, SandboxSpec};
+use crate::sandbox::{Access, DiskImage, Grant, Link, OuterSpec, SandboxSpec};
 
 /// One server to launch.
 #[derive(Debug, Clone)]
@@ -157,6 +158,18 @@ pub fn plan_begin(state: &StateDir, launch: &ServerLaunch) -> anyhow::Result<Beg
     for r in &runtimes.found {
         notes.push(format!("runtime {}", r.describe()));
     }
+    // `[limits] disk` as root: the data dir is an image of its own (rootless, sandbox-init
+    // refuses or warns, as the policy says).
+    let disk = match (policy.limits.disk, ids) {
+        (Some(size), Some((uid, gid))) => {
+            let image = dirs.data.with_extension("img");
+            if let Some(note) = ensure_disk_image(&image, size, uid, gid, &dirs.data)? {
+                notes.push(note);
+            }
+            Some(DiskImage { image, at: dirs.data.clone() })
+        }
+        _ => None,
+    };
     let outer = OuterSpec {
         name: launch.name.clone(),
         network: policy.network.clone(),
@@ -169,6 +182,10 @@ pub fn plan_begin(state: &StateDir, launch: &ServerLaunch) -> anyhow::Result<Beg
         cgroup_parent: "mcpbox".into(),
         // Filled in by whoever starts sandbox-init (a forked one finds it itself).
         cgroup_layout: None,
+        // The kernel's default; the supervisor may start background sandboxes lower.
+        cpu_weight: None,
+        relax: policy.sandbox.relax,
+        disk,
     };
     Ok(Begun { dirs, policy, notes, outer, runtimes })
 }
@@ -250,11 +267,39 @@ impl Begun {
         let mut want: BTreeMap<PathBuf, (Access, bool)> = BTreeMap::new();
         let mut links: Vec<Link> = Vec::new();
         let fsys = &policy.filesystem;
+        // A symlink the server could have planted is never followed: one inside its own writable
+        // grants (real paths), or, as root, in a directory owned by its host uid (another of its
+        // sandboxes, or its prepare phase, writes there).
+        let writable: Vec<PathBuf> = fsys.write.iter().filter_map(|r| resolve(&r.path).ok().map(|(real, _)| real)).collect();
+        let server_uid = outer.host_ids.map(|(uid, _)| uid);
+        let untrusted = |what: &Path, links: &[Link]| -> anyhow::Result<()> {
+            for l in links {
+                let inside = writable.iter().find(|w| l.path != **w && l.path.starts_with(w)).cloned();
+                let owned = || {
+                    let dir = l.path.parent()?;
+                    let m = fs::symlink_metadata(dir).ok()?;
+                    (Some(m.uid()) == server_uid).then(|| dir.to_path_buf())
+                };
+                if let Some(dir) = inside.or_else(owned) {
+                    bail!(
+                        "policy {}: {}: refusing to follow the symlink {} -> {}: it lies in {}, which the server can write (it may have planted it); grant the real path instead",
+                        policy.source,
+                        what.display(),
+                        l.path.display(),
+                        l.target.display(),
+                        dir.display()
+                    );
+                }
+            }
+            Ok(())
+        };
         for (rules, access) in [(&fsys.read, Access::Read), (&fsys.exec, Access::Exec), (&fsys.write, Access::Write)] {
             for r in rules {
                 let (real, mut l) = resolve(&r.path).with_context(|| format!("policy {}: {}", policy.source, r.path.display()))?;
-                if real.starts_with("/proc") || real.starts_with("/dev") || real == Path::new("/tmp") {
-                    bail!("policy {}: {} cannot be granted: /proc, /dev and /tmp are provided by the sandbox itself", policy.source, r.path.display());
+                untrusted(&r.path, &l)?;
+                // Checked again on the real path: a symlink (`/srv/x -> /`) may lead to one.
+                if let Some(why) = policy::reserved_conflict(&real) {
+                    bail!("policy {}: {}{why}", policy.source, via(&r.path, &real));
                 }
                 let dir = fs::metadata(&real).map(|m| m.is_dir()).unwrap_or(false);
                 let e = want.entry(real).or_insert((access, dir));
@@ -269,6 +314,10 @@ impl Begun {
         for (path, access) in extra.grants.iter().cloned().chain(runtime_libs) {
             let (path, access) = (&path, &access);
             let (real, mut l) = resolve(path).with_context(|| format!("granting {}", path.display()))?;
+            untrusted(path, &l)?;
+            if let Some(why) = policy::reserved_conflict(&real) {
+                bail!("granting {}{why}", via(path, &real));
+            }
             let dir = fs::metadata(&real).map(|m| m.is_dir()).unwrap_or(false);
             let e = want.entry(real).or_insert((*access, dir));
             e.0 = e.0.max(*access);
@@ -316,6 +365,8 @@ impl Begun {
         // and it must be executable under the policy.
         let path_var = env.get("PATH").cloned().unwrap_or_else(|| DEFAULT_PATH.to_string());
         let exe = resolve_command(&launch.command, &path_var)?;
+        // Its symlinks are followed whoever made them (a venv's bin/python, made by the prepare
+        // phase): what they lead to must be executable under the grants anyway.
         let (exe_real, mut exe_links) = resolve(&exe)?;
         let executable = grants.iter().any(|g| g.access >= Access::Exec && exe_real.starts_with(&g.path));
         if !executable {
@@ -347,6 +398,11 @@ impl Begun {
         };
         Ok(Planned { spec, policy, notes })
     }
+}
+
+/// "PATH (which is REAL): " when a symlink led elsewhere, "" otherwise (the reason names it).
+fn via(path: &Path, real: &Path) -> String {
+    if path == real { String::new() } else { format!("{} (which is {}): ", path.display(), real.display()) }
 }
 
 /// A server's directories under the state dir.
@@ -390,22 +446,90 @@ impl ServerDirs {
     }
 }
 
+/// Give a server's directory tree to its host uid. The server writes in these trees, so
+/// nothing in them is trusted: the walk goes by descriptor, opens each directory with
+/// `O_NOFOLLOW` below the one it came from, and changes owners with `fchown`/`fchownat(...,
+/// AT_SYMLINK_NOFOLLOW)`; a symlink is re-owned itself and never followed, and a directory
+/// swapped for one mid-walk fails to open instead of leading elsewhere.
 fn chown_tree_if_needed(dir: &Path, uid: u32, gid: u32) -> anyhow::Result<()> {
-    let m = fs::symlink_metadata(dir)?;
-    if m.uid() == uid && m.gid() == gid {
+    use nix::fcntl::{openat, AtFlags, OFlag};
+    use nix::sys::stat::{fstat, fstatat, Mode, SFlag};
+    use nix::unistd::{fchown, fchownat, Gid, Uid};
+    let (u, g) = (Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)));
+    let dir_flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let top = nix::fcntl::open(dir, dir_flags, Mode::empty()).with_context(|| format!("opening {}", dir.display()))?;
+    let st = fstat(&top).with_context(|| format!("stat {}", dir.display()))?;
+    if st.st_uid == uid && st.st_gid == gid {
         return Ok(());
     }
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(p) = stack.pop() {
-        let m = fs::symlink_metadata(&p)?;
-        std::os::unix::fs::lchown(&p, Some(uid), Some(gid)).with_context(|| format!("chown {}", p.display()))?;
-        if m.is_dir() {
-            for e in fs::read_dir(&p)? {
-                stack.push(e?.path());
+    let mut stack = vec![(top, dir.to_path_buf())];
+    while let Some((fd, path)) = stack.pop() {
+        fchown(&fd, u, g).with_context(|| format!("chown {}", path.display()))?;
+        let mut entries = nix::dir::Dir::from_fd(fd.try_clone()?).with_context(|| format!("listing {}", path.display()))?;
+        for e in entries.iter() {
+            let e = e.with_context(|| format!("listing {}", path.display()))?;
+            let name = e.file_name();
+            if name.to_bytes() == b"." || name.to_bytes() == b".." {
+                continue;
+            }
+            let shown = path.join(std::ffi::OsStr::from_bytes(name.to_bytes()));
+            let st = fstatat(&fd, name, AtFlags::AT_SYMLINK_NOFOLLOW).with_context(|| format!("stat {}", shown.display()))?;
+            if SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits()) == SFlag::S_IFDIR {
+                let sub = openat(&fd, name, dir_flags, Mode::empty()).with_context(|| format!("opening {} (without following links)", shown.display()))?;
+                stack.push((sub, shown));
+            } else {
+                fchownat(&fd, name, u, g, AtFlags::AT_SYMLINK_NOFOLLOW).with_context(|| format!("chown {}", shown.display()))?;
             }
         }
     }
     Ok(())
+}
+
+/// Make the ext4 image that holds a server's data dir (`[limits] disk`, root only), if there
+/// is none yet: `size` bytes, sparse, root-owned and private, its root directory owned by the
+/// server's uid, filled with what the data dir held before (so that turning the limit on keeps
+/// the server's data). Made beside and then linked into place, so that starts racing here
+/// agree on one image. An image of another size is kept as it is (noted): resize it with the
+/// server stopped (`e2fsck -f` then `resize2fs`).
+fn ensure_disk_image(image: &Path, size: u64, uid: u32, gid: u32, data: &Path) -> anyhow::Result<Option<String>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match fs::symlink_metadata(image) {
+        Ok(m) if m.is_file() && m.uid() == 0 => {
+            return Ok((m.len() != size).then(|| {
+                format!("{} is {}, the policy's [limits] disk says {}: the image keeps its size until it is resized (e2fsck -f, resize2fs)", image.display(), policy::format_size(m.len()), policy::format_size(size))
+            }));
+        }
+        Ok(_) => bail!("{} is not a regular file owned by root: remove it (mcpbox makes the data dir's disk image there)", image.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("stat {}", image.display())),
+    }
+    let tmp = image.with_extension(format!("img.new-{}", std::process::id()));
+    let _ = fs::remove_file(&tmp);
+    let f = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).custom_flags(libc::O_NOFOLLOW).open(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    f.set_len(size).with_context(|| format!("sizing {}", tmp.display()))?;
+    drop(f);
+    let out = std::process::Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-m", "0", "-E"])
+        .arg(format!("root_owner={uid}:{gid},lazy_itable_init=1,lazy_journal_init=1"))
+        .arg("-d")
+        .arg(data)
+        .arg(&tmp)
+        .env("PATH", "/usr/sbin:/sbin:/usr/bin:/bin")
+        .output();
+    let made = match out {
+        Ok(o) if o.status.success() => Ok(()),
+        Ok(o) => Err(anyhow::anyhow!("mkfs.ext4 failed ({}): {}", o.status, String::from_utf8_lossy(&o.stderr).trim())),
+        Err(e) => Err(anyhow::anyhow!("running mkfs.ext4: {e} (install e2fsprogs, or remove [limits] disk from the policy)")),
+    };
+    let placed = made.and_then(|()| match fs::hard_link(&tmp, image) {
+        Ok(()) => Ok(()),
+        // Another start made it first: use theirs.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(anyhow::Error::from(e).context(format!("placing {}", image.display()))),
+    });
+    let _ = fs::remove_file(&tmp);
+    placed.with_context(|| format!("making the disk image {} ([limits] disk = {})", image.display(), policy::format_size(size)))?;
+    Ok(None)
 }
 
 /// A stable host uid per server name, from the configured range, recorded in `STATE/uids`.
@@ -529,6 +653,42 @@ mod tests {
         assert_eq!(links.len(), 2);
         assert_eq!(links[0].path, base.join("abs"));
         assert_eq!(links[1].target, PathBuf::from("real"));
+    }
+
+    /// The ownership walk changes what is in the tree, symlinks included (themselves), and
+    /// nothing a symlink points at. As root it gives the tree to another uid; otherwise to our
+    /// own (the same walk, owners unchanged).
+    #[test]
+    fn ownership_walk_never_follows_links() {
+        use std::os::unix::fs::symlink;
+        let d = tempfile::tempdir().unwrap();
+        let tree = d.path().join("tree");
+        let outside = d.path().join("outside");
+        fs::create_dir_all(tree.join("sub/deeper")).unwrap();
+        fs::create_dir_all(outside.join("dir")).unwrap();
+        fs::write(tree.join("sub/file"), "x").unwrap();
+        fs::write(outside.join("secret"), "s").unwrap();
+        fs::write(outside.join("dir/inner"), "i").unwrap();
+        symlink(outside.join("secret"), tree.join("link-to-file")).unwrap();
+        symlink(outside.join("dir"), tree.join("sub/link-to-dir")).unwrap();
+        let me = (nix::unistd::getuid().as_raw(), nix::unistd::getgid().as_raw());
+        let (uid, gid) = if me.0 == 0 { (54321, 54321) } else { me };
+        chown_tree_if_needed(&tree, uid, gid).unwrap();
+        let owner = |p: &Path| fs::symlink_metadata(p).map(|m| (m.uid(), m.gid())).unwrap();
+        for p in ["", "sub", "sub/deeper", "sub/file", "link-to-file", "sub/link-to-dir"] {
+            assert_eq!(owner(&tree.join(p)), (uid, gid), "{p}");
+        }
+        for p in ["", "secret", "dir", "dir/inner"] {
+            assert_eq!(owner(&outside.join(p)), me, "outside/{p} was changed through a link");
+        }
+        // A tree whose top is a symlink is refused outright.
+        let top_link = d.path().join("top-link");
+        symlink(&outside, &top_link).unwrap();
+        let e = chown_tree_if_needed(&top_link, uid + 1, gid + 1).unwrap_err();
+        // O_DIRECTORY | O_NOFOLLOW on a symlink: ENOTDIR (ELOOP without O_DIRECTORY).
+        let msg = format!("{e:#}");
+        assert!(msg.contains("top-link") && ["ENOTDIR", "ELOOP"].iter().any(|errno| msg.contains(errno)), "{msg}");
+        assert_eq!(owner(&outside), me);
     }
 
     #[test]

@@ -6,9 +6,9 @@ use std::path::{Component, Path, PathBuf};
 use toml::Spanned;
 
 use super::error::{Loc, PolicyError};
-use super::raw::{self, Extends, Mode, RawPath, RawPolicy, RawSize};
-use super::size::parse_size;
-use super::{Env, Filesystem, Level, Limits, Network, PathRule, Policy, SandboxReq, Seccomp};
+use super::raw::{self, Extends, Mode, RawCpu, RawPath, RawPolicy, RawSize};
+use super::size::{parse_cpu, parse_size};
+use super::{reserved_conflict, Env, Filesystem, Level, Limits, Network, PathRule, Policy, Relax, SandboxReq, Seccomp};
 
 /// The shipped policies, embedded in the binary. A new shipped policy is one line here.
 pub const SHIPPED: &[(&str, &str)] = &[
@@ -34,6 +34,11 @@ pub const DEFAULT_LIMITS: Limits = Limits {
     open_files: Some(1024),
     tmp: Some(64 << 20),      // 64M
     file_size: Some(1 << 30), // 1G
+    // No CPU or disk limit unless a policy sets one: the shipped base policies do
+    // (policies/default.toml: cpu = "1.0", disk = "1G", relaxed where the host cannot enforce
+    // them), so that a policy written from scratch never fails to start for a limit it did not ask for.
+    cpu: None,
+    disk: None,
 };
 /// Network when no policy in the chain sets `[network] mode`: a namespace with only loopback.
 pub const DEFAULT_NETWORK_MODE: &str = "none";
@@ -200,6 +205,9 @@ struct Layer {
     open_files: Option<u64>,
     tmp: Option<u64>,
     file_size: Option<u64>,
+    cpu: Option<u32>,
+    disk: Option<u64>,
+    relax: Option<Relax>,
     extra_deny: Vec<(String, Loc)>,
     extra_allow: Vec<(String, Loc)>,
     level: Option<Level>,
@@ -239,6 +247,9 @@ impl Layer {
         self.open_files = child.open_files.or(self.open_files);
         self.tmp = child.tmp.or(self.tmp);
         self.file_size = child.file_size.or(self.file_size);
+        self.cpu = child.cpu.or(self.cpu);
+        self.disk = child.disk.or(self.disk);
+        self.relax = child.relax.or(self.relax);
         cat(&mut self.extra_deny, child.extra_deny, |a, b| a.0 == b.0);
         cat(&mut self.extra_allow, child.extra_allow, |a, b| a.0 == b.0);
         self.level = child.level.or(self.level);
@@ -489,6 +500,17 @@ impl<'a> Loader<'a> {
         l.memory = size(lim.memory, "memory")?;
         l.tmp = size(lim.tmp, "tmp")?;
         l.file_size = size(lim.file_size, "file_size")?;
+        l.disk = size(lim.disk, "disk")?;
+        if let Some(c) = lim.cpu {
+            let loc = doc.loc(c.span());
+            let text = match c.get_ref() {
+                RawCpu::Int(n) => n.to_string(),
+                // A float as written in TOML (0.5, 1.25); the text form is checked below.
+                RawCpu::Float(f) => format!("{f}"),
+                RawCpu::Text(t) => t.clone(),
+            };
+            l.cpu = Some(parse_cpu(&text).map_err(|m| PolicyError::invalid(format!("[limits] {m}"), loc))?);
+        }
         l.pids = count(lim.pids, "pids")?;
         l.open_files = count(lim.open_files, "open_files")?;
 
@@ -529,6 +551,22 @@ impl<'a> Loader<'a> {
                 )
             })?;
             l.landlock_min_abi = Some(v);
+        }
+        if let Some(relax) = raw.sandbox.relax {
+            let mut r = Relax::default();
+            for item in relax.into_inner() {
+                match item.get_ref().as_str() {
+                    "cpu" => r.cpu = true,
+                    "disk" => r.disk = true,
+                    other => {
+                        return Err(PolicyError::invalid(
+                            format!("[sandbox] relax: `{other}` is not a limit that may be relaxed (expected \"cpu\" or \"disk\")"),
+                            doc.loc(item.span()),
+                        ))
+                    }
+                }
+            }
+            l.relax = Some(r);
         }
         Ok(l)
     }
@@ -647,6 +685,8 @@ impl<'a> Loader<'a> {
                 open_files: m.open_files.or(d.open_files),
                 tmp: m.tmp.or(d.tmp),
                 file_size: m.file_size.or(d.file_size),
+                cpu: m.cpu.or(d.cpu),
+                disk: m.disk.or(d.disk),
             },
             seccomp: Seccomp {
                 extra_deny: deny,
@@ -655,6 +695,7 @@ impl<'a> Loader<'a> {
             sandbox: SandboxReq {
                 level: m.level.unwrap_or(DEFAULT_LEVEL),
                 landlock_min_abi: m.landlock_min_abi.unwrap_or(DEFAULT_LANDLOCK_MIN_ABI),
+                relax: m.relax.unwrap_or_default(),
             },
         })
     }
@@ -667,6 +708,9 @@ impl<'a> Loader<'a> {
     ) -> Result<Vec<PathRule>, PolicyError> {
         let mut out = Vec::new();
         for r in rules {
+            if let Some(why) = reserved_conflict(&r.path) {
+                return Err(PolicyError::invalid(why, r.loc));
+            }
             if let Some(dir) = self
                 .unchecked_under
                 .iter()

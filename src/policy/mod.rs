@@ -24,7 +24,7 @@ pub use load::{
 };
 pub use reference::PolicyRef;
 pub use render::{check, check_with, render};
-pub use size::{format_size, parse_size};
+pub use size::{format_cpu, format_size, parse_cpu, parse_size};
 
 /// A validated, fully resolved policy: `extends` merged, `${…}` expanded, paths absolute.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -87,6 +87,12 @@ pub struct Limits {
     pub tmp: Option<u64>,
     /// Largest file the server may write, bytes.
     pub file_size: Option<u64>,
+    /// CPU time, in thousandths of a core (1000 = one core's worth): cgroup `cpu.max`.
+    #[serde(default)]
+    pub cpu: Option<u32>,
+    /// What the server can write to its data dir, bytes: a size-capped filesystem (root only).
+    #[serde(default)]
+    pub disk: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -113,4 +119,47 @@ pub struct SandboxReq {
     /// The lowest Landlock ABI this policy accepts; 0 means Landlock may be missing (logged).
     /// Default 1.
     pub landlock_min_abi: u8,
+    /// Limits this policy accepts unenforced where the host cannot enforce them (logged at
+    /// every start and shown by `mcpbox doctor`); any other limit that cannot be enforced
+    /// refuses the start.
+    #[serde(default)]
+    pub relax: Relax,
+}
+
+/// `[sandbox] relax = ["cpu", "disk"]`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Relax {
+    /// `[limits] cpu` may go unenforced (no cgroup cpu controller: rootless, or no delegation).
+    pub cpu: bool,
+    /// `[limits] disk` may go unenforced (no loop devices: rootless, or container level).
+    pub disk: bool,
+}
+
+/// The directories every sandbox provides itself: no grant may be one of them, inside
+/// `/proc` or `/dev`, or above any of them (a grant of `/` would bring the host's back over
+/// the sandbox's own). Paths under `/tmp` may be granted: they are bound inside the private
+/// /tmp.
+pub const SANDBOX_OWN: &[&str] = &["/proc", "/dev", "/tmp"];
+
+/// Why `path` (absolute, normalised) cannot be granted, if it cannot: it is one of
+/// [`SANDBOX_OWN`], lies inside `/proc` or `/dev`, or contains one of them.
+pub fn reserved_conflict(path: &std::path::Path) -> Option<String> {
+    for own in SANDBOX_OWN {
+        let own = std::path::Path::new(own);
+        if path == own || (own != std::path::Path::new("/tmp") && path.starts_with(own)) {
+            return Some(format!(
+                "{} cannot be granted: /proc, /dev and /tmp are provided by the sandbox itself",
+                path.display()
+            ));
+        }
+        if own.starts_with(path) {
+            return Some(format!(
+                "{} cannot be granted: it contains {}, which the sandbox provides itself (granting it would bring \
+                 back the host's); grant the directories you need below it instead",
+                path.display(),
+                own.display()
+            ));
+        }
+    }
+    None
 }

@@ -47,10 +47,10 @@ pub(crate) const KEYS: &[(&str, &[&str])] = &[
     ("env", &["pass", "set"]),
     (
         "limits",
-        &["memory", "pids", "open_files", "tmp", "file_size"],
+        &["memory", "pids", "open_files", "tmp", "file_size", "cpu", "disk"],
     ),
     ("seccomp", &["extra_deny", "extra_allow"]),
-    ("sandbox", &["level", "landlock_min_abi"]),
+    ("sandbox", &["level", "landlock_min_abi", "relax"]),
 ];
 
 #[derive(Debug, Deserialize)]
@@ -173,6 +173,17 @@ pub(crate) struct RawLimits {
     pub open_files: Option<Spanned<i64>>,
     pub tmp: Option<Spanned<RawSize>>,
     pub file_size: Option<Spanned<RawSize>>,
+    pub cpu: Option<Spanned<RawCpu>>,
+    pub disk: Option<Spanned<RawSize>>,
+}
+
+/// Cores' worth of CPU time: `"1.5"`, `1.5` or `2`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged, expecting = "a number of cores, such as \"1.0\" or 0.5")]
+pub(crate) enum RawCpu {
+    Int(i64),
+    Float(f64),
+    Text(String),
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -189,4 +200,5 @@ pub(crate) struct RawSeccomp {
 pub(crate) struct RawSandbox {
     pub level: Option<Spanned<Level>>,
     pub landlock_min_abi: Option<Spanned<i64>>,
+    pub relax: Option<Spanned<Vec<Spanned<String>>>>,
 }

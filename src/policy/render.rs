@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use super::error::PolicyError;
 use super::load::{load_detailed, LazyVars, LoadContext};
-use super::size::format_size;
+use super::size::{format_cpu, format_size};
 use super::{Level, Network, PathRule, Policy};
 
 fn q(s: &str) -> String {
@@ -146,6 +146,11 @@ pub fn render(p: &Policy) -> String {
         l.file_size,
         "largest file the server may write",
     );
+    let _ = match l.cpu {
+        Some(c) => writeln!(w, "cpu = {}  # cores' worth of CPU time", q(&format_cpu(c))),
+        None => writeln!(w, "# cpu: unset"),
+    };
+    size(w, "disk", l.disk, "what the server can write to its data dir");
 
     let _ = writeln!(w, "\n[seccomp]");
     let _ = writeln!(w, "# on top of mcpbox's default allow-list");
@@ -172,6 +177,9 @@ pub fn render(p: &Policy) -> String {
         ""
     };
     let _ = writeln!(w, "landlock_min_abi = {}{abi}", p.sandbox.landlock_min_abi);
+    let r = p.sandbox.relax;
+    let relaxed: Vec<String> = [("cpu", r.cpu), ("disk", r.disk)].iter().filter(|(_, on)| *on).map(|(n, _)| q(n)).collect();
+    let _ = writeln!(w, "relax = {}  # limits that may go unenforced where the host cannot enforce them (logged)", list(relaxed));
     s
 }
 

@@ -55,3 +55,27 @@ pub fn format_size(n: u64) -> String {
     }
     n.to_string()
 }
+
+/// Parse cores' worth of CPU time ("1.0", "0.25", "2") into thousandths of a core. At least
+/// 0.01 (the kernel's smallest quota is 1 ms per 100 ms period), at most 4096 cores.
+pub fn parse_cpu(s: &str) -> Result<u32, String> {
+    let bad = || format!("invalid cpu `{s}`: use a number of cores such as \"1.0\" or \"0.5\" (at most 3 decimals)");
+    let (int, frac) = s.split_once('.').unwrap_or((s, ""));
+    if (int.is_empty() && frac.is_empty()) || !int.chars().all(|c| c.is_ascii_digit()) || !frac.chars().all(|c| c.is_ascii_digit()) || frac.len() > 3 {
+        return Err(bad());
+    }
+    let whole: u64 = if int.is_empty() { 0 } else { int.parse().map_err(|_| bad())? };
+    let milli: u64 = format!("{frac:0<3}").parse().map_err(|_| bad())?;
+    let n = whole.checked_mul(1000).and_then(|w| w.checked_add(milli)).ok_or_else(bad)?;
+    if !(10..=4_096_000).contains(&n) {
+        return Err(format!("cpu `{s}` is out of range: between 0.01 and 4096 cores"));
+    }
+    Ok(n as u32)
+}
+
+/// Thousandths of a core as written in a policy: 1500 -> "1.5", 1000 -> "1.0".
+pub fn format_cpu(milli: u32) -> String {
+    let frac = format!("{:03}", milli % 1000);
+    let frac = frac.trim_end_matches('0');
+    format!("{}.{}", milli / 1000, if frac.is_empty() { "0" } else { frac })
+}

@@ -475,7 +475,8 @@ fn seccomp_names_and_sandbox_fields() {
         pol.sandbox,
         SandboxReq {
             level: Level::Container,
-            landlock_min_abi: 0
+            landlock_min_abi: 0,
+            relax: Relax::default(),
         }
     );
     let p = write(d.path(), "z.toml", "[sandbox]\nlevel = \"none\"\n");
@@ -511,7 +512,8 @@ fn every_shipped_policy_loads_here() {
             pol.sandbox,
             SandboxReq {
                 level: Level::Full,
-                landlock_min_abi: 1
+                landlock_min_abi: 1,
+                relax: Relax { cpu: true, disk: true },
             }
         );
         assert!(pol.filesystem.write.is_empty(), "{name}");
@@ -655,4 +657,92 @@ fn lazy_variables_expand_and_a_missing_runtime_is_named() {
     assert!(e.contains("runtime path") && e.contains("lib-dynload") && e.contains("${RT_HOME}") && e.contains("nolib.toml line 2"), "{e}");
     let p = write(d.path(), "typo.toml", "[filesystem]\nexec = [\"${RT_NOPE}\"]\n");
     assert!(err(&p, &c).contains("undefined variable ${RT_NOPE}"));
+}
+
+#[test]
+fn grants_over_the_sandbox_own_dirs_are_refused_after_normalising() {
+    let d = tempfile::tempdir().unwrap();
+    let c = ctx(d.path());
+    // Each spelling normalises to a path that is, contains, or lies inside /proc, /dev or /tmp.
+    for (written, shown) in [
+        ("/", "/"),
+        ("//", "/"),
+        ("/./", "/"),
+        ("/proc", "/proc"),
+        ("/proc/self", "/proc/self"),
+        ("/dev/", "/dev"),
+        ("/dev/shm", "/dev/shm"),
+        ("/tmp", "/tmp"),
+        ("/tmp/./", "/tmp"),
+    ] {
+        for table in ["read", "write", "exec"] {
+            let p = write(d.path(), "anc.toml", &format!("[filesystem]\n{table} = [\"{written}\"]\n"));
+            let e = err(&p, &c);
+            assert!(e.starts_with(&format!("{shown} cannot be granted:")), "{written} in {table}: {e}");
+            assert!(e.ends_with(&format!("({} line 2)", p.display())), "{written}: {e}");
+        }
+    }
+    let p = write(d.path(), "anc.toml", "[filesystem]\nread = [\"/\"]\n");
+    assert!(err(&p, &c).contains("it contains /proc"), "{}", err(&p, &c));
+    // `..` is never normalised away: refused as such, so `/usr/..` cannot become `/`.
+    let p = write(d.path(), "dots.toml", "[filesystem]\nread = [\"/usr/..\"]\n");
+    assert!(err(&p, &c).starts_with("path `/usr/..` contains `..`"), "{}", err(&p, &c));
+    // Optional does not make it acceptable.
+    let p = write(d.path(), "opt.toml", "[filesystem]\nread = [{ path = \"/\", optional = true }]\n");
+    assert!(err(&p, &c).starts_with("/ cannot be granted:"));
+    // Beside them and below /tmp is fine.
+    let sub = d.path().join("data");
+    let p = write(d.path(), "fine.toml", &format!("[filesystem]\nread = [\"/usr\", \"/etc/hosts\"]\nwrite = [\"{}\"]\n", sub.display()));
+    load(p.to_str().unwrap(), &c).unwrap();
+    assert_eq!(reserved_conflict(Path::new("/tmp/x/y")), None);
+    assert_eq!(reserved_conflict(Path::new("/procfs")), None);
+    assert_eq!(reserved_conflict(Path::new("/devices")), None);
+    assert!(reserved_conflict(Path::new("/")).is_some());
+}
+
+#[test]
+fn cpu_and_disk_limits_parse_merge_and_render() {
+    let d = tempfile::tempdir().unwrap();
+    let c = ctx(d.path());
+    for (written, milli) in [("\"1.0\"", 1000), ("\"0.5\"", 500), ("1.25", 1250), ("2", 2000), ("\"0.01\"", 10), ("\".5\"", 500)] {
+        let p = write(d.path(), "cpu.toml", &format!("[limits]\ncpu = {written}\n"));
+        assert_eq!(load(p.to_str().unwrap(), &c).unwrap().limits.cpu, Some(milli), "{written}");
+    }
+    for written in ["\"0\"", "0", "\"0.001\"", "\"-1\"", "\"1.2345\"", "\"one\"", "\"1e3\"", "\"5000\"", "-2"] {
+        let p = write(d.path(), "cpu.toml", &format!("[limits]\ncpu = {written}\n"));
+        let e = err(&p, &c);
+        assert!(e.starts_with("[limits] "), "{written}: {e}");
+        assert!(e.ends_with(&format!("({} line 2)", p.display())), "{written}: {e}");
+    }
+    assert_eq!(format_cpu(1000), "1.0");
+    assert_eq!(format_cpu(1250), "1.25");
+    assert_eq!(format_cpu(10), "0.01");
+
+    let p = write(d.path(), "disk.toml", "[limits]\ndisk = \"64M\"\ncpu = \"0.5\"\n[sandbox]\nrelax = [\"disk\"]\n");
+    let pol = load(p.to_str().unwrap(), &c).unwrap();
+    assert_eq!(pol.limits.disk, Some(64 << 20));
+    assert_eq!(pol.sandbox.relax, Relax { cpu: false, disk: true });
+    let back = write(d.path(), "disk-rendered.toml", &render(&pol));
+    let mut again = load(back.to_str().unwrap(), &c).unwrap();
+    again.source = pol.source.clone();
+    assert_eq!(again, pol);
+
+    // A child inherits the base's limits and relaxations, and may take a relaxation back.
+    let p = write(d.path(), "child.toml", "extends = \"disk.toml\"\n[sandbox]\nrelax = []\n");
+    let pol = load(p.to_str().unwrap(), &c).unwrap();
+    assert_eq!((pol.limits.disk, pol.limits.cpu), (Some(64 << 20), Some(500)));
+    assert_eq!(pol.sandbox.relax, Relax::default());
+
+    let p = write(d.path(), "bad.toml", "[sandbox]\nrelax = [\"memory\"]\n");
+    assert!(err(&p, &c).starts_with("[sandbox] relax: `memory` is not a limit that may be relaxed"), "{}", err(&p, &c));
+
+    // Unset, there is no CPU or disk limit; the shipped bases set both, relaxed.
+    let p = write(d.path(), "none.toml", "[limits]\npids = 3\n");
+    let pol = load(p.to_str().unwrap(), &c).unwrap();
+    assert_eq!((pol.limits.cpu, pol.limits.disk), (None, None));
+    for name in ["default", "node", "python"] {
+        let pol = load(name, &c).unwrap();
+        assert_eq!((pol.limits.cpu, pol.limits.disk), (Some(1000), Some(1 << 30)), "{name}");
+        assert_eq!(pol.sandbox.relax, Relax { cpu: true, disk: true }, "{name}");
+    }
 }

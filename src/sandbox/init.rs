@@ -16,7 +16,10 @@
 //!     as it has loaded the policy: the namespaces are being made while it resolves the grants,
 //!     and PID 1 reads the rest (the whole `SandboxSpec`) from the same pipe. An end of file
 //!     instead of a message means mcpbox gave up (exit quietly).
-//!  2. cgroups, while still host root: creating and joining them needs it.
+//!  2. cgroups, while still host root: creating and joining them needs it (a CPU limit that no
+//!     cgroup can hold refuses the start unless the policy relaxes it); then the data dir's
+//!     disk image (`[limits] disk`), bound to a loop device and mounted *detached* (see
+//!     `disk`): only root can, and PID 1 attaches it inside the sandbox in step 7.
 //!  3. Drop the host identity to the server's own unprivileged uid (as root), *before* creating
 //!     the user namespace: the namespace is then owned by that uid, the maps can only say
 //!     "inside uid → that uid", and host uid 0 is never mapped anywhere. The permitted
@@ -31,9 +34,10 @@
 //!     builds the mount view, and PID 1 and the server join it); unshare the other namespaces.
 //!  6. fork: the child is PID 1 of the new PID namespace. When it exits the kernel kills every
 //!     process left in the namespace, so nothing of the sandbox outlives it.
-//!  7. PID 1 builds the mount view (see `mounts`), sets the hostname, joins the network
-//!     namespace (loopback already up), and for network mode `proxy` binds the proxy port
-//!     inside it and hands the socket to mcpbox.
+//!  7. PID 1 builds the mount view (see `mounts`: the data image from step 2 over the data dir,
+//!     then every grant mounted from a handle opened without following symlinks), sets the
+//!     hostname, joins the network namespace (loopback already up), and for network mode
+//!     `proxy` binds the proxy port inside it and hands the socket to mcpbox.
 //!  8. The server is forked by PID 1 *before* step 7, so that it prepares in parallel: it
 //!     closes every fd above 2, drops every capability, sets NO_NEW_PRIVS and loads its seccomp
 //!     filter (whose allow-list has what the remaining steps call; when the policy denies extra
@@ -41,9 +45,22 @@
 //!     then it applies Landlock, reports success and execs with the spec's explicit
 //!     environment.
 //!
-//! At container level (no namespaces can be made), steps 5–7 are skipped: Landlock alone
-//! shapes the filesystem view, the outer sandbox-init becomes a child subreaper, and kills the
-//! server's process group and cgroup when the server exits.
+//! At container level (no namespaces can be made), steps 5 and 7 are skipped: Landlock alone
+//! shapes the filesystem view. In step 6, with no PID namespace to end the tree when PID 1
+//! exits, the outer sandbox-init forks a *reaper* in PID 1's place (see `reaper`):
+//!
+//! ```text
+//! sandbox-init (outer)    child subreaper; forwards signals to the reaper, exits with its status
+//!  └─ sandbox-init (reaper): child subreaper; forwards signals; parent-death signal SIGPWR
+//!      └─ the server (and whatever it starts: orphans are re-parented to the reaper)
+//! ```
+//!
+//! When the server exits, or the outer sandbox-init is killed (mcpbox ends a session with
+//! SIGKILL after its grace period; PDEATHSIG reaches the reaper), the reaper kills every
+//! descendant it has (walking `/proc/PID/task/TID/children`) and reaps them until it has no
+//! child left: setsid'd and double-forked daemons included, nothing of the server outlives it.
+//! The outer one does the same for anything a killed reaper left, then kills what is left in
+//! the server's cgroups.
 
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -154,6 +171,8 @@ struct State {
     warnings: Vec<String>,
     limits: Applied,
     host_uid: u32,
+    /// The data dir's filesystem (`[limits] disk`), mounted detached; PID 1 attaches it.
+    disk: Option<OwnedFd>,
 }
 
 fn outer(spec_fd: RawFd, report: &Report, cpus: Option<CpuSet>) -> Result<i32, InitError> {
@@ -174,15 +193,42 @@ fn outer(spec_fd: RawFd, report: &Report, cpus: Option<CpuSet>) -> Result<i32, I
         let _ = sched_setaffinity(Pid::from_raw(0), cpus);
     }
     let layout = root.then(|| spec.cgroup_layout.clone().unwrap_or_else(limits::layout));
-    let mut st = State { level: Level::Full, warnings: Vec::new(), limits: Applied::default(), host_uid: getuid().as_raw() };
+    let mut st = State { level: Level::Full, warnings: Vec::new(), limits: Applied::default(), host_uid: getuid().as_raw(), disk: None };
 
-    // 2. cgroups, while still host root. `slots` holds them until we exit.
+    // 2. cgroups, while still host root. `slots` holds them until we exit. A CPU limit needs
+    //    one: without it, refused unless relaxed.
     let mut slots = Vec::new();
     if let Some(layout) = &layout {
-        (st.limits, slots) = limits::join_cgroups(layout, &spec.limits, &spec.cgroup_parent, &spec.name);
+        (st.limits, slots) = limits::join_cgroups(layout, &spec.limits, spec.cpu_weight, &spec.cgroup_parent, &spec.name, spec.parent_pid as u32);
         st.warnings.append(&mut st.limits.warnings.clone());
     } else {
         st.limits = limits::rlimit_only(&spec.limits);
+    }
+    if let (Some(cpu), false) = (spec.limits.cpu, st.limits.cpu_by_cgroup) {
+        let why = format!(
+            "[limits] cpu = \"{}\" cannot be enforced: {}",
+            crate::policy::format_cpu(cpu),
+            if root { "no cgroup cpu controller is usable (see `mcpbox doctor`)" } else { "mcpbox runs rootless and has no cgroup to hold CPU time in" }
+        );
+        if !spec.relax.cpu {
+            return Err(InitError::Refused(format!("{why}. Run mcpbox as root, or accept it unenforced with `[sandbox] relax = [\"cpu\"]` in the policy")));
+        }
+        st.warnings.push(format!("{why}; not enforced ([sandbox] relax)"));
+    }
+    // 2 (continued). The data dir's disk image, mounted detached while we are host root.
+    if let Some(size) = spec.limits.disk {
+        let got = match (&spec.disk, root) {
+            (Some(img), true) => super::disk::mount_image(img).map_err(|e| e.to_string()),
+            _ => Err(if root { "no disk image was prepared".to_string() } else { "mcpbox runs rootless and cannot mount a size-capped filesystem (loop devices need root)".to_string() }),
+        };
+        match got {
+            Ok(fd) => {
+                st.disk = Some(fd);
+                let sep = if st.limits.summary.is_empty() { "" } else { ", " };
+                st.limits.summary.push_str(&format!("{sep}disk: ext4 image ({})", crate::policy::format_size(size)));
+            }
+            Err(e) => disk_unenforced(&spec, &mut st, size, &e)?,
+        }
     }
 
     // 3. The host identity the server runs under.
@@ -268,6 +314,10 @@ fn outer(spec_fd: RawFd, report: &Report, cpus: Option<CpuSet>) -> Result<i32, I
                 )));
             }
             st.level = Level::Container;
+            // Nowhere private to attach the data dir's filesystem.
+            if let (Some(size), Some(_)) = (spec.limits.disk, st.disk.take()) {
+                disk_unenforced(&spec, &mut st, size, "the `container` level has no mount namespace to mount it in")?;
+            }
             st.warnings.push(format!(
                 "running at `container` level ({why}): no namespaces, the filesystem view comes from Landlock alone and the network is the container's own{}",
                 if matches!(spec.network, Network::None) { " (TCP denied by Landlock, sockets limited to AF_UNIX by seccomp)" } else { "" }
@@ -299,6 +349,8 @@ fn outer(spec_fd: RawFd, report: &Report, cpus: Option<CpuSet>) -> Result<i32, I
             Forked::Parent(child) => {
                 drop(alive_r);
                 drop(input);
+                // PID 1 attaches it; our copy would keep the image mounted after the sandbox.
+                st.disk.take();
                 sys::close_fd(report.0);
                 // Only PID 1 and the server need the helper's socket.
                 if let Some(n) = net.as_mut() {
@@ -317,29 +369,109 @@ fn outer(spec_fd: RawFd, report: &Report, cpus: Option<CpuSet>) -> Result<i32, I
     } else {
         let spec: SandboxSpec = read_spec(&mut input)?;
         drop(input);
+        // 6 (container level). No PID namespace to end the tree with PID 1: the reaper stands in
+        // for PID 1. We are a subreaper as well, so that what a killed reaper leaves comes to us.
         prctl::set_child_subreaper(true).map_err(sys_err("prctl(PR_SET_CHILD_SUBREAPER)"))?;
         let me = nix::unistd::getpid();
         match sys::fork().map_err(|e| InitError::Io(format!("fork: {e}")))? {
-            Forked::Child => {
-                let _ = nix::unistd::setpgid(Pid::from_raw(0), Pid::from_raw(0));
-                server(&spec, report, &st, me, None, None, None);
-            }
+            Forked::Child => reaper(&spec, report, &st, me, &mask),
             Forked::Parent(child) => {
                 sys::close_fd(report.0);
                 let code = supervise(child, &mask, false, None);
-                let _ = nix::sys::signal::killpg(child, Signal::SIGKILL);
+                end_descendants();
                 limits::kill_members(&st.limits.dirs);
-                // Reap whatever the kills left as zombies re-parented to us.
-                while let Ok(s) = waitpid(None::<Pid>, Some(WaitPidFlag::WNOHANG)) {
-                    if s == WaitStatus::StillAlive {
-                        break;
-                    }
-                }
                 drop(slots);
                 Ok(code)
             }
         }
     }
+}
+
+/// The reaper's death signal: the outer sandbox-init is gone (mcpbox killed it, or mcpbox
+/// itself died). Not one of the signals passed on to the server.
+const OUTER_GONE: Signal = Signal::SIGPWR;
+
+/// Container level: the child subreaper between the outer sandbox-init and the server, in
+/// place of PID 1. Every orphan of the server's tree (setsid'd, double-forked daemons included)
+/// is re-parented to it. It passes signals on to the server; when the server exits, or the outer
+/// sandbox-init is gone (SIGKILL from mcpbox ending the session, or mcpbox's own death: a
+/// parent-death signal it can catch, where the outer one has SIGKILL), it kills its whole tree
+/// and reaps it before it exits. Holds no privilege and nothing of the spec once the server runs.
+fn reaper(spec: &SandboxSpec, report: &Report, st: &State, outer: Pid, mask: &SigSet) -> ! {
+    let mut mask = *mask;
+    mask.add(OUTER_GONE);
+    if mask.thread_block().is_err()
+        || prctl::set_child_subreaper(true).is_err()
+        || prctl::set_pdeathsig(OUTER_GONE).is_err()
+        || getppid() != outer
+    {
+        sys::exit_now(125);
+    }
+    let me = nix::unistd::getpid();
+    let child = match sys::fork() {
+        Ok(Forked::Child) => {
+            let _ = nix::unistd::setpgid(Pid::from_raw(0), Pid::from_raw(0));
+            server(spec, report, st, me, None, None, None)
+        }
+        Ok(Forked::Parent(child)) => child,
+        Err(e) => {
+            send(report, &Msg::Error { message: format!("fork: {e}") });
+            sys::exit_now(126);
+        }
+    };
+    let _ = sys::close_from(3);
+    let _ = drop_caps();
+    let code = supervise(child, &mask, true, None);
+    end_descendants();
+    sys::exit_now(code)
+}
+
+/// Kill every descendant of this process (a child subreaper, so that every orphan of its tree
+/// was re-parented to it: its descendants are the whole tree) and reap them, until it has no
+/// child left. A process forked while a walk ran is found by the next one: each death that
+/// `wait` reports starts another walk.
+fn end_descendants() {
+    loop {
+        for pid in descendants(nix::unistd::getpid()) {
+            let _ = kill(pid, Signal::SIGKILL);
+        }
+        match waitpid(None::<Pid>, None) {
+            Err(Errno::ECHILD) => return,
+            _ => continue,
+        }
+    }
+}
+
+/// The live descendants of `root`, from `/proc/PID/task/TID/children` (where a kernel lacks
+/// that file, only what `wait` brings back; the loop in [`end_descendants`] still ends the tree,
+/// one generation per death).
+fn descendants(root: Pid) -> Vec<Pid> {
+    let mut found = Vec::new();
+    let mut todo = vec![root];
+    while let Some(p) = todo.pop() {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) else { continue };
+        for t in tasks.flatten() {
+            let Ok(kids) = std::fs::read_to_string(t.path().join("children")) else { continue };
+            for k in kids.split_whitespace().filter_map(|k| k.parse::<i32>().ok()).map(Pid::from_raw) {
+                if !found.contains(&k) {
+                    found.push(k);
+                    todo.push(k);
+                }
+            }
+        }
+    }
+    found
+}
+
+/// `[limits] disk` could not be enforced: refused, unless the policy relaxes it (then a warning
+/// at every start).
+fn disk_unenforced(spec: &OuterSpec, st: &mut State, size: u64, why: &str) -> Result<(), InitError> {
+    let why = format!("[limits] disk = \"{}\" cannot be enforced: {why}", crate::policy::format_size(size));
+    if !spec.relax.disk {
+        return Err(InitError::Refused(format!("{why}. Run mcpbox as root, or accept it unenforced with `[sandbox] relax = [\"disk\"]` in the policy")));
+    }
+    st.warnings.push(format!("{why}; not enforced ([sandbox] relax), the data dir is the host's"));
+    Ok(())
 }
 
 fn write_maps(inner_uid: u32, outer_uid: u32, inner_gid: u32, outer_gid: u32) -> Result<(), InitError> {
@@ -353,8 +485,9 @@ fn write_maps(inner_uid: u32, outer_uid: u32, inner_gid: u32, outer_gid: u32) ->
 }
 
 /// Wait for `child`, passing signals on; return its exit code (128+N for a signal).
-/// As PID 1 (`reap_all`), also reap every orphan of the namespace; in the outer process, the
-/// network helper once it is done (`helper`), so that it does not linger as a zombie.
+/// As PID 1 or the container-level reaper (`reap_all`), also reap every orphan of the tree; in
+/// the outer process, the network helper once it is done (`helper`), so that it does not linger
+/// as a zombie.
 fn supervise(child: Pid, mask: &SigSet, reap_all: bool, mut helper: Option<&mut NetHelper>) -> i32 {
     loop {
         if let Some(h) = helper.as_deref_mut() {
@@ -371,6 +504,8 @@ fn supervise(child: Pid, mask: &SigSet, reap_all: bool, mut helper: Option<&mut 
         }
         match mask.wait() {
             Ok(Signal::SIGCHLD) => continue,
+            // Only in the container-level reaper's mask: its parent is gone; end the tree.
+            Ok(OUTER_GONE) => return 128 + Signal::SIGKILL as i32,
             Ok(sig) => {
                 let _ = kill(child, sig);
             }
@@ -419,7 +554,7 @@ fn pid1(mut input: std::fs::File, report: &Report, alive_r: OwnedFd, st: &mut St
     }
 
     // 7. The mount view, hostname, network namespace (its loopback is up), proxy socket.
-    mounts::build_root(spec)?;
+    mounts::build_root(spec, st.disk.take())?;
     let host = spec.outer.name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '-' }).take(63).collect::<String>();
     nix::unistd::sethostname(if host.is_empty() { "mcpbox".to_string() } else { host }).map_err(sys_err("sethostname"))?;
     if let Some(net) = net {

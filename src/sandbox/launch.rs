@@ -150,10 +150,23 @@ fn send_spec(ch: Channels, spec: &SandboxSpec, outer_sent: bool, started: Instan
     }
     bytes.extend(super::spec::frame(spec));
     // Our end closes after this: sandbox-init needs nothing more.
-    std::io::Write::write_all(&mut std::fs::File::from(spec_w), &bytes).map_err(SandboxError::Spawn)?;
+    if let Err(e) = std::io::Write::write_all(&mut std::fs::File::from(spec_w), &bytes) {
+        return Err(write_failed(&report, e));
+    }
     let (mut r, l) = read_report(&report)?;
     r.start_latency = started.elapsed();
     Ok((r, l))
+}
+
+/// Writing the spec failed: sandbox-init stopped reading it, which it does when it refuses on
+/// the part it already had (e.g. no namespaces and `container` level not permitted): it sends
+/// its reason on the report socket and exits, possibly before we write the rest (EPIPE).
+/// That reason is the error; the write error only when sandbox-init gave none.
+fn write_failed(report: &OwnedFd, e: std::io::Error) -> SandboxError {
+    match read_report(report) {
+        Err(SandboxError::Setup(reason)) => SandboxError::Setup(reason),
+        _ => SandboxError::Spawn(e),
+    }
 }
 
 /// Read sandbox-init's messages until the socket closes (the server exec'd, or setup died).
@@ -327,7 +340,9 @@ impl Pending {
         let ch = self.ch.as_ref().expect("not sent yet");
         assert!(self.outer_sent.is_none(), "the outer spec goes once");
         let mut w = std::fs::File::from(ch.spec_w.try_clone().map_err(SandboxError::Spawn)?);
-        std::io::Write::write_all(&mut w, &super::spec::frame(outer)).map_err(SandboxError::Spawn)?;
+        if let Err(e) = std::io::Write::write_all(&mut w, &super::spec::frame(outer)) {
+            return Err(write_failed(&ch.report, e));
+        }
         self.outer_sent = Some(outer.clone());
         Ok(())
     }

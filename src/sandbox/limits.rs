@@ -26,6 +26,9 @@ pub struct Applied {
     pub dirs: Vec<PathBuf>,
     pub pids_by_cgroup: bool,
     pub memory_by_cgroup: bool,
+    /// `cpu.max` (v2) or the CFS quota (v1) holds the server to its `[limits] cpu`, and its
+    /// weight is set: the CPU limit needs a cgroup, there is no rlimit for a rate.
+    pub cpu_by_cgroup: bool,
     pub warnings: Vec<String>,
 }
 
@@ -37,6 +40,76 @@ pub struct Layout {
     /// v1 mount points by controller name.
     pub v1_pids: Option<PathBuf>,
     pub v1_memory: Option<PathBuf>,
+    #[serde(default)]
+    pub v1_cpu: Option<PathBuf>,
+    /// mcpbox's own cgroups: the sandboxes' cgroups are made under them.
+    #[serde(default)]
+    pub own: Own,
+}
+
+/// mcpbox's own cgroup in each hierarchy, relative to its mount point (`/proc/self/cgroup`,
+/// without a trailing [`SUPERVISOR_LEAF`]; empty where unknown: the hierarchy's root).
+///
+/// The sandboxes' cgroups go under it, not at the hierarchy's root, so that whatever confines
+/// mcpbox confines them too: a systemd unit's `TasksMax`, `MemoryMax` and `KillMode`, a
+/// container's limits, and the delegation that makes a subtree writable in the first place.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Own {
+    pub v2: PathBuf,
+    pub pids: PathBuf,
+    pub memory: PathBuf,
+    #[serde(default)]
+    pub cpu: PathBuf,
+}
+
+/// The cgroup v2 leaf mcpbox moves itself into, inside its own cgroup, when it first makes a
+/// sandbox's cgroup there: a non-root cgroup v2 that hands controllers to its children may hold
+/// no process itself (the "no internal processes" rule), so mcpbox leaves its cgroup to the
+/// sandboxes' parent (`mcpbox/`) and this leaf, side by side. A service manager may start it
+/// there directly (systemd 254 and later: `DelegateSubgroup=mcpbox-supervisor`).
+pub const SUPERVISOR_LEAF: &str = "mcpbox-supervisor";
+
+impl Layout {
+    /// The directory of mcpbox's own cgroup in the v2 hierarchy.
+    pub fn own_v2(&self) -> Option<PathBuf> {
+        self.v2.as_ref().map(|(root, _)| under(root, &self.own.v2))
+    }
+}
+
+/// `rel` (a cgroup path as /proc shows it) under the mount point `root`.
+fn under(root: &Path, rel: &Path) -> PathBuf {
+    match rel.strip_prefix("/").unwrap_or(rel) {
+        r if r.as_os_str().is_empty() => root.to_path_buf(),
+        r => root.join(r),
+    }
+}
+
+/// mcpbox's own cgroups, from `/proc/self/cgroup` (`ID:CONTROLLERS:PATH` lines; v2 is `0::PATH`).
+fn read_own() -> Own {
+    let mut own = Own::default();
+    let text = fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    for line in text.lines() {
+        let mut it = line.splitn(3, ':');
+        let (Some(id), Some(ctls), Some(path)) = (it.next(), it.next(), it.next()) else { continue };
+        let mut path = PathBuf::from(path);
+        // Already moved into the leaf (or started there): the cgroup we own is its parent.
+        if path.file_name().is_some_and(|n| n == SUPERVISOR_LEAF) {
+            path.pop();
+        }
+        if id == "0" && ctls.is_empty() {
+            own.v2 = path;
+        } else {
+            for c in ctls.split(',') {
+                match c {
+                    "pids" => own.pids = path.clone(),
+                    "memory" => own.memory = path.clone(),
+                    "cpu" => own.cpu = path.clone(),
+                    _ => {}
+                }
+            }
+        }
+    }
+    own
 }
 
 /// The host's cgroup layout, read on first use: mounts do not move under a running mcpbox.
@@ -46,7 +119,7 @@ pub fn layout() -> Layout {
 }
 
 fn read_layout() -> Layout {
-    let mut l = Layout::default();
+    let mut l = Layout { own: read_own(), ..Layout::default() };
     let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     for line in mounts.lines() {
         let Some((pre, post)) = line.split_once(" - ") else { continue };
@@ -62,6 +135,7 @@ fn read_layout() -> Layout {
                 match o {
                     "pids" => l.v1_pids = Some(mount_point.into()),
                     "memory" => l.v1_memory = Some(mount_point.into()),
+                    "cpu" => l.v1_cpu = Some(mount_point.into()),
                     _ => {}
                 }
             }
@@ -126,7 +200,11 @@ fn claim_slot(parent: &Path, name: &str, warnings: &mut Vec<String>) -> Result<(
 /// process into them. Needs host root (it runs in sandbox-init before the uid is dropped).
 /// Failures degrade to rlimits with a warning: rlimits are applied in any case by
 /// [`apply_rlimits`]. The returned files hold the slots: keep them open while the sandbox runs.
-pub fn join_cgroups(l: &Layout, limits: &Limits, parent: &str, name: &str) -> (Applied, Vec<Slot>) {
+///
+/// `cpu_weight` is the sandbox's share of contended CPU against its siblings (cgroup v2
+/// `cpu.weight`, 1-10000, 100 when None; v1 `cpu.shares` scaled to match): the supervisor can
+/// start warm-pool and background sandboxes lower, so that they yield to live sessions.
+pub fn join_cgroups(l: &Layout, limits: &Limits, cpu_weight: Option<u32>, parent: &str, name: &str, mcpbox: u32) -> (Applied, Vec<Slot>) {
     let mut a = Applied::default();
     let mut held = Vec::new();
     // Warnings from claiming slots (closures below cannot borrow `a` mutably as well).
@@ -138,12 +216,18 @@ pub fn join_cgroups(l: &Layout, limits: &Limits, parent: &str, name: &str) -> (A
     if let Some((root, ctrls)) = &l.v2 {
         let want: Vec<&str> = ["pids", "memory"].into_iter().filter(|c| ctrls.iter().any(|x| x == c)).collect();
         if !want.is_empty() {
-            let res = (|| -> Result<(PathBuf, Slot), CgroupError> {
+            let mut attempt = |base: &Path| -> Result<(PathBuf, Slot, Result<(), CgroupError>), CgroupError> {
                 let enable: String = want.iter().map(|c| format!("+{c} ")).collect();
-                write(&root.join("cgroup.subtree_control"), enable.trim())?;
-                let p = root.join(parent);
+                enable_below(base, enable.trim(), mcpbox)?;
+                let p = base.join(parent);
                 mkdir(&p)?;
                 write(&p.join("cgroup.subtree_control"), enable.trim())?;
+                // The cpu controller on its own: it may be refused (realtime tasks outside the
+                // root cgroup) without costing the others.
+                if ctrls.iter().any(|c| c == "cpu") {
+                    let _ = enable_below(base, "+cpu", mcpbox);
+                    let _ = write(&p.join("cgroup.subtree_control"), "+cpu");
+                }
                 let (dir, slot) = claim_slot(&p, name, &mut left)?;
                 // Every value is written, "max" included: a reused slot keeps the previous
                 // sandbox's.
@@ -155,11 +239,29 @@ pub fn join_cgroups(l: &Layout, limits: &Limits, parent: &str, name: &str) -> (A
                     write(&dir.join("memory.max"), &or_max(limits.memory))?;
                     let _ = write(&dir.join("memory.swap.max"), if limits.memory.is_some() { "0" } else { "max" });
                 }
+                let cpu = set_cpu_v2(&dir, limits.cpu, cpu_weight);
                 write(&dir.join("cgroup.procs"), &me)?;
-                Ok((dir, slot))
-            })();
+                Ok((dir, slot, cpu))
+            };
+            // Under mcpbox's own cgroup; where that cannot be done, at the root as before.
+            let own = under(root, &l.own.v2);
+            let res = attempt(&own).or_else(|e| {
+                if &own == root {
+                    return Err(e);
+                }
+                a.warnings.push(outside_own(&own, &e));
+                attempt(root)
+            });
             match res {
-                Ok((dir, slot)) => {
+                Ok((dir, slot, cpu)) => {
+                    match cpu {
+                        Ok(()) => {
+                            a.cpu_by_cgroup = true;
+                            parts.push("cpu: cgroup v2".into());
+                        }
+                        Err(e) if limits.cpu.is_some() || cpu_weight.is_some() => a.warnings.push(format!("cgroup v2 cpu controller not usable ({e})")),
+                        Err(_) => {}
+                    }
                     a.dirs.push(dir);
                     held.push(slot);
                     for c in &want {
@@ -183,8 +285,9 @@ pub fn join_cgroups(l: &Layout, limits: &Limits, parent: &str, name: &str) -> (A
         if covered {
             continue;
         }
-        let res = (|| -> Result<(PathBuf, Slot), CgroupError> {
-            let p = mount.join(parent);
+        let own = under(&mount, if ctl == "pids" { &l.own.pids } else { &l.own.memory });
+        let mut attempt = |base: &Path| -> Result<(PathBuf, Slot), CgroupError> {
+            let p = base.join(parent);
             mkdir(&p)?;
             let (dir, slot) = claim_slot(&p, name, &mut left)?;
             if ctl == "memory" {
@@ -202,7 +305,14 @@ pub fn join_cgroups(l: &Layout, limits: &Limits, parent: &str, name: &str) -> (A
             // milliseconds per start; for one thread it is the whole process.
             write(&dir.join("tasks"), "0")?;
             Ok((dir, slot))
-        })();
+        };
+        let res = attempt(&own).or_else(|e| {
+            if own == mount {
+                return Err(e);
+            }
+            a.warnings.push(outside_own(&own, &e));
+            attempt(&mount)
+        });
         match res {
             Ok((dir, slot)) => {
                 a.dirs.push(dir);
@@ -211,6 +321,37 @@ pub fn join_cgroups(l: &Layout, limits: &Limits, parent: &str, name: &str) -> (A
                 if ctl == "pids" { a.pids_by_cgroup = true } else { a.memory_by_cgroup = true }
             }
             Err(e) => a.warnings.push(format!("cgroup v1 {ctl} not usable ({e}); using rlimits")),
+        }
+    }
+    if let (false, Some(mount)) = (a.cpu_by_cgroup, &l.v1_cpu) {
+        let own = under(mount, &l.own.cpu);
+        let mut attempt = |base: &Path| -> Result<(PathBuf, Slot), CgroupError> {
+            let p = base.join(parent);
+            mkdir(&p)?;
+            let (dir, slot) = claim_slot(&p, name, &mut left)?;
+            // Every value is written, "no limit" included: a reused slot keeps the previous
+            // sandbox's.
+            write(&dir.join("cpu.cfs_period_us"), &CPU_PERIOD_US.to_string())?;
+            write(&dir.join("cpu.cfs_quota_us"), &limits.cpu.map_or_else(|| "-1".to_string(), |m| quota_us(m).to_string()))?;
+            write(&dir.join("cpu.shares"), &(u64::from(weight(cpu_weight)) * 1024 / 100).max(2).to_string())?;
+            write(&dir.join("tasks"), "0")?;
+            Ok((dir, slot))
+        };
+        let res = attempt(&own).or_else(|e| {
+            if &own == mount {
+                return Err(e);
+            }
+            a.warnings.push(outside_own(&own, &e));
+            attempt(mount)
+        });
+        match res {
+            Ok((dir, slot)) => {
+                a.dirs.push(dir);
+                held.push(slot);
+                parts.push("cpu: cgroup v1".into());
+                a.cpu_by_cgroup = true;
+            }
+            Err(e) => a.warnings.push(format!("cgroup v1 cpu not usable ({e})")),
         }
     }
     if !a.pids_by_cgroup && limits.pids.is_some() {
@@ -222,6 +363,84 @@ pub fn join_cgroups(l: &Layout, limits: &Limits, parent: &str, name: &str) -> (A
     a.summary = parts.join(", ");
     a.warnings.append(&mut left);
     (a, held)
+}
+
+/// The warning for a sandbox whose cgroup could not go under mcpbox's own.
+fn outside_own(own: &Path, e: &CgroupError) -> String {
+    format!(
+        "cannot make the sandbox's cgroup under mcpbox's own cgroup {} ({e}); made at the hierarchy's root instead, \
+         where the limits and the stop of whatever runs mcpbox (a systemd unit's TasksMax/KillMode) do not reach it: \
+         give mcpbox a delegated cgroup of its own (systemd: `Delegate=yes`, see docs/DEPLOY.md)",
+        own.display()
+    )
+}
+
+/// Let the children of `base` (cgroup v2) use the controllers in `enable` ("+pids +memory").
+///
+/// cgroup v2 allows no process in a non-root cgroup that hands controllers to its children. mcpbox
+/// itself lives in `base` (its own cgroup) at first: then it is moved, with any child of it still
+/// there (sandbox-inits, this one included), into the leaf [`SUPERVISOR_LEAF`], and the write is
+/// tried again. Processes that are not mcpbox's keep it from working: an error that says so.
+fn enable_below(base: &Path, enable: &str, mcpbox: u32) -> Result<(), CgroupError> {
+    let file = base.join("cgroup.subtree_control");
+    for _ in 0..5 {
+        match write(&file, enable) {
+            Err(e) if e.source.raw_os_error() == Some(libc::EBUSY) => {}
+            done => return done,
+        }
+        let procs_file = base.join("cgroup.procs");
+        let procs = fs::read_to_string(&procs_file).map_err(|source| CgroupError { path: procs_file.clone(), source })?;
+        let parent_of = |pid: u32| -> Option<u32> {
+            let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()
+        };
+        let pids: Vec<u32> = procs.lines().filter_map(|l| l.trim().parse().ok()).collect();
+        let (ours, others): (Vec<u32>, Vec<u32>) = pids.iter().partition(|p| **p == mcpbox || parent_of(**p) == Some(mcpbox));
+        // Moving mcpbox would not help then; it stays where it is.
+        if !others.is_empty() || ours.is_empty() {
+            return Err(CgroupError {
+                path: base.to_path_buf(),
+                source: io::Error::other(format!(
+                    "processes other than mcpbox's live in it ({others:?}), and cgroup v2 lets no process stay in a cgroup that hands controllers to its children"
+                )),
+            });
+        }
+        let leaf = base.join(SUPERVISOR_LEAF);
+        mkdir(&leaf)?;
+        for pid in ours {
+            match write(&leaf.join("cgroup.procs"), &pid.to_string()) {
+                // Exited meanwhile.
+                Err(e) if e.source.raw_os_error() == Some(libc::ESRCH) => {}
+                r => r?,
+            }
+        }
+    }
+    write(&file, enable)
+}
+
+/// The CFS period every sandbox gets (the kernel's default): a quota is cores × this.
+pub const CPU_PERIOD_US: u64 = 100_000;
+
+/// Quota per period for `milli` thousandths of a core.
+fn quota_us(milli: u32) -> u64 {
+    u64::from(milli) * CPU_PERIOD_US / 1000
+}
+
+fn weight(w: Option<u32>) -> u32 {
+    w.unwrap_or(100).clamp(1, 10_000)
+}
+
+/// What `cpu.max` gets for a limit of `milli` thousandths of a core ("max" for none).
+pub fn cpu_max(milli: Option<u32>) -> String {
+    match milli {
+        Some(m) => format!("{} {CPU_PERIOD_US}", quota_us(m)),
+        None => format!("max {CPU_PERIOD_US}"),
+    }
+}
+
+fn set_cpu_v2(dir: &Path, milli: Option<u32>, w: Option<u32>) -> Result<(), CgroupError> {
+    write(&dir.join("cpu.max"), &cpu_max(milli))?;
+    write(&dir.join("cpu.weight"), &weight(w).to_string())
 }
 
 /// What limits are enforced without cgroups (rootless).
@@ -283,11 +502,20 @@ pub fn kill_members(dirs: &[PathBuf]) -> usize {
 /// removed.
 pub fn sweep_stale(parent: &str) -> usize {
     let l = layout();
+    // Under mcpbox's own cgroups, and at the roots (where older versions, and the fallback of
+    // `join_cgroups`, make them).
     let mut roots: Vec<PathBuf> = Vec::new();
     if let Some((p, _)) = &l.v2 {
+        roots.push(under(p, &l.own.v2).join(parent));
         roots.push(p.join(parent));
     }
-    roots.extend(l.v1_pids.iter().chain(l.v1_memory.iter()).map(|p| p.join(parent)));
+    for (mount, own) in [(&l.v1_pids, &l.own.pids), (&l.v1_memory, &l.own.memory), (&l.v1_cpu, &l.own.cpu)] {
+        if let Some(m) = mount {
+            roots.push(under(m, own).join(parent));
+            roots.push(m.join(parent));
+        }
+    }
+    roots.dedup();
     sweep_stale_in(roots)
 }
 
@@ -365,4 +593,88 @@ pub fn sweep_extra_slots(dirs: &[PathBuf]) -> usize {
         }
     }
     removed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// cgroup v2's "no internal processes" rule, for real (as root; the test suite runs unit
+    /// tests as root): mcpbox (a shell here) and its child live in a cgroup that must hand a
+    /// controller to its children; `enable_below` moves both into the supervisor leaf and
+    /// enables it. With a process that is not mcpbox's in the cgroup, it refuses and moves nothing.
+    #[test]
+    fn enable_below_moves_mcpbox_and_its_children_into_the_leaf() {
+        assert!(nix::unistd::geteuid().is_root(), "this test makes cgroups: run it as root (scripts/test.sh does)");
+        let (root, ctrls) = read_layout().v2.expect("a cgroup v2 hierarchy");
+        let ctl = ctrls.iter().find(|c| *c == "pids").or(ctrls.first()).expect("a controller in the cgroup v2 hierarchy").clone();
+        let root_ctl = root.join("cgroup.subtree_control");
+        let had = fs::read_to_string(&root_ctl).unwrap().split_whitespace().any(|c| c == ctl);
+        fs::write(&root_ctl, format!("+{ctl}")).unwrap();
+        let base = root.join(format!("mcpbox-unit-{}", std::process::id()));
+        let other_base = root.join(format!("mcpbox-unit-other-{}", std::process::id()));
+        fs::create_dir(&base).unwrap();
+        fs::create_dir(&other_base).unwrap();
+        let mut mcpbox = std::process::Command::new("sh").args(["-c", "sleep 60 & wait"]).spawn().unwrap();
+        let mut other = std::process::Command::new("sleep").arg("60").spawn().unwrap();
+        let children = || fs::read_to_string(format!("/proc/{0}/task/{0}/children", mcpbox.id())).unwrap_or_default();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while children().trim().is_empty() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let child: u32 = children().trim().parse().unwrap();
+        fs::write(base.join("cgroup.procs"), mcpbox.id().to_string()).unwrap();
+        fs::write(base.join("cgroup.procs"), child.to_string()).unwrap();
+        fs::write(other_base.join("cgroup.procs"), other.id().to_string()).unwrap();
+        let enable = format!("+{ctl}");
+        let direct = write(&base.join("cgroup.subtree_control"), &enable).map_err(|e| e.source.raw_os_error());
+        let moved = enable_below(&base, &enable, mcpbox.id());
+        let enabled = fs::read_to_string(base.join("cgroup.subtree_control")).unwrap_or_default();
+        let leaf = fs::read_to_string(base.join(SUPERVISOR_LEAF).join("cgroup.procs")).unwrap_or_default();
+        let refused = enable_below(&other_base, &enable, mcpbox.id());
+        let other_left = fs::read_to_string(other_base.join("cgroup.procs")).unwrap_or_default();
+
+        for pid in [mcpbox.id(), child, other.id()] {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+        }
+        let _ = (mcpbox.wait(), other.wait());
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        for d in [base.join(SUPERVISOR_LEAF), base.clone(), other_base.clone()] {
+            let _ = fs::remove_dir(&d);
+        }
+        if !had {
+            let _ = fs::write(&root_ctl, format!("-{ctl}"));
+        }
+
+        assert_eq!(direct, Err(Some(libc::EBUSY)), "a cgroup v2 holding processes cannot hand {ctl} to children");
+        assert!(moved.is_ok(), "{moved:?}");
+        assert!(enabled.split_whitespace().any(|c| c == ctl), "{ctl} not enabled below the cgroup: {enabled:?}");
+        let mut in_leaf: Vec<u32> = leaf.lines().filter_map(|l| l.parse().ok()).collect();
+        in_leaf.sort();
+        let mut want = vec![mcpbox.id(), child];
+        want.sort();
+        assert_eq!(in_leaf, want, "mcpbox and its child should be in the leaf");
+        let e = refused.expect_err("a foreign process in the cgroup should refuse");
+        assert!(e.to_string().contains("other than mcpbox's"), "{e}");
+        assert_eq!(other_left.trim(), other.id().to_string(), "the foreign process must stay where it was");
+        assert!(!other_base.join(SUPERVISOR_LEAF).exists());
+    }
+
+    #[test]
+    fn own_cgroup_paths_go_under_the_mount() {
+        assert_eq!(under(Path::new("/sys/fs/cgroup"), Path::new("/")), PathBuf::from("/sys/fs/cgroup"));
+        assert_eq!(under(Path::new("/sys/fs/cgroup"), Path::new("")), PathBuf::from("/sys/fs/cgroup"));
+        assert_eq!(under(Path::new("/sys/fs/cgroup"), Path::new("/system.slice/mcpbox.service")), PathBuf::from("/sys/fs/cgroup/system.slice/mcpbox.service"));
+    }
+
+    #[test]
+    fn cpu_limits_become_quota_per_period_and_weights_are_clamped() {
+        assert_eq!(cpu_max(Some(1000)), "100000 100000");
+        assert_eq!(cpu_max(Some(500)), "50000 100000");
+        assert_eq!(cpu_max(Some(2250)), "225000 100000");
+        // The smallest policy value (0.01 core) is the kernel's smallest quota, 1 ms.
+        assert_eq!(cpu_max(Some(10)), "1000 100000");
+        assert_eq!(cpu_max(None), "max 100000");
+        assert_eq!((weight(None), weight(Some(0)), weight(Some(20)), weight(Some(50_000))), (100, 1, 20, 10_000));
+    }
 }

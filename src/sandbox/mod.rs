@@ -1,6 +1,7 @@
 //! The only module with `unsafe`: the sandbox-init sequence, namespaces, mounts, credentials,
 //! Landlock, seccomp, limits, and the host probe behind `mcpbox doctor`.
 
+mod disk;
 mod init;
 mod landlock;
 mod limits;
@@ -10,7 +11,7 @@ pub mod seccomp;
 mod sys;
 pub mod spec;
 
-pub use spec::{Access, Grant, Link, Msg, OuterSpec, SandboxSpec, StartReport};
+pub use spec::{Access, DiskImage, Grant, Link, Msg, OuterSpec, SandboxSpec, StartReport};
 pub use limits::Layout as CgroupLayout;
 
 /// The host's cgroup layout (read once per process), for [`SandboxSpec::cgroup_layout`].

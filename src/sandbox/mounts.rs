@@ -4,17 +4,26 @@
 //!
 //! The host tree stays reachable during construction under `/oldroot` (a first pivot_root onto
 //! a scratch tmpfs), so that binds never depend on what the new root hides.
+//!
+//! Grants are mounted by handle, not by path: each is opened once, with `openat2` refusing every
+//! symlink on the way (`RESOLVE_NO_SYMLINKS`, magic links included), and the mount is cloned from
+//! that handle (`open_tree`) and attached with `move_mount`. mcpbox resolved the policy's
+//! symlinks when it planned the sandbox; a symlink that appears since (planted in a tree the
+//! server can write, between planning and mounting) makes the start fail, and is never followed.
 
 use std::fs;
 use std::io;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::{symlink, DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sys::stat::Mode;
 use nix::unistd::{chdir, pivot_root};
 
 use super::spec::{Access, SandboxSpec};
-use super::sys::{mount_setattr, MOUNT_ATTR_NODEV, MOUNT_ATTR_NOEXEC, MOUNT_ATTR_NOSUID, MOUNT_ATTR_RDONLY};
+use super::sys::{mount_setattr, move_mount_fd, open_tree_clone, MOUNT_ATTR_NODEV, MOUNT_ATTR_NOEXEC, MOUNT_ATTR_NOSUID, MOUNT_ATTR_RDONLY};
 
 #[derive(Debug, thiserror::Error)]
 #[error("{what} {path}: {source}")]
@@ -52,9 +61,29 @@ fn setattr(p: &Path, attrs: u64, recursive: bool) -> Result<(), MountError> {
     mount_setattr(&p.to_string_lossy(), attrs, recursive).map_err(err("mount_setattr", p))
 }
 
+/// Open `path` (absolute) below the directory `under` as an `O_PATH` handle, refusing every
+/// symlink on the way, the last component included (ELOOP), and `..`.
+pub(super) fn open_nofollow(under: impl AsFd, path: &Path) -> Result<OwnedFd, MountError> {
+    let rel = path.strip_prefix("/").unwrap_or(path);
+    let rel = if rel.as_os_str().is_empty() { Path::new(".") } else { rel };
+    let how = OpenHow::new()
+        .flags(OFlag::O_PATH | OFlag::O_CLOEXEC)
+        .mode(Mode::empty())
+        .resolve(ResolveFlag::RESOLVE_NO_SYMLINKS | ResolveFlag::RESOLVE_NO_MAGICLINKS | ResolveFlag::RESOLVE_BENEATH);
+    openat2(under, rel, how).map_err(err("open (no symlinks)", path))
+}
+
+/// Mount what the handle `src` refers to (with every mount below it) on `dst`, as a recursive
+/// bind mount would, without looking its path up again.
+fn bind_handle(src: &OwnedFd, dst: &Path, shown: &Path) -> Result<(), MountError> {
+    let tree = open_tree_clone(src.as_fd()).map_err(err("open_tree", shown))?;
+    let target = open_nofollow(fs::File::open("/").map_err(err("open", Path::new("/")))?, dst)?;
+    move_mount_fd(tree.as_fd(), target.as_fd()).map_err(err("move_mount", shown))
+}
 /// Build the view and pivot into it. Runs as PID 1 of the new PID namespace, with all
-/// capabilities of the new user namespace.
-pub fn build_root(spec: &SandboxSpec) -> Result<(), MountError> {
+/// capabilities of the new user namespace. `disk`: the data dir's own filesystem (`[limits]
+/// disk`, see `disk`), mounted detached by the outer sandbox-init.
+pub fn build_root(spec: &SandboxSpec, disk: Option<OwnedFd>) -> Result<(), MountError> {
     let root = Path::new("/");
     // Nothing we do may propagate back to the host.
     mount(None::<&str>, root, None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
@@ -67,6 +96,14 @@ pub fn build_root(spec: &SandboxSpec) -> Result<(), MountError> {
     chdir(base).map_err(err("chdir", base))?;
     pivot_root(".", &inside(".", Path::new(OLD))).map_err(err("pivot_root to scratch", base))?;
     chdir(root).map_err(err("chdir", root))?;
+    let old = fs::File::open(OLD).map_err(err("open", Path::new(OLD)))?;
+
+    // 1b. The data dir's own filesystem over the host's data dir, in our copy of the host tree:
+    //     grants of the data dir (or below it) then reach it like any other path.
+    if let (Some(fd), Some(img)) = (disk, &spec.outer.disk) {
+        let at = open_nofollow(&old, &img.at)?;
+        move_mount_fd(fd.as_fd(), at.as_fd()).map_err(err("move_mount disk image onto", &img.at))?;
+    }
 
     // 2. The new root: an empty tmpfs, read-only once populated.
     let new = Path::new(NEW);
@@ -114,11 +151,21 @@ pub fn build_root(spec: &SandboxSpec) -> Result<(), MountError> {
     tmpfs(&tmp, MsFlags::MS_NOSUID | MsFlags::MS_NODEV, &format!("mode=1777,size={tmp_size}"))?;
     fs::set_permissions(&tmp, fs::Permissions::from_mode(0o1777)).map_err(err("chmod", &tmp))?;
 
-    // 6. The policy's grants, parents before children, read-only unless writable.
+    // 6. The policy's grants, parents before children, read-only unless writable; each opened
+    //    once without following symlinks and mounted from that handle. None may cover the
+    //    sandbox's own /proc, /dev, /tmp (refused when the policy was loaded; checked again).
     let mut grants = spec.grants.clone();
     grants.sort_by(|a, b| a.path.cmp(&b.path));
     for g in &grants {
-        let src = inside(OLD, &g.path);
+        if let Some(why) = crate::policy::reserved_conflict(&g.path) {
+            return Err(MountError { what: "grant", path: g.path.clone(), source: io::Error::other(why) });
+        }
+        let src = open_nofollow(&old, &g.path)?;
+        let is_dir = nix::sys::stat::fstat(&src).map_err(err("fstat", &g.path))?.st_mode & libc::S_IFMT == libc::S_IFDIR;
+        if is_dir != g.dir {
+            let what = if g.dir { "was a directory when planned, is not now" } else { "was a file when planned, is a directory now" };
+            return Err(MountError { what: "grant", path: g.path.clone(), source: io::Error::other(what) });
+        }
         let dst = inside(NEW, &g.path);
         if fs::symlink_metadata(&dst).is_err() {
             if g.dir {
@@ -130,7 +177,7 @@ pub fn build_root(spec: &SandboxSpec) -> Result<(), MountError> {
                 fs::File::create(&dst).map_err(err("create", &dst))?;
             }
         }
-        bind(&src, &dst)?;
+        bind_handle(&src, &dst, &g.path)?;
         let mut attrs = MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV;
         if g.access != Access::Write {
             attrs |= MOUNT_ATTR_RDONLY;
@@ -168,6 +215,7 @@ pub fn build_root(spec: &SandboxSpec) -> Result<(), MountError> {
     }
 
     // 7. Freeze the root, then pivot into it and let go of the host tree for good.
+    drop(old);
     setattr(new, MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV, false)?;
     chdir(new).map_err(err("chdir", new))?;
     pivot_root(".", ".").map_err(err("pivot_root into", new))?;

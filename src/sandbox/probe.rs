@@ -97,7 +97,7 @@ pub fn layers() -> Vec<Layer> {
         Some((p, c)) => format!("cgroup v2 at {} (controllers: {})", p.display(), if c.is_empty() { "none".into() } else { c.join(" ") }),
         None => "no cgroup v2".into(),
     };
-    let v1: Vec<String> = [("pids", &l.v1_pids), ("memory", &l.v1_memory)]
+    let v1: Vec<String> = [("pids", &l.v1_pids), ("memory", &l.v1_memory), ("cpu", &l.v1_cpu)]
         .iter()
         .filter_map(|(n, p)| p.as_ref().map(|p| format!("{n} at {}", p.display())))
         .collect();
@@ -106,16 +106,44 @@ pub fn layers() -> Vec<Layer> {
     let how = |c: &str, v1p: &Option<std::path::PathBuf>| {
         if !root { "rlimit".to_string() } else if v2_has(c) { "cgroup v2".into() } else if v1p.is_some() { "cgroup v1".into() } else { "rlimit".into() }
     };
+    // Where sandboxes' cgroups go: under mcpbox's own (see limits::Own).
+    let own = |p: &std::path::Path| if p.as_os_str().is_empty() { "/".to_string() } else { p.display().to_string() };
+    let mut placed = Vec::new();
+    if l.v2.is_some() {
+        placed.push(format!("v2 {}", own(&l.own.v2)));
+    }
+    if l.v1_pids.is_some() {
+        placed.push(format!("pids {}", own(&l.own.pids)));
+    }
+    if l.v1_memory.is_some() {
+        placed.push(format!("memory {}", own(&l.own.memory)));
+    }
     v.push(Layer {
         name: "limits",
         ok: true,
         detail: format!(
-            "pids: {}, memory: {}; open files, file size, core dumps: rlimit. [{v2}; cgroup v1: {}]{}",
+            "pids: {}, memory: {}, cpu: {}; open files, file size, core dumps: rlimit. [{v2}; cgroup v1: {}]{}{}",
             how("pids", &l.v1_pids),
             how("memory", &l.v1_memory),
+            if how("cpu", &l.v1_cpu) == "rlimit" { "not enforceable (no cgroup)".to_string() } else { how("cpu", &l.v1_cpu) },
             if v1.is_empty() { "none".into() } else { v1.join(", ") },
+            if root && !placed.is_empty() { format!(" sandboxes' cgroups go under mcpbox's own: {}", placed.join(", ")) } else { String::new() },
             if root { "" } else { " (cgroups need root or a delegated subtree; rootless mcpbox uses rlimits)" }
         ),
+    });
+    // `[limits] disk`: a loop-mounted ext4 image per server, which needs root, loop devices and
+    // mkfs.ext4 (e2fsprogs).
+    let loop_ok = std::path::Path::new("/dev/loop-control").exists();
+    let mkfs = ["/usr/sbin/mkfs.ext4", "/sbin/mkfs.ext4"].iter().any(|p| std::path::Path::new(p).exists());
+    v.push(Layer {
+        name: "disk limit",
+        ok: root && loop_ok && mkfs,
+        detail: match (root, loop_ok, mkfs) {
+            (true, true, true) => "enforced: each server's data dir is an ext4 image of its own ([limits] disk), mounted inside its sandbox only".into(),
+            (false, _, _) => "not enforceable rootless (mounting a disk image needs root): policies with [limits] disk are refused unless they say `[sandbox] relax = [\"disk\"]` (the shipped ones do; a warning at every start)".into(),
+            (true, false, _) => "not enforceable: no /dev/loop-control (in a container: no loop devices); refused unless the policy relaxes it".into(),
+            (true, true, false) => "not enforceable: mkfs.ext4 is missing (install e2fsprogs); refused unless the policy relaxes it".into(),
+        },
     });
     v
 }

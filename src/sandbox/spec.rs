@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::policy::{Level, Limits, Network};
+use crate::policy::{Level, Limits, Network, Relax};
 
 /// A mount/Landlock grant, after symlinks were resolved by the supervisor.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -90,6 +90,26 @@ pub struct OuterSpec {
     /// sandbox-init itself when absent).
     #[serde(default)]
     pub cgroup_layout: Option<super::CgroupLayout>,
+    /// The sandbox's CPU weight against its siblings (cgroup v2 `cpu.weight`, 1-10000; None:
+    /// the kernel's 100). For the supervisor: warm-pool and background sandboxes started lower
+    /// yield to live sessions.
+    #[serde(default)]
+    pub cpu_weight: Option<u32>,
+    /// Limits the policy accepts unenforced (`[sandbox] relax`).
+    #[serde(default)]
+    pub relax: Relax,
+    /// The server's data dir as a size-capped filesystem (`[limits] disk`, root only).
+    #[serde(default)]
+    pub disk: Option<DiskImage>,
+}
+
+/// `[limits] disk` as root: an ext4 image file per server (made by mcpbox, owned by root,
+/// `STATE/NAME/data.img`), which sandbox-init attaches to a loop device and mounts, private to
+/// the sandbox, over the data dir `at`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskImage {
+    pub image: PathBuf,
+    pub at: PathBuf,
 }
 
 /// One message of the spec stream: its length, then its JSON.

@@ -183,3 +183,133 @@ pub fn close_fd(fd: RawFd) {
         libc::close(fd);
     }
 }
+
+/// Take ownership of a descriptor a system call just returned (`r` < 0: the error).
+fn owned(r: libc::c_long) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this descriptor to us; nothing else owns it.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(r as RawFd) })
+}
+
+/// `open_tree(fd, "", OPEN_TREE_CLONE | AT_RECURSIVE)`: a detached copy of the mount tree at
+/// the object `fd` refers to (an `O_PATH` handle): what a recursive bind mount of it would
+/// attach, but taken from the handle, never from a path looked up again.
+pub fn open_tree_clone(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<std::os::fd::OwnedFd> {
+    const OPEN_TREE_CLONE: libc::c_uint = 1;
+    let flags = OPEN_TREE_CLONE | libc::OPEN_TREE_CLOEXEC | libc::AT_EMPTY_PATH as libc::c_uint | libc::AT_RECURSIVE as libc::c_uint;
+    // SAFETY: the path is a static empty C string; with AT_EMPTY_PATH the kernel uses `fd`
+    // itself. The result is a new descriptor we take ownership of.
+    owned(unsafe { libc::syscall(libc::SYS_open_tree, fd.as_raw_fd(), c"".as_ptr(), flags) })
+}
+
+/// `move_mount(2)`: attach the detached mount `from` (from `open_tree_clone` or `fsmount`) on
+/// the directory or file the handle `to` refers to.
+pub fn move_mount_fd(from: std::os::fd::BorrowedFd<'_>, to: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
+    const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
+    let flags = MOVE_MOUNT_F_EMPTY_PATH | libc::MOVE_MOUNT_T_EMPTY_PATH;
+    // SAFETY: both paths are static empty C strings (the kernel uses the descriptors); no
+    // memory is written.
+    let r = unsafe { libc::syscall(libc::SYS_move_mount, from.as_raw_fd(), c"".as_ptr(), to.as_raw_fd(), c"".as_ptr(), flags) };
+    if r < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+}
+
+/// A new, detached mount of the `fstype` filesystem on block device `source` (fsopen,
+/// fsconfig, fsmount), with `attrs` (MOUNT_ATTR_*). Attached nowhere: whoever holds the returned
+/// descriptor may `move_mount` it into their mount namespace. A device that is mounted already
+/// gives the same superblock.
+pub fn fsmount_dev(fstype: &str, source: &str, attrs: u64) -> io::Result<std::os::fd::OwnedFd> {
+    const FSCONFIG_SET_STRING: libc::c_uint = 1;
+    const FSCONFIG_CMD_CREATE: libc::c_uint = 6;
+    let fstype = CString::new(fstype).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let source = CString::new(source).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: `fstype` is a valid C string that outlives the call; the result is ours.
+    let fs = owned(unsafe { libc::syscall(libc::SYS_fsopen, fstype.as_ptr(), libc::FSOPEN_CLOEXEC) })?;
+    // SAFETY: key and value are valid C strings that outlive the call; the kernel copies them.
+    let r = unsafe { libc::syscall(libc::SYS_fsconfig, fs.as_raw_fd(), FSCONFIG_SET_STRING, c"source".as_ptr(), source.as_ptr(), 0) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: FSCONFIG_CMD_CREATE takes no key or value (NULL, 0).
+    let r = unsafe { libc::syscall(libc::SYS_fsconfig, fs.as_raw_fd(), FSCONFIG_CMD_CREATE, std::ptr::null::<libc::c_char>(), std::ptr::null::<libc::c_void>(), 0) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fsmount takes the context descriptor and two integers; the result is ours.
+    owned(unsafe { libc::syscall(libc::SYS_fsmount, fs.as_raw_fd(), libc::FSMOUNT_CLOEXEC, attrs) })
+}
+
+/// `struct loop_info64` (linux/loop.h).
+#[repr(C)]
+struct LoopInfo64 {
+    lo_device: u64,
+    lo_inode: u64,
+    lo_rdevice: u64,
+    lo_offset: u64,
+    lo_sizelimit: u64,
+    lo_number: u32,
+    lo_encrypt_type: u32,
+    lo_encrypt_key_size: u32,
+    lo_flags: u32,
+    lo_file_name: [u8; 64],
+    lo_crypt_name: [u8; 64],
+    lo_encrypt_key: [u8; 32],
+    lo_init: [u64; 2],
+}
+
+/// `struct loop_config` (linux/loop.h).
+#[repr(C)]
+struct LoopConfig {
+    fd: u32,
+    block_size: u32,
+    info: LoopInfo64,
+    reserved: [u64; 8],
+}
+
+const LOOP_GET_STATUS64: libc::c_ulong = 0x4C05;
+const LOOP_CONFIGURE: libc::c_ulong = 0x4C0A;
+const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
+const LO_FLAGS_AUTOCLEAR: u32 = 4;
+
+/// The (device, inode) of the file behind the loop device `dev`, if it is bound to one.
+pub fn loop_backing(dev: &std::fs::File) -> io::Result<(u64, u64)> {
+    // SAFETY: LoopInfo64 is plain old data; all-zero is a valid value.
+    let mut info: LoopInfo64 = unsafe { std::mem::zeroed() };
+    // SAFETY: LOOP_GET_STATUS64 writes one loop_info64 into `info`, which is exactly that
+    // struct and outlives the call.
+    let r = unsafe { libc::ioctl(dev.as_raw_fd(), LOOP_GET_STATUS64, &mut info as *mut LoopInfo64) };
+    if r < 0 { Err(io::Error::last_os_error()) } else { Ok((info.lo_device, info.lo_inode)) }
+}
+
+/// Bind `image` to a free loop device that detaches by itself once nothing holds it open
+/// (LO_FLAGS_AUTOCLEAR: the last unmount of what is mounted from it). Returns the device path
+/// and the open device, which keeps it bound until closed.
+pub fn loop_attach(image: &std::fs::File) -> io::Result<(String, std::fs::File)> {
+    let ctl = std::fs::OpenOptions::new().read(true).write(true).open("/dev/loop-control")?;
+    for _ in 0..64 {
+        // SAFETY: LOOP_CTL_GET_FREE takes no argument and returns a device number.
+        let n = unsafe { libc::ioctl(ctl.as_raw_fd(), LOOP_CTL_GET_FREE) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let path = format!("/dev/loop{n}");
+        let dev = std::fs::OpenOptions::new().read(true).write(true).open(&path)?;
+        // SAFETY: LoopConfig is plain old data; all-zero is a valid value.
+        let mut cfg: LoopConfig = unsafe { std::mem::zeroed() };
+        cfg.fd = image.as_raw_fd() as u32;
+        cfg.info.lo_flags = LO_FLAGS_AUTOCLEAR;
+        // SAFETY: LOOP_CONFIGURE reads one loop_config, which `cfg` is, and outlives the call.
+        let r = unsafe { libc::ioctl(dev.as_raw_fd(), LOOP_CONFIGURE, &cfg as *const LoopConfig) };
+        if r == 0 {
+            return Ok((path, dev));
+        }
+        let e = io::Error::last_os_error();
+        // Another process took this device between GET_FREE and CONFIGURE: take the next.
+        if e.raw_os_error() != Some(libc::EBUSY) {
+            return Err(e);
+        }
+    }
+    Err(io::Error::other("no free loop device after 64 tries"))
+}

@@ -25,6 +25,7 @@
 #include <sys/mman.h>
 #include <sys/mount.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/ptrace.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -63,6 +64,10 @@ static const char *ename(int e) {
     case EHOSTUNREACH: return "EHOSTUNREACH";
     case ETIMEDOUT: return "ETIMEDOUT";
     case EOPNOTSUPP: return "EOPNOTSUPP";
+    case ENOSPC: return "ENOSPC";
+    case EDQUOT: return "EDQUOT";
+    case EFBIG: return "EFBIG";
+    case ELOOP: return "ELOOP";
     default: {
         static char buf[32];
         snprintf(buf, sizeof buf, "E%d", e);
@@ -312,6 +317,66 @@ static void do_memory(long mib) {
     ok("touched %ld MiB", mib);
 }
 
+/* Write PATH in 1 MiB pieces until a write fails or MAX MiB are written; fsync at the end
+ * (a filesystem may report a full disk only then). */
+static void do_fill(const char *path, long max_mib) {
+    static char buf[1 << 20];
+    memset(buf, 'x', sizeof buf);
+    int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (fd < 0) return denied(errno);
+    long mib = 0;
+    for (; mib < max_mib; mib++) {
+        size_t done = 0;
+        while (done < sizeof buf) {
+            ssize_t n = write(fd, buf + done, sizeof buf - done);
+            if (n < 0) {
+                int e = errno;
+                printf("RESULT %s denied %s after %ld MiB\n", check, ename(e), mib);
+                close(fd);
+                return;
+            }
+            done += n;
+        }
+    }
+    if (fsync(fd) < 0) {
+        int e = errno;
+        printf("RESULT %s denied %s at fsync after %ld MiB\n", check, ename(e), mib);
+        close(fd);
+        return;
+    }
+    close(fd);
+    ok("wrote %ld MiB", mib);
+}
+
+static long ms_since(const struct timespec *t0) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (t.tv_sec - t0->tv_sec) * 1000 + (t.tv_nsec - t0->tv_nsec) / 1000000;
+}
+
+/* N processes spin for SECS seconds of wall time; report the CPU time they got, in ms and in
+ * thousandths of a core (CPU time / wall time). */
+static void do_spin(double secs, int n) {
+    struct timespec t0;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    long until = (long)(secs * 1000);
+    for (int i = 0; i < n; i++) {
+        pid_t c = fork();
+        if (c < 0) return denied(errno);
+        if (c == 0) {
+            volatile unsigned long x = 0;
+            while (ms_since(&t0) < until) x++;
+            _exit(0);
+        }
+    }
+    while (wait(NULL) > 0) {}
+    long wall = ms_since(&t0);
+    struct rusage ru;
+    getrusage(RUSAGE_CHILDREN, &ru);
+    long cpu = ru.ru_utime.tv_sec * 1000 + ru.ru_utime.tv_usec / 1000 + ru.ru_stime.tv_sec * 1000 + ru.ru_stime.tv_usec / 1000;
+    ok("cpu_ms %ld wall_ms %ld permille %ld", cpu, wall, wall > 0 ? cpu * 1000 / wall : 0);
+}
+
 static void do_status(void) {
     FILE *f = fopen("/proc/self/status", "r");
     if (!f) return denied(errno);
@@ -386,6 +451,8 @@ static int run_check(int argc, char **argv) {
     else if (!strcmp(check, "forkbomb") && need(argc, 3)) do_forkbomb(atoi(argv[2]));
     else if (!strcmp(check, "memory") && need(argc, 3)) do_memory(atol(argv[2]));
     else if (!strcmp(check, "status")) do_status();
+    else if (!strcmp(check, "fill") && need(argc, 4)) do_fill(argv[2], atol(argv[3]));
+    else if (!strcmp(check, "spin") && need(argc, 4)) do_spin(atof(argv[2]), atoi(argv[3]));
     else if (!strcmp(check, "orphan")) {
         /* probe orphan MARKER: leave a child behind (in its own session) and exit. */
         pid_t c = fork();
@@ -395,6 +462,27 @@ static int run_check(int argc, char **argv) {
             for (;;) pause();
         }
         ok("left child %d", (int)c);
+    } else if (!strcmp(check, "daemon")) {
+        /* probe daemon MARKER [stay]: double-fork a daemon in a session of its own that keeps
+         * stdout and stderr open and waits forever; then exit (with `stay`, wait forever too). */
+        int p[2];
+        if (pipe(p) != 0) { denied(errno); return 0; }
+        pid_t c = fork();
+        if (c == 0) {
+            setsid();
+            if (fork() == 0) {
+                pid_t me = getpid();
+                if (write(p[1], &me, sizeof me) != sizeof me) _exit(1);
+                for (;;) pause();
+            }
+            _exit(0);
+        }
+        pid_t d = -1;
+        close(p[1]);
+        waitpid(c, NULL, 0);
+        if (read(p[0], &d, sizeof d) != sizeof d) { denied(EIO); return 0; }
+        ok("daemon %d", (int)d);
+        if (argc > 3 && !strcmp(argv[3], "stay")) for (;;) pause();
     } else if (!strcmp(check, "pause")) {
         /* probe pause MARKER: a child and ourselves, both waiting forever. */
         pid_t c = pause_child();

@@ -1,0 +1,437 @@
+//! A session's outbox: which stream or POST gets each message from the server (reply
+//! routing), the session's event stream with its replay ring, and the byte budget over all of
+//! it.
+//!
+//! [`OutboxState`] is pure state (messages in, what became of them out) and is tested without
+//! sockets; [`Outbox`] wraps it in a lock and wakes the streams that read it.
+//!
+//! Routing: a response goes to the POST that carried its request (as one JSON body, or as the
+//! last event of that POST's own stream); a message related to a request in flight goes to
+//! that request's POST stream while one is open; everything else goes to the session's event
+//! stream (the GET stream of Streamable HTTP, the one stream of legacy SSE).
+//!
+//! Budget: every byte the outbox holds counts (POST stream queues, the event stream's
+//! undelivered events, and Streamable HTTP's already-delivered events kept for replay). Over
+//! budget, delivered replay events go first (and, for a Streamable session with no GET stream
+//! open, the oldest events: nobody is reading them); if that is not enough the client is not
+//! keeping up, and the session ends ([`Overflow`]). The budget is in bytes, never in messages:
+//! a client that reads as fast as messages come never reaches it, however many there are.
+
+use std::collections::{HashMap, VecDeque};
+
+use bytes::Bytes;
+use tokio::sync::{oneshot, Notify};
+
+use super::router::{error_response, Key};
+use super::Outbound;
+
+/// How a session's event stream is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// Legacy SSE: one stream carries everything; events are gone once sent.
+    LegacySse,
+    /// Streamable HTTP: responses go to their POST; the GET stream's events are kept for
+    /// replay (`Last-Event-ID`) while the budget allows.
+    Streamable,
+}
+
+/// Where the response to a request goes.
+enum Waiter {
+    Json(oneshot::Sender<Bytes>),
+    /// A POST answered as a stream: its queue, and whether the response has arrived.
+    Stream { queue: VecDeque<Bytes>, done: bool },
+}
+
+/// The outbox went over its budget: the session must end.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the session's outbound buffer went over mcpbox.sessionBufferBytes ({budget} bytes): the client does not read its messages as fast as the server sends them")]
+pub struct Overflow {
+    pub budget: usize,
+}
+
+/// What a stream reader gets next.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Next<T> {
+    Item(T),
+    /// Nothing yet: wait for a wake-up.
+    Wait,
+    /// The stream is over.
+    End,
+}
+
+pub struct OutboxState {
+    transport: Transport,
+    budget: usize,
+    posts: HashMap<Key, Waiter>,
+    ring: VecDeque<(u64, Bytes)>,
+    next_event: u64,
+    /// Highest event number handed to an event stream.
+    delivered: u64,
+    get_open: bool,
+    /// Bytes held in `posts` and `ring`.
+    held: usize,
+    closed: bool,
+}
+
+impl OutboxState {
+    pub fn new(transport: Transport, budget: usize) -> Self {
+        OutboxState {
+            transport,
+            budget,
+            posts: HashMap::new(),
+            ring: VecDeque::new(),
+            next_event: 0,
+            delivered: 0,
+            get_open: false,
+            held: 0,
+            closed: false,
+        }
+    }
+
+    pub fn held(&self) -> usize {
+        self.held
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed
+    }
+
+    /// The response to request `k` goes to a JSON body.
+    pub fn expect_json(&mut self, k: Key) -> oneshot::Receiver<Bytes> {
+        let (tx, rx) = oneshot::channel();
+        if !self.closed {
+            self.posts.insert(k, Waiter::Json(tx));
+        }
+        rx
+    }
+
+    /// The response to request `k`, and the messages related to it, go to that POST's stream.
+    pub fn expect_stream(&mut self, k: Key) {
+        if !self.closed {
+            self.posts.insert(k, Waiter::Stream { queue: VecDeque::new(), done: false });
+        }
+    }
+
+    /// The POST that waited for `k` is gone.
+    pub fn forget(&mut self, k: &Key) {
+        if let Some(Waiter::Stream { queue, .. }) = self.posts.remove(k) {
+            self.held -= queue.iter().map(Bytes::len).sum::<usize>();
+        }
+    }
+
+    /// Next message of the POST stream for `k`.
+    pub fn next_for_post(&mut self, k: &Key) -> Next<Bytes> {
+        let Some(Waiter::Stream { queue, done }) = self.posts.get_mut(k) else { return Next::End };
+        match queue.pop_front() {
+            Some(b) => {
+                self.held -= b.len();
+                Next::Item(b)
+            }
+            None if *done || self.closed => {
+                self.posts.remove(k);
+                Next::End
+            }
+            None => Next::Wait,
+        }
+    }
+
+    /// Open the event stream, resuming after event `after` (default: after the last one sent).
+    /// `None` if one is open already (Streamable HTTP allows one GET stream per session).
+    pub fn open_events(&mut self, after: Option<u64>) -> Option<u64> {
+        if self.get_open {
+            return None;
+        }
+        self.get_open = true;
+        Some(after.unwrap_or(self.delivered))
+    }
+
+    pub fn close_events(&mut self) {
+        self.get_open = false;
+    }
+
+    /// The next event after `cursor`.
+    pub fn next_event(&mut self, cursor: u64) -> Next<(u64, Bytes)> {
+        let found = match self.transport {
+            // Legacy: events leave the ring when they are sent.
+            Transport::LegacySse => self.ring.pop_front().inspect(|(_, b)| self.held -= b.len()),
+            Transport::Streamable => self.ring.iter().find(|(n, _)| *n > cursor).cloned(),
+        };
+        match found {
+            Some((n, b)) => {
+                self.delivered = self.delivered.max(n);
+                Next::Item((n, b))
+            }
+            None if self.closed => Next::End,
+            None => Next::Wait,
+        }
+    }
+
+    /// A message for this session. `Err` when it does not fit the budget: the session ends.
+    pub fn push(&mut self, o: Outbound) -> Result<(), Overflow> {
+        if self.closed {
+            return Ok(());
+        }
+        let len = o.body.len();
+        if let Some(k) = &o.reply_to {
+            match self.posts.remove(k) {
+                Some(Waiter::Json(tx)) => {
+                    let _ = tx.send(o.body);
+                    return Ok(());
+                }
+                Some(Waiter::Stream { mut queue, .. }) => {
+                    queue.push_back(o.body);
+                    self.posts.insert(k.clone(), Waiter::Stream { queue, done: true });
+                    self.held += len;
+                    return self.fit();
+                }
+                // Legacy SSE answers on the session's stream.
+                None if self.transport == Transport::LegacySse => {}
+                None => {
+                    tracing::debug!("response for a request whose POST is gone; dropped");
+                    return Ok(());
+                }
+            }
+        }
+        if let Some(Waiter::Stream { queue, done: false }) = o.related_to.as_ref().and_then(|k| self.posts.get_mut(k)) {
+            queue.push_back(o.body);
+            self.held += len;
+            return self.fit();
+        }
+        self.next_event += 1;
+        self.ring.push_back((self.next_event, o.body));
+        self.held += len;
+        self.fit()
+    }
+
+    /// Drop what may go; `Err` if the rest is still over budget.
+    fn fit(&mut self) -> Result<(), Overflow> {
+        while self.held > self.budget {
+            let evictable = match self.ring.front() {
+                Some((n, _)) => *n <= self.delivered || (self.transport == Transport::Streamable && !self.get_open),
+                None => false,
+            };
+            if !evictable {
+                return Err(Overflow { budget: self.budget });
+            }
+            if let Some((_, b)) = self.ring.pop_front() {
+                self.held -= b.len();
+            }
+        }
+        Ok(())
+    }
+
+    /// Drop everything held (the budget is exceeded: nothing of it is worth keeping).
+    pub fn discard(&mut self) {
+        self.ring = VecDeque::new();
+        for w in self.posts.values_mut() {
+            if let Waiter::Stream { queue, .. } = w {
+                *queue = VecDeque::new();
+            }
+        }
+        self.held = 0;
+    }
+
+    /// End the outbox: what no open stream will read is freed; requests still waiting get
+    /// `reason` as their JSON-RPC error, and the event stream gets it as a last log message.
+    pub fn close(&mut self, reason: Option<&str>) {
+        if self.closed {
+            return;
+        }
+        self.closed = true;
+        // Events still on their way to an open event stream drain to it (a legacy client
+        // gets the errors of its last requests); with no stream open nobody can read them.
+        let ring = std::mem::take(&mut self.ring);
+        if self.get_open {
+            self.ring = ring.into_iter().filter(|(n, _)| *n > self.delivered).collect();
+        }
+        let posts = std::mem::take(&mut self.posts);
+        self.held = self.ring.iter().map(|(_, b)| b.len()).sum();
+        let Some(reason) = reason else { return };
+        let error_for = |k: &Key| {
+            let id = serde_json::from_str(k).unwrap_or(serde_json::Value::Null);
+            Bytes::from(error_response(id, -32603, reason).to_string())
+        };
+        for (k, w) in posts {
+            match w {
+                Waiter::Json(tx) => {
+                    let _ = tx.send(error_for(&k));
+                }
+                // A POST stream keeps what it holds up to its response (which may be the error
+                // the server's exit gave it), so that its reader still gets an answer.
+                Waiter::Stream { mut queue, done } => {
+                    if !done {
+                        queue.push_back(error_for(&k));
+                    }
+                    self.held += queue.iter().map(Bytes::len).sum::<usize>();
+                    self.posts.insert(k, Waiter::Stream { queue, done: true });
+                }
+            }
+        }
+        let note = serde_json::json!({"jsonrpc": "2.0", "method": "notifications/message",
+            "params": {"level": "error", "logger": "mcpbox", "data": reason}});
+        let b = Bytes::from(note.to_string());
+        self.held += b.len();
+        self.next_event += 1;
+        self.ring.push_back((self.next_event, b));
+    }
+}
+
+/// [`OutboxState`] behind a lock, with the wake-up its streams wait on.
+pub struct Outbox {
+    state: std::sync::Mutex<OutboxState>,
+    notify: Notify,
+}
+
+impl Outbox {
+    pub fn new(transport: Transport, budget: usize) -> Self {
+        Outbox { state: std::sync::Mutex::new(OutboxState::new(transport, budget)), notify: Notify::new() }
+    }
+
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, OutboxState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn push(&self, o: Outbound) -> Result<(), Overflow> {
+        let r = self.lock().push(o);
+        self.notify.notify_waiters();
+        r
+    }
+
+    pub fn close(&self, reason: Option<&str>) {
+        self.lock().close(reason);
+        self.notify.notify_waiters();
+    }
+
+    /// Over budget: drop everything held, then close.
+    pub fn overflowed(&self, reason: &str) {
+        let mut st = self.lock();
+        st.discard();
+        st.close(Some(reason));
+        drop(st);
+        self.notify.notify_waiters();
+    }
+
+    /// Wait until `f` gives an item or the end.
+    pub async fn wait_for<T>(&self, mut f: impl FnMut(&mut OutboxState) -> Next<T>) -> Option<T> {
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let next = f(&mut self.lock());
+            match next {
+                Next::Item(t) => return Some(t),
+                Next::End => return None,
+                Next::Wait => notified.await,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(n: usize) -> Outbound {
+        Outbound { body: Bytes::from(vec![b'x'; n]), reply_to: None, related_to: None }
+    }
+
+    fn reply(k: &str, n: usize) -> Outbound {
+        Outbound { body: Bytes::from(vec![b'r'; n]), reply_to: Some(k.into()), related_to: None }
+    }
+
+    #[test]
+    fn a_reader_that_keeps_up_is_never_cut_off() {
+        let mut o = OutboxState::new(Transport::LegacySse, 1000);
+        let mut cursor = 0;
+        o.open_events(None).unwrap();
+        for _ in 0..100_000 {
+            o.push(msg(200)).unwrap();
+            let Next::Item((n, _)) = o.next_event(cursor) else { panic!("an event") };
+            cursor = n;
+        }
+        assert_eq!(o.held(), 0);
+        let mut s = OutboxState::new(Transport::Streamable, 1000);
+        s.open_events(None).unwrap();
+        let mut cursor = 0;
+        for _ in 0..100_000 {
+            s.push(msg(200)).unwrap();
+            let Next::Item((n, _)) = s.next_event(cursor) else { panic!("an event") };
+            cursor = n;
+        }
+        assert!(s.held() <= 1000, "the replay ring stays in budget: {}", s.held());
+    }
+
+    #[test]
+    fn a_reader_that_does_not_read_overflows_the_budget() {
+        let mut o = OutboxState::new(Transport::LegacySse, 1000);
+        o.open_events(None).unwrap();
+        for _ in 0..5 {
+            o.push(msg(200)).unwrap();
+        }
+        assert_eq!(o.push(msg(1)), Err(Overflow { budget: 1000 }));
+        // A Streamable session with a GET stream open that lags: the same.
+        let mut s = OutboxState::new(Transport::Streamable, 1000);
+        s.open_events(None).unwrap();
+        assert!((0..10).map(|_| s.push(msg(200))).any(|r| r.is_err()));
+        // A POST stream that is not read: the same.
+        let mut p = OutboxState::new(Transport::Streamable, 1000);
+        p.expect_stream("1".into());
+        let related = |n| Outbound { body: Bytes::from(vec![b'p'; n]), reply_to: None, related_to: Some("1".into()) };
+        assert!((0..10).map(|_| p.push(related(200))).any(|r| r.is_err()));
+    }
+
+    #[test]
+    fn without_a_get_stream_the_ring_keeps_the_newest_within_budget() {
+        let mut s = OutboxState::new(Transport::Streamable, 1000);
+        for _ in 0..50 {
+            s.push(msg(300)).unwrap();
+        }
+        assert!(s.held() <= 1000);
+        let cursor = s.open_events(Some(0)).unwrap();
+        let Next::Item((n, _)) = s.next_event(cursor) else { panic!() };
+        assert_eq!(n, 48, "the three newest are kept for replay");
+    }
+
+    #[test]
+    fn replies_go_to_their_post_and_close_answers_the_rest() {
+        let mut s = OutboxState::new(Transport::Streamable, 1 << 20);
+        let mut json = s.expect_json("1".into());
+        s.expect_stream("2".into());
+        let related = Outbound { body: Bytes::from_static(b"progress"), reply_to: None, related_to: Some("2".into()) };
+        s.push(related).unwrap();
+        s.push(reply("1", 3)).unwrap();
+        assert_eq!(json.try_recv().unwrap(), Bytes::from_static(b"rrr"));
+        assert_eq!(s.next_for_post(&"2".into()), Next::Item(Bytes::from_static(b"progress")));
+        assert_eq!(s.next_for_post(&"2".into()), Next::Wait);
+        let mut json = s.expect_json("3".into());
+        s.close(Some("session ended: budget"));
+        let v: serde_json::Value = serde_json::from_slice(&json.try_recv().unwrap()).unwrap();
+        assert_eq!((v["id"].clone(), v["error"]["message"].clone()), (serde_json::json!(3), serde_json::json!("session ended: budget")));
+        let Next::Item(b) = s.next_for_post(&"2".into()) else { panic!() };
+        assert!(String::from_utf8_lossy(&b).contains("session ended: budget"));
+        assert_eq!(s.next_for_post(&"2".into()), Next::End);
+        // A response already queued on a POST stream survives the close.
+        let mut s = OutboxState::new(Transport::Streamable, 1 << 20);
+        s.expect_stream("4".into());
+        s.push(reply("4", 2)).unwrap();
+        s.close(Some("gone"));
+        assert_eq!(s.next_for_post(&"4".into()), Next::Item(Bytes::from_static(b"rr")));
+        assert_eq!(s.next_for_post(&"4".into()), Next::End);
+        // Closing frees what no open stream reads; an open stream drains its undelivered events.
+        let mut s = OutboxState::new(Transport::Streamable, 1 << 20);
+        s.push(msg(5000)).unwrap();
+        s.close(None);
+        assert_eq!(s.held(), 0);
+        assert_eq!(s.next_event(0), Next::End);
+        let mut l = OutboxState::new(Transport::LegacySse, 1 << 20);
+        l.open_events(None).unwrap();
+        l.push(msg(1)).unwrap();
+        assert!(matches!(l.next_event(0), Next::Item((1, _))));
+        l.push(msg(7)).unwrap();
+        l.close(None);
+        assert!(matches!(l.next_event(1), Next::Item((2, b)) if b.len() == 7));
+        assert_eq!(l.next_event(2), Next::End);
+        l.discard();
+        assert_eq!(l.held(), 0);
+    }
+}
