@@ -15,6 +15,13 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 2
 fi
 
+# House habits first, and they fail the run at once: the code is formatted as rustfmt.toml says,
+# and clippy has nothing to say (every target, warnings are errors).
+say "cargo fmt --check"
+cargo fmt --check
+say "cargo clippy --all-targets -- -D warnings"
+cargo clippy --quiet --all-targets -- -D warnings
+
 # Tools the tests use: a C compiler and libc.a for the probe (built dynamic and static),
 # node and python3 for the runtime policies.
 need=()
@@ -95,6 +102,11 @@ step "integration tests as $ci_user" setpriv --reuid="$ci_user" --regid="$ci_use
     "$bin" --test-threads=2 sandbox:: cli:: serve::
 
 rm -rf "$tmp_root" "$tmp_user"
+
+# The parsers that read hostile input (JSON-RPC framing, request bodies, mcpbox.json, policies,
+# allow-list entries, the request path -> server decision), fuzzed briefly from their seed corpus
+# (docs/FUZZING.md); a crash fails the suite.
+step "fuzz (scripts/fuzz.sh, 6 s per target)" bash scripts/fuzz.sh 6
 
 say "summary ($((SECONDS - started)) s)"
 printf '%s\n' "${results[@]}"

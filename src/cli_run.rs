@@ -133,7 +133,7 @@ pub fn run(args: RunArgs, early: Option<Result<crate::sandbox::Pending, crate::s
     // here, in the host's network, as it does under `serve`.
     if let crate::policy::Network::Proxy { allow } = &planned.policy.network {
         let started = proxy_listener.ok_or_else(|| anyhow::anyhow!("the sandbox did not hand over its proxy socket")).and_then(|l| {
-            let allow = crate::netproxy::AllowList::parse(allow).map_err(|e| anyhow::anyhow!("network.allow: {e}"))?;
+            let allow = crate::netproxy::AllowList::new(allow);
             let cfg = crate::netproxy::ProxyConfig::new(allow, planned.policy.source.clone(), name.clone());
             Ok(crate::netproxy::ProxyThread::start(l, cfg)?)
         });

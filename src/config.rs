@@ -106,6 +106,11 @@ impl BaseUrl {
         }
         let (host, port) = split_host_port(authority)?;
         let path = path.split(['?', '#']).next().unwrap_or("").trim_end_matches('/').to_string();
+        // The edge matches request paths byte for byte and refuses `%`, dot and empty segments
+        // (http::edge::decide); a prefix with them would be reachable only in that form.
+        if path.contains('%') || path.split('/').skip(1).any(|s| s.is_empty() || s == "." || s == "..") {
+            return Err(format!("the path {path:?} must be plain: no `%`, no `.` or `..` segments, no `//`"));
+        }
         Ok(BaseUrl { scheme, host, port, path })
     }
 
@@ -118,27 +123,11 @@ impl BaseUrl {
     }
 }
 
-/// Split `host[:port]` / `[v6]:port`; host is lowercased.
+/// Split `host[:port]` / `[v6]:port` with the policy's splitter ([`crate::policy::split_host_port`]);
+/// the host is lowercased, an IPv6 address keeps its brackets (as `Host` headers write it).
 pub fn split_host_port(s: &str) -> Result<(String, Option<u16>), String> {
-    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
-        let end = rest.find(']').ok_or("unclosed [ in host")?;
-        let host = format!("[{}]", &rest[..end]);
-        let after = &rest[end + 1..];
-        match after.strip_prefix(':') {
-            Some(p) => (host, Some(p)),
-            None if after.is_empty() => (host, None),
-            None => return Err("junk after ]".into()),
-        }
-    } else {
-        match s.rsplit_once(':') {
-            Some((h, p)) => (h.to_string(), Some(p)),
-            None => (s.to_string(), None),
-        }
-    };
-    let port = match port {
-        Some(p) => Some(p.parse::<u16>().map_err(|_| format!("bad port {p:?}"))?),
-        None => None,
-    };
+    let (host, port) = crate::policy::split_host_port(s).map_err(|e| format!("`{s}`: {e}"))?;
+    let host = if host.contains(':') { format!("[{host}]") } else { host.to_string() };
     Ok((host.to_ascii_lowercase(), port))
 }
 
@@ -445,26 +434,11 @@ fn expand_str(
     field: &str,
     getenv: &dyn Fn(&str) -> Option<String>,
 ) -> Result<String, ConfigError> {
-    let mut out = String::with_capacity(s.len());
-    let mut rest = s;
-    while let Some(i) = rest.find("${") {
-        out.push_str(&rest[..i]);
-        let after = &rest[i + 2..];
-        let end = after
-            .find('}')
-            .ok_or_else(|| field_err(field, "unclosed ${ in value"))?;
-        let name = &after[..end];
-        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-            return Err(field_err(field, format!("${{{name}}} is not a valid variable name")));
-        }
-        let val = getenv(name).ok_or_else(|| {
-            field_err(field, format!("environment variable {name} is not set"))
-        })?;
-        out.push_str(&val);
-        rest = &after[end + 1..];
-    }
-    out.push_str(rest);
-    Ok(out)
+    crate::policy::expand_vars(s, getenv).map_err(|e| match e {
+        crate::policy::ExpandError::Unclosed(_) => field_err(field, "unclosed ${ in value"),
+        crate::policy::ExpandError::BadName(name) => field_err(field, format!("${{{name}}} is not a valid variable name")),
+        crate::policy::ExpandError::Undefined(name) => field_err(field, format!("environment variable {name} is not set")),
+    })
 }
 
 fn parse_addr(s: &str) -> Result<SocketAddr, String> {
@@ -486,11 +460,13 @@ fn parse_addr(s: &str) -> Result<SocketAddr, String> {
 /// `300` (seconds), `"300"`, `"500ms"`, `"30s"`, `"5m"`, `"1h"`.
 pub fn parse_duration(v: &Value) -> Result<Duration, String> {
     match v {
+        // `try_from`: a number of seconds past what a Duration holds (`1e30`) is an error, not a
+        // panic (found by fuzzing config::parse).
         Value::Number(n) => n
             .as_f64()
             .filter(|f| *f >= 0.0 && f.is_finite())
-            .map(Duration::from_secs_f64)
-            .ok_or_else(|| format!("{n} is not a non-negative number of seconds")),
+            .and_then(|f| Duration::try_from_secs_f64(f).ok())
+            .ok_or_else(|| format!("{n} is not a non-negative number of seconds (of a sane size)")),
         Value::String(s) => {
             let s = s.trim();
             let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
@@ -503,7 +479,7 @@ pub fn parse_duration(v: &Value) -> Result<Duration, String> {
                 "h" => n * 3600.0,
                 _ => return Err(format!("{s:?}: unknown unit {unit:?} (ms, s, m, h)")),
             };
-            Ok(Duration::from_secs_f64(secs))
+            Duration::try_from_secs_f64(secs).map_err(|_| format!("{s:?} is too long a duration"))
         }
         _ => Err("expected seconds (a number) or a string like \"30s\", \"5m\"".into()),
     }
@@ -796,6 +772,9 @@ mod tests {
         let cases = [
             (r#"{"mcpServers":{"a":{"command":"x","isolation":"sometimes"}}}"#, "mcpServers.a.isolation"),
             (r#"{"mcpServers":{"a":{"command":"x","idleTimeout":"5 fortnights"}}}"#, "mcpServers.a.idleTimeout"),
+            // Found by fuzzing: these panicked (a Duration cannot hold 7e29 seconds).
+            (r#"{"mcpServers":{"a":{"command":"x","idleTimeout":7E29}}}"#, "mcpServers.a.idleTimeout"),
+            (r#"{"mcpServers":{"a":{"command":"x","timeout":"99999999999999999999999h"}}}"#, "mcpServers.a.timeout"),
             (r#"{"mcpServers":{"a":{"command":"x","bogus":1}}}"#, "mcpServers.a"),
             (r#"{"mcpServers":{"a":{"command":"x","args":[1]}}}"#, "mcpServers.a.args"),
             (r#"{"mcpServers":{"a":{}}}"#, "mcpServers.a"),
@@ -866,5 +845,12 @@ mod tests {
         assert_eq!(b.path, "/mcp");
         assert_eq!(b.origin(), "https://example.com:8443");
         assert_eq!(BaseUrl::parse("http://[::1]:9").unwrap().host, "[::1]");
+        // Found by fuzzing (fuzz/fuzz_targets/decide.rs): a prefix the edge could only be reached
+        // through in a non-canonical form.
+        for bad in ["http://h/a/../b", "http://h/./mcp", "http://h/%6dcp", "http://h/a//b"] {
+            let e = BaseUrl::parse(bad).unwrap_err();
+            assert!(e.contains("must be plain"), "{bad}: {e}");
+        }
+        assert_eq!(BaseUrl::parse("http://h/a.b/c..d/").unwrap().path, "/a.b/c..d");
     }
 }

@@ -127,12 +127,9 @@ pub fn main(args: ServeArgs) -> ExitCode {
     } else {
         tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match crate::runtime("serve", true) {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("mcpbox: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     match rt.block_on(run(args, cfg)) {
         Ok(()) => ExitCode::SUCCESS,

@@ -83,8 +83,7 @@ impl Launcher for SandboxLauncher {
             // proxy runs here, in the host's network, for as long as the sandbox lives.
             let proxy_task = match (sb.proxy_listener, &planned.policy.network) {
                 (Some(listener), crate::policy::Network::Proxy { allow }) => {
-                    let allow = crate::netproxy::AllowList::parse(allow)
-                        .map_err(|e| anyhow::anyhow!("policy {}: network.allow: {e}", planned.policy.source))?;
+                    let allow = crate::netproxy::AllowList::new(allow);
                     let cfg = std::sync::Arc::new(crate::netproxy::ProxyConfig::new(allow, planned.policy.source.clone(), name.clone()));
                     let server_name = name.clone();
                     Some(tokio::spawn(async move {

@@ -137,6 +137,83 @@ fn npx_server_runs_over_stdio_without_a_policy() {
     assert!(state.join("server-sequential-thinking/cache/prepared.json").is_file(), "prepared under the package's name:\n{err}");
 }
 
+/// Policies that a launch refuses, and one it takes: `policy check`, `serve --check` and
+/// `run` must all say the same.
+const REFUSED: &[(&str, &str, &str)] = &[
+    ("wildtld", "[network]\nmode = \"proxy\"\nallow = [\"*.com:443\"]\n", "a wildcard over a whole top-level domain is too broad"),
+    ("nosuchcall", "extends = \"default\"\n[seccomp]\nextra_deny = [\"no_such_call\"]\n", "`no_such_call` is not an x86_64 syscall"),
+    ("hardallow", "extends = \"default\"\n[seccomp]\nextra_allow = [\"bpf\"]\n", "syscall `bpf` can never be allowed"),
+];
+
+fn policy_check(p: &std::path::Path) -> Output {
+    let mut cmd = Command::new(mcpbox());
+    cmd.args(["policy", "check"]).arg(p);
+    run_timeout(cmd, Duration::from_secs(30))
+}
+
+/// `serve --check` of a config with one server, `s`, under policy file `p`.
+fn serve_check(dir: &std::path::Path, p: &std::path::Path) -> Output {
+    let cfg = dir.join(format!("{}.json", p.file_stem().unwrap().to_string_lossy()));
+    let body = serde_json::json!({"mcpProxy": {"addr": "127.0.0.1:0"}, "mcpServers": {"s": {"command": "/bin/true", "policy": p}}});
+    std::fs::write(&cfg, body.to_string()).unwrap();
+    let mut cmd = Command::new(mcpbox());
+    cmd.args(["serve", "--check", "--config"]).arg(&cfg).arg("--state-dir").arg(dir.join("state"));
+    run_timeout(cmd, Duration::from_secs(30))
+}
+
+#[test]
+fn policy_check_serve_check_and_run_refuse_what_a_launch_refuses() {
+    let d = tempdir();
+    for (name, body, why) in REFUSED {
+        let p = write_policy(d.path(), name, body);
+        let out = policy_check(&p);
+        assert_eq!(out.code, 1, "policy check {name}:\n{out}");
+        assert!(out.stderr.contains(why) && out.stderr.contains(&p.display().to_string()), "policy check {name}:\n{out}");
+        let out = serve_check(d.path(), &p);
+        assert_eq!(out.code, 2, "serve --check {name}:\n{out}");
+        assert!(out.stderr.contains(why) && out.stderr.contains("server s"), "serve --check {name}:\n{out}");
+        let out = run_policy(&p.to_string_lossy(), &["/bin/true"]);
+        assert_eq!(out.code, 125, "run {name}:\n{out}");
+        assert!(out.stderr.contains(why), "run {name}:\n{out}");
+    }
+    // An IPv6 literal is an entry the egress proxy takes: so does every check.
+    let p = write_policy(d.path(), "v6", "[network]\nmode = \"proxy\"\nallow = [\"[::1]:8080\"]\n");
+    let out = policy_check(&p);
+    assert_eq!(out.code, 0, "{out}");
+    assert!(out.stdout.contains("allow = [\"[::1]:8080\"]"), "{out}");
+    let out = serve_check(d.path(), &p);
+    assert_eq!(out.code, 0, "{out}");
+    assert!(out.stdout.contains("ok; listen"), "{out}");
+}
+
+#[test]
+fn readyz_reports_a_server_whose_policy_a_launch_would_refuse() {
+    let d = tempdir();
+    let bad = write_policy(d.path(), "wild", REFUSED[0].1);
+    let port = crate::serve_support::free_port();
+    let cfg = d.path().join("mcpbox.json");
+    let body = serde_json::json!({
+        "mcpProxy": {"addr": format!("127.0.0.1:{port}")},
+        "mcpServers": {
+            "wild": {"command": "/bin/true", "policy": bad, "isolation": "shared"},
+            "fine": {"command": "/bin/true", "policy": "default", "isolation": "shared"},
+        },
+    });
+    std::fs::write(&cfg, body.to_string()).unwrap();
+    let mut cmd = Command::new(mcpbox());
+    cmd.args(["serve", "--grace", "1", "--config"]).arg(&cfg).arg("--state-dir").arg(d.path().join("state"));
+    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let listening = eventually(Duration::from_secs(10), || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+    let ready = listening.then(|| http(port, "GET", "/readyz", &[], ""));
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(listening, "mcpbox serve did not listen:\n{log}");
+    let (status, _, body) = ready.unwrap();
+    assert_eq!((status, body.as_str()), (503, "not ready: wild\n"), "{log}");
+}
+
 #[test]
 fn run_serves_the_egress_proxy_of_a_proxy_mode_policy() {
     use crate::realservers::support::site;

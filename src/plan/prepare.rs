@@ -1385,7 +1385,7 @@ fn run_sandboxed(state: &StateDir, name: &str, manager: Manager, exe: &Path, arg
 
 /// The TCP ports of `host:port` entries.
 fn ports_of(entries: &[String]) -> Vec<u16> {
-    let mut ports: Vec<u16> = entries.iter().filter_map(|e| e.rsplit_once(':')?.1.parse().ok()).collect();
+    let mut ports: Vec<u16> = entries.iter().filter_map(|e| e.parse::<crate::policy::AllowEntry>().ok()).map(|e| e.port).collect();
     ports.sort_unstable();
     ports.dedup();
     ports
@@ -1491,12 +1491,9 @@ pub fn cli(config: &Path, state_dir: Option<PathBuf>, force: bool, min_level: cr
         }
     };
     let state = StateDir::for_config(&cfg, config, state_dir, min_level);
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match crate::runtime("prepare", false) {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("mcpbox: cannot start the runtime: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     let planner = super::Planner::new(state.clone());
     let refused = planner.refusals(&cfg);
