@@ -33,10 +33,22 @@ fn call_over_stdio(policy: &Path, name: &str, command: &[&str], tool: &str, args
     call_over_stdio_env(policy, name, command, tool, args, &[])
 }
 
-fn call_over_stdio_env(policy: &Path, name: &str, command: &[&str], tool: &str, args: Value, env: &[(&str, &str)]) -> (Value, String) {
+fn call_over_stdio_env(
+    policy: &Path,
+    name: &str,
+    command: &[&str],
+    tool: &str,
+    args: Value,
+    env: &[(&str, &str)],
+) -> (Value, String) {
     let s = shared();
     let mut cmd = Command::new(mcpbox());
-    cmd.args(["run", "--policy"]).arg(policy).arg("--state-dir").arg(&s.state).args(["--name", name, "--"]).args(command);
+    cmd.args(["run", "--policy"])
+        .arg(policy)
+        .arg("--state-dir")
+        .arg(&s.state)
+        .args(["--name", name, "--"])
+        .args(command);
     test_env(&mut cmd);
     cmd.env("MCPBOX_LOG", "info").envs(env.iter().copied());
     let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
@@ -70,12 +82,18 @@ fn call_over_stdio_env(policy: &Path, name: &str, command: &[&str], tool: &str, 
         }
         None
     };
-    send(&mut stdin, json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "runtimes", "version": "1"}}}));
+    send(
+        &mut stdin,
+        json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "runtimes", "version": "1"}}}),
+    );
     let init = wait_for(1);
     let mut answer = Value::Null;
     if init.is_some() {
         send(&mut stdin, json!({"jsonrpc": "2.0", "method": "notifications/initialized"}));
-        send(&mut stdin, json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": tool, "arguments": args}}));
+        send(
+            &mut stdin,
+            json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": tool, "arguments": args}}),
+        );
         answer = wait_for(2).unwrap_or(Value::Null);
     }
     drop(stdin);
@@ -113,9 +131,22 @@ fn check(policy: &Path, command: &Path) -> (String, Vec<String>) {
 /// What a runtime base may grant besides the runtime's own tree: the loader and system
 /// libraries, TLS, name resolution, time zones, the locale — and the test's own files.
 const SYSTEM: &[&str] = &[
-    "/etc/ld.so.cache", "/usr/lib/x86_64-linux-gnu", "/lib/x86_64-linux-gnu", "/lib64/ld-linux-x86-64.so.2", "/usr/lib64",
-    "/usr/bin/true", "/bin/true", "/etc/ssl/certs", "/usr/share/ca-certificates", "/etc/ssl/openssl.cnf", "/etc/resolv.conf",
-    "/etc/hosts", "/etc/nsswitch.conf", "/usr/share/zoneinfo", "/etc/localtime", "/usr/lib/locale/C.utf8",
+    "/etc/ld.so.cache",
+    "/usr/lib/x86_64-linux-gnu",
+    "/lib/x86_64-linux-gnu",
+    "/lib64/ld-linux-x86-64.so.2",
+    "/usr/lib64",
+    "/usr/bin/true",
+    "/bin/true",
+    "/etc/ssl/certs",
+    "/usr/share/ca-certificates",
+    "/etc/ssl/openssl.cnf",
+    "/etc/resolv.conf",
+    "/etc/hosts",
+    "/etc/nsswitch.conf",
+    "/usr/share/zoneinfo",
+    "/etc/localtime",
+    "/usr/lib/locale/C.utf8",
 ];
 
 /// Every granted path is the runtime's own tree, a system path, or one of `own`; never a home
@@ -126,8 +157,17 @@ fn assert_only_runtime_tree(paths: &[String], tree: &Path, own: &[&Path], text: 
         let pp = Path::new(p);
         let ok = pp.starts_with(tree) || SYSTEM.contains(&p.as_str()) || own.iter().any(|o| pp.starts_with(o));
         assert!(ok, "{p} is granted, outside {}:\n{text}", tree.display());
-        assert!(!p.starts_with("/usr/lib/python3") && !p.starts_with("/usr/bin/python") && !p.starts_with("/usr/bin/node") && !p.starts_with("/usr/lib/node_modules"), "{p}:\n{text}");
-        assert!(p != "/root" && p != "/home" && pp.parent() != Some(Path::new("/home")), "a home directory is granted: {p}\n{text}");
+        assert!(
+            !p.starts_with("/usr/lib/python3")
+                && !p.starts_with("/usr/bin/python")
+                && !p.starts_with("/usr/bin/node")
+                && !p.starts_with("/usr/lib/node_modules"),
+            "{p}:\n{text}"
+        );
+        assert!(
+            p != "/root" && p != "/home" && pp.parent() != Some(Path::new("/home")),
+            "a home directory is granted: {p}\n{text}"
+        );
     }
 }
 
@@ -137,12 +177,22 @@ fn everything_on(node: &Path, tree: &Path, name: &str) {
     let d = tempdir();
     let modules = crate::serve_support::node_modules();
     let entry = crate::serve_support::everything_entry();
-    let pol = write_policy(d.path(), name, &format!("extends = \"server-everything\"\n[filesystem]\nread = [\"{}\"]\n", modules.display()));
+    let pol = write_policy(
+        d.path(),
+        name,
+        &format!("extends = \"server-everything\"\n[filesystem]\nread = [\"{}\"]\n", modules.display()),
+    );
     let (text, paths) = check(&pol, node);
     assert!(text.contains("# runtime node v24.") && text.contains(&format!("NODE_EXE={}", node.display())), "{text}");
     assert_only_runtime_tree(&paths, tree, &[&modules], &text);
 
-    let (answer, err) = call_over_stdio(&pol, &unique(name), &[node.to_str().unwrap(), entry.to_str().unwrap(), "stdio"], "echo", json!({"message": "hello from the LTS"}));
+    let (answer, err) = call_over_stdio(
+        &pol,
+        &unique(name),
+        &[node.to_str().unwrap(), entry.to_str().unwrap(), "stdio"],
+        "echo",
+        json!({"message": "hello from the LTS"}),
+    );
     assert!(text_of(&answer).contains("hello from the LTS"), "tools/call echo: {answer}\n{err}");
     // The node that answered is the one found, not /usr/bin/node.
     assert!(err.contains("runtime node v24") && err.contains(&node.display().to_string()), "{err}");
@@ -173,13 +223,26 @@ fn relocated_python_and_a_uv_virtualenv_on_it_run_a_server() {
     let d = tempdir();
     let copy = d.path().join("echo_mcp.py");
     std::fs::copy(&fixture, &copy).unwrap();
-    let pol = write_policy(d.path(), "relocated", &format!("extends = \"python\"\n[filesystem]\nread = [\"{}\", \"{}\"]\n", copy.display(), venv.display()));
+    let pol = write_policy(
+        d.path(),
+        "relocated",
+        &format!("extends = \"python\"\n[filesystem]\nread = [\"{}\", \"{}\"]\n", copy.display(), venv.display()),
+    );
     let (text, paths) = check(&pol, &py);
     let stdlib = format!("PYTHON_STDLIB={}/lib/python3.", reloc.display());
-    assert!(text.contains(&stdlib) && text.contains(&format!("PYTHON_DYNLOAD={}/lib/python3.", reloc.display())), "{text}");
+    assert!(
+        text.contains(&stdlib) && text.contains(&format!("PYTHON_DYNLOAD={}/lib/python3.", reloc.display())),
+        "{text}"
+    );
     assert_only_runtime_tree(&paths, &reloc, &[&venv, &copy], &text);
 
-    let (answer, err) = call_over_stdio(&pol, &unique("reloc"), &[py.to_str().unwrap(), copy.to_str().unwrap()], "echo", json!({"text": "relocated ok"}));
+    let (answer, err) = call_over_stdio(
+        &pol,
+        &unique("reloc"),
+        &[py.to_str().unwrap(), copy.to_str().unwrap()],
+        "echo",
+        json!({"text": "relocated ok"}),
+    );
     assert_eq!(text_of(&answer), "relocated ok", "tools/call echo: {answer}\n{err}");
     assert!(err.contains("runtime python") && err.contains(&stdlib), "{err}");
 }
@@ -195,10 +258,19 @@ fn a_uvx_server_is_prepared_and_runs_on_the_python_mcpbox_is_told_to_use() {
     let real = std::fs::canonicalize(&py).unwrap();
     let name = unique("uvx-reloc");
     let pol = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/mcp-server-time.toml");
-    let (answer, err) = call_over_stdio_env(&pol, &name, &["uvx", "mcp-server-time", "--local-timezone", "UTC"], "get_current_time", json!({"timezone": "Asia/Tokyo"}), &[("MCPBOX_PYTHON", py.to_str().unwrap())]);
+    let (answer, err) = call_over_stdio_env(
+        &pol,
+        &name,
+        &["uvx", "mcp-server-time", "--local-timezone", "UTC"],
+        "get_current_time",
+        json!({"timezone": "Asia/Tokyo"}),
+        &[("MCPBOX_PYTHON", py.to_str().unwrap())],
+    );
     let text = text_of(&answer);
     assert!(text.contains("Asia/Tokyo") && text.contains("+09:00"), "get_current_time: {answer}\n{err}");
-    let record: Value = serde_json::from_str(&std::fs::read_to_string(shared().state.join(&name).join("cache/prepared.json")).unwrap()).unwrap();
+    let record: Value =
+        serde_json::from_str(&std::fs::read_to_string(shared().state.join(&name).join("cache/prepared.json")).unwrap())
+            .unwrap();
     assert_eq!(record["runtime"], json!(real), "{record}");
     let stdlib = format!("PYTHON_STDLIB={}/lib/python3.", reloc.display());
     assert!(err.contains("runtime python") && err.contains(&stdlib), "{err}");
@@ -221,12 +293,19 @@ fn a_runtime_without_its_standard_library_is_refused_by_name() {
     std::fs::write(&py, format!("#!/bin/sh\necho '{answer}'\n")).unwrap();
     std::fs::set_permissions(&py, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let mut cmd = Command::new(mcpbox());
-    cmd.args(["run", "--policy", "python", "--state-dir"]).arg(&shared().state).args(["--name", &unique("broken"), "--"]).arg(&py).args(["-c", "print(1)"]);
+    cmd.args(["run", "--policy", "python", "--state-dir"])
+        .arg(&shared().state)
+        .args(["--name", &unique("broken"), "--"])
+        .arg(&py)
+        .args(["-c", "print(1)"]);
     test_env(&mut cmd);
     let out = run_timeout(cmd, Duration::from_secs(60));
     assert_eq!(out.code, 125, "{out}");
     assert!(out.stdout.is_empty(), "{out}");
-    assert!(out.stderr.contains(&format!("runtime path {} (${{PYTHON_STDLIB}}) does not exist", lib.display())), "{out}");
+    assert!(
+        out.stderr.contains(&format!("runtime path {} (${{PYTHON_STDLIB}}) does not exist", lib.display())),
+        "{out}"
+    );
 
     // One that fails to answer: refused, naming it.
     std::fs::write(&py, "#!/bin/sh\necho broken >&2\nexit 3\n").unwrap();
@@ -234,7 +313,11 @@ fn a_runtime_without_its_standard_library_is_refused_by_name() {
     cmd.args(["policy", "check", "python", "--command"]).arg(&py);
     let out = run_timeout(cmd, Duration::from_secs(60));
     assert_eq!(out.code, 1, "{out}");
-    assert!(out.stderr.contains(&format!("python runtime {} could not describe itself", py.display())) && out.stderr.contains("broken"), "{out}");
+    assert!(
+        out.stderr.contains(&format!("python runtime {} could not describe itself", py.display()))
+            && out.stderr.contains("broken"),
+        "{out}"
+    );
 }
 
 /// `mcpbox doctor` says which node and python the bases find and what they resolve to, and
@@ -246,9 +329,18 @@ fn doctor_reports_the_runtimes_it_finds() {
     cmd.arg("doctor").env("MCPBOX_PYTHON", reloc.join("bin/python3"));
     let out = run_timeout(cmd, Duration::from_secs(120));
     let section = out.stdout.split("runtimes (").nth(1).unwrap_or_else(|| panic!("no runtime section:\n{out}"));
-    let line = |name: &str| section.lines().find(|l| l.trim_start().starts_with(&format!("{name} "))).unwrap_or_else(|| panic!("no {name} line:\n{out}")).to_string();
+    let line = |name: &str| {
+        section
+            .lines()
+            .find(|l| l.trim_start().starts_with(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no {name} line:\n{out}"))
+            .to_string()
+    };
     let node = line("node");
     assert!(node.contains("NODE_EXE=/") && node.contains("node v"), "{node}");
     let py = line("python");
-    assert!(py.contains(&format!("PYTHON_STDLIB={}/lib/python3.", reloc.display())) && py.contains("PYTHON_DYNLOAD="), "{py}");
+    assert!(
+        py.contains(&format!("PYTHON_STDLIB={}/lib/python3.", reloc.display())) && py.contains("PYTHON_DYNLOAD="),
+        "{py}"
+    );
 }

@@ -131,7 +131,14 @@ impl Runtime {
     pub fn describe(&self) -> String {
         let vars: Vec<String> = self.vars.iter().map(|(k, v)| format!("{k}={}", v.display())).collect();
         let libs: Vec<String> = self.libs.iter().map(|l| l.display().to_string()).collect();
-        format!("{} {} at {}: {}; links {}", self.kind, self.version, self.exe.display(), vars.join(" "), if libs.is_empty() { "nothing".into() } else { libs.join(" ") })
+        format!(
+            "{} {} at {}: {}; links {}",
+            self.kind,
+            self.version,
+            self.exe.display(),
+            vars.join(" "),
+            if libs.is_empty() { "nothing".into() } else { libs.join(" ") }
+        )
     }
 }
 
@@ -154,8 +161,15 @@ impl Untrusted {
 
 /// Find the `kind` runtime for a server whose command resolves to `command_real` (None, or
 /// another program: the configured or PATH default, see [`default_interpreter`]).
-pub fn discover(kind: Kind, command_real: Option<&Path>, search_path: &str, untrusted: &Untrusted) -> Result<Runtime, RuntimeError> {
-    let exe = match command_real.filter(|c| c.file_name().and_then(|n| n.to_str()).is_some_and(|n| kind.matches_name(n))) {
+pub fn discover(
+    kind: Kind,
+    command_real: Option<&Path>,
+    search_path: &str,
+    untrusted: &Untrusted,
+) -> Result<Runtime, RuntimeError> {
+    let exe = match command_real
+        .filter(|c| c.file_name().and_then(|n| n.to_str()).is_some_and(|n| kind.matches_name(n)))
+    {
         Some(c) => c.to_path_buf(),
         None => {
             let found = default_interpreter(kind, search_path)?;
@@ -172,12 +186,20 @@ pub fn default_interpreter(kind: Kind, search_path: &str) -> Result<PathBuf, Run
     if let Some(v) = std::env::var_os(kind.env_var()).filter(|v| !v.is_empty()) {
         let p = PathBuf::from(v);
         if !p.is_absolute() || !p.is_file() {
-            return Err(RuntimeError::Untrusted { kind, path: p, why: format!("({} in mcpbox's environment) is not an absolute path to a file", kind.env_var()) });
+            return Err(RuntimeError::Untrusted {
+                kind,
+                path: p,
+                why: format!("({} in mcpbox's environment) is not an absolute path to a file", kind.env_var()),
+            });
         }
         return Ok(p);
     }
     let cmd = kind.default_command();
-    which_as_found(cmd, search_path).ok_or_else(|| RuntimeError::NotFound { kind, command: cmd.into(), path: search_path.into() })
+    which_as_found(cmd, search_path).ok_or_else(|| RuntimeError::NotFound {
+        kind,
+        command: cmd.into(),
+        path: search_path.into(),
+    })
 }
 
 /// The first executable `cmd` on `search_path`, as found (`/usr/bin/python3`, often a link).
@@ -219,7 +241,10 @@ fn check_trusted(kind: Kind, exe: &Path, untrusted: &Untrusted) -> Result<std::f
     }
     let root_real = std::fs::canonicalize(untrusted_root).unwrap_or_else(|_| untrusted_root.to_path_buf());
     if exe.starts_with(&root_real) || exe.starts_with(untrusted_root) {
-        return Err(bad(format!("lies under the state dir {}, where servers write; it is not run", untrusted_root.display())));
+        return Err(bad(format!(
+            "lies under the state dir {}, where servers write; it is not run",
+            untrusted_root.display()
+        )));
     }
     let me = nix::unistd::geteuid().as_raw();
     let meta = std::fs::metadata(exe).map_err(|e| bad(format!("{e}")))?;
@@ -284,13 +309,21 @@ fn probe(kind: Kind, exe: &Path, meta: &std::fs::Metadata) -> Result<String, Run
     let me = nix::unistd::geteuid().as_raw();
     if meta.uid() != 0 && meta.uid() != me {
         if me != 0 {
-            return Err(fail(format!("it belongs to uid {}, and mcpbox (uid {me}) runs only its own or root's binaries", meta.uid())));
+            return Err(fail(format!(
+                "it belongs to uid {}, and mcpbox (uid {me}) runs only its own or root's binaries",
+                meta.uid()
+            )));
         }
         // std drops the supplementary groups too when root sets the uid.
         std::os::unix::process::CommandExt::uid(&mut cmd, meta.uid());
         std::os::unix::process::CommandExt::gid(&mut cmd, meta.gid());
     }
-    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().map_err(|e| fail(format!("cannot start it: {e}")))?;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| fail(format!("cannot start it: {e}")))?;
     let (mut out, mut err) = (child.stdout.take().expect("piped"), child.stderr.take().expect("piped"));
     let reader = std::thread::spawn(move || {
         let mut s = String::new();
@@ -344,14 +377,19 @@ struct NodeFacts {
 
 fn from_python(exe: &Path, out: &str) -> Result<Runtime, RuntimeError> {
     let kind = Kind::Python;
-    let f: PythonFacts = serde_json::from_str(out.trim()).map_err(|e| RuntimeError::Probe { kind, path: exe.into(), why: format!("unreadable answer ({e}): {}", out.trim()) })?;
+    let f: PythonFacts = serde_json::from_str(out.trim()).map_err(|e| RuntimeError::Probe {
+        kind,
+        path: exe.into(),
+        why: format!("unreadable answer ({e}): {}", out.trim()),
+    })?;
     let c = Checker { kind, exe };
     let mut vars = BTreeMap::new();
     vars.insert("PYTHON_EXE".into(), exe.to_path_buf());
     vars.insert("PYTHON_PREFIX".into(), c.path("prefix", &f.base_prefix, |_| true, "")?);
     let stdlib_shaped = |p: &Path| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| Kind::Python.matches_name(n));
     let stdlib = c.path("standard library", &f.stdlib, stdlib_shaped, "is not a pythonX.Y directory")?;
-    let platstdlib = c.path("platform standard library", &f.platstdlib, stdlib_shaped, "is not a pythonX.Y directory")?;
+    let platstdlib =
+        c.path("platform standard library", &f.platstdlib, stdlib_shaped, "is not a pythonX.Y directory")?;
     // lib-dynload is where sys.path says; a build without one (everything built in) has its
     // extension modules, if any, in the platform standard library.
     let dynload = match &f.dynload {
@@ -362,28 +400,42 @@ fn from_python(exe: &Path, out: &str) -> Result<Runtime, RuntimeError> {
     vars.insert("PYTHON_STDLIB".into(), stdlib);
     vars.insert("PYTHON_PLATSTDLIB".into(), platstdlib);
     vars.insert("PYTHON_DYNLOAD".into(), dynload);
-    vars.insert("PYTHON_SITE".into(), c.path("site-packages", &f.purelib, site_shaped, "is not a site-packages directory")?);
-    vars.insert("PYTHON_PLATSITE".into(), c.path("platform site-packages", &f.platlib, site_shaped, "is not a site-packages directory")?);
+    vars.insert(
+        "PYTHON_SITE".into(),
+        c.path("site-packages", &f.purelib, site_shaped, "is not a site-packages directory")?,
+    );
+    vars.insert(
+        "PYTHON_PLATSITE".into(),
+        c.path("platform site-packages", &f.platlib, site_shaped, "is not a site-packages directory")?,
+    );
     Ok(Runtime { kind, exe: exe.into(), version: f.version, vars, libs: libs(exe, &f.maps) })
 }
 
 fn from_node(exe: &Path, out: &str) -> Result<Runtime, RuntimeError> {
     let kind = Kind::Node;
-    let f: NodeFacts = serde_json::from_str(out.trim()).map_err(|e| RuntimeError::Probe { kind, path: exe.into(), why: format!("unreadable answer ({e}): {}", out.trim()) })?;
+    let f: NodeFacts = serde_json::from_str(out.trim()).map_err(|e| RuntimeError::Probe {
+        kind,
+        path: exe.into(),
+        why: format!("unreadable answer ({e}): {}", out.trim()),
+    })?;
     let c = Checker { kind, exe };
     // Node finds its own prefix the same way: the directory above `bin/node`.
-    let prefix = exe.parent().filter(|b| b.ends_with("bin")).and_then(Path::parent).ok_or_else(|| RuntimeError::BadPath {
-        kind,
-        exe: exe.into(),
-        what: "binary",
-        path: exe.into(),
-        why: "is not in a bin/ directory, so it has no prefix".into(),
-    })?;
+    let prefix =
+        exe.parent().filter(|b| b.ends_with("bin")).and_then(Path::parent).ok_or_else(|| RuntimeError::BadPath {
+            kind,
+            exe: exe.into(),
+            what: "binary",
+            path: exe.into(),
+            why: "is not in a bin/ directory, so it has no prefix".into(),
+        })?;
     let prefix_s = prefix.to_string_lossy();
     let mut vars = BTreeMap::new();
     vars.insert("NODE_EXE".into(), exe.to_path_buf());
     vars.insert("NODE_PREFIX".into(), c.path("prefix", &prefix_s, |_| true, "")?);
-    vars.insert("NODE_MODULES".into(), c.path("global modules", &format!("{prefix_s}/lib/node_modules"), |_| true, "")?);
+    vars.insert(
+        "NODE_MODULES".into(),
+        c.path("global modules", &format!("{prefix_s}/lib/node_modules"), |_| true, "")?,
+    );
     Ok(Runtime { kind, exe: exe.into(), version: f.version, vars, libs: libs(exe, &f.maps) })
 }
 
@@ -393,7 +445,9 @@ fn libs(exe: &Path, maps: &[String]) -> Vec<PathBuf> {
         .iter()
         .filter(|m| !m.ends_with(" (deleted)"))
         .map(PathBuf::from)
-        .filter(|p| p.is_absolute() && p != exe && p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.contains(".so")))
+        .filter(|p| {
+            p.is_absolute() && p != exe && p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.contains(".so"))
+        })
         .filter(|p| p.components().all(|c| !matches!(c, Component::ParentDir)) && p.is_file())
         .collect();
     out.sort();
@@ -408,8 +462,20 @@ struct Checker<'a> {
 }
 
 impl Checker<'_> {
-    fn path(&self, what: &'static str, s: &str, shaped: impl Fn(&Path) -> bool, shape: &str) -> Result<PathBuf, RuntimeError> {
-        let bad = |why: String| RuntimeError::BadPath { kind: self.kind, exe: self.exe.into(), what, path: PathBuf::from(s), why };
+    fn path(
+        &self,
+        what: &'static str,
+        s: &str,
+        shaped: impl Fn(&Path) -> bool,
+        shape: &str,
+    ) -> Result<PathBuf, RuntimeError> {
+        let bad = |why: String| RuntimeError::BadPath {
+            kind: self.kind,
+            exe: self.exe.into(),
+            what,
+            path: PathBuf::from(s),
+            why,
+        };
         let p = Path::new(s);
         if !p.is_absolute() || s.contains('\0') {
             return Err(bad("is not an absolute path".into()));
@@ -462,7 +528,10 @@ impl Lazy {
     /// The runtime of `kind`, discovered on first use.
     pub fn get(&self, kind: Kind) -> Result<Runtime, RuntimeError> {
         let mut found = self.found.lock().unwrap_or_else(|e| e.into_inner());
-        found.entry(kind).or_insert_with(|| discover(kind, self.command_real.as_deref(), &self.search_path, &self.untrusted)).clone()
+        found
+            .entry(kind)
+            .or_insert_with(|| discover(kind, self.command_real.as_deref(), &self.search_path, &self.untrusted))
+            .clone()
     }
 
     /// A policy variable's value: None when it is not a runtime variable.
@@ -471,7 +540,10 @@ impl Lazy {
         Some(match self.get(kind) {
             Ok(r) => match r.vars.get(name) {
                 Some(p) => Ok(p.to_string_lossy().into_owned()),
-                None => Err(format!("the {kind} runtime has no such path; known: {}", r.vars.keys().cloned().collect::<Vec<_>>().join(", "))),
+                None => Err(format!(
+                    "the {kind} runtime has no such path; known: {}",
+                    r.vars.keys().cloned().collect::<Vec<_>>().join(", ")
+                )),
             },
             Err(e) => Err(e.to_string()),
         })
@@ -515,7 +587,9 @@ mod tests {
         for n in ["python3-config", "pythonx", "pythont", "python3.", "perl", "python3.11.bak", "node"] {
             assert!(!Kind::Python.matches_name(n), "{n}");
         }
-        assert!(Kind::Node.matches_name("node") && Kind::Node.matches_name("nodejs") && !Kind::Node.matches_name("node.sh"));
+        assert!(
+            Kind::Node.matches_name("node") && Kind::Node.matches_name("nodejs") && !Kind::Node.matches_name("node.sh")
+        );
         assert_eq!(Kind::of_var("PYTHON_STDLIB"), Some(Kind::Python));
         assert_eq!(Kind::of_var("NODE_EXE"), Some(Kind::Node));
         assert_eq!(Kind::of_var("DATA"), None);
@@ -531,7 +605,11 @@ mod tests {
         assert!(c.path("p", "/", any, "").is_err());
         assert!(c.path("p", "/root", any, "").is_err());
         assert!(c.path("p", "/home/someone", any, "").is_err());
-        assert!(c.path("p", "/usr/lib", |p| p.ends_with("lib-dynload"), "not lib-dynload").unwrap_err().to_string().contains("not lib-dynload"));
+        assert!(c
+            .path("p", "/usr/lib", |p| p.ends_with("lib-dynload"), "not lib-dynload")
+            .unwrap_err()
+            .to_string()
+            .contains("not lib-dynload"));
     }
 
     #[test]
@@ -575,7 +653,8 @@ mod tests {
         std::fs::create_dir(&open).unwrap();
         std::fs::set_permissions(&open, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
         std::fs::copy(&fake, open.join("python3")).unwrap();
-        let e = describe(Kind::Python, &open.join("python3"), &Untrusted::dir(Path::new("/nonexistent-state"))).unwrap_err();
+        let e = describe(Kind::Python, &open.join("python3"), &Untrusted::dir(Path::new("/nonexistent-state")))
+            .unwrap_err();
         assert!(e.to_string().contains("writable by its group or by everyone"), "{e}");
         // Owned by a server's uid, wherever it lies: refused.
         let mine = nix::unistd::geteuid().as_raw();
@@ -586,8 +665,15 @@ mod tests {
 
     #[test]
     fn the_system_python_describes_itself() {
-        let r = discover(Kind::Python, None, "/usr/local/bin:/usr/bin:/bin", &Untrusted::dir(Path::new("/nonexistent-state")))
-            .unwrap_or_else(|e| panic!("python3 on the sandbox PATH is needed by this test (scripts/test.sh installs it): {e}"));
+        let r = discover(
+            Kind::Python,
+            None,
+            "/usr/local/bin:/usr/bin:/bin",
+            &Untrusted::dir(Path::new("/nonexistent-state")),
+        )
+        .unwrap_or_else(|e| {
+            panic!("python3 on the sandbox PATH is needed by this test (scripts/test.sh installs it): {e}")
+        });
         assert!(r.vars["PYTHON_STDLIB"].join("os.py").is_file(), "{}", r.describe());
         assert!(r.vars["PYTHON_DYNLOAD"].is_dir(), "{}", r.describe());
         assert!(r.exe.is_file() && !r.exe.is_symlink());
