@@ -6,7 +6,7 @@
 # level see docs/DEPLOY.md and the commented options in docker-compose.yaml.
 
 # ---- build -----------------------------------------------------------------------------------
-FROM rust:1-bookworm AS build
+FROM rust:1-trixie AS build
 WORKDIR /src
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
@@ -15,19 +15,20 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     && install -m 0755 target/release/mcpbox /usr/local/bin/mcpbox
 
 # ---- runtime ---------------------------------------------------------------------------------
-FROM debian:bookworm-slim
+# Node.js's own build of a maintained LTS (24) on Debian 13 (trixie): node in /usr/local/bin,
+# npm and corepack in /usr/local/lib/node_modules. The `node` policy base finds it there (it asks
+# the binary itself, see `mcpbox policy check node`); nothing in the policies names /usr/local.
+FROM node:24-trixie-slim
 
-# The runtimes that npx/uvx servers need, from Debian: node + npm, python3 (+ pip, only to install
-# uv), git (some servers clone or inspect repositories), tzdata (mcp-server-time), tini as PID 1
-# (reaps whatever reparents to it and forwards signals to mcpbox).
+# The rest from Debian 13: python3 (3.13; + pip, only to install uv), git (some servers clone or
+# inspect repositories), tzdata (mcp-server-time), tini as PID 1 (reaps whatever reparents to it
+# and forwards signals to mcpbox).
 RUN apt-get update \
     && apt-get install -y --no-install-recommends \
-        ca-certificates=2023* \
-        git=1:2.39.* \
-        nodejs=18.* \
-        npm=9.* \
-        python3=3.11.* \
-        python3-pip=23.* \
+        ca-certificates=2025* \
+        git=1:2.47.* \
+        python3=3.13.* \
+        python3-pip=25.* \
         tini=0.19.* \
         tzdata=20* \
     && rm -rf /var/lib/apt/lists/*
@@ -40,6 +41,11 @@ ENV UV_PYTHON_DOWNLOADS=never \
 
 COPY --from=build /usr/local/bin/mcpbox /usr/local/bin/mcpbox
 COPY deploy/mcpbox.docker.json /etc/mcpbox/mcpbox.json
+
+# The image's runtimes are what the `node` and `python` bases find: a build where they are not
+# (a runtime moved, a standard library missing) fails here rather than at the first server start.
+RUN /usr/local/bin/mcpbox policy check node >/dev/null \
+    && /usr/local/bin/mcpbox policy check python >/dev/null
 
 # mcpbox runs as root inside the container: it needs root to give every server its own
 # unprivileged uid (servers never run with mcpbox's uid, nor as root). Its config and tokens stay

@@ -41,6 +41,7 @@ pub fn doctor(state_dir: Option<std::path::PathBuf>) -> ExitCode {
     );
     let layers = probe::layers();
     print!("{}", probe::render(&layers));
+    runtimes();
 
     let tmp = match tempfile::Builder::new().prefix("mcpbox-doctor").tempdir() {
         Ok(t) => t,
@@ -111,4 +112,39 @@ pub fn denials_reported(seccomp: bool) -> String {
         s.push_str(&format!("  {:<20} {:<4} {}\n", name, if ok { "ok" } else { "NO" }, detail));
     }
     s
+}
+
+/// The node and python the runtime bases find on the sandbox's PATH, and what they resolve to;
+/// and, when mcpbox's own PATH finds a different one (nvm, pyenv), that one too, since servers
+/// started by bare name do not get it.
+fn runtimes() {
+    use crate::plan::DEFAULT_PATH;
+    use crate::plan::runtime::{self, Kind};
+    println!("\n  runtimes (the `node`/`python` policy bases, for servers whose command is not an interpreter;");
+    println!("  MCPBOX_NODE / MCPBOX_PYTHON if set, else found on the sandbox's PATH {DEFAULT_PATH}):");
+    // No state dir exists here yet: nothing is excluded for lying under it.
+    let no_state = &runtime::Untrusted::dir(std::path::Path::new("/nonexistent/mcpbox-doctor-state"));
+    for kind in Kind::ALL {
+        let found = runtime::discover(kind, None, DEFAULT_PATH, no_state);
+        match &found {
+            Ok(r) => println!("  {:<20} {}", kind.name(), r.describe()),
+            Err(e) => println!("  {:<20} none usable: {e}", kind.name()),
+        }
+        let cmd = kind.default_command();
+        let user_path = std::env::var("PATH").unwrap_or_default();
+        let Ok(mine) = crate::plan::resolve_command(cmd, &user_path) else { continue };
+        let real = std::fs::canonicalize(&mine).unwrap_or_else(|_| mine.clone());
+        if found.as_ref().is_ok_and(|r| r.exe == real) {
+            continue;
+        }
+        let elf = std::fs::read(&real).map(|b| b.starts_with(b"\x7fELF")).unwrap_or(false);
+        if !elf {
+            println!("  {:<20} `{cmd}` on your PATH is {} (a script: a version-manager shim?); servers need the interpreter itself as their command", "", mine.display());
+            continue;
+        }
+        match runtime::describe(kind, &real, no_state) {
+            Ok(r) => println!("  {:<20} `{cmd}` on your PATH is another: {}; name it as the server's command to use it", "", r.describe()),
+            Err(e) => println!("  {:<20} `{cmd}` on your PATH ({}) is not usable: {e}", "", mine.display()),
+        }
+    }
 }

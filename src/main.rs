@@ -138,6 +138,11 @@ enum PolicyCmd {
         /// What ${CACHE} expands to (default: a placeholder, as for --data).
         #[arg(long)]
         cache: Option<PathBuf>,
+        /// The server's command: the runtime variables (${NODE_EXE}, ${PYTHON_STDLIB}, …) are
+        /// filled in for the interpreter it resolves to (default: node/python3 on the
+        /// sandbox's PATH).
+        #[arg(long)]
+        command: Option<String>,
     },
     /// Turn the denials recorded for a server into the grants that would have permitted them.
     ///
@@ -225,14 +230,14 @@ fn main() -> ExitCode {
             mcpbox::cli_policy::suggest_cli(&server, config.as_deref(), state_dir, policy)
         }
         Cmd::Policy { cmd: PolicyCmd::Diff { a, b, data, cache } } => mcpbox::cli_policy::diff_cli(&a, &b, data.as_deref(), cache.as_deref()),
-        Cmd::Policy { cmd: PolicyCmd::Check { file, data, cache } } => {
-            match mcpbox::policy::check(&file, data.as_deref(), cache.as_deref()) {
+        Cmd::Policy { cmd: PolicyCmd::Check { file, data, cache, command } } => {
+            match mcpbox::plan::check_policy(&file, data.as_deref(), cache.as_deref(), command.as_deref()) {
                 Ok(text) => {
                     print!("{text}");
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
-                    eprintln!("mcpbox: policy check {file}: {e}");
+                    eprintln!("mcpbox: policy check {file}: {e:#}");
                     ExitCode::FAILURE
                 }
             }

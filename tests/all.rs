@@ -9,3 +9,4 @@ mod serve;
 mod serve_support;
 mod realservers;
 mod denials;
+mod runtimes;

@@ -15,10 +15,14 @@
 //!    rewritten to the prepared entry point.
 //! 5. [`Begun::finish`]: grants, environment, command: the whole spec.
 //!
+//! The runtime bases' variables (`${NODE_EXE}`, `${PYTHON_STDLIB}`, …) are filled in while the
+//! policy loads (steps 2 and 4) by [`runtime`], from the interpreter the command runs on.
+//!
 //! May import: `policy`, `config`, `sandbox`, `netproxy`, `urlbridge` (its wire names). Never
 //! the supervisor, the HTTP side or the CLI.
 
 pub mod prepare;
+pub mod runtime;
 pub mod spec;
 
 use std::collections::BTreeMap;
@@ -28,7 +32,7 @@ use anyhow::Context;
 use crate::config::{ServerConfig, ServerKind};
 pub use crate::policy::PolicyRef;
 pub use spec::{
-    allocate_uid, check, check_name, plan, plan_begin, plan_with, resolve, resolve_command, Begun, Extra, Planned, ServerDirs,
+    allocate_uid, check, check_name, check_policy, plan, plan_begin, plan_with, resolve, resolve_command, Begun, Extra, Planned, ServerDirs,
     ServerLaunch, StateDir, DEFAULT_PATH,
 };
 

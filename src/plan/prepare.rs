@@ -265,9 +265,11 @@ fn check_python_request(tool: &str, v: &str) -> anyhow::Result<()> {
 }
 
 /// The host interpreter a uv package is prepared on: `python3`, or what `--python` asked for.
+/// The interpreter uv builds a package's virtualenv on: the host interpreter `--python` names,
+/// else the runtime mcpbox is told to use (`MCPBOX_PYTHON`, else `python3` on the sandbox's PATH).
 pub(crate) fn python_for(pkg: &Package) -> anyhow::Result<PathBuf> {
     let want = match pkg.python.as_deref() {
-        None => "python3".to_string(),
+        None => return find_python(),
         Some(v) if v.starts_with('/') || v.starts_with("python") => v.to_string(),
         Some(v) => format!("python{v}"),
     };
@@ -500,7 +502,8 @@ fn local_uv_entry(pkg: &Package, dir: &Path) -> anyhow::Result<Local> {
 fn local_prepared(pkg: &Package, dir: &Path) -> anyhow::Result<Prepared> {
     let l = local_entry(pkg, dir)?;
     let package = pkg.install.first().and_then(|s| package_name(Manager::Npm, s)).unwrap_or_else(|| pkg.bin.clone().unwrap_or_default());
-    Ok(Prepared { request: pkg.clone(), package, version: "local".into(), interpreter: l.interpreter, entry: l.entry, prepared_at: 0 })
+    let runtime = launch::resolve(&l.interpreter).ok().map(|r| r.0);
+    Ok(Prepared { request: pkg.clone(), package, version: "local".into(), interpreter: l.interpreter, entry: l.entry, prepared_at: 0, runtime })
 }
 
 /// The run phase of a local install or project: its interpreter on its entry, DIR granted read
@@ -531,6 +534,12 @@ pub struct Prepared {
     /// What the run phase executes: `interpreter entry ARGS…`.
     pub interpreter: PathBuf,
     pub entry: PathBuf,
+    /// The runtime the package was installed for, every symlink resolved: the node that ran
+    /// npm, the python uv built the virtualenv on. The run phase runs on it (the runtime base
+    /// policy is filled in from it); a record without one, or whose interpreter no longer
+    /// leads to it, is prepared again.
+    #[serde(default)]
+    pub runtime: Option<PathBuf>,
     /// Seconds since the epoch.
     pub prepared_at: u64,
 }
@@ -557,11 +566,18 @@ fn check_record(cache: &Path, p: &Prepared) -> anyhow::Result<()> {
     let cache_real = launch::resolve(cache)?.0;
     let (tree, interp_ok) = match p.request.manager {
         Manager::Npm => (npm_prefix(&cache_real), p.interpreter == find_node()?),
-        Manager::Uv => (venv(&cache_real), p.interpreter == venv(cache).join("bin/python")),
+        // A virtualenv built on another python than the one chosen now is built again.
+        Manager::Uv => (venv(&cache_real), p.interpreter == venv(cache).join("bin/python") && p.runtime == Some(launch::resolve(&find_python()?)?.0)),
     };
     let entry = launch::resolve(&p.entry)?.0;
     if !interp_ok || !entry.starts_with(&tree) || !entry.is_file() {
         bail!("{} does not describe an installed package", cache.join(RECORD).display());
+    }
+    // The interpreter (for uv, the virtualenv's python, a link the prepare sandbox wrote) must
+    // still lead to the runtime it was prepared on.
+    let runs_on = launch::resolve(&p.interpreter)?.0;
+    if p.runtime.as_deref() != Some(runs_on.as_path()) {
+        bail!("{} was prepared on {}, but {} now leads to {}; prepare again", cache.join(RECORD).display(), p.runtime.as_deref().map(|r| r.display().to_string()).unwrap_or_else(|| "an unrecorded runtime".into()), p.interpreter.display(), runs_on.display());
     }
     Ok(())
 }
@@ -578,8 +594,15 @@ fn read_inside(base: &Path, rel: &Path) -> anyhow::Result<String> {
     Ok(s)
 }
 
+/// The node npx servers are prepared and run on: `MCPBOX_NODE`, else `node` on the sandbox's PATH.
 fn find_node() -> anyhow::Result<PathBuf> {
-    launch::resolve_command("node", DEFAULT_PATH).context("npx servers need node on PATH (/usr/local/bin:/usr/bin:/bin)")
+    super::runtime::default_interpreter(super::runtime::Kind::Node, DEFAULT_PATH).context("npx servers need node")
+}
+
+/// The python uvx servers' virtualenvs are built on: `MCPBOX_PYTHON`, else `python3` on the
+/// sandbox's PATH.
+fn find_python() -> anyhow::Result<PathBuf> {
+    super::runtime::default_interpreter(super::runtime::Kind::Python, DEFAULT_PATH).context("uvx servers need python3")
 }
 
 /// npm's CLI script and the npm package directory it lives in.
@@ -1456,7 +1479,8 @@ fn prepare_npm(state: &StateDir, name: &str, dirs: &ServerDirs, pkg: &Package) -
                 bail!("package {dep}: bin {rel} is not a file inside the package");
             }
             let version = pj.get("version").and_then(|v| v.as_str()).unwrap_or("?").to_string();
-            return Ok(Prepared { request: pkg.clone(), package: dep.clone(), version, interpreter: node, entry, prepared_at: now() });
+            let runtime = Some(launch::resolve(&node)?.0);
+            return Ok(Prepared { request: pkg.clone(), package: dep.clone(), version, interpreter: node, entry, runtime, prepared_at: now() });
         }
     }
     match want_bin {
@@ -1608,7 +1632,13 @@ fn prepare_uv(state: &StateDir, name: &str, dirs: &ServerDirs, pkg: &Package) ->
             }
         }
     }
-    Ok(Prepared { request: pkg.clone(), package: dist, version, interpreter: venv_dir.join("bin/python"), entry, prepared_at: now() })
+    // uv was told to build on `python`; the virtualenv's python must lead there.
+    let runtime = launch::resolve(&python)?.0;
+    let built_on = launch::resolve(&venv_dir.join("bin/python"))?.0;
+    if built_on != runtime {
+        bail!("uv built the virtualenv on {}, not on {} as asked", built_on.display(), runtime.display());
+    }
+    Ok(Prepared { request: pkg.clone(), package: dist, version, interpreter: venv_dir.join("bin/python"), entry, runtime: Some(runtime), prepared_at: now() })
 }
 
 fn now() -> u64 {
@@ -1871,7 +1901,7 @@ mod tests {
         let (data, cache) = (d.path().join("data"), d.path().join("cache"));
         std::fs::create_dir_all(&data).unwrap();
         std::fs::create_dir_all(&cache).unwrap();
-        let mut ctx = LoadContext::default();
+        let mut ctx = LoadContext { lazy: Some(crate::plan::runtime::Lazy::new(None, DEFAULT_PATH, crate::plan::runtime::Untrusted::dir(d.path())).vars()), ..LoadContext::default() };
         ctx.vars.insert("DATA".into(), data.to_string_lossy().into_owned());
         ctx.vars.insert("CACHE".into(), cache.to_string_lossy().into_owned());
         let mem = load("server-memory", &ctx).unwrap();
@@ -1906,7 +1936,12 @@ mod tests {
         let (launch, choice) = super::super::effective(launch, false);
         assert!(matches!(&choice, super::super::PolicyChoice::RuntimeBase(m) if m.contains("no policy")), "{choice:?}");
         assert!(for_run(&state, &launch).unwrap().is_err(), "not prepared yet");
-        let rec = Prepared { request: pkg, package: "x".into(), version: "1".into(), interpreter: node.clone(), entry: pkg_dir.join("bin.js"), prepared_at: 0 };
+        let runtime = Some(launch::resolve(&node).unwrap().0);
+        // A record without the runtime it was prepared on is prepared again.
+        let old = Prepared { request: pkg.clone(), package: "x".into(), version: "1".into(), interpreter: node.clone(), entry: pkg_dir.join("bin.js"), runtime: None, prepared_at: 0 };
+        std::fs::write(cache.join(RECORD), serde_json::to_string(&old).unwrap()).unwrap();
+        assert!(for_run(&state, &launch).unwrap().is_err(), "a record without its runtime");
+        let rec = Prepared { runtime, ..old };
         std::fs::write(cache.join(RECORD), serde_json::to_string(&rec).unwrap()).unwrap();
         let (l, extra) = for_run(&state, &launch).unwrap().unwrap();
         assert_eq!(l.command, node.to_string_lossy());

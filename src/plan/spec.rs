@@ -13,6 +13,7 @@ use std::path::{Component, Path, PathBuf};
 use anyhow::{bail, Context};
 
 use crate::policy::{self, Level, LoadContext, Network, Policy, PolicyRef};
+use super::runtime::{self, Runtime};
 use crate::sandbox::{Access, DiskImage, Grant, Link, OuterSpec, SandboxSpec};
 
 /// One server to launch.
@@ -126,6 +127,14 @@ pub struct Begun {
     policy: Policy,
     notes: Vec<String>,
     outer: OuterSpec,
+    /// The runtimes the policy named (`${NODE_EXE}`, `${PYTHON_STDLIB}`, …), as they described
+    /// themselves: their linked libraries are granted too, and the names they are called by.
+    runtimes: RuntimesUsed,
+}
+
+struct RuntimesUsed {
+    found: Vec<Runtime>,
+    commands: Vec<PathBuf>,
 }
 
 pub fn plan_begin(state: &StateDir, launch: &ServerLaunch) -> anyhow::Result<Begun> {
@@ -139,7 +148,15 @@ pub fn plan_begin(state: &StateDir, launch: &ServerLaunch) -> anyhow::Result<Beg
         }
     }
 
-    let (policy, mut notes) = launch.policy.load(&dirs.load_context(state)).map_err(|e| anyhow::anyhow!("{e}"))?;
+    // The runtime variables are the interpreter this command runs on (found only if the
+    // policy names one); a bare command is looked up on the sandbox's default PATH.
+    let lazy = runtimes_for(state, launch);
+    let ctx = LoadContext { lazy: Some(lazy.vars()), ..dirs.load_context(state) };
+    let (policy, mut notes) = launch.policy.load(&ctx).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let runtimes = RuntimesUsed { found: lazy.used(), commands: lazy.commands() };
+    for r in &runtimes.found {
+        notes.push(format!("runtime {}", r.describe()));
+    }
     // `[limits] disk` as root: the data dir is an image of its own (rootless, sandbox-init
     // refuses or warns, as the policy says).
     let disk = match (policy.limits.disk, ids) {
@@ -169,7 +186,41 @@ pub fn plan_begin(state: &StateDir, launch: &ServerLaunch) -> anyhow::Result<Beg
         relax: policy.sandbox.relax,
         disk,
     };
-    Ok(Begun { dirs, policy, notes, outer })
+    Ok(Begun { dirs, policy, notes, outer, runtimes })
+}
+
+/// `mcpbox policy check`: the effective policy with the runtime variables filled in for
+/// `command` (as a server with that command would get them; None: node/python3 on the sandbox's
+/// PATH), and a comment line per runtime saying what it resolved to.
+pub fn check_policy(reference: &str, data: Option<&Path>, cache: Option<&Path>, command: Option<&str>) -> anyhow::Result<String> {
+    let state = StateDir::new(StateDir::default_root());
+    let launch = ServerLaunch { name: "check".into(), command: command.unwrap_or("").into(), args: vec![], env: BTreeMap::new(), policy: PolicyRef::Named(reference.into()) };
+    if let Some(c) = command {
+        resolve_command(c, DEFAULT_PATH)?;
+    }
+    let lazy = runtimes_for(&state, &launch);
+    let text = policy::check_with(reference, data, cache, Some(lazy.vars())).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut runtimes: String = lazy.used().iter().map(|r| format!("# runtime {}\n", r.describe())).collect();
+    for c in lazy.commands() {
+        runtimes.push_str(&format!("# granted with the runtime (exec, the name it is called by): {}\n", c.display()));
+    }
+    if !runtimes.is_empty() {
+        runtimes.push_str("# a launch also grants read+exec on each library listed under `links` that the policy does not cover\n");
+    }
+    // After the header comments, before the policy itself.
+    Ok(match text.split_once("\n\n") {
+        Some((head, rest)) => format!("{head}\n{runtimes}\n{rest}"),
+        None => format!("{runtimes}{text}"),
+    })
+}
+
+/// The runtimes a launch's policy may name: the interpreter its command resolves to (a
+/// virtualenv's `bin/python` leads to the interpreter it was built on), else `node`/`python3`
+/// on the sandbox's PATH. Nothing under the state dir is ever run to find them.
+pub fn runtimes_for(state: &StateDir, launch: &ServerLaunch) -> runtime::Lazy {
+    let command_real = resolve_command(&launch.command, DEFAULT_PATH).ok().and_then(|p| resolve(&p).ok()).map(|(r, _)| r);
+    let uids = if nix::unistd::geteuid().is_root() { state.uid_base..state.uid_base.saturating_add(state.uid_count) } else { 0..0 };
+    runtime::Lazy::new(command_real, DEFAULT_PATH, runtime::Untrusted { root: state.root.clone(), uids })
 }
 
 /// Everything that can refuse `launch` before anything is made for it: its name, its policy
@@ -181,7 +232,8 @@ pub fn check(state: &StateDir, launch: &ServerLaunch) -> anyhow::Result<Policy> 
     let dirs = ServerDirs::at(state, &launch.name);
     // Loading refuses what a launch would refuse of the policy itself: the egress allow-list's
     // grammar and syscall names are the policy module's (allow.rs, syscalls.rs).
-    let loaded = launch.policy.load_detailed(&dirs.load_context(state), &[dirs.data.clone(), dirs.cache.clone()]).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let ctx = LoadContext { lazy: Some(runtimes_for(state, launch).vars()), ..dirs.load_context(state) };
+    let loaded = launch.policy.load_detailed(&ctx, &[dirs.data.clone(), dirs.cache.clone()]).map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(loaded.policy)
 }
 
@@ -193,7 +245,7 @@ impl Begun {
 
     /// The second half of planning: grants, environment, command; the whole spec.
     pub fn finish(self, launch: &ServerLaunch, extra: &Extra) -> anyhow::Result<Planned> {
-        let Begun { dirs, policy, mut notes, outer } = self;
+        let Begun { dirs, policy, mut notes, outer, runtimes } = self;
         notes.extend(extra.notes.iter().cloned());
         // Grants: symlinks resolved (links recreated inside), strongest access per path, and
         // nothing that a broader grant already covers with at least the same rights.
@@ -240,7 +292,12 @@ impl Begun {
                 links.append(&mut l);
             }
         }
-        for (path, access) in &extra.grants {
+        // The libraries the runtimes mapped at start: each file, read and exec (most lie in the
+        // system library directory the default policy grants, and are dropped below as covered).
+        let runtime_libs = runtimes.found.iter().flat_map(|r| r.libs.iter().map(|l| (l.clone(), Access::Exec)));
+        let runtime_libs = runtime_libs.chain(runtimes.commands.iter().map(|c| (c.clone(), Access::Exec)));
+        for (path, access) in extra.grants.iter().cloned().chain(runtime_libs) {
+            let (path, access) = (&path, &access);
             let (real, mut l) = resolve(path).with_context(|| format!("granting {}", path.display()))?;
             untrusted(path, &l)?;
             if let Some(why) = policy::reserved_conflict(&real) {
@@ -349,7 +406,7 @@ impl ServerDirs {
         let mut vars = BTreeMap::new();
         vars.insert("DATA".to_string(), self.data.to_string_lossy().into_owned());
         vars.insert("CACHE".to_string(), self.cache.to_string_lossy().into_owned());
-        LoadContext { vars, search_dirs: state.policy_dirs.clone() }
+        LoadContext { vars, search_dirs: state.policy_dirs.clone(), lazy: None }
     }
 
     pub fn create(state: &StateDir, name: &str) -> anyhow::Result<ServerDirs> {

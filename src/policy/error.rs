@@ -65,6 +65,10 @@ pub enum PolicyError {
         defined: Vec<String>,
     },
 
+    /// A variable that names something of this host (a runtime's path) that was not found.
+    #[error("${{{name}}} has no value on this host ({loc}): {why}")]
+    Unavailable { name: String, why: String, loc: Loc },
+
     #[error("path {} does not exist ({loc}); write {{ path = \"{}\", optional = true }} if it may be absent", path.display(), path.display())]
     MissingPath { path: PathBuf, loc: Loc },
 

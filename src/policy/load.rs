@@ -52,6 +52,24 @@ pub struct LoadContext {
     pub vars: BTreeMap<String, String>,
     /// User policy directories, searched (in order) for bare names before the shipped policies.
     pub search_dirs: Vec<PathBuf>,
+    /// Variables worked out only when a policy uses one (the runtimes' paths, `${PYTHON_STDLIB}`
+    /// …: finding them runs the interpreter), asked after `vars`.
+    pub lazy: Option<LazyVars>,
+}
+
+/// A lookup for variables that cost something to compute. `None`: not a name it knows;
+/// `Some(Err(why))`: a name it knows that has no value on this host (the policy is refused,
+/// saying why); `Some(Ok(value))`.
+#[derive(Clone)]
+pub struct LazyVars(pub std::sync::Arc<LazyFn>);
+
+/// See [`LazyVars`].
+pub type LazyFn = dyn Fn(&str) -> Option<Result<String, String>> + Send + Sync;
+
+impl std::fmt::Debug for LazyVars {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LazyVars(..)")
+    }
 }
 
 /// Names of the shipped policies, in table order.
@@ -166,6 +184,8 @@ struct Rule {
     path: PathBuf,
     optional: bool,
     loc: Loc,
+    /// The lazily computed variable (a runtime's path) this path came from, if any.
+    lazy_var: Option<String>,
 }
 
 /// One file's contribution (already expanded), or the merge of several.
@@ -389,10 +409,12 @@ impl<'a> Loader<'a> {
                     let expanded = self.expand(&rp.path, &loc)?;
                     let path =
                         normalise(&expanded).map_err(|m| PolicyError::invalid(m, loc.clone()))?;
+                    let lazy_var = rp.path.split("${").skip(1).filter_map(|r| r.split_once('}')).map(|(n, _)| n).find(|n| !self.ctx.vars.contains_key(*n)).map(str::to_string);
                     Ok(Rule {
                         path,
                         optional: rp.optional,
                         loc,
+                        lazy_var,
                     })
                 })
                 .collect()
@@ -557,7 +579,21 @@ impl<'a> Loader<'a> {
 
     /// Expand `${NAME}` from the context; anything undefined is an error.
     fn expand(&self, s: &str, loc: &Loc) -> Result<String, PolicyError> {
-        super::expand_vars(s, |n| self.ctx.vars.get(n).cloned()).map_err(|e| match e {
+        // A lazily computed name without a value on this host is remembered, to say why.
+        let unavailable = std::cell::RefCell::new(None::<(String, String)>);
+        let lookup = |n: &str| match self.ctx.vars.get(n).map(|v| Ok(v.clone())).or_else(|| self.ctx.lazy.as_ref().and_then(|l| (l.0)(n))) {
+            Some(Ok(v)) => Some(v),
+            Some(Err(why)) => {
+                *unavailable.borrow_mut() = Some((n.to_string(), why));
+                None
+            }
+            None => None,
+        };
+        super::expand_vars(s, lookup).map_err(|e| match e {
+            ExpandError::Undefined(name) if unavailable.borrow().as_ref().is_some_and(|(n, _)| *n == name) => {
+                let (name, why) = unavailable.borrow_mut().take().unwrap_or_default();
+                PolicyError::Unavailable { name, why, loc: loc.clone() }
+            }
             ExpandError::Undefined(name) | ExpandError::BadName(name) => PolicyError::UndefinedVar {
                 name,
                 loc: loc.clone(),
@@ -701,6 +737,16 @@ impl<'a> Loader<'a> {
                     r.path.display(),
                     r.loc
                 )),
+                Ok(false) if r.lazy_var.is_some() => {
+                    return Err(PolicyError::invalid(
+                        format!(
+                            "runtime path {} (${{{}}}) does not exist: the runtime cannot work without it, so the server is not started; reinstall the runtime or run the server on another",
+                            r.path.display(),
+                            r.lazy_var.as_deref().unwrap_or_default()
+                        ),
+                        r.loc,
+                    ))
+                }
                 Ok(false) => {
                     return Err(PolicyError::MissingPath {
                         path: r.path,

@@ -5,7 +5,7 @@ use std::fmt::Write;
 use std::path::{Path, PathBuf};
 
 use super::error::PolicyError;
-use super::load::{load_detailed, LoadContext};
+use super::load::{load_detailed, LazyVars, LoadContext};
 use super::size::{format_cpu, format_size};
 use super::{Level, Network, PathRule, Policy};
 
@@ -190,13 +190,26 @@ pub fn check(
     data: Option<&Path>,
     cache: Option<&Path>,
 ) -> Result<String, PolicyError> {
+    check_with(reference, data, cache, None)
+}
+
+/// [`check`] with the lazily computed variables (the runtimes' paths) a launch would have.
+pub fn check_with(
+    reference: &str,
+    data: Option<&Path>,
+    cache: Option<&Path>,
+    lazy: Option<LazyVars>,
+) -> Result<String, PolicyError> {
     let data = data
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("/var/lib/mcpbox/SERVER/data"));
     let cache = cache
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("/var/lib/mcpbox/SERVER/cache"));
-    let mut ctx = LoadContext::default();
+    let mut ctx = LoadContext {
+        lazy,
+        ..LoadContext::default()
+    };
     ctx.vars
         .insert("DATA".into(), data.to_string_lossy().into_owned());
     ctx.vars

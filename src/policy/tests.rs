@@ -13,7 +13,40 @@ fn ctx(dir: &Path) -> LoadContext {
         .insert("CACHE".into(), dir.join("cache").display().to_string());
     fs::create_dir_all(dir.join("data")).unwrap();
     fs::create_dir_all(dir.join("cache")).unwrap();
+    c.lazy = Some(fake_runtimes(&dir.join("rt")));
     c
+}
+
+/// Runtime variables as a launch fills them in (see crate::plan::runtime), for a node and a python
+/// installed under `rt`.
+fn fake_runtimes(rt: &Path) -> LazyVars {
+    let mut vars = std::collections::BTreeMap::new();
+    for (name, rel, dir) in [
+        ("NODE_EXE", "node/bin/node", false),
+        ("NODE_PREFIX", "node", true),
+        ("NODE_MODULES", "node/lib/node_modules", true),
+        ("PYTHON_EXE", "py/bin/python3.12", false),
+        ("PYTHON_PREFIX", "py", true),
+        ("PYTHON_STDLIB", "py/lib/python3.12", true),
+        ("PYTHON_PLATSTDLIB", "py/lib/python3.12", true),
+        ("PYTHON_DYNLOAD", "py/lib/python3.12/lib-dynload", true),
+        ("PYTHON_SITE", "py/lib/python3.12/site-packages", true),
+        ("PYTHON_PLATSITE", "py/lib/python3.12/site-packages", true),
+    ] {
+        let p = rt.join(rel);
+        if dir {
+            fs::create_dir_all(&p).unwrap();
+        } else {
+            fs::create_dir_all(p.parent().unwrap()).unwrap();
+            fs::write(&p, "").unwrap();
+        }
+        vars.insert(name.to_string(), p.display().to_string());
+    }
+    LazyVars(std::sync::Arc::new(move |n: &str| vars.get(n).cloned().map(Ok)))
+}
+
+fn pol_has(rules: &[PathRule], p: &Path) -> bool {
+    rules.iter().any(|r| r.path == p)
 }
 
 fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
@@ -240,7 +273,7 @@ fn user_policy_dir_wins_and_may_extend_the_shipped_one() {
         .filesystem
         .exec
         .iter()
-        .any(|r| r.path == Path::new("/usr/bin/node")));
+        .any(|r| r.path == d.path().join("rt/node/bin/node")));
     let e = load("nosuchpolicy", &c).unwrap_err().to_string();
     assert!(
         e.starts_with("policy `nosuchpolicy` not found (referenced from command line)"),
@@ -529,11 +562,18 @@ fn every_shipped_policy_loads_here() {
         assert_eq!(back, pol, "{name}");
     }
     let node = load("node", &c).unwrap();
-    assert!(paths(&node.filesystem.exec).contains(&"/usr/bin/node".to_string()));
+    assert!(paths(&node.filesystem.exec).contains(&c.vars["DATA"].replace("/data", "/rt/node/bin/node")));
     assert_eq!(node.env.set.get("HOME"), Some(&c.vars["DATA"]));
     assert!(!node.env.pass.iter().any(|n| n == "NODE_OPTIONS"));
     let py = load("python", &c).unwrap();
-    assert!(paths(&py.filesystem.exec).contains(&"/usr/bin/python3".to_string()));
+    let rt = d.path().join("rt/py");
+    assert!(pol_has(&py.filesystem.exec, &rt.join("bin/python3.12")) && pol_has(&py.filesystem.exec, &rt.join("lib/python3.12/lib-dynload")));
+    assert!(pol_has(&py.filesystem.read, &rt.join("lib/python3.12")));
+    // Nothing of another interpreter's tree: no /usr/lib/python3*, no /usr/bin/python*.
+    for r in py.filesystem.read.iter().chain(&py.filesystem.exec) {
+        let p = r.path.to_string_lossy();
+        assert!(!p.starts_with("/usr/lib/python3") && !p.starts_with("/usr/bin/python"), "{p}");
+    }
     assert_eq!(
         py.env
             .set
@@ -578,7 +618,7 @@ fn check_skips_missing_data_dir_and_says_so() {
         "x.toml",
         "extends = \"node\"\n[filesystem]\nwrite = [\"${DATA}\", \"${CACHE}/npm\"]\n",
     );
-    let out = check(p.to_str().unwrap(), None, None).unwrap();
+    let out = check_with(p.to_str().unwrap(), None, None, Some(fake_runtimes(&d.path().join("rt")))).unwrap();
     assert!(
         out.contains("# note: path /var/lib/mcpbox/SERVER/data ("),
         "{out}"
@@ -608,6 +648,41 @@ fn check_skips_missing_data_dir_and_says_so() {
         )),
         "{e}"
     );
+}
+
+#[test]
+fn lazy_variables_expand_and_a_missing_runtime_is_named() {
+    let d = tempfile::tempdir().unwrap();
+    let mut c = ctx(d.path());
+    let asked = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let a2 = asked.clone();
+    let dir = d.path().display().to_string();
+    c.lazy = Some(LazyVars(std::sync::Arc::new(move |name: &str| {
+        a2.lock().unwrap().push(name.to_string());
+        match name {
+            "RT_HOME" => Some(Ok(dir.clone())),
+            "RT_GONE" => Some(Err("no such runtime on PATH".to_string())),
+            _ => None,
+        }
+    })));
+    let p = write(d.path(), "rt.toml", "[filesystem]\nread = [\"${RT_HOME}/data\"]\n");
+    let pol = load(p.to_str().unwrap(), &c).unwrap();
+    assert_eq!(paths(&pol.filesystem.read), vec![d.path().join("data").display().to_string()]);
+    // A policy that does not use them never asks.
+    asked.lock().unwrap().clear();
+    let p = write(d.path(), "plain.toml", "[filesystem]\nread = [\"${DATA}\"]\n");
+    load(p.to_str().unwrap(), &c).unwrap();
+    assert!(asked.lock().unwrap().is_empty());
+    let p = write(d.path(), "gone.toml", "[filesystem]\n\nexec = [\"${RT_GONE}\"]\n");
+    let e = err(&p, &c);
+    assert!(e.contains("${RT_GONE}") && e.contains("no such runtime on PATH") && e.contains("gone.toml line 3"), "{e}");
+    // A runtime path that the runtime reported but that does not exist is an error naming it,
+    // unless written optional.
+    let p = write(d.path(), "nolib.toml", "[filesystem]\nexec = [\"${RT_HOME}/lib-dynload\"]\nread = [{ path = \"${RT_HOME}/site\", optional = true }]\n");
+    let e = err(&p, &c);
+    assert!(e.contains("runtime path") && e.contains("lib-dynload") && e.contains("${RT_HOME}") && e.contains("nolib.toml line 2"), "{e}");
+    let p = write(d.path(), "typo.toml", "[filesystem]\nexec = [\"${RT_NOPE}\"]\n");
+    assert!(err(&p, &c).contains("undefined variable ${RT_NOPE}"));
 }
 
 #[test]
