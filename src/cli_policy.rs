@@ -184,6 +184,19 @@ fn reference_of(source: &str) -> String {
     }
 }
 
+/// `ctx` with the runtime variables (`${PYTHON_STDLIB}`, …) of node/python3 on the sandbox's
+/// PATH, as a policy check without a command gets them.
+fn with_runtimes(ctx: crate::policy::LoadContext, state: &StateDir) -> crate::policy::LoadContext {
+    let launch = crate::plan::ServerLaunch {
+        name: "check".into(),
+        command: String::new(),
+        args: vec![],
+        env: Default::default(),
+        policy: crate::plan::PolicyRef::Named("default".into()),
+    };
+    crate::policy::LoadContext { lazy: Some(crate::plan::spec::runtimes_for(state, &launch).vars()), ..ctx }
+}
+
 /// `mcpbox policy suggest NAME [--config FILE] [--state-dir D] [--policy P]`.
 pub fn suggest_cli(server: &str, config: Option<&Path>, state_dir: Option<PathBuf>, policy: Option<String>) -> ExitCode {
     let fail = |msg: String| {
@@ -216,8 +229,9 @@ pub fn suggest_cli(server: &str, config: Option<&Path>, state_dir: Option<PathBu
         Err(e) => return fail(format!("{e}")),
     };
     let dirs = ServerDirs::at(&state, server);
+    let ctx = with_runtimes(dirs.load_context(&state), &state);
     let policy = match (policy, configured) {
-        (Some(reference), _) => match crate::policy::load(&reference, &dirs.load_context(&state)) {
+        (Some(reference), _) => match crate::policy::load(&reference, &ctx) {
             Ok(p) => p,
             Err(e) => return fail(format!("policy {reference}: {e}")),
         },
@@ -226,7 +240,7 @@ pub fn suggest_cli(server: &str, config: Option<&Path>, state_dir: Option<PathBu
             let Some(reference) = record.denials.iter().rev().find_map(|r| r.policy.clone()).map(|p| reference_of(&p)) else {
                 return fail("the record does not name the policy; pass --policy FILE or --config FILE".into());
             };
-            match crate::policy::load(&reference, &dirs.load_context(&state)) {
+            match crate::policy::load(&reference, &ctx) {
                 Ok(p) => p,
                 Err(e) => return fail(format!("policy {reference}: {e} (pass --policy FILE, or --config FILE for a policy inline in mcpbox.json)")),
             }
@@ -239,7 +253,7 @@ pub fn suggest_cli(server: &str, config: Option<&Path>, state_dir: Option<PathBu
 
 /// `mcpbox policy diff A B`.
 pub fn diff_cli(a: &str, b: &str, data: Option<&Path>, cache: Option<&Path>) -> ExitCode {
-    let mut ctx = crate::policy::LoadContext::default();
+    let mut ctx = with_runtimes(crate::policy::LoadContext::default(), &StateDir::new(StateDir::default_root()));
     let data = data.map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("/var/lib/mcpbox/SERVER/data"));
     let cache = cache.map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("/var/lib/mcpbox/SERVER/cache"));
     ctx.vars.insert("DATA".into(), data.to_string_lossy().into_owned());
