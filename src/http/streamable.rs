@@ -39,7 +39,7 @@ fn version_ok(h: &HeaderMap) -> Result<(), Response> {
     match h.get("mcp-protocol-version") {
         None => Ok(()),
         Some(v) if v.to_str().is_ok_and(|v| VERSIONS.contains(&v)) => Ok(()),
-        Some(_) => Err((StatusCode::BAD_REQUEST, format!("unsupported MCP-Protocol-Version; supported: {}\n", VERSIONS.join(", "))).into_response()),
+        Some(_) => Err((StatusCode::BAD_REQUEST, format!("unsupported MCP-Protocol-Version; supported: {}, {}\n", VERSIONS.join(", "), super::stateless::VERSION)).into_response()),
     }
 }
 
@@ -60,9 +60,6 @@ fn lookup(st: &Shared, server: &str, principal: &Principal, h: &HeaderMap) -> Re
 }
 
 pub async fn post(st: Shared, server: String, principal: Principal, headers: HeaderMap, body: Bytes) -> Response {
-    if let Err(r) = version_ok(&headers) {
-        return r;
-    }
     let Some(srv) = st.sup.server(&server).cloned() else {
         return (StatusCode::NOT_FOUND, "no such server\n").into_response();
     };
@@ -77,6 +74,13 @@ pub async fn post(st: Shared, server: String, principal: Principal, headers: Hea
             return (StatusCode::BAD_REQUEST, [(header::CONTENT_TYPE, "application/json")], e.to_string()).into_response();
         }
     };
+    // The protocol generation is chosen per request.
+    if super::stateless::wants(&headers, &msg) {
+        return super::stateless::post(st, server, principal, &headers, msg).await;
+    }
+    if let Err(r) = version_ok(&headers) {
+        return r;
+    }
     let method = msg.get("method").and_then(Value::as_str);
     let is_request = method.is_some() && msg.get("id").is_some();
     let ss = if method == Some("initialize") && !headers.contains_key(SESSION_HEADER) {

@@ -1,0 +1,207 @@
+//! 2026-07-28 stateless requests on `/NAME/mcp`, against the Python echo fixture (raw HTTP).
+
+use std::net::SocketAddr;
+
+use serde_json::{json, Value};
+
+use super::tests::{call, start_text, Resp, Srv, FIXTURE};
+
+async fn start() -> Srv {
+    start_text(format!(
+        r#"{{"mcpProxy":{{"addr":"127.0.0.1:9090"}},
+            "mcpServers":{{
+              "pr":{{"command":"/usr/bin/python3","args":["{FIXTURE}"],"isolation":"principal",
+                     "options":{{"authTokens":["P1","P2"]}}}},
+              "se":{{"command":"/usr/bin/python3","args":["{FIXTURE}"],"options":{{"authTokens":["P1","P2"]}}}},
+              "sh":{{"command":"/usr/bin/python3","args":["{FIXTURE}"],"isolation":"shared",
+                     "options":{{"authTokens":["P1","P2"]}}}} }}}}"#
+    ))
+    .await
+}
+
+fn body(id: Value, method: &str, mut params: Value, caps: Value) -> String {
+    params["_meta"] = json!({"io.modelcontextprotocol/protocolVersion": "2026-07-28",
+        "io.modelcontextprotocol/clientCapabilities": caps,
+        "io.modelcontextprotocol/clientInfo": {"name": "t", "version": "0"}});
+    json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}).to_string()
+}
+
+/// A well-formed 2026-07-28 request from `token` to `server`.
+async fn sl(a: SocketAddr, server: &str, token: &str, method: &str, params: Value, caps: Value) -> Resp {
+    let name = params.get("name").and_then(Value::as_str).unwrap_or("").to_string();
+    let auth = format!("Bearer {token}");
+    let mut h = vec![
+        ("Authorization", auth.as_str()),
+        ("Accept", "application/json, text/event-stream"),
+        ("Content-Type", "application/json"),
+        ("MCP-Protocol-Version", "2026-07-28"),
+        ("Mcp-Method", method),
+    ];
+    if method == "tools/call" {
+        h.push(("Mcp-Name", name.as_str()));
+    }
+    call(a, "POST", &format!("/{server}/mcp"), &h, &body(json!(7), method, params, caps)).await
+}
+
+fn text(r: &Resp) -> String {
+    let v = r.json();
+    assert_eq!(v["result"]["resultType"], "complete", "{v}");
+    v["result"]["content"][0]["text"].as_str().unwrap_or_else(|| panic!("{v}")).to_string()
+}
+
+#[tokio::test]
+async fn discover_list_and_call_without_initialize_or_session() {
+    let s = start().await;
+    let a = s.addr;
+    let r = sl(a, "pr", "P1", "server/discover", json!({}), json!({})).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.header("mcp-session-id").is_none());
+    let v = r.json();
+    assert_eq!(v["id"], 7);
+    assert_eq!(v["result"]["resultType"], "complete");
+    assert_eq!(v["result"]["supportedVersions"], json!(["2026-07-28"]));
+    assert_eq!(v["result"]["serverInfo"]["name"], "echo", "from the backend's own initialize: {v}");
+    assert_eq!(v["result"]["capabilities"]["tools"]["listChanged"], true);
+    let r = sl(a, "pr", "P1", "tools/list", json!({}), json!({})).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["result"]["resultType"], "complete");
+    assert!(r.json()["result"]["tools"].as_array().unwrap().iter().any(|t| t["name"] == "echo"));
+    let r = sl(a, "pr", "P1", "tools/call", json!({"name": "echo", "arguments": {"text": "hi"}}), json!({})).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(text(&r), "hi");
+    assert_eq!(r.json()["id"], 7, "the client's id comes back");
+    // The other isolation modes answer stateless requests too; a 2025 session still works beside them.
+    for server in ["se", "sh"] {
+        let r = sl(a, server, "P2", "tools/call", json!({"name": "echo", "arguments": {"text": server}}), json!({})).await;
+        assert_eq!(text(&r), server);
+    }
+    let init = json!({"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"t","version":"0"}}});
+    let r = call(a, "POST", "/pr/mcp", &[("Authorization", "P1"), ("Accept", "application/json")], &init.to_string()).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.header("mcp-session-id").is_some());
+    s.sup.shutdown().await;
+}
+
+#[tokio::test]
+async fn required_headers_are_checked_and_named() {
+    let s = start().await;
+    let a = s.addr;
+    let call_body = body(json!(1), "tools/call", json!({"name": "echo", "arguments": {}}), json!({}));
+    let cases: Vec<(Vec<(&str, &str)>, &str)> = vec![
+        (vec![("Mcp-Method", "tools/call"), ("Mcp-Name", "echo")], "MCP-Protocol-Version"),
+        (vec![("MCP-Protocol-Version", "2026-07-28"), ("Mcp-Name", "echo")], "Mcp-Method"),
+        (vec![("MCP-Protocol-Version", "2026-07-28"), ("Mcp-Method", "tools/list"), ("Mcp-Name", "echo")], "Mcp-Method"),
+        (vec![("MCP-Protocol-Version", "2026-07-28"), ("Mcp-Method", "tools/call")], "Mcp-Name"),
+        (vec![("MCP-Protocol-Version", "2026-07-28"), ("Mcp-Method", "tools/call"), ("Mcp-Name", "secret")], "Mcp-Name"),
+    ];
+    for (extra, named) in cases {
+        let mut h = vec![("Authorization", "P1"), ("Accept", "application/json")];
+        h.extend(extra.iter().cloned());
+        let r = call(a, "POST", "/pr/mcp", &h, &call_body).await;
+        assert_eq!(r.status, 400, "{extra:?}: {}", r.body);
+        let v = r.json();
+        assert_eq!(v["error"]["code"], -32020, "{v}");
+        assert!(v["error"]["message"].as_str().unwrap().contains(named), "{extra:?} names {named}: {v}");
+        assert_eq!(v["id"], 1);
+    }
+    // The header and the body's _meta must agree.
+    let mut v: Value = serde_json::from_str(&call_body).unwrap();
+    v["params"]["_meta"]["io.modelcontextprotocol/protocolVersion"] = json!("2099-01-01");
+    let h = [("Authorization", "P1"), ("MCP-Protocol-Version", "2026-07-28"), ("Mcp-Method", "tools/call"), ("Mcp-Name", "echo")];
+    let r = call(a, "POST", "/pr/mcp", &h, &v.to_string()).await;
+    assert_eq!(r.status, 400);
+    assert!(r.json()["error"]["message"].as_str().unwrap().contains("MCP-Protocol-Version"));
+    // An unknown version is refused as before; no backend was started for any of these.
+    let r = call(a, "POST", "/pr/mcp", &[("Authorization", "P1"), ("MCP-Protocol-Version", "2099-01-01")], &call_body).await;
+    assert_eq!(r.status, 400);
+    assert_eq!(s.sup.server("pr").unwrap().active_sessions(), 0);
+    s.sup.shutdown().await;
+}
+
+fn count(r: &Resp) -> (u64, u64) {
+    let t = text(r);
+    let (n, pid) = t.split_once(' ').unwrap();
+    (n.parse().unwrap(), pid.parse().unwrap())
+}
+
+#[tokio::test]
+async fn one_process_per_principal_whose_state_persists() {
+    let s = start().await;
+    let a = s.addr;
+    let c = |tok: &'static str, server: &'static str| async move {
+        count(&sl(a, server, tok, "tools/call", json!({"name": "count", "arguments": {}}), json!({})).await)
+    };
+    for server in ["pr", "se"] {
+        let (n1, p1) = c("P1", server).await;
+        let (n2, p2) = c("P1", server).await;
+        assert_eq!((n1, n2), (1, 2), "{server}: the principal's state persists between requests");
+        assert_eq!(p1, p2, "{server}: one process for one principal");
+        let (m1, q1) = c("P2", server).await;
+        assert_eq!(m1, 1, "{server}: another principal starts from nothing");
+        assert_ne!(q1, p1, "{server}: different principals never share a process");
+        assert!(super::tests::alive(p1) && super::tests::alive(q1));
+        assert_eq!(c("P1", server).await, (3, p1));
+    }
+    // Shared: one process for everyone.
+    let (_, p1) = c("P1", "sh").await;
+    let (_, p2) = c("P2", "sh").await;
+    assert_eq!(p1, p2);
+    s.sup.shutdown().await;
+}
+
+fn ask_params() -> Value {
+    json!({"name": "ask", "arguments": {}})
+}
+
+#[tokio::test]
+async fn elicitation_becomes_an_input_required_round_trip() {
+    let s = start().await;
+    let a = s.addr;
+    let caps = json!({"elicitation": {}});
+    let r = sl(a, "pr", "P1", "tools/call", ask_params(), caps.clone()).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = r.json();
+    assert_eq!(v["result"]["resultType"], "input_required", "{v}");
+    let reqs = v["result"]["inputRequests"].as_object().unwrap();
+    assert_eq!(reqs.len(), 1);
+    let (k, req) = reqs.iter().next().unwrap();
+    assert_eq!(req["method"], "elicitation/create");
+    assert_eq!(req["params"]["message"], "name?");
+    let state = v["result"]["requestState"].as_str().unwrap().to_string();
+    let retry = |state: &str| {
+        let mut p = ask_params();
+        p["inputResponses"] = json!({k.clone(): {"action": "accept", "content": {"name": "ada"}}});
+        p["requestState"] = json!(state);
+        p
+    };
+    // Altered, or presented by another principal: refused, and the round stays usable.
+    let mut bad = state.clone();
+    let last = bad.pop().unwrap();
+    bad.push(if last == '0' { '1' } else { '0' });
+    let r = sl(a, "pr", "P1", "tools/call", retry(&bad), caps.clone()).await;
+    assert_eq!(r.json()["error"]["code"], -32602, "{}", r.body);
+    let r = sl(a, "pr", "P2", "tools/call", retry(&state), caps.clone()).await;
+    assert_eq!(r.json()["error"]["code"], -32602, "{}", r.body);
+    let r = sl(a, "pr", "P1", "tools/call", retry(&state), caps.clone()).await;
+    let t = text(&r);
+    let answer: Value = serde_json::from_str(&t).unwrap();
+    assert_eq!(answer["result"]["content"]["name"], "ada", "the server got the client's answer: {answer}");
+    // Replayed: refused.
+    let r = sl(a, "pr", "P1", "tools/call", retry(&state), caps.clone()).await;
+    assert_eq!(r.json()["error"]["code"], -32602, "{}", r.body);
+    // The backend goes on serving.
+    let r = sl(a, "pr", "P1", "tools/call", json!({"name": "echo", "arguments": {"text": "after"}}), caps).await;
+    assert_eq!(text(&r), "after");
+    s.sup.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_undeclared_capability_is_answered_by_mcpbox() {
+    let s = start().await;
+    let a = s.addr;
+    let r = sl(a, "pr", "P1", "tools/call", ask_params(), json!({})).await;
+    let t = text(&r);
+    let answer: Value = serde_json::from_str(&t).unwrap();
+    assert_eq!(answer["error"]["code"], -32601, "mcpbox refused on the client's behalf: {answer}");
+    s.sup.shutdown().await;
+}
