@@ -183,8 +183,11 @@ pub struct Server {
     warm: Option<Warm>,
     /// Stateless (2026-07-28) requests: each principal's backend session, opened on first use
     /// and initialized by mcpbox; see [`Supervisor::principal_backend`].
-    principals: Mutex<std::collections::HashMap<Principal, Arc<tokio::sync::Mutex<Option<Arc<Backend>>>>>>,
+    principals: Mutex<std::collections::HashMap<Principal, BackendSlot>>,
 }
+
+/// Where one principal's backend is kept; locked while it is being opened.
+type BackendSlot = Arc<tokio::sync::Mutex<Option<Arc<Backend>>>>;
 
 /// The backend of one principal's stateless requests: a session mcpbox opened and initialized
 /// itself, with the server's `initialize` result.

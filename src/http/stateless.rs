@@ -143,7 +143,7 @@ fn hex(b: &[u8]) -> String {
 }
 
 fn unhex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
@@ -259,24 +259,22 @@ pub async fn post(st: Shared, server: String, principal: Principal, headers: &He
     // A retry: the answers go to the server, and the original request's wait goes on.
     let params = msg.get_mut("params").and_then(Value::as_object_mut);
     let retry = params.map(|p| (p.remove("requestState"), p.remove("inputResponses")));
-    if let Some((state, responses)) = retry {
-        if let Some(state) = state {
-            let state = state.as_str().unwrap_or("");
-            let Some(mut round) = st.stateless.take(state, &server, &principal, &method) else {
-                tracing::warn!(server = %server, principal = %principal, "refused a requestState that is invalid, altered, another's, or used already");
-                return json_answer(crate::bridge::error_response(client_id, -32602, "requestState is invalid, altered, or was used already; send the original request again without it"));
+    if let Some((Some(state), responses)) = retry {
+        let state = state.as_str().unwrap_or("");
+        let Some(mut round) = st.stateless.take(state, &server, &principal, &method) else {
+            tracing::warn!(server = %server, principal = %principal, "refused a requestState that is invalid, altered, another's, or used already");
+            return json_answer(crate::bridge::error_response(client_id, -32602, "requestState is invalid, altered, or was used already; send the original request again without it"));
+        };
+        let responses = responses.and_then(|r| r.as_object().cloned()).unwrap_or_default();
+        for (k, server_id) in std::mem::take(&mut round.asked) {
+            let answer = match responses.get(&k) {
+                Some(result) => json!({"jsonrpc": "2.0", "id": server_id, "result": result}),
+                None => crate::bridge::error_response(server_id, -32603, "the client gave no answer to this request"),
             };
-            let responses = responses.and_then(|r| r.as_object().cloned()).unwrap_or_default();
-            for (k, server_id) in std::mem::take(&mut round.asked) {
-                let answer = match responses.get(&k) {
-                    Some(result) => json!({"jsonrpc": "2.0", "id": server_id, "result": result}),
-                    None => crate::bridge::error_response(server_id, -32603, "the client gave no answer to this request"),
-                };
-                round.session.send(answer);
-            }
-            round.created = Instant::now();
-            return drive(&st, round, client_id).await;
+            round.session.send(answer);
         }
+        round.created = Instant::now();
+        return drive(&st, round, client_id).await;
     }
     strip_meta(&mut msg);
     let wire_id = Value::String(format!("mcpbox-sl-{}", WIRE_IDS.fetch_add(1, Ordering::Relaxed)));

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 
 use serde_json::{json, Value};
 
-use super::tests::{call, start_text, Resp, Srv, FIXTURE};
+use super::tests::{call, send, start_text, Resp, Srv, FIXTURE};
 
 async fn start() -> Srv {
     start_text(format!(
@@ -203,5 +203,70 @@ async fn an_undeclared_capability_is_answered_by_mcpbox() {
     let t = text(&r);
     let answer: Value = serde_json::from_str(&t).unwrap();
     assert_eq!(answer["error"]["code"], -32601, "mcpbox refused on the client's behalf: {answer}");
+    s.sup.shutdown().await;
+}
+
+/// A 2025-11-25 session on the shared server whose client declares `caps`.
+async fn open_2025(a: SocketAddr, caps: Value) -> String {
+    let init = json!({"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":caps,"clientInfo":{"name":"t","version":"0"}}});
+    let r = call(a, "POST", "/sh/mcp", &[("Authorization", "P1"), ("Accept", "application/json")], &init.to_string()).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let sid = r.header("mcp-session-id").unwrap().to_string();
+    let n = json!({"jsonrpc":"2.0","method":"notifications/initialized"}).to_string();
+    call(a, "POST", "/sh/mcp", &[("Authorization", "P1"), ("Mcp-Session-Id", &sid)], &n).await;
+    sid
+}
+
+#[tokio::test]
+async fn shared_mode_asks_only_the_session_whose_call_it_is() {
+    let s = start().await;
+    let a = s.addr;
+    // B's client declared no capability at all; the shared server was initialized with all.
+    let (sa, sb) = (open_2025(a, json!({"elicitation": {}})).await, open_2025(a, json!({})).await);
+    let sse = ("Accept", "application/json, text/event-stream");
+    let ask = |id: u64, delay: u64| json!({"jsonrpc":"2.0","id":id,"method":"tools/call","params":{"name":"ask","arguments":{"delay_ms":delay}}}).to_string();
+    let echo = |id: u64| json!({"jsonrpc":"2.0","id":id,"method":"tools/call","params":{"name":"echo","arguments":{"text":"b"}}}).to_string();
+    let ha = [("Authorization", "P1"), sse, ("Mcp-Session-Id", sa.as_str())];
+    let hb = [("Authorization", "P1"), sse, ("Mcp-Session-Id", sb.as_str())];
+    // B's GET stream: anything of A's that leaked to B would show here or on B's POST stream.
+    let mut gb = send(a, "GET", "/sh/mcp", &[("Authorization", "P1"), ("Accept", "text/event-stream"), ("Mcp-Session-Id", &sb)], "").await;
+    assert_eq!(gb.status, 200);
+
+    // A alone is busy: A is asked (on its call's stream), answers, and its call completes.
+    let mut ca = send(a, "POST", "/sh/mcp", &ha, &ask(1, 0)).await;
+    let (_, d, _) = ca.event().await.unwrap();
+    let req: Value = serde_json::from_str(&d).unwrap();
+    assert_eq!(req["method"], "elicitation/create", "{req}");
+    let answer = json!({"jsonrpc":"2.0","id":req["id"],"result":{"action":"accept","content":{"who":"a"}}}).to_string();
+    assert_eq!(call(a, "POST", "/sh/mcp", &[ha[0], ha[2]], &answer).await.status, 202);
+    let (_, d, _) = ca.event().await.unwrap();
+    let done: Value = serde_json::from_str(&d).unwrap();
+    assert!(done["result"]["content"][0]["text"].as_str().unwrap().contains("\"who\": \"a\""), "{done}");
+
+    // The server asks during A's call while B's call is in flight: not guessed, refused.
+    let ask2 = ask(2, 400);
+    let ca = send(a, "POST", "/sh/mcp", &ha, &ask2);
+    let cb = async {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        send(a, "POST", "/sh/mcp", &hb, &echo(2)).await
+    };
+    let (mut ca, mut cb) = tokio::join!(ca, cb);
+    let (_, d, _) = cb.event().await.unwrap();
+    let v: Value = serde_json::from_str(&d).unwrap();
+    assert_eq!((v["id"].clone(), v["result"]["content"][0]["text"].clone()), (json!(2), json!("b")), "B gets only its own answer: {v}");
+    assert!(cb.event().await.is_none(), "and nothing else");
+    let (_, d, _) = ca.event().await.unwrap();
+    let v: Value = serde_json::from_str(&d).unwrap();
+    assert_eq!(v["id"], 2, "A's call ends with the server's result, not a question: {v}");
+    let inner: Value = serde_json::from_str(v["result"]["content"][0]["text"].as_str().unwrap()).unwrap();
+    assert_eq!(inner["error"]["code"], -32603, "the server's request was refused: {inner}");
+
+    // B's own call asks for elicitation, which B's client did not declare: mcpbox answers for it.
+    let r = call(a, "POST", "/sh/mcp", &hb, &ask(3, 0)).await;
+    assert!(r.body.contains("elicitation capability"), "{}", r.body);
+    assert!(!r.body.contains("elicitation/create"), "B was never asked: {}", r.body);
+    // B's GET stream saw nothing at all.
+    let nothing = tokio::time::timeout(std::time::Duration::from_millis(300), gb.event()).await;
+    assert!(nothing.is_err(), "B's GET stream got {nothing:?}");
     s.sup.shutdown().await;
 }

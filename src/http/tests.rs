@@ -63,16 +63,16 @@ impl Resp {
 }
 
 /// An open response whose body is read incrementally (chunked or not).
-struct Conn {
+pub(super) struct Conn {
     r: BufReader<TcpStream>,
-    status: u16,
+    pub(super) status: u16,
     headers: Vec<(String, String)>,
     chunked: bool,
     left_in_chunk: usize,
     pending: String,
 }
 
-async fn send(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> Conn {
+pub(super) async fn send(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> Conn {
     let mut s = TcpStream::connect(addr).await.unwrap();
     let mut req = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nConnection: close\r\nContent-Length: {}\r\n", addr.port(), body.len());
     for (k, v) in headers {
@@ -138,7 +138,7 @@ impl Conn {
     }
 
     /// Next SSE event (skipping comments): (event, data, id).
-    async fn event(&mut self) -> Option<(String, String, String)> {
+    pub(super) async fn event(&mut self) -> Option<(String, String, String)> {
         loop {
             if let Some(i) = self.pending.find("\n\n") {
                 let block: String = self.pending.drain(..i + 2).collect();
