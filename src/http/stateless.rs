@@ -23,8 +23,12 @@
 //! is refused. Where the request's `_meta` did not declare the capability a server request
 //! needs, mcpbox answers the server with an error on the client's behalf.
 //!
-//! Not yet: `subscriptions/listen`, progress and logging notifications (dropped: the answer is
-//! always one JSON body), client notifications (accepted with 202, not forwarded).
+//! `subscriptions/listen` answers with an SSE stream of the list-changed and resource-updated
+//! notifications of the principal's backend that its filter asks for ([`listen`]).
+//!
+//! Not yet: progress and logging notifications of a request (dropped: the answer is always one
+//! JSON body), client notifications such as `notifications/cancelled` (accepted with 202, not
+//! forwarded).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -32,7 +36,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
+use futures_util::StreamExt;
 use serde_json::{json, Map, Value};
 
 use super::edge::Principal;
@@ -227,9 +233,6 @@ pub async fn post(st: Shared, server: String, principal: Principal, headers: &He
         "initialize" => {
             return rpc_error(StatusCode::BAD_REQUEST, client_id, -32600, "initialize is not part of 2026-07-28; use server/discover");
         }
-        "subscriptions/listen" => {
-            return rpc_error(StatusCode::OK, client_id, -32601, "subscriptions/listen is not supported by mcpbox yet");
-        }
         _ => {}
     }
     let client_info = meta(&msg).and_then(|m| m.get(META_INFO)).cloned();
@@ -242,6 +245,10 @@ pub async fn post(st: Shared, server: String, principal: Principal, headers: &He
         Ok(b) => b,
         Err(e) => return open_error(e),
     };
+    if method == "subscriptions/listen" {
+        let filter = msg.get("params").and_then(|p| p.get("notifications")).cloned().unwrap_or_else(|| json!({}));
+        return listen(backend.session.clone(), client_id, filter).await;
+    }
     if method == "server/discover" {
         let init = &backend.init;
         let mut result = json!({
@@ -294,6 +301,71 @@ pub async fn post(st: Shared, server: String, principal: Principal, headers: &He
         created: Instant::now(),
     };
     drive(&st, round, client_id).await
+}
+
+/// `subscriptions/listen`: an SSE stream of the principal's backend notifications that the
+/// filter asks for, opened by `notifications/subscriptions/acknowledged` with what is honoured.
+/// Resource URIs are subscribed to on the server (`resources/subscribe`); only those it accepts
+/// are acknowledged. One listen stream per principal and server at a time.
+async fn listen(session: Arc<Session>, client_id: Value, filter: Value) -> Response {
+    let want = |k: &str| filter.get(k).and_then(Value::as_bool) == Some(true);
+    let mut honoured = Map::new();
+    for k in ["toolsListChanged", "promptsListChanged", "resourcesListChanged"] {
+        if want(k) {
+            honoured.insert(k.into(), json!(true));
+        }
+    }
+    let mut uris = Vec::new();
+    for uri in filter.get("resourceSubscriptions").and_then(Value::as_array).into_iter().flatten().filter_map(Value::as_str) {
+        let id = format!("mcpbox-sl-{}", WIRE_IDS.fetch_add(1, Ordering::Relaxed));
+        let req = json!({"jsonrpc": "2.0", "id": id, "method": "resources/subscribe", "params": {"uri": uri}});
+        let ok = session.request_json(req).await.and_then(|b| serde_json::from_slice::<Value>(&b).ok()).is_some_and(|v| v.get("result").is_some());
+        if ok {
+            uris.push(uri.to_string());
+        }
+    }
+    if !uris.is_empty() {
+        honoured.insert("resourceSubscriptions".into(), json!(uris));
+    }
+    let Some(events) = session.events(None) else {
+        return json_answer(crate::bridge::error_response(client_id, -32603, "a subscriptions/listen stream is already open for this principal on this server"));
+    };
+    let stamp = |mut v: Value, id: &Value| {
+        if let Some(p) = v.as_object_mut().map(|o| o.entry("params").or_insert_with(|| json!({}))) {
+            if let Some(p) = p.as_object_mut() {
+                let meta = p.entry("_meta").or_insert_with(|| json!({}));
+                meta["io.modelcontextprotocol/subscriptionId"] = id.clone();
+            }
+        }
+        v
+    };
+    let ack = stamp(json!({"jsonrpc": "2.0", "method": "notifications/subscriptions/acknowledged", "params": {"notifications": honoured}}), &client_id);
+    let first = futures_util::stream::iter([ack]);
+    let rest = futures_util::stream::unfold((events, honoured, client_id), move |(mut events, honoured, id)| async move {
+        loop {
+            let (_, b) = events.next().await?;
+            let Ok(v) = serde_json::from_slice::<Value>(&b) else { continue };
+            let m = v.get("method").and_then(Value::as_str).unwrap_or("");
+            let pass = match m {
+                "notifications/tools/list_changed" => honoured.contains_key("toolsListChanged"),
+                "notifications/prompts/list_changed" => honoured.contains_key("promptsListChanged"),
+                "notifications/resources/list_changed" => honoured.contains_key("resourcesListChanged"),
+                "notifications/resources/updated" => {
+                    let uri = v.get("params").and_then(|p| p.get("uri")).cloned().unwrap_or(Value::Null);
+                    honoured.get("resourceSubscriptions").and_then(Value::as_array).is_some_and(|l| l.contains(&uri))
+                }
+                _ => false,
+            };
+            if pass {
+                let v = stamp(v, &id);
+                return Some((v, (events, honoured, id)));
+            }
+        }
+    });
+    let events = first
+        .chain(rest)
+        .map(|v| Ok::<_, std::convert::Infallible>(Event::default().event("message").data(v.to_string())));
+    Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))).into_response()
 }
 
 /// The `io.modelcontextprotocol/…` keys are for mcpbox, not for a 2025-era server.

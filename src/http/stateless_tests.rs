@@ -270,3 +270,39 @@ async fn shared_mode_asks_only_the_session_whose_call_it_is() {
     assert!(nothing.is_err(), "B's GET stream got {nothing:?}");
     s.sup.shutdown().await;
 }
+
+#[tokio::test]
+async fn listen_streams_what_the_filter_asks_for_from_the_principals_backend() {
+    let s = start().await;
+    let a = s.addr;
+    let listen = |tok: &'static str| async move {
+        let b = body(json!("L"), "subscriptions/listen", json!({"notifications": {"toolsListChanged": true, "resourceSubscriptions": ["file:///x"]}}), json!({}));
+        let auth = format!("Bearer {tok}");
+        let h = [
+            ("Authorization", auth.as_str()),
+            ("Accept", "application/json, text/event-stream"),
+            ("MCP-Protocol-Version", "2026-07-28"),
+            ("Mcp-Method", "subscriptions/listen"),
+        ];
+        send(a, "POST", "/pr/mcp", &h, &b).await
+    };
+    let mut l1 = listen("P1").await;
+    assert_eq!(l1.status, 200);
+    let (_, d, _) = l1.event().await.unwrap();
+    let ack: Value = serde_json::from_str(&d).unwrap();
+    assert_eq!(ack["method"], "notifications/subscriptions/acknowledged");
+    assert_eq!(ack["params"]["notifications"], json!({"toolsListChanged": true, "resourceSubscriptions": ["file:///x"]}));
+    assert_eq!(ack["params"]["_meta"]["io.modelcontextprotocol/subscriptionId"], "L");
+    let mut l2 = listen("P2").await;
+    l2.event().await.unwrap();
+    // P1's call makes its server say its tools changed: P1's stream gets it, P2's does not.
+    let r = sl(a, "pr", "P1", "tools/call", json!({"name": "notify", "arguments": {}}), json!({})).await;
+    assert_eq!(text(&r), "notify");
+    let (_, d, _) = l1.event().await.unwrap();
+    let n: Value = serde_json::from_str(&d).unwrap();
+    assert_eq!(n["method"], "notifications/tools/list_changed");
+    assert_eq!(n["params"]["_meta"]["io.modelcontextprotocol/subscriptionId"], "L");
+    let nothing = tokio::time::timeout(std::time::Duration::from_millis(300), l2.event()).await;
+    assert!(nothing.is_err(), "P2's stream got {nothing:?}");
+    s.sup.shutdown().await;
+}
