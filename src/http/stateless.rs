@@ -39,6 +39,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
+use tokio::sync::mpsc;
 use serde_json::{json, Map, Value};
 
 use super::edge::Principal;
@@ -229,12 +230,12 @@ pub async fn post(st: Shared, server: String, principal: Principal, headers: &He
         return (StatusCode::ACCEPTED, "").into_response();
     };
     let caps = meta(&msg).and_then(|m| m.get(META_CAPS)).cloned().unwrap_or_else(|| json!({}));
-    match method.as_str() {
-        "initialize" => {
-            return rpc_error(StatusCode::BAD_REQUEST, client_id, -32600, "initialize is not part of 2026-07-28; use server/discover");
-        }
-        _ => {}
+    if method == "initialize" {
+        return rpc_error(StatusCode::BAD_REQUEST, client_id, -32600, "initialize is not part of 2026-07-28; use server/discover");
     }
+    // Progress goes back on an SSE answer when the client asked for it and accepts SSE.
+    let sse = headers.get_all(header::ACCEPT).iter().any(|v| v.to_str().is_ok_and(|s| s.contains("text/event-stream")))
+        && meta(&msg).is_some_and(|m| m.contains_key("progressToken"));
     let client_info = meta(&msg).and_then(|m| m.get(META_INFO)).cloned();
     let init_params = json!({
         "protocolVersion": BACKEND_VERSION,
@@ -281,7 +282,7 @@ pub async fn post(st: Shared, server: String, principal: Principal, headers: &He
             round.session.send(answer);
         }
         round.created = Instant::now();
-        return drive(&st, round, client_id).await;
+        return answer(st, round, client_id, sse).await;
     }
     strip_meta(&mut msg);
     let wire_id = Value::String(format!("mcpbox-sl-{}", WIRE_IDS.fetch_add(1, Ordering::Relaxed)));
@@ -300,7 +301,7 @@ pub async fn post(st: Shared, server: String, principal: Principal, headers: &He
         caps,
         created: Instant::now(),
     };
-    drive(&st, round, client_id).await
+    answer(st, round, client_id, sse).await
 }
 
 /// `subscriptions/listen`: an SSE stream of the principal's backend notifications that the
@@ -386,7 +387,9 @@ fn json_answer(v: Value) -> Response {
 
 /// Read the backend's messages for `round` until its answer (given the client's id) or until
 /// the server asks the client something (an `InputRequiredResult`).
-async fn drive(st: &Shared, mut round: Round, client_id: Value) -> Response {
+async fn drive(st: &Shared, mut round: Round, client_id: Value, progress: Option<&mpsc::UnboundedSender<Value>>) -> Value {
+    // A client that goes away mid-request (the HTTP request is dropped) cancels it.
+    let mut cancel = CancelOnDrop { session: round.session.clone(), wire_id: Some(round.wire_id.clone()) };
     loop {
         let next = if round.asked.is_empty() {
             round.stream.next().await
@@ -397,17 +400,19 @@ async fn drive(st: &Shared, mut round: Round, client_id: Value) -> Response {
             }
         };
         let Some(body) = next else {
-            return json_answer(crate::bridge::error_response(client_id, -32603, crate::bridge::SERVER_EXITED));
+            cancel.wire_id = None;
+            return crate::bridge::error_response(client_id, -32603, crate::bridge::SERVER_EXITED);
         };
         let Ok(mut v) = serde_json::from_slice::<Value>(&body) else { continue };
         let method = v.get("method").and_then(Value::as_str).map(str::to_owned);
         match (method, v.get("id").cloned()) {
             (None, Some(id)) if id == round.wire_id => {
+                cancel.wire_id = None;
                 v["id"] = client_id;
                 if let Some(r) = v.get_mut("result").and_then(Value::as_object_mut) {
                     r.entry("resultType").or_insert_with(|| json!("complete"));
                 }
-                return json_answer(v);
+                return v;
             }
             (Some(m), Some(server_id)) => {
                 if m == "ping" {
@@ -429,21 +434,71 @@ async fn drive(st: &Shared, mut round: Round, client_id: Value) -> Response {
                 round.asked.insert(k.clone(), server_id);
                 round.requests.insert(k, req);
             }
-            // Notifications (progress, logging): not passed on yet.
+            (Some(m), None) if m == "notifications/progress" => {
+                if let Some(tx) = progress {
+                    let _ = tx.send(v);
+                }
+            }
+            // Other notifications (logging): not passed on yet.
             _ => {}
         }
     }
     let requests = std::mem::take(&mut round.requests);
     let session = round.session.clone();
     let asked: Vec<Value> = round.asked.values().cloned().collect();
+    cancel.wire_id = None;
     match st.stateless.put(round) {
-        Some(state) => json_answer(json!({"jsonrpc": "2.0", "id": client_id, "result": {
-            "resultType": "input_required", "inputRequests": requests, "requestState": state}})),
+        Some(state) => json!({"jsonrpc": "2.0", "id": client_id, "result": {
+            "resultType": "input_required", "inputRequests": requests, "requestState": state}}),
         None => {
             for id in asked {
                 session.send(crate::bridge::error_response(id, -32603, "mcpbox has too many input-required requests waiting"));
             }
-            json_answer(crate::bridge::error_response(client_id, -32603, "mcpbox has too many input-required requests waiting; retry later"))
+            crate::bridge::error_response(client_id, -32603, "mcpbox has too many input-required requests waiting; retry later")
         }
+    }
+}
+
+/// Sends `notifications/cancelled` for a request whose client went away before its answer.
+struct CancelOnDrop {
+    session: Arc<Session>,
+    wire_id: Option<Value>,
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if let Some(id) = self.wire_id.take() {
+            let n = json!({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": id, "reason": "the client went away"}});
+            self.session.send(n);
+        }
+    }
+}
+
+/// Answer a request: one JSON body, or, with progress wanted, an SSE stream of its progress
+/// notifications ending with the answer.
+async fn answer(st: Shared, round: Round, client_id: Value, sse: bool) -> Response {
+    if !sse {
+        return json_answer(drive(&st, round, client_id, None).await);
+    }
+    let (tx, rx) = mpsc::unbounded_channel();
+    let task = tokio::spawn(async move {
+        let v = drive(&st, round, client_id, Some(&tx)).await;
+        let _ = tx.send(v);
+    });
+    // The stream owns the request: a client that goes away ends (and so cancels) it.
+    let guard = AbortOnDrop(task.abort_handle());
+    let events = futures_util::stream::unfold((rx, guard), |(mut rx, guard)| async move {
+        let v = rx.recv().await?;
+        Some((v, (rx, guard)))
+    });
+    let events = events.map(|v| Ok::<_, std::convert::Infallible>(Event::default().event("message").data(v.to_string())));
+    Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))).into_response()
+}
+
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

@@ -306,3 +306,35 @@ async fn listen_streams_what_the_filter_asks_for_from_the_principals_backend() {
     assert!(nothing.is_err(), "P2's stream got {nothing:?}");
     s.sup.shutdown().await;
 }
+
+#[tokio::test]
+async fn progress_comes_on_the_answer_stream_and_a_client_that_leaves_cancels() {
+    let s = start().await;
+    let a = s.addr;
+    let mut b: Value = serde_json::from_str(&body(json!(7), "tools/call", json!({"name": "echo", "arguments": {"text": "p"}}), json!({}))).unwrap();
+    b["params"]["_meta"]["progressToken"] = json!("pt");
+    let h = [
+        ("Authorization", "P1"),
+        ("Accept", "application/json, text/event-stream"),
+        ("MCP-Protocol-Version", "2026-07-28"),
+        ("Mcp-Method", "tools/call"),
+        ("Mcp-Name", "echo"),
+    ];
+    let mut c = send(a, "POST", "/pr/mcp", &h, &b.to_string()).await;
+    let (_, d, _) = c.event().await.unwrap();
+    let p: Value = serde_json::from_str(&d).unwrap();
+    assert_eq!((p["method"].clone(), p["params"]["progressToken"].clone()), (json!("notifications/progress"), json!("pt")), "{p}");
+    let (_, d, _) = c.event().await.unwrap();
+    let r: Value = serde_json::from_str(&d).unwrap();
+    assert_eq!((r["id"].clone(), r["result"]["resultType"].clone()), (json!(7), json!("complete")), "{r}");
+    assert!(c.event().await.is_none(), "the stream ends with the answer");
+    // A slow call whose client goes away is cancelled at the server.
+    let slow = body(json!(8), "tools/call", json!({"name": "slow", "arguments": {"ms": 600}}), json!({}));
+    let h = [("Authorization", "P1"), ("MCP-Protocol-Version", "2026-07-28"), ("Mcp-Method", "tools/call"), ("Mcp-Name", "slow")];
+    let c = send(a, "POST", "/pr/mcp", &h, &slow);
+    let _ = tokio::time::timeout(std::time::Duration::from_millis(150), c).await;
+    let r = sl(a, "pr", "P1", "tools/call", json!({"name": "cancelled", "arguments": {}}), json!({})).await;
+    let cancelled: Value = serde_json::from_str(&text(&r)).unwrap();
+    assert_eq!(cancelled.as_array().map(Vec::len), Some(1), "the server was told: {cancelled}");
+    s.sup.shutdown().await;
+}
