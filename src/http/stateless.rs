@@ -257,6 +257,9 @@ pub async fn post(st: Shared, server: String, principal: Principal, headers: &He
             "supportedVersions": [VERSION],
             "capabilities": init.get("capabilities").cloned().unwrap_or_else(|| json!({})),
         });
+        if let Some(r) = result.as_object_mut() {
+            cache_hints(r);
+        }
         for k in ["serverInfo", "instructions"] {
             if let Some(v) = init.get(k) {
                 result[k] = v.clone();
@@ -302,6 +305,18 @@ pub async fn post(st: Shared, server: String, principal: Principal, headers: &He
         created: Instant::now(),
     };
     answer(st, round, client_id, sse).await
+}
+
+/// Results that carry caching hints in 2026-07-28.
+fn cacheable(method: &str) -> bool {
+    matches!(method, "tools/list" | "prompts/list" | "resources/list" | "resources/templates/list" | "resources/read")
+}
+
+/// The server's own hints pass through; a 2025-era server gives none, and mcpbox cannot know
+/// how long its answer holds (or whether it differs per principal): not cached, private.
+fn cache_hints(r: &mut Map<String, Value>) {
+    r.entry("ttlMs").or_insert_with(|| json!(0));
+    r.entry("cacheScope").or_insert_with(|| json!("private"));
 }
 
 /// `subscriptions/listen`: an SSE stream of the principal's backend notifications that the
@@ -411,6 +426,9 @@ async fn drive(st: &Shared, mut round: Round, client_id: Value, progress: Option
                 v["id"] = client_id;
                 if let Some(r) = v.get_mut("result").and_then(Value::as_object_mut) {
                     r.entry("resultType").or_insert_with(|| json!("complete"));
+                    if cacheable(&round.method) {
+                        cache_hints(r);
+                    }
                 }
                 return v;
             }

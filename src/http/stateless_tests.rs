@@ -65,6 +65,8 @@ async fn discover_list_and_call_without_initialize_or_session() {
     let r = sl(a, "pr", "P1", "tools/list", json!({}), json!({})).await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.json()["result"]["resultType"], "complete");
+    // A 2025-era server gives no caching hints: mcpbox says "do not cache, private".
+    assert_eq!((r.json()["result"]["ttlMs"].clone(), r.json()["result"]["cacheScope"].clone()), (json!(0), json!("private")));
     assert!(r.json()["result"]["tools"].as_array().unwrap().iter().any(|t| t["name"] == "echo"));
     let r = sl(a, "pr", "P1", "tools/call", json!({"name": "echo", "arguments": {"text": "hi"}}), json!({})).await;
     assert_eq!(r.status, 200, "{}", r.body);
