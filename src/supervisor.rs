@@ -5,6 +5,9 @@
 //! - `isolation: "session"`: every session gets its own process; the session ends when the
 //!   process exits (in-flight requests get "MCP server exited") and the process is killed
 //!   when the session ends (DELETE, SSE disconnect, idle, shutdown).
+//! - `isolation: "principal"`: as `session` for 2025-era sessions; stateless (2026-07-28)
+//!   requests of one principal go to that principal's own backend session and process
+//!   ([`Supervisor::principal_backend`]; also used for `session` servers), reaped when idle.
 //! - `isolation: "shared"`: one process per server behind one [`Hub`]; it is restarted with
 //!   exponential backoff (250 ms … 30 s) and sessions survive the restart.
 //! - A process whose stdout closes is ended at once (its in-flight requests fail first): a
