@@ -197,6 +197,8 @@ type BackendSlot = Arc<tokio::sync::Mutex<Option<Arc<Backend>>>>;
 pub struct Backend {
     pub session: Arc<Session>,
     pub init: serde_json::Value,
+    /// The level last set with `logging/setLevel` on the server, if any.
+    pub log_level: tokio::sync::Mutex<Option<String>>,
 }
 
 struct Warm {
@@ -639,7 +641,7 @@ impl Supervisor {
         };
         session.send(serde_json::json!({"jsonrpc": "2.0", "method": "notifications/initialized"}));
         tracing::info!(server = %server_name, principal = %principal, session = %session.id, "backend for stateless requests ready");
-        let b = Arc::new(Backend { session, init });
+        let b = Arc::new(Backend { session, init, log_level: tokio::sync::Mutex::new(None) });
         *slot = Some(b.clone());
         Ok(b)
     }

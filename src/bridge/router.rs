@@ -361,7 +361,13 @@ impl Router {
             // Other notifications (logging, …): to the one session they can belong to; with a
             // shared server and no such session, dropped rather than guessed.
             return match self.owner() {
-                Some((sid, _)) => vec![Action::Session(sid, Delivery::plain(msg))],
+                Some((sid, related)) => {
+                    // With one request of its session in flight, a notification (a log line)
+                    // belongs to that request: it goes on its stream where it has one.
+                    let busy = self.pending.values().filter(|p| p.kind != Kind::Internal && p.sid == sid).count();
+                    let related_to = (busy == 1 && !related.is_empty()).then_some(related);
+                    vec![Action::Session(sid, Delivery { msg, reply_to: None, related_to })]
+                }
                 None if !self.shared => self.broadcast(&msg),
                 None => vec![],
             };

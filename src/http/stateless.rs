@@ -26,9 +26,12 @@
 //! `subscriptions/listen` answers with an SSE stream of the list-changed and resource-updated
 //! notifications of the principal's backend that its filter asks for ([`listen`]).
 //!
-//! Not yet: progress and logging notifications of a request (dropped: the answer is always one
-//! JSON body), client notifications such as `notifications/cancelled` (accepted with 202, not
-//! forwarded).
+//! A request's progress (with a `progressToken`) and log messages (only when it opts in with
+//! `io.modelcontextprotocol/logLevel`, at or above that level; mcpbox sets the server's level with
+//! `logging/setLevel` when it changes) come on an SSE answer, ahead of the result. A client that
+//! disconnects before its answer cancels the request at the server.
+//!
+//! Not yet: client notifications (accepted with 202, not forwarded).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -50,6 +53,13 @@ pub const VERSION: &str = "2026-07-28";
 const META_VERSION: &str = "io.modelcontextprotocol/protocolVersion";
 const META_CAPS: &str = "io.modelcontextprotocol/clientCapabilities";
 const META_INFO: &str = "io.modelcontextprotocol/clientInfo";
+const META_LOG: &str = "io.modelcontextprotocol/logLevel";
+/// Log levels, least severe first.
+const LEVELS: [&str; 8] = ["debug", "info", "notice", "warning", "error", "critical", "alert", "emergency"];
+
+fn severity(level: &str) -> Option<usize> {
+    LEVELS.iter().position(|l| *l == level)
+}
 /// JSON-RPC error for a missing or mismatched `MCP-Protocol-Version`, `Mcp-Method`, `Mcp-Name`.
 pub const HEADER_MISMATCH: i64 = -32020;
 /// The protocol version mcpbox speaks to the stdio servers behind it.
@@ -124,6 +134,8 @@ struct Round {
     stream: PostStream,
     /// The backend id mcpbox gave the original request, to restore the client's on the answer.
     wire_id: Value,
+    /// The least severe log level the client opted in to for this request.
+    log_level: Option<usize>,
     asked: HashMap<String, Value>,
     /// The server's requests gathered for the next `InputRequiredResult`, by key.
     requests: Map<String, Value>,
@@ -233,9 +245,11 @@ pub async fn post(st: Shared, server: String, principal: Principal, headers: &He
     if method == "initialize" {
         return rpc_error(StatusCode::BAD_REQUEST, client_id, -32600, "initialize is not part of 2026-07-28; use server/discover");
     }
-    // Progress goes back on an SSE answer when the client asked for it and accepts SSE.
+    // Progress and (opted-in) log messages go back on an SSE answer when the client asked for
+    // them and accepts SSE.
+    let log_level = meta(&msg).and_then(|m| m.get(META_LOG)).and_then(Value::as_str).and_then(severity);
     let sse = headers.get_all(header::ACCEPT).iter().any(|v| v.to_str().is_ok_and(|s| s.contains("text/event-stream")))
-        && meta(&msg).is_some_and(|m| m.contains_key("progressToken"));
+        && (log_level.is_some() || meta(&msg).is_some_and(|m| m.contains_key("progressToken")));
     let client_info = meta(&msg).and_then(|m| m.get(META_INFO)).cloned();
     let init_params = json!({
         "protocolVersion": BACKEND_VERSION,
@@ -287,6 +301,17 @@ pub async fn post(st: Shared, server: String, principal: Principal, headers: &He
         round.created = Instant::now();
         return answer(st, round, client_id, sse).await;
     }
+    if let (Some(level), true) = (log_level, backend.init.get("capabilities").and_then(|c| c.get("logging")).is_some()) {
+        // The server's level is one for the principal: set when it changes, filtered here per request.
+        let mut set = backend.log_level.lock().await;
+        if set.as_deref() != Some(LEVELS[level]) {
+            let id = format!("mcpbox-sl-{}", WIRE_IDS.fetch_add(1, Ordering::Relaxed));
+            let req = json!({"jsonrpc": "2.0", "id": id, "method": "logging/setLevel", "params": {"level": LEVELS[level]}});
+            if backend.session.request_json(req).await.is_some() {
+                *set = Some(LEVELS[level].to_string());
+            }
+        }
+    }
     strip_meta(&mut msg);
     let wire_id = Value::String(format!("mcpbox-sl-{}", WIRE_IDS.fetch_add(1, Ordering::Relaxed)));
     msg["id"] = wire_id.clone();
@@ -299,6 +324,7 @@ pub async fn post(st: Shared, server: String, principal: Principal, headers: &He
         session,
         stream,
         wire_id,
+        log_level,
         asked: HashMap::new(),
         requests: Map::new(),
         caps,
@@ -457,7 +483,14 @@ async fn drive(st: &Shared, mut round: Round, client_id: Value, progress: Option
                     let _ = tx.send(v);
                 }
             }
-            // Other notifications (logging): not passed on yet.
+            (Some(m), None) if m == "notifications/message" => {
+                let level = v.get("params").and_then(|p| p.get("level")).and_then(Value::as_str).and_then(severity);
+                if let (Some(tx), Some(want), Some(level)) = (progress, round.log_level, level) {
+                    if level >= want {
+                        let _ = tx.send(v);
+                    }
+                }
+            }
             _ => {}
         }
     }

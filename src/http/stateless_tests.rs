@@ -340,3 +340,30 @@ async fn progress_comes_on_the_answer_stream_and_a_client_that_leaves_cancels() 
     assert_eq!(cancelled.as_array().map(Vec::len), Some(1), "the server was told: {cancelled}");
     s.sup.shutdown().await;
 }
+
+#[tokio::test]
+async fn log_messages_only_for_a_request_that_opts_in_and_at_its_level() {
+    let s = start().await;
+    let a = s.addr;
+    let h = [
+        ("Authorization", "P1"),
+        ("Accept", "application/json, text/event-stream"),
+        ("MCP-Protocol-Version", "2026-07-28"),
+        ("Mcp-Method", "tools/call"),
+        ("Mcp-Name", "log"),
+    ];
+    let mut b: Value = serde_json::from_str(&body(json!(5), "tools/call", json!({"name": "log", "arguments": {}}), json!({}))).unwrap();
+    b["params"]["_meta"]["io.modelcontextprotocol/logLevel"] = json!("info");
+    let mut c = send(a, "POST", "/pr/mcp", &h, &b.to_string()).await;
+    let (_, d, _) = c.event().await.unwrap();
+    let m: Value = serde_json::from_str(&d).unwrap();
+    assert_eq!((m["method"].clone(), m["params"]["level"].clone()), (json!("notifications/message"), json!("warning")), "debug is below info: {m}");
+    let (_, d, _) = c.event().await.unwrap();
+    assert_eq!(serde_json::from_str::<Value>(&d).unwrap()["id"], 5);
+    assert!(c.event().await.is_none());
+    // No opt-in: no log lines, one JSON answer.
+    let r = sl(a, "pr", "P1", "tools/call", json!({"name": "log", "arguments": {}}), json!({})).await;
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    assert_eq!(text(&r), "log");
+    s.sup.shutdown().await;
+}
