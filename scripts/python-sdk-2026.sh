@@ -10,8 +10,9 @@ work=$(mktemp -d /tmp/mcpbox-pysdk.XXXXXX)
 chmod 755 "$work"
 trap 'kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; rm -rf "$work"' EXIT
 pid=
-uv venv -q "$work/venv"
-VIRTUAL_ENV="$work/venv" uv pip install -q "mcp==$MCP_VERSION"
+if command -v uv >/dev/null; then uv=(uv); else uv=(python3 -m uv); fi
+"${uv[@]}" venv -q "$work/venv"
+VIRTUAL_ENV="$work/venv" "${uv[@]}" pip install -q "mcp==$MCP_VERSION"
 cargo build -q
 bin=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
 for b in "$bin"/*/debug/mcpbox "$bin"/debug/mcpbox; do [ -x "$b" ] && { bin=$b; break; }; done
