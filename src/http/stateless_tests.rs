@@ -116,6 +116,10 @@ async fn required_headers_are_checked_and_named() {
     // An unknown version is refused as before; no backend was started for any of these.
     let r = call(a, "POST", "/pr/mcp", &[("Authorization", "P1"), ("MCP-Protocol-Version", "2099-01-01")], &call_body).await;
     assert_eq!(r.status, 400);
+    let v = r.json();
+    assert_eq!(v["error"]["code"], -32022, "{v}");
+    assert_eq!(v["error"]["data"]["supported"], json!(["2025-03-26", "2025-06-18", "2025-11-25", "2026-07-28"]));
+    assert_eq!(v["error"]["data"]["requested"], "2099-01-01");
     assert_eq!(s.sup.server("pr").unwrap().active_sessions(), 0);
     s.sup.shutdown().await;
 }
