@@ -112,6 +112,9 @@ step "integration tests as $ci_user" setpriv --reuid="$ci_user" --regid="$ci_use
     env -i HOME="/home/$ci_user" PATH=/usr/local/bin:/usr/bin:/bin TMPDIR="$tmp_user" LANG=C.UTF-8 \
     "$bin" --test-threads=2 sandbox:: cli:: serve:: denials::
 
+# A real 2026-07-28 client (the Python SDK 2.x, from the Python package index through uv).
+step "Python SDK 2.x client (2026-07-28, auto) through mcpbox serve" bash scripts/python-sdk-2026.sh
+
 rm -rf "$tmp_root" "$tmp_user"
 
 # The parsers that read hostile input (JSON-RPC framing, request bodies, mcpbox.json, policies,

@@ -56,6 +56,9 @@ pub enum Isolation {
     Session,
     /// One process for all sessions, ids remapped per session.
     Shared,
+    /// One process per principal (token) for stateless (2026-07-28) requests; a 2025-era
+    /// session still gets a process of its own, as with `Session`.
+    Principal,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -660,7 +663,8 @@ fn build(raw: RawFile, base_dir: &Path) -> Result<Config, ConfigError> {
         let isolation = match rs.isolation.as_deref() {
             None | Some("session") => Isolation::Session,
             Some("shared") => Isolation::Shared,
-            Some(i) => return Err(field_err(format!("{f}.isolation"), format!("{i:?} is not \"session\" or \"shared\""))),
+            Some("principal") => Isolation::Principal,
+            Some(i) => return Err(field_err(format!("{f}.isolation"), format!("{i:?} is not \"session\", \"principal\" or \"shared\""))),
         };
         let max_sessions = match rs.max_sessions {
             None => Some(DEFAULT_MAX_SESSIONS),

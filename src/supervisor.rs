@@ -5,6 +5,9 @@
 //! - `isolation: "session"`: every session gets its own process; the session ends when the
 //!   process exits (in-flight requests get "MCP server exited") and the process is killed
 //!   when the session ends (DELETE, SSE disconnect, idle, shutdown).
+//! - `isolation: "principal"`: as `session` for 2025-era sessions; stateless (2026-07-28)
+//!   requests of one principal go to that principal's own backend session and process
+//!   ([`Supervisor::principal_backend`]; also used for `session` servers), reaped when idle.
 //! - `isolation: "shared"`: one process per server behind one [`Hub`]; it is restarted with
 //!   exponential backoff (250 ms … 30 s) and sessions survive the restart.
 //! - A process whose stdout closes is ended at once (its in-flight requests fail first): a
@@ -188,6 +191,21 @@ pub struct Server {
     /// `isolation: "session"`: one process started ahead of time (sandbox built, runtime
     /// loaded, waiting on stdin), handed to the next new session; see [`Supervisor::keep_warm`].
     warm: Option<Warm>,
+    /// Stateless (2026-07-28) requests: each principal's backend session, opened on first use
+    /// and initialized by mcpbox; see [`Supervisor::principal_backend`].
+    principals: Mutex<std::collections::HashMap<Principal, BackendSlot>>,
+}
+
+/// Where one principal's backend is kept; locked while it is being opened.
+type BackendSlot = Arc<tokio::sync::Mutex<Option<Arc<Backend>>>>;
+
+/// The backend of one principal's stateless requests: a session mcpbox opened and initialized
+/// itself, with the server's `initialize` result.
+pub struct Backend {
+    pub session: Arc<Session>,
+    pub init: serde_json::Value,
+    /// The level last set with `logging/setLevel` on the server, if any.
+    pub log_level: tokio::sync::Mutex<Option<String>>,
 }
 
 struct Warm {
@@ -208,6 +226,9 @@ impl Server {
 /// Longest line of a server's stderr that is logged; the rest of a longer line is dropped
 /// while reading (with a note in the log), never collected.
 pub const STDERR_LINE_MAX: usize = 4096;
+
+/// How long mcpbox waits for a server's answer to its own `initialize`.
+const INIT_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub struct Options {
     pub max_line: usize,
@@ -289,11 +310,12 @@ impl Supervisor {
                     sessions: Sessions::default(),
                     shared,
                     metrics: Metrics::default(),
-                    warm: (cfg.isolation == Isolation::Session && ready.is_ok()).then(|| {
+                    warm: (cfg.isolation != Isolation::Shared && ready.is_ok()).then(|| {
                         let (tx, rx) = mpsc::channel(1);
                         Warm { rx: tokio::sync::Mutex::new(rx), tx: Mutex::new(Some(tx)) }
                     }),
                     ready,
+                    principals: Mutex::default(),
                 }),
             );
         }
@@ -610,6 +632,43 @@ impl Supervisor {
             drop(budget_slot);
         });
         Ok(session)
+    }
+
+    /// The backend of `principal`'s stateless requests on `server_name`: one session per
+    /// principal, opened on first use (a process of its own unless the server is shared),
+    /// initialized by mcpbox with `init_params` (the 2025-era handshake the server expects),
+    /// and reopened once it has ended (idle timeout, crash). Ends like any session: idle
+    /// reaping, shutdown.
+    pub async fn principal_backend(
+        self: &Arc<Self>,
+        server_name: &str,
+        principal: &Principal,
+        init_params: serde_json::Value,
+    ) -> Result<Arc<Backend>, OpenError> {
+        let server = self.servers.get(server_name).ok_or(OpenError::NotFound)?.clone();
+        let slot = server.principals.lock().unwrap_or_else(|e| e.into_inner()).entry(principal.clone()).or_default().clone();
+        let mut slot = slot.lock().await;
+        if let Some(b) = slot.as_ref().filter(|b| !b.session.is_closed()) {
+            return Ok(b.clone());
+        }
+        *slot = None;
+        let session = self.open_session(server_name, principal.clone(), Transport::Streamable).await?;
+        let req = serde_json::json!({"jsonrpc": "2.0", "id": "mcpbox-initialize", "method": "initialize", "params": init_params});
+        let answer = tokio::time::timeout(INIT_TIMEOUT, session.request_json(req)).await;
+        let init = match answer {
+            Ok(Some(body)) => serde_json::from_slice::<serde_json::Value>(&body).ok().and_then(|v| v.get("result").cloned()),
+            _ => None,
+        };
+        let Some(init) = init else {
+            session.close("the server did not answer initialize");
+            tracing::error!(server = %server_name, principal = %principal, "server did not answer mcpbox's initialize in {INIT_TIMEOUT:?}");
+            return Err(OpenError::Launch("the server did not answer initialize".into()));
+        };
+        session.send(serde_json::json!({"jsonrpc": "2.0", "method": "notifications/initialized"}));
+        tracing::info!(server = %server_name, principal = %principal, session = %session.id, "backend for stateless requests ready");
+        let b = Arc::new(Backend { session, init, log_level: tokio::sync::Mutex::new(None) });
+        *slot = Some(b.clone());
+        Ok(b)
     }
 
     async fn reap_idle(self: Arc<Self>) {

@@ -30,7 +30,7 @@ use crate::config::ToolFilter;
 pub use framing::{Frame, LineReader};
 pub use outbox::{Outbox, Transport};
 pub use router::{error_response, Action, Delivery, Key, Router, SessionId, SERVER_EXITED};
-pub use session::{Session, Sessions};
+pub use session::{PostStream, Session, Sessions};
 
 /// Who a request comes from: which configured token it presented (never the token itself), or
 /// `anonymous` where no token guards the endpoint. A session belongs to the principal that opened

@@ -96,7 +96,21 @@ pub struct Router {
     init_params: Option<Value>,
     initialized_sent: bool,
     sessions: Vec<SessionId>,
-    last_active: Option<SessionId>,
+    /// Shared mode: the client capabilities each session declared in its `initialize`.
+    caps: HashMap<SessionId, Value>,
+}
+
+/// The client capabilities a shared server is initialized with: every one mcpbox can route.
+const ROUTABLE: [&str; 3] = ["sampling", "elicitation", "roots"];
+
+/// The client capability a server request needs, if any.
+fn capability_for(method: &str) -> Option<&'static str> {
+    match method {
+        "sampling/createMessage" => Some("sampling"),
+        "elicitation/create" => Some("elicitation"),
+        "roots/list" => Some("roots"),
+        _ => None,
+    }
 }
 
 pub fn error_response(id: Value, code: i64, message: &str) -> Value {
@@ -121,7 +135,7 @@ impl Router {
             init_params: None,
             initialized_sent: false,
             sessions: Vec::new(),
-            last_active: None,
+            caps: HashMap::new(),
         }
     }
 
@@ -138,11 +152,9 @@ impl Router {
         self.by_client.retain(|(s, _), _| s != sid);
         self.tokens.retain(|_, (s, _, _)| s != sid);
         self.server_reqs.retain(|_, s| s != sid);
+        self.caps.remove(sid);
         if let Init::Pending(w) = &mut self.init {
             w.retain(|(s, _)| s != sid);
-        }
-        if self.last_active.as_ref() == Some(sid) {
-            self.last_active = self.sessions.last().cloned();
         }
     }
 
@@ -166,7 +178,6 @@ impl Router {
     /// A message from a client session (already checked to be a JSON-RPC object).
     pub fn from_client(&mut self, sid: &SessionId, mut msg: Value) -> Vec<Action> {
         let Some(obj) = msg.as_object_mut() else { return vec![] };
-        self.last_active = Some(sid.clone());
         let method = obj.get("method").and_then(Value::as_str).map(str::to_owned);
         match (method, obj.contains_key("id")) {
             (Some(method), true) => {
@@ -196,6 +207,8 @@ impl Router {
                     _ => Kind::Other,
                 };
                 if kind == Kind::Initialize && self.shared {
+                    let declared = obj.get("params").and_then(|p| p.get("capabilities")).cloned().unwrap_or_else(|| json!({}));
+                    self.caps.insert(sid.clone(), declared);
                     match &mut self.init {
                         Init::Done(result) => {
                             let r = json!({"jsonrpc": "2.0", "id": client_id, "result": result});
@@ -207,6 +220,17 @@ impl Router {
                         }
                         Init::None => {
                             self.init = Init::Pending(Vec::new());
+                            // The one process serves every session: it is told the client can
+                            // do all mcpbox can route, and mcpbox answers for a session whose
+                            // client cannot.
+                            if let Some(p) = obj.get_mut("params").and_then(Value::as_object_mut) {
+                                let caps = p.entry("capabilities").or_insert_with(|| json!({}));
+                                if let Some(c) = caps.as_object_mut() {
+                                    for k in ROUTABLE {
+                                        c.entry(k).or_insert_with(|| json!({}));
+                                    }
+                                }
+                            }
                             self.init_params = obj.get("params").cloned();
                         }
                     }
@@ -269,6 +293,20 @@ impl Router {
             .map(|p| (p.sid.clone(), key(&p.client_id)))
     }
 
+    /// The session a server-initiated message belongs to, and its latest request in flight:
+    /// a server's own session (not shared), or, shared, the only session with requests in
+    /// flight. `None` where that is ambiguous (several sessions busy) or nobody is busy.
+    fn owner(&self) -> Option<(SessionId, Key)> {
+        if !self.shared {
+            let sid = self.sessions.first()?.clone();
+            let related = self.most_recent_in_flight().map(|(_, k)| k).unwrap_or_default();
+            return Some((sid, related));
+        }
+        let (sid, related) = self.most_recent_in_flight()?;
+        let alone = self.pending.values().filter(|p| p.kind != Kind::Internal).all(|p| p.sid == sid);
+        alone.then_some((sid, related))
+    }
+
     fn broadcast(&self, msg: &Value) -> Vec<Action> {
         self.sessions.iter().map(|s| Action::Session(s.clone(), Delivery::plain(msg.clone()))).collect()
     }
@@ -285,11 +323,20 @@ impl Router {
                     let m = format!("mcpbox refused this request: at most {MAX_SERVER_REQUESTS} server requests may be outstanding, with ids of at most {MAX_SERVER_ID} bytes");
                     return vec![Action::Backend(error_response(id, -32603, &m))];
                 }
-                let target = self.most_recent_in_flight().or_else(|| self.last_active.clone().map(|s| (s, String::new())));
-                let Some((sid, related)) = target else {
-                    let id = obj.get("id").cloned().unwrap_or(Value::Null);
-                    return vec![Action::Backend(error_response(id, -32603, "no client session to ask"))];
+                let id = obj.get("id").cloned().unwrap_or(Value::Null);
+                let Some((sid, related)) = self.owner() else {
+                    let m = "mcpbox cannot tell which client this request is for (no single client session has a request in flight); refused";
+                    return vec![Action::Backend(error_response(id, -32603, m))];
                 };
+                if self.shared {
+                    if let Some(cap) = capability_for(&method) {
+                        if self.caps.get(&sid).and_then(|c| c.get(cap)).is_none_or(Value::is_null) {
+                            // mcpbox answers for a client that did not declare the capability.
+                            let m = format!("the client did not declare the {cap} capability");
+                            return vec![Action::Backend(error_response(id, -32601, &m))];
+                        }
+                    }
+                }
                 self.server_reqs.insert(key(&obj["id"]), sid.clone());
                 let related_to = (!related.is_empty()).then_some(related);
                 return vec![Action::Session(sid, Delivery { msg, reply_to: None, related_to })];
@@ -314,10 +361,16 @@ impl Router {
                     None => vec![],
                 };
             }
-            // Other notifications (logging, …): to whoever is being served right now.
-            let target = self.most_recent_in_flight().map(|(s, _)| s).or_else(|| self.last_active.clone());
-            return match target {
-                Some(sid) => vec![Action::Session(sid, Delivery::plain(msg))],
+            // Other notifications (logging, …): to the one session they can belong to; with a
+            // shared server and no such session, dropped rather than guessed.
+            return match self.owner() {
+                Some((sid, related)) => {
+                    // With one request of its session in flight, a notification (a log line)
+                    // belongs to that request: it goes on its stream where it has one.
+                    let busy = self.pending.values().filter(|p| p.kind != Kind::Internal && p.sid == sid).count();
+                    let related_to = (busy == 1 && !related.is_empty()).then_some(related);
+                    vec![Action::Session(sid, Delivery { msg, reply_to: None, related_to })]
+                }
                 None if !self.shared => self.broadcast(&msg),
                 None => vec![],
             };
@@ -606,6 +659,7 @@ mod tests {
         let (a, b) = (sid("a"), sid("b"));
         r.attach(a.clone());
         r.attach(b.clone());
+        backend(&r.from_client(&a, json!({"jsonrpc":"2.0","id":0,"method":"initialize","params":{"capabilities":{"sampling":{}}}})));
         backend(&r.from_client(&a, json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"x"}})));
         // a server request while a's call is in flight goes to a, related to that call
         let (s, d) = session(&r.from_backend(json!({"jsonrpc":"2.0","id":99,"method":"sampling/createMessage","params":{}})));
@@ -654,6 +708,10 @@ mod tests {
         assert!(d.msg["error"]["message"].as_str().unwrap().contains("too many requests in flight"));
         // another session is not held back by a's requests
         backend(&r.from_client(&b, json!({"jsonrpc":"2.0","id":1,"method":"ping"})));
+        // The server's requests, on a server of a's own (shared, two busy sessions are ambiguous).
+        let mut r = Router::new(false, None);
+        r.attach(a.clone());
+        backend(&r.from_client(&a, json!({"jsonrpc":"2.0","id":1,"method":"tools/call"})));
         for i in 0..MAX_SERVER_REQUESTS {
             session(&r.from_backend(json!({"jsonrpc":"2.0","id":i,"method":"roots/list"})));
         }
@@ -678,5 +736,56 @@ mod tests {
         assert_eq!(d.msg["result"]["tools"], json!([{"name":"ls"}]));
         let allow = ToolFilter { mode: FilterMode::Allow, list: ["ls".to_string()].into_iter().collect() };
         assert!(allow.allows("ls") && !allow.allows("rm"));
+    }
+
+    fn init(r: &mut Router, s: &SessionId, caps: Value) -> Vec<Action> {
+        r.from_client(s, json!({"jsonrpc":"2.0","id":"i","method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":caps}}))
+    }
+
+    #[test]
+    fn a_shared_server_is_initialized_with_every_routable_capability() {
+        let mut r = Router::new(true, None);
+        let a = sid("a");
+        r.attach(a.clone());
+        let m = backend(&init(&mut r, &a, json!({"roots":{"listChanged":true}})));
+        let caps = &m["params"]["capabilities"];
+        assert_eq!(caps["roots"], json!({"listChanged": true}), "what the client declared is kept");
+        assert_eq!((caps["sampling"].is_object(), caps["elicitation"].is_object()), (true, true), "{caps}");
+        // A session-mode server is told only what its client declared.
+        let mut r = Router::new(false, None);
+        r.attach(a.clone());
+        assert_eq!(backend(&init(&mut r, &a, json!({})))["params"]["capabilities"], json!({}));
+    }
+
+    #[test]
+    fn shared_server_messages_go_only_where_unambiguous() {
+        let mut r = Router::new(true, None);
+        let (a, b) = (sid("a"), sid("b"));
+        r.attach(a.clone());
+        r.attach(b.clone());
+        let m = backend(&init(&mut r, &a, json!({"elicitation":{}})));
+        r.from_backend(json!({"jsonrpc":"2.0","id":m["id"],"result":{"capabilities":{}}}));
+        init(&mut r, &b, json!({}));
+        let elicit = |id: &str| json!({"jsonrpc":"2.0","id":id,"method":"elicitation/create","params":{"message":"?"}});
+        let log = json!({"jsonrpc":"2.0","method":"notifications/message","params":{"level":"info","data":"x"}});
+        // Nobody busy: refused, dropped.
+        assert!(backend(&r.from_backend(elicit("e0")))["error"]["message"].as_str().unwrap().contains("cannot tell"));
+        assert!(r.from_backend(log.clone()).is_empty());
+        // Only a busy: a is asked, related to its call.
+        backend(&r.from_client(&a, json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"x"}})));
+        let (s, d) = session(&r.from_backend(elicit("e1")));
+        assert_eq!((s.as_ref(), d.related_to.as_deref()), ("a", Some("1")));
+        assert_eq!(session(&r.from_backend(log.clone())).0.as_ref(), "a");
+        // a and b busy: neither is guessed.
+        backend(&r.from_client(&b, json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"y"}})));
+        let e = backend(&r.from_backend(elicit("e2")));
+        assert_eq!(e["id"], "e2");
+        assert_eq!(e["error"]["code"], -32603);
+        assert!(r.from_backend(log.clone()).is_empty());
+        // Only b busy, and b's client did not declare elicitation: mcpbox answers for it.
+        r.from_backend(json!({"jsonrpc":"2.0","id":r.by_client[&(a.clone(), key(&json!(1)))].clone(),"result":{}}));
+        let e = backend(&r.from_backend(elicit("e3")));
+        assert_eq!(e["error"]["code"], -32601, "{e}");
+        assert!(e["error"]["message"].as_str().unwrap().contains("elicitation"));
     }
 }

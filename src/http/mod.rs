@@ -10,6 +10,7 @@
 pub mod edge;
 pub mod listen;
 pub mod sse;
+pub mod stateless;
 pub mod streamable;
 
 use std::fmt::Write as _;
@@ -34,6 +35,8 @@ pub struct AppState {
     /// `baseURL`'s path ("" or "/prefix").
     pub prefix: String,
     pub edge: edge::Edge,
+    /// 2026-07-28 input-required rounds waiting for their retry.
+    pub stateless: stateless::Rounds,
 }
 
 pub type Shared = Arc<AppState>;
@@ -45,6 +48,7 @@ pub fn router(sup: Arc<Supervisor>, cfg: Arc<Config>) -> Router {
         sup,
         prefix,
         cfg: cfg.clone(),
+        stateless: stateless::Rounds::default(),
     });
     // No path patterns: every request goes to `dispatch`, which routes on the edge's one decision.
     Router::new().fallback(dispatch).layer(DefaultBodyLimit::max(cfg.max_body_bytes)).with_state(state)
@@ -219,7 +223,7 @@ fn status(st: &Shared) -> Response {
             (
                 s.cfg.name.clone(),
                 json!({
-                    "isolation": match s.cfg.isolation { Isolation::Session => "session", Isolation::Shared => "shared" },
+                    "isolation": match s.cfg.isolation { Isolation::Session => "session", Isolation::Shared => "shared", Isolation::Principal => "principal" },
                     "ready": s.ready.is_ok(),
                     "sessions": s.active_sessions(),
                     "confinement": m.level.lock().unwrap_or_else(|e| e.into_inner()).clone(),
@@ -288,3 +292,5 @@ fn metrics(st: &Shared) -> Response {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod stateless_tests;

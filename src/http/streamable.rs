@@ -34,12 +34,21 @@ const SESSION_HEADER: &str = "mcp-session-id";
 /// How long a POST answered as SSE waits for its first message before sending headers alone.
 const FIRST_EVENT_WAIT: Duration = Duration::from_millis(50);
 
+/// An unknown `MCP-Protocol-Version`: 400 with JSON-RPC error -32022 naming the versions
+/// served (both generations), which a dual-era client reads to pick one.
 #[allow(clippy::result_large_err)]
 fn version_ok(h: &HeaderMap) -> Result<(), Response> {
     match h.get("mcp-protocol-version") {
         None => Ok(()),
         Some(v) if v.to_str().is_ok_and(|v| VERSIONS.contains(&v)) => Ok(()),
-        Some(_) => Err((StatusCode::BAD_REQUEST, format!("unsupported MCP-Protocol-Version; supported: {}\n", VERSIONS.join(", "))).into_response()),
+        Some(v) => {
+            let mut supported: Vec<&str> = VERSIONS.to_vec();
+            supported.push(super::stateless::VERSION);
+            let msg = format!("unsupported MCP-Protocol-Version; supported: {}", supported.join(", "));
+            let mut body = crate::bridge::error_response(Value::Null, -32022, &msg);
+            body["error"]["data"] = serde_json::json!({"supported": supported, "requested": String::from_utf8_lossy(v.as_bytes())});
+            Err((StatusCode::BAD_REQUEST, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response())
+        }
     }
 }
 
@@ -60,9 +69,6 @@ fn lookup(st: &Shared, server: &str, principal: &Principal, h: &HeaderMap) -> Re
 }
 
 pub async fn post(st: Shared, server: String, principal: Principal, headers: HeaderMap, body: Bytes) -> Response {
-    if let Err(r) = version_ok(&headers) {
-        return r;
-    }
     let Some(srv) = st.sup.server(&server).cloned() else {
         return (StatusCode::NOT_FOUND, "no such server\n").into_response();
     };
@@ -77,6 +83,13 @@ pub async fn post(st: Shared, server: String, principal: Principal, headers: Hea
             return (StatusCode::BAD_REQUEST, [(header::CONTENT_TYPE, "application/json")], e.to_string()).into_response();
         }
     };
+    // The protocol generation is chosen per request.
+    if super::stateless::wants(&headers, &msg) {
+        return super::stateless::post(st, server, principal, &headers, msg).await;
+    }
+    if let Err(r) = version_ok(&headers) {
+        return r;
+    }
     let method = msg.get("method").and_then(Value::as_str);
     let is_request = method.is_some() && msg.get("id").is_some();
     let ss = if method == Some("initialize") && !headers.contains_key(SESSION_HEADER) {

@@ -12,11 +12,11 @@ use tokio::net::TcpStream;
 
 use crate::supervisor::{DirectLauncher, Options, Supervisor};
 
-const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/echo_mcp.py");
+pub(super) const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/echo_mcp.py");
 
-struct Srv {
-    addr: SocketAddr,
-    sup: Arc<Supervisor>,
+pub(super) struct Srv {
+    pub(super) addr: SocketAddr,
+    pub(super) sup: Arc<Supervisor>,
 }
 
 async fn start(extra: &str) -> Srv {
@@ -32,7 +32,7 @@ async fn start(extra: &str) -> Srv {
     .await
 }
 
-async fn start_text(text: String) -> Srv {
+pub(super) async fn start_text(text: String) -> Srv {
     let cfg = crate::config::parse(&text, Path::new("t.json"), Path::new("/"), &|_| None).unwrap();
     let cfg = Arc::new(cfg);
     let sup = Supervisor::start(
@@ -47,32 +47,32 @@ async fn start_text(text: String) -> Srv {
     Srv { addr, sup }
 }
 
-struct Resp {
-    status: u16,
+pub(super) struct Resp {
+    pub(super) status: u16,
     headers: Vec<(String, String)>,
-    body: String,
+    pub(super) body: String,
 }
 
 impl Resp {
-    fn header(&self, name: &str) -> Option<&str> {
+    pub(super) fn header(&self, name: &str) -> Option<&str> {
         self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
     }
-    fn json(&self) -> Value {
+    pub(super) fn json(&self) -> Value {
         serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("{e}: {:?}", self.body))
     }
 }
 
 /// An open response whose body is read incrementally (chunked or not).
-struct Conn {
+pub(super) struct Conn {
     r: BufReader<TcpStream>,
-    status: u16,
+    pub(super) status: u16,
     headers: Vec<(String, String)>,
     chunked: bool,
     left_in_chunk: usize,
     pending: String,
 }
 
-async fn send(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> Conn {
+pub(super) async fn send(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> Conn {
     let mut s = TcpStream::connect(addr).await.unwrap();
     let mut req = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nConnection: close\r\nContent-Length: {}\r\n", addr.port(), body.len());
     for (k, v) in headers {
@@ -138,7 +138,7 @@ impl Conn {
     }
 
     /// Next SSE event (skipping comments): (event, data, id).
-    async fn event(&mut self) -> Option<(String, String, String)> {
+    pub(super) async fn event(&mut self) -> Option<(String, String, String)> {
         loop {
             if let Some(i) = self.pending.find("\n\n") {
                 let block: String = self.pending.drain(..i + 2).collect();
@@ -163,7 +163,7 @@ impl Conn {
     }
 }
 
-async fn call(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> Resp {
+pub(super) async fn call(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> Resp {
     send(addr, method, path, headers, body).await.all().await
 }
 
@@ -545,12 +545,12 @@ async fn legacy_open(addr: SocketAddr, server: &str) -> (Conn, String) {
     (c, endpoint)
 }
 
-fn alive(pid: u64) -> bool {
+pub(super) fn alive(pid: u64) -> bool {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     !stat.is_empty() && stat.rsplit(')').next().and_then(|r| r.split_whitespace().next()) != Some("Z")
 }
 
-async fn until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+pub(super) async fn until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
     let deadline = std::time::Instant::now() + Duration::from_secs(secs);
     while !f() {
         assert!(std::time::Instant::now() < deadline, "{what}: not within {secs} s");

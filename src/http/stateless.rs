@@ -1,0 +1,555 @@
+//! MCP 2026-07-28 (stateless) requests on `/NAME/mcp`, in front of 2025-era stdio servers.
+//!
+//! A request is stateless when its `MCP-Protocol-Version` header says 2026-07-28 (or, with no
+//! header, when its `_meta` names a protocol version: it then gets 400 for the missing header).
+//! There is no `initialize` and no session id: each request carries its version and client
+//! capabilities in `params._meta`, and the headers `Mcp-Method` (every message) and `Mcp-Name`
+//! (`tools/call`, `prompts/get`: the name; `resources/read`: the URI) must match the body, or
+//! the answer is 400 with a JSON-RPC error (-32020) naming the header.
+//!
+//! Which process answers: every principal (token) has one backend session per server, opened
+//! and initialized by mcpbox on its first request ([`crate::supervisor::Supervisor::principal_backend`]):
+//! a process of its own for `isolation: "principal"` and `"session"`, the one process for
+//! `"shared"`. Its state persists between the principal's requests until it is idle for
+//! `idleTimeout`. `server/discover` is answered from that backend's own `initialize` result.
+//!
+//! The backend is initialized with every client capability mcpbox can route (sampling,
+//! elicitation, roots). A server request made while serving a stateless request becomes an
+//! `InputRequiredResult`: the request stays in flight in the backend, the client gets the
+//! server's requests and a `requestState` (an entry number with an HMAC-SHA256 tag over it,
+//! the server, the principal and the method, under a key drawn at start), and retries with
+//! `inputResponses`; the answers go to the server and the first answer's wait goes on. A state
+//! that does not verify, belongs to another principal, server or method, or was used already
+//! is refused. Where the request's `_meta` did not declare the capability a server request
+//! needs, mcpbox answers the server with an error on the client's behalf.
+//!
+//! `subscriptions/listen` answers with an SSE stream of the list-changed and resource-updated
+//! notifications of the principal's backend that its filter asks for ([`listen`]).
+//!
+//! A request's progress (with a `progressToken`) and log messages (only when it opts in with
+//! `io.modelcontextprotocol/logLevel`, at or above that level; mcpbox sets the server's level with
+//! `logging/setLevel` when it changes) come on an SSE answer, ahead of the result. A client that
+//! disconnects before its answer cancels the request at the server.
+//!
+//! Not yet: client notifications (accepted with 202, not forwarded).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures_util::StreamExt;
+use tokio::sync::mpsc;
+use serde_json::{json, Map, Value};
+
+use super::edge::Principal;
+use super::{open_error, rpc_error, Shared};
+use crate::bridge::{PostStream, Session};
+
+pub const VERSION: &str = "2026-07-28";
+const META_VERSION: &str = "io.modelcontextprotocol/protocolVersion";
+const META_CAPS: &str = "io.modelcontextprotocol/clientCapabilities";
+const META_INFO: &str = "io.modelcontextprotocol/clientInfo";
+const META_LOG: &str = "io.modelcontextprotocol/logLevel";
+/// Log levels, least severe first.
+const LEVELS: [&str; 8] = ["debug", "info", "notice", "warning", "error", "critical", "alert", "emergency"];
+
+fn severity(level: &str) -> Option<usize> {
+    LEVELS.iter().position(|l| *l == level)
+}
+/// JSON-RPC error for a missing or mismatched `MCP-Protocol-Version`, `Mcp-Method`, `Mcp-Name`.
+pub const HEADER_MISMATCH: i64 = -32020;
+/// The protocol version mcpbox speaks to the stdio servers behind it.
+const BACKEND_VERSION: &str = "2025-11-25";
+/// How long an input-required round waits for the client's retry.
+const ROUND_TTL: Duration = Duration::from_secs(300);
+/// Input-required rounds waiting at once, across all servers.
+const MAX_ROUNDS: usize = 1024;
+/// After a first server request, how long to wait for more before answering the client.
+const GATHER: Duration = Duration::from_millis(20);
+
+/// Whether a POST on `/NAME/mcp` is a 2026-07-28 one.
+pub fn wants(headers: &HeaderMap, msg: &Value) -> bool {
+    match headers.get("mcp-protocol-version") {
+        Some(v) => v.as_bytes() == VERSION.as_bytes(),
+        None => meta(msg).is_some_and(|m| m.contains_key(META_VERSION)),
+    }
+}
+
+fn meta(msg: &Value) -> Option<&Map<String, Value>> {
+    msg.get("params")?.get("_meta")?.as_object()
+}
+
+fn bad_header(id: Value, text: &str) -> Response {
+    rpc_error(StatusCode::BAD_REQUEST, id, HEADER_MISMATCH, text)
+}
+
+/// The header checks of a 2026-07-28 message: the response to give when one fails.
+#[allow(clippy::result_large_err)]
+fn check_headers(headers: &HeaderMap, msg: &Value) -> Result<(), Response> {
+    let id = msg.get("id").cloned().unwrap_or(Value::Null);
+    let get = |h: &str| headers.get(h).map(|v| v.to_str().unwrap_or("\u{fffd}"));
+    let Some(version) = get("mcp-protocol-version") else {
+        return Err(bad_header(id, "MCP-Protocol-Version header is required (2026-07-28)"));
+    };
+    if let Some(v) = meta(msg).and_then(|m| m.get(META_VERSION)) {
+        if v.as_str() != Some(version) {
+            return Err(bad_header(id, "MCP-Protocol-Version header does not match params._meta's protocolVersion"));
+        }
+    }
+    let method = msg.get("method").and_then(Value::as_str);
+    if let Some(method) = method {
+        match get("mcp-method") {
+            None => return Err(bad_header(id, "Mcp-Method header is required")),
+            Some(h) if h != method => return Err(bad_header(id, "Mcp-Method header does not match the body's method")),
+            Some(_) => {}
+        }
+        let field = match method {
+            "tools/call" | "prompts/get" => Some("name"),
+            "resources/read" => Some("uri"),
+            _ => None,
+        };
+        if let Some(field) = field {
+            let want = msg.get("params").and_then(|p| p.get(field)).and_then(Value::as_str);
+            match get("mcp-name") {
+                None => return Err(bad_header(id, "Mcp-Name header is required for this method")),
+                Some(h) if Some(h) != want => return Err(bad_header(id, &format!("Mcp-Name header does not match params.{field}"))),
+                Some(_) => {}
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One input-required round: the backend request still in flight, and which server request
+/// each `inputRequests` key stands for.
+struct Round {
+    server: String,
+    principal: Principal,
+    method: String,
+    session: Arc<Session>,
+    stream: PostStream,
+    /// The backend id mcpbox gave the original request, to restore the client's on the answer.
+    wire_id: Value,
+    /// The least severe log level the client opted in to for this request.
+    log_level: Option<usize>,
+    asked: HashMap<String, Value>,
+    /// The server's requests gathered for the next `InputRequiredResult`, by key.
+    requests: Map<String, Value>,
+    caps: Value,
+    created: Instant,
+}
+
+/// The input-required rounds waiting for their retry, and the key their states are signed with.
+pub struct Rounds {
+    key: ring::hmac::Key,
+    next: AtomicU64,
+    map: Mutex<HashMap<u64, Round>>,
+}
+
+impl Default for Rounds {
+    fn default() -> Self {
+        let secret: [u8; 32] = rand::random();
+        Rounds { key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret), next: AtomicU64::new(1), map: Mutex::default() }
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
+}
+
+impl Rounds {
+    fn signed(n: u64, server: &str, principal: &Principal, method: &str) -> String {
+        format!("{n}\n{server}\n{principal}\n{method}")
+    }
+
+    fn state(&self, n: u64, server: &str, principal: &Principal, method: &str) -> String {
+        let tag = ring::hmac::sign(&self.key, Self::signed(n, server, principal, method).as_bytes());
+        format!("{n:x}.{}", hex(tag.as_ref()))
+    }
+
+    /// The round a state names, if its tag verifies for this server, principal and method;
+    /// it is taken out, so a state works once.
+    fn take(&self, state: &str, server: &str, principal: &Principal, method: &str) -> Option<Round> {
+        let (n, tag) = state.split_once('.')?;
+        let n = u64::from_str_radix(n, 16).ok()?;
+        let tag = unhex(tag)?;
+        ring::hmac::verify(&self.key, Self::signed(n, server, principal, method).as_bytes(), &tag).ok()?;
+        self.map.lock().unwrap_or_else(|e| e.into_inner()).remove(&n)
+    }
+
+    /// Keep `round`; the state that names it, or `None` when too many rounds wait.
+    fn put(&self, round: Round) -> Option<String> {
+        let mut expired = Vec::new();
+        let state = {
+            let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+            let old: Vec<u64> = map.iter().filter(|(_, r)| r.created.elapsed() > ROUND_TTL).map(|(n, _)| *n).collect();
+            expired.extend(old.into_iter().filter_map(|n| map.remove(&n)));
+            if map.len() >= MAX_ROUNDS {
+                None
+            } else {
+                let n = self.next.fetch_add(1, Ordering::Relaxed);
+                let s = self.state(n, &round.server, &round.principal, &round.method);
+                map.insert(n, round);
+                Some(s)
+            }
+        };
+        // A round whose client never came back: its server requests get an error, so the
+        // server's call can end.
+        for r in expired {
+            for id in r.asked.values() {
+                r.session.send(crate::bridge::error_response(id.clone(), -32603, "the client did not answer in time"));
+            }
+        }
+        state
+    }
+}
+
+/// Which client capability a server request needs.
+fn needs(method: &str) -> Option<&'static str> {
+    match method {
+        "elicitation/create" => Some("elicitation"),
+        "sampling/createMessage" => Some("sampling"),
+        "roots/list" => Some("roots"),
+        _ => None,
+    }
+}
+
+static WIRE_IDS: AtomicU64 = AtomicU64::new(1);
+
+pub async fn post(st: Shared, server: String, principal: Principal, headers: &HeaderMap, mut msg: Value) -> Response {
+    if let Err(r) = check_headers(headers, &msg) {
+        if let Some(srv) = st.sup.server(&server) {
+            srv.metrics.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        return r;
+    }
+    let Some(method) = msg.get("method").and_then(Value::as_str).map(str::to_owned) else {
+        let id = msg.get("id").cloned().unwrap_or(Value::Null);
+        return rpc_error(StatusCode::BAD_REQUEST, id, -32600, "2026-07-28 clients answer server requests by retrying with inputResponses");
+    };
+    let Some(client_id) = msg.get("id").cloned() else {
+        return (StatusCode::ACCEPTED, "").into_response();
+    };
+    let caps = meta(&msg).and_then(|m| m.get(META_CAPS)).cloned().unwrap_or_else(|| json!({}));
+    if method == "initialize" {
+        return rpc_error(StatusCode::BAD_REQUEST, client_id, -32600, "initialize is not part of 2026-07-28; use server/discover");
+    }
+    // Progress and (opted-in) log messages go back on an SSE answer when the client asked for
+    // them and accepts SSE.
+    let log_level = meta(&msg).and_then(|m| m.get(META_LOG)).and_then(Value::as_str).and_then(severity);
+    let sse = headers.get_all(header::ACCEPT).iter().any(|v| v.to_str().is_ok_and(|s| s.contains("text/event-stream")))
+        && (log_level.is_some() || meta(&msg).is_some_and(|m| m.contains_key("progressToken")));
+    let client_info = meta(&msg).and_then(|m| m.get(META_INFO)).cloned();
+    let init_params = json!({
+        "protocolVersion": BACKEND_VERSION,
+        "capabilities": {"sampling": {}, "elicitation": {}, "roots": {}},
+        "clientInfo": client_info.unwrap_or_else(|| json!({"name": "mcpbox", "version": env!("CARGO_PKG_VERSION")})),
+    });
+    let backend = match st.sup.principal_backend(&server, &principal, init_params).await {
+        Ok(b) => b,
+        Err(e) => return open_error(e),
+    };
+    if method == "subscriptions/listen" {
+        let filter = msg.get("params").and_then(|p| p.get("notifications")).cloned().unwrap_or_else(|| json!({}));
+        return listen(backend.session.clone(), client_id, filter).await;
+    }
+    if method == "server/discover" {
+        let init = &backend.init;
+        let mut result = json!({
+            "resultType": "complete",
+            "supportedVersions": [VERSION],
+            "capabilities": init.get("capabilities").cloned().unwrap_or_else(|| json!({})),
+        });
+        if let Some(r) = result.as_object_mut() {
+            cache_hints(r);
+        }
+        for k in ["serverInfo", "instructions"] {
+            if let Some(v) = init.get(k) {
+                result[k] = v.clone();
+            }
+        }
+        return json_answer(json!({"jsonrpc": "2.0", "id": client_id, "result": result}));
+    }
+    // A retry: the answers go to the server, and the original request's wait goes on.
+    let params = msg.get_mut("params").and_then(Value::as_object_mut);
+    let retry = params.map(|p| (p.remove("requestState"), p.remove("inputResponses")));
+    if let Some((Some(state), responses)) = retry {
+        let state = state.as_str().unwrap_or("");
+        let Some(mut round) = st.stateless.take(state, &server, &principal, &method) else {
+            tracing::warn!(server = %server, principal = %principal, "refused a requestState that is invalid, altered, another's, or used already");
+            return json_answer(crate::bridge::error_response(client_id, -32602, "requestState is invalid, altered, or was used already; send the original request again without it"));
+        };
+        let responses = responses.and_then(|r| r.as_object().cloned()).unwrap_or_default();
+        for (k, server_id) in std::mem::take(&mut round.asked) {
+            let answer = match responses.get(&k) {
+                Some(result) => json!({"jsonrpc": "2.0", "id": server_id, "result": result}),
+                None => crate::bridge::error_response(server_id, -32603, "the client gave no answer to this request"),
+            };
+            round.session.send(answer);
+        }
+        round.created = Instant::now();
+        return answer(st, round, client_id, sse).await;
+    }
+    if let (Some(level), true) = (log_level, backend.init.get("capabilities").and_then(|c| c.get("logging")).is_some()) {
+        // The server's level is one for the principal: set when it changes, filtered here per request.
+        let mut set = backend.log_level.lock().await;
+        if set.as_deref() != Some(LEVELS[level]) {
+            let id = format!("mcpbox-sl-{}", WIRE_IDS.fetch_add(1, Ordering::Relaxed));
+            let req = json!({"jsonrpc": "2.0", "id": id, "method": "logging/setLevel", "params": {"level": LEVELS[level]}});
+            if backend.session.request_json(req).await.is_some() {
+                *set = Some(LEVELS[level].to_string());
+            }
+        }
+    }
+    strip_meta(&mut msg);
+    let wire_id = Value::String(format!("mcpbox-sl-{}", WIRE_IDS.fetch_add(1, Ordering::Relaxed)));
+    msg["id"] = wire_id.clone();
+    let session = backend.session.clone();
+    let stream = session.request_stream(msg);
+    let round = Round {
+        server,
+        principal,
+        method,
+        session,
+        stream,
+        wire_id,
+        log_level,
+        asked: HashMap::new(),
+        requests: Map::new(),
+        caps,
+        created: Instant::now(),
+    };
+    answer(st, round, client_id, sse).await
+}
+
+/// Results that carry caching hints in 2026-07-28.
+fn cacheable(method: &str) -> bool {
+    matches!(method, "tools/list" | "prompts/list" | "resources/list" | "resources/templates/list" | "resources/read")
+}
+
+/// The server's own hints pass through; a 2025-era server gives none, and mcpbox cannot know
+/// how long its answer holds (or whether it differs per principal): not cached, private.
+fn cache_hints(r: &mut Map<String, Value>) {
+    r.entry("ttlMs").or_insert_with(|| json!(0));
+    r.entry("cacheScope").or_insert_with(|| json!("private"));
+}
+
+/// `subscriptions/listen`: an SSE stream of the principal's backend notifications that the
+/// filter asks for, opened by `notifications/subscriptions/acknowledged` with what is honoured.
+/// Resource URIs are subscribed to on the server (`resources/subscribe`); only those it accepts
+/// are acknowledged. One listen stream per principal and server at a time.
+async fn listen(session: Arc<Session>, client_id: Value, filter: Value) -> Response {
+    let want = |k: &str| filter.get(k).and_then(Value::as_bool) == Some(true);
+    let mut honoured = Map::new();
+    for k in ["toolsListChanged", "promptsListChanged", "resourcesListChanged"] {
+        if want(k) {
+            honoured.insert(k.into(), json!(true));
+        }
+    }
+    let mut uris = Vec::new();
+    for uri in filter.get("resourceSubscriptions").and_then(Value::as_array).into_iter().flatten().filter_map(Value::as_str) {
+        let id = format!("mcpbox-sl-{}", WIRE_IDS.fetch_add(1, Ordering::Relaxed));
+        let req = json!({"jsonrpc": "2.0", "id": id, "method": "resources/subscribe", "params": {"uri": uri}});
+        let ok = session.request_json(req).await.and_then(|b| serde_json::from_slice::<Value>(&b).ok()).is_some_and(|v| v.get("result").is_some());
+        if ok {
+            uris.push(uri.to_string());
+        }
+    }
+    if !uris.is_empty() {
+        honoured.insert("resourceSubscriptions".into(), json!(uris));
+    }
+    let Some(events) = session.events(None) else {
+        return json_answer(crate::bridge::error_response(client_id, -32603, "a subscriptions/listen stream is already open for this principal on this server"));
+    };
+    let stamp = |mut v: Value, id: &Value| {
+        if let Some(p) = v.as_object_mut().map(|o| o.entry("params").or_insert_with(|| json!({}))) {
+            if let Some(p) = p.as_object_mut() {
+                let meta = p.entry("_meta").or_insert_with(|| json!({}));
+                meta["io.modelcontextprotocol/subscriptionId"] = id.clone();
+            }
+        }
+        v
+    };
+    let ack = stamp(json!({"jsonrpc": "2.0", "method": "notifications/subscriptions/acknowledged", "params": {"notifications": honoured}}), &client_id);
+    let first = futures_util::stream::iter([ack]);
+    let rest = futures_util::stream::unfold((events, honoured, client_id), move |(mut events, honoured, id)| async move {
+        loop {
+            let (_, b) = events.next().await?;
+            let Ok(v) = serde_json::from_slice::<Value>(&b) else { continue };
+            let m = v.get("method").and_then(Value::as_str).unwrap_or("");
+            let pass = match m {
+                "notifications/tools/list_changed" => honoured.contains_key("toolsListChanged"),
+                "notifications/prompts/list_changed" => honoured.contains_key("promptsListChanged"),
+                "notifications/resources/list_changed" => honoured.contains_key("resourcesListChanged"),
+                "notifications/resources/updated" => {
+                    let uri = v.get("params").and_then(|p| p.get("uri")).cloned().unwrap_or(Value::Null);
+                    honoured.get("resourceSubscriptions").and_then(Value::as_array).is_some_and(|l| l.contains(&uri))
+                }
+                _ => false,
+            };
+            if pass {
+                let v = stamp(v, &id);
+                return Some((v, (events, honoured, id)));
+            }
+        }
+    });
+    let events = first
+        .chain(rest)
+        .map(|v| Ok::<_, std::convert::Infallible>(Event::default().event("message").data(v.to_string())));
+    Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))).into_response()
+}
+
+/// The `io.modelcontextprotocol/…` keys are for mcpbox, not for a 2025-era server.
+fn strip_meta(msg: &mut Value) {
+    if let Some(m) = msg.get_mut("params").and_then(|p| p.get_mut("_meta")).and_then(Value::as_object_mut) {
+        m.retain(|k, _| !k.starts_with("io.modelcontextprotocol/"));
+        if m.is_empty() {
+            if let Some(p) = msg.get_mut("params").and_then(Value::as_object_mut) {
+                p.remove("_meta");
+            }
+        }
+    }
+}
+
+fn json_answer(v: Value) -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], v.to_string()).into_response()
+}
+
+/// Read the backend's messages for `round` until its answer (given the client's id) or until
+/// the server asks the client something (an `InputRequiredResult`).
+async fn drive(st: &Shared, mut round: Round, client_id: Value, progress: Option<&mpsc::UnboundedSender<Value>>) -> Value {
+    // A client that goes away mid-request (the HTTP request is dropped) cancels it.
+    let mut cancel = CancelOnDrop { session: round.session.clone(), wire_id: Some(round.wire_id.clone()) };
+    loop {
+        let next = if round.asked.is_empty() {
+            round.stream.next().await
+        } else {
+            match tokio::time::timeout(GATHER, round.stream.next()).await {
+                Ok(n) => n,
+                Err(_) => break,
+            }
+        };
+        let Some(body) = next else {
+            cancel.wire_id = None;
+            return crate::bridge::error_response(client_id, -32603, crate::bridge::SERVER_EXITED);
+        };
+        let Ok(mut v) = serde_json::from_slice::<Value>(&body) else { continue };
+        let method = v.get("method").and_then(Value::as_str).map(str::to_owned);
+        match (method, v.get("id").cloned()) {
+            (None, Some(id)) if id == round.wire_id => {
+                cancel.wire_id = None;
+                v["id"] = client_id;
+                if let Some(r) = v.get_mut("result").and_then(Value::as_object_mut) {
+                    r.entry("resultType").or_insert_with(|| json!("complete"));
+                    if cacheable(&round.method) {
+                        cache_hints(r);
+                    }
+                }
+                return v;
+            }
+            (Some(m), Some(server_id)) => {
+                if m == "ping" {
+                    round.session.send(json!({"jsonrpc": "2.0", "id": server_id, "result": {}}));
+                    continue;
+                }
+                let declared = needs(&m).is_some_and(|c| round.caps.get(c).is_some_and(|v| !v.is_null()));
+                if !declared {
+                    // mcpbox answers for a client that cannot be asked this.
+                    let why = format!("the client did not declare the capability {m} needs");
+                    round.session.send(crate::bridge::error_response(server_id, -32601, &why));
+                    continue;
+                }
+                let k = format!("input-{}", round.asked.len() + 1);
+                let mut req = json!({"method": m});
+                if let Some(p) = v.get("params") {
+                    req["params"] = p.clone();
+                }
+                round.asked.insert(k.clone(), server_id);
+                round.requests.insert(k, req);
+            }
+            (Some(m), None) if m == "notifications/progress" => {
+                if let Some(tx) = progress {
+                    let _ = tx.send(v);
+                }
+            }
+            (Some(m), None) if m == "notifications/message" => {
+                let level = v.get("params").and_then(|p| p.get("level")).and_then(Value::as_str).and_then(severity);
+                if let (Some(tx), Some(want), Some(level)) = (progress, round.log_level, level) {
+                    if level >= want {
+                        let _ = tx.send(v);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    let requests = std::mem::take(&mut round.requests);
+    let session = round.session.clone();
+    let asked: Vec<Value> = round.asked.values().cloned().collect();
+    cancel.wire_id = None;
+    match st.stateless.put(round) {
+        Some(state) => json!({"jsonrpc": "2.0", "id": client_id, "result": {
+            "resultType": "input_required", "inputRequests": requests, "requestState": state}}),
+        None => {
+            for id in asked {
+                session.send(crate::bridge::error_response(id, -32603, "mcpbox has too many input-required requests waiting"));
+            }
+            crate::bridge::error_response(client_id, -32603, "mcpbox has too many input-required requests waiting; retry later")
+        }
+    }
+}
+
+/// Sends `notifications/cancelled` for a request whose client went away before its answer.
+struct CancelOnDrop {
+    session: Arc<Session>,
+    wire_id: Option<Value>,
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if let Some(id) = self.wire_id.take() {
+            let n = json!({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": id, "reason": "the client went away"}});
+            self.session.send(n);
+        }
+    }
+}
+
+/// Answer a request: one JSON body, or, with progress wanted, an SSE stream of its progress
+/// notifications ending with the answer.
+async fn answer(st: Shared, round: Round, client_id: Value, sse: bool) -> Response {
+    if !sse {
+        return json_answer(drive(&st, round, client_id, None).await);
+    }
+    let (tx, rx) = mpsc::unbounded_channel();
+    let task = tokio::spawn(async move {
+        let v = drive(&st, round, client_id, Some(&tx)).await;
+        let _ = tx.send(v);
+    });
+    // The stream owns the request: a client that goes away ends (and so cancels) it.
+    let guard = AbortOnDrop(task.abort_handle());
+    let events = futures_util::stream::unfold((rx, guard), |(mut rx, guard)| async move {
+        let v = rx.recv().await?;
+        Some((v, (rx, guard)))
+    });
+    let events = events.map(|v| Ok::<_, std::convert::Infallible>(Event::default().event("message").data(v.to_string())));
+    Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))).into_response()
+}
+
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
