@@ -27,6 +27,9 @@ pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_MAX_CONNECTIONS_PER_ADDRESS: usize = 64;
 pub const DEFAULT_MAX_SESSIONS_TOTAL: usize = 256;
 pub const DEFAULT_MAX_SANDBOXES: usize = 64;
+/// Memory all warm pools may hold together: 512 MiB (about ten warm processes of a Python and
+/// a Node server each).
+pub const DEFAULT_WARM_POOL_BYTES: u64 = 512 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -213,6 +216,9 @@ pub struct ServeLimits {
     pub max_sessions_total: usize,
     /// Sandboxes started for sessions across all servers (`isolation: "session"`).
     pub max_sandboxes: usize,
+    /// Memory the warm pools of all servers may hold together (`mcpbox.warmPoolBytes`): a pool
+    /// grows with its server's session arrival rate only while the estimate fits.
+    pub warm_pool_bytes: u64,
 }
 
 impl Default for ServeLimits {
@@ -224,6 +230,7 @@ impl Default for ServeLimits {
             max_connections_per_address: DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
             max_sessions_total: DEFAULT_MAX_SESSIONS_TOTAL,
             max_sandboxes: DEFAULT_MAX_SANDBOXES,
+            warm_pool_bytes: DEFAULT_WARM_POOL_BYTES,
         }
     }
 }
@@ -365,6 +372,7 @@ struct RawMcpbox {
     max_connections_per_address: Option<usize>,
     max_sessions_total: Option<usize>,
     max_sandboxes: Option<usize>,
+    warm_pool_bytes: Option<u64>,
 }
 
 // ---- loading ---------------------------------------------------------------------------
@@ -725,6 +733,7 @@ fn serve_limits(m: &RawMcpbox) -> Result<ServeLimits, ConfigError> {
         max_connections_per_address: count(m.max_connections_per_address, "maxConnectionsPerAddress", d.max_connections_per_address)?,
         max_sessions_total: count(m.max_sessions_total, "maxSessionsTotal", d.max_sessions_total)?,
         max_sandboxes: count(m.max_sandboxes, "maxSandboxes", d.max_sandboxes)?,
+        warm_pool_bytes: m.warm_pool_bytes.unwrap_or(d.warm_pool_bytes),
     })
 }
 

@@ -438,6 +438,33 @@ pub fn cpu_max(milli: Option<u32>) -> String {
     }
 }
 
+/// Change the CPU weight of a running sandbox, in whichever of its cgroup directories carry
+/// the cpu controller (v2 `cpu.weight`, v1 `cpu.shares` scaled as at start). Returns how many
+/// directories were written; 0 where the sandbox has no cpu cgroup (rootless).
+pub fn set_cpu_weight(dirs: &[PathBuf], w: u32) -> Result<usize, CgroupError> {
+    let mut n = 0;
+    for d in dirs {
+        if d.join("cpu.weight").exists() {
+            write(&d.join("cpu.weight"), &weight(Some(w)).to_string())?;
+            n += 1;
+        } else if d.join("cpu.shares").exists() {
+            write(&d.join("cpu.shares"), &(u64::from(weight(Some(w))) * 1024 / 100).max(2).to_string())?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+/// Memory charged to a sandbox's cgroups now (v2 `memory.current`, v1 `memory.usage_in_bytes`),
+/// if it has a memory cgroup.
+pub fn memory_current(dirs: &[PathBuf]) -> Option<u64> {
+    dirs.iter().find_map(|d| {
+        ["memory.current", "memory.usage_in_bytes"]
+            .iter()
+            .find_map(|f| std::fs::read_to_string(d.join(f)).ok()?.trim().parse().ok())
+    })
+}
+
 fn set_cpu_v2(dir: &Path, milli: Option<u32>, w: Option<u32>) -> Result<(), CgroupError> {
     write(&dir.join("cpu.max"), &cpu_max(milli))?;
     write(&dir.join("cpu.weight"), &weight(w).to_string())
