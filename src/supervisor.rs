@@ -256,7 +256,8 @@ pub const WARM_CPU_WEIGHT: u32 = 10;
 pub const LIVE_CPU_WEIGHT: u32 = 100;
 /// Most warm processes one server keeps.
 const WARM_MAX: usize = 32;
-/// What a warm process is assumed to hold until one has been measured (its memory cgroup).
+/// What a warm process is assumed to hold until one has been measured (its memory cgroup's
+/// anonymous and kernel memory).
 const WARM_GUESS_BYTES: u64 = 64 << 20;
 /// Session arrivals are counted over this window; the pool aims at the busiest window seen.
 const ARRIVAL_WINDOW: Duration = Duration::from_secs(10);
@@ -487,12 +488,13 @@ impl Supervisor {
         let Some(warm) = &server.warm else { return };
         let mut backoff = Duration::from_millis(250);
         loop {
-            let (extra, want) = {
+            let (extra, short, first, each) = {
                 let mut st = warm.lock();
                 let extra = st.shrink(Instant::now());
-                let want = st.ready.len() < st.target && (st.ready.is_empty() || self.warm_fits(st.each()));
-                (extra, want)
+                (extra, st.ready.len() < st.target, st.ready.is_empty(), st.each())
             };
+            // (The budget looks at every pool, this one's included: not under its lock.)
+            let want = short && (first || self.warm_fits(each));
             for lp in extra {
                 tracing::debug!(server = %server.cfg.name, pid = lp.pid, "warm pool shrinks after idling");
                 discard(lp, self.opts.grace).await;
@@ -512,14 +514,14 @@ impl Supervisor {
             match launched {
                 Ok(lp) => {
                     backoff = Duration::from_millis(250);
-                    tracing::debug!(server = %server.cfg.name, pid = lp.pid, "warm process ready");
+                    let mut st = warm.lock();
+                    if let Some(m) = crate::sandbox::memory_own(&lp.cgroups) {
+                        st.each = Some(st.each.unwrap_or(0).max(m));
+                    }
+                    tracing::debug!(server = %server.cfg.name, pid = lp.pid, ready = st.ready.len() + 1, target = st.target, each = st.each(), "warm process ready");
                     // The level is known as soon as a sandbox stands: /status shows it before
                     // the first session.
                     *server.metrics.level.lock().unwrap_or_else(|e| e.into_inner()) = Some(lp.level.clone());
-                    let mut st = warm.lock();
-                    if let Some(m) = crate::sandbox::memory_current(&lp.cgroups) {
-                        st.each = Some(st.each.unwrap_or(0).max(m));
-                    }
                     st.ready.push_back(lp);
                 }
                 Err(e) => {
@@ -563,6 +565,11 @@ impl Supervisor {
             let mut lp = lp?;
             match lp.child.try_wait() {
                 Ok(None) => {
+                    // Loaded and waiting: what one more process of this server costs.
+                    if let Some(m) = crate::sandbox::memory_own(&lp.cgroups) {
+                        let mut st = warm.lock();
+                        st.each = Some(st.each.unwrap_or(0).max(m));
+                    }
                     if let Err(e) = crate::sandbox::set_cpu_weight(&lp.cgroups, LIVE_CPU_WEIGHT) {
                         tracing::warn!(server = %server.cfg.name, pid = lp.pid, "cannot raise the CPU weight of a taken warm process: {e}");
                     }

@@ -455,13 +455,20 @@ pub fn set_cpu_weight(dirs: &[PathBuf], w: u32) -> Result<usize, CgroupError> {
     Ok(n)
 }
 
-/// Memory charged to a sandbox's cgroups now (v2 `memory.current`, v1 `memory.usage_in_bytes`),
-/// if it has a memory cgroup.
-pub fn memory_current(dirs: &[PathBuf]) -> Option<u64> {
+/// Memory a sandbox holds of its own now: what its memory cgroup charges for anonymous memory
+/// and kernel objects (v2 `memory.stat` anon + kernel, v1 `rss`), without the page cache, which
+/// the first sandbox to read a runtime's files is charged for and all others share.
+pub fn memory_own(dirs: &[PathBuf]) -> Option<u64> {
     dirs.iter().find_map(|d| {
-        ["memory.current", "memory.usage_in_bytes"]
-            .iter()
-            .find_map(|f| std::fs::read_to_string(d.join(f)).ok()?.trim().parse().ok())
+        let stat = std::fs::read_to_string(d.join("memory.stat")).ok()?;
+        let mut n = None;
+        for line in stat.lines() {
+            let (k, v) = line.split_once(' ')?;
+            if matches!(k, "anon" | "kernel" | "rss") {
+                *n.get_or_insert(0) += v.trim().parse::<u64>().ok()?;
+            }
+        }
+        n
     })
 }
 
