@@ -441,8 +441,9 @@ async fn sigterm_leaves_no_process_behind() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let procs = mb.descendants();
     let servers: Vec<&Proc> = procs.iter().filter(|p| p.cmdline.contains("server-everything")).collect();
-    // Two session servers, the warm one waiting for the next session, and the shared one.
-    assert_eq!(servers.len(), 4, "{procs:#?}");
+    // Two session servers, the warm ones waiting for the next sessions (one, or two once the
+    // pool has followed the two arrivals), and the shared one.
+    assert!((4..=5).contains(&servers.len()), "{procs:#?}");
     assert!(procs.len() > servers.len(), "the sandbox inits are there too: {procs:#?}");
 
     let t = Instant::now();
