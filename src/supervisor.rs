@@ -831,3 +831,39 @@ async fn terminate(child: &mut Child, pid: u32, grace: Duration) -> std::io::Res
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The pool's target follows the arrivals of one window, stays there while sessions keep
+    /// coming, and halves per idle period down to one.
+    #[test]
+    fn warm_target_follows_arrivals_and_halves_when_idle() {
+        let w = Warm::new();
+        let mut st = w.lock();
+        let t0 = Instant::now();
+        for i in 0..10 {
+            st.arrived(t0 + Duration::from_millis(i * 100));
+        }
+        assert_eq!(st.target, 10);
+        // Arrivals further apart than the window do not add up.
+        st.arrived(t0 + ARRIVAL_WINDOW * 3);
+        assert_eq!((st.target, st.arrivals.len()), (10, 1));
+        let last = t0 + ARRIVAL_WINDOW * 3;
+        assert!(st.shrink(last + WARM_IDLE_SHRINK / 2).is_empty());
+        assert_eq!(st.target, 10, "shrunk before an idle period");
+        st.shrink(last + WARM_IDLE_SHRINK + Duration::from_secs(1));
+        assert_eq!(st.target, 5);
+        st.shrink(last + WARM_IDLE_SHRINK * 2 + Duration::from_secs(1));
+        assert_eq!(st.target, 5, "halved twice within one idle period");
+        for k in 3..8 {
+            st.shrink(last + WARM_IDLE_SHRINK * k + Duration::from_secs(k as u64));
+        }
+        assert_eq!(st.target, 1);
+        for i in 0..100 {
+            st.arrived(last + WARM_IDLE_SHRINK * 9 + Duration::from_millis(i));
+        }
+        assert_eq!(st.target, WARM_MAX);
+    }
+}
