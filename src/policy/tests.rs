@@ -507,7 +507,7 @@ fn every_shipped_policy_loads_here() {
     assert_eq!(node.env.set.get("HOME"), Some(&c.vars["DATA"]));
     assert!(!node.env.pass.iter().any(|n| n == "NODE_OPTIONS"));
     // mcpbox's own V8 settings, never the host's.
-    assert_eq!(node.env.set.get("NODE_OPTIONS").map(String::as_str), Some("--max-semi-space-size=1 --v8-pool-size=0"));
+    assert_eq!(node.env.set.get("NODE_OPTIONS").map(String::as_str), Some("--max-semi-space-size=1"));
     let py = load("python", &c).unwrap();
     assert!(paths(&py.filesystem.exec).contains(&"/usr/bin/python3".to_string()));
     assert_eq!(
