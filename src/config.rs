@@ -853,8 +853,9 @@ mod tests {
         assert_eq!(c.servers["c"].max_sessions, Some(3));
         assert_eq!(c.limits, ServeLimits::default());
         let c = p(r#"{"mcpbox":{"headerTimeout":"2s","bodyTimeout":1.5,"maxConnections":100,"maxConnectionsPerAddress":8,
-                     "maxSessionsTotal":9,"maxSandboxes":4}}"#).unwrap();
+                     "maxSessionsTotal":9,"maxSandboxes":4,"warmPoolBytes":1000}}"#).unwrap();
         let l = &c.limits;
+        assert_eq!(l.warm_pool_bytes, 1000);
         assert_eq!((l.header_timeout, l.body_timeout), (Duration::from_secs(2), Duration::from_millis(1500)));
         assert_eq!((l.max_connections, l.max_connections_per_address, l.max_sessions_total, l.max_sandboxes), (Some(100), 8, 9, 4));
         for (text, field) in [
