@@ -12,7 +12,7 @@ COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked --bin mcpbox \
-    && install -m 0755 "target/$(rustc --print host-tuple)/release/mcpbox" /usr/local/bin/mcpbox
+    && install -m 0755 target/release/mcpbox /usr/local/bin/mcpbox
 
 # ---- runtime ---------------------------------------------------------------------------------
 FROM debian:bookworm-slim

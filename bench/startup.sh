@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# Start-up cost of a sandbox: bare /bin/true, `mcpbox run --policy default -- /bin/true`, and
-# bubblewrap with comparable isolation, in one hyperfine run. Not part of CI. Run as root.
-# Usage: bench/startup.sh [--cold] [extra hyperfine args, e.g. --runs 500]
+# Start-up cost of a sandbox: bare /bin/true, `mcpbox run -- /bin/true` under the default policy's
+# grants, and bubblewrap with comparable isolation, in one hyperfine run. Not part of CI. Run as
+# root. The policy is `default` without its CPU and disk limits (bwrap has neither; what they cost
+# is measured by bench/limits.sh).
+# Usage: [BASELINE=/path/to/mcpbox] bench/startup.sh [--cold] [extra hyperfine args, e.g. --runs 500]
 #   --cold: drop the page cache first (sync; echo 1 > /proc/sys/vm/drop_caches, the whole
 #           machine's), so that every binary is read back from disk as after a reboot.
+#   BASELINE: another mcpbox binary (e.g. a build of an earlier commit) measured in the same
+#           run, installed the same way, for a before/after pair that shares the machine's noise.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,17 +37,14 @@ trap 'rm -rf "$state" "$bin"' EXIT
 # An installed copy, as docs/DEPLOY.md installs it, not the linker's output: how a binary's page
 # cache was filled changes what each start pays in page faults, and mcpbox's 10 MB binary is far
 # more exposed to it than bwrap's 70 KB (docs/BENCHMARKS.md).
-install -m 0755 "target/$(rustc --print host-tuple)/release/mcpbox" "$bin/mcpbox"
+install -m 0755 target/release/mcpbox "$bin/mcpbox"
 mcpbox=$bin/mcpbox
-# The start-up code is packed by link/startup-order.txt (build.rs); names it no longer matches
-# (after a version bump or a dependency or toolchain update) are left where they were.
-if command -v nm >/dev/null && [ -s link/startup-order.txt ]; then
-    total=$(wc -l < link/startup-order.txt)
-    found=$(nm --defined-only "$mcpbox" | awk '{print $3}' | sort -u | comm -12 - <(sort -u link/startup-order.txt) | wc -l)
-    echo "link/startup-order.txt: $found of $total functions found in the binary"
-    if [ $((found * 5)) -lt $((total * 4)) ]; then
-        echo "  (stale: regenerate it with bench/startup-order.sh)" >&2
-    fi
+policy=$bin/startup.toml
+sed -e '/^cpu = /d' -e '/^disk = /d' policies/default.toml > "$policy"
+baseline=()
+if [ -n "${BASELINE:-}" ]; then
+    install -m 0755 "$BASELINE" "$bin/mcpbox-baseline"
+    baseline=(-n baseline "$bin/mcpbox-baseline run --policy $policy --state-dir $state --name bench -- /bin/true")
 fi
 if $cold; then
     sync
@@ -57,15 +58,18 @@ bwrap_cmd="bwrap --unshare-all --die-with-parent --new-session --ro-bind /usr /u
 
 hyperfine -N --warmup 20 --min-runs 300 --export-json "$out" "$@" \
     -n bare /bin/true \
-    -n mcpbox "$mcpbox run --policy default --state-dir $state --name bench -- /bin/true" \
-    -n bwrap "$bwrap_cmd"
+    -n mcpbox "$mcpbox run --policy $policy --state-dir $state --name bench -- /bin/true" \
+    -n bwrap "$bwrap_cmd" "${baseline[@]}"
 
 python3 - "$out" <<'PY'
 import json, sys
 r = {x["command"]: x for x in json.load(open(sys.argv[1]))["results"]}
-for n in ("bare", "mcpbox", "bwrap"):
+names = [n for n in ("bare", "mcpbox", "bwrap", "baseline") if n in r]
+for n in names:
     x = r[n]
-    print(f"{n:7s} mean {x['mean']*1e3:7.2f} ms ± {x['stddev']*1e3:5.2f} ms  (median {x['median']*1e3:.2f} ms)")
-print(f"mcpbox/bwrap = {r['mcpbox']['mean']/r['bwrap']['mean']:.2f}")
-print(f"mcpbox/bare  = {r['mcpbox']['mean']/r['bare']['mean']:.2f}")
+    print(f"{n:8s} mean {x['mean']*1e3:7.2f} ms ± {x['stddev']*1e3:5.2f} ms  (median {x['median']*1e3:.2f} ms)")
+print(f"mcpbox/bwrap   = {r['mcpbox']['mean']/r['bwrap']['mean']:.2f} (medians {r['mcpbox']['median']/r['bwrap']['median']:.2f})")
+if "baseline" in r:
+    print(f"baseline/bwrap = {r['baseline']['mean']/r['bwrap']['mean']:.2f} (medians {r['baseline']['median']/r['bwrap']['median']:.2f})")
+print(f"mcpbox/bare    = {r['mcpbox']['mean']/r['bare']['mean']:.2f}")
 PY

@@ -44,7 +44,7 @@ if need uv; then
         || $SUDO python3 -m pip install --quiet --break-system-packages uv
 fi
 
-# Rust: the distribution's cargo may be too old (mcpbox needs 1.91+: its build config names the "host-tuple" target); use a rustup toolchain.
+# Rust: the distribution's cargo may be too old (mcpbox needs 1.91+); use a rustup toolchain.
 if need cargo; then
     if [ -x "$HOME/.cargo/bin/cargo" ]; then
         export PATH="$HOME/.cargo/bin:$PATH"
@@ -56,8 +56,7 @@ fi
 
 echo "==> building mcpbox"
 cargo build --release --locked
-# Statically linked for this machine's target (.cargo/config.toml): target/<host triple>/release.
-mcpbox="./target/$(rustc --print host-tuple)/release/mcpbox"
+mcpbox=./target/release/mcpbox
 
 if [ -z "${MCPBOX_DEMO_DIR:-}" ]; then
     if [ "$(id -u)" -eq 0 ]; then MCPBOX_DEMO_DIR=/srv/mcpbox-demo; else MCPBOX_DEMO_DIR="${XDG_DATA_HOME:-$HOME/.local/share}/mcpbox-demo"; fi

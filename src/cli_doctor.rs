@@ -57,6 +57,7 @@ pub fn doctor(state_dir: Option<std::path::PathBuf>) -> ExitCode {
             for w in &r.warnings {
                 println!("  weakened: {w}");
             }
+            print!("{}", denials_reported(seccomp_recorded(&r.warnings)));
             println!("\nlevel: full");
             ExitCode::SUCCESS
         }
@@ -67,6 +68,7 @@ pub fn doctor(state_dir: Option<std::path::PathBuf>) -> ExitCode {
                     for w in &r.warnings {
                         println!("  weakened: {w}");
                     }
+                    print!("{}", denials_reported(seccomp_recorded(&r.warnings)));
                     println!("\nlevel: container (policies must say `[sandbox] level = \"container\"`, or run with `--min-level container`)");
                     ExitCode::SUCCESS
                 }
@@ -78,4 +80,35 @@ pub fn doctor(state_dir: Option<std::path::PathBuf>) -> ExitCode {
             }
         }
     }
+}
+
+/// Whether the trial sandbox's seccomp filter had its notification listener (see
+/// `sandbox::init`: a warning says so when it had none).
+fn seccomp_recorded(warnings: &[String]) -> bool {
+    !warnings.iter().any(|w| w.contains("seccomp denials are not recorded"))
+}
+
+/// Which layers' refusals mcpbox can report on this host (`policy suggest` works from these).
+pub fn denials_reported(seccomp: bool) -> String {
+    let seccomp_detail = if seccomp {
+        "every denied syscall goes to mcpbox (SECCOMP_RET_USER_NOTIF), is answered EPERM and is recorded"
+    } else {
+        "not reported: the kernel gave the trial sandbox no seccomp notification listener (before 5.0, or one already \
+         above mcpbox); denied syscalls still get EPERM"
+    };
+    let rows = [
+        ("egress", true, "every host:port the proxy refuses is logged, counted and recorded"),
+        (
+            "landlock",
+            false,
+            "not reported: mcpbox does not read the kernel's audit records; at level `full` a path outside the grants \
+             does not exist in the sandbox (ENOENT), and the error the server prints is the only trace",
+        ),
+        ("seccomp", seccomp, seccomp_detail),
+    ];
+    let mut s = String::from("\n  denials reported (`mcpbox policy suggest`):\n");
+    for (name, ok, detail) in rows {
+        s.push_str(&format!("  {:<20} {:<4} {}\n", name, if ok { "ok" } else { "NO" }, detail));
+    }
+    s
 }

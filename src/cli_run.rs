@@ -122,6 +122,9 @@ pub fn run(args: RunArgs, early: Option<Result<crate::sandbox::Pending, crate::s
         eprintln!("mcpbox: sigprocmask: {e}");
         return ExitCode::from(EXIT_SETUP);
     }
+    // Denials (the proxy's, seccomp's) are recorded in the server's state dir for `policy suggest`.
+    let denials = crate::denials::registry().server(&name, Some(crate::denials::file_for(&state.root, &name)));
+    denials.set_policy(&planned.policy.source);
     let (mut child, report, proxy_listener) = match pending.send(&planned.spec) {
         Ok(x) => x,
         Err(e) => {
@@ -133,8 +136,9 @@ pub fn run(args: RunArgs, early: Option<Result<crate::sandbox::Pending, crate::s
     // here, in the host's network, as it does under `serve`.
     if let crate::policy::Network::Proxy { allow } = &planned.policy.network {
         let started = proxy_listener.ok_or_else(|| anyhow::anyhow!("the sandbox did not hand over its proxy socket")).and_then(|l| {
-            let allow = crate::netproxy::AllowList::parse(allow).map_err(|e| anyhow::anyhow!("network.allow: {e}"))?;
-            let cfg = crate::netproxy::ProxyConfig::new(allow, planned.policy.source.clone(), name.clone());
+            let allow = crate::netproxy::AllowList::new(allow);
+            let mut cfg = crate::netproxy::ProxyConfig::new(allow, planned.policy.source.clone(), name.clone());
+            cfg.denials = Some(denials.clone());
             Ok(crate::netproxy::ProxyThread::start(l, cfg)?)
         });
         match started {

@@ -109,6 +109,11 @@ impl BaseUrl {
         }
         let (host, port) = split_host_port(authority)?;
         let path = path.split(['?', '#']).next().unwrap_or("").trim_end_matches('/').to_string();
+        // The edge matches request paths byte for byte and refuses `%`, dot and empty segments
+        // (http::edge::decide); a prefix with them would be reachable only in that form.
+        if path.contains('%') || path.split('/').skip(1).any(|s| s.is_empty() || s == "." || s == "..") {
+            return Err(format!("the path {path:?} must be plain: no `%`, no `.` or `..` segments, no `//`"));
+        }
         Ok(BaseUrl { scheme, host, port, path })
     }
 
@@ -121,27 +126,11 @@ impl BaseUrl {
     }
 }
 
-/// Split `host[:port]` / `[v6]:port`; host is lowercased.
+/// Split `host[:port]` / `[v6]:port` with the policy's splitter ([`crate::policy::split_host_port`]);
+/// the host is lowercased, an IPv6 address keeps its brackets (as `Host` headers write it).
 pub fn split_host_port(s: &str) -> Result<(String, Option<u16>), String> {
-    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
-        let end = rest.find(']').ok_or("unclosed [ in host")?;
-        let host = format!("[{}]", &rest[..end]);
-        let after = &rest[end + 1..];
-        match after.strip_prefix(':') {
-            Some(p) => (host, Some(p)),
-            None if after.is_empty() => (host, None),
-            None => return Err("junk after ]".into()),
-        }
-    } else {
-        match s.rsplit_once(':') {
-            Some((h, p)) => (h.to_string(), Some(p)),
-            None => (s.to_string(), None),
-        }
-    };
-    let port = match port {
-        Some(p) => Some(p.parse::<u16>().map_err(|_| format!("bad port {p:?}"))?),
-        None => None,
-    };
+    let (host, port) = crate::policy::split_host_port(s).map_err(|e| format!("`{s}`: {e}"))?;
+    let host = if host.contains(':') { format!("[{host}]") } else { host.to_string() };
     Ok((host.to_ascii_lowercase(), port))
 }
 
@@ -196,7 +185,30 @@ pub struct Config {
     pub server_input_bytes: usize,
     pub allowed_origins: Vec<String>,
     pub allowed_hosts: Vec<String>,
+    /// mcp-proxy keys that are accepted but change nothing under mcpbox, each with the reason:
+    /// logged at start and printed by `serve --check`.
+    pub warnings: Vec<String>,
     pub limits: ServeLimits,
+    pub replica: Replica,
+}
+
+/// Running as one of several replicas behind a proxy (`mcpbox.replicaId`, `mcpbox.drainGrace`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Replica {
+    /// Carried in every session id (`ID.<random>`) so that a proxy can route on it; `None`:
+    /// session ids are bare random hex, as for a single mcpbox.
+    pub id: Option<String>,
+    /// After SIGTERM: how long open sessions may go on while no new ones are taken (0: end
+    /// them at once).
+    pub drain_grace: Duration,
+}
+
+/// A replica id: 1-63 ASCII letters, digits, `-` and `_` (no `.`: it ends the id in a session id).
+pub fn check_replica_id(id: &str) -> Result<(), String> {
+    if id.is_empty() || id.len() > 63 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+        return Err(format!("replica id {id:?}: use 1-63 ASCII letters, digits, '-' or '_'"));
+    }
+    Ok(())
 }
 
 /// The HTTP edge's timeouts and connection caps, and the global session budget (`mcpbox`
@@ -319,6 +331,8 @@ struct RawOptions {
     log_enabled: Option<bool>,
     tool_filter: Option<RawToolFilter>,
     disabled: Option<bool>,
+    /// mcp-proxy's metrics settings (`enabled`, `collectInterval`, …): accepted, warned about.
+    metrics: Option<Value>,
 }
 
 #[derive(Deserialize)]
@@ -373,6 +387,8 @@ struct RawMcpbox {
     max_sessions_total: Option<usize>,
     max_sandboxes: Option<usize>,
     warm_pool_bytes: Option<u64>,
+    replica_id: Option<String>,
+    drain_grace: Option<Value>,
 }
 
 // ---- loading ---------------------------------------------------------------------------
@@ -393,6 +409,14 @@ pub fn parse(
 ) -> Result<Config, ConfigError> {
     let mut value: Value = serde_json::from_str(text)
         .map_err(|e| ConfigError::Syntax { path: path.to_owned(), msg: e.to_string() })?;
+    strip_comments(&mut value, None);
+    if let Some(old) = ["server", "clients"].into_iter().find(|k| value.get(k).is_some()) {
+        return Err(field_err(
+            old,
+            "mcp-proxy's deprecated v1 format (`server`, `clients`): write it as `mcpProxy` and `mcpServers` \
+             (each client's `config` keys become the server's own, `globalAuthTokens` becomes mcpProxy.options.authTokens)",
+        ));
+    }
     expand_tree(&mut value, &mut String::new(), getenv)?;
     let raw: RawFile = serde_path_to_error::deserialize(value).map_err(|e| {
         let p = e.path().to_string();
@@ -400,6 +424,24 @@ pub fn parse(
         field_err(field, e.into_inner().to_string())
     })?;
     build(raw, base_dir)
+}
+
+/// Keys starting with `_` are comments, at every level of the file (a server whose name starts
+/// with `_` is commented out) — except inside the maps whose keys are names the user chose:
+/// `env`, `headers` and a policy's `env.set`, where `_NAME` is a name like any other.
+fn strip_comments(v: &mut Value, parent: Option<&str>) {
+    match v {
+        Value::Object(o) => {
+            if !matches!(parent, Some("env" | "headers" | "set")) {
+                o.retain(|k, _| !k.starts_with('_'));
+            }
+            for (k, item) in o.iter_mut() {
+                strip_comments(item, Some(k));
+            }
+        }
+        Value::Array(a) => a.iter_mut().for_each(|item| strip_comments(item, parent)),
+        _ => {}
+    }
 }
 
 /// Expand `${VAR}` in every string value. Inside inline policies `${DATA}` and `${CACHE}` are
@@ -453,26 +495,11 @@ fn expand_str(
     field: &str,
     getenv: &dyn Fn(&str) -> Option<String>,
 ) -> Result<String, ConfigError> {
-    let mut out = String::with_capacity(s.len());
-    let mut rest = s;
-    while let Some(i) = rest.find("${") {
-        out.push_str(&rest[..i]);
-        let after = &rest[i + 2..];
-        let end = after
-            .find('}')
-            .ok_or_else(|| field_err(field, "unclosed ${ in value"))?;
-        let name = &after[..end];
-        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-            return Err(field_err(field, format!("${{{name}}} is not a valid variable name")));
-        }
-        let val = getenv(name).ok_or_else(|| {
-            field_err(field, format!("environment variable {name} is not set"))
-        })?;
-        out.push_str(&val);
-        rest = &after[end + 1..];
-    }
-    out.push_str(rest);
-    Ok(out)
+    crate::policy::expand_vars(s, getenv).map_err(|e| match e {
+        crate::policy::ExpandError::Unclosed(_) => field_err(field, "unclosed ${ in value"),
+        crate::policy::ExpandError::BadName(name) => field_err(field, format!("${{{name}}} is not a valid variable name")),
+        crate::policy::ExpandError::Undefined(name) => field_err(field, format!("environment variable {name} is not set")),
+    })
 }
 
 fn parse_addr(s: &str) -> Result<SocketAddr, String> {
@@ -494,11 +521,13 @@ fn parse_addr(s: &str) -> Result<SocketAddr, String> {
 /// `300` (seconds), `"300"`, `"500ms"`, `"30s"`, `"5m"`, `"1h"`.
 pub fn parse_duration(v: &Value) -> Result<Duration, String> {
     match v {
+        // `try_from`: a number of seconds past what a Duration holds (`1e30`) is an error, not a
+        // panic (found by fuzzing config::parse).
         Value::Number(n) => n
             .as_f64()
             .filter(|f| *f >= 0.0 && f.is_finite())
-            .map(Duration::from_secs_f64)
-            .ok_or_else(|| format!("{n} is not a non-negative number of seconds")),
+            .and_then(|f| Duration::try_from_secs_f64(f).ok())
+            .ok_or_else(|| format!("{n} is not a non-negative number of seconds (of a sane size)")),
         Value::String(s) => {
             let s = s.trim();
             let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
@@ -511,7 +540,7 @@ pub fn parse_duration(v: &Value) -> Result<Duration, String> {
                 "h" => n * 3600.0,
                 _ => return Err(format!("{s:?}: unknown unit {unit:?} (ms, s, m, h)")),
             };
-            Ok(Duration::from_secs_f64(secs))
+            Duration::try_from_secs_f64(secs).map_err(|_| format!("{s:?} is too long a duration"))
         }
         _ => Err("expected seconds (a number) or a string like \"30s\", \"5m\"".into()),
     }
@@ -567,10 +596,16 @@ fn build(raw: RawFile, base_dir: &Path) -> Result<Config, ConfigError> {
             return Err(field_err("mcpProxy.type", format!("{t:?} is not \"sse\" or \"streamable-http\"")))
         }
     };
+    let mut warnings = Vec::new();
     let popts = rp.options.unwrap_or_default();
+    if rp.version.is_some() {
+        warnings.push("mcpProxy.version: accepted, no effect: clients see each server's own serverInfo (mcpbox passes its initialize answer through)".to_string());
+    }
+    no_effect_options(&popts, "mcpProxy.options", &mut warnings);
     let global_tokens = tokens(popts.auth_tokens, "mcpProxy.options.authTokens")?.unwrap_or_default();
     let global_filter = tool_filter(popts.tool_filter, "mcpProxy.options.toolFilter")?;
-    let global_log = popts.log_enabled.unwrap_or(true);
+    // As in mcp-proxy: off unless asked for.
+    let global_log = popts.log_enabled.unwrap_or(false);
     let proxy = Proxy {
         addr,
         base_url,
@@ -593,6 +628,13 @@ fn build(raw: RawFile, base_dir: &Path) -> Result<Config, ConfigError> {
             ));
         }
         let opts = rs.options.unwrap_or_default();
+        no_effect_options(&opts, &format!("{f}.options"), &mut warnings);
+        if rs.command.is_some() && !rs.headers.is_empty() {
+            warnings.push(format!("{f}.headers: accepted, no effect: headers are for url servers"));
+        }
+        if rs.url.is_some() && (!rs.args.is_empty() || !rs.env.is_empty()) {
+            warnings.push(format!("{f}.args/env: accepted, no effect: a url server runs no command"));
+        }
         let kind = match (rs.command, rs.url) {
             (Some(_), Some(_)) => return Err(field_err(&f, "has both command and url; pick one")),
             (None, None) => return Err(field_err(&f, "needs a command (stdio server) or a url")),
@@ -659,7 +701,6 @@ fn build(raw: RawFile, base_dir: &Path) -> Result<Config, ConfigError> {
             disabled: rs.disabled.or(opts.disabled).unwrap_or(false),
             log_enabled: opts.log_enabled.unwrap_or(global_log),
         };
-        let _ = opts.panic_if_invalid; // accepted for compatibility: invalid configs always fail here
         servers.insert(name, sc);
     }
 
@@ -667,6 +708,10 @@ fn build(raw: RawFile, base_dir: &Path) -> Result<Config, ConfigError> {
     let limits = match &mb {
         Some(m) => serve_limits(m)?,
         None => ServeLimits::default(),
+    };
+    let replica = match &mb {
+        Some(m) => replica(m)?,
+        None => Replica::default(),
     };
     let (state_dir, uid_base, max_body, max_line, session_buffer, server_input, origins, hosts) = match mb {
         Some(m) => (
@@ -702,8 +747,21 @@ fn build(raw: RawFile, base_dir: &Path) -> Result<Config, ConfigError> {
         server_input_bytes: server_input.unwrap_or(DEFAULT_SERVER_INPUT),
         allowed_origins: origins.into_iter().map(|o| o.trim_end_matches('/').to_ascii_lowercase()).collect(),
         allowed_hosts: hosts.into_iter().map(|h| h.to_ascii_lowercase()).collect(),
+        warnings,
         limits,
+        replica,
     })
+}
+
+fn replica(m: &RawMcpbox) -> Result<Replica, ConfigError> {
+    if let Some(id) = &m.replica_id {
+        check_replica_id(id).map_err(|msg| field_err("mcpbox.replicaId", msg))?;
+    }
+    let drain_grace = match &m.drain_grace {
+        Some(v) => parse_duration(v).map_err(|msg| field_err("mcpbox.drainGrace", msg))?,
+        None => Duration::ZERO,
+    };
+    Ok(Replica { id: m.replica_id.clone(), drain_grace })
 }
 
 fn serve_limits(m: &RawMcpbox) -> Result<ServeLimits, ConfigError> {
@@ -737,6 +795,22 @@ fn serve_limits(m: &RawMcpbox) -> Result<ServeLimits, ConfigError> {
     })
 }
 
+/// The mcp-proxy options that mcpbox accepts but that change nothing here, said once each.
+fn no_effect_options(o: &RawOptions, field: &str, warnings: &mut Vec<String>) {
+    if o.panic_if_invalid == Some(true) {
+        warnings.push(format!(
+            "{field}.panicIfInvalid: accepted, no effect: an invalid config always stops mcpbox, and a server that cannot start is refused alone \
+             (in the log and /readyz) while the others serve"
+        ));
+    }
+    if o.metrics.is_some() {
+        warnings.push(format!("{field}.metrics: accepted, no effect: mcpbox always serves /metrics (Prometheus text), behind the admin tokens"));
+    }
+    if o.tool_filter.as_ref().is_some_and(|t| t.mode.as_deref().unwrap_or("").is_empty()) {
+        warnings.push(format!("{field}.toolFilter: no mode (allow or block), so no filter, as in mcp-proxy"));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -764,6 +838,9 @@ mod tests {
         let f = c.servers["github"].tool_filter.as_ref().unwrap();
         assert!(!f.allows("create_or_update_file") && f.allows("search_code"));
         c.check_exposure(false).unwrap();
+        let w = c.warnings.join("\n");
+        assert!(w.contains("mcpProxy.version") && w.contains("mcpServers.fetch.options.panicIfInvalid"), "{w}");
+        assert!(c.proxy.log_enabled && !c.servers["fetch"].log_enabled && c.servers["github"].log_enabled);
     }
 
     #[test]
@@ -805,6 +882,9 @@ mod tests {
         let cases = [
             (r#"{"mcpServers":{"a":{"command":"x","isolation":"sometimes"}}}"#, "mcpServers.a.isolation"),
             (r#"{"mcpServers":{"a":{"command":"x","idleTimeout":"5 fortnights"}}}"#, "mcpServers.a.idleTimeout"),
+            // Found by fuzzing: these panicked (a Duration cannot hold 7e29 seconds).
+            (r#"{"mcpServers":{"a":{"command":"x","idleTimeout":7E29}}}"#, "mcpServers.a.idleTimeout"),
+            (r#"{"mcpServers":{"a":{"command":"x","timeout":"99999999999999999999999h"}}}"#, "mcpServers.a.timeout"),
             (r#"{"mcpServers":{"a":{"command":"x","bogus":1}}}"#, "mcpServers.a"),
             (r#"{"mcpServers":{"a":{"command":"x","args":[1]}}}"#, "mcpServers.a.args"),
             (r#"{"mcpServers":{"a":{}}}"#, "mcpServers.a"),
@@ -846,6 +926,67 @@ mod tests {
     }
 
     #[test]
+    fn underscore_keys_are_comments_at_every_level() {
+        let c = p(r#"{
+            "_comment": "top level",
+            "mcpProxy": {"_note": 1, "addr": "127.0.0.1:9", "options": {"_why": "x", "authTokens": ["${TOK}"]}},
+            "mcpServers": {
+                "_disabled-server": {"command": "whatever", "bogus": true},
+                "a": {"_comment": "a server", "command": "x", "env": {"_UNDERSCORE": "kept", "K": "v"},
+                      "options": {"_c": 0, "toolFilter": {"_c": "", "mode": "block", "list": ["t"]}},
+                      "policy": {"_c": "", "extends": "node", "env": {"set": {"_KEEP": "1"}}}}
+            },
+            "mcpbox": {"_comment": "extensions", "maxBodyBytes": 8}
+        }"#)
+        .unwrap();
+        assert_eq!(c.servers.keys().collect::<Vec<_>>(), ["a"], "a server named _… is commented out");
+        let ServerKind::Stdio { env, .. } = &c.servers["a"].kind else { panic!() };
+        assert_eq!(env["_UNDERSCORE"], "kept", "env names are not config keys");
+        let PolicyRef::Inline { value, .. } = &c.servers["a"].policy else { panic!() };
+        assert!(!value.contains_key("_c") && value["env"]["set"].as_table().unwrap().contains_key("_KEEP"));
+        assert_eq!(c.max_body_bytes, 8);
+        assert_eq!(c.proxy.auth_tokens, ["s3cret".to_string()]);
+        // A comment never needs its ${…} set.
+        p(r#"{"_comment": "set ${UNSET_VAR} first", "mcpServers": {}}"#).unwrap();
+    }
+
+    #[test]
+    fn unknown_keys_stay_errors_naming_them() {
+        for (text, field, key) in [
+            (r#"{"mcpProxy":{"adress":":1"}}"#, "mcpProxy", "adress"),
+            (r#"{"mcpServers":{"a":{"command":"x","comment":"not a comment"}}}"#, "mcpServers.a", "comment"),
+            (r#"{"mcpServers":{"a":{"command":"x","options":{"logEnable":true}}}}"#, "mcpServers.a.options", "logEnable"),
+            (r#"{"mcpservers":{}}"#, "expected one of", "mcpservers"),
+        ] {
+            let e = p(text).unwrap_err().to_string();
+            assert!(e.contains(field) && e.contains(key), "{text}: {e}");
+        }
+        let e = p(r#"{"server":{"addr":":1"},"clients":{}}"#).unwrap_err().to_string();
+        assert!(e.contains("v1 format") && e.contains("mcpServers"), "{e}");
+    }
+
+    #[test]
+    fn mcp_proxy_keys_without_effect_are_warned_about() {
+        let c = p(r#"{"mcpProxy":{"name":"n","version":"1.0.0","type":"sse","options":{"panicIfInvalid":true,"logEnabled":true,
+            "metrics":{"enabled":true,"collectInterval":"15s"}}},
+            "mcpServers":{"a":{"command":"x","headers":{"H":"v"},"timeout":"30s","options":{"panicIfInvalid":false,"logEnabled":false,"toolFilter":{"list":["t"]}}},
+                          "b":{"url":"https://up.example.test/mcp","transportType":"streamable-http","args":["y"]}}}"#)
+        .unwrap();
+        let w = c.warnings.join("\n");
+        for said in ["mcpProxy.version", "mcpProxy.options.panicIfInvalid", "mcpProxy.options.metrics", "mcpServers.a.headers", "mcpServers.a.options.toolFilter", "mcpServers.b.args/env"] {
+            assert!(w.contains(said), "no warning for {said}:\n{w}");
+        }
+        assert_eq!(c.warnings.len(), 6, "{w}");
+        // Honoured: logEnabled per server over the global one, timeout, name.
+        assert!(!c.servers["a"].log_enabled && c.servers["b"].log_enabled);
+        assert_eq!(c.servers["a"].timeout, Some(Duration::from_secs(30)));
+        assert_eq!(c.proxy.name, "n");
+        // A plain config has nothing to warn about; logging is off unless asked for.
+        let c = p(r#"{"mcpServers":{"a":{"command":"x"}}}"#).unwrap();
+        assert!(c.warnings.is_empty() && !c.servers["a"].log_enabled);
+    }
+
+    #[test]
     fn serve_limits_and_max_sessions() {
         let c = p(r#"{"mcpServers":{"a":{"command":"x"},"b":{"command":"x","maxSessions":0},"c":{"command":"x","maxSessions":3}}}"#).unwrap();
         assert_eq!(c.servers["a"].max_sessions, Some(DEFAULT_MAX_SESSIONS));
@@ -876,5 +1017,24 @@ mod tests {
         assert_eq!(b.path, "/mcp");
         assert_eq!(b.origin(), "https://example.com:8443");
         assert_eq!(BaseUrl::parse("http://[::1]:9").unwrap().host, "[::1]");
+        // Found by fuzzing (fuzz/fuzz_targets/decide.rs): a prefix the edge could only be reached
+        // through in a non-canonical form.
+        for bad in ["http://h/a/../b", "http://h/./mcp", "http://h/%6dcp", "http://h/a//b"] {
+            let e = BaseUrl::parse(bad).unwrap_err();
+            assert!(e.contains("must be plain"), "{bad}: {e}");
+        }
+        assert_eq!(BaseUrl::parse("http://h/a.b/c..d/").unwrap().path, "/a.b/c..d");
     }
+
+    #[test]
+    fn replica_id_and_drain_grace() {
+        let c = p(r#"{"mcpbox":{"replicaId":"mcpbox-2","drainGrace":"90s"},"mcpServers":{}}"#).unwrap();
+        assert_eq!(c.replica, Replica { id: Some("mcpbox-2".into()), drain_grace: Duration::from_secs(90) });
+        assert_eq!(p(r#"{"mcpServers":{}}"#).unwrap().replica, Replica::default());
+        for bad in ["a.b", "", "r 1"] {
+            let e = p(&format!(r#"{{"mcpbox":{{"replicaId":"{bad}"}},"mcpServers":{{}}}}"#)).unwrap_err().to_string();
+            assert!(e.contains("mcpbox.replicaId"), "{e}");
+        }
+    }
+
 }

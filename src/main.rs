@@ -13,7 +13,16 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Work with policies.
+    /// Work with policies: check what one resolves to, see what a server was refused, turn that
+    /// into grants, compare two policies.
+    ///
+    /// The workflow (docs/POLICIES.md, "Writing a policy"):
+    ///   1. start from a shipped policy (`mcpbox policy check node` shows what it grants);
+    ///   2. run the server under it (`mcpbox run --policy P -- …` or `serve`); what a sandbox layer
+    ///      refuses is logged ("denied: egress connect host:443") and counted in /status;
+    ///   3. `mcpbox policy suggest NAME` turns the recorded denials into `+` lines to add;
+    ///   4. `mcpbox policy diff OLD NEW` shows exactly what the edited policy grants beyond the old.
+    #[command(verbatim_doc_comment)]
     Policy {
         #[command(subcommand)]
         cmd: PolicyCmd,
@@ -116,6 +125,10 @@ fn init_logging(default: &str, json: bool) {
 #[derive(Subcommand)]
 enum PolicyCmd {
     /// Validate a policy (file or shipped name) and print the effective policy.
+    ///
+    /// Start a new policy from what this prints for a base (`node`, `python`, `default`) or for
+    /// a shipped server policy; after running the server, `policy suggest NAME` says what it was
+    /// refused, and `policy diff` what an edit changes.
     Check {
         /// Policy file (a path) or shipped/user policy name.
         file: String,
@@ -123,6 +136,60 @@ enum PolicyCmd {
         #[arg(long)]
         data: Option<PathBuf>,
         /// What ${CACHE} expands to (default: a placeholder, as for --data).
+        #[arg(long)]
+        cache: Option<PathBuf>,
+    },
+    /// Turn the denials recorded for a server into the grants that would have permitted them.
+    ///
+    /// Every refusal a sandbox layer reports is recorded per server (the most recent 128
+    /// distinct ones, in STATE/NAME/denials.json; also under "denials" in /status). This prints
+    /// them as a diff against the server's policy:
+    ///   [network]
+    ///   # egress connect api.example.com:443: 3 times, last in session 4f…
+    ///   + allow = ["api.example.com:443"]
+    ///   # cannot be granted: seccomp bpf: once: … mcpbox never allows it
+    /// Reported today: the egress proxy and seccomp; Landlock not yet (a path outside the grants
+    /// is simply absent: the server's ENOENT names what to add to [filesystem]).
+    /// Read each line before adding it: a denial says what the server tried, not what it needs
+    /// (a hostile package tries things too). Grant the narrowest path that works, check the
+    /// result with `mcpbox policy check`, and compare with `mcpbox policy diff OLD NEW`.
+    /// Which layers this host can report is listed by `mcpbox doctor`.
+    #[command(verbatim_doc_comment)]
+    Suggest {
+        /// The server's name (as in mcpbox.json, or `mcpbox run --name`).
+        server: String,
+        /// The mcpbox.json the server is served from: its state directory and the policy the
+        /// server runs under (inline ones too) are taken from there.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The state directory the server ran under (default: the config's, else
+        /// /var/lib/mcpbox as root, $XDG_STATE_HOME/mcpbox otherwise).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// The policy to compare against (file or shipped/user name), e.g. the one you are
+        /// editing; default: the server's in --config, else the one the denials were recorded under.
+        #[arg(long, short = 'p')]
+        policy: Option<String>,
+    },
+    /// Show what policy B grants that policy A does not (+), and the reverse (-).
+    ///
+    /// Both are resolved first (`extends`, ${DATA}/${CACHE}); grants are compared by what they
+    /// permit: a path inside a granted directory is no new grant, write and exec include read;
+    /// network mode (none < proxy < host), allow-list entries and ports; env names and values;
+    /// limits (higher or unset is more); seccomp; sandbox level and relaxations.
+    /// Use it to review an edit before deploying it (`policy diff old.toml new.toml`: every +
+    /// line is something the server can now do), or to see what a policy adds to its base
+    /// (`policy diff node my-server.toml`).
+    #[command(verbatim_doc_comment)]
+    Diff {
+        /// Policy A (file or shipped/user name).
+        a: String,
+        /// Policy B.
+        b: String,
+        /// What ${DATA} expands to in both (default: a placeholder).
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// What ${CACHE} expands to in both (default: a placeholder).
         #[arg(long)]
         cache: Option<PathBuf>,
     },
@@ -154,6 +221,10 @@ fn main() -> ExitCode {
             init_logging("warn,mcpbox::plan::prepare=info", false);
             mcpbox::cli_run::run(mcpbox::cli_run::RunArgs { policy, state_dir, name, min_level: min_level.into(), command }, early)
         }
+        Cmd::Policy { cmd: PolicyCmd::Suggest { server, config, state_dir, policy } } => {
+            mcpbox::cli_policy::suggest_cli(&server, config.as_deref(), state_dir, policy)
+        }
+        Cmd::Policy { cmd: PolicyCmd::Diff { a, b, data, cache } } => mcpbox::cli_policy::diff_cli(&a, &b, data.as_deref(), cache.as_deref()),
         Cmd::Policy { cmd: PolicyCmd::Check { file, data, cache } } => {
             match mcpbox::policy::check(&file, data.as_deref(), cache.as_deref()) {
                 Ok(text) => {

@@ -49,39 +49,8 @@ const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 // Allow-list
 // ---------------------------------------------------------------------------------------------
 
-/// A host as written in an allow-list entry or a request target.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum Host {
-    /// A DNS name, lowercased, without a trailing dot.
-    Name(String),
-    /// An IPv4 or IPv6 literal.
-    Ip(IpAddr),
-}
-
-impl fmt::Display for Host {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Host::Name(n) => f.write_str(n),
-            Host::Ip(IpAddr::V4(ip)) => write!(f, "{ip}"),
-            Host::Ip(IpAddr::V6(ip)) => write!(f, "[{ip}]"),
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum HostPattern {
-    /// This host exactly.
-    Exact(Host),
-    /// Any strict subdomain of this name (`*.example.com` → `a.example.com`, `a.b.example.com`,
-    /// not `example.com`).
-    Subdomains(String),
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Entry {
-    host: HostPattern,
-    port: u16,
-}
+pub use crate::policy::{AllowEntry, AllowEntryError as AllowListError, Host};
+use crate::policy::{parse_host, split_host_port, HostPattern};
 
 /// The `network.allow` entries of a policy, parsed: `host:port`, `*.example.com:443`,
 /// `127.0.0.1:8080`, `[::1]:8080`. A port is always required.
@@ -100,36 +69,29 @@ pub enum Match {
     Wildcard,
 }
 
-/// Why an allow-list entry was refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum AllowListError {
-    #[error("network.allow entry `{entry}`: a port is required, e.g. `{entry}:443`")]
-    MissingPort { entry: String },
-    #[error("network.allow entry `{entry}`: the port must be a number from 1 to 65535")]
-    BadPort { entry: String },
-    #[error("network.allow entry `{entry}`: {reason}")]
-    BadHost { entry: String, reason: &'static str },
-    #[error("network.allow entry `{entry}`: {reason}")]
-    BadWildcard { entry: String, reason: &'static str },
-}
-
 impl AllowList {
-    /// Parses every entry; the first bad one is the error.
+    /// Parses every entry (the policy's grammar); the first bad one is the error.
     pub fn parse(entries: &[String]) -> Result<AllowList, AllowListError> {
+        let entries = entries.iter().map(|e| e.parse()).collect::<Result<Vec<AllowEntry>, _>>()?;
+        Ok(AllowList::new(&entries))
+    }
+
+    /// The list of a loaded policy's entries.
+    pub fn new(entries: &[AllowEntry]) -> AllowList {
         let mut list = AllowList::default();
-        for raw in entries {
-            match parse_entry(raw)? {
-                Entry { host: HostPattern::Exact(h), port } => {
-                    list.exact.insert((h, port));
+        for e in entries {
+            match &e.host {
+                HostPattern::Exact(h) => {
+                    list.exact.insert((h.clone(), e.port));
                 }
-                Entry { host: HostPattern::Subdomains(s), port } => {
-                    if !list.wildcards.contains(&(s.clone(), port)) {
-                        list.wildcards.push((s, port));
+                HostPattern::Subdomains(s) => {
+                    if !list.wildcards.contains(&(s.clone(), e.port)) {
+                        list.wildcards.push((s.clone(), e.port));
                     }
                 }
             }
         }
-        Ok(list)
+        list
     }
 
     /// True when nothing at all is allowed.
@@ -153,132 +115,12 @@ impl AllowList {
     }
 }
 
-fn parse_entry(raw: &str) -> Result<Entry, AllowListError> {
-    let entry = raw.trim();
-    let bad_host = |reason| AllowListError::BadHost { entry: entry.to_string(), reason };
-    if entry.is_empty() {
-        return Err(bad_host("empty entry"));
+/// `host:port` (a request target, as denials name it) parsed as an exact allow-list entry is.
+pub fn parse_target(s: &str) -> Option<(Host, u16)> {
+    match s.trim().parse::<crate::policy::AllowEntry>().ok()? {
+        crate::policy::AllowEntry { host: crate::policy::HostPattern::Exact(h), port } => Some((h, port)),
+        _ => None,
     }
-    if entry.contains("://") || entry.contains('/') {
-        return Err(bad_host("write `host:port`, without a scheme or a path"));
-    }
-    let (host_part, port) = split_host_port(entry).map_err(|e| match e {
-        AuthorityError::MissingPort => AllowListError::MissingPort { entry: entry.to_string() },
-        AuthorityError::BadPort => AllowListError::BadPort { entry: entry.to_string() },
-        AuthorityError::BadHost(reason) => bad_host(reason),
-    })?;
-    let port = port.ok_or_else(|| AllowListError::MissingPort { entry: entry.to_string() })?;
-
-    if let Some(suffix) = host_part.strip_prefix("*.") {
-        let bad_wild = |reason| AllowListError::BadWildcard { entry: entry.to_string(), reason };
-        let name = match parse_host(suffix) {
-            Ok(Host::Name(n)) => n,
-            Ok(Host::Ip(_)) => return Err(bad_wild("a wildcard applies to names, not IP addresses")),
-            Err(reason) => return Err(bad_wild(reason)),
-        };
-        if !name.contains('.') {
-            return Err(bad_wild(
-                "a wildcard over a whole top-level domain is too broad; name at least two labels (`*.example.com`)",
-            ));
-        }
-        return Ok(Entry { host: HostPattern::Subdomains(name), port });
-    }
-    if host_part.contains('*') {
-        return Err(AllowListError::BadWildcard {
-            entry: entry.to_string(),
-            reason: "`*` is only allowed as the whole first label: `*.example.com:443`",
-        });
-    }
-    let host = parse_host(host_part).map_err(bad_host)?;
-    Ok(Entry { host: HostPattern::Exact(host), port })
-}
-
-#[derive(Debug)]
-enum AuthorityError {
-    MissingPort,
-    BadPort,
-    BadHost(&'static str),
-}
-
-/// Splits `host:port`, `[v6]:port`, `host`, `[v6]`; the host part is returned without brackets
-/// checked (brackets stripped for IPv6).
-fn split_host_port(s: &str) -> Result<(&str, Option<u16>), AuthorityError> {
-    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
-        let close = rest.find(']').ok_or(AuthorityError::BadHost("unclosed `[` in an IPv6 address"))?;
-        let host = &rest[..close];
-        let after = &rest[close + 1..];
-        if host.parse::<Ipv6Addr>().is_err() {
-            return Err(AuthorityError::BadHost("not an IPv6 address inside `[…]`"));
-        }
-        match after {
-            "" => (host, None),
-            _ => match after.strip_prefix(':') {
-                Some(p) => (host, Some(p)),
-                None => return Err(AuthorityError::BadHost("unexpected text after `]`")),
-            },
-        }
-    } else {
-        match s.rsplit_once(':') {
-            Some((h, _)) if h.contains(':') => {
-                return Err(AuthorityError::BadHost("IPv6 addresses go in brackets: `[::1]:8080`"))
-            }
-            Some((h, p)) => (h, Some(p)),
-            None => (s, None),
-        }
-    };
-    let port = match port {
-        None => None,
-        Some(p) => {
-            if p.is_empty() {
-                return Err(AuthorityError::MissingPort);
-            }
-            if !p.bytes().all(|b| b.is_ascii_digit()) || p.len() > 5 {
-                return Err(AuthorityError::BadPort);
-            }
-            match p.parse::<u16>() {
-                Ok(0) | Err(_) => return Err(AuthorityError::BadPort),
-                Ok(n) => Some(n),
-            }
-        }
-    };
-    Ok((host, port))
-}
-
-/// Parses a host (no port, no brackets) into a name or an IP literal.
-///
-/// Names whose last label looks numeric (`127.1`, `2130706433`, `0x7f`) are refused: resolvers
-/// read them as IPv4 addresses, which would let a "name" smuggle in an address.
-fn parse_host(s: &str) -> Result<Host, &'static str> {
-    if s.is_empty() {
-        return Err("empty host");
-    }
-    if let Ok(ip) = s.parse::<Ipv4Addr>() {
-        return Ok(Host::Ip(IpAddr::V4(ip)));
-    }
-    if let Ok(ip) = s.parse::<Ipv6Addr>() {
-        return Ok(Host::Ip(IpAddr::V6(ip)));
-    }
-    let name = s.strip_suffix('.').unwrap_or(s).to_ascii_lowercase();
-    if name.is_empty() || name.len() > 253 {
-        return Err("a host name must be 1 to 253 characters long");
-    }
-    for label in name.split('.') {
-        if label.is_empty() || label.len() > 63 {
-            return Err("every label of a host name must be 1 to 63 characters long");
-        }
-        if !label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
-            return Err("a host name may contain only letters, digits, `-`, `_` and dots");
-        }
-        if label.starts_with('-') || label.ends_with('-') {
-            return Err("a label of a host name cannot start or end with `-`");
-        }
-    }
-    let last = name.rsplit('.').next().unwrap_or_default();
-    let hex = last.strip_prefix("0x").is_some_and(|h| h.bytes().all(|b| b.is_ascii_hexdigit()));
-    if last.bytes().all(|b| b.is_ascii_digit()) || hex {
-        return Err("not a valid IP address, and not a host name (the last label is numeric)");
-    }
-    Ok(Host::Name(name))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -413,6 +255,10 @@ pub struct ProxyConfig {
     pub policy_name: String,
     /// The server's name, for logs.
     pub server: String,
+    /// The session the sandbox serves, if it serves one (for denial lines).
+    pub session: Option<String>,
+    /// Where refusals are recorded and counted; without it they are only logged.
+    pub denials: Option<Arc<crate::denials::ServerDenials>>,
     /// Resolving plus connecting to the origin.
     pub connect_timeout: Duration,
     /// Reading the whole request head from the sandboxed client.
@@ -433,6 +279,8 @@ impl ProxyConfig {
             allow,
             policy_name: policy_name.into(),
             server: server.into(),
+            session: None,
+            denials: None,
             connect_timeout: Duration::from_secs(10),
             header_timeout: Duration::from_secs(10),
             max_header_bytes: 16 * 1024,
@@ -449,6 +297,7 @@ impl fmt::Debug for ProxyConfig {
             .field("allow", &self.allow)
             .field("policy_name", &self.policy_name)
             .field("server", &self.server)
+            .field("session", &self.session)
             .field("connect_timeout", &self.connect_timeout)
             .field("header_timeout", &self.header_timeout)
             .field("max_header_bytes", &self.max_header_bytes)
@@ -469,7 +318,9 @@ pub fn proxy_env(port: u16) -> Vec<(&'static str, String)> {
         ("HTTP_PROXY", url.clone()),
         ("HTTPS_PROXY", url.clone()),
         ("http_proxy", url.clone()),
-        ("https_proxy", url),
+        ("https_proxy", url.clone()),
+        ("ALL_PROXY", url.clone()),
+        ("all_proxy", url),
         ("NO_PROXY", String::new()),
         ("no_proxy", String::new()),
         ("NODE_USE_ENV_PROXY", "1".to_string()),
@@ -658,7 +509,20 @@ async fn connect_checked(
     target: &str,
 ) -> Result<TcpStream, Reply> {
     let deny = |why: &str, detail: &str| {
-        tracing::warn!(server = %cfg.server, target = %target, method, reason = detail, "egress denied");
+        match &cfg.denials {
+            // Logged there, rate-limited, with the session.
+            Some(d) => d.record(
+                cfg.session.as_deref(),
+                Some(&cfg.policy_name),
+                crate::denials::Denial {
+                    layer: crate::denials::Layer::Egress,
+                    access: "connect".into(),
+                    object: target.to_string(),
+                    reason: Some(detail.to_string()),
+                },
+            ),
+            None => tracing::warn!(server = %cfg.server, target = %target, method, reason = detail, "egress denied"),
+        }
         Reply::new(403, format!("mcpbox: {method} {target} denied by policy {} ({why})", cfg.policy_name))
     };
 
@@ -1165,7 +1029,7 @@ mod tests {
         let err = |e: &str| list(&[e]).unwrap_err().to_string();
         assert_eq!(
             err("example.com"),
-            "network.allow entry `example.com`: a port is required, e.g. `example.com:443`"
+            "[network] allow `example.com`: a port is required, e.g. `example.com:443`"
         );
         assert!(matches!(list(&["example.com:"]), Err(AllowListError::MissingPort { .. })));
         assert!(matches!(list(&["[::1]"]), Err(AllowListError::MissingPort { .. })));

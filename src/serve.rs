@@ -32,11 +32,26 @@ pub struct ServeArgs {
     /// Seconds between SIGTERM and SIGKILL for server processes at shutdown.
     #[arg(long, default_value_t = 5)]
     pub grace: u64,
+    /// This replica's id, carried in every session id so that a proxy can route on it
+    /// (overrides `mcpbox.replicaId`).
+    #[arg(long, env = "MCPBOX_REPLICA_ID")]
+    pub replica_id: Option<String>,
+    /// Seconds after SIGTERM during which open sessions go on while no new ones are taken
+    /// (overrides `mcpbox.drainGrace`; 0 ends them at once).
+    #[arg(long)]
+    pub drain_grace: Option<u64>,
 }
 
 fn load(args: &ServeArgs) -> Result<Config, config::ConfigError> {
-    let c = config::load(&args.config)?;
+    let mut c = config::load(&args.config)?;
     c.check_exposure(args.allow_unauthenticated)?;
+    if let Some(id) = &args.replica_id {
+        config::check_replica_id(id).map_err(|msg| config::ConfigError::Field { field: "--replica-id".into(), msg })?;
+        c.replica.id = Some(id.clone());
+    }
+    if let Some(secs) = args.drain_grace {
+        c.replica.drain_grace = Duration::from_secs(secs);
+    }
     Ok(c)
 }
 
@@ -112,7 +127,13 @@ pub fn main(args: ServeArgs) -> ExitCode {
             }
             return ExitCode::from(2);
         }
+        for w in &cfg.warnings {
+            eprintln!("mcpbox: {}: warning: {w}", args.config.display());
+        }
         println!("{}: ok; listen {}; {} server(s)", args.config.display(), cfg.proxy.addr, cfg.servers.len());
+        if let Some(id) = &cfg.replica.id {
+            println!("replica {id}: session ids {id}.<random>; drainGrace {:?}", cfg.replica.drain_grace);
+        }
         for u in urls(&cfg) {
             println!("  {u}");
         }
@@ -127,12 +148,9 @@ pub fn main(args: ServeArgs) -> ExitCode {
     } else {
         tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match crate::runtime("serve", true) {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("mcpbox: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     match rt.block_on(run(args, cfg)) {
         Ok(()) => ExitCode::SUCCESS,
@@ -147,6 +165,9 @@ async fn run(args: ServeArgs, cfg: Config) -> anyhow::Result<()> {
     let min_level = min_level(&args);
     if min_level == Level::Container {
         tracing::warn!("--min-level container: servers may run without namespaces (container level)");
+    }
+    for w in &cfg.warnings {
+        tracing::warn!("{}: {w}", args.config.display());
     }
     // Every client connection is a descriptor: take what the system allows, and size the
     // connection cap from it (below).
@@ -186,6 +207,9 @@ async fn run(args: ServeArgs, cfg: Config) -> anyhow::Result<()> {
     for u in urls(&cfg) {
         tracing::info!("serving {u}");
     }
+    if let Some(id) = &cfg.replica.id {
+        tracing::info!("replica {id}: session ids start with {id}.; drainGrace {:?}", cfg.replica.drain_grace);
+    }
     for line in limits_summary(&cfg, nofile) {
         tracing::info!("{}", line.trim_start());
     }
@@ -207,6 +231,7 @@ async fn run(args: ServeArgs, cfg: Config) -> anyhow::Result<()> {
     let conns = tokio_util::task::TaskTracker::new();
     let accept = tokio::spawn(crate::http::listen::serve(listener, app, settings, stop.clone(), conns.clone()));
     wait_for_signal().await;
+    drain(&sup, cfg.replica.drain_grace).await;
     tracing::info!("shutting down: closing sessions, stopping servers");
     sup.shutdown().await;
     stop.cancel();
@@ -216,6 +241,30 @@ async fn run(args: ServeArgs, cfg: Config) -> anyhow::Result<()> {
     let _ = tokio::time::timeout(Duration::from_secs(2), conns.wait()).await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// After SIGTERM: take no new sessions (`/readyz` 503, opens 503) and let the open ones go on
+/// until they end, the grace runs out, or a second signal comes.
+async fn drain(sup: &Supervisor, grace: Duration) {
+    if grace.is_zero() {
+        return;
+    }
+    sup.drain();
+    let open = sup.open_sessions();
+    if open == 0 {
+        return;
+    }
+    tracing::info!("draining: no new sessions; {open} open session(s) may go on for up to {grace:?}");
+    let until_empty = async {
+        while sup.open_sessions() > 0 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    tokio::select! {
+        _ = until_empty => tracing::info!("drained: every session has ended"),
+        _ = tokio::time::sleep(grace) => tracing::info!("drain grace over: ending {} open session(s)", sup.open_sessions()),
+        _ = wait_for_signal() => tracing::info!("second signal: ending the open sessions now"),
+    }
 }
 
 async fn wait_for_signal() {

@@ -92,8 +92,10 @@ impl SandboxLauncher {
         let spawner = self.spawner.clone();
         let name = server.name.clone();
         let session = session.map(str::to_owned);
+        let denials = crate::denials::registry().server(&name, Some(crate::denials::file_for(&self.planner.state.root, &name)));
         Box::pin(async move {
             let planned = planned?;
+            denials.set_policy(&planned.policy.source);
             for note in &planned.notes {
                 tracing::warn!(server = %name, session = ?session, "{note}");
             }
@@ -110,9 +112,11 @@ impl SandboxLauncher {
             // proxy runs here, in the host's network, for as long as the sandbox lives.
             let proxy_task = match (sb.proxy_listener, &planned.policy.network) {
                 (Some(listener), crate::policy::Network::Proxy { allow }) => {
-                    let allow = crate::netproxy::AllowList::parse(allow)
-                        .map_err(|e| anyhow::anyhow!("policy {}: network.allow: {e}", planned.policy.source))?;
-                    let cfg = std::sync::Arc::new(crate::netproxy::ProxyConfig::new(allow, planned.policy.source.clone(), name.clone()));
+                    let allow = crate::netproxy::AllowList::new(allow);
+                    let mut cfg = crate::netproxy::ProxyConfig::new(allow, planned.policy.source.clone(), name.clone());
+                    cfg.session = session.clone();
+                    cfg.denials = Some(denials);
+                    let cfg = std::sync::Arc::new(cfg);
                     let server_name = name.clone();
                     Some(tokio::spawn(async move {
                         if let Err(e) = crate::netproxy::serve(listener, cfg).await {
@@ -176,6 +180,9 @@ pub enum OpenError {
     TooMany(String),
     #[error("shutting down")]
     ShuttingDown,
+    /// SIGTERM came: open sessions go on for the drain grace, new ones belong on other replicas.
+    #[error("draining: this replica takes no new sessions")]
+    Draining,
     /// The global budget (sessions or sandboxes across all servers) is spent.
     #[error("{0}")]
     Busy(#[from] crate::budget::Exhausted),
@@ -347,6 +354,8 @@ pub struct Options {
     /// Bytes queued for one server's stdin (`mcpbox.serverInputBytes`).
     pub server_input: usize,
     pub grace: Duration,
+    /// `mcpbox.replicaId`: the prefix of every session id (`ID.<random>`).
+    pub replica_id: Option<String>,
 }
 
 impl Options {
@@ -356,6 +365,7 @@ impl Options {
             session_buffer: cfg.session_buffer_bytes,
             server_input: cfg.server_input_bytes,
             grace,
+            replica_id: cfg.replica.id.clone(),
         }
     }
 
@@ -374,15 +384,26 @@ pub struct Supervisor {
     pub budget: Arc<crate::budget::Budget>,
     /// Memory all warm pools may hold together (`mcpbox.warmPoolBytes`).
     warm_pool_bytes: u64,
+    /// Set by [`Supervisor::drain`]: no new sessions, open ones go on.
+    draining: std::sync::atomic::AtomicBool,
 }
 
 struct ProcCtl {
     exited: oneshot::Receiver<String>,
 }
 
-fn new_session_id() -> SessionId {
+/// Random hex, after `REPLICA.` when this mcpbox is one of several replicas (a proxy routes on it).
+fn new_session_id(replica: Option<&str>) -> SessionId {
     let a: u128 = rand::random();
-    Arc::from(format!("{a:032x}"))
+    match replica {
+        Some(r) => Arc::from(format!("{r}.{a:032x}")),
+        None => Arc::from(format!("{a:032x}")),
+    }
+}
+
+/// The replica a session id names (the part before its first `.`), if any.
+pub fn session_replica(id: &str) -> Option<&str> {
+    id.split_once('.').map(|(r, _)| r)
 }
 
 impl Supervisor {
@@ -400,7 +421,7 @@ impl Supervisor {
                 tracing::error!(server = %name, "cannot start: {e}");
             }
             let shared = (cfg.isolation == Isolation::Shared)
-                .then(|| Arc::new(Hub::new(name, true, cfg.tool_filter.clone(), opts.limits())));
+                .then(|| Hub::new(name, true, cfg.tool_filter.clone(), opts.limits()).with_options(cfg.log_enabled, cfg.timeout));
             servers.insert(
                 name.clone(),
                 Arc::new(Server {
@@ -421,6 +442,7 @@ impl Supervisor {
             tasks: TaskTracker::new(),
             budget: crate::budget::Budget::new(config.limits.max_sessions_total, config.limits.max_sandboxes),
             warm_pool_bytes: config.limits.warm_pool_bytes,
+            draining: Default::default(),
         });
         for server in sup.servers.values() {
             if server.shared.is_some() && server.ready.is_ok() {
@@ -704,6 +726,9 @@ impl Supervisor {
         if self.shutdown.is_cancelled() {
             return Err(OpenError::ShuttingDown);
         }
+        if self.is_draining() {
+            return Err(OpenError::Draining);
+        }
         let server = self.servers.get(server_name).ok_or(OpenError::NotFound)?.clone();
         if let Err(e) = &server.ready {
             return Err(OpenError::Launch(e.clone()));
@@ -714,11 +739,11 @@ impl Supervisor {
         };
         // The global budget, also before anything starts; its slot goes back when the session ends.
         let budget_slot = self.budget.acquire(server.shared.is_none())?;
-        let id = new_session_id();
+        let id = new_session_id(self.opts.replica_id.as_deref());
         let closed = self.shutdown.child_token();
         let hub = match &server.shared {
             Some(h) => h.clone(),
-            None => Arc::new(Hub::new(server_name, false, server.cfg.tool_filter.clone(), self.opts.limits())),
+            None => Hub::new(server_name, false, server.cfg.tool_filter.clone(), self.opts.limits()).with_options(server.cfg.log_enabled, server.cfg.timeout),
         };
         let session = Session::new(
             id.clone(),
@@ -800,6 +825,20 @@ impl Supervisor {
                 }
             }
         }
+    }
+
+    /// Take no new sessions from now on; open ones go on until [`Supervisor::shutdown`].
+    pub fn drain(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Open sessions across all servers.
+    pub fn open_sessions(&self) -> usize {
+        self.servers.values().map(|s| s.active_sessions()).sum()
     }
 
     /// Stop everything: sessions end, children get SIGTERM then SIGKILL after the grace

@@ -155,12 +155,9 @@ pub fn main(transport: Option<String>) -> ExitCode {
         }
     };
     let _ = URL_SEEN.set((url.clone(), redact(&url)));
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match crate::runtime("url-bridge", false) {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("mcpbox url-bridge: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     match rt.block_on(run(url, transport)) {
         Ok(()) => ExitCode::SUCCESS,

@@ -8,3 +8,4 @@ mod cli;
 mod serve;
 mod serve_support;
 mod realservers;
+mod denials;

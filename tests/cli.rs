@@ -113,28 +113,87 @@ fn a_command_the_policy_does_not_allow_is_refused() {
 fn npx_server_runs_over_stdio_without_a_policy() {
     let d = tempdir();
     let state = d.path().join("state");
-    let mut cmd = Command::new(mcpbox());
-    cmd.args(["run", "--state-dir"]).arg(&state).args(["--", "npx", "-y", "@modelcontextprotocol/server-sequential-thinking"]);
-    test_env(&mut cmd);
-    let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-    let init = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#;
-    {
-        use std::io::Write;
-        let mut stdin = child.stdin.take().unwrap();
-        writeln!(stdin, "{init}").unwrap();
-        // stdin closes here: the server answers, then ends.
-    }
-    let status = wait_timeout(&mut child, Duration::from_secs(120)).expect("mcpbox run did not finish in 120 s");
-    let mut out = String::new();
-    std::io::Read::read_to_string(child.stdout.as_mut().unwrap(), &mut out).unwrap();
-    let mut err = String::new();
-    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
-    let answer = out.lines().find(|l| l.contains("\"id\":1")).unwrap_or_else(|| panic!("no answer to initialize\nstdout: {out}\nstderr: {err}"));
-    let v: serde_json::Value = serde_json::from_str(answer).unwrap();
-    assert_eq!(v["result"]["serverInfo"]["name"], "sequential-thinking-server", "{answer}");
-    assert!(status.success(), "exit {status:?}\n{err}");
+    let (v, err) = initialize_over_run(&state, None, &["npx", "-y", "@modelcontextprotocol/server-sequential-thinking"]);
+    assert_eq!(v["result"]["serverInfo"]["name"], "sequential-thinking-server", "{v}");
     assert!(err.contains("shipped policy `server-sequential-thinking`"), "the log names the package's shipped policy:\n{err}");
     assert!(state.join("server-sequential-thinking/cache/prepared.json").is_file(), "prepared under the package's name:\n{err}");
+}
+
+/// Policies that a launch refuses, and one it takes: `policy check`, `serve --check` and
+/// `run` must all say the same.
+const REFUSED: &[(&str, &str, &str)] = &[
+    ("wildtld", "[network]\nmode = \"proxy\"\nallow = [\"*.com:443\"]\n", "a wildcard over a whole top-level domain is too broad"),
+    ("nosuchcall", "extends = \"default\"\n[seccomp]\nextra_deny = [\"no_such_call\"]\n", "`no_such_call` is not an x86_64 syscall"),
+    ("hardallow", "extends = \"default\"\n[seccomp]\nextra_allow = [\"bpf\"]\n", "syscall `bpf` can never be allowed"),
+];
+
+fn policy_check(p: &std::path::Path) -> Output {
+    let mut cmd = Command::new(mcpbox());
+    cmd.args(["policy", "check"]).arg(p);
+    run_timeout(cmd, Duration::from_secs(30))
+}
+
+/// `serve --check` of a config with one server, `s`, under policy file `p`.
+fn serve_check(dir: &std::path::Path, p: &std::path::Path) -> Output {
+    let cfg = dir.join(format!("{}.json", p.file_stem().unwrap().to_string_lossy()));
+    let body = serde_json::json!({"mcpProxy": {"addr": "127.0.0.1:0"}, "mcpServers": {"s": {"command": "/bin/true", "policy": p}}});
+    std::fs::write(&cfg, body.to_string()).unwrap();
+    let mut cmd = Command::new(mcpbox());
+    cmd.args(["serve", "--check", "--config"]).arg(&cfg).arg("--state-dir").arg(dir.join("state"));
+    run_timeout(cmd, Duration::from_secs(30))
+}
+
+#[test]
+fn policy_check_serve_check_and_run_refuse_what_a_launch_refuses() {
+    let d = tempdir();
+    for (name, body, why) in REFUSED {
+        let p = write_policy(d.path(), name, body);
+        let out = policy_check(&p);
+        assert_eq!(out.code, 1, "policy check {name}:\n{out}");
+        assert!(out.stderr.contains(why) && out.stderr.contains(&p.display().to_string()), "policy check {name}:\n{out}");
+        let out = serve_check(d.path(), &p);
+        assert_eq!(out.code, 2, "serve --check {name}:\n{out}");
+        assert!(out.stderr.contains(why) && out.stderr.contains("server s"), "serve --check {name}:\n{out}");
+        let out = run_policy(&p.to_string_lossy(), &["/bin/true"]);
+        assert_eq!(out.code, 125, "run {name}:\n{out}");
+        assert!(out.stderr.contains(why), "run {name}:\n{out}");
+    }
+    // An IPv6 literal is an entry the egress proxy takes: so does every check.
+    let p = write_policy(d.path(), "v6", "[network]\nmode = \"proxy\"\nallow = [\"[::1]:8080\"]\n");
+    let out = policy_check(&p);
+    assert_eq!(out.code, 0, "{out}");
+    assert!(out.stdout.contains("allow = [\"[::1]:8080\"]"), "{out}");
+    let out = serve_check(d.path(), &p);
+    assert_eq!(out.code, 0, "{out}");
+    assert!(out.stdout.contains("ok; listen"), "{out}");
+}
+
+#[test]
+fn readyz_reports_a_server_whose_policy_a_launch_would_refuse() {
+    let d = tempdir();
+    let bad = write_policy(d.path(), "wild", REFUSED[0].1);
+    let port = crate::serve_support::free_port();
+    let cfg = d.path().join("mcpbox.json");
+    let body = serde_json::json!({
+        "mcpProxy": {"addr": format!("127.0.0.1:{port}")},
+        "mcpServers": {
+            "wild": {"command": "/bin/true", "policy": bad, "isolation": "shared"},
+            "fine": {"command": "/bin/true", "policy": "default", "isolation": "shared"},
+        },
+    });
+    std::fs::write(&cfg, body.to_string()).unwrap();
+    let mut cmd = Command::new(mcpbox());
+    cmd.args(["serve", "--grace", "1", "--config"]).arg(&cfg).arg("--state-dir").arg(d.path().join("state"));
+    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let listening = eventually(Duration::from_secs(10), || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+    let ready = listening.then(|| http(port, "GET", "/readyz", &[], ""));
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(listening, "mcpbox serve did not listen:\n{log}");
+    let (status, _, body) = ready.unwrap();
+    assert_eq!((status, body.as_str()), (503, "not ready: wild\n"), "{log}");
 }
 
 #[test]
@@ -266,6 +325,155 @@ fn the_readme_memory_example_works_without_a_policy() {
     let data = state.join("server-memory/data");
     let written: Vec<_> = std::fs::read_dir(&data).unwrap().flatten().filter(|e| std::fs::read_to_string(e.path()).is_ok_and(|t| t.contains("README-CANARY"))).collect();
     assert!(!written.is_empty(), "the graph is in the server's data dir");
+}
+
+/// `mcpbox run` with a command line as configs write it, answering `initialize` on stdio.
+/// `name`: `--name`, or None for the default (the package's name).
+pub(crate) fn initialize_over_run(state: &std::path::Path, name: Option<&str>, npx: &[&str]) -> (serde_json::Value, String) {
+    let mut cmd = Command::new(mcpbox());
+    cmd.args(["run", "--state-dir"]).arg(state);
+    if let Some(name) = name {
+        cmd.args(["--name", name]);
+    }
+    cmd.arg("--").args(npx);
+    test_env(&mut cmd);
+    let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let init = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#;
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        writeln!(stdin, "{init}").unwrap();
+    }
+    let status = wait_timeout(&mut child, Duration::from_secs(120)).expect("mcpbox run did not finish in 120 s");
+    let mut out = String::new();
+    std::io::Read::read_to_string(child.stdout.as_mut().unwrap(), &mut out).unwrap();
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+    let answer = out.lines().find(|l| l.contains("\"id\":1")).unwrap_or_else(|| panic!("{npx:?}: no answer to initialize\nstdout: {out}\nstderr: {err}"));
+    assert!(status.success(), "{npx:?}: exit {status:?}\n{err}");
+    (serde_json::from_str(answer).unwrap(), err)
+}
+
+/// An extended npx line as real configs carry it (`--yes --prefer-offline -q --package=PKG -- BIN`)
+/// is prepared and run like `npx -y PKG`; then the issue's own form, `npx --offline --prefix DIR --
+/// BIN`, runs the bin of that install from DIR as it is (nothing prepared, nothing fetched), and a
+/// bin DIR does not have is refused rather than fetched from the registry under that name.
+#[test]
+fn npx_lines_as_configs_write_them_run() {
+    let d = tempdir();
+    let state = d.path().join("state");
+    let (v, err) = initialize_over_run(
+        &state,
+        Some("seqthink-ext"),
+        &["npx", "--yes", "--prefer-offline", "-q", "--package=@modelcontextprotocol/server-sequential-thinking", "--", "mcp-server-sequential-thinking"],
+    );
+    assert_eq!(v["result"]["serverInfo"]["name"], "sequential-thinking-server", "{v}");
+    assert!(err.contains("shipped policy `server-sequential-thinking`"), "the package is recognised behind --package=:\n{err}");
+    // A local install: the tree prepare made, copied where a user would have installed it.
+    let inst = d.path().join("inst");
+    let copied = Command::new("cp").arg("-a").arg(state.join("seqthink-ext/cache/npm")).arg(&inst).status().unwrap();
+    assert!(copied.success());
+    let ok = Command::new("chmod").args(["-R", "a+rX"]).arg(&inst).status().unwrap();
+    assert!(ok.success());
+    let dir = inst.to_string_lossy().into_owned();
+    let (v, err) = initialize_over_run(&state, Some("seqthink-local"), &["npx", "--offline", "--prefix", &dir, "--", "mcp-server-sequential-thinking"]);
+    assert_eq!(v["result"]["serverInfo"]["name"], "sequential-thinking-server", "{v}");
+    assert!(!state.join("seqthink-local/cache/prepared.json").exists(), "a --prefix install is not prepared:\n{err}");
+    let mut cmd = Command::new(mcpbox());
+    cmd.args(["run", "--state-dir"]).arg(&state).args(["--name", "notthere", "--", "npx", "--prefix", &dir, "--", "some-other-bin"]);
+    test_env(&mut cmd);
+    let out = run_timeout(cmd, Duration::from_secs(60));
+    assert_eq!(out.code, 125, "{out}");
+    assert!(out.stderr.contains("is not installed there"), "{out}");
+}
+
+/// mcp-proxy's own example config passes `serve --check` as it is, with a warning for each key
+/// that is accepted but changes nothing; `_…` keys are comments; any other unknown key stops it,
+/// named.
+#[test]
+fn serve_check_takes_the_mcp_proxy_example_and_says_what_has_no_effect() {
+    let d = tempdir();
+    let state = d.path().join("state");
+    let reference = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/reference/mcp-proxy-example-config.json");
+    let reference = if reference.exists() { reference } else { std::path::PathBuf::from("/work/shared/reference/mcp-proxy-example-config.json") };
+    let text = std::fs::read_to_string(&reference).unwrap_or_else(|e| panic!("{}: {e} (the reference config ships in /work/shared/reference)", reference.display()));
+    let check = |cfg: &serde_json::Value| {
+        let path = d.path().join("config.json");
+        std::fs::write(&path, cfg.to_string()).unwrap();
+        let mut cmd = Command::new(mcpbox());
+        cmd.args(["serve", "--check", "--config"]).arg(&path).arg("--state-dir").arg(&state);
+        run_timeout(cmd, Duration::from_secs(30))
+    };
+    let mut cfg: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let out = check(&cfg);
+    assert_eq!(out.code, 0, "{out}");
+    assert!(out.stdout.contains("3 server(s)"), "{out}");
+    assert!(out.stderr.contains("warning: mcpProxy.version") && out.stderr.contains("warning: mcpServers.fetch.options.panicIfInvalid"), "{out}");
+    cfg["_comment"] = "top-level comment".into();
+    cfg["mcpServers"]["fetch"]["_comment"] = "a server's comment".into();
+    let out = check(&cfg);
+    assert_eq!(out.code, 0, "{out}");
+    cfg["mcpServers"]["fetch"]["comment"] = "not a comment".into();
+    let out = check(&cfg);
+    assert_eq!(out.code, 2, "{out}");
+    assert!(out.stderr.contains("mcpServers.fetch") && out.stderr.contains("unknown field `comment`"), "{out}");
+    // A package command line with an option mcpbox does not take: refused, named, with the forms.
+    cfg["mcpServers"]["fetch"].as_object_mut().unwrap().remove("comment");
+    cfg["mcpServers"]["github"]["args"] = serde_json::json!(["--workspace", "w", "-y", "@modelcontextprotocol/server-github"]);
+    let out = check(&cfg);
+    assert_eq!(out.code, 2, "{out}");
+    assert!(out.stderr.contains("server github") && out.stderr.contains("--workspace") && out.stderr.contains("supported: `npx`"), "{out}");
+    assert!(!state.exists(), "--check creates nothing");
+}
+
+/// `uv --directory DIR run server.py`, as Claude Desktop configs run a local project: the
+/// project's own `.venv` runs the script as it is (no uv, nothing prepared), DIR read-only.
+#[test]
+fn a_synced_uv_project_runs_from_its_venv() {
+    let d = tempdir();
+    let proj = d.path().join("proj");
+    mkdir_755(&proj);
+    let venv = Command::new("/usr/bin/python3").args(["-m", "venv", "--without-pip"]).arg(proj.join(".venv")).status().expect("/usr/bin/python3");
+    assert!(venv.success(), "python3 -m venv failed");
+    let script = r#"
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("method") == "initialize":
+        try:
+            open(sys.argv[1] + "/WRITTEN", "w")
+            wrote = "yes"
+        except OSError as e:
+            wrote = e.__class__.__name__
+        info = {"name": "local-project", "version": sys.prefix + " " + wrote}
+        print(json.dumps({"jsonrpc": "2.0", "id": m["id"], "result": {"protocolVersion": "2025-06-18", "capabilities": {}, "serverInfo": info}}), flush=True)
+"#;
+    std::fs::write(proj.join("server.py"), script).unwrap();
+    let ok = Command::new("chmod").args(["-R", "a+rX"]).arg(&proj).status().unwrap();
+    assert!(ok.success());
+    let state = d.path().join("state");
+    let mut cmd = Command::new(mcpbox());
+    let dir = proj.to_string_lossy().into_owned();
+    cmd.args(["run", "--state-dir"]).arg(&state).args(["--name", "localproj", "--", "uv", "--directory", &dir, "run", "server.py", &dir]);
+    test_env(&mut cmd);
+    let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        writeln!(stdin, r#"{{"jsonrpc":"2.0","id":1,"method":"initialize","params":{{}}}}"#).unwrap();
+    }
+    let status = wait_timeout(&mut child, Duration::from_secs(60)).expect("mcpbox run did not finish");
+    let mut out = String::new();
+    std::io::Read::read_to_string(child.stdout.as_mut().unwrap(), &mut out).unwrap();
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(status.success(), "exit {status:?}\n{out}\n{err}");
+    let v: serde_json::Value = serde_json::from_str(out.lines().next().unwrap_or_default()).unwrap_or_else(|e| panic!("{e}: {out}\n{err}"));
+    let real = std::fs::canonicalize(&proj).unwrap();
+    let version = v["result"]["serverInfo"]["version"].as_str().unwrap_or_default().to_string();
+    assert!(version.starts_with(&format!("{}/.venv ", real.display())), "the project's venv runs it: {v}");
+    assert!(!version.ends_with(" yes") && !proj.join("WRITTEN").exists(), "the project is read-only to the server: {v}");
+    assert!(!state.join("localproj/cache/prepared.json").exists(), "nothing is prepared");
 }
 
 /// A hostile install script (tests/fixtures/daemon-pkg) leaves a daemon in a session of its own

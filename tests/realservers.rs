@@ -504,3 +504,17 @@ fn example_config_checks() {
         assert!(out.status.success(), "policy check {p}: {}", String::from_utf8_lossy(&out.stderr));
     }
 }
+
+/// `uvx --python 3 -q PKG@latest`, as configs write it: the virtualenv is built on the host's
+/// `python3` (nothing downloaded), `@latest` is the newest release, and the server answers.
+#[test]
+fn uvx_with_a_python_version_and_latest_runs_on_the_host_interpreter() {
+    let d = crate::common::tempdir();
+    let state = d.path().join("state");
+    let (v, err) = crate::cli::initialize_over_run(&state, Some("time-py3"), &["uvx", "--python", "3", "-q", "mcp-server-time@latest", "--local-timezone", "UTC"]);
+    assert_eq!(v["result"]["serverInfo"]["name"], "mcp-time", "{v}");
+    let made = err.lines().find(|l| l.contains("creating a virtualenv on")).unwrap_or_else(|| panic!("no virtualenv made:\n{err}"));
+    assert!(made.contains("/python3 at "), "{made}");
+    let cfg = std::fs::read_to_string(state.join("time-py3/cache/venv/pyvenv.cfg")).unwrap();
+    assert!(cfg.lines().any(|l| l.starts_with("home = /usr/")), "built on a host interpreter:\n{cfg}");
+}

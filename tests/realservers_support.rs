@@ -3,7 +3,6 @@
 //! HTTP/1.1 request per connection, JSON answers).
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -14,9 +13,7 @@ use serde_json::{json, Value};
 
 pub const TOKEN: &str = "realservers-test-token";
 
-pub fn mcpbox() -> &'static str {
-    env!("CARGO_BIN_EXE_mcpbox")
-}
+pub use crate::common::{http, mcpbox, processes_mentioning};
 
 /// A fresh directory under the target dir (not /tmp: the sandbox has its own /tmp), traversable
 /// by the per-server uids.
@@ -285,45 +282,6 @@ impl Client {
     }
 }
 
-/// One HTTP/1.1 request on a fresh connection: (status, headers, body).
-pub fn http(port: u16, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> (u16, Vec<(String, String)>, String) {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to mcpbox");
-    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str("\r\n");
-    req.push_str(body);
-    s.write_all(req.as_bytes()).unwrap();
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).expect("reading the response");
-    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("no end of headers");
-    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
-    let mut rest = raw[split + 4..].to_vec();
-    let mut lines = head.split("\r\n");
-    let status: u16 = lines.next().unwrap().split_whitespace().nth(1).unwrap().parse().unwrap();
-    let headers: Vec<(String, String)> = lines.filter_map(|l| l.split_once(':')).map(|(k, v)| (k.trim().to_string(), v.trim().to_string())).collect();
-    if headers.iter().any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked")) {
-        rest = dechunk(&rest);
-    }
-    (status, headers, String::from_utf8_lossy(&rest).into_owned())
-}
-
-fn dechunk(mut b: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    while let Some(eol) = b.windows(2).position(|w| w == b"\r\n") {
-        let size = usize::from_str_radix(String::from_utf8_lossy(&b[..eol]).split(';').next().unwrap().trim(), 16).unwrap_or(0);
-        if size == 0 {
-            break;
-        }
-        let start = eol + 2;
-        out.extend_from_slice(&b[start..(start + size).min(b.len())]);
-        b = &b[(start + size + 2).min(b.len())..];
-    }
-    out
-}
-
 /// A tiny HTTP server on 127.0.0.1 answering every GET with `body`; counts connections.
 pub struct Site {
     pub port: u16,
@@ -355,20 +313,6 @@ pub fn site(body: &'static str) -> Site {
         }
     });
     Site { port, hits }
-}
-
-/// Host processes whose command line mentions `needle`, as (pid, argv).
-pub fn processes_mentioning(needle: &str) -> Vec<(u32, Vec<String>)> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(raw) = std::fs::read(e.path().join("cmdline")) else { continue };
-        let argv: Vec<String> = raw.split(|b| *b == 0).filter(|a| !a.is_empty()).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
-        if argv.iter().any(|a| a.contains(needle)) {
-            out.push((pid, argv));
-        }
-    }
-    out
 }
 
 /// Every file under `dir` whose contents include `needle`.

@@ -394,21 +394,6 @@ fn nothing_is_left_after_mcpbox_is_sigkilled() {
 
 /// The cgroup of `pid` for controller `ctl` ("pids", "memory"; "" for the v2 hierarchy), as the
 /// host sees it (e.g. `/mcpbox/NAME.0`).
-/// Live (not zombie) children of `pid`, from /proc.
-fn children_of(pid: i32) -> Vec<i32> {
-    let mut v = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(p) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
-        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else { continue };
-        let Some((_, rest)) = stat.rsplit_once(')') else { continue };
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        if f.len() > 1 && f[1] == pid.to_string() && f[0] != "Z" {
-            v.push(p);
-        }
-    }
-    v
-}
-
 #[test]
 fn sandbox_init_holds_none_of_mcpboxs_command_line_or_environment() {
     let s = shared();

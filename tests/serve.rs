@@ -19,6 +19,9 @@ use crate::serve_support::*;
 /// The HTTP edge under hostile connections: timeouts, caps, the global budget.
 mod edge;
 
+/// Three replicas behind the shipped nginx configuration (deploy/nginx/mcpbox.conf).
+mod replicas;
+
 /// Two servers in one mcpbox: `ev` (a process per session) and `evs` (one shared process).
 async fn both_modes(extra: Value) -> Mcpbox {
     Mcpbox::start(json!({"ev": everything("session"), "evs": everything("shared")}), extra).await
@@ -517,6 +520,37 @@ async fn url_upstreams_are_proxied_through_a_sandboxed_bridge() {
         Some(init_msg(json!(1)).to_string().into_bytes())).await;
     let body = s.json();
     assert!(body["error"]["message"].as_str().is_some_and(|m| m.contains("401")), "initialize without the upstream's token: {body}");
+}
+
+/// mcp-proxy's `timeout` is a deadline per request: a call that runs past it is answered with a
+/// JSON-RPC error when it passes (not when the server finishes), the server is told to cancel it,
+/// and the session goes on. `logEnabled` logs each client message of that server, not of others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_servers_timeout_answers_a_slow_request_with_an_error_in_time() {
+    let mut timed = everything("session");
+    // Long enough for the sandbox and node to start and answer initialize on a loaded machine
+    // (the deadline covers every request, initialize included).
+    timed["timeout"] = json!("4s");
+    timed["options"] = json!({"logEnabled": true});
+    let mb = Mcpbox::start(json!({"evt": timed, "ev": everything("session")}), json!({})).await;
+    let st = Streamable::open(&mb, "evt").await;
+    let t = Instant::now();
+    let r = st.post_raw(&long_call(41).to_string(), &[]).await.json();
+    let took = t.elapsed();
+    assert_eq!(r["error"]["code"], -32001, "{r}");
+    assert!(r["error"]["message"].as_str().is_some_and(|m| m.contains("timed out after 4s")), "{r}");
+    assert!(took >= Duration::from_millis(3900) && took < Duration::from_secs(10), "answered after {took:?} (the call runs 30 s)");
+    let r = st.post_raw(&call_msg(json!(42), "echo", json!({"message": "still here"})).to_string(), &[]).await.json();
+    assert_eq!(text_of(&r), "Echo: still here");
+    // The other server has no timeout and logs no client messages.
+    let other = Streamable::open(&mb, "ev").await;
+    let r = other.post_raw(&call_msg(json!(43), "echo", json!({"message": "x"})).to_string(), &[]).await.json();
+    assert_eq!(text_of(&r), "Echo: x");
+    let log = mb.log_text();
+    let logged: Vec<&str> = log.lines().filter(|l| l.contains("client message")).collect();
+    assert!(logged.iter().any(|l| l.contains("\"evt\"") && l.contains("tools/call")), "{log}");
+    assert!(!logged.iter().any(|l| l.contains("\"ev\"")), "logEnabled is per server:\n{log}");
+    assert!(log.contains("request timed out after 4s"), "{log}");
 }
 
 // ---- budgets: mcpbox's own memory while a server floods ---------------------------------------

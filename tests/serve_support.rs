@@ -5,7 +5,7 @@
 
 #![allow(dead_code)]
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -90,7 +90,7 @@ impl Mcpbox {
         let cfg_path = dir.path().join("mcpbox.json");
         std::fs::write(&cfg_path, serde_json::to_vec_pretty(&cfg).unwrap()).unwrap();
         let log = dir.path().join("mcpbox.log");
-        let child = Command::new(env!("CARGO_BIN_EXE_mcpbox"))
+        let child = Command::new(crate::common::mcpbox())
             .arg("serve")
             .arg("--config")
             .arg(&cfg_path)
@@ -153,6 +153,21 @@ impl Mcpbox {
                 let _ = child.wait();
                 self.child = None;
                 panic!("mcpbox did not exit within {within:?} of SIGTERM:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Wait (up to `within`) for mcpbox to exit on its own; `None`: still running.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(st) = self.child.as_mut()?.try_wait().unwrap() {
+                self.child = None;
+                return Some(st);
+            }
+            if Instant::now() > deadline {
+                return None;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -622,63 +637,9 @@ pub fn is_progress(v: &Value) -> bool {
     v.get("method").and_then(Value::as_str) == Some("notifications/progress")
 }
 
-// ---- /proc ----------------------------------------------------------------------------------
+// ---- /proc: the scanner of tests/common -------------------------------------------------
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Proc {
-    pub pid: u32,
-    pub ppid: u32,
-    /// Start time in clock ticks since boot: tells a pid apart from a later reuse.
-    pub start: u64,
-    pub cmdline: String,
-}
-
-fn read_proc(pid: u32) -> Option<Proc> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // comm may contain spaces and parentheses: fields start after the last ')'.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split(' ').collect();
-    let ppid = f.get(1)?.parse().ok()?;
-    let start = f.get(19)?.parse().ok()?;
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ").trim_end().to_string();
-    Some(Proc { pid, ppid, start, cmdline })
-}
-
-pub fn all_procs() -> Vec<Proc> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        if let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) {
-            if let Some(p) = read_proc(pid) {
-                out.push(p);
-            }
-        }
-    }
-    out
-}
-
-pub fn descendants(root: u32) -> Vec<Proc> {
-    let procs = all_procs();
-    let mut found: HashSet<u32> = HashSet::from([root]);
-    let mut out = Vec::new();
-    loop {
-        let before = found.len();
-        for p in &procs {
-            if found.contains(&p.ppid) && !found.contains(&p.pid) {
-                found.insert(p.pid);
-                out.push(p.clone());
-            }
-        }
-        if found.len() == before {
-            return out;
-        }
-    }
-}
-
-/// Whether this very process (same pid and start time) still exists.
-pub fn alive(p: &Proc) -> bool {
-    read_proc(p.pid).is_some_and(|q| q.start == p.start)
-}
+pub use crate::common::{all_procs, alive, descendants, Proc};
 
 pub fn path_str(p: &Path) -> String {
     p.to_string_lossy().into_owned()

@@ -27,10 +27,8 @@ MCP_PROXY_VERSION=0.13.0
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$repo/target}"
 (cd "$repo" && cargo build --release --quiet --bin mcpbox)
 (cd "$here" && cargo build --release --quiet)
-# Both are built for the host triple (.cargo/config.toml).
-triple=$(rustc --print host-tuple)
-mcpbox="$CARGO_TARGET_DIR/$triple/release/mcpbox"
-bench="$CARGO_TARGET_DIR/$triple/release/mcpbench"
+mcpbox="$CARGO_TARGET_DIR/release/mcpbox"
+bench="$CARGO_TARGET_DIR/release/mcpbench"
 
 # The backend, world-readable (servers run under their own uid when mcpbox is root).
 work="$(mktemp -d /tmp/mcpbench.XXXXXX)"

@@ -43,11 +43,13 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
                 if line.last() == Some(&b'\r') {
                     line.truncate(end - 1);
                 }
-                if line.iter().all(|b| b.is_ascii_whitespace()) {
-                    continue;
-                }
+                // Length first: an over-long line is reported whatever it holds, as it is
+                // when it arrives in pieces and is discarded before its end is seen.
                 if line.len() > self.max {
                     return Ok(Some(Frame::TooLong(line.len())));
+                }
+                if line.iter().all(|b| b.is_ascii_whitespace()) {
+                    continue;
                 }
                 return Ok(Some(Frame::Line(line.freeze())));
             }
@@ -56,7 +58,8 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
                 *n += self.buf.len();
                 self.buf.clear();
                 self.scanned = 0;
-            } else if self.buf.len() > self.max {
+            } else if self.buf.len() > self.max.saturating_add(1) {
+                // (`max + 1`: the line's last byte may be a `\r` that is not part of the line.)
                 self.discarding = Some(self.buf.len());
                 self.buf.clear();
                 self.scanned = 0;
@@ -69,14 +72,14 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
                 if let Some(n) = self.discarding.take() {
                     return Ok(Some(Frame::TooLong(n)));
                 }
-                if self.buf.iter().all(|b| b.is_ascii_whitespace()) {
-                    return Ok(None);
-                }
                 // A last line without '\n'.
                 let line = self.buf.split().freeze();
                 self.scanned = 0;
                 if line.len() > self.max {
                     return Ok(Some(Frame::TooLong(line.len())));
+                }
+                if line.iter().all(|b| b.is_ascii_whitespace()) {
+                    return Ok(None);
                 }
                 return Ok(Some(Frame::Line(line)));
             }
@@ -241,5 +244,46 @@ mod tests {
         writer.await.unwrap();
         assert_eq!(lr.next_frame().await.unwrap(), Some(Frame::Line(Bytes::from_static(b"last"))));
         assert_eq!(lr.next_frame().await.unwrap(), None);
+    }
+
+    /// Found by fuzzing (fuzz/fuzz_targets/framing.rs): the frames depended on how the stream
+    /// was split into reads. Each case is read whole and one byte at a time.
+    #[tokio::test]
+    async fn frames_do_not_depend_on_read_sizes() {
+        /// Hands out `data` `piece` bytes per read.
+        struct Pieces(&'static [u8], usize);
+        impl AsyncRead for Pieces {
+            fn poll_read(
+                mut self: std::pin::Pin<&mut Self>,
+                _: &mut std::task::Context<'_>,
+                buf: &mut tokio::io::ReadBuf<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                let n = self.1.min(self.0.len()).min(buf.remaining());
+                buf.put_slice(&self.0[..n]);
+                self.0 = &self.0[n..];
+                std::task::Poll::Ready(Ok(()))
+            }
+        }
+        async fn frames(data: &'static [u8], max: usize, piece: usize) -> Vec<Frame> {
+            let mut lr = LineReader::new(Pieces(data, piece), max);
+            let mut out = Vec::new();
+            while let Some(f) = lr.next_frame().await.unwrap() {
+                out.push(f);
+            }
+            out
+        }
+        // A line of exactly the limit, ended by "\r\n": a line, even when "abcd\r" is all that
+        // has arrived (5 bytes, over the limit of 4, before the '\n' says the '\r' is not content).
+        for piece in [1, 64] {
+            assert_eq!(frames(b"abcd\r\nx\n", 4, piece).await, vec![Frame::Line(Bytes::from_static(b"abcd")), Frame::Line(Bytes::from_static(b"x"))], "reads of {piece}");
+        }
+        // A blank line longer than the limit: too long, however it arrives (one byte at a time it
+        // is discarded before its end shows it is blank).
+        for piece in [1, 64] {
+            let got = frames(b"      \nx\n", 4, piece).await;
+            assert!(matches!(got[..], [Frame::TooLong(6), Frame::Line(_)]), "reads of {piece}: {got:?}");
+            let got = frames(b"x\n      ", 4, piece).await;
+            assert!(matches!(got[..], [Frame::Line(_), Frame::TooLong(6)]), "reads of {piece}, last line: {got:?}");
+        }
     }
 }

@@ -135,7 +135,19 @@ pub struct Hub {
     shared: bool,
     limits: Limits,
     state: Mutex<State>,
+    /// `logEnabled`: log each client message (method and id, never params).
+    log_requests: bool,
+    /// `timeout`: each client request's deadline, kept by [`deadlines`].
+    timeout: Option<std::time::Duration>,
+    deadline_tx: Option<mpsc::UnboundedSender<Deadline>>,
 }
+
+/// When a request (session, client id) runs out of time.
+type Deadline = (tokio::time::Instant, SessionId, Value);
+
+/// Most deadlines one hub keeps: beyond it the oldest fire at once (its request is answered
+/// early rather than mcpbox holding memory without bound for a flood of requests).
+const MAX_DEADLINES: usize = 100_000;
 
 /// What `from_client` tells the caller.
 #[derive(Debug, PartialEq, Eq)]
@@ -158,6 +170,32 @@ impl Hub {
                 waiting: std::collections::VecDeque::new(),
                 waiting_bytes: 0,
             }),
+            log_requests: false,
+            timeout: None,
+            deadline_tx: None,
+        }
+    }
+
+    /// The server's mcp-proxy options: `logEnabled` and `timeout`. With a timeout, a task keeps
+    /// the deadlines (it ends with the hub); call inside a tokio runtime.
+    pub fn with_options(self, log_requests: bool, timeout: Option<std::time::Duration>) -> Arc<Hub> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let hub = Arc::new(Hub { log_requests, timeout, deadline_tx: timeout.map(|_| tx), ..self });
+        if timeout.is_some() {
+            tokio::spawn(deadlines(Arc::downgrade(&hub), rx));
+        }
+        hub
+    }
+
+    /// A request ran out of time: answered with an error, cancelled at the server.
+    fn expire(&self, sid: &SessionId, client_id: &Value) {
+        let t = self.timeout.unwrap_or_default();
+        let reason = format!("request timed out after {t:?} (the timeout of server {})", self.server);
+        let mut st = self.lock();
+        let actions = st.router.expire(sid, client_id, &reason);
+        if !actions.is_empty() {
+            tracing::warn!(server = %self.server, session = %sid, id = %client_id, "request timed out after {t:?}: answered with an error, cancelled at the server");
+            self.run(&mut st, actions);
         }
     }
 
@@ -241,6 +279,16 @@ impl Hub {
     }
 
     pub fn from_client(&self, sid: &SessionId, msg: Value) -> Sent {
+        let method = msg.get("method").and_then(Value::as_str);
+        if self.log_requests {
+            if let Some(m) = method {
+                let id = msg.get("id").map(Value::to_string).unwrap_or_default();
+                tracing::info!(server = %self.server, session = %sid, id = %id, method = m, "client message");
+            }
+        }
+        if let (Some(tx), Some(t), Some(id), true) = (&self.deadline_tx, self.timeout, msg.get("id"), method.is_some()) {
+            let _ = tx.send((tokio::time::Instant::now() + t, sid.clone(), id.clone()));
+        }
         let mut st = self.lock();
         if st.stdin.is_none() && self.shared {
             // A shared server between processes (starting, or restarting after a crash):
@@ -347,6 +395,34 @@ impl Hub {
 /// The error a request gets when the server's input queue is full.
 pub const INPUT_FULL: &str = "MCP server is not reading its input: mcpbox.serverInputBytes is full; try again later";
 
+/// Keeps one hub's request deadlines, in order (one timeout per server, so they come due in the
+/// order they were set), and expires each that is due; ends when the hub is gone.
+async fn deadlines(hub: std::sync::Weak<Hub>, mut rx: mpsc::UnboundedReceiver<Deadline>) {
+    let mut due: std::collections::VecDeque<Deadline> = std::collections::VecDeque::new();
+    loop {
+        let next = due.front().map(|d| d.0);
+        let sleep = async move {
+            match next {
+                Some(t) => tokio::time::sleep_until(t).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            d = rx.recv() => match d {
+                Some(d) => due.push_back(d),
+                None => return,
+            },
+            () = sleep => {}
+        }
+        let now = tokio::time::Instant::now();
+        while due.front().is_some_and(|d| d.0 <= now) || due.len() > MAX_DEADLINES {
+            let Some((_, sid, id)) = due.pop_front() else { break };
+            let Some(h) = hub.upgrade() else { return };
+            h.expire(&sid, &id);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -374,6 +450,33 @@ mod tests {
         let sid: SessionId = name.to_string().into();
         hub.attach(sid.clone(), outbox.clone(), CancellationToken::new());
         (sid, Out(outbox, cursor))
+    }
+
+    #[tokio::test]
+    async fn a_request_past_its_timeout_gets_an_error_and_is_cancelled_at_the_server() {
+        let hub = Hub::new("s", false, None, LIMITS).with_options(true, Some(std::time::Duration::from_millis(100)));
+        let (sid, mut out) = session(&hub, "a");
+        let (stdin, mut server) = input_queue(1 << 20);
+        hub.connect_process(stdin);
+        let started = tokio::time::Instant::now();
+        assert_eq!(hub.from_client(&sid, json!({"jsonrpc":"2.0","id":"slow","method":"tools/call","params":{"name":"x"}})), Sent::Forwarded);
+        assert_eq!(hub.from_client(&sid, json!({"jsonrpc":"2.0","id":"fast","method":"tools/call","params":{"name":"y"}})), Sent::Forwarded);
+        let fwd: Vec<Value> = [server.recv().await.unwrap(), server.recv().await.unwrap()].iter().map(|b| serde_json::from_slice(b).unwrap()).collect();
+        // The fast one is answered in time; the slow one is not.
+        hub.from_backend(Frame::Line(Bytes::from(json!({"jsonrpc":"2.0","id":fwd[1]["id"],"result":{}}).to_string())));
+        let first: Value = serde_json::from_slice(&out.try_recv().unwrap().body).unwrap();
+        assert_eq!(first["id"], "fast");
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let err: Value = serde_json::from_slice(&out.try_recv().expect("the deadline fired").body).unwrap();
+        assert!(started.elapsed() >= std::time::Duration::from_millis(100));
+        assert_eq!((err["id"].clone(), err["error"]["code"].as_i64()), (json!("slow"), Some(router::REQUEST_TIMEOUT)));
+        assert!(err["error"]["message"].as_str().unwrap().contains("timed out after 100ms"), "{err}");
+        let cancel: Value = serde_json::from_slice(&server.recv().await.unwrap()).unwrap();
+        assert_eq!((cancel["method"].as_str(), &cancel["params"]["requestId"]), (Some("notifications/cancelled"), &fwd[0]["id"]));
+        // The answer that comes too late goes nowhere; the fast one got no error.
+        hub.from_backend(Frame::Line(Bytes::from(json!({"jsonrpc":"2.0","id":fwd[0]["id"],"result":{}}).to_string())));
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        assert!(out.try_recv().is_err());
     }
 
     #[test]

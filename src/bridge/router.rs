@@ -24,6 +24,9 @@ pub fn key(v: &Value) -> Key {
 }
 
 pub const SERVER_EXITED: &str = "MCP server exited";
+/// The JSON-RPC error code of a request that ran past its server's `timeout` (the code MCP SDKs
+/// use for a request timeout).
+pub const REQUEST_TIMEOUT: i64 = -32001;
 
 /// Requests one session may have in flight at once (each holds an entry until answered).
 pub const MAX_IN_FLIGHT: usize = 1024;
@@ -373,6 +376,29 @@ impl Router {
         vec![Action::Session(p.sid, Delivery { msg: error_response(p.client_id, -32603, reason), reply_to: Some(k), related_to: None })]
     }
 
+    /// A client request's deadline passed (its server's `timeout`): answer it with a JSON-RPC
+    /// error now, tell the server to stop working on it (`notifications/cancelled`), and forget
+    /// it, so that a late answer reaches nobody. Nothing happens if it was answered already. A
+    /// shared server's first `initialize` is not expired: other sessions wait on its answer.
+    pub fn expire(&mut self, sid: &SessionId, client_id: &Value, reason: &str) -> Vec<Action> {
+        let Some(bid) = self.by_client.get(&(sid.clone(), key(client_id))).cloned() else { return vec![] };
+        match self.pending.get(&key(&bid)) {
+            Some(p) if p.kind == Kind::Internal || (p.kind == Kind::Initialize && self.shared) => return vec![],
+            Some(_) => {}
+            None => return vec![],
+        }
+        let Some(p) = self.pending.remove(&key(&bid)) else { return vec![] };
+        self.by_client.remove(&(sid.clone(), key(client_id)));
+        if let Some(t) = &p.token {
+            self.tokens.remove(t);
+        }
+        let k = key(&p.client_id);
+        vec![
+            Action::Backend(json!({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": bid, "reason": reason}})),
+            Action::Session(p.sid, Delivery { msg: error_response(p.client_id, REQUEST_TIMEOUT, reason), reply_to: Some(k), related_to: None }),
+        ]
+    }
+
     /// The server process is gone: every request in flight fails at once.
     pub fn backend_exited(&mut self) -> Vec<Action> {
         let mut out = Vec::new();
@@ -455,6 +481,35 @@ mod tests {
             Action::Session(s, d) => (s.clone(), d.clone()),
             other => panic!("expected session action, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn an_expired_request_is_answered_cancelled_and_its_late_answer_dropped() {
+        let mut r = Router::new(true, None);
+        let (a, b) = (sid("a"), sid("b"));
+        r.attach(a.clone());
+        r.attach(b.clone());
+        let fwd = backend(&r.from_client(&a, json!({"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"slow","_meta":{"progressToken":"p"}}})));
+        let other = backend(&r.from_client(&b, json!({"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"fast"}})));
+        // Another session's request of the same id is not touched.
+        let out = r.expire(&a, &json!(7), "request timed out");
+        assert_eq!(out.len(), 2, "{out:?}");
+        let cancel = backend(&out);
+        assert_eq!((cancel["method"].as_str(), &cancel["params"]["requestId"]), (Some("notifications/cancelled"), &fwd["id"]));
+        let (to, d) = session(&out[1..]);
+        assert_eq!((to, d.msg["id"].clone(), d.msg["error"]["code"].as_i64(), d.reply_to.as_deref()), (a.clone(), json!(7), Some(REQUEST_TIMEOUT), Some("7")));
+        assert_eq!(r.in_flight(), 1);
+        // The late answer and its progress reach nobody; b's answer still reaches b.
+        assert!(r.from_backend(json!({"jsonrpc":"2.0","id":fwd["id"],"result":{}})).is_empty());
+        let tok = fwd["params"]["_meta"]["progressToken"].clone();
+        assert!(r.from_backend(json!({"jsonrpc":"2.0","method":"notifications/progress","params":{"progressToken":tok,"progress":1}})).is_empty());
+        assert_eq!(session(&r.from_backend(json!({"jsonrpc":"2.0","id":other["id"],"result":{}}))).0, b);
+        // Answered or unknown: nothing to do.
+        assert!(r.expire(&b, &json!(7), "late").is_empty());
+        assert!(r.expire(&a, &json!(8), "never sent").is_empty());
+        // A shared server's first initialize is left alone (others wait on it).
+        r.from_client(&a, json!({"jsonrpc":"2.0","id":1,"method":"initialize","params":{}}));
+        assert!(r.expire(&a, &json!(1), "x").is_empty());
     }
 
     #[test]

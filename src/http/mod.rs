@@ -60,6 +60,11 @@ async fn dispatch(State(st): State<Shared>, req: Request) -> Response {
     let method = req.method().clone();
     let get = method == Method::GET || method == Method::HEAD;
     let Routed { target, principal } = routed;
+    if let Target::Server { endpoint: Endpoint::Message | Endpoint::Mcp, .. } = &target {
+        if let Some(resp) = foreign_session(&st, &req) {
+            return resp;
+        }
+    }
     match target {
         Target::Health if get => "ok".into_response(),
         Target::Ready if get => readyz(&st),
@@ -91,6 +96,27 @@ async fn dispatch(State(st): State<Shared>, req: Request) -> Response {
     }
 }
 
+/// 404 at once for a session id that names another replica (`REPLICA.<random>`): the proxy in
+/// front routes on that prefix, so a request that got here anyway has no session to find.
+fn foreign_session(st: &Shared, req: &Request) -> Option<Response> {
+    let sid = match req.headers().get("mcp-session-id") {
+        Some(v) => v.to_str().ok()?.to_owned(),
+        None => {
+            let q = axum::extract::Query::<std::collections::HashMap<String, String>>::try_from_uri(req.uri()).ok()?;
+            q.0.get("sessionId")?.clone()
+        }
+    };
+    let owner = crate::supervisor::session_replica(&sid);
+    if owner == st.cfg.replica.id.as_deref() {
+        return None;
+    }
+    let msg = match owner {
+        Some(r) => format!("unknown session: it belongs to replica {r}\n"),
+        None => "unknown session: it names no replica\n".to_string(),
+    };
+    Some((StatusCode::NOT_FOUND, msg).into_response())
+}
+
 fn method_not_allowed(allow: &'static str) -> Response {
     (StatusCode::METHOD_NOT_ALLOWED, [(header::ALLOW, allow)], "method not allowed\n").into_response()
 }
@@ -115,6 +141,13 @@ pub fn open_error(e: OpenError) -> Response {
             r
         }
         OpenError::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response(),
+        // Draining after SIGTERM: the proxy's next pick is another replica.
+        OpenError::Draining => {
+            let mut r = (StatusCode::SERVICE_UNAVAILABLE, "draining: this replica takes no new sessions; retry\n")
+                .into_response();
+            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            r
+        }
         // The detail is in the log.
         OpenError::Launch(_) => (StatusCode::SERVICE_UNAVAILABLE, "the server could not be started\n").into_response(),
     }
@@ -165,6 +198,9 @@ fn check_jsonrpc(v: &Value) -> Result<(), Value> {
 }
 
 fn readyz(st: &Shared) -> Response {
+    if st.sup.is_draining() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response();
+    }
     let failed: Vec<&str> = st.sup.servers.values().filter(|s| s.ready.is_err()).map(|s| s.cfg.name.as_str()).collect();
     if failed.is_empty() {
         (StatusCode::OK, "ready\n").into_response()
@@ -190,11 +226,23 @@ fn status(st: &Shared) -> Response {
                     "restarts": m.restarts.load(Ordering::Relaxed),
                     "requests": m.requests.load(Ordering::Relaxed),
                     "errors": m.errors.load(Ordering::Relaxed),
+                    "denials": denials_json(&s.cfg.name),
                 }),
             )
         })
         .collect();
     axum::Json(json!({"name": st.cfg.proxy.name, "version": env!("CARGO_PKG_VERSION"), "servers": servers})).into_response()
+}
+
+/// Counts per layer and the most recent distinct denials (newest first, at most 20; the full
+/// record is in the server's state dir for `mcpbox policy suggest`).
+fn denials_json(server: &str) -> Value {
+    let Some(d) = crate::denials::registry().get(server) else {
+        return json!({"total": {}, "recent": []});
+    };
+    let total: serde_json::Map<String, Value> = d.totals().iter().map(|(l, n)| (l.as_str().to_string(), json!(n))).collect();
+    let recent: Vec<Value> = d.recent().iter().rev().take(20).map(|r| json!(r)).collect();
+    json!({"total": total, "recent": recent})
 }
 
 fn label(s: &str) -> String {
@@ -230,6 +278,14 @@ fn metrics(st: &Shared) -> Response {
         let n = label(&s.cfg.name);
         let _ = writeln!(out, "mcpbox_session_starts_total{{server=\"{n}\",start=\"warm\"}} {}", s.metrics.warm_starts.load(Ordering::Relaxed));
         let _ = writeln!(out, "mcpbox_session_starts_total{{server=\"{n}\",start=\"cold\"}} {}", s.metrics.cold_starts.load(Ordering::Relaxed));
+    }
+    let _ = writeln!(out, "# HELP mcpbox_denials_total Accesses a sandbox layer refused (landlock, seccomp, egress).\n# TYPE mcpbox_denials_total counter");
+    for s in &servers {
+        let totals = crate::denials::registry().get(&s.cfg.name).map(|d| d.totals());
+        for layer in crate::denials::Layer::ALL {
+            let n = totals.iter().flatten().find(|(l, _)| *l == layer).map_or(0, |(_, n)| *n);
+            let _ = writeln!(out, "mcpbox_denials_total{{server=\"{}\",layer=\"{}\"}} {n}", label(&s.cfg.name), layer.as_str());
+        }
     }
     let _ = writeln!(out, "# HELP mcpbox_confinement_level Confinement level of the last started process.\n# TYPE mcpbox_confinement_level gauge");
     for s in &servers {

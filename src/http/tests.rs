@@ -699,3 +699,54 @@ async fn delete_frees_what_the_session_held() {
     let left = session.outbox.lock().held();
     assert!(left < 1024, "DELETE frees the outbox (all but the closing note): {left} bytes held");
 }
+
+#[tokio::test]
+async fn replica_ids_foreign_sessions_and_draining() {
+    let text = format!(
+        r#"{{"mcpProxy":{{"addr":"127.0.0.1:9090","options":{{"authTokens":["T"]}}}},"mcpbox":{{"replicaId":"r2"}},
+            "mcpServers":{{"echo":{{"command":"/usr/bin/python3","args":["{FIXTURE}"]}}}}}}"#
+    );
+    let s = start_text(text).await;
+    let a = s.addr;
+    // Both transports' session ids name this replica.
+    let sid = st_open(a, "echo").await;
+    assert!(sid.starts_with("r2.") && sid.len() == 35, "{sid}");
+    let (mut c, endpoint) = legacy_open(a, "echo").await;
+    assert!(endpoint.starts_with("/echo/message?sessionId=r2."), "{endpoint}");
+    // Another replica's session (even one whose random part is a live one here), or an id
+    // naming no replica: 404 at once; an unknown id of this replica: 404 as before.
+    let ping = json!({"jsonrpc":"2.0","id":9,"method":"ping"}).to_string();
+    let other = sid.replacen("r2.", "r1.", 1);
+    for id in [other.as_str(), &sid[3..], "r2.nope"] {
+        let r = call(a, "POST", "/echo/mcp", &[AUTH, JSON, ("Mcp-Session-Id", id)], &ping).await;
+        assert_eq!(r.status, 404, "{id}: {}", r.body);
+        let r = call(a, "POST", &format!("/echo/message?sessionId={id}"), &[AUTH], &ping).await;
+        assert_eq!(r.status, 404, "{id}: {}", r.body);
+    }
+    let r = call(a, "POST", "/echo/mcp", &[AUTH, JSON, ("Mcp-Session-Id", &other)], &ping).await;
+    assert!(r.body.contains("replica r1"), "{}", r.body);
+    // Draining: not ready, new sessions refused with Retry-After, open ones go on.
+    assert_eq!(call(a, "GET", "/readyz", &[], "").await.status, 200);
+    s.sup.drain();
+    assert_eq!(call(a, "GET", "/readyz", &[], "").await.status, 503);
+    let r = call(a, "POST", "/echo/mcp", &[AUTH, JSON], &init_body(json!(0))).await;
+    assert_eq!((r.status, r.header("retry-after")), (503, Some("1")), "{}", r.body);
+    let r = call(a, "GET", "/echo/sse", &[AUTH], "").await;
+    assert_eq!((r.status, r.header("retry-after")), (503, Some("1")), "{}", r.body);
+    let r = call(
+        a,
+        "POST",
+        "/echo/mcp",
+        &[AUTH, JSON, ("Mcp-Session-Id", &sid)],
+        &tool_call(json!(1), "echo", json!({"text":"still"})),
+    )
+    .await;
+    assert_eq!(r.json()["result"]["content"][0]["text"], "still");
+    assert_eq!(
+        call(a, "POST", &endpoint, &[AUTH], &tool_call(json!(2), "echo", json!({"text":"here"}))).await.status,
+        202
+    );
+    let (_, data, _) = c.event().await.unwrap();
+    assert_eq!(serde_json::from_str::<Value>(&data).unwrap()["result"]["content"][0]["text"], "here");
+    assert_eq!(s.sup.open_sessions(), 2);
+}

@@ -80,7 +80,8 @@ pub fn effective(mut launch: ServerLaunch, policy_given: bool) -> (ServerLaunch,
         return (launch, PolicyChoice::Given);
     }
     let Some(Ok(pkg)) = prepare::parse(&launch.command, &launch.args) else { return (launch, PolicyChoice::Default) };
-    let name = pkg.install.first().map(|s| package_name(pkg.manager, s)).unwrap_or_default();
+    // A local project installs nothing: its command names it.
+    let name = pkg.install.first().map(|s| package_name(pkg.manager, s)).or_else(|| pkg.bin.clone()).unwrap_or_default();
     if let Some((_, _, policy)) = PACKAGE_POLICIES.iter().find(|(m, p, _)| *m == pkg.manager && *p == name) {
         launch.policy = PolicyRef::Named((*policy).into());
         let msg = format!("no policy named: using the shipped policy `{policy}`, written for {name}; name another to override it");
@@ -182,6 +183,13 @@ impl Planner {
 
     /// Steps 1-2: everything that can refuse the server before a package is prepared.
     pub fn check(&self, server: &ServerConfig) -> anyhow::Result<()> {
+        // A package command line mcpbox cannot take (an unsupported option) is refused here, so
+        // that `serve --check` says so too.
+        if let ServerKind::Stdio { command, args, .. } = &server.kind {
+            if let Some(Err(e)) = prepare::parse(command, args) {
+                return Err(e);
+            }
+        }
         let (launch, _, _) = self.launch_of(server, false)?;
         check(&self.state, &launch).map(|_| ())
     }

@@ -10,6 +10,11 @@
 //! the package's `bin` file, or the console script of a virtualenv built on the system Python),
 //! with the installed tree granted read/exec and nothing of the cache writable.
 //!
+//! The command lines taken for packages — npx, `npm exec`, `pnpm dlx`, uvx, `uv tool run`,
+//! `uv run --with` — are read by [`parse`] (what each option means here: README, "npx and uvx
+//! servers"). `npx --prefix DIR` names an install the user made: nothing is prepared, node runs
+//! its bin from DIR.
+//!
 //! Cache layout: `npm/` (the install prefix), `npm-cache/`, `venv/`, `uv-cache/`, `prepared.json`.
 
 use std::collections::BTreeMap;
@@ -56,7 +61,7 @@ impl Manager {
     }
 }
 
-/// An `npx …` or `uvx …` command line, taken apart.
+/// An npx, `npm exec`, `pnpm dlx`, uvx, `uv tool run` or `uv run --with` command line, taken apart.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Package {
     pub manager: Manager,
@@ -66,6 +71,19 @@ pub struct Package {
     /// The executable to run: npx's command after `--package`, uvx's command name. None for a
     /// plain `npx PKG`: the package's own bin.
     pub bin: Option<String>,
+    /// The registry the command line names (`npx --registry=URL`, `uvx --index-url URL`): the
+    /// config's explicit choice, used by this server's prepare in place of the configured
+    /// default registry, and allowed in its prepare sandbox's egress. Never with credentials.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registry: Option<String>,
+    /// `uvx --python X`: the host interpreter the virtualenv is built on (a version such as
+    /// `3.12`, a `pythonX.Y` name, or an absolute path); never downloaded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub python: Option<String>,
+    /// `npx --prefix DIR`: a package the user installed there. Nothing is prepared; the run
+    /// phase executes its bin from DIR (read-only) with node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local: Option<PathBuf>,
     /// The server's own arguments.
     #[serde(skip)]
     pub args: Vec<String>,
@@ -74,100 +92,431 @@ pub struct Package {
 impl Package {
     /// Same packages and command: the server's own arguments do not matter to prepare.
     pub fn same_install(&self, other: &Package) -> bool {
-        self.manager == other.manager && self.install == other.install && self.bin == other.bin
+        self.manager == other.manager
+            && self.install == other.install
+            && self.bin == other.bin
+            && self.registry == other.registry
+            && self.python == other.python
+            && self.local == other.local
+    }
+
+    fn new(manager: Manager, install: Vec<String>, bin: Option<String>, args: Vec<String>) -> Package {
+        Package { manager, install, bin, registry: None, python: None, local: None, args }
     }
 }
 
-/// `Some` when `command` is npx or uvx (by name or path).
+/// The command lines mcpbox prepares and runs as packages (named in every parse error).
+pub const SUPPORTED_FORMS: &str = "supported: `npx`, `npm exec`/`npm x`, `pnpm dlx`, `pnpx` with -y/--yes, -q/--quiet/--silent, \
+--loglevel, --offline/--prefer-offline/--prefer-online, --registry URL, --prefix DIR, -p/--package PKG, --, then PKG or BIN and its \
+arguments; `uvx` and `uv tool run` with --from, --with, -p/--python VERSION|PATH, -i/--index-url/--default-index URL, \
+-q/-v/--isolated/--no-cache/--refresh/--offline/--no-progress/--native-tls, --, then CMD[@VERSION] and its arguments; \
+`uv run --with REQ… [--no-project] [--python …] [--] CMD ARGS…`; `uv --directory DIR run [python] SCRIPT.py|CMD ARGS…` for a synced local project";
+
+/// `Some` when `command` (by name or path) installs a package and runs it: npx, `npm exec`,
+/// `pnpm dlx`, pnpx, uvx, `uv tool run`, `uv run --with`. Other commands — `node FILE`,
+/// `python -m MOD`, `npm run …` — are not package managers fetching code: `None`, they run as
+/// they are under their policy.
 pub fn parse(command: &str, args: &[String]) -> Option<anyhow::Result<Package>> {
     let base = command.rsplit('/').next().unwrap_or(command);
-    match base {
-        "npx" => Some(parse_npx(args)),
-        "uvx" => Some(parse_uvx(args)),
+    let sub = args.first().map(String::as_str);
+    match (base, sub) {
+        ("npx", _) => Some(parse_npx("npx", args)),
+        ("pnpx", _) => Some(parse_npx("pnpx", args)),
+        ("npm", Some("exec" | "x")) => Some(parse_npx("npm exec", &args[1..])),
+        ("pnpm", Some("dlx")) => Some(parse_npx("pnpm dlx", &args[1..])),
+        ("uvx", _) => Some(parse_uvx("uvx", args)),
+        ("uv", _) => parse_uv(args),
         _ => None,
     }
 }
 
-fn parse_npx(args: &[String]) -> anyhow::Result<Package> {
-    let mut packages = Vec::new();
-    let mut i = 0;
-    while i < args.len() {
-        let a = args[i].as_str();
-        match a {
-            "-y" | "--yes" | "-q" | "--quiet" | "--silent" | "--no-install=false" => i += 1,
-            "-p" | "--package" => {
-                let v = args.get(i + 1).with_context(|| format!("npx {a} needs a package"))?;
-                packages.push(v.clone());
-                i += 2;
-            }
-            "--" => {
-                i += 1;
-                break;
-            }
-            "-c" | "--call" => bail!("npx {a} (a shell command line) is not supported: name the package and its command"),
-            _ if a.starts_with("--package=") => {
-                packages.push(a["--package=".len()..].to_string());
-                i += 1;
-            }
-            _ if a.starts_with('-') => bail!("npx option {a} is not supported by mcpbox (supported: -y/--yes, -p/--package)"),
-            _ => break,
-        }
+/// The value of option `a` at `args[*i]`: `--opt=VALUE` or `--opt VALUE`; advances `i`.
+fn option_value(tool: &str, args: &[String], i: &mut usize, name: &str) -> anyhow::Result<String> {
+    let a = &args[*i];
+    if let Some(v) = a.strip_prefix(name).and_then(|r| r.strip_prefix('=')) {
+        *i += 1;
+        return Ok(v.to_string());
     }
-    let rest = &args[i..];
-    let Some(first) = rest.first() else { bail!("npx: no package given") };
-    if packages.is_empty() {
-        Ok(Package { manager: Manager::Npm, install: vec![first.clone()], bin: None, args: rest[1..].to_vec() })
-    } else {
-        Ok(Package { manager: Manager::Npm, install: packages, bin: Some(first.clone()), args: rest[1..].to_vec() })
-    }
+    let v = args.get(*i + 1).filter(|v| !v.starts_with('-')).with_context(|| format!("{tool} {name} needs a value"))?;
+    *i += 2;
+    Ok(v.clone())
 }
 
-fn parse_uvx(args: &[String]) -> anyhow::Result<Package> {
-    let mut from = None;
-    let mut with = Vec::new();
+/// A registry URL from a command line: http(s), without credentials (they would end up in the
+/// prepare sandbox, where install scripts run; npm's and uv's own configuration hold them).
+fn registry_url(tool: &str, opt: &str, url: &str) -> anyhow::Result<String> {
+    let u = reqwest::Url::parse(url).with_context(|| format!("{tool} {opt} {url}: not a URL"))?;
+    if !matches!(u.scheme(), "http" | "https") || u.host_str().is_none() {
+        bail!("{tool} {opt} {url}: only http(s) registries are supported");
+    }
+    if without_credentials(url).1 {
+        bail!("{tool} {opt}: the URL carries credentials; mcpbox never hands them to a prepare sandbox — keep them in npm's or uv's own configuration, which mcpbox reads");
+    }
+    Ok(url.to_string())
+}
+
+fn parse_npx(tool: &str, args: &[String]) -> anyhow::Result<Package> {
+    let mut packages = Vec::new();
+    let mut registry = None;
+    let mut local = None;
     let mut i = 0;
     while i < args.len() {
         let a = args[i].as_str();
-        match a {
-            "-q" | "--quiet" | "-v" | "--verbose" | "--isolated" | "--no-cache" | "--refresh" | "--offline" => i += 1,
-            "--from" | "--with" => {
-                let v = args.get(i + 1).with_context(|| format!("uvx {a} needs a value"))?.clone();
-                if a == "--from" { from = Some(v) } else { with.push(v) }
-                i += 2;
+        let name = a.split('=').next().unwrap_or(a);
+        match name {
+            // Prepare happens ahead of time and the run phase is always offline: the offline
+            // flags and npm's output settings change nothing.
+            _ if a == "--no-install=false" => i += 1,
+            "-y" | "--yes" | "-q" | "--quiet" | "-s" | "--silent" | "--offline" | "--prefer-offline" | "--prefer-online" | "--ignore-existing" if !a.contains('=') => i += 1,
+            "--loglevel" => {
+                option_value(tool, args, &mut i, name)?;
             }
-            "-p" | "--python" => bail!("uvx {a}: mcpbox uses the system Python (no interpreter downloads); drop the option"),
+            "-p" | "--package" if !(name == "-p" && a.contains('=')) => packages.push(option_value(tool, args, &mut i, name)?),
+            "--registry" => registry = Some(registry_url(tool, name, &option_value(tool, args, &mut i, name)?)?),
+            "--prefix" => {
+                let dir = PathBuf::from(option_value(tool, args, &mut i, name)?);
+                if !dir.is_absolute() {
+                    bail!("{tool} --prefix {}: give the install directory as an absolute path", dir.display());
+                }
+                local = Some(dir);
+            }
             "--" => {
                 i += 1;
                 break;
             }
-            _ if a.starts_with("--from=") => {
-                from = Some(a["--from=".len()..].to_string());
-                i += 1;
-            }
-            _ if a.starts_with("--with=") => {
-                with.push(a["--with=".len()..].to_string());
-                i += 1;
-            }
-            _ if a.starts_with('-') => bail!("uvx option {a} is not supported by mcpbox (supported: --from, --with)"),
+            "-c" | "--call" | "--shell-mode" => bail!("{tool} {a} (a shell command line) is not supported: name the package and its command ({SUPPORTED_FORMS})"),
+            "--no" | "--no-install" => bail!("{tool} {a} runs only what is already installed: say where with --prefix DIR, or drop it to let mcpbox prepare the package"),
+            _ if a.starts_with('-') => bail!("{tool} option {a} is not supported by mcpbox ({SUPPORTED_FORMS})"),
             _ => break,
         }
     }
     let rest = &args[i..];
-    let Some(first) = rest.first() else { bail!("uvx: no command given") };
+    let Some(first) = rest.first() else { bail!("{tool}: no package given ({SUPPORTED_FORMS})") };
+    let mut p = if packages.is_empty() {
+        Package::new(Manager::Npm, vec![first.clone()], None, rest[1..].to_vec())
+    } else {
+        Package::new(Manager::Npm, packages, Some(first.clone()), rest[1..].to_vec())
+    };
+    if local.is_some() && registry.is_some() {
+        bail!("{tool} --prefix with --registry: a --prefix install is run from its directory and nothing is fetched; drop --registry");
+    }
+    p.registry = registry;
+    p.local = local;
+    Ok(p)
+}
+
+/// `uv [GLOBAL…] run …` and `uv [GLOBAL…] tool run …`; other uv commands are not package
+/// launches (`None`).
+fn parse_uv(args: &[String]) -> Option<anyhow::Result<Package>> {
+    let mut i = 0;
+    let mut project = None;
+    while i < args.len() {
+        let a = args[i].as_str();
+        let name = a.split('=').next().unwrap_or(a);
+        match name {
+            "-q" | "--quiet" | "-v" | "--verbose" | "--offline" | "--no-cache" | "-n" | "--no-progress" | "--native-tls" if !a.contains('=') => i += 1,
+            "--directory" | "--project" => match option_value("uv", args, &mut i, name) {
+                Ok(d) => project = Some(d),
+                Err(e) => return Some(Err(e)),
+            },
+            "run" => return Some(parse_uv_run(&args[i + 1..], project)),
+            "tool" if args.get(i + 1).map(String::as_str) == Some("run") && project.is_none() => return Some(parse_uvx("uv tool run", &args[i + 2..])),
+            _ if a.starts_with('-') => return Some(Err(anyhow::anyhow!("uv option {a} is not supported by mcpbox ({SUPPORTED_FORMS})"))),
+            _ => return None,
+        }
+    }
+    None
+}
+
+/// The uv options `uvx`, `uv tool run` and `uv run` share; `Ok(false)` when `args[*i]` is not one.
+fn uv_common(tool: &str, args: &[String], i: &mut usize, python: &mut Option<String>, registry: &mut Option<String>) -> anyhow::Result<bool> {
+    let a = args[*i].as_str();
+    let name = a.split('=').next().unwrap_or(a);
+    match name {
+        "-q" | "--quiet" | "-v" | "--verbose" | "--isolated" | "--no-cache" | "-n" | "--refresh" | "--offline" | "--no-progress" | "--native-tls" if !a.contains('=') => {
+            *i += 1
+        }
+        "-p" | "--python" => {
+            let v = option_value(tool, args, i, name)?;
+            check_python_request(tool, &v)?;
+            *python = Some(v);
+        }
+        "-i" | "--index-url" | "--default-index" => *registry = Some(registry_url(tool, name, &option_value(tool, args, i, name)?)?),
+        _ => return Ok(false),
+    }
+    Ok(true)
+}
+
+/// `--python X` as mcpbox takes it: an interpreter installed on this host (never a download),
+/// named by version (`3`, `3.12`), by command (`python3.12`) or by absolute path.
+fn check_python_request(tool: &str, v: &str) -> anyhow::Result<()> {
+    let version = |s: &str| {
+        let parts: Vec<&str> = s.split('.').collect();
+        (1..=2).contains(&parts.len()) && parts.iter().all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_digit()))
+    };
+    let ok = version(v) || v.strip_prefix("python").is_some_and(|r| r.is_empty() || version(r)) || (v.starts_with('/') && !v.contains("/../"));
+    if !ok {
+        bail!(
+            "{tool} --python {v}: mcpbox builds the virtualenv on an interpreter installed on this host (uv downloads none: UV_PYTHON_DOWNLOADS=never); \
+             give a version (3.12), a command (python3.12) or an absolute path"
+        );
+    }
+    Ok(())
+}
+
+/// The host interpreter a uv package is prepared on: `python3`, or what `--python` asked for.
+pub(crate) fn python_for(pkg: &Package) -> anyhow::Result<PathBuf> {
+    let want = match pkg.python.as_deref() {
+        None => "python3".to_string(),
+        Some(v) if v.starts_with('/') || v.starts_with("python") => v.to_string(),
+        Some(v) => format!("python{v}"),
+    };
+    launch::resolve_command(&want, DEFAULT_PATH).with_context(|| {
+        format!("uvx servers need {want} on PATH ({DEFAULT_PATH}): install that interpreter (mcpbox never downloads one), or change --python")
+    })
+}
+
+fn parse_uvx(tool: &str, args: &[String]) -> anyhow::Result<Package> {
+    let mut from = None;
+    let mut with = Vec::new();
+    let (mut python, mut registry) = (None, None);
+    let mut i = 0;
+    while i < args.len() {
+        let a = args[i].as_str();
+        let name = a.split('=').next().unwrap_or(a);
+        if uv_common(tool, args, &mut i, &mut python, &mut registry)? {
+            continue;
+        }
+        match name {
+            "--from" => from = Some(option_value(tool, args, &mut i, name)?),
+            "--with" | "-w" => with.push(option_value(tool, args, &mut i, name)?),
+            "--" => {
+                i += 1;
+                break;
+            }
+            _ if a.starts_with('-') => bail!("{tool} option {a} is not supported by mcpbox ({SUPPORTED_FORMS})"),
+            _ => break,
+        }
+    }
+    let rest = &args[i..];
+    let Some(first) = rest.first() else { bail!("{tool}: no command given ({SUPPORTED_FORMS})") };
     let (name, version) = match first.split_once('@') {
+        // `@latest`: the newest release, which is what an unpinned install gets.
+        Some((n, "latest")) => (n.to_string(), None),
         Some((n, v)) => (n.to_string(), Some(v.to_string())),
         None => (first.clone(), None),
     };
-    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
-        bail!("uvx: `{first}` is not a command name");
-    }
+    check_command_name(tool, &name, first)?;
     let mut install = vec![match (&from, version) {
         (Some(f), _) => f.clone(),
         (None, Some(v)) => format!("{name}=={v}"),
         (None, None) => name.clone(),
     }];
     install.extend(with);
-    Ok(Package { manager: Manager::Uv, install, bin: Some(name), args: rest[1..].to_vec() })
+    let mut p = Package::new(Manager::Uv, install, Some(name), rest[1..].to_vec());
+    p.python = python;
+    p.registry = registry;
+    Ok(p)
+}
+
+fn check_command_name(tool: &str, name: &str, written: &str) -> anyhow::Result<()> {
+    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+        bail!("{tool}: `{written}` is not a command name");
+    }
+    Ok(())
+}
+
+/// `uv run --with REQ… [--] CMD ARGS…`: outside a project, uv installs the `--with`
+/// requirements into a throwaway environment and runs CMD from it — the same as
+/// `uvx --from REQ --with REQ… CMD`.
+///
+/// `uv --directory DIR run [python] SCRIPT.py|CMD ARGS…` (`project`: DIR): a local project the
+/// user has synced. Like `npx --prefix`, nothing is prepared: its `DIR/.venv` runs as it is.
+fn parse_uv_run(args: &[String], mut project: Option<String>) -> anyhow::Result<Package> {
+    let tool = "uv run";
+    let mut with = Vec::new();
+    let (mut python, mut registry) = (None, None);
+    let mut i = 0;
+    while i < args.len() {
+        let a = args[i].as_str();
+        let name = a.split('=').next().unwrap_or(a);
+        if uv_common(tool, args, &mut i, &mut python, &mut registry)? {
+            continue;
+        }
+        match name {
+            "--with" | "-w" => with.push(option_value(tool, args, &mut i, name)?),
+            "--no-project" | "--no-sync" | "--frozen" | "--locked" if !a.contains('=') => i += 1,
+            "--directory" | "--project" => project = Some(option_value(tool, args, &mut i, name)?),
+            "--" => {
+                i += 1;
+                break;
+            }
+            "-m" | "--module" | "--script" | "-s" => bail!("uv run {a} is not supported: name the command or the script file instead ({SUPPORTED_FORMS})"),
+            _ if a.starts_with('-') => bail!("uv run option {a} is not supported by mcpbox ({SUPPORTED_FORMS})"),
+            _ => break,
+        }
+    }
+    let rest = &args[i..];
+    let Some(cmd) = rest.first() else { bail!("uv run: no command given ({SUPPORTED_FORMS})") };
+    if let Some(dir) = project {
+        return local_project(dir, rest, !with.is_empty() || python.is_some() || registry.is_some());
+    }
+    if with.is_empty() {
+        bail!("uv run {cmd} without --with runs a local project or script; mcpbox prepares only published packages: use `uv run --with PKG CMD`, uvx, `uv --directory DIR run …` for a synced project, or the command itself under a policy");
+    }
+    if cmd.starts_with("python") || cmd.ends_with(".py") {
+        bail!("uv run … {cmd}: an interpreter or a script, not a package's command; name the command the --with package installs ({SUPPORTED_FORMS})");
+    }
+    check_command_name(tool, cmd, cmd)?;
+    let mut p = Package::new(Manager::Uv, with, Some(cmd.clone()), rest[1..].to_vec());
+    p.python = python;
+    p.registry = registry;
+    Ok(p)
+}
+
+/// `uv --directory DIR run …`: `bin` is the script (`SCRIPT.py`, after an optional `python`) or
+/// the console script of `DIR/.venv`; nothing is installed.
+fn local_project(dir: String, rest: &[String], installs: bool) -> anyhow::Result<Package> {
+    let dir = PathBuf::from(dir);
+    if !dir.is_absolute() {
+        bail!("uv --directory {}: give the project directory as an absolute path", dir.display());
+    }
+    if installs {
+        bail!("uv --directory {} run with --with/--python/--index-url: mcpbox runs a project's .venv as it is and installs nothing; add the packages to the project and `uv sync` it", dir.display());
+    }
+    let rest = match rest.first().map(String::as_str) {
+        Some("python" | "python3") => &rest[1..],
+        _ => rest,
+    };
+    let Some(cmd) = rest.first().filter(|c| !c.starts_with('-')) else {
+        bail!("uv --directory {} run: name a script file or the project's command (not python's options)", dir.display())
+    };
+    if !cmd.ends_with(".py") {
+        check_command_name("uv run", cmd, cmd)?;
+    }
+    let mut p = Package::new(Manager::Uv, vec![], Some(cmd.clone()), rest[1..].to_vec());
+    p.local = Some(dir);
+    Ok(p)
+}
+
+/// Apply a command line's `--registry`/`--index-url` to a prepare: it replaces the configured
+/// default registry for this server (scoped npm registries and uv's extra indexes stay), and its
+/// host joins the prepare sandbox's egress. (Internal addresses stay refused by the proxy.)
+fn explicit_registry(pkg: &Package, extra: &mut Extra, egress: &mut Egress) {
+    let Some(url) = &pkg.registry else { return };
+    let key = match pkg.manager {
+        Manager::Npm => "npm_config_registry",
+        Manager::Uv => "UV_DEFAULT_INDEX",
+    };
+    if let Some(old) = extra.env.insert(key.into(), url.clone()) {
+        egress.indexes.retain(|i| *i != old);
+        if let Some(hp) = host_port(&old).filter(|hp| !egress.indexes.iter().any(|i| host_port(i).as_ref() == Some(hp))) {
+            egress.allow.remove(&hp);
+        }
+    }
+    egress.add_url(url);
+    egress.indexes.push(url.clone());
+}
+
+/// `npx --prefix DIR`: the installed package's bin under DIR — `node_modules/.bin/BIN`, or the
+/// bin of `node_modules/PKG` by npx's rule — resolved inside `DIR`. Returns (DIR resolved, entry).
+fn local_npm_entry(pkg: &Package, dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let root = launch::resolve(dir).with_context(|| format!("npx --prefix {}: no such directory", dir.display()))?.0;
+    let modules = root.join("node_modules");
+    let spec = pkg.install.first().cloned().unwrap_or_default();
+    let bin = pkg.bin.clone().unwrap_or_else(|| spec.clone());
+    let mut candidates = vec![modules.join(".bin").join(&bin)];
+    if pkg.bin.is_none() {
+        if let Some(name) = package_name(Manager::Npm, &spec) {
+            let pj: Option<serde_json::Value> = std::fs::read_to_string(modules.join(&name).join("package.json")).ok().and_then(|t| serde_json::from_str(&t).ok());
+            let unscoped = name.rsplit('/').next().unwrap_or(&name).to_string();
+            let rel = match pj.as_ref().and_then(|p| p.get("bin")) {
+                Some(serde_json::Value::String(s)) => Some(s.clone()),
+                Some(serde_json::Value::Object(m)) if m.len() == 1 => m.values().next().and_then(|v| v.as_str()).map(str::to_string),
+                Some(serde_json::Value::Object(m)) => m.get(&unscoped).and_then(|v| v.as_str()).map(str::to_string),
+                _ => None,
+            };
+            candidates.extend(rel.map(|r| modules.join(&name).join(r)));
+        }
+    }
+    for c in candidates {
+        let Ok((real, _)) = launch::resolve(&c) else { continue };
+        if real.starts_with(&root) && real.is_file() {
+            return Ok((root, real));
+        }
+    }
+    bail!(
+        "npx --prefix {}: `{bin}` is not installed there (node_modules/.bin/{bin}); mcpbox runs a --prefix install as it is and fetches nothing — install it there, or drop --prefix to let mcpbox prepare the package",
+        dir.display()
+    )
+}
+
+/// What a local install or project runs, and what the run phase is granted: DIR, and for a uv
+/// project the base interpreter its `.venv` was made from when it lies outside the system
+/// prefixes (a uv-managed Python).
+#[derive(Debug)]
+struct Local {
+    interpreter: PathBuf,
+    entry: PathBuf,
+    grants: Vec<PathBuf>,
+}
+
+fn local_entry(pkg: &Package, dir: &Path) -> anyhow::Result<Local> {
+    match pkg.manager {
+        Manager::Npm => {
+            let (root, entry) = local_npm_entry(pkg, dir)?;
+            Ok(Local { grants: vec![root], interpreter: find_node()?, entry })
+        }
+        Manager::Uv => local_uv_entry(pkg, dir),
+    }
+}
+
+/// `uv --directory DIR run SCRIPT.py|CMD`: `DIR/.venv/bin/python` on the script (inside DIR) or
+/// on the console script `DIR/.venv/bin/CMD`.
+fn local_uv_entry(pkg: &Package, dir: &Path) -> anyhow::Result<Local> {
+    let root = launch::resolve(dir).with_context(|| format!("uv --directory {}: no such directory", dir.display()))?.0;
+    let venv = root.join(".venv");
+    let interpreter = venv.join("bin/python");
+    if !interpreter.exists() {
+        bail!("uv --directory {}: no .venv/bin/python there; mcpbox runs a project as it is: run `uv sync` in it first", dir.display());
+    }
+    let bin = pkg.bin.clone().unwrap_or_default();
+    let entry = if bin.ends_with(".py") { root.join(&bin) } else { venv.join("bin").join(&bin) };
+    let real = launch::resolve(&entry).ok().map(|r| r.0).filter(|r| r.starts_with(&root) && r.is_file());
+    let Some(entry) = real else {
+        bail!("uv --directory {}: `{bin}` is not a file of the project (a script inside it, or a command of its .venv); mcpbox runs the project as it is", dir.display());
+    };
+    let mut grants = vec![root.clone()];
+    // `home = …/bin` of the interpreter the venv was made from.
+    let cfg = std::fs::read_to_string(venv.join("pyvenv.cfg")).unwrap_or_default();
+    let home = cfg.lines().filter_map(|l| l.split_once('=')).find(|(k, _)| k.trim() == "home").map(|(_, v)| PathBuf::from(v.trim()));
+    if let Some(prefix) = home.as_deref().and_then(Path::parent).filter(|p| p.is_absolute() && !matches!(p.to_str(), Some("/" | "/usr" | "/usr/local"))) {
+        grants.push(prefix.to_path_buf());
+    }
+    Ok(Local { interpreter, entry, grants })
+}
+
+/// What a local install or project runs (nothing is prepared or recorded).
+fn local_prepared(pkg: &Package, dir: &Path) -> anyhow::Result<Prepared> {
+    let l = local_entry(pkg, dir)?;
+    let package = pkg.install.first().and_then(|s| package_name(Manager::Npm, s)).unwrap_or_else(|| pkg.bin.clone().unwrap_or_default());
+    Ok(Prepared { request: pkg.clone(), package, version: "local".into(), interpreter: l.interpreter, entry: l.entry, prepared_at: 0 })
+}
+
+/// The run phase of a local install or project: its interpreter on its entry, DIR granted read
+/// and exec (never write).
+fn run_local(launch: &ServerLaunch, pkg: &Package, dir: &Path) -> anyhow::Result<(ServerLaunch, Extra)> {
+    let local = local_entry(pkg, dir)?;
+    let mut extra = Extra::default();
+    for g in local.grants {
+        extra.grants.push((g, Access::Exec));
+    }
+    extra.env.insert("npm_config_offline".into(), "true".into());
+    extra.env.insert("UV_OFFLINE".into(), "1".into());
+    let mut l = launch.clone();
+    l.command = local.interpreter.to_string_lossy().into_owned();
+    l.args = std::iter::once(local.entry.to_string_lossy().into_owned()).chain(pkg.args.iter().cloned()).collect();
+    Ok((l, extra))
 }
 
 /// What `CACHE/prepared.json` records.
@@ -923,6 +1272,10 @@ impl Outcome {
 /// even when the record matches.
 pub fn prepare_blocking(state: &StateDir, name: &str, pkg: &Package, force: bool) -> anyhow::Result<Outcome> {
     launch::check_name(name)?;
+    if let Some(dir) = &pkg.local {
+        // A `--prefix` install: the user's own, run as it is; nothing to prepare.
+        return local_prepared(pkg, dir).map(Outcome::Ready);
+    }
     let dirs = ServerDirs::create(state, name)?;
     // One prepare per server at a time (serve and `mcpbox prepare` may overlap). The lock lives
     // beside the cache, where the sandbox cannot reach it.
@@ -1024,6 +1377,7 @@ fn prepare_npm(state: &StateDir, name: &str, dirs: &ServerDirs, pkg: &Package) -
     passed_env(PASS_NPM, &mut extra);
     let mut egress = Egress::default();
     let auth = npm_settings(&npm_cli, &node, &mut extra, &mut egress)?;
+    explicit_registry(pkg, &mut extra, &mut egress);
     let install = local_paths(pkg, &mut extra)?;
     egress_for(name, Manager::Npm, pkg, &mut egress)?;
     let prefix = npm_prefix(&dirs.cache);
@@ -1171,12 +1525,16 @@ impl Drop for AuthFile {
 
 fn prepare_uv(state: &StateDir, name: &str, dirs: &ServerDirs, pkg: &Package) -> anyhow::Result<Prepared> {
     let uv = stage_for_others(state, &find_uv()?)?;
-    let python = launch::resolve_command("python3", DEFAULT_PATH).context("uvx servers need python3")?;
+    let python = python_for(pkg)?;
     let mut extra = Extra::default();
     extra.grants.push((uv.clone(), Access::Exec));
     passed_env(PASS_UV, &mut extra);
     let mut egress = Egress::default();
-    let creds = uv_settings(&uv, &mut extra, &mut egress)?;
+    let mut creds = uv_settings(&uv, &mut extra, &mut egress)?;
+    explicit_registry(pkg, &mut extra, &mut egress);
+    if let (Some(c), Some(r)) = (creds.as_mut(), &pkg.registry) {
+        c.insert("UV_DEFAULT_INDEX".into(), r.clone());
+    }
     let install = local_paths(pkg, &mut extra)?;
     egress_for(name, Manager::Uv, pkg, &mut egress)?;
     let c = |p: &str| dirs.cache.join(p).to_string_lossy().into_owned();
@@ -1361,7 +1719,7 @@ fn run_sandboxed(state: &StateDir, name: &str, manager: Manager, exe: &Path, arg
 
 /// The TCP ports of `host:port` entries.
 fn ports_of(entries: &[String]) -> Vec<u16> {
-    let mut ports: Vec<u16> = entries.iter().filter_map(|e| e.rsplit_once(':')?.1.parse().ok()).collect();
+    let mut ports: Vec<u16> = entries.iter().filter_map(|e| e.parse::<crate::policy::AllowEntry>().ok()).map(|e| e.port).collect();
     ports.sort_unstable();
     ports.dedup();
     ports
@@ -1387,6 +1745,9 @@ pub fn for_run(state: &StateDir, launch: &ServerLaunch) -> Option<anyhow::Result
 }
 
 fn run_launch(state: &StateDir, launch: &ServerLaunch, pkg: Package) -> anyhow::Result<(ServerLaunch, Extra)> {
+    if let Some(dir) = &pkg.local {
+        return run_local(launch, &pkg, dir);
+    }
     let cache = state.root.join(&launch.name).join("cache");
     let Some(p) = load_prepared(&cache, &pkg) else {
         bail!(
@@ -1467,12 +1828,9 @@ pub fn cli(config: &Path, state_dir: Option<PathBuf>, force: bool, min_level: cr
         }
     };
     let state = StateDir::for_config(&cfg, config, state_dir, min_level);
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match crate::runtime("prepare", false) {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("mcpbox: cannot start the runtime: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     let planner = super::Planner::new(state.clone());
     let refused = planner.refusals(&cfg);
@@ -1697,7 +2055,198 @@ mod tests {
         assert_eq!(p.bin.as_deref(), Some("mcp-server-time"));
         let p = parse("uvx", &v(&["--from", "git-tools==1", "--with", "x", "tool"])).unwrap().unwrap();
         assert_eq!(p.install, v(&["git-tools==1", "x"]));
-        assert!(parse("uvx", &v(&["--python", "3.12", "x"])).unwrap().is_err());
         assert!(parse("uvx", &v(&["../x"])).unwrap().is_err());
+    }
+
+    fn ok(cmd: &str, a: &[&str]) -> Package {
+        parse(cmd, &v(a)).unwrap_or_else(|| panic!("{cmd} {a:?} is a package launch")).unwrap_or_else(|e| panic!("{cmd} {a:?}: {e:#}"))
+    }
+
+    fn refused(cmd: &str, a: &[&str]) -> String {
+        format!("{:#}", parse(cmd, &v(a)).expect("a package launch").unwrap_err())
+    }
+
+    #[test]
+    fn npx_lines_as_real_configs_write_them() {
+        // The form of the issue: a bin installed under --prefix, run offline: nothing to fetch.
+        let p = ok("npx", &["--offline", "--prefix", "/opt/mcp", "--", "some-bin", "stdio"]);
+        assert_eq!((p.local.clone(), p.install.clone(), p.bin.clone(), p.args.clone()), (Some(PathBuf::from("/opt/mcp")), v(&["some-bin"]), None, v(&["stdio"])));
+        let p = ok("npx", &["--yes", "--prefer-offline", "-q", "--package=@modelcontextprotocol/server-sequential-thinking", "--", "mcp-server-sequential-thinking"]);
+        assert_eq!((p.install.clone(), p.bin.clone(), p.local.clone(), p.registry.clone()), (v(&["@modelcontextprotocol/server-sequential-thinking"]), Some("mcp-server-sequential-thinking".into()), None, None));
+        let p = ok("npx", &["-y", "--registry=https://npm.example.test/", "--loglevel", "error", "pkg@1", "--flag"]);
+        assert_eq!((p.registry.as_deref(), p.install.clone(), p.args.clone()), (Some("https://npm.example.test/"), v(&["pkg@1"]), v(&["--flag"])));
+        assert_eq!(ok("npx", &["--registry", "https://npm.example.test/", "pkg"]).registry.as_deref(), Some("https://npm.example.test/"));
+        assert_eq!(ok("npx", &["--prefix=/srv/x", "-p", "a", "bin"]).local, Some(PathBuf::from("/srv/x")));
+        assert_eq!(ok("npx", &["-s", "--prefer-online", "--no-install=false", "pkg"]).install, v(&["pkg"]));
+        // npm exec / npm x, pnpm dlx, pnpx: the same grammar, prepared with npm.
+        for (cmd, a) in [("npm", vec!["exec", "--yes", "--package=a", "--", "cmd", "arg"]), ("npm", vec!["x", "-p", "a", "cmd", "arg"]), ("/usr/bin/pnpm", vec!["dlx", "--package", "a", "cmd", "arg"]), ("pnpx", vec!["--package=a", "cmd", "arg"])] {
+            let p = ok(cmd, &a);
+            assert_eq!((p.manager, p.install, p.bin, p.args), (Manager::Npm, v(&["a"]), Some("cmd".into()), v(&["arg"])), "{cmd} {a:?}");
+        }
+        // Not package launches: they run as they are, under their policy.
+        assert!(parse("npm", &v(&["run", "start"])).is_none());
+        assert!(parse("pnpm", &v(&["start"])).is_none());
+        // Refused, naming the option and the supported forms.
+        let e = refused("npx", &["--workspace", "w", "pkg"]);
+        assert!(e.contains("--workspace") && e.contains("supported: `npx`") && e.contains("uv run --with"), "{e}");
+        assert!(refused("npx", &["--prefix", "rel/dir", "bin"]).contains("absolute"));
+        assert!(refused("npx", &["--registry=https://u:secret@npm.example.test/", "pkg"]).contains("credentials"));
+        assert!(refused("npx", &["--registry=file:///srv", "pkg"]).contains("http(s)"));
+        assert!(refused("npx", &["--no-install", "pkg"]).contains("--prefix"));
+        assert!(refused("npm", &["exec", "-c", "echo hi"]).contains("shell"));
+        assert!(refused("npx", &["--registry"]).contains("needs a value"));
+    }
+
+    #[test]
+    fn uv_lines_as_real_configs_write_them() {
+        let p = ok("uvx", &["--python", "3.12", "--with", "x", "mcp-server-fetch@latest", "--a"]);
+        assert_eq!((p.python.as_deref(), p.install.clone(), p.bin.as_deref(), p.args.clone()), (Some("3.12"), v(&["mcp-server-fetch", "x"]), Some("mcp-server-fetch"), v(&["--a"])));
+        assert_eq!(ok("uvx", &["-p=python3.11", "t"]).python.as_deref(), Some("python3.11"));
+        assert_eq!(ok("uvx", &["--python=/usr/bin/python3", "t"]).python.as_deref(), Some("/usr/bin/python3"));
+        let p = ok("uvx", &["--index-url", "https://idx.example.test/simple", "-q", "--isolated", "--", "t", "a"]);
+        assert_eq!((p.registry.as_deref(), p.args.clone()), (Some("https://idx.example.test/simple"), v(&["a"])));
+        assert_eq!(ok("uvx", &["--with=y", "--from=git-tools==1", "tool"]).install, v(&["git-tools==1", "y"]));
+        // uv tool run is uvx; uv run --with installs the requirements and runs the command.
+        assert_eq!(ok("uv", &["tool", "run", "--from", "a==1", "cmd", "x"]), Package::new(Manager::Uv, v(&["a==1"]), Some("cmd".into()), v(&["x"])));
+        assert_eq!(ok("/usr/local/bin/uv", &["-q", "tool", "run", "t"]).bin.as_deref(), Some("t"));
+        let p = ok("uv", &["run", "--with", "mcp-server-time==0.6.2", "--with=tzdata", "--no-project", "--python", "3", "--", "mcp-server-time", "--local-timezone", "UTC"]);
+        assert_eq!((p.install.clone(), p.bin.as_deref(), p.python.as_deref(), p.args.clone()), (v(&["mcp-server-time==0.6.2", "tzdata"]), Some("mcp-server-time"), Some("3"), v(&["--local-timezone", "UTC"])));
+        // What the Python SDK's `mcp install` writes into Claude Desktop's config: the SDK's CLI,
+        // prepared, running the user's script (which the server's policy must grant).
+        let p = ok("/home/u/.local/bin/uv", &["run", "--with", "mcp[cli]", "mcp", "run", "/srv/server.py"]);
+        assert_eq!((p.install.clone(), p.bin.as_deref(), p.args.clone()), (v(&["mcp[cli]"]), Some("mcp"), v(&["run", "/srv/server.py"])));
+        // Not package launches.
+        assert!(parse("uv", &v(&["pip", "list"])).is_none());
+        assert!(parse("python", &v(&["-m", "mcp_server_fetch"])).is_none());
+        assert!(parse("/usr/bin/python3", &v(&["-m", "pkg"])).is_none());
+        // Refused, with the reason.
+        for py in ["pypy", ">=3.11", "cpython-3.12", "3.12.1"] {
+            assert!(refused("uvx", &["--python", py, "t"]).contains("UV_PYTHON_DOWNLOADS=never"), "{py}");
+        }
+        // A synced local project, as Claude Desktop configs run one: nothing to prepare.
+        for a in [vec!["--directory", "/srv/proj", "run", "server.py", "--x"], vec!["run", "--directory=/srv/proj", "python", "server.py", "--x"]] {
+            let p = ok("uv", &a);
+            assert_eq!((p.local.clone(), p.install.clone(), p.bin.as_deref(), p.args.clone()), (Some(PathBuf::from("/srv/proj")), vec![], Some("server.py"), v(&["--x"])), "{a:?}");
+        }
+        assert_eq!(ok("uv", &["--project", "/srv/proj", "run", "my-server"]).bin.as_deref(), Some("my-server"));
+        assert!(refused("uv", &["--directory", "proj", "run", "server.py"]).contains("absolute"));
+        assert!(refused("uv", &["--directory", "/srv/proj", "run", "--with", "x", "server.py"]).contains("uv sync"));
+        assert!(refused("uv", &["--directory", "/srv/proj", "run", "python", "-c", "0"]).contains("script file"));
+        assert!(refused("uv", &["run", "server.py"]).contains("--with"));
+        assert!(refused("uv", &["run", "--with", "mcp-server-fetch", "python", "-m", "mcp_server_fetch"]).contains("interpreter"));
+        let e = refused("uvx", &["--prerelease", "allow", "t"]);
+        assert!(e.contains("--prerelease") && e.contains("supported:"), "{e}");
+        assert!(refused("uvx", &["--index-url", "https://u:p@idx.example.test/simple", "t"]).contains("credentials"));
+    }
+
+    #[test]
+    fn a_changed_registry_python_or_prefix_means_prepare_again() {
+        let a = ok("uvx", &["t"]);
+        assert!(a.same_install(&ok("uvx", &["t", "--other-args"])));
+        assert!(!a.same_install(&ok("uvx", &["--python", "3.12", "t"])));
+        assert!(!a.same_install(&ok("uvx", &["--index-url", "https://idx.example.test/simple", "t"])));
+        assert!(!ok("npx", &["p"]).same_install(&ok("npx", &["--prefix", "/x", "p"])));
+        // Records written before these fields existed still load.
+        let old = r#"{"manager":"npm","install":["p"],"bin":null}"#;
+        assert_eq!(serde_json::from_str::<Package>(old).unwrap(), ok("npx", &["p"]));
+    }
+
+    #[test]
+    fn uvx_python_is_a_host_interpreter() {
+        let py3 = launch::resolve_command("python3", DEFAULT_PATH).expect("python3 on PATH");
+        assert_eq!(python_for(&ok("uvx", &["t"])).unwrap(), py3);
+        assert_eq!(python_for(&ok("uvx", &["--python", "3", "t"])).unwrap(), py3);
+        assert_eq!(python_for(&ok("uvx", &["--python", &py3.to_string_lossy(), "t"])).unwrap(), py3);
+        let e = format!("{:#}", python_for(&ok("uvx", &["--python", "3.99", "t"])).unwrap_err());
+        assert!(e.contains("python3.99") && e.contains("never downloads"), "{e}");
+    }
+
+    #[test]
+    fn an_explicit_registry_replaces_the_configured_one_for_this_prepare() {
+        let mut extra = Extra::default();
+        let mut egress = Egress::default();
+        extra.env.insert("npm_config_registry".into(), "https://conf.example.test/".into());
+        egress.add_url("https://conf.example.test/");
+        egress.indexes.push("https://conf.example.test/".into());
+        egress.add_url("https://corp.example.test/npm/");
+        egress.indexes.push("https://corp.example.test/npm/".into());
+        explicit_registry(&ok("npx", &["--registry=https://mine.example.test:8443/", "p"]), &mut extra, &mut egress);
+        assert_eq!(extra.env["npm_config_registry"], "https://mine.example.test:8443/");
+        assert_eq!(egress.indexes, v(&["https://corp.example.test/npm/", "https://mine.example.test:8443/"]));
+        assert_eq!(egress.allow.iter().cloned().collect::<Vec<_>>(), v(&["corp.example.test:443", "mine.example.test:8443"]));
+        // None on the command line: nothing changes.
+        let before = (extra.env.clone(), egress.clone());
+        explicit_registry(&ok("npx", &["p"]), &mut extra, &mut egress);
+        assert_eq!((extra.env, egress), before);
+    }
+
+    #[test]
+    fn a_synced_uv_project_runs_from_its_venv_and_nothing_outside() {
+        let d = tempfile::tempdir().unwrap();
+        let proj = d.path().join("proj");
+        std::fs::create_dir_all(proj.join(".venv/bin")).unwrap();
+        let py3 = launch::resolve_command("python3", DEFAULT_PATH).expect("python3 on PATH");
+        std::os::unix::fs::symlink(&py3, proj.join(".venv/bin/python")).unwrap();
+        std::fs::write(proj.join(".venv/pyvenv.cfg"), "home = /opt/uvpython/cpython-3.12/bin\nversion = 3.12.0\n").unwrap();
+        std::fs::write(proj.join("server.py"), "").unwrap();
+        std::fs::write(proj.join(".venv/bin/my-server"), "").unwrap();
+        let ps = proj.to_string_lossy().into_owned();
+        let args = v(&["--directory", &ps, "run", "server.py", "--flag"]);
+        let launch = ServerLaunch { name: "srv".into(), command: "uv".into(), args: args.clone(), env: BTreeMap::new(), policy: PolicyRef::Named("python".into()) };
+        let state = StateDir::new(d.path().join("state"));
+        let (l, extra) = for_run(&state, &launch).unwrap().unwrap();
+        let real = std::fs::canonicalize(&proj).unwrap();
+        assert_eq!(l.command, real.join(".venv/bin/python").to_string_lossy());
+        assert_eq!(l.args, v(&[&real.join("server.py").to_string_lossy(), "--flag"]));
+        assert_eq!(extra.grants, vec![(real.clone(), Access::Exec), (PathBuf::from("/opt/uvpython/cpython-3.12"), Access::Exec)]);
+        assert!(matches!(prepare_blocking(&state, "srv", &parse("uv", &args).unwrap().unwrap(), false).unwrap(), Outcome::Ready(_)));
+        assert!(!state.root.join("srv").exists(), "nothing prepared");
+        let l2 = local_entry(&ok("uv", &["--directory", &ps, "run", "my-server"]), &proj).unwrap();
+        assert_eq!(l2.entry, real.join(".venv/bin/my-server"));
+        // A system interpreter is the policy's business: no grant of /usr.
+        std::fs::write(proj.join(".venv/pyvenv.cfg"), "home = /usr/bin\n").unwrap();
+        assert_eq!(local_entry(&ok("uv", &["--directory", &ps, "run", "my-server"]), &proj).unwrap().grants, vec![real.clone()]);
+        // Not in the project, or leading out of it: refused.
+        assert!(local_entry(&ok("uv", &["--directory", &ps, "run", "other.py"]), &proj).is_err());
+        std::os::unix::fs::symlink("/etc/passwd", proj.join("escape.py")).unwrap();
+        assert!(local_entry(&ok("uv", &["--directory", &ps, "run", "escape.py"]), &proj).is_err());
+        // Not synced: says how.
+        std::fs::remove_file(proj.join(".venv/bin/python")).unwrap();
+        let e = format!("{:#}", local_entry(&ok("uv", &["--directory", &ps, "run", "server.py"]), &proj).err().unwrap());
+        assert!(e.contains("uv sync"), "{e}");
+    }
+
+    #[test]
+    fn a_prefix_install_runs_its_bin_from_there_and_nothing_outside() {
+        let node = find_node().expect("node on PATH (scripts/install-test-deps.sh installs it)");
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("inst");
+        let pkg_dir = dir.join("node_modules/some-pkg");
+        std::fs::create_dir_all(pkg_dir.join("bin")).unwrap();
+        std::fs::create_dir_all(dir.join("node_modules/.bin")).unwrap();
+        std::fs::write(pkg_dir.join("bin/cli.js"), "#!/usr/bin/env node\n").unwrap();
+        std::fs::write(pkg_dir.join("package.json"), r#"{"name":"some-pkg","bin":{"some-bin":"bin/cli.js"}}"#).unwrap();
+        std::os::unix::fs::symlink("../some-pkg/bin/cli.js", dir.join("node_modules/.bin/some-bin")).unwrap();
+        let dir_s = dir.to_string_lossy().into_owned();
+        let args = v(&["--offline", "--prefix", &dir_s, "--", "some-bin", "stdio"]);
+        let launch = ServerLaunch { name: "srv".into(), command: "npx".into(), args: args.clone(), env: BTreeMap::new(), policy: PolicyRef::Named("node".into()) };
+        let state = StateDir::new(d.path().join("state"));
+        let (l, extra) = for_run(&state, &launch).unwrap().unwrap();
+        let real = std::fs::canonicalize(pkg_dir.join("bin/cli.js")).unwrap();
+        assert_eq!(l.command, node.to_string_lossy());
+        assert_eq!(l.args, v(&[&real.to_string_lossy(), "stdio"]));
+        assert_eq!(extra.grants, vec![(std::fs::canonicalize(&dir).unwrap(), Access::Exec)]);
+        // Prepare has nothing to do (and creates nothing).
+        let pkg = parse("npx", &args).unwrap().unwrap();
+        assert!(matches!(prepare_blocking(&state, "srv", &pkg, false).unwrap(), Outcome::Ready(_)));
+        assert!(!state.root.join("srv").exists());
+        // By package name: the package's own bin.
+        assert_eq!(local_entry(&ok("npx", &["--prefix", &dir_s, "some-pkg"]), &dir).unwrap().entry, real);
+        // Not installed there: refused, never fetched.
+        let e = format!("{:#}", local_entry(&ok("npx", &["--prefix", &dir_s, "other"]), &dir).unwrap_err());
+        assert!(e.contains("not installed there"), "{e}");
+        // A bin leading out of DIR is not run.
+        std::os::unix::fs::symlink("/bin/sh", dir.join("node_modules/.bin/escape")).unwrap();
+        assert!(local_entry(&ok("npx", &["--prefix", &dir_s, "--", "escape"]), &dir).is_err());
     }
 }

@@ -140,7 +140,6 @@ pub fn plan_begin(state: &StateDir, launch: &ServerLaunch) -> anyhow::Result<Beg
     }
 
     let (policy, mut notes) = launch.policy.load(&dirs.load_context(state)).map_err(|e| anyhow::anyhow!("{e}"))?;
-    refuse_early(&policy)?;
     // `[limits] disk` as root: the data dir is an image of its own (rootless, sandbox-init
     // refuses or warns, as the policy says).
     let disk = match (policy.limits.disk, ids) {
@@ -180,24 +179,10 @@ pub fn plan_begin(state: &StateDir, launch: &ServerLaunch) -> anyhow::Result<Beg
 pub fn check(state: &StateDir, launch: &ServerLaunch) -> anyhow::Result<Policy> {
     check_name(&launch.name)?;
     let dirs = ServerDirs::at(state, &launch.name);
+    // Loading refuses what a launch would refuse of the policy itself: the egress allow-list's
+    // grammar and syscall names are the policy module's (allow.rs, syscalls.rs).
     let loaded = launch.policy.load_detailed(&dirs.load_context(state), &[dirs.data.clone(), dirs.cache.clone()]).map_err(|e| anyhow::anyhow!("{e}"))?;
-    refuse_early(&loaded.policy)?;
     Ok(loaded.policy)
-}
-
-/// What would refuse this policy at launch, checked before anything is prepared or started:
-/// seccomp names this kernel's filter does not know, an egress allow-list the proxy rejects.
-fn refuse_early(policy: &Policy) -> anyhow::Result<()> {
-    crate::sandbox::seccomp::check_names(&crate::sandbox::seccomp::FilterOptions {
-        extra_deny: policy.seccomp.extra_deny.clone(),
-        extra_allow: policy.seccomp.extra_allow.clone(),
-        unix_sockets_only: false,
-    })
-    .map_err(|e| anyhow::anyhow!("policy {}: {e}", policy.source))?;
-    if let Network::Proxy { allow } = &policy.network {
-        crate::netproxy::AllowList::parse(allow).map_err(|e| anyhow::anyhow!("policy {}: network.allow: {e}", policy.source))?;
-    }
-    Ok(())
 }
 
 impl Begun {
@@ -294,14 +279,10 @@ impl Begun {
             env.insert(k.clone(), v.clone());
         }
         if matches!(policy.network, Network::Proxy { .. }) {
-            let url = format!("http://127.0.0.1:{}", crate::sandbox::PROXY_PORT);
-            for k in ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"] {
-                env.insert(k.to_string(), url.clone());
-            }
-            env.insert("NODE_USE_ENV_PROXY".into(), "1".into());
             // Loopback must go through the proxy too: nothing else is reachable.
-            env.insert("NO_PROXY".into(), String::new());
-            env.insert("no_proxy".into(), String::new());
+            for (k, v) in crate::netproxy::proxy_env(crate::sandbox::PROXY_PORT) {
+                env.insert(k.to_string(), v);
+            }
         }
 
         // The command: resolved on the host against the sandbox's PATH (the view is identical),

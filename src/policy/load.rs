@@ -8,7 +8,7 @@ use toml::Spanned;
 use super::error::{Loc, PolicyError};
 use super::raw::{self, Extends, Mode, RawCpu, RawPath, RawPolicy, RawSize};
 use super::size::{parse_cpu, parse_size};
-use super::{reserved_conflict, Env, Filesystem, Level, Limits, Network, PathRule, Policy, Relax, SandboxReq, Seccomp};
+use super::{reserved_conflict, syscalls, AllowEntry, Env, ExpandError, Filesystem, Level, Limits, Network, PathRule, Policy, Relax, SandboxReq, Seccomp};
 
 /// The shipped policies, embedded in the binary. A new shipped policy is one line here.
 pub const SHIPPED: &[(&str, &str)] = &[
@@ -175,7 +175,7 @@ struct Layer {
     write: Vec<Rule>,
     exec: Vec<Rule>,
     mode: Option<(Mode, Loc)>,
-    allow: Vec<(String, Loc)>,
+    allow: Vec<(AllowEntry, Loc)>,
     connect_ports: Option<(Vec<u16>, Loc)>,
     bind_ports: Option<(Vec<u16>, Loc)>,
     pass: Vec<String>,
@@ -405,8 +405,8 @@ impl<'a> Loader<'a> {
         l.mode = n.mode.map(|m| (*m.get_ref(), doc.loc(m.span())));
         for a in n.allow {
             let loc = doc.loc(a.span());
-            let pat = check_allow(a.get_ref()).map_err(|m| PolicyError::invalid(m, loc.clone()))?;
-            l.allow.push((pat, loc));
+            let entry = a.get_ref().parse::<AllowEntry>().map_err(|e| PolicyError::invalid(e.to_string(), loc.clone()))?;
+            l.allow.push((entry, loc));
         }
         let ports = |p: Option<Spanned<Vec<u16>>>,
                      key: &str|
@@ -510,6 +510,12 @@ impl<'a> Loader<'a> {
                         loc,
                     ));
                 }
+                if syscalls::number(&name).is_none() {
+                    return Err(PolicyError::invalid(
+                        format!("[seccomp] {key}: `{name}` is not an x86_64 syscall (see `man 2 syscalls`)"),
+                        loc,
+                    ));
+                }
                 if !out.iter().any(|(n, _)| *n == name) {
                     out.push((name, loc));
                 }
@@ -551,32 +557,14 @@ impl<'a> Loader<'a> {
 
     /// Expand `${NAME}` from the context; anything undefined is an error.
     fn expand(&self, s: &str, loc: &Loc) -> Result<String, PolicyError> {
-        let mut out = String::with_capacity(s.len());
-        let mut rest = s;
-        while let Some(i) = rest.find("${") {
-            out.push_str(&rest[..i]);
-            let after = &rest[i + 2..];
-            let Some(end) = after.find('}') else {
-                return Err(PolicyError::invalid(
-                    format!("unterminated `${{` in `{s}`"),
-                    loc.clone(),
-                ));
-            };
-            let name = &after[..end];
-            match self.ctx.vars.get(name) {
-                Some(v) => out.push_str(v),
-                None => {
-                    return Err(PolicyError::UndefinedVar {
-                        name: name.into(),
-                        loc: loc.clone(),
-                        defined: self.ctx.vars.keys().cloned().collect(),
-                    })
-                }
-            }
-            rest = &after[end + 1..];
-        }
-        out.push_str(rest);
-        Ok(out)
+        super::expand_vars(s, |n| self.ctx.vars.get(n).cloned()).map_err(|e| match e {
+            ExpandError::Undefined(name) | ExpandError::BadName(name) => PolicyError::UndefinedVar {
+                name,
+                loc: loc.clone(),
+                defined: self.ctx.vars.keys().cloned().collect(),
+            },
+            ExpandError::Unclosed(_) => PolicyError::invalid(format!("unterminated `${{` in `{s}`"), loc.clone()),
+        })
     }
 
     /// Defaults, cross-field checks, existence of paths.
@@ -629,6 +617,11 @@ impl<'a> Loader<'a> {
             if deny.contains(&n) {
                 notes.push(format!(
                     "syscall {n} is both allowed ({loc}) and denied in the policy chain; denied"
+                ));
+            } else if let Some(why) = syscalls::never_allowed(&n) {
+                return Err(PolicyError::invalid(
+                    format!("[seccomp] extra_allow: syscall `{n}` can never be allowed: {why}"),
+                    loc,
                 ));
             } else {
                 allow.push(n);
@@ -867,28 +860,4 @@ fn check_env_name(n: &str) -> Result<(), String> {
             "`{n}` is not an environment variable name ([A-Za-z_][A-Za-z0-9_]*)"
         ))
     }
-}
-
-/// `host:port` or `*.domain:port`; returns the pattern with the host lowercased.
-fn check_allow(a: &str) -> Result<String, String> {
-    let bad = |why: &str| {
-        format!("[network] allow `{a}`: {why}; expected \"host:port\" or \"*.example.com:443\"")
-    };
-    let (host, port) = a.rsplit_once(':').ok_or_else(|| bad("no port"))?;
-    match port.parse::<u16>() {
-        Ok(p) if p > 0 => {}
-        _ => return Err(bad("bad port")),
-    }
-    let name = host.strip_prefix("*.").unwrap_or(host);
-    let label_ok = |l: &str| {
-        !l.is_empty()
-            && l.len() <= 63
-            && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
-            && !l.starts_with('-')
-            && !l.ends_with('-')
-    };
-    if name.is_empty() || name.len() > 253 || !name.split('.').all(label_ok) {
-        return Err(bad("bad host name"));
-    }
-    Ok(format!("{}:{port}", host.to_ascii_lowercase()))
 }

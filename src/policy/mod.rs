@@ -1,22 +1,32 @@
-//! Policy types, TOML parsing, `extends`, validation.
+//! Policy types, TOML parsing, `extends`, validation, and the grammars a policy is written in:
+//! `[network] allow` entries and `host[:port]` (`allow.rs`), `${VAR}` (`vars.rs`), syscall
+//! names (`syscalls.rs`, a table kept as data).
 //!
-//! This module knows nothing of Landlock or seccomp: it turns TOML written by people into a
-//! validated [`Policy`]; `crate::sandbox` translates that into kernel objects.
+//! The lowest layer: it imports nothing else of mcpbox and no kernel crate (no Landlock, no
+//! seccomp). It turns TOML written by people into a validated [`Policy`]; `crate::sandbox`
+//! translates that into kernel objects, and everything that judges a policy (`policy check`,
+//! `serve --check`, `/readyz`, a launch) refuses what this module refuses.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+mod allow;
+mod diff;
 mod error;
 mod load;
 mod raw;
 mod reference;
 mod render;
 mod size;
+pub mod syscalls;
+mod vars;
 #[cfg(test)]
 mod tests;
 
+pub use allow::{parse_host, split_host_port, AllowEntry, AllowEntryError, AuthorityError, Host, HostPattern};
+pub use diff::{diff, path_covered, render_diff, Grant, PolicyDiff};
 pub use error::{Loc, PolicyError};
 pub use load::{
     load, load_detailed, load_inline, load_inline_detailed, load_inline_with_notes, load_with_notes, shipped_names, LoadContext, Loaded,
@@ -25,6 +35,7 @@ pub use load::{
 pub use reference::PolicyRef;
 pub use render::{check, render};
 pub use size::{format_cpu, format_size, parse_cpu, parse_size};
+pub use vars::{expand_vars, ExpandError};
 
 /// A validated, fully resolved policy: `extends` merged, `${…}` expanded, paths absolute.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -65,8 +76,8 @@ pub enum Network {
     /// The host's network; optionally narrowed by Landlock (ABI 4+) to these TCP ports.
     Host { connect_ports: Option<Vec<u16>>, bind_ports: Option<Vec<u16>> },
     /// A fresh network namespace whose only way out is mcpbox's HTTP proxy with this allow-list
-    /// of `host:port` patterns (`*.example.com:443`).
-    Proxy { allow: Vec<String> },
+    /// of `host:port` patterns (`*.example.com:443`; grammar in `allow.rs`).
+    Proxy { allow: Vec<AllowEntry> },
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -97,9 +108,9 @@ pub struct Limits {
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Seccomp {
-    /// Syscall names denied on top of the default allow-list.
+    /// Syscall names denied on top of the default allow-list (names of [`syscalls::X86_64`]).
     pub extra_deny: Vec<String>,
-    /// Syscall names allowed beyond the default allow-list (never the hard-denied ones).
+    /// Syscall names allowed beyond the default allow-list (never [`syscalls::NEVER_ALLOWED`]).
     pub extra_allow: Vec<String>,
 }
 

@@ -119,7 +119,7 @@ pub fn render(p: &Policy) -> String {
                 w,
                 "mode = \"proxy\"  # own namespace; out only through mcpbox's proxy"
             );
-            let _ = writeln!(w, "allow = {}", list(allow.iter().map(|a| q(a))));
+            let _ = writeln!(w, "allow = {}", list(allow.iter().map(|a| q(&a.to_string()))));
         }
     }
 

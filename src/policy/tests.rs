@@ -384,7 +384,7 @@ fn network_modes_and_their_keys() {
     assert_eq!(
         pol.network,
         Network::Proxy {
-            allow: vec!["*.example.com:443".into(), "api.x.org:8443".into()]
+            allow: vec!["*.example.com:443".parse().unwrap(), "api.x.org:8443".parse().unwrap()]
         }
     );
 
@@ -393,7 +393,18 @@ fn network_modes_and_their_keys() {
         "bad.toml",
         "[network]\nmode = \"proxy\"\nallow = [\"example.com\"]\n",
     );
-    assert!(err(&p, &c).starts_with("[network] allow `example.com`: no port"));
+    assert!(err(&p, &c).starts_with("[network] allow `example.com`: a port is required"));
+
+    // The grammar the egress proxy applies at every start: what it refuses, loading refuses,
+    // and what it takes (IPv6 literals), loading takes.
+    let p = write(d.path(), "tld.toml", "[network]\nmode = \"proxy\"\nallow = [\"*.com:443\"]\n");
+    let e = err(&p, &c);
+    assert!(e.starts_with("[network] allow `*.com:443`: a wildcard over a whole top-level domain is too broad"), "{e}");
+    assert!(e.ends_with(&format!("({} line 3)", p.display())), "{e}");
+    let p = write(d.path(), "v6.toml", "[network]\nmode = \"proxy\"\nallow = [\"[::1]:8080\", \"127.0.0.1:8080\"]\n");
+    let pol = load(p.to_str().unwrap(), &c).unwrap();
+    let Network::Proxy { allow } = &pol.network else { panic!("{:?}", pol.network) };
+    assert_eq!(allow.iter().map(|a| a.to_string()).collect::<Vec<_>>(), ["[::1]:8080", "127.0.0.1:8080"]);
 
     let p = write(
         d.path(),
@@ -426,6 +437,21 @@ fn seccomp_names_and_sandbox_fields() {
             p.display()
         )
     );
+    // Names are checked against the x86_64 table, at the line that wrote them.
+    let p = write(d.path(), "unknown.toml", "[seccomp]\nextra_deny = [\"mkdir\",\n  \"no_such_call\"]\n");
+    assert_eq!(
+        err(&p, &c),
+        format!("[seccomp] extra_deny: `no_such_call` is not an x86_64 syscall (see `man 2 syscalls`) ({} line 3)", p.display())
+    );
+    let p = write(d.path(), "hard.toml", "[seccomp]\nextra_allow = [\"bpf\"]\n");
+    assert_eq!(
+        err(&p, &c),
+        format!("[seccomp] extra_allow: syscall `bpf` can never be allowed: eBPF is kernel attack surface ({} line 2)", p.display())
+    );
+    let p = write(d.path(), "real.toml", "[seccomp]\nextra_deny = [\"acct\", \"mkdir\"]\nextra_allow = [\"vmsplice\"]\n");
+    let pol = load(p.to_str().unwrap(), &c).unwrap();
+    assert_eq!(pol.seccomp.extra_deny, ["acct", "mkdir"]);
+    assert_eq!(pol.seccomp.extra_allow, ["vmsplice"]);
     let p = write(
         d.path(),
         "y.toml",

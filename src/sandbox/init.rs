@@ -41,7 +41,10 @@
 //!  8. The server is forked by PID 1 *before* step 7, so that it prepares in parallel: it
 //!     closes every fd above 2, drops every capability, sets NO_NEW_PRIVS and loads its seccomp
 //!     filter (whose allow-list has what the remaining steps call; when the policy denies extra
-//!     syscalls, the filter waits until last), then waits until PID 1 says the view is built;
+//!     syscalls, the filter waits until last) with a notification listener that it hands to
+//!     mcpbox at once (denied syscalls are answered EPERM by mcpbox, which records them; where
+//!     the kernel refuses a listener, the filter answers EPERM itself and a warning says the
+//!     denials go unrecorded), then waits until PID 1 says the view is built;
 //!     then it applies Landlock, reports success and execs with the spec's explicit
 //!     environment.
 //!
@@ -706,6 +709,22 @@ impl NetJoin {
     }
 }
 
+/// Loads the filter `notify` with a listener and hands that to mcpbox at once (from here on
+/// the denied syscalls wait for its answer); where the kernel gives no listener (before 5.0, or
+/// a listener already above us), loads `plain`, which answers EPERM itself, and says so.
+fn load_seccomp(notify: &[super::seccomp::sock_filter], plain: &[super::seccomp::sock_filter], report: &Report) -> Result<Option<String>, InitError> {
+    match sys::apply_seccomp_listener(notify) {
+        Ok(listener) => {
+            send_with_fd(report, &Msg::SeccompNotify, listener.as_raw_fd())?;
+            Ok(None)
+        }
+        Err(e) => {
+            sys::apply_seccomp(plain).map_err(|e| InitError::Seccomp(e.to_string()))?;
+            Ok(Some(format!("seccomp denials are not recorded: no notification listener ({e}); denied syscalls still get EPERM")))
+        }
+    }
+}
+
 fn send_with_fd(report: &Report, msg: &Msg, fd: RawFd) -> Result<(), InitError> {
     let bytes = serde_json::to_vec(msg).map_err(|e| InitError::Io(e.to_string()))?;
     send_fd(report.0, &bytes, fd)
@@ -775,12 +794,14 @@ fn server_setup(spec: &SandboxSpec, report: &mut Report, st: &State, go: Option<
     let mut env = spec.env.clone();
     env.insert("TMPDIR".into(), tmp.to_string_lossy().into_owned());
     let envp: Vec<CString> = env.iter().map(|(k, v)| CString::new(format!("{k}={v}"))).collect::<Result<_, _>>().map_err(|e| InitError::Io(e.to_string()))?;
-    let prog = build_program(&FilterOptions {
+    let filter = FilterOptions {
         extra_deny: spec.seccomp_extra_deny.clone(),
         extra_allow: spec.seccomp_extra_allow.clone(),
         unix_sockets_only: !full && matches!(spec.outer.network, Network::None),
-    })
-    .map_err(|e| InitError::Seccomp(e.to_string()))?;
+        notify: true,
+    };
+    let prog = build_program(&filter).map_err(|e| InitError::Seccomp(e.to_string()))?;
+    let plain = build_program(&FilterOptions { notify: false, ..filter }).map_err(|e| InitError::Seccomp(e.to_string()))?;
     let mut rules: Vec<Rule> = spec.grants.iter().map(|g| Rule { path: g.path.clone(), access: g.access, dir: g.dir }).collect();
     rules.extend(ll::base_rules(&tmp));
     if full {
@@ -837,8 +858,9 @@ fn server_setup(spec: &SandboxSpec, report: &mut Report, st: &State, go: Option<
     // remaining steps call (read, chdir, open, the landlock_* calls, execve). Not when the policy
     // denies extra syscalls, which could be among those.
     let seccomp_early = go.is_some() && spec.seccomp_extra_deny.is_empty();
+    let mut seccomp_warning = None;
     if seccomp_early {
-        sys::apply_seccomp(&prog).map_err(|e| InitError::Seccomp(e.to_string()))?;
+        seccomp_warning = load_seccomp(&prog, &plain, report)?;
     }
 
     // The rest needs the finished view. EOF instead: PID 1 failed and reports why itself.
@@ -863,8 +885,9 @@ fn server_setup(spec: &SandboxSpec, report: &mut Report, st: &State, go: Option<
     std::env::set_current_dir(&spec.cwd).map_err(|e| InitError::Io(format!("chdir {}: {e}", spec.cwd.display())))?;
     let ll = ll::apply(&rules, &net, spec.landlock_min_abi)?;
     if !seccomp_early {
-        sys::apply_seccomp(&prog).map_err(|e| InitError::Seccomp(e.to_string()))?;
+        seccomp_warning = load_seccomp(&prog, &plain, report)?;
     }
+    warnings.extend(seccomp_warning);
     SigSet::empty().thread_set_mask().map_err(sys_err("sigprocmask"))?;
     warnings.extend(ll.warnings);
     let rep = StartReport {

@@ -153,7 +153,7 @@ fn send_spec(ch: Channels, spec: &SandboxSpec, outer_sent: bool, started: Instan
     if let Err(e) = std::io::Write::write_all(&mut std::fs::File::from(spec_w), &bytes) {
         return Err(write_failed(&report, e));
     }
-    let (mut r, l) = read_report(&report)?;
+    let (mut r, l) = read_report(&report, &spec.outer.name)?;
     r.start_latency = started.elapsed();
     Ok((r, l))
 }
@@ -163,14 +163,15 @@ fn send_spec(ch: Channels, spec: &SandboxSpec, outer_sent: bool, started: Instan
 /// its reason on the report socket and exits, possibly before we write the rest (EPIPE).
 /// That reason is the error; the write error only when sandbox-init gave none.
 fn write_failed(report: &OwnedFd, e: std::io::Error) -> SandboxError {
-    match read_report(report) {
+    match read_report(report, "") {
         Err(SandboxError::Setup(reason)) => SandboxError::Setup(reason),
         _ => SandboxError::Spawn(e),
     }
 }
 
 /// Read sandbox-init's messages until the socket closes (the server exec'd, or setup died).
-fn read_report(sock: &OwnedFd) -> Result<(StartReport, Option<std::net::TcpListener>), SandboxError> {
+/// A seccomp listener that arrives is served for `server` (see [`super::notify`]).
+fn read_report(sock: &OwnedFd, server: &str) -> Result<(StartReport, Option<std::net::TcpListener>), SandboxError> {
     use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
     let mut ready = None;
     let mut failure = None;
@@ -202,6 +203,11 @@ fn read_report(sock: &OwnedFd) -> Result<(StartReport, Option<std::net::TcpListe
             Ok(Msg::Proxy) => {
                 if let Some(fd) = fds.into_iter().next() {
                     listener = Some(std::net::TcpListener::from(fd));
+                }
+            }
+            Ok(Msg::SeccompNotify) => {
+                if let Some(fd) = fds.into_iter().next() {
+                    super::notify::start(fd, server);
                 }
             }
             Ok(Msg::Ready(r)) => ready = Some(r),

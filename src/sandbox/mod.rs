@@ -6,6 +6,7 @@ mod init;
 mod landlock;
 mod limits;
 mod mounts;
+mod notify;
 pub mod probe;
 pub mod seccomp;
 mod sys;

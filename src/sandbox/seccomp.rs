@@ -7,11 +7,15 @@
 //! 2. the few syscalls allowed only with certain arguments (clone, ioctl, socket, personality);
 //! 3. a binary search over the ranges of allowed syscall numbers: about 20 instructions run per
 //!    syscall instead of hundreds for a linear chain, and a program a third the size to load.
-//!    Anything not allowed answers `EPERM`.
+//!    Anything not allowed answers `EPERM`; with [`FilterOptions::notify`], the denials go to
+//!    mcpbox instead (`SECCOMP_RET_USER_NOTIF`), which answers `EPERM` and records them (see
+//!    `sandbox::notify`).
 //!
 //! Nothing is answered with a kill: a denied syscall is an error the program can report.
 
 use std::collections::BTreeSet;
+
+use crate::policy::syscalls;
 
 pub use seccompiler::sock_filter;
 
@@ -51,7 +55,7 @@ macro_rules! sys {
 
 /// Allowed unconditionally, grouped by what they are for. This follows the set a default
 /// container runtime allows to unprivileged processes, minus everything that needs a capability
-/// the sandbox never has, minus the kernel attack surface listed in [`HARD_DENY`].
+/// the sandbox never has, minus the kernel attack surface listed in [`hard_deny`].
 const ALLOW: &[(&str, i64)] = {
     // Names are `SYS_*` constants; the `SYS_` prefix is stripped when looking names up.
     sys![
@@ -122,77 +126,14 @@ const ALLOW: &[(&str, i64)] = {
     ]
 };
 
-/// Never allowed, whatever a policy says, each with the reason.
-pub const HARD_DENY: &[(&str, i64, &str)] = &[
-    ("io_uring_setup", libc::SYS_io_uring_setup, "io_uring bypasses seccomp for its operations"),
-    ("io_uring_enter", libc::SYS_io_uring_enter, "io_uring bypasses seccomp for its operations"),
-    ("io_uring_register", libc::SYS_io_uring_register, "io_uring bypasses seccomp for its operations"),
-    ("keyctl", libc::SYS_keyctl, "kernel keyrings are not namespaced"),
-    ("add_key", libc::SYS_add_key, "kernel keyrings are not namespaced"),
-    ("request_key", libc::SYS_request_key, "kernel keyrings are not namespaced"),
-    ("bpf", libc::SYS_bpf, "eBPF is kernel attack surface"),
-    ("perf_event_open", libc::SYS_perf_event_open, "perf events leak kernel and host data"),
-    ("userfaultfd", libc::SYS_userfaultfd, "used to win kernel races in exploits"),
-    ("mount", libc::SYS_mount, "the mount view is fixed by mcpbox"),
-    ("umount2", libc::SYS_umount2, "the mount view is fixed by mcpbox"),
-    ("pivot_root", libc::SYS_pivot_root, "the mount view is fixed by mcpbox"),
-    ("move_mount", libc::SYS_move_mount, "new mount API"),
-    ("open_tree", libc::SYS_open_tree, "new mount API"),
-    ("fsopen", libc::SYS_fsopen, "new mount API"),
-    ("fsconfig", libc::SYS_fsconfig, "new mount API"),
-    ("fsmount", libc::SYS_fsmount, "new mount API"),
-    ("fspick", libc::SYS_fspick, "new mount API"),
-    ("mount_setattr", libc::SYS_mount_setattr, "new mount API"),
-    ("unshare", libc::SYS_unshare, "no new namespaces inside the sandbox"),
-    ("setns", libc::SYS_setns, "no joining other namespaces"),
-    ("ptrace", libc::SYS_ptrace, "no tracing of other processes"),
-    ("process_vm_readv", libc::SYS_process_vm_readv, "reads another process's memory"),
-    ("process_vm_writev", libc::SYS_process_vm_writev, "writes another process's memory"),
-    ("pidfd_getfd", libc::SYS_pidfd_getfd, "steals another process's file descriptors"),
-    ("kcmp", libc::SYS_kcmp, "inspects other processes' kernel state"),
-    ("process_madvise", libc::SYS_process_madvise, "acts on another process's memory"),
-    ("kexec_load", libc::SYS_kexec_load, "replaces the kernel"),
-    ("kexec_file_load", libc::SYS_kexec_file_load, "replaces the kernel"),
-    ("init_module", libc::SYS_init_module, "loads kernel code"),
-    ("finit_module", libc::SYS_finit_module, "loads kernel code"),
-    ("delete_module", libc::SYS_delete_module, "unloads kernel code"),
-    ("reboot", libc::SYS_reboot, "host control"),
-    ("swapon", libc::SYS_swapon, "host control"),
-    ("swapoff", libc::SYS_swapoff, "host control"),
-    ("syslog", libc::SYS_syslog, "reads the kernel log"),
-    ("acct", libc::SYS_acct, "host control"),
-    ("settimeofday", libc::SYS_settimeofday, "the clock is not namespaced"),
-    ("clock_settime", libc::SYS_clock_settime, "the clock is not namespaced"),
-    ("clock_adjtime", libc::SYS_clock_adjtime, "the clock is not namespaced"),
-    ("adjtimex", libc::SYS_adjtimex, "the clock is not namespaced"),
-    ("chroot", libc::SYS_chroot, "the root is fixed by mcpbox"),
-    ("open_by_handle_at", libc::SYS_open_by_handle_at, "opens files by handle, around path checks"),
-    ("name_to_handle_at", libc::SYS_name_to_handle_at, "companion of open_by_handle_at"),
-    ("setuid", libc::SYS_setuid, "the sandbox's identity is fixed"),
-    ("setgid", libc::SYS_setgid, "the sandbox's identity is fixed"),
-    ("setreuid", libc::SYS_setreuid, "the sandbox's identity is fixed"),
-    ("setregid", libc::SYS_setregid, "the sandbox's identity is fixed"),
-    ("setresuid", libc::SYS_setresuid, "the sandbox's identity is fixed"),
-    ("setresgid", libc::SYS_setresgid, "the sandbox's identity is fixed"),
-    ("setgroups", libc::SYS_setgroups, "the sandbox's identity is fixed"),
-    ("setfsuid", libc::SYS_setfsuid, "the sandbox's identity is fixed"),
-    ("setfsgid", libc::SYS_setfsgid, "the sandbox's identity is fixed"),
-    ("capset", libc::SYS_capset, "capabilities are dropped for good"),
-    ("iopl", libc::SYS_iopl, "raw hardware access"),
-    ("ioperm", libc::SYS_ioperm, "raw hardware access"),
-    ("modify_ldt", libc::SYS_modify_ldt, "historic exploit vector"),
-    ("uselib", libc::SYS_uselib, "obsolete"),
-    ("ustat", libc::SYS_ustat, "obsolete"),
-    ("sysfs", libc::SYS_sysfs, "obsolete"),
-    ("vhangup", libc::SYS_vhangup, "terminal control"),
-    ("quotactl", libc::SYS_quotactl, "host control"),
-    ("mknod", libc::SYS_mknod, "no device nodes"),
-    ("mknodat", libc::SYS_mknodat, "no device nodes"),
-    ("fanotify_init", libc::SYS_fanotify_init, "watches the whole filesystem"),
-    ("lookup_dcookie", libc::SYS_lookup_dcookie, "kernel profiling"),
-    ("personality", libc::SYS_personality, "only harmless personalities (filtered)"),
-    ("clone3", libc::SYS_clone3, "flags are out of BPF's reach; answered ENOSYS so libc uses clone"),
-];
+/// Never allowed, whatever a policy says: the names and reasons of
+/// [`crate::policy::syscalls::NEVER_ALLOWED`] (a policy naming one in `extra_allow` is refused
+/// when it loads), with their numbers.
+pub fn hard_deny() -> impl Iterator<Item = (&'static str, i64, &'static str)> {
+    syscalls::NEVER_ALLOWED.iter().map(|(name, why)| {
+        (*name, syscalls::number(name).expect("every NEVER_ALLOWED name is in the x86_64 table"), *why)
+    })
+}
 
 /// ioctls refused: pushing input into a terminal, or controlling the Linux console.
 pub const TIOCSTI: u64 = 0x5412;
@@ -206,26 +147,29 @@ pub struct FilterOptions {
     /// Only `AF_UNIX` (and `AF_NETLINK` for interface listing) sockets: used when the network is
     /// meant to be off but no network namespace could be made (container level, mode `none`).
     pub unix_sockets_only: bool,
+    /// Denied syscalls go to a supervisor (`SECCOMP_RET_USER_NOTIF`) that answers EPERM and
+    /// records them, instead of the filter answering EPERM itself.
+    pub notify: bool,
 }
 
-/// Looks a syscall name up in the tables this module knows.
+/// The number of the x86_64 syscall `name` (the policy module's table).
 pub fn syscall_number(name: &str) -> Option<i64> {
-    ALLOW
-        .iter()
-        .map(|(n, nr)| (n.trim_start_matches("SYS_"), *nr))
-        .chain(HARD_DENY.iter().map(|(n, nr, _)| (*n, *nr)))
-        .chain([("clone", libc::SYS_clone), ("socket", libc::SYS_socket), ("ioctl", libc::SYS_ioctl)])
-        .find(|(n, _)| *n == name)
-        .map(|(_, nr)| nr)
+    syscalls::number(name)
 }
 
-/// Validate the names a policy gives, without building anything (for `policy check`).
-pub fn check_names(opts: &FilterOptions) -> Result<(), SeccompError> {
+/// The name of syscall `nr` (x86_64), from the policy's name table.
+pub fn syscall_name(nr: i64) -> Option<&'static str> {
+    syscalls::X86_64.iter().find(|(_, n)| *n == nr).map(|(name, _)| *name)
+}
+
+/// Refuses names the filter cannot apply. Loading a policy refuses them first (with file and
+/// line); this guards [`allowed`], whose options arrive in the spec over a pipe.
+fn check_names(opts: &FilterOptions) -> Result<(), SeccompError> {
     for name in opts.extra_deny.iter().chain(&opts.extra_allow) {
         syscall_number(name).ok_or_else(|| SeccompError::UnknownSyscall(name.clone()))?;
     }
     for name in &opts.extra_allow {
-        if let Some((_, _, why)) = HARD_DENY.iter().find(|(n, _, _)| n == name) {
+        if let Some(why) = syscalls::never_allowed(name) {
             return Err(SeccompError::HardDenied(name.clone(), why));
         }
     }
@@ -266,8 +210,8 @@ pub fn allowed(opts: &FilterOptions) -> Result<Allowed, SeccompError> {
         plain.remove(&nr);
         conditional.retain(|c| c.nr() != nr);
     }
-    for (_, nr, _) in HARD_DENY {
-        plain.remove(nr);
+    for (_, nr, _) in hard_deny() {
+        plain.remove(&nr);
     }
     for c in &conditional {
         plain.remove(&c.nr());
@@ -305,6 +249,7 @@ const BPF_RET_K: u16 = 0x06;
 const RET_ALLOW: u32 = 0x7fff_0000;
 const RET_EPERM: u32 = SECCOMP_RET_ERRNO | libc::EPERM as u32;
 const RET_ENOSYS: u32 = SECCOMP_RET_ERRNO | libc::ENOSYS as u32;
+const RET_USER_NOTIF: u32 = 0x7fc0_0000;
 
 /// Offsets in `struct seccomp_data`: nr at 0, arch at 4, then six u64 args from 16. Arguments
 /// checked here are C ints, so their low 32 bits (little-endian: the first word) are the value.
@@ -414,6 +359,13 @@ pub fn build_program(opts: &FilterOptions) -> Result<BpfProgram, SeccompError> {
         prog.extend(block);
     }
     prog.extend(search(&ranges(&a.plain)));
+    if opts.notify {
+        // Every denial (and only denials) answers EPERM: those become notifications. The guard's
+        // ENOSYS answers stay in the filter.
+        for ins in prog.iter_mut().filter(|i| i.code == BPF_RET_K && i.k == RET_EPERM) {
+            ins.k = RET_USER_NOTIF;
+        }
+    }
     if prog.len() > 4096 {
         return Err(SeccompError::Build(format!("program of {} instructions exceeds the kernel's limit", prog.len())));
     }
@@ -511,11 +463,37 @@ mod tests {
 
     #[test]
     fn hard_denied_syscalls_answer_eperm() {
-        for (name, nr, _) in HARD_DENY {
-            if ["clone3", "personality"].contains(name) {
+        for (name, nr, _) in hard_deny() {
+            if ["clone3", "personality"].contains(&name) {
                 continue;
             }
-            assert_eq!(eval(*nr, [0; 6]), EPERM_RET, "{name}");
+            assert_eq!(eval(nr, [0; 6]), EPERM_RET, "{name}");
+        }
+    }
+
+    #[test]
+    fn the_policy_syscall_table_agrees_with_seccompiler_and_libc() {
+        // seccompiler's own name table, through its JSON front end: a filter naming the syscall
+        // compiles, and its program compares the syscall number with the table's.
+        for (name, nr) in syscalls::X86_64 {
+            let json = format!(
+                r#"{{"t": {{"mismatch_action": "allow", "match_action": "trap", "filter": [{{"syscall": "{name}"}}]}}}}"#
+            );
+            let progs = seccompiler::compile_from_json(json.as_bytes(), seccompiler::TargetArch::x86_64)
+                .unwrap_or_else(|e| panic!("seccompiler does not know `{name}`: {e}"));
+            let hit = progs["t"].iter().any(|i| i.code == BPF_JEQ_K && i.k == *nr as u32);
+            assert!(hit, "`{name}`: seccompiler's number is not {nr}");
+        }
+        assert!(syscalls::X86_64.len() > 370, "the table lost entries");
+        // The libc constants the allow-list is written with.
+        for (name, nr) in ALLOW {
+            assert_eq!(syscall_number(name.trim_start_matches("SYS_")), Some(*nr), "{name}");
+        }
+        for (name, nr) in [("clone", libc::SYS_clone), ("socket", libc::SYS_socket), ("ioctl", libc::SYS_ioctl)] {
+            assert_eq!(syscall_number(name), Some(nr), "{name}");
+        }
+        for (name, nr) in [("clone3", libc::SYS_clone3), ("io_uring_setup", libc::SYS_io_uring_setup), ("bpf", libc::SYS_bpf)] {
+            assert_eq!(hard_deny().find(|(n, _, _)| *n == name).map(|(_, nr, _)| nr), Some(nr), "{name}");
         }
     }
 
@@ -604,5 +582,26 @@ mod tests {
         assert!(matches!(build_program(&bad), Err(SeccompError::HardDenied(n, _)) if n == "ptrace"));
         let unknown = FilterOptions { extra_deny: vec!["no_such_call".into()], ..Default::default() };
         assert!(matches!(build_program(&unknown), Err(SeccompError::UnknownSyscall(n)) if n == "no_such_call"));
+    }
+
+    #[test]
+    fn with_notify_every_denial_goes_to_the_supervisor_and_nothing_else_does() {
+        let plain = build_program(&FilterOptions::default()).unwrap();
+        let notify = build_program(&FilterOptions { notify: true, ..Default::default() }).unwrap();
+        assert_eq!(plain.len(), notify.len());
+        let probe = |prog: &[sock_filter], nr: i64, arch: u32| run_bpf(prog, nr as u32, arch, [0; 6]);
+        for nr in [libc::SYS_bpf, libc::SYS_ptrace, libc::SYS_kexec_load, libc::SYS_io_uring_setup] {
+            assert_eq!(probe(&plain, nr, AUDIT_ARCH_X86_64), RET_EPERM);
+            assert_eq!(probe(&notify, nr, AUDIT_ARCH_X86_64), RET_USER_NOTIF, "syscall {nr}");
+        }
+        for nr in [libc::SYS_read, libc::SYS_openat, libc::SYS_execve] {
+            assert_eq!(probe(&notify, nr, AUDIT_ARCH_X86_64), RET_ALLOW);
+        }
+        // Namespace flags on clone are a denial too; the guard's ENOSYS answers are not.
+        assert_eq!(run_bpf(&notify, libc::SYS_clone as u32, AUDIT_ARCH_X86_64, [libc::CLONE_NEWUSER as u64, 0, 0, 0, 0, 0]), RET_USER_NOTIF);
+        assert_eq!(probe(&notify, libc::SYS_clone3, AUDIT_ARCH_X86_64), RET_ENOSYS);
+        assert_eq!(probe(&notify, 1, 0x4000_0003), RET_ENOSYS);
+        assert_eq!(syscall_name(libc::SYS_bpf), Some("bpf"));
+        assert_eq!(syscall_name(libc::SYS_read), Some("read"));
     }
 }

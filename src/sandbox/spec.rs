@@ -164,6 +164,9 @@ pub struct StartReport {
 pub enum Msg {
     /// Carries the listening socket of the egress proxy as SCM_RIGHTS.
     Proxy,
+    /// Carries the seccomp notification listener as SCM_RIGHTS: mcpbox answers the server's
+    /// denied syscalls (EPERM) and records them.
+    SeccompNotify,
     Ready(StartReport),
     Error { message: String },
 }

@@ -3,7 +3,7 @@
 
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 pub const MOUNT_ATTR_RDONLY: u64 = 0x1;
 pub const MOUNT_ATTR_NOSUID: u64 = 0x2;
@@ -121,6 +121,21 @@ pub fn loopback_up() -> io::Result<()> {
 /// Apply a seccomp program to the calling thread.
 pub fn apply_seccomp(prog: &[seccompiler::sock_filter]) -> io::Result<()> {
     seccompiler::apply_filter(prog).map_err(|e| io::Error::other(e.to_string()))
+}
+
+/// Loads `prog` with `SECCOMP_FILTER_FLAG_NEW_LISTENER`: its `SECCOMP_RET_USER_NOTIF` answers
+/// go to the returned descriptor. NO_NEW_PRIVS must be set.
+pub fn apply_seccomp_listener(prog: &[seccompiler::sock_filter]) -> io::Result<OwnedFd> {
+    let fprog = libc::sock_fprog { len: prog.len() as u16, filter: prog.as_ptr() as *mut libc::sock_filter };
+    // SAFETY: `fprog` points at `prog`, which outlives the call; the kernel copies the program.
+    let fd = unsafe {
+        libc::syscall(libc::SYS_seccomp, libc::SECCOMP_SET_MODE_FILTER, libc::SECCOMP_FILTER_FLAG_NEW_LISTENER, &fprog as *const libc::sock_fprog)
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this descriptor to us alone.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
 /// Restore the default disposition of every signal (ignored signals survive execve).

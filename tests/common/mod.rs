@@ -1,8 +1,10 @@
 //! Helpers shared by every integration test module: the mcpbox binary, temp dirs the sandbox's
-//! uid can traverse, policy files, the probe program, and running things with a timeout.
+//! uid can traverse, policy files, the probe program, running things with a timeout, the /proc
+//! scanner and a raw HTTP/1.1 client. One of each: test modules use these, not their own.
 #![allow(dead_code)]
 
-use std::io::Read;
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -10,6 +12,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+/// The mcpbox binary cargo built for this test run.
 pub fn mcpbox() -> &'static str {
     env!("CARGO_BIN_EXE_mcpbox")
 }
@@ -222,34 +225,101 @@ pub fn unconfined(args: &[&str]) -> Output {
     run_timeout(cmd, Duration::from_secs(60))
 }
 
-/// Pids of probes started as `probe CHECK MARKER` (not mcpbox, whose argv holds it too).
-pub fn pids_with_marker(marker: &str) -> Vec<i32> {
-    let me = std::process::id() as i32;
-    let mut v = Vec::new();
+// ---- /proc: the one scanner every test module uses --------------------------------------
+
+/// One process, as the host's /proc shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Proc {
+    pub pid: u32,
+    pub ppid: u32,
+    /// The state letter of /proc/PID/stat (`Z` for a zombie).
+    pub state: char,
+    /// Start time in clock ticks since boot: tells a pid apart from a later reuse.
+    pub start: u64,
+    /// The command line, one entry per argument (NUL-separated in /proc).
+    pub argv: Vec<String>,
+    /// The arguments joined by spaces.
+    pub cmdline: String,
+}
+
+pub fn read_proc(pid: u32) -> Option<Proc> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // comm may contain spaces and parentheses: fields start after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split(' ').collect();
+    let state = f.first()?.chars().next()?;
+    let ppid = f.get(1)?.parse().ok()?;
+    let start = f.get(19)?.parse().ok()?;
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let raw = String::from_utf8_lossy(&raw);
+    let mut argv: Vec<String> = raw.split('\0').map(str::to_owned).collect();
+    if argv.last().is_some_and(String::is_empty) {
+        argv.pop();
+    }
+    let cmdline = raw.replace('\0', " ").trim_end().to_string();
+    Some(Proc { pid, ppid, state, start, argv, cmdline })
+}
+
+/// Every process the host's /proc lists now.
+pub fn all_procs() -> Vec<Proc> {
+    let mut out = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
-        if pid == me {
-            continue;
-        }
-        if let Ok(c) = std::fs::read(e.path().join("cmdline")) {
-            if String::from_utf8_lossy(&c).split('\0').nth(2) == Some(marker) {
-                v.push(pid);
+        if let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) {
+            if let Some(p) = read_proc(pid) {
+                out.push(p);
             }
         }
     }
-    v
+    out
+}
+
+/// Every process below `root` (children, their children, …).
+pub fn descendants(root: u32) -> Vec<Proc> {
+    let procs = all_procs();
+    let mut found: std::collections::HashSet<u32> = std::collections::HashSet::from([root]);
+    let mut out = Vec::new();
+    loop {
+        let before = found.len();
+        for p in &procs {
+            if found.contains(&p.ppid) && !found.contains(&p.pid) {
+                found.insert(p.pid);
+                out.push(p.clone());
+            }
+        }
+        if found.len() == before {
+            return out;
+        }
+    }
+}
+
+/// Whether this very process (same pid and start time) still exists.
+pub fn alive(p: &Proc) -> bool {
+    read_proc(p.pid).is_some_and(|q| q.start == p.start)
+}
+
+/// Live (not zombie) children of `pid`.
+pub fn children_of(pid: i32) -> Vec<i32> {
+    all_procs().into_iter().filter(|p| p.ppid as i32 == pid && p.state != 'Z').map(|p| p.pid as i32).collect()
+}
+
+/// Pids of probes started as `probe CHECK MARKER` (not mcpbox, whose argv holds it too).
+pub fn pids_with_marker(marker: &str) -> Vec<i32> {
+    let me = std::process::id();
+    all_procs()
+        .into_iter()
+        .filter(|p| p.pid != me && p.argv.get(2).map(String::as_str) == Some(marker))
+        .map(|p| p.pid as i32)
+        .collect()
 }
 
 /// Pids whose real uid is `uid`.
 pub fn pids_of_uid(uid: u32) -> Vec<i32> {
-    let mut v = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
-        if proc_uid(pid) == Some(uid) {
-            v.push(pid);
-        }
-    }
-    v
+    all_procs().into_iter().map(|p| p.pid as i32).filter(|pid| proc_uid(*pid) == Some(uid)).collect()
+}
+
+/// Host processes whose command line mentions `needle`, as (pid, argv).
+pub fn processes_mentioning(needle: &str) -> Vec<(u32, Vec<String>)> {
+    all_procs().into_iter().filter(|p| p.argv.iter().any(|a| a.contains(needle))).map(|p| (p.pid, p.argv)).collect()
 }
 
 /// The real uid of a process, from the host's /proc.
@@ -288,4 +358,46 @@ pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+// ---- raw HTTP/1.1 ---------------------------------------------------------------------------
+
+/// One HTTP/1.1 request to 127.0.0.1:`port` on a fresh connection: (status, headers, body).
+/// A chunked body is decoded.
+pub fn http(port: u16, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> (u16, Vec<(String, String)>, String) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to mcpbox");
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    s.write_all(req.as_bytes()).unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).expect("reading the response");
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("no end of headers");
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let mut rest = raw[split + 4..].to_vec();
+    let mut lines = head.split("\r\n");
+    let status: u16 = lines.next().unwrap().split_whitespace().nth(1).unwrap().parse().unwrap();
+    let headers: Vec<(String, String)> = lines.filter_map(|l| l.split_once(':')).map(|(k, v)| (k.trim().to_string(), v.trim().to_string())).collect();
+    if headers.iter().any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked")) {
+        rest = dechunk(&rest);
+    }
+    (status, headers, String::from_utf8_lossy(&rest).into_owned())
+}
+
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(eol) = b.windows(2).position(|w| w == b"\r\n") {
+        let size = usize::from_str_radix(String::from_utf8_lossy(&b[..eol]).split(';').next().unwrap().trim(), 16).unwrap_or(0);
+        if size == 0 {
+            break;
+        }
+        let start = eol + 2;
+        out.extend_from_slice(&b[start..(start + size).min(b.len())]);
+        b = &b[(start + size + 2).min(b.len())..];
+    }
+    out
 }

@@ -1,0 +1,347 @@
+//! Denials: what a sandbox layer refused a server, made visible.
+//!
+//! A layer that refuses something a server tried ([`Layer::Egress`]: the egress proxy; Landlock
+//! and seccomp where the host reports them) calls [`ServerDenials::record`], which
+//! - logs one line naming the server, session, access and object, at most
+//!   [`LOG_BURST`] lines per server per [`LOG_WINDOW`] (the rest are counted and summed up in
+//!   one line when the window ends);
+//! - counts it per layer (`/status`, `mcpbox_denials_total{server,layer}`);
+//! - keeps the [`MAX_RECENT`] most recent distinct denials (access + object), with how often
+//!   and when each was seen, in memory and in `STATE/NAME/denials.json` (outside the server's
+//!   own `data/`, so the server cannot write it), which `mcpbox policy suggest` reads.
+//!
+//! The record is process-wide ([`registry`]): the proxy that refuses and the HTTP handler that
+//! reports are far apart in the layering, and a server has one record whatever serves it.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+/// Distinct denials kept per server.
+pub const MAX_RECENT: usize = 128;
+/// Denial lines logged per server per [`LOG_WINDOW`].
+pub const LOG_BURST: u32 = 10;
+pub const LOG_WINDOW: Duration = Duration::from_secs(10);
+/// The record file's name in a server's state directory.
+pub const FILE_NAME: &str = "denials.json";
+/// Largest record file read back (a record of [`MAX_RECENT`] entries is far smaller).
+const MAX_FILE_BYTES: u64 = 1 << 20;
+
+/// Which layer refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Layer {
+    Landlock,
+    Seccomp,
+    Egress,
+}
+
+impl Layer {
+    pub const ALL: [Layer; 3] = [Layer::Landlock, Layer::Seccomp, Layer::Egress];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Layer::Landlock => "landlock",
+            Layer::Seccomp => "seccomp",
+            Layer::Egress => "egress",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// One refusal: `access` is read, write, exec, connect, bind or a syscall's name; `object` the
+/// path, `host:port` or syscall arguments it was refused on; `reason` what the layer said.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Denial {
+    pub layer: Layer,
+    pub access: String,
+    pub object: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// A distinct denial as kept: how often, first and last seen (Unix seconds), the last session
+/// and the policy (shipped name or file path) it was last refused under.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Recorded {
+    #[serde(flatten)]
+    pub denial: Denial,
+    pub count: u64,
+    pub first: u64,
+    pub last: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
+}
+
+/// The record file's contents.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RecordFile {
+    pub server: String,
+    pub denials: Vec<Recorded>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DenialsError {
+    #[error("no denials recorded for this server: {} does not exist (nothing was refused since mcpbox started keeping the record, or --state-dir is not the one the server ran under)", .0.display())]
+    NoRecord(PathBuf),
+    #[error("reading {}: {source}", path.display())]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{} is larger than {MAX_FILE_BYTES} bytes: not a denial record", .0.display())]
+    TooLarge(PathBuf),
+    #[error("{}: not a denial record: {source}", path.display())]
+    Parse { path: PathBuf, source: serde_json::Error },
+}
+
+/// `STATE/NAME/denials.json`.
+pub fn file_for(state_root: &Path, server: &str) -> PathBuf {
+    state_root.join(server).join(FILE_NAME)
+}
+
+/// Reads a record file written by [`ServerDenials`].
+pub fn read_file(path: &Path) -> Result<RecordFile, DenialsError> {
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(DenialsError::NoRecord(path.to_path_buf())),
+        Err(source) => return Err(DenialsError::Read { path: path.to_path_buf(), source }),
+    };
+    if meta.len() > MAX_FILE_BYTES {
+        return Err(DenialsError::TooLarge(path.to_path_buf()));
+    }
+    let text = std::fs::read(path).map_err(|source| DenialsError::Read { path: path.to_path_buf(), source })?;
+    serde_json::from_slice(&text).map_err(|source| DenialsError::Parse { path: path.to_path_buf(), source })
+}
+
+struct Inner {
+    /// The policy the server runs under, for denials whose layer does not know it.
+    policy: Option<String>,
+    totals: [u64; 3],
+    /// Distinct denials, least recently seen first.
+    recent: VecDeque<Recorded>,
+    window_start: Option<Instant>,
+    logged: u32,
+    suppressed: u64,
+}
+
+/// One server's denials.
+pub struct ServerDenials {
+    server: String,
+    file: Option<PathBuf>,
+    inner: Mutex<Inner>,
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+impl ServerDenials {
+    /// A record for `server`, kept in `file` too when given (what the file already holds is
+    /// taken over, so a restart of mcpbox does not forget what `policy suggest` needs).
+    pub fn new(server: impl Into<String>, file: Option<PathBuf>) -> Self {
+        let server = server.into();
+        let mut recent = VecDeque::new();
+        if let Some(f) = &file {
+            if let Ok(rec) = read_file(f) {
+                recent.extend(rec.denials.into_iter().rev().take(MAX_RECENT).rev());
+            }
+        }
+        ServerDenials { server, file, inner: Mutex::new(Inner { policy: None, totals: [0; 3], recent, window_start: None, logged: 0, suppressed: 0 }) }
+    }
+
+    pub fn server(&self) -> &str {
+        &self.server
+    }
+
+    /// The policy (shipped name or file path) the server runs under, recorded with denials
+    /// whose layer does not name it (seccomp's).
+    pub fn set_policy(&self, source: &str) {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).policy = Some(source.to_string());
+    }
+
+    /// Records, counts and (rate-limited) logs one denial.
+    pub fn record(&self, session: Option<&str>, policy: Option<&str>, d: Denial) {
+        self.record_at(session, policy, d, Instant::now(), now_secs());
+    }
+
+    fn record_at(&self, session: Option<&str>, policy: Option<&str>, d: Denial, now: Instant, wall: u64) {
+        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        g.totals[d.layer.index()] += 1;
+
+        // The log line, rate-limited per server.
+        let fresh_window = g.window_start.is_none_or(|s| now.duration_since(s) >= LOG_WINDOW);
+        if fresh_window {
+            if g.suppressed > 0 {
+                tracing::warn!(server = %self.server, suppressed = g.suppressed, "{} more denials were not logged (at most {LOG_BURST} lines per {}s)", g.suppressed, LOG_WINDOW.as_secs());
+            }
+            g.window_start = Some(now);
+            g.logged = 0;
+            g.suppressed = 0;
+        }
+        if g.logged < LOG_BURST {
+            g.logged += 1;
+            tracing::warn!(
+                server = %self.server,
+                session = session.unwrap_or("-"),
+                layer = d.layer.as_str(),
+                access = %d.access,
+                object = %d.object,
+                reason = d.reason.as_deref().unwrap_or(""),
+                "{} denied: {} {} (see `mcpbox policy suggest {}`)",
+                d.layer.as_str(),
+                d.access,
+                d.object,
+                self.server
+            );
+        } else {
+            g.suppressed += 1;
+        }
+
+        // The distinct record; the file is rewritten only when a new distinct denial appears.
+        let pos = g.recent.iter().position(|r| r.denial.layer == d.layer && r.denial.access == d.access && r.denial.object == d.object);
+        let is_new = pos.is_none();
+        let mut rec = match pos.and_then(|i| g.recent.remove(i)) {
+            Some(r) => r,
+            None => Recorded { denial: d, count: 0, first: wall, last: wall, session: None, policy: None },
+        };
+        rec.count += 1;
+        rec.last = wall;
+        rec.session = session.map(str::to_owned);
+        rec.policy = policy.map(str::to_owned).or_else(|| g.policy.clone());
+        g.recent.push_back(rec);
+        while g.recent.len() > MAX_RECENT {
+            g.recent.pop_front();
+        }
+        if is_new {
+            if let Some(f) = &self.file {
+                let body = RecordFile { server: self.server.clone(), denials: g.recent.iter().cloned().collect() };
+                drop(g);
+                if let Err(e) = write_atomic(f, &body) {
+                    tracing::warn!(server = %self.server, file = %f.display(), "cannot keep the denial record: {e}");
+                }
+            }
+        }
+    }
+
+    /// Denials counted per layer since this process started.
+    pub fn totals(&self) -> [(Layer, u64); 3] {
+        let g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        Layer::ALL.map(|l| (l, g.totals[l.index()]))
+    }
+
+    /// The distinct denials kept, least recently seen first.
+    pub fn recent(&self) -> Vec<Recorded> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).recent.iter().cloned().collect()
+    }
+}
+
+fn write_atomic(path: &Path, body: &RecordFile) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(".{FILE_NAME}.tmp"));
+    std::fs::write(&tmp, serde_json::to_vec_pretty(body).map_err(std::io::Error::other)?)?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Every server's record in this process.
+#[derive(Default)]
+pub struct Registry {
+    servers: Mutex<BTreeMap<String, Arc<ServerDenials>>>,
+}
+
+impl Registry {
+    /// The record of `server`, created (kept in `file`) the first time.
+    pub fn server(&self, server: &str, file: Option<PathBuf>) -> Arc<ServerDenials> {
+        let mut m = self.servers.lock().unwrap_or_else(|e| e.into_inner());
+        m.entry(server.to_string()).or_insert_with(|| Arc::new(ServerDenials::new(server, file))).clone()
+    }
+
+    pub fn get(&self, server: &str) -> Option<Arc<ServerDenials>> {
+        self.servers.lock().unwrap_or_else(|e| e.into_inner()).get(server).cloned()
+    }
+}
+
+/// The process-wide registry.
+pub fn registry() -> &'static Registry {
+    static R: OnceLock<Registry> = OnceLock::new();
+    R.get_or_init(Registry::default)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn egress(obj: &str) -> Denial {
+        Denial { layer: Layer::Egress, access: "connect".into(), object: obj.into(), reason: Some("not in the allow-list".into()) }
+    }
+
+    #[test]
+    fn counts_per_layer_and_keeps_distinct_denials_with_counts() {
+        let d = ServerDenials::new("s", None);
+        let t = Instant::now();
+        d.record_at(Some("a"), None, egress("x.test:443"), t, 1);
+        d.record_at(Some("b"), None, egress("x.test:443"), t, 2);
+        d.record_at(None, None, Denial { layer: Layer::Landlock, access: "read".into(), object: "/etc/x".into(), reason: None }, t, 3);
+        assert_eq!(d.totals(), [(Layer::Landlock, 1), (Layer::Seccomp, 0), (Layer::Egress, 2)]);
+        let r = d.recent();
+        assert_eq!(r.len(), 2);
+        assert_eq!(r[0].denial.object, "x.test:443");
+        assert_eq!((r[0].count, r[0].first, r[0].last, r[0].session.as_deref()), (2, 1, 2, Some("b")));
+        assert_eq!(r[1].denial.object, "/etc/x");
+    }
+
+    #[test]
+    fn the_record_is_bounded_and_drops_the_least_recently_seen() {
+        let d = ServerDenials::new("s", None);
+        let t = Instant::now();
+        for i in 0..MAX_RECENT + 5 {
+            d.record_at(None, None, egress(&format!("h{i}.test:443")), t, i as u64);
+        }
+        // Seeing h5 again makes it the most recent: h6.. survive, h5 too.
+        d.record_at(None, None, egress("h5.test:443"), t, 999);
+        let r = d.recent();
+        assert_eq!(r.len(), MAX_RECENT);
+        assert_eq!(r.last().unwrap().denial.object, "h5.test:443");
+        assert!(r.iter().all(|x| x.denial.object != "h0.test:443" && x.denial.object != "h4.test:443"));
+        assert_eq!(d.totals()[2].1, MAX_RECENT as u64 + 6);
+    }
+
+    #[test]
+    fn log_lines_are_rate_limited_per_window() {
+        let d = ServerDenials::new("s", None);
+        let t = Instant::now();
+        for i in 0..LOG_BURST + 7 {
+            d.record_at(None, None, egress(&format!("h{i}.test:1")), t, 0);
+        }
+        {
+            let g = d.inner.lock().unwrap();
+            assert_eq!((g.logged, g.suppressed), (LOG_BURST, 7));
+        }
+        d.record_at(None, None, egress("late.test:1"), t + LOG_WINDOW, 0);
+        let g = d.inner.lock().unwrap();
+        assert_eq!((g.logged, g.suppressed), (1, 0));
+    }
+
+    #[test]
+    fn the_file_is_written_on_new_denials_and_read_back_by_a_new_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = file_for(dir.path(), "srv");
+        let d = ServerDenials::new("srv", Some(f.clone()));
+        d.record(Some("s1"), Some("p.toml"), egress("a.test:443"));
+        let rec = read_file(&f).unwrap();
+        assert_eq!(rec.server, "srv");
+        assert_eq!(rec.denials.len(), 1);
+        assert_eq!(rec.denials[0].denial, egress("a.test:443"));
+        let again = ServerDenials::new("srv", Some(f.clone()));
+        assert_eq!(again.recent().len(), 1);
+        assert!(matches!(read_file(&dir.path().join("none.json")), Err(DenialsError::NoRecord(_))));
+        std::fs::write(&f, "{").unwrap();
+        assert!(matches!(read_file(&f), Err(DenialsError::Parse { .. })));
+    }
+}
