@@ -27,6 +27,9 @@ pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_MAX_CONNECTIONS_PER_ADDRESS: usize = 64;
 pub const DEFAULT_MAX_SESSIONS_TOTAL: usize = 256;
 pub const DEFAULT_MAX_SANDBOXES: usize = 64;
+/// Memory all warm pools may hold together: 512 MiB (about ten warm processes of a Python and
+/// a Node server each).
+pub const DEFAULT_WARM_POOL_BYTES: u64 = 512 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -228,6 +231,9 @@ pub struct ServeLimits {
     pub max_sessions_total: usize,
     /// Sandboxes started for sessions across all servers (`isolation: "session"`).
     pub max_sandboxes: usize,
+    /// Memory the warm pools of all servers may hold together (`mcpbox.warmPoolBytes`): a pool
+    /// grows with its server's session arrival rate only while the estimate fits.
+    pub warm_pool_bytes: u64,
 }
 
 impl Default for ServeLimits {
@@ -239,6 +245,7 @@ impl Default for ServeLimits {
             max_connections_per_address: DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
             max_sessions_total: DEFAULT_MAX_SESSIONS_TOTAL,
             max_sandboxes: DEFAULT_MAX_SANDBOXES,
+            warm_pool_bytes: DEFAULT_WARM_POOL_BYTES,
         }
     }
 }
@@ -382,6 +389,7 @@ struct RawMcpbox {
     max_connections_per_address: Option<usize>,
     max_sessions_total: Option<usize>,
     max_sandboxes: Option<usize>,
+    warm_pool_bytes: Option<u64>,
     replica_id: Option<String>,
     drain_grace: Option<Value>,
 }
@@ -787,6 +795,7 @@ fn serve_limits(m: &RawMcpbox) -> Result<ServeLimits, ConfigError> {
         max_connections_per_address: count(m.max_connections_per_address, "maxConnectionsPerAddress", d.max_connections_per_address)?,
         max_sessions_total: count(m.max_sessions_total, "maxSessionsTotal", d.max_sessions_total)?,
         max_sandboxes: count(m.max_sandboxes, "maxSandboxes", d.max_sandboxes)?,
+        warm_pool_bytes: m.warm_pool_bytes.unwrap_or(d.warm_pool_bytes),
     })
 }
 
@@ -989,8 +998,9 @@ mod tests {
         assert_eq!(c.servers["c"].max_sessions, Some(3));
         assert_eq!(c.limits, ServeLimits::default());
         let c = p(r#"{"mcpbox":{"headerTimeout":"2s","bodyTimeout":1.5,"maxConnections":100,"maxConnectionsPerAddress":8,
-                     "maxSessionsTotal":9,"maxSandboxes":4}}"#).unwrap();
+                     "maxSessionsTotal":9,"maxSandboxes":4,"warmPoolBytes":1000}}"#).unwrap();
         let l = &c.limits;
+        assert_eq!(l.warm_pool_bytes, 1000);
         assert_eq!((l.header_timeout, l.body_timeout), (Duration::from_secs(2), Duration::from_millis(1500)));
         assert_eq!((l.max_connections, l.max_connections_per_address, l.max_sessions_total, l.max_sandboxes), (Some(100), 8, 9, 4));
         for (text, field) in [

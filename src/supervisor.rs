@@ -13,7 +13,8 @@
 //! - A process whose stdout closes is ended at once (its in-flight requests fail first): a
 //!   server that can no longer answer is not left running until the idle timeout.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -21,7 +22,7 @@ use std::time::{Duration, Instant};
 use futures_util::future::BoxFuture;
 use tokio::io::AsyncWriteExt;
 use tokio::process::Child;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -36,6 +37,9 @@ pub struct LaunchedProcess {
     /// Confinement level actually reached ("full", "container").
     pub level: String,
     pub start_latency: Duration,
+    /// The sandbox's cgroup directories (empty without cgroups): the warm pool raises a taken
+    /// process's CPU weight there.
+    pub cgroups: Vec<PathBuf>,
     /// Runs once the process has exited (e.g. removes cgroups).
     pub cleanup: Box<dyn FnOnce() + Send>,
 }
@@ -47,6 +51,12 @@ pub trait Launcher: Send + Sync + 'static {
         server: &ServerConfig,
         session: Option<&str>,
     ) -> BoxFuture<'static, anyhow::Result<LaunchedProcess>>;
+
+    /// A process for the warm pool: like [`Launcher::launch`] without a session, at
+    /// [`WARM_CPU_WEIGHT`] where the launcher can set one.
+    fn launch_warm(&self, server: &ServerConfig) -> BoxFuture<'static, anyhow::Result<LaunchedProcess>> {
+        self.launch(server, None)
+    }
 
     /// Whether `server` can start at all (e.g. its policy plans); drives `/readyz`.
     fn check(&self, server: &ServerConfig) -> anyhow::Result<()> {
@@ -64,7 +74,24 @@ pub struct SandboxLauncher {
 
 impl Launcher for SandboxLauncher {
     fn launch(&self, server: &ServerConfig, session: Option<&str>) -> BoxFuture<'static, anyhow::Result<LaunchedProcess>> {
-        let planned = self.planner.plan(server);
+        self.start(server, session, None)
+    }
+
+    fn launch_warm(&self, server: &ServerConfig) -> BoxFuture<'static, anyhow::Result<LaunchedProcess>> {
+        self.start(server, None, Some(WARM_CPU_WEIGHT))
+    }
+
+    fn check(&self, server: &ServerConfig) -> anyhow::Result<()> {
+        self.planner.plan(server).map(|_| ())
+    }
+}
+
+impl SandboxLauncher {
+    fn start(&self, server: &ServerConfig, session: Option<&str>, cpu_weight: Option<u32>) -> BoxFuture<'static, anyhow::Result<LaunchedProcess>> {
+        let planned = self.planner.plan(server).map(|mut p| {
+            p.spec.outer.cpu_weight = cpu_weight;
+            p
+        });
         let spawner = self.spawner.clone();
         let name = server.name.clone();
         let session = session.map(str::to_owned);
@@ -111,6 +138,7 @@ impl Launcher for SandboxLauncher {
                 pid,
                 level,
                 start_latency: report.start_latency,
+                cgroups: report.cgroups.clone(),
                 cleanup: Box::new(move || {
                     if let Some(t) = proxy_task {
                         t.abort();
@@ -118,10 +146,6 @@ impl Launcher for SandboxLauncher {
                 }),
             })
         })
-    }
-
-    fn check(&self, server: &ServerConfig) -> anyhow::Result<()> {
-        self.planner.plan(server).map(|_| ())
     }
 }
 
@@ -146,7 +170,7 @@ impl Launcher for DirectLauncher {
                 .kill_on_drop(true)
                 .spawn()?;
             let pid = child.id().unwrap_or(0);
-            Ok(LaunchedProcess { child, pid, level: "none".into(), start_latency: t.elapsed(), cleanup: Box::new(|| {}) })
+            Ok(LaunchedProcess { child, pid, level: "none".into(), start_latency: t.elapsed(), cgroups: Vec::new(), cleanup: Box::new(|| {}) })
         })
     }
 }
@@ -169,6 +193,43 @@ pub enum OpenError {
     Launch(String),
 }
 
+/// Upper bounds (seconds) of the buckets of `mcpbox_session_start_seconds`.
+pub const START_BUCKETS: [f64; 12] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+
+/// A Prometheus histogram over [`START_BUCKETS`].
+#[derive(Default)]
+pub struct Histogram {
+    /// Observations at or under each bound (cumulative when rendered).
+    buckets: [AtomicU64; START_BUCKETS.len()],
+    count: AtomicU64,
+    sum_us: AtomicU64,
+}
+
+impl Histogram {
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        if let Some(i) = START_BUCKETS.iter().position(|b| secs <= *b) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// The `_bucket`, `_sum` and `_count` lines of `name` with `labels` (`k="v"`, escaped).
+    pub fn render(&self, name: &str, labels: &str, out: &mut String) {
+        use std::fmt::Write;
+        let mut acc = 0;
+        for (b, n) in START_BUCKETS.iter().zip(&self.buckets) {
+            acc += n.load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{b}\"}} {acc}");
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {count}");
+        let _ = writeln!(out, "{name}_sum{{{labels}}} {}", self.sum_us.load(Ordering::Relaxed) as f64 / 1e6);
+        let _ = writeln!(out, "{name}_count{{{labels}}} {count}");
+    }
+}
+
 #[derive(Default)]
 pub struct Metrics {
     /// Shared with the server's sessions, which count their requests.
@@ -179,6 +240,11 @@ pub struct Metrics {
     /// Sum of start latencies, microseconds.
     pub start_us: AtomicU64,
     pub level: Mutex<Option<String>>,
+    /// `isolation: "session"`: how long a new session waited for its process.
+    pub session_start: Histogram,
+    /// Sessions that got a warm process, and those that waited for a cold start.
+    pub warm_starts: AtomicU64,
+    pub cold_starts: AtomicU64,
 }
 
 pub struct Server {
@@ -208,9 +274,81 @@ pub struct Backend {
     pub log_level: tokio::sync::Mutex<Option<String>>,
 }
 
+/// CPU weight of a warm process while it starts and waits (cgroup v2 `cpu.weight`, v1
+/// `cpu.shares` scaled): refills yield to live sessions, which run at the kernel's 100. Raised
+/// to [`LIVE_CPU_WEIGHT`] when a session takes it.
+pub const WARM_CPU_WEIGHT: u32 = 10;
+pub const LIVE_CPU_WEIGHT: u32 = 100;
+/// Most warm processes one server keeps.
+const WARM_MAX: usize = 32;
+/// What a warm process is assumed to hold until one has been measured (its memory cgroup's
+/// anonymous and kernel memory).
+const WARM_GUESS_BYTES: u64 = 64 << 20;
+/// Session arrivals are counted over this window; the pool aims at the busiest window seen.
+const ARRIVAL_WINDOW: Duration = Duration::from_secs(10);
+/// With no session arriving for this long, the pool's target halves (down to one process).
+const WARM_IDLE_SHRINK: Duration = Duration::from_secs(300);
+
+/// The warm pool of one server: processes started ahead of time, as many as sessions arrived
+/// in the busiest [`ARRIVAL_WINDOW`] lately, within `mcpbox.warmPoolBytes` for all servers.
 struct Warm {
-    rx: tokio::sync::Mutex<mpsc::Receiver<LaunchedProcess>>,
-    tx: Mutex<Option<mpsc::Sender<LaunchedProcess>>>,
+    state: Mutex<WarmState>,
+    /// Wakes the refill task: a process was taken or the target grew.
+    wake: tokio::sync::Notify,
+}
+
+struct WarmState {
+    ready: VecDeque<LaunchedProcess>,
+    /// Session opens within the last [`ARRIVAL_WINDOW`].
+    arrivals: VecDeque<Instant>,
+    target: usize,
+    last_arrival: Instant,
+    last_shrink: Instant,
+    /// Bytes one warm process holds: the largest measured, or [`WARM_GUESS_BYTES`].
+    each: Option<u64>,
+}
+
+impl Warm {
+    fn new() -> Self {
+        let now = Instant::now();
+        Warm {
+            state: Mutex::new(WarmState { ready: VecDeque::new(), arrivals: VecDeque::new(), target: 1, last_arrival: now, last_shrink: now, each: None }),
+            wake: tokio::sync::Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, WarmState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl WarmState {
+    fn each(&self) -> u64 {
+        self.each.unwrap_or(WARM_GUESS_BYTES)
+    }
+
+    /// A session arrived: the target follows the arrivals of the last window.
+    fn arrived(&mut self, now: Instant) {
+        while self.arrivals.front().is_some_and(|t| now.duration_since(*t) > ARRIVAL_WINDOW) {
+            self.arrivals.pop_front();
+        }
+        self.arrivals.push_back(now);
+        self.target = self.target.max(self.arrivals.len()).min(WARM_MAX);
+        self.last_arrival = now;
+    }
+
+    /// Idle long enough: halve the target. Returns the processes over it, to be ended.
+    fn shrink(&mut self, now: Instant) -> Vec<LaunchedProcess> {
+        if self.target > 1 && now.duration_since(self.last_arrival) > WARM_IDLE_SHRINK && now.duration_since(self.last_shrink) > WARM_IDLE_SHRINK {
+            self.target = (self.target / 2).max(1);
+            self.last_shrink = now;
+        }
+        let mut extra = Vec::new();
+        while self.ready.len() > self.target {
+            extra.extend(self.ready.pop_back());
+        }
+        extra
+    }
 }
 
 impl Server {
@@ -265,6 +403,8 @@ pub struct Supervisor {
     tasks: TaskTracker,
     /// Sessions and session sandboxes across all servers (`mcpbox.maxSessionsTotal`, `maxSandboxes`).
     pub budget: Arc<crate::budget::Budget>,
+    /// Memory all warm pools may hold together (`mcpbox.warmPoolBytes`).
+    warm_pool_bytes: u64,
     /// Set by [`Supervisor::drain`]: no new sessions, open ones go on.
     draining: std::sync::atomic::AtomicBool,
 }
@@ -310,10 +450,7 @@ impl Supervisor {
                     sessions: Sessions::default(),
                     shared,
                     metrics: Metrics::default(),
-                    warm: (cfg.isolation != Isolation::Shared && ready.is_ok()).then(|| {
-                        let (tx, rx) = mpsc::channel(1);
-                        Warm { rx: tokio::sync::Mutex::new(rx), tx: Mutex::new(Some(tx)) }
-                    }),
+                    warm: (cfg.isolation != Isolation::Shared && ready.is_ok()).then(Warm::new),
                     ready,
                     principals: Mutex::default(),
                 }),
@@ -326,6 +463,7 @@ impl Supervisor {
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
             budget: crate::budget::Budget::new(config.limits.max_sessions_total, config.limits.max_sandboxes),
+            warm_pool_bytes: config.limits.warm_pool_bytes,
             draining: Default::default(),
         });
         for server in sup.servers.values() {
@@ -385,33 +523,52 @@ impl Supervisor {
         }
     }
 
-    /// Keep one started process waiting for the next session of `server` (session isolation):
+    /// Keep started processes waiting for the next sessions of `server` (session isolation):
     /// a new session then costs an initialize round trip instead of a sandbox and runtime
-    /// start. Replenished as soon as it is taken; killed at shutdown.
+    /// start. The pool holds one process, more while sessions arrive faster (see [`Warm`]),
+    /// refilled one at a time at [`WARM_CPU_WEIGHT`]; it shrinks when the server is idle and
+    /// its processes are ended at shutdown.
     async fn keep_warm(self: Arc<Self>, server: Arc<Server>) {
         let Some(warm) = &server.warm else { return };
-        let Some(tx) = warm.tx.lock().unwrap_or_else(|e| e.into_inner()).take() else { return };
         let mut backoff = Duration::from_millis(250);
         loop {
-            let permit = tokio::select! {
-                p = tx.reserve() => match p { Ok(p) => p, Err(_) => break },
-                _ = self.shutdown.cancelled() => break,
+            let (extra, short, first, each) = {
+                let mut st = warm.lock();
+                let extra = st.shrink(Instant::now());
+                (extra, st.ready.len() < st.target, st.ready.is_empty(), st.each())
             };
+            // (The budget looks at every pool, this one's included: not under its lock.)
+            let want = short && (first || self.warm_fits(each));
+            for lp in extra {
+                tracing::debug!(server = %server.cfg.name, pid = lp.pid, "warm pool shrinks after idling");
+                discard(lp, self.opts.grace).await;
+            }
+            if !want {
+                tokio::select! {
+                    _ = warm.wake.notified() => {}
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = self.shutdown.cancelled() => break,
+                }
+                continue;
+            }
             let launched = tokio::select! {
-                r = self.launcher.launch(&server.cfg, None) => r,
+                r = self.launcher.launch_warm(&server.cfg) => r,
                 _ = self.shutdown.cancelled() => break,
             };
             match launched {
                 Ok(lp) => {
                     backoff = Duration::from_millis(250);
-                    tracing::debug!(server = %server.cfg.name, pid = lp.pid, "warm process ready");
+                    let mut st = warm.lock();
+                    if let Some(m) = crate::sandbox::memory_own(&lp.cgroups) {
+                        st.each = Some(st.each.unwrap_or(0).max(m));
+                    }
+                    tracing::debug!(server = %server.cfg.name, pid = lp.pid, ready = st.ready.len() + 1, target = st.target, each = st.each(), "warm process ready");
                     // The level is known as soon as a sandbox stands: /status shows it before
                     // the first session.
                     *server.metrics.level.lock().unwrap_or_else(|e| e.into_inner()) = Some(lp.level.clone());
-                    permit.send(lp);
+                    st.ready.push_back(lp);
                 }
                 Err(e) => {
-                    drop(permit);
                     tracing::warn!(server = %server.cfg.name, "cannot start a warm process: {e:#}; retrying in {backoff:?}");
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
@@ -421,21 +578,47 @@ impl Supervisor {
                 }
             }
         }
-        // Shutdown: the process still waiting is ended like any other.
-        drop(tx);
-        if let Some(lp) = warm.rx.lock().await.recv().await {
+        // Shutdown: the processes still waiting are ended like any other.
+        let left: Vec<_> = warm.lock().ready.drain(..).collect();
+        for lp in left {
             discard(lp, self.opts.grace).await;
         }
     }
 
-    /// The waiting warm process of `server`, if there is one and it is still alive.
+    /// Whether one more warm process of `each` bytes fits in `mcpbox.warmPoolBytes` beside
+    /// what all pools hold now.
+    fn warm_fits(&self, each: u64) -> bool {
+        let held: u64 = self.servers.values().filter_map(|s| s.warm.as_ref()).map(|w| {
+            let st = w.lock();
+            st.ready.len() as u64 * st.each()
+        }).sum();
+        held + each <= self.warm_pool_bytes
+    }
+
+    /// Count a session arriving at `server` and take its oldest waiting warm process, if one
+    /// is alive; its CPU weight is raised to a live session's.
     async fn take_warm(&self, server: &Server) -> Option<LaunchedProcess> {
         let warm = server.warm.as_ref()?;
-        let mut rx = warm.rx.lock().await;
         loop {
-            let mut lp = rx.try_recv().ok()?;
+            let lp = {
+                let mut st = warm.lock();
+                st.arrived(Instant::now());
+                st.ready.pop_front()
+            };
+            warm.wake.notify_one();
+            let mut lp = lp?;
             match lp.child.try_wait() {
-                Ok(None) => return Some(lp),
+                Ok(None) => {
+                    // Loaded and waiting: what one more process of this server costs.
+                    if let Some(m) = crate::sandbox::memory_own(&lp.cgroups) {
+                        let mut st = warm.lock();
+                        st.each = Some(st.each.unwrap_or(0).max(m));
+                    }
+                    if let Err(e) = crate::sandbox::set_cpu_weight(&lp.cgroups, LIVE_CPU_WEIGHT) {
+                        tracing::warn!(server = %server.cfg.name, pid = lp.pid, "cannot raise the CPU weight of a taken warm process: {e}");
+                    }
+                    return Some(lp);
+                }
                 _ => {
                     tracing::warn!(server = %server.cfg.name, pid = lp.pid, "warm process died while waiting; starting a fresh one");
                     discard(lp, self.opts.grace).await;
@@ -459,7 +642,7 @@ impl Supervisor {
             Some(lp) => lp,
             None => self.launcher.launch(&server.cfg, sid_str.as_deref()).await?,
         };
-        let LaunchedProcess { mut child, pid, level, start_latency, cleanup } = lp;
+        let LaunchedProcess { mut child, pid, level, start_latency, cleanup, .. } = lp;
         server.metrics.starts.fetch_add(1, Ordering::Relaxed);
         server.metrics.start_us.fetch_add(start_latency.as_micros() as u64, Ordering::Relaxed);
         *server.metrics.level.lock().unwrap_or_else(|e| e.into_inner()) = Some(level.clone());
@@ -595,9 +778,23 @@ impl Supervisor {
             server.metrics.requests.clone(),
         );
         let proc = if server.shared.is_none() {
+            let t = Instant::now();
             let warm = self.take_warm(&server).await;
+            let cold = warm.is_none();
+            if cold {
+                server.metrics.cold_starts.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(server = %server_name, session = %id, "no warm process ready: the session waits for a cold start");
+            } else {
+                server.metrics.warm_starts.fetch_add(1, Ordering::Relaxed);
+            }
             match self.start_process(&server, hub.clone(), Some((id.clone(), closed.clone())), warm).await {
-                Ok(p) => Some(p),
+                Ok(p) => {
+                    server.metrics.session_start.observe(t.elapsed());
+                    if cold {
+                        tracing::info!(server = %server_name, session = %id, "cold start took {:.0} ms", t.elapsed().as_secs_f64() * 1e3);
+                    }
+                    Some(p)
+                }
                 Err(e) => {
                     session.finish("the server could not be started");
                     server.metrics.errors.fetch_add(1, Ordering::Relaxed);
@@ -730,5 +927,41 @@ async fn terminate(child: &mut Child, pid: u32, grace: Duration) -> std::io::Res
             let _ = child.start_kill();
             child.wait().await
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The pool's target follows the arrivals of one window, stays there while sessions keep
+    /// coming, and halves per idle period down to one.
+    #[test]
+    fn warm_target_follows_arrivals_and_halves_when_idle() {
+        let w = Warm::new();
+        let mut st = w.lock();
+        let t0 = Instant::now();
+        for i in 0..10 {
+            st.arrived(t0 + Duration::from_millis(i * 100));
+        }
+        assert_eq!(st.target, 10);
+        // Arrivals further apart than the window do not add up.
+        st.arrived(t0 + ARRIVAL_WINDOW * 3);
+        assert_eq!((st.target, st.arrivals.len()), (10, 1));
+        let last = t0 + ARRIVAL_WINDOW * 3;
+        assert!(st.shrink(last + WARM_IDLE_SHRINK / 2).is_empty());
+        assert_eq!(st.target, 10, "shrunk before an idle period");
+        st.shrink(last + WARM_IDLE_SHRINK + Duration::from_secs(1));
+        assert_eq!(st.target, 5);
+        st.shrink(last + WARM_IDLE_SHRINK * 2 + Duration::from_secs(1));
+        assert_eq!(st.target, 5, "halved twice within one idle period");
+        for k in 3..8 {
+            st.shrink(last + WARM_IDLE_SHRINK * k + Duration::from_secs(k as u64));
+        }
+        assert_eq!(st.target, 1);
+        for i in 0..100 {
+            st.arrived(last + WARM_IDLE_SHRINK * 9 + Duration::from_millis(i));
+        }
+        assert_eq!(st.target, WARM_MAX);
     }
 }

@@ -38,6 +38,15 @@ fn offline_servers_work_with_network_none_and_no_package_manager() {
         "sequential-thinking": server("sequential-thinking", &[], json!("server-sequential-thinking")),
         "everything": server("everything", &[], json!("server-everything")),
     }));
+    // The prepared virtualenv holds bytecode for the server's modules (compiled at prepare
+    // time: the run phase cannot write it).
+    let pycs = || files_named(&state.join("time/cache/venv"), |n| n.ends_with(".pyc"));
+    let before = pycs();
+    assert!(
+        before.iter().any(|p| p.to_string_lossy().contains("mcp_server_time/__pycache__/server.")),
+        "no bytecode for mcp_server_time.server in the prepared venv ({} .pyc files)",
+        before.len()
+    );
     let srv = Serve::start_env(&dir, &state, cfg, &[("MCPBOX_REALSERVERS_CANARY", "leaked-canary-value")]);
     assert_eq!(srv.get("/readyz").0, 200, "{}", srv.log());
 
@@ -78,6 +87,8 @@ fn offline_servers_work_with_network_none_and_no_package_manager() {
             );
         }
     }
+    // Running imported from that bytecode and wrote none.
+    assert_eq!(pycs(), before, "the run phase changed the venv's bytecode");
     srv.stop();
 }
 

@@ -336,3 +336,22 @@ pub fn files_containing(dir: &Path, needle: &str) -> Vec<PathBuf> {
     }
     out
 }
+
+/// Files under `dir` whose name passes `want`, sorted.
+pub fn files_named(dir: &Path, want: impl Fn(&str) -> bool) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            let Ok(ft) = e.file_type() else { continue };
+            if ft.is_dir() {
+                stack.push(e.path());
+            } else if ft.is_file() && want(&e.file_name().to_string_lossy()) {
+                out.push(e.path());
+            }
+        }
+    }
+    out.sort();
+    out
+}

@@ -273,6 +273,16 @@ fn metrics(st: &Shared) -> Response {
         let _ = writeln!(out, "mcpbox_sandbox_start_seconds_sum{{server=\"{n}\"}} {sum}");
         let _ = writeln!(out, "mcpbox_sandbox_start_seconds_count{{server=\"{n}\"}} {}", s.metrics.starts.load(Ordering::Relaxed));
     }
+    let _ = writeln!(out, "# HELP mcpbox_session_start_seconds How long a new session (isolation \"session\") waited for its server process.\n# TYPE mcpbox_session_start_seconds histogram");
+    for s in &servers {
+        s.metrics.session_start.render("mcpbox_session_start_seconds", &format!("server=\"{}\"", label(&s.cfg.name)), &mut out);
+    }
+    let _ = writeln!(out, "# HELP mcpbox_session_starts_total New sessions by start: \"warm\" (a process was waiting) or \"cold\" (it was started for the session).\n# TYPE mcpbox_session_starts_total counter");
+    for s in &servers {
+        let n = label(&s.cfg.name);
+        let _ = writeln!(out, "mcpbox_session_starts_total{{server=\"{n}\",start=\"warm\"}} {}", s.metrics.warm_starts.load(Ordering::Relaxed));
+        let _ = writeln!(out, "mcpbox_session_starts_total{{server=\"{n}\",start=\"cold\"}} {}", s.metrics.cold_starts.load(Ordering::Relaxed));
+    }
     let _ = writeln!(out, "# HELP mcpbox_denials_total Accesses a sandbox layer refused (landlock, seccomp, egress).\n# TYPE mcpbox_denials_total counter");
     for s in &servers {
         let totals = crate::denials::registry().get(&s.cfg.name).map(|d| d.totals());

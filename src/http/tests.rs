@@ -390,8 +390,9 @@ async fn max_sessions_and_shutdown() {
             }
         }
     }
-    // Two session servers and the warm one waiting for the next session: all must go.
-    assert_eq!(pids.len(), 3, "two marked session servers and a warm one: {pids:?}");
+    // Two session servers and the warm ones waiting for the next sessions (the pool grows to
+    // the two sessions that arrived): all must go.
+    assert!((3..=4).contains(&pids.len()), "two marked session servers and one or two warm ones: {pids:?}");
     s.sup.shutdown().await;
     for p in pids {
         let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();

@@ -1577,7 +1577,10 @@ fn prepare_uv(state: &StateDir, name: &str, dirs: &ServerDirs, pkg: &Package) ->
     tracing::info!(server = %name, "creating a virtualenv on {} at {v}", python.display());
     run_sandboxed(state, name, Manager::Uv, &uv, vec!["venv".into(), "--python".into(), py, v.clone()], extra.clone(), &egress)?;
     tracing::info!(server = %name, "installing with uv: {}", install.join(" "));
-    let mut args = vec!["pip".into(), "install".into(), "--python".into(), format!("{v}/bin/python")];
+    // Bytecode is compiled here, once: the run phase may not write `.pyc` files, and a server
+    // importing from source pays for the compilation at every start (mcp-server-time: 1.1 s
+    // from source against 0.67 s from bytecode).
+    let mut args = vec!["pip".into(), "install".into(), "--compile-bytecode".into(), "--python".into(), format!("{v}/bin/python")];
     args.extend(install);
     // With index credentials: first wheels only (`--no-build`: no package code runs) with the
     // credentials and a cache of its own beside the server's cache, removed after it (what uv

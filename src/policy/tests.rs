@@ -565,6 +565,8 @@ fn every_shipped_policy_loads_here() {
     assert!(paths(&node.filesystem.exec).contains(&c.vars["DATA"].replace("/data", "/rt/node/bin/node")));
     assert_eq!(node.env.set.get("HOME"), Some(&c.vars["DATA"]));
     assert!(!node.env.pass.iter().any(|n| n == "NODE_OPTIONS"));
+    // mcpbox's own V8 settings, never the host's.
+    assert_eq!(node.env.set.get("NODE_OPTIONS").map(String::as_str), Some("--max-semi-space-size=1"));
     let py = load("python", &c).unwrap();
     let rt = d.path().join("rt/py");
     assert!(pol_has(&py.filesystem.exec, &rt.join("bin/python3.12")) && pol_has(&py.filesystem.exec, &rt.join("lib/python3.12/lib-dynload")));

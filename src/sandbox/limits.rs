@@ -438,6 +438,40 @@ pub fn cpu_max(milli: Option<u32>) -> String {
     }
 }
 
+/// Change the CPU weight of a running sandbox, in whichever of its cgroup directories carry
+/// the cpu controller (v2 `cpu.weight`, v1 `cpu.shares` scaled as at start). Returns how many
+/// directories were written; 0 where the sandbox has no cpu cgroup (rootless).
+pub fn set_cpu_weight(dirs: &[PathBuf], w: u32) -> Result<usize, CgroupError> {
+    let mut n = 0;
+    for d in dirs {
+        if d.join("cpu.weight").exists() {
+            write(&d.join("cpu.weight"), &weight(Some(w)).to_string())?;
+            n += 1;
+        } else if d.join("cpu.shares").exists() {
+            write(&d.join("cpu.shares"), &(u64::from(weight(Some(w))) * 1024 / 100).max(2).to_string())?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+/// Memory a sandbox holds of its own now: what its memory cgroup charges for anonymous memory
+/// and kernel objects (v2 `memory.stat` anon + kernel, v1 `rss`), without the page cache, which
+/// the first sandbox to read a runtime's files is charged for and all others share.
+pub fn memory_own(dirs: &[PathBuf]) -> Option<u64> {
+    dirs.iter().find_map(|d| {
+        let stat = std::fs::read_to_string(d.join("memory.stat")).ok()?;
+        let mut n = None;
+        for line in stat.lines() {
+            let (k, v) = line.split_once(' ')?;
+            if matches!(k, "anon" | "kernel" | "rss") {
+                *n.get_or_insert(0) += v.trim().parse::<u64>().ok()?;
+            }
+        }
+        n
+    })
+}
+
 fn set_cpu_v2(dir: &Path, milli: Option<u32>, w: Option<u32>) -> Result<(), CgroupError> {
     write(&dir.join("cpu.max"), &cpu_max(milli))?;
     write(&dir.join("cpu.weight"), &weight(w).to_string())

@@ -14,6 +14,7 @@ pub mod spec;
 
 pub use spec::{Access, DiskImage, Grant, Link, Msg, OuterSpec, SandboxSpec, StartReport};
 pub use limits::Layout as CgroupLayout;
+pub use limits::{memory_own, set_cpu_weight};
 
 /// The host's cgroup layout (read once per process), for [`SandboxSpec::cgroup_layout`].
 pub fn cgroup_layout() -> CgroupLayout {
