@@ -18,8 +18,9 @@ fn trial(state: &StateDir, min: Level) -> Result<crate::sandbox::StartReport, St
     let mut state = state.clone();
     state.min_level = min;
     let planned = plan(&state, &launch).map_err(|e| format!("{e:#}"))?;
-    let (mut child, report, _) = crate::sandbox::spawn_blocking_std(&planned.spec, Stdio::null(), Stdio::null(), Stdio::piped())
-        .map_err(|e| e.to_string())?;
+    let (mut child, report, _) =
+        crate::sandbox::spawn_blocking_std(&planned.spec, Stdio::null(), Stdio::null(), Stdio::piped())
+            .map_err(|e| e.to_string())?;
     let status = child.wait().map_err(|e| e.to_string())?;
     if !status.success() {
         return Err(format!("/usr/bin/true exited with {status} inside the sandbox"));
@@ -37,7 +38,14 @@ pub fn doctor(state_dir: Option<std::path::PathBuf>) -> ExitCode {
     println!(
         "  {:<20} {}",
         "running as",
-        if root { "root: each server runs under its own unprivileged host uid".to_string() } else { format!("uid {} (rootless): servers run under this uid inside their own user namespace", nix::unistd::geteuid()) }
+        if root {
+            "root: each server runs under its own unprivileged host uid".to_string()
+        } else {
+            format!(
+                "uid {} (rootless): servers run under this uid inside their own user namespace",
+                nix::unistd::geteuid()
+            )
+        }
     );
     let layers = probe::layers();
     print!("{}", probe::render(&layers));
@@ -54,7 +62,12 @@ pub fn doctor(state_dir: Option<std::path::PathBuf>) -> ExitCode {
     println!();
     match trial(&state, Level::Full) {
         Ok(r) => {
-            println!("  trial sandbox: ok in {:.1} ms (Landlock ABI {}, limits: {})", r.start_latency.as_secs_f64() * 1e3, r.landlock_abi, r.limits);
+            println!(
+                "  trial sandbox: ok in {:.1} ms (Landlock ABI {}, limits: {})",
+                r.start_latency.as_secs_f64() * 1e3,
+                r.landlock_abi,
+                r.limits
+            );
             for w in &r.warnings {
                 println!("  weakened: {w}");
             }
@@ -118,8 +131,8 @@ pub fn denials_reported(seccomp: bool) -> String {
 /// and, when mcpbox's own PATH finds a different one (nvm, pyenv), that one too, since servers
 /// started by bare name do not get it.
 fn runtimes() {
-    use crate::plan::DEFAULT_PATH;
     use crate::plan::runtime::{self, Kind};
+    use crate::plan::DEFAULT_PATH;
     println!("\n  runtimes (the `node`/`python` policy bases, for servers whose command is not an interpreter;");
     println!("  MCPBOX_NODE / MCPBOX_PYTHON if set, else found on the sandbox's PATH {DEFAULT_PATH}):");
     // No state dir exists here yet: nothing is excluded for lying under it.
@@ -143,7 +156,11 @@ fn runtimes() {
             continue;
         }
         match runtime::describe(kind, &real, no_state) {
-            Ok(r) => println!("  {:<20} `{cmd}` on your PATH is another: {}; name it as the server's command to use it", "", r.describe()),
+            Ok(r) => println!(
+                "  {:<20} `{cmd}` on your PATH is another: {}; name it as the server's command to use it",
+                "",
+                r.describe()
+            ),
             Err(e) => println!("  {:<20} `{cmd}` on your PATH ({}) is not usable: {e}", "", mine.display()),
         }
     }

@@ -119,7 +119,10 @@ pub fn suggest(policy: &Policy, denials: &[Recorded]) -> Suggestion {
             // is mcpbox's, not the policy's.
             (Layer::Seccomp, name) => {
                 if policy.seccomp.extra_deny.iter().any(|a| a == name) {
-                    s.notes.push(format!("{}: denied by this policy's [seccomp] extra_deny; remove {name:?} there to permit it", seen(r)));
+                    s.notes.push(format!(
+                        "{}: denied by this policy's [seccomp] extra_deny; remove {name:?} there to permit it",
+                        seen(r)
+                    ));
                 } else if let Some(why) = crate::policy::syscalls::never_allowed(name) {
                     s.notes.push(format!("{}: {why}; mcpbox never allows it", seen(r)));
                 } else {
@@ -135,9 +138,14 @@ pub fn suggest(policy: &Policy, denials: &[Recorded]) -> Suggestion {
 /// The suggestion as a diff against the policy: sections, `#` why, `+ key = [values]`.
 pub fn render_suggest(server: &str, policy: &Policy, total: usize, s: &Suggestion) -> String {
     let mut out = String::new();
-    let _ = writeln!(out, "# mcpbox policy suggest {server}: {total} recorded denials, against policy {}", policy.source);
+    let _ =
+        writeln!(out, "# mcpbox policy suggest {server}: {total} recorded denials, against policy {}", policy.source);
     if s.covered > 0 {
-        let _ = writeln!(out, "# {} of them are permitted by this policy already (refused under an earlier one?)", s.covered);
+        let _ = writeln!(
+            out,
+            "# {} of them are permitted by this policy already (refused under an earlier one?)",
+            s.covered
+        );
     }
     let mut sections: BTreeMap<&str, Vec<&Addition>> = BTreeMap::new();
     for a in &s.additions {
@@ -198,7 +206,12 @@ fn with_runtimes(ctx: crate::policy::LoadContext, state: &StateDir) -> crate::po
 }
 
 /// `mcpbox policy suggest NAME [--config FILE] [--state-dir D] [--policy P]`.
-pub fn suggest_cli(server: &str, config: Option<&Path>, state_dir: Option<PathBuf>, policy: Option<String>) -> ExitCode {
+pub fn suggest_cli(
+    server: &str,
+    config: Option<&Path>,
+    state_dir: Option<PathBuf>,
+    policy: Option<String>,
+) -> ExitCode {
     let fail = |msg: String| {
         eprintln!("mcpbox: policy suggest {server}: {msg}");
         ExitCode::FAILURE
@@ -237,12 +250,17 @@ pub fn suggest_cli(server: &str, config: Option<&Path>, state_dir: Option<PathBu
         },
         (None, Some(p)) => p,
         (None, None) => {
-            let Some(reference) = record.denials.iter().rev().find_map(|r| r.policy.clone()).map(|p| reference_of(&p)) else {
+            let Some(reference) = record.denials.iter().rev().find_map(|r| r.policy.clone()).map(|p| reference_of(&p))
+            else {
                 return fail("the record does not name the policy; pass --policy FILE or --config FILE".into());
             };
             match crate::policy::load(&reference, &ctx) {
                 Ok(p) => p,
-                Err(e) => return fail(format!("policy {reference}: {e} (pass --policy FILE, or --config FILE for a policy inline in mcpbox.json)")),
+                Err(e) => {
+                    return fail(format!(
+                    "policy {reference}: {e} (pass --policy FILE, or --config FILE for a policy inline in mcpbox.json)"
+                ))
+                }
             }
         }
     };
@@ -281,7 +299,8 @@ mod tests {
     use crate::denials::Denial;
 
     fn pol(toml: &str) -> Policy {
-        crate::policy::load_inline(toml.parse().unwrap(), Path::new("/"), &crate::policy::LoadContext::default()).unwrap()
+        crate::policy::load_inline(toml.parse().unwrap(), Path::new("/"), &crate::policy::LoadContext::default())
+            .unwrap()
     }
 
     fn rec(layer: Layer, access: &str, object: &str, reason: &str) -> Recorded {
@@ -314,9 +333,16 @@ mod tests {
             vec![("allow", "\"api.other.test:443\""), ("allow", "\"in.wild.test:443\""), ("read", "\"/etc/hostname\"")]
         );
         assert_eq!(s.covered, 2);
-        assert!(s.notes.len() == 1 && s.notes[0].contains("seccomp bpf") && s.notes[0].contains("never allows"), "{:?}", s.notes);
+        assert!(
+            s.notes.len() == 1 && s.notes[0].contains("seccomp bpf") && s.notes[0].contains("never allows"),
+            "{:?}",
+            s.notes
+        );
         let text = render_suggest("srv", &p, denials.len(), &s);
-        assert!(text.contains("[network]\n# egress connect api.other.test:443: 2 times, last in session s1\n"), "{text}");
+        assert!(
+            text.contains("[network]\n# egress connect api.other.test:443: 2 times, last in session s1\n"),
+            "{text}"
+        );
         assert!(text.contains("+ allow = [\"api.other.test:443\", \"in.wild.test:443\"]\n"), "{text}");
         assert!(text.contains("[filesystem]\n# landlock read /etc/hostname: 2 times, last in session s1\n+ read = [\"/etc/hostname\"]\n"), "{text}");
     }
@@ -324,10 +350,13 @@ mod tests {
     #[test]
     fn network_none_gets_proxy_mode_and_internal_addresses_are_only_noted() {
         let p = pol("");
-        let s = suggest(&p, &[
-            rec(Layer::Egress, "connect", "a.test:80", "not in the allow-list"),
-            rec(Layer::Egress, "connect", "b.test:80", "resolves to internal address 127.0.0.1"),
-        ]);
+        let s = suggest(
+            &p,
+            &[
+                rec(Layer::Egress, "connect", "a.test:80", "not in the allow-list"),
+                rec(Layer::Egress, "connect", "b.test:80", "resolves to internal address 127.0.0.1"),
+            ],
+        );
         let got: Vec<(&str, &str)> = s.additions.iter().map(|a| (a.key, a.value.as_str())).collect();
         assert_eq!(got, vec![("mode", "\"proxy\""), ("allow", "\"a.test:80\"")]);
         assert_eq!(s.notes.len(), 1);

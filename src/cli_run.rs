@@ -32,9 +32,17 @@ pub fn default_name(command: &[String]) -> String {
         Some(spec)
     });
     let base = from_pkg.unwrap_or_else(|| command[0].rsplit('/').next().unwrap_or("server").to_string());
-    let n: String = base.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '-' }).take(64).collect();
+    let n: String = base
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '-' })
+        .take(64)
+        .collect();
     let n = n.trim_start_matches('-');
-    if n.is_empty() { "server".into() } else { n.to_string() }
+    if n.is_empty() {
+        "server".into()
+    } else {
+        n.to_string()
+    }
 }
 
 /// `early`: the sandbox-init that `main` started before parsing the command line, if it did.
@@ -52,7 +60,8 @@ pub fn run(args: RunArgs, early: Option<Result<crate::sandbox::Pending, crate::s
     };
     // sandbox-init loads and waits for its spec while we plan (a sandbox starts sooner on two
     // cores); if planning fails, dropping it makes it exit unused.
-    let early = early.unwrap_or_else(|| crate::sandbox::Pending::start(Stdio::inherit(), Stdio::inherit(), Stdio::inherit()));
+    let early =
+        early.unwrap_or_else(|| crate::sandbox::Pending::start(Stdio::inherit(), Stdio::inherit(), Stdio::inherit()));
     let mut pending = match early {
         Ok(p) => p,
         Err(e) => {
@@ -115,7 +124,15 @@ pub fn run(args: RunArgs, early: Option<Result<crate::sandbox::Pending, crate::s
 
     // Signals are taken synchronously by this thread and passed on to the sandbox.
     let mut mask = SigSet::empty();
-    for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP, Signal::SIGQUIT, Signal::SIGUSR1, Signal::SIGUSR2, Signal::SIGCHLD] {
+    for s in [
+        Signal::SIGINT,
+        Signal::SIGTERM,
+        Signal::SIGHUP,
+        Signal::SIGQUIT,
+        Signal::SIGUSR1,
+        Signal::SIGUSR2,
+        Signal::SIGCHLD,
+    ] {
         mask.add(s);
     }
     if let Err(e) = mask.thread_block() {
@@ -135,12 +152,14 @@ pub fn run(args: RunArgs, early: Option<Result<crate::sandbox::Pending, crate::s
     // Network mode `proxy`: the sandbox handed back its listening socket; the egress proxy runs
     // here, in the host's network, as it does under `serve`.
     if let crate::policy::Network::Proxy { allow } = &planned.policy.network {
-        let started = proxy_listener.ok_or_else(|| anyhow::anyhow!("the sandbox did not hand over its proxy socket")).and_then(|l| {
-            let allow = crate::netproxy::AllowList::new(allow);
-            let mut cfg = crate::netproxy::ProxyConfig::new(allow, planned.policy.source.clone(), name.clone());
-            cfg.denials = Some(denials.clone());
-            Ok(crate::netproxy::ProxyThread::start(l, cfg)?)
-        });
+        let started = proxy_listener
+            .ok_or_else(|| anyhow::anyhow!("the sandbox did not hand over its proxy socket"))
+            .and_then(|l| {
+                let allow = crate::netproxy::AllowList::new(allow);
+                let mut cfg = crate::netproxy::ProxyConfig::new(allow, planned.policy.source.clone(), name.clone());
+                cfg.denials = Some(denials.clone());
+                Ok(crate::netproxy::ProxyThread::start(l, cfg)?)
+            });
         match started {
             // Serves until mcpbox exits with the server's status (never dropped before that).
             Ok(proxy) => std::mem::forget(proxy),

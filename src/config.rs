@@ -151,9 +151,17 @@ pub struct Proxy {
 
 #[derive(Debug, Clone)]
 pub enum ServerKind {
-    Stdio { command: String, args: Vec<String>, env: BTreeMap<String, String> },
+    Stdio {
+        command: String,
+        args: Vec<String>,
+        env: BTreeMap<String, String>,
+    },
     /// A remote upstream (SSE / Streamable HTTP), served through the sandboxed url-bridge.
-    Url { url: String, headers: BTreeMap<String, String>, transport_type: Option<String> },
+    Url {
+        url: String,
+        headers: BTreeMap<String, String>,
+        transport_type: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -397,8 +405,7 @@ struct RawMcpbox {
 // ---- loading ---------------------------------------------------------------------------
 
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
     let base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
     parse(&text, path, &base_dir, &|k| std::env::var(k).ok())
 }
@@ -410,8 +417,8 @@ pub fn parse(
     base_dir: &Path,
     getenv: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Config, ConfigError> {
-    let mut value: Value = serde_json::from_str(text)
-        .map_err(|e| ConfigError::Syntax { path: path.to_owned(), msg: e.to_string() })?;
+    let mut value: Value =
+        serde_json::from_str(text).map_err(|e| ConfigError::Syntax { path: path.to_owned(), msg: e.to_string() })?;
     strip_comments(&mut value, None);
     if let Some(old) = ["server", "clients"].into_iter().find(|k| value.get(k).is_some()) {
         return Err(field_err(
@@ -450,11 +457,7 @@ fn strip_comments(v: &mut Value, parent: Option<&str>) {
 /// Expand `${VAR}` in every string value. Inside inline policies `${DATA}` and `${CACHE}` are
 /// left alone (they belong to the policy loader); other names expand from the environment, so
 /// that a policy can grant the same directory a server's arguments name.
-fn expand_tree(
-    v: &mut Value,
-    path: &mut String,
-    getenv: &dyn Fn(&str) -> Option<String>,
-) -> Result<(), ConfigError> {
+fn expand_tree(v: &mut Value, path: &mut String, getenv: &dyn Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
     match v {
         Value::String(s) if s.contains("${") => {
             *s = expand_str(s, path, getenv)?;
@@ -474,8 +477,8 @@ fn expand_tree(
                     path.push('.');
                 }
                 path.push_str(k);
-                let is_policy = path.starts_with("mcpServers.") && path.ends_with(".policy")
-                    && path.matches('.').count() == 2;
+                let is_policy =
+                    path.starts_with("mcpServers.") && path.ends_with(".policy") && path.matches('.').count() == 2;
                 if is_policy {
                     let keep = |n: &str| match n {
                         "DATA" | "CACHE" => Some(format!("${{{n}}}")),
@@ -493,15 +496,15 @@ fn expand_tree(
     Ok(())
 }
 
-fn expand_str(
-    s: &str,
-    field: &str,
-    getenv: &dyn Fn(&str) -> Option<String>,
-) -> Result<String, ConfigError> {
+fn expand_str(s: &str, field: &str, getenv: &dyn Fn(&str) -> Option<String>) -> Result<String, ConfigError> {
     crate::policy::expand_vars(s, getenv).map_err(|e| match e {
         crate::policy::ExpandError::Unclosed(_) => field_err(field, "unclosed ${ in value"),
-        crate::policy::ExpandError::BadName(name) => field_err(field, format!("${{{name}}} is not a valid variable name")),
-        crate::policy::ExpandError::Undefined(name) => field_err(field, format!("environment variable {name} is not set")),
+        crate::policy::ExpandError::BadName(name) => {
+            field_err(field, format!("${{{name}}} is not a valid variable name"))
+        }
+        crate::policy::ExpandError::Undefined(name) => {
+            field_err(field, format!("environment variable {name} is not set"))
+        }
     })
 }
 
@@ -586,8 +589,7 @@ fn build(raw: RawFile, base_dir: &Path) -> Result<Config, ConfigError> {
         kind: None,
         options: None,
     });
-    let addr = parse_addr(rp.addr.as_deref().unwrap_or("127.0.0.1:9090"))
-        .map_err(|m| field_err("mcpProxy.addr", m))?;
+    let addr = parse_addr(rp.addr.as_deref().unwrap_or("127.0.0.1:9090")).map_err(|m| field_err("mcpProxy.addr", m))?;
     let base_url = match rp.base_url.as_deref().filter(|s| !s.is_empty()) {
         Some(s) => Some(BaseUrl::parse(s).map_err(|m| field_err("mcpProxy.baseURL", m))?),
         None => None,
@@ -595,9 +597,7 @@ fn build(raw: RawFile, base_dir: &Path) -> Result<Config, ConfigError> {
     let transport = match rp.kind.as_deref() {
         None | Some("sse") => Transport::Sse,
         Some("streamable-http") | Some("streamableHttp") => Transport::StreamableHttp,
-        Some(t) => {
-            return Err(field_err("mcpProxy.type", format!("{t:?} is not \"sse\" or \"streamable-http\"")))
-        }
+        Some(t) => return Err(field_err("mcpProxy.type", format!("{t:?} is not \"sse\" or \"streamable-http\""))),
     };
     let mut warnings = Vec::new();
     let popts = rp.options.unwrap_or_default();
@@ -672,7 +672,12 @@ fn build(raw: RawFile, base_dir: &Path) -> Result<Config, ConfigError> {
             None | Some("session") => Isolation::Session,
             Some("shared") => Isolation::Shared,
             Some("principal") => Isolation::Principal,
-            Some(i) => return Err(field_err(format!("{f}.isolation"), format!("{i:?} is not \"session\", \"principal\" or \"shared\""))),
+            Some(i) => {
+                return Err(field_err(
+                    format!("{f}.isolation"),
+                    format!("{i:?} is not \"session\", \"principal\" or \"shared\""),
+                ))
+            }
         };
         let max_sessions = match rs.max_sessions {
             None => Some(DEFAULT_MAX_SESSIONS),
@@ -774,7 +779,10 @@ fn serve_limits(m: &RawMcpbox) -> Result<ServeLimits, ConfigError> {
         let Some(v) = v else { return Ok(default) };
         let t = parse_duration(v).map_err(|msg| field_err(format!("mcpbox.{key}"), msg))?;
         if t < Duration::from_millis(100) {
-            return Err(field_err(format!("mcpbox.{key}"), "must be at least 100ms (a timeout of 0 would be none at all)"));
+            return Err(field_err(
+                format!("mcpbox.{key}"),
+                "must be at least 100ms (a timeout of 0 would be none at all)",
+            ));
         }
         Ok(t)
     };
@@ -789,10 +797,19 @@ fn serve_limits(m: &RawMcpbox) -> Result<ServeLimits, ConfigError> {
         header_timeout: timeout(&m.header_timeout, "headerTimeout", d.header_timeout)?,
         body_timeout: timeout(&m.body_timeout, "bodyTimeout", d.body_timeout)?,
         max_connections: match m.max_connections {
-            Some(0) => return Err(field_err("mcpbox.maxConnections", "must be at least 1 (leave it out to size it from the descriptor limit)")),
+            Some(0) => {
+                return Err(field_err(
+                    "mcpbox.maxConnections",
+                    "must be at least 1 (leave it out to size it from the descriptor limit)",
+                ))
+            }
             v => v,
         },
-        max_connections_per_address: count(m.max_connections_per_address, "maxConnectionsPerAddress", d.max_connections_per_address)?,
+        max_connections_per_address: count(
+            m.max_connections_per_address,
+            "maxConnectionsPerAddress",
+            d.max_connections_per_address,
+        )?,
         max_sessions_total: count(m.max_sessions_total, "maxSessionsTotal", d.max_sessions_total)?,
         max_sandboxes: count(m.max_sandboxes, "maxSandboxes", d.max_sandboxes)?,
         warm_pool_bytes: m.warm_pool_bytes.unwrap_or(d.warm_pool_bytes),
@@ -830,7 +847,8 @@ mod tests {
     #[test]
     fn reference_example_loads() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/reference/mcp-proxy-example-config.json");
-        let path = if path.exists() { path } else { PathBuf::from("/work/shared/reference/mcp-proxy-example-config.json") };
+        let path =
+            if path.exists() { path } else { PathBuf::from("/work/shared/reference/mcp-proxy-example-config.json") };
         let c = load(&path).expect("the mcp-proxy example config must load");
         assert_eq!(c.proxy.addr, "0.0.0.0:9090".parse().unwrap());
         assert_eq!(c.proxy.transport, Transport::StreamableHttp);
@@ -894,7 +912,10 @@ mod tests {
             (r#"{"mcpServers":{"a":{}}}"#, "mcpServers.a"),
             (r#"{"mcpProxy":{"addr":"nowhere"}}"#, "mcpProxy.addr"),
             (r#"{"mcpProxy":{"type":"carrier-pigeon"}}"#, "mcpProxy.type"),
-            (r#"{"mcpServers":{"a":{"command":"x","options":{"toolFilter":{"mode":"maybe"}}}}}"#, "mcpServers.a.options.toolFilter.mode"),
+            (
+                r#"{"mcpServers":{"a":{"command":"x","options":{"toolFilter":{"mode":"maybe"}}}}}"#,
+                "mcpServers.a.options.toolFilter.mode",
+            ),
         ];
         for (text, field) in cases {
             let e = p(text).unwrap_err().to_string();
@@ -920,12 +941,24 @@ mod tests {
         assert!(e.contains("mcpProxy.addr") && e.contains("--allow-unauthenticated"), "{e}");
         c.check_exposure(true).unwrap();
         // per-server tokens on every server are enough
-        let c = p(r#"{"mcpProxy":{"addr":":9090"},"mcpServers":{"a":{"command":"x","options":{"authTokens":["${TOK}"]}}}}"#).unwrap();
+        let c = p(
+            r#"{"mcpProxy":{"addr":":9090"},"mcpServers":{"a":{"command":"x","options":{"authTokens":["${TOK}"]}}}}"#,
+        )
+        .unwrap();
         c.check_exposure(false).unwrap();
         // loopback needs nothing
-        p(r#"{"mcpProxy":{"addr":"127.0.0.1:1"},"mcpServers":{"a":{"command":"x"}}}"#).unwrap().check_exposure(false).unwrap();
+        p(r#"{"mcpProxy":{"addr":"127.0.0.1:1"},"mcpServers":{"a":{"command":"x"}}}"#)
+            .unwrap()
+            .check_exposure(false)
+            .unwrap();
         // an empty token is an error, not an open door
-        let e = parse(r#"{"mcpProxy":{"options":{"authTokens":["${E}"]}}}"#, Path::new("t"), Path::new("/"), &env(&[("E", "")])).unwrap_err();
+        let e = parse(
+            r#"{"mcpProxy":{"options":{"authTokens":["${E}"]}}}"#,
+            Path::new("t"),
+            Path::new("/"),
+            &env(&[("E", "")]),
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("mcpProxy.options.authTokens[0]"), "{e}");
     }
 
@@ -959,7 +992,11 @@ mod tests {
         for (text, field, key) in [
             (r#"{"mcpProxy":{"adress":":1"}}"#, "mcpProxy", "adress"),
             (r#"{"mcpServers":{"a":{"command":"x","comment":"not a comment"}}}"#, "mcpServers.a", "comment"),
-            (r#"{"mcpServers":{"a":{"command":"x","options":{"logEnable":true}}}}"#, "mcpServers.a.options", "logEnable"),
+            (
+                r#"{"mcpServers":{"a":{"command":"x","options":{"logEnable":true}}}}"#,
+                "mcpServers.a.options",
+                "logEnable",
+            ),
             (r#"{"mcpservers":{}}"#, "expected one of", "mcpservers"),
         ] {
             let e = p(text).unwrap_err().to_string();
@@ -977,7 +1014,14 @@ mod tests {
                           "b":{"url":"https://up.example.test/mcp","transportType":"streamable-http","args":["y"]}}}"#)
         .unwrap();
         let w = c.warnings.join("\n");
-        for said in ["mcpProxy.version", "mcpProxy.options.panicIfInvalid", "mcpProxy.options.metrics", "mcpServers.a.headers", "mcpServers.a.options.toolFilter", "mcpServers.b.args/env"] {
+        for said in [
+            "mcpProxy.version",
+            "mcpProxy.options.panicIfInvalid",
+            "mcpProxy.options.metrics",
+            "mcpServers.a.headers",
+            "mcpServers.a.options.toolFilter",
+            "mcpServers.b.args/env",
+        ] {
             assert!(w.contains(said), "no warning for {said}:\n{w}");
         }
         assert_eq!(c.warnings.len(), 6, "{w}");
@@ -997,12 +1041,17 @@ mod tests {
         assert_eq!(c.servers["b"].max_sessions, None);
         assert_eq!(c.servers["c"].max_sessions, Some(3));
         assert_eq!(c.limits, ServeLimits::default());
-        let c = p(r#"{"mcpbox":{"headerTimeout":"2s","bodyTimeout":1.5,"maxConnections":100,"maxConnectionsPerAddress":8,
-                     "maxSessionsTotal":9,"maxSandboxes":4,"warmPoolBytes":1000}}"#).unwrap();
+        let c =
+            p(r#"{"mcpbox":{"headerTimeout":"2s","bodyTimeout":1.5,"maxConnections":100,"maxConnectionsPerAddress":8,
+                     "maxSessionsTotal":9,"maxSandboxes":4,"warmPoolBytes":1000}}"#)
+            .unwrap();
         let l = &c.limits;
         assert_eq!(l.warm_pool_bytes, 1000);
         assert_eq!((l.header_timeout, l.body_timeout), (Duration::from_secs(2), Duration::from_millis(1500)));
-        assert_eq!((l.max_connections, l.max_connections_per_address, l.max_sessions_total, l.max_sandboxes), (Some(100), 8, 9, 4));
+        assert_eq!(
+            (l.max_connections, l.max_connections_per_address, l.max_sessions_total, l.max_sandboxes),
+            (Some(100), 8, 9, 4)
+        );
         for (text, field) in [
             (r#"{"mcpbox":{"headerTimeout":0}}"#, "mcpbox.headerTimeout"),
             (r#"{"mcpbox":{"bodyTimeout":"soon"}}"#, "mcpbox.bodyTimeout"),
@@ -1040,5 +1089,4 @@ mod tests {
             assert!(e.contains("mcpbox.replicaId"), "{e}");
         }
     }
-
 }

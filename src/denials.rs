@@ -152,7 +152,18 @@ impl ServerDenials {
                 recent.extend(rec.denials.into_iter().rev().take(MAX_RECENT).rev());
             }
         }
-        ServerDenials { server, file, inner: Mutex::new(Inner { policy: None, totals: [0; 3], recent, window_start: None, logged: 0, suppressed: 0 }) }
+        ServerDenials {
+            server,
+            file,
+            inner: Mutex::new(Inner {
+                policy: None,
+                totals: [0; 3],
+                recent,
+                window_start: None,
+                logged: 0,
+                suppressed: 0,
+            }),
+        }
     }
 
     pub fn server(&self) -> &str {
@@ -204,7 +215,10 @@ impl ServerDenials {
         }
 
         // The distinct record; the file is rewritten only when a new distinct denial appears.
-        let pos = g.recent.iter().position(|r| r.denial.layer == d.layer && r.denial.access == d.access && r.denial.object == d.object);
+        let pos = g
+            .recent
+            .iter()
+            .position(|r| r.denial.layer == d.layer && r.denial.access == d.access && r.denial.object == d.object);
         let is_new = pos.is_none();
         let mut rec = match pos.and_then(|i| g.recent.remove(i)) {
             Some(r) => r,
@@ -278,7 +292,12 @@ mod tests {
     use super::*;
 
     fn egress(obj: &str) -> Denial {
-        Denial { layer: Layer::Egress, access: "connect".into(), object: obj.into(), reason: Some("not in the allow-list".into()) }
+        Denial {
+            layer: Layer::Egress,
+            access: "connect".into(),
+            object: obj.into(),
+            reason: Some("not in the allow-list".into()),
+        }
     }
 
     #[test]
@@ -287,7 +306,13 @@ mod tests {
         let t = Instant::now();
         d.record_at(Some("a"), None, egress("x.test:443"), t, 1);
         d.record_at(Some("b"), None, egress("x.test:443"), t, 2);
-        d.record_at(None, None, Denial { layer: Layer::Landlock, access: "read".into(), object: "/etc/x".into(), reason: None }, t, 3);
+        d.record_at(
+            None,
+            None,
+            Denial { layer: Layer::Landlock, access: "read".into(), object: "/etc/x".into(), reason: None },
+            t,
+            3,
+        );
         assert_eq!(d.totals(), [(Layer::Landlock, 1), (Layer::Seccomp, 0), (Layer::Egress, 2)]);
         let r = d.recent();
         assert_eq!(r.len(), 2);

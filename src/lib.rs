@@ -9,18 +9,18 @@ compile_error!(
      syscall table); build it for x86_64-unknown-linux-gnu"
 );
 
+pub mod bridge;
+pub mod budget;
 pub mod cli_doctor;
 pub mod cli_policy;
 pub mod cli_run;
-pub mod netproxy;
-pub mod policy;
-pub mod plan;
-pub mod sandbox;
-pub mod bridge;
-pub mod budget;
 pub mod config;
 pub mod denials;
 pub mod http;
+pub mod netproxy;
+pub mod plan;
+pub mod policy;
+pub mod sandbox;
 pub mod serve;
 pub mod supervisor;
 pub mod urlbridge;
@@ -30,8 +30,11 @@ pub mod urlbridge;
 /// (it must start before any thread exists). On failure it says so on stderr and returns the
 /// exit code to leave with.
 pub fn runtime(mode: &str, multi_thread: bool) -> Result<tokio::runtime::Runtime, std::process::ExitCode> {
-    let mut b =
-        if multi_thread { tokio::runtime::Builder::new_multi_thread() } else { tokio::runtime::Builder::new_current_thread() };
+    let mut b = if multi_thread {
+        tokio::runtime::Builder::new_multi_thread()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    };
     b.enable_all().build().map_err(|e| {
         eprintln!("mcpbox {mode}: cannot start the tokio runtime: {e}");
         std::process::ExitCode::FAILURE

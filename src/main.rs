@@ -224,12 +224,17 @@ fn main() -> ExitCode {
             // Quiet by default (stderr is the MCP client's log), but a first start that
             // installs an npx/uvx package says so instead of hanging silently.
             init_logging("warn,mcpbox::plan::prepare=info", false);
-            mcpbox::cli_run::run(mcpbox::cli_run::RunArgs { policy, state_dir, name, min_level: min_level.into(), command }, early)
+            mcpbox::cli_run::run(
+                mcpbox::cli_run::RunArgs { policy, state_dir, name, min_level: min_level.into(), command },
+                early,
+            )
         }
         Cmd::Policy { cmd: PolicyCmd::Suggest { server, config, state_dir, policy } } => {
             mcpbox::cli_policy::suggest_cli(&server, config.as_deref(), state_dir, policy)
         }
-        Cmd::Policy { cmd: PolicyCmd::Diff { a, b, data, cache } } => mcpbox::cli_policy::diff_cli(&a, &b, data.as_deref(), cache.as_deref()),
+        Cmd::Policy { cmd: PolicyCmd::Diff { a, b, data, cache } } => {
+            mcpbox::cli_policy::diff_cli(&a, &b, data.as_deref(), cache.as_deref())
+        }
         Cmd::Policy { cmd: PolicyCmd::Check { file, data, cache, command } } => {
             match mcpbox::plan::check_policy(&file, data.as_deref(), cache.as_deref(), command.as_deref()) {
                 Ok(text) => {

@@ -49,8 +49,8 @@ const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 // Allow-list
 // ---------------------------------------------------------------------------------------------
 
-pub use crate::policy::{AllowEntry, AllowEntryError as AllowListError, Host};
 use crate::policy::{parse_host, split_host_port, HostPattern};
+pub use crate::policy::{AllowEntry, AllowEntryError as AllowListError, Host};
 
 /// The `network.allow` entries of a policy, parsed: `host:port`, `*.example.com:443`,
 /// `127.0.0.1:8080`, `[::1]:8080`. A port is always required.
@@ -159,14 +159,19 @@ pub fn is_internal(ip: IpAddr) -> bool {
             if seg[0] == 0x2002 {
                 return is_internal_v4(Ipv4Addr::from(((seg[1] as u32) << 16) | seg[2] as u32));
             }
-            (seg[0] & 0xfe00) == 0xfc00 || (seg[0] & 0xffc0) == 0xfe80 || (seg[0] & 0xffc0) == 0xfec0 || (seg[0] & 0xff00) == 0xff00
+            (seg[0] & 0xfe00) == 0xfc00
+                || (seg[0] & 0xffc0) == 0xfe80
+                || (seg[0] & 0xffc0) == 0xfec0
+                || (seg[0] & 0xff00) == 0xff00
         }
     }
 }
 
 fn is_internal_v4(ip: Ipv4Addr) -> bool {
     let [a, b, _, _] = ip.octets();
-    a == 0 || a == 10 || a == 127
+    a == 0
+        || a == 10
+        || a == 127
         || (a == 100 && (64..128).contains(&b))
         || (a == 169 && b == 254)
         || (a == 172 && (16..32).contains(&b))
@@ -343,21 +348,18 @@ impl ProxyThread {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let server = cfg.server.clone();
-        let thread = std::thread::Builder::new()
-            .name("mcpbox-egress-proxy".into())
-            .spawn(move || {
-                rt.block_on(async move {
-                    tokio::select! {
-                        r = serve(listener, Arc::new(cfg)) => {
-                            if let Err(e) = r {
-                                tracing::warn!(server = %server, "egress proxy stopped: {e}");
-                            }
+        let thread = std::thread::Builder::new().name("mcpbox-egress-proxy".into()).spawn(move || {
+            rt.block_on(async move {
+                tokio::select! {
+                    r = serve(listener, Arc::new(cfg)) => {
+                        if let Err(e) = r {
+                            tracing::warn!(server = %server, "egress proxy stopped: {e}");
                         }
-                        _ = stopped => {}
                     }
-                });
-            })
-            ?;
+                    _ = stopped => {}
+                }
+            });
+        })?;
         Ok(ProxyThread { stop: Some(stop), thread: Some(thread) })
     }
 }
@@ -399,10 +401,8 @@ pub async fn serve(listener: std::net::TcpListener, cfg: Arc<ProxyConfig>) -> io
 }
 
 fn is_transient_accept_error(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset | io::ErrorKind::Interrupted
-    ) || matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM))
+    matches!(e.kind(), io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset | io::ErrorKind::Interrupted)
+        || matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM))
 }
 
 /// A refusal to send back to the sandboxed client: status and a one-line body.
@@ -534,19 +534,17 @@ async fn connect_checked(
     // 2. Addresses.
     let addrs: Vec<SocketAddr> = match host {
         Host::Ip(ip) => vec![SocketAddr::new(*ip, port)],
-        Host::Name(name) => {
-            match tokio::time::timeout(cfg.connect_timeout, cfg.resolver.resolve(name, port)).await {
-                Err(_) => return Err(upstream_error(cfg, target, 504, "DNS lookup timed out")),
-                Ok(Err(e)) => {
-                    tracing::info!(server = %cfg.server, target = %target, error = %e, "egress: DNS lookup failed");
-                    return Err(Reply::new(502, format!("mcpbox: cannot resolve {host}")));
-                }
-                Ok(Ok(a)) if a.is_empty() => {
-                    return Err(Reply::new(502, format!("mcpbox: cannot resolve {host}")));
-                }
-                Ok(Ok(a)) => a,
+        Host::Name(name) => match tokio::time::timeout(cfg.connect_timeout, cfg.resolver.resolve(name, port)).await {
+            Err(_) => return Err(upstream_error(cfg, target, 504, "DNS lookup timed out")),
+            Ok(Err(e)) => {
+                tracing::info!(server = %cfg.server, target = %target, error = %e, "egress: DNS lookup failed");
+                return Err(Reply::new(502, format!("mcpbox: cannot resolve {host}")));
             }
-        }
+            Ok(Ok(a)) if a.is_empty() => {
+                return Err(Reply::new(502, format!("mcpbox: cannot resolve {host}")));
+            }
+            Ok(Ok(a)) => a,
+        },
     };
     if cfg.refuse_internal {
         if let Some(bad) = addrs.iter().find(|a| is_internal(a.ip())) {
@@ -969,9 +967,7 @@ mod tests {
             let head = String::from_utf8(head).unwrap();
             let len = head
                 .lines()
-                .find_map(|l| {
-                    l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_string())
-                })
+                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_string()))
                 .map(|v| v.parse::<usize>().unwrap())
                 .unwrap_or(0);
             while body.len() < len {
@@ -991,14 +987,9 @@ mod tests {
 
     #[test]
     fn parses_the_documented_forms() {
-        let l = list(&[
-            "api.example.com:443",
-            "*.example.org:443",
-            "127.0.0.1:8080",
-            "[::1]:8080",
-            "Mixed.Case.COM.:80",
-        ])
-        .unwrap();
+        let l =
+            list(&["api.example.com:443", "*.example.org:443", "127.0.0.1:8080", "[::1]:8080", "Mixed.Case.COM.:80"])
+                .unwrap();
         assert_eq!(l.check(&name("api.example.com"), 443), Some(Match::Exact));
         assert_eq!(l.check(&name("api.example.com"), 80), None, "the port is part of the entry");
         assert_eq!(l.check(&Host::Ip("127.0.0.1".parse().unwrap()), 8080), Some(Match::Exact));
@@ -1027,14 +1018,10 @@ mod tests {
     #[test]
     fn bad_entries_are_refused_with_a_reason() {
         let err = |e: &str| list(&[e]).unwrap_err().to_string();
-        assert_eq!(
-            err("example.com"),
-            "[network] allow `example.com`: a port is required, e.g. `example.com:443`"
-        );
+        assert_eq!(err("example.com"), "[network] allow `example.com`: a port is required, e.g. `example.com:443`");
         assert!(matches!(list(&["example.com:"]), Err(AllowListError::MissingPort { .. })));
         assert!(matches!(list(&["[::1]"]), Err(AllowListError::MissingPort { .. })));
-        for bad_port in
-            ["example.com:0", "example.com:65536", "example.com:https", "example.com:-1", "example.com:+80"]
+        for bad_port in ["example.com:0", "example.com:65536", "example.com:https", "example.com:-1", "example.com:+80"]
         {
             assert!(matches!(list(&[bad_port]), Err(AllowListError::BadPort { .. })), "{bad_port}");
         }
@@ -1046,14 +1033,7 @@ mod tests {
         assert!(err("-x.example.com:80").contains("start or end"));
         assert!(err("127.1:80").contains("numeric"), "resolvers would read 127.1 as an address");
         assert!(err("0x7f:80").contains("numeric"));
-        for w in [
-            "*:443",
-            "*.com:443",
-            "foo.*.com:443",
-            "*example.com:443",
-            "*.*.example.com:443",
-            "*.10.0.0.1:80",
-        ] {
+        for w in ["*:443", "*.com:443", "foo.*.com:443", "*example.com:443", "*.*.example.com:443", "*.10.0.0.1:80"] {
             assert!(matches!(list(&[w]), Err(AllowListError::BadWildcard { .. })), "{w}");
         }
         assert!(err("*.com:443").contains("too broad"));
@@ -1089,9 +1069,7 @@ mod tests {
         ] {
             assert!(!is_public(ip.parse().unwrap()), "{ip} must not count as public");
         }
-        for ip in
-            ["93.184.216.34", "1.1.1.1", "172.32.0.1", "100.128.0.1", "2606:4700::1111", "::ffff:8.8.8.8"]
-        {
+        for ip in ["93.184.216.34", "1.1.1.1", "172.32.0.1", "100.128.0.1", "2606:4700::1111", "::ffff:8.8.8.8"] {
             assert!(is_public(ip.parse().unwrap()), "{ip} is public");
         }
     }
@@ -1115,11 +1093,8 @@ mod tests {
 
         let mut s = TcpStream::connect(proxy.addr).await.unwrap();
         // The first tunnelled bytes ride in the same write as the head, as TLS clients do.
-        let head = format!(
-            "CONNECT 127.0.0.1:{} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\n\r\nearly-",
-            echo.port(),
-            echo.port()
-        );
+        let head =
+            format!("CONNECT 127.0.0.1:{} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\n\r\nearly-", echo.port(), echo.port());
         s.write_all(head.as_bytes()).await.unwrap();
         let expect = b"HTTP/1.1 200 Connection established\r\n\r\n";
         let mut got = vec![0u8; expect.len()];
@@ -1151,9 +1126,7 @@ mod tests {
         let reply = exchange(proxy.addr, format!("CONNECT {target} HTTP/1.1\r\n\r\n").as_bytes()).await;
         assert!(reply.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{reply}");
         assert!(
-            reply.ends_with(&format!(
-                "\r\n\r\nmcpbox: CONNECT {target} denied by policy fetch.toml (network.allow)\n"
-            )),
+            reply.ends_with(&format!("\r\n\r\nmcpbox: CONNECT {target} denied by policy fetch.toml (network.allow)\n")),
             "{reply}"
         );
         trap.assert_untouched();
@@ -1163,18 +1136,13 @@ mod tests {
     async fn an_unlisted_ip_literal_is_refused() {
         let trap = Tripwire::new();
         let proxy = start_proxy(&["api.example.com:443".to_string()], FakeDns::default());
-        for target in
-            [format!("127.0.0.1:{}", trap.port()), format!("[::1]:{}", trap.port()), "192.0.2.7:443".into()]
-        {
+        for target in [format!("127.0.0.1:{}", trap.port()), format!("[::1]:{}", trap.port()), "192.0.2.7:443".into()] {
             let reply = exchange(proxy.addr, format!("CONNECT {target} HTTP/1.1\r\n\r\n").as_bytes()).await;
             assert!(reply.starts_with("HTTP/1.1 403 "), "{target}: {reply}");
             assert!(reply.contains(&format!("CONNECT {target} denied by policy fetch.toml")), "{reply}");
         }
-        let reply = exchange(
-            proxy.addr,
-            format!("GET http://127.0.0.1:{}/ HTTP/1.1\r\n\r\n", trap.port()).as_bytes(),
-        )
-        .await;
+        let reply =
+            exchange(proxy.addr, format!("GET http://127.0.0.1:{}/ HTTP/1.1\r\n\r\n", trap.port()).as_bytes()).await;
         assert!(reply.starts_with("HTTP/1.1 403 "), "{reply}");
         trap.assert_untouched();
         assert!(proxy.dns.asked().is_empty());
@@ -1182,23 +1150,16 @@ mod tests {
 
     #[tokio::test]
     async fn a_denied_name_is_refused_before_any_dns_lookup() {
-        let proxy = start_proxy(
-            &["api.example.com:443".to_string()],
-            FakeDns::with(&[("denied.invalid", "127.0.0.1")]),
-        );
+        let proxy =
+            start_proxy(&["api.example.com:443".to_string()], FakeDns::with(&[("denied.invalid", "127.0.0.1")]));
         let started = Instant::now();
         let reply =
-            exchange(proxy.addr, b"CONNECT denied.invalid:443 HTTP/1.1\r\nHost: denied.invalid:443\r\n\r\n")
-                .await;
-        let plain =
-            exchange(proxy.addr, b"GET http://denied.invalid/x HTTP/1.1\r\nHost: denied.invalid\r\n\r\n")
-                .await;
+            exchange(proxy.addr, b"CONNECT denied.invalid:443 HTTP/1.1\r\nHost: denied.invalid:443\r\n\r\n").await;
+        let plain = exchange(proxy.addr, b"GET http://denied.invalid/x HTTP/1.1\r\nHost: denied.invalid\r\n\r\n").await;
         let elapsed = started.elapsed();
         assert!(reply.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{reply}");
         assert!(
-            reply.ends_with(
-                "mcpbox: CONNECT denied.invalid:443 denied by policy fetch.toml (network.allow)\n"
-            ),
+            reply.ends_with("mcpbox: CONNECT denied.invalid:443 denied by policy fetch.toml (network.allow)\n"),
             "{reply}"
         );
         assert!(
@@ -1218,8 +1179,7 @@ mod tests {
             FakeDns::with(&[("rebind.example.com", "93.184.216.34"), ("rebind.example.com", "127.0.0.1")]),
         );
         let reply =
-            exchange(proxy.addr, format!("CONNECT rebind.example.com:{port} HTTP/1.1\r\n\r\n").as_bytes())
-                .await;
+            exchange(proxy.addr, format!("CONNECT rebind.example.com:{port} HTTP/1.1\r\n\r\n").as_bytes()).await;
         assert!(reply.starts_with("HTTP/1.1 403 "), "{reply}");
         assert!(reply.contains("resolves to a non-public address"), "{reply}");
         assert_eq!(proxy.dns.asked(), vec!["rebind.example.com".to_string()]);
@@ -1229,14 +1189,10 @@ mod tests {
     #[tokio::test]
     async fn an_exact_name_entry_may_resolve_to_loopback() {
         let (echo, _t) = echo_server().await;
-        let proxy = start_proxy(
-            &[format!("svc.internal:{}", echo.port())],
-            FakeDns::with(&[("svc.internal", "127.0.0.1")]),
-        );
+        let proxy =
+            start_proxy(&[format!("svc.internal:{}", echo.port())], FakeDns::with(&[("svc.internal", "127.0.0.1")]));
         let mut s = TcpStream::connect(proxy.addr).await.unwrap();
-        s.write_all(format!("CONNECT SVC.internal:{} HTTP/1.1\r\n\r\n", echo.port()).as_bytes())
-            .await
-            .unwrap();
+        s.write_all(format!("CONNECT SVC.internal:{} HTTP/1.1\r\n\r\n", echo.port()).as_bytes()).await.unwrap();
         let mut got = vec![0u8; 39];
         tokio::time::timeout(T, s.read_exact(&mut got)).await.unwrap().unwrap();
         assert!(got.starts_with(b"HTTP/1.1 200 "));
@@ -1249,7 +1205,25 @@ mod tests {
 
     #[test]
     fn internal_addresses() {
-        for a in ["127.0.0.1", "10.0.0.1", "172.16.0.1", "192.168.1.1", "169.254.169.254", "100.64.0.1", "0.0.0.0", "224.0.0.1", "255.255.255.255", "::1", "::", "fe80::1", "fd00::1", "::ffff:127.0.0.1", "::ffff:169.254.169.254", "64:ff9b::a00:1", "2002:c0a8:101::1"] {
+        for a in [
+            "127.0.0.1",
+            "10.0.0.1",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "0.0.0.0",
+            "224.0.0.1",
+            "255.255.255.255",
+            "::1",
+            "::",
+            "fe80::1",
+            "fd00::1",
+            "::ffff:127.0.0.1",
+            "::ffff:169.254.169.254",
+            "64:ff9b::a00:1",
+            "2002:c0a8:101::1",
+        ] {
             assert!(is_internal(a.parse().unwrap()), "{a}");
         }
         for a in ["93.184.216.34", "203.0.113.80", "198.18.0.1", "2606:4700::1111", "::ffff:93.184.216.34"] {
@@ -1264,13 +1238,30 @@ mod tests {
     async fn a_refuse_internal_proxy_refuses_every_non_public_address() {
         let trap = Tripwire::new();
         let port = trap.port();
-        let allow = [format!("registry.test:{port}"), format!("meta.test:{port}"), format!("lan.test:{port}"), format!("127.0.0.1:{port}")];
-        let dns = FakeDns::with(&[("registry.test", "93.184.216.34"), ("registry.test", "127.0.0.1"), ("meta.test", "169.254.169.254"), ("lan.test", "10.1.2.3")]);
+        let allow = [
+            format!("registry.test:{port}"),
+            format!("meta.test:{port}"),
+            format!("lan.test:{port}"),
+            format!("127.0.0.1:{port}"),
+        ];
+        let dns = FakeDns::with(&[
+            ("registry.test", "93.184.216.34"),
+            ("registry.test", "127.0.0.1"),
+            ("meta.test", "169.254.169.254"),
+            ("lan.test", "10.1.2.3"),
+        ]);
         let proxy = start_proxy_with(&allow, dns, true);
         for target in ["registry.test", "meta.test", "lan.test", "127.0.0.1"] {
             let reply = exchange(proxy.addr, format!("CONNECT {target}:{port} HTTP/1.1\r\n\r\n").as_bytes()).await;
-            assert!(reply.starts_with("HTTP/1.1 403 ") && reply.contains("not reachable from here"), "{target}: {reply}");
-            let reply = exchange(proxy.addr, format!("GET http://{target}:{port}/x HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes()).await;
+            assert!(
+                reply.starts_with("HTTP/1.1 403 ") && reply.contains("not reachable from here"),
+                "{target}: {reply}"
+            );
+            let reply = exchange(
+                proxy.addr,
+                format!("GET http://{target}:{port}/x HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes(),
+            )
+            .await;
             assert!(reply.starts_with("HTTP/1.1 403 "), "plain GET {target}: {reply}");
         }
         assert_eq!(proxy.dns.asked().len(), 6, "names are judged after resolution: {:?}", proxy.dns.asked());
@@ -1284,8 +1275,7 @@ mod tests {
             l.local_addr().unwrap().port()
         }; // closed again: nothing listens there
         let proxy = start_proxy(&[format!("127.0.0.1:{port}")], FakeDns::default());
-        let reply =
-            exchange(proxy.addr, format!("CONNECT 127.0.0.1:{port} HTTP/1.1\r\n\r\n").as_bytes()).await;
+        let reply = exchange(proxy.addr, format!("CONNECT 127.0.0.1:{port} HTTP/1.1\r\n\r\n").as_bytes()).await;
         assert!(reply.starts_with("HTTP/1.1 502 "), "{reply}");
     }
 
@@ -1308,18 +1298,12 @@ mod tests {
         assert!(reply.starts_with("HTTP/1.1 200 OK\r\n"), "{reply}");
         assert!(reply.ends_with("\r\n\r\nhello from origin"), "{reply}");
         assert!(reply.contains("\r\nConnection: close\r\n"), "{reply}");
-        assert!(
-            !reply.to_ascii_lowercase().contains("keep-alive"),
-            "hop-by-hop response headers stripped: {reply}"
-        );
+        assert!(!reply.to_ascii_lowercase().contains("keep-alive"), "hop-by-hop response headers stripped: {reply}");
 
         let seen = tokio::time::timeout(T, seen).await.unwrap().unwrap();
         let lower = seen.to_ascii_lowercase();
         assert!(seen.starts_with("GET /some/path?q=1 HTTP/1.1\r\n"), "origin-form, fragment dropped: {seen}");
-        assert!(
-            seen.contains(&format!("\r\nHost: 127.0.0.1:{}\r\n", origin.port())),
-            "Host is the URL's: {seen}"
-        );
+        assert!(seen.contains(&format!("\r\nHost: 127.0.0.1:{}\r\n", origin.port())), "Host is the URL's: {seen}");
         assert!(seen.contains("\r\nUser-Agent: t\r\n") && seen.contains("\r\nAccept: */*\r\n"), "{seen}");
         assert!(seen.contains("\r\nConnection: close\r\n"), "{seen}");
         for gone in ["proxy-authorization", "proxy-connection", "keep-alive", "x-hop", "wrong.example"] {

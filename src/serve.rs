@@ -56,7 +56,11 @@ fn load(args: &ServeArgs) -> Result<Config, config::ConfigError> {
 }
 
 fn min_level(args: &ServeArgs) -> Level {
-    if args.min_level == "container" { Level::Container } else { Level::Full }
+    if args.min_level == "container" {
+        Level::Container
+    } else {
+        Level::Full
+    }
 }
 
 fn urls(c: &Config) -> Vec<String> {
@@ -82,7 +86,9 @@ fn urls(c: &Config) -> Vec<String> {
 
 /// The global connection cap: `maxConnections` if set, else sized from the descriptor limit.
 fn max_connections(cfg: &Config, nofile: u64) -> usize {
-    cfg.limits.max_connections.unwrap_or_else(|| crate::http::listen::default_max_connections(nofile, cfg.limits.max_sandboxes))
+    cfg.limits
+        .max_connections
+        .unwrap_or_else(|| crate::http::listen::default_max_connections(nofile, cfg.limits.max_sandboxes))
 }
 
 /// The effective limits, for `serve --check` and the start banner.
@@ -197,7 +203,8 @@ async fn run(args: ServeArgs, cfg: Config) -> anyhow::Result<()> {
     let mut planner = crate::plan::Planner::new(state);
     let refused = planner.refusals(&cfg);
     let failed = crate::plan::prepare::prepare_config(&planner.state, &cfg, false, &refused).await;
-    planner.cannot_start = refused.into_iter().chain(failed.into_iter().map(|(n, e)| (n, format!("prepare failed: {e}")))).collect();
+    planner.cannot_start =
+        refused.into_iter().chain(failed.into_iter().map(|(n, e)| (n, format!("prepare failed: {e}")))).collect();
     let launcher = SandboxLauncher { planner, spawner: crate::sandbox::Spawner::new() };
     let cfg = Arc::new(cfg);
     let grace = Duration::from_secs(args.grace);

@@ -26,7 +26,9 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::bridge::{framing, input_queue, Hub, Limits, LineReader, Principal, Session, SessionId, Sessions, Transport};
+use crate::bridge::{
+    framing, input_queue, Hub, Limits, LineReader, Principal, Session, SessionId, Sessions, Transport,
+};
 use crate::config::{Config, Isolation, ServerConfig};
 
 /// A started server process.
@@ -73,7 +75,11 @@ pub struct SandboxLauncher {
 }
 
 impl Launcher for SandboxLauncher {
-    fn launch(&self, server: &ServerConfig, session: Option<&str>) -> BoxFuture<'static, anyhow::Result<LaunchedProcess>> {
+    fn launch(
+        &self,
+        server: &ServerConfig,
+        session: Option<&str>,
+    ) -> BoxFuture<'static, anyhow::Result<LaunchedProcess>> {
         self.start(server, session, None)
     }
 
@@ -87,7 +93,12 @@ impl Launcher for SandboxLauncher {
 }
 
 impl SandboxLauncher {
-    fn start(&self, server: &ServerConfig, session: Option<&str>, cpu_weight: Option<u32>) -> BoxFuture<'static, anyhow::Result<LaunchedProcess>> {
+    fn start(
+        &self,
+        server: &ServerConfig,
+        session: Option<&str>,
+        cpu_weight: Option<u32>,
+    ) -> BoxFuture<'static, anyhow::Result<LaunchedProcess>> {
         let planned = self.planner.plan(server).map(|mut p| {
             p.spec.outer.cpu_weight = cpu_weight;
             p
@@ -95,7 +106,8 @@ impl SandboxLauncher {
         let spawner = self.spawner.clone();
         let name = server.name.clone();
         let session = session.map(str::to_owned);
-        let denials = crate::denials::registry().server(&name, Some(crate::denials::file_for(&self.planner.state.root, &name)));
+        let denials =
+            crate::denials::registry().server(&name, Some(crate::denials::file_for(&self.planner.state.root, &name)));
         Box::pin(async move {
             let planned = planned?;
             denials.set_policy(&planned.policy.source);
@@ -155,7 +167,11 @@ pub struct DirectLauncher;
 
 #[cfg(test)]
 impl Launcher for DirectLauncher {
-    fn launch(&self, server: &ServerConfig, _session: Option<&str>) -> BoxFuture<'static, anyhow::Result<LaunchedProcess>> {
+    fn launch(
+        &self,
+        server: &ServerConfig,
+        _session: Option<&str>,
+    ) -> BoxFuture<'static, anyhow::Result<LaunchedProcess>> {
         let crate::config::ServerKind::Stdio { command, args, env } = server.kind.clone() else {
             return Box::pin(async { anyhow::bail!("not a stdio server") });
         };
@@ -170,7 +186,14 @@ impl Launcher for DirectLauncher {
                 .kill_on_drop(true)
                 .spawn()?;
             let pid = child.id().unwrap_or(0);
-            Ok(LaunchedProcess { child, pid, level: "none".into(), start_latency: t.elapsed(), cgroups: Vec::new(), cleanup: Box::new(|| {}) })
+            Ok(LaunchedProcess {
+                child,
+                pid,
+                level: "none".into(),
+                start_latency: t.elapsed(),
+                cgroups: Vec::new(),
+                cleanup: Box::new(|| {}),
+            })
         })
     }
 }
@@ -312,7 +335,14 @@ impl Warm {
     fn new() -> Self {
         let now = Instant::now();
         Warm {
-            state: Mutex::new(WarmState { ready: VecDeque::new(), arrivals: VecDeque::new(), target: 1, last_arrival: now, last_shrink: now, each: None }),
+            state: Mutex::new(WarmState {
+                ready: VecDeque::new(),
+                arrivals: VecDeque::new(),
+                target: 1,
+                last_arrival: now,
+                last_shrink: now,
+                each: None,
+            }),
             wake: tokio::sync::Notify::new(),
         }
     }
@@ -339,7 +369,10 @@ impl WarmState {
 
     /// Idle long enough: halve the target. Returns the processes over it, to be ended.
     fn shrink(&mut self, now: Instant) -> Vec<LaunchedProcess> {
-        if self.target > 1 && now.duration_since(self.last_arrival) > WARM_IDLE_SHRINK && now.duration_since(self.last_shrink) > WARM_IDLE_SHRINK {
+        if self.target > 1
+            && now.duration_since(self.last_arrival) > WARM_IDLE_SHRINK
+            && now.duration_since(self.last_shrink) > WARM_IDLE_SHRINK
+        {
             self.target = (self.target / 2).max(1);
             self.last_shrink = now;
         }
@@ -441,8 +474,9 @@ impl Supervisor {
             if let Err(e) = &ready {
                 tracing::error!(server = %name, "cannot start: {e}");
             }
-            let shared = (cfg.isolation == Isolation::Shared)
-                .then(|| Hub::new(name, true, cfg.tool_filter.clone(), opts.limits()).with_options(cfg.log_enabled, cfg.timeout));
+            let shared = (cfg.isolation == Isolation::Shared).then(|| {
+                Hub::new(name, true, cfg.tool_filter.clone(), opts.limits()).with_options(cfg.log_enabled, cfg.timeout)
+            });
             servers.insert(
                 name.clone(),
                 Arc::new(Server {
@@ -588,10 +622,15 @@ impl Supervisor {
     /// Whether one more warm process of `each` bytes fits in `mcpbox.warmPoolBytes` beside
     /// what all pools hold now.
     fn warm_fits(&self, each: u64) -> bool {
-        let held: u64 = self.servers.values().filter_map(|s| s.warm.as_ref()).map(|w| {
-            let st = w.lock();
-            st.ready.len() as u64 * st.each()
-        }).sum();
+        let held: u64 = self
+            .servers
+            .values()
+            .filter_map(|s| s.warm.as_ref())
+            .map(|w| {
+                let st = w.lock();
+                st.ready.len() as u64 * st.each()
+            })
+            .sum();
         held + each <= self.warm_pool_bytes
     }
 
@@ -649,7 +688,9 @@ impl Supervisor {
         let sess_field = sid_str.clone().unwrap_or_else(|| "-".into());
         tracing::info!(server = %name, session = %sess_field, pid, level = %level, latency_ms = start_latency.as_secs_f64() * 1e3, "server started");
 
-        let (Some(mut stdin), Some(stdout), Some(stderr)) = (child.stdin.take(), child.stdout.take(), child.stderr.take()) else {
+        let (Some(mut stdin), Some(stdout), Some(stderr)) =
+            (child.stdin.take(), child.stdout.take(), child.stderr.take())
+        else {
             let _ = child.start_kill();
             anyhow::bail!("launcher returned a process without piped stdio");
         };
@@ -765,7 +806,8 @@ impl Supervisor {
         let closed = self.shutdown.child_token();
         let hub = match &server.shared {
             Some(h) => h.clone(),
-            None => Hub::new(server_name, false, server.cfg.tool_filter.clone(), self.opts.limits()).with_options(server.cfg.log_enabled, server.cfg.timeout),
+            None => Hub::new(server_name, false, server.cfg.tool_filter.clone(), self.opts.limits())
+                .with_options(server.cfg.log_enabled, server.cfg.timeout),
         };
         let session = Session::new(
             id.clone(),
@@ -843,7 +885,8 @@ impl Supervisor {
         init_params: serde_json::Value,
     ) -> Result<Arc<Backend>, OpenError> {
         let server = self.servers.get(server_name).ok_or(OpenError::NotFound)?.clone();
-        let slot = server.principals.lock().unwrap_or_else(|e| e.into_inner()).entry(principal.clone()).or_default().clone();
+        let slot =
+            server.principals.lock().unwrap_or_else(|e| e.into_inner()).entry(principal.clone()).or_default().clone();
         let mut slot = slot.lock().await;
         if let Some(b) = slot.as_ref().filter(|b| !b.session.is_closed()) {
             return Ok(b.clone());
@@ -853,7 +896,9 @@ impl Supervisor {
         let req = serde_json::json!({"jsonrpc": "2.0", "id": "mcpbox-initialize", "method": "initialize", "params": init_params});
         let answer = tokio::time::timeout(INIT_TIMEOUT, session.request_json(req)).await;
         let init = match answer {
-            Ok(Some(body)) => serde_json::from_slice::<serde_json::Value>(&body).ok().and_then(|v| v.get("result").cloned()),
+            Ok(Some(body)) => {
+                serde_json::from_slice::<serde_json::Value>(&body).ok().and_then(|v| v.get("result").cloned())
+            }
             _ => None,
         };
         let Some(init) = init else {

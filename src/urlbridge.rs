@@ -38,7 +38,11 @@ pub fn redact(url: &str) -> String {
         }
         None => base.to_string(),
     };
-    if url.contains(['?', '#']) { format!("{base}?…") } else { base }
+    if url.contains(['?', '#']) {
+        format!("{base}?…")
+    } else {
+        base
+    }
 }
 
 /// The upstream URL and its redacted form, for scrubbing messages that quote it.
@@ -112,7 +116,8 @@ impl SseParser {
             let line = String::from_utf8_lossy(&line).into_owned();
             if line.is_empty() {
                 if !self.data.is_empty() {
-                    let event = if self.event.is_empty() { "message".to_string() } else { std::mem::take(&mut self.event) };
+                    let event =
+                        if self.event.is_empty() { "message".to_string() } else { std::mem::take(&mut self.event) };
                     out.push(SseEvent { event, data: self.data.join("\n") });
                 }
                 self.event.clear();
@@ -136,9 +141,11 @@ impl SseParser {
 fn headers_from_env() -> anyhow::Result<reqwest::header::HeaderMap> {
     let mut map = reqwest::header::HeaderMap::new();
     let Ok(raw) = std::env::var(HEADERS_ENV) else { return Ok(map) };
-    let parsed: BTreeMap<String, String> = serde_json::from_str(&raw).context("MCPBOX_UPSTREAM_HEADERS is not a JSON object of strings")?;
+    let parsed: BTreeMap<String, String> =
+        serde_json::from_str(&raw).context("MCPBOX_UPSTREAM_HEADERS is not a JSON object of strings")?;
     for (k, v) in parsed {
-        let name = reqwest::header::HeaderName::from_bytes(k.as_bytes()).with_context(|| format!("header name {k:?}"))?;
+        let name =
+            reqwest::header::HeaderName::from_bytes(k.as_bytes()).with_context(|| format!("header name {k:?}"))?;
         let value = reqwest::header::HeaderValue::from_str(&v).with_context(|| format!("value of header {k}"))?;
         map.insert(name, value);
     }
@@ -282,7 +289,13 @@ async fn streamable(client: reqwest::Client, url: String, out: mpsc::Sender<Stri
     Ok(())
 }
 
-async fn post_streamable(client: &reqwest::Client, url: &str, msg: serde_json::Value, out: &mpsc::Sender<String>, state: &Arc<Mutex<StreamState>>) -> anyhow::Result<()> {
+async fn post_streamable(
+    client: &reqwest::Client,
+    url: &str,
+    msg: serde_json::Value,
+    out: &mpsc::Sender<String>,
+    state: &Arc<Mutex<StreamState>>,
+) -> anyhow::Result<()> {
     let id = msg.get("id").cloned();
     let is_request = id.is_some() && msg.get("method").is_some();
     let (session, protocol) = {
@@ -350,7 +363,12 @@ fn remember_protocol(state: &Arc<Mutex<StreamState>>, body: &str) {
 }
 
 /// Once a session exists, listen for what the server sends on its own (405: not offered).
-fn maybe_open_get_stream(client: &reqwest::Client, url: &str, out: &mpsc::Sender<String>, state: &Arc<Mutex<StreamState>>) {
+fn maybe_open_get_stream(
+    client: &reqwest::Client,
+    url: &str,
+    out: &mpsc::Sender<String>,
+    state: &Arc<Mutex<StreamState>>,
+) {
     let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
     let Some(sid) = s.session.clone() else { return };
     if s.get_started || s.protocol.is_none() {
@@ -374,7 +392,8 @@ fn maybe_open_get_stream(client: &reqwest::Client, url: &str, out: &mpsc::Sender
 }
 
 async fn legacy_sse(client: reqwest::Client, url: String, out: mpsc::Sender<String>) -> anyhow::Result<()> {
-    let resp = client.get(&url).header("accept", "text/event-stream").send().await.context("connecting to the upstream")?;
+    let resp =
+        client.get(&url).header("accept", "text/event-stream").send().await.context("connecting to the upstream")?;
     if !resp.status().is_success() {
         bail!("upstream answered HTTP {} to GET {}", resp.status(), redact(&url));
     }
@@ -433,10 +452,13 @@ mod tests {
         let mut p = SseParser::default();
         assert!(p.push(b"event: endpoint\r\ndata: /m?sess").is_empty());
         let ev = p.push(b"ionId=1\r\n\r\n: comment\n\ndata: {\"a\":\ndata: 1}\n\n");
-        assert_eq!(ev, vec![
-            SseEvent { event: "endpoint".into(), data: "/m?sessionId=1".into() },
-            SseEvent { event: "message".into(), data: "{\"a\":\n1}".into() },
-        ]);
+        assert_eq!(
+            ev,
+            vec![
+                SseEvent { event: "endpoint".into(), data: "/m?sessionId=1".into() },
+                SseEvent { event: "message".into(), data: "{\"a\":\n1}".into() },
+            ]
+        );
     }
 
     #[test]

@@ -2,11 +2,11 @@
 // Test helpers compare JSON-RPC ids by their text (1 and "1" differ as Values, not as keys),
 // and rmcp's error types are large: both lints would only add noise here.
 #![allow(clippy::cmp_owned, clippy::result_large_err)]
-mod common;
-mod sandbox;
 mod cli;
+mod common;
+mod denials;
+mod realservers;
+mod runtimes;
+mod sandbox;
 mod serve;
 mod serve_support;
-mod realservers;
-mod denials;
-mod runtimes;

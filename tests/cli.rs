@@ -8,7 +8,10 @@ use crate::common::*;
 
 fn run_policy(policy: &str, args: &[&str]) -> Output {
     let mut cmd = Command::new(mcpbox());
-    cmd.args(["run", "--policy", policy, "--state-dir"]).arg(&shared().state).args(["--name", &unique("cli"), "--"]).args(args);
+    cmd.args(["run", "--policy", policy, "--state-dir"])
+        .arg(&shared().state)
+        .args(["--name", &unique("cli"), "--"])
+        .args(args);
     test_env(&mut cmd);
     run_timeout(cmd, Duration::from_secs(60))
 }
@@ -52,7 +55,8 @@ fn python_runs_under_the_python_policy() {
 #[test]
 fn exit_codes_pass_through() {
     let d = tempdir();
-    let p = write_policy(d.path(), "sh", "extends = \"default\"\n[filesystem]\nexec = [\"/usr/bin/dash\", \"/bin/sh\"]\n");
+    let p =
+        write_policy(d.path(), "sh", "extends = \"default\"\n[filesystem]\nexec = [\"/usr/bin/dash\", \"/bin/sh\"]\n");
     let out = run_policy(p.to_str().unwrap(), &["/bin/sh", "-c", "exit 7"]);
     assert_eq!(out.code, 7, "{out}");
     // Death by a signal: 128+N, as a shell reports it.
@@ -84,7 +88,9 @@ fn sigterm_is_forwarded() {
 fn a_command_the_policy_does_not_allow_is_refused() {
     let name = unique("cli");
     let mut cmd = Command::new(mcpbox());
-    cmd.args(["run", "--policy", "default", "--state-dir"]).arg(&shared().state).args(["--name", &name, "--", "/bin/ls", "/"]);
+    cmd.args(["run", "--policy", "default", "--state-dir"])
+        .arg(&shared().state)
+        .args(["--name", &name, "--", "/bin/ls", "/"]);
     test_env(&mut cmd);
     let out = run_timeout(cmd, Duration::from_secs(60));
     assert_eq!(out.code, 125, "{out}");
@@ -99,7 +105,9 @@ fn a_command_the_policy_does_not_allow_is_refused() {
     if is_root() {
         // Tests with state dirs of their own allocate the same host uids: count only processes
         // in this server's cgroup.
-        let mine = |pid: &i32| std::fs::read_to_string(format!("/proc/{pid}/cgroup")).is_ok_and(|c| c.contains(&format!("/{name}")));
+        let mine = |pid: &i32| {
+            std::fs::read_to_string(format!("/proc/{pid}/cgroup")).is_ok_and(|c| c.contains(&format!("/{name}")))
+        };
         let left: Vec<i32> = pids_of_uid(allocated_uid(&name)).into_iter().filter(mine).collect();
         assert_eq!(left, Vec::<i32>::new(), "a process of the refused server outlived mcpbox");
     }
@@ -113,17 +121,32 @@ fn a_command_the_policy_does_not_allow_is_refused() {
 fn npx_server_runs_over_stdio_without_a_policy() {
     let d = tempdir();
     let state = d.path().join("state");
-    let (v, err) = initialize_over_run(&state, None, &["npx", "-y", "@modelcontextprotocol/server-sequential-thinking"]);
+    let (v, err) =
+        initialize_over_run(&state, None, &["npx", "-y", "@modelcontextprotocol/server-sequential-thinking"]);
     assert_eq!(v["result"]["serverInfo"]["name"], "sequential-thinking-server", "{v}");
-    assert!(err.contains("shipped policy `server-sequential-thinking`"), "the log names the package's shipped policy:\n{err}");
-    assert!(state.join("server-sequential-thinking/cache/prepared.json").is_file(), "prepared under the package's name:\n{err}");
+    assert!(
+        err.contains("shipped policy `server-sequential-thinking`"),
+        "the log names the package's shipped policy:\n{err}"
+    );
+    assert!(
+        state.join("server-sequential-thinking/cache/prepared.json").is_file(),
+        "prepared under the package's name:\n{err}"
+    );
 }
 
 /// Policies that a launch refuses, and one it takes: `policy check`, `serve --check` and
 /// `run` must all say the same.
 const REFUSED: &[(&str, &str, &str)] = &[
-    ("wildtld", "[network]\nmode = \"proxy\"\nallow = [\"*.com:443\"]\n", "a wildcard over a whole top-level domain is too broad"),
-    ("nosuchcall", "extends = \"default\"\n[seccomp]\nextra_deny = [\"no_such_call\"]\n", "`no_such_call` is not an x86_64 syscall"),
+    (
+        "wildtld",
+        "[network]\nmode = \"proxy\"\nallow = [\"*.com:443\"]\n",
+        "a wildcard over a whole top-level domain is too broad",
+    ),
+    (
+        "nosuchcall",
+        "extends = \"default\"\n[seccomp]\nextra_deny = [\"no_such_call\"]\n",
+        "`no_such_call` is not an x86_64 syscall",
+    ),
     ("hardallow", "extends = \"default\"\n[seccomp]\nextra_allow = [\"bpf\"]\n", "syscall `bpf` can never be allowed"),
 ];
 
@@ -150,7 +173,10 @@ fn policy_check_serve_check_and_run_refuse_what_a_launch_refuses() {
         let p = write_policy(d.path(), name, body);
         let out = policy_check(&p);
         assert_eq!(out.code, 1, "policy check {name}:\n{out}");
-        assert!(out.stderr.contains(why) && out.stderr.contains(&p.display().to_string()), "policy check {name}:\n{out}");
+        assert!(
+            out.stderr.contains(why) && out.stderr.contains(&p.display().to_string()),
+            "policy check {name}:\n{out}"
+        );
         let out = serve_check(d.path(), &p);
         assert_eq!(out.code, 2, "serve --check {name}:\n{out}");
         assert!(out.stderr.contains(why) && out.stderr.contains("server s"), "serve --check {name}:\n{out}");
@@ -215,10 +241,16 @@ for port in sys.argv[1:]:
     except Exception as e:
         print('REFUSED', port, type(e).__name__)
 "#;
-    let out = run_policy(p.to_str().unwrap(), &["python3", "-c", script, &allowed.port.to_string(), &denied.port.to_string()]);
+    let out = run_policy(
+        p.to_str().unwrap(),
+        &["python3", "-c", script, &allowed.port.to_string(), &denied.port.to_string()],
+    );
     assert_eq!(out.code, 0, "{out}");
     assert!(out.stdout.contains("RUN-PROXY-CANARY-ALLOWED"), "the allowed site through the proxy:\n{out}");
-    assert!(out.stdout.contains(&format!("REFUSED {}", denied.port)) && !out.stdout.contains("RUN-PROXY-CANARY-DENIED"), "{out}");
+    assert!(
+        out.stdout.contains(&format!("REFUSED {}", denied.port)) && !out.stdout.contains("RUN-PROXY-CANARY-DENIED"),
+        "{out}"
+    );
     assert_eq!(denied.hits.load(Ordering::SeqCst), 0, "the unlisted site was contacted");
     assert!(out.stderr.contains("egress denied"), "the proxy logs the refusal:\n{out}");
 }
@@ -240,7 +272,8 @@ fn a_policy_that_would_fail_at_launch_is_refused_before_anything_is_prepared() {
         assert_eq!(out.code, 125, "{out}");
         assert!(out.stderr.contains(says), "the refusal names its reason:\n{out}");
         let cache = state.join(name).join("cache");
-        let prepared: Vec<_> = std::fs::read_dir(&cache).map(|r| r.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
+        let prepared: Vec<_> =
+            std::fs::read_dir(&cache).map(|r| r.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
         assert!(prepared.is_empty(), "nothing may be prepared for a refused server: {prepared:?}");
     }
 }
@@ -254,7 +287,8 @@ fn serve_check_refuses_what_a_launch_would_refuse() {
         (serde_json::json!({"extends": "python", "network": {"mode": "proxy", "allow": ["*.com:443"]}}), "*.com"),
         (serde_json::json!({"extends": "no-such-policy"}), "no-such-policy"),
     ] {
-        let cfg = serde_json::json!({"mcpServers": {"s": {"command": "python3", "args": ["-c", "0"], "policy": policy}}});
+        let cfg =
+            serde_json::json!({"mcpServers": {"s": {"command": "python3", "args": ["-c", "0"], "policy": policy}}});
         let path = d.path().join("mcpbox.json");
         std::fs::write(&path, cfg.to_string()).unwrap();
         let mut cmd = Command::new(mcpbox());
@@ -318,18 +352,33 @@ fn the_readme_memory_example_works_without_a_policy() {
         // As root the data dir is the server's own filesystem (`[limits] disk` of the shipped
         // policies): the graph (MEMORY_FILE_PATH, policies/server-memory.toml) is in its image.
         let image = state.join("server-memory/data.img");
-        let out = Command::new("/usr/sbin/debugfs").args(["-R", "cat /memory.jsonl"]).arg(&image).output().expect("running debugfs (e2fsprogs)");
-        assert!(String::from_utf8_lossy(&out.stdout).contains("README-CANARY"), "the graph is in the server's data image");
+        let out = Command::new("/usr/sbin/debugfs")
+            .args(["-R", "cat /memory.jsonl"])
+            .arg(&image)
+            .output()
+            .expect("running debugfs (e2fsprogs)");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("README-CANARY"),
+            "the graph is in the server's data image"
+        );
         return;
     }
     let data = state.join("server-memory/data");
-    let written: Vec<_> = std::fs::read_dir(&data).unwrap().flatten().filter(|e| std::fs::read_to_string(e.path()).is_ok_and(|t| t.contains("README-CANARY"))).collect();
+    let written: Vec<_> = std::fs::read_dir(&data)
+        .unwrap()
+        .flatten()
+        .filter(|e| std::fs::read_to_string(e.path()).is_ok_and(|t| t.contains("README-CANARY")))
+        .collect();
     assert!(!written.is_empty(), "the graph is in the server's data dir");
 }
 
 /// `mcpbox run` with a command line as configs write it, answering `initialize` on stdio.
 /// `name`: `--name`, or None for the default (the package's name).
-pub(crate) fn initialize_over_run(state: &std::path::Path, name: Option<&str>, npx: &[&str]) -> (serde_json::Value, String) {
+pub(crate) fn initialize_over_run(
+    state: &std::path::Path,
+    name: Option<&str>,
+    npx: &[&str],
+) -> (serde_json::Value, String) {
     let mut cmd = Command::new(mcpbox());
     cmd.args(["run", "--state-dir"]).arg(state);
     if let Some(name) = name {
@@ -349,7 +398,10 @@ pub(crate) fn initialize_over_run(state: &std::path::Path, name: Option<&str>, n
     std::io::Read::read_to_string(child.stdout.as_mut().unwrap(), &mut out).unwrap();
     let mut err = String::new();
     std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
-    let answer = out.lines().find(|l| l.contains("\"id\":1")).unwrap_or_else(|| panic!("{npx:?}: no answer to initialize\nstdout: {out}\nstderr: {err}"));
+    let answer = out
+        .lines()
+        .find(|l| l.contains("\"id\":1"))
+        .unwrap_or_else(|| panic!("{npx:?}: no answer to initialize\nstdout: {out}\nstderr: {err}"));
     assert!(status.success(), "{npx:?}: exit {status:?}\n{err}");
     (serde_json::from_str(answer).unwrap(), err)
 }
@@ -365,10 +417,21 @@ fn npx_lines_as_configs_write_them_run() {
     let (v, err) = initialize_over_run(
         &state,
         Some("seqthink-ext"),
-        &["npx", "--yes", "--prefer-offline", "-q", "--package=@modelcontextprotocol/server-sequential-thinking", "--", "mcp-server-sequential-thinking"],
+        &[
+            "npx",
+            "--yes",
+            "--prefer-offline",
+            "-q",
+            "--package=@modelcontextprotocol/server-sequential-thinking",
+            "--",
+            "mcp-server-sequential-thinking",
+        ],
     );
     assert_eq!(v["result"]["serverInfo"]["name"], "sequential-thinking-server", "{v}");
-    assert!(err.contains("shipped policy `server-sequential-thinking`"), "the package is recognised behind --package=:\n{err}");
+    assert!(
+        err.contains("shipped policy `server-sequential-thinking`"),
+        "the package is recognised behind --package=:\n{err}"
+    );
     // A local install: the tree prepare made, copied where a user would have installed it.
     let inst = d.path().join("inst");
     let copied = Command::new("cp").arg("-a").arg(state.join("seqthink-ext/cache/npm")).arg(&inst).status().unwrap();
@@ -376,11 +439,24 @@ fn npx_lines_as_configs_write_them_run() {
     let ok = Command::new("chmod").args(["-R", "a+rX"]).arg(&inst).status().unwrap();
     assert!(ok.success());
     let dir = inst.to_string_lossy().into_owned();
-    let (v, err) = initialize_over_run(&state, Some("seqthink-local"), &["npx", "--offline", "--prefix", &dir, "--", "mcp-server-sequential-thinking"]);
+    let (v, err) = initialize_over_run(
+        &state,
+        Some("seqthink-local"),
+        &["npx", "--offline", "--prefix", &dir, "--", "mcp-server-sequential-thinking"],
+    );
     assert_eq!(v["result"]["serverInfo"]["name"], "sequential-thinking-server", "{v}");
     assert!(!state.join("seqthink-local/cache/prepared.json").exists(), "a --prefix install is not prepared:\n{err}");
     let mut cmd = Command::new(mcpbox());
-    cmd.args(["run", "--state-dir"]).arg(&state).args(["--name", "notthere", "--", "npx", "--prefix", &dir, "--", "some-other-bin"]);
+    cmd.args(["run", "--state-dir"]).arg(&state).args([
+        "--name",
+        "notthere",
+        "--",
+        "npx",
+        "--prefix",
+        &dir,
+        "--",
+        "some-other-bin",
+    ]);
     test_env(&mut cmd);
     let out = run_timeout(cmd, Duration::from_secs(60));
     assert_eq!(out.code, 125, "{out}");
@@ -394,9 +470,16 @@ fn npx_lines_as_configs_write_them_run() {
 fn serve_check_takes_the_mcp_proxy_example_and_says_what_has_no_effect() {
     let d = tempdir();
     let state = d.path().join("state");
-    let reference = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/reference/mcp-proxy-example-config.json");
-    let reference = if reference.exists() { reference } else { std::path::PathBuf::from("/work/shared/reference/mcp-proxy-example-config.json") };
-    let text = std::fs::read_to_string(&reference).unwrap_or_else(|e| panic!("{}: {e} (the reference config ships in /work/shared/reference)", reference.display()));
+    let reference =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/reference/mcp-proxy-example-config.json");
+    let reference = if reference.exists() {
+        reference
+    } else {
+        std::path::PathBuf::from("/work/shared/reference/mcp-proxy-example-config.json")
+    };
+    let text = std::fs::read_to_string(&reference).unwrap_or_else(|e| {
+        panic!("{}: {e} (the reference config ships in /work/shared/reference)", reference.display())
+    });
     let check = |cfg: &serde_json::Value| {
         let path = d.path().join("config.json");
         std::fs::write(&path, cfg.to_string()).unwrap();
@@ -408,7 +491,11 @@ fn serve_check_takes_the_mcp_proxy_example_and_says_what_has_no_effect() {
     let out = check(&cfg);
     assert_eq!(out.code, 0, "{out}");
     assert!(out.stdout.contains("3 server(s)"), "{out}");
-    assert!(out.stderr.contains("warning: mcpProxy.version") && out.stderr.contains("warning: mcpServers.fetch.options.panicIfInvalid"), "{out}");
+    assert!(
+        out.stderr.contains("warning: mcpProxy.version")
+            && out.stderr.contains("warning: mcpServers.fetch.options.panicIfInvalid"),
+        "{out}"
+    );
     cfg["_comment"] = "top-level comment".into();
     cfg["mcpServers"]["fetch"]["_comment"] = "a server's comment".into();
     let out = check(&cfg);
@@ -419,10 +506,16 @@ fn serve_check_takes_the_mcp_proxy_example_and_says_what_has_no_effect() {
     assert!(out.stderr.contains("mcpServers.fetch") && out.stderr.contains("unknown field `comment`"), "{out}");
     // A package command line with an option mcpbox does not take: refused, named, with the forms.
     cfg["mcpServers"]["fetch"].as_object_mut().unwrap().remove("comment");
-    cfg["mcpServers"]["github"]["args"] = serde_json::json!(["--workspace", "w", "-y", "@modelcontextprotocol/server-github"]);
+    cfg["mcpServers"]["github"]["args"] =
+        serde_json::json!(["--workspace", "w", "-y", "@modelcontextprotocol/server-github"]);
     let out = check(&cfg);
     assert_eq!(out.code, 2, "{out}");
-    assert!(out.stderr.contains("server github") && out.stderr.contains("--workspace") && out.stderr.contains("supported: `npx`"), "{out}");
+    assert!(
+        out.stderr.contains("server github")
+            && out.stderr.contains("--workspace")
+            && out.stderr.contains("supported: `npx`"),
+        "{out}"
+    );
     assert!(!state.exists(), "--check creates nothing");
 }
 
@@ -433,7 +526,11 @@ fn a_synced_uv_project_runs_from_its_venv() {
     let d = tempdir();
     let proj = d.path().join("proj");
     mkdir_755(&proj);
-    let venv = Command::new("/usr/bin/python3").args(["-m", "venv", "--without-pip"]).arg(proj.join(".venv")).status().expect("/usr/bin/python3");
+    let venv = Command::new("/usr/bin/python3")
+        .args(["-m", "venv", "--without-pip"])
+        .arg(proj.join(".venv"))
+        .status()
+        .expect("/usr/bin/python3");
     assert!(venv.success(), "python3 -m venv failed");
     let script = r#"
 import json, sys
@@ -454,7 +551,17 @@ for line in sys.stdin:
     let state = d.path().join("state");
     let mut cmd = Command::new(mcpbox());
     let dir = proj.to_string_lossy().into_owned();
-    cmd.args(["run", "--state-dir"]).arg(&state).args(["--name", "localproj", "--", "uv", "--directory", &dir, "run", "server.py", &dir]);
+    cmd.args(["run", "--state-dir"]).arg(&state).args([
+        "--name",
+        "localproj",
+        "--",
+        "uv",
+        "--directory",
+        &dir,
+        "run",
+        "server.py",
+        &dir,
+    ]);
     test_env(&mut cmd);
     let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     {
@@ -468,11 +575,15 @@ for line in sys.stdin:
     let mut err = String::new();
     std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
     assert!(status.success(), "exit {status:?}\n{out}\n{err}");
-    let v: serde_json::Value = serde_json::from_str(out.lines().next().unwrap_or_default()).unwrap_or_else(|e| panic!("{e}: {out}\n{err}"));
+    let v: serde_json::Value =
+        serde_json::from_str(out.lines().next().unwrap_or_default()).unwrap_or_else(|e| panic!("{e}: {out}\n{err}"));
     let real = std::fs::canonicalize(&proj).unwrap();
     let version = v["result"]["serverInfo"]["version"].as_str().unwrap_or_default().to_string();
     assert!(version.starts_with(&format!("{}/.venv ", real.display())), "the project's venv runs it: {v}");
-    assert!(!version.ends_with(" yes") && !proj.join("WRITTEN").exists(), "the project is read-only to the server: {v}");
+    assert!(
+        !version.ends_with(" yes") && !proj.join("WRITTEN").exists(),
+        "the project is read-only to the server: {v}"
+    );
     assert!(!state.join("localproj/cache/prepared.json").exists(), "nothing is prepared");
 }
 
@@ -501,9 +612,15 @@ fn a_daemon_left_by_an_install_script_cannot_wedge_prepare() {
     std::fs::write(&cfg, body.to_string()).unwrap();
     let marker = "mcpbox-daemon-pkg-marker";
     let daemons = || {
-        let pids = std::fs::read_dir("/proc").unwrap().flatten().filter_map(|e| e.file_name().to_string_lossy().parse::<i32>().ok());
+        let pids = std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| e.file_name().to_string_lossy().parse::<i32>().ok());
         crate::sandbox::not_zombies(
-            pids.filter(|p| std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).contains(marker))).collect(),
+            pids.filter(|p| {
+                std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).contains(marker))
+            })
+            .collect(),
         )
     };
     for level in ["full", "container"] {

@@ -41,12 +41,16 @@ async fn refusals_are_logged_counted_recorded_and_suggested() {
     let mb = Mcpbox::start(servers, json!({})).await;
     let st = Streamable::open(&mb, "den").await;
     let sid = st.sid.clone();
-    let probe = |port: u16| call_msg(json!(2), "probe", json!({"path": secret, "url": format!("http://127.0.0.1:{port}/")}));
+    let probe =
+        |port: u16| call_msg(json!(2), "probe", json!({"path": secret, "url": format!("http://127.0.0.1:{port}/")}));
     let ok = text_of(&st.request(probe(allowed.port)).await);
     assert!(ok.contains("GET DENIALS-ALLOWED-SITE"), "the allowed site, through the proxy: {ok}");
     let out = text_of(&st.request(probe(denied.port)).await);
     assert!(out.contains("GET-STATUS 403"), "the proxy refuses the unlisted host: {out}");
-    assert!(out.contains("READ-ERRNO 2") || out.contains("READ-ERRNO 13"), "the file outside the grants is unreadable: {out}");
+    assert!(
+        out.contains("READ-ERRNO 2") || out.contains("READ-ERRNO 13"),
+        "the file outside the grants is unreadable: {out}"
+    );
     assert!(!out.contains("DENIALS-CANARY") && !out.contains("DENIALS-DENIED-SITE"), "{out}");
     assert_eq!(denied.hits.load(Ordering::SeqCst), 0, "the unlisted site was contacted");
 
@@ -60,7 +64,11 @@ async fn refusals_are_logged_counted_recorded_and_suggested() {
         .to_string();
     let v: serde_json::Value = serde_json::from_str(&line).unwrap();
     let f = &v["fields"];
-    assert_eq!((f["server"].as_str(), f["layer"].as_str(), f["access"].as_str()), (Some("den"), Some("egress"), Some("connect")), "{line}");
+    assert_eq!(
+        (f["server"].as_str(), f["layer"].as_str(), f["access"].as_str()),
+        (Some("den"), Some("egress"), Some("connect")),
+        "{line}"
+    );
     assert_eq!(f["object"].as_str(), Some(target.as_str()), "{line}");
     // The session is known when the process was started for it (not when it came warm).
     let s = f["session"].as_str().unwrap();
@@ -78,11 +86,18 @@ async fn refusals_are_logged_counted_recorded_and_suggested() {
 
     // A syscall outside the seccomp allow-list (bpf, 321 on x86_64): EPERM, as without the
     // supervisor, and recorded by name.
-    let call = call_msg(json!(3), "probe", json!({"path": secret, "url": format!("http://127.0.0.1:{}/", allowed.port), "syscall": 321}));
+    let call = call_msg(
+        json!(3),
+        "probe",
+        json!({"path": secret, "url": format!("http://127.0.0.1:{}/", allowed.port), "syscall": 321}),
+    );
     let out = text_of(&st.request(call).await);
     assert!(out.contains("SYSCALL -1 ERRNO 1"), "bpf is refused with EPERM: {out}");
     assert!(
-        eventually(Duration::from_secs(5), || mb.log_text().lines().any(|l| l.contains("seccomp denied: bpf") && l.contains("\"server\":\"den\""))),
+        eventually(Duration::from_secs(5), || mb
+            .log_text()
+            .lines()
+            .any(|l| l.contains("seccomp denied: bpf") && l.contains("\"server\":\"den\""))),
         "no seccomp denial line:\n{}",
         mb.log_text()
     );
@@ -107,7 +122,10 @@ async fn refusals_are_logged_counted_recorded_and_suggested() {
 
     // The same from the config the server is served from (the policy as `serve` plans it).
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_mcpbox"));
-    cmd.args(["policy", "suggest", "den", "--config"]).arg(mb.dir.path().join("mcpbox.json")).arg("--state-dir").arg(mb.dir.path().join("state"));
+    cmd.args(["policy", "suggest", "den", "--config"])
+        .arg(mb.dir.path().join("mcpbox.json"))
+        .arg("--state-dir")
+        .arg(mb.dir.path().join("state"));
     test_env(&mut cmd);
     let out = run_timeout(cmd, Duration::from_secs(30));
     let plus: Vec<&str> = out.stdout.lines().filter(|l| l.starts_with('+')).collect();
@@ -115,7 +133,10 @@ async fn refusals_are_logged_counted_recorded_and_suggested() {
 
     // With the suggestion applied, nothing is left to add.
     let fixed = dir.path().join("den-fixed.toml");
-    let body = std::fs::read_to_string(&policy).unwrap().replace(&format!("\"127.0.0.1:{}\"]", allowed.port), &format!("\"127.0.0.1:{}\", \"{target}\"]", allowed.port));
+    let body = std::fs::read_to_string(&policy).unwrap().replace(
+        &format!("\"127.0.0.1:{}\"]", allowed.port),
+        &format!("\"127.0.0.1:{}\", \"{target}\"]", allowed.port),
+    );
     std::fs::write(&fixed, body).unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_mcpbox"));
     cmd.args(["policy", "suggest", "den", "--policy"]).arg(&fixed).arg("--state-dir").arg(mb.dir.path().join("state"));

@@ -53,36 +53,61 @@ fn offline_servers_work_with_network_none_and_no_package_manager() {
     let mut time = srv.client("time");
     let (text, err) = time.tool("get_current_time", json!({ "timezone": "Asia/Tokyo" }));
     assert!(!err && text.contains("Asia/Tokyo") && text.contains("+09:00"), "get_current_time: {text}");
-    let (text, err) = time.tool("convert_time", json!({ "source_timezone": "Europe/Paris", "time": "12:00", "target_timezone": "America/New_York" }));
+    let (text, err) = time.tool(
+        "convert_time",
+        json!({ "source_timezone": "Europe/Paris", "time": "12:00", "target_timezone": "America/New_York" }),
+    );
     assert!(!err && text.contains("America/New_York"), "convert_time: {text}");
 
     let mut st = srv.client("sequential-thinking");
     let names = st.tool_names();
-    let tool = names.iter().find(|n| n.contains("thinking")).unwrap_or_else(|| panic!("no thinking tool in {names:?}")).clone();
-    let (text, err) = st.tool(&tool, json!({ "thought": "first step", "nextThoughtNeeded": false, "thoughtNumber": 1, "totalThoughts": 1 }));
+    let tool = names
+        .iter()
+        .find(|n| n.contains("thinking"))
+        .unwrap_or_else(|| panic!("no thinking tool in {names:?}"))
+        .clone();
+    let (text, err) = st.tool(
+        &tool,
+        json!({ "thought": "first step", "nextThoughtNeeded": false, "thoughtNumber": 1, "totalThoughts": 1 }),
+    );
     assert!(!err && text.contains("thoughtNumber"), "{tool}: {text}");
 
     let mut ev = srv.client("everything");
     let names = ev.tool_names();
     let (text, err) = ev.tool("echo", json!({ "message": "hello from mcpbox" }));
     assert!(!err && text.contains("hello from mcpbox"), "echo: {text}");
-    let env_tool = names.iter().find(|n| *n == "get-env" || *n == "printEnv").unwrap_or_else(|| panic!("no env tool in {names:?}")).clone();
+    let env_tool = names
+        .iter()
+        .find(|n| *n == "get-env" || *n == "printEnv")
+        .unwrap_or_else(|| panic!("no env tool in {names:?}"))
+        .clone();
     let (text, err) = ev.tool(&env_tool, json!({}));
     assert!(!err && text.contains("PATH"), "{env_tool}: {text}");
-    assert!(!text.contains("leaked-canary-value") && !text.contains(TOKEN), "mcpbox's environment reached the server: {text}");
+    assert!(
+        !text.contains("leaked-canary-value") && !text.contains(TOKEN),
+        "mcpbox's environment reached the server: {text}"
+    );
 
     // While the sessions live: the server processes are the runtimes on the prepared entry
     // points under this state dir, never npm/npx/uv.
     for name in ["time", "sequential-thinking", "everything"] {
         let cache = state.join(name).join("cache");
-        let procs: Vec<_> = processes_mentioning(&cache.to_string_lossy()).into_iter().filter(|(pid, _)| *pid != std::process::id()).collect();
+        let procs: Vec<_> = processes_mentioning(&cache.to_string_lossy())
+            .into_iter()
+            .filter(|(pid, _)| *pid != std::process::id())
+            .collect();
         assert!(!procs.is_empty(), "no process runs {name}'s prepared entry point");
         for (pid, argv) in &procs {
-            let exe = std::fs::read_link(format!("/proc/{pid}/exe")).map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
+            let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
+                .map(|p| p.to_string_lossy().into_owned())
+                .unwrap_or_default();
             let base = exe.rsplit('/').next().unwrap_or("");
             assert!(base == "node" || base.starts_with("python3"), "{name}: pid {pid} runs {exe}: {argv:?}");
             assert!(
-                !argv.iter().any(|a| a.contains("npm-cli") || a.contains("npx-cli") || a.ends_with("/uv") || a.ends_with("/uvx")),
+                !argv.iter().any(|a| a.contains("npm-cli")
+                    || a.contains("npx-cli")
+                    || a.ends_with("/uv")
+                    || a.ends_with("/uvx")),
                 "{name}: a package manager runs in the run phase: {argv:?}"
             );
         }
@@ -153,7 +178,10 @@ fn memory_graph_persists_across_restarts_in_its_data_dir_only() {
 
     let srv = Serve::start(&dir, &state, cfg.clone());
     let mut c = srv.client("memory");
-    let (text, err) = c.tool("create_entities", json!({ "entities": [{ "name": marker, "entityType": "test", "observations": ["survives restarts"] }] }));
+    let (text, err) = c.tool(
+        "create_entities",
+        json!({ "entities": [{ "name": marker, "entityType": "test", "observations": ["survives restarts"] }] }),
+    );
     assert!(!err, "create_entities: {text}\n{}", srv.log());
     srv.stop();
 
@@ -189,7 +217,10 @@ fn fetch_reaches_an_allowed_loopback_site_only_through_the_proxy() {
     assert!(err && !text.contains("FETCH-CANARY-DENIED"), "unlisted port: {text}");
     assert_eq!(denied.hits.load(std::sync::atomic::Ordering::SeqCst), 0, "the unlisted site was contacted");
     let log = srv.stop();
-    assert!(log.contains("egress denied") && log.contains(&format!("127.0.0.1:{}", denied.port)), "the proxy should log the refusal:\n{log}");
+    assert!(
+        log.contains("egress denied") && log.contains(&format!("127.0.0.1:{}", denied.port)),
+        "the proxy should log the refusal:\n{log}"
+    );
 }
 
 #[test]
@@ -261,7 +292,10 @@ fn prepare_confines_a_malicious_install_script() {
     let cred_files = [
         (home.join(".npmrc"), format!("//npm.example.test/:_authToken={CRED}\n")),
         (home.join(".netrc"), format!("machine idx.example.test login u password {CRED}\n")),
-        (home.join(".config/uv/uv.toml"), format!("[[index]]\nname = \"private\"\nurl = \"https://u:{CRED}@idx.example.test/simple\"\n")),
+        (
+            home.join(".config/uv/uv.toml"),
+            format!("[[index]]\nname = \"private\"\nurl = \"https://u:{CRED}@idx.example.test/simple\"\n"),
+        ),
     ];
     for (p, text) in &cred_files {
         std::fs::write(p, text).unwrap();
@@ -297,17 +331,25 @@ fn prepare_confines_a_malicious_install_script() {
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "prepare of the fixture failed: {log}");
     assert!(state.join("evil/cache/prepared.json").is_file(), "the package was not recorded as prepared: {log}");
-    assert!(log.contains("not given to the prepare sandbox"), "the withheld npm credentials are not named in the log: {log}");
+    assert!(
+        log.contains("not given to the prepare sandbox"),
+        "the withheld npm credentials are not named in the log: {log}"
+    );
     assert!(!auth_file.exists(), "the download step's credentials file outlived it");
 
     let report = state.join("evil/cache/npm/node_modules/evil-pkg/report.json");
-    let report = std::fs::read_to_string(&report).unwrap_or_else(|e| panic!("the postinstall script did not run ({e}): {log}"));
+    let report =
+        std::fs::read_to_string(&report).unwrap_or_else(|e| panic!("the postinstall script did not run ({e}): {log}"));
     let rep: serde_json::Value = serde_json::from_str(&report).unwrap();
     assert_eq!(rep["ran"], true);
     assert!(!report.contains("EVIL-SECRET-CANARY"), "the install script read the secret: {report}");
     assert!(!report.contains(CRED), "the install script saw a registry credential: {report}");
     for f in &files {
-        assert!(rep["read"][f].as_str().is_some_and(|w| w.starts_with("ERR")), "install script read {f}: {}", rep["read"][f]);
+        assert!(
+            rep["read"][f].as_str().is_some_and(|w| w.starts_with("ERR")),
+            "install script read {f}: {}",
+            rep["read"][f]
+        );
     }
     for (path, what) in rep["read"].as_object().unwrap() {
         assert!(what.as_str().unwrap().starts_with("ERR"), "install script read {path}: {what}");
@@ -329,13 +371,23 @@ fn prepare_confines_a_malicious_install_script() {
     }
     assert!(log.contains("egress denied"), "the proxy's refusal is not logged: {log}");
     assert!(!canary.join("pwned").exists(), "a file appeared in the canary dir");
-    assert!(!state.join("evil/pwned").exists() && !state.join("evil/data/pwned").exists(), "a file appeared outside the cache");
+    assert!(
+        !state.join("evil/pwned").exists() && !state.join("evil/data/pwned").exists(),
+        "a file appeared outside the cache"
+    );
     assert!(!report.contains("MCPBOX_EVIL_ENV_CANARY"), "mcpbox's environment reached the install script: {report}");
 
     // `--force` starts from an empty cache: what the script left there is gone, and the
     // package is installed again.
     std::fs::write(state.join("evil/cache/npm-cache/poison"), "x").unwrap();
-    let out = Command::new(mcpbox()).args(["prepare", "--force", "--config"]).arg(&cfg).arg("--state-dir").arg(&state).env("HOME", &home).output().unwrap();
+    let out = Command::new(mcpbox())
+        .args(["prepare", "--force", "--config"])
+        .arg(&cfg)
+        .arg("--state-dir")
+        .arg(&state)
+        .env("HOME", &home)
+        .output()
+        .unwrap();
     assert!(out.status.success(), "prepare --force: {}", String::from_utf8_lossy(&out.stderr));
     assert!(!state.join("evil/cache/npm-cache/poison").exists(), "--force kept the old cache");
     assert!(state.join("evil/cache/npm/node_modules/evil-pkg/report.json").is_file(), "--force did not install again");
@@ -386,11 +438,15 @@ fn prepare_at_container_level_keeps_to_the_registries_ports() {
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "prepare at container level failed: {log}");
     assert!(log.contains("prepare at `container` level"), "the weaker network is not announced: {log}");
-    let report = std::fs::read_to_string(state.join("evil/cache/npm/node_modules/evil-pkg/report.json")).unwrap_or_else(|e| panic!("the postinstall script did not run ({e}): {log}"));
+    let report = std::fs::read_to_string(state.join("evil/cache/npm/node_modules/evil-pkg/report.json"))
+        .unwrap_or_else(|e| panic!("the postinstall script did not run ({e}): {log}"));
     let rep: serde_json::Value = serde_json::from_str(&report).unwrap();
     for (how, what) in rep["net"].as_object().unwrap() {
         let what = what.as_str().unwrap();
-        assert!(what.starts_with("ERR") || what == "NO PROXY", "install script reached the host's loopback ({how}): {what}");
+        assert!(
+            what.starts_with("ERR") || what == "NO PROXY",
+            "install script reached the host's loopback ({how}): {what}"
+        );
     }
     match listener.accept() {
         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
@@ -410,7 +466,11 @@ fn prepare_builds_python_packages_without_the_index_credentials() {
     let home = dir.join("home");
     std::fs::create_dir_all(home.join(".config/uv")).unwrap();
     let uv_toml = home.join(".config/uv/uv.toml");
-    std::fs::write(&uv_toml, format!("[[index]]\nname = \"private\"\nurl = \"https://u:{CRED}@idx.example.test/simple\"\n")).unwrap();
+    std::fs::write(
+        &uv_toml,
+        format!("[[index]]\nname = \"private\"\nurl = \"https://u:{CRED}@idx.example.test/simple\"\n"),
+    )
+    .unwrap();
     std::fs::set_permissions(&uv_toml, std::fs::Permissions::from_mode(0o644)).unwrap();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.set_nonblocking(true).unwrap();
@@ -430,7 +490,11 @@ fn prepare_builds_python_packages_without_the_index_credentials() {
 
     let state = dir.join("state");
     let cfg = dir.join("evil-py.json");
-    std::fs::write(&cfg, config(json!({ "evilpy": { "command": "uvx", "args": ["--from", project, "evil-py"] } })).to_string()).unwrap();
+    std::fs::write(
+        &cfg,
+        config(json!({ "evilpy": { "command": "uvx", "args": ["--from", project, "evil-py"] } })).to_string(),
+    )
+    .unwrap();
     let out = Command::new(mcpbox())
         .args(["prepare", "--config"])
         .arg(&cfg)
@@ -442,17 +506,27 @@ fn prepare_builds_python_packages_without_the_index_credentials() {
         .unwrap();
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "prepare of the fixture failed: {log}");
-    assert!(log.contains("UV_INDEX_PRIVATE_PASSWORD") && log.contains("not given to the prepare sandbox"), "the credentials are not named in the log: {log}");
-    assert!(log.contains("installing without them"), "no wheels-only step with the credentials before the build: {log}");
+    assert!(
+        log.contains("UV_INDEX_PRIVATE_PASSWORD") && log.contains("not given to the prepare sandbox"),
+        "the credentials are not named in the log: {log}"
+    );
+    assert!(
+        log.contains("installing without them"),
+        "no wheels-only step with the credentials before the build: {log}"
+    );
     assert!(state.join("evilpy/cache/venv/bin/evil-py").is_file(), "the package was not installed: {log}");
     assert!(!state.join("evilpy").join("prepare-auth-uv-cache").exists(), "the credentialed step's cache outlived it");
 
-    let report = std::fs::read_to_string(state.join("evilpy/cache/evil-py-report.json")).unwrap_or_else(|e| panic!("the build backend did not run ({e}): {log}"));
+    let report = std::fs::read_to_string(state.join("evilpy/cache/evil-py-report.json"))
+        .unwrap_or_else(|e| panic!("the build backend did not run ({e}): {log}"));
     let rep: serde_json::Value = serde_json::from_str(&report).unwrap();
     assert_eq!(rep["ran"], true);
     assert!(!report.contains(CRED), "the build backend saw an index credential: {report}");
     assert!(rep["read"][uv_toml.to_string_lossy().as_ref()].as_str().is_some_and(|w| w.starts_with("ERR")), "{report}");
-    assert!(rep["net"]["direct"].as_str().is_some_and(|w| w.starts_with("ERR")), "the backend reached the host's loopback: {report}");
+    assert!(
+        rep["net"]["direct"].as_str().is_some_and(|w| w.starts_with("ERR")),
+        "the backend reached the host's loopback: {report}"
+    );
     assert_eq!(rep["net"]["proxy"], "STATUS 403", "the proxy let the backend through to the host's loopback: {report}");
     match listener.accept() {
         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
@@ -499,7 +573,15 @@ fn example_config_checks() {
     for name in ["everything", "memory", "sequential-thinking", "filesystem", "time", "fetch"] {
         assert!(text.contains(&format!("/{name}/")), "{name} missing: {text}");
     }
-    for p in ["server-everything", "server-memory", "server-sequential-thinking", "server-filesystem", "mcp-server-time", "mcp-server-fetch", "mcp-server-git"] {
+    for p in [
+        "server-everything",
+        "server-memory",
+        "server-sequential-thinking",
+        "server-filesystem",
+        "mcp-server-time",
+        "mcp-server-fetch",
+        "mcp-server-git",
+    ] {
         let out = Command::new(mcpbox()).args(["policy", "check", p]).output().unwrap();
         assert!(out.status.success(), "policy check {p}: {}", String::from_utf8_lossy(&out.stderr));
     }
@@ -511,9 +593,16 @@ fn example_config_checks() {
 fn uvx_with_a_python_version_and_latest_runs_on_the_host_interpreter() {
     let d = crate::common::tempdir();
     let state = d.path().join("state");
-    let (v, err) = crate::cli::initialize_over_run(&state, Some("time-py3"), &["uvx", "--python", "3", "-q", "mcp-server-time@latest", "--local-timezone", "UTC"]);
+    let (v, err) = crate::cli::initialize_over_run(
+        &state,
+        Some("time-py3"),
+        &["uvx", "--python", "3", "-q", "mcp-server-time@latest", "--local-timezone", "UTC"],
+    );
     assert_eq!(v["result"]["serverInfo"]["name"], "mcp-time", "{v}");
-    let made = err.lines().find(|l| l.contains("creating a virtualenv on")).unwrap_or_else(|| panic!("no virtualenv made:\n{err}"));
+    let made = err
+        .lines()
+        .find(|l| l.contains("creating a virtualenv on"))
+        .unwrap_or_else(|| panic!("no virtualenv made:\n{err}"));
     assert!(made.contains("/python3 at "), "{made}");
     let cfg = std::fs::read_to_string(state.join("time-py3/cache/venv/pyvenv.cfg")).unwrap();
     assert!(cfg.lines().any(|l| l.starts_with("home = /usr/")), "built on a host interpreter:\n{cfg}");

@@ -169,11 +169,14 @@ impl Serve {
     /// An initialized MCP session on `server`.
     pub fn client(&self, server: &str) -> Client {
         let mut c = Client { port: self.port, server: server.to_string(), session: None, next: 1 };
-        let r = c.request("initialize", json!({
-            "protocolVersion": "2025-06-18",
-            "capabilities": {},
-            "clientInfo": { "name": "mcpbox-realservers", "version": "1" },
-        }));
+        let r = c.request(
+            "initialize",
+            json!({
+                "protocolVersion": "2025-06-18",
+                "capabilities": {},
+                "clientInfo": { "name": "mcpbox-realservers", "version": "1" },
+            }),
+        );
         assert!(r.get("result").is_some(), "initialize {server}: {r}\n{}", self.log());
         c.notify("notifications/initialized");
         c
@@ -181,7 +184,10 @@ impl Serve {
 
     /// SIGTERM, then wait (mcpbox stops its servers).
     pub fn stop(mut self) -> String {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::Signal::SIGTERM);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
         let deadline = Instant::now() + Duration::from_secs(15);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
@@ -264,7 +270,12 @@ impl Client {
 
     pub fn tool_names(&mut self) -> Vec<String> {
         let r = self.request("tools/list", json!({}));
-        r["result"]["tools"].as_array().unwrap_or_else(|| panic!("tools/list: {r}")).iter().filter_map(|t| t["name"].as_str().map(str::to_owned)).collect()
+        r["result"]["tools"]
+            .as_array()
+            .unwrap_or_else(|| panic!("tools/list: {r}"))
+            .iter()
+            .filter_map(|t| t["name"].as_str().map(str::to_owned))
+            .collect()
     }
 
     /// tools/call: (text of the content, isError). A JSON-RPC error counts as an error too.

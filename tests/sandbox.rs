@@ -58,7 +58,10 @@ fn no_host_process_or_environment_is_visible() {
         let out = confined(&pol, &unique("procenv"), &["read", path]);
         // Either unreadable or readable without anything of mcpbox's environment.
         if let (true, detail) = out.result("read") {
-            assert!(!detail.contains(ENV_CANARY) && !detail.contains("MCPBOX_"), "{path} shows mcpbox's environment: {out}");
+            assert!(
+                !detail.contains(ENV_CANARY) && !detail.contains("MCPBOX_"),
+                "{path} shows mcpbox's environment: {out}"
+            );
         } else if path == "/proc/1/environ" {
             one_of(&out.denied("read"), &["EACCES", "EPERM"], path, &out);
         }
@@ -85,8 +88,8 @@ fn writes_outside_grants_fail_and_inside_work() {
     let name = unique("writes");
 
     for (target, want) in [
-        (outside.join("x"), &["ENOENT"][..]),        // not in the view at all
-        (ro.join("x"), &["EROFS", "EACCES"][..]),    // granted read-only
+        (outside.join("x"), &["ENOENT"][..]),     // not in the view at all
+        (ro.join("x"), &["EROFS", "EACCES"][..]), // granted read-only
         ("/usr/lib/x86_64-linux-gnu/mcpbox-probe-x".into(), &["EROFS", "EACCES"][..]),
         // Beside a grant: the directories leading to it exist inside but stand for host paths
         // that were not granted (under /tmp they sit in the sandbox's writable tmpfs).
@@ -105,7 +108,8 @@ fn writes_outside_grants_fail_and_inside_work() {
     let out = confined(&pol, &name, &["write", file.to_str().unwrap()]);
     assert!(out.result("write").0, "{out}");
     if is_root() {
-        let owner = image_file_owner(&s.state.join(&name).join("data.img"), "written-by-probe").expect("the file written inside is in the data image");
+        let owner = image_file_owner(&s.state.join(&name).join("data.img"), "written-by-probe")
+            .expect("the file written inside is in the data image");
         assert_ne!(owner, 0, "root running mcpbox must never mean host root inside");
         assert_eq!(owner, allocated_uid(&name));
     } else {
@@ -169,8 +173,17 @@ fn host_processes_cannot_be_signalled_or_traced() {
 }
 
 const PRIVILEGED: &[&str] = &[
-    "setuid0", "setuid_self", "unshare_user", "mount", "keyctl", "bpf", "perf_event_open", "userfaultfd", "io_uring_setup",
-    "tiocsti", "int80",
+    "setuid0",
+    "setuid_self",
+    "unshare_user",
+    "mount",
+    "keyctl",
+    "bpf",
+    "perf_event_open",
+    "userfaultfd",
+    "io_uring_setup",
+    "tiocsti",
+    "int80",
 ];
 
 /// What the seccomp filter answers, at both levels.
@@ -212,12 +225,21 @@ fn inside_status_shows_nnp_no_caps_and_seccomp() {
     let pol = probe_policy("status", "", "");
     let out = confined(&pol, &unique("status"), &["status"]);
     let d = out.result("status").1;
-    for want in ["NoNewPrivs: 1;", "CapEff: 0000000000000000;", "CapPrm: 0000000000000000;", "CapBnd: 0000000000000000;", "Seccomp: 2;"] {
+    for want in [
+        "NoNewPrivs: 1;",
+        "CapEff: 0000000000000000;",
+        "CapPrm: 0000000000000000;",
+        "CapBnd: 0000000000000000;",
+        "Seccomp: 2;",
+    ] {
         assert!(d.contains(want), "missing `{want}`: {out}");
     }
     let out = unconfined(&["status"]);
     let u = out.result("status").1;
-    assert!(u.contains("Seccomp: 0;") && u.contains("NoNewPrivs: 0;") && !u.contains("CapBnd: 0000000000000000;"), "unconfined: {out}");
+    assert!(
+        u.contains("Seccomp: 0;") && u.contains("NoNewPrivs: 0;") && !u.contains("CapBnd: 0000000000000000;"),
+        "unconfined: {out}"
+    );
     // PID 1 keeps the server off its own CPU while both prepare: the server gets every CPU
     // back before it runs.
     let cpus = |d: &str| d.split(';').find(|f| f.starts_with("Cpus_allowed_list:")).map(str::to_string);
@@ -416,12 +438,21 @@ fn sandbox_init_holds_none_of_mcpboxs_command_line_or_environment() {
     for p in inits {
         let cmdline = std::fs::read(format!("/proc/{p}/cmdline")).unwrap();
         let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).filter(|a| !a.is_empty()).collect();
-        assert_eq!(args.get(1..), Some(&[&b"sandbox-init"[..]][..]), "pid {p}: {:?}", String::from_utf8_lossy(&cmdline));
+        assert_eq!(
+            args.get(1..),
+            Some(&[&b"sandbox-init"[..]][..]),
+            "pid {p}: {:?}",
+            String::from_utf8_lossy(&cmdline)
+        );
         assert!(!has(&cmdline, &marker));
         assert_eq!(std::fs::read_to_string(format!("/proc/{p}/comm")).unwrap().trim(), "sandbox-init");
         // Root may read it (and sees nothing); they are not dumpable, so nobody else may.
         match std::fs::read(format!("/proc/{p}/environ")) {
-            Ok(env) => assert!(env.iter().all(|b| *b == 0) && !has(&env, ENV_CANARY), "pid {p}: {:?}", String::from_utf8_lossy(&env)),
+            Ok(env) => assert!(
+                env.iter().all(|b| *b == 0) && !has(&env, ENV_CANARY),
+                "pid {p}: {:?}",
+                String::from_utf8_lossy(&env)
+            ),
             Err(e) => assert!(!is_root() && e.kind() == std::io::ErrorKind::PermissionDenied, "pid {p}: {e}"),
         }
     }
@@ -444,7 +475,8 @@ fn cgroup_mount(ctl: &str) -> Option<std::path::PathBuf> {
         let mnt = pre.split_whitespace().nth(4)?;
         let mut post = post.split_whitespace();
         let (fstype, opts) = (post.next()?, post.nth(1)?);
-        let hit = if ctl.is_empty() { fstype == "cgroup2" } else { fstype == "cgroup" && opts.split(',').any(|o| o == ctl) };
+        let hit =
+            if ctl.is_empty() { fstype == "cgroup2" } else { fstype == "cgroup" && opts.split(',').any(|o| o == ctl) };
         hit.then(|| mnt.into())
     })
 }
@@ -452,7 +484,11 @@ fn cgroup_mount(ctl: &str) -> Option<std::path::PathBuf> {
 /// The hierarchies mcpbox makes sandbox cgroups in here: v1 `pids` and `memory` where v1 is
 /// mounted, else cgroup v2 (`""`).
 fn cgroup_ctls() -> Vec<&'static str> {
-    if cgroup_mount("pids").is_some() { vec!["pids", "memory"] } else { vec![""] }
+    if cgroup_mount("pids").is_some() {
+        vec!["pids", "memory"]
+    } else {
+        vec![""]
+    }
 }
 
 /// Cgroups made for one test (root only) to start mcpbox in, removed with everything below them
@@ -468,7 +504,8 @@ impl ScratchCgroups {
             .map(|ctl| {
                 let mount = cgroup_mount(ctl).expect("cgroup mount");
                 let rel = if ctl.is_empty() {
-                    std::fs::write(mount.join("cgroup.subtree_control"), "+pids +memory").expect("enabling pids and memory at the v2 root");
+                    std::fs::write(mount.join("cgroup.subtree_control"), "+pids +memory")
+                        .expect("enabling pids and memory at the v2 root");
                     format!("/{name}")
                 } else {
                     format!("{}/{name}", cgroup_of(std::process::id() as i32, ctl).unwrap().trim_end_matches('/'))
@@ -555,7 +592,11 @@ fn sandbox_cgroups_are_made_under_mcpboxs_own() {
         assert_eq!(pids.len(), 2, "{pids:?}");
         for ctl in &ctls {
             for p in &pids {
-                assert_eq!(cgroup_of(*p, ctl), cgroup_of(me, ctl), "rootless, pid {p} left the cgroup mcpbox ran in ({ctl:?})");
+                assert_eq!(
+                    cgroup_of(*p, ctl),
+                    cgroup_of(me, ctl),
+                    "rootless, pid {p} left the cgroup mcpbox ran in ({ctl:?})"
+                );
             }
         }
         return;
@@ -568,7 +609,10 @@ fn sandbox_cgroups_are_made_under_mcpboxs_own() {
         let rel = scratch.rel(ctl);
         for p in &pids {
             let cg = cgroup_of(*p, ctl).unwrap_or_default();
-            assert!(cg.starts_with(&format!("{rel}/")), "pid {p}: cgroup {cg} is not under {rel}, where mcpbox ran ({ctl:?})");
+            assert!(
+                cg.starts_with(&format!("{rel}/")),
+                "pid {p}: cgroup {cg} is not under {rel}, where mcpbox ran ({ctl:?})"
+            );
             assert_eq!(cg, format!("{rel}/mcpbox/{name}.0"), "pid {p} ({ctl:?})");
         }
         let own = cgroup_of(child.0.id() as i32, ctl).unwrap_or_default();
@@ -681,13 +725,19 @@ fn docker_like_filters() -> Vec<Vec<seccompiler::sock_filter>> {
         rules.insert(nr, vec![]);
     }
     let ns = [
-        libc::CLONE_NEWNS, libc::CLONE_NEWUSER, libc::CLONE_NEWPID, libc::CLONE_NEWNET, libc::CLONE_NEWIPC,
-        libc::CLONE_NEWUTS, libc::CLONE_NEWCGROUP,
+        libc::CLONE_NEWNS,
+        libc::CLONE_NEWUSER,
+        libc::CLONE_NEWPID,
+        libc::CLONE_NEWNET,
+        libc::CLONE_NEWIPC,
+        libc::CLONE_NEWUTS,
+        libc::CLONE_NEWCGROUP,
     ];
     let clone_rules = ns
         .iter()
         .map(|f| {
-            let c = SeccompCondition::new(0, SeccompCmpArgLen::Qword, SeccompCmpOp::MaskedEq(*f as u64), *f as u64).unwrap();
+            let c = SeccompCondition::new(0, SeccompCmpArgLen::Qword, SeccompCmpOp::MaskedEq(*f as u64), *f as u64)
+                .unwrap();
             SeccompRule::new(vec![c]).unwrap()
         })
         .collect();
@@ -739,7 +789,13 @@ fn under_filters(mut cmd: Command, progs: Vec<Vec<seccompiler::sock_filter>>) ->
             }
             for (addr, len) in &fprogs {
                 let f = libc::sock_fprog { len: *len, filter: *addr as *mut libc::sock_filter };
-                if libc::syscall(libc::SYS_seccomp, 1 /* SECCOMP_SET_MODE_FILTER */, 0, &f as *const libc::sock_fprog) != 0 {
+                if libc::syscall(
+                    libc::SYS_seccomp,
+                    1, /* SECCOMP_SET_MODE_FILTER */
+                    0,
+                    &f as *const libc::sock_fprog,
+                ) != 0
+                {
                     return Err(std::io::Error::last_os_error());
                 }
             }
@@ -815,7 +871,8 @@ fn container_level_still_denies() {
 /// x86_64 syscall numbers by name, from the kernel headers (linux-libc-dev, pulled in by libc6-dev).
 fn x86_64_syscalls() -> std::collections::HashMap<String, i64> {
     let path = "/usr/include/x86_64-linux-gnu/asm/unistd_64.h";
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e} (install linux-libc-dev: scripts/test.sh does)"));
+    let text = std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("{path}: {e} (install linux-libc-dev: scripts/test.sh does)"));
     text.lines()
         .filter_map(|l| {
             let mut w = l.strip_prefix("#define __NR_")?.split_whitespace();
@@ -827,8 +884,20 @@ fn x86_64_syscalls() -> std::collections::HashMap<String, i64> {
 /// The capabilities Docker gives a container by default (moby's `DefaultCapabilities`): the
 /// profile's `includes`/`excludes` are decided against these.
 const DOCKER_DEFAULT_CAPS: &[&str] = &[
-    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD", "CAP_NET_RAW", "CAP_SETGID", "CAP_SETUID",
-    "CAP_SETFCAP", "CAP_SETPCAP", "CAP_NET_BIND_SERVICE", "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE",
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FSETID",
+    "CAP_FOWNER",
+    "CAP_MKNOD",
+    "CAP_NET_RAW",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETFCAP",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+    "CAP_KILL",
+    "CAP_AUDIT_WRITE",
 ];
 
 /// Translate a Docker seccomp profile (JSON) into seccomp programs for x86_64, the way Docker
@@ -848,7 +917,9 @@ fn docker_profile_filters(profile: &serde_json::Value) -> Vec<Vec<seccompiler::s
         (it.next().unwrap_or(0), it.next().unwrap_or(0))
     };
     let kernel = version(&release);
-    let strs = |v: &serde_json::Value| -> Vec<String> { v.as_array().map(|a| a.iter().filter_map(|x| x.as_str().map(String::from)).collect()).unwrap_or_default() };
+    let strs = |v: &serde_json::Value| -> Vec<String> {
+        v.as_array().map(|a| a.iter().filter_map(|x| x.as_str().map(String::from)).collect()).unwrap_or_default()
+    };
     let errno_of = |action: &str, errno: &serde_json::Value| -> Option<u32> {
         match action {
             "SCMP_ACT_ALLOW" => None,
@@ -856,7 +927,8 @@ fn docker_profile_filters(profile: &serde_json::Value) -> Vec<Vec<seccompiler::s
             other => panic!("the loader does not know action {other}"),
         }
     };
-    let default = errno_of(profile["defaultAction"].as_str().unwrap(), &profile["defaultErrnoRet"]).expect("a profile that denies by default");
+    let default = errno_of(profile["defaultAction"].as_str().unwrap(), &profile["defaultErrnoRet"])
+        .expect("a profile that denies by default");
     // None: unconditional; Some(rules): any of them.
     type Rules = BTreeMap<i64, Option<Vec<SeccompRule>>>;
     let mut by_action: BTreeMap<Option<u32>, Rules> = BTreeMap::new();
@@ -915,7 +987,8 @@ fn docker_profile_filters(profile: &serde_json::Value) -> Vec<Vec<seccompiler::s
         let prog: seccompiler::BpfProgram = f.try_into().unwrap();
         prog
     };
-    let mut progs = vec![program(by_action.remove(&None).unwrap_or_default(), SeccompAction::Errno(default), SeccompAction::Allow)];
+    let mut progs =
+        vec![program(by_action.remove(&None).unwrap_or_default(), SeccompAction::Errno(default), SeccompAction::Allow)];
     for (errno, rules) in by_action {
         progs.push(program(rules, SeccompAction::Allow, SeccompAction::Errno(errno.unwrap())));
     }
@@ -947,7 +1020,10 @@ fn docker_full_profile_lets_the_full_level_start() {
     test_env(&mut doctor);
     let out = run_timeout(under_filters(doctor, docker_profile_filters(&profile)), Duration::from_secs(60));
     assert_eq!(out.code, 0, "{out}");
-    assert!(out.stdout.contains("\nlevel: full") && !out.stdout.contains("trial failed"), "doctor should reach `full` under the profile: {out}");
+    assert!(
+        out.stdout.contains("\nlevel: full") && !out.stdout.contains("trial failed"),
+        "doctor should reach `full` under the profile: {out}"
+    );
     assert!(out.stdout.contains("under a filter (mode 2"), "doctor should see the profile's filter: {out}");
 
     let pol = probe_policy("docker-full", "", "");
@@ -957,13 +1033,23 @@ fn docker_full_profile_lets_the_full_level_start() {
     assert!(out.result("uid").0, "{out}");
     assert!(!out.stderr.contains("container"), "the run should be at `full`, not `container`: {out}");
     let mut truecmd = Command::new(mcpbox());
-    truecmd.args(["run", "--state-dir"]).arg(&s.state).args(["--name", &unique("dockertrue"), "--policy", "default", "--", "/bin/true"]);
+    truecmd.args(["run", "--state-dir"]).arg(&s.state).args([
+        "--name",
+        &unique("dockertrue"),
+        "--policy",
+        "default",
+        "--",
+        "/bin/true",
+    ]);
     test_env(&mut truecmd);
     let out = run_timeout(under_filters(truecmd, docker_profile_filters(&profile)), Duration::from_secs(60));
     assert_eq!(out.code, 0, "{out}");
 
     let cmd = mcpbox_cmd(&pol, &unique("dockerfull"), &[], &s.probe, &["uid"]);
-    let out = run_timeout(under_filters(cmd, docker_profile_filters(&profile_without(profile, "mount_setattr"))), Duration::from_secs(60));
+    let out = run_timeout(
+        under_filters(cmd, docker_profile_filters(&profile_without(profile, "mount_setattr"))),
+        Duration::from_secs(60),
+    );
     assert_ne!(out.code, 0, "the run should fail without mount_setattr: {out}");
     assert!(out.try_result("uid").is_none(), "the server ran: {out}");
     assert!(out.stderr.contains("mount_setattr"), "the failure should name mount_setattr: {out}");
@@ -989,7 +1075,8 @@ pub fn run_to_eof(mut cmd: Command, timeout: Duration, eof: Duration) -> (Output
             let _ = tx.send((k, String::from_utf8_lossy(&s).into_owned()));
         });
     }
-    let status = wait_timeout(&mut child, timeout).unwrap_or_else(|| panic!("{cmd:?} did not finish within {timeout:?}"));
+    let status =
+        wait_timeout(&mut child, timeout).unwrap_or_else(|| panic!("{cmd:?} did not finish within {timeout:?}"));
     let elapsed = started.elapsed();
     let (mut stdout, mut stderr, mut closed) = (String::new(), String::new(), true);
     let deadline = std::time::Instant::now() + eof;
@@ -1025,7 +1112,8 @@ fn container_level_leaves_no_daemon_when_the_server_exits() {
     let pol = probe_policy("ctr-daemon", "", "");
     let name = unique("ctrdaemon");
     let marker = unique("marker-ctrdaemon");
-    let cmd = under_docker_filter(mcpbox_cmd(&pol, &name, &["--min-level", "container"], &s.probe, &["daemon", &marker]));
+    let cmd =
+        under_docker_filter(mcpbox_cmd(&pol, &name, &["--min-level", "container"], &s.probe, &["daemon", &marker]));
     let (out, closed) = run_to_eof(cmd, Duration::from_secs(60), Duration::from_secs(2));
     let left = || {
         let mut v = pids_with_marker(&marker);
@@ -1050,7 +1138,10 @@ fn container_level_leaves_no_daemon_when_the_server_exits() {
     let (out, closed) = run_to_eof(cmd, Duration::from_secs(10), Duration::from_millis(500));
     let left = pids_with_marker(&marker);
     kill_all(&left);
-    assert!(out.code == 0 && !closed && left.len() == 1, "unconfined, the daemon should survive and hold the pipe: {left:?} {out}");
+    assert!(
+        out.code == 0 && !closed && left.len() == 1,
+        "unconfined, the daemon should survive and hold the pipe: {left:?} {out}"
+    );
 }
 
 /// At `container` level, a session that ends while its server runs, with a setsid'd
@@ -1064,7 +1155,13 @@ fn container_level_session_end_leaves_no_daemon() {
     for how in ["SIGTERM to mcpbox", "SIGKILL to mcpbox", "SIGKILL to sandbox-init"] {
         let name = unique("ctrend");
         let marker = unique("marker-ctrend");
-        let mut cmd = under_docker_filter(mcpbox_cmd(&pol, &name, &["--min-level", "container"], &s.probe, &["daemon", &marker, "stay"]));
+        let mut cmd = under_docker_filter(mcpbox_cmd(
+            &pol,
+            &name,
+            &["--min-level", "container"],
+            &s.probe,
+            &["daemon", &marker, "stay"],
+        ));
         cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = Killer(cmd.spawn().unwrap());
         let mut line = String::new();
@@ -1081,9 +1178,14 @@ fn container_level_session_end_leaves_no_daemon() {
             }
             _ => mcpbox_pid,
         };
-        let sig = if how.starts_with("SIGTERM") { nix::sys::signal::Signal::SIGTERM } else { nix::sys::signal::Signal::SIGKILL };
+        let sig = if how.starts_with("SIGTERM") {
+            nix::sys::signal::Signal::SIGTERM
+        } else {
+            nix::sys::signal::Signal::SIGKILL
+        };
         nix::sys::signal::kill(target, sig).unwrap();
-        let _ = wait_timeout(&mut child.0, Duration::from_secs(10)).unwrap_or_else(|| panic!("{how}: mcpbox did not exit"));
+        let _ =
+            wait_timeout(&mut child.0, Duration::from_secs(10)).unwrap_or_else(|| panic!("{how}: mcpbox did not exit"));
         // As root, sandbox-init runs under the server's uid too: none of them may be left.
         let left = || {
             let mut v = pids_with_marker(&marker);
@@ -1094,7 +1196,8 @@ fn container_level_session_end_leaves_no_daemon() {
         };
         let gone = eventually(Duration::from_secs(1), || left().is_empty());
         let left = left();
-        let what: Vec<String> = left.iter().map(|p| std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default()).collect();
+        let what: Vec<String> =
+            left.iter().map(|p| std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default()).collect();
         kill_all(&left);
         assert!(gone, "{how}: processes of the sandbox outlived the session by 1 s: {what:?}");
     }
@@ -1124,17 +1227,27 @@ fn container_level_serve_leaves_no_daemon() {
         let cfg_path = dir.path().join("mcpbox.json");
         std::fs::write(&cfg_path, cfg.to_string()).unwrap();
         let mut cmd = Command::new(mcpbox());
-        cmd.args(["serve", "--config"]).arg(&cfg_path).arg("--state-dir").arg(&s.state).args(["--min-level", "container", "--grace", "1"]);
+        cmd.args(["serve", "--config"]).arg(&cfg_path).arg("--state-dir").arg(&s.state).args([
+            "--min-level",
+            "container",
+            "--grace",
+            "1",
+        ]);
         test_env(&mut cmd);
         let mut cmd = under_docker_filter(cmd);
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(std::fs::File::create(dir.path().join("log")).unwrap());
         let mut serve = Killer(cmd.spawn().unwrap());
         let log = || std::fs::read_to_string(dir.path().join("log")).unwrap_or_default();
-        assert!(eventually(Duration::from_secs(20), || pids_with_marker(&marker).len() == 2), "{how}: the server and its daemon should be running:\n{}", log());
+        assert!(
+            eventually(Duration::from_secs(20), || pids_with_marker(&marker).len() == 2),
+            "{how}: the server and its daemon should be running:\n{}",
+            log()
+        );
         let tree = tree_of(serve.0.id() as i32);
         let sig = if how == "SIGTERM" { nix::sys::signal::Signal::SIGTERM } else { nix::sys::signal::Signal::SIGKILL };
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(serve.0.id() as i32), sig).unwrap();
-        wait_timeout(&mut serve.0, Duration::from_secs(20)).unwrap_or_else(|| panic!("{how}: serve did not exit:\n{}", log()));
+        wait_timeout(&mut serve.0, Duration::from_secs(20))
+            .unwrap_or_else(|| panic!("{how}: serve did not exit:\n{}", log()));
         let left = || {
             let mut v = pids_with_marker(&marker);
             v.extend(tree.iter().filter(|(p, start)| start_time(*p) == Some(*start)).map(|(p, _)| *p));
@@ -1145,9 +1258,21 @@ fn container_level_serve_leaves_no_daemon() {
         let gone = eventually(Duration::from_secs(1), || left().is_empty());
         let left = left();
         kill_all(&left);
-        let what: Vec<String> = left.iter().map(|p| format!("{} uid {:?}", std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default(), proc_uid(*p))).collect();
+        let what: Vec<String> = left
+            .iter()
+            .map(|p| {
+                format!(
+                    "{} uid {:?}",
+                    std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default(),
+                    proc_uid(*p)
+                )
+            })
+            .collect();
         assert!(gone, "{how}: processes of the sandbox outlived serve by 1 s: {left:?} {what:?}\n{}", log());
-        assert!(tree.len() >= 4, "{how}: serve's tree should have held sandbox-init, its reaper, the server and the daemon: {tree:?}");
+        assert!(
+            tree.len() >= 4,
+            "{how}: serve's tree should have held sandbox-init, its reaper, the server and the daemon: {tree:?}"
+        );
         assert!(log().contains("container"), "{how}: the server should run at `container` level:\n{}", log());
     }
 }
@@ -1180,7 +1305,12 @@ fn tree_of(root: i32) -> Vec<(i32, u64)> {
 
 /// The owner uid of `/NAME` inside an ext4 image, read with debugfs (no mount needed).
 fn image_file_owner(image: &std::path::Path, name: &str) -> Option<u32> {
-    let out = Command::new("/usr/sbin/debugfs").arg("-R").arg(format!("stat /{name}")).arg(image).output().expect("running debugfs (e2fsprogs)");
+    let out = Command::new("/usr/sbin/debugfs")
+        .arg("-R")
+        .arg(format!("stat /{name}"))
+        .arg(image)
+        .output()
+        .expect("running debugfs (e2fsprogs)");
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let rest = text.split("User:").nth(1)?;
     rest.split_whitespace().next()?.parse().ok()
@@ -1194,8 +1324,16 @@ fn image_file_owner(image: &std::path::Path, name: &str) -> Option<u32> {
 #[test]
 fn disk_limit_stops_writes_with_enospc_and_mcpbox_is_unaffected() {
     let s = shared();
-    let strict = probe_policy("disk-strict", "write = [\"${DATA}\"]", "[limits]\ndisk = \"16M\"\n[sandbox]\nrelax = [\"cpu\"]\n");
-    let relaxed = probe_policy("disk-relaxed", "write = [\"${DATA}\"]", "[limits]\ndisk = \"16M\"\n[sandbox]\nrelax = [\"cpu\", \"disk\"]\n");
+    let strict = probe_policy(
+        "disk-strict",
+        "write = [\"${DATA}\"]",
+        "[limits]\ndisk = \"16M\"\n[sandbox]\nrelax = [\"cpu\"]\n",
+    );
+    let relaxed = probe_policy(
+        "disk-relaxed",
+        "write = [\"${DATA}\"]",
+        "[limits]\ndisk = \"16M\"\n[sandbox]\nrelax = [\"cpu\", \"disk\"]\n",
+    );
     let name = unique("disk");
     let data = s.state.join(&name).join("data");
     let big = data.join("big");
@@ -1203,10 +1341,17 @@ fn disk_limit_stops_writes_with_enospc_and_mcpbox_is_unaffected() {
         let out = confined(&strict, &name, &["write", data.join("x").to_str().unwrap()]);
         assert_eq!(out.code, 125, "{out}");
         assert!(out.try_result("write").is_none(), "the server must not have run: {out}");
-        assert!(out.stderr.contains("[limits] disk = \"16M\" cannot be enforced") && out.stderr.contains("relax = [\"disk\"]"), "{out}");
+        assert!(
+            out.stderr.contains("[limits] disk = \"16M\" cannot be enforced")
+                && out.stderr.contains("relax = [\"disk\"]"),
+            "{out}"
+        );
         let out = confined(&relaxed, &name, &["write", data.join("x").to_str().unwrap()]);
         assert!(out.result("write").0, "{out}");
-        assert!(out.stderr.contains("cannot be enforced") && out.stderr.contains("not enforced"), "the relaxed limit must be announced: {out}");
+        assert!(
+            out.stderr.contains("cannot be enforced") && out.stderr.contains("not enforced"),
+            "the relaxed limit must be announced: {out}"
+        );
         return;
     }
     let out = confined(&strict, &name, &["fill", big.to_str().unwrap(), "64"]);
@@ -1221,7 +1366,11 @@ fn disk_limit_stops_writes_with_enospc_and_mcpbox_is_unaffected() {
     assert!(!big.exists(), "the write landed in the host's data dir");
     let image = s.state.join(&name).join("data.img");
     let meta = std::fs::metadata(&image).unwrap();
-    assert_eq!((meta.len(), meta.uid(), meta.mode() & 0o777), (16 << 20, 0, 0o600), "the image: its size, root's, private");
+    assert_eq!(
+        (meta.len(), meta.uid(), meta.mode() & 0o777),
+        (16 << 20, 0, 0o600),
+        "the image: its size, root's, private"
+    );
     assert!(meta.blocks() * 512 <= 17 << 20, "the image grew past its size on the host");
 
     // mcpbox goes on: the next start of the same server works, on the same full disk.
@@ -1261,10 +1410,17 @@ fn cpu_limit_holds_the_server_to_its_quota() {
         let out = confined(&strict, &name, &["uid"]);
         assert_eq!(out.code, 125, "{out}");
         assert!(out.try_result("uid").is_none(), "the server must not have run: {out}");
-        assert!(out.stderr.contains("[limits] cpu = \"0.5\" cannot be enforced") && out.stderr.contains("relax = [\"cpu\"]"), "{out}");
+        assert!(
+            out.stderr.contains("[limits] cpu = \"0.5\" cannot be enforced")
+                && out.stderr.contains("relax = [\"cpu\"]"),
+            "{out}"
+        );
         let out = confined(&relaxed, &name, &["uid"]);
         assert!(out.result("uid").0, "{out}");
-        assert!(out.stderr.contains("cannot be enforced") && out.stderr.contains("not enforced"), "the relaxed limit must be announced: {out}");
+        assert!(
+            out.stderr.contains("cannot be enforced") && out.stderr.contains("not enforced"),
+            "the relaxed limit must be announced: {out}"
+        );
         return;
     }
     let marker = unique("cpu-pause");
@@ -1293,7 +1449,13 @@ fn cpu_limit_holds_the_server_to_its_quota() {
 /// directory) in a tight loop while `mcpbox run` starts `starts` times, each reading `dir/f`.
 /// Every start must read the real file or fail; none may show the canary. Returns (reads,
 /// failures' last stderr lines, swaps).
-fn swap_race(pol: &std::path::Path, name: &str, dir: &std::path::Path, link: &std::path::Path, starts: usize) -> (usize, Vec<String>, u64) {
+fn swap_race(
+    pol: &std::path::Path,
+    name: &str,
+    dir: &std::path::Path,
+    link: &std::path::Path,
+    starts: usize,
+) -> (usize, Vec<String>, u64) {
     use std::sync::atomic::{AtomicBool, Ordering};
     let stop = std::sync::Arc::new(AtomicBool::new(false));
     let swapper = {
@@ -1367,7 +1529,10 @@ fn a_granted_dir_swapped_for_a_symlink_never_shows_the_canary() {
     let pol = probe_policy("swap", &format!("write = [\"{}\"]\nread = [\"{}\"]", w.display(), dir.display()), "");
     let name = unique("swap");
     let (read, failed, swaps) = swap_race(&pol, &name, &dir, &link, 50);
-    eprintln!("swap (inside a writable grant): {read} starts read the granted dir, {} failed, {swaps} swaps", failed.len());
+    eprintln!(
+        "swap (inside a writable grant): {read} starts read the granted dir, {} failed, {swaps} swaps",
+        failed.len()
+    );
 
     // With the symlink in place for good, planning refuses to follow it.
     std::fs::rename(&dir, w.join("aside")).unwrap();
@@ -1391,7 +1556,8 @@ fn a_granted_dir_swapped_for_a_symlink_never_shows_the_canary() {
     let (read, failed, swaps) = swap_race(&pol, &name, &dir, &link, 50);
     let at_mount = failed.iter().filter(|f| f.contains("no symlinks")).count();
     let at_plan = failed.iter().filter(|f| f.contains("refusing to follow")).count();
-    let other: Vec<&String> = failed.iter().filter(|f| !f.contains("no symlinks") && !f.contains("refusing to follow")).collect();
+    let other: Vec<&String> =
+        failed.iter().filter(|f| !f.contains("no symlinks") && !f.contains("refusing to follow")).collect();
     eprintln!("swap (a grant of its own): {read} read, {} failed ({at_plan} when planning, {at_mount} at the mount), {swaps} swaps; other failures: {other:?}", failed.len());
 }
 
@@ -1407,7 +1573,11 @@ fn grants_over_proc_dev_tmp_are_refused_at_check_and_launch() {
     let out = confined(&pol, &unique("rootlink"), &["read", "/proc/1/environ"]);
     assert_eq!(out.code, 125, "{out}");
     assert!(out.try_result("read").is_none(), "{out}");
-    assert!(out.stderr.contains(&format!("{} (which is /): / cannot be granted", link.display())) && out.stderr.contains("it contains /proc"), "{out}");
+    assert!(
+        out.stderr.contains(&format!("{} (which is /): / cannot be granted", link.display()))
+            && out.stderr.contains("it contains /proc"),
+        "{out}"
+    );
     for spelled in ["/", "//", "/./", "/dev", "/proc/self"] {
         let pol = probe_policy("root", &format!("read = [\"{spelled}\"]"), "");
         let out = run_timeout(

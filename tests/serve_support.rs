@@ -205,7 +205,8 @@ impl Mcpbox {
                 (f["message"] == "server started" && f["session"] == sid).then(|| f["pid"].as_u64()).flatten()
             });
             if let Some(pid) = sandbox {
-                let servers: Vec<Proc> = descendants(pid as u32).into_iter().filter(|p| p.cmdline.contains("server-everything")).collect();
+                let servers: Vec<Proc> =
+                    descendants(pid as u32).into_iter().filter(|p| p.cmdline.contains("server-everything")).collect();
                 if servers.len() == 1 {
                     return servers[0].clone();
                 }
@@ -289,7 +290,8 @@ pub fn sse_events(resp: reqwest::Response) -> mpsc::UnboundedReceiver<Event> {
                 let line = line.trim_end_matches(['\n', '\r']);
                 if line.is_empty() {
                     if has_data {
-                        let ev = std::mem::replace(&mut cur, Event { event: String::new(), data: String::new(), id: None });
+                        let ev =
+                            std::mem::replace(&mut cur, Event { event: String::new(), data: String::new(), id: None });
                         let ev = Event { event: if ev.event.is_empty() { "message".into() } else { ev.event }, ..ev };
                         if tx.send(ev).is_err() {
                             return;
@@ -395,7 +397,10 @@ impl Legacy {
             .unwrap();
         assert_eq!(r.status(), 200, "GET /{server}/sse");
         let mut rx = sse_events(r);
-        let first = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await.expect("endpoint event in time").expect("endpoint event");
+        let first = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("endpoint event in time")
+            .expect("endpoint event");
         assert_eq!(first.event, "endpoint", "first event: {first:?}");
         let session_id = first.data.split("sessionId=").nth(1).expect("sessionId in the endpoint").to_string();
         Legacy {
@@ -497,7 +502,9 @@ pub async fn rmcp_legacy_transport(
     mb: &Mcpbox,
     server: &str,
 ) -> (
-    std::pin::Pin<Box<dyn futures::Sink<rmcp::service::TxJsonRpcMessage<rmcp::RoleClient>, Error = std::io::Error> + Send>>,
+    std::pin::Pin<
+        Box<dyn futures::Sink<rmcp::service::TxJsonRpcMessage<rmcp::RoleClient>, Error = std::io::Error> + Send>,
+    >,
     tokio_stream::wrappers::UnboundedReceiverStream<rmcp::service::RxJsonRpcMessage<rmcp::RoleClient>>,
 ) {
     let l = Legacy::connect(mb, server).await;
@@ -519,20 +526,23 @@ pub async fn rmcp_legacy_transport(
             }
         }
     });
-    let sink = futures::sink::unfold((http, post_url), |(http, url), msg: rmcp::service::TxJsonRpcMessage<rmcp::RoleClient>| async move {
-        let r = http
-            .post(&url)
-            .header("authorization", format!("Bearer {TOKEN}"))
-            .header("content-type", "application/json")
-            .body(serde_json::to_vec(&msg).map_err(std::io::Error::other)?)
-            .send()
-            .await
-            .map_err(std::io::Error::other)?;
-        if r.status() != 202 {
-            return Err(std::io::Error::other(format!("POST {url}: {}", r.status())));
-        }
-        Ok((http, url))
-    });
+    let sink = futures::sink::unfold(
+        (http, post_url),
+        |(http, url), msg: rmcp::service::TxJsonRpcMessage<rmcp::RoleClient>| async move {
+            let r = http
+                .post(&url)
+                .header("authorization", format!("Bearer {TOKEN}"))
+                .header("content-type", "application/json")
+                .body(serde_json::to_vec(&msg).map_err(std::io::Error::other)?)
+                .send()
+                .await
+                .map_err(std::io::Error::other)?;
+            if r.status() != 202 {
+                return Err(std::io::Error::other(format!("POST {url}: {}", r.status())));
+            }
+            Ok((http, url))
+        },
+    );
     (Box::pin(sink), tokio_stream::wrappers::UnboundedReceiverStream::new(msgs))
 }
 
@@ -583,7 +593,10 @@ impl Streamable {
     }
 
     pub async fn post_raw(&self, body: &str, headers: &[(&str, &str)]) -> Resp {
-        let mut rb = self.builder(reqwest::Method::POST).header("content-type", "application/json").header("accept", "application/json");
+        let mut rb = self
+            .builder(reqwest::Method::POST)
+            .header("content-type", "application/json")
+            .header("accept", "application/json");
         for (k, v) in headers {
             rb = rb.header(*k, *v);
         }
@@ -639,7 +652,7 @@ pub fn is_progress(v: &Value) -> bool {
 
 // ---- /proc: the scanner of tests/common -------------------------------------------------
 
-pub use crate::common::{all_procs, alive, descendants, Proc};
+pub use crate::common::{alive, all_procs, descendants, Proc};
 
 pub fn path_str(p: &Path) -> String {
     p.to_string_lossy().into_owned()

@@ -207,7 +207,13 @@ mod tests {
         input.extend(std::iter::repeat_n(b'y', 1 << 20));
         let mut got = Vec::new();
         read_log_lines_blocking(std::io::Cursor::new(input), 500, |l| got.push(l));
-        assert_eq!(got, vec![LogLine { text: "one".into(), dropped: 0 }, LogLine { text: "y".repeat(500), dropped: (1 << 20) - 500 }]);
+        assert_eq!(
+            got,
+            vec![
+                LogLine { text: "one".into(), dropped: 0 },
+                LogLine { text: "y".repeat(500), dropped: (1 << 20) - 500 }
+            ]
+        );
     }
 
     #[tokio::test]
@@ -275,7 +281,11 @@ mod tests {
         // A line of exactly the limit, ended by "\r\n": a line, even when "abcd\r" is all that
         // has arrived (5 bytes, over the limit of 4, before the '\n' says the '\r' is not content).
         for piece in [1, 64] {
-            assert_eq!(frames(b"abcd\r\nx\n", 4, piece).await, vec![Frame::Line(Bytes::from_static(b"abcd")), Frame::Line(Bytes::from_static(b"x"))], "reads of {piece}");
+            assert_eq!(
+                frames(b"abcd\r\nx\n", 4, piece).await,
+                vec![Frame::Line(Bytes::from_static(b"abcd")), Frame::Line(Bytes::from_static(b"x"))],
+                "reads of {piece}"
+            );
         }
         // A blank line longer than the limit: too long, however it arrives (one byte at a time it
         // is discarded before its end shows it is blank).

@@ -265,7 +265,11 @@ impl Hub {
 
     fn answer_error(&self, st: &mut State, sid: &SessionId, msg: &Value, reason: &str) {
         if let (Some(id), true) = (msg.get("id"), msg.get("method").is_some()) {
-            let d = Delivery { msg: error_response(id.clone(), -32603, reason), reply_to: Some(router::key(id)), related_to: None };
+            let d = Delivery {
+                msg: error_response(id.clone(), -32603, reason),
+                reply_to: Some(router::key(id)),
+                related_to: None,
+            };
             self.deliver(st, sid.clone(), d);
         }
     }
@@ -286,7 +290,8 @@ impl Hub {
                 tracing::info!(server = %self.server, session = %sid, id = %id, method = m, "client message");
             }
         }
-        if let (Some(tx), Some(t), Some(id), true) = (&self.deadline_tx, self.timeout, msg.get("id"), method.is_some()) {
+        if let (Some(tx), Some(t), Some(id), true) = (&self.deadline_tx, self.timeout, msg.get("id"), method.is_some())
+        {
             let _ = tx.send((tokio::time::Instant::now() + t, sid.clone(), id.clone()));
         }
         let mut st = self.lock();
@@ -459,9 +464,18 @@ mod tests {
         let (stdin, mut server) = input_queue(1 << 20);
         hub.connect_process(stdin);
         let started = tokio::time::Instant::now();
-        assert_eq!(hub.from_client(&sid, json!({"jsonrpc":"2.0","id":"slow","method":"tools/call","params":{"name":"x"}})), Sent::Forwarded);
-        assert_eq!(hub.from_client(&sid, json!({"jsonrpc":"2.0","id":"fast","method":"tools/call","params":{"name":"y"}})), Sent::Forwarded);
-        let fwd: Vec<Value> = [server.recv().await.unwrap(), server.recv().await.unwrap()].iter().map(|b| serde_json::from_slice(b).unwrap()).collect();
+        assert_eq!(
+            hub.from_client(&sid, json!({"jsonrpc":"2.0","id":"slow","method":"tools/call","params":{"name":"x"}})),
+            Sent::Forwarded
+        );
+        assert_eq!(
+            hub.from_client(&sid, json!({"jsonrpc":"2.0","id":"fast","method":"tools/call","params":{"name":"y"}})),
+            Sent::Forwarded
+        );
+        let fwd: Vec<Value> = [server.recv().await.unwrap(), server.recv().await.unwrap()]
+            .iter()
+            .map(|b| serde_json::from_slice(b).unwrap())
+            .collect();
         // The fast one is answered in time; the slow one is not.
         hub.from_backend(Frame::Line(Bytes::from(json!({"jsonrpc":"2.0","id":fwd[1]["id"],"result":{}}).to_string())));
         let first: Value = serde_json::from_slice(&out.try_recv().unwrap().body).unwrap();
@@ -472,7 +486,10 @@ mod tests {
         assert_eq!((err["id"].clone(), err["error"]["code"].as_i64()), (json!("slow"), Some(router::REQUEST_TIMEOUT)));
         assert!(err["error"]["message"].as_str().unwrap().contains("timed out after 100ms"), "{err}");
         let cancel: Value = serde_json::from_slice(&server.recv().await.unwrap()).unwrap();
-        assert_eq!((cancel["method"].as_str(), &cancel["params"]["requestId"]), (Some("notifications/cancelled"), &fwd[0]["id"]));
+        assert_eq!(
+            (cancel["method"].as_str(), &cancel["params"]["requestId"]),
+            (Some("notifications/cancelled"), &fwd[0]["id"])
+        );
         // The answer that comes too late goes nowhere; the fast one got no error.
         hub.from_backend(Frame::Line(Bytes::from(json!({"jsonrpc":"2.0","id":fwd[0]["id"],"result":{}}).to_string())));
         tokio::time::sleep(std::time::Duration::from_millis(250)).await;
@@ -522,7 +539,11 @@ mod tests {
         hub.connect_process(stdin);
         let call = |i: u64| serde_json::json!({"jsonrpc":"2.0","id":i,"method":"tools/call","params":{"name":"x","arguments":{"pad":"p".repeat(300)}}});
         let sent: Vec<Sent> = (0..10).map(|i| hub.from_client(&a, call(i))).collect();
-        assert_eq!(sent.iter().filter(|s| **s == Sent::Forwarded).count(), 10, "the router forwards; the queue refuses");
+        assert_eq!(
+            sent.iter().filter(|s| **s == Sent::Forwarded).count(),
+            10,
+            "the router forwards; the queue refuses"
+        );
         assert!(backend.held.load(Ordering::SeqCst) <= 1000, "{}", backend.held.load(Ordering::SeqCst));
         let mut refused = 0;
         while let Ok(o) = out.try_recv() {
@@ -549,7 +570,10 @@ mod tests {
         let (stdin, _backend) = input_queue(1 << 20);
         hub.connect_process(stdin);
         hub.from_client(&a, serde_json::json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"x"}}));
-        let note = format!(r#"{{"jsonrpc":"2.0","method":"notifications/message","params":{{"data":"{}"}}}}"#, "x".repeat(300));
+        let note = format!(
+            r#"{{"jsonrpc":"2.0","method":"notifications/message","params":{{"data":"{}"}}}}"#,
+            "x".repeat(300)
+        );
         for _ in 0..5 {
             hub.from_backend(Frame::Line(Bytes::from(note.clone())));
         }

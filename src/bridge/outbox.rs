@@ -39,7 +39,10 @@ pub enum Transport {
 enum Waiter {
     Json(oneshot::Sender<Bytes>),
     /// A POST answered as a stream: its queue, and whether the response has arrived.
-    Stream { queue: VecDeque<Bytes>, done: bool },
+    Stream {
+        queue: VecDeque<Bytes>,
+        done: bool,
+    },
 }
 
 /// The outbox went over its budget: the session must end.
@@ -406,7 +409,10 @@ mod tests {
         let mut json = s.expect_json("3".into());
         s.close(Some("session ended: budget"));
         let v: serde_json::Value = serde_json::from_slice(&json.try_recv().unwrap()).unwrap();
-        assert_eq!((v["id"].clone(), v["error"]["message"].clone()), (serde_json::json!(3), serde_json::json!("session ended: budget")));
+        assert_eq!(
+            (v["id"].clone(), v["error"]["message"].clone()),
+            (serde_json::json!(3), serde_json::json!("session ended: budget"))
+        );
         let Next::Item(b) = s.next_for_post(&"2".into()) else { panic!() };
         assert!(String::from_utf8_lossy(&b).contains("session ended: budget"));
         assert_eq!(s.next_for_post(&"2".into()), Next::End);

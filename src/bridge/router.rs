@@ -183,10 +183,7 @@ impl Router {
             (Some(method), true) => {
                 let client_id = obj.get("id").cloned().unwrap_or(Value::Null);
                 let reply = |msg: Value, cid: &Value| {
-                    vec![Action::Session(
-                        sid.clone(),
-                        Delivery { msg, reply_to: Some(key(cid)), related_to: None },
-                    )]
+                    vec![Action::Session(sid.clone(), Delivery { msg, reply_to: Some(key(cid)), related_to: None })]
                 };
                 if method == "tools/call" {
                     if let Some(f) = &self.filter {
@@ -198,7 +195,9 @@ impl Router {
                     }
                 }
                 if self.pending.values().filter(|p| &p.sid == sid).count() >= MAX_IN_FLIGHT {
-                    let m = format!("too many requests in flight on this session (limit {MAX_IN_FLIGHT}); wait for answers first");
+                    let m = format!(
+                        "too many requests in flight on this session (limit {MAX_IN_FLIGHT}); wait for answers first"
+                    );
                     return reply(error_response(client_id.clone(), -32603, &m), &client_id);
                 }
                 let kind = match method.as_str() {
@@ -207,7 +206,8 @@ impl Router {
                     _ => Kind::Other,
                 };
                 if kind == Kind::Initialize && self.shared {
-                    let declared = obj.get("params").and_then(|p| p.get("capabilities")).cloned().unwrap_or_else(|| json!({}));
+                    let declared =
+                        obj.get("params").and_then(|p| p.get("capabilities")).cloned().unwrap_or_else(|| json!({}));
                     self.caps.insert(sid.clone(), declared);
                     match &mut self.init {
                         Init::Done(result) => {
@@ -239,7 +239,9 @@ impl Router {
                 let bkey = key(&backend_id);
                 obj.insert("id".into(), backend_id.clone());
                 let mut token = None;
-                if let Some(meta) = obj.get_mut("params").and_then(|p| p.get_mut("_meta")).and_then(Value::as_object_mut) {
+                if let Some(meta) =
+                    obj.get_mut("params").and_then(|p| p.get_mut("_meta")).and_then(Value::as_object_mut)
+                {
                     if let Some(t) = meta.get("progressToken").cloned() {
                         let bt = self.fresh(&t);
                         self.tokens.insert(key(&bt), (sid.clone(), t, key(&client_id)));
@@ -387,10 +389,9 @@ impl Router {
         }
         obj.insert("id".into(), p.client_id.clone());
         if p.kind == Kind::ToolsList {
-            if let (Some(f), Some(tools)) = (
-                &self.filter,
-                obj.get_mut("result").and_then(|r| r.get_mut("tools")).and_then(Value::as_array_mut),
-            ) {
+            if let (Some(f), Some(tools)) =
+                (&self.filter, obj.get_mut("result").and_then(|r| r.get_mut("tools")).and_then(Value::as_array_mut))
+            {
                 tools.retain(|t| t.get("name").and_then(Value::as_str).is_some_and(|n| f.allows(n)));
             }
         }
@@ -409,7 +410,10 @@ impl Router {
                 out.push(Action::Session(sid, Delivery { msg: m, reply_to: Some(key(&cid)), related_to: None }));
             }
         }
-        out.insert(0, Action::Session(p.sid, Delivery { msg, reply_to: Some(k_client(&p.client_id)), related_to: None }));
+        out.insert(
+            0,
+            Action::Session(p.sid, Delivery { msg, reply_to: Some(k_client(&p.client_id)), related_to: None }),
+        );
         out
     }
 
@@ -426,7 +430,10 @@ impl Router {
             self.tokens.remove(t);
         }
         let k = key(&p.client_id);
-        vec![Action::Session(p.sid, Delivery { msg: error_response(p.client_id, -32603, reason), reply_to: Some(k), related_to: None })]
+        vec![Action::Session(
+            p.sid,
+            Delivery { msg: error_response(p.client_id, -32603, reason), reply_to: Some(k), related_to: None },
+        )]
     }
 
     /// A client request's deadline passed (its server's `timeout`): answer it with a JSON-RPC
@@ -447,8 +454,17 @@ impl Router {
         }
         let k = key(&p.client_id);
         vec![
-            Action::Backend(json!({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": bid, "reason": reason}})),
-            Action::Session(p.sid, Delivery { msg: error_response(p.client_id, REQUEST_TIMEOUT, reason), reply_to: Some(k), related_to: None }),
+            Action::Backend(
+                json!({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": bid, "reason": reason}}),
+            ),
+            Action::Session(
+                p.sid,
+                Delivery {
+                    msg: error_response(p.client_id, REQUEST_TIMEOUT, reason),
+                    reply_to: Some(k),
+                    related_to: None,
+                },
+            ),
         ]
     }
 
@@ -461,7 +477,11 @@ impl Router {
             let k = key(&p.client_id);
             out.push(Action::Session(
                 p.sid,
-                Delivery { msg: error_response(p.client_id, -32603, SERVER_EXITED), reply_to: Some(k), related_to: None },
+                Delivery {
+                    msg: error_response(p.client_id, -32603, SERVER_EXITED),
+                    reply_to: Some(k),
+                    related_to: None,
+                },
             ));
         }
         if let Init::Pending(w) = std::mem::replace(&mut self.init, Init::None) {
@@ -504,7 +524,8 @@ impl Router {
 
     /// Sessions with requests in flight (for errors that belong to no single request).
     pub fn busy_sessions(&self) -> Vec<SessionId> {
-        let set: HashSet<&SessionId> = self.pending.values().filter(|p| p.kind != Kind::Internal).map(|p| &p.sid).collect();
+        let set: HashSet<&SessionId> =
+            self.pending.values().filter(|p| p.kind != Kind::Internal).map(|p| &p.sid).collect();
         set.into_iter().cloned().collect()
     }
 }
@@ -543,19 +564,30 @@ mod tests {
         r.attach(a.clone());
         r.attach(b.clone());
         let fwd = backend(&r.from_client(&a, json!({"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"slow","_meta":{"progressToken":"p"}}})));
-        let other = backend(&r.from_client(&b, json!({"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"fast"}})));
+        let other =
+            backend(&r.from_client(&b, json!({"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"fast"}})));
         // Another session's request of the same id is not touched.
         let out = r.expire(&a, &json!(7), "request timed out");
         assert_eq!(out.len(), 2, "{out:?}");
         let cancel = backend(&out);
-        assert_eq!((cancel["method"].as_str(), &cancel["params"]["requestId"]), (Some("notifications/cancelled"), &fwd["id"]));
+        assert_eq!(
+            (cancel["method"].as_str(), &cancel["params"]["requestId"]),
+            (Some("notifications/cancelled"), &fwd["id"])
+        );
         let (to, d) = session(&out[1..]);
-        assert_eq!((to, d.msg["id"].clone(), d.msg["error"]["code"].as_i64(), d.reply_to.as_deref()), (a.clone(), json!(7), Some(REQUEST_TIMEOUT), Some("7")));
+        assert_eq!(
+            (to, d.msg["id"].clone(), d.msg["error"]["code"].as_i64(), d.reply_to.as_deref()),
+            (a.clone(), json!(7), Some(REQUEST_TIMEOUT), Some("7"))
+        );
         assert_eq!(r.in_flight(), 1);
         // The late answer and its progress reach nobody; b's answer still reaches b.
         assert!(r.from_backend(json!({"jsonrpc":"2.0","id":fwd["id"],"result":{}})).is_empty());
         let tok = fwd["params"]["_meta"]["progressToken"].clone();
-        assert!(r.from_backend(json!({"jsonrpc":"2.0","method":"notifications/progress","params":{"progressToken":tok,"progress":1}})).is_empty());
+        assert!(r
+            .from_backend(
+                json!({"jsonrpc":"2.0","method":"notifications/progress","params":{"progressToken":tok,"progress":1}})
+            )
+            .is_empty());
         assert_eq!(session(&r.from_backend(json!({"jsonrpc":"2.0","id":other["id"],"result":{}}))).0, b);
         // Answered or unknown: nothing to do.
         assert!(r.expire(&b, &json!(7), "late").is_empty());
@@ -571,8 +603,10 @@ mod tests {
         let (a, b) = (sid("a"), sid("b"));
         r.attach(a.clone());
         r.attach(b.clone());
-        let fa = backend(&r.from_client(&a, json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"x"}})));
-        let fb = backend(&r.from_client(&b, json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"y"}})));
+        let fa =
+            backend(&r.from_client(&a, json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"x"}})));
+        let fb =
+            backend(&r.from_client(&b, json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"y"}})));
         assert_ne!(fa["id"], fb["id"]);
         assert!(fa["id"].is_u64());
         // answer b first
@@ -611,12 +645,16 @@ mod tests {
         let fb = backend(&r.from_client(&b, call(json!("tok"))));
         let (ta, tb) = (fa["params"]["_meta"]["progressToken"].clone(), fb["params"]["_meta"]["progressToken"].clone());
         assert_ne!(ta, tb);
-        let (s, d) = session(&r.from_backend(json!({"jsonrpc":"2.0","method":"notifications/progress","params":{"progressToken":tb,"progress":1}})));
+        let (s, d) = session(&r.from_backend(
+            json!({"jsonrpc":"2.0","method":"notifications/progress","params":{"progressToken":tb,"progress":1}}),
+        ));
         assert_eq!(s.as_ref(), "b");
         assert_eq!(d.msg["params"]["progressToken"], json!("tok"));
         assert_eq!(d.related_to.as_deref(), Some("1"));
         // unknown token: dropped, never guessed
-        assert!(r.from_backend(json!({"jsonrpc":"2.0","method":"notifications/progress","params":{"progressToken":"zzz"}})).is_empty());
+        assert!(r
+            .from_backend(json!({"jsonrpc":"2.0","method":"notifications/progress","params":{"progressToken":"zzz"}}))
+            .is_empty());
         let _ = ta;
     }
 
@@ -626,11 +664,16 @@ mod tests {
         let (a, b) = (sid("a"), sid("b"));
         r.attach(a.clone());
         r.attach(b.clone());
-        let fa = backend(&r.from_client(&a, json!({"jsonrpc":"2.0","id":5,"method":"tools/call","params":{"name":"x"}})));
-        let c = backend(&r.from_client(&a, json!({"jsonrpc":"2.0","method":"notifications/cancelled","params":{"requestId":5}})));
+        let fa =
+            backend(&r.from_client(&a, json!({"jsonrpc":"2.0","id":5,"method":"tools/call","params":{"name":"x"}})));
+        let c = backend(
+            &r.from_client(&a, json!({"jsonrpc":"2.0","method":"notifications/cancelled","params":{"requestId":5}})),
+        );
         assert_eq!(c["params"]["requestId"], fa["id"]);
         // b cannot cancel a's request
-        assert!(r.from_client(&b, json!({"jsonrpc":"2.0","method":"notifications/cancelled","params":{"requestId":5}})).is_empty());
+        assert!(r
+            .from_client(&b, json!({"jsonrpc":"2.0","method":"notifications/cancelled","params":{"requestId":5}}))
+            .is_empty());
     }
 
     #[test]
@@ -659,10 +702,14 @@ mod tests {
         let (a, b) = (sid("a"), sid("b"));
         r.attach(a.clone());
         r.attach(b.clone());
-        backend(&r.from_client(&a, json!({"jsonrpc":"2.0","id":0,"method":"initialize","params":{"capabilities":{"sampling":{}}}})));
+        backend(&r.from_client(
+            &a,
+            json!({"jsonrpc":"2.0","id":0,"method":"initialize","params":{"capabilities":{"sampling":{}}}}),
+        ));
         backend(&r.from_client(&a, json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"x"}})));
         // a server request while a's call is in flight goes to a, related to that call
-        let (s, d) = session(&r.from_backend(json!({"jsonrpc":"2.0","id":99,"method":"sampling/createMessage","params":{}})));
+        let (s, d) =
+            session(&r.from_backend(json!({"jsonrpc":"2.0","id":99,"method":"sampling/createMessage","params":{}})));
         assert_eq!((s.as_ref(), d.related_to.as_deref()), ("a", Some("1")));
         // only a may answer it
         assert!(r.from_client(&b, json!({"jsonrpc":"2.0","id":99,"result":{}})).is_empty());
@@ -680,8 +727,10 @@ mod tests {
         let (a, b) = (sid("a"), sid("b"));
         r.attach(a.clone());
         r.attach(b.clone());
-        let sent_b = backend(&r.from_client(&b, json!({"jsonrpc":"2.0","id":5,"method":"tools/call","params":{"name":"y"}})));
-        let sent = backend(&r.from_client(&a, json!({"jsonrpc":"2.0","id":5,"method":"tools/call","params":{"name":"x"}})));
+        let sent_b =
+            backend(&r.from_client(&b, json!({"jsonrpc":"2.0","id":5,"method":"tools/call","params":{"name":"y"}})));
+        let sent =
+            backend(&r.from_client(&a, json!({"jsonrpc":"2.0","id":5,"method":"tools/call","params":{"name":"x"}})));
         let (s, d) = session(&r.undeliverable(&sent, "queue full"));
         assert_eq!(s.as_ref(), "a");
         assert_eq!(d.msg["id"], json!(5));
@@ -728,11 +777,14 @@ mod tests {
         let mut r = Router::new(false, Some(f));
         let a = sid("a");
         r.attach(a.clone());
-        let (_, d) = session(&r.from_client(&a, json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"rm"}})));
+        let (_, d) =
+            session(&r.from_client(&a, json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"rm"}})));
         assert_eq!(d.msg["error"]["code"], json!(-32602));
         assert!(d.msg["error"]["message"].as_str().unwrap().contains("rm"));
         let l = backend(&r.from_client(&a, json!({"jsonrpc":"2.0","id":2,"method":"tools/list"})));
-        let (_, d) = session(&r.from_backend(json!({"jsonrpc":"2.0","id":l["id"],"result":{"tools":[{"name":"rm"},{"name":"ls"}]}})));
+        let (_, d) = session(
+            &r.from_backend(json!({"jsonrpc":"2.0","id":l["id"],"result":{"tools":[{"name":"rm"},{"name":"ls"}]}})),
+        );
         assert_eq!(d.msg["result"]["tools"], json!([{"name":"ls"}]));
         let allow = ToolFilter { mode: FilterMode::Allow, list: ["ls".to_string()].into_iter().collect() };
         assert!(allow.allows("ls") && !allow.allows("rm"));

@@ -250,12 +250,33 @@ mod tests {
         let is = |n: &str| n == "a" || n == "b.c";
         assert_eq!(decide("", "/a/mcp", is), Some(Target::Server { name: "a".into(), endpoint: Endpoint::Mcp }));
         assert_eq!(decide("", "/b.c/sse", is), Some(Target::Server { name: "b.c".into(), endpoint: Endpoint::Sse }));
-        assert_eq!(decide("", "/a/message", is), Some(Target::Server { name: "a".into(), endpoint: Endpoint::Message }));
+        assert_eq!(
+            decide("", "/a/message", is),
+            Some(Target::Server { name: "a".into(), endpoint: Endpoint::Message })
+        );
         assert_eq!(decide("/p", "/p/a/mcp", is), Some(Target::Server { name: "a".into(), endpoint: Endpoint::Mcp }));
         assert_eq!(decide("/p", "/status", is), Some(Target::Status));
         for bad in [
-            "/%61/mcp", "//a/mcp", "/a//mcp", "/./a/mcp", "/a/../a/mcp", "/A/mcp", "/a/MCP", "/a/mcp/", "/a",
-            "/a/", "a/mcp", "/x/a/mcp", "/a%2Fmcp", "/../mcp", "/./mcp", "/c/mcp", "", "/", "/status/", "/%73tatus",
+            "/%61/mcp",
+            "//a/mcp",
+            "/a//mcp",
+            "/./a/mcp",
+            "/a/../a/mcp",
+            "/A/mcp",
+            "/a/MCP",
+            "/a/mcp/",
+            "/a",
+            "/a/",
+            "a/mcp",
+            "/x/a/mcp",
+            "/a%2Fmcp",
+            "/../mcp",
+            "/./mcp",
+            "/c/mcp",
+            "",
+            "/",
+            "/status/",
+            "/%73tatus",
         ] {
             assert_eq!(decide("", bad, is), None, "{bad}");
         }
@@ -279,9 +300,13 @@ mod tests {
     #[test]
     fn admin_tokens_exist_whenever_any_token_does() {
         let parse = |t: &str| crate::config::parse(t, Path::new("t"), Path::new("/"), &|_| None).unwrap();
-        let c = parse(r#"{"mcpProxy":{"options":{"authTokens":["G"]}},"mcpServers":{"a":{"command":"x","options":{"authTokens":["A"]}}}}"#);
+        let c = parse(
+            r#"{"mcpProxy":{"options":{"authTokens":["G"]}},"mcpServers":{"a":{"command":"x","options":{"authTokens":["A"]}}}}"#,
+        );
         assert_eq!(c.admin_tokens(), ["G"]);
-        let c = parse(r#"{"mcpServers":{"a":{"command":"x","options":{"authTokens":["A"]}},"b":{"command":"x","options":{"authTokens":["B","A"]}}}}"#);
+        let c = parse(
+            r#"{"mcpServers":{"a":{"command":"x","options":{"authTokens":["A"]}},"b":{"command":"x","options":{"authTokens":["B","A"]}}}}"#,
+        );
         assert_eq!(c.admin_tokens(), ["A", "B"]);
         let c = parse(r#"{"mcpServers":{"a":{"command":"x"}}}"#);
         assert!(c.admin_tokens().is_empty());
@@ -301,7 +326,9 @@ mod tests {
         assert!(e.origin_ok("http://localhost:3000") && e.origin_ok("http://127.0.0.1:9090"));
         assert!(!e.origin_ok("https://evil.example") && !e.origin_ok("null"));
 
-        let e = edge(r#"{"mcpProxy":{"addr":":9090","baseURL":"https://mcp.example.com/x","options":{"authTokens":["t"]}},"mcpbox":{"allowedHosts":["alt.example"],"allowedOrigins":["https://app.example"]}}"#);
+        let e = edge(
+            r#"{"mcpProxy":{"addr":":9090","baseURL":"https://mcp.example.com/x","options":{"authTokens":["t"]}},"mcpbox":{"allowedHosts":["alt.example"],"allowedOrigins":["https://app.example"]}}"#,
+        );
         assert!(e.host_ok("mcp.example.com") && e.host_ok("alt.example:9090") && e.host_ok("203.0.113.5:9090"));
         assert!(!e.host_ok("rebind.evil.example"));
         assert!(e.origin_ok("https://mcp.example.com") && e.origin_ok("https://app.example"));

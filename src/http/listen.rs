@@ -151,7 +151,13 @@ impl Drop for Admitted {
 /// Accept and serve connections until `stop` fires; then ask every open connection to finish
 /// (graceful shutdown: the answer in progress completes, keep-alive ends) and return. The
 /// connection tasks are in `conns`, to be awaited by the caller as long as it likes.
-pub async fn serve(listener: TcpListener, app: Router, settings: Settings, stop: CancellationToken, conns: TaskTracker) {
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    settings: Settings,
+    stop: CancellationToken,
+    conns: TaskTracker,
+) {
     let caps = Arc::new(Caps {
         max_total: settings.max_connections,
         max_per_address: settings.max_per_address,
@@ -183,7 +189,9 @@ pub async fn serve(listener: TcpListener, app: Router, settings: Settings, stop:
                 refuse(&tcp);
                 let (every, what, max) = match why {
                     Refused::Total => (&refused_total, "mcpbox.maxConnections", settings.max_connections),
-                    Refused::PerAddress => (&refused_address, "mcpbox.maxConnectionsPerAddress", settings.max_per_address),
+                    Refused::PerAddress => {
+                        (&refused_address, "mcpbox.maxConnectionsPerAddress", settings.max_per_address)
+                    }
                 };
                 if let Some(n) = every.hit() {
                     tracing::warn!(peer = %peer.ip(), open = caps.open(), "refused {n} connection(s) in the last 10 s: over {what} ({max})");
@@ -206,7 +214,14 @@ fn refuse(tcp: &TcpStream) {
     let _ = tcp.try_write(REFUSED);
 }
 
-async fn connection(tcp: TcpStream, peer: SocketAddr, admitted: Admitted, app: Router, settings: Settings, stop: CancellationToken) {
+async fn connection(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    admitted: Admitted,
+    app: Router,
+    settings: Settings,
+    stop: CancellationToken,
+) {
     let _admitted = admitted;
     let app = TowerToHyperService::new(app);
     let body_timeout = settings.body_timeout;
@@ -233,14 +248,23 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, admitted: Admitted, app: R
 
 /// One request: the body under its deadline, then the app; a body that did not arrive in time
 /// is answered 408 (whatever the handler made of the failed read) and the connection closed.
-async fn handle(app: TowerToHyperService<Router>, body_timeout: Duration, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+async fn handle(
+    app: TowerToHyperService<Router>,
+    body_timeout: Duration,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
     use hyper::service::Service as _;
     let timed_out = Arc::new(AtomicBool::new(false));
     let req = req.map(|b| {
         if b.is_end_stream() {
             Body::new(b)
         } else {
-            Body::new(Deadline { inner: b, sleep: Box::pin(tokio::time::sleep(body_timeout)), limit: body_timeout, timed_out: timed_out.clone() })
+            Body::new(Deadline {
+                inner: b,
+                sleep: Box::pin(tokio::time::sleep(body_timeout)),
+                limit: body_timeout,
+                timed_out: timed_out.clone(),
+            })
         }
     });
     let resp = app.call(req).await?;

@@ -140,7 +140,8 @@ pub fn open_error(e: OpenError) -> Response {
         }
         // The global budget: the detail (which budget) is in the log.
         OpenError::Busy(_) => {
-            let mut r = (StatusCode::SERVICE_UNAVAILABLE, "mcpbox is at its session limit; retry later\n").into_response();
+            let mut r =
+                (StatusCode::SERVICE_UNAVAILABLE, "mcpbox is at its session limit; retry later\n").into_response();
             r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
             r
         }
@@ -235,7 +236,8 @@ fn status(st: &Shared) -> Response {
             )
         })
         .collect();
-    axum::Json(json!({"name": st.cfg.proxy.name, "version": env!("CARGO_PKG_VERSION"), "servers": servers})).into_response()
+    axum::Json(json!({"name": st.cfg.proxy.name, "version": env!("CARGO_PKG_VERSION"), "servers": servers}))
+        .into_response()
 }
 
 /// Counts per layer and the most recent distinct denials (newest first, at most 20; the full
@@ -244,7 +246,8 @@ fn denials_json(server: &str) -> Value {
     let Some(d) = crate::denials::registry().get(server) else {
         return json!({"total": {}, "recent": []});
     };
-    let total: serde_json::Map<String, Value> = d.totals().iter().map(|(l, n)| (l.as_str().to_string(), json!(n))).collect();
+    let total: serde_json::Map<String, Value> =
+        d.totals().iter().map(|(l, n)| (l.as_str().to_string(), json!(n))).collect();
     let recent: Vec<Value> = d.recent().iter().rev().take(20).map(|r| json!(r)).collect();
     json!({"total": total, "recent": recent})
 }
@@ -263,44 +266,76 @@ fn metrics(st: &Shared) -> Response {
         }
     };
     family("mcpbox_sessions_active", "gauge", "Open client sessions.", &|s| s.active_sessions() as u64);
-    family("mcpbox_requests_total", "counter", "JSON-RPC requests from clients.", &|s| s.metrics.requests.load(Ordering::Relaxed));
-    family("mcpbox_errors_total", "counter", "Failed starts, crashes and rejected messages.", &|s| s.metrics.errors.load(Ordering::Relaxed));
-    family("mcpbox_restarts_total", "counter", "Restarts of shared servers.", &|s| s.metrics.restarts.load(Ordering::Relaxed));
+    family("mcpbox_requests_total", "counter", "JSON-RPC requests from clients.", &|s| {
+        s.metrics.requests.load(Ordering::Relaxed)
+    });
+    family("mcpbox_errors_total", "counter", "Failed starts, crashes and rejected messages.", &|s| {
+        s.metrics.errors.load(Ordering::Relaxed)
+    });
+    family("mcpbox_restarts_total", "counter", "Restarts of shared servers.", &|s| {
+        s.metrics.restarts.load(Ordering::Relaxed)
+    });
     let _ = writeln!(out, "# HELP mcpbox_sandbox_start_seconds Time to start a sandboxed server.\n# TYPE mcpbox_sandbox_start_seconds summary");
     for s in &servers {
         let n = label(&s.cfg.name);
         let sum = s.metrics.start_us.load(Ordering::Relaxed) as f64 / 1e6;
         let _ = writeln!(out, "mcpbox_sandbox_start_seconds_sum{{server=\"{n}\"}} {sum}");
-        let _ = writeln!(out, "mcpbox_sandbox_start_seconds_count{{server=\"{n}\"}} {}", s.metrics.starts.load(Ordering::Relaxed));
+        let _ = writeln!(
+            out,
+            "mcpbox_sandbox_start_seconds_count{{server=\"{n}\"}} {}",
+            s.metrics.starts.load(Ordering::Relaxed)
+        );
     }
     let _ = writeln!(out, "# HELP mcpbox_session_start_seconds How long a new session (isolation \"session\") waited for its server process.\n# TYPE mcpbox_session_start_seconds histogram");
     for s in &servers {
-        s.metrics.session_start.render("mcpbox_session_start_seconds", &format!("server=\"{}\"", label(&s.cfg.name)), &mut out);
+        s.metrics.session_start.render(
+            "mcpbox_session_start_seconds",
+            &format!("server=\"{}\"", label(&s.cfg.name)),
+            &mut out,
+        );
     }
     let _ = writeln!(out, "# HELP mcpbox_session_starts_total New sessions by start: \"warm\" (a process was waiting) or \"cold\" (it was started for the session).\n# TYPE mcpbox_session_starts_total counter");
     for s in &servers {
         let n = label(&s.cfg.name);
-        let _ = writeln!(out, "mcpbox_session_starts_total{{server=\"{n}\",start=\"warm\"}} {}", s.metrics.warm_starts.load(Ordering::Relaxed));
-        let _ = writeln!(out, "mcpbox_session_starts_total{{server=\"{n}\",start=\"cold\"}} {}", s.metrics.cold_starts.load(Ordering::Relaxed));
+        let _ = writeln!(
+            out,
+            "mcpbox_session_starts_total{{server=\"{n}\",start=\"warm\"}} {}",
+            s.metrics.warm_starts.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "mcpbox_session_starts_total{{server=\"{n}\",start=\"cold\"}} {}",
+            s.metrics.cold_starts.load(Ordering::Relaxed)
+        );
     }
     let _ = writeln!(out, "# HELP mcpbox_denials_total Accesses a sandbox layer refused (landlock, seccomp, egress).\n# TYPE mcpbox_denials_total counter");
     for s in &servers {
         let totals = crate::denials::registry().get(&s.cfg.name).map(|d| d.totals());
         for layer in crate::denials::Layer::ALL {
             let n = totals.iter().flatten().find(|(l, _)| *l == layer).map_or(0, |(_, n)| *n);
-            let _ = writeln!(out, "mcpbox_denials_total{{server=\"{}\",layer=\"{}\"}} {n}", label(&s.cfg.name), layer.as_str());
+            let _ = writeln!(
+                out,
+                "mcpbox_denials_total{{server=\"{}\",layer=\"{}\"}} {n}",
+                label(&s.cfg.name),
+                layer.as_str()
+            );
         }
     }
     let _ = writeln!(out, "# HELP mcpbox_confinement_level Confinement level of the last started process.\n# TYPE mcpbox_confinement_level gauge");
     for s in &servers {
         if let Some(level) = s.metrics.level.lock().unwrap_or_else(|e| e.into_inner()).clone() {
-            let _ = writeln!(out, "mcpbox_confinement_level{{server=\"{}\",level=\"{}\"}} 1", label(&s.cfg.name), label(&level));
+            let _ = writeln!(
+                out,
+                "mcpbox_confinement_level{{server=\"{}\",level=\"{}\"}} 1",
+                label(&s.cfg.name),
+                label(&level)
+            );
         }
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 
 #[cfg(test)]
-mod tests;
-#[cfg(test)]
 mod stateless_tests;
+#[cfg(test)]
+mod tests;

@@ -61,7 +61,8 @@ pub async fn post(st: Shared, server: String, principal: Principal, query: &str,
     match parse_body(&body) {
         Err(e) => {
             srv.metrics.errors.fetch_add(1, Ordering::Relaxed);
-            (StatusCode::BAD_REQUEST, [(axum::http::header::CONTENT_TYPE, "application/json")], e.to_string()).into_response()
+            (StatusCode::BAD_REQUEST, [(axum::http::header::CONTENT_TYPE, "application/json")], e.to_string())
+                .into_response()
         }
         Ok(Parsed::One(v)) => {
             session.send(v);

@@ -42,8 +42,8 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
-use tokio::sync::mpsc;
 use serde_json::{json, Map, Value};
+use tokio::sync::mpsc;
 
 use super::edge::Principal;
 use super::{open_error, rpc_error, Shared};
@@ -116,7 +116,9 @@ fn check_headers(headers: &HeaderMap, msg: &Value) -> Result<(), Response> {
             let want = msg.get("params").and_then(|p| p.get(field)).and_then(Value::as_str);
             match get("mcp-name") {
                 None => return Err(bad_header(id, "Mcp-Name header is required for this method")),
-                Some(h) if Some(h) != want => return Err(bad_header(id, &format!("Mcp-Name header does not match params.{field}"))),
+                Some(h) if Some(h) != want => {
+                    return Err(bad_header(id, &format!("Mcp-Name header does not match params.{field}")))
+                }
                 Some(_) => {}
             }
         }
@@ -153,7 +155,11 @@ pub struct Rounds {
 impl Default for Rounds {
     fn default() -> Self {
         let secret: [u8; 32] = rand::random();
-        Rounds { key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret), next: AtomicU64::new(1), map: Mutex::default() }
+        Rounds {
+            key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret),
+            next: AtomicU64::new(1),
+            map: Mutex::default(),
+        }
     }
 }
 
@@ -236,14 +242,24 @@ pub async fn post(st: Shared, server: String, principal: Principal, headers: &He
     }
     let Some(method) = msg.get("method").and_then(Value::as_str).map(str::to_owned) else {
         let id = msg.get("id").cloned().unwrap_or(Value::Null);
-        return rpc_error(StatusCode::BAD_REQUEST, id, -32600, "2026-07-28 clients answer server requests by retrying with inputResponses");
+        return rpc_error(
+            StatusCode::BAD_REQUEST,
+            id,
+            -32600,
+            "2026-07-28 clients answer server requests by retrying with inputResponses",
+        );
     };
     let Some(client_id) = msg.get("id").cloned() else {
         return (StatusCode::ACCEPTED, "").into_response();
     };
     let caps = meta(&msg).and_then(|m| m.get(META_CAPS)).cloned().unwrap_or_else(|| json!({}));
     if method == "initialize" {
-        return rpc_error(StatusCode::BAD_REQUEST, client_id, -32600, "initialize is not part of 2026-07-28; use server/discover");
+        return rpc_error(
+            StatusCode::BAD_REQUEST,
+            client_id,
+            -32600,
+            "initialize is not part of 2026-07-28; use server/discover",
+        );
     }
     // Progress and (opted-in) log messages go back on an SSE answer when the client asked for
     // them and accepts SSE.
@@ -288,7 +304,11 @@ pub async fn post(st: Shared, server: String, principal: Principal, headers: &He
         let state = state.as_str().unwrap_or("");
         let Some(mut round) = st.stateless.take(state, &server, &principal, &method) else {
             tracing::warn!(server = %server, principal = %principal, "refused a requestState that is invalid, altered, another's, or used already");
-            return json_answer(crate::bridge::error_response(client_id, -32602, "requestState is invalid, altered, or was used already; send the original request again without it"));
+            return json_answer(crate::bridge::error_response(
+                client_id,
+                -32602,
+                "requestState is invalid, altered, or was used already; send the original request again without it",
+            ));
         };
         let responses = responses.and_then(|r| r.as_object().cloned()).unwrap_or_default();
         for (k, server_id) in std::mem::take(&mut round.asked) {
@@ -301,12 +321,14 @@ pub async fn post(st: Shared, server: String, principal: Principal, headers: &He
         round.created = Instant::now();
         return answer(st, round, client_id, sse).await;
     }
-    if let (Some(level), true) = (log_level, backend.init.get("capabilities").and_then(|c| c.get("logging")).is_some()) {
+    if let (Some(level), true) = (log_level, backend.init.get("capabilities").and_then(|c| c.get("logging")).is_some())
+    {
         // The server's level is one for the principal: set when it changes, filtered here per request.
         let mut set = backend.log_level.lock().await;
         if set.as_deref() != Some(LEVELS[level]) {
             let id = format!("mcpbox-sl-{}", WIRE_IDS.fetch_add(1, Ordering::Relaxed));
-            let req = json!({"jsonrpc": "2.0", "id": id, "method": "logging/setLevel", "params": {"level": LEVELS[level]}});
+            let req =
+                json!({"jsonrpc": "2.0", "id": id, "method": "logging/setLevel", "params": {"level": LEVELS[level]}});
             if backend.session.request_json(req).await.is_some() {
                 *set = Some(LEVELS[level].to_string());
             }
@@ -358,10 +380,16 @@ async fn listen(session: Arc<Session>, client_id: Value, filter: Value) -> Respo
         }
     }
     let mut uris = Vec::new();
-    for uri in filter.get("resourceSubscriptions").and_then(Value::as_array).into_iter().flatten().filter_map(Value::as_str) {
+    for uri in
+        filter.get("resourceSubscriptions").and_then(Value::as_array).into_iter().flatten().filter_map(Value::as_str)
+    {
         let id = format!("mcpbox-sl-{}", WIRE_IDS.fetch_add(1, Ordering::Relaxed));
         let req = json!({"jsonrpc": "2.0", "id": id, "method": "resources/subscribe", "params": {"uri": uri}});
-        let ok = session.request_json(req).await.and_then(|b| serde_json::from_slice::<Value>(&b).ok()).is_some_and(|v| v.get("result").is_some());
+        let ok = session
+            .request_json(req)
+            .await
+            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+            .is_some_and(|v| v.get("result").is_some());
         if ok {
             uris.push(uri.to_string());
         }
@@ -370,7 +398,11 @@ async fn listen(session: Arc<Session>, client_id: Value, filter: Value) -> Respo
         honoured.insert("resourceSubscriptions".into(), json!(uris));
     }
     let Some(events) = session.events(None) else {
-        return json_answer(crate::bridge::error_response(client_id, -32603, "a subscriptions/listen stream is already open for this principal on this server"));
+        return json_answer(crate::bridge::error_response(
+            client_id,
+            -32603,
+            "a subscriptions/listen stream is already open for this principal on this server",
+        ));
     };
     let stamp = |mut v: Value, id: &Value| {
         if let Some(p) = v.as_object_mut().map(|o| o.entry("params").or_insert_with(|| json!({}))) {
@@ -381,29 +413,36 @@ async fn listen(session: Arc<Session>, client_id: Value, filter: Value) -> Respo
         }
         v
     };
-    let ack = stamp(json!({"jsonrpc": "2.0", "method": "notifications/subscriptions/acknowledged", "params": {"notifications": honoured}}), &client_id);
+    let ack = stamp(
+        json!({"jsonrpc": "2.0", "method": "notifications/subscriptions/acknowledged", "params": {"notifications": honoured}}),
+        &client_id,
+    );
     let first = futures_util::stream::iter([ack]);
-    let rest = futures_util::stream::unfold((events, honoured, client_id), move |(mut events, honoured, id)| async move {
-        loop {
-            let (_, b) = events.next().await?;
-            let Ok(v) = serde_json::from_slice::<Value>(&b) else { continue };
-            let m = v.get("method").and_then(Value::as_str).unwrap_or("");
-            let pass = match m {
-                "notifications/tools/list_changed" => honoured.contains_key("toolsListChanged"),
-                "notifications/prompts/list_changed" => honoured.contains_key("promptsListChanged"),
-                "notifications/resources/list_changed" => honoured.contains_key("resourcesListChanged"),
-                "notifications/resources/updated" => {
-                    let uri = v.get("params").and_then(|p| p.get("uri")).cloned().unwrap_or(Value::Null);
-                    honoured.get("resourceSubscriptions").and_then(Value::as_array).is_some_and(|l| l.contains(&uri))
+    let rest =
+        futures_util::stream::unfold((events, honoured, client_id), move |(mut events, honoured, id)| async move {
+            loop {
+                let (_, b) = events.next().await?;
+                let Ok(v) = serde_json::from_slice::<Value>(&b) else { continue };
+                let m = v.get("method").and_then(Value::as_str).unwrap_or("");
+                let pass = match m {
+                    "notifications/tools/list_changed" => honoured.contains_key("toolsListChanged"),
+                    "notifications/prompts/list_changed" => honoured.contains_key("promptsListChanged"),
+                    "notifications/resources/list_changed" => honoured.contains_key("resourcesListChanged"),
+                    "notifications/resources/updated" => {
+                        let uri = v.get("params").and_then(|p| p.get("uri")).cloned().unwrap_or(Value::Null);
+                        honoured
+                            .get("resourceSubscriptions")
+                            .and_then(Value::as_array)
+                            .is_some_and(|l| l.contains(&uri))
+                    }
+                    _ => false,
+                };
+                if pass {
+                    let v = stamp(v, &id);
+                    return Some((v, (events, honoured, id)));
                 }
-                _ => false,
-            };
-            if pass {
-                let v = stamp(v, &id);
-                return Some((v, (events, honoured, id)));
             }
-        }
-    });
+        });
     let events = first
         .chain(rest)
         .map(|v| Ok::<_, std::convert::Infallible>(Event::default().event("message").data(v.to_string())));
@@ -428,7 +467,12 @@ fn json_answer(v: Value) -> Response {
 
 /// Read the backend's messages for `round` until its answer (given the client's id) or until
 /// the server asks the client something (an `InputRequiredResult`).
-async fn drive(st: &Shared, mut round: Round, client_id: Value, progress: Option<&mpsc::UnboundedSender<Value>>) -> Value {
+async fn drive(
+    st: &Shared,
+    mut round: Round,
+    client_id: Value,
+    progress: Option<&mpsc::UnboundedSender<Value>>,
+) -> Value {
     // A client that goes away mid-request (the HTTP request is dropped) cancels it.
     let mut cancel = CancelOnDrop { session: round.session.clone(), wire_id: Some(round.wire_id.clone()) };
     loop {
@@ -503,9 +547,17 @@ async fn drive(st: &Shared, mut round: Round, client_id: Value, progress: Option
             "resultType": "input_required", "inputRequests": requests, "requestState": state}}),
         None => {
             for id in asked {
-                session.send(crate::bridge::error_response(id, -32603, "mcpbox has too many input-required requests waiting"));
+                session.send(crate::bridge::error_response(
+                    id,
+                    -32603,
+                    "mcpbox has too many input-required requests waiting",
+                ));
             }
-            crate::bridge::error_response(client_id, -32603, "mcpbox has too many input-required requests waiting; retry later")
+            crate::bridge::error_response(
+                client_id,
+                -32603,
+                "mcpbox has too many input-required requests waiting; retry later",
+            )
         }
     }
 }
@@ -542,7 +594,8 @@ async fn answer(st: Shared, round: Round, client_id: Value, sse: bool) -> Respon
         let v = rx.recv().await?;
         Some((v, (rx, guard)))
     });
-    let events = events.map(|v| Ok::<_, std::convert::Infallible>(Event::default().event("message").data(v.to_string())));
+    let events =
+        events.map(|v| Ok::<_, std::convert::Infallible>(Event::default().event("message").data(v.to_string())));
     Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))).into_response()
 }
 

@@ -66,7 +66,10 @@ async fn discover_list_and_call_without_initialize_or_session() {
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.json()["result"]["resultType"], "complete");
     // A 2025-era server gives no caching hints: mcpbox says "do not cache, private".
-    assert_eq!((r.json()["result"]["ttlMs"].clone(), r.json()["result"]["cacheScope"].clone()), (json!(0), json!("private")));
+    assert_eq!(
+        (r.json()["result"]["ttlMs"].clone(), r.json()["result"]["cacheScope"].clone()),
+        (json!(0), json!("private"))
+    );
     assert!(r.json()["result"]["tools"].as_array().unwrap().iter().any(|t| t["name"] == "echo"));
     let r = sl(a, "pr", "P1", "tools/call", json!({"name": "echo", "arguments": {"text": "hi"}}), json!({})).await;
     assert_eq!(r.status, 200, "{}", r.body);
@@ -74,11 +77,13 @@ async fn discover_list_and_call_without_initialize_or_session() {
     assert_eq!(r.json()["id"], 7, "the client's id comes back");
     // The other isolation modes answer stateless requests too; a 2025 session still works beside them.
     for server in ["se", "sh"] {
-        let r = sl(a, server, "P2", "tools/call", json!({"name": "echo", "arguments": {"text": server}}), json!({})).await;
+        let r =
+            sl(a, server, "P2", "tools/call", json!({"name": "echo", "arguments": {"text": server}}), json!({})).await;
         assert_eq!(text(&r), server);
     }
     let init = json!({"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"t","version":"0"}}});
-    let r = call(a, "POST", "/pr/mcp", &[("Authorization", "P1"), ("Accept", "application/json")], &init.to_string()).await;
+    let r =
+        call(a, "POST", "/pr/mcp", &[("Authorization", "P1"), ("Accept", "application/json")], &init.to_string()).await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert!(r.header("mcp-session-id").is_some());
     s.sup.shutdown().await;
@@ -92,9 +97,15 @@ async fn required_headers_are_checked_and_named() {
     let cases: Vec<(Vec<(&str, &str)>, &str)> = vec![
         (vec![("Mcp-Method", "tools/call"), ("Mcp-Name", "echo")], "MCP-Protocol-Version"),
         (vec![("MCP-Protocol-Version", "2026-07-28"), ("Mcp-Name", "echo")], "Mcp-Method"),
-        (vec![("MCP-Protocol-Version", "2026-07-28"), ("Mcp-Method", "tools/list"), ("Mcp-Name", "echo")], "Mcp-Method"),
+        (
+            vec![("MCP-Protocol-Version", "2026-07-28"), ("Mcp-Method", "tools/list"), ("Mcp-Name", "echo")],
+            "Mcp-Method",
+        ),
         (vec![("MCP-Protocol-Version", "2026-07-28"), ("Mcp-Method", "tools/call")], "Mcp-Name"),
-        (vec![("MCP-Protocol-Version", "2026-07-28"), ("Mcp-Method", "tools/call"), ("Mcp-Name", "secret")], "Mcp-Name"),
+        (
+            vec![("MCP-Protocol-Version", "2026-07-28"), ("Mcp-Method", "tools/call"), ("Mcp-Name", "secret")],
+            "Mcp-Name",
+        ),
     ];
     for (extra, named) in cases {
         let mut h = vec![("Authorization", "P1"), ("Accept", "application/json")];
@@ -109,12 +120,18 @@ async fn required_headers_are_checked_and_named() {
     // The header and the body's _meta must agree.
     let mut v: Value = serde_json::from_str(&call_body).unwrap();
     v["params"]["_meta"]["io.modelcontextprotocol/protocolVersion"] = json!("2099-01-01");
-    let h = [("Authorization", "P1"), ("MCP-Protocol-Version", "2026-07-28"), ("Mcp-Method", "tools/call"), ("Mcp-Name", "echo")];
+    let h = [
+        ("Authorization", "P1"),
+        ("MCP-Protocol-Version", "2026-07-28"),
+        ("Mcp-Method", "tools/call"),
+        ("Mcp-Name", "echo"),
+    ];
     let r = call(a, "POST", "/pr/mcp", &h, &v.to_string()).await;
     assert_eq!(r.status, 400);
     assert!(r.json()["error"]["message"].as_str().unwrap().contains("MCP-Protocol-Version"));
     // An unknown version is refused as before; no backend was started for any of these.
-    let r = call(a, "POST", "/pr/mcp", &[("Authorization", "P1"), ("MCP-Protocol-Version", "2099-01-01")], &call_body).await;
+    let r = call(a, "POST", "/pr/mcp", &[("Authorization", "P1"), ("MCP-Protocol-Version", "2099-01-01")], &call_body)
+        .await;
     assert_eq!(r.status, 400);
     let v = r.json();
     assert_eq!(v["error"]["code"], -32022, "{v}");
@@ -215,7 +232,8 @@ async fn an_undeclared_capability_is_answered_by_mcpbox() {
 /// A 2025-11-25 session on the shared server whose client declares `caps`.
 async fn open_2025(a: SocketAddr, caps: Value) -> String {
     let init = json!({"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":caps,"clientInfo":{"name":"t","version":"0"}}});
-    let r = call(a, "POST", "/sh/mcp", &[("Authorization", "P1"), ("Accept", "application/json")], &init.to_string()).await;
+    let r =
+        call(a, "POST", "/sh/mcp", &[("Authorization", "P1"), ("Accept", "application/json")], &init.to_string()).await;
     assert_eq!(r.status, 200, "{}", r.body);
     let sid = r.header("mcp-session-id").unwrap().to_string();
     let n = json!({"jsonrpc":"2.0","method":"notifications/initialized"}).to_string();
@@ -230,12 +248,25 @@ async fn shared_mode_asks_only_the_session_whose_call_it_is() {
     // B's client declared no capability at all; the shared server was initialized with all.
     let (sa, sb) = (open_2025(a, json!({"elicitation": {}})).await, open_2025(a, json!({})).await);
     let sse = ("Accept", "application/json, text/event-stream");
-    let ask = |id: u64, delay: u64| json!({"jsonrpc":"2.0","id":id,"method":"tools/call","params":{"name":"ask","arguments":{"delay_ms":delay}}}).to_string();
-    let echo = |id: u64| json!({"jsonrpc":"2.0","id":id,"method":"tools/call","params":{"name":"echo","arguments":{"text":"b"}}}).to_string();
+    let ask = |id: u64, delay: u64| {
+        json!({"jsonrpc":"2.0","id":id,"method":"tools/call","params":{"name":"ask","arguments":{"delay_ms":delay}}})
+            .to_string()
+    };
+    let echo = |id: u64| {
+        json!({"jsonrpc":"2.0","id":id,"method":"tools/call","params":{"name":"echo","arguments":{"text":"b"}}})
+            .to_string()
+    };
     let ha = [("Authorization", "P1"), sse, ("Mcp-Session-Id", sa.as_str())];
     let hb = [("Authorization", "P1"), sse, ("Mcp-Session-Id", sb.as_str())];
     // B's GET stream: anything of A's that leaked to B would show here or on B's POST stream.
-    let mut gb = send(a, "GET", "/sh/mcp", &[("Authorization", "P1"), ("Accept", "text/event-stream"), ("Mcp-Session-Id", &sb)], "").await;
+    let mut gb = send(
+        a,
+        "GET",
+        "/sh/mcp",
+        &[("Authorization", "P1"), ("Accept", "text/event-stream"), ("Mcp-Session-Id", &sb)],
+        "",
+    )
+    .await;
     assert_eq!(gb.status, 200);
 
     // A alone is busy: A is asked (on its call's stream), answers, and its call completes.
@@ -259,7 +290,11 @@ async fn shared_mode_asks_only_the_session_whose_call_it_is() {
     let (mut ca, mut cb) = tokio::join!(ca, cb);
     let (_, d, _) = cb.event().await.unwrap();
     let v: Value = serde_json::from_str(&d).unwrap();
-    assert_eq!((v["id"].clone(), v["result"]["content"][0]["text"].clone()), (json!(2), json!("b")), "B gets only its own answer: {v}");
+    assert_eq!(
+        (v["id"].clone(), v["result"]["content"][0]["text"].clone()),
+        (json!(2), json!("b")),
+        "B gets only its own answer: {v}"
+    );
     assert!(cb.event().await.is_none(), "and nothing else");
     let (_, d, _) = ca.event().await.unwrap();
     let v: Value = serde_json::from_str(&d).unwrap();
@@ -282,7 +317,12 @@ async fn listen_streams_what_the_filter_asks_for_from_the_principals_backend() {
     let s = start().await;
     let a = s.addr;
     let listen = |tok: &'static str| async move {
-        let b = body(json!("L"), "subscriptions/listen", json!({"notifications": {"toolsListChanged": true, "resourceSubscriptions": ["file:///x"]}}), json!({}));
+        let b = body(
+            json!("L"),
+            "subscriptions/listen",
+            json!({"notifications": {"toolsListChanged": true, "resourceSubscriptions": ["file:///x"]}}),
+            json!({}),
+        );
         let auth = format!("Bearer {tok}");
         let h = [
             ("Authorization", auth.as_str()),
@@ -297,7 +337,10 @@ async fn listen_streams_what_the_filter_asks_for_from_the_principals_backend() {
     let (_, d, _) = l1.event().await.unwrap();
     let ack: Value = serde_json::from_str(&d).unwrap();
     assert_eq!(ack["method"], "notifications/subscriptions/acknowledged");
-    assert_eq!(ack["params"]["notifications"], json!({"toolsListChanged": true, "resourceSubscriptions": ["file:///x"]}));
+    assert_eq!(
+        ack["params"]["notifications"],
+        json!({"toolsListChanged": true, "resourceSubscriptions": ["file:///x"]})
+    );
     assert_eq!(ack["params"]["_meta"]["io.modelcontextprotocol/subscriptionId"], "L");
     let mut l2 = listen("P2").await;
     l2.event().await.unwrap();
@@ -317,7 +360,13 @@ async fn listen_streams_what_the_filter_asks_for_from_the_principals_backend() {
 async fn progress_comes_on_the_answer_stream_and_a_client_that_leaves_cancels() {
     let s = start().await;
     let a = s.addr;
-    let mut b: Value = serde_json::from_str(&body(json!(7), "tools/call", json!({"name": "echo", "arguments": {"text": "p"}}), json!({}))).unwrap();
+    let mut b: Value = serde_json::from_str(&body(
+        json!(7),
+        "tools/call",
+        json!({"name": "echo", "arguments": {"text": "p"}}),
+        json!({}),
+    ))
+    .unwrap();
     b["params"]["_meta"]["progressToken"] = json!("pt");
     let h = [
         ("Authorization", "P1"),
@@ -329,14 +378,23 @@ async fn progress_comes_on_the_answer_stream_and_a_client_that_leaves_cancels() 
     let mut c = send(a, "POST", "/pr/mcp", &h, &b.to_string()).await;
     let (_, d, _) = c.event().await.unwrap();
     let p: Value = serde_json::from_str(&d).unwrap();
-    assert_eq!((p["method"].clone(), p["params"]["progressToken"].clone()), (json!("notifications/progress"), json!("pt")), "{p}");
+    assert_eq!(
+        (p["method"].clone(), p["params"]["progressToken"].clone()),
+        (json!("notifications/progress"), json!("pt")),
+        "{p}"
+    );
     let (_, d, _) = c.event().await.unwrap();
     let r: Value = serde_json::from_str(&d).unwrap();
     assert_eq!((r["id"].clone(), r["result"]["resultType"].clone()), (json!(7), json!("complete")), "{r}");
     assert!(c.event().await.is_none(), "the stream ends with the answer");
     // A slow call whose client goes away is cancelled at the server.
     let slow = body(json!(8), "tools/call", json!({"name": "slow", "arguments": {"ms": 600}}), json!({}));
-    let h = [("Authorization", "P1"), ("MCP-Protocol-Version", "2026-07-28"), ("Mcp-Method", "tools/call"), ("Mcp-Name", "slow")];
+    let h = [
+        ("Authorization", "P1"),
+        ("MCP-Protocol-Version", "2026-07-28"),
+        ("Mcp-Method", "tools/call"),
+        ("Mcp-Name", "slow"),
+    ];
     let c = send(a, "POST", "/pr/mcp", &h, &slow);
     let _ = tokio::time::timeout(std::time::Duration::from_millis(150), c).await;
     let r = sl(a, "pr", "P1", "tools/call", json!({"name": "cancelled", "arguments": {}}), json!({})).await;
@@ -356,12 +414,18 @@ async fn log_messages_only_for_a_request_that_opts_in_and_at_its_level() {
         ("Mcp-Method", "tools/call"),
         ("Mcp-Name", "log"),
     ];
-    let mut b: Value = serde_json::from_str(&body(json!(5), "tools/call", json!({"name": "log", "arguments": {}}), json!({}))).unwrap();
+    let mut b: Value =
+        serde_json::from_str(&body(json!(5), "tools/call", json!({"name": "log", "arguments": {}}), json!({})))
+            .unwrap();
     b["params"]["_meta"]["io.modelcontextprotocol/logLevel"] = json!("info");
     let mut c = send(a, "POST", "/pr/mcp", &h, &b.to_string()).await;
     let (_, d, _) = c.event().await.unwrap();
     let m: Value = serde_json::from_str(&d).unwrap();
-    assert_eq!((m["method"].clone(), m["params"]["level"].clone()), (json!("notifications/message"), json!("warning")), "debug is below info: {m}");
+    assert_eq!(
+        (m["method"].clone(), m["params"]["level"].clone()),
+        (json!("notifications/message"), json!("warning")),
+        "debug is below info: {m}"
+    );
     let (_, d, _) = c.event().await.unwrap();
     assert_eq!(serde_json::from_str::<Value>(&d).unwrap()["id"], 5);
     assert!(c.event().await.is_none());

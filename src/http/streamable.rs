@@ -46,8 +46,10 @@ fn version_ok(h: &HeaderMap) -> Result<(), Response> {
             supported.push(super::stateless::VERSION);
             let msg = format!("unsupported MCP-Protocol-Version; supported: {}", supported.join(", "));
             let mut body = crate::bridge::error_response(Value::Null, -32022, &msg);
-            body["error"]["data"] = serde_json::json!({"supported": supported, "requested": String::from_utf8_lossy(v.as_bytes())});
-            Err((StatusCode::BAD_REQUEST, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response())
+            body["error"]["data"] =
+                serde_json::json!({"supported": supported, "requested": String::from_utf8_lossy(v.as_bytes())});
+            Err((StatusCode::BAD_REQUEST, [(header::CONTENT_TYPE, "application/json")], body.to_string())
+                .into_response())
         }
     }
 }
@@ -76,11 +78,17 @@ pub async fn post(st: Shared, server: String, principal: Principal, headers: Hea
         Ok(Parsed::One(v)) => v,
         Ok(Parsed::Batch(_)) => {
             srv.metrics.errors.fetch_add(1, Ordering::Relaxed);
-            return rpc_error(StatusCode::BAD_REQUEST, Value::Null, -32600, "Invalid Request: JSON-RPC batches are not supported");
+            return rpc_error(
+                StatusCode::BAD_REQUEST,
+                Value::Null,
+                -32600,
+                "Invalid Request: JSON-RPC batches are not supported",
+            );
         }
         Err(e) => {
             srv.metrics.errors.fetch_add(1, Ordering::Relaxed);
-            return (StatusCode::BAD_REQUEST, [(header::CONTENT_TYPE, "application/json")], e.to_string()).into_response();
+            return (StatusCode::BAD_REQUEST, [(header::CONTENT_TYPE, "application/json")], e.to_string())
+                .into_response();
         }
     };
     // The protocol generation is chosen per request.

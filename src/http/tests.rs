@@ -35,11 +35,7 @@ async fn start(extra: &str) -> Srv {
 pub(super) async fn start_text(text: String) -> Srv {
     let cfg = crate::config::parse(&text, Path::new("t.json"), Path::new("/"), &|_| None).unwrap();
     let cfg = Arc::new(cfg);
-    let sup = Supervisor::start(
-        &cfg,
-        Arc::new(DirectLauncher),
-        Options::from_config(&cfg, Duration::from_secs(1)),
-    );
+    let sup = Supervisor::start(&cfg, Arc::new(DirectLauncher), Options::from_config(&cfg, Duration::from_secs(1)));
     let app = super::router(sup.clone(), cfg);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -74,7 +70,11 @@ pub(super) struct Conn {
 
 pub(super) async fn send(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> Conn {
     let mut s = TcpStream::connect(addr).await.unwrap();
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nConnection: close\r\nContent-Length: {}\r\n", addr.port(), body.len());
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        addr.port(),
+        body.len()
+    );
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
     }
@@ -197,7 +197,12 @@ async fn streamable_roundtrip_filter_and_bad_input() {
     let sid = st_init(a, "echo", AUTH).await;
     let h = [AUTH, JSON, ("Mcp-Session-Id", sid.as_str()), ("MCP-Protocol-Version", "2025-06-18")];
     let r = call(a, "POST", "/echo/mcp", &h, &json!({"jsonrpc":"2.0","id":1,"method":"tools/list"}).to_string()).await;
-    let names: Vec<String> = r.json()["result"]["tools"].as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap().to_string()).collect();
+    let names: Vec<String> = r.json()["result"]["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap().to_string())
+        .collect();
     assert!(names.contains(&"echo".to_string()) && !names.contains(&"secret".to_string()), "{names:?}");
     let r = call(a, "POST", "/echo/mcp", &h, &tool_call(json!(2), "secret", json!({}))).await;
     assert_eq!(r.json()["error"]["code"], -32602);
@@ -222,7 +227,18 @@ async fn streamable_roundtrip_filter_and_bad_input() {
     let ping = json!({"jsonrpc":"2.0","id":9,"method":"ping"}).to_string();
     assert_eq!(call(a, "POST", "/echo/mcp", &[AUTH, JSON], &ping).await.status, 400);
     assert_eq!(call(a, "POST", "/echo/mcp", &[AUTH, JSON, ("Mcp-Session-Id", "nope")], &ping).await.status, 404);
-    assert_eq!(call(a, "POST", "/echo/mcp", &[AUTH, JSON, ("Mcp-Session-Id", &sid), ("MCP-Protocol-Version", "1999-01-01")], &ping).await.status, 400);
+    assert_eq!(
+        call(
+            a,
+            "POST",
+            "/echo/mcp",
+            &[AUTH, JSON, ("Mcp-Session-Id", &sid), ("MCP-Protocol-Version", "1999-01-01")],
+            &ping
+        )
+        .await
+        .status,
+        400
+    );
     assert_eq!(call(a, "POST", "/nope/mcp", &[AUTH, JSON], &ping).await.status, 404);
     // DELETE ends the session
     assert_eq!(call(a, "DELETE", "/echo/mcp", &h, "").await.status, 204);
@@ -247,7 +263,10 @@ async fn legacy_sse_roundtrip() {
     assert_eq!(serde_json::from_str::<Value>(&data).unwrap()["id"], 1);
     // malformed → 400, session still fine
     assert_eq!(call(a, "POST", &endpoint, &[AUTH], "{{{").await.status, 400);
-    assert_eq!(call(a, "POST", &endpoint, &[AUTH], &tool_call(json!(2), "echo", json!({"text":"yo"}))).await.status, 202);
+    assert_eq!(
+        call(a, "POST", &endpoint, &[AUTH], &tool_call(json!(2), "echo", json!({"text":"yo"}))).await.status,
+        202
+    );
     let (_, data, _) = c.event().await.unwrap();
     assert_eq!(serde_json::from_str::<Value>(&data).unwrap()["result"]["content"][0]["text"], "yo");
     assert_eq!(call(a, "POST", "/echo/message?sessionId=nope", &[AUTH], "{}").await.status, 404);
@@ -268,7 +287,13 @@ async fn legacy_sse_roundtrip() {
 async fn auth_host_origin_health() {
     let s = start("").await;
     let a = s.addr;
-    for (m, p) in [("GET", "/echo/sse"), ("POST", "/echo/message?sessionId=x"), ("POST", "/echo/mcp"), ("GET", "/status"), ("GET", "/metrics")] {
+    for (m, p) in [
+        ("GET", "/echo/sse"),
+        ("POST", "/echo/message?sessionId=x"),
+        ("POST", "/echo/mcp"),
+        ("GET", "/status"),
+        ("GET", "/metrics"),
+    ] {
         let r = call(a, m, p, &[], "").await;
         assert_eq!(r.status, 401, "{m} {p}");
         assert_eq!(r.header("www-authenticate"), Some("Bearer"));
@@ -289,7 +314,11 @@ async fn auth_host_origin_health() {
     assert_eq!(call(a, "GET", "/status", &[AUTH, ("Origin", "http://localhost:5173")], "").await.status, 200);
     // wrong Host (DNS rebinding)
     let mut tcp = TcpStream::connect(a).await.unwrap();
-    tcp.write_all(b"GET /status HTTP/1.1\r\nHost: rebind.evil.example\r\nAuthorization: T\r\nConnection: close\r\n\r\n").await.unwrap();
+    tcp.write_all(
+        b"GET /status HTTP/1.1\r\nHost: rebind.evil.example\r\nAuthorization: T\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
     let mut out = String::new();
     tcp.read_to_string(&mut out).await.unwrap();
     assert!(out.starts_with("HTTP/1.1 403"), "{out}");
@@ -313,10 +342,20 @@ async fn shared_mode_clashing_ids_and_progress() {
     assert_eq!((r1.json()["id"].clone(), r2.json()["id"].clone()), (json!(7), json!(7)));
     // progress arrives on the calling POST's SSE stream, with the client's own token
     let body = json!({"jsonrpc":"2.0","id":8,"method":"tools/call","params":{"name":"echo","arguments":{"text":"p"},"_meta":{"progressToken":"tok"}}}).to_string();
-    let mut c = send(a, "POST", "/shared/mcp", &[auth, ("Accept", "application/json, text/event-stream"), ("Mcp-Session-Id", &s2)], &body).await;
+    let mut c = send(
+        a,
+        "POST",
+        "/shared/mcp",
+        &[auth, ("Accept", "application/json, text/event-stream"), ("Mcp-Session-Id", &s2)],
+        &body,
+    )
+    .await;
     let (_, d, _) = c.event().await.unwrap();
     let d: Value = serde_json::from_str(&d).unwrap();
-    assert_eq!((d["method"].clone(), d["params"]["progressToken"].clone()), (json!("notifications/progress"), json!("tok")));
+    assert_eq!(
+        (d["method"].clone(), d["params"]["progressToken"].clone()),
+        (json!("notifications/progress"), json!("tok"))
+    );
     let (_, d, _) = c.event().await.unwrap();
     assert_eq!(serde_json::from_str::<Value>(&d).unwrap()["id"], 8);
     assert!(c.event().await.is_none(), "the POST stream ends after the response");
@@ -493,7 +532,10 @@ async fn a_session_belongs_to_the_token_that_opened_it() {
     let ping = json!({"jsonrpc":"2.0","id":7,"method":"ping"}).to_string();
     let stolen = [p2, JSON, ("Mcp-Session-Id", sid.as_str())];
     assert_eq!(call(a, "POST", "/two/mcp", &stolen, &ping).await.status, 404);
-    assert_eq!(call(a, "GET", "/two/mcp", &[p2, ("Accept", "text/event-stream"), ("Mcp-Session-Id", &sid)], "").await.status, 404);
+    assert_eq!(
+        call(a, "GET", "/two/mcp", &[p2, ("Accept", "text/event-stream"), ("Mcp-Session-Id", &sid)], "").await.status,
+        404
+    );
     assert_eq!(call(a, "DELETE", "/two/mcp", &stolen, "").await.status, 404);
     let r = call(a, "POST", "/two/mcp", &[p1, JSON, ("Mcp-Session-Id", sid.as_str())], &ping).await;
     assert_eq!(r.status, 200, "the owner's session survived: {}", r.body);
@@ -565,7 +607,10 @@ async fn a_burst_of_small_messages_does_not_end_a_session_that_reads() {
     let a = s.addr;
     // Legacy SSE: 5000 notifications on the session's stream, read at full speed.
     let (mut c, endpoint) = legacy_open(a, "flood").await;
-    assert_eq!(call(a, "POST", &endpoint, &[AUTH], &tool_call(json!(1), "burst", json!({"n": 5000}))).await.status, 202);
+    assert_eq!(
+        call(a, "POST", &endpoint, &[AUTH], &tool_call(json!(1), "burst", json!({"n": 5000}))).await.status,
+        202
+    );
     let mut notes = 0;
     loop {
         let (_, data, _) = c.event().await.expect("the stream stays open");
@@ -577,13 +622,23 @@ async fn a_burst_of_small_messages_does_not_end_a_session_that_reads() {
         notes += 1;
     }
     assert_eq!(notes, 5000);
-    assert_eq!(call(a, "POST", &endpoint, &[AUTH], &tool_call(json!(2), "echo", json!({"text": "still"}))).await.status, 202);
+    assert_eq!(
+        call(a, "POST", &endpoint, &[AUTH], &tool_call(json!(2), "echo", json!({"text": "still"}))).await.status,
+        202
+    );
     let (_, data, _) = c.event().await.unwrap();
     assert_eq!(serde_json::from_str::<Value>(&data).unwrap()["result"]["content"][0]["text"], "still");
     // Streamable HTTP: 5000 progress notifications on the call's own stream, then its answer.
     let sid = st_open(a, "flood").await;
     let body = json!({"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"burst","arguments":{"n":5000},"_meta":{"progressToken":"p"}}});
-    let mut p = send(a, "POST", "/flood/mcp", &[AUTH, ("Accept", "application/json, text/event-stream"), ("Mcp-Session-Id", &sid)], &body.to_string()).await;
+    let mut p = send(
+        a,
+        "POST",
+        "/flood/mcp",
+        &[AUTH, ("Accept", "application/json, text/event-stream"), ("Mcp-Session-Id", &sid)],
+        &body.to_string(),
+    )
+    .await;
     let mut progress = 0;
     loop {
         let (_, data, _) = p.event().await.expect("the POST stream carries everything");
@@ -591,11 +646,21 @@ async fn a_burst_of_small_messages_does_not_end_a_session_that_reads() {
         if v["id"] == 3 {
             break;
         }
-        assert_eq!((v["params"]["progressToken"].clone(), v["params"]["progress"].clone()), (json!("p"), json!(progress)));
+        assert_eq!(
+            (v["params"]["progressToken"].clone(), v["params"]["progress"].clone()),
+            (json!("p"), json!(progress))
+        );
         progress += 1;
     }
     assert_eq!(progress, 5000);
-    let r = call(a, "POST", "/flood/mcp", &[AUTH, JSON, ("Mcp-Session-Id", &sid)], &tool_call(json!(4), "echo", json!({"text": "here"}))).await;
+    let r = call(
+        a,
+        "POST",
+        "/flood/mcp",
+        &[AUTH, JSON, ("Mcp-Session-Id", &sid)],
+        &tool_call(json!(4), "echo", json!({"text": "here"})),
+    )
+    .await;
     assert_eq!(r.json()["result"]["content"][0]["text"], "here");
     assert_eq!(s.sup.server("flood").unwrap().active_sessions(), 2);
 }
@@ -606,7 +671,8 @@ async fn a_client_that_does_not_read_loses_its_session_and_only_that() {
     let a = s.addr;
     // Legacy SSE that stops reading while the server floods: the session ends (budget named).
     let (c, endpoint) = legacy_open(a, "flood").await;
-    let pid_call = call(a, "POST", &endpoint, &[AUTH], &tool_call(json!(1), "flood", json!({"mb": 256, "size": 65536}))).await;
+    let pid_call =
+        call(a, "POST", &endpoint, &[AUTH], &tool_call(json!(1), "flood", json!({"mb": 256, "size": 65536}))).await;
     assert_eq!(pid_call.status, 202);
     let healthy = st_open(a, "echo").await;
     let h = [AUTH, JSON, ("Mcp-Session-Id", healthy.as_str())];
@@ -628,7 +694,14 @@ async fn a_client_that_does_not_read_loses_its_session_and_only_that() {
     let g = send(a, "GET", "/flood/mcp", &[AUTH, ("Accept", "text/event-stream"), ("Mcp-Session-Id", &sid)], "").await;
     assert_eq!(g.status, 200);
     let t = std::time::Instant::now();
-    let r = call(a, "POST", "/flood/mcp", &[AUTH, JSON, ("Mcp-Session-Id", &sid)], &tool_call(json!("f"), "flood", json!({"mb": 256, "size": 65536}))).await;
+    let r = call(
+        a,
+        "POST",
+        "/flood/mcp",
+        &[AUTH, JSON, ("Mcp-Session-Id", &sid)],
+        &tool_call(json!("f"), "flood", json!({"mb": 256, "size": 65536})),
+    )
+    .await;
     assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
     assert_eq!(r.json()["id"], "f");
     let msg = r.json()["error"]["message"].as_str().unwrap().to_string();
@@ -652,7 +725,11 @@ async fn a_server_that_closes_stdout_fails_the_call_at_once_and_is_ended() {
         let t = std::time::Instant::now();
         let r = call(a, "POST", &format!("/{server}/mcp"), &h, &tool_call(json!(2), "close_stdout", json!({}))).await;
         assert!(t.elapsed() < Duration::from_secs(1), "{server}: answered after {:?}", t.elapsed());
-        assert_eq!((r.json()["id"].clone(), r.json()["error"]["message"].clone()), (json!(2), json!("MCP server exited")), "{server}");
+        assert_eq!(
+            (r.json()["id"].clone(), r.json()["error"]["message"].clone()),
+            (json!(2), json!("MCP server exited")),
+            "{server}"
+        );
         // grace is 1 s: SIGTERM at once, SIGKILL after it.
         until(&format!("{server}: the process that closed its stdout is gone"), 3, || !alive(pid)).await;
     }
@@ -670,7 +747,10 @@ async fn a_server_that_stops_reading_gets_errors_instead_of_buffers() {
     // are refused at once with an error naming the budget.
     let pad = "p".repeat(32 * 1024);
     for i in 0..100 {
-        assert_eq!(call(a, "POST", &endpoint, &[AUTH], &tool_call(json!(i), "echo", json!({"text": pad}))).await.status, 202);
+        assert_eq!(
+            call(a, "POST", &endpoint, &[AUTH], &tool_call(json!(i), "echo", json!({"text": pad}))).await.status,
+            202
+        );
     }
     let mut refused = 0;
     while let Ok(Some((_, data, _))) = tokio::time::timeout(Duration::from_secs(2), c.event()).await {

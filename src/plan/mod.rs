@@ -32,8 +32,8 @@ use anyhow::Context;
 use crate::config::{ServerConfig, ServerKind};
 pub use crate::policy::PolicyRef;
 pub use spec::{
-    allocate_uid, check, check_name, check_policy, plan, plan_begin, plan_with, resolve, resolve_command, Begun, Extra, Planned, ServerDirs,
-    ServerLaunch, StateDir, DEFAULT_PATH,
+    allocate_uid, check, check_name, check_policy, plan, plan_begin, plan_with, resolve, resolve_command, Begun, Extra,
+    Planned, ServerDirs, ServerLaunch, StateDir, DEFAULT_PATH,
 };
 
 /// Shipped policies written for one package each: a server running that package with no policy
@@ -85,10 +85,13 @@ pub fn effective(mut launch: ServerLaunch, policy_given: bool) -> (ServerLaunch,
     }
     let Some(Ok(pkg)) = prepare::parse(&launch.command, &launch.args) else { return (launch, PolicyChoice::Default) };
     // A local project installs nothing: its command names it.
-    let name = pkg.install.first().map(|s| package_name(pkg.manager, s)).or_else(|| pkg.bin.clone()).unwrap_or_default();
+    let name =
+        pkg.install.first().map(|s| package_name(pkg.manager, s)).or_else(|| pkg.bin.clone()).unwrap_or_default();
     if let Some((_, _, policy)) = PACKAGE_POLICIES.iter().find(|(m, p, _)| *m == pkg.manager && *p == name) {
         launch.policy = PolicyRef::Named((*policy).into());
-        let msg = format!("no policy named: using the shipped policy `{policy}`, written for {name}; name another to override it");
+        let msg = format!(
+            "no policy named: using the shipped policy `{policy}`, written for {name}; name another to override it"
+        );
         return (launch, PolicyChoice::ForPackage(msg));
     }
     let base = pkg.manager.runtime_policy();
@@ -169,7 +172,8 @@ impl Planner {
                 let policy = if server.policy_given {
                     server.policy.clone()
                 } else {
-                    let table: toml::Table = toml::from_str(URL_BRIDGE_POLICY).expect("the built-in url-bridge policy parses");
+                    let table: toml::Table =
+                        toml::from_str(URL_BRIDGE_POLICY).expect("the built-in url-bridge policy parses");
                     PolicyRef::Inline { value: table, base_dir: "/".into() }
                 };
                 let launch = ServerLaunch {
@@ -263,7 +267,8 @@ mod tests {
         assert_eq!(policy_of(&l), "server-memory");
         let (l, _) = effective(launch("/usr/bin/uvx", &["mcp-server-time@0.6.2", "--local-timezone", "UTC"]), false);
         assert_eq!(policy_of(&l), "mcp-server-time");
-        let (l, _) = effective(launch("uvx", &["--from", "mcp-server-git", "mcp-server-git", "--repository", "/r"]), false);
+        let (l, _) =
+            effective(launch("uvx", &["--from", "mcp-server-git", "mcp-server-git", "--repository", "/r"]), false);
         assert_eq!(policy_of(&l), "mcp-server-git");
         // Another scope's package of the same base name is not the package the policy is for.
         let (l, c) = effective(launch("npx", &["-y", "@evil/server-memory"]), false);

@@ -214,14 +214,23 @@ fn parse_uv(args: &[String]) -> Option<anyhow::Result<Package>> {
         let a = args[i].as_str();
         let name = a.split('=').next().unwrap_or(a);
         match name {
-            "-q" | "--quiet" | "-v" | "--verbose" | "--offline" | "--no-cache" | "-n" | "--no-progress" | "--native-tls" if !a.contains('=') => i += 1,
+            "-q" | "--quiet" | "-v" | "--verbose" | "--offline" | "--no-cache" | "-n" | "--no-progress"
+            | "--native-tls"
+                if !a.contains('=') =>
+            {
+                i += 1
+            }
             "--directory" | "--project" => match option_value("uv", args, &mut i, name) {
                 Ok(d) => project = Some(d),
                 Err(e) => return Some(Err(e)),
             },
             "run" => return Some(parse_uv_run(&args[i + 1..], project)),
-            "tool" if args.get(i + 1).map(String::as_str) == Some("run") && project.is_none() => return Some(parse_uvx("uv tool run", &args[i + 2..])),
-            _ if a.starts_with('-') => return Some(Err(anyhow::anyhow!("uv option {a} is not supported by mcpbox ({SUPPORTED_FORMS})"))),
+            "tool" if args.get(i + 1).map(String::as_str) == Some("run") && project.is_none() => {
+                return Some(parse_uvx("uv tool run", &args[i + 2..]))
+            }
+            _ if a.starts_with('-') => {
+                return Some(Err(anyhow::anyhow!("uv option {a} is not supported by mcpbox ({SUPPORTED_FORMS})")))
+            }
             _ => return None,
         }
     }
@@ -229,11 +238,20 @@ fn parse_uv(args: &[String]) -> Option<anyhow::Result<Package>> {
 }
 
 /// The uv options `uvx`, `uv tool run` and `uv run` share; `Ok(false)` when `args[*i]` is not one.
-fn uv_common(tool: &str, args: &[String], i: &mut usize, python: &mut Option<String>, registry: &mut Option<String>) -> anyhow::Result<bool> {
+fn uv_common(
+    tool: &str,
+    args: &[String],
+    i: &mut usize,
+    python: &mut Option<String>,
+    registry: &mut Option<String>,
+) -> anyhow::Result<bool> {
     let a = args[*i].as_str();
     let name = a.split('=').next().unwrap_or(a);
     match name {
-        "-q" | "--quiet" | "-v" | "--verbose" | "--isolated" | "--no-cache" | "-n" | "--refresh" | "--offline" | "--no-progress" | "--native-tls" if !a.contains('=') => {
+        "-q" | "--quiet" | "-v" | "--verbose" | "--isolated" | "--no-cache" | "-n" | "--refresh" | "--offline"
+        | "--no-progress" | "--native-tls"
+            if !a.contains('=') =>
+        {
             *i += 1
         }
         "-p" | "--python" => {
@@ -241,7 +259,9 @@ fn uv_common(tool: &str, args: &[String], i: &mut usize, python: &mut Option<Str
             check_python_request(tool, &v)?;
             *python = Some(v);
         }
-        "-i" | "--index-url" | "--default-index" => *registry = Some(registry_url(tool, name, &option_value(tool, args, i, name)?)?),
+        "-i" | "--index-url" | "--default-index" => {
+            *registry = Some(registry_url(tool, name, &option_value(tool, args, i, name)?)?)
+        }
         _ => return Ok(false),
     }
     Ok(true)
@@ -254,7 +274,9 @@ fn check_python_request(tool: &str, v: &str) -> anyhow::Result<()> {
         let parts: Vec<&str> = s.split('.').collect();
         (1..=2).contains(&parts.len()) && parts.iter().all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_digit()))
     };
-    let ok = version(v) || v.strip_prefix("python").is_some_and(|r| r.is_empty() || version(r)) || (v.starts_with('/') && !v.contains("/../"));
+    let ok = version(v)
+        || v.strip_prefix("python").is_some_and(|r| r.is_empty() || version(r))
+        || (v.starts_with('/') && !v.contains("/../"));
     if !ok {
         bail!(
             "{tool} --python {v}: mcpbox builds the virtualenv on an interpreter installed on this host (uv downloads none: UV_PYTHON_DOWNLOADS=never); \
@@ -353,7 +375,9 @@ fn parse_uv_run(args: &[String], mut project: Option<String>) -> anyhow::Result<
                 i += 1;
                 break;
             }
-            "-m" | "--module" | "--script" | "-s" => bail!("uv run {a} is not supported: name the command or the script file instead ({SUPPORTED_FORMS})"),
+            "-m" | "--module" | "--script" | "-s" => {
+                bail!("uv run {a} is not supported: name the command or the script file instead ({SUPPORTED_FORMS})")
+            }
             _ if a.starts_with('-') => bail!("uv run option {a} is not supported by mcpbox ({SUPPORTED_FORMS})"),
             _ => break,
         }
@@ -391,7 +415,10 @@ fn local_project(dir: String, rest: &[String], installs: bool) -> anyhow::Result
         _ => rest,
     };
     let Some(cmd) = rest.first().filter(|c| !c.starts_with('-')) else {
-        bail!("uv --directory {} run: name a script file or the project's command (not python's options)", dir.display())
+        bail!(
+            "uv --directory {} run: name a script file or the project's command (not python's options)",
+            dir.display()
+        )
     };
     if !cmd.ends_with(".py") {
         check_command_name("uv run", cmd, cmd)?;
@@ -412,7 +439,8 @@ fn explicit_registry(pkg: &Package, extra: &mut Extra, egress: &mut Egress) {
     };
     if let Some(old) = extra.env.insert(key.into(), url.clone()) {
         egress.indexes.retain(|i| *i != old);
-        if let Some(hp) = host_port(&old).filter(|hp| !egress.indexes.iter().any(|i| host_port(i).as_ref() == Some(hp))) {
+        if let Some(hp) = host_port(&old).filter(|hp| !egress.indexes.iter().any(|i| host_port(i).as_ref() == Some(hp)))
+        {
             egress.allow.remove(&hp);
         }
     }
@@ -430,11 +458,15 @@ fn local_npm_entry(pkg: &Package, dir: &Path) -> anyhow::Result<(PathBuf, PathBu
     let mut candidates = vec![modules.join(".bin").join(&bin)];
     if pkg.bin.is_none() {
         if let Some(name) = package_name(Manager::Npm, &spec) {
-            let pj: Option<serde_json::Value> = std::fs::read_to_string(modules.join(&name).join("package.json")).ok().and_then(|t| serde_json::from_str(&t).ok());
+            let pj: Option<serde_json::Value> = std::fs::read_to_string(modules.join(&name).join("package.json"))
+                .ok()
+                .and_then(|t| serde_json::from_str(&t).ok());
             let unscoped = name.rsplit('/').next().unwrap_or(&name).to_string();
             let rel = match pj.as_ref().and_then(|p| p.get("bin")) {
                 Some(serde_json::Value::String(s)) => Some(s.clone()),
-                Some(serde_json::Value::Object(m)) if m.len() == 1 => m.values().next().and_then(|v| v.as_str()).map(str::to_string),
+                Some(serde_json::Value::Object(m)) if m.len() == 1 => {
+                    m.values().next().and_then(|v| v.as_str()).map(str::to_string)
+                }
                 Some(serde_json::Value::Object(m)) => m.get(&unscoped).and_then(|v| v.as_str()).map(str::to_string),
                 _ => None,
             };
@@ -480,7 +512,10 @@ fn local_uv_entry(pkg: &Package, dir: &Path) -> anyhow::Result<Local> {
     let venv = root.join(".venv");
     let interpreter = venv.join("bin/python");
     if !interpreter.exists() {
-        bail!("uv --directory {}: no .venv/bin/python there; mcpbox runs a project as it is: run `uv sync` in it first", dir.display());
+        bail!(
+            "uv --directory {}: no .venv/bin/python there; mcpbox runs a project as it is: run `uv sync` in it first",
+            dir.display()
+        );
     }
     let bin = pkg.bin.clone().unwrap_or_default();
     let entry = if bin.ends_with(".py") { root.join(&bin) } else { venv.join("bin").join(&bin) };
@@ -491,8 +526,16 @@ fn local_uv_entry(pkg: &Package, dir: &Path) -> anyhow::Result<Local> {
     let mut grants = vec![root.clone()];
     // `home = …/bin` of the interpreter the venv was made from.
     let cfg = std::fs::read_to_string(venv.join("pyvenv.cfg")).unwrap_or_default();
-    let home = cfg.lines().filter_map(|l| l.split_once('=')).find(|(k, _)| k.trim() == "home").map(|(_, v)| PathBuf::from(v.trim()));
-    if let Some(prefix) = home.as_deref().and_then(Path::parent).filter(|p| p.is_absolute() && !matches!(p.to_str(), Some("/" | "/usr" | "/usr/local"))) {
+    let home = cfg
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .find(|(k, _)| k.trim() == "home")
+        .map(|(_, v)| PathBuf::from(v.trim()));
+    if let Some(prefix) = home
+        .as_deref()
+        .and_then(Path::parent)
+        .filter(|p| p.is_absolute() && !matches!(p.to_str(), Some("/" | "/usr" | "/usr/local")))
+    {
         grants.push(prefix.to_path_buf());
     }
     Ok(Local { interpreter, entry, grants })
@@ -501,9 +544,21 @@ fn local_uv_entry(pkg: &Package, dir: &Path) -> anyhow::Result<Local> {
 /// What a local install or project runs (nothing is prepared or recorded).
 fn local_prepared(pkg: &Package, dir: &Path) -> anyhow::Result<Prepared> {
     let l = local_entry(pkg, dir)?;
-    let package = pkg.install.first().and_then(|s| package_name(Manager::Npm, s)).unwrap_or_else(|| pkg.bin.clone().unwrap_or_default());
+    let package = pkg
+        .install
+        .first()
+        .and_then(|s| package_name(Manager::Npm, s))
+        .unwrap_or_else(|| pkg.bin.clone().unwrap_or_default());
     let runtime = launch::resolve(&l.interpreter).ok().map(|r| r.0);
-    Ok(Prepared { request: pkg.clone(), package, version: "local".into(), interpreter: l.interpreter, entry: l.entry, prepared_at: 0, runtime })
+    Ok(Prepared {
+        request: pkg.clone(),
+        package,
+        version: "local".into(),
+        interpreter: l.interpreter,
+        entry: l.entry,
+        prepared_at: 0,
+        runtime,
+    })
 }
 
 /// The run phase of a local install or project: its interpreter on its entry, DIR granted read
@@ -567,7 +622,10 @@ fn check_record(cache: &Path, p: &Prepared) -> anyhow::Result<()> {
     let (tree, interp_ok) = match p.request.manager {
         Manager::Npm => (npm_prefix(&cache_real), p.interpreter == find_node()?),
         // A virtualenv built on another python than the one chosen now is built again.
-        Manager::Uv => (venv(&cache_real), p.interpreter == venv(cache).join("bin/python") && p.runtime == Some(launch::resolve(&find_python()?)?.0)),
+        Manager::Uv => (
+            venv(&cache_real),
+            p.interpreter == venv(cache).join("bin/python") && p.runtime == Some(launch::resolve(&find_python()?)?.0),
+        ),
     };
     let entry = launch::resolve(&p.entry)?.0;
     if !interp_ok || !entry.starts_with(&tree) || !entry.is_file() {
@@ -577,7 +635,13 @@ fn check_record(cache: &Path, p: &Prepared) -> anyhow::Result<()> {
     // still lead to the runtime it was prepared on.
     let runs_on = launch::resolve(&p.interpreter)?.0;
     if p.runtime.as_deref() != Some(runs_on.as_path()) {
-        bail!("{} was prepared on {}, but {} now leads to {}; prepare again", cache.join(RECORD).display(), p.runtime.as_deref().map(|r| r.display().to_string()).unwrap_or_else(|| "an unrecorded runtime".into()), p.interpreter.display(), runs_on.display());
+        bail!(
+            "{} was prepared on {}, but {} now leads to {}; prepare again",
+            cache.join(RECORD).display(),
+            p.runtime.as_deref().map(|r| r.display().to_string()).unwrap_or_else(|| "an unrecorded runtime".into()),
+            p.interpreter.display(),
+            runs_on.display()
+        );
     }
     Ok(())
 }
@@ -611,7 +675,10 @@ fn find_npm() -> anyhow::Result<(PathBuf, PathBuf)> {
     let real = std::fs::canonicalize(&npm)?;
     let dir = real
         .ancestors()
-        .find(|a| a.file_name().is_some_and(|n| n == "npm") && a.parent().and_then(|p| p.file_name()).is_some_and(|n| n == "node_modules"))
+        .find(|a| {
+            a.file_name().is_some_and(|n| n == "npm")
+                && a.parent().and_then(|p| p.file_name()).is_some_and(|n| n == "node_modules")
+        })
         .with_context(|| format!("{} is not inside an npm installation (…/node_modules/npm)", real.display()))?
         .to_path_buf();
     Ok((dir.join("bin/npm-cli.js"), dir))
@@ -683,7 +750,8 @@ const PASS_ALWAYS: &[&str] = &["SSL_CERT_FILE", "SSL_CERT_DIR"];
 const PASS_NPM: &[&str] = &["NODE_EXTRA_CA_CERTS"];
 /// uv's settings that carry no credentials; the indexes are read by [`uv_settings`] and handed
 /// over without them.
-const PASS_UV: &[&str] = &["UV_NATIVE_TLS", "UV_INSECURE_HOST", "UV_INDEX_STRATEGY", "UV_HTTP_TIMEOUT", "UV_CONCURRENT_DOWNLOADS"];
+const PASS_UV: &[&str] =
+    &["UV_NATIVE_TLS", "UV_INSECURE_HOST", "UV_INDEX_STRATEGY", "UV_HTTP_TIMEOUT", "UV_CONCURRENT_DOWNLOADS"];
 
 fn passed_env(names: &[&str], extra: &mut Extra) {
     for n in PASS_ALWAYS.iter().chain(names) {
@@ -793,7 +861,9 @@ fn npm_settings(npm_cli: &Path, node: &Path, extra: &mut Extra, egress: &mut Egr
 /// The npmrc files `npm config list --long` says it read (`; "user" config from PATH`).
 fn npm_config_files(text: &str) -> Vec<PathBuf> {
     text.lines()
-        .filter_map(|l| l.trim().strip_prefix("; \"")?.split_once("\" config from ").map(|(_, p)| PathBuf::from(p.trim())))
+        .filter_map(|l| {
+            l.trim().strip_prefix("; \"")?.split_once("\" config from ").map(|(_, p)| PathBuf::from(p.trim()))
+        })
         .filter(|p| p.is_absolute())
         .collect()
 }
@@ -808,7 +878,10 @@ fn npm_auth_lines(files: &[PathBuf], var: impl Fn(&str) -> Option<String>) -> Ve
             let Some((k, v)) = line.split_once('=') else { continue };
             let k = k.trim();
             let key = k.rsplit(':').next().unwrap_or(k);
-            if line.starts_with(['#', ';']) || !(k.starts_with("//") || k.starts_with('_')) || !matches!(key, "_auth" | "_authToken" | "_password" | "username") {
+            if line.starts_with(['#', ';'])
+                || !(k.starts_with("//") || k.starts_with('_'))
+                || !matches!(key, "_auth" | "_authToken" | "_password" | "username")
+            {
                 continue;
             }
             let mut value = String::new();
@@ -861,9 +934,19 @@ fn parse_npm_config_list(text: &str) -> serde_json::Map<String, serde_json::Valu
 /// What a prepare sandbox's npm is told, from npm's effective configuration: the registry and
 /// scoped registries without credentials, the CA file, and no config files. Credentials found
 /// are named in `notes`, never passed.
-fn npm_env(cfg: &serde_json::Map<String, serde_json::Value>, notes: &mut Vec<String>) -> anyhow::Result<Vec<(String, String)>> {
-    let mut env = vec![("npm_config_userconfig".to_string(), "/dev/null".to_string()), ("npm_config_globalconfig".to_string(), "/dev/null/npmrc".to_string())];
-    let registry = cfg.get("registry").and_then(|v| v.as_str()).filter(|v| !v.is_empty()).context("npm's configuration names no registry (`npm config get registry`)")?;
+fn npm_env(
+    cfg: &serde_json::Map<String, serde_json::Value>,
+    notes: &mut Vec<String>,
+) -> anyhow::Result<Vec<(String, String)>> {
+    let mut env = vec![
+        ("npm_config_userconfig".to_string(), "/dev/null".to_string()),
+        ("npm_config_globalconfig".to_string(), "/dev/null/npmrc".to_string()),
+    ];
+    let registry = cfg
+        .get("registry")
+        .and_then(|v| v.as_str())
+        .filter(|v| !v.is_empty())
+        .context("npm's configuration names no registry (`npm config get registry`)")?;
     let mut with_creds = Vec::new();
     let mut registries = vec![("registry".to_string(), registry.to_string())];
     for (k, v) in cfg {
@@ -1001,10 +1084,15 @@ fn uv_default_index(uv: &Path) -> anyhow::Result<String> {
         .with_context(|| format!("running {} pip install --help", uv.display()))?;
     let help = String::from_utf8_lossy(&out.stdout);
     let block = help.split("--default-index").nth(1).unwrap_or("");
-    let url = block.split("default: ").nth(1).map(|rest| rest.trim_start_matches('<').split(['>', ')', ']', ' ', '\n']).next().unwrap_or(""));
+    let url = block
+        .split("default: ")
+        .nth(1)
+        .map(|rest| rest.trim_start_matches('<').split(['>', ')', ']', ' ', '\n']).next().unwrap_or(""));
     match url.filter(|u| u.starts_with("http")) {
         Some(u) => Ok(u.to_string()),
-        None => bail!("cannot tell uv's default index from `{} pip install --help`; set UV_DEFAULT_INDEX", uv.display()),
+        None => {
+            bail!("cannot tell uv's default index from `{} pip install --help`; set UV_DEFAULT_INDEX", uv.display())
+        }
     }
 }
 
@@ -1018,8 +1106,10 @@ fn uv_default_index(uv: &Path) -> anyhow::Result<String> {
 fn uv_settings(uv: &Path, extra: &mut Extra, egress: &mut Egress) -> anyhow::Result<Option<BTreeMap<String, String>>> {
     let mut idx = UvIndexes::default();
     for f in uv_config_files() {
-        let text = std::fs::read_to_string(&f).with_context(|| format!("reading uv's configuration {}", f.display()))?;
-        let table: toml::Table = toml::from_str(&text).with_context(|| format!("parsing uv's configuration {}", f.display()))?;
+        let text =
+            std::fs::read_to_string(&f).with_context(|| format!("reading uv's configuration {}", f.display()))?;
+        let table: toml::Table =
+            toml::from_str(&text).with_context(|| format!("parsing uv's configuration {}", f.display()))?;
         idx.add_toml(&table);
     }
     idx.add_env(|k| std::env::var(k).ok().filter(|v| !v.is_empty()));
@@ -1058,7 +1148,10 @@ fn uv_settings(uv: &Path, extra: &mut Extra, egress: &mut Egress) -> anyhow::Res
             }
         }
     }
-    let cred_vars: Vec<String> = std::env::vars().map(|(k, _)| k).filter(|k| k.starts_with("UV_INDEX_") && (k.ends_with("_USERNAME") || k.ends_with("_PASSWORD"))).collect();
+    let cred_vars: Vec<String> = std::env::vars()
+        .map(|(k, _)| k)
+        .filter(|k| k.starts_with("UV_INDEX_") && (k.ends_with("_USERNAME") || k.ends_with("_PASSWORD")))
+        .collect();
     let with_creds = (creds || !cred_vars.is_empty()).then(|| {
         tracing::warn!(
             "prepare: uv's configuration holds index credentials{}: they are not given to the prepare sandbox where build scripts run, only to uv while it installs wheels with builds off",
@@ -1174,7 +1267,8 @@ fn discover_file_hosts(manager: Manager, pkg: &Package, egress: &mut Egress) {
     if names.is_empty() {
         return;
     }
-    let pages: Vec<String> = egress.indexes.iter().flat_map(|i| names.iter().map(move |n| metadata_url(manager, i, n))).collect();
+    let pages: Vec<String> =
+        egress.indexes.iter().flat_map(|i| names.iter().map(move |n| metadata_url(manager, i, n))).collect();
     let accept = match manager {
         Manager::Npm => "application/vnd.npm.install-v1+json; q=1.0, application/json; q=0.8",
         Manager::Uv => "application/vnd.pypi.simple.v1+json, text/html; q=0.1",
@@ -1184,10 +1278,12 @@ fn discover_file_hosts(manager: Manager, pkg: &Package, egress: &mut Egress) {
         let mut hosts = std::collections::BTreeSet::new();
         // The proxy's rule here too: no loopback, link-local or private address, whatever a
         // name resolves to or a redirect names.
-        let redirects = reqwest::redirect::Policy::custom(|a| match a.url().host_str().and_then(|h| h.trim_matches(['[', ']']).parse().ok()) {
-            Some(ip) if crate::netproxy::is_internal(ip) => a.stop(),
-            _ if a.previous().len() >= 5 => a.stop(),
-            _ => a.follow(),
+        let redirects = reqwest::redirect::Policy::custom(|a| {
+            match a.url().host_str().and_then(|h| h.trim_matches(['[', ']']).parse().ok()) {
+                Some(ip) if crate::netproxy::is_internal(ip) => a.stop(),
+                _ if a.previous().len() >= 5 => a.stop(),
+                _ => a.follow(),
+            }
         });
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
@@ -1196,7 +1292,9 @@ fn discover_file_hosts(manager: Manager, pkg: &Package, egress: &mut Egress) {
             .dns_resolver(std::sync::Arc::new(ExternalOnly));
         let Ok(client) = client.build() else { return hosts };
         for page in pages {
-            let literal = reqwest::Url::parse(&page).ok().and_then(|u| u.host_str()?.trim_matches(['[', ']']).parse::<std::net::IpAddr>().ok());
+            let literal = reqwest::Url::parse(&page)
+                .ok()
+                .and_then(|u| u.host_str()?.trim_matches(['[', ']']).parse::<std::net::IpAddr>().ok());
             if literal.is_some_and(crate::netproxy::is_internal) {
                 continue;
             }
@@ -1241,7 +1339,10 @@ struct ExternalOnly;
 impl reqwest::dns::Resolve for ExternalOnly {
     fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
         Box::pin(async move {
-            let addrs: Vec<std::net::SocketAddr> = tokio::net::lookup_host((name.as_str(), 0)).await?.filter(|a| !crate::netproxy::is_internal(a.ip())).collect();
+            let addrs: Vec<std::net::SocketAddr> = tokio::net::lookup_host((name.as_str(), 0))
+                .await?
+                .filter(|a| !crate::netproxy::is_internal(a.ip()))
+                .collect();
             if addrs.is_empty() {
                 return Err(format!("{} resolves to no external address", name.as_str()).into());
             }
@@ -1303,7 +1404,12 @@ pub fn prepare_blocking(state: &StateDir, name: &str, pkg: &Package, force: bool
     // One prepare per server at a time (serve and `mcpbox prepare` may overlap). The lock lives
     // beside the cache, where the sandbox cannot reach it.
     let lock_path = state.root.join(name).join("prepare.lock");
-    let lock_file = std::fs::OpenOptions::new().write(true).create(true).truncate(false).open(&lock_path).with_context(|| format!("opening {}", lock_path.display()))?;
+    let lock_file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&lock_path)
+        .with_context(|| format!("opening {}", lock_path.display()))?;
     let _lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive)
         .map_err(|(_, e)| anyhow::anyhow!("locking {}: {e}", lock_path.display()))?;
     if !force {
@@ -1380,7 +1486,11 @@ fn local_paths(pkg: &Package, extra: &mut Extra) -> anyhow::Result<Vec<String>> 
     let mut out = Vec::new();
     for spec in &pkg.install {
         let path = spec.strip_prefix("file:").unwrap_or(spec);
-        let local = path.starts_with('/') || path.starts_with("./") || path.starts_with("../") || path.ends_with(".tgz") || path.ends_with(".whl");
+        let local = path.starts_with('/')
+            || path.starts_with("./")
+            || path.starts_with("../")
+            || path.ends_with(".tgz")
+            || path.ends_with(".whl");
         if local {
             let abs = std::fs::canonicalize(path).with_context(|| format!("package {spec}: no such file"))?;
             extra.grants.push((abs.clone(), Access::Read));
@@ -1410,7 +1520,8 @@ fn prepare_npm(state: &StateDir, name: &str, dirs: &ServerDirs, pkg: &Package) -
     {
         use std::os::unix::fs::MetadataExt;
         let m = std::fs::metadata(&dirs.cache)?;
-        std::os::unix::fs::lchown(&prefix, Some(m.uid()), Some(m.gid())).with_context(|| format!("chown {}", prefix.display()))?;
+        std::os::unix::fs::lchown(&prefix, Some(m.uid()), Some(m.gid()))
+            .with_context(|| format!("chown {}", prefix.display()))?;
     }
     let c = |p: &str| dirs.cache.join(p).to_string_lossy().into_owned();
     for (k, v) in [
@@ -1429,7 +1540,15 @@ fn prepare_npm(state: &StateDir, name: &str, dirs: &ServerDirs, pkg: &Package) -
     // step only and removed after it). 2: `npm rebuild` runs the install scripts, without them.
     let npm = npm_cli.to_string_lossy().into_owned();
     let pfx = prefix.to_string_lossy().into_owned();
-    let mut args = vec![npm.clone(), "install".into(), "--prefix".into(), pfx.clone(), "--omit=dev".into(), "--no-package-lock".into(), "--ignore-scripts".into()];
+    let mut args = vec![
+        npm.clone(),
+        "install".into(),
+        "--prefix".into(),
+        pfx.clone(),
+        "--omit=dev".into(),
+        "--no-package-lock".into(),
+        "--ignore-scripts".into(),
+    ];
     args.extend(install);
     tracing::info!(server = %name, "installing with npm into {} (scripts off)", prefix.display());
     let mut fetch = extra.clone();
@@ -1446,7 +1565,8 @@ fn prepare_npm(state: &StateDir, name: &str, dirs: &ServerDirs, pkg: &Package) -
 
     // Which package was installed: the one dependency of the prefix's package.json.
     let top: serde_json::Value = serde_json::from_str(&read_inside(&dirs.cache, Path::new("npm/package.json"))?)?;
-    let deps: Vec<String> = top.get("dependencies").and_then(|d| d.as_object()).map(|m| m.keys().cloned().collect()).unwrap_or_default();
+    let deps: Vec<String> =
+        top.get("dependencies").and_then(|d| d.as_object()).map(|m| m.keys().cloned().collect()).unwrap_or_default();
     // With --package, the command names the bin; pick the package that provides it.
     let mut candidates = Vec::new();
     for d in &deps {
@@ -1461,7 +1581,9 @@ fn prepare_npm(state: &StateDir, name: &str, dirs: &ServerDirs, pkg: &Package) -
                 let unscoped = dep.rsplit('/').next().unwrap_or(dep).to_string();
                 BTreeMap::from([(unscoped, s.clone())])
             }
-            Some(serde_json::Value::Object(m)) => m.iter().filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string()))).collect(),
+            Some(serde_json::Value::Object(m)) => {
+                m.iter().filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string()))).collect()
+            }
             _ => BTreeMap::new(),
         };
         let unscoped = dep.rsplit('/').next().unwrap_or(dep);
@@ -1480,7 +1602,15 @@ fn prepare_npm(state: &StateDir, name: &str, dirs: &ServerDirs, pkg: &Package) -
             }
             let version = pj.get("version").and_then(|v| v.as_str()).unwrap_or("?").to_string();
             let runtime = Some(launch::resolve(&node)?.0);
-            return Ok(Prepared { request: pkg.clone(), package: dep.clone(), version, interpreter: node, entry, runtime, prepared_at: now() });
+            return Ok(Prepared {
+                request: pkg.clone(),
+                package: dep.clone(),
+                version,
+                interpreter: node,
+                entry,
+                runtime,
+                prepared_at: now(),
+            });
         }
     }
     match want_bin {
@@ -1507,7 +1637,8 @@ impl AuthDir {
         let dir = AuthDir(path.to_path_buf());
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))?;
         let m = std::fs::metadata(owner_like)?;
-        std::os::unix::fs::lchown(path, Some(m.uid()), Some(m.gid())).with_context(|| format!("chown {}", path.display()))?;
+        std::os::unix::fs::lchown(path, Some(m.uid()), Some(m.gid()))
+            .with_context(|| format!("chown {}", path.display()))?;
         Ok(dir)
     }
 }
@@ -1533,10 +1664,16 @@ impl AuthFile {
         text.push('\n');
         let file = AuthFile(path.to_path_buf());
         // create_new: never through a link someone left there.
-        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o400).open(path).with_context(|| format!("creating {}", path.display()))?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o400)
+            .open(path)
+            .with_context(|| format!("creating {}", path.display()))?;
         std::io::Write::write_all(&mut f, text.as_bytes())?;
         let m = std::fs::metadata(owner_like)?;
-        std::os::unix::fs::fchown(&f, Some(m.uid()), Some(m.gid())).with_context(|| format!("chown {}", path.display()))?;
+        std::os::unix::fs::fchown(&f, Some(m.uid()), Some(m.gid()))
+            .with_context(|| format!("chown {}", path.display()))?;
         Ok(Some(file))
     }
 }
@@ -1575,12 +1712,21 @@ fn prepare_uv(state: &StateDir, name: &str, dirs: &ServerDirs, pkg: &Package) ->
     let venv_dir = venv(&dirs.cache);
     let v = venv_dir.to_string_lossy().into_owned();
     tracing::info!(server = %name, "creating a virtualenv on {} at {v}", python.display());
-    run_sandboxed(state, name, Manager::Uv, &uv, vec!["venv".into(), "--python".into(), py, v.clone()], extra.clone(), &egress)?;
+    run_sandboxed(
+        state,
+        name,
+        Manager::Uv,
+        &uv,
+        vec!["venv".into(), "--python".into(), py, v.clone()],
+        extra.clone(),
+        &egress,
+    )?;
     tracing::info!(server = %name, "installing with uv: {}", install.join(" "));
     // Bytecode is compiled here, once: the run phase may not write `.pyc` files, and a server
     // importing from source pays for the compilation at every start (mcp-server-time: 1.1 s
     // from source against 0.67 s from bytecode).
-    let mut args = vec!["pip".into(), "install".into(), "--compile-bytecode".into(), "--python".into(), format!("{v}/bin/python")];
+    let mut args =
+        vec!["pip".into(), "install".into(), "--compile-bytecode".into(), "--python".into(), format!("{v}/bin/python")];
     args.extend(install);
     // With index credentials: first wheels only (`--no-build`: no package code runs) with the
     // credentials and a cache of its own beside the server's cache, removed after it (what uv
@@ -1597,7 +1743,9 @@ fn prepare_uv(state: &StateDir, name: &str, dirs: &ServerDirs, pkg: &Package) ->
         a.push("--no-build".into());
         match run_sandboxed(state, name, Manager::Uv, &uv, a, with, &egress) {
             Ok(()) => done = true,
-            Err(e) => tracing::warn!(server = %name, "wheels-only install with the index credentials failed; installing without them: {e:#}"),
+            Err(e) => {
+                tracing::warn!(server = %name, "wheels-only install with the index credentials failed; installing without them: {e:#}")
+            }
         }
     }
     if !done {
@@ -1641,7 +1789,15 @@ fn prepare_uv(state: &StateDir, name: &str, dirs: &ServerDirs, pkg: &Package) ->
     if built_on != runtime {
         bail!("uv built the virtualenv on {}, not on {} as asked", built_on.display(), runtime.display());
     }
-    Ok(Prepared { request: pkg.clone(), package: dist, version, interpreter: venv_dir.join("bin/python"), entry, runtime: Some(runtime), prepared_at: now() })
+    Ok(Prepared {
+        request: pkg.clone(),
+        package: dist,
+        version,
+        interpreter: venv_dir.join("bin/python"),
+        entry,
+        runtime: Some(runtime),
+        prepared_at: now(),
+    })
 }
 
 fn now() -> u64 {
@@ -1659,7 +1815,15 @@ pub const PREPARE_TIMEOUT: Duration = Duration::from_secs(600);
 /// addresses. At `container` level (no namespaces: a default Docker container) and only when
 /// the process allows that level, the step runs on the container's network instead, narrowed
 /// by Landlock to the registries' ports, and says so.
-fn run_sandboxed(state: &StateDir, name: &str, manager: Manager, exe: &Path, args: Vec<String>, extra: Extra, egress: &Egress) -> anyhow::Result<()> {
+fn run_sandboxed(
+    state: &StateDir,
+    name: &str,
+    manager: Manager,
+    exe: &Path,
+    args: Vec<String>,
+    extra: Extra,
+    egress: &Egress,
+) -> anyhow::Result<()> {
     let launch = ServerLaunch {
         name: name.to_string(),
         command: exe.to_string_lossy().into_owned(),
@@ -1679,14 +1843,18 @@ fn run_sandboxed(state: &StateDir, name: &str, manager: Manager, exe: &Path, arg
     let spawned = crate::sandbox::spawn_blocking_std(&planned.spec, Stdio::null(), Stdio::piped(), Stdio::piped());
     let (mut child, report, listener) = match spawned {
         // sandbox-init refuses `proxy` without a network namespace (see sandbox::init).
-        Err(crate::sandbox::SandboxError::Setup(m)) if m.contains("needs a network namespace") && planned.spec.outer.min_level <= crate::policy::Level::Container => {
+        Err(crate::sandbox::SandboxError::Setup(m))
+            if m.contains("needs a network namespace")
+                && planned.spec.outer.min_level <= crate::policy::Level::Container =>
+        {
             tracing::warn!(
                 server = %name,
                 "prepare at `container` level: no network namespace for the egress proxy, so npm/uv and install scripts use the container's network, narrowed to TCP ports {} by Landlock",
                 ports_of(&entries).iter().map(u16::to_string).collect::<Vec<_>>().join(", ")
             );
             container_network(&mut planned.spec, &entries);
-            crate::sandbox::spawn_blocking_std(&planned.spec, Stdio::null(), Stdio::piped(), Stdio::piped()).map_err(|e| anyhow::anyhow!("prepare sandbox: {e}"))?
+            crate::sandbox::spawn_blocking_std(&planned.spec, Stdio::null(), Stdio::piped(), Stdio::piped())
+                .map_err(|e| anyhow::anyhow!("prepare sandbox: {e}"))?
         }
         other => other.map_err(|e| anyhow::anyhow!("prepare sandbox: {e}"))?,
     };
@@ -1709,7 +1877,13 @@ fn run_sandboxed(state: &StateDir, name: &str, manager: Manager, exe: &Path, arg
     }
     let tail = Arc::new(Mutex::new(std::collections::VecDeque::<String>::new()));
     let mut readers = Vec::new();
-    for stream in [child.stdout.take().map(|s| Box::new(s) as Box<dyn Read + Send>), child.stderr.take().map(|s| Box::new(s) as Box<dyn Read + Send>)].into_iter().flatten() {
+    for stream in [
+        child.stdout.take().map(|s| Box::new(s) as Box<dyn Read + Send>),
+        child.stderr.take().map(|s| Box::new(s) as Box<dyn Read + Send>),
+    ]
+    .into_iter()
+    .flatten()
+    {
         let (tail, name) = (tail.clone(), name.to_string());
         readers.push(std::thread::spawn(move || {
             // Bounded while reading: an install script's endless line costs 500 bytes here.
@@ -1749,7 +1923,8 @@ fn run_sandboxed(state: &StateDir, name: &str, manager: Manager, exe: &Path, arg
 
 /// The TCP ports of `host:port` entries.
 fn ports_of(entries: &[String]) -> Vec<u16> {
-    let mut ports: Vec<u16> = entries.iter().filter_map(|e| e.parse::<crate::policy::AllowEntry>().ok()).map(|e| e.port).collect();
+    let mut ports: Vec<u16> =
+        entries.iter().filter_map(|e| e.parse::<crate::policy::AllowEntry>().ok()).map(|e| e.port).collect();
     ports.sort_unstable();
     ports.dedup();
     ports
@@ -1758,8 +1933,19 @@ fn ports_of(entries: &[String]) -> Vec<u16> {
 /// `container` level: the container's network, TCP connect narrowed by Landlock to the
 /// registries' ports, and no proxy variables pointing at a proxy that is not there.
 fn container_network(spec: &mut crate::sandbox::SandboxSpec, entries: &[String]) {
-    spec.outer.network = crate::policy::Network::Host { connect_ports: Some(ports_of(entries)), bind_ports: Some(vec![]) };
-    for k in ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy", "NODE_USE_ENV_PROXY"] {
+    spec.outer.network =
+        crate::policy::Network::Host { connect_ports: Some(ports_of(entries)), bind_ports: Some(vec![]) };
+    for k in [
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "http_proxy",
+        "https_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+        "NO_PROXY",
+        "no_proxy",
+        "NODE_USE_ENV_PROXY",
+    ] {
         spec.env.remove(k);
     }
 }
@@ -1813,7 +1999,12 @@ fn run_launch(state: &StateDir, launch: &ServerLaunch, pkg: Package) -> anyhow::
 /// Prepare every enabled npx/uvx server of `cfg`, one after another (they compete for the same
 /// network and disk). Returns the servers whose prepare failed, with the reason.
 /// Servers in `refused` (their policy would refuse them at launch) are not prepared.
-pub async fn prepare_config(state: &StateDir, cfg: &crate::config::Config, force: bool, refused: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+pub async fn prepare_config(
+    state: &StateDir,
+    cfg: &crate::config::Config,
+    force: bool,
+    refused: &BTreeMap<String, String>,
+) -> BTreeMap<String, String> {
     let mut failed = BTreeMap::new();
     for (name, server) in &cfg.servers {
         let crate::config::ServerKind::Stdio { command, args, .. } = &server.kind else { continue };
@@ -1849,7 +2040,12 @@ pub async fn prepare_config(state: &StateDir, cfg: &crate::config::Config, force
 }
 
 /// `mcpbox prepare --config FILE`: 0 when every npx/uvx server is prepared, 1 otherwise.
-pub fn cli(config: &Path, state_dir: Option<PathBuf>, force: bool, min_level: crate::policy::Level) -> std::process::ExitCode {
+pub fn cli(
+    config: &Path,
+    state_dir: Option<PathBuf>,
+    force: bool,
+    min_level: crate::policy::Level,
+) -> std::process::ExitCode {
     let cfg = match crate::config::load(config) {
         Ok(c) => c,
         Err(e) => {
@@ -1884,7 +2080,8 @@ mod tests {
 
     #[test]
     fn npx_lines() {
-        let p = parse("npx", &v(&["-y", "@modelcontextprotocol/server-filesystem@1.0.0", "/srv", "--x"])).unwrap().unwrap();
+        let p =
+            parse("npx", &v(&["-y", "@modelcontextprotocol/server-filesystem@1.0.0", "/srv", "--x"])).unwrap().unwrap();
         assert_eq!(p.install, v(&["@modelcontextprotocol/server-filesystem@1.0.0"]));
         assert_eq!(p.bin, None);
         assert_eq!(p.args, v(&["/srv", "--x"]));
@@ -1904,7 +2101,13 @@ mod tests {
         let (data, cache) = (d.path().join("data"), d.path().join("cache"));
         std::fs::create_dir_all(&data).unwrap();
         std::fs::create_dir_all(&cache).unwrap();
-        let mut ctx = LoadContext { lazy: Some(crate::plan::runtime::Lazy::new(None, DEFAULT_PATH, crate::plan::runtime::Untrusted::dir(d.path())).vars()), ..LoadContext::default() };
+        let mut ctx = LoadContext {
+            lazy: Some(
+                crate::plan::runtime::Lazy::new(None, DEFAULT_PATH, crate::plan::runtime::Untrusted::dir(d.path()))
+                    .vars(),
+            ),
+            ..LoadContext::default()
+        };
         ctx.vars.insert("DATA".into(), data.to_string_lossy().into_owned());
         ctx.vars.insert("CACHE".into(), cache.to_string_lossy().into_owned());
         let mem = load("server-memory", &ctx).unwrap();
@@ -1920,7 +2123,11 @@ mod tests {
         }
         for p in ["prepare-npm", "prepare-uv"] {
             let pol = load(p, &ctx).unwrap();
-            assert_eq!(pol.filesystem.write.iter().map(|r| r.path.clone()).collect::<Vec<_>>(), vec![cache.clone()], "{p}");
+            assert_eq!(
+                pol.filesystem.write.iter().map(|r| r.path.clone()).collect::<Vec<_>>(),
+                vec![cache.clone()],
+                "{p}"
+            );
             assert_eq!(pol.network, Network::Proxy { allow: vec![] }, "{p}");
         }
     }
@@ -1935,13 +2142,27 @@ mod tests {
         std::fs::create_dir_all(&pkg_dir).unwrap();
         std::fs::write(pkg_dir.join("bin.js"), "").unwrap();
         let pkg = parse("npx", &v(&["-y", "x@1", "--flag"])).unwrap().unwrap();
-        let launch = ServerLaunch { name: "srv".into(), command: "npx".into(), args: v(&["-y", "x@1", "--flag"]), env: BTreeMap::new(), policy: PolicyRef::Named("default".into()) };
+        let launch = ServerLaunch {
+            name: "srv".into(),
+            command: "npx".into(),
+            args: v(&["-y", "x@1", "--flag"]),
+            env: BTreeMap::new(),
+            policy: PolicyRef::Named("default".into()),
+        };
         let (launch, choice) = super::super::effective(launch, false);
         assert!(matches!(&choice, super::super::PolicyChoice::RuntimeBase(m) if m.contains("no policy")), "{choice:?}");
         assert!(for_run(&state, &launch).unwrap().is_err(), "not prepared yet");
         let runtime = Some(launch::resolve(&node).unwrap().0);
         // A record without the runtime it was prepared on is prepared again.
-        let old = Prepared { request: pkg.clone(), package: "x".into(), version: "1".into(), interpreter: node.clone(), entry: pkg_dir.join("bin.js"), runtime: None, prepared_at: 0 };
+        let old = Prepared {
+            request: pkg.clone(),
+            package: "x".into(),
+            version: "1".into(),
+            interpreter: node.clone(),
+            entry: pkg_dir.join("bin.js"),
+            runtime: None,
+            prepared_at: 0,
+        };
         std::fs::write(cache.join(RECORD), serde_json::to_string(&old).unwrap()).unwrap();
         assert!(for_run(&state, &launch).unwrap().is_err(), "a record without its runtime");
         let rec = Prepared { runtime, ..old };
@@ -1959,7 +2180,11 @@ mod tests {
         let elsewhere = d.path().join("elsewhere");
         std::fs::rename(cache.join("npm"), &elsewhere).unwrap();
         std::os::unix::fs::symlink(&elsewhere, cache.join("npm")).unwrap();
-        std::fs::write(cache.join(RECORD), serde_json::to_string(&Prepared { entry: pkg_dir.join("bin.js"), ..bad }).unwrap()).unwrap();
+        std::fs::write(
+            cache.join(RECORD),
+            serde_json::to_string(&Prepared { entry: pkg_dir.join("bin.js"), ..bad }).unwrap(),
+        )
+        .unwrap();
         assert!(for_run(&state, &launch).unwrap().is_err());
     }
 
@@ -1985,7 +2210,14 @@ mod tests {
         let files = npm_config_files(&text);
         assert_eq!(files, vec![user.clone()]);
         let lines = npm_auth_lines(&files, |k| (k == "TOKEN_VAR").then(|| "tok123".to_string()));
-        assert_eq!(lines, vec!["//npm.example.test/:_authToken=tok123", "//corp.example.test/npm/:_password=cGFzcw==", "//corp.example.test/npm/:username=bob"]);
+        assert_eq!(
+            lines,
+            vec![
+                "//npm.example.test/:_authToken=tok123",
+                "//corp.example.test/npm/:_password=cGFzcw==",
+                "//corp.example.test/npm/:username=bob"
+            ]
+        );
         // The file holding them: the server's uid alone reads it, and it goes when dropped.
         let path = d.path().join(NPM_AUTH_FILE);
         let f = AuthFile::write(&path, d.path(), &lines).unwrap().unwrap();
@@ -2015,7 +2247,10 @@ mod tests {
         assert!(!env.contains_key("npm_config_cafile"), "a CA file that does not exist is not handed over");
         let all = format!("{env:?}");
         assert!(!all.contains("NPM-TOKEN-CANARY") && !all.contains("hunter2"), "{all}");
-        assert!(notes.iter().any(|n| n.contains("credentials") && n.contains("_authToken") && n.contains("@corp:registry")), "{notes:?}");
+        assert!(
+            notes.iter().any(|n| n.contains("credentials") && n.contains("_authToken") && n.contains("@corp:registry")),
+            "{notes:?}"
+        );
         assert!(npm_env(&serde_json::Map::new(), &mut notes).is_err(), "no registry configured");
     }
 
@@ -2027,7 +2262,10 @@ mod tests {
         let user: toml::Table = toml::from_str("find-links = [\"https://links.example.test/\"]\n[[index]]\nurl = \"https://u:pw@user.example.test/simple\"\ndefault = true\n[[index]]\nname = \"extra\"\nurl = \"https://more.example.test/simple\"").unwrap();
         idx.add_toml(&user);
         assert_eq!(idx.default.as_deref(), Some("https://u:pw@user.example.test/simple"));
-        assert_eq!(idx.extra, vec!["https://x.example.test/simple".to_string(), "extra=https://more.example.test/simple".to_string()]);
+        assert_eq!(
+            idx.extra,
+            vec!["https://x.example.test/simple".to_string(), "extra=https://more.example.test/simple".to_string()]
+        );
         let vars = BTreeMap::from([
             ("UV_INDEX_URL", "https://env.example.test/simple"),
             ("UV_INDEX", "named=https://n.example.test/simple https://plain.example.test/simple"),
@@ -2035,11 +2273,23 @@ mod tests {
         ]);
         idx.add_env(|k| vars.get(k).map(|v| v.to_string()));
         assert_eq!(idx.default.as_deref(), Some("https://env.example.test/simple"));
-        assert!(idx.extra.contains(&"named=https://n.example.test/simple".to_string()) && idx.extra.contains(&"https://plain.example.test/simple".to_string()));
-        assert_eq!(split_named("named=https://n.example.test/simple"), (Some("named"), "https://n.example.test/simple"));
+        assert!(
+            idx.extra.contains(&"named=https://n.example.test/simple".to_string())
+                && idx.extra.contains(&"https://plain.example.test/simple".to_string())
+        );
+        assert_eq!(
+            split_named("named=https://n.example.test/simple"),
+            (Some("named"), "https://n.example.test/simple")
+        );
         assert_eq!(split_named("https://n.example.test/simple?a=b"), (None, "https://n.example.test/simple?a=b"));
-        assert_eq!(idx.find_links, vec!["https://links.example.test/".to_string(), "https://f.example.test/a".into(), "/srv/wheels".into()]);
-        assert_eq!(without_credentials("https://u:pw@user.example.test/simple"), ("https://user.example.test/simple".to_string(), true));
+        assert_eq!(
+            idx.find_links,
+            vec!["https://links.example.test/".to_string(), "https://f.example.test/a".into(), "/srv/wheels".into()]
+        );
+        assert_eq!(
+            without_credentials("https://u:pw@user.example.test/simple"),
+            ("https://user.example.test/simple".to_string(), true)
+        );
         assert!(!without_credentials("https://user.example.test/simple").1);
         assert_eq!(host_port("https://user.example.test/simple").as_deref(), Some("user.example.test:443"));
         assert_eq!(host_port("http://[::1]:8080/x").as_deref(), Some("[::1]:8080"));
@@ -2057,14 +2307,23 @@ mod tests {
         assert_eq!(hosts, vec!["dl.example.test:8443".to_string(), "idx.example.test:443".into()]);
         let npm = br#"{"versions":{"1.0.0":{"dist":{"tarball":"https://tar.example.test/p/-/p-1.0.0.tgz"}}},"repository":{"url":"git+https://code.example.test/p.git"}}"#;
         let page = reqwest::Url::parse("https://npm.example.test/p").unwrap();
-        assert_eq!(file_hosts_in(Manager::Npm, &page, npm).into_iter().collect::<Vec<_>>(), vec!["tar.example.test:443".to_string()]);
+        assert_eq!(
+            file_hosts_in(Manager::Npm, &page, npm).into_iter().collect::<Vec<_>>(),
+            vec!["tar.example.test:443".to_string()]
+        );
         assert_eq!(package_name(Manager::Npm, "@scope/name@1.2").as_deref(), Some("@scope/name"));
         assert_eq!(package_name(Manager::Npm, "name@latest").as_deref(), Some("name"));
         assert_eq!(package_name(Manager::Npm, "/tmp/x.tgz"), None);
         assert_eq!(package_name(Manager::Uv, "Mcp_Server.Time[cli]>=1").as_deref(), Some("Mcp_Server.Time"));
         assert_eq!(package_name(Manager::Uv, "git+https://h.example.test/r"), None);
-        assert_eq!(metadata_url(Manager::Uv, "https://idx.example.test/simple/", "Mcp_Server..Time"), "https://idx.example.test/simple/mcp-server-time/");
-        assert_eq!(metadata_url(Manager::Npm, "https://npm.example.test/", "@scope/name"), "https://npm.example.test/@scope%2fname");
+        assert_eq!(
+            metadata_url(Manager::Uv, "https://idx.example.test/simple/", "Mcp_Server..Time"),
+            "https://idx.example.test/simple/mcp-server-time/"
+        );
+        assert_eq!(
+            metadata_url(Manager::Npm, "https://npm.example.test/", "@scope/name"),
+            "https://npm.example.test/@scope%2fname"
+        );
     }
 
     #[test]
@@ -2084,7 +2343,10 @@ mod tests {
     #[test]
     fn uvx_lines() {
         let p = parse("uvx", &v(&["mcp-server-fetch", "--ignore-robots-txt"])).unwrap().unwrap();
-        assert_eq!((p.install.clone(), p.bin.clone(), p.args.clone()), (v(&["mcp-server-fetch"]), Some("mcp-server-fetch".into()), v(&["--ignore-robots-txt"])));
+        assert_eq!(
+            (p.install.clone(), p.bin.clone(), p.args.clone()),
+            (v(&["mcp-server-fetch"]), Some("mcp-server-fetch".into()), v(&["--ignore-robots-txt"]))
+        );
         let p = parse("uvx", &v(&["mcp-server-time@0.6.2", "--local-timezone", "UTC"])).unwrap().unwrap();
         assert_eq!(p.install, v(&["mcp-server-time==0.6.2"]));
         assert_eq!(p.bin.as_deref(), Some("mcp-server-time"));
@@ -2094,7 +2356,9 @@ mod tests {
     }
 
     fn ok(cmd: &str, a: &[&str]) -> Package {
-        parse(cmd, &v(a)).unwrap_or_else(|| panic!("{cmd} {a:?} is a package launch")).unwrap_or_else(|e| panic!("{cmd} {a:?}: {e:#}"))
+        parse(cmd, &v(a))
+            .unwrap_or_else(|| panic!("{cmd} {a:?} is a package launch"))
+            .unwrap_or_else(|e| panic!("{cmd} {a:?}: {e:#}"))
     }
 
     fn refused(cmd: &str, a: &[&str]) -> String {
@@ -2105,18 +2369,54 @@ mod tests {
     fn npx_lines_as_real_configs_write_them() {
         // The form of the issue: a bin installed under --prefix, run offline: nothing to fetch.
         let p = ok("npx", &["--offline", "--prefix", "/opt/mcp", "--", "some-bin", "stdio"]);
-        assert_eq!((p.local.clone(), p.install.clone(), p.bin.clone(), p.args.clone()), (Some(PathBuf::from("/opt/mcp")), v(&["some-bin"]), None, v(&["stdio"])));
-        let p = ok("npx", &["--yes", "--prefer-offline", "-q", "--package=@modelcontextprotocol/server-sequential-thinking", "--", "mcp-server-sequential-thinking"]);
-        assert_eq!((p.install.clone(), p.bin.clone(), p.local.clone(), p.registry.clone()), (v(&["@modelcontextprotocol/server-sequential-thinking"]), Some("mcp-server-sequential-thinking".into()), None, None));
+        assert_eq!(
+            (p.local.clone(), p.install.clone(), p.bin.clone(), p.args.clone()),
+            (Some(PathBuf::from("/opt/mcp")), v(&["some-bin"]), None, v(&["stdio"]))
+        );
+        let p = ok(
+            "npx",
+            &[
+                "--yes",
+                "--prefer-offline",
+                "-q",
+                "--package=@modelcontextprotocol/server-sequential-thinking",
+                "--",
+                "mcp-server-sequential-thinking",
+            ],
+        );
+        assert_eq!(
+            (p.install.clone(), p.bin.clone(), p.local.clone(), p.registry.clone()),
+            (
+                v(&["@modelcontextprotocol/server-sequential-thinking"]),
+                Some("mcp-server-sequential-thinking".into()),
+                None,
+                None
+            )
+        );
         let p = ok("npx", &["-y", "--registry=https://npm.example.test/", "--loglevel", "error", "pkg@1", "--flag"]);
-        assert_eq!((p.registry.as_deref(), p.install.clone(), p.args.clone()), (Some("https://npm.example.test/"), v(&["pkg@1"]), v(&["--flag"])));
-        assert_eq!(ok("npx", &["--registry", "https://npm.example.test/", "pkg"]).registry.as_deref(), Some("https://npm.example.test/"));
+        assert_eq!(
+            (p.registry.as_deref(), p.install.clone(), p.args.clone()),
+            (Some("https://npm.example.test/"), v(&["pkg@1"]), v(&["--flag"]))
+        );
+        assert_eq!(
+            ok("npx", &["--registry", "https://npm.example.test/", "pkg"]).registry.as_deref(),
+            Some("https://npm.example.test/")
+        );
         assert_eq!(ok("npx", &["--prefix=/srv/x", "-p", "a", "bin"]).local, Some(PathBuf::from("/srv/x")));
         assert_eq!(ok("npx", &["-s", "--prefer-online", "--no-install=false", "pkg"]).install, v(&["pkg"]));
         // npm exec / npm x, pnpm dlx, pnpx: the same grammar, prepared with npm.
-        for (cmd, a) in [("npm", vec!["exec", "--yes", "--package=a", "--", "cmd", "arg"]), ("npm", vec!["x", "-p", "a", "cmd", "arg"]), ("/usr/bin/pnpm", vec!["dlx", "--package", "a", "cmd", "arg"]), ("pnpx", vec!["--package=a", "cmd", "arg"])] {
+        for (cmd, a) in [
+            ("npm", vec!["exec", "--yes", "--package=a", "--", "cmd", "arg"]),
+            ("npm", vec!["x", "-p", "a", "cmd", "arg"]),
+            ("/usr/bin/pnpm", vec!["dlx", "--package", "a", "cmd", "arg"]),
+            ("pnpx", vec!["--package=a", "cmd", "arg"]),
+        ] {
             let p = ok(cmd, &a);
-            assert_eq!((p.manager, p.install, p.bin, p.args), (Manager::Npm, v(&["a"]), Some("cmd".into()), v(&["arg"])), "{cmd} {a:?}");
+            assert_eq!(
+                (p.manager, p.install, p.bin, p.args),
+                (Manager::Npm, v(&["a"]), Some("cmd".into()), v(&["arg"])),
+                "{cmd} {a:?}"
+            );
         }
         // Not package launches: they run as they are, under their policy.
         assert!(parse("npm", &v(&["run", "start"])).is_none());
@@ -2135,21 +2435,53 @@ mod tests {
     #[test]
     fn uv_lines_as_real_configs_write_them() {
         let p = ok("uvx", &["--python", "3.12", "--with", "x", "mcp-server-fetch@latest", "--a"]);
-        assert_eq!((p.python.as_deref(), p.install.clone(), p.bin.as_deref(), p.args.clone()), (Some("3.12"), v(&["mcp-server-fetch", "x"]), Some("mcp-server-fetch"), v(&["--a"])));
+        assert_eq!(
+            (p.python.as_deref(), p.install.clone(), p.bin.as_deref(), p.args.clone()),
+            (Some("3.12"), v(&["mcp-server-fetch", "x"]), Some("mcp-server-fetch"), v(&["--a"]))
+        );
         assert_eq!(ok("uvx", &["-p=python3.11", "t"]).python.as_deref(), Some("python3.11"));
         assert_eq!(ok("uvx", &["--python=/usr/bin/python3", "t"]).python.as_deref(), Some("/usr/bin/python3"));
         let p = ok("uvx", &["--index-url", "https://idx.example.test/simple", "-q", "--isolated", "--", "t", "a"]);
         assert_eq!((p.registry.as_deref(), p.args.clone()), (Some("https://idx.example.test/simple"), v(&["a"])));
         assert_eq!(ok("uvx", &["--with=y", "--from=git-tools==1", "tool"]).install, v(&["git-tools==1", "y"]));
         // uv tool run is uvx; uv run --with installs the requirements and runs the command.
-        assert_eq!(ok("uv", &["tool", "run", "--from", "a==1", "cmd", "x"]), Package::new(Manager::Uv, v(&["a==1"]), Some("cmd".into()), v(&["x"])));
+        assert_eq!(
+            ok("uv", &["tool", "run", "--from", "a==1", "cmd", "x"]),
+            Package::new(Manager::Uv, v(&["a==1"]), Some("cmd".into()), v(&["x"]))
+        );
         assert_eq!(ok("/usr/local/bin/uv", &["-q", "tool", "run", "t"]).bin.as_deref(), Some("t"));
-        let p = ok("uv", &["run", "--with", "mcp-server-time==0.6.2", "--with=tzdata", "--no-project", "--python", "3", "--", "mcp-server-time", "--local-timezone", "UTC"]);
-        assert_eq!((p.install.clone(), p.bin.as_deref(), p.python.as_deref(), p.args.clone()), (v(&["mcp-server-time==0.6.2", "tzdata"]), Some("mcp-server-time"), Some("3"), v(&["--local-timezone", "UTC"])));
+        let p = ok(
+            "uv",
+            &[
+                "run",
+                "--with",
+                "mcp-server-time==0.6.2",
+                "--with=tzdata",
+                "--no-project",
+                "--python",
+                "3",
+                "--",
+                "mcp-server-time",
+                "--local-timezone",
+                "UTC",
+            ],
+        );
+        assert_eq!(
+            (p.install.clone(), p.bin.as_deref(), p.python.as_deref(), p.args.clone()),
+            (
+                v(&["mcp-server-time==0.6.2", "tzdata"]),
+                Some("mcp-server-time"),
+                Some("3"),
+                v(&["--local-timezone", "UTC"])
+            )
+        );
         // What the Python SDK's `mcp install` writes into Claude Desktop's config: the SDK's CLI,
         // prepared, running the user's script (which the server's policy must grant).
         let p = ok("/home/u/.local/bin/uv", &["run", "--with", "mcp[cli]", "mcp", "run", "/srv/server.py"]);
-        assert_eq!((p.install.clone(), p.bin.as_deref(), p.args.clone()), (v(&["mcp[cli]"]), Some("mcp"), v(&["run", "/srv/server.py"])));
+        assert_eq!(
+            (p.install.clone(), p.bin.as_deref(), p.args.clone()),
+            (v(&["mcp[cli]"]), Some("mcp"), v(&["run", "/srv/server.py"]))
+        );
         // Not package launches.
         assert!(parse("uv", &v(&["pip", "list"])).is_none());
         assert!(parse("python", &v(&["-m", "mcp_server_fetch"])).is_none());
@@ -2159,16 +2491,24 @@ mod tests {
             assert!(refused("uvx", &["--python", py, "t"]).contains("UV_PYTHON_DOWNLOADS=never"), "{py}");
         }
         // A synced local project, as Claude Desktop configs run one: nothing to prepare.
-        for a in [vec!["--directory", "/srv/proj", "run", "server.py", "--x"], vec!["run", "--directory=/srv/proj", "python", "server.py", "--x"]] {
+        for a in [
+            vec!["--directory", "/srv/proj", "run", "server.py", "--x"],
+            vec!["run", "--directory=/srv/proj", "python", "server.py", "--x"],
+        ] {
             let p = ok("uv", &a);
-            assert_eq!((p.local.clone(), p.install.clone(), p.bin.as_deref(), p.args.clone()), (Some(PathBuf::from("/srv/proj")), vec![], Some("server.py"), v(&["--x"])), "{a:?}");
+            assert_eq!(
+                (p.local.clone(), p.install.clone(), p.bin.as_deref(), p.args.clone()),
+                (Some(PathBuf::from("/srv/proj")), vec![], Some("server.py"), v(&["--x"])),
+                "{a:?}"
+            );
         }
         assert_eq!(ok("uv", &["--project", "/srv/proj", "run", "my-server"]).bin.as_deref(), Some("my-server"));
         assert!(refused("uv", &["--directory", "proj", "run", "server.py"]).contains("absolute"));
         assert!(refused("uv", &["--directory", "/srv/proj", "run", "--with", "x", "server.py"]).contains("uv sync"));
         assert!(refused("uv", &["--directory", "/srv/proj", "run", "python", "-c", "0"]).contains("script file"));
         assert!(refused("uv", &["run", "server.py"]).contains("--with"));
-        assert!(refused("uv", &["run", "--with", "mcp-server-fetch", "python", "-m", "mcp_server_fetch"]).contains("interpreter"));
+        assert!(refused("uv", &["run", "--with", "mcp-server-fetch", "python", "-m", "mcp_server_fetch"])
+            .contains("interpreter"));
         let e = refused("uvx", &["--prerelease", "allow", "t"]);
         assert!(e.contains("--prerelease") && e.contains("supported:"), "{e}");
         assert!(refused("uvx", &["--index-url", "https://u:p@idx.example.test/simple", "t"]).contains("credentials"));
@@ -2208,7 +2548,10 @@ mod tests {
         explicit_registry(&ok("npx", &["--registry=https://mine.example.test:8443/", "p"]), &mut extra, &mut egress);
         assert_eq!(extra.env["npm_config_registry"], "https://mine.example.test:8443/");
         assert_eq!(egress.indexes, v(&["https://corp.example.test/npm/", "https://mine.example.test:8443/"]));
-        assert_eq!(egress.allow.iter().cloned().collect::<Vec<_>>(), v(&["corp.example.test:443", "mine.example.test:8443"]));
+        assert_eq!(
+            egress.allow.iter().cloned().collect::<Vec<_>>(),
+            v(&["corp.example.test:443", "mine.example.test:8443"])
+        );
         // None on the command line: nothing changes.
         let before = (extra.env.clone(), egress.clone());
         explicit_registry(&ok("npx", &["p"]), &mut extra, &mut egress);
@@ -2222,32 +2565,49 @@ mod tests {
         std::fs::create_dir_all(proj.join(".venv/bin")).unwrap();
         let py3 = launch::resolve_command("python3", DEFAULT_PATH).expect("python3 on PATH");
         std::os::unix::fs::symlink(&py3, proj.join(".venv/bin/python")).unwrap();
-        std::fs::write(proj.join(".venv/pyvenv.cfg"), "home = /opt/uvpython/cpython-3.12/bin\nversion = 3.12.0\n").unwrap();
+        std::fs::write(proj.join(".venv/pyvenv.cfg"), "home = /opt/uvpython/cpython-3.12/bin\nversion = 3.12.0\n")
+            .unwrap();
         std::fs::write(proj.join("server.py"), "").unwrap();
         std::fs::write(proj.join(".venv/bin/my-server"), "").unwrap();
         let ps = proj.to_string_lossy().into_owned();
         let args = v(&["--directory", &ps, "run", "server.py", "--flag"]);
-        let launch = ServerLaunch { name: "srv".into(), command: "uv".into(), args: args.clone(), env: BTreeMap::new(), policy: PolicyRef::Named("python".into()) };
+        let launch = ServerLaunch {
+            name: "srv".into(),
+            command: "uv".into(),
+            args: args.clone(),
+            env: BTreeMap::new(),
+            policy: PolicyRef::Named("python".into()),
+        };
         let state = StateDir::new(d.path().join("state"));
         let (l, extra) = for_run(&state, &launch).unwrap().unwrap();
         let real = std::fs::canonicalize(&proj).unwrap();
         assert_eq!(l.command, real.join(".venv/bin/python").to_string_lossy());
         assert_eq!(l.args, v(&[&real.join("server.py").to_string_lossy(), "--flag"]));
-        assert_eq!(extra.grants, vec![(real.clone(), Access::Exec), (PathBuf::from("/opt/uvpython/cpython-3.12"), Access::Exec)]);
-        assert!(matches!(prepare_blocking(&state, "srv", &parse("uv", &args).unwrap().unwrap(), false).unwrap(), Outcome::Ready(_)));
+        assert_eq!(
+            extra.grants,
+            vec![(real.clone(), Access::Exec), (PathBuf::from("/opt/uvpython/cpython-3.12"), Access::Exec)]
+        );
+        assert!(matches!(
+            prepare_blocking(&state, "srv", &parse("uv", &args).unwrap().unwrap(), false).unwrap(),
+            Outcome::Ready(_)
+        ));
         assert!(!state.root.join("srv").exists(), "nothing prepared");
         let l2 = local_entry(&ok("uv", &["--directory", &ps, "run", "my-server"]), &proj).unwrap();
         assert_eq!(l2.entry, real.join(".venv/bin/my-server"));
         // A system interpreter is the policy's business: no grant of /usr.
         std::fs::write(proj.join(".venv/pyvenv.cfg"), "home = /usr/bin\n").unwrap();
-        assert_eq!(local_entry(&ok("uv", &["--directory", &ps, "run", "my-server"]), &proj).unwrap().grants, vec![real.clone()]);
+        assert_eq!(
+            local_entry(&ok("uv", &["--directory", &ps, "run", "my-server"]), &proj).unwrap().grants,
+            vec![real.clone()]
+        );
         // Not in the project, or leading out of it: refused.
         assert!(local_entry(&ok("uv", &["--directory", &ps, "run", "other.py"]), &proj).is_err());
         std::os::unix::fs::symlink("/etc/passwd", proj.join("escape.py")).unwrap();
         assert!(local_entry(&ok("uv", &["--directory", &ps, "run", "escape.py"]), &proj).is_err());
         // Not synced: says how.
         std::fs::remove_file(proj.join(".venv/bin/python")).unwrap();
-        let e = format!("{:#}", local_entry(&ok("uv", &["--directory", &ps, "run", "server.py"]), &proj).err().unwrap());
+        let e =
+            format!("{:#}", local_entry(&ok("uv", &["--directory", &ps, "run", "server.py"]), &proj).err().unwrap());
         assert!(e.contains("uv sync"), "{e}");
     }
 
@@ -2264,7 +2624,13 @@ mod tests {
         std::os::unix::fs::symlink("../some-pkg/bin/cli.js", dir.join("node_modules/.bin/some-bin")).unwrap();
         let dir_s = dir.to_string_lossy().into_owned();
         let args = v(&["--offline", "--prefix", &dir_s, "--", "some-bin", "stdio"]);
-        let launch = ServerLaunch { name: "srv".into(), command: "npx".into(), args: args.clone(), env: BTreeMap::new(), policy: PolicyRef::Named("node".into()) };
+        let launch = ServerLaunch {
+            name: "srv".into(),
+            command: "npx".into(),
+            args: args.clone(),
+            env: BTreeMap::new(),
+            policy: PolicyRef::Named("node".into()),
+        };
         let state = StateDir::new(d.path().join("state"));
         let (l, extra) = for_run(&state, &launch).unwrap().unwrap();
         let real = std::fs::canonicalize(pkg_dir.join("bin/cli.js")).unwrap();

@@ -12,8 +12,8 @@ use std::path::{Component, Path, PathBuf};
 
 use anyhow::{bail, Context};
 
-use crate::policy::{self, Level, LoadContext, Network, Policy, PolicyRef};
 use super::runtime::{self, Runtime};
+use crate::policy::{self, Level, LoadContext, Network, Policy, PolicyRef};
 use crate::sandbox::{Access, DiskImage, Grant, Link, OuterSpec, SandboxSpec};
 
 /// One server to launch.
@@ -62,7 +62,12 @@ impl StateDir {
     /// The state of `serve` and `prepare` for a config file: `--state-dir`, else the config's
     /// `stateDir`, else [`StateDir::default_root`]; the config's uid base; policies looked up
     /// beside the config first (`policies/NAME.toml`).
-    pub fn for_config(cfg: &crate::config::Config, config_path: &Path, state_dir: Option<PathBuf>, min_level: Level) -> Self {
+    pub fn for_config(
+        cfg: &crate::config::Config,
+        config_path: &Path,
+        state_dir: Option<PathBuf>,
+        min_level: Level,
+    ) -> Self {
         let root = state_dir.or_else(|| cfg.state_dir.clone()).unwrap_or_else(StateDir::default_root);
         let mut state = StateDir::new(root);
         if let Some(b) = cfg.uid_base {
@@ -192,9 +197,20 @@ pub fn plan_begin(state: &StateDir, launch: &ServerLaunch) -> anyhow::Result<Beg
 /// `mcpbox policy check`: the effective policy with the runtime variables filled in for
 /// `command` (as a server with that command would get them; None: node/python3 on the sandbox's
 /// PATH), and a comment line per runtime saying what it resolved to.
-pub fn check_policy(reference: &str, data: Option<&Path>, cache: Option<&Path>, command: Option<&str>) -> anyhow::Result<String> {
+pub fn check_policy(
+    reference: &str,
+    data: Option<&Path>,
+    cache: Option<&Path>,
+    command: Option<&str>,
+) -> anyhow::Result<String> {
     let state = StateDir::new(StateDir::default_root());
-    let launch = ServerLaunch { name: "check".into(), command: command.unwrap_or("").into(), args: vec![], env: BTreeMap::new(), policy: PolicyRef::Named(reference.into()) };
+    let launch = ServerLaunch {
+        name: "check".into(),
+        command: command.unwrap_or("").into(),
+        args: vec![],
+        env: BTreeMap::new(),
+        policy: PolicyRef::Named(reference.into()),
+    };
     if let Some(c) = command {
         resolve_command(c, DEFAULT_PATH)?;
     }
@@ -205,7 +221,9 @@ pub fn check_policy(reference: &str, data: Option<&Path>, cache: Option<&Path>, 
         runtimes.push_str(&format!("# granted with the runtime (exec, the name it is called by): {}\n", c.display()));
     }
     if !runtimes.is_empty() {
-        runtimes.push_str("# a launch also grants read+exec on each library listed under `links` that the policy does not cover\n");
+        runtimes.push_str(
+            "# a launch also grants read+exec on each library listed under `links` that the policy does not cover\n",
+        );
     }
     // After the header comments, before the policy itself.
     Ok(match text.split_once("\n\n") {
@@ -218,8 +236,13 @@ pub fn check_policy(reference: &str, data: Option<&Path>, cache: Option<&Path>, 
 /// virtualenv's `bin/python` leads to the interpreter it was built on), else `node`/`python3`
 /// on the sandbox's PATH. Nothing under the state dir is ever run to find them.
 pub fn runtimes_for(state: &StateDir, launch: &ServerLaunch) -> runtime::Lazy {
-    let command_real = resolve_command(&launch.command, DEFAULT_PATH).ok().and_then(|p| resolve(&p).ok()).map(|(r, _)| r);
-    let uids = if nix::unistd::geteuid().is_root() { state.uid_base..state.uid_base.saturating_add(state.uid_count) } else { 0..0 };
+    let command_real =
+        resolve_command(&launch.command, DEFAULT_PATH).ok().and_then(|p| resolve(&p).ok()).map(|(r, _)| r);
+    let uids = if nix::unistd::geteuid().is_root() {
+        state.uid_base..state.uid_base.saturating_add(state.uid_count)
+    } else {
+        0..0
+    };
     runtime::Lazy::new(command_real, DEFAULT_PATH, runtime::Untrusted { root: state.root.clone(), uids })
 }
 
@@ -233,7 +256,10 @@ pub fn check(state: &StateDir, launch: &ServerLaunch) -> anyhow::Result<Policy> 
     // Loading refuses what a launch would refuse of the policy itself: the egress allow-list's
     // grammar and syscall names are the policy module's (allow.rs, syscalls.rs).
     let ctx = LoadContext { lazy: Some(runtimes_for(state, launch).vars()), ..dirs.load_context(state) };
-    let loaded = launch.policy.load_detailed(&ctx, &[dirs.data.clone(), dirs.cache.clone()]).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let loaded = launch
+        .policy
+        .load_detailed(&ctx, &[dirs.data.clone(), dirs.cache.clone()])
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(loaded.policy)
 }
 
@@ -255,7 +281,8 @@ impl Begun {
         // A symlink the server could have planted is never followed: one inside its own writable
         // grants (real paths), or, as root, in a directory owned by its host uid (another of its
         // sandboxes, or its prepare phase, writes there).
-        let writable: Vec<PathBuf> = fsys.write.iter().filter_map(|r| resolve(&r.path).ok().map(|(real, _)| real)).collect();
+        let writable: Vec<PathBuf> =
+            fsys.write.iter().filter_map(|r| resolve(&r.path).ok().map(|(real, _)| real)).collect();
         let server_uid = outer.host_ids.map(|(uid, _)| uid);
         let untrusted = |what: &Path, links: &[Link]| -> anyhow::Result<()> {
             for l in links {
@@ -280,7 +307,8 @@ impl Begun {
         };
         for (rules, access) in [(&fsys.read, Access::Read), (&fsys.exec, Access::Exec), (&fsys.write, Access::Write)] {
             for r in rules {
-                let (real, mut l) = resolve(&r.path).with_context(|| format!("policy {}: {}", policy.source, r.path.display()))?;
+                let (real, mut l) =
+                    resolve(&r.path).with_context(|| format!("policy {}: {}", policy.source, r.path.display()))?;
                 untrusted(&r.path, &l)?;
                 // Checked again on the real path: a symlink (`/srv/x -> /`) may lead to one.
                 if let Some(why) = policy::reserved_conflict(&real) {
@@ -329,7 +357,9 @@ impl Begun {
                 Some(v) => {
                     env.insert(name.clone(), v.clone());
                 }
-                None => notes.push(format!("env {name} is passed by the policy but not set; the server will not see it")),
+                None => {
+                    notes.push(format!("env {name} is passed by the policy but not set; the server will not see it"))
+                }
             }
         }
         for (k, v) in &extra.env {
@@ -362,7 +392,11 @@ impl Begun {
         links.sort_by(|a, b| a.path.cmp(&b.path));
         links.dedup();
 
-        let cwd = if grants.iter().any(|g| dirs.data.starts_with(&g.path)) { dirs.data.clone() } else { PathBuf::from("/tmp") };
+        let cwd = if grants.iter().any(|g| dirs.data.starts_with(&g.path)) {
+            dirs.data.clone()
+        } else {
+            PathBuf::from("/tmp")
+        };
         let mut argv = vec![exe.to_string_lossy().into_owned()];
         argv.extend(launch.args.iter().cloned());
         let spec = SandboxSpec {
@@ -383,7 +417,11 @@ impl Begun {
 
 /// "PATH (which is REAL): " when a symlink led elsewhere, "" otherwise (the reason names it).
 fn via(path: &Path, real: &Path) -> String {
-    if path == real { String::new() } else { format!("{} (which is {}): ", path.display(), real.display()) }
+    if path == real {
+        String::new()
+    } else {
+        format!("{} (which is {}): ", path.display(), real.display())
+    }
 }
 
 /// A server's directories under the state dir.
@@ -418,10 +456,12 @@ impl ServerDirs {
         // Servers (each under its own uid) may traverse but not list the state dir and each
         // other's directories.
         for p in [&state.root, &base] {
-            fs::set_permissions(p, fs::Permissions::from_mode(0o711)).with_context(|| format!("chmod {}", p.display()))?;
+            fs::set_permissions(p, fs::Permissions::from_mode(0o711))
+                .with_context(|| format!("chmod {}", p.display()))?;
         }
         for p in [&d.data, &d.cache, &d.tmp] {
-            fs::set_permissions(p, fs::Permissions::from_mode(0o700)).with_context(|| format!("chmod {}", p.display()))?;
+            fs::set_permissions(p, fs::Permissions::from_mode(0o700))
+                .with_context(|| format!("chmod {}", p.display()))?;
         }
         Ok(d)
     }
@@ -446,7 +486,8 @@ fn chown_tree_if_needed(dir: &Path, uid: u32, gid: u32) -> anyhow::Result<()> {
     let mut stack = vec![(top, dir.to_path_buf())];
     while let Some((fd, path)) = stack.pop() {
         fchown(&fd, u, g).with_context(|| format!("chown {}", path.display()))?;
-        let mut entries = nix::dir::Dir::from_fd(fd.try_clone()?).with_context(|| format!("listing {}", path.display()))?;
+        let mut entries =
+            nix::dir::Dir::from_fd(fd.try_clone()?).with_context(|| format!("listing {}", path.display()))?;
         for e in entries.iter() {
             let e = e.with_context(|| format!("listing {}", path.display()))?;
             let name = e.file_name();
@@ -454,12 +495,15 @@ fn chown_tree_if_needed(dir: &Path, uid: u32, gid: u32) -> anyhow::Result<()> {
                 continue;
             }
             let shown = path.join(std::ffi::OsStr::from_bytes(name.to_bytes()));
-            let st = fstatat(&fd, name, AtFlags::AT_SYMLINK_NOFOLLOW).with_context(|| format!("stat {}", shown.display()))?;
+            let st = fstatat(&fd, name, AtFlags::AT_SYMLINK_NOFOLLOW)
+                .with_context(|| format!("stat {}", shown.display()))?;
             if SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits()) == SFlag::S_IFDIR {
-                let sub = openat(&fd, name, dir_flags, Mode::empty()).with_context(|| format!("opening {} (without following links)", shown.display()))?;
+                let sub = openat(&fd, name, dir_flags, Mode::empty())
+                    .with_context(|| format!("opening {} (without following links)", shown.display()))?;
                 stack.push((sub, shown));
             } else {
-                fchownat(&fd, name, u, g, AtFlags::AT_SYMLINK_NOFOLLOW).with_context(|| format!("chown {}", shown.display()))?;
+                fchownat(&fd, name, u, g, AtFlags::AT_SYMLINK_NOFOLLOW)
+                    .with_context(|| format!("chown {}", shown.display()))?;
             }
         }
     }
@@ -480,13 +524,22 @@ fn ensure_disk_image(image: &Path, size: u64, uid: u32, gid: u32, data: &Path) -
                 format!("{} is {}, the policy's [limits] disk says {}: the image keeps its size until it is resized (e2fsck -f, resize2fs)", image.display(), policy::format_size(m.len()), policy::format_size(size))
             }));
         }
-        Ok(_) => bail!("{} is not a regular file owned by root: remove it (mcpbox makes the data dir's disk image there)", image.display()),
+        Ok(_) => bail!(
+            "{} is not a regular file owned by root: remove it (mcpbox makes the data dir's disk image there)",
+            image.display()
+        ),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e).with_context(|| format!("stat {}", image.display())),
     }
     let tmp = image.with_extension(format!("img.new-{}", std::process::id()));
     let _ = fs::remove_file(&tmp);
-    let f = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).custom_flags(libc::O_NOFOLLOW).open(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
     f.set_len(size).with_context(|| format!("sizing {}", tmp.display()))?;
     drop(f);
     let out = std::process::Command::new("mkfs.ext4")
@@ -500,7 +553,9 @@ fn ensure_disk_image(image: &Path, size: u64, uid: u32, gid: u32, data: &Path) -
     let made = match out {
         Ok(o) if o.status.success() => Ok(()),
         Ok(o) => Err(anyhow::anyhow!("mkfs.ext4 failed ({}): {}", o.status, String::from_utf8_lossy(&o.stderr).trim())),
-        Err(e) => Err(anyhow::anyhow!("running mkfs.ext4: {e} (install e2fsprogs, or remove [limits] disk from the policy)")),
+        Err(e) => {
+            Err(anyhow::anyhow!("running mkfs.ext4: {e} (install e2fsprogs, or remove [limits] disk from the policy)"))
+        }
     };
     let placed = made.and_then(|()| match fs::hard_link(&tmp, image) {
         Ok(()) => Ok(()),
@@ -509,14 +564,21 @@ fn ensure_disk_image(image: &Path, size: u64, uid: u32, gid: u32, data: &Path) -
         Err(e) => Err(anyhow::Error::from(e).context(format!("placing {}", image.display()))),
     });
     let _ = fs::remove_file(&tmp);
-    placed.with_context(|| format!("making the disk image {} ([limits] disk = {})", image.display(), policy::format_size(size)))?;
+    placed.with_context(|| {
+        format!("making the disk image {} ([limits] disk = {})", image.display(), policy::format_size(size))
+    })?;
     Ok(None)
 }
 
 /// A stable host uid per server name, from the configured range, recorded in `STATE/uids`.
 pub fn allocate_uid(state: &StateDir, name: &str) -> anyhow::Result<(u32, u32)> {
     let path = state.root.join("uids");
-    let file = fs::OpenOptions::new().read(true).append(true).create(true).open(&path).with_context(|| format!("opening {}", path.display()))?;
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .append(true)
+        .create(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
     let mut lock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
         .map_err(|(_, e)| anyhow::anyhow!("locking {}: {e}", path.display()))?;
     let mut used = Vec::new();
@@ -578,11 +640,14 @@ fn normalize(p: &Path) -> PathBuf {
 pub fn resolve(p: &Path) -> anyhow::Result<(PathBuf, Vec<Link>)> {
     let mut links = Vec::new();
     let mut cur = PathBuf::from("/");
-    let mut rest: Vec<std::ffi::OsString> = p.components().filter_map(|c| match c {
-        Component::Normal(n) => Some(n.to_os_string()),
-        Component::ParentDir => Some("..".into()),
-        _ => None,
-    }).collect();
+    let mut rest: Vec<std::ffi::OsString> = p
+        .components()
+        .filter_map(|c| match c {
+            Component::Normal(n) => Some(n.to_os_string()),
+            Component::ParentDir => Some("..".into()),
+            _ => None,
+        })
+        .collect();
     rest.reverse();
     let mut hops = 0;
     while let Some(c) = rest.pop() {
@@ -602,11 +667,14 @@ pub fn resolve(p: &Path) -> anyhow::Result<(PathBuf, Vec<Link>)> {
             if target.is_absolute() {
                 cur = PathBuf::from("/");
             }
-            let mut more: Vec<std::ffi::OsString> = target.components().filter_map(|c| match c {
-                Component::Normal(n) => Some(n.to_os_string()),
-                Component::ParentDir => Some("..".into()),
-                _ => None,
-            }).collect();
+            let mut more: Vec<std::ffi::OsString> = target
+                .components()
+                .filter_map(|c| match c {
+                    Component::Normal(n) => Some(n.to_os_string()),
+                    Component::ParentDir => Some("..".into()),
+                    _ => None,
+                })
+                .collect();
             more.reverse();
             rest.extend(more);
         } else {

@@ -84,7 +84,8 @@ pub fn path_covered(p: &Policy, access: &str, path: &Path) -> bool {
 /// wildcard entry whose domain covers it.
 fn allow_covered(entries: &[AllowEntry], entry: &AllowEntry) -> bool {
     // `*.d` covers strict subdomains of d, and any `*.sub.d`, on the same port.
-    let under = |name: &str, d: &str| name.len() > d.len() && name.ends_with(d) && name[..name.len() - d.len()].ends_with('.');
+    let under =
+        |name: &str, d: &str| name.len() > d.len() && name.ends_with(d) && name[..name.len() - d.len()].ends_with('.');
     entries.iter().any(|e| {
         e == entry
             || e.port == entry.port
@@ -173,11 +174,18 @@ fn more(a: &Policy, b: &Policy) -> Vec<Grant> {
 
     let la = &a.limits;
     let lb = &b.limits;
-    let sizes = [("memory", la.memory, lb.memory), ("tmp", la.tmp, lb.tmp), ("file_size", la.file_size, lb.file_size), ("disk", la.disk, lb.disk)];
+    let sizes = [
+        ("memory", la.memory, lb.memory),
+        ("tmp", la.tmp, lb.tmp),
+        ("file_size", la.file_size, lb.file_size),
+        ("disk", la.disk, lb.disk),
+    ];
     for (key, x, y) in sizes {
         match (x, y) {
             (Some(_), None) => push("limits", format!("{key}: unlimited")),
-            (Some(x), Some(y)) if y > x => push("limits", format!("{key} = {:?} (more than {:?})", format_size(y), format_size(x))),
+            (Some(x), Some(y)) if y > x => {
+                push("limits", format!("{key} = {:?} (more than {:?})", format_size(y), format_size(x)))
+            }
             _ => {}
         }
     }
@@ -190,7 +198,9 @@ fn more(a: &Policy, b: &Policy) -> Vec<Grant> {
     }
     match (la.cpu, lb.cpu) {
         (Some(_), None) => push("limits", "cpu: unlimited".into()),
-        (Some(x), Some(y)) if y > x => push("limits", format!("cpu = {:?} (more than {:?})", format_cpu(y), format_cpu(x))),
+        (Some(x), Some(y)) if y > x => {
+            push("limits", format!("cpu = {:?} (more than {:?})", format_cpu(y), format_cpu(x)))
+        }
         _ => {}
     }
 
@@ -205,9 +215,14 @@ fn more(a: &Policy, b: &Policy) -> Vec<Grant> {
         push("sandbox", "level = \"container\" (accepts no namespaces)".into());
     }
     if b.sandbox.landlock_min_abi < a.sandbox.landlock_min_abi {
-        push("sandbox", format!("landlock_min_abi = {} (lower than {})", b.sandbox.landlock_min_abi, a.sandbox.landlock_min_abi));
+        push(
+            "sandbox",
+            format!("landlock_min_abi = {} (lower than {})", b.sandbox.landlock_min_abi, a.sandbox.landlock_min_abi),
+        );
     }
-    for (key, x, y) in [("cpu", a.sandbox.relax.cpu, b.sandbox.relax.cpu), ("disk", a.sandbox.relax.disk, b.sandbox.relax.disk)] {
+    for (key, x, y) in
+        [("cpu", a.sandbox.relax.cpu, b.sandbox.relax.cpu), ("disk", a.sandbox.relax.disk, b.sandbox.relax.disk)]
+    {
         if y && !x {
             push("sandbox", format!("relax = {key:?} (the {key} limit may go unenforced)"));
         }
@@ -243,7 +258,8 @@ pub fn render_diff(a: &Policy, b: &Policy, d: &PolicyDiff) -> String {
             let _ = writeln!(s, "+ {}", g.what);
         }
     }
-    let _ = writeln!(s, "# + granted by B and not by A ({}), - granted by A and not by B ({})", d.more.len(), d.less.len());
+    let _ =
+        writeln!(s, "# + granted by B and not by A ({}), - granted by A and not by B ({})", d.more.len(), d.less.len());
     s
 }
 
@@ -281,7 +297,11 @@ mod tests {
         let d = diff(&none, &proxy);
         assert_eq!(
             whats(&d.more),
-            vec!["network: mode = \"proxy\" (instead of \"none\")", "network: allow = \"*.example.com:443\"", "network: allow = \"a.test:80\""]
+            vec![
+                "network: mode = \"proxy\" (instead of \"none\")",
+                "network: allow = \"*.example.com:443\"",
+                "network: allow = \"a.test:80\""
+            ]
         );
         assert!(d.less.is_empty());
         let d = diff(&proxy, &proxy2);

@@ -13,10 +13,7 @@ pub struct Loc {
 
 impl Loc {
     pub fn new(file: impl Into<String>, line: Option<usize>) -> Self {
-        Loc {
-            file: file.into(),
-            line,
-        }
+        Loc { file: file.into(), line }
     }
 }
 
@@ -40,30 +37,17 @@ pub enum PolicyError {
     },
 
     #[error("policy `{reference}` not found (referenced from {from}); looked in: {}", searched.join(", "))]
-    NotFound {
-        reference: String,
-        from: Loc,
-        searched: Vec<String>,
-    },
+    NotFound { reference: String, from: Loc, searched: Vec<String> },
 
     /// TOML syntax errors and type errors (a string where a list is expected, …).
     #[error("{message} ({loc})")]
     Toml { message: String, loc: Loc },
 
     #[error("unknown key `{key}` in {table} ({loc}){}", hint(expected))]
-    UnknownKey {
-        key: String,
-        table: String,
-        loc: Loc,
-        expected: Vec<String>,
-    },
+    UnknownKey { key: String, table: String, loc: Loc, expected: Vec<String> },
 
     #[error("undefined variable ${{{name}}} ({loc}); defined: {}", if defined.is_empty() { "none".to_string() } else { defined.join(", ") })]
-    UndefinedVar {
-        name: String,
-        loc: Loc,
-        defined: Vec<String>,
-    },
+    UndefinedVar { name: String, loc: Loc, defined: Vec<String> },
 
     /// A variable that names something of this host (a runtime's path) that was not found.
     #[error("${{{name}}} has no value on this host ({loc}): {why}")]
@@ -90,9 +74,6 @@ fn hint(expected: &[String]) -> String {
 
 impl PolicyError {
     pub(crate) fn invalid(message: impl Into<String>, loc: Loc) -> Self {
-        PolicyError::Invalid {
-            message: message.into(),
-            loc,
-        }
+        PolicyError::Invalid { message: message.into(), loc }
     }
 }

@@ -8,7 +8,10 @@ use toml::Spanned;
 use super::error::{Loc, PolicyError};
 use super::raw::{self, Extends, Mode, RawCpu, RawPath, RawPolicy, RawSize};
 use super::size::{parse_cpu, parse_size};
-use super::{reserved_conflict, syscalls, AllowEntry, Env, ExpandError, Filesystem, Level, Limits, Network, PathRule, Policy, Relax, SandboxReq, Seccomp};
+use super::{
+    reserved_conflict, syscalls, AllowEntry, Env, ExpandError, Filesystem, Level, Limits, Network, PathRule, Policy,
+    Relax, SandboxReq, Seccomp,
+};
 
 /// The shipped policies, embedded in the binary. A new shipped policy is one line here.
 pub const SHIPPED: &[(&str, &str)] = &[
@@ -84,22 +87,14 @@ pub fn load(reference: &str, ctx: &LoadContext) -> Result<Policy, PolicyError> {
 
 /// [`load`], also returning notes: optional paths that do not exist and were dropped, and other
 /// things the operator should see at start.
-pub fn load_with_notes(
-    reference: &str,
-    ctx: &LoadContext,
-) -> Result<(Policy, Vec<String>), PolicyError> {
+pub fn load_with_notes(reference: &str, ctx: &LoadContext) -> Result<(Policy, Vec<String>), PolicyError> {
     let l = Loader::new(ctx, &[]);
-    l.run(Start::Reference(reference))
-        .map(|d| (d.policy, d.notes))
+    l.run(Start::Reference(reference)).map(|d| (d.policy, d.notes))
 }
 
 /// An inline policy (from `mcpbox.json`) in the TOML data model. Relative `extends` resolve
 /// against `base_dir`. Errors carry no line numbers (there is no file).
-pub fn load_inline(
-    table: toml::Table,
-    base_dir: &Path,
-    ctx: &LoadContext,
-) -> Result<Policy, PolicyError> {
+pub fn load_inline(table: toml::Table, base_dir: &Path, ctx: &LoadContext) -> Result<Policy, PolicyError> {
     load_inline_with_notes(table, base_dir, ctx).map(|(p, _)| p)
 }
 
@@ -110,8 +105,7 @@ pub fn load_inline_with_notes(
     ctx: &LoadContext,
 ) -> Result<(Policy, Vec<String>), PolicyError> {
     let l = Loader::new(ctx, &[]);
-    l.run(Start::Inline(table, base_dir))
-        .map(|d| (d.policy, d.notes))
+    l.run(Start::Inline(table, base_dir)).map(|d| (d.policy, d.notes))
 }
 
 /// The result of [`load_detailed`]: the policy, notes, and every file read (in `extends` order).
@@ -125,11 +119,7 @@ pub struct Loaded {
 /// [`load_with_notes`], also listing the files read, and not checking existence of paths under
 /// `unchecked_under` when that directory itself does not exist (for `mcpbox policy check`, where
 /// the server's DATA/CACHE dirs may not have been made yet). Such paths are kept, with a note.
-pub fn load_detailed(
-    reference: &str,
-    ctx: &LoadContext,
-    unchecked_under: &[PathBuf],
-) -> Result<Loaded, PolicyError> {
+pub fn load_detailed(reference: &str, ctx: &LoadContext, unchecked_under: &[PathBuf]) -> Result<Loaded, PolicyError> {
     Loader::new(ctx, unchecked_under).run(Start::Reference(reference))
 }
 
@@ -172,11 +162,7 @@ impl Doc {
 
 fn line_of(text: &str, offset: usize) -> usize {
     let end = offset.min(text.len());
-    text.as_bytes()[..end]
-        .iter()
-        .filter(|b| **b == b'\n')
-        .count()
-        + 1
+    text.as_bytes()[..end].iter().filter(|b| **b == b'\n').count() + 1
 }
 
 #[derive(Debug, Clone)]
@@ -265,11 +251,7 @@ struct Loader<'a> {
 
 impl<'a> Loader<'a> {
     fn new(ctx: &'a LoadContext, unchecked_under: &'a [PathBuf]) -> Self {
-        Loader {
-            ctx,
-            unchecked_under,
-            files: Default::default(),
-        }
+        Loader { ctx, unchecked_under, files: Default::default() }
     }
 
     fn run(self, start: Start<'_>) -> Result<Loaded, PolicyError> {
@@ -293,11 +275,7 @@ impl<'a> Loader<'a> {
         let merged = self.resolve(top, &mut Vec::new())?;
         let mut notes = Vec::new();
         let policy = self.finish(source, merged, &mut notes)?;
-        Ok(Loaded {
-            policy,
-            notes,
-            files: self.files.into_inner(),
-        })
+        Ok(Loaded { policy, notes, files: self.files.into_inner() })
     }
 
     /// Find a referenced policy: a path (contains `/` or ends in `.toml`) or a bare name.
@@ -310,18 +288,12 @@ impl<'a> Loader<'a> {
                 match from {
                     None => p.to_path_buf(),
                     // Lexically drop `.` components so messages read `dir/b.toml`, not `dir/./b.toml`.
-                    Some(Doc {
-                        base_dir: Some(b), ..
-                    }) => b
-                        .join(p)
-                        .components()
-                        .filter(|c| *c != Component::CurDir)
-                        .collect(),
+                    Some(Doc { base_dir: Some(b), .. }) => {
+                        b.join(p).components().filter(|c| *c != Component::CurDir).collect()
+                    }
                     Some(Doc { base_dir: None, .. }) => {
                         return Err(PolicyError::invalid(
-                            format!(
-                                "a shipped policy cannot extend the relative path `{reference}`"
-                            ),
+                            format!("a shipped policy cannot extend the relative path `{reference}`"),
                             at,
                         ))
                     }
@@ -329,10 +301,7 @@ impl<'a> Loader<'a> {
             };
             return read_file(&path, at);
         }
-        if reference.is_empty()
-            || !reference
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        if reference.is_empty() || !reference.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
         {
             return Err(PolicyError::invalid(
                 format!("`{reference}` is not a policy name (letters, digits, - _ .) nor a path"),
@@ -362,11 +331,7 @@ impl<'a> Loader<'a> {
             });
         }
         searched.push(format!("shipped policies ({})", shipped_names().join(", ")));
-        Err(PolicyError::NotFound {
-            reference: reference.into(),
-            from: at,
-            searched,
-        })
+        Err(PolicyError::NotFound { reference: reference.into(), from: at, searched })
     }
 
     /// Parse `doc`, resolve its parents, and return the merge (parents first, `doc` last).
@@ -384,8 +349,7 @@ impl<'a> Loader<'a> {
             for r in refs {
                 let parent = self.find(r, Some(&doc), at.clone())?;
                 if let Some(i) = stack.iter().position(|(id, _)| *id == parent.id) {
-                    let mut chain: Vec<String> =
-                        stack[i..].iter().map(|(_, n)| n.clone()).collect();
+                    let mut chain: Vec<String> = stack[i..].iter().map(|(_, n)| n.clone()).collect();
                     chain.push(parent.name.clone());
                     return Err(PolicyError::Cycle { chain, loc: at });
                 }
@@ -407,15 +371,16 @@ impl<'a> Loader<'a> {
                     let loc = doc.loc(s.span());
                     let rp = s.into_inner();
                     let expanded = self.expand(&rp.path, &loc)?;
-                    let path =
-                        normalise(&expanded).map_err(|m| PolicyError::invalid(m, loc.clone()))?;
-                    let lazy_var = rp.path.split("${").skip(1).filter_map(|r| r.split_once('}')).map(|(n, _)| n).find(|n| !self.ctx.vars.contains_key(*n)).map(str::to_string);
-                    Ok(Rule {
-                        path,
-                        optional: rp.optional,
-                        loc,
-                        lazy_var,
-                    })
+                    let path = normalise(&expanded).map_err(|m| PolicyError::invalid(m, loc.clone()))?;
+                    let lazy_var = rp
+                        .path
+                        .split("${")
+                        .skip(1)
+                        .filter_map(|r| r.split_once('}'))
+                        .map(|(n, _)| n)
+                        .find(|n| !self.ctx.vars.contains_key(*n))
+                        .map(str::to_string);
+                    Ok(Rule { path, optional: rp.optional, loc, lazy_var })
                 })
                 .collect()
         };
@@ -427,20 +392,16 @@ impl<'a> Loader<'a> {
         l.mode = n.mode.map(|m| (*m.get_ref(), doc.loc(m.span())));
         for a in n.allow {
             let loc = doc.loc(a.span());
-            let entry = a.get_ref().parse::<AllowEntry>().map_err(|e| PolicyError::invalid(e.to_string(), loc.clone()))?;
+            let entry =
+                a.get_ref().parse::<AllowEntry>().map_err(|e| PolicyError::invalid(e.to_string(), loc.clone()))?;
             l.allow.push((entry, loc));
         }
-        let ports = |p: Option<Spanned<Vec<u16>>>,
-                     key: &str|
-         -> Result<Option<(Vec<u16>, Loc)>, PolicyError> {
+        let ports = |p: Option<Spanned<Vec<u16>>>, key: &str| -> Result<Option<(Vec<u16>, Loc)>, PolicyError> {
             let Some(p) = p else { return Ok(None) };
             let loc = doc.loc(p.span());
             let mut v = p.into_inner();
             if v.contains(&0) {
-                return Err(PolicyError::invalid(
-                    format!("[network] {key}: port 0 is not a port"),
-                    loc,
-                ));
+                return Err(PolicyError::invalid(format!("[network] {key}: port 0 is not a port"), loc));
             }
             v.sort_unstable();
             v.dedup();
@@ -470,20 +431,14 @@ impl<'a> Loader<'a> {
             let n = match s.get_ref() {
                 RawSize::Bytes(n) if *n > 0 => *n as u64,
                 RawSize::Bytes(n) => {
-                    return Err(PolicyError::invalid(
-                        format!("[limits] {key} must be positive, not {n}"),
-                        loc,
-                    ))
+                    return Err(PolicyError::invalid(format!("[limits] {key} must be positive, not {n}"), loc))
                 }
-                RawSize::Text(t) => parse_size(t).map_err(|m| {
-                    PolicyError::invalid(format!("[limits] {key}: {m}"), loc.clone())
-                })?,
+                RawSize::Text(t) => {
+                    parse_size(t).map_err(|m| PolicyError::invalid(format!("[limits] {key}: {m}"), loc.clone()))?
+                }
             };
             if n == 0 {
-                return Err(PolicyError::invalid(
-                    format!("[limits] {key} must be positive"),
-                    loc,
-                ));
+                return Err(PolicyError::invalid(format!("[limits] {key} must be positive"), loc));
             }
             Ok(Some(n))
         };
@@ -491,10 +446,7 @@ impl<'a> Loader<'a> {
             let Some(c) = c else { return Ok(None) };
             match *c.get_ref() {
                 n if n > 0 => Ok(Some(n as u64)),
-                n => Err(PolicyError::invalid(
-                    format!("[limits] {key} must be positive, not {n}"),
-                    doc.loc(c.span()),
-                )),
+                n => Err(PolicyError::invalid(format!("[limits] {key} must be positive, not {n}"), doc.loc(c.span()))),
             }
         };
         l.memory = size(lim.memory, "memory")?;
@@ -514,18 +466,14 @@ impl<'a> Loader<'a> {
         l.pids = count(lim.pids, "pids")?;
         l.open_files = count(lim.open_files, "open_files")?;
 
-        let syscalls = |v: Vec<Spanned<String>>,
-                        key: &str|
-         -> Result<Vec<(String, Loc)>, PolicyError> {
+        let syscalls = |v: Vec<Spanned<String>>, key: &str| -> Result<Vec<(String, Loc)>, PolicyError> {
             let mut out: Vec<(String, Loc)> = Vec::new();
             for s in v {
                 let loc = doc.loc(s.span());
                 let name = s.into_inner();
                 let ok = name.len() <= 64
                     && name.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
-                    && name
-                        .chars()
-                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+                    && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
                 if !ok {
                     return Err(PolicyError::invalid(
                         format!("[seccomp] {key}: `{name}` is not a syscall name (lowercase letters, digits, _)"),
@@ -551,10 +499,7 @@ impl<'a> Loader<'a> {
         if let Some(abi) = raw.sandbox.landlock_min_abi {
             let v = *abi.get_ref();
             let v = u8::try_from(v).ok().filter(|v| *v <= 64).ok_or_else(|| {
-                PolicyError::invalid(
-                    format!("[sandbox] landlock_min_abi must be 0..=64, not {v}"),
-                    doc.loc(abi.span()),
-                )
+                PolicyError::invalid(format!("[sandbox] landlock_min_abi must be 0..=64, not {v}"), doc.loc(abi.span()))
             })?;
             l.landlock_min_abi = Some(v);
         }
@@ -581,7 +526,13 @@ impl<'a> Loader<'a> {
     fn expand(&self, s: &str, loc: &Loc) -> Result<String, PolicyError> {
         // A lazily computed name without a value on this host is remembered, to say why.
         let unavailable = std::cell::RefCell::new(None::<(String, String)>);
-        let lookup = |n: &str| match self.ctx.vars.get(n).map(|v| Ok(v.clone())).or_else(|| self.ctx.lazy.as_ref().and_then(|l| (l.0)(n))) {
+        let lookup = |n: &str| match self
+            .ctx
+            .vars
+            .get(n)
+            .map(|v| Ok(v.clone()))
+            .or_else(|| self.ctx.lazy.as_ref().and_then(|l| (l.0)(n)))
+        {
             Some(Ok(v)) => Some(v),
             Some(Err(why)) => {
                 *unavailable.borrow_mut() = Some((n.to_string(), why));
@@ -594,22 +545,15 @@ impl<'a> Loader<'a> {
                 let (name, why) = unavailable.borrow_mut().take().unwrap_or_default();
                 PolicyError::Unavailable { name, why, loc: loc.clone() }
             }
-            ExpandError::Undefined(name) | ExpandError::BadName(name) => PolicyError::UndefinedVar {
-                name,
-                loc: loc.clone(),
-                defined: self.ctx.vars.keys().cloned().collect(),
-            },
+            ExpandError::Undefined(name) | ExpandError::BadName(name) => {
+                PolicyError::UndefinedVar { name, loc: loc.clone(), defined: self.ctx.vars.keys().cloned().collect() }
+            }
             ExpandError::Unclosed(_) => PolicyError::invalid(format!("unterminated `${{` in `{s}`"), loc.clone()),
         })
     }
 
     /// Defaults, cross-field checks, existence of paths.
-    fn finish(
-        &self,
-        source: String,
-        m: Layer,
-        notes: &mut Vec<String>,
-    ) -> Result<Policy, PolicyError> {
+    fn finish(&self, source: String, m: Layer, notes: &mut Vec<String>) -> Result<Policy, PolicyError> {
         let mode = m.mode.as_ref().map(|(md, _)| *md).unwrap_or(Mode::None);
         let mode_at = |m: &Layer| match &m.mode {
             Some((md, loc)) => format!("mode = \"{}\" set at {loc}", md.as_str()),
@@ -617,17 +561,11 @@ impl<'a> Loader<'a> {
         };
         if let (Some((a, loc)), true) = (m.allow.first(), mode != Mode::Proxy) {
             return Err(PolicyError::invalid(
-                format!(
-                    "[network] allow (`{a}`) needs mode = \"proxy\", but {}",
-                    mode_at(&m)
-                ),
+                format!("[network] allow (`{a}`) needs mode = \"proxy\", but {}", mode_at(&m)),
                 loc.clone(),
             ));
         }
-        for (key, ports) in [
-            ("connect_ports", &m.connect_ports),
-            ("bind_ports", &m.bind_ports),
-        ] {
+        for (key, ports) in [("connect_ports", &m.connect_ports), ("bind_ports", &m.bind_ports)] {
             if let (Some((_, loc)), true) = (ports, mode != Mode::Host) {
                 return Err(PolicyError::invalid(
                     format!("[network] {key} needs mode = \"host\", but {}", mode_at(&m)),
@@ -641,9 +579,7 @@ impl<'a> Loader<'a> {
                 connect_ports: m.connect_ports.map(|(v, _)| v),
                 bind_ports: m.bind_ports.map(|(v, _)| v),
             },
-            Mode::Proxy => Network::Proxy {
-                allow: m.allow.into_iter().map(|(a, _)| a).collect(),
-            },
+            Mode::Proxy => Network::Proxy { allow: m.allow.into_iter().map(|(a, _)| a).collect() },
         };
 
         // A syscall denied anywhere in the chain stays denied.
@@ -651,9 +587,7 @@ impl<'a> Loader<'a> {
         let mut allow = Vec::new();
         for (n, loc) in m.extra_allow {
             if deny.contains(&n) {
-                notes.push(format!(
-                    "syscall {n} is both allowed ({loc}) and denied in the policy chain; denied"
-                ));
+                notes.push(format!("syscall {n} is both allowed ({loc}) and denied in the policy chain; denied"));
             } else if let Some(why) = syscalls::never_allowed(&n) {
                 return Err(PolicyError::invalid(
                     format!("[seccomp] extra_allow: syscall `{n}` can never be allowed: {why}"),
@@ -674,10 +608,7 @@ impl<'a> Loader<'a> {
             source,
             filesystem,
             network,
-            env: Env {
-                pass: m.pass,
-                set: m.set,
-            },
+            env: Env { pass: m.pass, set: m.set },
             limits: Limits {
                 memory: m.memory.or(d.memory),
                 pids: m.pids.or(d.pids),
@@ -687,10 +618,7 @@ impl<'a> Loader<'a> {
                 cpu: m.cpu.or(d.cpu),
                 disk: m.disk.or(d.disk),
             },
-            seccomp: Seccomp {
-                extra_deny: deny,
-                extra_allow: allow,
-            },
+            seccomp: Seccomp { extra_deny: deny, extra_allow: allow },
             sandbox: SandboxReq {
                 level: m.level.unwrap_or(DEFAULT_LEVEL),
                 landlock_min_abi: m.landlock_min_abi.unwrap_or(DEFAULT_LANDLOCK_MIN_ABI),
@@ -700,31 +628,20 @@ impl<'a> Loader<'a> {
     }
 
     /// Keep paths that exist; drop optional ones that do not (with a note); fail on the rest.
-    fn existing(
-        &self,
-        rules: Vec<Rule>,
-        notes: &mut Vec<String>,
-    ) -> Result<Vec<PathRule>, PolicyError> {
+    fn existing(&self, rules: Vec<Rule>, notes: &mut Vec<String>) -> Result<Vec<PathRule>, PolicyError> {
         let mut out = Vec::new();
         for r in rules {
             if let Some(why) = reserved_conflict(&r.path) {
                 return Err(PolicyError::invalid(why, r.loc));
             }
-            if let Some(dir) = self
-                .unchecked_under
-                .iter()
-                .find(|d| r.path.starts_with(d) && !d.exists())
-            {
+            if let Some(dir) = self.unchecked_under.iter().find(|d| r.path.starts_with(d) && !d.exists()) {
                 notes.push(format!(
                     "path {} ({}) not checked: {} does not exist yet",
                     r.path.display(),
                     r.loc,
                     dir.display()
                 ));
-                out.push(PathRule {
-                    path: r.path,
-                    optional: r.optional,
-                });
+                out.push(PathRule { path: r.path, optional: r.optional });
                 continue;
             }
             match r.path.try_exists() {
@@ -768,31 +685,17 @@ impl<'a> Loader<'a> {
 fn read_file(path: &Path, at: Loc) -> Result<Doc, PolicyError> {
     let name = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|source| match source.kind() {
-        std::io::ErrorKind::NotFound => PolicyError::NotFound {
-            reference: name.clone(),
-            from: at,
-            searched: vec![name.clone()],
-        },
-        _ => PolicyError::Io {
-            file: name.clone(),
-            source,
-        },
+        std::io::ErrorKind::NotFound => {
+            PolicyError::NotFound { reference: name.clone(), from: at, searched: vec![name.clone()] }
+        }
+        _ => PolicyError::Io { file: name.clone(), source },
     })?;
-    let id = std::fs::canonicalize(path)
-        .unwrap_or_else(|_| path.to_path_buf())
-        .display()
-        .to_string();
+    let id = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf()).display().to_string();
     let base_dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    Ok(Doc {
-        name,
-        id,
-        text,
-        base_dir: Some(base_dir),
-        lines: true,
-    })
+    Ok(Doc { name, id, text, base_dir: Some(base_dir), lines: true })
 }
 
 /// Parse a document; turn toml/serde errors into located [`PolicyError`]s.
@@ -803,20 +706,12 @@ fn parse(doc: &Doc) -> Result<RawPolicy, PolicyError> {
             None => Loc::new(doc.name.clone(), None),
         };
         let msg = e.message().trim_end().to_string();
-        if let Some(key) = msg
-            .strip_prefix("unknown field `")
-            .and_then(|r| r.split('`').next())
-        {
+        if let Some(key) = msg.strip_prefix("unknown field `").and_then(|r| r.split('`').next()) {
             let (table, expected) = e
                 .span()
                 .and_then(|s| key_table(&doc.text, key, s))
                 .unwrap_or_else(|| ("the policy".into(), Vec::new()));
-            return PolicyError::UnknownKey {
-                key: key.into(),
-                table,
-                loc,
-                expected,
-            };
+            return PolicyError::UnknownKey { key: key.into(), table, loc, expected };
         }
         PolicyError::Toml { message: msg, loc }
     })
@@ -868,11 +763,7 @@ fn key_table(text: &str, key: &str, span: std::ops::Range<usize>) -> Option<(Str
         .find(|(t, _)| *t == dotted)
         .map(|(_, ks)| ks.iter().map(|k| k.to_string()).collect())
         .unwrap_or_default();
-    let name = if path.is_empty() {
-        "the top level".to_string()
-    } else {
-        format!("[{dotted}]")
-    };
+    let name = if path.is_empty() { "the top level".to_string() } else { format!("[{dotted}]") };
     Some((name, expected))
 }
 
@@ -902,8 +793,6 @@ fn check_env_name(n: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!(
-            "`{n}` is not an environment variable name ([A-Za-z_][A-Za-z0-9_]*)"
-        ))
+        Err(format!("`{n}` is not an environment variable name ([A-Za-z_][A-Za-z0-9_]*)"))
     }
 }

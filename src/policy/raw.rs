@@ -30,25 +30,11 @@ pub(crate) struct RawPolicy {
 
 /// Keys of each table, for "expected one of" hints (kept next to the structs they describe).
 pub(crate) const KEYS: &[(&str, &[&str])] = &[
-    (
-        "",
-        &[
-            "extends",
-            "filesystem",
-            "network",
-            "env",
-            "limits",
-            "seccomp",
-            "sandbox",
-        ],
-    ),
+    ("", &["extends", "filesystem", "network", "env", "limits", "seccomp", "sandbox"]),
     ("filesystem", &["read", "write", "exec"]),
     ("network", &["mode", "allow", "connect_ports", "bind_ports"]),
     ("env", &["pass", "set"]),
-    (
-        "limits",
-        &["memory", "pids", "open_files", "tmp", "file_size", "cpu", "disk"],
-    ),
+    ("limits", &["memory", "pids", "open_files", "tmp", "file_size", "cpu", "disk"]),
     ("seccomp", &["extra_deny", "extra_allow"]),
     ("sandbox", &["level", "landlock_min_abi", "relax"]),
 ];
@@ -87,30 +73,20 @@ impl<'de> Deserialize<'de> for RawPath {
                 f.write_str("a path string or { path = \"…\", optional = true }")
             }
             fn visit_str<E: de::Error>(self, s: &str) -> Result<RawPath, E> {
-                Ok(RawPath {
-                    path: s.to_owned(),
-                    optional: false,
-                })
+                Ok(RawPath { path: s.to_owned(), optional: false })
             }
             fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<RawPath, A::Error> {
                 let (mut path, mut optional) = (None, None);
                 while let Some(k) = m.next_key::<String>()? {
                     match k.as_str() {
                         "path" if path.is_none() => path = Some(m.next_value::<String>()?),
-                        "optional" if optional.is_none() => {
-                            optional = Some(m.next_value::<bool>()?)
-                        }
+                        "optional" if optional.is_none() => optional = Some(m.next_value::<bool>()?),
                         "path" | "optional" => return Err(de::Error::duplicate_field("path")),
-                        other => {
-                            return Err(de::Error::unknown_field(other, &["path", "optional"]))
-                        }
+                        other => return Err(de::Error::unknown_field(other, &["path", "optional"])),
                     }
                 }
                 let path = path.ok_or_else(|| de::Error::missing_field("path"))?;
-                Ok(RawPath {
-                    path,
-                    optional: optional.unwrap_or(false),
-                })
+                Ok(RawPath { path, optional: optional.unwrap_or(false) })
             }
         }
         d.deserialize_any(V)
@@ -156,10 +132,7 @@ pub(crate) struct RawEnv {
 
 /// A size: integer bytes or a string with a unit.
 #[derive(Debug, Deserialize)]
-#[serde(
-    untagged,
-    expecting = "a size: integer bytes or a string such as \"512M\""
-)]
+#[serde(untagged, expecting = "a size: integer bytes or a string such as \"512M\"")]
 pub(crate) enum RawSize {
     Bytes(i64),
     Text(String),

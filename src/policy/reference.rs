@@ -2,7 +2,10 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{load_detailed, load_inline_detailed, load_inline_with_notes, load_with_notes, LoadContext, Loaded, Policy, PolicyError};
+use super::{
+    load_detailed, load_inline_detailed, load_inline_with_notes, load_with_notes, LoadContext, Loaded, Policy,
+    PolicyError,
+};
 
 /// Which policy a server uses.
 #[derive(Debug, Clone)]
@@ -28,7 +31,9 @@ impl PolicyRef {
     pub fn load_detailed(&self, ctx: &LoadContext, unchecked_under: &[PathBuf]) -> Result<Loaded, PolicyError> {
         match self {
             PolicyRef::Named(r) => load_detailed(r, ctx, unchecked_under),
-            PolicyRef::Inline { value, base_dir } => load_inline_detailed(value.clone(), Path::new(base_dir), ctx, unchecked_under),
+            PolicyRef::Inline { value, base_dir } => {
+                load_inline_detailed(value.clone(), Path::new(base_dir), ctx, unchecked_under)
+            }
         }
     }
 }

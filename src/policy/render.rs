@@ -62,14 +62,8 @@ pub fn render(p: &Policy) -> String {
     let mut s = String::new();
     let w = &mut s;
     let _ = writeln!(w, "# Effective policy: {}", p.source);
-    let _ = writeln!(
-        w,
-        "# `extends` resolved, ${{…}} expanded, defaults filled in. Paths are as written;"
-    );
-    let _ = writeln!(
-        w,
-        "# the sandbox resolves symlinks when it builds the mounts."
-    );
+    let _ = writeln!(w, "# `extends` resolved, ${{…}} expanded, defaults filled in. Paths are as written;");
+    let _ = writeln!(w, "# the sandbox resolves symlinks when it builds the mounts.");
     let _ = writeln!(w, "\n[filesystem]");
     let _ = writeln!(w, "# read and list");
     let _ = writeln!(w, "read = {}", rules(&p.filesystem.read));
@@ -83,19 +77,12 @@ pub fn render(p: &Policy) -> String {
         Network::None => {
             let _ = writeln!(w, "mode = \"none\"  # own network namespace, loopback only");
         }
-        Network::Host {
-            connect_ports,
-            bind_ports,
-        } => {
+        Network::Host { connect_ports, bind_ports } => {
             let _ = writeln!(w, "mode = \"host\"  # the host's network");
             let ports = |v: &[u16]| list(v.iter().map(|p| p.to_string()));
             match connect_ports {
                 Some(v) => {
-                    let _ = writeln!(
-                        w,
-                        "connect_ports = {}  # TCP connect only to these (Landlock ABI 4+)",
-                        ports(v)
-                    );
+                    let _ = writeln!(w, "connect_ports = {}  # TCP connect only to these (Landlock ABI 4+)", ports(v));
                 }
                 None => {
                     let _ = writeln!(w, "# connect_ports: any");
@@ -103,11 +90,7 @@ pub fn render(p: &Policy) -> String {
             }
             match bind_ports {
                 Some(v) => {
-                    let _ = writeln!(
-                        w,
-                        "bind_ports = {}  # TCP bind only to these (Landlock ABI 4+)",
-                        ports(v)
-                    );
+                    let _ = writeln!(w, "bind_ports = {}  # TCP bind only to these (Landlock ABI 4+)", ports(v));
                 }
                 None => {
                     let _ = writeln!(w, "# bind_ports: any");
@@ -115,19 +98,13 @@ pub fn render(p: &Policy) -> String {
             }
         }
         Network::Proxy { allow } => {
-            let _ = writeln!(
-                w,
-                "mode = \"proxy\"  # own namespace; out only through mcpbox's proxy"
-            );
+            let _ = writeln!(w, "mode = \"proxy\"  # own namespace; out only through mcpbox's proxy");
             let _ = writeln!(w, "allow = {}", list(allow.iter().map(|a| q(&a.to_string()))));
         }
     }
 
     let _ = writeln!(w, "\n[env]");
-    let _ = writeln!(
-        w,
-        "# nothing else of the caller's environment reaches the server"
-    );
+    let _ = writeln!(w, "# nothing else of the caller's environment reaches the server");
     let _ = writeln!(w, "pass = {}", list(p.env.pass.iter().map(|n| q(n))));
     let _ = writeln!(w, "[env.set]");
     for (k, v) in &p.env.set {
@@ -140,12 +117,7 @@ pub fn render(p: &Policy) -> String {
     count(w, "pids", l.pids);
     count(w, "open_files", l.open_files);
     size(w, "tmp", l.tmp, "size of the private /tmp");
-    size(
-        w,
-        "file_size",
-        l.file_size,
-        "largest file the server may write",
-    );
+    size(w, "file_size", l.file_size, "largest file the server may write");
     let _ = match l.cpu {
         Some(c) => writeln!(w, "cpu = {}  # cores' worth of CPU time", q(&format_cpu(c))),
         None => writeln!(w, "# cpu: unset"),
@@ -154,16 +126,8 @@ pub fn render(p: &Policy) -> String {
 
     let _ = writeln!(w, "\n[seccomp]");
     let _ = writeln!(w, "# on top of mcpbox's default allow-list");
-    let _ = writeln!(
-        w,
-        "extra_deny = {}",
-        list(p.seccomp.extra_deny.iter().map(|n| q(n)))
-    );
-    let _ = writeln!(
-        w,
-        "extra_allow = {}",
-        list(p.seccomp.extra_allow.iter().map(|n| q(n)))
-    );
+    let _ = writeln!(w, "extra_deny = {}", list(p.seccomp.extra_deny.iter().map(|n| q(n))));
+    let _ = writeln!(w, "extra_allow = {}", list(p.seccomp.extra_allow.iter().map(|n| q(n))));
 
     let _ = writeln!(w, "\n[sandbox]");
     let level = match p.sandbox.level {
@@ -171,25 +135,22 @@ pub fn render(p: &Policy) -> String {
         Level::Container => "container\"  # no namespaces: Landlock + seccomp + uid drop + rlimits",
     };
     let _ = writeln!(w, "level = \"{level}");
-    let abi = if p.sandbox.landlock_min_abi == 0 {
-        "  # Landlock may be missing (logged)"
-    } else {
-        ""
-    };
+    let abi = if p.sandbox.landlock_min_abi == 0 { "  # Landlock may be missing (logged)" } else { "" };
     let _ = writeln!(w, "landlock_min_abi = {}{abi}", p.sandbox.landlock_min_abi);
     let r = p.sandbox.relax;
-    let relaxed: Vec<String> = [("cpu", r.cpu), ("disk", r.disk)].iter().filter(|(_, on)| *on).map(|(n, _)| q(n)).collect();
-    let _ = writeln!(w, "relax = {}  # limits that may go unenforced where the host cannot enforce them (logged)", list(relaxed));
+    let relaxed: Vec<String> =
+        [("cpu", r.cpu), ("disk", r.disk)].iter().filter(|(_, on)| *on).map(|(n, _)| q(n)).collect();
+    let _ = writeln!(
+        w,
+        "relax = {}  # limits that may go unenforced where the host cannot enforce them (logged)",
+        list(relaxed)
+    );
     s
 }
 
 /// `mcpbox policy check REFERENCE [--data DIR] [--cache DIR]`: the text to print. DATA/CACHE
 /// default to placeholders; paths under them are not checked when those dirs do not exist.
-pub fn check(
-    reference: &str,
-    data: Option<&Path>,
-    cache: Option<&Path>,
-) -> Result<String, PolicyError> {
+pub fn check(reference: &str, data: Option<&Path>, cache: Option<&Path>) -> Result<String, PolicyError> {
     check_with(reference, data, cache, None)
 }
 
@@ -200,30 +161,16 @@ pub fn check_with(
     cache: Option<&Path>,
     lazy: Option<LazyVars>,
 ) -> Result<String, PolicyError> {
-    let data = data
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("/var/lib/mcpbox/SERVER/data"));
-    let cache = cache
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("/var/lib/mcpbox/SERVER/cache"));
-    let mut ctx = LoadContext {
-        lazy,
-        ..LoadContext::default()
-    };
-    ctx.vars
-        .insert("DATA".into(), data.to_string_lossy().into_owned());
-    ctx.vars
-        .insert("CACHE".into(), cache.to_string_lossy().into_owned());
+    let data = data.map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("/var/lib/mcpbox/SERVER/data"));
+    let cache = cache.map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("/var/lib/mcpbox/SERVER/cache"));
+    let mut ctx = LoadContext { lazy, ..LoadContext::default() };
+    ctx.vars.insert("DATA".into(), data.to_string_lossy().into_owned());
+    ctx.vars.insert("CACHE".into(), cache.to_string_lossy().into_owned());
     let loaded = load_detailed(reference, &ctx, &[data.clone(), cache.clone()])?;
     let mut out = String::new();
     let _ = writeln!(out, "# mcpbox policy check {reference}: OK");
     let _ = writeln!(out, "# files read: {}", loaded.files.join(", "));
-    let _ = writeln!(
-        out,
-        "# ${{DATA}} = {}, ${{CACHE}} = {}",
-        data.display(),
-        cache.display()
-    );
+    let _ = writeln!(out, "# ${{DATA}} = {}, ${{CACHE}} = {}", data.display(), cache.display());
     for n in &loaded.notes {
         let _ = writeln!(out, "# note: {n}");
     }

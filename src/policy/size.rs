@@ -1,17 +1,8 @@
 //! Sizes in policies: plain integer bytes, or a string with a K/M/G/T (powers of 1024) suffix,
 //! also written KiB/MiB/GiB/TiB. "512M" = 512 MiB. Decimal units (MB) are refused as ambiguous.
 
-const UNITS: &[(&str, u32)] = &[
-    ("B", 0),
-    ("K", 10),
-    ("KiB", 10),
-    ("M", 20),
-    ("MiB", 20),
-    ("G", 30),
-    ("GiB", 30),
-    ("T", 40),
-    ("TiB", 40),
-];
+const UNITS: &[(&str, u32)] =
+    &[("B", 0), ("K", 10), ("KiB", 10), ("M", 20), ("MiB", 20), ("G", 30), ("GiB", 30), ("T", 40), ("TiB", 40)];
 
 /// Parse a size string ("64M", "1GiB", "4096"). The error is a sentence without location.
 pub fn parse_size(s: &str) -> Result<u64, String> {
@@ -26,20 +17,10 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     if num.is_empty() {
         return Err(bad());
     }
-    let shift = if unit.is_empty() {
-        0
-    } else {
-        UNITS
-            .iter()
-            .find(|(u, _)| *u == unit)
-            .map(|(_, sh)| *sh)
-            .ok_or_else(bad)?
-    };
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("size `{s}` is too large"))?;
-    n.checked_mul(1u64 << shift)
-        .ok_or_else(|| format!("size `{s}` is too large"))
+    let shift =
+        if unit.is_empty() { 0 } else { UNITS.iter().find(|(u, _)| *u == unit).map(|(_, sh)| *sh).ok_or_else(bad)? };
+    let n: u64 = num.parse().map_err(|_| format!("size `{s}` is too large"))?;
+    n.checked_mul(1u64 << shift).ok_or_else(|| format!("size `{s}` is too large"))
 }
 
 /// Bytes in the largest unit that divides them exactly: 1073741824 -> "1G", 1000 -> "1000".
@@ -61,7 +42,11 @@ pub fn format_size(n: u64) -> String {
 pub fn parse_cpu(s: &str) -> Result<u32, String> {
     let bad = || format!("invalid cpu `{s}`: use a number of cores such as \"1.0\" or \"0.5\" (at most 3 decimals)");
     let (int, frac) = s.split_once('.').unwrap_or((s, ""));
-    if (int.is_empty() && frac.is_empty()) || !int.chars().all(|c| c.is_ascii_digit()) || !frac.chars().all(|c| c.is_ascii_digit()) || frac.len() > 3 {
+    if (int.is_empty() && frac.is_empty())
+        || !int.chars().all(|c| c.is_ascii_digit())
+        || !frac.chars().all(|c| c.is_ascii_digit())
+        || frac.len() > 3
+    {
         return Err(bad());
     }
     let whole: u64 = if int.is_empty() { 0 } else { int.parse().map_err(|_| bad())? };

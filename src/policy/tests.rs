@@ -7,10 +7,8 @@ use super::*;
 
 fn ctx(dir: &Path) -> LoadContext {
     let mut c = LoadContext::default();
-    c.vars
-        .insert("DATA".into(), dir.join("data").display().to_string());
-    c.vars
-        .insert("CACHE".into(), dir.join("cache").display().to_string());
+    c.vars.insert("DATA".into(), dir.join("data").display().to_string());
+    c.vars.insert("CACHE".into(), dir.join("cache").display().to_string());
     fs::create_dir_all(dir.join("data")).unwrap();
     fs::create_dir_all(dir.join("cache")).unwrap();
     c.lazy = Some(fake_runtimes(&dir.join("rt")));
@@ -60,27 +58,16 @@ fn paths(v: &[PathRule]) -> Vec<String> {
 }
 
 fn err(reference: &Path, c: &LoadContext) -> String {
-    load(reference.to_str().unwrap(), c)
-        .unwrap_err()
-        .to_string()
+    load(reference.to_str().unwrap(), c).unwrap_err().to_string()
 }
 
 #[test]
 fn unknown_key_names_key_table_file_and_line() {
     let d = tempfile::tempdir().unwrap();
-    let p = write(
-        d.path(),
-        "x.toml",
-        "# comment\n[filesystem]\nraed = [\"/etc\"]\n",
-    );
+    let p = write(d.path(), "x.toml", "# comment\n[filesystem]\nraed = [\"/etc\"]\n");
     let e = err(&p, &ctx(d.path()));
     let file = p.display().to_string();
-    assert!(
-        e.starts_with(&format!(
-            "unknown key `raed` in [filesystem] ({file} line 3)"
-        )),
-        "{e}"
-    );
+    assert!(e.starts_with(&format!("unknown key `raed` in [filesystem] ({file} line 3)")), "{e}");
     assert!(e.contains("expected one of: read, write, exec"), "{e}");
 }
 
@@ -88,25 +75,11 @@ fn unknown_key_names_key_table_file_and_line() {
 fn unknown_key_at_top_level_and_in_path_entry() {
     let d = tempfile::tempdir().unwrap();
     let c = ctx(d.path());
-    let p = write(
-        d.path(),
-        "top.toml",
-        "extends = \"default\"\n\nfilesytem = 1\n",
-    );
+    let p = write(d.path(), "top.toml", "extends = \"default\"\n\nfilesytem = 1\n");
     let e = err(&p, &c);
-    assert!(
-        e.starts_with(&format!(
-            "unknown key `filesytem` in the top level ({} line 3)",
-            p.display()
-        )),
-        "{e}"
-    );
+    assert!(e.starts_with(&format!("unknown key `filesytem` in the top level ({} line 3)", p.display())), "{e}");
 
-    let p = write(
-        d.path(),
-        "entry.toml",
-        "[filesystem]\nread = [\n  { path = \"/etc\", optinal = true },\n]\n",
-    );
+    let p = write(d.path(), "entry.toml", "[filesystem]\nread = [\n  { path = \"/etc\", optinal = true },\n]\n");
     let e = err(&p, &c);
     assert!(e.contains("unknown key `optinal`"), "{e}");
     assert!(e.contains(&format!("{} line 3", p.display())), "{e}");
@@ -123,23 +96,12 @@ fn type_error_has_line() {
 #[test]
 fn missing_path_is_an_error_with_file_and_line() {
     let d = tempfile::tempdir().unwrap();
-    let p = write(
-        d.path(),
-        "x.toml",
-        "[filesystem]\nread = [\n  \"/etc/hostname\",\n  \"/nonexistent/mcpbox-test\",\n]\n",
-    );
+    let p =
+        write(d.path(), "x.toml", "[filesystem]\nread = [\n  \"/etc/hostname\",\n  \"/nonexistent/mcpbox-test\",\n]\n");
     let e = load(p.to_str().unwrap(), &ctx(d.path())).unwrap_err();
-    assert!(
-        matches!(&e, PolicyError::MissingPath { path, .. } if path == Path::new("/nonexistent/mcpbox-test"))
-    );
+    assert!(matches!(&e, PolicyError::MissingPath { path, .. } if path == Path::new("/nonexistent/mcpbox-test")));
     let s = e.to_string();
-    assert!(
-        s.starts_with(&format!(
-            "path /nonexistent/mcpbox-test does not exist ({} line 4)",
-            p.display()
-        )),
-        "{s}"
-    );
+    assert!(s.starts_with(&format!("path /nonexistent/mcpbox-test does not exist ({} line 4)", p.display())), "{s}");
 }
 
 #[test]
@@ -151,20 +113,11 @@ fn optional_missing_path_is_dropped_with_note() {
         "[filesystem]\nread = [\"${DATA}\",\n  { path = \"/nonexistent/opt\", optional = true },\n  { path = \"/etc/hostname\", optional = true }]\n",
     );
     let (pol, notes) = load_with_notes(p.to_str().unwrap(), &ctx(d.path())).unwrap();
-    assert_eq!(
-        paths(&pol.filesystem.read),
-        vec![
-            d.path().join("data").display().to_string(),
-            "/etc/hostname".into()
-        ]
-    );
+    assert_eq!(paths(&pol.filesystem.read), vec![d.path().join("data").display().to_string(), "/etc/hostname".into()]);
     assert!(pol.filesystem.read[1].optional);
     assert_eq!(
         notes,
-        vec![format!(
-            "optional path /nonexistent/opt does not exist ({} line 3); not granted",
-            p.display()
-        )]
+        vec![format!("optional path /nonexistent/opt does not exist ({} line 3); not granted", p.display())]
     );
 }
 
@@ -192,10 +145,7 @@ fn extends_merges_parents_first_and_dedups() {
          [env]\npass = [\"A\", \"D\"]\nset = { Z = \"${DATA}\" }\n[limits]\nopen_files = 7\n",
     );
     let pol = load(child.to_str().unwrap(), &c).unwrap();
-    assert_eq!(
-        paths(&pol.filesystem.read),
-        vec!["/etc/hostname", "/usr", "/etc", "/var"]
-    );
+    assert_eq!(paths(&pol.filesystem.read), vec!["/etc/hostname", "/usr", "/etc", "/var"]);
     assert_eq!(pol.env.pass, vec!["A", "B", "C", "D"]);
     assert_eq!(pol.env.set.get("X").unwrap(), "a");
     assert_eq!(pol.env.set.get("Y").unwrap(), "b");
@@ -204,56 +154,29 @@ fn extends_merges_parents_first_and_dedups() {
     assert_eq!(pol.limits.pids, Some(20));
     assert_eq!(pol.limits.open_files, Some(7));
     assert_eq!(pol.limits.tmp, DEFAULT_LIMITS.tmp);
-    assert_eq!(
-        pol.network,
-        Network::Host {
-            connect_ports: None,
-            bind_ports: None
-        }
-    );
+    assert_eq!(pol.network, Network::Host { connect_ports: None, bind_ports: None });
     assert_eq!(pol.source, child.display().to_string());
 }
 
 #[test]
 fn optional_and_required_same_path_is_required() {
     let d = tempfile::tempdir().unwrap();
-    write(
-        d.path(),
-        "a.toml",
-        "[filesystem]\nread = [{ path = \"/etc/hostname\", optional = true }]\n",
-    );
-    let p = write(
-        d.path(),
-        "b.toml",
-        "extends = \"./a.toml\"\n[filesystem]\nread = [\"/etc/hostname\"]\n",
-    );
+    write(d.path(), "a.toml", "[filesystem]\nread = [{ path = \"/etc/hostname\", optional = true }]\n");
+    let p = write(d.path(), "b.toml", "extends = \"./a.toml\"\n[filesystem]\nread = [\"/etc/hostname\"]\n");
     let pol = load(p.to_str().unwrap(), &ctx(d.path())).unwrap();
-    assert_eq!(
-        pol.filesystem.read,
-        vec![PathRule {
-            path: "/etc/hostname".into(),
-            optional: false
-        }]
-    );
+    assert_eq!(pol.filesystem.read, vec![PathRule { path: "/etc/hostname".into(), optional: false }]);
 }
 
 #[test]
 fn extends_cycle_is_an_error() {
     let d = tempfile::tempdir().unwrap();
     let a = write(d.path(), "a.toml", "extends = \"./b.toml\"\n");
-    let b = write(
-        d.path(),
-        "b.toml",
-        "\nextends = [\"default\", \"./a.toml\"]\n",
-    );
+    let b = write(d.path(), "b.toml", "\nextends = [\"default\", \"./a.toml\"]\n");
     let e = load(a.to_str().unwrap(), &ctx(d.path())).unwrap_err();
     assert!(matches!(e, PolicyError::Cycle { .. }), "{e:?}");
     let s = e.to_string();
     let (a, b) = (a.display().to_string(), b.display().to_string());
-    assert!(
-        s.starts_with(&format!("`extends` cycle: {a} -> {b} -> ")),
-        "{s}"
-    );
+    assert!(s.starts_with(&format!("`extends` cycle: {a} -> {b} -> ")), "{s}");
     assert!(s.ends_with(&format!("a.toml ({b} line 2)")), "{s}");
 }
 
@@ -262,27 +185,13 @@ fn user_policy_dir_wins_and_may_extend_the_shipped_one() {
     let d = tempfile::tempdir().unwrap();
     let mut c = ctx(d.path());
     c.search_dirs.push(d.path().to_path_buf());
-    write(
-        d.path(),
-        "node.toml",
-        "extends = \"node\"\n[limits]\npids = 5\n",
-    );
+    write(d.path(), "node.toml", "extends = \"node\"\n[limits]\npids = 5\n");
     let pol = load("node", &c).unwrap();
     assert_eq!(pol.limits.pids, Some(5));
-    assert!(pol
-        .filesystem
-        .exec
-        .iter()
-        .any(|r| r.path == d.path().join("rt/node/bin/node")));
+    assert!(pol.filesystem.exec.iter().any(|r| r.path == d.path().join("rt/node/bin/node")));
     let e = load("nosuchpolicy", &c).unwrap_err().to_string();
-    assert!(
-        e.starts_with("policy `nosuchpolicy` not found (referenced from command line)"),
-        "{e}"
-    );
-    assert!(
-        e.contains("shipped policies (default, node, python, "),
-        "{e}"
-    );
+    assert!(e.starts_with("policy `nosuchpolicy` not found (referenced from command line)"), "{e}");
+    assert!(e.contains("shipped policies (default, node, python, "), "{e}");
 }
 
 #[test]
@@ -296,15 +205,9 @@ fn sizes_parse() {
     assert_eq!(parse_size("1T"), Ok(1 << 40));
     for bad in ["", "M", "12MB", "1.5G", "-1", " 1G", "1 G", "1g", "10Q"] {
         let e = parse_size(bad).unwrap_err();
-        assert!(
-            e.starts_with(&format!("invalid size `{bad}`")),
-            "{bad}: {e}"
-        );
+        assert!(e.starts_with(&format!("invalid size `{bad}`")), "{bad}: {e}");
     }
-    assert_eq!(
-        parse_size("99999999999T").unwrap_err(),
-        "size `99999999999T` is too large"
-    );
+    assert_eq!(parse_size("99999999999T").unwrap_err(), "size `99999999999T` is too large");
     assert_eq!(format_size(1 << 30), "1G");
     assert_eq!(format_size(1536 << 20), "1536M");
     assert_eq!(format_size(1000), "1000");
@@ -313,11 +216,7 @@ fn sizes_parse() {
 #[test]
 fn bad_size_in_policy_names_key_file_line() {
     let d = tempfile::tempdir().unwrap();
-    let p = write(
-        d.path(),
-        "x.toml",
-        "[limits]\ntmp = \"64M\"\nmemory = \"1.5G\"\n",
-    );
+    let p = write(d.path(), "x.toml", "[limits]\ntmp = \"64M\"\nmemory = \"1.5G\"\n");
     let e = err(&p, &ctx(d.path()));
     assert!(e.starts_with("[limits] memory: invalid size `1.5G`"), "{e}");
     assert!(e.ends_with(&format!("({} line 3)", p.display())), "{e}");
@@ -328,20 +227,10 @@ fn bad_size_in_policy_names_key_file_line() {
 #[test]
 fn undefined_variable_names_variable_file_line() {
     let d = tempfile::tempdir().unwrap();
-    let p = write(
-        d.path(),
-        "x.toml",
-        "[filesystem]\nwrite = [\"${DATA}\",\n \"${HOME}/x\"]\n",
-    );
+    let p = write(d.path(), "x.toml", "[filesystem]\nwrite = [\"${DATA}\",\n \"${HOME}/x\"]\n");
     let e = load(p.to_str().unwrap(), &ctx(d.path())).unwrap_err();
     assert!(matches!(&e, PolicyError::UndefinedVar { name, .. } if name == "HOME"));
-    assert_eq!(
-        e.to_string(),
-        format!(
-            "undefined variable ${{HOME}} ({} line 3); defined: CACHE, DATA",
-            p.display()
-        )
-    );
+    assert_eq!(e.to_string(), format!("undefined variable ${{HOME}} ({} line 3); defined: CACHE, DATA", p.display()));
 }
 
 #[test]
@@ -349,63 +238,28 @@ fn relative_and_dotdot_paths_are_refused() {
     let d = tempfile::tempdir().unwrap();
     let c = ctx(d.path());
     let p = write(d.path(), "x.toml", "[filesystem]\nread = [\"etc\"]\n");
-    assert_eq!(
-        err(&p, &c),
-        format!("path `etc` is not absolute ({} line 2)", p.display())
-    );
-    let p = write(
-        d.path(),
-        "y.toml",
-        "[filesystem]\nread = [\"${DATA}/../x\"]\n",
-    );
-    assert!(err(&p, &c).ends_with(&format!(
-        "/data/../x` contains `..` ({} line 2)",
-        p.display()
-    )));
+    assert_eq!(err(&p, &c), format!("path `etc` is not absolute ({} line 2)", p.display()));
+    let p = write(d.path(), "y.toml", "[filesystem]\nread = [\"${DATA}/../x\"]\n");
+    assert!(err(&p, &c).ends_with(&format!("/data/../x` contains `..` ({} line 2)", p.display())));
     // `.` and doubled/trailing slashes are normalised away.
-    let p = write(
-        d.path(),
-        "z.toml",
-        "[filesystem]\nread = [\"/etc//./hostname/\"]\n",
-    );
-    assert_eq!(
-        paths(&load(p.to_str().unwrap(), &c).unwrap().filesystem.read),
-        vec!["/etc/hostname"]
-    );
+    let p = write(d.path(), "z.toml", "[filesystem]\nread = [\"/etc//./hostname/\"]\n");
+    assert_eq!(paths(&load(p.to_str().unwrap(), &c).unwrap().filesystem.read), vec!["/etc/hostname"]);
 }
 
 #[test]
 fn network_modes_and_their_keys() {
     let d = tempfile::tempdir().unwrap();
     let c = ctx(d.path());
-    let p = write(
-        d.path(),
-        "x.toml",
-        "[network]\nmode = \"none\"\nallow = [\"example.com:443\"]\n",
-    );
+    let p = write(d.path(), "x.toml", "[network]\nmode = \"none\"\nallow = [\"example.com:443\"]\n");
     let e = err(&p, &c);
-    assert!(
-        e.starts_with("[network] allow (`example.com:443`) needs mode = \"proxy\""),
-        "{e}"
-    );
-    assert!(
-        e.contains(&format!("mode = \"none\" set at {} line 2", p.display())),
-        "{e}"
-    );
+    assert!(e.starts_with("[network] allow (`example.com:443`) needs mode = \"proxy\""), "{e}");
+    assert!(e.contains(&format!("mode = \"none\" set at {} line 2", p.display())), "{e}");
     assert!(e.ends_with(&format!("({} line 3)", p.display())), "{e}");
 
-    let p = write(
-        d.path(),
-        "y.toml",
-        "[network]\nallow = [\"example.com:443\"]\n",
-    );
+    let p = write(d.path(), "y.toml", "[network]\nallow = [\"example.com:443\"]\n");
     assert!(err(&p, &c).contains("mode defaults to \"none\""));
 
-    let p = write(
-        d.path(),
-        "z.toml",
-        "[network]\nmode = \"proxy\"\nconnect_ports = [443]\n",
-    );
+    let p = write(d.path(), "z.toml", "[network]\nmode = \"proxy\"\nconnect_ports = [443]\n");
     assert!(err(&p, &c).starts_with("[network] connect_ports needs mode = \"host\""));
 
     let p = write(
@@ -416,16 +270,10 @@ fn network_modes_and_their_keys() {
     let pol = load(p.to_str().unwrap(), &c).unwrap();
     assert_eq!(
         pol.network,
-        Network::Proxy {
-            allow: vec!["*.example.com:443".parse().unwrap(), "api.x.org:8443".parse().unwrap()]
-        }
+        Network::Proxy { allow: vec!["*.example.com:443".parse().unwrap(), "api.x.org:8443".parse().unwrap()] }
     );
 
-    let p = write(
-        d.path(),
-        "bad.toml",
-        "[network]\nmode = \"proxy\"\nallow = [\"example.com\"]\n",
-    );
+    let p = write(d.path(), "bad.toml", "[network]\nmode = \"proxy\"\nallow = [\"example.com\"]\n");
     assert!(err(&p, &c).starts_with("[network] allow `example.com`: a port is required"));
 
     // The grammar the egress proxy applies at every start: what it refuses, loading refuses,
@@ -439,30 +287,16 @@ fn network_modes_and_their_keys() {
     let Network::Proxy { allow } = &pol.network else { panic!("{:?}", pol.network) };
     assert_eq!(allow.iter().map(|a| a.to_string()).collect::<Vec<_>>(), ["[::1]:8080", "127.0.0.1:8080"]);
 
-    let p = write(
-        d.path(),
-        "host.toml",
-        "[network]\nmode = \"host\"\nconnect_ports = [443, 80, 443]\n",
-    );
+    let p = write(d.path(), "host.toml", "[network]\nmode = \"host\"\nconnect_ports = [443, 80, 443]\n");
     let pol = load(p.to_str().unwrap(), &c).unwrap();
-    assert_eq!(
-        pol.network,
-        Network::Host {
-            connect_ports: Some(vec![80, 443]),
-            bind_ports: None
-        }
-    );
+    assert_eq!(pol.network, Network::Host { connect_ports: Some(vec![80, 443]), bind_ports: None });
 }
 
 #[test]
 fn seccomp_names_and_sandbox_fields() {
     let d = tempfile::tempdir().unwrap();
     let c = ctx(d.path());
-    let p = write(
-        d.path(),
-        "x.toml",
-        "[seccomp]\nextra_deny = [\"ptrace\", \"Bad-Name\"]\n",
-    );
+    let p = write(d.path(), "x.toml", "[seccomp]\nextra_deny = [\"ptrace\", \"Bad-Name\"]\n");
     assert_eq!(
         err(&p, &c),
         format!(
@@ -474,14 +308,21 @@ fn seccomp_names_and_sandbox_fields() {
     let p = write(d.path(), "unknown.toml", "[seccomp]\nextra_deny = [\"mkdir\",\n  \"no_such_call\"]\n");
     assert_eq!(
         err(&p, &c),
-        format!("[seccomp] extra_deny: `no_such_call` is not an x86_64 syscall (see `man 2 syscalls`) ({} line 3)", p.display())
+        format!(
+            "[seccomp] extra_deny: `no_such_call` is not an x86_64 syscall (see `man 2 syscalls`) ({} line 3)",
+            p.display()
+        )
     );
     let p = write(d.path(), "hard.toml", "[seccomp]\nextra_allow = [\"bpf\"]\n");
     assert_eq!(
         err(&p, &c),
-        format!("[seccomp] extra_allow: syscall `bpf` can never be allowed: eBPF is kernel attack surface ({} line 2)", p.display())
+        format!(
+            "[seccomp] extra_allow: syscall `bpf` can never be allowed: eBPF is kernel attack surface ({} line 2)",
+            p.display()
+        )
     );
-    let p = write(d.path(), "real.toml", "[seccomp]\nextra_deny = [\"acct\", \"mkdir\"]\nextra_allow = [\"vmsplice\"]\n");
+    let p =
+        write(d.path(), "real.toml", "[seccomp]\nextra_deny = [\"acct\", \"mkdir\"]\nextra_allow = [\"vmsplice\"]\n");
     let pol = load(p.to_str().unwrap(), &c).unwrap();
     assert_eq!(pol.seccomp.extra_deny, ["acct", "mkdir"]);
     assert_eq!(pol.seccomp.extra_allow, ["vmsplice"]);
@@ -493,24 +334,11 @@ fn seccomp_names_and_sandbox_fields() {
     let (pol, notes) = load_with_notes(p.to_str().unwrap(), &c).unwrap();
     assert_eq!(pol.seccomp.extra_deny, vec!["ptrace"]);
     assert_eq!(pol.seccomp.extra_allow, vec!["pread64"]);
-    assert!(
-        notes[0].starts_with("syscall ptrace is both allowed"),
-        "{notes:?}"
-    );
-    assert_eq!(
-        pol.sandbox,
-        SandboxReq {
-            level: Level::Container,
-            landlock_min_abi: 0,
-            relax: Relax::default(),
-        }
-    );
+    assert!(notes[0].starts_with("syscall ptrace is both allowed"), "{notes:?}");
+    assert_eq!(pol.sandbox, SandboxReq { level: Level::Container, landlock_min_abi: 0, relax: Relax::default() });
     let p = write(d.path(), "z.toml", "[sandbox]\nlevel = \"none\"\n");
     let e = err(&p, &c);
-    assert!(
-        e.contains("unknown variant `none`") && e.ends_with(&format!("({} line 2)", p.display())),
-        "{e}"
-    );
+    assert!(e.contains("unknown variant `none`") && e.ends_with(&format!("({} line 2)", p.display())), "{e}");
 }
 
 #[test]
@@ -536,22 +364,12 @@ fn every_shipped_policy_loads_here() {
         assert_eq!(pol.network, Network::None, "{name}");
         assert_eq!(
             pol.sandbox,
-            SandboxReq {
-                level: Level::Full,
-                landlock_min_abi: 1,
-                relax: Relax { cpu: true, disk: true },
-            }
+            SandboxReq { level: Level::Full, landlock_min_abi: 1, relax: Relax { cpu: true, disk: true } }
         );
         assert!(pol.filesystem.write.is_empty(), "{name}");
         let exec = paths(&pol.filesystem.exec);
-        assert!(
-            exec.contains(&"/lib64/ld-linux-x86-64.so.2".to_string()),
-            "{name}"
-        );
-        assert!(
-            exec.contains(&"/usr/lib/x86_64-linux-gnu".to_string()),
-            "{name}"
-        );
+        assert!(exec.contains(&"/lib64/ld-linux-x86-64.so.2".to_string()), "{name}");
+        assert!(exec.contains(&"/usr/lib/x86_64-linux-gnu".to_string()), "{name}");
         for n in &notes {
             assert!(n.starts_with("optional path "), "{name}: {n}");
         }
@@ -569,34 +387,25 @@ fn every_shipped_policy_loads_here() {
     assert_eq!(node.env.set.get("NODE_OPTIONS").map(String::as_str), Some("--max-semi-space-size=1"));
     let py = load("python", &c).unwrap();
     let rt = d.path().join("rt/py");
-    assert!(pol_has(&py.filesystem.exec, &rt.join("bin/python3.12")) && pol_has(&py.filesystem.exec, &rt.join("lib/python3.12/lib-dynload")));
+    assert!(
+        pol_has(&py.filesystem.exec, &rt.join("bin/python3.12"))
+            && pol_has(&py.filesystem.exec, &rt.join("lib/python3.12/lib-dynload"))
+    );
     assert!(pol_has(&py.filesystem.read, &rt.join("lib/python3.12")));
     // Nothing of another interpreter's tree: no /usr/lib/python3*, no /usr/bin/python*.
     for r in py.filesystem.read.iter().chain(&py.filesystem.exec) {
         let p = r.path.to_string_lossy();
         assert!(!p.starts_with("/usr/lib/python3") && !p.starts_with("/usr/bin/python"), "{p}");
     }
-    assert_eq!(
-        py.env
-            .set
-            .get("PYTHONDONTWRITEBYTECODE")
-            .map(String::as_str),
-        Some("1")
-    );
-    assert!(!paths(&py.filesystem.read)
-        .iter()
-        .any(|p| p.starts_with("/root")));
+    assert_eq!(py.env.set.get("PYTHONDONTWRITEBYTECODE").map(String::as_str), Some("1"));
+    assert!(!paths(&py.filesystem.read).iter().any(|p| p.starts_with("/root")));
 }
 
 #[test]
 fn inline_policy_resolves_relative_extends_from_base_dir() {
     let d = tempfile::tempdir().unwrap();
     let c = ctx(d.path());
-    write(
-        d.path(),
-        "base.toml",
-        "extends = \"default\"\n[env]\npass = [\"TOKEN\"]\n",
-    );
+    write(d.path(), "base.toml", "extends = \"default\"\n[env]\npass = [\"TOKEN\"]\n");
     let table: toml::Table =
         toml::from_str("extends = \"./base.toml\"\n[filesystem]\nwrite = [\"${DATA}\"]\n").unwrap();
     let pol = load_inline(table, d.path(), &c).unwrap();
@@ -606,50 +415,27 @@ fn inline_policy_resolves_relative_extends_from_base_dir() {
 
     let table: toml::Table = toml::from_str("[env]\npas = []\n").unwrap();
     let e = load_inline(table, d.path(), &c).unwrap_err().to_string();
-    assert!(
-        e.starts_with("unknown key `pas` in [env] (inline policy)"),
-        "{e}"
-    );
+    assert!(e.starts_with("unknown key `pas` in [env] (inline policy)"), "{e}");
 }
 
 #[test]
 fn check_skips_missing_data_dir_and_says_so() {
     let d = tempfile::tempdir().unwrap();
-    let p = write(
-        d.path(),
-        "x.toml",
-        "extends = \"node\"\n[filesystem]\nwrite = [\"${DATA}\", \"${CACHE}/npm\"]\n",
-    );
+    let p = write(d.path(), "x.toml", "extends = \"node\"\n[filesystem]\nwrite = [\"${DATA}\", \"${CACHE}/npm\"]\n");
     let out = check_with(p.to_str().unwrap(), None, None, Some(fake_runtimes(&d.path().join("rt")))).unwrap();
+    assert!(out.contains("# note: path /var/lib/mcpbox/SERVER/data ("), "{out}");
+    assert!(out.contains("not checked: /var/lib/mcpbox/SERVER/data does not exist yet"), "{out}");
     assert!(
-        out.contains("# note: path /var/lib/mcpbox/SERVER/data ("),
+        out.contains("write = [\n    \"/var/lib/mcpbox/SERVER/data\",\n    \"/var/lib/mcpbox/SERVER/cache/npm\",\n]"),
         "{out}"
     );
-    assert!(
-        out.contains("not checked: /var/lib/mcpbox/SERVER/data does not exist yet"),
-        "{out}"
-    );
-    assert!(out.contains("write = [\n    \"/var/lib/mcpbox/SERVER/data\",\n    \"/var/lib/mcpbox/SERVER/cache/npm\",\n]"), "{out}");
     assert!(out.contains("memory = \"1G\""), "{out}");
     // With a DATA dir that exists, paths under it are checked.
     let data = d.path().join("data");
     fs::create_dir(&data).unwrap();
-    let p = write(
-        d.path(),
-        "y.toml",
-        "[filesystem]\nwrite = [\"${DATA}\", \"${DATA}/missing\"]\n",
-    );
-    let e = check(p.to_str().unwrap(), Some(&data), None)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.starts_with(&format!(
-            "path {}/missing does not exist ({} line 2)",
-            data.display(),
-            p.display()
-        )),
-        "{e}"
-    );
+    let p = write(d.path(), "y.toml", "[filesystem]\nwrite = [\"${DATA}\", \"${DATA}/missing\"]\n");
+    let e = check(p.to_str().unwrap(), Some(&data), None).unwrap_err().to_string();
+    assert!(e.starts_with(&format!("path {}/missing does not exist ({} line 2)", data.display(), p.display())), "{e}");
 }
 
 #[test]
@@ -680,9 +466,19 @@ fn lazy_variables_expand_and_a_missing_runtime_is_named() {
     assert!(e.contains("${RT_GONE}") && e.contains("no such runtime on PATH") && e.contains("gone.toml line 3"), "{e}");
     // A runtime path that the runtime reported but that does not exist is an error naming it,
     // unless written optional.
-    let p = write(d.path(), "nolib.toml", "[filesystem]\nexec = [\"${RT_HOME}/lib-dynload\"]\nread = [{ path = \"${RT_HOME}/site\", optional = true }]\n");
+    let p = write(
+        d.path(),
+        "nolib.toml",
+        "[filesystem]\nexec = [\"${RT_HOME}/lib-dynload\"]\nread = [{ path = \"${RT_HOME}/site\", optional = true }]\n",
+    );
     let e = err(&p, &c);
-    assert!(e.contains("runtime path") && e.contains("lib-dynload") && e.contains("${RT_HOME}") && e.contains("nolib.toml line 2"), "{e}");
+    assert!(
+        e.contains("runtime path")
+            && e.contains("lib-dynload")
+            && e.contains("${RT_HOME}")
+            && e.contains("nolib.toml line 2"),
+        "{e}"
+    );
     let p = write(d.path(), "typo.toml", "[filesystem]\nexec = [\"${RT_NOPE}\"]\n");
     assert!(err(&p, &c).contains("undefined variable ${RT_NOPE}"));
 }
@@ -720,7 +516,11 @@ fn grants_over_the_sandbox_own_dirs_are_refused_after_normalising() {
     assert!(err(&p, &c).starts_with("/ cannot be granted:"));
     // Beside them and below /tmp is fine.
     let sub = d.path().join("data");
-    let p = write(d.path(), "fine.toml", &format!("[filesystem]\nread = [\"/usr\", \"/etc/hosts\"]\nwrite = [\"{}\"]\n", sub.display()));
+    let p = write(
+        d.path(),
+        "fine.toml",
+        &format!("[filesystem]\nread = [\"/usr\", \"/etc/hosts\"]\nwrite = [\"{}\"]\n", sub.display()),
+    );
     load(p.to_str().unwrap(), &c).unwrap();
     assert_eq!(reserved_conflict(Path::new("/tmp/x/y")), None);
     assert_eq!(reserved_conflict(Path::new("/procfs")), None);
@@ -732,7 +532,9 @@ fn grants_over_the_sandbox_own_dirs_are_refused_after_normalising() {
 fn cpu_and_disk_limits_parse_merge_and_render() {
     let d = tempfile::tempdir().unwrap();
     let c = ctx(d.path());
-    for (written, milli) in [("\"1.0\"", 1000), ("\"0.5\"", 500), ("1.25", 1250), ("2", 2000), ("\"0.01\"", 10), ("\".5\"", 500)] {
+    for (written, milli) in
+        [("\"1.0\"", 1000), ("\"0.5\"", 500), ("1.25", 1250), ("2", 2000), ("\"0.01\"", 10), ("\".5\"", 500)]
+    {
         let p = write(d.path(), "cpu.toml", &format!("[limits]\ncpu = {written}\n"));
         assert_eq!(load(p.to_str().unwrap(), &c).unwrap().limits.cpu, Some(milli), "{written}");
     }

@@ -27,7 +27,9 @@ pub struct DiskError {
 
 /// Mount `img`'s filesystem, detached; the descriptor is what PID 1 attaches over the data dir.
 pub fn mount_image(img: &DiskImage) -> Result<OwnedFd, DiskError> {
-    let e = |what: &'static str| move |source: io::Error| DiskError { image: img.image.display().to_string(), what, source };
+    let e = |what: &'static str| {
+        move |source: io::Error| DiskError { image: img.image.display().to_string(), what, source }
+    };
     let file = fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -40,7 +42,8 @@ pub fn mount_image(img: &DiskImage) -> Result<OwnedFd, DiskError> {
     }
     // One start at a time per image: finding a device bound to it and binding one must not
     // interleave, or two devices (two superblocks) could end up on one image.
-    let file = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive).map_err(|(_, errno)| e("flock")(errno.into()))?;
+    let file = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, errno)| e("flock")(errno.into()))?;
     let (path, dev) = match bound_device(&img.image, (meta.dev(), meta.ino())) {
         Some(found) => found,
         None => sys::loop_attach(&file).map_err(e("binding a loop device"))?,
@@ -64,7 +67,9 @@ fn bound_device(image: &Path, id: (u64, u64)) -> Option<(String, fs::File)> {
             continue;
         }
         let path = format!("/dev/{name}");
-        let Ok(dev) = fs::OpenOptions::new().read(true).write(true).custom_flags(libc::O_CLOEXEC).open(&path) else { continue };
+        let Ok(dev) = fs::OpenOptions::new().read(true).write(true).custom_flags(libc::O_CLOEXEC).open(&path) else {
+            continue;
+        };
         if sys::loop_backing(&dev).ok() == Some(id) {
             return Some((path, dev));
         }

@@ -77,12 +77,12 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{getgid, getppid, getuid, setgroups, setresgid, setresuid, Gid, Pid, Uid};
 
 use super::landlock::{self as ll, NetRules, Rule};
-use super::spec::{Msg, StartReport};
 use super::limits::{self, Applied};
+use super::mounts;
 use super::seccomp::{build_program, FilterOptions};
+use super::spec::{Msg, StartReport};
 use super::spec::{OuterSpec, SandboxSpec};
 use super::sys::{self, Forked};
-use super::mounts;
 use crate::policy::{Level, Network};
 
 /// The port the egress proxy listens on inside the sandbox's network namespace.
@@ -130,7 +130,15 @@ fn send(report: &Report, msg: &Msg) {
 /// The signals sandbox-init passes on to its child.
 fn forwarded() -> SigSet {
     let mut s = SigSet::empty();
-    for sig in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP, Signal::SIGQUIT, Signal::SIGUSR1, Signal::SIGUSR2, Signal::SIGCHLD] {
+    for sig in [
+        Signal::SIGINT,
+        Signal::SIGTERM,
+        Signal::SIGHUP,
+        Signal::SIGQUIT,
+        Signal::SIGUSR1,
+        Signal::SIGUSR2,
+        Signal::SIGCHLD,
+    ] {
         s.add(sig);
     }
     s
@@ -189,20 +197,34 @@ fn outer(spec_fd: RawFd, report: &Report, cpus: Option<CpuSet>) -> Result<i32, I
     if root {
         let _ = limits::layout();
     }
-    let mut input = std::fs::File::from(sys::adopt_fd(spec_fd).map_err(|e| InitError::Spec(format!("fd {spec_fd}: {e}")))?);
+    let mut input =
+        std::fs::File::from(sys::adopt_fd(spec_fd).map_err(|e| InitError::Spec(format!("fd {spec_fd}: {e}")))?);
     let spec: OuterSpec = read_spec(&mut input)?;
     // Every CPU we were given is ours again (and our children's): mcpbox has little left to do.
     if let Some(cpus) = &cpus {
         let _ = sched_setaffinity(Pid::from_raw(0), cpus);
     }
     let layout = root.then(|| spec.cgroup_layout.clone().unwrap_or_else(limits::layout));
-    let mut st = State { level: Level::Full, warnings: Vec::new(), limits: Applied::default(), host_uid: getuid().as_raw(), disk: None };
+    let mut st = State {
+        level: Level::Full,
+        warnings: Vec::new(),
+        limits: Applied::default(),
+        host_uid: getuid().as_raw(),
+        disk: None,
+    };
 
     // 2. cgroups, while still host root. `slots` holds them until we exit. A CPU limit needs
     //    one: without it, refused unless relaxed.
     let mut slots = Vec::new();
     if let Some(layout) = &layout {
-        (st.limits, slots) = limits::join_cgroups(layout, &spec.limits, spec.cpu_weight, &spec.cgroup_parent, &spec.name, spec.parent_pid as u32);
+        (st.limits, slots) = limits::join_cgroups(
+            layout,
+            &spec.limits,
+            spec.cpu_weight,
+            &spec.cgroup_parent,
+            &spec.name,
+            spec.parent_pid as u32,
+        );
         st.warnings.append(&mut st.limits.warnings.clone());
     } else {
         st.limits = limits::rlimit_only(&spec.limits);
@@ -211,10 +233,16 @@ fn outer(spec_fd: RawFd, report: &Report, cpus: Option<CpuSet>) -> Result<i32, I
         let why = format!(
             "[limits] cpu = \"{}\" cannot be enforced: {}",
             crate::policy::format_cpu(cpu),
-            if root { "no cgroup cpu controller is usable (see `mcpbox doctor`)" } else { "mcpbox runs rootless and has no cgroup to hold CPU time in" }
+            if root {
+                "no cgroup cpu controller is usable (see `mcpbox doctor`)"
+            } else {
+                "mcpbox runs rootless and has no cgroup to hold CPU time in"
+            }
         );
         if !spec.relax.cpu {
-            return Err(InitError::Refused(format!("{why}. Run mcpbox as root, or accept it unenforced with `[sandbox] relax = [\"cpu\"]` in the policy")));
+            return Err(InitError::Refused(format!(
+                "{why}. Run mcpbox as root, or accept it unenforced with `[sandbox] relax = [\"cpu\"]` in the policy"
+            )));
         }
         st.warnings.push(format!("{why}; not enforced ([sandbox] relax)"));
     }
@@ -222,7 +250,11 @@ fn outer(spec_fd: RawFd, report: &Report, cpus: Option<CpuSet>) -> Result<i32, I
     if let Some(size) = spec.limits.disk {
         let got = match (&spec.disk, root) {
             (Some(img), true) => super::disk::mount_image(img).map_err(|e| e.to_string()),
-            _ => Err(if root { "no disk image was prepared".to_string() } else { "mcpbox runs rootless and cannot mount a size-capped filesystem (loop devices need root)".to_string() }),
+            _ => Err(if root {
+                "no disk image was prepared".to_string()
+            } else {
+                "mcpbox runs rootless and cannot mount a size-capped filesystem (loop devices need root)".to_string()
+            }),
         };
         match got {
             Ok(fd) => {
@@ -245,8 +277,10 @@ fn outer(spec_fd: RawFd, report: &Report, cpus: Option<CpuSet>) -> Result<i32, I
             // user namespace replaces every set anyway. Until then we are not dumpable.
             prctl::set_keepcaps(true).map_err(sys_err("prctl(PR_SET_KEEPCAPS, 1)"))?;
             setgroups(&[]).map_err(sys_err("setgroups([])"))?;
-            setresgid(Gid::from_raw(gid), Gid::from_raw(gid), Gid::from_raw(gid)).map_err(sys_err(format!("setresgid({gid})")))?;
-            setresuid(Uid::from_raw(uid), Uid::from_raw(uid), Uid::from_raw(uid)).map_err(sys_err(format!("setresuid({uid})")))?;
+            setresgid(Gid::from_raw(gid), Gid::from_raw(gid), Gid::from_raw(gid))
+                .map_err(sys_err(format!("setresgid({gid})")))?;
+            setresuid(Uid::from_raw(uid), Uid::from_raw(uid), Uid::from_raw(uid))
+                .map_err(sys_err(format!("setresuid({uid})")))?;
             let r = nix::unistd::getresuid().map_err(sys_err("getresuid"))?;
             if [r.real, r.effective, r.saved].iter().any(|u| u.as_raw() != uid) {
                 return Err(InitError::Refused(format!("uid change to {uid} did not stick")));
@@ -286,7 +320,8 @@ fn outer(spec_fd: RawFd, report: &Report, cpus: Option<CpuSet>) -> Result<i32, I
                 | CloneFlags::CLONE_NEWIPC
                 | CloneFlags::CLONE_NEWUTS
                 | CloneFlags::CLONE_NEWCGROUP;
-            unshare(rest).map_err(sys_err("unshare(CLONE_NEWPID|CLONE_NEWNS|CLONE_NEWIPC|CLONE_NEWUTS|CLONE_NEWCGROUP)"))?;
+            unshare(rest)
+                .map_err(sys_err("unshare(CLONE_NEWPID|CLONE_NEWNS|CLONE_NEWIPC|CLONE_NEWUTS|CLONE_NEWCGROUP)"))?;
         }
         Err(errno) => {
             if root {
@@ -295,7 +330,9 @@ fn outer(spec_fd: RawFd, report: &Report, cpus: Option<CpuSet>) -> Result<i32, I
                 let ioe = |e: caps::errors::CapsError| InitError::Io(format!("dropping capabilities: {e}"));
                 caps::raise(None, caps::CapSet::Effective, caps::Capability::CAP_SETPCAP).map_err(ioe)?;
                 drop_bounding_set()?;
-                for set in [caps::CapSet::Ambient, caps::CapSet::Inheritable, caps::CapSet::Effective, caps::CapSet::Permitted] {
+                for set in
+                    [caps::CapSet::Ambient, caps::CapSet::Inheritable, caps::CapSet::Effective, caps::CapSet::Permitted]
+                {
                     caps::clear(None, set).map_err(ioe)?;
                 }
                 prctl::set_keepcaps(false).map_err(sys_err("prctl(PR_SET_KEEPCAPS, 0)"))?;
@@ -471,7 +508,9 @@ fn descendants(root: Pid) -> Vec<Pid> {
 fn disk_unenforced(spec: &OuterSpec, st: &mut State, size: u64, why: &str) -> Result<(), InitError> {
     let why = format!("[limits] disk = \"{}\" cannot be enforced: {why}", crate::policy::format_size(size));
     if !spec.relax.disk {
-        return Err(InitError::Refused(format!("{why}. Run mcpbox as root, or accept it unenforced with `[sandbox] relax = [\"disk\"]` in the policy")));
+        return Err(InitError::Refused(format!(
+            "{why}. Run mcpbox as root, or accept it unenforced with `[sandbox] relax = [\"disk\"]` in the policy"
+        )));
     }
     st.warnings.push(format!("{why}; not enforced ([sandbox] relax), the data dir is the host's"));
     Ok(())
@@ -517,7 +556,13 @@ fn supervise(child: Pid, mask: &SigSet, reap_all: bool, mut helper: Option<&mut 
     }
 }
 
-fn pid1(mut input: std::fs::File, report: &Report, alive_r: OwnedFd, st: &mut State, net: Option<NetJoin>) -> Result<i32, InitError> {
+fn pid1(
+    mut input: std::fs::File,
+    report: &Report,
+    alive_r: OwnedFd,
+    st: &mut State,
+    net: Option<NetJoin>,
+) -> Result<i32, InitError> {
     prctl::set_pdeathsig(Signal::SIGKILL).map_err(sys_err("prctl(PR_SET_PDEATHSIG)"))?;
     // The outer sandbox-init holds the write end: a hang-up means it is already gone.
     let mut fds = [nix::poll::PollFd::new(std::os::fd::AsFd::as_fd(&alive_r), nix::poll::PollFlags::POLLIN)];
@@ -558,13 +603,21 @@ fn pid1(mut input: std::fs::File, report: &Report, alive_r: OwnedFd, st: &mut St
 
     // 7. The mount view, hostname, network namespace (its loopback is up), proxy socket.
     mounts::build_root(spec, st.disk.take())?;
-    let host = spec.outer.name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '-' }).take(63).collect::<String>();
-    nix::unistd::sethostname(if host.is_empty() { "mcpbox".to_string() } else { host }).map_err(sys_err("sethostname"))?;
+    let host = spec
+        .outer
+        .name
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '-' })
+        .take(63)
+        .collect::<String>();
+    nix::unistd::sethostname(if host.is_empty() { "mcpbox".to_string() } else { host })
+        .map_err(sys_err("sethostname"))?;
     if let Some(net) = net {
         net.join()?;
     }
     if matches!(spec.outer.network, Network::Proxy { .. }) {
-        let l = std::net::TcpListener::bind(("127.0.0.1", PROXY_PORT)).map_err(|e| InitError::Io(format!("binding the proxy port inside the sandbox: {e}")))?;
+        let l = std::net::TcpListener::bind(("127.0.0.1", PROXY_PORT))
+            .map_err(|e| InitError::Io(format!("binding the proxy port inside the sandbox: {e}")))?;
         send_with_fd(report, &Msg::Proxy, l.as_raw_fd())?;
     }
     // The view is ready: let the server go on.
@@ -608,7 +661,8 @@ struct NetJoin(OwnedFd);
 impl NetHelper {
     fn start(report: &Report) -> Result<NetHelper, InitError> {
         use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
-        let (rx, tx) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC).map_err(sys_err("socketpair"))?;
+        let (rx, tx) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)
+            .map_err(sys_err("socketpair"))?;
         let me = nix::unistd::getpid();
         match sys::fork().map_err(|e| InitError::Io(format!("fork: {e}")))? {
             Forked::Child => {
@@ -712,7 +766,11 @@ impl NetJoin {
 /// Loads the filter `notify` with a listener and hands that to mcpbox at once (from here on
 /// the denied syscalls wait for its answer); where the kernel gives no listener (before 5.0, or
 /// a listener already above us), loads `plain`, which answers EPERM itself, and says so.
-fn load_seccomp(notify: &[super::seccomp::sock_filter], plain: &[super::seccomp::sock_filter], report: &Report) -> Result<Option<String>, InitError> {
+fn load_seccomp(
+    notify: &[super::seccomp::sock_filter],
+    plain: &[super::seccomp::sock_filter],
+    report: &Report,
+) -> Result<Option<String>, InitError> {
     match sys::apply_seccomp_listener(notify) {
         Ok(listener) => {
             send_with_fd(report, &Msg::SeccompNotify, listener.as_raw_fd())?;
@@ -720,7 +778,9 @@ fn load_seccomp(notify: &[super::seccomp::sock_filter], plain: &[super::seccomp:
         }
         Err(e) => {
             sys::apply_seccomp(plain).map_err(|e| InitError::Seccomp(e.to_string()))?;
-            Ok(Some(format!("seccomp denials are not recorded: no notification listener ({e}); denied syscalls still get EPERM")))
+            Ok(Some(format!(
+                "seccomp denials are not recorded: no notification listener ({e}); denied syscalls still get EPERM"
+            )))
         }
     }
 }
@@ -742,7 +802,8 @@ fn send_fd(sock: RawFd, bytes: &[u8], fd: RawFd) -> Result<(), InitError> {
 
 fn drop_bounding_set() -> Result<(), InitError> {
     for cap in caps::all() {
-        caps::drop(None, caps::CapSet::Bounding, cap).map_err(|e| InitError::Io(format!("dropping {cap} from the bounding set: {e}")))?;
+        caps::drop(None, caps::CapSet::Bounding, cap)
+            .map_err(|e| InitError::Io(format!("dropping {cap} from the bounding set: {e}")))?;
     }
     Ok(())
 }
@@ -767,7 +828,15 @@ fn drop_caps() -> Result<(), InitError> {
 
 /// The server process: never returns on success (execve).
 /// `go`: at full level, PID 1 writes to it once the mount view is built (EOF: PID 1 failed).
-fn server(spec: &SandboxSpec, report: &Report, st: &State, parent: Pid, go: Option<OwnedFd>, netns: Option<NetJoin>, cpus: Option<CpuSet>) -> ! {
+fn server(
+    spec: &SandboxSpec,
+    report: &Report,
+    st: &State,
+    parent: Pid,
+    go: Option<OwnedFd>,
+    netns: Option<NetJoin>,
+    cpus: Option<CpuSet>,
+) -> ! {
     let mut report = *report;
     // Die with the sandbox-init that forked us (at full level PID 1's death ends the whole
     // namespace anyway; at container level this is what stops the server outliving it).
@@ -785,15 +854,31 @@ fn server(spec: &SandboxSpec, report: &Report, st: &State, parent: Pid, go: Opti
 
 enum Never {}
 
-fn server_setup(spec: &SandboxSpec, report: &mut Report, st: &State, go: Option<OwnedFd>, netns: Option<NetJoin>, cpus: Option<CpuSet>) -> Result<Never, InitError> {
+fn server_setup(
+    spec: &SandboxSpec,
+    report: &mut Report,
+    st: &State,
+    go: Option<OwnedFd>,
+    netns: Option<NetJoin>,
+    cpus: Option<CpuSet>,
+) -> Result<Never, InitError> {
     let full = st.level == Level::Full;
     let tmp: PathBuf = if full { "/tmp".into() } else { spec.tmp_dir.clone() };
 
     // Everything that allocates is prepared before the filters go on.
-    let argv: Vec<CString> = spec.argv.iter().map(|a| CString::new(a.as_str())).collect::<Result<_, _>>().map_err(|e| InitError::Io(e.to_string()))?;
+    let argv: Vec<CString> = spec
+        .argv
+        .iter()
+        .map(|a| CString::new(a.as_str()))
+        .collect::<Result<_, _>>()
+        .map_err(|e| InitError::Io(e.to_string()))?;
     let mut env = spec.env.clone();
     env.insert("TMPDIR".into(), tmp.to_string_lossy().into_owned());
-    let envp: Vec<CString> = env.iter().map(|(k, v)| CString::new(format!("{k}={v}"))).collect::<Result<_, _>>().map_err(|e| InitError::Io(e.to_string()))?;
+    let envp: Vec<CString> = env
+        .iter()
+        .map(|(k, v)| CString::new(format!("{k}={v}")))
+        .collect::<Result<_, _>>()
+        .map_err(|e| InitError::Io(e.to_string()))?;
     let filter = FilterOptions {
         extra_deny: spec.seccomp_extra_deny.clone(),
         extra_allow: spec.seccomp_extra_allow.clone(),
@@ -801,8 +886,10 @@ fn server_setup(spec: &SandboxSpec, report: &mut Report, st: &State, go: Option<
         notify: true,
     };
     let prog = build_program(&filter).map_err(|e| InitError::Seccomp(e.to_string()))?;
-    let plain = build_program(&FilterOptions { notify: false, ..filter }).map_err(|e| InitError::Seccomp(e.to_string()))?;
-    let mut rules: Vec<Rule> = spec.grants.iter().map(|g| Rule { path: g.path.clone(), access: g.access, dir: g.dir }).collect();
+    let plain =
+        build_program(&FilterOptions { notify: false, ..filter }).map_err(|e| InitError::Seccomp(e.to_string()))?;
+    let mut rules: Vec<Rule> =
+        spec.grants.iter().map(|g| Rule { path: g.path.clone(), access: g.access, dir: g.dir }).collect();
     rules.extend(ll::base_rules(&tmp));
     if full {
         rules.push(Rule { path: "/dev/shm".into(), access: super::spec::Access::Write, dir: true });
@@ -831,7 +918,10 @@ fn server_setup(spec: &SandboxSpec, report: &mut Report, st: &State, go: Option<
     // Every inherited descriptor above 2 goes, except the report socket (close-on-exec) at 3
     // and, until the view is ready, `go` at 4.
     let io = |what: &'static str| move |e: std::io::Error| InitError::Io(format!("{what}: {e}"));
-    let go = go.map(|g| nix::fcntl::fcntl(&g, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(10))).transpose().map_err(sys_err("F_DUPFD_CLOEXEC"))?;
+    let go = go
+        .map(|g| nix::fcntl::fcntl(&g, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(10)))
+        .transpose()
+        .map_err(sys_err("F_DUPFD_CLOEXEC"))?;
     if report.0 != 3 {
         sys::dup2(report.0, 3).map_err(io("dup2(report, 3)"))?;
         sys::set_cloexec(3).map_err(io("FD_CLOEXEC"))?;
@@ -903,4 +993,3 @@ fn server_setup(spec: &SandboxSpec, report: &mut Report, st: &State, go: Option<
     let errno = nix::unistd::execve(&argv[0], &argv, &envp).unwrap_err();
     Err(InitError::Sys { call: format!("execve({})", spec.argv[0]), errno })
 }
-

@@ -5,8 +5,8 @@
 use std::path::{Path, PathBuf};
 
 use landlock::{
-    Access, AccessFs, AccessNet, BitFlags, CompatLevel, Compatible, NetPort, PathBeneath, PathFd,
-    Ruleset, RulesetAttr, RulesetCreatedAttr, RulesetStatus, Scope, ABI,
+    Access, AccessFs, AccessNet, BitFlags, CompatLevel, Compatible, NetPort, PathBeneath, PathFd, Ruleset, RulesetAttr,
+    RulesetCreatedAttr, RulesetStatus, Scope, ABI,
 };
 
 use super::spec::Access as Grant;
@@ -53,7 +53,11 @@ fn rights(access: Grant, dir: bool, abi: ABI) -> BitFlags<AccessFs> {
         Grant::Exec => read | AccessFs::Execute,
         Grant::Write => AccessFs::from_all(abi),
     };
-    if dir { r } else { r & AccessFs::from_file(abi) }
+    if dir {
+        r
+    } else {
+        r & AccessFs::from_file(abi)
+    }
 }
 
 pub fn apply(rules: &[Rule], net: &NetRules, min_abi: u8) -> Result<Outcome, LandlockError> {
@@ -70,9 +74,8 @@ pub fn apply(rules: &[Rule], net: &NetRules, min_abi: u8) -> Result<Outcome, Lan
         return Err(LandlockError::TooOld { have: kernel, required: min_abi });
     }
     let abi = ABI::from(i32::from(kernel));
-    let mut ruleset = Ruleset::default()
-        .set_compatibility(CompatLevel::HardRequirement)
-        .handle_access(AccessFs::from_all(abi))?;
+    let mut ruleset =
+        Ruleset::default().set_compatibility(CompatLevel::HardRequirement).handle_access(AccessFs::from_all(abi))?;
     if let NetRules::Ports { .. } = net {
         if kernel < 4 {
             return Err(LandlockError::TooOld { have: kernel, required: 4 });

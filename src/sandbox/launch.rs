@@ -134,7 +134,13 @@ fn child_setup(parent: libc::pid_t, spec_fd: RawFd, report_fd: RawFd) -> std::io
 
 /// Hand the spec to a started sandbox-init (both messages, or the second if the first went
 /// ahead: see `spec`) and read its report.
-fn send_spec(ch: Channels, spec: &SandboxSpec, outer_sent: bool, started: Instant, exec: bool) -> Result<(StartReport, Option<std::net::TcpListener>), SandboxError> {
+fn send_spec(
+    ch: Channels,
+    spec: &SandboxSpec,
+    outer_sent: bool,
+    started: Instant,
+    exec: bool,
+) -> Result<(StartReport, Option<std::net::TcpListener>), SandboxError> {
     let Channels { spec_r, spec_w, report, child_report } = ch;
     drop(child_report);
     drop(spec_r);
@@ -273,7 +279,10 @@ impl InitProcess {
         }
     }
 
-    fn wait_flags(&mut self, flags: Option<nix::sys::wait::WaitPidFlag>) -> std::io::Result<Option<std::process::ExitStatus>> {
+    fn wait_flags(
+        &mut self,
+        flags: Option<nix::sys::wait::WaitPidFlag>,
+    ) -> std::io::Result<Option<std::process::ExitStatus>> {
         use nix::sys::wait::{waitpid, WaitStatus};
         use std::os::unix::process::ExitStatusExt;
         let (pid, status) = match self {
@@ -335,7 +344,12 @@ impl Pending {
                 if let Some(away) = cpus.as_ref().and_then(super::init::other_cpus) {
                     let _ = nix::sched::sched_setaffinity(pid, &away);
                 }
-                Ok(Pending { child: Some(InitProcess::Forked { pid, status: None }), ch: Some(ch), outer_sent: None, started })
+                Ok(Pending {
+                    child: Some(InitProcess::Forked { pid, status: None }),
+                    ch: Some(ch),
+                    outer_sent: None,
+                    started,
+                })
             }
         }
     }
@@ -354,7 +368,10 @@ impl Pending {
     }
 
     /// Give sandbox-init its spec; returns once the server was exec'd (or setup failed).
-    pub fn send(mut self, spec: &SandboxSpec) -> Result<(InitProcess, StartReport, Option<std::net::TcpListener>), SandboxError> {
+    pub fn send(
+        mut self,
+        spec: &SandboxSpec,
+    ) -> Result<(InitProcess, StartReport, Option<std::net::TcpListener>), SandboxError> {
         let (mut child, ch) = (self.child.take().expect("sent once"), self.ch.take().expect("sent once"));
         let exec = matches!(child, InitProcess::Exec(_));
         if let Some(sent) = &self.outer_sent {
@@ -375,7 +392,9 @@ impl Pending {
 /// sandbox-init itself.
 fn become_init(ch: &Channels, parent: nix::unistd::Pid, cpus: Option<nix::sched::CpuSet>) -> ! {
     use super::sys::exit_now;
-    if child_setup(parent.as_raw(), ch.spec_r.as_raw_fd(), ch.child_report.as_raw_fd()).is_err() || super::sys::close_from(5).is_err() {
+    if child_setup(parent.as_raw(), ch.spec_r.as_raw_fd(), ch.child_report.as_raw_fd()).is_err()
+        || super::sys::close_from(5).is_err()
+    {
         exit_now(126);
     }
     scrub_environment();
@@ -393,7 +412,8 @@ fn scrub_environment() {
     // arg_start, arg_end, env_start, env_end: fields 48-51 of /proc/self/stat, counted after the
     // parenthesised command name (which may hold spaces).
     let areas = std::fs::read_to_string("/proc/self/stat").ok().and_then(|st| {
-        let f: Vec<usize> = st.rsplit_once(')')?.1.split_whitespace().skip(45).take(4).filter_map(|x| x.parse().ok()).collect();
+        let f: Vec<usize> =
+            st.rsplit_once(')')?.1.split_whitespace().skip(45).take(4).filter_map(|x| x.parse().ok()).collect();
         (f.len() == 4 && f[0] < f[1] && f[2] <= f[3]).then(|| (f[0], f[1], f[2], f[3]))
     });
     // SAFETY: single-threaded (see `Pending::fork_here`). The areas are this process's own

@@ -10,7 +10,6 @@ use nix::sys::resource::{setrlimit, Resource};
 
 use crate::policy::Limits;
 
-
 #[derive(Debug, thiserror::Error)]
 #[error("cgroup {path}: {source}")]
 pub struct CgroupError {
@@ -204,7 +203,14 @@ fn claim_slot(parent: &Path, name: &str, warnings: &mut Vec<String>) -> Result<(
 /// `cpu_weight` is the sandbox's share of contended CPU against its siblings (cgroup v2
 /// `cpu.weight`, 1-10000, 100 when None; v1 `cpu.shares` scaled to match): the supervisor can
 /// start warm-pool and background sandboxes lower, so that they yield to live sessions.
-pub fn join_cgroups(l: &Layout, limits: &Limits, cpu_weight: Option<u32>, parent: &str, name: &str, mcpbox: u32) -> (Applied, Vec<Slot>) {
+pub fn join_cgroups(
+    l: &Layout,
+    limits: &Limits,
+    cpu_weight: Option<u32>,
+    parent: &str,
+    name: &str,
+    mcpbox: u32,
+) -> (Applied, Vec<Slot>) {
     let mut a = Applied::default();
     let mut held = Vec::new();
     // Warnings from claiming slots (closures below cannot borrow `a` mutably as well).
@@ -259,15 +265,21 @@ pub fn join_cgroups(l: &Layout, limits: &Limits, cpu_weight: Option<u32>, parent
                             a.cpu_by_cgroup = true;
                             parts.push("cpu: cgroup v2".into());
                         }
-                        Err(e) if limits.cpu.is_some() || cpu_weight.is_some() => a.warnings.push(format!("cgroup v2 cpu controller not usable ({e})")),
+                        Err(e) if limits.cpu.is_some() || cpu_weight.is_some() => {
+                            a.warnings.push(format!("cgroup v2 cpu controller not usable ({e})"))
+                        }
                         Err(_) => {}
                     }
                     a.dirs.push(dir);
                     held.push(slot);
                     for c in &want {
                         parts.push(format!("{c}: cgroup v2"));
-                        if *c == "pids" { a.pids_by_cgroup = true }
-                        if *c == "memory" { a.memory_by_cgroup = true }
+                        if *c == "pids" {
+                            a.pids_by_cgroup = true
+                        }
+                        if *c == "memory" {
+                            a.memory_by_cgroup = true
+                        }
                     }
                 }
                 Err(e) => a.warnings.push(format!("cgroup v2 not usable ({e}); trying cgroup v1 / rlimits")),
@@ -318,7 +330,11 @@ pub fn join_cgroups(l: &Layout, limits: &Limits, cpu_weight: Option<u32>, parent
                 a.dirs.push(dir);
                 held.push(slot);
                 parts.push(format!("{ctl}: cgroup v1"));
-                if ctl == "pids" { a.pids_by_cgroup = true } else { a.memory_by_cgroup = true }
+                if ctl == "pids" {
+                    a.pids_by_cgroup = true
+                } else {
+                    a.memory_by_cgroup = true
+                }
             }
             Err(e) => a.warnings.push(format!("cgroup v1 {ctl} not usable ({e}); using rlimits")),
         }
@@ -332,7 +348,10 @@ pub fn join_cgroups(l: &Layout, limits: &Limits, cpu_weight: Option<u32>, parent
             // Every value is written, "no limit" included: a reused slot keeps the previous
             // sandbox's.
             write(&dir.join("cpu.cfs_period_us"), &CPU_PERIOD_US.to_string())?;
-            write(&dir.join("cpu.cfs_quota_us"), &limits.cpu.map_or_else(|| "-1".to_string(), |m| quota_us(m).to_string()))?;
+            write(
+                &dir.join("cpu.cfs_quota_us"),
+                &limits.cpu.map_or_else(|| "-1".to_string(), |m| quota_us(m).to_string()),
+            )?;
             write(&dir.join("cpu.shares"), &(u64::from(weight(cpu_weight)) * 1024 / 100).max(2).to_string())?;
             write(&dir.join("tasks"), "0")?;
             Ok((dir, slot))
@@ -389,13 +408,15 @@ fn enable_below(base: &Path, enable: &str, mcpbox: u32) -> Result<(), CgroupErro
             done => return done,
         }
         let procs_file = base.join("cgroup.procs");
-        let procs = fs::read_to_string(&procs_file).map_err(|source| CgroupError { path: procs_file.clone(), source })?;
+        let procs =
+            fs::read_to_string(&procs_file).map_err(|source| CgroupError { path: procs_file.clone(), source })?;
         let parent_of = |pid: u32| -> Option<u32> {
             let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
             stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()
         };
         let pids: Vec<u32> = procs.lines().filter_map(|l| l.trim().parse().ok()).collect();
-        let (ours, others): (Vec<u32>, Vec<u32>) = pids.iter().partition(|p| **p == mcpbox || parent_of(**p) == Some(mcpbox));
+        let (ours, others): (Vec<u32>, Vec<u32>) =
+            pids.iter().partition(|p| **p == mcpbox || parent_of(**p) == Some(mcpbox));
         // Moving mcpbox would not help then; it stays where it is.
         if !others.is_empty() || ours.is_empty() {
             return Err(CgroupError {
@@ -520,7 +541,10 @@ pub fn kill_members(dirs: &[PathBuf]) -> usize {
     for d in dirs {
         if let Ok(s) = fs::read_to_string(d.join("cgroup.procs")) {
             for pid in s.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
-                if pid as u32 != me && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).is_ok() {
+                if pid as u32 != me
+                    && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL)
+                        .is_ok()
+                {
                     killed += 1;
                 }
             }
@@ -641,7 +665,12 @@ mod tests {
     fn enable_below_moves_mcpbox_and_its_children_into_the_leaf() {
         assert!(nix::unistd::geteuid().is_root(), "this test makes cgroups: run it as root (scripts/test.sh does)");
         let (root, ctrls) = read_layout().v2.expect("a cgroup v2 hierarchy");
-        let ctl = ctrls.iter().find(|c| *c == "pids").or(ctrls.first()).expect("a controller in the cgroup v2 hierarchy").clone();
+        let ctl = ctrls
+            .iter()
+            .find(|c| *c == "pids")
+            .or(ctrls.first())
+            .expect("a controller in the cgroup v2 hierarchy")
+            .clone();
         let root_ctl = root.join("cgroup.subtree_control");
         let had = fs::read_to_string(&root_ctl).unwrap().split_whitespace().any(|c| c == ctl);
         fs::write(&root_ctl, format!("+{ctl}")).unwrap();
@@ -698,7 +727,10 @@ mod tests {
     fn own_cgroup_paths_go_under_the_mount() {
         assert_eq!(under(Path::new("/sys/fs/cgroup"), Path::new("/")), PathBuf::from("/sys/fs/cgroup"));
         assert_eq!(under(Path::new("/sys/fs/cgroup"), Path::new("")), PathBuf::from("/sys/fs/cgroup"));
-        assert_eq!(under(Path::new("/sys/fs/cgroup"), Path::new("/system.slice/mcpbox.service")), PathBuf::from("/sys/fs/cgroup/system.slice/mcpbox.service"));
+        assert_eq!(
+            under(Path::new("/sys/fs/cgroup"), Path::new("/system.slice/mcpbox.service")),
+            PathBuf::from("/sys/fs/cgroup/system.slice/mcpbox.service")
+        );
     }
 
     #[test]

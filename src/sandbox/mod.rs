@@ -9,12 +9,12 @@ mod mounts;
 mod notify;
 pub mod probe;
 pub mod seccomp;
-mod sys;
 pub mod spec;
+mod sys;
 
-pub use spec::{Access, DiskImage, Grant, Link, Msg, OuterSpec, SandboxSpec, StartReport};
 pub use limits::Layout as CgroupLayout;
 pub use limits::{memory_own, set_cpu_weight};
+pub use spec::{Access, DiskImage, Grant, Link, Msg, OuterSpec, SandboxSpec, StartReport};
 
 /// The host's cgroup layout (read once per process), for [`SandboxSpec::cgroup_layout`].
 pub fn cgroup_layout() -> CgroupLayout {
@@ -22,8 +22,8 @@ pub fn cgroup_layout() -> CgroupLayout {
 }
 
 mod launch;
-pub use launch::{spawn_blocking_std, InitProcess, Pending, SandboxError, Sandboxed, Spawner};
 pub use init::{main as sandbox_init_main, PROXY_PORT};
+pub use launch::{spawn_blocking_std, InitProcess, Pending, SandboxError, Sandboxed, Spawner};
 
 /// Clean up cgroups of sandboxes whose supervisor died without cleaning up (root only; a no-op
 /// otherwise). Called when `serve` starts.

@@ -23,7 +23,10 @@ use nix::sys::stat::Mode;
 use nix::unistd::{chdir, pivot_root};
 
 use super::spec::{Access, SandboxSpec};
-use super::sys::{mount_setattr, move_mount_fd, open_tree_clone, MOUNT_ATTR_NODEV, MOUNT_ATTR_NOEXEC, MOUNT_ATTR_NOSUID, MOUNT_ATTR_RDONLY};
+use super::sys::{
+    mount_setattr, move_mount_fd, open_tree_clone, MOUNT_ATTR_NODEV, MOUNT_ATTR_NOEXEC, MOUNT_ATTR_NOSUID,
+    MOUNT_ATTR_RDONLY,
+};
 
 #[derive(Debug, thiserror::Error)]
 #[error("{what} {path}: {source}")]
@@ -54,7 +57,8 @@ fn tmpfs(target: &Path, flags: MsFlags, data: &str) -> Result<(), MountError> {
 }
 
 fn bind(src: &Path, dst: &Path) -> Result<(), MountError> {
-    mount(Some(src), dst, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>).map_err(err("bind mount", src))
+    mount(Some(src), dst, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
+        .map_err(err("bind mount", src))
 }
 
 fn setattr(p: &Path, attrs: u64, recursive: bool) -> Result<(), MountError> {
@@ -135,7 +139,12 @@ pub fn build_root(spec: &SandboxSpec, disk: Option<OwnedFd>) -> Result<(), Mount
         bind(&inside(OLD, &Path::new("/dev").join(node)), &dst)?;
         setattr(&dst, MOUNT_ATTR_NOSUID | MOUNT_ATTR_NOEXEC, false)?;
     }
-    for (name, target) in [("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")] {
+    for (name, target) in [
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ] {
         let p = dev.join(name);
         symlink(target, &p).map_err(err("symlink", &p))?;
     }
@@ -161,9 +170,14 @@ pub fn build_root(spec: &SandboxSpec, disk: Option<OwnedFd>) -> Result<(), Mount
             return Err(MountError { what: "grant", path: g.path.clone(), source: io::Error::other(why) });
         }
         let src = open_nofollow(&old, &g.path)?;
-        let is_dir = nix::sys::stat::fstat(&src).map_err(err("fstat", &g.path))?.st_mode & libc::S_IFMT == libc::S_IFDIR;
+        let is_dir =
+            nix::sys::stat::fstat(&src).map_err(err("fstat", &g.path))?.st_mode & libc::S_IFMT == libc::S_IFDIR;
         if is_dir != g.dir {
-            let what = if g.dir { "was a directory when planned, is not now" } else { "was a file when planned, is a directory now" };
+            let what = if g.dir {
+                "was a directory when planned, is not now"
+            } else {
+                "was a file when planned, is a directory now"
+            };
             return Err(MountError { what: "grant", path: g.path.clone(), source: io::Error::other(what) });
         }
         let dst = inside(NEW, &g.path);

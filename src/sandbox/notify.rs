@@ -19,7 +19,8 @@ const MAX_PER_SECOND: u32 = 1000;
 /// Answers and records the notifications of `listener` for `server`, on a thread of its own.
 pub fn start(listener: OwnedFd, server: &str) {
     let server = server.to_string();
-    let spawned = std::thread::Builder::new().name("mcpbox-seccomp-notify".into()).spawn(move || serve(listener, &server));
+    let spawned =
+        std::thread::Builder::new().name("mcpbox-seccomp-notify".into()).spawn(move || serve(listener, &server));
     if let Err(e) = spawned {
         // The listener is closed with the closure: the server's denied syscalls get ENOSYS.
         tracing::warn!("cannot watch the seccomp denials of a sandbox: {e}");
@@ -78,5 +79,10 @@ fn denial(data: &libc::seccomp_data) -> Denial {
     let args: Vec<String> = data.args.iter().map(|a| format!("{a:#x}")).collect();
     // The object is empty: one record per syscall, whatever its arguments (the first ones seen
     // are kept in the reason).
-    Denial { layer: Layer::Seccomp, access, object: String::new(), reason: Some(format!("not in the seccomp allow-list; arguments ({})", args.join(", "))) }
+    Denial {
+        layer: Layer::Seccomp,
+        access,
+        object: String::new(),
+        reason: Some(format!("not in the seccomp allow-list; arguments ({})", args.join(", "))),
+    }
 }

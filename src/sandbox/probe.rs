@@ -45,7 +45,14 @@ pub fn layers() -> Vec<Layer> {
     let user = CloneFlags::CLONE_NEWUSER;
     let r = try_unshare(user);
     let max = read_trim("/proc/sys/user/max_user_namespaces").unwrap_or_else(|| "?".into());
-    v.push(Layer { name: "user namespace", ok: r.is_ok(), detail: match &r { Ok(()) => format!("yes (user.max_user_namespaces = {max})"), Err(e) => format!("no: unshare(CLONE_NEWUSER): {e} (user.max_user_namespaces = {max})") } });
+    v.push(Layer {
+        name: "user namespace",
+        ok: r.is_ok(),
+        detail: match &r {
+            Ok(()) => format!("yes (user.max_user_namespaces = {max})"),
+            Err(e) => format!("no: unshare(CLONE_NEWUSER): {e} (user.max_user_namespaces = {max})"),
+        },
+    });
     for (name, flag) in [
         ("pid namespace", CloneFlags::CLONE_NEWPID),
         ("mount namespace", CloneFlags::CLONE_NEWNS),
@@ -55,7 +62,14 @@ pub fn layers() -> Vec<Layer> {
         ("cgroup namespace", CloneFlags::CLONE_NEWCGROUP),
     ] {
         let r = try_unshare(user | flag);
-        v.push(Layer { name, ok: r.is_ok(), detail: match r { Ok(()) => "yes".into(), Err(e) => format!("no: {e}") } });
+        v.push(Layer {
+            name,
+            ok: r.is_ok(),
+            detail: match r {
+                Ok(()) => "yes".into(),
+                Err(e) => format!("no: {e}"),
+            },
+        });
     }
     let mut restrictions = Vec::new();
     if let Some(x) = read_trim("/proc/sys/kernel/unprivileged_userns_clone") {
@@ -76,13 +90,18 @@ pub fn layers() -> Vec<Layer> {
             "not available (kernel without CONFIG_SECURITY_LANDLOCK, or not in the lsm= list)".into()
         } else {
             let mut d = format!("ABI {abi}: filesystem rights");
-            if abi >= 4 { d += ", TCP bind/connect ports" }
-            if abi >= 6 { d += ", abstract unix socket and signal scoping" }
+            if abi >= 4 {
+                d += ", TCP bind/connect ports"
+            }
+            if abi >= 6 {
+                d += ", abstract unix socket and signal scoping"
+            }
             d
         },
     });
     let status = read_trim("/proc/self/status").unwrap_or_default();
-    let seccomp_mode = status.lines().find_map(|l| l.strip_prefix("Seccomp:")).map(|s| s.trim().to_string()).unwrap_or_default();
+    let seccomp_mode =
+        status.lines().find_map(|l| l.strip_prefix("Seccomp:")).map(|s| s.trim().to_string()).unwrap_or_default();
     v.push(Layer {
         name: "seccomp",
         ok: !seccomp_mode.is_empty(),
@@ -94,7 +113,11 @@ pub fn layers() -> Vec<Layer> {
     });
     let l = limits::layout();
     let v2 = match &l.v2 {
-        Some((p, c)) => format!("cgroup v2 at {} (controllers: {})", p.display(), if c.is_empty() { "none".into() } else { c.join(" ") }),
+        Some((p, c)) => format!(
+            "cgroup v2 at {} (controllers: {})",
+            p.display(),
+            if c.is_empty() { "none".into() } else { c.join(" ") }
+        ),
         None => "no cgroup v2".into(),
     };
     let v1: Vec<String> = [("pids", &l.v1_pids), ("memory", &l.v1_memory), ("cpu", &l.v1_cpu)]
@@ -104,7 +127,15 @@ pub fn layers() -> Vec<Layer> {
     let root = nix::unistd::geteuid().is_root();
     let v2_has = |c: &str| l.v2.as_ref().is_some_and(|(_, cs)| cs.iter().any(|x| x == c));
     let how = |c: &str, v1p: &Option<std::path::PathBuf>| {
-        if !root { "rlimit".to_string() } else if v2_has(c) { "cgroup v2".into() } else if v1p.is_some() { "cgroup v1".into() } else { "rlimit".into() }
+        if !root {
+            "rlimit".to_string()
+        } else if v2_has(c) {
+            "cgroup v2".into()
+        } else if v1p.is_some() {
+            "cgroup v1".into()
+        } else {
+            "rlimit".into()
+        }
     };
     // Where sandboxes' cgroups go: under mcpbox's own (see limits::Own).
     let own = |p: &std::path::Path| if p.as_os_str().is_empty() { "/".to_string() } else { p.display().to_string() };
@@ -125,9 +156,17 @@ pub fn layers() -> Vec<Layer> {
             "pids: {}, memory: {}, cpu: {}; open files, file size, core dumps: rlimit. [{v2}; cgroup v1: {}]{}{}",
             how("pids", &l.v1_pids),
             how("memory", &l.v1_memory),
-            if how("cpu", &l.v1_cpu) == "rlimit" { "not enforceable (no cgroup)".to_string() } else { how("cpu", &l.v1_cpu) },
+            if how("cpu", &l.v1_cpu) == "rlimit" {
+                "not enforceable (no cgroup)".to_string()
+            } else {
+                how("cpu", &l.v1_cpu)
+            },
             if v1.is_empty() { "none".into() } else { v1.join(", ") },
-            if root && !placed.is_empty() { format!(" sandboxes' cgroups go under mcpbox's own: {}", placed.join(", ")) } else { String::new() },
+            if root && !placed.is_empty() {
+                format!(" sandboxes' cgroups go under mcpbox's own: {}", placed.join(", "))
+            } else {
+                String::new()
+            },
             if root { "" } else { " (cgroups need root or a delegated subtree; rootless mcpbox uses rlimits)" }
         ),
     });

@@ -168,7 +168,9 @@ pub enum Msg {
     /// denied syscalls (EPERM) and records them.
     SeccompNotify,
     Ready(StartReport),
-    Error { message: String },
+    Error {
+        message: String,
+    },
 }
 
 #[cfg(test)]

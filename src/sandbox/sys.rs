@@ -37,7 +37,11 @@ pub fn mount_setattr(path: &str, set: u64, recursive: bool) -> io::Result<()> {
             std::mem::size_of::<MountAttr>(),
         )
     };
-    if r < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }
 
 /// Close every descriptor from `first` up.
@@ -45,14 +49,22 @@ pub fn close_from(first: u32) -> io::Result<()> {
     // SAFETY: close_range only closes descriptors; callers make sure none of the closed ones is
     // owned by a live Rust object that would be used afterwards.
     let r = unsafe { libc::syscall(libc::SYS_close_range, first, u32::MAX, 0u32) };
-    if r < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }
 
 /// Set FD_CLOEXEC on `fd`.
 pub fn set_cloexec(fd: RawFd) -> io::Result<()> {
     // SAFETY: F_SETFD on an integer descriptor has no memory effects.
     let r = unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
-    if r < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }
 
 /// Adopt a descriptor number inherited from our parent.
@@ -88,11 +100,7 @@ pub fn fork() -> io::Result<Forked> {
 pub fn thread_count() -> usize {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Threads:"))
-                .and_then(|v| v.trim().parse().ok())
-        })
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("Threads:")).and_then(|v| v.trim().parse().ok()))
         .unwrap_or(0)
 }
 
@@ -129,7 +137,12 @@ pub fn apply_seccomp_listener(prog: &[seccompiler::sock_filter]) -> io::Result<O
     let fprog = libc::sock_fprog { len: prog.len() as u16, filter: prog.as_ptr() as *mut libc::sock_filter };
     // SAFETY: `fprog` points at `prog`, which outlives the call; the kernel copies the program.
     let fd = unsafe {
-        libc::syscall(libc::SYS_seccomp, libc::SECCOMP_SET_MODE_FILTER, libc::SECCOMP_FILTER_FLAG_NEW_LISTENER, &fprog as *const libc::sock_fprog)
+        libc::syscall(
+            libc::SYS_seccomp,
+            libc::SECCOMP_SET_MODE_FILTER,
+            libc::SECCOMP_FILTER_FLAG_NEW_LISTENER,
+            &fprog as *const libc::sock_fprog,
+        )
     };
     if fd < 0 {
         return Err(io::Error::last_os_error());
@@ -158,7 +171,6 @@ pub fn exit_now(code: i32) -> ! {
     unsafe { libc::_exit(code) }
 }
 
-
 /// The Landlock ABI version of the running kernel (0: Landlock unavailable or disabled).
 pub fn landlock_abi() -> u8 {
     const LANDLOCK_CREATE_RULESET_VERSION: u32 = 1;
@@ -171,7 +183,11 @@ pub fn landlock_abi() -> u8 {
             LANDLOCK_CREATE_RULESET_VERSION,
         )
     };
-    if r < 0 { 0 } else { r.min(255) as u8 }
+    if r < 0 {
+        0
+    } else {
+        r.min(255) as u8
+    }
 }
 
 /// Write a whole message to a descriptor we do not own (the report socket), ignoring errors:
@@ -187,7 +203,11 @@ pub fn write_fd(fd: RawFd, bytes: &[u8]) {
 pub fn dup2(old: RawFd, new: RawFd) -> io::Result<()> {
     // SAFETY: dup2 only manipulates the descriptor table.
     let r = unsafe { libc::dup2(old, new) };
-    if r < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }
 
 /// Close a descriptor we hold by number only.
@@ -214,7 +234,10 @@ fn owned(r: libc::c_long) -> io::Result<std::os::fd::OwnedFd> {
 /// attach, but taken from the handle, never from a path looked up again.
 pub fn open_tree_clone(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<std::os::fd::OwnedFd> {
     const OPEN_TREE_CLONE: libc::c_uint = 1;
-    let flags = OPEN_TREE_CLONE | libc::OPEN_TREE_CLOEXEC | libc::AT_EMPTY_PATH as libc::c_uint | libc::AT_RECURSIVE as libc::c_uint;
+    let flags = OPEN_TREE_CLONE
+        | libc::OPEN_TREE_CLOEXEC
+        | libc::AT_EMPTY_PATH as libc::c_uint
+        | libc::AT_RECURSIVE as libc::c_uint;
     // SAFETY: the path is a static empty C string; with AT_EMPTY_PATH the kernel uses `fd`
     // itself. The result is a new descriptor we take ownership of.
     owned(unsafe { libc::syscall(libc::SYS_open_tree, fd.as_raw_fd(), c"".as_ptr(), flags) })
@@ -227,8 +250,14 @@ pub fn move_mount_fd(from: std::os::fd::BorrowedFd<'_>, to: std::os::fd::Borrowe
     let flags = MOVE_MOUNT_F_EMPTY_PATH | libc::MOVE_MOUNT_T_EMPTY_PATH;
     // SAFETY: both paths are static empty C strings (the kernel uses the descriptors); no
     // memory is written.
-    let r = unsafe { libc::syscall(libc::SYS_move_mount, from.as_raw_fd(), c"".as_ptr(), to.as_raw_fd(), c"".as_ptr(), flags) };
-    if r < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+    let r = unsafe {
+        libc::syscall(libc::SYS_move_mount, from.as_raw_fd(), c"".as_ptr(), to.as_raw_fd(), c"".as_ptr(), flags)
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }
 
 /// A new, detached mount of the `fstype` filesystem on block device `source` (fsopen,
@@ -243,12 +272,23 @@ pub fn fsmount_dev(fstype: &str, source: &str, attrs: u64) -> io::Result<std::os
     // SAFETY: `fstype` is a valid C string that outlives the call; the result is ours.
     let fs = owned(unsafe { libc::syscall(libc::SYS_fsopen, fstype.as_ptr(), libc::FSOPEN_CLOEXEC) })?;
     // SAFETY: key and value are valid C strings that outlive the call; the kernel copies them.
-    let r = unsafe { libc::syscall(libc::SYS_fsconfig, fs.as_raw_fd(), FSCONFIG_SET_STRING, c"source".as_ptr(), source.as_ptr(), 0) };
+    let r = unsafe {
+        libc::syscall(libc::SYS_fsconfig, fs.as_raw_fd(), FSCONFIG_SET_STRING, c"source".as_ptr(), source.as_ptr(), 0)
+    };
     if r < 0 {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: FSCONFIG_CMD_CREATE takes no key or value (NULL, 0).
-    let r = unsafe { libc::syscall(libc::SYS_fsconfig, fs.as_raw_fd(), FSCONFIG_CMD_CREATE, std::ptr::null::<libc::c_char>(), std::ptr::null::<libc::c_void>(), 0) };
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_fsconfig,
+            fs.as_raw_fd(),
+            FSCONFIG_CMD_CREATE,
+            std::ptr::null::<libc::c_char>(),
+            std::ptr::null::<libc::c_void>(),
+            0,
+        )
+    };
     if r < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -295,7 +335,11 @@ pub fn loop_backing(dev: &std::fs::File) -> io::Result<(u64, u64)> {
     // SAFETY: LOOP_GET_STATUS64 writes one loop_info64 into `info`, which is exactly that
     // struct and outlives the call.
     let r = unsafe { libc::ioctl(dev.as_raw_fd(), LOOP_GET_STATUS64, &mut info as *mut LoopInfo64) };
-    if r < 0 { Err(io::Error::last_os_error()) } else { Ok((info.lo_device, info.lo_inode)) }
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok((info.lo_device, info.lo_inode))
+    }
 }
 
 /// Bind `image` to a free loop device that detaches by itself once nothing holds it open

@@ -85,7 +85,8 @@ pub fn shared() -> &'static Shared {
         }
         let state = dir.join("state");
         let config = dir.join("mcpbox.json");
-        std::fs::write(&config, format!("{{\"mcpProxy\": {{\"options\": {{\"authTokens\": [\"{CANARY}\"]}}}}}}")).unwrap();
+        std::fs::write(&config, format!("{{\"mcpProxy\": {{\"options\": {{\"authTokens\": [\"{CANARY}\"]}}}}}}"))
+            .unwrap();
         let home = dir.join("home");
         mkdir_755(&home.join(".ssh"));
         std::fs::set_permissions(home.join(".ssh"), std::fs::Permissions::from_mode(0o700)).unwrap();
@@ -364,10 +365,19 @@ pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
 
 /// One HTTP/1.1 request to 127.0.0.1:`port` on a fresh connection: (status, headers, body).
 /// A chunked body is decoded.
-pub fn http(port: u16, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> (u16, Vec<(String, String)>, String) {
+pub fn http(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, Vec<(String, String)>, String) {
     let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to mcpbox");
     s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
     }
@@ -381,7 +391,8 @@ pub fn http(port: u16, method: &str, path: &str, headers: &[(&str, &str)], body:
     let mut rest = raw[split + 4..].to_vec();
     let mut lines = head.split("\r\n");
     let status: u16 = lines.next().unwrap().split_whitespace().nth(1).unwrap().parse().unwrap();
-    let headers: Vec<(String, String)> = lines.filter_map(|l| l.split_once(':')).map(|(k, v)| (k.trim().to_string(), v.trim().to_string())).collect();
+    let headers: Vec<(String, String)> =
+        lines.filter_map(|l| l.split_once(':')).map(|(k, v)| (k.trim().to_string(), v.trim().to_string())).collect();
     if headers.iter().any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked")) {
         rest = dechunk(&rest);
     }
@@ -391,7 +402,8 @@ pub fn http(port: u16, method: &str, path: &str, headers: &[(&str, &str)], body:
 fn dechunk(mut b: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     while let Some(eol) = b.windows(2).position(|w| w == b"\r\n") {
-        let size = usize::from_str_radix(String::from_utf8_lossy(&b[..eol]).split(';').next().unwrap().trim(), 16).unwrap_or(0);
+        let size = usize::from_str_radix(String::from_utf8_lossy(&b[..eol]).split(';').next().unwrap().trim(), 16)
+            .unwrap_or(0);
         if size == 0 {
             break;
         }

@@ -73,7 +73,8 @@ async fn a_thousand_idle_and_half_sent_connections_do_not_stop_a_normal_client()
     // mcpbox inherits the raised limit; as an unprivileged user whose hard limit is low, the test
     // holds what fits (mcpbox sizes its cap from the same limit) and says so.
     let hard = raise_own_nofile();
-    let mb = Mcpbox::start(json!({"echo": echo("session")}), json!({"headerTimeout": "60s", "bodyTimeout": "60s"})).await;
+    let mb =
+        Mcpbox::start(json!({"echo": echo("session")}), json!({"headerTimeout": "60s", "bodyTimeout": "60s"})).await;
     // mcpbox's default cap at this limit keeps 128 + 8 x 64 descriptors for itself and the
     // sandboxes (src/listen.rs); stay 40 under it, room for the normal client.
     let n = (hard as usize).saturating_sub(128 + 8 * 64 + 40).min(1000);
@@ -107,7 +108,12 @@ async fn a_thousand_idle_and_half_sent_connections_do_not_stop_a_normal_client()
     // a few of its own come and go meanwhile, hence the slack).
     let deadline = Instant::now() + Duration::from_secs(10);
     while fd_count(mb.pid()) + 10 < before + n {
-        assert!(Instant::now() < deadline, "mcpbox holds {} descriptors, expected {} + {n}", fd_count(mb.pid()), before);
+        assert!(
+            Instant::now() < deadline,
+            "mcpbox holds {} descriptors, expected {} + {n}",
+            fd_count(mb.pid()),
+            before
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let t = Instant::now();
@@ -208,14 +214,20 @@ async fn connections_over_the_caps_are_refused_at_once() {
     }
     // other addresses are not affected
     let mut other = connect_from(4, mb.addr).await;
-    other.write_all(format!("{}Connection: close\r\n\r\n", head(&mb, "GET /healthz HTTP/1.1\r\n")).as_bytes()).await.unwrap();
+    other
+        .write_all(format!("{}Connection: close\r\n\r\n", head(&mb, "GET /healthz HTTP/1.1\r\n")).as_bytes())
+        .await
+        .unwrap();
     let (got, _) = read_to_eof(&mut other, Duration::from_secs(5)).await;
     assert!(got.starts_with("HTTP/1.1 200 "), "{got:?}");
     // a freed place is taken again
     drop(held.pop());
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut again = connect_from(3, mb.addr).await;
-    again.write_all(format!("{}Connection: close\r\n\r\n", head(&mb, "GET /healthz HTTP/1.1\r\n")).as_bytes()).await.unwrap();
+    again
+        .write_all(format!("{}Connection: close\r\n\r\n", head(&mb, "GET /healthz HTTP/1.1\r\n")).as_bytes())
+        .await
+        .unwrap();
     let (got, _) = read_to_eof(&mut again, Duration::from_secs(5)).await;
     assert!(got.starts_with("HTTP/1.1 200 "), "{got:?}");
     assert!(mb.log_text().contains("maxConnectionsPerAddress"), "the refusal is not logged:\n{}", mb.log_text());
@@ -316,10 +328,21 @@ fn serve_check_prints_the_effective_limits() {
         .to_string(),
     )
     .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mcpbox")).args(["serve", "--check", "--config"]).arg(&cfg).output().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mcpbox"))
+        .args(["serve", "--check", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
-    for want in ["d: maxSessions 16", "u: maxSessions unlimited", "t: maxSessions 3", "9 per client address", "headerTimeout 5s", "from the descriptor limit"] {
+    for want in [
+        "d: maxSessions 16",
+        "u: maxSessions unlimited",
+        "t: maxSessions 3",
+        "9 per client address",
+        "headerTimeout 5s",
+        "from the descriptor limit",
+    ] {
         assert!(text.contains(want), "{want:?} missing from:\n{text}");
     }
 }
