@@ -32,7 +32,7 @@ fn scratch() -> &'static Scratch {
             ("HOME".to_string(), "/root".to_string()),
         ]);
         let file = dir.path().join("fuzz.toml");
-        Scratch { _dir: dir, file, ctx: LoadContext { vars, search_dirs: Vec::new() } }
+        Scratch { _dir: dir, file, ctx: LoadContext { vars, ..LoadContext::default() } }
     })
 }
 
