@@ -50,6 +50,10 @@ enum Cmd {
         /// as in a default Docker container).
         #[arg(long, value_enum, default_value = "full")]
         min_level: LevelArg,
+        /// Turn the kernel's audit subsystem on if it is off, so that Landlock denials are
+        /// reported (host-wide, outlives mcpbox; see `mcpbox serve --help`).
+        #[arg(long)]
+        enable_audit: bool,
         /// The command and its arguments, after `--`.
         #[arg(last = true, required = true)]
         command: Vec<String>,
@@ -220,12 +224,12 @@ fn main() -> ExitCode {
         }
         Cmd::UrlBridge { transport } => mcpbox::urlbridge::main(transport),
         Cmd::Doctor { state_dir } => mcpbox::cli_doctor::doctor(state_dir),
-        Cmd::Run { policy, state_dir, name, min_level, command } => {
+        Cmd::Run { policy, state_dir, name, min_level, enable_audit, command } => {
             // Quiet by default (stderr is the MCP client's log), but a first start that
             // installs an npx/uvx package says so instead of hanging silently.
             init_logging("warn,mcpbox::plan::prepare=info", false);
             mcpbox::cli_run::run(
-                mcpbox::cli_run::RunArgs { policy, state_dir, name, min_level: min_level.into(), command },
+                mcpbox::cli_run::RunArgs { policy, state_dir, name, min_level: min_level.into(), enable_audit, command },
                 early,
             )
         }
