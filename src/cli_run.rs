@@ -145,7 +145,8 @@ pub fn run(args: RunArgs, early: Option<Result<crate::sandbox::Pending, crate::s
     // `policy suggest`. The audit reader starts after the signal mask is set: its thread
     // inherits it, so the signals still come to `mask.wait` below.
     let denials = crate::denials::registry().server(&name, Some(crate::denials::file_for(&state.root, &name)));
-    let audit = if args.enable_audit { crate::sandbox::audit::Enable::Yes } else { crate::sandbox::audit::Enable::IfOn };
+    let audit =
+        if args.enable_audit { crate::sandbox::audit::Enable::Yes } else { crate::sandbox::audit::Enable::IfOn };
     if let crate::sandbox::audit::Status::Unavailable(why) = crate::sandbox::audit::start(audit) {
         // Not a weakening of the sandbox, only of what is reported: at info level (`run` logs
         // warnings only by default; `mcpbox doctor` shows it too).

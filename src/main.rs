@@ -229,7 +229,14 @@ fn main() -> ExitCode {
             // installs an npx/uvx package says so instead of hanging silently.
             init_logging("warn,mcpbox::plan::prepare=info", false);
             mcpbox::cli_run::run(
-                mcpbox::cli_run::RunArgs { policy, state_dir, name, min_level: min_level.into(), enable_audit, command },
+                mcpbox::cli_run::RunArgs {
+                    policy,
+                    state_dir,
+                    name,
+                    min_level: min_level.into(),
+                    enable_audit,
+                    command,
+                },
                 early,
             )
         }

@@ -68,6 +68,11 @@ pub struct Mcpbox {
 impl Mcpbox {
     /// `servers` is the `mcpServers` object; `extra` is merged into the `mcpbox` section.
     pub async fn start(servers: Value, extra: Value) -> Mcpbox {
+        Self::start_with_args(servers, extra, &[]).await
+    }
+
+    /// [`Mcpbox::start`] with more `serve` flags.
+    pub async fn start_with_args(servers: Value, extra: Value, args: &[&str]) -> Mcpbox {
         // reqwest is built with rustls and no default crypto provider (as mcpbox's url-bridge
         // is): install ring once, before any client of this process is created.
         let _ = rustls::crypto::ring::default_provider().install_default();
@@ -97,6 +102,7 @@ impl Mcpbox {
             .arg("--state-dir")
             .arg(dir.path().join("state"))
             .args(["--grace", "2", "--log-format", "json"])
+            .args(args)
             .env(CANARY_VAR, CANARY)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())

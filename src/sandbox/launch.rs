@@ -189,25 +189,25 @@ fn read_report(sock: &OwnedFd, server: &str) -> Result<(StartReport, Option<std:
     loop {
         let mut cmsg = nix::cmsg_space!([RawFd; 1], libc::ucred);
         let mut iov = [std::io::IoSliceMut::new(&mut buf)];
-        let (n, fds, sender) = match recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC)
-        {
-            Ok(m) => {
-                let mut fds = Vec::new();
-                let mut sender = None;
-                if let Ok(cms) = m.cmsgs() {
-                    for c in cms {
-                        match c {
-                            ControlMessageOwned::ScmRights(v) => fds.extend(v),
-                            ControlMessageOwned::ScmCredentials(c) => sender = u32::try_from(c.pid()).ok(),
-                            _ => {}
+        let (n, fds, sender) =
+            match recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC) {
+                Ok(m) => {
+                    let mut fds = Vec::new();
+                    let mut sender = None;
+                    if let Ok(cms) = m.cmsgs() {
+                        for c in cms {
+                            match c {
+                                ControlMessageOwned::ScmRights(v) => fds.extend(v),
+                                ControlMessageOwned::ScmCredentials(c) => sender = u32::try_from(c.pid()).ok(),
+                                _ => {}
+                            }
                         }
                     }
+                    (m.bytes, fds, sender)
                 }
-                (m.bytes, fds, sender)
-            }
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => return Err(SandboxError::Setup(format!("reading sandbox-init's report: {e}"))),
-        };
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(SandboxError::Setup(format!("reading sandbox-init's report: {e}"))),
+            };
         let fds: Vec<OwnedFd> = fds.into_iter().filter_map(|fd| super::sys::adopt_fd(fd).ok()).collect();
         if n == 0 {
             break;
