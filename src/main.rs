@@ -157,8 +157,13 @@ enum PolicyCmd {
     ///   # egress connect api.example.com:443: 3 times, last in session 4f…
     ///   + allow = ["api.example.com:443"]
     ///   # cannot be granted: seccomp bpf: once: … mcpbox never allows it
-    /// Reported today: the egress proxy and seccomp; Landlock not yet (a path outside the grants
-    /// is simply absent: the server's ENOENT names what to add to [filesystem]).
+    /// Reported: the egress proxy, seccomp, and Landlock where mcpbox reads the kernel's audit
+    /// records (root, audit on: `serve --enable-audit`), e.g.
+    ///   [filesystem]
+    ///   # landlock exec /srv/tools/run.sh: once
+    ///   + exec = ["/srv/tools/run.sh"]
+    /// At level `full` a path outside the grants is absent rather than refused: the server's
+    /// ENOENT names what to add to [filesystem].
     /// Read each line before adding it: a denial says what the server tried, not what it needs
     /// (a hostile package tries things too). Grant the narrowest path that works, check the
     /// result with `mcpbox policy check`, and compare with `mcpbox policy diff OLD NEW`.

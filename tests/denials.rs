@@ -1,6 +1,9 @@
 //! Denials made visible: a server that reads outside its grants and asks for a host that is not
 //! on its allow-list, and makes a syscall seccomp denies; each refusal is logged with server, session and target, counted in /status
 //! and /metrics, recorded in the state dir, and `mcpbox policy suggest` proposes exactly it.
+//! Landlock's refusals (executing a file under a `read` grant at level `full`, reading outside
+//! the grants at level `container`) the same way as root, from the kernel's audit records;
+//! rootless, the log and `mcpbox doctor` say they are not reported.
 
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
