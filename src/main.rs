@@ -38,8 +38,8 @@ enum Cmd {
         /// Without it: `default`, plus the node or python runtime base for npx/uvx commands.
         #[arg(long, short = 'p')]
         policy: Option<String>,
-        /// Where per-server data/ and cache/ live (default /var/lib/mcpbox as root,
-        /// $XDG_STATE_HOME/mcpbox otherwise).
+        /// Where per-server data/ and cache/ live (default $MCPBOX_STATE_DIR, else
+        /// /var/lib/mcpbox as root, $XDG_STATE_HOME/mcpbox otherwise).
         #[arg(long)]
         state_dir: Option<PathBuf>,
         /// Server name: its state directory, uid, hostname and cgroup (default: the package for
@@ -162,6 +162,7 @@ enum PolicyCmd {
     ///   [filesystem]
     ///   # landlock exec /srv/tools/run.sh: once
     ///   + exec = ["/srv/tools/run.sh"]
+    ///
     /// At level `full` a path outside the grants is absent rather than refused: the server's
     /// ENOENT names what to add to [filesystem].
     /// Read each line before adding it: a denial says what the server tried, not what it needs
@@ -177,7 +178,7 @@ enum PolicyCmd {
         #[arg(long)]
         config: Option<PathBuf>,
         /// The state directory the server ran under (default: the config's, else
-        /// /var/lib/mcpbox as root, $XDG_STATE_HOME/mcpbox otherwise).
+        /// $MCPBOX_STATE_DIR, else /var/lib/mcpbox as root, $XDG_STATE_HOME/mcpbox otherwise).
         #[arg(long)]
         state_dir: Option<PathBuf>,
         /// The policy to compare against (file or shipped/user name), e.g. the one you are

@@ -17,7 +17,8 @@ pub struct ServeArgs {
     /// Validate the config and exit: 0 with a summary, 2 with the errors.
     #[arg(long)]
     pub check: bool,
-    /// Per-server data and caches (default /var/lib/mcpbox as root, $XDG_STATE_HOME/mcpbox otherwise).
+    /// Per-server data and caches (default: the config's `stateDir`, else $MCPBOX_STATE_DIR, else
+    /// /var/lib/mcpbox as root, $XDG_STATE_HOME/mcpbox otherwise).
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
     /// Lowest confinement level any server may get: `container` permits the container level

@@ -116,6 +116,16 @@ impl Mcpbox {
         mb
     }
 
+    /// An `mcpbox serve` started by the caller (listening on `addr`, logging to `log`), once healthy;
+    /// ended as [`Mcpbox::start`]'s is.
+    pub async fn adopt(child: Child, addr: SocketAddr, dir: tempfile::TempDir, log: PathBuf) -> Mcpbox {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let http = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
+        let mut mb = Mcpbox { child: Some(child), addr, dir, log, http };
+        mb.wait_healthy().await;
+        mb
+    }
+
     async fn wait_healthy(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
