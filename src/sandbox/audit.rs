@@ -89,6 +89,7 @@ struct Watch {
     /// Access records of domains not known yet: (event serial, domain, denials).
     pending: VecDeque<(String, String, Vec<Denial>)>,
     running: bool,
+    /// When a record of one of our sandboxes' domains last arrived.
     last_record: Option<Instant>,
 }
 
@@ -124,8 +125,9 @@ pub fn reading() -> bool {
     lock().running
 }
 
-/// Waits (at most `max`) until no record has arrived for `quiet`: the records of a server that
-/// just exited are read before `mcpbox run` exits. Returns at once when no reader runs.
+/// Waits (at most `max`) until no record of our sandboxes has arrived for `quiet`: the records
+/// of a server that just exited are read before `mcpbox run` exits (the kernel hands them over
+/// within a millisecond or so). Returns at once when no reader runs.
 pub fn settle(quiet: Duration, max: Duration) {
     let start = Instant::now();
     while reading() && start.elapsed() < max {
@@ -157,8 +159,9 @@ pub fn start(enable: Enable) -> Status {
             if enabled_by_us {
                 tracing::warn!(
                     "turned the kernel's audit subsystem on (--enable-audit), host-wide, so that Landlock denials are \
-                     reported; it stays on after mcpbox exits (`auditctl -e 0` turns it off), and without auditd \
-                     the kernel also prints its audit records to the kernel log"
+                     reported; it stays on after mcpbox exits (`auditctl -e 0` turns it off), without auditd \
+                     the kernel also prints its audit records to the kernel log, and it keeps per-syscall audit \
+                     state for processes started meanwhile (a cost on the whole host)"
                 );
             }
             lock().running = true;
@@ -337,8 +340,10 @@ fn read_loop(sock: Option<OwnedFd>) {
 fn handle(ty: u16, text: &str) -> Vec<(String, Denial)> {
     let Some(rec) = parse(text) else { return Vec::new() };
     let mut w = lock();
-    w.last_record = Some(Instant::now());
     let Some(domain) = rec.get("domain").map(str::to_owned) else { return Vec::new() };
+    if w.domains.contains_key(&domain) {
+        w.last_record = Some(Instant::now());
+    }
     if ty == AUDIT_LANDLOCK_DOMAIN {
         match rec.get("status") {
             Some("allocated") => {
@@ -349,6 +354,7 @@ fn handle(ty: u16, text: &str) -> Vec<(String, Denial)> {
                     return Vec::new();
                 };
                 let server = server.clone();
+                w.last_record = Some(Instant::now());
                 if w.domains.insert(domain.clone(), server.clone()).is_none() {
                     w.domain_order.push_back(domain.clone());
                     while w.domain_order.len() > MAX_DOMAINS {
