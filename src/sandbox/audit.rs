@@ -295,10 +295,16 @@ fn set_enabled(fd: &OwnedFd) -> Result<(), nix::errno::Errno> {
     ask(fd, &nlmsg(AUDIT_SET, NLM_F_REQUEST | NLM_F_ACK, &status), NLMSG_ERROR).map(|_| ())
 }
 
+/// Landlock denials recorded per second at most, over all servers: each distinct one rewrites a
+/// record file, and a server can make the kernel refuse as fast as it can ask (unlike seccomp's,
+/// the reader cannot make it wait). The rest are dropped, counted in one log line per second.
+const MAX_PER_SECOND: u32 = 1000;
+
 fn read_loop(sock: Option<OwnedFd>) {
     let Some(sock) = sock else { return };
     let mut buf = vec![0u8; 16 * 1024];
     let mut lost_logged = false;
+    let (mut window, mut in_window, mut dropped) = (Instant::now(), 0u32, 0u64);
     loop {
         let n = match socket::recv(sock.as_raw_fd(), &mut buf, MsgFlags::empty()) {
             Ok(n) => n,
@@ -328,6 +334,19 @@ fn read_loop(sock: Option<OwnedFd>) {
             if ty == AUDIT_LANDLOCK_ACCESS || ty == AUDIT_LANDLOCK_DOMAIN {
                 let text = String::from_utf8_lossy(&buf[off + 16..off + len]);
                 for (server, d) in handle(ty, text.trim_end_matches('\0')) {
+                    if window.elapsed() >= Duration::from_secs(1) {
+                        if dropped > 0 {
+                            tracing::warn!(
+                                "{dropped} Landlock denials were not recorded (at most {MAX_PER_SECOND} per second)"
+                            );
+                        }
+                        (window, in_window, dropped) = (Instant::now(), 0, 0);
+                    }
+                    if in_window >= MAX_PER_SECOND {
+                        dropped += 1;
+                        continue;
+                    }
+                    in_window += 1;
                     crate::denials::registry().server(&server, None).record(None, None, d);
                 }
             }
