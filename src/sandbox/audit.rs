@@ -9,8 +9,10 @@
 //! kernel attaches to its last report message (see `launch`): so a domain record maps its
 //! domain to one sandbox, and the access records of that domain to its server. A domain that
 //! mcpbox did not create (one a server made for itself, another program's) is ignored: a server
-//! cannot have its denials recorded under another server's name, nor forge records (only the
-//! kernel, and processes with `CAP_AUDIT_WRITE` in the host's user namespace, write them).
+//! cannot have its denials recorded under another server's name, nor forge records (records of
+//! these types come from the kernel only: user space may send only the `AUDIT_USER…` types, and
+//! only with `CAP_AUDIT_WRITE` in the host's user namespace). The names in a record (paths,
+//! `comm`) are the kernel's quoted or hex-encoded form, so a file name cannot add fields.
 //!
 //! The reader is a `NETLINK_AUDIT` socket bound to the read-only log group
 //! (`AUDIT_NLGRP_READLOG`), beside auditd if one runs. It needs:
