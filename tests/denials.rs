@@ -231,6 +231,9 @@ async fn landlock_refusals_are_read_from_audit_or_doctor_says_why_not() {
         (Some("ll"), Some("landlock"), Some("exec"), Some(object.as_str())),
         "{line}"
     );
+    // The session is known when the process was started for it (not when it came warm).
+    let s = f["session"].as_str().unwrap();
+    assert!(s == st.sid || s == "-", "{line}");
 
     let status = mb.request("GET", "/status", &[], None).await.json();
     let d = &status["servers"]["ll"]["denials"];

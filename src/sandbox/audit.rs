@@ -80,13 +80,20 @@ impl Status {
     }
 }
 
+/// Whose a sandbox is: the server's name and, when it was started for one, the session's id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Owner {
+    pub server: String,
+    pub session: Option<String>,
+}
+
 #[derive(Default)]
 struct Watch {
-    /// Host pid of a server process that applied Landlock → its server's name.
-    creators: HashMap<u32, String>,
+    /// Host pid of a server process that applied Landlock → its server (and session).
+    creators: HashMap<u32, Owner>,
     creator_order: VecDeque<u32>,
-    /// Domain id → server name.
-    domains: HashMap<String, String>,
+    /// Domain id → its server (and session).
+    domains: HashMap<String, Owner>,
     domain_order: VecDeque<String>,
     /// Access records of domains not known yet: (event serial, domain, denials).
     pending: VecDeque<(String, String, Vec<Denial>)>,
@@ -106,13 +113,14 @@ fn lock() -> std::sync::MutexGuard<'static, Watch> {
 
 /// The server process of a sandbox of `server` applied Landlock as host pid `pid`: its domain's
 /// denials are `server`'s. Called for every sandbox started, whether a reader runs or not
-/// (cheap, bounded).
-pub fn sandbox_started(pid: u32, server: &str) {
+/// (cheap, bounded); again with the session by the supervisor, once it knows it.
+pub fn sandbox_started(pid: u32, server: &str, session: Option<&str>) {
     if server.is_empty() || pid == 0 {
         return;
     }
+    let owner = Owner { server: server.to_string(), session: session.map(str::to_owned) };
     let mut w = lock();
-    if w.creators.insert(pid, server.to_string()).is_none() {
+    if w.creators.insert(pid, owner).is_none() {
         w.creator_order.push_back(pid);
         while w.creator_order.len() > MAX_CREATORS {
             if let Some(old) = w.creator_order.pop_front() {
@@ -335,7 +343,7 @@ fn read_loop(sock: Option<OwnedFd>) {
             }
             if ty == AUDIT_LANDLOCK_ACCESS || ty == AUDIT_LANDLOCK_DOMAIN {
                 let text = String::from_utf8_lossy(&buf[off + 16..off + len]);
-                for (server, d) in handle(ty, text.trim_end_matches('\0')) {
+                for (owner, d) in handle(ty, text.trim_end_matches('\0')) {
                     if window.elapsed() >= Duration::from_secs(1) {
                         if dropped > 0 {
                             tracing::warn!(
@@ -349,7 +357,7 @@ fn read_loop(sock: Option<OwnedFd>) {
                         continue;
                     }
                     in_window += 1;
-                    crate::denials::registry().server(&server, None).record(None, None, d);
+                    crate::denials::registry().server(&owner.server, None).record(owner.session.as_deref(), None, d);
                 }
             }
             off += (len + 3) & !3;
@@ -358,7 +366,7 @@ fn read_loop(sock: Option<OwnedFd>) {
 }
 
 /// One record: the denials it attributes (now, or with the access records that waited for it).
-fn handle(ty: u16, text: &str) -> Vec<(String, Denial)> {
+fn handle(ty: u16, text: &str) -> Vec<(Owner, Denial)> {
     let Some(rec) = parse(text) else { return Vec::new() };
     let mut w = lock();
     let Some(domain) = rec.get("domain").map(str::to_owned) else { return Vec::new() };
@@ -368,15 +376,15 @@ fn handle(ty: u16, text: &str) -> Vec<(String, Denial)> {
     if ty == AUDIT_LANDLOCK_DOMAIN {
         match rec.get("status") {
             Some("allocated") => {
-                let Some(server) = rec.get("pid").and_then(|p| p.parse::<u32>().ok()).and_then(|p| w.creators.get(&p))
+                let Some(owner) = rec.get("pid").and_then(|p| p.parse::<u32>().ok()).and_then(|p| w.creators.get(&p))
                 else {
                     // Not one of our sandboxes: its waiting records go.
                     w.pending.retain(|(_, d, _)| *d != domain);
                     return Vec::new();
                 };
-                let server = server.clone();
+                let owner = owner.clone();
                 w.last_record = Some(Instant::now());
-                if w.domains.insert(domain.clone(), server.clone()).is_none() {
+                if w.domains.insert(domain.clone(), owner.clone()).is_none() {
                     w.domain_order.push_back(domain.clone());
                     while w.domain_order.len() > MAX_DOMAINS {
                         if let Some(old) = w.domain_order.pop_front() {
@@ -387,7 +395,7 @@ fn handle(ty: u16, text: &str) -> Vec<(String, Denial)> {
                 let mut out = Vec::new();
                 w.pending.retain(|(_, d, denials)| {
                     if *d == domain {
-                        out.extend(denials.iter().map(|x| (server.clone(), x.clone())));
+                        out.extend(denials.iter().map(|x| (owner.clone(), x.clone())));
                         false
                     } else {
                         true
@@ -404,9 +412,9 @@ fn handle(ty: u16, text: &str) -> Vec<(String, Denial)> {
         }
     } else {
         let denials = denials_of(&rec);
-        if let Some(server) = w.domains.get(&domain) {
-            let server = server.clone();
-            return denials.into_iter().map(|d| (server.clone(), d)).collect();
+        if let Some(owner) = w.domains.get(&domain) {
+            let owner = owner.clone();
+            return denials.into_iter().map(|d| (owner.clone(), d)).collect();
         }
         w.pending.push_back((rec.serial.clone(), domain, denials));
         while w.pending.len() > MAX_PENDING {
@@ -510,7 +518,8 @@ mod tests {
 
     #[test]
     fn records_are_attributed_through_the_domain_record_that_follows_them() {
-        sandbox_started(4_000_001, "srv-a");
+        sandbox_started(4_000_001, "srv-a", None);
+        sandbox_started(4_000_001, "srv-a", Some("sess-1"));
         let access =
             "audit(1729738800.221:33): domain=1a6fdc679 blockers=fs.execute path=\"/opt/tool/run.sh\" dev=\"vda2\" ino=9";
         // The first access record of a domain comes before its domain record: it waits.
@@ -518,7 +527,7 @@ mod tests {
         let dom = "audit(1729738800.221:33): domain=1a6fdc679 status=allocated mode=enforcing pid=4000001 uid=0 exe=\"/usr/bin/mcpbox\" comm=\"mcpbox\"";
         let got = handle(AUDIT_LANDLOCK_DOMAIN, dom);
         assert_eq!(got.len(), 1);
-        assert_eq!(got[0].0, "srv-a");
+        assert_eq!(got[0].0, Owner { server: "srv-a".into(), session: Some("sess-1".into()) });
         assert_eq!((got[0].1.access.as_str(), got[0].1.object.as_str()), ("exec", "/opt/tool/run.sh"));
         assert_eq!(got[0].1.layer, Layer::Landlock);
         // Later records of the domain are attributed at once; two blockers of one access make one denial.
@@ -537,7 +546,7 @@ mod tests {
 
     #[test]
     fn domains_mcpbox_did_not_create_are_ignored() {
-        sandbox_started(4_000_002, "srv-b");
+        sandbox_started(4_000_002, "srv-b", None);
         let access = "audit(1.0:40): domain=2b blockers=fs.read_file path=\"/etc/shadow\" dev=\"vda2\" ino=9";
         assert!(handle(AUDIT_LANDLOCK_ACCESS, access).is_empty());
         // Created by another process (a server's own nested domain, another program).

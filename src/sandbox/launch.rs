@@ -226,9 +226,9 @@ fn read_report(sock: &OwnedFd, server: &str) -> Result<(StartReport, Option<std:
             Ok(Msg::Ready(r)) => {
                 // Sent by the server process itself, Landlock applied, just before its execve.
                 if let Some(pid) = sender {
-                    super::audit::sandbox_started(pid, server);
+                    super::audit::sandbox_started(pid, server, None);
                 }
-                ready = Some(r)
+                ready = Some(StartReport { server_pid: sender, ..r })
             }
             Ok(Msg::Error { message }) => failure = Some(message),
             Err(e) => failure = Some(format!("unreadable report from sandbox-init: {e}")),
