@@ -71,7 +71,7 @@ pub fn doctor(state_dir: Option<std::path::PathBuf>) -> ExitCode {
             for w in &r.warnings {
                 println!("  weakened: {w}");
             }
-            print!("{}", denials_reported(seccomp_recorded(&r.warnings)));
+            print!("{}", denials_reported(seccomp_recorded(&r.warnings), &landlock_reported()));
             println!("\nlevel: full");
             ExitCode::SUCCESS
         }
@@ -82,7 +82,7 @@ pub fn doctor(state_dir: Option<std::path::PathBuf>) -> ExitCode {
                     for w in &r.warnings {
                         println!("  weakened: {w}");
                     }
-                    print!("{}", denials_reported(seccomp_recorded(&r.warnings)));
+                    print!("{}", denials_reported(seccomp_recorded(&r.warnings), &landlock_reported()));
                     println!("\nlevel: container (policies must say `[sandbox] level = \"container\"`, or run with `--min-level container`)");
                     ExitCode::SUCCESS
                 }
@@ -102,28 +102,36 @@ fn seccomp_recorded(warnings: &[String]) -> bool {
     !warnings.iter().any(|w| w.contains("seccomp denials are not recorded"))
 }
 
+/// Whether `serve`/`run` would read Landlock's audit records here, as they start by default
+/// (without `--enable-audit`: doctor changes nothing on the host).
+fn landlock_reported() -> crate::sandbox::audit::Status {
+    crate::sandbox::audit::probe(crate::sandbox::audit::Enable::IfOn)
+}
+
 /// Which layers' refusals mcpbox can report on this host (`policy suggest` works from these).
-pub fn denials_reported(seccomp: bool) -> String {
+pub fn denials_reported(seccomp: bool, landlock: &crate::sandbox::audit::Status) -> String {
     let seccomp_detail = if seccomp {
         "every denied syscall goes to mcpbox (SECCOMP_RET_USER_NOTIF), is answered EPERM and is recorded"
     } else {
         "not reported: the kernel gave the trial sandbox no seccomp notification listener (before 5.0, or one already \
          above mcpbox); denied syscalls still get EPERM"
     };
+    let landlock_ok = matches!(landlock, crate::sandbox::audit::Status::Reading { .. });
+    let landlock_detail = landlock.describe();
     let rows = [
         ("egress", true, "every host:port the proxy refuses is logged, counted and recorded"),
-        (
-            "landlock",
-            false,
-            "not reported: mcpbox does not read the kernel's audit records; at level `full` a path outside the grants \
-             does not exist in the sandbox (ENOENT), and the error the server prints is the only trace",
-        ),
+        ("landlock", landlock_ok, landlock_detail.as_str()),
         ("seccomp", seccomp, seccomp_detail),
     ];
     let mut s = String::from("\n  denials reported (`mcpbox policy suggest`):\n");
     for (name, ok, detail) in rows {
         s.push_str(&format!("  {:<20} {:<4} {}\n", name, if ok { "ok" } else { "NO" }, detail));
     }
+    s.push_str(
+        "  (at level `full` a path outside the grants does not exist in the sandbox: ENOENT, from the mount view,\n   \
+         not a Landlock denial; Landlock refuses what the view holds but the grant does not permit, e.g. executing\n   \
+         a file under a `read` grant, and at level `container` everything outside the grants)\n",
+    );
     s
 }
 

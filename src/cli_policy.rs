@@ -85,7 +85,16 @@ pub fn suggest(policy: &Policy, denials: &[Recorded]) -> Suggestion {
                 add(&mut s, "network", "allow", quoted(&d.object), seen(r));
             }
             (Layer::Landlock, access @ ("read" | "write" | "exec")) => {
-                if path_covered(policy, access, Path::new(&d.object)) {
+                let path = Path::new(&d.object);
+                if !path.is_absolute() {
+                    s.notes.push(format!("{}: not an absolute path a grant can name", seen(r)));
+                    continue;
+                }
+                if let Some(why) = crate::policy::reserved_conflict(path) {
+                    s.notes.push(format!("{}: {why}", seen(r)));
+                    continue;
+                }
+                if path_covered(policy, access, path) {
                     s.covered += 1;
                     continue;
                 }
@@ -363,6 +372,26 @@ mod tests {
         assert!(s.notes[0].contains("b.test:80"));
         let text = render_suggest("srv", &p, 2, &s);
         assert!(text.contains("+ mode = \"proxy\"\n"), "{text}");
+    }
+
+    #[test]
+    fn landlock_denials_become_the_grant_of_their_access_never_a_reserved_path() {
+        let p = pol("[filesystem]\nread = [\"/usr/share\"]\n");
+        let denials = vec![
+            rec(Layer::Landlock, "exec", "/usr/share/run.sh", "blockers=fs.execute"),
+            rec(Layer::Landlock, "read", "/usr/share/x", "blockers=fs.read_file"),
+            rec(Layer::Landlock, "read", "/srv/data/a.txt", "blockers=fs.read_file"),
+            rec(Layer::Landlock, "write", "/proc/sys/kernel/x", "blockers=fs.write_file"),
+            rec(Layer::Landlock, "read", "/", "blockers=fs.read_dir"),
+            rec(Layer::Landlock, "signal", "pid 1 (init)", "blockers=scope.signal"),
+        ];
+        let s = suggest(&p, &denials);
+        let got: Vec<(&str, &str)> = s.additions.iter().map(|a| (a.key, a.value.as_str())).collect();
+        assert_eq!(got, vec![("exec", "\"/usr/share/run.sh\""), ("read", "\"/srv/data/a.txt\"")]);
+        assert_eq!(s.covered, 1);
+        assert_eq!(s.notes.len(), 3, "{:?}", s.notes);
+        let text = render_suggest("srv", &p, denials.len(), &s);
+        assert!(text.contains("+ exec = [\"/usr/share/run.sh\"]\n"), "{text}");
     }
 
     #[test]

@@ -16,6 +16,8 @@ pub struct RunArgs {
     pub state_dir: Option<PathBuf>,
     pub name: Option<String>,
     pub min_level: Level,
+    /// `--enable-audit`: turn the kernel's audit subsystem on for Landlock denials (see `serve`).
+    pub enable_audit: bool,
     pub command: Vec<String>,
 }
 
@@ -139,8 +141,17 @@ pub fn run(args: RunArgs, early: Option<Result<crate::sandbox::Pending, crate::s
         eprintln!("mcpbox: sigprocmask: {e}");
         return ExitCode::from(EXIT_SETUP);
     }
-    // Denials (the proxy's, seccomp's) are recorded in the server's state dir for `policy suggest`.
+    // Denials (the proxy's, seccomp's, Landlock's) are recorded in the server's state dir for
+    // `policy suggest`. The audit reader starts after the signal mask is set: its thread
+    // inherits it, so the signals still come to `mask.wait` below.
     let denials = crate::denials::registry().server(&name, Some(crate::denials::file_for(&state.root, &name)));
+    let audit =
+        if args.enable_audit { crate::sandbox::audit::Enable::Yes } else { crate::sandbox::audit::Enable::IfOn };
+    if let crate::sandbox::audit::Status::Unavailable(why) = crate::sandbox::audit::start(audit) {
+        // Not a weakening of the sandbox, only of what is reported: at info level (`run` logs
+        // warnings only by default; `mcpbox doctor` shows it too).
+        tracing::info!("Landlock denials are not reported: {why}");
+    }
     denials.set_policy(&planned.policy.source);
     let (mut child, report, proxy_listener) = match pending.send(&planned.spec) {
         Ok(x) => x,
@@ -206,6 +217,8 @@ pub fn run(args: RunArgs, early: Option<Result<crate::sandbox::Pending, crate::s
             }
         }
     };
+    // The audit records of what Landlock refused the server last may still be on their way.
+    crate::sandbox::audit::settle(std::time::Duration::from_millis(20), std::time::Duration::from_millis(500));
     use std::os::unix::process::ExitStatusExt;
     let code = status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
     ExitCode::from(code.clamp(0, 255) as u8)

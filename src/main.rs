@@ -38,8 +38,8 @@ enum Cmd {
         /// Without it: `default`, plus the node or python runtime base for npx/uvx commands.
         #[arg(long, short = 'p')]
         policy: Option<String>,
-        /// Where per-server data/ and cache/ live (default /var/lib/mcpbox as root,
-        /// $XDG_STATE_HOME/mcpbox otherwise).
+        /// Where per-server data/ and cache/ live (default $MCPBOX_STATE_DIR, else
+        /// /var/lib/mcpbox as root, $XDG_STATE_HOME/mcpbox otherwise).
         #[arg(long)]
         state_dir: Option<PathBuf>,
         /// Server name: its state directory, uid, hostname and cgroup (default: the package for
@@ -50,6 +50,10 @@ enum Cmd {
         /// as in a default Docker container).
         #[arg(long, value_enum, default_value = "full")]
         min_level: LevelArg,
+        /// Turn the kernel's audit subsystem on if it is off, so that Landlock denials are
+        /// reported (host-wide, outlives mcpbox; see `mcpbox serve --help`).
+        #[arg(long)]
+        enable_audit: bool,
         /// The command and its arguments, after `--`.
         #[arg(last = true, required = true)]
         command: Vec<String>,
@@ -153,8 +157,14 @@ enum PolicyCmd {
     ///   # egress connect api.example.com:443: 3 times, last in session 4f…
     ///   + allow = ["api.example.com:443"]
     ///   # cannot be granted: seccomp bpf: once: … mcpbox never allows it
-    /// Reported today: the egress proxy and seccomp; Landlock not yet (a path outside the grants
-    /// is simply absent: the server's ENOENT names what to add to [filesystem]).
+    /// Reported: the egress proxy, seccomp, and Landlock where mcpbox reads the kernel's audit
+    /// records (root, audit on: `serve --enable-audit`), e.g.
+    ///   [filesystem]
+    ///   # landlock exec /srv/tools/run.sh: once
+    ///   + exec = ["/srv/tools/run.sh"]
+    ///
+    /// At level `full` a path outside the grants is absent rather than refused: the server's
+    /// ENOENT names what to add to [filesystem].
     /// Read each line before adding it: a denial says what the server tried, not what it needs
     /// (a hostile package tries things too). Grant the narrowest path that works, check the
     /// result with `mcpbox policy check`, and compare with `mcpbox policy diff OLD NEW`.
@@ -168,7 +178,7 @@ enum PolicyCmd {
         #[arg(long)]
         config: Option<PathBuf>,
         /// The state directory the server ran under (default: the config's, else
-        /// /var/lib/mcpbox as root, $XDG_STATE_HOME/mcpbox otherwise).
+        /// $MCPBOX_STATE_DIR, else /var/lib/mcpbox as root, $XDG_STATE_HOME/mcpbox otherwise).
         #[arg(long)]
         state_dir: Option<PathBuf>,
         /// The policy to compare against (file or shipped/user name), e.g. the one you are
@@ -220,12 +230,19 @@ fn main() -> ExitCode {
         }
         Cmd::UrlBridge { transport } => mcpbox::urlbridge::main(transport),
         Cmd::Doctor { state_dir } => mcpbox::cli_doctor::doctor(state_dir),
-        Cmd::Run { policy, state_dir, name, min_level, command } => {
+        Cmd::Run { policy, state_dir, name, min_level, enable_audit, command } => {
             // Quiet by default (stderr is the MCP client's log), but a first start that
             // installs an npx/uvx package says so instead of hanging silently.
             init_logging("warn,mcpbox::plan::prepare=info", false);
             mcpbox::cli_run::run(
-                mcpbox::cli_run::RunArgs { policy, state_dir, name, min_level: min_level.into(), command },
+                mcpbox::cli_run::RunArgs {
+                    policy,
+                    state_dir,
+                    name,
+                    min_level: min_level.into(),
+                    enable_audit,
+                    command,
+                },
                 early,
             )
         }

@@ -17,7 +17,8 @@ pub struct ServeArgs {
     /// Validate the config and exit: 0 with a summary, 2 with the errors.
     #[arg(long)]
     pub check: bool,
-    /// Per-server data and caches (default /var/lib/mcpbox as root, $XDG_STATE_HOME/mcpbox otherwise).
+    /// Per-server data and caches (default: the config's `stateDir`, else $MCPBOX_STATE_DIR, else
+    /// /var/lib/mcpbox as root, $XDG_STATE_HOME/mcpbox otherwise).
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
     /// Lowest confinement level any server may get: `container` permits the container level
@@ -40,6 +41,12 @@ pub struct ServeArgs {
     /// (overrides `mcpbox.drainGrace`; 0 ends them at once).
     #[arg(long)]
     pub drain_grace: Option<u64>,
+    /// Turn the kernel's audit subsystem on if it is off, so that what Landlock refuses a server
+    /// is reported (logged, counted, recorded for `policy suggest`). A host-wide change that
+    /// outlives mcpbox; without auditd the kernel also prints its audit records to its log.
+    /// Without this flag Landlock denials are reported only where audit is on already.
+    #[arg(long)]
+    pub enable_audit: bool,
 }
 
 fn load(args: &ServeArgs) -> Result<Config, config::ConfigError> {
@@ -194,6 +201,12 @@ async fn run(args: ServeArgs, cfg: Config) -> anyhow::Result<()> {
     let swept = crate::sandbox::sweep_stale_cgroups();
     if swept > 0 {
         tracing::info!("removed {swept} cgroup(s) left by earlier sandboxes");
+    }
+    // Landlock's refusals come from the kernel's audit records (logged either way: read, or why not).
+    let audit =
+        if args.enable_audit { crate::sandbox::audit::Enable::Yes } else { crate::sandbox::audit::Enable::IfOn };
+    if let crate::sandbox::audit::Status::Unavailable(why) = crate::sandbox::audit::start(audit) {
+        tracing::warn!("Landlock denials are not reported: {why}");
     }
     let state = crate::plan::StateDir::for_config(&cfg, &args.config, args.state_dir.clone(), min_level);
     // npx/uvx servers: install what is missing before serving (each in its prepare sandbox);

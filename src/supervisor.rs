@@ -115,6 +115,10 @@ impl SandboxLauncher {
                 tracing::warn!(server = %name, session = ?session, "{note}");
             }
             let sb = spawner.spawn(planned.spec).await?;
+            // Landlock's denials of this sandbox name the session it was started for.
+            if let (Some(pid), Some(s)) = (sb.report.server_pid, session.as_deref()) {
+                crate::sandbox::audit::sandbox_started(pid, &name, Some(s));
+            }
             for w in &sb.report.warnings {
                 tracing::warn!(server = %name, session = ?session, "sandbox weakened: {w}");
             }

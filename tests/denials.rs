@@ -1,6 +1,9 @@
 //! Denials made visible: a server that reads outside its grants and asks for a host that is not
 //! on its allow-list, and makes a syscall seccomp denies; each refusal is logged with server, session and target, counted in /status
 //! and /metrics, recorded in the state dir, and `mcpbox policy suggest` proposes exactly it.
+//! Landlock's refusals (executing a file under a `read` grant at level `full`, reading outside
+//! the grants at level `container`) the same way as root, from the kernel's audit records;
+//! rootless, the log and `mcpbox doctor` say they are not reported.
 
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
@@ -150,4 +153,154 @@ async fn refusals_are_logged_counted_recorded_and_suggested() {
     let out = run_timeout(cmd, Duration::from_secs(30));
     let changes: Vec<&str> = out.stdout.lines().filter(|l| l.starts_with("+ ") || l.starts_with("- ")).collect();
     assert_eq!(changes, vec![format!("+ allow = \"{target}\"").as_str()], "{out}");
+}
+
+/// A directory the servers' uids can traverse, outside /tmp: at level `full` the sandbox's own
+/// /tmp is all Landlock-writable (its mounts decide there), so a grant under it shows nothing.
+fn outside_tmp(prefix: &str) -> tempfile::TempDir {
+    let dir = tempfile::Builder::new().prefix(prefix).tempdir_in("/var/tmp").unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    dir
+}
+
+fn write_mode(path: &std::path::Path, body: &str, mode: u32) {
+    std::fs::write(path, body).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// The `landlock` row of `mcpbox doctor`'s "denials reported" table.
+fn doctor_landlock_row() -> String {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_mcpbox"));
+    cmd.arg("doctor");
+    test_env(&mut cmd);
+    let out = run_timeout(cmd, Duration::from_secs(60));
+    let section = out.stdout.split("denials reported").nth(1).unwrap_or_else(|| panic!("no denials table: {out}"));
+    section.lines().find(|l| l.trim_start().starts_with("landlock ")).unwrap_or_else(|| panic!("{out}")).to_string()
+}
+
+/// Level `full`: a file under a `read` grant is in the mount view (not noexec) but its Landlock
+/// rule has no execute right, so executing it is a Landlock refusal (EACCES). As root, serve
+/// with `--enable-audit` reads it from the audit records: logged with the path, counted in
+/// /status and /metrics, and `policy suggest` proposes exactly an exec grant of that file.
+/// Rootless, mcpbox cannot read the audit log (no CAP_AUDIT_READ): still EACCES, and the log
+/// and `mcpbox doctor` say the refusal is not reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn landlock_refusals_are_read_from_audit_or_doctor_says_why_not() {
+    let root = crate::common::is_root();
+    let dir = outside_tmp("mcpbox-ll-");
+    let script = dir.path().join("denied_mcp.py");
+    std::fs::copy(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/denied_mcp.py"), &script).unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let tool = dir.path().join("tool.sh");
+    write_mode(&tool, "#!/bin/sh\nexit 7\n", 0o755);
+    let policy = dir.path().join("ll.toml");
+    let body = format!("extends = \"python\"\n[filesystem]\nread = [{:?}]\n", dir.path().display().to_string());
+    write_mode(&policy, &body, 0o644);
+
+    let servers = json!({"ll": {"command": "/usr/bin/python3", "args": [script], "policy": policy}});
+    let args: &[&str] = if root { &["--enable-audit"] } else { &[] };
+    let mb = Mcpbox::start_with_args(servers, json!({}), args).await;
+    let st = Streamable::open(&mb, "ll").await;
+    let out = text_of(&st.request(call_msg(json!(2), "probe", json!({"exec": tool}))).await);
+    assert!(out.contains("EXEC-ERRNO 13"), "executing a file under a read grant: EACCES from Landlock: {out}");
+
+    if !root {
+        assert!(
+            eventually(Duration::from_secs(5), || mb.log_text().contains("Landlock denials are not reported")),
+            "the start must say Landlock denials are not reported:\n{}",
+            mb.log_text()
+        );
+        let row = doctor_landlock_row();
+        assert!(row.contains(" NO ") && row.contains("CAP_AUDIT_READ"), "doctor must say why not: {row}");
+        let metrics = mb.request("GET", "/metrics", &[], None).await.body;
+        assert!(metrics.contains("mcpbox_denials_total{server=\"ll\",layer=\"landlock\"} 0\n"), "{metrics}");
+        return;
+    }
+
+    let object = tool.display().to_string();
+    let found = eventually(Duration::from_secs(5), || {
+        mb.log_text().lines().any(|l| l.contains("landlock denied: exec") && l.contains(&object))
+    });
+    assert!(found, "no Landlock denial line for {object}:\n{}", mb.log_text());
+    let line =
+        mb.log_text().lines().find(|l| l.contains("landlock denied: exec") && l.contains(&object)).unwrap().to_string();
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let f = &v["fields"];
+    assert_eq!(
+        (f["server"].as_str(), f["layer"].as_str(), f["access"].as_str(), f["object"].as_str()),
+        (Some("ll"), Some("landlock"), Some("exec"), Some(object.as_str())),
+        "{line}"
+    );
+    // The session is known when the process was started for it (not when it came warm).
+    let s = f["session"].as_str().unwrap();
+    assert!(s == st.sid || s == "-", "{line}");
+
+    let status = mb.request("GET", "/status", &[], None).await.json();
+    let d = &status["servers"]["ll"]["denials"];
+    assert_eq!(d["total"]["landlock"], 1, "{status}");
+    assert!(
+        d["recent"].as_array().unwrap().iter().any(|r| r["layer"] == "landlock" && r["object"] == object.as_str()),
+        "{status}"
+    );
+    let metrics = mb.request("GET", "/metrics", &[], None).await.body;
+    assert!(metrics.contains("mcpbox_denials_total{server=\"ll\",layer=\"landlock\"} 1\n"), "{metrics}");
+    // The reader is running (audit is on now: this process turned it on).
+    let row = doctor_landlock_row();
+    assert!(row.contains(" ok ") && row.contains("audit records"), "{row}");
+
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_mcpbox"));
+    cmd.args(["policy", "suggest", "ll", "--state-dir"]).arg(mb.dir.path().join("state"));
+    test_env(&mut cmd);
+    let out = run_timeout(cmd, Duration::from_secs(30));
+    assert_eq!(out.code, 0, "{out}");
+    let plus: Vec<&str> = out.stdout.lines().filter(|l| l.starts_with('+')).collect();
+    assert_eq!(plus, vec![format!("+ exec = [{object:?}]").as_str()], "{out}");
+}
+
+/// Level `container` (no namespaces: mcpbox under a filter like Docker's default): no mount
+/// view, so reading a file outside the grants is a Landlock refusal (EACCES). `mcpbox run`
+/// reports it as root with `--enable-audit` (log line, the state dir's record, `policy
+/// suggest` proposes exactly that file); rootless it says it cannot.
+#[test]
+fn container_level_reads_outside_the_grants_are_landlock_denials() {
+    let root = crate::common::is_root();
+    let dir = outside_tmp("mcpbox-ll-ctr-");
+    let secret_dir = dir.path().join("secret");
+    std::fs::create_dir(&secret_dir).unwrap();
+    std::fs::set_permissions(&secret_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let secret = secret_dir.join("canary.txt");
+    write_mode(&secret, "LL-CONTAINER-CANARY", 0o644);
+    let policy = dir.path().join("ctr.toml");
+    write_mode(&policy, "extends = \"python\"\n[filesystem]\nexec = [\"/usr/bin/dash\"]\n", 0o644);
+    let state = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_mcpbox"));
+    cmd.args(["run", "--min-level", "container", "--name", "llctr", "--policy"]).arg(&policy);
+    cmd.arg("--state-dir").arg(state.path());
+    if root {
+        cmd.arg("--enable-audit");
+    }
+    let sh = format!("read x < {}; echo \"rc=$? x=$x\"", secret.display());
+    cmd.args(["--", "/usr/bin/dash", "-c", &sh]).env("MCPBOX_LOG", "info");
+    test_env(&mut cmd);
+    let out = run_timeout(crate::sandbox::under_docker_filter(cmd), Duration::from_secs(60));
+    assert_eq!(out.code, 0, "{out}");
+    assert!(out.stderr.contains("container"), "the container level must be announced: {out}");
+    assert!(out.stdout.contains("rc=2 x=\n") && !out.stdout.contains("CANARY"), "{out}");
+    assert!(out.stderr.contains("Permission denied"), "EACCES, from Landlock: {out}");
+    let object = secret.display().to_string();
+    if !root {
+        assert!(out.stderr.contains("Landlock denials are not reported"), "{out}");
+        return;
+    }
+    assert!(
+        out.stderr.lines().any(|l| l.contains("landlock denied: read") && l.contains(&object)),
+        "no Landlock denial line for {object}: {out}"
+    );
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_mcpbox"));
+    cmd.args(["policy", "suggest", "llctr", "--state-dir"]).arg(state.path());
+    test_env(&mut cmd);
+    let out = run_timeout(cmd, Duration::from_secs(30));
+    assert_eq!(out.code, 0, "{out}");
+    let plus: Vec<&str> = out.stdout.lines().filter(|l| l.starts_with('+')).collect();
+    assert_eq!(plus, vec![format!("+ read = [{object:?}]").as_str()], "{out}");
 }

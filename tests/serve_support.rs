@@ -68,6 +68,11 @@ pub struct Mcpbox {
 impl Mcpbox {
     /// `servers` is the `mcpServers` object; `extra` is merged into the `mcpbox` section.
     pub async fn start(servers: Value, extra: Value) -> Mcpbox {
+        Self::start_with_args(servers, extra, &[]).await
+    }
+
+    /// [`Mcpbox::start`] with more `serve` flags.
+    pub async fn start_with_args(servers: Value, extra: Value, args: &[&str]) -> Mcpbox {
         // reqwest is built with rustls and no default crypto provider (as mcpbox's url-bridge
         // is): install ring once, before any client of this process is created.
         let _ = rustls::crypto::ring::default_provider().install_default();
@@ -97,6 +102,7 @@ impl Mcpbox {
             .arg("--state-dir")
             .arg(dir.path().join("state"))
             .args(["--grace", "2", "--log-format", "json"])
+            .args(args)
             .env(CANARY_VAR, CANARY)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -104,6 +110,16 @@ impl Mcpbox {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .expect("start mcpbox serve");
+        let http = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
+        let mut mb = Mcpbox { child: Some(child), addr, dir, log, http };
+        mb.wait_healthy().await;
+        mb
+    }
+
+    /// An `mcpbox serve` started by the caller (listening on `addr`, logging to `log`), once healthy;
+    /// ended as [`Mcpbox::start`]'s is.
+    pub async fn adopt(child: Child, addr: SocketAddr, dir: tempfile::TempDir, log: PathBuf) -> Mcpbox {
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let http = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
         let mut mb = Mcpbox { child: Some(child), addr, dir, log, http };
         mb.wait_healthy().await;

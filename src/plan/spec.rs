@@ -43,8 +43,12 @@ pub struct StateDir {
 }
 
 impl StateDir {
-    /// The default location: `/var/lib/mcpbox` as root, `$XDG_STATE_HOME/mcpbox` otherwise.
+    /// The default location: `$MCPBOX_STATE_DIR`, else `/var/lib/mcpbox` as root,
+    /// `$XDG_STATE_HOME/mcpbox` otherwise.
     pub fn default_root() -> PathBuf {
+        if let Some(d) = std::env::var_os("MCPBOX_STATE_DIR").filter(|v| !v.is_empty()) {
+            return PathBuf::from(d);
+        }
         if nix::unistd::geteuid().is_root() {
             return PathBuf::from("/var/lib/mcpbox");
         }

@@ -988,6 +988,8 @@ fn server_setup(
         cgroups: st.limits.dirs.clone(),
         host_uid: st.host_uid,
         start_latency: Default::default(),
+        // mcpbox takes it from the credentials the kernel attaches to this message.
+        server_pid: None,
     };
     send(report, &Msg::Ready(rep));
     let errno = nix::unistd::execve(&argv[0], &argv, &envp).unwrap_err();

@@ -1,6 +1,12 @@
 //! Landlock: filesystem rights from the policy, TCP ports where the policy narrows the host
 //! network, abstract-unix-socket and signal scoping. The ABI is the kernel's own (the best it
 //! has); the rights handled are exactly that ABI's, and the status reached is checked.
+//!
+//! From ABI 7 on, the domain is created with `LANDLOCK_RESTRICT_SELF_LOG_NEW_EXEC_ON`: by default
+//! the kernel logs (as audit records) only the denials of the process that called
+//! `landlock_restrict_self` until it execs, i.e. none of the server's. With the flag, what the
+//! server and its children are refused is logged, and `super::audit` turns it into denials of
+//! the server. Before ABI 7 the kernel logs nothing and a warning says so.
 
 use std::path::{Path, PathBuf};
 
@@ -39,6 +45,9 @@ pub enum NetRules {
     /// TCP bind/connect only to these ports (empty lists deny all TCP).
     Ports { connect: Vec<u16>, bind: Vec<u16> },
 }
+
+/// The first ABI whose domains can log the denials of the programs they exec.
+pub const LOG_ABI: u8 = 7;
 
 pub struct Outcome {
     pub abi: u8,
@@ -88,6 +97,13 @@ pub fn apply(rules: &[Rule], net: &NetRules, min_abi: u8) -> Result<Outcome, Lan
         warnings.push(format!("Landlock ABI {kernel} cannot scope abstract unix sockets and signals (needs ABI 6)"));
     }
     let mut created = ruleset.create()?;
+    if kernel >= LOG_ABI {
+        created = created.log_new_exec(true)?;
+    } else {
+        warnings.push(format!(
+            "Landlock ABI {kernel} cannot log what it refuses (needs ABI {LOG_ABI}, Linux 6.15): Landlock denials are not reported"
+        ));
+    }
     for rule in rules {
         let fd = PathFd::new(&rule.path).map_err(|source| LandlockError::Path { path: rule.path.clone(), source })?;
         created = created.add_rule(PathBeneath::new(fd, rights(rule.access, rule.dir, abi)))?;

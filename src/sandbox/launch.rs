@@ -97,6 +97,9 @@ fn channels() -> std::io::Result<Channels> {
     let (a, b) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)?;
     // A sandbox-init that never reports must not hang the spawner forever.
     nix::sys::socket::setsockopt(&a, nix::sys::socket::sockopt::ReceiveTimeout, &nix::sys::time::TimeVal::new(30, 0))?;
+    // The kernel attaches the sender's credentials (its pid translated to ours) to every message:
+    // the server's host pid, from its Ready report, is how its Landlock denials find it (`audit`).
+    nix::sys::socket::setsockopt(&a, nix::sys::socket::sockopt::PassCred, &true)?;
     Ok(Channels { spec_r: high(r)?, spec_w: w, report: a, child_report: high(b)? })
 }
 
@@ -184,23 +187,27 @@ fn read_report(sock: &OwnedFd, server: &str) -> Result<(StartReport, Option<std:
     let mut listener = None;
     let mut buf = vec![0u8; 256 * 1024];
     loop {
-        let mut cmsg = nix::cmsg_space!([RawFd; 1]);
+        let mut cmsg = nix::cmsg_space!([RawFd; 1], libc::ucred);
         let mut iov = [std::io::IoSliceMut::new(&mut buf)];
-        let (n, fds) = match recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC) {
-            Ok(m) => {
-                let mut fds = Vec::new();
-                if let Ok(cms) = m.cmsgs() {
-                    for c in cms {
-                        if let ControlMessageOwned::ScmRights(v) = c {
-                            fds.extend(v);
+        let (n, fds, sender) =
+            match recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC) {
+                Ok(m) => {
+                    let mut fds = Vec::new();
+                    let mut sender = None;
+                    if let Ok(cms) = m.cmsgs() {
+                        for c in cms {
+                            match c {
+                                ControlMessageOwned::ScmRights(v) => fds.extend(v),
+                                ControlMessageOwned::ScmCredentials(c) => sender = u32::try_from(c.pid()).ok(),
+                                _ => {}
+                            }
                         }
                     }
+                    (m.bytes, fds, sender)
                 }
-                (m.bytes, fds)
-            }
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => return Err(SandboxError::Setup(format!("reading sandbox-init's report: {e}"))),
-        };
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(SandboxError::Setup(format!("reading sandbox-init's report: {e}"))),
+            };
         let fds: Vec<OwnedFd> = fds.into_iter().filter_map(|fd| super::sys::adopt_fd(fd).ok()).collect();
         if n == 0 {
             break;
@@ -216,7 +223,13 @@ fn read_report(sock: &OwnedFd, server: &str) -> Result<(StartReport, Option<std:
                     super::notify::start(fd, server);
                 }
             }
-            Ok(Msg::Ready(r)) => ready = Some(r),
+            Ok(Msg::Ready(r)) => {
+                // Sent by the server process itself, Landlock applied, just before its execve.
+                if let Some(pid) = sender {
+                    super::audit::sandbox_started(pid, server, None);
+                }
+                ready = Some(StartReport { server_pid: sender, ..r })
+            }
             Ok(Msg::Error { message }) => failure = Some(message),
             Err(e) => failure = Some(format!("unreadable report from sandbox-init: {e}")),
         }

@@ -1,6 +1,7 @@
 //! The only module with `unsafe`: the sandbox-init sequence, namespaces, mounts, credentials,
 //! Landlock, seccomp, limits, and the host probe behind `mcpbox doctor`.
 
+pub mod audit;
 mod disk;
 mod init;
 mod landlock;

@@ -155,6 +155,10 @@ pub struct StartReport {
     pub host_uid: u32,
     #[serde(skip)]
     pub start_latency: Duration,
+    /// The server's host pid (as the kernel gave it with the report; Landlock's audit records
+    /// name it), filled in by mcpbox.
+    #[serde(skip)]
+    pub server_pid: Option<u32>,
 }
 
 /// Messages from sandbox-init to mcpbox over the report socket (SOCK_SEQPACKET: one message

@@ -1,0 +1,579 @@
+//! Landlock's refusals, read from the kernel's audit records and recorded as denials of the
+//! server whose sandbox they happened in ([`crate::denials`], [`Layer::Landlock`]).
+//!
+//! Landlock (ABI 7 on) reports what a domain refuses as audit records: `LANDLOCK_ACCESS` (1423:
+//! `domain=ID blockers=fs.execute path="/x" …`) and, after the first one of a domain in the same
+//! event, `LANDLOCK_DOMAIN` (1424: `domain=ID status=allocated … pid=P …`, `P` being the host
+//! pid of the process that created the domain). Each server applies Landlock to itself just
+//! before its `execve`, and mcpbox learns that process's host pid from the credentials the
+//! kernel attaches to its last report message (see `launch`): so a domain record maps its
+//! domain to one sandbox, and the access records of that domain to its server. A domain that
+//! mcpbox did not create (one a server made for itself, another program's) is ignored: a server
+//! cannot have its denials recorded under another server's name, nor forge records (records of
+//! these types come from the kernel only: user space may send only the `AUDIT_USER…` types, and
+//! only with `CAP_AUDIT_WRITE` in the host's user namespace). The names in a record (paths,
+//! `comm`) are the kernel's quoted or hex-encoded form, so a file name cannot add fields.
+//!
+//! The reader is a `NETLINK_AUDIT` socket bound to the read-only log group
+//! (`AUDIT_NLGRP_READLOG`), beside auditd if one runs. It needs:
+//! - `CAP_AUDIT_READ` in the host's user namespace (mcpbox as root, outside a container);
+//! - mcpbox in the host's PID namespace (the records' pids are host pids);
+//! - the audit subsystem enabled. It is off unless auditd (or `auditctl -e 1`, or the `audit=1`
+//!   boot parameter) turned it on. Turning it on is a host-wide change, so mcpbox does it only
+//!   when told to (`--enable-audit`), says so in its log, and leaves it on (another reader may
+//!   have started meanwhile); without auditd the kernel then also prints the records it
+//!   produces to its own log (rate-limited).
+//!
+//! Whatever is missing, mcpbox logs it once at start and `mcpbox doctor` shows it; the servers
+//! are refused exactly as before, only their Landlock denials are not reported.
+
+use std::collections::{HashMap, VecDeque};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use nix::sys::socket::{self, AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType};
+
+use crate::denials::{Denial, Layer};
+
+const AUDIT_GET: u16 = 1000;
+const AUDIT_SET: u16 = 1001;
+const AUDIT_STATUS_ENABLED: u32 = 1;
+const NLMSG_ERROR: u16 = 2;
+pub const AUDIT_LANDLOCK_ACCESS: u16 = 1423;
+pub const AUDIT_LANDLOCK_DOMAIN: u16 = 1424;
+/// `AUDIT_NLGRP_READLOG` (group 1) as a bind mask.
+const READLOG_GROUPS: u32 = 1;
+
+/// Sandboxes remembered by their server process's host pid, and domains by their id: bounded,
+/// the oldest forgotten first.
+const MAX_CREATORS: usize = 4096;
+const MAX_DOMAINS: usize = 4096;
+/// Access records waiting for their domain record (which follows them in the same event).
+const MAX_PENDING: usize = 64;
+
+/// What `--enable-audit` asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Enable {
+    /// Read the records if the audit subsystem is on; never turn it on.
+    IfOn,
+    /// Turn the audit subsystem on if it is off (host-wide), then read.
+    Yes,
+}
+
+/// Whether Landlock denials are reported by this process, and why not.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Status {
+    Reading { enabled_by_us: bool },
+    Unavailable(String),
+}
+
+impl Status {
+    pub fn describe(&self) -> String {
+        match self {
+            Status::Reading { enabled_by_us: false } => {
+                "every path a server's Landlock domain refuses is read from the kernel's audit records, logged, counted and recorded".into()
+            }
+            Status::Reading { enabled_by_us: true } => "every path a server's Landlock domain refuses is read from the kernel's audit records (mcpbox turned the audit subsystem on: --enable-audit), logged, counted and recorded".into(),
+            Status::Unavailable(why) => format!("not reported: {why}"),
+        }
+    }
+}
+
+/// Whose a sandbox is: the server's name and, when it was started for one, the session's id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Owner {
+    pub server: String,
+    pub session: Option<String>,
+}
+
+#[derive(Default)]
+struct Watch {
+    /// Host pid of a server process that applied Landlock → its server (and session).
+    creators: HashMap<u32, Owner>,
+    creator_order: VecDeque<u32>,
+    /// Domain id → its server (and session).
+    domains: HashMap<String, Owner>,
+    domain_order: VecDeque<String>,
+    /// Access records of domains not known yet: (event serial, domain, denials).
+    pending: VecDeque<(String, String, Vec<Denial>)>,
+    running: bool,
+    /// When a record of one of our sandboxes' domains last arrived.
+    last_record: Option<Instant>,
+}
+
+fn watch() -> &'static Mutex<Watch> {
+    static W: OnceLock<Mutex<Watch>> = OnceLock::new();
+    W.get_or_init(Default::default)
+}
+
+fn lock() -> std::sync::MutexGuard<'static, Watch> {
+    watch().lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The server process of a sandbox of `server` applied Landlock as host pid `pid`: its domain's
+/// denials are `server`'s. Called for every sandbox started, whether a reader runs or not
+/// (cheap, bounded); again with the session by the supervisor, once it knows it.
+pub fn sandbox_started(pid: u32, server: &str, session: Option<&str>) {
+    if server.is_empty() || pid == 0 {
+        return;
+    }
+    let owner = Owner { server: server.to_string(), session: session.map(str::to_owned) };
+    let mut w = lock();
+    if w.creators.insert(pid, owner).is_none() {
+        w.creator_order.push_back(pid);
+        while w.creator_order.len() > MAX_CREATORS {
+            if let Some(old) = w.creator_order.pop_front() {
+                w.creators.remove(&old);
+            }
+        }
+    }
+}
+
+/// Whether a reader runs in this process.
+pub fn reading() -> bool {
+    lock().running
+}
+
+/// Waits (at most `max`) until no record of our sandboxes has arrived for `quiet`: the records
+/// of a server that just exited are read before `mcpbox run` exits (the kernel hands them over
+/// within a millisecond or so). Returns at once when no reader runs.
+pub fn settle(quiet: Duration, max: Duration) {
+    let start = Instant::now();
+    while reading() && start.elapsed() < max {
+        let last = lock().last_record;
+        let since = last.map_or(start.elapsed(), |l| l.elapsed().min(start.elapsed()));
+        if since >= quiet {
+            return;
+        }
+        std::thread::sleep(quiet - since);
+    }
+}
+
+/// What this host and process allow, without starting anything (for `mcpbox doctor`):
+/// `enable` says whether mcpbox would turn audit on.
+pub fn probe(enable: Enable) -> Status {
+    match open(enable, false) {
+        Ok((_, enabled_by_us)) => Status::Reading { enabled_by_us },
+        Err(why) => Status::Unavailable(why),
+    }
+}
+
+/// Starts the reader thread (once per process). The caller logs why not, at its own level.
+pub fn start(enable: Enable) -> Status {
+    if reading() {
+        return Status::Reading { enabled_by_us: false };
+    }
+    let status = match open(enable, true) {
+        Ok((sock, enabled_by_us)) => {
+            if enabled_by_us {
+                tracing::warn!(
+                    "turned the kernel's audit subsystem on (--enable-audit), host-wide, so that Landlock denials are \
+                     reported; it stays on after mcpbox exits (`auditctl -e 0` turns it off), without auditd \
+                     the kernel also prints its audit records to the kernel log, and it keeps per-syscall audit \
+                     state for processes started meanwhile (a cost on the whole host)"
+                );
+            }
+            lock().running = true;
+            let spawned = std::thread::Builder::new().name("mcpbox-audit".into()).spawn(move || read_loop(sock));
+            match spawned {
+                Ok(_) => Status::Reading { enabled_by_us },
+                Err(e) => {
+                    lock().running = false;
+                    Status::Unavailable(format!("cannot start the audit reader thread: {e}"))
+                }
+            }
+        }
+        Err(why) => Status::Unavailable(why),
+    };
+    if let Status::Reading { .. } = &status {
+        tracing::info!("Landlock denials: {}", status.describe());
+    }
+    status
+}
+
+/// The multicast socket (when `bind`), after checking the ABI, the PID namespace and the audit
+/// state (turning it on if `enable` says so and `bind`: a probe changes nothing).
+fn open(enable: Enable, bind: bool) -> Result<(Option<OwnedFd>, bool), String> {
+    let abi = super::sys::landlock_abi();
+    if abi < super::landlock::LOG_ABI {
+        return Err(format!("Landlock ABI {abi} logs no denials (needs ABI {}, Linux 6.15)", super::landlock::LOG_ABI));
+    }
+    if !in_host_pid_namespace() {
+        return Err("mcpbox is not in the host's PID namespace, where the audit records name processes".into());
+    }
+    let nl = || {
+        socket::socket(AddressFamily::Netlink, SockType::Raw, SockFlag::SOCK_CLOEXEC, SockProtocol::NetlinkAudit)
+            .map_err(|e| format!("cannot open an audit netlink socket: {e}"))
+    };
+    let ctl = nl()?;
+    let enabled = match audit_enabled(&ctl) {
+        Ok(e) => e,
+        Err(nix::errno::Errno::EPERM) | Err(nix::errno::Errno::ECONNREFUSED) => {
+            return Err("mcpbox may not read the kernel's audit state (needs root with CAP_AUDIT_CONTROL and CAP_AUDIT_READ in the host's user namespace: not rootless, not in a container)".into())
+        }
+        Err(e) => return Err(format!("cannot read the kernel's audit state: {e}")),
+    };
+    let mut enabled_by_us = false;
+    if enabled == 0 {
+        if enable != Enable::Yes {
+            return Err("the kernel's audit subsystem is off (no auditd runs); `--enable-audit` lets mcpbox turn it on (host-wide), or run auditd / `auditctl -e 1`".into());
+        }
+        if bind {
+            set_enabled(&ctl).map_err(|e| format!("cannot turn the kernel's audit subsystem on: {e}"))?;
+        }
+        enabled_by_us = true;
+    }
+    let sock = nl()?;
+    socket::bind(sock.as_raw_fd(), &NetlinkAddr::new(0, READLOG_GROUPS)).map_err(|e| match e {
+        nix::errno::Errno::EPERM => "mcpbox may not read the audit log (needs CAP_AUDIT_READ)".to_string(),
+        e => format!("cannot join the audit log's netlink group: {e}"),
+    })?;
+    // Bound only to check that it can be; a probe drops it.
+    Ok((bind.then_some(sock), enabled_by_us))
+}
+
+fn in_host_pid_namespace() -> bool {
+    // `NSpid:` lists one pid per namespace level: one means the initial namespace.
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("NSpid:")).map(|l| l.split_whitespace().count() == 2))
+        .unwrap_or(false)
+}
+
+fn nlmsg(ty: u16, flags: u16, payload: &[u8]) -> Vec<u8> {
+    let len = 16 + payload.len();
+    let mut m = Vec::with_capacity(len);
+    m.extend((len as u32).to_ne_bytes());
+    m.extend(ty.to_ne_bytes());
+    m.extend(flags.to_ne_bytes());
+    m.extend(1u32.to_ne_bytes()); // seq
+    m.extend(0u32.to_ne_bytes()); // port id: the kernel
+    m.extend(payload);
+    m
+}
+
+const NLM_F_REQUEST: u16 = 1;
+const NLM_F_ACK: u16 = 4;
+
+/// Sends `msg` to the kernel and returns the answers' (type, payload) until the one wanted.
+fn ask(fd: &OwnedFd, msg: &[u8], want: u16) -> Result<Vec<u8>, nix::errno::Errno> {
+    let _ = socket::setsockopt(fd, socket::sockopt::ReceiveTimeout, &nix::sys::time::TimeVal::new(2, 0));
+    socket::sendto(fd.as_raw_fd(), msg, &NetlinkAddr::new(0, 0), MsgFlags::empty())?;
+    let mut buf = vec![0u8; 8192];
+    for _ in 0..8 {
+        let n = socket::recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty())?;
+        let mut off = 0;
+        while off + 16 <= n {
+            let len = u32::from_ne_bytes(buf[off..off + 4].try_into().unwrap()) as usize;
+            let ty = u16::from_ne_bytes(buf[off + 4..off + 6].try_into().unwrap());
+            if len < 16 || off + len > n {
+                break;
+            }
+            let payload = &buf[off + 16..off + len];
+            if ty == NLMSG_ERROR && payload.len() >= 4 {
+                let err = i32::from_ne_bytes(payload[..4].try_into().unwrap());
+                if err != 0 {
+                    return Err(nix::errno::Errno::from_raw(-err));
+                }
+                if want == NLMSG_ERROR {
+                    return Ok(Vec::new());
+                }
+            } else if ty == want {
+                return Ok(payload.to_vec());
+            }
+            off += (len + 3) & !3;
+        }
+    }
+    Err(nix::errno::Errno::EIO)
+}
+
+/// `struct audit_status.enabled`: 0 off, 1 on, 2 on and locked.
+fn audit_enabled(fd: &OwnedFd) -> Result<u32, nix::errno::Errno> {
+    let status = ask(fd, &nlmsg(AUDIT_GET, NLM_F_REQUEST, &[]), AUDIT_GET)?;
+    if status.len() < 8 {
+        return Err(nix::errno::Errno::EIO);
+    }
+    Ok(u32::from_ne_bytes(status[4..8].try_into().unwrap()))
+}
+
+fn set_enabled(fd: &OwnedFd) -> Result<(), nix::errno::Errno> {
+    // struct audit_status: mask, enabled, then fields the mask leaves alone.
+    let mut status = [0u8; 40];
+    status[..4].copy_from_slice(&AUDIT_STATUS_ENABLED.to_ne_bytes());
+    status[4..8].copy_from_slice(&1u32.to_ne_bytes());
+    ask(fd, &nlmsg(AUDIT_SET, NLM_F_REQUEST | NLM_F_ACK, &status), NLMSG_ERROR).map(|_| ())
+}
+
+/// Landlock denials recorded per second at most, over all servers: each distinct one rewrites a
+/// record file, and a server can make the kernel refuse as fast as it can ask (unlike seccomp's,
+/// the reader cannot make it wait). The rest are dropped, counted in one log line per second.
+const MAX_PER_SECOND: u32 = 1000;
+
+fn read_loop(sock: Option<OwnedFd>) {
+    let Some(sock) = sock else { return };
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut lost_logged = false;
+    let (mut window, mut in_window, mut dropped) = (Instant::now(), 0u32, 0u64);
+    loop {
+        let n = match socket::recv(sock.as_raw_fd(), &mut buf, MsgFlags::empty()) {
+            Ok(n) => n,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(nix::errno::Errno::ENOBUFS) => {
+                if !lost_logged {
+                    tracing::warn!(
+                        "audit records were lost (the reader fell behind): some Landlock denials are not reported"
+                    );
+                    lost_logged = true;
+                }
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!("the audit reader stopped: {e}; Landlock denials are no longer reported");
+                lock().running = false;
+                return;
+            }
+        };
+        let mut off = 0;
+        while off + 16 <= n {
+            let len = u32::from_ne_bytes(buf[off..off + 4].try_into().unwrap()) as usize;
+            let ty = u16::from_ne_bytes(buf[off + 4..off + 6].try_into().unwrap());
+            if len < 16 || off + len > n {
+                break;
+            }
+            if ty == AUDIT_LANDLOCK_ACCESS || ty == AUDIT_LANDLOCK_DOMAIN {
+                let text = String::from_utf8_lossy(&buf[off + 16..off + len]);
+                for (owner, d) in handle(ty, text.trim_end_matches('\0')) {
+                    if window.elapsed() >= Duration::from_secs(1) {
+                        if dropped > 0 {
+                            tracing::warn!(
+                                "{dropped} Landlock denials were not recorded (at most {MAX_PER_SECOND} per second)"
+                            );
+                        }
+                        (window, in_window, dropped) = (Instant::now(), 0, 0);
+                    }
+                    if in_window >= MAX_PER_SECOND {
+                        dropped += 1;
+                        continue;
+                    }
+                    in_window += 1;
+                    crate::denials::registry().server(&owner.server, None).record(owner.session.as_deref(), None, d);
+                }
+            }
+            off += (len + 3) & !3;
+        }
+    }
+}
+
+/// One record: the denials it attributes (now, or with the access records that waited for it).
+fn handle(ty: u16, text: &str) -> Vec<(Owner, Denial)> {
+    let Some(rec) = parse(text) else { return Vec::new() };
+    let mut w = lock();
+    let Some(domain) = rec.get("domain").map(str::to_owned) else { return Vec::new() };
+    if w.domains.contains_key(&domain) {
+        w.last_record = Some(Instant::now());
+    }
+    if ty == AUDIT_LANDLOCK_DOMAIN {
+        match rec.get("status") {
+            Some("allocated") => {
+                let Some(owner) = rec.get("pid").and_then(|p| p.parse::<u32>().ok()).and_then(|p| w.creators.get(&p))
+                else {
+                    // Not one of our sandboxes: its waiting records go.
+                    w.pending.retain(|(_, d, _)| *d != domain);
+                    return Vec::new();
+                };
+                let owner = owner.clone();
+                w.last_record = Some(Instant::now());
+                if w.domains.insert(domain.clone(), owner.clone()).is_none() {
+                    w.domain_order.push_back(domain.clone());
+                    while w.domain_order.len() > MAX_DOMAINS {
+                        if let Some(old) = w.domain_order.pop_front() {
+                            w.domains.remove(&old);
+                        }
+                    }
+                }
+                let mut out = Vec::new();
+                w.pending.retain(|(_, d, denials)| {
+                    if *d == domain {
+                        out.extend(denials.iter().map(|x| (owner.clone(), x.clone())));
+                        false
+                    } else {
+                        true
+                    }
+                });
+                out
+            }
+            Some("deallocated") => {
+                w.domains.remove(&domain);
+                w.domain_order.retain(|d| *d != domain);
+                Vec::new()
+            }
+            _ => Vec::new(),
+        }
+    } else {
+        let denials = denials_of(&rec);
+        if let Some(owner) = w.domains.get(&domain) {
+            let owner = owner.clone();
+            return denials.into_iter().map(|d| (owner.clone(), d)).collect();
+        }
+        w.pending.push_back((rec.serial.clone(), domain, denials));
+        while w.pending.len() > MAX_PENDING {
+            w.pending.pop_front();
+        }
+        Vec::new()
+    }
+}
+
+/// A record's text: `audit(SECONDS.MS:SERIAL): key=value …`.
+#[derive(Debug)]
+struct Record {
+    serial: String,
+    fields: Vec<(String, String)>,
+}
+
+impl Record {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.fields.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
+}
+
+fn parse(text: &str) -> Option<Record> {
+    let rest = text.strip_prefix("audit(")?;
+    let (stamp, rest) = rest.split_once("): ")?;
+    let serial = stamp.rsplit(':').next()?.to_string();
+    let fields = rest
+        .split_ascii_whitespace()
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), value(k, v)))
+        .collect();
+    Some(Record { serial, fields })
+}
+
+/// An audit value: `"quoted"` (printable, no space or quote), or, for a string the kernel
+/// considers untrusted (paths, names) that has other bytes, hex; numbers and ids as they are.
+fn value(key: &str, v: &str) -> String {
+    if let Some(q) = v.strip_prefix('"').and_then(|v| v.strip_suffix('"')) {
+        return q.to_string();
+    }
+    let untrusted = matches!(key, "path" | "name" | "exe" | "comm" | "ocomm");
+    if untrusted && v.len().is_multiple_of(2) && !v.is_empty() && v.bytes().all(|b| b.is_ascii_hexdigit()) {
+        let bytes: Vec<u8> =
+            (0..v.len()).step_by(2).filter_map(|i| u8::from_str_radix(&v[i..i + 2], 16).ok()).collect();
+        return String::from_utf8_lossy(&bytes).into_owned();
+    }
+    v.to_string()
+}
+
+/// The access a blocker stands for, in a policy's words (`read`, `write`, `exec` for paths).
+fn access_of(blocker: &str) -> &str {
+    match blocker {
+        "fs.execute" => "exec",
+        "fs.read_file" | "fs.read_dir" => "read",
+        b if b.starts_with("fs.") => "write",
+        "net.connect_tcp" | "net.connect_send_udp" => "connect",
+        "net.bind_tcp" | "net.bind_udp" => "bind",
+        "scope.signal" => "signal",
+        "scope.abstract_unix_socket" => "connect-abstract-socket",
+        other => other,
+    }
+}
+
+/// One denial per distinct access of an access record's blockers.
+fn denials_of(rec: &Record) -> Vec<Denial> {
+    let blockers = rec.get("blockers").unwrap_or("");
+    let object = if let Some(p) = rec.get("path") {
+        p.to_string()
+    } else if let Some(port) = rec.get("dest").or(rec.get("dport")) {
+        format!("{}:{port}", rec.get("daddr").unwrap_or("*"))
+    } else if let Some(port) = rec.get("src").or(rec.get("lport")) {
+        format!("{}:{port}", rec.get("saddr").unwrap_or("*"))
+    } else if let Some(pid) = rec.get("opid") {
+        format!("pid {pid} ({})", rec.get("ocomm").unwrap_or("?"))
+    } else {
+        String::new()
+    };
+    let mut out: Vec<Denial> = Vec::new();
+    for b in blockers.split(',').filter(|b| !b.is_empty()) {
+        let access = access_of(b);
+        if let Some(d) = out.iter_mut().find(|d| d.access == access) {
+            if let Some(r) = d.reason.as_mut() {
+                r.push(',');
+                r.push_str(b);
+            }
+            continue;
+        }
+        out.push(Denial {
+            layer: Layer::Landlock,
+            access: access.to_string(),
+            object: object.clone(),
+            reason: Some(format!("not granted by the policy; Landlock blockers={b}")),
+        });
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_are_attributed_through_the_domain_record_that_follows_them() {
+        sandbox_started(4_000_001, "srv-a", None);
+        sandbox_started(4_000_001, "srv-a", Some("sess-1"));
+        let access =
+            "audit(1729738800.221:33): domain=1a6fdc679 blockers=fs.execute path=\"/opt/tool/run.sh\" dev=\"vda2\" ino=9";
+        // The first access record of a domain comes before its domain record: it waits.
+        assert!(handle(AUDIT_LANDLOCK_ACCESS, access).is_empty());
+        let dom = "audit(1729738800.221:33): domain=1a6fdc679 status=allocated mode=enforcing pid=4000001 uid=0 exe=\"/usr/bin/mcpbox\" comm=\"mcpbox\"";
+        let got = handle(AUDIT_LANDLOCK_DOMAIN, dom);
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].0, Owner { server: "srv-a".into(), session: Some("sess-1".into()) });
+        assert_eq!((got[0].1.access.as_str(), got[0].1.object.as_str()), ("exec", "/opt/tool/run.sh"));
+        assert_eq!(got[0].1.layer, Layer::Landlock);
+        // Later records of the domain are attributed at once; two blockers of one access make one denial.
+        let got = handle(
+            AUDIT_LANDLOCK_ACCESS,
+            "audit(1729738801.0:34): domain=1a6fdc679 blockers=fs.make_reg,fs.refer path=2F746D702F61206220 dev=\"x\" ino=1",
+        );
+        assert_eq!(got.len(), 1);
+        assert_eq!((got[0].1.access.as_str(), got[0].1.object.as_str()), ("write", "/tmp/a b "));
+        assert!(got[0].1.reason.as_deref().unwrap().contains("fs.make_reg,fs.refer"));
+        // Once deallocated, the domain is forgotten.
+        handle(AUDIT_LANDLOCK_DOMAIN, "audit(1729738802.0:35): domain=1a6fdc679 status=deallocated denials=2");
+        assert!(handle(AUDIT_LANDLOCK_ACCESS, "audit(1.0:36): domain=1a6fdc679 blockers=fs.read_file path=\"/x\"")
+            .is_empty());
+    }
+
+    #[test]
+    fn domains_mcpbox_did_not_create_are_ignored() {
+        sandbox_started(4_000_002, "srv-b", None);
+        let access = "audit(1.0:40): domain=2b blockers=fs.read_file path=\"/etc/shadow\" dev=\"vda2\" ino=9";
+        assert!(handle(AUDIT_LANDLOCK_ACCESS, access).is_empty());
+        // Created by another process (a server's own nested domain, another program).
+        let dom = "audit(1.0:40): domain=2b status=allocated mode=enforcing pid=4000003 uid=0 exe=\"/x\" comm=\"x\"";
+        assert!(handle(AUDIT_LANDLOCK_DOMAIN, dom).is_empty());
+        assert!(lock().pending.iter().all(|(_, d, _)| d != "2b"), "nothing of it is kept");
+    }
+
+    #[test]
+    fn hostile_file_names_cannot_inject_fields() {
+        // A name with a space or a quote is printed in hex by the kernel: it stays one value.
+        let name = "/tmp/x\" blockers=fs.execute path=\"/etc";
+        let hex: String = name.bytes().map(|b| format!("{b:02X}")).collect();
+        let rec = parse(&format!("audit(1.0:1): domain=3c blockers=fs.read_file path={hex} dev=\"d\" ino=1")).unwrap();
+        let d = denials_of(&rec);
+        assert_eq!(d.len(), 1);
+        assert_eq!((d[0].access.as_str(), d[0].object.as_str()), ("read", name));
+        assert!(parse("garbage").is_none());
+        assert!(parse("audit(1.0:1): ").unwrap().fields.is_empty());
+    }
+
+    #[test]
+    fn network_and_scope_blockers_name_their_object() {
+        let rec = parse("audit(1.0:1): domain=4 blockers=net.connect_tcp daddr=127.0.0.1 dest=8080").unwrap();
+        let d = denials_of(&rec);
+        assert_eq!((d[0].access.as_str(), d[0].object.as_str()), ("connect", "127.0.0.1:8080"));
+        let rec = parse("audit(1.0:1): domain=4 blockers=scope.signal opid=1 ocomm=\"systemd\"").unwrap();
+        assert_eq!(denials_of(&rec)[0].access, "signal");
+    }
+}
