@@ -62,6 +62,14 @@ fn severity(level: &str) -> Option<usize> {
 }
 /// JSON-RPC error for a missing or mismatched `MCP-Protocol-Version`, `Mcp-Method`, `Mcp-Name`.
 pub const HEADER_MISMATCH: i64 = -32020;
+/// JSON-RPC error for a request whose processing needs a client capability it did not declare.
+pub const MISSING_CAPABILITY: i64 = -32021;
+const METHOD_NOT_FOUND: i64 = -32601;
+/// 2025-era methods that 2026-07-28 removed: answered 404 with -32601, never forwarded (the
+/// principal's backend was initialized by mcpbox; its log level and subscriptions are mcpbox's).
+const REMOVED: [&str; 5] = ["initialize", "ping", "logging/setLevel", "resources/subscribe", "resources/unsubscribe"];
+/// Longest server request id that names its `inputRequests` entry.
+const MAX_KEY: usize = 64;
 /// The protocol version mcpbox speaks to the stdio servers behind it.
 const BACKEND_VERSION: &str = "2025-11-25";
 /// How long an input-required round waits for the client's retry.
@@ -124,6 +132,57 @@ fn check_headers(headers: &HeaderMap, msg: &Value) -> Result<(), Response> {
         }
     }
     Ok(())
+}
+
+/// A 2026-07-28 request must carry its protocol version and client capabilities in
+/// `params._meta` (the client info is optional): else 400 with -32602 naming what is missing.
+#[allow(clippy::result_large_err)]
+fn check_meta(msg: &Value) -> Result<(), Response> {
+    let id = msg.get("id").cloned().unwrap_or(Value::Null);
+    let missing = match meta(msg) {
+        None => Some(
+            "params._meta is required (2026-07-28 requests carry their protocol version and client capabilities there)",
+        ),
+        Some(m) if !m.get(META_VERSION).is_some_and(Value::is_string) => {
+            Some("params._meta must name io.modelcontextprotocol/protocolVersion")
+        }
+        Some(m) if !m.get(META_CAPS).is_some_and(Value::is_object) => {
+            Some("params._meta must carry io.modelcontextprotocol/clientCapabilities (an object)")
+        }
+        Some(_) => None,
+    };
+    match missing {
+        Some(text) => Err(rpc_error(StatusCode::BAD_REQUEST, id, -32602, text)),
+        None => Ok(()),
+    }
+}
+
+/// The `inputRequests` key of a server request: its own id when that is a short plain string
+/// not used yet in the round (the server's name for it), else `input-N`.
+pub(super) fn input_key(server_id: &Value, taken: &Map<String, Value>) -> String {
+    if let Some(s) = server_id.as_str() {
+        let plain = !s.is_empty()
+            && s.len() <= MAX_KEY
+            && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+        if plain && !taken.contains_key(s) {
+            return s.to_string();
+        }
+    }
+    let mut n = taken.len() + 1;
+    while taken.contains_key(&format!("input-{n}")) {
+        n += 1;
+    }
+    format!("input-{n}")
+}
+
+/// The HTTP status of a 2026-07-28 JSON answer: 404 for method-not-found, 400 for a missing
+/// client capability, else 200.
+fn status_of(v: &Value) -> StatusCode {
+    match v.get("error").and_then(|e| e.get("code")).and_then(Value::as_i64) {
+        Some(METHOD_NOT_FOUND) => StatusCode::NOT_FOUND,
+        Some(MISSING_CAPABILITY) => StatusCode::BAD_REQUEST,
+        _ => StatusCode::OK,
+    }
 }
 
 /// One input-required round: the backend request still in flight, and which server request
@@ -252,14 +311,16 @@ pub async fn post(st: Shared, server: String, principal: Principal, headers: &He
     let Some(client_id) = msg.get("id").cloned() else {
         return (StatusCode::ACCEPTED, "").into_response();
     };
+    if let Err(r) = check_meta(&msg) {
+        return r;
+    }
     let caps = meta(&msg).and_then(|m| m.get(META_CAPS)).cloned().unwrap_or_else(|| json!({}));
-    if method == "initialize" {
-        return rpc_error(
-            StatusCode::BAD_REQUEST,
-            client_id,
-            -32600,
-            "initialize is not part of 2026-07-28; use server/discover",
-        );
+    if REMOVED.contains(&method.as_str()) {
+        let text = match method.as_str() {
+            "initialize" => "initialize is not part of 2026-07-28; use server/discover".to_string(),
+            m => format!("{m} is not part of 2026-07-28"),
+        };
+        return rpc_error(StatusCode::NOT_FOUND, client_id, METHOD_NOT_FOUND, &text);
     }
     // Progress and (opted-in) log messages go back on an SSE answer when the client asked for
     // them and accepts SSE.
@@ -284,7 +345,7 @@ pub async fn post(st: Shared, server: String, principal: Principal, headers: &He
         let init = &backend.init;
         let mut result = json!({
             "resultType": "complete",
-            "supportedVersions": [VERSION],
+            "supportedVersions": super::streamable::VERSIONS.iter().chain([&VERSION]).collect::<Vec<_>>(),
             "capabilities": init.get("capabilities").cloned().unwrap_or_else(|| json!({})),
         });
         if let Some(r) = result.as_object_mut() {
@@ -294,6 +355,9 @@ pub async fn post(st: Shared, server: String, principal: Principal, headers: &He
             if let Some(v) = init.get(k) {
                 result[k] = v.clone();
             }
+        }
+        if let Some(info) = init.get("serverInfo") {
+            result["_meta"] = json!({"io.modelcontextprotocol/serverInfo": info});
         }
         return json_answer(json!({"jsonrpc": "2.0", "id": client_id, "result": result}));
     }
@@ -370,7 +434,8 @@ fn cache_hints(r: &mut Map<String, Value>) {
 /// `subscriptions/listen`: an SSE stream of the principal's backend notifications that the
 /// filter asks for, opened by `notifications/subscriptions/acknowledged` with what is honoured.
 /// Resource URIs are subscribed to on the server (`resources/subscribe`); only those it accepts
-/// are acknowledged. One listen stream per principal and server at a time.
+/// are acknowledged. One listen stream per principal and server: a new one
+/// takes over, and the older one ends.
 async fn listen(session: Arc<Session>, client_id: Value, filter: Value) -> Response {
     let want = |k: &str| filter.get(k).and_then(Value::as_bool) == Some(true);
     let mut honoured = Map::new();
@@ -397,13 +462,8 @@ async fn listen(session: Arc<Session>, client_id: Value, filter: Value) -> Respo
     if !uris.is_empty() {
         honoured.insert("resourceSubscriptions".into(), json!(uris));
     }
-    let Some(events) = session.events(None) else {
-        return json_answer(crate::bridge::error_response(
-            client_id,
-            -32603,
-            "a subscriptions/listen stream is already open for this principal on this server",
-        ));
-    };
+    // A client that opens a new listen stream reads that one: the older one ends.
+    let events = session.take_over_events();
     let stamp = |mut v: Value, id: &Value| {
         if let Some(p) = v.as_object_mut().map(|o| o.entry("params").or_insert_with(|| json!({}))) {
             if let Some(p) = p.as_object_mut() {
@@ -462,7 +522,7 @@ fn strip_meta(msg: &mut Value) {
 }
 
 fn json_answer(v: Value) -> Response {
-    ([(header::CONTENT_TYPE, "application/json")], v.to_string()).into_response()
+    (status_of(&v), [(header::CONTENT_TYPE, "application/json")], v.to_string()).into_response()
 }
 
 /// Read the backend's messages for `round` until its answer (given the client's id) or until
@@ -507,14 +567,21 @@ async fn drive(
                     round.session.send(json!({"jsonrpc": "2.0", "id": server_id, "result": {}}));
                     continue;
                 }
-                let declared = needs(&m).is_some_and(|c| round.caps.get(c).is_some_and(|v| !v.is_null()));
-                if !declared {
-                    // mcpbox answers for a client that cannot be asked this.
-                    let why = format!("the client did not declare the capability {m} needs");
-                    round.session.send(crate::bridge::error_response(server_id, -32601, &why));
+                let Some(cap) = needs(&m) else {
+                    let why = format!("{m} cannot be asked of a 2026-07-28 client");
+                    round.session.send(crate::bridge::error_response(server_id, METHOD_NOT_FOUND, &why));
+                    continue;
+                };
+                if round.caps.get(cap).is_none_or(|v| v.is_null()) {
+                    // mcpbox answers for a client that cannot be asked this, with the error a
+                    // 2026-07-28 server gives (a server that passes it on gets its client 400).
+                    let why = format!("the client did not declare the {cap} capability {m} needs");
+                    let mut e = crate::bridge::error_response(server_id, MISSING_CAPABILITY, &why);
+                    e["error"]["data"] = json!({"requiredCapabilities": {cap: {}}});
+                    round.session.send(e);
                     continue;
                 }
-                let k = format!("input-{}", round.asked.len() + 1);
+                let k = input_key(&server_id, &round.requests);
                 let mut req = json!({"method": m});
                 if let Some(p) = v.get("params") {
                     req["params"] = p.clone();

@@ -59,8 +59,10 @@ async fn discover_list_and_call_without_initialize_or_session() {
     let v = r.json();
     assert_eq!(v["id"], 7);
     assert_eq!(v["result"]["resultType"], "complete");
-    assert_eq!(v["result"]["supportedVersions"], json!(["2026-07-28"]));
+    // Every version the endpoint serves: an unsupported-version error lists the same ones.
+    assert_eq!(v["result"]["supportedVersions"], json!(["2025-03-26", "2025-06-18", "2025-11-25", "2026-07-28"]));
     assert_eq!(v["result"]["serverInfo"]["name"], "echo", "from the backend's own initialize: {v}");
+    assert_eq!(v["result"]["_meta"]["io.modelcontextprotocol/serverInfo"]["name"], "echo", "{v}");
     assert_eq!(v["result"]["capabilities"]["tools"]["listChanged"], true);
     let r = sl(a, "pr", "P1", "tools/list", json!({}), json!({})).await;
     assert_eq!(r.status, 200, "{}", r.body);
@@ -135,6 +137,7 @@ async fn required_headers_are_checked_and_named() {
     assert_eq!(r.status, 400);
     let v = r.json();
     assert_eq!(v["error"]["code"], -32022, "{v}");
+    assert_eq!(v["id"], 1, "the error carries the request's id: {v}");
     assert_eq!(v["error"]["data"]["supported"], json!(["2025-03-26", "2025-06-18", "2025-11-25", "2026-07-28"]));
     assert_eq!(v["error"]["data"]["requested"], "2099-01-01");
     assert_eq!(s.sup.server("pr").unwrap().active_sessions(), 0);
@@ -188,6 +191,7 @@ async fn elicitation_becomes_an_input_required_round_trip() {
     let reqs = v["result"]["inputRequests"].as_object().unwrap();
     assert_eq!(reqs.len(), 1);
     let (k, req) = reqs.iter().next().unwrap();
+    assert_eq!(k, "srv-1", "the key is the server's own id for its request");
     assert_eq!(req["method"], "elicitation/create");
     assert_eq!(req["params"]["message"], "name?");
     let state = v["result"]["requestState"].as_str().unwrap().to_string();
@@ -225,7 +229,64 @@ async fn an_undeclared_capability_is_answered_by_mcpbox() {
     let r = sl(a, "pr", "P1", "tools/call", ask_params(), json!({})).await;
     let t = text(&r);
     let answer: Value = serde_json::from_str(&t).unwrap();
-    assert_eq!(answer["error"]["code"], -32601, "mcpbox refused on the client's behalf: {answer}");
+    // The 2026-07-28 MissingRequiredClientCapabilityError, naming the capability.
+    assert_eq!(answer["error"]["code"], -32021, "mcpbox refused on the client's behalf: {answer}");
+    assert_eq!(answer["error"]["data"]["requiredCapabilities"], json!({"elicitation": {}}), "{answer}");
+    // A server that ends its call with that error: the client gets it with HTTP 400.
+    let p = json!({"name": "ask", "arguments": {"method": "sampling/createMessage", "pass_error": true}});
+    let r = sl(a, "pr", "P1", "tools/call", p, json!({"elicitation": {}})).await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    let v = r.json();
+    assert_eq!((v["id"].clone(), v["error"]["code"].clone()), (json!(7), json!(-32021)), "{v}");
+    assert_eq!(v["error"]["data"]["requiredCapabilities"], json!({"sampling": {}}), "{v}");
+    s.sup.shutdown().await;
+}
+
+/// A 2026-07-28 request to `pr` with `params` as they are (no `_meta` added).
+async fn raw(a: SocketAddr, method: &str, params: Value) -> Resp {
+    let h = [
+        ("Authorization", "P1"),
+        ("Accept", "application/json, text/event-stream"),
+        ("MCP-Protocol-Version", "2026-07-28"),
+        ("Mcp-Method", method),
+    ];
+    let b = json!({"jsonrpc": "2.0", "id": 9, "method": method, "params": params}).to_string();
+    call(a, "POST", "/pr/mcp", &h, &b).await
+}
+
+#[tokio::test]
+async fn request_meta_is_required_and_removed_or_unknown_methods_are_404() {
+    let s = start().await;
+    let a = s.addr;
+    let caps = "io.modelcontextprotocol/clientCapabilities";
+    let version = "io.modelcontextprotocol/protocolVersion";
+    for params in [
+        json!({}),
+        json!({"_meta": "x"}),
+        json!({"_meta": {caps: {}}}),
+        json!({"_meta": {version: "2026-07-28"}}),
+        json!({"_meta": {version: "2026-07-28", caps: "all"}}),
+    ] {
+        let r = raw(a, "server/discover", params.clone()).await;
+        assert_eq!(r.status, 400, "{params}: {}", r.body);
+        let v = r.json();
+        assert_eq!((v["id"].clone(), v["error"]["code"].clone()), (json!(9), json!(-32602)), "{params}: {v}");
+    }
+    assert_eq!(s.sup.server("pr").unwrap().active_sessions(), 0, "nothing was started for them");
+    // clientInfo is optional.
+    let r = raw(a, "server/discover", json!({"_meta": {version: "2026-07-28", caps: {}}})).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    // Methods 2026-07-28 removed are not forwarded: 404 with -32601, the server never sees them.
+    for m in ["initialize", "ping", "logging/setLevel", "resources/subscribe", "resources/unsubscribe"] {
+        let r = sl(a, "pr", "P1", m, json!({"uri": "file:///x"}), json!({})).await;
+        assert_eq!(r.status, 404, "{m}: {}", r.body);
+        let v = r.json();
+        assert_eq!((v["id"].clone(), v["error"]["code"].clone()), (json!(7), json!(-32601)), "{m}: {v}");
+    }
+    // A method the server does not know: its -32601 goes back with 404.
+    let r = sl(a, "pr", "P1", "nosuch/method", json!({}), json!({})).await;
+    assert_eq!(r.status, 404, "{}", r.body);
+    assert_eq!(r.json()["error"]["code"], -32601);
     s.sup.shutdown().await;
 }
 
@@ -342,6 +403,13 @@ async fn listen_streams_what_the_filter_asks_for_from_the_principals_backend() {
         json!({"toolsListChanged": true, "resourceSubscriptions": ["file:///x"]})
     );
     assert_eq!(ack["params"]["_meta"]["io.modelcontextprotocol/subscriptionId"], "L");
+    // The same principal listening again: the new stream takes over, the old one ends.
+    let mut l0 = l1;
+    let mut l1 = listen("P1").await;
+    assert_eq!(l1.status, 200);
+    let (_, d, _) = l1.event().await.unwrap();
+    assert_eq!(serde_json::from_str::<Value>(&d).unwrap()["method"], "notifications/subscriptions/acknowledged");
+    assert!(l0.event().await.is_none(), "the older stream ended");
     let mut l2 = listen("P2").await;
     l2.event().await.unwrap();
     // P1's call makes its server say its tools changed: P1's stream gets it, P2's does not.
@@ -434,4 +502,22 @@ async fn log_messages_only_for_a_request_that_opts_in_and_at_its_level() {
     assert_eq!(r.header("content-type"), Some("application/json"));
     assert_eq!(text(&r), "log");
     s.sup.shutdown().await;
+}
+
+#[test]
+fn input_keys_are_the_servers_plain_ids_else_numbered() {
+    use super::stateless::input_key;
+    let mut taken = serde_json::Map::new();
+    assert_eq!(input_key(&json!("user_name"), &taken), "user_name");
+    taken.insert("user_name".into(), json!({}));
+    // A server reusing an id within one round, a number, or an id that is long or not plain
+    // (what a hostile server might send to confuse a client) gets a numbered key instead.
+    assert_eq!(input_key(&json!("user_name"), &taken), "input-2");
+    assert_eq!(input_key(&json!(3), &taken), "input-2");
+    for odd in ["", "a b", "x\n", "requestState\"", "ü", &"k".repeat(65)] {
+        assert_eq!(input_key(&json!(odd), &taken), "input-2", "{odd:?}");
+    }
+    taken.insert("input-2".into(), json!({}));
+    assert_eq!(input_key(&json!(null), &taken), "input-3");
+    assert_eq!(input_key(&json!("k".repeat(64)), &taken), "k".repeat(64));
 }
