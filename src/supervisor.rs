@@ -295,6 +295,9 @@ pub struct Backend {
     pub init: serde_json::Value,
     /// The level last set with `logging/setLevel` on the server, if any.
     pub log_level: tokio::sync::Mutex<Option<String>>,
+    /// The server's `tools/list` (all pages), with the count of its `tools/list_changed`
+    /// notifications it was fetched at: what `x-mcp-header` checks read.
+    pub tools: tokio::sync::Mutex<Option<(u64, serde_json::Value)>>,
 }
 
 /// CPU weight of a warm process while it starts and waits (cgroup v2 `cpu.weight`, v1
@@ -908,7 +911,12 @@ impl Supervisor {
         };
         session.send(serde_json::json!({"jsonrpc": "2.0", "method": "notifications/initialized"}));
         tracing::info!(server = %server_name, principal = %principal, session = %session.id, "backend for stateless requests ready");
-        let b = Arc::new(Backend { session, init, log_level: tokio::sync::Mutex::new(None) });
+        let b = Arc::new(Backend {
+            session,
+            init,
+            log_level: tokio::sync::Mutex::new(None),
+            tools: tokio::sync::Mutex::new(None),
+        });
         *slot = Some(b.clone());
         Ok(b)
     }

@@ -383,6 +383,9 @@ impl Hub {
 
     fn deliver(&self, st: &mut State, sid: SessionId, d: Delivery) {
         let Some(sink) = st.sinks.get(&sid) else { return };
+        if d.msg.get("method").and_then(Value::as_str) == Some("notifications/tools/list_changed") {
+            sink.outbox.note_tools_changed();
+        }
         let body = Bytes::from(serde_json::to_vec(&d.msg).unwrap_or_default());
         if let Err(e) = sink.outbox.push(Outbound { body, reply_to: d.reply_to, related_to: d.related_to }) {
             tracing::warn!(server = %self.server, session = %sid, budget = e.budget, "session ends: budget mcpbox.sessionBufferBytes exceeded ({e})");

@@ -312,11 +312,27 @@ impl OutboxState {
 pub struct Outbox {
     state: std::sync::Mutex<OutboxState>,
     notify: Notify,
+    /// `notifications/tools/list_changed` delivered to this session so far.
+    tools_changed: std::sync::atomic::AtomicU64,
 }
 
 impl Outbox {
     pub fn new(transport: Transport, budget: usize) -> Self {
-        Outbox { state: std::sync::Mutex::new(OutboxState::new(transport, budget)), notify: Notify::new() }
+        Outbox {
+            state: std::sync::Mutex::new(OutboxState::new(transport, budget)),
+            notify: Notify::new(),
+            tools_changed: Default::default(),
+        }
+    }
+
+    /// How many `notifications/tools/list_changed` were delivered to this session.
+    pub fn tools_changed(&self) -> u64 {
+        self.tools_changed.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// The server said its tools changed (counted before the notification is queued).
+    pub fn note_tools_changed(&self) {
+        self.tools_changed.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     }
 
     pub fn lock(&self) -> std::sync::MutexGuard<'_, OutboxState> {

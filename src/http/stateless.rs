@@ -68,6 +68,8 @@ const METHOD_NOT_FOUND: i64 = -32601;
 /// 2025-era methods that 2026-07-28 removed: answered 404 with -32601, never forwarded (the
 /// principal's backend was initialized by mcpbox; its log level and subscriptions are mcpbox's).
 const REMOVED: [&str; 5] = ["initialize", "ping", "logging/setLevel", "resources/subscribe", "resources/unsubscribe"];
+/// How long mcpbox waits for a server's `tools/list` page (for the `x-mcp-header` checks).
+const TOOLS_WAIT: Duration = Duration::from_secs(30);
 /// Longest server request id that names its `inputRequests` entry.
 const MAX_KEY: usize = 64;
 /// The protocol version mcpbox speaks to the stdio servers behind it.
@@ -122,16 +124,149 @@ fn check_headers(headers: &HeaderMap, msg: &Value) -> Result<(), Response> {
         };
         if let Some(field) = field {
             let want = msg.get("params").and_then(|p| p.get(field)).and_then(Value::as_str);
-            match get("mcp-name") {
+            match get("mcp-name").map(header_text) {
                 None => return Err(bad_header(id, "Mcp-Name header is required for this method")),
-                Some(h) if Some(h) != want => {
+                Some(None) => return Err(bad_header(id, "Mcp-Name header is not valid Base64 (=?base64?…?=)")),
+                Some(Some(h)) if Some(h.as_str()) != want => {
                     return Err(bad_header(id, &format!("Mcp-Name header does not match params.{field}")))
                 }
-                Some(_) => {}
+                Some(Some(_)) => {}
             }
         }
     }
     Ok(())
+}
+
+/// The text a `Mcp-Name` or `Mcp-Param-*` header value stands for: `=?base64?B64?=` is the
+/// Base64 (standard alphabet, padded) of UTF-8 text, anything else is the text itself. `None`
+/// for a wrapped value that does not decode.
+pub(super) fn header_text(v: &str) -> Option<String> {
+    match v.strip_prefix("=?base64?").and_then(|r| r.strip_suffix("?=")) {
+        Some(b64) => String::from_utf8(base64_decode(b64)?).ok(),
+        None => Some(v.to_string()),
+    }
+}
+
+/// Strict Base64: the standard alphabet, whole 4-character groups, `=` padding only at the end
+/// and zero bits after the last byte.
+fn base64_decode(s: &str) -> Option<Vec<u8>> {
+    let b = s.as_bytes();
+    if !b.len().is_multiple_of(4) {
+        return None;
+    }
+    let val = |c: u8| -> Option<u32> {
+        Some(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        } as u32)
+    };
+    let mut out = Vec::with_capacity(b.len() / 4 * 3);
+    for (i, group) in b.chunks(4).enumerate() {
+        let last = i == b.len() / 4 - 1;
+        let pad = group.iter().rev().take_while(|&&c| c == b'=').count();
+        if pad > 2 || (pad > 0 && !last) {
+            return None;
+        }
+        let mut n = 0u32;
+        for &c in &group[..4 - pad] {
+            n = (n << 6) | val(c)?;
+        }
+        n <<= 6 * pad as u32;
+        let bytes = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
+        let keep = 3 - pad;
+        // Bits below the last byte kept must be zero (one encoding per text).
+        if bytes[keep..].iter().any(|&x| x != 0) {
+            return None;
+        }
+        out.extend_from_slice(&bytes[..keep]);
+    }
+    Some(out)
+}
+
+/// The `x-mcp-header` annotations of a tool's input schema: (argument, header suffix). An
+/// annotation that is not a plain header name (letters, digits, `-`, at most 64) is ignored, as
+/// clients ignore it.
+fn param_headers(tool: &Value) -> Vec<(String, String)> {
+    let Some(props) = tool.get("inputSchema").and_then(|s| s.get("properties")).and_then(Value::as_object) else {
+        return vec![];
+    };
+    props
+        .iter()
+        .filter_map(|(arg, schema)| {
+            let h = schema.get("x-mcp-header")?.as_str()?;
+            let plain = !h.is_empty() && h.len() <= 64 && h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+            plain.then(|| (arg.clone(), h.to_string()))
+        })
+        .collect()
+}
+
+/// SEP-2243 custom headers of a `tools/call`: for each argument the tool's schema annotates
+/// with `x-mcp-header: H`, the request's `Mcp-Param-H` header must be there when the argument
+/// is, and stand for the same value (strings as they are, numbers and booleans as JSON text).
+#[allow(clippy::result_large_err)]
+fn check_param_headers(headers: &HeaderMap, msg: &Value, tool: &Value) -> Result<(), Response> {
+    let id = msg.get("id").cloned().unwrap_or(Value::Null);
+    let args = msg.get("params").and_then(|p| p.get("arguments"));
+    for (arg, h) in param_headers(tool) {
+        let name = format!("Mcp-Param-{h}");
+        let body = args.and_then(|a| a.get(&arg)).filter(|v| !v.is_null());
+        let want = body.map(|v| match v {
+            Value::String(s) => s.clone(),
+            v => v.to_string(),
+        });
+        let got = match headers.get(name.as_str()) {
+            None => None,
+            Some(v) => match v.to_str().ok().and_then(header_text) {
+                Some(t) => Some(t),
+                None => return Err(bad_header(id, &format!("{name} header is not valid (Base64 as =?base64?…?=)"))),
+            },
+        };
+        match (got, want) {
+            (None, None) => {}
+            (None, Some(_)) => return Err(bad_header(id, &format!("{name} header is required: the call has {arg}"))),
+            (Some(g), w) if Some(&g) != w.as_ref() => {
+                return Err(bad_header(id, &format!("{name} header does not match arguments.{arg}")))
+            }
+            (Some(_), _) => {}
+        }
+    }
+    Ok(())
+}
+
+/// The backend's tool `name` (its `tools/list` entry), from a list kept until the server says
+/// its tools changed. `Ok(None)` when the server has no such tool (or answers `tools/list` with
+/// an error: it lists nothing to check against); `Err` when it gives no answer in time.
+async fn backend_tool(backend: &crate::supervisor::Backend, name: &str) -> Result<Option<Value>, ()> {
+    let epoch = backend.session.outbox.tools_changed();
+    let mut cache = backend.tools.lock().await;
+    if cache.as_ref().is_none_or(|(e, _)| *e != epoch) {
+        let mut tools = Vec::new();
+        let mut cursor: Option<Value> = None;
+        // A bounded number of pages: a server that pages forever gets no more asked of it.
+        for _ in 0..100 {
+            let id = format!("mcpbox-sl-{}", WIRE_IDS.fetch_add(1, Ordering::Relaxed));
+            let mut req = json!({"jsonrpc": "2.0", "id": id, "method": "tools/list"});
+            if let Some(c) = cursor.take() {
+                req["params"] = json!({"cursor": c});
+            }
+            let answer = tokio::time::timeout(TOOLS_WAIT, backend.session.request_json(req)).await;
+            let Ok(Some(answer)) = answer else { return Err(()) };
+            let v: Value = serde_json::from_slice(&answer).unwrap_or(Value::Null);
+            let Some(result) = v.get("result") else { break };
+            tools.extend(result.get("tools").and_then(Value::as_array).into_iter().flatten().cloned());
+            match result.get("nextCursor") {
+                Some(c) if !c.is_null() => cursor = Some(c.clone()),
+                _ => break,
+            }
+        }
+        *cache = Some((epoch, Value::Array(tools)));
+    }
+    let tools = cache.as_ref().and_then(|(_, t)| t.as_array());
+    Ok(tools.into_iter().flatten().find(|t| t.get("name").and_then(Value::as_str) == Some(name)).cloned())
 }
 
 /// A 2026-07-28 request must carry its protocol version and client capabilities in
@@ -395,6 +530,25 @@ pub async fn post(st: Shared, server: String, principal: Principal, headers: &He
                 json!({"jsonrpc": "2.0", "id": id, "method": "logging/setLevel", "params": {"level": LEVELS[level]}});
             if backend.session.request_json(req).await.is_some() {
                 *set = Some(LEVELS[level].to_string());
+            }
+        }
+    }
+    if method == "tools/call" {
+        let name = msg.get("params").and_then(|p| p.get("name")).and_then(Value::as_str).unwrap_or("");
+        match backend_tool(&backend, name).await {
+            Ok(Some(tool)) => {
+                if let Err(r) = check_param_headers(headers, &msg, &tool) {
+                    return r;
+                }
+            }
+            Ok(None) => {}
+            // Unchecked is not forwarded: the headers may be what an intermediary routed on.
+            Err(()) => {
+                return json_answer(crate::bridge::error_response(
+                    client_id,
+                    -32603,
+                    "mcpbox could not read the server's tool list to check the Mcp-Param headers; try again",
+                ))
             }
         }
     }

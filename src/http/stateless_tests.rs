@@ -521,3 +521,81 @@ fn input_keys_are_the_servers_plain_ids_else_numbered() {
     assert_eq!(input_key(&json!(null), &taken), "input-3");
     assert_eq!(input_key(&json!("k".repeat(64)), &taken), "k".repeat(64));
 }
+
+#[test]
+fn header_values_decode_strict_base64_or_stand_for_themselves() {
+    use super::stateless::header_text;
+    assert_eq!(header_text("=?base64?SGVsbG8=?=").as_deref(), Some("Hello"));
+    assert_eq!(header_text("=?base64?w7w=?=").as_deref(), Some("ü"));
+    assert_eq!(header_text("=?base64??=").as_deref(), Some(""));
+    // Not wrapped: the value itself, even when it looks like Base64.
+    assert_eq!(header_text("SGVsbG8=").as_deref(), Some("SGVsbG8="));
+    assert_eq!(header_text("=?base64?SGVsbG8=").as_deref(), Some("=?base64?SGVsbG8="));
+    // Wrapped but not strict Base64 of UTF-8: missing padding, foreign characters, padding in
+    // the middle, non-zero trailing bits, URL-safe alphabet, invalid UTF-8.
+    for bad in ["SGVsbG8", "SGVs!!!bG8=", "SG==bG8=", "SGVsbG9=", "_-8=", "/w==", "SGVsbG8===", "===="] {
+        assert_eq!(header_text(&format!("=?base64?{bad}?=")), None, "{bad}");
+    }
+}
+
+/// A `tools/call` of the echo fixture's `route` tool with `args` and extra headers.
+async fn route(a: SocketAddr, args: Value, extra: &[(&str, &str)]) -> Resp {
+    let mut h = vec![
+        ("Authorization", "P1"),
+        ("Accept", "application/json"),
+        ("MCP-Protocol-Version", "2026-07-28"),
+        ("Mcp-Method", "tools/call"),
+        ("Mcp-Name", "route"),
+    ];
+    h.extend_from_slice(extra);
+    call(
+        a,
+        "POST",
+        "/pr/mcp",
+        &h,
+        &body(json!(4), "tools/call", json!({"name": "route", "arguments": args}), json!({})),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn mcp_param_headers_must_match_the_arguments_the_tool_annotates() {
+    let s = start().await;
+    let a = s.addr;
+    let ok = |r: &Resp| {
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(r.json()["result"]["resultType"], "complete", "{}", r.body);
+    };
+    let refused = |r: &Resp, named: &str| {
+        assert_eq!(r.status, 400, "{}", r.body);
+        let v = r.json();
+        assert!(v["id"] == 4 || v["id"] == 7, "the request's id: {v}");
+        assert_eq!(v["error"]["code"], -32020, "{v}");
+        assert!(v["error"]["message"].as_str().unwrap().contains(named), "{v}");
+    };
+    ok(&route(a, json!({"region": "eu", "shard": 3}), &[("Mcp-Param-Region", "eu"), ("Mcp-Param-Shard", "3")]).await);
+    ok(&route(a, json!({"region": "Hello"}), &[("mcp-param-region", "=?base64?SGVsbG8=?=")]).await);
+    // Neither argument nor header; an annotation that is no header name is not checked.
+    ok(&route(a, json!({"text": "t", "odd": "x"}), &[]).await);
+    refused(&route(a, json!({"region": "eu"}), &[]).await, "Mcp-Param-Region");
+    refused(&route(a, json!({"region": "eu"}), &[("Mcp-Param-Region", "us")]).await, "Mcp-Param-Region");
+    refused(&route(a, json!({"shard": 3}), &[("Mcp-Param-Shard", "4")]).await, "Mcp-Param-Shard");
+    refused(&route(a, json!({}), &[("Mcp-Param-Region", "eu")]).await, "Mcp-Param-Region");
+    refused(&route(a, json!({"region": "Hello"}), &[("Mcp-Param-Region", "=?base64?SGVsbG8?=")]).await, "not valid");
+    // Mcp-Name in its Base64 form.
+    let h = [
+        ("Authorization", "P1"),
+        ("Accept", "application/json"),
+        ("MCP-Protocol-Version", "2026-07-28"),
+        ("Mcp-Method", "tools/call"),
+        ("Mcp-Name", "=?base64?ZWNobw==?="),
+    ];
+    let b = body(json!(5), "tools/call", json!({"name": "echo", "arguments": {"text": "b64"}}), json!({}));
+    assert_eq!(text(&call(a, "POST", "/pr/mcp", &h, &b).await), "b64");
+    // The server changes echo's schema and says so: the next call is checked against the new one.
+    let echo = || sl(a, "pr", "P1", "tools/call", json!({"name": "echo", "arguments": {"text": "x"}}), json!({}));
+    assert_eq!(text(&echo().await), "x");
+    text(&sl(a, "pr", "P1", "tools/call", json!({"name": "annotate", "arguments": {}}), json!({})).await);
+    refused(&echo().await, "Mcp-Param-Text");
+    s.sup.shutdown().await;
+}
