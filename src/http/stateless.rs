@@ -17,14 +17,25 @@
 //! elicitation, roots). A server request made while serving a stateless request becomes an
 //! `InputRequiredResult`: the request stays in flight in the backend, the client gets the
 //! server's requests and a `requestState` (an entry number with an HMAC-SHA256 tag over it,
-//! the server, the principal and the method, under a key drawn at start), and retries with
+//! the server, the principal and the method, under a key drawn at start; each `inputRequests`
+//! key is the server request's own id when that is a short plain string), and retries with
 //! `inputResponses`; the answers go to the server and the first answer's wait goes on. A state
 //! that does not verify, belongs to another principal, server or method, or was used already
 //! is refused. Where the request's `_meta` did not declare the capability a server request
 //! needs, mcpbox answers the server with an error on the client's behalf.
 //!
+//! A request must carry `params._meta` with its protocol version and client capabilities (else
+//! 400, -32602). Methods 2026-07-28 removed (`initialize`, `ping`, `logging/setLevel`,
+//! `resources/subscribe`, `resources/unsubscribe`) are answered 404 with -32601 and not
+//! forwarded; a server's own -32601 answer also goes back with 404, and a -32021 (missing client
+//! capability) with 400. Where a tool's input schema annotates an argument with `x-mcp-header`,
+//! a `tools/call` must carry the matching `Mcp-Param-…` header (SEP-2243; the schema comes from
+//! the server's `tools/list`, kept until it says its tools changed). `Mcp-Name` and
+//! `Mcp-Param-…` values may be `=?base64?…?=`.
+//!
 //! `subscriptions/listen` answers with an SSE stream of the list-changed and resource-updated
-//! notifications of the principal's backend that its filter asks for ([`listen`]).
+//! notifications of the principal's backend that its filter asks for ([`listen`]); a new one of
+//! the same principal takes over from the older one.
 //!
 //! A request's progress (with a `progressToken`) and log messages (only when it opts in with
 //! `io.modelcontextprotocol/logLevel`, at or above that level; mcpbox sets the server's level with
@@ -188,8 +199,8 @@ fn base64_decode(s: &str) -> Option<Vec<u8>> {
 }
 
 /// The `x-mcp-header` annotations of a tool's input schema: (argument, header suffix). An
-/// annotation that is not a plain header name (letters, digits, `-`, at most 64) is ignored, as
-/// clients ignore it.
+/// annotation that is not a plain header name (letters, digits, `-`, at most 64) is not
+/// checked: no client sends it (SDK clients drop such a tool).
 fn param_headers(tool: &Value) -> Vec<(String, String)> {
     let Some(props) = tool.get("inputSchema").and_then(|s| s.get("properties")).and_then(Value::as_object) else {
         return vec![];
