@@ -42,7 +42,10 @@
 //! `logging/setLevel` when it changes) come on an SSE answer, ahead of the result. A client that
 //! disconnects before its answer cancels the request at the server.
 //!
-//! Not yet: client notifications (accepted with 202, not forwarded).
+//! Client notifications are accepted with 202; `notifications/cancelled` naming a request of the
+//! same principal still being answered ends it (the client gets -32800, the server
+//! `notifications/cancelled`); others are dropped. The server's `timeout` is each request's
+//! deadline, as for a session's (the hub keeps it).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -331,6 +334,32 @@ fn status_of(v: &Value) -> StatusCode {
     }
 }
 
+/// JSON-RPC error of a request its client cancelled (before the server answered it).
+const REQUEST_CANCELLED: i64 = -32800;
+
+type FlightKey = (String, Principal, String);
+
+/// A 2026-07-28 request being answered, findable by its client's `notifications/cancelled`
+/// (server, principal and the client's id); unlisted when dropped.
+struct InFlight<'a> {
+    rounds: &'a Rounds,
+    key: FlightKey,
+    n: u64,
+    token: tokio_util::sync::CancellationToken,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        let mut map = self.rounds.flights.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(v) = map.get_mut(&self.key) {
+            v.retain(|(n, _)| *n != self.n);
+            if v.is_empty() {
+                map.remove(&self.key);
+            }
+        }
+    }
+}
+
 /// One input-required round: the backend request still in flight, and which server request
 /// each `inputRequests` key stands for.
 struct Round {
@@ -355,6 +384,9 @@ pub struct Rounds {
     key: ring::hmac::Key,
     next: AtomicU64,
     map: Mutex<HashMap<u64, Round>>,
+    /// Requests being answered, by server, principal and client id (several when a client
+    /// reuses an id: then a cancellation naming it is ambiguous and does nothing).
+    flights: Mutex<HashMap<FlightKey, Vec<(u64, tokio_util::sync::CancellationToken)>>>,
 }
 
 impl Default for Rounds {
@@ -364,6 +396,7 @@ impl Default for Rounds {
             key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret),
             next: AtomicU64::new(1),
             map: Mutex::default(),
+            flights: Mutex::default(),
         }
     }
 }
@@ -397,6 +430,29 @@ impl Rounds {
         let tag = unhex(tag)?;
         ring::hmac::verify(&self.key, Self::signed(n, server, principal, method).as_bytes(), &tag).ok()?;
         self.map.lock().unwrap_or_else(|e| e.into_inner()).remove(&n)
+    }
+
+    fn in_flight(&self, server: &str, principal: &Principal, client_id: &Value) -> InFlight<'_> {
+        let key = (server.to_string(), principal.clone(), client_id.to_string());
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let token = tokio_util::sync::CancellationToken::new();
+        let mut map = self.flights.lock().unwrap_or_else(|e| e.into_inner());
+        map.entry(key.clone()).or_default().push((n, token.clone()));
+        InFlight { rounds: self, key, n, token }
+    }
+
+    /// A client's `notifications/cancelled` for its request `id`: whether it named exactly one
+    /// request of this principal being answered (which then ends, cancelled at the server).
+    fn cancel(&self, server: &str, principal: &Principal, id: &Value) -> bool {
+        let key = (server.to_string(), principal.clone(), id.to_string());
+        let map = self.flights.lock().unwrap_or_else(|e| e.into_inner());
+        match map.get(&key).map(Vec::as_slice) {
+            Some([(_, token)]) => {
+                token.cancel();
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Keep `round`; the state that names it, or `None` when too many rounds wait.
@@ -455,6 +511,14 @@ pub async fn post(st: Shared, server: String, principal: Principal, headers: &He
         );
     };
     let Some(client_id) = msg.get("id").cloned() else {
+        // A client notification. notifications/cancelled ends the request it names, if that
+        // is one of this principal's being answered here; others have no 2025-era counterpart.
+        if method == "notifications/cancelled" {
+            let id = msg.get("params").and_then(|p| p.get("requestId")).cloned().unwrap_or(Value::Null);
+            if !st.stateless.cancel(&server, &principal, &id) {
+                tracing::debug!(server = %server, principal = %principal, "notifications/cancelled names no request of this principal in flight");
+            }
+        }
         return (StatusCode::ACCEPTED, "").into_response();
     };
     if let Err(r) = check_meta(&msg) {
@@ -698,17 +762,27 @@ async fn drive(
     client_id: Value,
     progress: Option<&mpsc::UnboundedSender<Value>>,
 ) -> Value {
-    // A client that goes away mid-request (the HTTP request is dropped) cancels it.
+    // A client that goes away mid-request (the HTTP request is dropped) cancels it, as does its
+    // notifications/cancelled naming the request's id.
     let mut cancel = CancelOnDrop { session: round.session.clone(), wire_id: Some(round.wire_id.clone()) };
+    let by_client = st.stateless.in_flight(&round.server, &round.principal, &client_id);
     loop {
-        let next = if round.asked.is_empty() {
-            round.stream.next().await
-        } else {
-            match tokio::time::timeout(GATHER, round.stream.next()).await {
-                Ok(n) => n,
-                Err(_) => break,
+        let next = tokio::select! {
+            biased;
+            () = by_client.token.cancelled() => {
+                tracing::info!(server = %round.server, principal = %round.principal, id = %client_id, "request cancelled by the client");
+                // `cancel` (its wire id still set) tells the server as it drops.
+                return crate::bridge::error_response(client_id, REQUEST_CANCELLED, "request cancelled by the client");
             }
+            n = async {
+                if round.asked.is_empty() {
+                    Ok(round.stream.next().await)
+                } else {
+                    tokio::time::timeout(GATHER, round.stream.next()).await
+                }
+            } => n,
         };
+        let Ok(next) = next else { break };
         let Some(body) = next else {
             cancel.wire_id = None;
             return crate::bridge::error_response(client_id, -32603, crate::bridge::SERVER_EXITED);

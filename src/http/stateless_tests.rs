@@ -599,3 +599,68 @@ async fn mcp_param_headers_must_match_the_arguments_the_tool_annotates() {
     refused(&echo().await, "Mcp-Param-Text");
     s.sup.shutdown().await;
 }
+
+#[tokio::test]
+async fn the_servers_timeout_is_each_stateless_requests_deadline() {
+    let s = start_text(format!(
+        r#"{{"mcpProxy":{{"addr":"127.0.0.1:9090"}},
+            "mcpServers":{{"pr":{{"command":"/usr/bin/python3","args":["{FIXTURE}"],"isolation":"principal",
+                     "timeout":"400ms","options":{{"authTokens":["P1"]}}}} }}}}"#
+    ))
+    .await;
+    let a = s.addr;
+    // The first request also starts the backend (its initialize has the same deadline).
+    assert_eq!(
+        text(&sl(a, "pr", "P1", "tools/call", json!({"name": "echo", "arguments": {}}), json!({})).await),
+        "echo"
+    );
+    let t = std::time::Instant::now();
+    let r = sl(a, "pr", "P1", "tools/call", json!({"name": "slow", "arguments": {"ms": 1500}}), json!({})).await;
+    let v = r.json();
+    assert_eq!((v["id"].clone(), v["error"]["code"].clone()), (json!(7), json!(-32001)), "{v}");
+    assert!(t.elapsed() < std::time::Duration::from_millis(1400), "answered at the deadline: {:?}", t.elapsed());
+    // The server was told, and the backend goes on serving the principal (once the fixture,
+    // which serves one request at a time, is done sleeping).
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let r = sl(a, "pr", "P1", "tools/call", json!({"name": "cancelled", "arguments": {}}), json!({})).await;
+    let cancelled: Value = serde_json::from_str(&text(&r)).unwrap();
+    assert_eq!(cancelled.as_array().map(Vec::len), Some(1), "{cancelled}");
+    s.sup.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_clients_cancellation_ends_its_own_request_and_reaches_the_server() {
+    let s = start().await;
+    let a = s.addr;
+    assert_eq!(
+        text(&sl(a, "pr", "P1", "tools/call", json!({"name": "echo", "arguments": {}}), json!({})).await),
+        "echo"
+    );
+    let cancel = |tok: &'static str, id: Value| async move {
+        let h =
+            [("Authorization", tok), ("MCP-Protocol-Version", "2026-07-28"), ("Mcp-Method", "notifications/cancelled")];
+        let n = json!({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": id,
+            "_meta": {"io.modelcontextprotocol/protocolVersion": "2026-07-28"}}});
+        call(a, "POST", "/pr/mcp", &h, &n.to_string()).await.status
+    };
+    let slow =
+        tokio::spawn(sl(a, "pr", "P1", "tools/call", json!({"name": "slow", "arguments": {"ms": 1500}}), json!({})));
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    // Another principal naming the same id, or this one naming another id: nothing happens.
+    assert_eq!(cancel("P2", json!(7)).await, 202);
+    assert_eq!(cancel("P1", json!(8)).await, 202);
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert!(!slow.is_finished(), "the call goes on");
+    let t = std::time::Instant::now();
+    assert_eq!(cancel("P1", json!(7)).await, 202);
+    let r = tokio::time::timeout(std::time::Duration::from_secs(1), slow).await.expect("answered at once").unwrap();
+    let v = r.json();
+    assert_eq!((v["id"].clone(), v["error"]["code"].clone()), (json!(7), json!(-32800)), "{v}");
+    assert!(t.elapsed() < std::time::Duration::from_millis(900));
+    // The server was told (the fixture reads it once its sleep is over).
+    tokio::time::sleep(std::time::Duration::from_millis(1300)).await;
+    let r = sl(a, "pr", "P1", "tools/call", json!({"name": "cancelled", "arguments": {}}), json!({})).await;
+    let cancelled: Value = serde_json::from_str(&text(&r)).unwrap();
+    assert_eq!(cancelled.as_array().map(Vec::len), Some(1), "{cancelled}");
+    s.sup.shutdown().await;
+}
