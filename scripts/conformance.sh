@@ -3,7 +3,8 @@
 # scripts/install-test-deps.sh under /opt/mcpbox-conformance and run on its Node 24) against
 # `mcpbox serve` in front of the 2025-era stdio fixture tests/fixtures/conformance_server.py,
 # sandboxed under the python policy, on loopback:
-#   - every 2025-11-25 server scenario, in `session` and in `shared` isolation;
+#   - every 2025-11-25 server scenario, in `session`, `shared` and `principal` isolation (there
+#     2025-era sessions join the principal's process);
 #   - every 2026-07-28 server scenario (stateless), in `principal` and in `shared` isolation.
 # "Every" is what `conformance list --server --requirements REV` names: the required scenarios
 # and those run without being scored as pending or added after the release. The Tasks
@@ -59,6 +60,7 @@ run() {
 }
 run 2025-11-25 session
 run 2025-11-25 shared
+run 2025-11-25 principal
 run 2026-07-28 principal
 run 2026-07-28 shared
 
@@ -67,7 +69,8 @@ python3 - "$work" "${EXPECTED_FAIL[@]}" <<'PY' || status=1
 import glob, json, os, re, sys
 
 work, expected = sys.argv[1], set(sys.argv[2:])
-runs = [("2025-11-25", "session"), ("2025-11-25", "shared"), ("2026-07-28", "principal"), ("2026-07-28", "shared")]
+runs = [("2025-11-25", "session"), ("2025-11-25", "shared"), ("2025-11-25", "principal"),
+        ("2026-07-28", "principal"), ("2026-07-28", "shared")]
 
 def scenarios(rev):
     """(name, gated) for every server scenario the requirement set names, in its order."""

@@ -176,6 +176,14 @@ impl Hub {
         }
     }
 
+    /// Route as a shared server's hub does ([`Router::share`]) while the process stays this
+    /// hub's alone (not restarted, nothing held for a next one): a principal's process, which
+    /// its stateless requests and its 2025-era sessions share.
+    pub fn with_shared_routing(self) -> Self {
+        self.lock().router.share();
+        self
+    }
+
     /// The server's mcp-proxy options: `logEnabled` and `timeout`. With a timeout, a task keeps
     /// the deadlines (it ends with the hub); call inside a tokio runtime.
     pub fn with_options(self, log_requests: bool, timeout: Option<std::time::Duration>) -> Arc<Hub> {

@@ -61,6 +61,11 @@ impl Session {
         })
     }
 
+    /// The hub (server process) this session is on.
+    pub fn hub(&self) -> Arc<Hub> {
+        self.hub.clone()
+    }
+
     /// A message from the client (a JSON-RPC object).
     pub fn send(&self, msg: Value) -> Sent {
         self.touch();

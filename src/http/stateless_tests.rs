@@ -664,3 +664,112 @@ async fn a_clients_cancellation_ends_its_own_request_and_reaches_the_server() {
     assert_eq!(cancelled.as_array().map(Vec::len), Some(1), "{cancelled}");
     s.sup.shutdown().await;
 }
+
+/// A 2025-11-25 session on `server` for `token`; its id.
+async fn open_2025_on(a: SocketAddr, server: &str, token: &str, caps: Value) -> String {
+    let init = json!({"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":caps,"clientInfo":{"name":"t","version":"0"}}});
+    let path = format!("/{server}/mcp");
+    let r =
+        call(a, "POST", &path, &[("Authorization", token), ("Accept", "application/json")], &init.to_string()).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["result"]["serverInfo"]["name"], "echo", "{}", r.body);
+    let sid = r.header("mcp-session-id").unwrap().to_string();
+    let n = json!({"jsonrpc":"2.0","method":"notifications/initialized"}).to_string();
+    call(a, "POST", &path, &[("Authorization", token), ("Mcp-Session-Id", &sid)], &n).await;
+    sid
+}
+
+#[tokio::test]
+async fn on_a_principal_server_2025_sessions_share_the_principals_process() {
+    let s = start().await;
+    let a = s.addr;
+    let stateless = |tok: &'static str| async move {
+        count(&sl(a, "pr", tok, "tools/call", json!({"name": "count", "arguments": {}}), json!({})).await)
+    };
+    let in_session = |sid: String, tok: &'static str| async move {
+        let b = json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"count","arguments":{}}});
+        let h = [("Authorization", tok), ("Accept", "application/json"), ("Mcp-Session-Id", sid.as_str())];
+        let r = call(a, "POST", "/pr/mcp", &h, &b.to_string()).await;
+        let t = r.json()["result"]["content"][0]["text"].as_str().unwrap_or_else(|| panic!("{}", r.body)).to_string();
+        let (n, pid) = t.split_once(' ').unwrap();
+        (n.parse::<u64>().unwrap(), pid.parse::<u64>().unwrap())
+    };
+    let (n, pid) = stateless("P1").await;
+    assert_eq!(n, 1);
+    let s1 = open_2025_on(a, "pr", "P1", json!({})).await;
+    assert_eq!(in_session(s1.clone(), "P1").await, (2, pid), "the session runs on the principal's process");
+    let s2 = open_2025_on(a, "pr", "P1", json!({})).await;
+    assert_eq!(in_session(s2.clone(), "P1").await, (3, pid));
+    // Another principal: its own process, from nothing; its session too.
+    let s3 = open_2025_on(a, "pr", "P2", json!({})).await;
+    let (m, other) = in_session(s3, "P2").await;
+    assert_eq!(m, 1);
+    assert_ne!(other, pid);
+    assert_eq!(stateless("P2").await, (2, other));
+    // Ending a session leaves the process to the others.
+    let r = call(a, "DELETE", "/pr/mcp", &[("Authorization", "P1"), ("Mcp-Session-Id", &s1)], "").await;
+    assert!(r.status < 300, "{}", r.body);
+    assert!(super::tests::alive(pid));
+    assert_eq!(stateless("P1").await, (4, pid));
+    assert_eq!(in_session(s2, "P1").await, (5, pid));
+    // A session id of P1 presented by P2 names nothing.
+    let b = json!({"jsonrpc":"2.0","id":1,"method":"tools/list"}).to_string();
+    let r = call(a, "POST", "/pr/mcp", &[("Authorization", "P2"), ("Mcp-Session-Id", &s1)], &b).await;
+    assert_eq!(r.status, 404);
+    s.sup.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_session_on_the_principals_process_is_asked_during_its_own_call_only() {
+    let s = start().await;
+    let a = s.addr;
+    let sid = open_2025_on(a, "pr", "P1", json!({"elicitation": {}})).await;
+    let h =
+        [("Authorization", "P1"), ("Accept", "application/json, text/event-stream"), ("Mcp-Session-Id", sid.as_str())];
+    let ask = json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"ask","arguments":{}}});
+    let mut c = send(a, "POST", "/pr/mcp", &h, &ask.to_string()).await;
+    let (_, d, _) = c.event().await.unwrap();
+    let req: Value = serde_json::from_str(&d).unwrap();
+    assert_eq!(req["method"], "elicitation/create", "{req}");
+    let answer =
+        json!({"jsonrpc":"2.0","id":req["id"],"result":{"action":"accept","content":{"name":"s"}}}).to_string();
+    assert_eq!(call(a, "POST", "/pr/mcp", &[h[0], h[2]], &answer).await.status, 202);
+    let (_, d, _) = c.event().await.unwrap();
+    let done: Value = serde_json::from_str(&d).unwrap();
+    assert!(done["result"]["content"][0]["text"].as_str().unwrap().contains("\"name\": \"s\""), "{done}");
+    // The principal's stateless requests go on beside it, with their own round trips.
+    let r = sl(a, "pr", "P1", "tools/call", ask_params(), json!({"elicitation": {}})).await;
+    assert_eq!(r.json()["result"]["resultType"], "input_required", "{}", r.body);
+    s.sup.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_principals_process_lives_while_any_session_on_it_is_used() {
+    let s = start_text(format!(
+        r#"{{"mcpProxy":{{"addr":"127.0.0.1:9090"}},
+            "mcpServers":{{"pr":{{"command":"/usr/bin/python3","args":["{FIXTURE}"],"isolation":"principal",
+                     "idleTimeout":"1s","options":{{"authTokens":["P1"]}}}} }}}}"#
+    ))
+    .await;
+    let a = s.addr;
+    let stateless = || async {
+        count(&sl(a, "pr", "P1", "tools/call", json!({"name": "count", "arguments": {}}), json!({})).await)
+    };
+    let (_, pid) = stateless().await;
+    let sid = open_2025_on(a, "pr", "P1", json!({})).await;
+    // Only the 2025 session is used for longer than idleTimeout: the process stays.
+    let b = json!({"jsonrpc":"2.0","id":1,"method":"tools/list"}).to_string();
+    for _ in 0..6 {
+        let r = call(a, "POST", "/pr/mcp", &[("Authorization", "P1"), ("Mcp-Session-Id", &sid)], &b).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    }
+    assert_eq!(stateless().await, (2, pid), "the principal's process and its state lived on");
+    // Nobody uses either: both end, and the next request starts from nothing.
+    tokio::time::sleep(std::time::Duration::from_millis(2600)).await;
+    assert!(!super::tests::alive(pid), "reaped when idle");
+    let r = call(a, "POST", "/pr/mcp", &[("Authorization", "P1"), ("Mcp-Session-Id", &sid)], &b).await;
+    assert_eq!(r.status, 404, "the session ended with it");
+    assert_eq!(stateless().await.0, 1);
+    s.sup.shutdown().await;
+}
