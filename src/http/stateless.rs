@@ -251,9 +251,10 @@ fn check_param_headers(headers: &HeaderMap, msg: &Value, tool: &Value) -> Result
     Ok(())
 }
 
-/// The backend's tool `name` (its `tools/list` entry), from a list kept until the server says
-/// its tools changed. `Ok(None)` when the server has no such tool (or answers `tools/list` with
-/// an error: it lists nothing to check against); `Err` when it gives no answer in time.
+/// The `x-mcp-header` annotations of the backend's tool `name` (as a tool entry with only those),
+/// from its `tools/list` kept until the server says its tools changed. `Ok(None)` when the tool
+/// has none or the server has no such tool (or answers `tools/list` with an error: it lists
+/// nothing to check against); `Err` when it gives no answer in time.
 async fn backend_tool(backend: &crate::supervisor::Backend, name: &str) -> Result<Option<Value>, ()> {
     let epoch = backend.session.outbox.tools_changed();
     let mut cache = backend.tools.lock().await;
@@ -271,7 +272,16 @@ async fn backend_tool(backend: &crate::supervisor::Backend, name: &str) -> Resul
             let Ok(Some(answer)) = answer else { return Err(()) };
             let v: Value = serde_json::from_slice(&answer).unwrap_or(Value::Null);
             let Some(result) = v.get("result") else { break };
-            tools.extend(result.get("tools").and_then(Value::as_array).into_iter().flatten().cloned());
+            // Kept: only what the checks read (tools with annotations, the annotations), so a
+            // server's long list costs its size once, while it is read, not for as long as it holds.
+            for t in result.get("tools").and_then(Value::as_array).into_iter().flatten() {
+                let annotated = param_headers(t);
+                if let (Some(name), false) = (t.get("name").and_then(Value::as_str), annotated.is_empty()) {
+                    let props: Map<String, Value> =
+                        annotated.into_iter().map(|(arg, h)| (arg, json!({"x-mcp-header": h}))).collect();
+                    tools.push(json!({"name": name, "inputSchema": {"properties": props}}));
+                }
+            }
             match result.get("nextCursor") {
                 Some(c) if !c.is_null() => cursor = Some(c.clone()),
                 _ => break,
