@@ -12,7 +12,7 @@
 # bridge the Tasks extension (docs/CONFORMANCE.md).
 # A scenario passes when none of its checks is a FAILURE (warnings are shown). Prints a table;
 # exits non-zero if a gated scenario fails, or if one listed in EXPECTED_FAIL below passes
-# (then the entry is stale). Run as root from the repository; about 20 s.
+# (then the entry is stale). Run as root from the repository; about 30 s once built.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
