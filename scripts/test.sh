@@ -114,6 +114,9 @@ step "integration tests as $ci_user" setpriv --reuid="$ci_user" --regid="$ci_use
 
 # A real 2026-07-28 client (the Python SDK 2.x, from the Python package index through uv).
 step "Python SDK 2.x client (2026-07-28, auto) through mcpbox serve" bash scripts/python-sdk-2026.sh
+# The official conformance suite's server scenarios (2025-11-25 in session and shared isolation,
+# 2026-07-28 in principal and shared) through mcpbox serve; a table of every scenario.
+step "MCP conformance suite through mcpbox serve (scripts/conformance.sh)" bash scripts/conformance.sh
 
 rm -rf "$tmp_root" "$tmp_user"
 

@@ -5,9 +5,11 @@
 //! - `isolation: "session"`: every session gets its own process; the session ends when the
 //!   process exits (in-flight requests get "MCP server exited") and the process is killed
 //!   when the session ends (DELETE, SSE disconnect, idle, shutdown).
-//! - `isolation: "principal"`: as `session` for 2025-era sessions; stateless (2026-07-28)
-//!   requests of one principal go to that principal's own backend session and process
-//!   ([`Supervisor::principal_backend`]; also used for `session` servers), reaped when idle.
+//! - `isolation: "principal"`: stateless (2026-07-28) requests of one principal go to that
+//!   principal's own backend session and process ([`Supervisor::principal_backend`]; also used
+//!   for `session` servers), and its 2025-era sessions join that process
+//!   ([`Supervisor::open_session`], routed as on a shared server); reaped when no session on it
+//!   is in use.
 //! - `isolation: "shared"`: one process per server behind one [`Hub`]; it is restarted with
 //!   exponential backoff (250 ms … 30 s) and sessions survive the restart.
 //! - A process whose stdout closes is ended at once (its in-flight requests fail first): a
@@ -299,6 +301,9 @@ pub struct Backend {
     pub init: serde_json::Value,
     /// The level last set with `logging/setLevel` on the server, if any.
     pub log_level: tokio::sync::Mutex<Option<String>>,
+    /// The server's `tools/list` (all pages), with the count of its `tools/list_changed`
+    /// notifications it was fetched at: what `x-mcp-header` checks read.
+    pub tools: tokio::sync::Mutex<Option<(u64, serde_json::Value)>>,
 }
 
 /// CPU weight of a warm process while it starts and waits (cgroup v2 `cpu.weight`, v1
@@ -393,6 +398,13 @@ impl Server {
     pub fn session(&self, id: &str, principal: &Principal) -> Option<Arc<Session>> {
         self.sessions.get(id, principal)
     }
+    /// Whether `s` is its principal's backend (the session of its stateless requests, which
+    /// holds the principal's process). `false` while that slot is busy (being opened).
+    fn is_principal_backend(&self, s: &Session) -> bool {
+        let slot = self.principals.lock().unwrap_or_else(|e| e.into_inner()).get(&s.principal).cloned();
+        slot.is_some_and(|slot| slot.try_lock().is_ok_and(|b| b.as_ref().is_some_and(|b| b.session.id == s.id)))
+    }
+
     pub fn active_sessions(&self) -> usize {
         self.sessions.len()
     }
@@ -404,6 +416,9 @@ pub const STDERR_LINE_MAX: usize = 4096;
 
 /// How long mcpbox waits for a server's answer to its own `initialize`.
 const INIT_TIMEOUT: Duration = Duration::from_secs(60);
+/// The protocol version mcpbox initializes a principal's process with when a 2025-era session
+/// opens it (a stateless request opens it with the version of the stateless adapter).
+const PRINCIPAL_PROTOCOL: &str = "2025-11-25";
 
 pub struct Options {
     pub max_line: usize,
@@ -783,8 +798,80 @@ impl Supervisor {
         Ok(ProcCtl { exited: done_rx })
     }
 
-    /// Open a client session on `server`, read through `transport`.
+    /// Open a client session on `server`, read through `transport`. On an
+    /// `isolation: "principal"` server it is a session on the principal's own process
+    /// ([`Self::open_on_principal`]).
     pub async fn open_session(
+        self: &Arc<Self>,
+        server_name: &str,
+        principal: Principal,
+        transport: Transport,
+    ) -> Result<Arc<Session>, OpenError> {
+        let server = self.servers.get(server_name).ok_or(OpenError::NotFound)?;
+        if server.cfg.isolation == Isolation::Principal {
+            return self.open_on_principal(server_name, principal, transport).await;
+        }
+        self.open_own_session(server_name, principal, transport).await
+    }
+
+    /// A 2025-era session of `principal` on an `isolation: "principal"` server: it shares the
+    /// process of the principal's stateless requests (opened by mcpbox with every routable
+    /// client capability if it is not running), whose `initialize` result it is answered with;
+    /// server requests and notifications go to it only while it alone has requests in flight
+    /// on that process, as on a shared server. It counts against `maxSessions`, takes no
+    /// sandbox of its own, and ends with the process; ending it leaves the process running.
+    async fn open_on_principal(
+        self: &Arc<Self>,
+        server_name: &str,
+        principal: Principal,
+        transport: Transport,
+    ) -> Result<Arc<Session>, OpenError> {
+        if self.shutdown.is_cancelled() {
+            return Err(OpenError::ShuttingDown);
+        }
+        if self.is_draining() {
+            return Err(OpenError::Draining);
+        }
+        let server = self.servers.get(server_name).ok_or(OpenError::NotFound)?.clone();
+        let init = serde_json::json!({
+            "protocolVersion": PRINCIPAL_PROTOCOL,
+            "capabilities": {"sampling": {}, "elicitation": {}, "roots": {}},
+            "clientInfo": {"name": "mcpbox", "version": env!("CARGO_PKG_VERSION")},
+        });
+        let backend = self.principal_backend(server_name, &principal, init).await?;
+        let Some(slot) = server.sessions.reserve(server.cfg.max_sessions) else {
+            return Err(OpenError::TooMany(server_name.to_string()));
+        };
+        let budget_slot = self.budget.acquire(false)?;
+        let id = new_session_id(self.opts.replica_id.as_deref());
+        // Ends with the principal's process (and so at shutdown), or on its own.
+        let closed = backend.session.closed.child_token();
+        let session = Session::new(
+            id.clone(),
+            server_name,
+            principal,
+            transport,
+            backend.session.hub(),
+            self.opts.session_buffer,
+            closed.clone(),
+            server.metrics.requests.clone(),
+        );
+        server.sessions.insert(slot, session.clone());
+        tracing::info!(server = %server_name, session = %id, principal = %session.principal, backend = %backend.session.id, "session opened on the principal's process");
+        let srv = server.clone();
+        let sess = session.clone();
+        self.tasks.spawn(async move {
+            closed.cancelled().await;
+            let reason =
+                if backend.session.is_closed() { "the principal's server process ended" } else { "session ended" };
+            sess.finish(reason);
+            srv.sessions.remove(&sess.id);
+            drop(budget_slot);
+        });
+        Ok(session)
+    }
+
+    async fn open_own_session(
         self: &Arc<Self>,
         server_name: &str,
         principal: Principal,
@@ -810,8 +897,12 @@ impl Supervisor {
         let closed = self.shutdown.child_token();
         let hub = match &server.shared {
             Some(h) => h.clone(),
-            None => Hub::new(server_name, false, server.cfg.tool_filter.clone(), self.opts.limits())
-                .with_options(server.cfg.log_enabled, server.cfg.timeout),
+            None => {
+                let hub = Hub::new(server_name, false, server.cfg.tool_filter.clone(), self.opts.limits());
+                // A principal's process: its 2025-era sessions join it (open_on_principal).
+                let hub = if server.cfg.isolation == Isolation::Principal { hub.with_shared_routing() } else { hub };
+                hub.with_options(server.cfg.log_enabled, server.cfg.timeout)
+            }
         };
         let session = Session::new(
             id.clone(),
@@ -896,7 +987,7 @@ impl Supervisor {
             return Ok(b.clone());
         }
         *slot = None;
-        let session = self.open_session(server_name, principal.clone(), Transport::Streamable).await?;
+        let session = self.open_own_session(server_name, principal.clone(), Transport::Streamable).await?;
         let req = serde_json::json!({"jsonrpc": "2.0", "id": "mcpbox-initialize", "method": "initialize", "params": init_params});
         let answer = tokio::time::timeout(INIT_TIMEOUT, session.request_json(req)).await;
         let init = match answer {
@@ -912,7 +1003,12 @@ impl Supervisor {
         };
         session.send(serde_json::json!({"jsonrpc": "2.0", "method": "notifications/initialized"}));
         tracing::info!(server = %server_name, principal = %principal, session = %session.id, "backend for stateless requests ready");
-        let b = Arc::new(Backend { session, init, log_level: tokio::sync::Mutex::new(None) });
+        let b = Arc::new(Backend {
+            session,
+            init,
+            log_level: tokio::sync::Mutex::new(None),
+            tools: tokio::sync::Mutex::new(None),
+        });
         *slot = Some(b.clone());
         Ok(b)
     }
@@ -926,8 +1022,18 @@ impl Supervisor {
             }
             for server in self.servers.values() {
                 let idle = server.cfg.idle_timeout;
-                for s in server.sessions.all() {
-                    if s.idle_for().is_some_and(|d| d > idle) {
+                let all = server.sessions.all();
+                for s in &all {
+                    if s.idle_for().is_none_or(|d| d <= idle) {
+                        continue;
+                    }
+                    // A principal's process lives while any session on it is in use.
+                    let in_use = server.cfg.isolation == Isolation::Principal
+                        && server.is_principal_backend(s)
+                        && all.iter().any(|o| {
+                            o.id != s.id && o.principal == s.principal && o.idle_for().is_none_or(|d| d <= idle)
+                        });
+                    if !in_use {
                         s.close(&format!("idle for {idle:?}"));
                     }
                 }

@@ -176,6 +176,14 @@ impl Hub {
         }
     }
 
+    /// Route as a shared server's hub does ([`Router::share`]) while the process stays this
+    /// hub's alone (not restarted, nothing held for a next one): a principal's process, which
+    /// its stateless requests and its 2025-era sessions share.
+    pub fn with_shared_routing(self) -> Self {
+        self.lock().router.share();
+        self
+    }
+
     /// The server's mcp-proxy options: `logEnabled` and `timeout`. With a timeout, a task keeps
     /// the deadlines (it ends with the hub); call inside a tokio runtime.
     pub fn with_options(self, log_requests: bool, timeout: Option<std::time::Duration>) -> Arc<Hub> {
@@ -383,6 +391,9 @@ impl Hub {
 
     fn deliver(&self, st: &mut State, sid: SessionId, d: Delivery) {
         let Some(sink) = st.sinks.get(&sid) else { return };
+        if d.msg.get("method").and_then(Value::as_str) == Some("notifications/tools/list_changed") {
+            sink.outbox.note_tools_changed();
+        }
         let body = Bytes::from(serde_json::to_vec(&d.msg).unwrap_or_default());
         if let Err(e) = sink.outbox.push(Outbound { body, reply_to: d.reply_to, related_to: d.related_to }) {
             tracing::warn!(server = %self.server, session = %sid, budget = e.budget, "session ends: budget mcpbox.sessionBufferBytes exceeded ({e})");

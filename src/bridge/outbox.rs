@@ -71,6 +71,9 @@ pub struct OutboxState {
     /// Highest event number handed to an event stream.
     delivered: u64,
     get_open: bool,
+    /// Counts the event streams opened: a stream whose number is no longer the latest was
+    /// taken over ([`OutboxState::take_over_events`]) and ends.
+    events_gen: u64,
     /// Bytes held in `posts` and `ring`.
     held: usize,
     closed: bool,
@@ -86,6 +89,7 @@ impl OutboxState {
             next_event: 0,
             delivered: 0,
             get_open: false,
+            events_gen: 0,
             held: 0,
             closed: false,
         }
@@ -145,11 +149,36 @@ impl OutboxState {
             return None;
         }
         self.get_open = true;
+        self.events_gen += 1;
         Some(after.unwrap_or(self.delivered))
     }
 
-    pub fn close_events(&mut self) {
-        self.get_open = false;
+    /// Open the event stream even if one is open: that one ends (its next read is the end),
+    /// this one goes on from the last event sent. The cursor and the new stream's number.
+    pub fn take_over_events(&mut self) -> (u64, u64) {
+        self.get_open = true;
+        self.events_gen += 1;
+        (self.delivered, self.events_gen)
+    }
+
+    /// The number of the event stream opened last.
+    pub fn events_gen(&self) -> u64 {
+        self.events_gen
+    }
+
+    /// Event stream `gen` is closed; a stream that was taken over closes nothing.
+    pub fn close_events(&mut self, gen: u64) {
+        if gen == self.events_gen {
+            self.get_open = false;
+        }
+    }
+
+    /// [`Self::next_event`] for event stream `gen`: the end once another stream took over.
+    pub fn next_event_of(&mut self, gen: u64, cursor: u64) -> Next<(u64, Bytes)> {
+        if gen != self.events_gen {
+            return Next::End;
+        }
+        self.next_event(cursor)
     }
 
     /// The next event after `cursor`.
@@ -283,11 +312,27 @@ impl OutboxState {
 pub struct Outbox {
     state: std::sync::Mutex<OutboxState>,
     notify: Notify,
+    /// `notifications/tools/list_changed` delivered to this session so far.
+    tools_changed: std::sync::atomic::AtomicU64,
 }
 
 impl Outbox {
     pub fn new(transport: Transport, budget: usize) -> Self {
-        Outbox { state: std::sync::Mutex::new(OutboxState::new(transport, budget)), notify: Notify::new() }
+        Outbox {
+            state: std::sync::Mutex::new(OutboxState::new(transport, budget)),
+            notify: Notify::new(),
+            tools_changed: Default::default(),
+        }
+    }
+
+    /// How many `notifications/tools/list_changed` were delivered to this session.
+    pub fn tools_changed(&self) -> u64 {
+        self.tools_changed.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// The server said its tools changed (counted before the notification is queued).
+    pub fn note_tools_changed(&self) {
+        self.tools_changed.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     }
 
     pub fn lock(&self) -> std::sync::MutexGuard<'_, OutboxState> {
@@ -303,6 +348,13 @@ impl Outbox {
     pub fn close(&self, reason: Option<&str>) {
         self.lock().close(reason);
         self.notify.notify_waiters();
+    }
+
+    /// [`OutboxState::take_over_events`], waking the stream taken over so that it ends.
+    pub fn take_over_events(&self) -> (u64, u64) {
+        let r = self.lock().take_over_events();
+        self.notify.notify_waiters();
+        r
     }
 
     /// Over budget: drop everything held, then close.
@@ -439,5 +491,25 @@ mod tests {
         assert_eq!(l.next_event(2), Next::End);
         l.discard();
         assert_eq!(l.held(), 0);
+    }
+
+    #[test]
+    fn a_new_event_stream_takes_over_and_the_old_one_ends() {
+        let mut s = OutboxState::new(Transport::Streamable, 1 << 20);
+        let first = s.open_events(None).unwrap();
+        let g1 = s.events_gen();
+        assert_eq!(s.open_events(None), None, "a plain second open is still refused");
+        s.push(msg(1)).unwrap();
+        assert!(matches!(s.next_event_of(g1, first), Next::Item((1, _))));
+        let (cursor, g2) = s.take_over_events();
+        assert_eq!(cursor, 1, "the new stream goes on after what was sent");
+        s.push(msg(2)).unwrap();
+        assert_eq!(s.next_event_of(g1, 1), Next::End, "the old stream ends");
+        assert!(matches!(s.next_event_of(g2, cursor), Next::Item((2, _))));
+        // The old stream closing does not close the new one's hold on the events.
+        s.close_events(g1);
+        assert_eq!(s.open_events(None), None);
+        s.close_events(g2);
+        assert!(s.open_events(None).is_some());
     }
 }

@@ -139,6 +139,12 @@ impl Router {
         }
     }
 
+    /// Route as for a shared server (one initialize, answered from its result for later
+    /// sessions; server messages only where unambiguous): for a process several sessions use.
+    pub fn share(&mut self) {
+        self.shared = true;
+    }
+
     pub fn attach(&mut self, sid: SessionId) {
         if !self.sessions.contains(&sid) {
             self.sessions.push(sid);

@@ -61,6 +61,11 @@ impl Session {
         })
     }
 
+    /// The hub (server process) this session is on.
+    pub fn hub(&self) -> Arc<Hub> {
+        self.hub.clone()
+    }
+
     /// A message from the client (a JSON-RPC object).
     pub fn send(&self, msg: Value) -> Sent {
         self.touch();
@@ -92,9 +97,20 @@ impl Session {
     /// The session's event stream (Streamable HTTP's GET, resuming after `after`; legacy
     /// SSE's only stream). `None` if one is open already.
     pub fn events(self: &Arc<Self>, after: Option<u64>) -> Option<EventStream> {
-        let cursor = self.outbox.lock().open_events(after)?;
+        let (cursor, gen) = {
+            let mut o = self.outbox.lock();
+            let cursor = o.open_events(after)?;
+            (cursor, o.events_gen())
+        };
         let end_session = self.transport == Transport::LegacySse;
-        Some(EventStream { session: self.clone(), cursor, _lease: self.lease(end_session) })
+        Some(EventStream { session: self.clone(), cursor, gen, _lease: self.lease(end_session) })
+    }
+
+    /// The event stream, taken over from whichever stream had it (which then ends): for a
+    /// stream a client reopens at will, where the newest one is the one it reads.
+    pub fn take_over_events(self: &Arc<Self>) -> EventStream {
+        let (cursor, gen) = self.outbox.take_over_events();
+        EventStream { session: self.clone(), cursor, gen, _lease: self.lease(false) }
     }
 
     fn lease(self: &Arc<Self>, end_session: bool) -> StreamLease {
@@ -175,13 +191,15 @@ impl Drop for PostStream {
 pub struct EventStream {
     session: Arc<Session>,
     cursor: u64,
+    /// Which opening of the session's event stream this is.
+    gen: u64,
     _lease: StreamLease,
 }
 
 impl EventStream {
     pub async fn next(&mut self) -> Option<(u64, Bytes)> {
-        let cursor = self.cursor;
-        let (n, b) = self.session.outbox.wait_for(|s| s.next_event(cursor)).await?;
+        let (cursor, gen) = (self.cursor, self.gen);
+        let (n, b) = self.session.outbox.wait_for(|s| s.next_event_of(gen, cursor)).await?;
         self.cursor = n;
         Some((n, b))
     }
@@ -189,7 +207,7 @@ impl EventStream {
 
 impl Drop for EventStream {
     fn drop(&mut self) {
-        self.session.outbox.lock().close_events();
+        self.session.outbox.lock().close_events(self.gen);
     }
 }
 

@@ -17,21 +17,35 @@
 //! elicitation, roots). A server request made while serving a stateless request becomes an
 //! `InputRequiredResult`: the request stays in flight in the backend, the client gets the
 //! server's requests and a `requestState` (an entry number with an HMAC-SHA256 tag over it,
-//! the server, the principal and the method, under a key drawn at start), and retries with
+//! the server, the principal and the method, under a key drawn at start; each `inputRequests`
+//! key is the server request's own id when that is a short plain string), and retries with
 //! `inputResponses`; the answers go to the server and the first answer's wait goes on. A state
 //! that does not verify, belongs to another principal, server or method, or was used already
 //! is refused. Where the request's `_meta` did not declare the capability a server request
 //! needs, mcpbox answers the server with an error on the client's behalf.
 //!
+//! A request must carry `params._meta` with its protocol version and client capabilities (else
+//! 400, -32602). Methods 2026-07-28 removed (`initialize`, `ping`, `logging/setLevel`,
+//! `resources/subscribe`, `resources/unsubscribe`) are answered 404 with -32601 and not
+//! forwarded; a server's own -32601 answer also goes back with 404, and a -32021 (missing client
+//! capability) with 400. Where a tool's input schema annotates an argument with `x-mcp-header`,
+//! a `tools/call` must carry the matching `Mcp-Param-…` header (SEP-2243; the schema comes from
+//! the server's `tools/list`, kept until it says its tools changed). `Mcp-Name` and
+//! `Mcp-Param-…` values may be `=?base64?…?=`.
+//!
 //! `subscriptions/listen` answers with an SSE stream of the list-changed and resource-updated
-//! notifications of the principal's backend that its filter asks for ([`listen`]).
+//! notifications of the principal's backend that its filter asks for ([`listen`]); a new one of
+//! the same principal takes over from the older one.
 //!
 //! A request's progress (with a `progressToken`) and log messages (only when it opts in with
 //! `io.modelcontextprotocol/logLevel`, at or above that level; mcpbox sets the server's level with
 //! `logging/setLevel` when it changes) come on an SSE answer, ahead of the result. A client that
 //! disconnects before its answer cancels the request at the server.
 //!
-//! Not yet: client notifications (accepted with 202, not forwarded).
+//! Client notifications are accepted with 202; `notifications/cancelled` naming a request of the
+//! same principal still being answered ends it (the client gets -32800, the server
+//! `notifications/cancelled`); others are dropped. The server's `timeout` is each request's
+//! deadline, as for a session's (the hub keeps it).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -62,6 +76,16 @@ fn severity(level: &str) -> Option<usize> {
 }
 /// JSON-RPC error for a missing or mismatched `MCP-Protocol-Version`, `Mcp-Method`, `Mcp-Name`.
 pub const HEADER_MISMATCH: i64 = -32020;
+/// JSON-RPC error for a request whose processing needs a client capability it did not declare.
+pub const MISSING_CAPABILITY: i64 = -32021;
+const METHOD_NOT_FOUND: i64 = -32601;
+/// 2025-era methods that 2026-07-28 removed: answered 404 with -32601, never forwarded (the
+/// principal's backend was initialized by mcpbox; its log level and subscriptions are mcpbox's).
+const REMOVED: [&str; 5] = ["initialize", "ping", "logging/setLevel", "resources/subscribe", "resources/unsubscribe"];
+/// How long mcpbox waits for a server's `tools/list` page (for the `x-mcp-header` checks).
+const TOOLS_WAIT: Duration = Duration::from_secs(30);
+/// Longest server request id that names its `inputRequests` entry.
+const MAX_KEY: usize = 64;
 /// The protocol version mcpbox speaks to the stdio servers behind it.
 const BACKEND_VERSION: &str = "2025-11-25";
 /// How long an input-required round waits for the client's retry.
@@ -114,16 +138,236 @@ fn check_headers(headers: &HeaderMap, msg: &Value) -> Result<(), Response> {
         };
         if let Some(field) = field {
             let want = msg.get("params").and_then(|p| p.get(field)).and_then(Value::as_str);
-            match get("mcp-name") {
+            match get("mcp-name").map(header_text) {
                 None => return Err(bad_header(id, "Mcp-Name header is required for this method")),
-                Some(h) if Some(h) != want => {
+                Some(None) => return Err(bad_header(id, "Mcp-Name header is not valid Base64 (=?base64?…?=)")),
+                Some(Some(h)) if Some(h.as_str()) != want => {
                     return Err(bad_header(id, &format!("Mcp-Name header does not match params.{field}")))
                 }
-                Some(_) => {}
+                Some(Some(_)) => {}
             }
         }
     }
     Ok(())
+}
+
+/// The text a `Mcp-Name` or `Mcp-Param-*` header value stands for: `=?base64?B64?=` is the
+/// Base64 (standard alphabet, padded) of UTF-8 text, anything else is the text itself. `None`
+/// for a wrapped value that does not decode.
+pub(super) fn header_text(v: &str) -> Option<String> {
+    match v.strip_prefix("=?base64?").and_then(|r| r.strip_suffix("?=")) {
+        Some(b64) => String::from_utf8(base64_decode(b64)?).ok(),
+        None => Some(v.to_string()),
+    }
+}
+
+/// Strict Base64: the standard alphabet, whole 4-character groups, `=` padding only at the end
+/// and zero bits after the last byte.
+fn base64_decode(s: &str) -> Option<Vec<u8>> {
+    let b = s.as_bytes();
+    if !b.len().is_multiple_of(4) {
+        return None;
+    }
+    let val = |c: u8| -> Option<u32> {
+        Some(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        } as u32)
+    };
+    let mut out = Vec::with_capacity(b.len() / 4 * 3);
+    for (i, group) in b.chunks(4).enumerate() {
+        let last = i == b.len() / 4 - 1;
+        let pad = group.iter().rev().take_while(|&&c| c == b'=').count();
+        if pad > 2 || (pad > 0 && !last) {
+            return None;
+        }
+        let mut n = 0u32;
+        for &c in &group[..4 - pad] {
+            n = (n << 6) | val(c)?;
+        }
+        n <<= 6 * pad as u32;
+        let bytes = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
+        let keep = 3 - pad;
+        // Bits below the last byte kept must be zero (one encoding per text).
+        if bytes[keep..].iter().any(|&x| x != 0) {
+            return None;
+        }
+        out.extend_from_slice(&bytes[..keep]);
+    }
+    Some(out)
+}
+
+/// The `x-mcp-header` annotations of a tool's input schema: (argument, header suffix). An
+/// annotation that is not a plain header name (letters, digits, `-`, at most 64) is not
+/// checked: no client sends it (SDK clients drop such a tool).
+fn param_headers(tool: &Value) -> Vec<(String, String)> {
+    let Some(props) = tool.get("inputSchema").and_then(|s| s.get("properties")).and_then(Value::as_object) else {
+        return vec![];
+    };
+    props
+        .iter()
+        .filter_map(|(arg, schema)| {
+            let h = schema.get("x-mcp-header")?.as_str()?;
+            let plain = !h.is_empty() && h.len() <= 64 && h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+            plain.then(|| (arg.clone(), h.to_string()))
+        })
+        .collect()
+}
+
+/// SEP-2243 custom headers of a `tools/call`: for each argument the tool's schema annotates
+/// with `x-mcp-header: H`, the request's `Mcp-Param-H` header must be there when the argument
+/// is, and stand for the same value (strings as they are, numbers and booleans as JSON text).
+#[allow(clippy::result_large_err)]
+fn check_param_headers(headers: &HeaderMap, msg: &Value, tool: &Value) -> Result<(), Response> {
+    let id = msg.get("id").cloned().unwrap_or(Value::Null);
+    let args = msg.get("params").and_then(|p| p.get("arguments"));
+    for (arg, h) in param_headers(tool) {
+        let name = format!("Mcp-Param-{h}");
+        let body = args.and_then(|a| a.get(&arg)).filter(|v| !v.is_null());
+        let want = body.map(|v| match v {
+            Value::String(s) => s.clone(),
+            v => v.to_string(),
+        });
+        let got = match headers.get(name.as_str()) {
+            None => None,
+            Some(v) => match v.to_str().ok().and_then(header_text) {
+                Some(t) => Some(t),
+                None => return Err(bad_header(id, &format!("{name} header is not valid (Base64 as =?base64?…?=)"))),
+            },
+        };
+        match (got, want) {
+            (None, None) => {}
+            (None, Some(_)) => return Err(bad_header(id, &format!("{name} header is required: the call has {arg}"))),
+            (Some(g), w) if Some(&g) != w.as_ref() => {
+                return Err(bad_header(id, &format!("{name} header does not match arguments.{arg}")))
+            }
+            (Some(_), _) => {}
+        }
+    }
+    Ok(())
+}
+
+/// The `x-mcp-header` annotations of the backend's tool `name` (as a tool entry with only those),
+/// from its `tools/list` kept until the server says its tools changed. `Ok(None)` when the tool
+/// has none or the server has no such tool (or answers `tools/list` with an error: it lists
+/// nothing to check against); `Err` when it gives no answer in time.
+async fn backend_tool(backend: &crate::supervisor::Backend, name: &str) -> Result<Option<Value>, ()> {
+    let epoch = backend.session.outbox.tools_changed();
+    let mut cache = backend.tools.lock().await;
+    if cache.as_ref().is_none_or(|(e, _)| *e != epoch) {
+        let mut tools = Vec::new();
+        let mut cursor: Option<Value> = None;
+        // A bounded number of pages: a server that pages forever gets no more asked of it.
+        for _ in 0..100 {
+            let id = format!("mcpbox-sl-{}", WIRE_IDS.fetch_add(1, Ordering::Relaxed));
+            let mut req = json!({"jsonrpc": "2.0", "id": id, "method": "tools/list"});
+            if let Some(c) = cursor.take() {
+                req["params"] = json!({"cursor": c});
+            }
+            let answer = tokio::time::timeout(TOOLS_WAIT, backend.session.request_json(req)).await;
+            let Ok(Some(answer)) = answer else { return Err(()) };
+            let v: Value = serde_json::from_slice(&answer).unwrap_or(Value::Null);
+            let Some(result) = v.get("result") else { break };
+            // Kept: only what the checks read (tools with annotations, the annotations), so a
+            // server's long list costs its size once, while it is read, not for as long as it holds.
+            for t in result.get("tools").and_then(Value::as_array).into_iter().flatten() {
+                let annotated = param_headers(t);
+                if let (Some(name), false) = (t.get("name").and_then(Value::as_str), annotated.is_empty()) {
+                    let props: Map<String, Value> =
+                        annotated.into_iter().map(|(arg, h)| (arg, json!({"x-mcp-header": h}))).collect();
+                    tools.push(json!({"name": name, "inputSchema": {"properties": props}}));
+                }
+            }
+            match result.get("nextCursor") {
+                Some(c) if !c.is_null() => cursor = Some(c.clone()),
+                _ => break,
+            }
+        }
+        *cache = Some((epoch, Value::Array(tools)));
+    }
+    let tools = cache.as_ref().and_then(|(_, t)| t.as_array());
+    Ok(tools.into_iter().flatten().find(|t| t.get("name").and_then(Value::as_str) == Some(name)).cloned())
+}
+
+/// A 2026-07-28 request must carry its protocol version and client capabilities in
+/// `params._meta` (the client info is optional): else 400 with -32602 naming what is missing.
+#[allow(clippy::result_large_err)]
+fn check_meta(msg: &Value) -> Result<(), Response> {
+    let id = msg.get("id").cloned().unwrap_or(Value::Null);
+    let missing = match meta(msg) {
+        None => Some(
+            "params._meta is required (2026-07-28 requests carry their protocol version and client capabilities there)",
+        ),
+        Some(m) if !m.get(META_VERSION).is_some_and(Value::is_string) => {
+            Some("params._meta must name io.modelcontextprotocol/protocolVersion")
+        }
+        Some(m) if !m.get(META_CAPS).is_some_and(Value::is_object) => {
+            Some("params._meta must carry io.modelcontextprotocol/clientCapabilities (an object)")
+        }
+        Some(_) => None,
+    };
+    match missing {
+        Some(text) => Err(rpc_error(StatusCode::BAD_REQUEST, id, -32602, text)),
+        None => Ok(()),
+    }
+}
+
+/// The `inputRequests` key of a server request: its own id when that is a short plain string
+/// not used yet in the round (the server's name for it), else `input-N`.
+pub(super) fn input_key(server_id: &Value, taken: &Map<String, Value>) -> String {
+    if let Some(s) = server_id.as_str() {
+        let plain = !s.is_empty()
+            && s.len() <= MAX_KEY
+            && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+        if plain && !taken.contains_key(s) {
+            return s.to_string();
+        }
+    }
+    let mut n = taken.len() + 1;
+    while taken.contains_key(&format!("input-{n}")) {
+        n += 1;
+    }
+    format!("input-{n}")
+}
+
+/// The HTTP status of a 2026-07-28 JSON answer: 404 for method-not-found, 400 for a missing
+/// client capability, else 200.
+fn status_of(v: &Value) -> StatusCode {
+    match v.get("error").and_then(|e| e.get("code")).and_then(Value::as_i64) {
+        Some(METHOD_NOT_FOUND) => StatusCode::NOT_FOUND,
+        Some(MISSING_CAPABILITY) => StatusCode::BAD_REQUEST,
+        _ => StatusCode::OK,
+    }
+}
+
+/// JSON-RPC error of a request its client cancelled (before the server answered it).
+const REQUEST_CANCELLED: i64 = -32800;
+
+type FlightKey = (String, Principal, String);
+
+/// A 2026-07-28 request being answered, findable by its client's `notifications/cancelled`
+/// (server, principal and the client's id); unlisted when dropped.
+struct InFlight<'a> {
+    rounds: &'a Rounds,
+    key: FlightKey,
+    n: u64,
+    token: tokio_util::sync::CancellationToken,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        let mut map = self.rounds.flights.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(v) = map.get_mut(&self.key) {
+            v.retain(|(n, _)| *n != self.n);
+            if v.is_empty() {
+                map.remove(&self.key);
+            }
+        }
+    }
 }
 
 /// One input-required round: the backend request still in flight, and which server request
@@ -150,6 +394,9 @@ pub struct Rounds {
     key: ring::hmac::Key,
     next: AtomicU64,
     map: Mutex<HashMap<u64, Round>>,
+    /// Requests being answered, by server, principal and client id (several when a client
+    /// reuses an id: then a cancellation naming it is ambiguous and does nothing).
+    flights: Mutex<HashMap<FlightKey, Vec<(u64, tokio_util::sync::CancellationToken)>>>,
 }
 
 impl Default for Rounds {
@@ -159,6 +406,7 @@ impl Default for Rounds {
             key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret),
             next: AtomicU64::new(1),
             map: Mutex::default(),
+            flights: Mutex::default(),
         }
     }
 }
@@ -192,6 +440,29 @@ impl Rounds {
         let tag = unhex(tag)?;
         ring::hmac::verify(&self.key, Self::signed(n, server, principal, method).as_bytes(), &tag).ok()?;
         self.map.lock().unwrap_or_else(|e| e.into_inner()).remove(&n)
+    }
+
+    fn in_flight(&self, server: &str, principal: &Principal, client_id: &Value) -> InFlight<'_> {
+        let key = (server.to_string(), principal.clone(), client_id.to_string());
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let token = tokio_util::sync::CancellationToken::new();
+        let mut map = self.flights.lock().unwrap_or_else(|e| e.into_inner());
+        map.entry(key.clone()).or_default().push((n, token.clone()));
+        InFlight { rounds: self, key, n, token }
+    }
+
+    /// A client's `notifications/cancelled` for its request `id`: whether it named exactly one
+    /// request of this principal being answered (which then ends, cancelled at the server).
+    fn cancel(&self, server: &str, principal: &Principal, id: &Value) -> bool {
+        let key = (server.to_string(), principal.clone(), id.to_string());
+        let map = self.flights.lock().unwrap_or_else(|e| e.into_inner());
+        match map.get(&key).map(Vec::as_slice) {
+            Some([(_, token)]) => {
+                token.cancel();
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Keep `round`; the state that names it, or `None` when too many rounds wait.
@@ -250,16 +521,26 @@ pub async fn post(st: Shared, server: String, principal: Principal, headers: &He
         );
     };
     let Some(client_id) = msg.get("id").cloned() else {
+        // A client notification. notifications/cancelled ends the request it names, if that
+        // is one of this principal's being answered here; others have no 2025-era counterpart.
+        if method == "notifications/cancelled" {
+            let id = msg.get("params").and_then(|p| p.get("requestId")).cloned().unwrap_or(Value::Null);
+            if !st.stateless.cancel(&server, &principal, &id) {
+                tracing::debug!(server = %server, principal = %principal, "notifications/cancelled names no request of this principal in flight");
+            }
+        }
         return (StatusCode::ACCEPTED, "").into_response();
     };
+    if let Err(r) = check_meta(&msg) {
+        return r;
+    }
     let caps = meta(&msg).and_then(|m| m.get(META_CAPS)).cloned().unwrap_or_else(|| json!({}));
-    if method == "initialize" {
-        return rpc_error(
-            StatusCode::BAD_REQUEST,
-            client_id,
-            -32600,
-            "initialize is not part of 2026-07-28; use server/discover",
-        );
+    if REMOVED.contains(&method.as_str()) {
+        let text = match method.as_str() {
+            "initialize" => "initialize is not part of 2026-07-28; use server/discover".to_string(),
+            m => format!("{m} is not part of 2026-07-28"),
+        };
+        return rpc_error(StatusCode::NOT_FOUND, client_id, METHOD_NOT_FOUND, &text);
     }
     // Progress and (opted-in) log messages go back on an SSE answer when the client asked for
     // them and accepts SSE.
@@ -284,7 +565,7 @@ pub async fn post(st: Shared, server: String, principal: Principal, headers: &He
         let init = &backend.init;
         let mut result = json!({
             "resultType": "complete",
-            "supportedVersions": [VERSION],
+            "supportedVersions": super::streamable::VERSIONS.iter().chain([&VERSION]).collect::<Vec<_>>(),
             "capabilities": init.get("capabilities").cloned().unwrap_or_else(|| json!({})),
         });
         if let Some(r) = result.as_object_mut() {
@@ -294,6 +575,9 @@ pub async fn post(st: Shared, server: String, principal: Principal, headers: &He
             if let Some(v) = init.get(k) {
                 result[k] = v.clone();
             }
+        }
+        if let Some(info) = init.get("serverInfo") {
+            result["_meta"] = json!({"io.modelcontextprotocol/serverInfo": info});
         }
         return json_answer(json!({"jsonrpc": "2.0", "id": client_id, "result": result}));
     }
@@ -334,6 +618,25 @@ pub async fn post(st: Shared, server: String, principal: Principal, headers: &He
             }
         }
     }
+    if method == "tools/call" {
+        let name = msg.get("params").and_then(|p| p.get("name")).and_then(Value::as_str).unwrap_or("");
+        match backend_tool(&backend, name).await {
+            Ok(Some(tool)) => {
+                if let Err(r) = check_param_headers(headers, &msg, &tool) {
+                    return r;
+                }
+            }
+            Ok(None) => {}
+            // Unchecked is not forwarded: the headers may be what an intermediary routed on.
+            Err(()) => {
+                return json_answer(crate::bridge::error_response(
+                    client_id,
+                    -32603,
+                    "mcpbox could not read the server's tool list to check the Mcp-Param headers; try again",
+                ))
+            }
+        }
+    }
     strip_meta(&mut msg);
     let wire_id = Value::String(format!("mcpbox-sl-{}", WIRE_IDS.fetch_add(1, Ordering::Relaxed)));
     msg["id"] = wire_id.clone();
@@ -370,7 +673,8 @@ fn cache_hints(r: &mut Map<String, Value>) {
 /// `subscriptions/listen`: an SSE stream of the principal's backend notifications that the
 /// filter asks for, opened by `notifications/subscriptions/acknowledged` with what is honoured.
 /// Resource URIs are subscribed to on the server (`resources/subscribe`); only those it accepts
-/// are acknowledged. One listen stream per principal and server at a time.
+/// are acknowledged. One listen stream per principal and server: a new one
+/// takes over, and the older one ends.
 async fn listen(session: Arc<Session>, client_id: Value, filter: Value) -> Response {
     let want = |k: &str| filter.get(k).and_then(Value::as_bool) == Some(true);
     let mut honoured = Map::new();
@@ -397,13 +701,8 @@ async fn listen(session: Arc<Session>, client_id: Value, filter: Value) -> Respo
     if !uris.is_empty() {
         honoured.insert("resourceSubscriptions".into(), json!(uris));
     }
-    let Some(events) = session.events(None) else {
-        return json_answer(crate::bridge::error_response(
-            client_id,
-            -32603,
-            "a subscriptions/listen stream is already open for this principal on this server",
-        ));
-    };
+    // A client that opens a new listen stream reads that one: the older one ends.
+    let events = session.take_over_events();
     let stamp = |mut v: Value, id: &Value| {
         if let Some(p) = v.as_object_mut().map(|o| o.entry("params").or_insert_with(|| json!({}))) {
             if let Some(p) = p.as_object_mut() {
@@ -462,7 +761,7 @@ fn strip_meta(msg: &mut Value) {
 }
 
 fn json_answer(v: Value) -> Response {
-    ([(header::CONTENT_TYPE, "application/json")], v.to_string()).into_response()
+    (status_of(&v), [(header::CONTENT_TYPE, "application/json")], v.to_string()).into_response()
 }
 
 /// Read the backend's messages for `round` until its answer (given the client's id) or until
@@ -473,17 +772,27 @@ async fn drive(
     client_id: Value,
     progress: Option<&mpsc::UnboundedSender<Value>>,
 ) -> Value {
-    // A client that goes away mid-request (the HTTP request is dropped) cancels it.
+    // A client that goes away mid-request (the HTTP request is dropped) cancels it, as does its
+    // notifications/cancelled naming the request's id.
     let mut cancel = CancelOnDrop { session: round.session.clone(), wire_id: Some(round.wire_id.clone()) };
+    let by_client = st.stateless.in_flight(&round.server, &round.principal, &client_id);
     loop {
-        let next = if round.asked.is_empty() {
-            round.stream.next().await
-        } else {
-            match tokio::time::timeout(GATHER, round.stream.next()).await {
-                Ok(n) => n,
-                Err(_) => break,
+        let next = tokio::select! {
+            biased;
+            () = by_client.token.cancelled() => {
+                tracing::info!(server = %round.server, principal = %round.principal, id = %client_id, "request cancelled by the client");
+                // `cancel` (its wire id still set) tells the server as it drops.
+                return crate::bridge::error_response(client_id, REQUEST_CANCELLED, "request cancelled by the client");
             }
+            n = async {
+                if round.asked.is_empty() {
+                    Ok(round.stream.next().await)
+                } else {
+                    tokio::time::timeout(GATHER, round.stream.next()).await
+                }
+            } => n,
         };
+        let Ok(next) = next else { break };
         let Some(body) = next else {
             cancel.wire_id = None;
             return crate::bridge::error_response(client_id, -32603, crate::bridge::SERVER_EXITED);
@@ -507,14 +816,21 @@ async fn drive(
                     round.session.send(json!({"jsonrpc": "2.0", "id": server_id, "result": {}}));
                     continue;
                 }
-                let declared = needs(&m).is_some_and(|c| round.caps.get(c).is_some_and(|v| !v.is_null()));
-                if !declared {
-                    // mcpbox answers for a client that cannot be asked this.
-                    let why = format!("the client did not declare the capability {m} needs");
-                    round.session.send(crate::bridge::error_response(server_id, -32601, &why));
+                let Some(cap) = needs(&m) else {
+                    let why = format!("{m} cannot be asked of a 2026-07-28 client");
+                    round.session.send(crate::bridge::error_response(server_id, METHOD_NOT_FOUND, &why));
+                    continue;
+                };
+                if round.caps.get(cap).is_none_or(|v| v.is_null()) {
+                    // mcpbox answers for a client that cannot be asked this, with the error a
+                    // 2026-07-28 server gives (a server that passes it on gets its client 400).
+                    let why = format!("the client did not declare the {cap} capability {m} needs");
+                    let mut e = crate::bridge::error_response(server_id, MISSING_CAPABILITY, &why);
+                    e["error"]["data"] = json!({"requiredCapabilities": {cap: {}}});
+                    round.session.send(e);
                     continue;
                 }
-                let k = format!("input-{}", round.asked.len() + 1);
+                let k = input_key(&server_id, &round.requests);
                 let mut req = json!({"method": m});
                 if let Some(p) = v.get("params") {
                     req["params"] = p.clone();

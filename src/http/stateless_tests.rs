@@ -59,8 +59,10 @@ async fn discover_list_and_call_without_initialize_or_session() {
     let v = r.json();
     assert_eq!(v["id"], 7);
     assert_eq!(v["result"]["resultType"], "complete");
-    assert_eq!(v["result"]["supportedVersions"], json!(["2026-07-28"]));
+    // Every version the endpoint serves: an unsupported-version error lists the same ones.
+    assert_eq!(v["result"]["supportedVersions"], json!(["2025-03-26", "2025-06-18", "2025-11-25", "2026-07-28"]));
     assert_eq!(v["result"]["serverInfo"]["name"], "echo", "from the backend's own initialize: {v}");
+    assert_eq!(v["result"]["_meta"]["io.modelcontextprotocol/serverInfo"]["name"], "echo", "{v}");
     assert_eq!(v["result"]["capabilities"]["tools"]["listChanged"], true);
     let r = sl(a, "pr", "P1", "tools/list", json!({}), json!({})).await;
     assert_eq!(r.status, 200, "{}", r.body);
@@ -135,6 +137,7 @@ async fn required_headers_are_checked_and_named() {
     assert_eq!(r.status, 400);
     let v = r.json();
     assert_eq!(v["error"]["code"], -32022, "{v}");
+    assert_eq!(v["id"], 1, "the error carries the request's id: {v}");
     assert_eq!(v["error"]["data"]["supported"], json!(["2025-03-26", "2025-06-18", "2025-11-25", "2026-07-28"]));
     assert_eq!(v["error"]["data"]["requested"], "2099-01-01");
     assert_eq!(s.sup.server("pr").unwrap().active_sessions(), 0);
@@ -188,6 +191,7 @@ async fn elicitation_becomes_an_input_required_round_trip() {
     let reqs = v["result"]["inputRequests"].as_object().unwrap();
     assert_eq!(reqs.len(), 1);
     let (k, req) = reqs.iter().next().unwrap();
+    assert_eq!(k, "srv-1", "the key is the server's own id for its request");
     assert_eq!(req["method"], "elicitation/create");
     assert_eq!(req["params"]["message"], "name?");
     let state = v["result"]["requestState"].as_str().unwrap().to_string();
@@ -225,7 +229,64 @@ async fn an_undeclared_capability_is_answered_by_mcpbox() {
     let r = sl(a, "pr", "P1", "tools/call", ask_params(), json!({})).await;
     let t = text(&r);
     let answer: Value = serde_json::from_str(&t).unwrap();
-    assert_eq!(answer["error"]["code"], -32601, "mcpbox refused on the client's behalf: {answer}");
+    // The 2026-07-28 MissingRequiredClientCapabilityError, naming the capability.
+    assert_eq!(answer["error"]["code"], -32021, "mcpbox refused on the client's behalf: {answer}");
+    assert_eq!(answer["error"]["data"]["requiredCapabilities"], json!({"elicitation": {}}), "{answer}");
+    // A server that ends its call with that error: the client gets it with HTTP 400.
+    let p = json!({"name": "ask", "arguments": {"method": "sampling/createMessage", "pass_error": true}});
+    let r = sl(a, "pr", "P1", "tools/call", p, json!({"elicitation": {}})).await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    let v = r.json();
+    assert_eq!((v["id"].clone(), v["error"]["code"].clone()), (json!(7), json!(-32021)), "{v}");
+    assert_eq!(v["error"]["data"]["requiredCapabilities"], json!({"sampling": {}}), "{v}");
+    s.sup.shutdown().await;
+}
+
+/// A 2026-07-28 request to `pr` with `params` as they are (no `_meta` added).
+async fn raw(a: SocketAddr, method: &str, params: Value) -> Resp {
+    let h = [
+        ("Authorization", "P1"),
+        ("Accept", "application/json, text/event-stream"),
+        ("MCP-Protocol-Version", "2026-07-28"),
+        ("Mcp-Method", method),
+    ];
+    let b = json!({"jsonrpc": "2.0", "id": 9, "method": method, "params": params}).to_string();
+    call(a, "POST", "/pr/mcp", &h, &b).await
+}
+
+#[tokio::test]
+async fn request_meta_is_required_and_removed_or_unknown_methods_are_404() {
+    let s = start().await;
+    let a = s.addr;
+    let caps = "io.modelcontextprotocol/clientCapabilities";
+    let version = "io.modelcontextprotocol/protocolVersion";
+    for params in [
+        json!({}),
+        json!({"_meta": "x"}),
+        json!({"_meta": {caps: {}}}),
+        json!({"_meta": {version: "2026-07-28"}}),
+        json!({"_meta": {version: "2026-07-28", caps: "all"}}),
+    ] {
+        let r = raw(a, "server/discover", params.clone()).await;
+        assert_eq!(r.status, 400, "{params}: {}", r.body);
+        let v = r.json();
+        assert_eq!((v["id"].clone(), v["error"]["code"].clone()), (json!(9), json!(-32602)), "{params}: {v}");
+    }
+    assert_eq!(s.sup.server("pr").unwrap().active_sessions(), 0, "nothing was started for them");
+    // clientInfo is optional.
+    let r = raw(a, "server/discover", json!({"_meta": {version: "2026-07-28", caps: {}}})).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    // Methods 2026-07-28 removed are not forwarded: 404 with -32601, the server never sees them.
+    for m in ["initialize", "ping", "logging/setLevel", "resources/subscribe", "resources/unsubscribe"] {
+        let r = sl(a, "pr", "P1", m, json!({"uri": "file:///x"}), json!({})).await;
+        assert_eq!(r.status, 404, "{m}: {}", r.body);
+        let v = r.json();
+        assert_eq!((v["id"].clone(), v["error"]["code"].clone()), (json!(7), json!(-32601)), "{m}: {v}");
+    }
+    // A method the server does not know: its -32601 goes back with 404.
+    let r = sl(a, "pr", "P1", "nosuch/method", json!({}), json!({})).await;
+    assert_eq!(r.status, 404, "{}", r.body);
+    assert_eq!(r.json()["error"]["code"], -32601);
     s.sup.shutdown().await;
 }
 
@@ -342,6 +403,13 @@ async fn listen_streams_what_the_filter_asks_for_from_the_principals_backend() {
         json!({"toolsListChanged": true, "resourceSubscriptions": ["file:///x"]})
     );
     assert_eq!(ack["params"]["_meta"]["io.modelcontextprotocol/subscriptionId"], "L");
+    // The same principal listening again: the new stream takes over, the old one ends.
+    let mut l0 = l1;
+    let mut l1 = listen("P1").await;
+    assert_eq!(l1.status, 200);
+    let (_, d, _) = l1.event().await.unwrap();
+    assert_eq!(serde_json::from_str::<Value>(&d).unwrap()["method"], "notifications/subscriptions/acknowledged");
+    assert!(l0.event().await.is_none(), "the older stream ended");
     let mut l2 = listen("P2").await;
     l2.event().await.unwrap();
     // P1's call makes its server say its tools changed: P1's stream gets it, P2's does not.
@@ -433,5 +501,275 @@ async fn log_messages_only_for_a_request_that_opts_in_and_at_its_level() {
     let r = sl(a, "pr", "P1", "tools/call", json!({"name": "log", "arguments": {}}), json!({})).await;
     assert_eq!(r.header("content-type"), Some("application/json"));
     assert_eq!(text(&r), "log");
+    s.sup.shutdown().await;
+}
+
+#[test]
+fn input_keys_are_the_servers_plain_ids_else_numbered() {
+    use super::stateless::input_key;
+    let mut taken = serde_json::Map::new();
+    assert_eq!(input_key(&json!("user_name"), &taken), "user_name");
+    taken.insert("user_name".into(), json!({}));
+    // A server reusing an id within one round, a number, or an id that is long or not plain
+    // (what a hostile server might send to confuse a client) gets a numbered key instead.
+    assert_eq!(input_key(&json!("user_name"), &taken), "input-2");
+    assert_eq!(input_key(&json!(3), &taken), "input-2");
+    for odd in ["", "a b", "x\n", "requestState\"", "ü", &"k".repeat(65)] {
+        assert_eq!(input_key(&json!(odd), &taken), "input-2", "{odd:?}");
+    }
+    taken.insert("input-2".into(), json!({}));
+    assert_eq!(input_key(&json!(null), &taken), "input-3");
+    assert_eq!(input_key(&json!("k".repeat(64)), &taken), "k".repeat(64));
+}
+
+#[test]
+fn header_values_decode_strict_base64_or_stand_for_themselves() {
+    use super::stateless::header_text;
+    assert_eq!(header_text("=?base64?SGVsbG8=?=").as_deref(), Some("Hello"));
+    assert_eq!(header_text("=?base64?w7w=?=").as_deref(), Some("ü"));
+    assert_eq!(header_text("=?base64??=").as_deref(), Some(""));
+    // Not wrapped: the value itself, even when it looks like Base64.
+    assert_eq!(header_text("SGVsbG8=").as_deref(), Some("SGVsbG8="));
+    assert_eq!(header_text("=?base64?SGVsbG8=").as_deref(), Some("=?base64?SGVsbG8="));
+    // Wrapped but not strict Base64 of UTF-8: missing padding, foreign characters, padding in
+    // the middle, non-zero trailing bits, URL-safe alphabet, invalid UTF-8.
+    for bad in ["SGVsbG8", "SGVs!!!bG8=", "SG==bG8=", "SGVsbG9=", "_-8=", "/w==", "SGVsbG8===", "===="] {
+        assert_eq!(header_text(&format!("=?base64?{bad}?=")), None, "{bad}");
+    }
+}
+
+/// A `tools/call` of the echo fixture's `route` tool with `args` and extra headers.
+async fn route(a: SocketAddr, args: Value, extra: &[(&str, &str)]) -> Resp {
+    let mut h = vec![
+        ("Authorization", "P1"),
+        ("Accept", "application/json"),
+        ("MCP-Protocol-Version", "2026-07-28"),
+        ("Mcp-Method", "tools/call"),
+        ("Mcp-Name", "route"),
+    ];
+    h.extend_from_slice(extra);
+    call(
+        a,
+        "POST",
+        "/pr/mcp",
+        &h,
+        &body(json!(4), "tools/call", json!({"name": "route", "arguments": args}), json!({})),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn mcp_param_headers_must_match_the_arguments_the_tool_annotates() {
+    let s = start().await;
+    let a = s.addr;
+    let ok = |r: &Resp| {
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(r.json()["result"]["resultType"], "complete", "{}", r.body);
+    };
+    let refused = |r: &Resp, named: &str| {
+        assert_eq!(r.status, 400, "{}", r.body);
+        let v = r.json();
+        assert!(v["id"] == 4 || v["id"] == 7, "the request's id: {v}");
+        assert_eq!(v["error"]["code"], -32020, "{v}");
+        assert!(v["error"]["message"].as_str().unwrap().contains(named), "{v}");
+    };
+    ok(&route(a, json!({"region": "eu", "shard": 3}), &[("Mcp-Param-Region", "eu"), ("Mcp-Param-Shard", "3")]).await);
+    ok(&route(a, json!({"region": "Hello"}), &[("mcp-param-region", "=?base64?SGVsbG8=?=")]).await);
+    // Neither argument nor header; an annotation that is no header name is not checked.
+    ok(&route(a, json!({"text": "t", "odd": "x"}), &[]).await);
+    refused(&route(a, json!({"region": "eu"}), &[]).await, "Mcp-Param-Region");
+    refused(&route(a, json!({"region": "eu"}), &[("Mcp-Param-Region", "us")]).await, "Mcp-Param-Region");
+    refused(&route(a, json!({"shard": 3}), &[("Mcp-Param-Shard", "4")]).await, "Mcp-Param-Shard");
+    refused(&route(a, json!({}), &[("Mcp-Param-Region", "eu")]).await, "Mcp-Param-Region");
+    refused(&route(a, json!({"region": "Hello"}), &[("Mcp-Param-Region", "=?base64?SGVsbG8?=")]).await, "not valid");
+    // Mcp-Name in its Base64 form.
+    let h = [
+        ("Authorization", "P1"),
+        ("Accept", "application/json"),
+        ("MCP-Protocol-Version", "2026-07-28"),
+        ("Mcp-Method", "tools/call"),
+        ("Mcp-Name", "=?base64?ZWNobw==?="),
+    ];
+    let b = body(json!(5), "tools/call", json!({"name": "echo", "arguments": {"text": "b64"}}), json!({}));
+    assert_eq!(text(&call(a, "POST", "/pr/mcp", &h, &b).await), "b64");
+    // The server changes echo's schema and says so: the next call is checked against the new one.
+    let echo = || sl(a, "pr", "P1", "tools/call", json!({"name": "echo", "arguments": {"text": "x"}}), json!({}));
+    assert_eq!(text(&echo().await), "x");
+    text(&sl(a, "pr", "P1", "tools/call", json!({"name": "annotate", "arguments": {}}), json!({})).await);
+    refused(&echo().await, "Mcp-Param-Text");
+    s.sup.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_servers_timeout_is_each_stateless_requests_deadline() {
+    let s = start_text(format!(
+        r#"{{"mcpProxy":{{"addr":"127.0.0.1:9090"}},
+            "mcpServers":{{"pr":{{"command":"/usr/bin/python3","args":["{FIXTURE}"],"isolation":"principal",
+                     "timeout":"400ms","options":{{"authTokens":["P1"]}}}} }}}}"#
+    ))
+    .await;
+    let a = s.addr;
+    // The first request also starts the backend (its initialize has the same deadline).
+    assert_eq!(
+        text(&sl(a, "pr", "P1", "tools/call", json!({"name": "echo", "arguments": {}}), json!({})).await),
+        "echo"
+    );
+    let t = std::time::Instant::now();
+    let r = sl(a, "pr", "P1", "tools/call", json!({"name": "slow", "arguments": {"ms": 1500}}), json!({})).await;
+    let v = r.json();
+    assert_eq!((v["id"].clone(), v["error"]["code"].clone()), (json!(7), json!(-32001)), "{v}");
+    assert!(t.elapsed() < std::time::Duration::from_millis(1400), "answered at the deadline: {:?}", t.elapsed());
+    // The server was told, and the backend goes on serving the principal (once the fixture,
+    // which serves one request at a time, is done sleeping).
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let r = sl(a, "pr", "P1", "tools/call", json!({"name": "cancelled", "arguments": {}}), json!({})).await;
+    let cancelled: Value = serde_json::from_str(&text(&r)).unwrap();
+    assert_eq!(cancelled.as_array().map(Vec::len), Some(1), "{cancelled}");
+    s.sup.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_clients_cancellation_ends_its_own_request_and_reaches_the_server() {
+    let s = start().await;
+    let a = s.addr;
+    assert_eq!(
+        text(&sl(a, "pr", "P1", "tools/call", json!({"name": "echo", "arguments": {}}), json!({})).await),
+        "echo"
+    );
+    let cancel = |tok: &'static str, id: Value| async move {
+        let h =
+            [("Authorization", tok), ("MCP-Protocol-Version", "2026-07-28"), ("Mcp-Method", "notifications/cancelled")];
+        let n = json!({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": id,
+            "_meta": {"io.modelcontextprotocol/protocolVersion": "2026-07-28"}}});
+        call(a, "POST", "/pr/mcp", &h, &n.to_string()).await.status
+    };
+    let slow =
+        tokio::spawn(sl(a, "pr", "P1", "tools/call", json!({"name": "slow", "arguments": {"ms": 1500}}), json!({})));
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    // Another principal naming the same id, or this one naming another id: nothing happens.
+    assert_eq!(cancel("P2", json!(7)).await, 202);
+    assert_eq!(cancel("P1", json!(8)).await, 202);
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert!(!slow.is_finished(), "the call goes on");
+    let t = std::time::Instant::now();
+    assert_eq!(cancel("P1", json!(7)).await, 202);
+    let r = tokio::time::timeout(std::time::Duration::from_secs(1), slow).await.expect("answered at once").unwrap();
+    let v = r.json();
+    assert_eq!((v["id"].clone(), v["error"]["code"].clone()), (json!(7), json!(-32800)), "{v}");
+    assert!(t.elapsed() < std::time::Duration::from_millis(900));
+    // The server was told (the fixture reads it once its sleep is over).
+    tokio::time::sleep(std::time::Duration::from_millis(1300)).await;
+    let r = sl(a, "pr", "P1", "tools/call", json!({"name": "cancelled", "arguments": {}}), json!({})).await;
+    let cancelled: Value = serde_json::from_str(&text(&r)).unwrap();
+    assert_eq!(cancelled.as_array().map(Vec::len), Some(1), "{cancelled}");
+    s.sup.shutdown().await;
+}
+
+/// A 2025-11-25 session on `server` for `token`; its id.
+async fn open_2025_on(a: SocketAddr, server: &str, token: &str, caps: Value) -> String {
+    let init = json!({"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":caps,"clientInfo":{"name":"t","version":"0"}}});
+    let path = format!("/{server}/mcp");
+    let r =
+        call(a, "POST", &path, &[("Authorization", token), ("Accept", "application/json")], &init.to_string()).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["result"]["serverInfo"]["name"], "echo", "{}", r.body);
+    let sid = r.header("mcp-session-id").unwrap().to_string();
+    let n = json!({"jsonrpc":"2.0","method":"notifications/initialized"}).to_string();
+    call(a, "POST", &path, &[("Authorization", token), ("Mcp-Session-Id", &sid)], &n).await;
+    sid
+}
+
+#[tokio::test]
+async fn on_a_principal_server_2025_sessions_share_the_principals_process() {
+    let s = start().await;
+    let a = s.addr;
+    let stateless = |tok: &'static str| async move {
+        count(&sl(a, "pr", tok, "tools/call", json!({"name": "count", "arguments": {}}), json!({})).await)
+    };
+    let in_session = |sid: String, tok: &'static str| async move {
+        let b = json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"count","arguments":{}}});
+        let h = [("Authorization", tok), ("Accept", "application/json"), ("Mcp-Session-Id", sid.as_str())];
+        let r = call(a, "POST", "/pr/mcp", &h, &b.to_string()).await;
+        let t = r.json()["result"]["content"][0]["text"].as_str().unwrap_or_else(|| panic!("{}", r.body)).to_string();
+        let (n, pid) = t.split_once(' ').unwrap();
+        (n.parse::<u64>().unwrap(), pid.parse::<u64>().unwrap())
+    };
+    let (n, pid) = stateless("P1").await;
+    assert_eq!(n, 1);
+    let s1 = open_2025_on(a, "pr", "P1", json!({})).await;
+    assert_eq!(in_session(s1.clone(), "P1").await, (2, pid), "the session runs on the principal's process");
+    let s2 = open_2025_on(a, "pr", "P1", json!({})).await;
+    assert_eq!(in_session(s2.clone(), "P1").await, (3, pid));
+    // Another principal: its own process, from nothing; its session too.
+    let s3 = open_2025_on(a, "pr", "P2", json!({})).await;
+    let (m, other) = in_session(s3, "P2").await;
+    assert_eq!(m, 1);
+    assert_ne!(other, pid);
+    assert_eq!(stateless("P2").await, (2, other));
+    // Ending a session leaves the process to the others.
+    let r = call(a, "DELETE", "/pr/mcp", &[("Authorization", "P1"), ("Mcp-Session-Id", &s1)], "").await;
+    assert!(r.status < 300, "{}", r.body);
+    assert!(super::tests::alive(pid));
+    assert_eq!(stateless("P1").await, (4, pid));
+    assert_eq!(in_session(s2, "P1").await, (5, pid));
+    // A session id of P1 presented by P2 names nothing.
+    let b = json!({"jsonrpc":"2.0","id":1,"method":"tools/list"}).to_string();
+    let r = call(a, "POST", "/pr/mcp", &[("Authorization", "P2"), ("Mcp-Session-Id", &s1)], &b).await;
+    assert_eq!(r.status, 404);
+    s.sup.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_session_on_the_principals_process_is_asked_during_its_own_call_only() {
+    let s = start().await;
+    let a = s.addr;
+    let sid = open_2025_on(a, "pr", "P1", json!({"elicitation": {}})).await;
+    let h =
+        [("Authorization", "P1"), ("Accept", "application/json, text/event-stream"), ("Mcp-Session-Id", sid.as_str())];
+    let ask = json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"ask","arguments":{}}});
+    let mut c = send(a, "POST", "/pr/mcp", &h, &ask.to_string()).await;
+    let (_, d, _) = c.event().await.unwrap();
+    let req: Value = serde_json::from_str(&d).unwrap();
+    assert_eq!(req["method"], "elicitation/create", "{req}");
+    let answer =
+        json!({"jsonrpc":"2.0","id":req["id"],"result":{"action":"accept","content":{"name":"s"}}}).to_string();
+    assert_eq!(call(a, "POST", "/pr/mcp", &[h[0], h[2]], &answer).await.status, 202);
+    let (_, d, _) = c.event().await.unwrap();
+    let done: Value = serde_json::from_str(&d).unwrap();
+    assert!(done["result"]["content"][0]["text"].as_str().unwrap().contains("\"name\": \"s\""), "{done}");
+    // The principal's stateless requests go on beside it, with their own round trips.
+    let r = sl(a, "pr", "P1", "tools/call", ask_params(), json!({"elicitation": {}})).await;
+    assert_eq!(r.json()["result"]["resultType"], "input_required", "{}", r.body);
+    s.sup.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_principals_process_lives_while_any_session_on_it_is_used() {
+    let s = start_text(format!(
+        r#"{{"mcpProxy":{{"addr":"127.0.0.1:9090"}},
+            "mcpServers":{{"pr":{{"command":"/usr/bin/python3","args":["{FIXTURE}"],"isolation":"principal",
+                     "idleTimeout":"1s","options":{{"authTokens":["P1"]}}}} }}}}"#
+    ))
+    .await;
+    let a = s.addr;
+    let stateless = || async {
+        count(&sl(a, "pr", "P1", "tools/call", json!({"name": "count", "arguments": {}}), json!({})).await)
+    };
+    let (_, pid) = stateless().await;
+    let sid = open_2025_on(a, "pr", "P1", json!({})).await;
+    // Only the 2025 session is used for longer than idleTimeout: the process stays.
+    let b = json!({"jsonrpc":"2.0","id":1,"method":"tools/list"}).to_string();
+    for _ in 0..6 {
+        let r = call(a, "POST", "/pr/mcp", &[("Authorization", "P1"), ("Mcp-Session-Id", &sid)], &b).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    }
+    assert_eq!(stateless().await, (2, pid), "the principal's process and its state lived on");
+    // Nobody uses either: both end, and the next request starts from nothing.
+    tokio::time::sleep(std::time::Duration::from_millis(2600)).await;
+    assert!(!super::tests::alive(pid), "reaped when idle");
+    let r = call(a, "POST", "/pr/mcp", &[("Authorization", "P1"), ("Mcp-Session-Id", &sid)], &b).await;
+    assert_eq!(r.status, 404, "the session ended with it");
+    assert_eq!(stateless().await.0, 1);
     s.sup.shutdown().await;
 }

@@ -37,15 +37,16 @@ const FIRST_EVENT_WAIT: Duration = Duration::from_millis(50);
 /// An unknown `MCP-Protocol-Version`: 400 with JSON-RPC error -32022 naming the versions
 /// served (both generations), which a dual-era client reads to pick one.
 #[allow(clippy::result_large_err)]
-fn version_ok(h: &HeaderMap) -> Result<(), Response> {
+fn version_ok(h: &HeaderMap, msg: &Value) -> Result<(), Response> {
     match h.get("mcp-protocol-version") {
         None => Ok(()),
         Some(v) if v.to_str().is_ok_and(|v| VERSIONS.contains(&v)) => Ok(()),
         Some(v) => {
             let mut supported: Vec<&str> = VERSIONS.to_vec();
             supported.push(super::stateless::VERSION);
-            let msg = format!("unsupported MCP-Protocol-Version; supported: {}", supported.join(", "));
-            let mut body = crate::bridge::error_response(Value::Null, -32022, &msg);
+            let text = format!("unsupported MCP-Protocol-Version; supported: {}", supported.join(", "));
+            let id = msg.get("id").cloned().unwrap_or(Value::Null);
+            let mut body = crate::bridge::error_response(id, -32022, &text);
             body["error"]["data"] =
                 serde_json::json!({"supported": supported, "requested": String::from_utf8_lossy(v.as_bytes())});
             Err((StatusCode::BAD_REQUEST, [(header::CONTENT_TYPE, "application/json")], body.to_string())
@@ -95,7 +96,7 @@ pub async fn post(st: Shared, server: String, principal: Principal, headers: Hea
     if super::stateless::wants(&headers, &msg) {
         return super::stateless::post(st, server, principal, &headers, msg).await;
     }
-    if let Err(r) = version_ok(&headers) {
+    if let Err(r) = version_ok(&headers, &msg) {
         return r;
     }
     let method = msg.get("method").and_then(Value::as_str);
@@ -152,7 +153,7 @@ pub async fn post(st: Shared, server: String, principal: Principal, headers: Hea
 }
 
 pub async fn get(st: Shared, server: String, principal: Principal, headers: &HeaderMap) -> Response {
-    if let Err(r) = version_ok(headers) {
+    if let Err(r) = version_ok(headers, &Value::Null) {
         return r;
     }
     if !accepts_sse(headers) {
@@ -183,7 +184,7 @@ pub async fn get(st: Shared, server: String, principal: Principal, headers: &Hea
 }
 
 pub async fn delete(st: Shared, server: String, principal: Principal, headers: &HeaderMap) -> Response {
-    if let Err(r) = version_ok(headers) {
+    if let Err(r) = version_ok(headers, &Value::Null) {
         return r;
     }
     let ss = match lookup(&st, &server, &principal, headers) {
