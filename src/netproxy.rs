@@ -275,6 +275,10 @@ pub struct ProxyConfig {
     /// No target may resolve to an [`is_internal`] address, whatever entry it matched.
     pub refuse_internal: bool,
     pub resolver: Arc<dyn Resolve>,
+    /// Record mode (`mcpbox policy learn`): a target the allow-list does not name is let through
+    /// as a wildcard match is (every address it resolves to must be public: internal ones stay
+    /// refused), and every connection made is recorded here.
+    pub record: Option<Arc<crate::learn::Observations>>,
 }
 
 impl ProxyConfig {
@@ -292,6 +296,7 @@ impl ProxyConfig {
             max_connections: 256,
             refuse_internal: false,
             resolver: Arc::new(SystemResolver),
+            record: None,
         }
     }
 }
@@ -527,8 +532,11 @@ async fn connect_checked(
     };
 
     // 1. The allow-list, on the name as requested: nothing is resolved for a denied name.
-    let Some(how) = cfg.allow.check(host, port) else {
-        return Err(deny("network.allow", "not in the allow-list"));
+    let how = match cfg.allow.check(host, port) {
+        Some(how) => how,
+        // Record mode: public addresses only, as for a wildcard entry.
+        None if cfg.record.is_some() => Match::Wildcard,
+        None => return Err(deny("network.allow", "not in the allow-list")),
     };
 
     // 2. Addresses.
@@ -571,6 +579,9 @@ async fn connect_checked(
         }
         Ok(Ok(s)) => {
             tracing::debug!(server = %cfg.server, target = %target, method, "egress allowed");
+            if let Some(r) = &cfg.record {
+                r.connect(target);
+            }
             let _ = s.set_nodelay(true);
             Ok(s)
         }
