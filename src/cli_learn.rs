@@ -248,6 +248,7 @@ fn run_learning(s: &Setup, out: &Path) -> anyhow::Result<ExitCode> {
             .collect::<Vec<_>>()
             .join(" "),
         env_names: s.env_names.clone(),
+        executable: planned.spec.argv.first().map(PathBuf::from),
     };
     let text = crate::learn::write_policy(&learned, &obs.snapshot());
     std::fs::write(out, &text).map_err(|e| anyhow::anyhow!("writing {}: {e}", out.display()))?;

@@ -372,6 +372,9 @@ pub struct Learned<'a> {
     pub view: &'a View,
     /// The command line learned, for the header.
     pub command: String,
+    /// The command's executable as run: a launch recreates its symlinks in the view, so it
+    /// needs no grant of its own when the base covers where it leads.
+    pub executable: Option<PathBuf>,
     /// Environment variable names the server was configured with (`--config`).
     pub env_names: Vec<String>,
 }
@@ -408,7 +411,9 @@ pub fn write_policy(l: &Learned, obs: &Snapshot) -> String {
         }
         let [look, read, exec, write] = seen.count;
         let wants_write = write > 0 && !path_covered(base, "write", p);
-        let wants_exec = exec > 0 && !path_covered(base, "exec", p);
+        let launched = l.executable.as_deref() == Some(p.as_path())
+            && std::fs::canonicalize(p).is_ok_and(|real| path_covered(base, "exec", &real));
+        let wants_exec = exec > 0 && !path_covered(base, "exec", p) && !launched;
         let wants_read = (look + read) > 0 && !path_covered(base, "read", p);
         if !(wants_write || wants_exec || wants_read) {
             continue;

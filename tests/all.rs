@@ -5,6 +5,7 @@
 mod cli;
 mod common;
 mod denials;
+mod learn;
 mod realservers;
 mod runtimes;
 mod sandbox;

@@ -139,6 +139,7 @@ fn the_written_policy_has_what_was_used_commented_and_nothing_outside_the_view()
         launch_grants: &[state],
         view: &view,
         command: "node server.js".into(),
+        executable: None,
         env_names: vec!["API_KEY".into()],
     };
     let text = write_policy(&learned, &obs);
