@@ -158,6 +158,9 @@ fn run_learning(s: &Setup, out: &Path) -> anyhow::Result<ExitCode> {
     launch_grants.push(state.root.clone());
     let view = crate::learn::learn_view(&s.hidden);
     extra.grants.extend(view.grants.iter().cloned());
+    // DATA is writable while learning, whatever the base says (the policy grants it if used).
+    let dirs = crate::plan::ServerDirs::at(state, name);
+    extra.grants.push((dirs.data.clone(), crate::sandbox::Access::Write));
     // The server sees the variables it was configured with, as it will under the learned policy.
     if !s.env_names.is_empty() {
         for n in &s.env_names {
@@ -249,14 +252,18 @@ fn run_learning(s: &Setup, out: &Path) -> anyhow::Result<ExitCode> {
             .join(" "),
         env_names: s.env_names.clone(),
         executable: planned.spec.argv.first().map(PathBuf::from),
+        data: Some(dirs.data.clone()),
     };
     let text = crate::learn::write_policy(&learned, &obs.snapshot());
     std::fs::write(out, &text).map_err(|e| anyhow::anyhow!("writing {}: {e}", out.display()))?;
     // The learned file must pass the same check any policy does.
-    let dirs = crate::plan::ServerDirs::at(state, name);
     let abs = std::fs::canonicalize(out).unwrap_or_else(|_| out.to_path_buf());
-    let checked =
-        crate::plan::check_policy(&abs.to_string_lossy(), Some(&dirs.data), Some(&dirs.cache), Some(&s.launch.command));
+    let checked = crate::plan::check_policy(
+        &abs.to_string_lossy(),
+        Some(&dirs.data),
+        Some(&dirs.cache),
+        Some(&launch_now.command),
+    );
     if let Err(e) = checked {
         anyhow::bail!("the learned policy {} does not pass `mcpbox policy check`: {e:#}", out.display());
     }

@@ -281,6 +281,10 @@ pub struct Line {
 
 impl Line {
     fn comment(&self) -> String {
+        if self.syscalls.is_empty() {
+            // ${DATA}: the example says what.
+            return format!("{} path(s) in {}", self.files, self.example.display());
+        }
         let calls: Vec<&str> = self.syscalls.iter().copied().collect();
         let what = if self.files == 1 { "1 path".to_string() } else { format!("{} paths", self.files) };
         let times = if self.times == 1 { "once".to_string() } else { format!("{} times", self.times) };
@@ -360,6 +364,19 @@ pub fn collapse(used: &BTreeMap<PathBuf, PathSeen>, exact: bool) -> Vec<Line> {
     lines.into_values().collect()
 }
 
+/// A path only looked at (stat, readlink) that the base's grants make exist anyway: a directory
+/// above one of its grants (the view has the parents of every grant), or a symlink whose real
+/// path it grants (a launch recreates the links of what it resolves: the runtime's names).
+fn only_looked_and_given(base: &Policy, p: &Path) -> bool {
+    let f = &base.filesystem;
+    let mut granted = f.read.iter().chain(&f.write).chain(&f.exec).map(|r| &r.path);
+    if granted.any(|g| g.starts_with(p)) {
+        return true;
+    }
+    let is_link = std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_symlink());
+    is_link && std::fs::canonicalize(p).is_ok_and(|real| path_covered(base, "read", &real))
+}
+
 /// What the writer needs besides the observations.
 pub struct Learned<'a> {
     /// The `extends` value: a shipped name or a policy file's absolute path.
@@ -372,6 +389,8 @@ pub struct Learned<'a> {
     pub view: &'a View,
     /// The command line learned, for the header.
     pub command: String,
+    /// The server's data dir (`${DATA}`), writable while learning.
+    pub data: Option<PathBuf>,
     /// The command's executable as run: a launch recreates its symlinks in the view, so it
     /// needs no grant of its own when the base covers where it leads.
     pub executable: Option<PathBuf>,
@@ -405,11 +424,24 @@ pub fn write_policy(l: &Learned, obs: &Snapshot) -> String {
     let base = l.base;
     let (mut reads, mut execs, mut writes) = (BTreeMap::new(), BTreeMap::new(), BTreeMap::new());
     let mut left_out = 0usize;
+    // ${DATA}: (paths read, paths written) under it.
+    let (mut data_read, mut data_written) = (0usize, 0usize);
     for (p, seen) in &obs.paths {
+        if let Some(d) = l.data.as_deref().filter(|d| p.starts_with(d)) {
+            if seen.count[Use::Write as usize] > 0 && !path_covered(base, "write", d) {
+                data_written += 1;
+            } else if seen.count[Use::Read as usize] > 0 && !path_covered(base, "read", d) {
+                data_read += 1;
+            }
+            continue;
+        }
         if sandbox_own(p) || l.launch_grants.iter().any(|g| p.starts_with(g)) {
             continue;
         }
         let [look, read, exec, write] = seen.count;
+        if look > 0 && read + exec + write == 0 && only_looked_and_given(base, p) {
+            continue;
+        }
         let wants_write = write > 0 && !path_covered(base, "write", p);
         let launched = l.executable.as_deref() == Some(p.as_path())
             && std::fs::canonicalize(p).is_ok_and(|real| path_covered(base, "exec", &real));
@@ -464,10 +496,22 @@ pub fn write_policy(l: &Learned, obs: &Snapshot) -> String {
         let _ = writeln!(out, "# {} observation(s) were over the learner's limits and not kept.", obs.dropped);
     }
     let _ = writeln!(out, "extends = {}", quoted(&l.extends));
-    if !(read_lines.is_empty() && exec_lines.is_empty() && write_lines.is_empty()) {
+    let data = |n: usize, what: &str| Line {
+        path: "${DATA}".into(),
+        files: n,
+        times: 0,
+        syscalls: BTreeSet::new(),
+        example: PathBuf::from(format!("the server's own data dir ({what})")),
+    };
+    if data_read > 0 {
+        read_lines.insert(0, data(data_read, "read"));
+    }
+    let data_write: Vec<Line> = (data_written > 0).then(|| data(data_written, "written")).into_iter().collect();
+    if !(read_lines.is_empty() && exec_lines.is_empty() && write_lines.is_empty() && data_write.is_empty()) {
         let _ = writeln!(out, "\n[filesystem]");
         section(&mut out, "read", &read_lines, false);
         section(&mut out, "exec", &exec_lines, false);
+        section(&mut out, "write", &data_write, false);
         if !write_lines.is_empty() {
             let _ = writeln!(
                 out,

@@ -140,6 +140,7 @@ fn the_written_policy_has_what_was_used_commented_and_nothing_outside_the_view()
         view: &view,
         command: "node server.js".into(),
         executable: None,
+        data: Some(dir.path().join("data")),
         env_names: vec!["API_KEY".into()],
     };
     let text = write_policy(&learned, &obs);
@@ -148,6 +149,10 @@ fn the_written_policy_has_what_was_used_commented_and_nothing_outside_the_view()
     assert!(text.contains("exec = [\n    # 1 path, once (execve)\n    \"/usr/bin/env\",\n]"), "{text}");
     assert!(
         text.contains("# write = [\n#     # 1 path, once (openat)\n#     \"/usr/lib/mcpbox-learn-written.json\",\n# ]"),
+        "{text}"
+    );
+    assert!(
+        text.contains("write = [\n    # 1 path(s) in the server's own data dir (written)\n    \"${DATA}\",\n]"),
         "{text}"
     );
     assert!(text.contains("mode = \"proxy\""), "{text}");
@@ -188,6 +193,7 @@ fn the_written_policy_has_what_was_used_commented_and_nothing_outside_the_view()
     assert!(crate::policy::path_covered(&p, "read", Path::new("/etc/passwd")));
     assert!(crate::policy::path_covered(&p, "exec", Path::new("/usr/bin/env")));
     assert!(!crate::policy::path_covered(&p, "write", Path::new("/usr/lib/mcpbox-learn-written.json")));
+    assert!(crate::policy::path_covered(&p, "write", &dir.path().join("data/memory.json")));
 }
 
 #[test]
