@@ -296,10 +296,10 @@ impl Line {
     }
 }
 
-/// Paths (with their use) grouped into the fewest grants that are not [`too_broad`]: a file
-/// stands for its directory (or itself when that is too broad), and directories with at least
-/// three granted entries below them are merged into it, while it is not too broad. `exact`
-/// keeps files as they are (exec grants).
+/// Paths (with their use) grouped into few grants, none [`too_broad`]: two or more files of
+/// one directory stand for that directory (a single file stays itself), and at least three
+/// lines under one directory are merged into it, while it is not too broad. `exact` keeps
+/// every path as it is (exec grants).
 pub fn collapse(used: &BTreeMap<PathBuf, PathSeen>, exact: bool) -> Vec<Line> {
     let mut lines: BTreeMap<PathBuf, Line> = BTreeMap::new();
     let add = |lines: &mut BTreeMap<PathBuf, Line>, at: PathBuf, from: &Line| {
@@ -314,15 +314,19 @@ pub fn collapse(used: &BTreeMap<PathBuf, PathSeen>, exact: bool) -> Vec<Line> {
         l.times += from.times;
         l.syscalls.extend(from.syscalls.iter().copied());
     };
+    let is_dir = |p: &Path| std::fs::metadata(p).map(|m| m.is_dir()).unwrap_or(false);
+    let mut files_in: BTreeMap<&Path, usize> = BTreeMap::new();
+    for p in used.keys().filter(|p| !is_dir(p)) {
+        if let Some(d) = p.parent() {
+            *files_in.entry(d).or_default() += 1;
+        }
+    }
     for (p, seen) in used {
-        let is_dir = std::fs::metadata(p).map(|m| m.is_dir()).unwrap_or(false);
-        let at = if exact || is_dir {
-            p.clone()
-        } else {
-            match p.parent() {
-                Some(d) if !too_broad(d) => d.to_path_buf(),
-                _ => p.clone(),
+        let at = match p.parent() {
+            Some(d) if !exact && !is_dir(p) && !too_broad(d) && files_in.get(d).copied().unwrap_or(0) >= 2 => {
+                d.to_path_buf()
             }
+            _ => p.clone(),
         };
         if too_broad(&at) {
             // A top-level directory looked at (stat "/usr"): the view's parents of every grant
@@ -430,7 +434,12 @@ pub fn write_policy(l: &Learned, obs: &Snapshot) -> String {
         if let Some(d) = l.data.as_deref().filter(|d| p.starts_with(d)) {
             if seen.count[Use::Write as usize] > 0 && !path_covered(base, "write", d) {
                 data_written += 1;
-            } else if seen.count[Use::Read as usize] > 0 && !path_covered(base, "read", d) {
+            } else if seen.count[Use::Read as usize] > 0
+                && p != d
+                && std::fs::symlink_metadata(p).is_ok()
+                && !path_covered(base, "read", d)
+            {
+                // Files that were there to read (HOME is DATA: a missing ~/.gitconfig is no use).
                 data_read += 1;
             }
             continue;

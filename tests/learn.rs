@@ -245,3 +245,358 @@ fn the_learn_sandbox_gives_a_hostile_server_nothing_and_its_attempts_stay_out_of
     assert!(!policy.contains("OTHER_TOKEN") && !policy.contains("LEARNVALUE"), "{policy}");
     assert_checks(&out);
 }
+
+// ---------------------------------------------------------------------------------------------
+// The seven servers mcpbox ships policies for: learned, replayed, compared.
+// ---------------------------------------------------------------------------------------------
+
+mod real {
+    use super::*;
+    use crate::realservers::support::{command, scratch};
+
+    /// One state dir for every learn of this run (packages are prepared into it by `policy
+    /// learn` itself, as `run` and `serve` prepare).
+    fn state() -> &'static Path {
+        static S: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+        S.get_or_init(|| scratch("learn-state"))
+    }
+
+    struct Call {
+        tool: String,
+        args: Value,
+        /// A substring of the answer that shows it worked.
+        expect: String,
+    }
+
+    fn call(tool: &str, args: Value, expect: &str) -> Call {
+        Call { tool: tool.into(), args, expect: expect.into() }
+    }
+
+    struct Case {
+        name: &'static str,
+        args: Vec<String>,
+        env: Vec<(String, String)>,
+        /// The runtime base learned on, and the shipped policy compared with.
+        runtime: &'static str,
+        shipped: &'static str,
+        /// What the test gives the server on top of both (its directories, its site), as TOML.
+        extras: String,
+        /// The session, given the tools the server lists.
+        calls: Box<dyn Fn(&[String]) -> Vec<Call>>,
+        /// `+` lines of `policy diff SHIPPED LEARNED` the learned policy may have, each with why.
+        extra_ok: Vec<(&'static str, &'static str)>,
+    }
+
+    /// Runs the session; (tool, worked, answer) per call.
+    fn session(s: &mut Learning, calls: &dyn Fn(&[String]) -> Vec<Call>) -> Vec<(String, bool, String)> {
+        let list = s.request("tools/list", json!({}));
+        let names: Vec<String> = list["result"]["tools"]
+            .as_array()
+            .unwrap_or_else(|| panic!("tools/list: {list}"))
+            .iter()
+            .filter_map(|t| t["name"].as_str().map(String::from))
+            .collect();
+        calls(&names)
+            .into_iter()
+            .map(|c| {
+                let r = s.call(&c.tool, c.args.clone());
+                let text = r["result"]["content"]
+                    .as_array()
+                    .map(|a| a.iter().filter_map(|x| x["text"].as_str()).collect::<Vec<_>>().join("\n"))
+                    .unwrap_or_else(|| r.to_string());
+                let ok = r["result"]["isError"] != json!(true) && text.contains(&c.expect);
+                (c.tool, ok, text)
+            })
+            .collect()
+    }
+
+    fn policy_file(dir: &Path, name: &str, extends: &str, extras: &str) -> PathBuf {
+        let p = dir.join(format!("{name}.toml"));
+        write_644(&p, &format!("extends = {extends:?}\n{extras}"));
+        p
+    }
+
+    fn run_session(case: &Case, policy: &Path) -> Vec<(String, bool, String)> {
+        let (cmd, args) = command(case.name);
+        let mut c = Command::new(env!("CARGO_BIN_EXE_mcpbox"));
+        c.args(["run", "--policy"]).arg(policy).arg("--state-dir").arg(state()).args(["--name", case.name, "--"]);
+        c.arg(cmd).args(args).args(&case.args);
+        c.envs(case.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        let mut s = Learning::start(c);
+        let out = session(&mut s, &*case.calls);
+        let (_, stderr) = s.finish();
+        for (tool, ok, text) in &out {
+            if !ok {
+                eprintln!("{} under {}: {tool} failed: {text}\n{stderr}", case.name, policy.display());
+            }
+        }
+        out
+    }
+
+    fn learn_case(case: Case) {
+        assert!(is_root(), "the learn tests run as root");
+        let dir = scratch(&format!("learn-{}", case.name));
+        let base = policy_file(&dir, "base", case.runtime, &case.extras);
+        let shipped = policy_file(&dir, "shipped", case.shipped, &case.extras);
+        let (cmd, args) = command(case.name);
+        let mut args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        args.extend(case.args.iter().cloned());
+        let env: serde_json::Map<String, Value> = case.env.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
+        let config = dir.join("mcpbox.json");
+        let cfg = json!({
+            "mcpbox": {"stateDir": state()},
+            "mcpServers": {case.name: {"command": cmd, "args": args, "env": env, "policy": base}},
+        });
+        write_644(&config, &cfg.to_string());
+        let learned = dir.join("learned.toml");
+
+        // 1. Learn, driving the server with a real session.
+        let mut c = Command::new(env!("CARGO_BIN_EXE_mcpbox"));
+        c.args(["policy", "learn", "--config"]).arg(&config).args(["--server", case.name, "--out"]).arg(&learned);
+        let mut s = Learning::start(c);
+        let learning = session(&mut s, &*case.calls);
+        let (code, stderr) = s.finish();
+        assert_eq!(code, 0, "{}: policy learn failed:\n{stderr}", case.name);
+        for (tool, ok, text) in &learning {
+            assert!(ok, "{}: {tool} did not work while learning: {text}\n{stderr}", case.name);
+        }
+        let text = std::fs::read_to_string(&learned).unwrap();
+        eprintln!("{}: learned policy:\n{text}", case.name);
+        assert_checks(&learned);
+
+        // 2. Every call that worked while learning works under the learned policy, and under
+        //    the shipped one.
+        for policy in [&learned, &shipped] {
+            let again = run_session(&case, policy);
+            let failed: Vec<&String> = again.iter().filter(|(_, ok, _)| !ok).map(|(t, _, _)| t).collect();
+            assert!(failed.is_empty(), "{}: under {}: {failed:?} failed", case.name, policy.display());
+        }
+
+        // 3. The learned policy grants nothing the shipped one does not, but the named extras.
+        let dirs = state().join(case.name);
+        let mut c = Command::new(env!("CARGO_BIN_EXE_mcpbox"));
+        c.args(["policy", "diff"]).arg(&shipped).arg(&learned);
+        c.arg("--data").arg(dirs.join("data")).arg("--cache").arg(dirs.join("cache"));
+        let out = run_timeout(c, Duration::from_secs(60));
+        assert_eq!(out.code, 0, "{out}");
+        let unexplained: Vec<&str> = out
+            .stdout
+            .lines()
+            .filter(|l| l.starts_with("+ "))
+            .filter(|l| !case.extra_ok.iter().any(|(grant, _)| l.contains(grant)))
+            .collect();
+        assert!(
+            unexplained.is_empty(),
+            "{}: the learned policy grants what the shipped one does not: {unexplained:?}\n{}",
+            case.name,
+            out.stdout
+        );
+    }
+
+    #[test]
+    fn time() {
+        learn_case(Case {
+            name: "time",
+            args: vec!["--local-timezone".into(), "UTC".into()],
+            env: vec![],
+            runtime: "python",
+            shipped: "mcp-server-time",
+            extras: String::new(),
+            calls: Box::new(|_| {
+                vec![
+                    call("get_current_time", json!({"timezone": "Asia/Tokyo"}), "+09:00"),
+                    call(
+                        "convert_time",
+                        json!({"source_timezone": "Europe/Paris", "time": "12:00", "target_timezone": "America/New_York"}),
+                        "America/New_York",
+                    ),
+                ]
+            }),
+            extra_ok: vec![LOCALE_ALIAS],
+        });
+    }
+
+    /// glibc's setlocale() reads the alias table; where it is absent it takes the name as given
+    /// (the shipped policies work without it): used, not needed.
+    const LOCALE_ALIAS: (&str, &str) = ("\"/usr/share/locale/locale.alias\"", "glibc setlocale() alias table");
+
+    #[test]
+    fn everything() {
+        learn_case(Case {
+            name: "everything",
+            args: vec![],
+            env: vec![],
+            runtime: "node",
+            shipped: "server-everything",
+            extras: String::new(),
+            calls: Box::new(|names| {
+                let mut c = vec![call("echo", json!({"message": "hello from learn"}), "hello from learn")];
+                if let Some(sum) = names.iter().find(|n| *n == "add" || *n == "get-sum") {
+                    c.push(call(sum, json!({"a": 2, "b": 40}), "42"));
+                }
+                c
+            }),
+            extra_ok: vec![LOCALE_ALIAS],
+        });
+    }
+
+    #[test]
+    fn filesystem() {
+        let dir = scratch("learn-fs-root");
+        let root = dir.join("root");
+        std::fs::create_dir(&root).unwrap();
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o777)).unwrap();
+        std::fs::write(root.join("hello.txt"), "hello inside the root\n").unwrap();
+        let r = root.to_string_lossy().into_owned();
+        let r2 = r.clone();
+        learn_case(Case {
+            name: "filesystem",
+            args: vec![r.clone()],
+            env: vec![],
+            runtime: "node",
+            shipped: "server-filesystem",
+            extras: format!("[filesystem]\nwrite = [{r:?}]\n"),
+            calls: Box::new(move |names| {
+                let read = if names.iter().any(|n| n == "read_text_file") { "read_text_file" } else { "read_file" };
+                let root = Path::new(&r2);
+                vec![
+                    call("list_allowed_directories", json!({}), &r2),
+                    call(read, json!({"path": root.join("hello.txt")}), "hello inside the root"),
+                    call("write_file", json!({"path": root.join("new.txt"), "content": "written while learning"}), ""),
+                    call("list_directory", json!({"path": root}), "new.txt"),
+                ]
+            }),
+            extra_ok: vec![LOCALE_ALIAS],
+        });
+    }
+
+    #[test]
+    fn memory() {
+        // The graph file, where the shipped policy puts it (it sets the variable itself; here
+        // the server's config does, as a user's would).
+        let file = state().join("memory/data/memory.jsonl");
+        learn_case(Case {
+            name: "memory",
+            args: vec![],
+            env: vec![("MEMORY_FILE_PATH".into(), file.display().to_string())],
+            runtime: "node",
+            shipped: "server-memory",
+            extras: String::new(),
+            // A new entity each session: the graph persists in DATA from one to the next.
+            calls: Box::new(|_| {
+                static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+                let entity = format!("learned-entity-{}", N.fetch_add(1, std::sync::atomic::Ordering::SeqCst));
+                vec![
+                    call(
+                        "create_entities",
+                        json!({"entities": [{"name": entity, "entityType": "test", "observations": ["seen while learning"]}]}),
+                        &entity,
+                    ),
+                    call("read_graph", json!({}), &entity),
+                ]
+            }),
+            extra_ok: vec![
+                LOCALE_ALIAS,
+                // The test's config names the graph file in the server's env; the shipped
+                // policy sets the same variable itself.
+                ("pass = \"MEMORY_FILE_PATH\"", "the config's env, passed by name"),
+            ],
+        });
+    }
+
+    #[test]
+    fn sequential_thinking() {
+        learn_case(Case {
+            name: "sequential-thinking",
+            args: vec![],
+            env: vec![],
+            runtime: "node",
+            shipped: "server-sequential-thinking",
+            extras: String::new(),
+            calls: Box::new(|names| {
+                let tool = names.iter().find(|n| n.contains("thinking")).cloned().unwrap_or_default();
+                vec![call(
+                    &tool,
+                    json!({"thought": "first step", "nextThoughtNeeded": false, "thoughtNumber": 1, "totalThoughts": 1}),
+                    "thoughtNumber",
+                )]
+            }),
+            extra_ok: vec![LOCALE_ALIAS],
+        });
+    }
+
+    #[test]
+    fn fetch() {
+        let page = site("<html><head><title>Learn</title></head><body><article><h1>Learned page</h1><p>FETCH-LEARN-CANARY paragraph of text that readability keeps.</p></article></body></html>");
+        let url = format!("http://127.0.0.1:{}/page", page.port);
+        // A loopback site is internal: only an exact allow-list entry reaches it (the base and
+        // the shipped policy both get it), never the record mode.
+        learn_case(Case {
+            name: "fetch",
+            args: vec!["--ignore-robots-txt".into(), "--allow-private-ips".into()],
+            env: vec![],
+            runtime: "python",
+            shipped: "mcp-server-fetch",
+            extras: format!("[network]\nmode = \"proxy\"\nallow = [\"127.0.0.1:{}\"]\n", page.port),
+            // `raw`: the simplified mode (readabilipy) probes for node and, finding it in the learn
+            // view, runs npm to install its JavaScript, which fails offline; without node (the
+            // shipped policy) it falls back to Python. A server that probes the host for
+            // optional tools behaves differently in the learn view (docs/POLICIES.md says so).
+            calls: Box::new(move |_| vec![call("fetch", json!({"url": url, "raw": true}), "FETCH-LEARN-CANARY")]),
+            extra_ok: vec![LOCALE_ALIAS],
+        });
+    }
+
+    #[test]
+    fn git() {
+        let dir = scratch("learn-git-repo");
+        let repo = dir.join("repo");
+        std::fs::create_dir(&repo).unwrap();
+        for args in [&["init", "-q"][..], &["add", "README"], &["commit", "-q", "-m", "learned commit"]] {
+            if args[0] == "add" {
+                std::fs::write(repo.join("README"), "learn").unwrap();
+            }
+            let st = Command::new("git")
+                .args(["-c", "user.name=t", "-c", "user.email=t@t", "-c", "init.defaultBranch=main"])
+                .args(args)
+                .current_dir(&repo)
+                .env("GIT_CONFIG_NOSYSTEM", "1")
+                .status()
+                .unwrap();
+            assert!(st.success(), "git {args:?}");
+        }
+        std::fs::write(repo.join("untracked.txt"), "new").unwrap();
+        let r = repo.to_string_lossy().into_owned();
+        let r2 = r.clone();
+        learn_case(Case {
+            name: "git",
+            args: vec!["--repository".into(), r.clone()],
+            // The repository is not the server uid's: git wants it named safe, which the
+            // shipped policy sets itself and a user's config would.
+            env: vec![
+                ("GIT_CONFIG_COUNT".into(), "1".into()),
+                ("GIT_CONFIG_KEY_0".into(), "safe.directory".into()),
+                ("GIT_CONFIG_VALUE_0".into(), "*".into()),
+            ],
+            runtime: "python",
+            shipped: "mcp-server-git",
+            extras: format!("[filesystem]\nread = [{r:?}]\n"),
+            calls: Box::new(move |_| {
+                vec![
+                    call("git_status", json!({"repo_path": r2}), "untracked.txt"),
+                    call("git_log", json!({"repo_path": r2, "max_count": 5}), "learned commit"),
+                ]
+            }),
+            extra_ok: vec![
+                LOCALE_ALIAS,
+                ("pass = \"GIT_CONFIG_COUNT\"", "the config's env (safe.directory), passed by name"),
+                ("pass = \"GIT_CONFIG_KEY_0\"", "the config's env (safe.directory), passed by name"),
+                ("pass = \"GIT_CONFIG_VALUE_0\"", "the config's env (safe.directory), passed by name"),
+                // Where the host has a git of its own in /usr/local/bin (first on the default
+                // PATH), that is the one the server ran; the shipped policy pins /usr/bin/git
+                // (and PATH). On a plain Debian host the learned grant is /usr/bin/git.
+                ("exec = \"/usr/local/bin/git\"", "the git first on this host's PATH"),
+            ],
+        });
+    }
+}

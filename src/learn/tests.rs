@@ -31,22 +31,48 @@ fn files_collapse_to_their_directory_and_three_siblings_to_their_parent() {
     let two = collapse(&reads(&[&format!("{X}/a/b/f1"), &format!("{X}/a/b/f2")]), false);
     assert_eq!(paths(&two), [format!("{X}/a/b")]);
     assert_eq!((two[0].files, two[0].times), (2, 2));
-    let three = collapse(&reads(&[&format!("{X}/a/b/f"), &format!("{X}/a/c/f"), &format!("{X}/a/d/f")]), false);
+    // A single file stays a file.
+    let one = collapse(&reads(&[&format!("{X}/a/b/f")]), false);
+    assert_eq!(paths(&one), [format!("{X}/a/b/f")]);
+    let three = collapse(
+        &reads(&[
+            &format!("{X}/a/b/f"),
+            &format!("{X}/a/b/g"),
+            &format!("{X}/a/c/f"),
+            &format!("{X}/a/c/g"),
+            &format!("{X}/a/d/f"),
+            &format!("{X}/a/d/g"),
+        ]),
+        false,
+    );
     assert_eq!(paths(&three), [format!("{X}/a")]);
-    assert_eq!(three[0].files, 3);
+    assert_eq!(three[0].files, 6);
     // Two siblings stay apart.
-    let apart = collapse(&reads(&[&format!("{X}/a/b/f"), &format!("{X}/a/c/f")]), false);
+    let apart = collapse(
+        &reads(&[&format!("{X}/a/b/f"), &format!("{X}/a/b/g"), &format!("{X}/a/c/f"), &format!("{X}/a/c/g")]),
+        false,
+    );
     assert_eq!(paths(&apart), [format!("{X}/a/b"), format!("{X}/a/c")]);
     // A line inside another is merged into it.
-    let nested = collapse(&reads(&[&format!("{X}/a/b/f"), &format!("{X}/a/b/c/d/g")]), false);
+    let nested = collapse(&reads(&[&format!("{X}/a/b/f"), &format!("{X}/a/b/g"), &format!("{X}/a/b/c/d/g")]), false);
     assert_eq!(paths(&nested), [format!("{X}/a/b")]);
-    assert_eq!(nested[0].files, 2);
+    assert_eq!(nested[0].files, 3);
 }
 
 #[test]
 fn never_slash_a_top_level_directory_a_home_or_a_broad_system_directory() {
     // Three directories under /usr/share would merge into /usr/share: too broad, they stay.
-    let share = collapse(&reads(&["/usr/share/x1/f", "/usr/share/x2/f", "/usr/share/x3/f"]), false);
+    let share = collapse(
+        &reads(&[
+            "/usr/share/x1/f",
+            "/usr/share/x1/g",
+            "/usr/share/x2/f",
+            "/usr/share/x2/g",
+            "/usr/share/x3/f",
+            "/usr/share/x3/g",
+        ]),
+        false,
+    );
     assert_eq!(paths(&share), ["/usr/share/x1", "/usr/share/x2", "/usr/share/x3"]);
     // A file whose directory is /etc, a home or / stays a file.
     let files =
