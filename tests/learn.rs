@@ -272,6 +272,9 @@ mod real {
         Call { tool: tool.into(), args, expect: expect.into() }
     }
 
+    /// The calls of a session, given the tools the server lists.
+    type Session = dyn Fn(&[String]) -> Vec<Call>;
+
     struct Case {
         name: &'static str,
         args: Vec<String>,
@@ -282,13 +285,13 @@ mod real {
         /// What the test gives the server on top of both (its directories, its site), as TOML.
         extras: String,
         /// The session, given the tools the server lists.
-        calls: Box<dyn Fn(&[String]) -> Vec<Call>>,
+        calls: Box<Session>,
         /// `+` lines of `policy diff SHIPPED LEARNED` the learned policy may have, each with why.
         extra_ok: Vec<(&'static str, &'static str)>,
     }
 
     /// Runs the session; (tool, worked, answer) per call.
-    fn session(s: &mut Learning, calls: &dyn Fn(&[String]) -> Vec<Call>) -> Vec<(String, bool, String)> {
+    fn session(s: &mut Learning, calls: &Session) -> Vec<(String, bool, String)> {
         let list = s.request("tools/list", json!({}));
         let names: Vec<String> = list["result"]["tools"]
             .as_array()
