@@ -31,9 +31,10 @@ pub enum Use {
     Write,
 }
 
-/// Distinct paths kept at most; beyond, paths are counted but not kept (a server cannot make
-/// mcpbox's memory grow without bound by naming random paths).
-const MAX_PATHS: usize = 100_000;
+/// Distinct paths kept at most, and their bytes; beyond, paths are counted but not kept (a
+/// server cannot make mcpbox's memory grow without bound by naming random paths).
+const MAX_PATHS: usize = 50_000;
+const MAX_PATH_BYTES: usize = 16 << 20;
 /// Distinct connect targets kept at most.
 const MAX_TARGETS: usize = 1_000;
 
@@ -54,6 +55,8 @@ pub struct Snapshot {
     pub denied: BTreeMap<String, u64>,
     /// Observations not kept (over [`MAX_PATHS`] / [`MAX_TARGETS`]).
     pub dropped: u64,
+    /// Bytes of the paths kept.
+    bytes: usize,
 }
 
 /// Everything observed of one server while it was learned.
@@ -75,9 +78,13 @@ impl Observations {
 
     pub fn path(&self, kind: Use, path: PathBuf, syscall: &'static str) {
         let mut s = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        if s.paths.len() >= MAX_PATHS && !s.paths.contains_key(&path) {
-            s.dropped += 1;
-            return;
+        let len = path.as_os_str().len();
+        if !s.paths.contains_key(&path) {
+            if s.paths.len() >= MAX_PATHS || s.bytes + len > MAX_PATH_BYTES {
+                s.dropped += 1;
+                return;
+            }
+            s.bytes += len;
         }
         let seen = s.paths.entry(path).or_default();
         seen.count[kind as usize] += 1;
@@ -279,11 +286,18 @@ pub struct Line {
     pub example: PathBuf,
 }
 
+/// A path for a comment line: control characters escaped, so that a name the server made up
+/// (`x\nexec = ["/"]`) cannot end the comment and add a line of its own.
+pub fn shown(p: &Path) -> String {
+    let s = p.to_string_lossy();
+    s.chars().flat_map(|c| if c.is_control() { c.escape_default().collect::<Vec<_>>() } else { vec![c] }).collect()
+}
+
 impl Line {
     fn comment(&self) -> String {
         if self.syscalls.is_empty() {
             // ${DATA}: the example says what.
-            return format!("{} path(s) in {}", self.files, self.example.display());
+            return format!("{} path(s) in {}", self.files, shown(&self.example));
         }
         let calls: Vec<&str> = self.syscalls.iter().copied().collect();
         let what = if self.files == 1 { "1 path".to_string() } else { format!("{} paths", self.files) };
@@ -291,7 +305,7 @@ impl Line {
         if self.files == 1 && self.example == self.path {
             format!("{what}, {times} ({})", calls.join(", "))
         } else {
-            format!("{what}, {times} ({}), e.g. {}", calls.join(", "), self.example.display())
+            format!("{what}, {times} ({}), e.g. {}", calls.join(", "), shown(&self.example))
         }
     }
 }
@@ -488,7 +502,7 @@ pub fn write_policy(l: &Learned, obs: &Snapshot) -> String {
     let write_lines = collapse(&writes, false);
 
     let mut out = String::new();
-    let _ = writeln!(out, "# Learned by `mcpbox policy learn` from: {}", l.command);
+    let _ = writeln!(out, "# Learned by `mcpbox policy learn` from: {}", shown(Path::new(&l.command)));
     let _ = writeln!(
         out,
         "# What the server used while it ran, beyond what `{}` grants. Review every line: it says what the",

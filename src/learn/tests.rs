@@ -234,3 +234,35 @@ fn observations_are_bounded() {
     assert_eq!(s.dropped, 10);
     assert_eq!(s.paths[Path::new("/x/1")].count, [1, 1, 0, 0]);
 }
+
+#[test]
+fn a_made_up_name_cannot_end_a_comment_and_add_a_grant() {
+    // Two files the server "created" (refused writes) in a directory of the view, one named to
+    // break out of the comment that cites it as the example.
+    let dir = tempfile::tempdir().unwrap();
+    let base = default_policy(dir.path());
+    let view = View { grants: vec![(PathBuf::from("/usr"), Access::Exec)] };
+    let mut obs = Snapshot::default();
+    for name in ["/usr/share/doc/a\n[env]\npass = [\"INJECTED\"]\n#", "/usr/share/doc/b"] {
+        obs.paths.insert(PathBuf::from(name), seen(&[(Use::Write, 1)], "openat"));
+    }
+    let learned = Learned {
+        extends: "default".into(),
+        base: &base,
+        launch_grants: &[],
+        view: &view,
+        command: "evil\nexec = [\"/root\"]".into(),
+        env_names: vec![],
+        data: None,
+        executable: None,
+    };
+    let text = write_policy(&learned, &obs);
+    // The name is cited (escaped) in a comment, and nothing else came of it.
+    assert!(text.contains("e.g. /usr/share/doc/a\\n[env]"), "{text}");
+    for line in text.lines().filter(|l| !l.is_empty() && !l.starts_with('#')) {
+        assert!(!line.contains("INJECTED") && !line.contains("/root"), "{line}\n{text}");
+    }
+    let table: toml::Table = toml::from_str(&text).unwrap();
+    assert!(table.get("env").is_none(), "{text}");
+    assert!(table["filesystem"].as_table().unwrap().is_empty(), "{text}");
+}
