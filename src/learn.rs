@@ -468,7 +468,10 @@ pub fn write_policy(l: &Learned, obs: &Snapshot) -> String {
         let wants_write = write > 0 && !path_covered(base, "write", p);
         let launched = l.executable.as_deref() == Some(p.as_path())
             && std::fs::canonicalize(p).is_ok_and(|real| path_covered(base, "exec", &real));
-        let wants_exec = exec > 0 && !path_covered(base, "exec", p) && !launched;
+        if launched && write == 0 {
+            continue;
+        }
+        let wants_exec = exec > 0 && !path_covered(base, "exec", p);
         let wants_read = (look + read) > 0 && !path_covered(base, "read", p);
         if !(wants_write || wants_exec || wants_read) {
             continue;

@@ -215,7 +215,11 @@ fn the_learn_sandbox_gives_a_hostile_server_nothing_and_its_attempts_stay_out_of
     assert!(text.contains(&format!("READ {legit} ")), "{text}");
     // Writes outside DATA and /tmp fail; the state dir is not even there.
     assert!(text.contains("WRITE-ERRNO /usr/lib/mcpbox-learn-evil 30"), "not EROFS:\n{text}");
-    assert!(text.contains(&format!("WRITE-ERRNO {} 2", state.join("x").display())), "{text}");
+    // The state dir's directories above the server's own DATA are in the view (empty, read-only:
+    // EROFS); nothing else of it is (ENOENT above), and nothing is written there.
+    let sx = state.join("x").display().to_string();
+    assert!(text.contains(&format!("WRITE-ERRNO {sx} 30")) || text.contains(&format!("WRITE-ERRNO {sx} 2")), "{text}");
+    assert!(!state.join("x").exists());
     assert!(!Path::new("/usr/lib/mcpbox-learn-evil").exists());
     // Internal addresses stay refused by the proxy in record mode, and were never contacted.
     assert!(text.contains(&format!("GET-STATUS http://127.0.0.1:{}/ 403", internal.port)), "{text}");
@@ -225,7 +229,9 @@ fn the_learn_sandbox_gives_a_hostile_server_nothing_and_its_attempts_stay_out_of
     // The learned policy: what was used, none of the attempts.
     let policy = std::fs::read_to_string(&out).unwrap_or_else(|e| panic!("no learned policy: {e}\n{stderr}"));
     assert!(policy.contains(&format!("extends = {:?}", base.display().to_string())), "{policy}");
-    assert!(policy.contains("\"/usr/share/common-licenses\""), "the legit read is granted:\n{policy}");
+    assert!(policy.contains("\"/usr/share/common-licenses/GPL-3\""), "the legit read is granted:\n{policy}");
+    // The command's own name (a symlink to the runtime the base grants) is no grant.
+    assert!(!policy.contains("\"/usr/bin/python3\""), "{policy}");
     for absent in [
         conf.0.display().to_string(),
         "shadow".into(),
