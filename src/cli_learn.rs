@@ -254,7 +254,8 @@ fn run_learning(s: &Setup, out: &Path) -> anyhow::Result<ExitCode> {
         executable: planned.spec.argv.first().map(PathBuf::from),
         data: Some(dirs.data.clone()),
     };
-    let text = crate::learn::write_policy(&learned, &obs.snapshot());
+    let snapshot = obs.snapshot();
+    let text = crate::learn::write_policy(&learned, &snapshot);
     std::fs::write(out, &text).map_err(|e| anyhow::anyhow!("writing {}: {e}", out.display()))?;
     // The learned file must pass the same check any policy does.
     let abs = std::fs::canonicalize(out).unwrap_or_else(|_| out.to_path_buf());
@@ -270,7 +271,10 @@ fn run_learning(s: &Setup, out: &Path) -> anyhow::Result<ExitCode> {
     use std::os::unix::process::ExitStatusExt;
     let code = status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
     eprintln!(
-        "mcpbox: {name} exited ({code}); learned policy written to {} — review it, then `mcpbox policy diff {} {}`",
+        "mcpbox: {name} exited ({code}) after {} path syscalls ({} distinct paths) and {} connection(s); learned policy written to {} — review it, then `mcpbox policy diff {} {}`",
+        snapshot.observed,
+        snapshot.paths.len(),
+        snapshot.connects.values().sum::<u64>(),
         out.display(),
         s.base,
         out.display()

@@ -55,6 +55,8 @@ pub struct Snapshot {
     pub denied: BTreeMap<String, u64>,
     /// Observations not kept (over [`MAX_PATHS`] / [`MAX_TARGETS`]).
     pub dropped: u64,
+    /// Path syscalls observed, kept or not.
+    pub observed: u64,
     /// Bytes of the paths kept.
     bytes: usize,
 }
@@ -78,6 +80,7 @@ impl Observations {
 
     pub fn path(&self, kind: Use, path: PathBuf, syscall: &'static str) {
         let mut s = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        s.observed += 1;
         let len = path.as_os_str().len();
         if !s.paths.contains_key(&path) {
             if s.paths.len() >= MAX_PATHS || s.bytes + len > MAX_PATH_BYTES {
