@@ -254,6 +254,11 @@ fn run_learning(s: &Setup, out: &Path) -> anyhow::Result<ExitCode> {
         executable: planned.spec.argv.first().map(PathBuf::from),
         data: Some(dirs.data.clone()),
     };
+    // The command itself was executed, observed or not (rootless, the first execve's memory is
+    // still the launcher's, which mcpbox may not read).
+    if let Some(exe) = planned.spec.argv.first() {
+        obs.path(crate::learn::Use::Exec, PathBuf::from(exe), "execve");
+    }
     let snapshot = obs.snapshot();
     let text = crate::learn::write_policy(&learned, &snapshot);
     std::fs::write(out, &text).map_err(|e| anyhow::anyhow!("writing {}: {e}", out.display()))?;

@@ -204,6 +204,8 @@ enum PolicyCmd {
     /// under it; `mcpbox policy suggest NAME` later shows what it was refused.
     ///   mcpbox policy learn --out fetch.toml -- uvx mcp-server-fetch
     ///   mcpbox policy learn --config mcpbox.json --server notes --out notes.toml
+    /// Exit status: 0 once the policy is written (whatever the server's own status), 125 when
+    /// the server could not be started or no policy could be written.
     #[command(verbatim_doc_comment)]
     Learn {
         /// The base policy to learn on top of (file or shipped/user name); default: the runtime

@@ -252,6 +252,44 @@ fn the_learn_sandbox_gives_a_hostile_server_nothing_and_its_attempts_stay_out_of
     assert_checks(&out);
 }
 
+/// As root and rootless (scripts/test.sh runs `learn::any_user` in both passes): a server
+/// started by its command line is learned, and its learned policy covers what it read and
+/// executed, none of what it could not reach.
+mod any_user {
+    use super::*;
+
+    #[test]
+    fn a_command_line_server_is_learned_as_any_user() {
+        let dir = crate::common::tempdir();
+        let script = dir.path().join("learn_attack_mcp.py");
+        std::fs::copy(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/learn_attack_mcp.py"), &script).unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let base = dir.path().join("base.toml");
+        write_644(&base, &format!("extends = \"python\"\n[filesystem]\nread = [{:?}]\n", script.display().to_string()));
+        let state = dir.path().join("state");
+        let out = dir.path().join("learned.toml");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_mcpbox"));
+        cmd.args(["policy", "learn", "--policy"]).arg(&base).arg("--state-dir").arg(&state);
+        cmd.args(["--name", &crate::common::unique("learn-any"), "--out"]).arg(&out);
+        cmd.arg("--").arg("/usr/bin/python3").arg(&script);
+        let mut l = Learning::start(cmd);
+        let legit = "/usr/share/common-licenses/GPL-3";
+        let r = l.call("attack", json!({"read": ["/etc/shadow", legit], "write": ["/usr/lib/mcpbox-learn-any"]}));
+        let text = text_of(&r);
+        let (code, stderr) = l.finish();
+        assert_eq!(code, 0, "{stderr}\n{text}");
+        assert!(text.contains("READ-ERRNO /etc/shadow 2"), "{text}");
+        assert!(text.contains(&format!("READ {legit} ")), "{text}");
+        assert!(text.contains("WRITE-ERRNO /usr/lib/mcpbox-learn-any 30"), "{text}");
+        let policy = std::fs::read_to_string(&out).unwrap();
+        assert!(policy.contains(&format!("{legit:?}")), "{policy}");
+        assert!(policy.contains("#     \"/usr/lib/mcpbox-learn-any\","), "{policy}");
+        assert!(!policy.contains("shadow"), "{policy}");
+        assert!(stderr.contains("path syscalls"), "{stderr}");
+        assert_checks(&out);
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // The seven servers mcpbox ships policies for: learned, replayed, compared.
 // ---------------------------------------------------------------------------------------------
