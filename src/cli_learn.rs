@@ -190,6 +190,13 @@ fn run_learning(s: &Setup, out: &Path) -> anyhow::Result<ExitCode> {
         tracing::info!(server = %name, "{n}");
     }
     let obs = crate::learn::start_learning();
+    // Only what this filter allows continues when notified; the rest is a denial (EPERM).
+    let filter = crate::sandbox::seccomp::FilterOptions {
+        extra_deny: planned.spec.seccomp_extra_deny.clone(),
+        extra_allow: planned.spec.seccomp_extra_allow.clone(),
+        ..Default::default()
+    };
+    obs.set_allowed(crate::sandbox::seccomp::allowed(&filter)?.plain);
 
     let mut mask = SigSet::empty();
     for sig in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP, Signal::SIGQUIT, Signal::SIGCHLD] {

@@ -66,9 +66,24 @@ pub struct Snapshot {
 pub struct Observations {
     inner: Mutex<Snapshot>,
     listening: AtomicBool,
+    /// The syscall numbers the sandbox's filter allows (set before it starts). A notification
+    /// for one of these that names a path is an observation; any other is a denial.
+    allowed: OnceLock<BTreeSet<i64>>,
 }
 
 impl Observations {
+    /// What the learned sandbox's filter allows (`sandbox::seccomp::allowed`), before it starts.
+    pub fn set_allowed(&self, allowed: BTreeSet<i64>) {
+        let _ = self.allowed.set(allowed);
+    }
+
+    /// Whether a notification of syscall `nr` is an observation to let continue: only a syscall
+    /// the filter allows (one the policy denies, `extra_deny`, arrives here as well and must get
+    /// its EPERM). Nothing continues before [`Observations::set_allowed`].
+    pub fn continues(&self, nr: i64) -> bool {
+        self.allowed.get().is_some_and(|a| a.contains(&nr))
+    }
+
     /// The seccomp listener is being served: path syscalls will be observed.
     pub fn listening(&self) {
         self.listening.store(true, Ordering::SeqCst);

@@ -288,6 +288,29 @@ mod any_user {
         assert!(stderr.contains("path syscalls"), "{stderr}");
         assert_checks(&out);
     }
+
+    /// A path syscall the base policy denies (`extra_deny`) reaches mcpbox's listener like an
+    /// observed one: it must still get its EPERM, not be let through.
+    #[test]
+    fn a_path_syscall_the_base_denies_stays_denied_while_learning() {
+        let dir = crate::common::tempdir();
+        let base = dir.path().join("base.toml");
+        write_644(&base, "extends = \"default\"\n[seccomp]\nextra_deny = [\"mkdir\", \"mkdirat\"]\n");
+        let state = dir.path().join("state");
+        let out = dir.path().join("learned.toml");
+        let name = crate::common::unique("learn-deny");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_mcpbox"));
+        cmd.args(["policy", "learn", "--policy"]).arg(&base).arg("--state-dir").arg(&state);
+        cmd.args(["--name", &name, "--out"]).arg(&out);
+        cmd.args(["--", "/bin/sh", "-c", "mkdir \"$HOME/made\" && echo MADE || echo REFUSED"]);
+        test_env(&mut cmd);
+        let o = run_timeout(cmd, Duration::from_secs(60));
+        assert_eq!(o.code, 0, "{o}");
+        assert!(o.stdout.contains("REFUSED") && o.stderr.contains("Operation not permitted"), "{o}");
+        assert!(!state.join(&name).join("data/made").exists(), "mkdir went through");
+        let policy = std::fs::read_to_string(&out).unwrap();
+        assert!(policy.contains("#   mkdir: 1 time(s)"), "{policy}");
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

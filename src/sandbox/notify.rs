@@ -82,7 +82,8 @@ fn serve(listener: OwnedFd, server: &str) {
                 _ => return,
             }
         }
-        if let (Some(learn), Some(arg)) = (learn, super::seccomp::observed(req.data.nr as i64)) {
+        let observed = super::seccomp::observed(req.data.nr as i64);
+        if let (Some(learn), Some(arg)) = (learn.filter(|l| l.continues(req.data.nr as i64)), observed) {
             let seen = observe(&req, arg);
             // The process may have died and its pid been reused while we read: the path is
             // kept only if the notification is still pending afterwards.
