@@ -140,6 +140,15 @@ impl Drop for HostDir {
     }
 }
 
+/// A file removed when the test ends, however it ends.
+struct Removed(PathBuf);
+
+impl Drop for Removed {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 fn write_644(p: &Path, body: &str) {
     std::fs::write(p, body).unwrap();
     std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o644)).unwrap();
@@ -178,6 +187,7 @@ fn the_learn_sandbox_gives_a_hostile_server_nothing_and_its_attempts_stay_out_of
     // A canary in the host's /root.
     let root_canary = PathBuf::from(format!("/root/mcpbox-learn-canary-{}", std::process::id()));
     write_644(&root_canary, "ROOT-CANARY-90ab");
+    let _canary = Removed(root_canary.clone());
     let internal = site("LEARN-INTERNAL-SITE");
     let out = script_dir.0.join("att.learned.toml");
 
@@ -201,7 +211,6 @@ fn the_learn_sandbox_gives_a_hostile_server_nothing_and_its_attempts_stay_out_of
     );
     let text = text_of(&r);
     let (code, stderr) = l.finish();
-    std::fs::remove_file(&root_canary).unwrap();
     assert_eq!(code, 0, "policy learn failed:\n{stderr}\n{text}");
 
     // Nothing of the planted secrets was read: each path is absent from the view.
