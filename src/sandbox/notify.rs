@@ -46,6 +46,7 @@ fn serve(listener: OwnedFd, server: &str) {
         l.listening();
     }
     let fd = listener.as_raw_fd();
+    let mut cannot_continue = false;
     let (mut window, mut in_window) = (Instant::now(), 0u32);
     loop {
         in_window += 1;
@@ -98,7 +99,20 @@ fn serve(listener: OwnedFd, server: &str) {
                 flags: libc::SECCOMP_USER_NOTIF_FLAG_CONTINUE as u32,
             };
             // SAFETY: as below.
-            unsafe { libc::ioctl(fd, libc::SECCOMP_IOCTL_NOTIF_SEND, &resp) };
+            let sent = unsafe { libc::ioctl(fd, libc::SECCOMP_IOCTL_NOTIF_SEND, &resp) };
+            if sent < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
+                // A kernel before 5.5 has no CONTINUE: the syscall would wait forever. It fails
+                // instead, and learning says why.
+                if !cannot_continue {
+                    tracing::error!(
+                        "this kernel cannot let a notified syscall continue (Linux 5.5 or newer): policy learn cannot observe; the server's path syscalls fail with ENOSYS"
+                    );
+                    cannot_continue = true;
+                }
+                let fail = libc::seccomp_notif_resp { id: req.id, val: 0, error: -libc::ENOSYS, flags: 0 };
+                // SAFETY: as below.
+                unsafe { libc::ioctl(fd, libc::SECCOMP_IOCTL_NOTIF_SEND, &fail) };
+            }
             if let (true, Some((kind, path))) = (valid, seen) {
                 let name = super::seccomp::syscall_name(req.data.nr as i64).unwrap_or("?");
                 learn.path(kind, path, name);

@@ -439,6 +439,15 @@ pub const OBSERVED: &[(i64, PathArg)] = {
         (libc::SYS_truncate, at(0, None, Write)),
         (libc::SYS_utimensat, at(1, Some(0), Write)),
         (libc::SYS_setxattr, at(0, None, Write)),
+        (libc::SYS_lsetxattr, at(0, None, Write)),
+        (libc::SYS_removexattr, at(0, None, Write)),
+        (libc::SYS_lremovexattr, at(0, None, Write)),
+        (libc::SYS_llistxattr, at(0, None, Look)),
+        (libc::SYS_fchmodat2, at(1, Some(0), Write)),
+        (libc::SYS_utime, at(0, None, Write)),
+        (libc::SYS_utimes, at(0, None, Write)),
+        (libc::SYS_futimesat, at(1, Some(0), Write)),
+        (libc::SYS_inotify_add_watch, at(1, None, Look)),
     ]
 };
 
