@@ -107,8 +107,8 @@ id "$ci_user" >/dev/null 2>&1 || useradd --create-home --shell /bin/bash "$ci_us
 tmp_user=$(mktemp -d /tmp/mcpbox-ci-user.XXXXXX)
 chown "$ci_user:" "$tmp_user"
 # Rootless: the sandbox, the CLI, `serve`, denials and `policy learn` of a command line. The
-# real-server suite (npx/uvx packages from the
-# registries) runs as root only: its package tools are installed for root here.
+# real-server suites (npx/uvx packages from the registries: realservers::, learn::real::) run as
+# root only: their package tools are installed for root here.
 step "integration tests as $ci_user" setpriv --reuid="$ci_user" --regid="$ci_user" --init-groups \
     env -i HOME="/home/$ci_user" PATH=/usr/local/bin:/usr/bin:/bin TMPDIR="$tmp_user" LANG=C.UTF-8 \
     "$bin" --test-threads=2 sandbox:: cli:: serve:: denials:: learn::any_user::
