@@ -106,11 +106,12 @@ step "integration tests as root" env TMPDIR="$tmp_root" "$bin" --test-threads=2
 id "$ci_user" >/dev/null 2>&1 || useradd --create-home --shell /bin/bash "$ci_user"
 tmp_user=$(mktemp -d /tmp/mcpbox-ci-user.XXXXXX)
 chown "$ci_user:" "$tmp_user"
-# Rootless: the sandbox, the CLI and `serve`. The real-server suite (npx/uvx packages from the
-# registries) runs as root only: its package tools are installed for root here.
+# Rootless: the sandbox, the CLI, `serve`, denials and `policy learn` of a command line. The
+# real-server suites (npx/uvx packages from the registries: realservers::, learn::real::) run as
+# root only: their package tools are installed for root here.
 step "integration tests as $ci_user" setpriv --reuid="$ci_user" --regid="$ci_user" --init-groups \
     env -i HOME="/home/$ci_user" PATH=/usr/local/bin:/usr/bin:/bin TMPDIR="$tmp_user" LANG=C.UTF-8 \
-    "$bin" --test-threads=2 sandbox:: cli:: serve:: denials::
+    "$bin" --test-threads=2 sandbox:: cli:: serve:: denials:: learn::any_user::
 
 # A real 2026-07-28 client (the Python SDK 2.x, from the Python package index through uv).
 step "Python SDK 2.x client (2026-07-28, auto) through mcpbox serve" bash scripts/python-sdk-2026.sh

@@ -12,11 +12,13 @@ compile_error!(
 pub mod bridge;
 pub mod budget;
 pub mod cli_doctor;
+pub mod cli_learn;
 pub mod cli_policy;
 pub mod cli_run;
 pub mod config;
 pub mod denials;
 pub mod http;
+pub mod learn;
 pub mod netproxy;
 pub mod plan;
 pub mod policy;

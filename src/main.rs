@@ -22,6 +22,9 @@ enum Cmd {
     ///      refuses is logged ("denied: egress connect host:443") and counted in /status;
     ///   3. `mcpbox policy suggest NAME` turns the recorded denials into `+` lines to add;
     ///   4. `mcpbox policy diff OLD NEW` shows exactly what the edited policy grants beyond the old.
+    ///
+    /// For a server you know nothing about, `mcpbox policy learn -- COMMAND…` writes a first
+    /// policy from what it did while you drove it.
     #[command(verbatim_doc_comment)]
     Policy {
         #[command(subcommand)]
@@ -186,6 +189,63 @@ enum PolicyCmd {
         #[arg(long, short = 'p')]
         policy: Option<String>,
     },
+    /// Run a server under observation and write the policy that covers what it used.
+    ///
+    /// The server runs as under `mcpbox run` (stdio passed straight through: drive it with any
+    /// MCP client or script; same level, namespaces, own uid), but in a learn view: its base
+    /// policy plus the host's system directories (/usr, /bin, /sbin, /lib*, /opt; read and exec)
+    /// and /etc without its secrets (shadow, sudoers, ssh, ssl/private, …). Never /root, /home,
+    /// mcpbox's state directory or the config's directory. Every path it opens, stats or executes
+    /// is recorded (seccomp notifications; the syscalls continue), every host it connects to too
+    /// (the egress proxy in record mode: any public host:port; internal addresses stay refused).
+    /// Writes outside DATA and /tmp fail (EROFS) and are recorded. When the server exits (close
+    /// its stdin), the policy is written to --out:
+    ///   extends = "node"                # the runtime base, or --policy
+    ///   [filesystem]
+    ///   read = [
+    ///       # 3 paths, 5 times (openat), e.g. /usr/share/misc/magic.mgc
+    ///       "/usr/share/misc",
+    ///   ]
+    ///   [network]
+    ///   mode = "proxy"
+    ///   allow = ["api.example.com:443"]
+    /// Then: read every line (it says what the server did, not what it should do), check it
+    /// (`mcpbox policy check FILE`), compare (`mcpbox policy diff BASE FILE`), and run the server
+    /// under it; `mcpbox policy suggest NAME` later shows what it was refused.
+    ///   mcpbox policy learn --out fetch.toml -- uvx mcp-server-fetch
+    ///   mcpbox policy learn --config mcpbox.json --server notes --out notes.toml
+    /// Exit status: 0 once the policy is written (whatever the server's own status), 125 when
+    /// the server could not be started or no policy could be written.
+    #[command(verbatim_doc_comment)]
+    Learn {
+        /// The base policy to learn on top of (file or shipped/user name); default: the runtime
+        /// base of the command (`node` for npx/node, `python` for uvx/python, else `default`),
+        /// or the server's policy in --config.
+        #[arg(long, short = 'p')]
+        policy: Option<String>,
+        /// Where to write the learned policy (default: ./NAME.learned.toml; never stdout, which
+        /// is the server's MCP stream).
+        #[arg(long, short = 'o')]
+        out: Option<PathBuf>,
+        /// Server name: its state directory, uid and hostname (default as for `mcpbox run`).
+        #[arg(long)]
+        name: Option<String>,
+        /// The mcpbox.json holding the server (with --server): its command, env, state directory.
+        #[arg(long, requires = "server")]
+        config: Option<PathBuf>,
+        /// The server of --config to learn.
+        #[arg(long, requires = "config")]
+        server: Option<String>,
+        /// Where per-server data/ and cache/ live (as for `mcpbox run`).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// Lowest confinement level accepted (as for `mcpbox run`).
+        #[arg(long, value_enum, default_value = "full")]
+        min_level: LevelArg,
+        /// The command and its arguments, after `--` (not with --config).
+        #[arg(last = true, conflicts_with = "config")]
+        command: Vec<String>,
+    },
     /// Show what policy B grants that policy A does not (+), and the reverse (-).
     ///
     /// Both are resolved first (`extends`, ${DATA}/${CACHE}); grants are compared by what they
@@ -248,6 +308,19 @@ fn main() -> ExitCode {
         }
         Cmd::Policy { cmd: PolicyCmd::Suggest { server, config, state_dir, policy } } => {
             mcpbox::cli_policy::suggest_cli(&server, config.as_deref(), state_dir, policy)
+        }
+        Cmd::Policy { cmd: PolicyCmd::Learn { policy, out, name, config, server, state_dir, min_level, command } } => {
+            init_logging("warn,mcpbox::plan::prepare=info", false);
+            mcpbox::cli_learn::learn(mcpbox::cli_learn::LearnArgs {
+                policy,
+                out,
+                name,
+                state_dir,
+                min_level: min_level.into(),
+                config,
+                server,
+                command,
+            })
         }
         Cmd::Policy { cmd: PolicyCmd::Diff { a, b, data, cache } } => {
             mcpbox::cli_policy::diff_cli(&a, &b, data.as_deref(), cache.as_deref())

@@ -275,6 +275,10 @@ pub struct ProxyConfig {
     /// No target may resolve to an [`is_internal`] address, whatever entry it matched.
     pub refuse_internal: bool,
     pub resolver: Arc<dyn Resolve>,
+    /// Record mode (`mcpbox policy learn`): a target the allow-list does not name is let through
+    /// as a wildcard match is (every address it resolves to must be public: internal ones stay
+    /// refused), and every connection made is recorded here.
+    pub record: Option<Arc<crate::learn::Observations>>,
 }
 
 impl ProxyConfig {
@@ -292,6 +296,7 @@ impl ProxyConfig {
             max_connections: 256,
             refuse_internal: false,
             resolver: Arc::new(SystemResolver),
+            record: None,
         }
     }
 }
@@ -527,8 +532,11 @@ async fn connect_checked(
     };
 
     // 1. The allow-list, on the name as requested: nothing is resolved for a denied name.
-    let Some(how) = cfg.allow.check(host, port) else {
-        return Err(deny("network.allow", "not in the allow-list"));
+    let how = match cfg.allow.check(host, port) {
+        Some(how) => how,
+        // Record mode: public addresses only, as for a wildcard entry.
+        None if cfg.record.is_some() => Match::Wildcard,
+        None => return Err(deny("network.allow", "not in the allow-list")),
     };
 
     // 2. Addresses.
@@ -560,6 +568,11 @@ async fn connect_checked(
                 &format!("wildcard match resolves to non-public address {}", bad.ip()),
             ));
         }
+    }
+
+    // Record mode: what passed the checks is what the server needs, reachable or not.
+    if let Some(r) = &cfg.record {
+        r.connect(target);
     }
 
     // 3. Connect, trying each address in turn.
@@ -1146,6 +1159,53 @@ mod tests {
         assert!(reply.starts_with("HTTP/1.1 403 "), "{reply}");
         trap.assert_untouched();
         assert!(proxy.dns.asked().is_empty());
+    }
+
+    #[tokio::test]
+    async fn record_mode_lets_public_targets_through_records_them_and_still_refuses_internal_ones() {
+        let (echo, _t) = echo_server().await;
+        let trap = Tripwire::new();
+        let dns = FakeDns::with(&[
+            ("pub.example", "1.1.1.1"),
+            ("sneaky.example", "127.0.0.1"),
+            ("meta.example", "169.254.169.254"),
+        ]);
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut cfg =
+            ProxyConfig::new(AllowList::parse(&[format!("127.0.0.1:{}", echo.port())]).unwrap(), "learn", "x");
+        cfg.resolver = Arc::new(dns);
+        cfg.connect_timeout = Duration::from_millis(300);
+        let seen = Arc::new(crate::learn::Observations::default());
+        cfg.record = Some(seen.clone());
+        let task = tokio::spawn(serve(listener, Arc::new(cfg)));
+        // Internal addresses, by name or literal: refused, never contacted, not recorded.
+        for target in [
+            format!("sneaky.example:{}", trap.port()),
+            format!("127.0.0.1:{}", trap.port()),
+            "meta.example:80".to_string(),
+            "10.1.2.3:443".to_string(),
+        ] {
+            let reply = exchange(addr, format!("CONNECT {target} HTTP/1.1\r\n\r\n").as_bytes()).await;
+            assert!(reply.starts_with("HTTP/1.1 403 "), "{target}: {reply}");
+        }
+        trap.assert_untouched();
+        // A public name passes the checks (the connect itself may fail offline) and is recorded;
+        // so is what the allow-list names.
+        let mut sock = TcpStream::connect(addr).await.unwrap();
+        sock.write_all(b"CONNECT pub.example:443 HTTP/1.1\r\n\r\n").await.unwrap();
+        let mut head = vec![0u8; 9];
+        tokio::time::timeout(T, sock.read_exact(&mut head)).await.unwrap().unwrap();
+        assert_eq!(&head, b"HTTP/1.1 ", "an answer, whichever (offline: 502/504)");
+        let target = format!("127.0.0.1:{}", echo.port());
+        let mut sock = TcpStream::connect(addr).await.unwrap();
+        sock.write_all(format!("CONNECT {target} HTTP/1.1\r\n\r\n").as_bytes()).await.unwrap();
+        let mut head = vec![0u8; 12];
+        tokio::time::timeout(T, sock.read_exact(&mut head)).await.unwrap().unwrap();
+        assert_eq!(&head, b"HTTP/1.1 200");
+        let got: Vec<String> = seen.snapshot().connects.into_keys().collect();
+        assert_eq!(got, vec![target, "pub.example:443".to_string()]);
+        task.abort();
     }
 
     #[tokio::test]

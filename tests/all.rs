@@ -5,6 +5,7 @@
 mod cli;
 mod common;
 mod denials;
+mod learn;
 mod readme;
 mod realservers;
 mod runtimes;

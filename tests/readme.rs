@@ -45,6 +45,10 @@ const CHECKS: &[(&str, Check)] = &[
     ("mcpbox run --policy policies/my-server.toml -- node /srv/my-server/index.js", Check::StdioServer),
     ("mcpbox serve --config mcpbox.json", Check::HttpServer),
     ("mcpbox prepare --config mcpbox.json", Check::Exits0),
+    (
+        "mcpbox policy learn --policy policies/my-server.toml --out learned.toml -- node /srv/my-server/index.js",
+        Check::StdioServer,
+    ),
     ("mcpbox policy check policies/node.toml", Check::Prints("exec")),
     // The world has a seccomp denial recorded for NAME (see `world`).
     ("mcpbox policy suggest NAME", Check::Prints("# cannot be granted: seccomp bpf")),

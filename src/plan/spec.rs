@@ -273,6 +273,13 @@ impl Begun {
         &self.outer
     }
 
+    /// `mcpbox policy learn`: the sandbox gets `network` instead of the policy's (its proxy in
+    /// record mode). Before [`Begun::outer`] is sent.
+    pub fn set_network(&mut self, network: Network) {
+        self.outer.network = network.clone();
+        self.policy.network = network;
+    }
+
     /// The second half of planning: grants, environment, command; the whole spec.
     pub fn finish(self, launch: &ServerLaunch, extra: &Extra) -> anyhow::Result<Planned> {
         let Begun { dirs, policy, mut notes, outer, runtimes } = self;
@@ -414,6 +421,7 @@ impl Begun {
             seccomp_extra_deny: policy.seccomp.extra_deny.clone(),
             seccomp_extra_allow: policy.seccomp.extra_allow.clone(),
             landlock_min_abi: policy.sandbox.landlock_min_abi,
+            observe: false,
         };
         Ok(Planned { spec, policy, notes })
     }

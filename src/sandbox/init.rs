@@ -770,12 +770,17 @@ fn load_seccomp(
     notify: &[super::seccomp::sock_filter],
     plain: &[super::seccomp::sock_filter],
     report: &Report,
+    observe: bool,
 ) -> Result<Option<String>, InitError> {
     match sys::apply_seccomp_listener(notify) {
         Ok(listener) => {
             send_with_fd(report, &Msg::SeccompNotify, listener.as_raw_fd())?;
             Ok(None)
         }
+        // `policy learn` observes through the listener: without one there is nothing to learn.
+        Err(e) if observe => Err(InitError::Refused(format!(
+            "policy learn needs a seccomp notification listener to observe the server: {e}"
+        ))),
         Err(e) => {
             sys::apply_seccomp(plain).map_err(|e| InitError::Seccomp(e.to_string()))?;
             Ok(Some(format!(
@@ -884,10 +889,11 @@ fn server_setup(
         extra_allow: spec.seccomp_extra_allow.clone(),
         unix_sockets_only: !full && matches!(spec.outer.network, Network::None),
         notify: true,
+        observe: spec.observe,
     };
     let prog = build_program(&filter).map_err(|e| InitError::Seccomp(e.to_string()))?;
-    let plain =
-        build_program(&FilterOptions { notify: false, ..filter }).map_err(|e| InitError::Seccomp(e.to_string()))?;
+    let plain = build_program(&FilterOptions { notify: false, observe: false, ..filter })
+        .map_err(|e| InitError::Seccomp(e.to_string()))?;
     let mut rules: Vec<Rule> =
         spec.grants.iter().map(|g| Rule { path: g.path.clone(), access: g.access, dir: g.dir }).collect();
     rules.extend(ll::base_rules(&tmp));
@@ -947,10 +953,11 @@ fn server_setup(
     // load it now instead (off the start's critical path): the allow-list has everything the
     // remaining steps call (read, chdir, open, the landlock_* calls, execve). Not when the policy
     // denies extra syscalls, which could be among those.
-    let seccomp_early = go.is_some() && spec.seccomp_extra_deny.is_empty();
+    // Nor when learning: the server's own path syscalls are what is observed, not ours.
+    let seccomp_early = go.is_some() && spec.seccomp_extra_deny.is_empty() && !spec.observe;
     let mut seccomp_warning = None;
     if seccomp_early {
-        seccomp_warning = load_seccomp(&prog, &plain, report)?;
+        seccomp_warning = load_seccomp(&prog, &plain, report, spec.observe)?;
     }
 
     // The rest needs the finished view. EOF instead: PID 1 failed and reports why itself.
@@ -975,7 +982,7 @@ fn server_setup(
     std::env::set_current_dir(&spec.cwd).map_err(|e| InitError::Io(format!("chdir {}: {e}", spec.cwd.display())))?;
     let ll = ll::apply(&rules, &net, spec.landlock_min_abi)?;
     if !seccomp_early {
-        seccomp_warning = load_seccomp(&prog, &plain, report)?;
+        seccomp_warning = load_seccomp(&prog, &plain, report, spec.observe)?;
     }
     warnings.extend(seccomp_warning);
     SigSet::empty().thread_set_mask().map_err(sys_err("sigprocmask"))?;

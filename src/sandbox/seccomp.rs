@@ -359,6 +359,101 @@ pub struct FilterOptions {
     /// Denied syscalls go to a supervisor (`SECCOMP_RET_USER_NOTIF`) that answers EPERM and
     /// records them, instead of the filter answering EPERM itself.
     pub notify: bool,
+    /// `mcpbox policy learn`: the allowed syscalls that name a path ([`OBSERVED`]) go to the
+    /// supervisor too, which records the path and lets the syscall continue (only with `notify`).
+    pub observe: bool,
+}
+
+/// How an observed syscall names its path, for `mcpbox policy learn`: which argument holds
+/// the path, which the directory descriptor it is relative to (None: the working directory),
+/// and what the access is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PathArg {
+    pub path: usize,
+    pub dirfd: Option<usize>,
+    pub kind: PathUse,
+}
+
+/// What an observed syscall does with its path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathUse {
+    /// Looks at it: stat, access, readlink, xattrs.
+    Look,
+    /// Opens it; whether for reading or writing is in the flags argument (index given), or in
+    /// `struct open_how` for openat2.
+    Open {
+        flags: Option<usize>,
+    },
+    Exec,
+    /// Creates, removes, renames or changes it.
+    Write,
+}
+
+const fn at(path: usize, dirfd: Option<usize>, kind: PathUse) -> PathArg {
+    PathArg { path, dirfd, kind }
+}
+
+/// The path syscalls `mcpbox policy learn` observes, with where their path is. Descriptor-only
+/// calls (fstat, fchmod, …) are left out: the path was observed when the descriptor was opened.
+/// For two-path calls (rename, link, symlink) the destination is the one recorded.
+pub const OBSERVED: &[(i64, PathArg)] = {
+    use PathUse::*;
+    &[
+        (libc::SYS_open, at(0, None, Open { flags: Some(1) })),
+        (libc::SYS_openat, at(1, Some(0), Open { flags: Some(2) })),
+        (libc::SYS_openat2, at(1, Some(0), Open { flags: None })),
+        (libc::SYS_creat, at(0, None, Write)),
+        (libc::SYS_execve, at(0, None, Exec)),
+        (libc::SYS_execveat, at(1, Some(0), Exec)),
+        (libc::SYS_stat, at(0, None, Look)),
+        (libc::SYS_lstat, at(0, None, Look)),
+        (libc::SYS_newfstatat, at(1, Some(0), Look)),
+        (libc::SYS_statx, at(1, Some(0), Look)),
+        (libc::SYS_access, at(0, None, Look)),
+        (libc::SYS_faccessat, at(1, Some(0), Look)),
+        (libc::SYS_faccessat2, at(1, Some(0), Look)),
+        (libc::SYS_readlink, at(0, None, Look)),
+        (libc::SYS_readlinkat, at(1, Some(0), Look)),
+        (libc::SYS_statfs, at(0, None, Look)),
+        (libc::SYS_getxattr, at(0, None, Look)),
+        (libc::SYS_lgetxattr, at(0, None, Look)),
+        (libc::SYS_listxattr, at(0, None, Look)),
+        (libc::SYS_chdir, at(0, None, Look)),
+        (libc::SYS_mkdir, at(0, None, Write)),
+        (libc::SYS_mkdirat, at(1, Some(0), Write)),
+        (libc::SYS_rmdir, at(0, None, Write)),
+        (libc::SYS_unlink, at(0, None, Write)),
+        (libc::SYS_unlinkat, at(1, Some(0), Write)),
+        (libc::SYS_rename, at(1, None, Write)),
+        (libc::SYS_renameat, at(3, Some(2), Write)),
+        (libc::SYS_renameat2, at(3, Some(2), Write)),
+        (libc::SYS_link, at(1, None, Write)),
+        (libc::SYS_linkat, at(3, Some(2), Write)),
+        (libc::SYS_symlink, at(1, None, Write)),
+        (libc::SYS_symlinkat, at(2, Some(1), Write)),
+        (libc::SYS_chmod, at(0, None, Write)),
+        (libc::SYS_fchmodat, at(1, Some(0), Write)),
+        (libc::SYS_chown, at(0, None, Write)),
+        (libc::SYS_lchown, at(0, None, Write)),
+        (libc::SYS_fchownat, at(1, Some(0), Write)),
+        (libc::SYS_truncate, at(0, None, Write)),
+        (libc::SYS_utimensat, at(1, Some(0), Write)),
+        (libc::SYS_setxattr, at(0, None, Write)),
+        (libc::SYS_lsetxattr, at(0, None, Write)),
+        (libc::SYS_removexattr, at(0, None, Write)),
+        (libc::SYS_lremovexattr, at(0, None, Write)),
+        (libc::SYS_llistxattr, at(0, None, Look)),
+        (libc::SYS_fchmodat2, at(1, Some(0), Write)),
+        (libc::SYS_utime, at(0, None, Write)),
+        (libc::SYS_utimes, at(0, None, Write)),
+        (libc::SYS_futimesat, at(1, Some(0), Write)),
+        (libc::SYS_inotify_add_watch, at(1, None, Look)),
+    ]
+};
+
+/// Where the path of observed syscall `nr` is ([`OBSERVED`]).
+pub fn observed(nr: i64) -> Option<PathArg> {
+    OBSERVED.iter().find(|(n, _)| *n == nr).map(|(_, a)| *a)
 }
 
 /// The number of the x86_64 syscall `name` (the policy module's table).
@@ -562,6 +657,14 @@ fn search(r: &[(u32, u32)]) -> Vec<sock_filter> {
 pub fn build_program(opts: &FilterOptions) -> Result<BpfProgram, SeccompError> {
     let a = allowed(opts)?;
     let mut prog = guard();
+    if opts.notify && opts.observe {
+        // Observed syscalls the allow-list permits go to the supervisor (which lets them
+        // continue); the ones it denies still reach the EPERM below.
+        for (nr, _) in OBSERVED.iter().filter(|(nr, _)| a.plain.contains(nr)) {
+            prog.push(jump(BPF_JEQ_K, *nr as u32, 0, 1));
+            prog.push(stmt(BPF_RET_K, RET_USER_NOTIF));
+        }
+    }
     for c in &a.conditional {
         let block = conditional_block(*c, a.unix_sockets_only);
         prog.push(jump(BPF_JEQ_K, c.nr() as u32, 0, block.len() as u8));
@@ -827,5 +930,37 @@ mod tests {
         assert_eq!(probe(&notify, 1, 0x4000_0003), RET_ENOSYS);
         assert_eq!(syscall_name(libc::SYS_bpf), Some("bpf"));
         assert_eq!(syscall_name(libc::SYS_read), Some("read"));
+    }
+
+    #[test]
+    fn observing_sends_the_allowed_path_syscalls_to_the_supervisor_and_keeps_every_denial() {
+        let opts =
+            FilterOptions { notify: true, observe: true, extra_deny: vec!["mkdir".into()], ..Default::default() };
+        let learn = build_program(&opts).unwrap();
+        let probe = |nr: i64| run_bpf(&learn, nr as u32, AUDIT_ARCH_X86_64, [0; 6]);
+        for nr in [libc::SYS_openat, libc::SYS_execve, libc::SYS_newfstatat, libc::SYS_unlink, libc::SYS_renameat2] {
+            assert_eq!(probe(nr), RET_USER_NOTIF, "syscall {nr}");
+            assert!(observed(nr).is_some());
+        }
+        // Not a path syscall: allowed by the filter itself.
+        for nr in [libc::SYS_read, libc::SYS_write, libc::SYS_mmap, libc::SYS_fstat] {
+            assert_eq!(probe(nr), RET_ALLOW, "syscall {nr}");
+        }
+        // Denied ones are still notified (and answered EPERM by the supervisor, which tells them
+        // apart: they are not observed, or not allowed, like mkdir here).
+        assert_eq!(probe(libc::SYS_ptrace), RET_USER_NOTIF);
+        assert_eq!(probe(libc::SYS_mkdir), RET_USER_NOTIF);
+        assert!(!allowed(&opts).unwrap().plain.contains(&libc::SYS_mkdir));
+        // The guard still runs first; clone with namespace flags is still a denial.
+        assert_eq!(probe(libc::SYS_clone3), RET_ENOSYS);
+        assert_eq!(run_bpf(&learn, libc::SYS_openat as u32, 0x4000_0003, [0; 6]), RET_ENOSYS);
+        // Without a supervisor nothing is observed.
+        let plain = build_program(&FilterOptions { observe: true, ..Default::default() }).unwrap();
+        assert_eq!(run_bpf(&plain, libc::SYS_openat as u32, AUDIT_ARCH_X86_64, [0; 6]), RET_ALLOW);
+        // Every observed syscall is in the allow-list by default.
+        let a = allowed(&FilterOptions::default()).unwrap();
+        for (nr, _) in OBSERVED {
+            assert!(a.plain.contains(nr), "observed syscall {nr} is not allowed");
+        }
     }
 }

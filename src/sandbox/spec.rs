@@ -66,6 +66,10 @@ pub struct SandboxSpec {
     pub seccomp_extra_deny: Vec<String>,
     pub seccomp_extra_allow: Vec<String>,
     pub landlock_min_abi: u8,
+    /// `mcpbox policy learn`: path syscalls go to mcpbox's seccomp listener too, which records
+    /// them and lets them continue. Without a listener the sandbox does not start.
+    #[serde(default)]
+    pub observe: bool,
 }
 
 /// The part of a [`SandboxSpec`] the outer sandbox-init needs before PID 1 exists: identities,
