@@ -218,7 +218,7 @@ pub fn run(args: RunArgs, early: Option<Result<crate::sandbox::Pending, crate::s
         }
     };
     // The audit records of what Landlock refused the server last may still be on their way.
-    crate::sandbox::audit::settle(std::time::Duration::from_millis(20), std::time::Duration::from_millis(500));
+    crate::sandbox::audit::settle(std::time::Duration::from_millis(500));
     use std::os::unix::process::ExitStatusExt;
     let code = status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
     ExitCode::from(code.clamp(0, 255) as u8)

@@ -29,7 +29,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use nix::sys::socket::{self, AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType};
@@ -100,15 +100,20 @@ struct Watch {
     running: bool,
     /// When a record of one of our sandboxes' domains last arrived.
     last_record: Option<Instant>,
+    /// Domains whose creator was not (yet) one of our sandboxes: (creator pid, domain, when).
+    unclaimed: VecDeque<(u32, String, Instant)>,
+    /// Settle marks sent, and the highest one the reader has seen come back (see [`settle`]).
+    marks_sent: u64,
+    marks_seen: u64,
 }
 
-fn watch() -> &'static Mutex<Watch> {
-    static W: OnceLock<Mutex<Watch>> = OnceLock::new();
+fn watch() -> &'static (Mutex<Watch>, Condvar) {
+    static W: OnceLock<(Mutex<Watch>, Condvar)> = OnceLock::new();
     W.get_or_init(Default::default)
 }
 
 fn lock() -> std::sync::MutexGuard<'static, Watch> {
-    watch().lock().unwrap_or_else(|e| e.into_inner())
+    watch().0.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The server process of a sandbox of `server` applied Landlock as host pid `pid`: its domain's
@@ -120,13 +125,43 @@ pub fn sandbox_started(pid: u32, server: &str, session: Option<&str>) {
     }
     let owner = Owner { server: server.to_string(), session: session.map(str::to_owned) };
     let mut w = lock();
-    if w.creators.insert(pid, owner).is_none() {
+    if w.creators.insert(pid, owner.clone()).is_none() {
         w.creator_order.push_back(pid);
         while w.creator_order.len() > MAX_CREATORS {
             if let Some(old) = w.creator_order.pop_front() {
                 w.creators.remove(&old);
             }
         }
+    }
+    // A domain this server created, read before its start was (see `handle`): its records are
+    // the server's. Only a recent one: an old record of the same pid was another process's.
+    let recent = Duration::from_secs(5);
+    let mut claimed = Vec::new();
+    w.unclaimed.retain(|(p, domain, at)| {
+        if *p == pid && at.elapsed() < recent {
+            claimed.push(domain.clone());
+            false
+        } else {
+            at.elapsed() < recent
+        }
+    });
+    let mut denials = Vec::new();
+    for domain in claimed {
+        if w.domains.insert(domain.clone(), owner.clone()).is_none() {
+            w.domain_order.push_back(domain.clone());
+        }
+        w.pending.retain(|(_, d, waiting)| {
+            if *d == domain {
+                denials.extend(waiting.iter().cloned());
+                false
+            } else {
+                true
+            }
+        });
+    }
+    drop(w);
+    for d in denials {
+        crate::denials::registry().server(&owner.server, None).record(owner.session.as_deref(), None, d);
     }
 }
 
@@ -135,11 +170,33 @@ pub fn reading() -> bool {
     lock().running
 }
 
-/// Waits (at most `max`) until no record of our sandboxes has arrived for `quiet`: the records
-/// of a server that just exited are read before `mcpbox run` exits (the kernel hands them over
-/// within a millisecond or so). Returns at once when no reader runs.
-pub fn settle(quiet: Duration, max: Duration) {
+/// Waits (at most `max`) until every record the kernel produced before this call has been
+/// read: the records of a server that just exited are then recorded before `mcpbox run` exits.
+/// The kernel hands records to readers in the order it made them, from one queue, so mcpbox
+/// sends a message of its own (a user-space audit message, `AUDIT_TRUSTED_APP`, with a number
+/// of this process) and waits until the reader sees it come back. A fixed quiet time is not
+/// enough: on a loaded host the kernel's audit thread may take longer than any short wait.
+/// Where the message cannot be sent, it waits until no record of our sandboxes has come for
+/// 50 ms. Returns at once when no reader runs.
+pub fn settle(max: Duration) {
+    if !reading() {
+        return;
+    }
     let start = Instant::now();
+    let mark = {
+        let mut w = lock();
+        w.marks_sent += 1;
+        w.marks_sent
+    };
+    if send_mark(mark).is_ok() {
+        let mut w = lock();
+        while w.running && w.marks_seen < mark {
+            let Some(left) = max.checked_sub(start.elapsed()) else { return };
+            w = watch().1.wait_timeout(w, left).unwrap_or_else(|e| e.into_inner()).0;
+        }
+        return;
+    }
+    let quiet = Duration::from_millis(50);
     while reading() && start.elapsed() < max {
         let last = lock().last_record;
         let since = last.map_or(start.elapsed(), |l| l.elapsed().min(start.elapsed()));
@@ -148,6 +205,25 @@ pub fn settle(quiet: Duration, max: Duration) {
         }
         std::thread::sleep(quiet - since);
     }
+}
+
+/// `AUDIT_TRUSTED_APP`: a user-space message of free text (root may send it: CAP_AUDIT_WRITE).
+const AUDIT_TRUSTED_APP: u16 = 1121;
+
+fn mark_text(mark: u64) -> String {
+    format!("mcpbox-settle={}-{mark}", std::process::id())
+}
+
+fn send_mark(mark: u64) -> Result<(), nix::errno::Errno> {
+    let fd = socket::socket(AddressFamily::Netlink, SockType::Raw, SockFlag::SOCK_CLOEXEC, SockProtocol::NetlinkAudit)?;
+    ask(&fd, &nlmsg(AUDIT_TRUSTED_APP, NLM_F_REQUEST | NLM_F_ACK, mark_text(mark).as_bytes()), NLMSG_ERROR).map(|_| ())
+}
+
+/// The number of this process's settle mark in the text of a user-space message, if it is one.
+fn mark_in(text: &str) -> Option<u64> {
+    let prefix = format!("mcpbox-settle={}-", std::process::id());
+    let rest = &text[text.find(&prefix)? + prefix.len()..];
+    rest[..rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len())].parse().ok()
 }
 
 /// What this host and process allow, without starting anything (for `mcpbox doctor`):
@@ -331,6 +407,7 @@ fn read_loop(sock: Option<OwnedFd>) {
             Err(e) => {
                 tracing::warn!("the audit reader stopped: {e}; Landlock denials are no longer reported");
                 lock().running = false;
+                watch().1.notify_all();
                 return;
             }
         };
@@ -341,7 +418,15 @@ fn read_loop(sock: Option<OwnedFd>) {
             if len < 16 || off + len > n {
                 break;
             }
-            if ty == AUDIT_LANDLOCK_ACCESS || ty == AUDIT_LANDLOCK_DOMAIN {
+            if ty == AUDIT_TRUSTED_APP {
+                let text = String::from_utf8_lossy(&buf[off + 16..off + len]);
+                if let Some(mark) = mark_in(&text) {
+                    let mut w = lock();
+                    w.marks_seen = w.marks_seen.max(mark);
+                    drop(w);
+                    watch().1.notify_all();
+                }
+            } else if ty == AUDIT_LANDLOCK_ACCESS || ty == AUDIT_LANDLOCK_DOMAIN {
                 let text = String::from_utf8_lossy(&buf[off + 16..off + len]);
                 for (owner, d) in handle(ty, text.trim_end_matches('\0')) {
                     if window.elapsed() >= Duration::from_secs(1) {
@@ -378,8 +463,18 @@ fn handle(ty: u16, text: &str) -> Vec<(Owner, Denial)> {
             Some("allocated") => {
                 let Some(owner) = rec.get("pid").and_then(|p| p.parse::<u32>().ok()).and_then(|p| w.creators.get(&p))
                 else {
-                    // Not one of our sandboxes: its waiting records go.
-                    w.pending.retain(|(_, d, _)| *d != domain);
+                    // Not one of ours, or one whose start mcpbox has not read yet: the server
+                    // may be refused before mcpbox has its pid (it applies Landlock, reports and
+                    // execs at once). Kept a few seconds for `sandbox_started`; then its
+                    // waiting records go.
+                    if let Some(pid) = rec.get("pid").and_then(|p| p.parse::<u32>().ok()) {
+                        w.unclaimed.push_back((pid, domain, Instant::now()));
+                        while w.unclaimed.len() > MAX_PENDING {
+                            if let Some((_, old, _)) = w.unclaimed.pop_front() {
+                                w.pending.retain(|(_, d, _)| *d != old);
+                            }
+                        }
+                    }
                     return Vec::new();
                 };
                 let owner = owner.clone();
@@ -517,6 +612,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_settle_mark_is_read_back_only_from_this_process() {
+        let text = format!("pid=1 uid=0 auid=4294967295 ses=4294967295 msg='{}'", mark_text(42));
+        assert_eq!(mark_in(&text), Some(42));
+        let other = format!("msg='mcpbox-settle={}-42'", std::process::id() + 1);
+        assert_eq!(mark_in(&other), None);
+        assert_eq!(mark_in("msg='mcpbox-settle='"), None);
+    }
+
+    #[test]
     fn records_are_attributed_through_the_domain_record_that_follows_them() {
         sandbox_started(4_000_001, "srv-a", None);
         sandbox_started(4_000_001, "srv-a", Some("sess-1"));
@@ -552,7 +656,29 @@ mod tests {
         // Created by another process (a server's own nested domain, another program).
         let dom = "audit(1.0:40): domain=2b status=allocated mode=enforcing pid=4000003 uid=0 exe=\"/x\" comm=\"x\"";
         assert!(handle(AUDIT_LANDLOCK_DOMAIN, dom).is_empty());
-        assert!(lock().pending.iter().all(|(_, d, _)| d != "2b"), "nothing of it is kept");
+        // Another sandbox's start does not claim it.
+        sandbox_started(4_000_002, "srv-b", Some("s"));
+        assert!(!lock().domains.contains_key("2b"));
+        assert!(handle(AUDIT_LANDLOCK_ACCESS, access).is_empty());
+    }
+
+    #[test]
+    fn a_domain_read_before_its_sandboxs_start_is_claimed_by_that_start() {
+        // The server applied Landlock, reported and was refused at once: the kernel's records
+        // reach the reader before mcpbox has read the report with the server's pid.
+        let access = "audit(2.0:50): domain=3c blockers=fs.read_file path=\"/srv/secret\" dev=\"vda2\" ino=9";
+        assert!(handle(AUDIT_LANDLOCK_ACCESS, access).is_empty());
+        let dom = "audit(2.0:50): domain=3c status=allocated mode=enforcing pid=4000004 uid=0 exe=\"/x\" comm=\"x\"";
+        assert!(handle(AUDIT_LANDLOCK_DOMAIN, dom).is_empty());
+        sandbox_started(4_000_004, "srv-c", None);
+        let w = lock();
+        assert_eq!(w.domains.get("3c").map(|o| o.server.as_str()), Some("srv-c"));
+        assert!(w.pending.iter().all(|(_, d, _)| d != "3c"), "its waiting records were recorded");
+        drop(w);
+        // Later records of the domain are attributed at once.
+        let got = handle(AUDIT_LANDLOCK_ACCESS, access);
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].0.server, "srv-c");
     }
 
     #[test]
