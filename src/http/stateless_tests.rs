@@ -61,6 +61,7 @@ async fn discover_list_and_call_without_initialize_or_session() {
     assert_eq!(v["result"]["resultType"], "complete");
     assert_eq!(v["result"]["supportedVersions"], json!(["2026-07-28"]));
     assert_eq!(v["result"]["serverInfo"]["name"], "echo", "from the backend's own initialize: {v}");
+    assert_eq!(v["result"]["_meta"]["io.modelcontextprotocol/serverInfo"]["name"], "echo", "{v}");
     assert_eq!(v["result"]["capabilities"]["tools"]["listChanged"], true);
     let r = sl(a, "pr", "P1", "tools/list", json!({}), json!({})).await;
     assert_eq!(r.status, 200, "{}", r.body);
