@@ -6,6 +6,7 @@ mod cli;
 mod common;
 mod denials;
 mod realservers;
+mod rmcp_client;
 mod runtimes;
 mod sandbox;
 mod serve;
