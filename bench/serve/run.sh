@@ -123,15 +123,16 @@ rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 def f(v, fmt):
     return "-" if v is None else format(v, fmt)
 print()
-print(f"| target | cold start ms | p50 µs | p99 µs | calls/s (16 sessions) | idle RSS MiB | session start p50 ms | gen CPU % (seq/tput) |")
-print("|---|---|---|---|---|---|---|---|")
+print(f"| target | cold start ms | p50 µs | p99 µs | calls/s (16 sessions) | bridge CPU µs/call (seq/tput) | idle RSS MiB | session start p50 ms | gen CPU % (seq/tput) |")
+print("|---|---|---|---|---|---|---|---|---|")
 for r in rows:
     if "error" in r:
-        print(f"| {r['label']} | failed: {r['error'][:80].strip()} |||||||")
+        print(f"| {r['label']} | failed: {r['error'][:80].strip()} ||||||||")
         continue
     tput = f(r.get("calls_per_s"), ".0f") if r.get("calls_per_s") is not None else "wrong answers: " + "; ".join(r.get("errors", []))[:120]
     rss = r.get("idle_rss_kib")
     print(f"| {r['label']} | {f(r.get('cold_start_ms'), '.1f')} | {f(r.get('p50_us'), '.0f')} | {f(r.get('p99_us'), '.0f')} | {tput} | "
+          f"{f(r.get('seq_bridge_cpu_us_per_call'), '.0f')}/{f(r.get('tput_bridge_cpu_us_per_call'), '.0f')} | "
           f"{f(rss / 1024 if rss else None, '.1f')} | {f(r.get('session_start_p50_ms'), '.1f')} | "
           f"{f(r.get('seq_gen_cpu_pct'), '.0f')}/{f(r.get('tput_gen_cpu_pct'), '.0f')} |")
 EOF

@@ -1,8 +1,10 @@
 //! mcpbench: measures one MCP endpoint (a stdio process, or an HTTP bridge over Streamable
 //! HTTP or legacy SSE) with a trivial echo tool behind it, and prints one JSON line:
 //! cold start (launch → first initialize answer), tools/call round trip p50/p99 over
-//! sequential calls, calls/s with concurrent sessions, the bridge's idle RSS, session start
-//! latency, and this generator's own CPU use (so one can see it is not the bottleneck).
+//! sequential calls, calls/s with concurrent sessions, the bridge's idle RSS and its own CPU
+//! time per call (sequential / concurrent; less at the mercy of a busy machine than calls/s),
+//! session start latency, and this generator's own CPU use (so one can see it is not the
+//! bottleneck).
 //!
 //! `--transport stateless` speaks MCP 2026-07-28 on a Streamable HTTP endpoint: no initialize,
 //! no session; every request carries `MCP-Protocol-Version`, `Mcp-Method` (and `Mcp-Name`)
@@ -553,6 +555,17 @@ fn cpu_seconds() -> f64 {
     tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
+/// CPU time the bridge process (every thread of it, not its children) has had, in ns: the sum
+/// of its threads' `schedstat` run times (ns resolution, where `stat` has clock ticks).
+fn bridge_cpu_ns(pid: Option<u32>) -> Option<u64> {
+    let mut sum = 0;
+    for t in std::fs::read_dir(format!("/proc/{}/task", pid?)).ok()?.flatten() {
+        let s = std::fs::read_to_string(t.path().join("schedstat")).ok()?;
+        sum += s.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(sum)
+}
+
 fn rss_kib(pid: u32) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     s.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
@@ -602,7 +615,8 @@ async fn run(o: Opts) -> Res<Value> {
         let r = s.call(echo(i + 1, "warm")).await?;
         check_echo(&r, i + 1, "warm")?;
     }
-    let cpu0 = cpu_seconds();
+    let pid = child.as_ref().and_then(|c| c.id());
+    let (cpu0, bridge0) = (cpu_seconds(), bridge_cpu_ns(pid));
     let mut lat = Vec::with_capacity(o.calls);
     let t0 = Instant::now();
     for i in 0..o.calls as u64 {
@@ -614,6 +628,9 @@ async fn run(o: Opts) -> Res<Value> {
     }
     let seq_wall = t0.elapsed().as_secs_f64();
     out.insert("seq_gen_cpu_pct".into(), json!(100.0 * (cpu_seconds() - cpu0) / seq_wall));
+    if let (Some(a), Some(b), true) = (bridge0, bridge_cpu_ns(pid), o.calls > 0) {
+        out.insert("seq_bridge_cpu_us_per_call".into(), json!(b.saturating_sub(a) as f64 / 1e3 / o.calls as f64));
+    }
     lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
     if !lat.is_empty() {
         out.insert("p50_us".into(), json!(pct(&lat, 0.5)));
@@ -632,7 +649,7 @@ async fn run(o: Opts) -> Res<Value> {
         sessions.push(Session::open(&o, k).await?);
     }
     let errors = Arc::new(Mutex::new(Vec::<String>::new()));
-    let cpu0 = cpu_seconds();
+    let (cpu0, bridge0) = (cpu_seconds(), bridge_cpu_ns(pid));
     let t0 = Instant::now();
     let mut tasks = Vec::new();
     for (k, mut sess) in sessions.into_iter().enumerate() {
@@ -671,6 +688,10 @@ async fn run(o: Opts) -> Res<Value> {
     }
     if o.sessions > 0 {
         out.insert("tput_gen_cpu_pct".into(), json!(100.0 * (cpu_seconds() - cpu0) / wall));
+        if let (Some(a), Some(b), true) = (bridge0, bridge_cpu_ns(pid), errs.is_empty()) {
+            let calls = (o.sessions * o.per_session) as f64;
+            out.insert("tput_bridge_cpu_us_per_call".into(), json!(b.saturating_sub(a) as f64 / 1e3 / calls));
+        }
     }
     for sess in done {
         sess.close().await;
