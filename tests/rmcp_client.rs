@@ -189,12 +189,13 @@ fn rmcp_client_lists_and_calls_real_servers_in_every_lifecycle() {
     srv.stop();
 }
 
-/// server-everything asks its client to sample during a tool call. Through mcpbox a
-/// 2026-07-28 Rust SDK client gets it as an input-required round trip, answers it and gets the
-/// call's result with its answer in it; a 2025 client gets the server's request on its
-/// session. A client that did not declare sampling is never asked: mcpbox refuses for it.
+/// server-everything asks its client to sample, or to fill in a form (elicitation), during a
+/// tool call. Through mcpbox a 2026-07-28 Rust SDK client gets the request as an
+/// input-required round trip, answers it and gets the call's result with its answer in it; a
+/// 2025 client gets the server's request on its session. A client that did not declare
+/// sampling is never asked: mcpbox refuses for it.
 #[test]
-fn rmcp_client_answers_a_real_servers_sampling_request_in_both_generations() {
+fn rmcp_client_answers_a_real_servers_sampling_and_elicitation_in_both_generations() {
     let state = prepared_state();
     let dir = scratch("rmcp-client-sampling");
     let cfg = config(json!({ "everything": server("everything", &[], json!("server-everything")) }));
@@ -211,6 +212,18 @@ fn rmcp_client_answers_a_real_servers_sampling_request_in_both_generations() {
         );
         let text = text_of(&v["call"]);
         assert!(text.contains(&reply) && text.contains("mcpbox-rmcp-client"), "{mode}: {v}");
+
+        let name = format!("Ada via rmcp ({mode})");
+        let form = json!({"name": name, "check": true}).to_string();
+        let v = run_client(
+            &srv,
+            "/everything/mcp",
+            "streamable",
+            mode,
+            &["--call", "trigger-elicitation-request", "--elicitation-reply", &form],
+        );
+        let text = text_of(&v["call"]);
+        assert!(text.contains(&format!("- Name: {name}")) && text.contains("\"accept\""), "{mode}: {v}");
     }
     // Not declared: in 2026-07-28 the server still lists the tool (mcpbox initialized it with
     // every capability), but its request is refused on the client's behalf and the call fails.

@@ -4,7 +4,7 @@
 //! ```text
 //! mcpbox-rmcp-client --url URL [--token TOKEN] [--transport streamable|sse]
 //!                    [--mode initialize|discover|auto] [--call TOOL] [--args JSON]
-//!                    [--sampling-reply TEXT]
+//!                    [--sampling-reply TEXT] [--elicitation-reply JSON]
 //! ```
 //! It starts the client the way `--mode` says (`initialize`: the 2025 handshake, 2025-11-25;
 //! `discover`: MCP 2026-07-28, `server/discover` and per-request `_meta`, no fallback; `auto`:
@@ -13,7 +13,9 @@
 //! `{"transport", "mode", "protocolVersion", "serverInfo", "tools": [names], "call": result}`.
 //! With `--sampling-reply` the client declares sampling and answers every
 //! `sampling/createMessage` with that text (in 2026-07-28 this is an input-required round
-//! trip, which the SDK's `call_tool` drives). Any failure: a message on stderr, exit status 1.
+//! trip, which the SDK's `call_tool` drives); with `--elicitation-reply` it declares (form)
+//! elicitation and accepts every `elicitation/create` with that JSON object as the content.
+//! Any failure: a message on stderr, exit status 1.
 //!
 //! `--transport sse` is legacy SSE (`GET …/sse`, `POST` to the endpoint it names): rmcp no
 //! longer ships that client, so [`sse`] is a small one feeding the SDK's own service loop.
@@ -25,7 +27,7 @@ use std::time::Duration;
 
 // Sampling is deprecated by the 2026-07-28 specification (SEP-2577) but still in it, and 2025-era
 // servers ask for it: this client answers it.
-use rmcp::model::{CallToolRequestParams, ClientConfig, ErrorData, ProtocolVersion};
+use rmcp::model::{CallToolRequestParams, ClientConfig, ElicitRequestParams, ElicitResult, ErrorData, ProtocolVersion};
 #[allow(deprecated)]
 use rmcp::model::{CreateMessageRequestParams, CreateMessageResult};
 use rmcp::service::{MaybeSendFuture, RequestContext, RunningService};
@@ -42,6 +44,7 @@ struct Opts {
     call: Option<String>,
     args: serde_json::Map<String, Value>,
     sampling_reply: Option<String>,
+    elicitation_reply: Option<Value>,
 }
 
 fn parse_args() -> Result<Opts, String> {
@@ -53,6 +56,7 @@ fn parse_args() -> Result<Opts, String> {
         call: None,
         args: serde_json::Map::new(),
         sampling_reply: None,
+        elicitation_reply: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -70,6 +74,10 @@ fn parse_args() -> Result<Opts, String> {
                 }
             }
             "--sampling-reply" => o.sampling_reply = Some(val()?),
+            "--elicitation-reply" => match serde_json::from_str(&val()?) {
+                Ok(v @ Value::Object(_)) => o.elicitation_reply = Some(v),
+                _ => return Err("--elicitation-reply must be a JSON object".into()),
+            },
             _ => return Err(format!("unknown argument {a}")),
         }
     }
@@ -86,6 +94,7 @@ fn parse_args() -> Result<Opts, String> {
 #[derive(Clone)]
 struct Handler {
     sampling_reply: Option<String>,
+    elicitation_reply: Option<Value>,
 }
 
 impl ClientHandler for Handler {
@@ -93,6 +102,9 @@ impl ClientHandler for Handler {
         let mut caps = json!({});
         if self.sampling_reply.is_some() {
             caps["sampling"] = json!({});
+        }
+        if self.elicitation_reply.is_some() {
+            caps["elicitation"] = json!({"form": {}});
         }
         serde_json::from_value(json!({
             "protocolVersion": ProtocolVersion::LATEST_WITH_INITIALIZE,
@@ -120,6 +132,19 @@ impl ClientHandler for Handler {
         };
         std::future::ready(r)
     }
+
+    fn create_elicitation(
+        &self,
+        _request: ElicitRequestParams,
+        _context: RequestContext<RoleClient>,
+    ) -> impl Future<Output = Result<ElicitResult, ErrorData>> + MaybeSendFuture + '_ {
+        let action = if self.elicitation_reply.is_some() { "accept" } else { "decline" };
+        let mut r = json!({ "action": action });
+        if let Some(content) = &self.elicitation_reply {
+            r["content"] = content.clone();
+        }
+        std::future::ready(serde_json::from_value(r).map_err(|e| ErrorData::internal_error(e.to_string(), None)))
+    }
 }
 
 fn lifecycle(mode: &str) -> Result<ClientLifecycleMode, String> {
@@ -135,7 +160,7 @@ fn lifecycle(mode: &str) -> Result<ClientLifecycleMode, String> {
 }
 
 async fn run(o: Opts) -> Result<Value, String> {
-    let handler = Handler { sampling_reply: o.sampling_reply.clone() };
+    let handler = Handler { sampling_reply: o.sampling_reply.clone(), elicitation_reply: o.elicitation_reply.clone() };
     let mode = lifecycle(&o.mode)?;
     let start = async {
         match o.transport.as_str() {
