@@ -63,6 +63,11 @@ bash scripts/install-test-deps.sh
 
 say "build"
 cargo build --quiet
+# The official Rust SDK client the rmcp_client:: tests run (tests/rmcp-client, a crate of its own).
+say "build the Rust SDK client (tests/rmcp-client)"
+t0=$SECONDS
+bash scripts/build-rmcp-client.sh
+echo "built in $((SECONDS - t0)) s"
 # The integration binary's path, from cargo's own report.
 bin=$(cargo test --quiet --no-run --test all --message-format=json \
     | python3 -c 'import json,sys

@@ -8,6 +8,7 @@ mod denials;
 mod learn;
 mod readme;
 mod realservers;
+mod rmcp_client;
 mod runtimes;
 mod sandbox;
 mod serve;

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Bridge benchmark: one trivial stdio echo MCP server (tests/fixtures/echo_mcp.py) behind
 #   - nothing (the floor: mcpbench talks to the process over stdio),
-#   - mcpbox serve (Streamable HTTP and legacy SSE; session isolation, full sandbox),
+#   - mcpbox serve (Streamable HTTP and legacy SSE; session isolation, full sandbox), and
+#     MCP 2026-07-28 stateless requests on the same server (one principal, 16 principals) and
+#     on a shared one (beside the 2025-11-25 session rows for that shared server),
 #   - supergateway (npm; --outputTransport sse, and streamableHttp --stateful),
 #   - sparfenyuk's mcp-proxy (PyPI mcp-proxy; its /sse and /mcp endpoints),
 # measured in one run by bench/serve (mcpbench). Not part of CI. Run as root for the full
@@ -56,9 +58,16 @@ fi
 
 if want mcpbox; then
     p=$(port)
+    # 16 tokens: a 2026-07-28 request's principal is its token, so 16 tokens are 16 principals.
+    tokens=(bench-token); for i in $(seq 1 15); do tokens+=("bench-token-$i"); done
+    token_json=$(printf '"%s",' "${tokens[@]}"); token_json="[${token_json%,}]"
+    token_args=(); for t in "${tokens[@]}"; do token_args+=(--token "$t"); done
     cat > "$work/mcpbox.json" <<EOF
-{"mcpProxy": {"addr": "127.0.0.1:$p", "options": {"authTokens": ["bench-token"]}},
+{"mcpProxy": {"addr": "127.0.0.1:$p", "options": {"authTokens": $token_json}},
  "mcpServers": {"echo": {"command": "$py", "args": ["$work/echo.py"],
+   "policy": {"extends": "python", "filesystem": {"read": ["$work/echo.py"]}},
+   "maxSessions": 0},
+  "echo-shared": {"command": "$py", "args": ["$work/echo.py"], "isolation": "shared",
    "policy": {"extends": "python", "filesystem": {"read": ["$work/echo.py"]}},
    "maxSessions": 0}}}
 EOF
@@ -70,6 +79,17 @@ EOF
         --url "http://127.0.0.1:$p/echo/mcp" --token bench-token "${common[@]}" -- "${box[@]}"
     run "mcpbox sse" --transport sse --url "http://127.0.0.1:$p/echo/sse" --token bench-token \
         --session-starts "$SESSION_STARTS" "${common[@]}" -- "${box[@]}"
+    # MCP 2026-07-28 on the same server (isolation "session": a stateless request goes to its
+    # principal's process): all 16 clients with one token (one process), then 16 tokens (16).
+    run "mcpbox 2026-07-28 (1 principal)" --transport stateless --url "http://127.0.0.1:$p/echo/mcp" \
+        --token bench-token "${common[@]}" -- "${box[@]}"
+    run "mcpbox 2026-07-28 (16 principals)" --transport stateless --url "http://127.0.0.1:$p/echo/mcp" \
+        "${token_args[@]}" "${common[@]}" -- "${box[@]}"
+    # One shared process for everyone, in both generations.
+    run "mcpbox streamable-http (shared)" --transport streamable --url "http://127.0.0.1:$p/echo-shared/mcp" \
+        --token bench-token "${common[@]}" -- "${box[@]}"
+    run "mcpbox 2026-07-28 (shared)" --transport stateless --url "http://127.0.0.1:$p/echo-shared/mcp" \
+        --token bench-token "${common[@]}" -- "${box[@]}"
 fi
 
 if want supergateway; then
@@ -103,15 +123,16 @@ rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 def f(v, fmt):
     return "-" if v is None else format(v, fmt)
 print()
-print(f"| target | cold start ms | p50 µs | p99 µs | calls/s (16 sessions) | idle RSS MiB | session start p50 ms | gen CPU % (seq/tput) |")
-print("|---|---|---|---|---|---|---|---|")
+print(f"| target | cold start ms | p50 µs | p99 µs | calls/s (16 sessions) | bridge CPU µs/call (seq/tput) | idle RSS MiB | session start p50 ms | gen CPU % (seq/tput) |")
+print("|---|---|---|---|---|---|---|---|---|")
 for r in rows:
     if "error" in r:
-        print(f"| {r['label']} | failed: {r['error'][:80]} |||||||")
+        print(f"| {r['label']} | failed: {r['error'][:80].strip()} ||||||||")
         continue
     tput = f(r.get("calls_per_s"), ".0f") if r.get("calls_per_s") is not None else "wrong answers: " + "; ".join(r.get("errors", []))[:120]
     rss = r.get("idle_rss_kib")
     print(f"| {r['label']} | {f(r.get('cold_start_ms'), '.1f')} | {f(r.get('p50_us'), '.0f')} | {f(r.get('p99_us'), '.0f')} | {tput} | "
+          f"{f(r.get('seq_bridge_cpu_us_per_call'), '.0f')}/{f(r.get('tput_bridge_cpu_us_per_call'), '.0f')} | "
           f"{f(rss / 1024 if rss else None, '.1f')} | {f(r.get('session_start_p50_ms'), '.1f')} | "
           f"{f(r.get('seq_gen_cpu_pct'), '.0f')}/{f(r.get('tput_gen_cpu_pct'), '.0f')} |")
 EOF

@@ -576,8 +576,10 @@ pub async fn post(st: Shared, server: String, principal: Principal, headers: &He
                 result[k] = v.clone();
             }
         }
-        if let Some(info) = init.get("serverInfo") {
-            result["_meta"] = json!({"io.modelcontextprotocol/serverInfo": info});
+        // 2026-07-28 names the server in the result's `_meta` (the Rust SDK reads it only there);
+        // the top-level `serverInfo` above stays for clients that read the 2025 place.
+        if let Some(v) = init.get("serverInfo") {
+            result["_meta"]["io.modelcontextprotocol/serverInfo"] = v.clone();
         }
         return json_answer(json!({"jsonrpc": "2.0", "id": client_id, "result": result}));
     }

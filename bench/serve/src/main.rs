@@ -1,11 +1,20 @@
 //! mcpbench: measures one MCP endpoint (a stdio process, or an HTTP bridge over Streamable
 //! HTTP or legacy SSE) with a trivial echo tool behind it, and prints one JSON line:
 //! cold start (launch → first initialize answer), tools/call round trip p50/p99 over
-//! sequential calls, calls/s with concurrent sessions, the bridge's idle RSS, session start
-//! latency, and this generator's own CPU use (so one can see it is not the bottleneck).
+//! sequential calls, calls/s with concurrent sessions, the bridge's idle RSS and its own CPU
+//! time per call (sequential / concurrent; less at the mercy of a busy machine than calls/s),
+//! session start latency, and this generator's own CPU use (so one can see it is not the
+//! bottleneck).
+//!
+//! `--transport stateless` speaks MCP 2026-07-28 on a Streamable HTTP endpoint: no initialize,
+//! no session; every request carries `MCP-Protocol-Version`, `Mcp-Method` (and `Mcp-Name`)
+//! headers and its version and capabilities in `params._meta`. A "session" there is one
+//! keep-alive connection, opened with `server/discover` (the cold start is launch → first
+//! discover answer). `--token` may be repeated: concurrent session k uses token k mod n, so
+//! with n tokens the bridge sees n principals.
 //!
 //! ```text
-//! mcpbench --transport stdio|streamable|sse [--url URL] [--token T] [--accept both|json]
+//! mcpbench --transport stdio|streamable|sse|stateless [--url URL] [--token T]… [--accept both|json]
 //!          [--calls 2000] [--sessions 16] [--per-session 300] [--session-starts 50]
 //!          [--label NAME] -- COMMAND ARGS…
 //! ```
@@ -28,7 +37,7 @@ type Res<T> = Result<T, String>;
 struct Opts {
     transport: String,
     url: String,
-    token: Option<String>,
+    tokens: Vec<String>,
     accept: String,
     calls: usize,
     sessions: usize,
@@ -43,7 +52,7 @@ fn parse_args() -> Opts {
     let mut o = Opts {
         transport: "stdio".into(),
         url: String::new(),
-        token: None,
+        tokens: Vec::new(),
         accept: "both".into(),
         calls: 2000,
         sessions: 16,
@@ -59,7 +68,7 @@ fn parse_args() -> Opts {
         match a.as_str() {
             "--transport" => o.transport = val(),
             "--url" => o.url = val(),
-            "--token" => o.token = Some(val()),
+            "--token" => o.tokens.push(val()),
             "--accept" => o.accept = val(),
             "--calls" => o.calls = val().parse().unwrap(),
             "--sessions" => o.sessions = val().parse().unwrap(),
@@ -90,6 +99,16 @@ fn initialized() -> Value {
 fn echo(id: u64, text: &str) -> Value {
     json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": {"name": "echo", "arguments": {"text": text}}})
 }
+/// The same message as a 2026-07-28 request: version and capabilities in `params._meta`.
+fn stateless(mut msg: Value) -> Value {
+    msg["params"]["_meta"] = json!({
+        "io.modelcontextprotocol/protocolVersion": STATELESS_VERSION,
+        "io.modelcontextprotocol/clientCapabilities": {},
+    });
+    msg
+}
+const STATELESS_VERSION: &str = "2026-07-28";
+
 fn check_echo(v: &Value, id: u64, text: &str) -> Res<()> {
     if v["id"] != id {
         return Err(format!("answer for id {} where {id} was expected: {v}", v["id"]));
@@ -159,7 +178,8 @@ impl Http {
         if self.r.read_line(&mut line).await.map_err(|e| e.to_string())? == 0 {
             return Err("connection closed".into());
         }
-        let status = line.split(' ').nth(1).and_then(|s| s.parse().ok()).ok_or_else(|| format!("bad status line {line:?}"))?;
+        let status =
+            line.split(' ').nth(1).and_then(|s| s.parse().ok()).ok_or_else(|| format!("bad status line {line:?}"))?;
         let mut headers = Vec::new();
         loop {
             line.clear();
@@ -179,7 +199,8 @@ impl Http {
     async fn chunk(&mut self) -> Res<Option<Vec<u8>>> {
         let mut line = String::new();
         self.r.read_line(&mut line).await.map_err(|e| e.to_string())?;
-        let n = usize::from_str_radix(line.trim().split(';').next().unwrap_or(""), 16).map_err(|_| format!("bad chunk size {line:?}"))?;
+        let n = usize::from_str_radix(line.trim().split(';').next().unwrap_or(""), 16)
+            .map_err(|_| format!("bad chunk size {line:?}"))?;
         let mut data = vec![0; n + 2];
         self.r.read_exact(&mut data).await.map_err(|e| e.to_string())?;
         data.truncate(n);
@@ -246,6 +267,12 @@ enum Session {
         auth: Option<String>,
         accept: String,
     },
+    Stateless {
+        http: Http,
+        path: String,
+        auth: Option<String>,
+        accept: String,
+    },
     Sse {
         http: Http,
         post_path: String,
@@ -256,8 +283,9 @@ enum Session {
 }
 
 impl Session {
-    async fn open(o: &Opts) -> Res<Session> {
-        let auth = o.token.as_ref().map(|t| format!("Bearer {t}"));
+    /// Session `k` (its token is the k-th mod the number given).
+    async fn open(o: &Opts, k: usize) -> Res<Session> {
+        let auth = (!o.tokens.is_empty()).then(|| format!("Bearer {}", o.tokens[k % o.tokens.len()]));
         let mut s = match o.transport.as_str() {
             "stdio" => {
                 let mut child = tokio::process::Command::new(&o.cmd[0])
@@ -274,8 +302,31 @@ impl Session {
             }
             "streamable" => {
                 let u = parse_url(&o.url);
-                let accept = if o.accept == "json" { "application/json" } else { "application/json, text/event-stream" };
-                Session::Streamable { http: Http::connect(&u.host).await?, path: u.path, sid: None, auth, accept: accept.into() }
+                let accept =
+                    if o.accept == "json" { "application/json" } else { "application/json, text/event-stream" };
+                Session::Streamable {
+                    http: Http::connect(&u.host).await?,
+                    path: u.path,
+                    sid: None,
+                    auth,
+                    accept: accept.into(),
+                }
+            }
+            "stateless" => {
+                let u = parse_url(&o.url);
+                let accept =
+                    if o.accept == "json" { "application/json" } else { "application/json, text/event-stream" };
+                let mut s = Session::Stateless {
+                    http: Http::connect(&u.host).await?,
+                    path: u.path,
+                    auth,
+                    accept: accept.into(),
+                };
+                let r = s.call(json!({"jsonrpc": "2.0", "id": 0, "method": "server/discover", "params": {}})).await?;
+                if !r["result"]["capabilities"].is_object() {
+                    return Err(format!("server/discover: {r}"));
+                }
+                return Ok(s);
             }
             "sse" => {
                 let u = parse_url(&o.url);
@@ -323,7 +374,10 @@ impl Session {
                         }
                     }
                 });
-                let (ev, data) = tokio::time::timeout(Duration::from_secs(10), erx.recv()).await.map_err(|_| "no endpoint event")?.ok_or("stream closed")?;
+                let (ev, data) = tokio::time::timeout(Duration::from_secs(10), erx.recv())
+                    .await
+                    .map_err(|_| "no endpoint event")?
+                    .ok_or("stream closed")?;
                 if ev != "endpoint" {
                     return Err(format!("first event {ev}: {data}"));
                 }
@@ -359,6 +413,7 @@ impl Session {
                 b.push(b'\n');
                 stdin.write_all(&b).await.map_err(|e| e.to_string())
             }
+            Session::Stateless { .. } => Err("no notifications in this benchmark".into()),
             Session::Streamable { .. } | Session::Sse { .. } => {
                 let r = self.post(&msg).await?;
                 if r.status != 202 && r.status != 200 {
@@ -372,6 +427,23 @@ impl Session {
     async fn post(&mut self, msg: &Value) -> Res<Response> {
         let body = serde_json::to_vec(msg).unwrap();
         match self {
+            Session::Stateless { http, path, auth, accept } => {
+                let body = serde_json::to_vec(&stateless(msg.clone())).unwrap();
+                let method = msg["method"].as_str().unwrap_or("");
+                let mut h: Vec<(&str, &str)> = vec![
+                    ("Content-Type", "application/json"),
+                    ("Accept", accept.as_str()),
+                    ("MCP-Protocol-Version", STATELESS_VERSION),
+                    ("Mcp-Method", method),
+                ];
+                if let Some(a) = auth {
+                    h.push(("Authorization", a));
+                }
+                if let Some(name) = msg["params"]["name"].as_str() {
+                    h.push(("Mcp-Name", name));
+                }
+                http.request("POST", path, &h, &body).await
+            }
             Session::Streamable { http, path, sid, auth, accept } => {
                 let mut h: Vec<(&str, &str)> = vec![("Content-Type", "application/json"), ("Accept", accept.as_str())];
                 if let Some(a) = auth {
@@ -418,7 +490,7 @@ impl Session {
                     }
                 }
             }
-            Session::Streamable { .. } => {
+            Session::Streamable { .. } | Session::Stateless { .. } => {
                 let r = self.post(&msg).await?;
                 if r.status != 200 {
                     return Err(format!("POST: HTTP {} {}", r.status, String::from_utf8_lossy(&r.body)));
@@ -442,7 +514,10 @@ impl Session {
                 }
                 let Session::Sse { rx, .. } = self else { unreachable!() };
                 loop {
-                    let v = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await.map_err(|_| "no answer within 10 s")?.ok_or("SSE stream closed")?;
+                    let v = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+                        .await
+                        .map_err(|_| "no answer within 10 s")?
+                        .ok_or("SSE stream closed")?;
                     if v.get("method").is_none() && v["id"] == id {
                         return Ok(v);
                     }
@@ -464,7 +539,7 @@ impl Session {
                 }
                 let _ = http.request("DELETE", &path, &h, b"").await;
             }
-            Session::Streamable { .. } => {}
+            Session::Streamable { .. } | Session::Stateless { .. } => {}
             Session::Sse { reader, .. } => reader.abort(),
         }
     }
@@ -480,6 +555,17 @@ fn cpu_seconds() -> f64 {
     tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
+/// CPU time the bridge process (every thread of it, not its children) has had, in ns: the sum
+/// of its threads' `schedstat` run times (ns resolution, where `stat` has clock ticks).
+fn bridge_cpu_ns(pid: Option<u32>) -> Option<u64> {
+    let mut sum = 0;
+    for t in std::fs::read_dir(format!("/proc/{}/task", pid?)).ok()?.flatten() {
+        let s = std::fs::read_to_string(t.path().join("schedstat")).ok()?;
+        sum += s.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(sum)
+}
+
 fn rss_kib(pid: u32) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     s.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
@@ -492,7 +578,7 @@ fn pct(sorted: &[f64], p: f64) -> f64 {
 async fn cold_start(o: &Opts) -> Res<(Option<tokio::process::Child>, f64, Session)> {
     let t = Instant::now();
     if o.transport == "stdio" {
-        let s = Session::open(o).await?;
+        let s = Session::open(o, 0).await?;
         return Ok((None, t.elapsed().as_secs_f64() * 1e3, s));
     }
     let child = tokio::process::Command::new(&o.cmd[0])
@@ -514,7 +600,7 @@ async fn cold_start(o: &Opts) -> Res<(Option<tokio::process::Child>, f64, Sessio
         }
         tokio::time::sleep(Duration::from_micros(500)).await;
     }
-    let s = Session::open(o).await?;
+    let s = Session::open(o, 0).await?;
     Ok((Some(child), t.elapsed().as_secs_f64() * 1e3, s))
 }
 
@@ -529,7 +615,8 @@ async fn run(o: Opts) -> Res<Value> {
         let r = s.call(echo(i + 1, "warm")).await?;
         check_echo(&r, i + 1, "warm")?;
     }
-    let cpu0 = cpu_seconds();
+    let pid = child.as_ref().and_then(|c| c.id());
+    let (cpu0, bridge0) = (cpu_seconds(), bridge_cpu_ns(pid));
     let mut lat = Vec::with_capacity(o.calls);
     let t0 = Instant::now();
     for i in 0..o.calls as u64 {
@@ -541,6 +628,9 @@ async fn run(o: Opts) -> Res<Value> {
     }
     let seq_wall = t0.elapsed().as_secs_f64();
     out.insert("seq_gen_cpu_pct".into(), json!(100.0 * (cpu_seconds() - cpu0) / seq_wall));
+    if let (Some(a), Some(b), true) = (bridge0, bridge_cpu_ns(pid), o.calls > 0) {
+        out.insert("seq_bridge_cpu_us_per_call".into(), json!(b.saturating_sub(a) as f64 / 1e3 / o.calls as f64));
+    }
     lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
     if !lat.is_empty() {
         out.insert("p50_us".into(), json!(pct(&lat, 0.5)));
@@ -555,11 +645,11 @@ async fn run(o: Opts) -> Res<Value> {
 
     // Throughput: concurrent sessions, each with its own ids 1..n (clashing on purpose).
     let mut sessions = Vec::new();
-    for _ in 0..o.sessions {
-        sessions.push(Session::open(&o).await?);
+    for k in 0..o.sessions {
+        sessions.push(Session::open(&o, k).await?);
     }
     let errors = Arc::new(Mutex::new(Vec::<String>::new()));
-    let cpu0 = cpu_seconds();
+    let (cpu0, bridge0) = (cpu_seconds(), bridge_cpu_ns(pid));
     let t0 = Instant::now();
     let mut tasks = Vec::new();
     for (k, mut sess) in sessions.into_iter().enumerate() {
@@ -598,6 +688,10 @@ async fn run(o: Opts) -> Res<Value> {
     }
     if o.sessions > 0 {
         out.insert("tput_gen_cpu_pct".into(), json!(100.0 * (cpu_seconds() - cpu0) / wall));
+        if let (Some(a), Some(b), true) = (bridge0, bridge_cpu_ns(pid), errs.is_empty()) {
+            let calls = (o.sessions * o.per_session) as f64;
+            out.insert("tput_bridge_cpu_us_per_call".into(), json!(b.saturating_sub(a) as f64 / 1e3 / calls));
+        }
     }
     for sess in done {
         sess.close().await;
@@ -608,7 +702,7 @@ async fn run(o: Opts) -> Res<Value> {
         let mut st = Vec::new();
         for _ in 0..o.session_starts {
             let t = Instant::now();
-            let sess = Session::open(&o).await?;
+            let sess = Session::open(&o, 0).await?;
             st.push(t.elapsed().as_secs_f64() * 1e3);
             sess.close().await;
             tokio::time::sleep(Duration::from_millis(o.session_gap_ms)).await;
