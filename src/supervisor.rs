@@ -826,13 +826,7 @@ impl Supervisor {
         principal: Principal,
         transport: Transport,
     ) -> Result<Arc<Session>, OpenError> {
-        if self.shutdown.is_cancelled() {
-            return Err(OpenError::ShuttingDown);
-        }
-        if self.is_draining() {
-            return Err(OpenError::Draining);
-        }
-        let server = self.servers.get(server_name).ok_or(OpenError::NotFound)?.clone();
+        let server = self.open_allowed(server_name)?;
         let init = serde_json::json!({
             "protocolVersion": PRINCIPAL_PROTOCOL,
             "capabilities": {"sampling": {}, "elicitation": {}, "roots": {}},
@@ -877,13 +871,7 @@ impl Supervisor {
         principal: Principal,
         transport: Transport,
     ) -> Result<Arc<Session>, OpenError> {
-        if self.shutdown.is_cancelled() {
-            return Err(OpenError::ShuttingDown);
-        }
-        if self.is_draining() {
-            return Err(OpenError::Draining);
-        }
-        let server = self.servers.get(server_name).ok_or(OpenError::NotFound)?.clone();
+        let server = self.open_allowed(server_name)?;
         if let Err(e) = &server.ready {
             return Err(OpenError::Launch(e.clone()));
         }
@@ -1044,6 +1032,17 @@ impl Supervisor {
     /// Take no new sessions from now on; open ones go on until [`Supervisor::shutdown`].
     pub fn drain(&self) {
         self.draining.store(true, Ordering::Relaxed);
+    }
+
+    /// The server a new session may be opened on: none while shutting down or draining.
+    fn open_allowed(&self, server_name: &str) -> Result<Arc<Server>, OpenError> {
+        if self.shutdown.is_cancelled() {
+            return Err(OpenError::ShuttingDown);
+        }
+        if self.is_draining() {
+            return Err(OpenError::Draining);
+        }
+        self.servers.get(server_name).ok_or(OpenError::NotFound).cloned()
     }
 
     pub fn is_draining(&self) -> bool {

@@ -339,14 +339,7 @@ fn ask(fd: &OwnedFd, msg: &[u8], want: u16) -> Result<Vec<u8>, nix::errno::Errno
     let mut buf = vec![0u8; 8192];
     for _ in 0..8 {
         let n = socket::recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty())?;
-        let mut off = 0;
-        while off + 16 <= n {
-            let len = u32::from_ne_bytes(buf[off..off + 4].try_into().unwrap()) as usize;
-            let ty = u16::from_ne_bytes(buf[off + 4..off + 6].try_into().unwrap());
-            if len < 16 || off + len > n {
-                break;
-            }
-            let payload = &buf[off + 16..off + len];
+        for (ty, payload) in messages(&buf[..n]) {
             if ty == NLMSG_ERROR && payload.len() >= 4 {
                 let err = i32::from_ne_bytes(payload[..4].try_into().unwrap());
                 if err != 0 {
@@ -358,10 +351,25 @@ fn ask(fd: &OwnedFd, msg: &[u8], want: u16) -> Result<Vec<u8>, nix::errno::Errno
             } else if ty == want {
                 return Ok(payload.to_vec());
             }
-            off += (len + 3) & !3;
         }
     }
     Err(nix::errno::Errno::EIO)
+}
+
+/// The netlink messages in `buf` as (type, payload); stops at the first malformed header.
+fn messages(buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    let mut off = 0;
+    std::iter::from_fn(move || {
+        let head = buf.get(off..off + 16)?;
+        let len = u32::from_ne_bytes(head[..4].try_into().unwrap()) as usize;
+        let ty = u16::from_ne_bytes(head[4..6].try_into().unwrap());
+        if len < 16 || off + len > buf.len() {
+            return None;
+        }
+        let payload = &buf[off + 16..off + len];
+        off += (len + 3) & !3;
+        Some((ty, payload))
+    })
 }
 
 /// `struct audit_status.enabled`: 0 off, 1 on, 2 on and locked.
@@ -411,15 +419,9 @@ fn read_loop(sock: Option<OwnedFd>) {
                 return;
             }
         };
-        let mut off = 0;
-        while off + 16 <= n {
-            let len = u32::from_ne_bytes(buf[off..off + 4].try_into().unwrap()) as usize;
-            let ty = u16::from_ne_bytes(buf[off + 4..off + 6].try_into().unwrap());
-            if len < 16 || off + len > n {
-                break;
-            }
+        for (ty, payload) in messages(&buf[..n]) {
             if ty == AUDIT_TRUSTED_APP {
-                let text = String::from_utf8_lossy(&buf[off + 16..off + len]);
+                let text = String::from_utf8_lossy(payload);
                 if let Some(mark) = mark_in(&text) {
                     let mut w = lock();
                     w.marks_seen = w.marks_seen.max(mark);
@@ -427,7 +429,7 @@ fn read_loop(sock: Option<OwnedFd>) {
                     watch().1.notify_all();
                 }
             } else if ty == AUDIT_LANDLOCK_ACCESS || ty == AUDIT_LANDLOCK_DOMAIN {
-                let text = String::from_utf8_lossy(&buf[off + 16..off + len]);
+                let text = String::from_utf8_lossy(payload);
                 for (owner, d) in handle(ty, text.trim_end_matches('\0')) {
                     if window.elapsed() >= Duration::from_secs(1) {
                         if dropped > 0 {
@@ -445,7 +447,6 @@ fn read_loop(sock: Option<OwnedFd>) {
                     crate::denials::registry().server(&owner.server, None).record(owner.session.as_deref(), None, d);
                 }
             }
-            off += (len + 3) & !3;
         }
     }
 }
@@ -610,6 +611,20 @@ fn denials_of(rec: &Record) -> Vec<Denial> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn netlink_messages_stop_at_a_header_that_lies_about_its_length() {
+        let mut buf = nlmsg(AUDIT_LANDLOCK_ACCESS, 0, b"abc");
+        buf.resize(buf.len().next_multiple_of(4), 0);
+        buf.extend(nlmsg(AUDIT_TRUSTED_APP, 0, b"xy"));
+        let got: Vec<(u16, Vec<u8>)> = messages(&buf).map(|(t, p)| (t, p.to_vec())).collect();
+        assert_eq!(got, vec![(AUDIT_LANDLOCK_ACCESS, b"abc".to_vec()), (AUDIT_TRUSTED_APP, b"xy".to_vec())]);
+        let mut bad = nlmsg(AUDIT_LANDLOCK_ACCESS, 0, b"abc");
+        bad[..4].copy_from_slice(&4096u32.to_ne_bytes());
+        assert_eq!(messages(&bad).count(), 0);
+        bad[..4].copy_from_slice(&3u32.to_ne_bytes());
+        assert_eq!(messages(&bad).count(), 0);
+    }
 
     #[test]
     fn a_settle_mark_is_read_back_only_from_this_process() {
