@@ -18,8 +18,10 @@ fn main() {
     let os = std::env::var("CARGO_CFG_TARGET_OS").unwrap_or_default();
     let env = std::env::var("CARGO_CFG_TARGET_ENV").unwrap_or_default();
     let features = std::env::var("CARGO_CFG_TARGET_FEATURE").unwrap_or_default();
-    // A static build (link/static.toml) links libgcc_eh itself.
-    if os != "linux" || env != "gnu" || features.split(',').any(|f| f == "crt-static") {
+    // A static build (link/static.toml) links libgcc_eh itself; a fuzz build (`cargo fuzz`,
+    // `--cfg fuzzing`) links libFuzzer's C++ runtime, which loads libgcc_s anyway.
+    let fuzzing = std::env::var_os("CARGO_CFG_FUZZING").is_some();
+    if os != "linux" || env != "gnu" || features.split(',').any(|f| f == "crt-static") || fuzzing {
         return;
     }
     let cc = std::env::var("RUSTC_LINKER").unwrap_or_else(|_| "cc".to_string());
