@@ -3,9 +3,12 @@
 # grants, and bubblewrap with comparable isolation, in one hyperfine run. Not part of CI. Run as
 # root. The policy is `default` without its CPU and disk limits (bwrap has neither; what they cost
 # is measured by bench/limits.sh).
-# Usage: [BASELINE=/path/to/mcpbox] bench/startup.sh [--cold] [extra hyperfine args, e.g. --runs 500]
+# Usage: [BASELINE=/path/to/mcpbox] bench/startup.sh [--cold] [--interleaved ROUNDS] [extra hyperfine args, e.g. --runs 500]
 #   --cold: drop the page cache first (sync; echo 1 > /proc/sys/vm/drop_caches, the whole
 #           machine's), so that every binary is read back from disk as after a reboot.
+#   --interleaved ROUNDS: instead of hyperfine, bench/interleave.c (built with cc): each round
+#           runs every command once in a shuffled order; steadier on a machine whose load
+#           changes during the run. Medians, and each over bwrap's.
 #   BASELINE: another mcpbox binary (e.g. a build of an earlier commit) measured in the same
 #           run, installed the same way, for a before/after pair that shares the machine's noise.
 set -euo pipefail
@@ -24,10 +27,14 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 cold=false
-if [ "${1:-}" = --cold ]; then
-    cold=true
-    shift
-fi
+rounds=0
+while [ $# -gt 0 ]; do
+    case $1 in
+    --cold) cold=true; shift ;;
+    --interleaved) rounds=${2:?--interleaved needs a number of rounds}; shift 2 ;;
+    *) break ;;
+    esac
+done
 
 cargo build --release --quiet
 state=$(mktemp -d /tmp/mcpbox-bench.XXXXXX)
@@ -55,6 +62,19 @@ fi
 bwrap_cmd="bwrap --unshare-all --die-with-parent --new-session --ro-bind /usr /usr \
 --symlink usr/lib /lib --symlink usr/lib64 /lib64 --symlink usr/bin /bin \
 --ro-bind /etc/ld.so.cache /etc/ld.so.cache --proc /proc --dev /dev --tmpfs /tmp /bin/true"
+
+if [ "$rounds" -gt 0 ]; then
+    cc -O2 -o "$bin/interleave" bench/interleave.c
+    read -ra bw <<<"$bwrap_cmd"
+    bw[0]=$(command -v bwrap)
+    cmds=(bwrap "${bw[@]}" ";" mcpbox $mcpbox run --policy "$policy" --state-dir "$state" --name bench -- /bin/true)
+    if [ -n "${BASELINE:-}" ]; then
+        cmds+=(";" baseline "$bin/mcpbox-baseline" run --policy "$policy" --state-dir "$state" --name bench -- /bin/true)
+    fi
+    cmds+=(";" bare /bin/true)
+    "$bin/interleave" "$rounds" "${cmds[@]}"
+    exit 0
+fi
 
 hyperfine -N --warmup 20 --min-runs 300 --export-json "$out" "$@" \
     -n bare /bin/true \

@@ -1,3 +1,4 @@
+#![no_main]
 use std::process::ExitCode;
 
 use std::path::PathBuf;
@@ -270,7 +271,25 @@ enum PolicyCmd {
     },
 }
 
-fn main() -> ExitCode {
+/// The process's entry point, called by the C library. mcpbox defines it itself instead of a
+/// Rust `fn main`, so that the Rust runtime's start-up is skipped: it reads the whole of
+/// /proc/self/maps and sets up an alternate signal stack to report stack overflows, at every
+/// exec, and every sandbox `mcpbox run` starts pays it first (docs/BENCHMARKS.md, "A plain
+/// build"). What of that start-up mcpbox relies on, [`mcpbox::sandbox::process_start`] does:
+/// SIGPIPE ignored, descriptors 0-2 open. `std::env::args` is unaffected (the standard library
+/// takes the command line from the C library's start-up on glibc). Given up: the "has
+/// overflowed its stack" message (an overflow of the main thread's stack is a plain SIGSEGV) and
+/// the name `main` of the main thread in panic messages.
+#[no_mangle]
+extern "C" fn main(_argc: std::ffi::c_int, _argv: *const *const std::ffi::c_char) -> std::ffi::c_int {
+    mcpbox::sandbox::process_start();
+    let code = cli_main();
+    // ExitCode keeps its number to itself; it is one of these. `exit` flushes stdout, as
+    // returning from a Rust `main` does.
+    std::process::exit((0..=255u8).find(|n| ExitCode::from(*n) == code).map_or(1, i32::from))
+}
+
+fn cli_main() -> ExitCode {
     // `mcpbox run` starts its sandbox-init before anything else, even parsing the command line,
     // by forking while nothing has happened yet: it is ready by the time the sandbox is planned
     // (see cli_run and Pending::fork_here).

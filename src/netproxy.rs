@@ -150,14 +150,8 @@ pub fn is_internal(ip: IpAddr) -> bool {
             if v6.is_unspecified() || v6.is_loopback() {
                 return true;
             }
-            if seg[..5] == [0; 5] && (seg[5] == 0xffff || seg[5] == 0) {
-                return is_internal_v4(Ipv4Addr::from(((seg[6] as u32) << 16) | seg[7] as u32));
-            }
-            if seg[0] == 0x64 && seg[1] == 0xff9b && seg[2..6] == [0; 4] {
-                return is_internal_v4(Ipv4Addr::from(((seg[6] as u32) << 16) | seg[7] as u32));
-            }
-            if seg[0] == 0x2002 {
-                return is_internal_v4(Ipv4Addr::from(((seg[1] as u32) << 16) | seg[2] as u32));
+            if let Some(v4) = embedded_v4(v6) {
+                return is_internal_v4(v4);
             }
             (seg[0] & 0xfe00) == 0xfc00
                 || (seg[0] & 0xffc0) == 0xfe80
@@ -165,6 +159,26 @@ pub fn is_internal(ip: IpAddr) -> bool {
                 || (seg[0] & 0xff00) == 0xff00
         }
     }
+}
+
+/// The IPv4 address inside an IPv6 address of a form that carries one, judged by both
+/// [`is_internal`] and [`is_public`] as that IPv4 address (an address the kernel may route to
+/// it): `::ffff:a.b.c.d` (mapped) and `::a.b.c.d` (the deprecated compatible form) in the low 32
+/// bits, NAT64's well-known prefix `64:ff9b::/96` in the low 32 bits, 6to4 `2002::/16` in bits
+/// 16..48. `::` and `::1` match the compatible form: callers judge them first.
+fn embedded_v4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
+    let seg = ip.segments();
+    let v4 = |hi: u16, lo: u16| Some(Ipv4Addr::from((u32::from(hi) << 16) | u32::from(lo)));
+    if seg[..5] == [0; 5] && (seg[5] == 0xffff || seg[5] == 0) {
+        return v4(seg[6], seg[7]);
+    }
+    if seg[0] == 0x64 && seg[1] == 0xff9b && seg[2..6] == [0; 4] {
+        return v4(seg[6], seg[7]);
+    }
+    if seg[0] == 0x2002 {
+        return v4(seg[1], seg[2]);
+    }
+    None
 }
 
 fn is_internal_v4(ip: Ipv4Addr) -> bool {
@@ -203,17 +217,8 @@ fn is_public_v6(ip: Ipv6Addr) -> bool {
     if ip.is_unspecified() || ip.is_loopback() {
         return false;
     }
-    // ::ffff:a.b.c.d (mapped) and ::a.b.c.d (deprecated compatible): judge the IPv4 address.
-    if seg[..5] == [0; 5] && (seg[5] == 0xffff || seg[5] == 0) {
-        return is_public_v4(Ipv4Addr::from(((seg[6] as u32) << 16) | seg[7] as u32));
-    }
-    // NAT64 well-known prefix 64:ff9b::/96 embeds an IPv4 address in the low 32 bits.
-    if seg[0] == 0x64 && seg[1] == 0xff9b && seg[2..6] == [0; 4] {
-        return is_public_v4(Ipv4Addr::from(((seg[6] as u32) << 16) | seg[7] as u32));
-    }
-    // 6to4 2002::/16 embeds an IPv4 address in bits 16..48.
-    if seg[0] == 0x2002 {
-        return is_public_v4(Ipv4Addr::from(((seg[1] as u32) << 16) | seg[2] as u32));
+    if let Some(v4) = embedded_v4(ip) {
+        return is_public_v4(v4);
     }
     let non_public = (seg[0] & 0xfe00) == 0xfc00            // unique-local fc00::/7
         || (seg[0] & 0xffc0) == 0xfe80                       // link-local fe80::/10
@@ -1261,6 +1266,31 @@ mod tests {
         tokio::time::timeout(T, s.read_exact(&mut pong)).await.unwrap().unwrap();
         assert_eq!(&pong, b"ping");
         assert_eq!(proxy.dns.asked(), vec!["svc.internal".to_string()]);
+    }
+
+    #[test]
+    fn embedded_ipv4_forms_are_judged_as_their_ipv4_address() {
+        let v4 = |s: &str| embedded_v4(s.parse().unwrap());
+        let ip = |s: &str| Some(s.parse::<Ipv4Addr>().unwrap());
+        // Each form, with an internal and a public address inside.
+        for (v6, inside, internal) in [
+            ("::ffff:127.0.0.1", "127.0.0.1", true),
+            ("::ffff:93.184.216.34", "93.184.216.34", false),
+            ("::7f00:1", "127.0.0.1", true),
+            ("::5db8:d822", "93.184.216.34", false),
+            ("64:ff9b::a9fe:a9fe", "169.254.169.254", true),
+            ("64:ff9b::5db8:d822", "93.184.216.34", false),
+            ("2002:c0a8:101::1", "192.168.1.1", true),
+            ("2002:5db8:d822:1::2", "93.184.216.34", false),
+        ] {
+            assert_eq!(v4(v6), ip(inside), "{v6}");
+            assert_eq!(is_internal(v6.parse().unwrap()), internal, "{v6} internal");
+            assert_eq!(is_public(v6.parse().unwrap()), !internal, "{v6} public");
+        }
+        // Near misses carry none: NAT64 outside the well-known /96, a 6to4 look-alike.
+        for v6 in ["64:ff9b:1::a00:1", "2003:c0a8:101::1", "2606:4700::1111", "::1:ffff:7f00:1"] {
+            assert_eq!(v4(v6), None, "{v6}");
+        }
     }
 
     #[test]

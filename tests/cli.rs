@@ -646,3 +646,47 @@ fn a_daemon_left_by_an_install_script_cannot_wedge_prepare() {
         }
     }
 }
+
+/// mcpbox starts without the Rust runtime's start-up (src/main.rs) and does what the runtime
+/// did for closed standard descriptors: reopens them on /dev/null before it opens anything.
+/// Otherwise its own pipes and sockets would take those numbers, and the server would inherit
+/// one of them, or a closed stdin.
+#[test]
+fn a_closed_stdin_reaches_the_server_as_dev_null() {
+    let d = tempdir();
+    let p =
+        write_policy(d.path(), "sh", "extends = \"default\"\n[filesystem]\nexec = [\"/usr/bin/dash\", \"/bin/sh\"]\n");
+    let mut cmd = Command::new("/bin/sh");
+    cmd.arg("-c").arg(format!(
+        "exec {} run --policy {} --state-dir {} --name {} -- /bin/sh -c 'exec 3<&0 && echo stdin-open' <&-",
+        mcpbox(),
+        p.display(),
+        shared().state.display(),
+        unique("cli")
+    ));
+    test_env(&mut cmd);
+    let out = run_timeout(cmd, Duration::from_secs(60));
+    assert_eq!(out.code, 0, "{out}");
+    assert!(out.stdout.contains("stdin-open"), "{out}");
+}
+
+/// mcpbox starts without the Rust runtime's start-up (src/main.rs) and ignores SIGPIPE itself,
+/// as the runtime did: a write to a pipe nobody reads fails with EPIPE (here: the printing
+/// panics with "Broken pipe") instead of killing mcpbox silently, as it would kill `serve` on a
+/// write to a client that went away.
+#[test]
+fn a_write_to_a_closed_pipe_is_an_error_not_a_signal() {
+    use std::os::unix::process::ExitStatusExt;
+    let (r, w) = nix::unistd::pipe().unwrap();
+    drop(r);
+    let out = Command::new(mcpbox())
+        .args(["policy", "check", "default"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(w))
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.signal(), Some(libc::SIGPIPE), "killed by SIGPIPE:\n{stderr}");
+    assert!(stderr.contains("Broken pipe"), "{:?}:\n{stderr}", out.status);
+}

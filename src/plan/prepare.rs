@@ -267,6 +267,45 @@ fn uv_common(
     Ok(true)
 }
 
+/// What the options of `uvx` (`uv tool run`) and `uv run` say in common.
+#[derive(Default)]
+struct UvOptions {
+    with: Vec<String>,
+    python: Option<String>,
+    registry: Option<String>,
+}
+
+/// The option loop `uvx` and `uv run` share: the options of [`uv_common`], `--with`/`-w`, `--`,
+/// and a refusal of any other option; it ends at the first argument that is not an option.
+/// `own(name, arg, i)` takes the options of one tool only (`Ok(true)`: taken, `i` moved past
+/// it). Returns what was read and the index of the command.
+fn uv_options(
+    tool: &str,
+    args: &[String],
+    mut own: impl FnMut(&str, &str, &mut usize) -> anyhow::Result<bool>,
+) -> anyhow::Result<(UvOptions, usize)> {
+    let mut o = UvOptions::default();
+    let mut i = 0;
+    while i < args.len() {
+        let a = args[i].as_str();
+        let name = a.split('=').next().unwrap_or(a);
+        if uv_common(tool, args, &mut i, &mut o.python, &mut o.registry)? {
+            continue;
+        }
+        match name {
+            "--with" | "-w" => o.with.push(option_value(tool, args, &mut i, name)?),
+            "--" => {
+                i += 1;
+                break;
+            }
+            _ if own(name, a, &mut i)? => {}
+            _ if a.starts_with('-') => bail!("{tool} option {a} is not supported by mcpbox ({SUPPORTED_FORMS})"),
+            _ => break,
+        }
+    }
+    Ok((o, i))
+}
+
 /// `--python X` as mcpbox takes it: an interpreter installed on this host (never a download),
 /// named by version (`3`, `3.12`), by command (`python3.12`) or by absolute path.
 fn check_python_request(tool: &str, v: &str) -> anyhow::Result<()> {
@@ -302,26 +341,15 @@ pub(crate) fn python_for(pkg: &Package) -> anyhow::Result<PathBuf> {
 
 fn parse_uvx(tool: &str, args: &[String]) -> anyhow::Result<Package> {
     let mut from = None;
-    let mut with = Vec::new();
-    let (mut python, mut registry) = (None, None);
-    let mut i = 0;
-    while i < args.len() {
-        let a = args[i].as_str();
-        let name = a.split('=').next().unwrap_or(a);
-        if uv_common(tool, args, &mut i, &mut python, &mut registry)? {
-            continue;
-        }
-        match name {
-            "--from" => from = Some(option_value(tool, args, &mut i, name)?),
-            "--with" | "-w" => with.push(option_value(tool, args, &mut i, name)?),
-            "--" => {
-                i += 1;
-                break;
+    let (UvOptions { with, python, registry }, i) = uv_options(tool, args, |name, _, i| {
+        Ok(match name {
+            "--from" => {
+                from = Some(option_value(tool, args, i, name)?);
+                true
             }
-            _ if a.starts_with('-') => bail!("{tool} option {a} is not supported by mcpbox ({SUPPORTED_FORMS})"),
-            _ => break,
-        }
-    }
+            _ => false,
+        })
+    })?;
     let rest = &args[i..];
     let Some(first) = rest.first() else { bail!("{tool}: no command given ({SUPPORTED_FORMS})") };
     let (name, version) = match first.split_once('@') {
@@ -358,30 +386,22 @@ fn check_command_name(tool: &str, name: &str, written: &str) -> anyhow::Result<(
 /// user has synced. Like `npx --prefix`, nothing is prepared: its `DIR/.venv` runs as it is.
 fn parse_uv_run(args: &[String], mut project: Option<String>) -> anyhow::Result<Package> {
     let tool = "uv run";
-    let mut with = Vec::new();
-    let (mut python, mut registry) = (None, None);
-    let mut i = 0;
-    while i < args.len() {
-        let a = args[i].as_str();
-        let name = a.split('=').next().unwrap_or(a);
-        if uv_common(tool, args, &mut i, &mut python, &mut registry)? {
-            continue;
-        }
-        match name {
-            "--with" | "-w" => with.push(option_value(tool, args, &mut i, name)?),
-            "--no-project" | "--no-sync" | "--frozen" | "--locked" if !a.contains('=') => i += 1,
-            "--directory" | "--project" => project = Some(option_value(tool, args, &mut i, name)?),
-            "--" => {
-                i += 1;
-                break;
+    let (UvOptions { with, python, registry }, i) = uv_options(tool, args, |name, a, i| {
+        Ok(match name {
+            "--no-project" | "--no-sync" | "--frozen" | "--locked" if !a.contains('=') => {
+                *i += 1;
+                true
+            }
+            "--directory" | "--project" => {
+                project = Some(option_value(tool, args, i, name)?);
+                true
             }
             "-m" | "--module" | "--script" | "-s" => {
                 bail!("uv run {a} is not supported: name the command or the script file instead ({SUPPORTED_FORMS})")
             }
-            _ if a.starts_with('-') => bail!("uv run option {a} is not supported by mcpbox ({SUPPORTED_FORMS})"),
-            _ => break,
-        }
-    }
+            _ => false,
+        })
+    })?;
     let rest = &args[i..];
     let Some(cmd) = rest.first() else { bail!("uv run: no command given ({SUPPORTED_FORMS})") };
     if let Some(dir) = project {

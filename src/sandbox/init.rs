@@ -765,10 +765,12 @@ impl NetJoin {
 
 /// Loads the filter `notify` with a listener and hands that to mcpbox at once (from here on
 /// the denied syscalls wait for its answer); where the kernel gives no listener (before 5.0, or
-/// a listener already above us), loads `plain`, which answers EPERM itself, and says so.
+/// a listener already above us), builds and loads the same filter without the notification
+/// (`filter` with `notify: false`), which answers EPERM itself, and says so. That one is built
+/// only then: no filter is loaded yet when it is needed, and most starts never need it.
 fn load_seccomp(
     notify: &[super::seccomp::sock_filter],
-    plain: &[super::seccomp::sock_filter],
+    filter: &FilterOptions,
     report: &Report,
     observe: bool,
 ) -> Result<Option<String>, InitError> {
@@ -782,7 +784,9 @@ fn load_seccomp(
             "policy learn needs a seccomp notification listener to observe the server: {e}"
         ))),
         Err(e) => {
-            sys::apply_seccomp(plain).map_err(|e| InitError::Seccomp(e.to_string()))?;
+            let plain = build_program(&FilterOptions { notify: false, observe: false, ..filter.clone() })
+                .map_err(|e| InitError::Seccomp(e.to_string()))?;
+            sys::apply_seccomp(&plain).map_err(|e| InitError::Seccomp(e.to_string()))?;
             Ok(Some(format!(
                 "seccomp denials are not recorded: no notification listener ({e}); denied syscalls still get EPERM"
             )))
@@ -892,8 +896,6 @@ fn server_setup(
         observe: spec.observe,
     };
     let prog = build_program(&filter).map_err(|e| InitError::Seccomp(e.to_string()))?;
-    let plain = build_program(&FilterOptions { notify: false, observe: false, ..filter })
-        .map_err(|e| InitError::Seccomp(e.to_string()))?;
     let mut rules: Vec<Rule> =
         spec.grants.iter().map(|g| Rule { path: g.path.clone(), access: g.access, dir: g.dir }).collect();
     rules.extend(ll::base_rules(&tmp));
@@ -957,7 +959,7 @@ fn server_setup(
     let seccomp_early = go.is_some() && spec.seccomp_extra_deny.is_empty() && !spec.observe;
     let mut seccomp_warning = None;
     if seccomp_early {
-        seccomp_warning = load_seccomp(&prog, &plain, report, spec.observe)?;
+        seccomp_warning = load_seccomp(&prog, &filter, report, spec.observe)?;
     }
 
     // The rest needs the finished view. EOF instead: PID 1 failed and reports why itself.
@@ -982,7 +984,7 @@ fn server_setup(
     std::env::set_current_dir(&spec.cwd).map_err(|e| InitError::Io(format!("chdir {}: {e}", spec.cwd.display())))?;
     let ll = ll::apply(&rules, &net, spec.landlock_min_abi)?;
     if !seccomp_early {
-        seccomp_warning = load_seccomp(&prog, &plain, report, spec.observe)?;
+        seccomp_warning = load_seccomp(&prog, &filter, report, spec.observe)?;
     }
     warnings.extend(seccomp_warning);
     SigSet::empty().thread_set_mask().map_err(sys_err("sigprocmask"))?;

@@ -372,3 +372,32 @@ pub fn loop_attach(image: &std::fs::File) -> io::Result<(String, std::fs::File)>
     }
     Err(io::Error::other("no free loop device after 64 tries"))
 }
+
+/// What the Rust runtime's start-up did that mcpbox relies on, for a `main` that skips it (see
+/// `src/main.rs`): SIGPIPE ignored, so that a write to a closed pipe or socket fails with EPIPE
+/// instead of killing mcpbox (servers still start with every disposition reset, see
+/// [`reset_signal_dispositions`]); descriptors 0, 1 and 2 open, on /dev/null where they were not,
+/// so that no file mcpbox opens lands on one of them. Aborts if /dev/null cannot be opened, as
+/// the runtime does.
+pub fn process_start() {
+    // SAFETY: installing SIG_IGN involves no handler code.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+    }
+    let mut fds = [0, 1, 2].map(|fd| libc::pollfd { fd, events: 0, revents: 0 });
+    // SAFETY: `fds` is a valid array of three pollfd for the duration of the call.
+    let polled = unsafe { libc::poll(fds.as_mut_ptr(), 3, 0) } >= 0;
+    for p in fds {
+        let closed = if polled {
+            p.revents & libc::POLLNVAL != 0
+        } else {
+            // SAFETY: F_GETFD only checks that the descriptor is open.
+            (unsafe { libc::fcntl(p.fd, libc::F_GETFD) }) < 0
+        };
+        // SAFETY: a NUL-terminated path; descriptors are numbered lowest first, so the closed
+        // one (below any other closed one, as we go up) is what open returns.
+        if closed && unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDWR) } != p.fd {
+            std::process::abort();
+        }
+    }
+}
