@@ -141,6 +141,7 @@ const SYSTEM: &[&str] = &[
     "/etc/ssl/certs",
     "/usr/share/ca-certificates",
     "/etc/ssl/openssl.cnf",
+    "/usr/lib/ssl/openssl.cnf",
     "/etc/resolv.conf",
     "/etc/hosts",
     "/etc/nsswitch.conf",
