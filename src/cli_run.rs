@@ -16,6 +16,8 @@ pub struct RunArgs {
     pub state_dir: Option<PathBuf>,
     pub name: Option<String>,
     pub min_level: Level,
+    /// `--memory-merge`: the sandbox asks for KSM merging.
+    pub memory_merge: bool,
     pub command: Vec<String>,
 }
 
@@ -51,6 +53,7 @@ pub fn run(args: RunArgs, early: Option<Result<crate::sandbox::Pending, crate::s
     let policy_given = args.policy.is_some();
     let mut state = StateDir::new(args.state_dir.clone().unwrap_or_else(StateDir::default_root));
     state.min_level = args.min_level;
+    state.memory_merge = args.memory_merge;
     let launch = ServerLaunch {
         name: name.clone(),
         command: args.command[0].clone(),

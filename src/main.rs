@@ -50,6 +50,11 @@ enum Cmd {
         /// as in a default Docker container).
         #[arg(long, value_enum, default_value = "full")]
         min_level: LevelArg,
+        /// Let the host's KSM merge the sandbox's identical pages with other mergeable
+        /// processes' (needs ksmd on: /sys/kernel/mm/ksm/run = 1; merged pages are a timing
+        /// side channel between the processes that share them). `mcpbox.memoryMerge` for serve.
+        #[arg(long)]
+        memory_merge: bool,
         /// The command and its arguments, after `--`.
         #[arg(last = true, required = true)]
         command: Vec<String>,
@@ -220,12 +225,19 @@ fn main() -> ExitCode {
         }
         Cmd::UrlBridge { transport } => mcpbox::urlbridge::main(transport),
         Cmd::Doctor { state_dir } => mcpbox::cli_doctor::doctor(state_dir),
-        Cmd::Run { policy, state_dir, name, min_level, command } => {
+        Cmd::Run { policy, state_dir, name, min_level, memory_merge, command } => {
             // Quiet by default (stderr is the MCP client's log), but a first start that
             // installs an npx/uvx package says so instead of hanging silently.
             init_logging("warn,mcpbox::plan::prepare=info", false);
             mcpbox::cli_run::run(
-                mcpbox::cli_run::RunArgs { policy, state_dir, name, min_level: min_level.into(), command },
+                mcpbox::cli_run::RunArgs {
+                    policy,
+                    state_dir,
+                    name,
+                    min_level: min_level.into(),
+                    memory_merge,
+                    command,
+                },
                 early,
             )
         }

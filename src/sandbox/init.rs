@@ -212,6 +212,15 @@ fn outer(spec_fd: RawFd, report: &Report, cpus: Option<CpuSet>) -> Result<i32, I
         host_uid: getuid().as_raw(),
         disk: None,
     };
+    // KSM (`mcpbox.memoryMerge`): set on our own memory, it is inherited by every fork and kept
+    // across execve, so the whole sandbox is mergeable. No privilege needed.
+    if spec.memory_merge {
+        if let Err(e) = sys::set_memory_merge() {
+            st.warnings.push(format!(
+                "memoryMerge: prctl(PR_SET_MEMORY_MERGE) failed ({e}): this sandbox's memory is not merged"
+            ));
+        }
+    }
 
     // 2. cgroups, while still host root. `slots` holds them until we exit. A CPU limit needs
     //    one: without it, refused unless relaxed.

@@ -372,3 +372,18 @@ pub fn loop_attach(image: &std::fs::File) -> io::Result<(String, std::fs::File)>
     }
     Err(io::Error::other("no free loop device after 64 tries"))
 }
+
+/// `prctl(PR_SET_MEMORY_MERGE, 1)` (Linux 6.4+): KSM may merge every anonymous page of this
+/// process and of everything it forks or executes (the flag survives both).
+pub fn set_memory_merge() -> Result<(), nix::errno::Errno> {
+    const PR_SET_MEMORY_MERGE: libc::c_int = 67;
+    // SAFETY: a prctl with integer arguments only.
+    let r = unsafe {
+        libc::prctl(PR_SET_MEMORY_MERGE, 1 as libc::c_ulong, 0 as libc::c_ulong, 0 as libc::c_ulong, 0 as libc::c_ulong)
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(nix::errno::Errno::last())
+    }
+}
