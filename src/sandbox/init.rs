@@ -540,6 +540,8 @@ fn write_maps(inner_uid: u32, outer_uid: u32, inner_gid: u32, outer_gid: u32) ->
 /// the outer process, the network helper once it is done (`helper`), so that it does not linger
 /// as a zombie.
 fn supervise(child: Pid, mask: &SigSet, reap_all: bool, mut helper: Option<&mut NetHelper>) -> i32 {
+    // From here on we only wait, for the whole session: give back what setup used.
+    sys::shed_setup_memory();
     loop {
         if let Some(h) = helper.as_deref_mut() {
             h.try_reap();
