@@ -655,6 +655,9 @@ fn node_flags_reach_node_and_a_policy_turns_them_off() {
     let d = tempdir();
     let script =
         "console.log(JSON.stringify([process.execArgv.filter(a => a.startsWith(\"--\")), typeof WebAssembly]))";
+    // The shipped base: compact code; the JIT and WebAssembly are kept.
+    let out = run_policy("node", &["node", "-e", script]);
+    assert_eq!((out.code, out.stdout.trim()), (0, r#"[["--optimize-for-size"],"object"]"#), "{out}");
     let on = write_policy(
         d.path(),
         "flags-on",
