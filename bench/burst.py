@@ -163,14 +163,24 @@ def weight(cpu):
     return None
 
 
+def is_sandbox_init(pid):
+    try:
+        return b"sandbox-init" in open(f"/proc/{pid}/cmdline", "rb").read()
+    except OSError:
+        return False
+
+
 def idle_pss(name):
     """PSS (MB) of each sandbox at the live weight (sessions; a warm process waits at a lower one
-    where mcpbox sets it), and of all of them."""
-    sess, warm = [], []
+    where mcpbox sets it), of the warm ones, and of each session's sandbox-init processes."""
+    sess, warm, init = [], [], []
     for g in sandboxes(name).values():
         mb = sum(pss_kb(p) for p in g["pids"]) / 1024
-        (warm if (weight(g["cpu"]) or 100) < 100 else sess).append(mb)
-    return sess, warm
+        live = (weight(g["cpu"]) or 100) >= 100
+        (sess if live else warm).append(mb)
+        if live:
+            init.append(sum(pss_kb(p) for p in g["pids"] if is_sandbox_init(p)) / 1024)
+    return sess, warm, init
 
 
 def children(pid):
@@ -261,6 +271,9 @@ def main():
     names = os.environ.get("SERVERS", "time everything").split()
     # mcpbox.warmPoolBytes only when asked (binaries before it do not know the key).
     extra = {"warmPoolBytes": int(os.environ["WARM_POOL_BYTES"])} if os.environ.get("WARM_POOL_BYTES") else {}
+    # MEMORY_MERGE=1: mcpbox.memoryMerge (KSM; the host's ksmd must run to merge anything).
+    if os.environ.get("MEMORY_MERGE") == "1":
+        extra["memoryMerge"] = True
     cfg = config(port, names, extra)
     cfg_path = os.path.join(work, "mcpbox.json")
     json.dump(cfg, open(cfg_path, "w"))
@@ -294,15 +307,18 @@ def main():
                 r[f"burst{k}"] = {"p50_s": pct(lat, 0.5), "p99_s": pct(lat, 0.99), "all_s": sorted(lat)}
                 log(f"{n}: burst {k}: p50 {pct(lat, 0.5) * 1e3:.0f} ms, p99 {pct(lat, 0.99) * 1e3:.0f} ms")
                 time.sleep(IDLE)
-                sess, warm = idle_pss(n)
+                sess, warm, init = idle_pss(n)
                 r[f"burst{k}"]["pss_session_mb"] = sorted(sess)
+                if init:
+                    r[f"burst{k}"]["pss_sandbox_init_median_mb"] = statistics.median(init)
                 r[f"burst{k}"]["pss_warm_mb"] = sorted(warm)
                 r[f"burst{k}"]["gateway_pss_mb"] = pss_kb(srv.pid) / 1024
                 if sess:
                     med = statistics.median(sess)
                     r[f"burst{k}"]["pss_median_mb"] = med
                     r[f"burst{k}"]["sessions_per_gib"] = 1024 / med
-                    log(f"{n}: PSS per idle session after {IDLE:.0f} s: median {med:.1f} MB over {len(sess)} sandboxes (+{len(warm)} warm)")
+                    log(f"{n}: PSS per idle session after {IDLE:.0f} s: median {med:.1f} MB over {len(sess)} sandboxes (+{len(warm)} warm), "
+                        f"of it sandbox-init {statistics.median(init):.2f} MB")
                 for s in sids:
                     close_session(port, n, s)
     finally:
@@ -318,4 +334,5 @@ def main():
         shutil.rmtree(work, ignore_errors=True)
 
 
-main()
+if __name__ == "__main__":
+    main()
