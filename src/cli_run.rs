@@ -116,6 +116,11 @@ pub fn run(args: RunArgs, early: Option<Result<crate::sandbox::Pending, crate::s
     for n in &planned.notes {
         tracing::info!(server = %name, "{n}");
     }
+    if args.memory_merge {
+        if let (false, why) = crate::sandbox::probe::ksm() {
+            tracing::warn!(server = %name, "--memory-merge: {why}");
+        }
+    }
     match choice {
         plan::PolicyChoice::Given => {}
         plan::PolicyChoice::Default => tracing::warn!(
