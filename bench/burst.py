@@ -6,9 +6,11 @@ server-everything) from examples/mcpbox.json, time one cold start of each throug
 then `mcpbox serve` them and, per server: 60 s idle, a burst of N concurrent new sessions
 (Streamable HTTP initialize until its answer), the sessions left idle for IDLE_S s, PSS summed
 over each session sandbox's processes, the sessions closed; 60 s idle, a second burst, PSS again.
+With SUPERGATEWAY_JS (supergateway's dist/index.js), then the same for the same prepared entry
+points run unsandboxed behind `supergateway --stateful`, one supergateway per server.
 Prints one JSON object on stdout; progress on stderr.
 """
-import http.client, json, os, re, shutil, socket, statistics, subprocess, sys, tempfile, threading, time
+import http.client, json, os, re, shlex, shutil, socket, statistics, subprocess, sys, tempfile, threading, time
 
 MCPBOX = sys.argv[1]
 LABEL = sys.argv[2]
@@ -36,6 +38,10 @@ def free_port():
 def config(port, names, extra):
     ex = json.load(open(os.path.join(REPO, "examples/mcpbox.json")))
     servers = {n: ex["mcpServers"][n] for n in names}
+    for n in names:
+        # POLICY_<name>=/abs/file.toml: another policy for that server (e.g. other node_flags).
+        if os.environ.get(f"POLICY_{n}"):
+            servers[n] = dict(servers[n], policy=os.environ[f"POLICY_{n}"])
     return {"mcpProxy": {"addr": f"127.0.0.1:{port}", "name": "burst", "type": "streamable-http",
                          "options": {"authTokens": [TOKEN]}},
             "mcpbox": extra, "mcpServers": servers}
@@ -57,10 +63,11 @@ def cold_start(state, name, srv):
     return dt
 
 
-def open_session(port, name):
+def open_session(port, name, path=None):
+    path = path or f"/{name}/mcp"
     c = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
     t = time.monotonic()
-    c.request("POST", f"/{name}/mcp", json.dumps(INIT), {
+    c.request("POST", path, json.dumps(INIT), {
         "Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json",
         "Accept": "application/json, text/event-stream"})
     r = c.getresponse()
@@ -72,7 +79,7 @@ def open_session(port, name):
         raise SystemExit(f"session on {name}: {r.status} {body[:200]!r}")
     # The initialized notification, as a client sends it.
     c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    c.request("POST", f"/{name}/mcp", json.dumps({"jsonrpc": "2.0", "method": "notifications/initialized"}), {
+    c.request("POST", path, json.dumps({"jsonrpc": "2.0", "method": "notifications/initialized"}), {
         "Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json",
         "Accept": "application/json, text/event-stream", "Mcp-Session-Id": sid})
     c.getresponse().read()
@@ -80,17 +87,17 @@ def open_session(port, name):
     return dt, sid
 
 
-def close_session(port, name, sid):
+def close_session(port, name, sid, path=None):
     c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    c.request("DELETE", f"/{name}/mcp", headers={"Authorization": f"Bearer {TOKEN}", "Mcp-Session-Id": sid})
+    c.request("DELETE", path or f"/{name}/mcp", headers={"Authorization": f"Bearer {TOKEN}", "Mcp-Session-Id": sid})
     c.getresponse().read()
     c.close()
 
 
-def burst(port, name):
+def burst(port, name, path=None):
     out = [None] * N
     def one(i):
-        out[i] = open_session(port, name)
+        out[i] = open_session(port, name, path)
     ts = [threading.Thread(target=one, args=(i,)) for i in range(N)]
     for t in ts:
         t.start()
@@ -156,14 +163,104 @@ def weight(cpu):
     return None
 
 
+def is_sandbox_init(pid):
+    try:
+        return b"sandbox-init" in open(f"/proc/{pid}/cmdline", "rb").read()
+    except OSError:
+        return False
+
+
 def idle_pss(name):
     """PSS (MB) of each sandbox at the live weight (sessions; a warm process waits at a lower one
-    where mcpbox sets it), and of all of them."""
-    sess, warm = [], []
+    where mcpbox sets it), of the warm ones, and of each session's sandbox-init processes."""
+    sess, warm, init = [], [], []
     for g in sandboxes(name).values():
         mb = sum(pss_kb(p) for p in g["pids"]) / 1024
-        (warm if (weight(g["cpu"]) or 100) < 100 else sess).append(mb)
-    return sess, warm
+        live = (weight(g["cpu"]) or 100) >= 100
+        (sess if live else warm).append(mb)
+        if live:
+            init.append(sum(pss_kb(p) for p in g["pids"] if is_sandbox_init(p)) / 1024)
+    return sess, warm, init
+
+
+def children(pid):
+    out = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            out += [int(c) for c in open(f"/proc/{pid}/task/{tid}/children").read().split()]
+    except OSError:
+        pass
+    return out
+
+
+def tree(pid):
+    """pid and all its descendants."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children(p)
+    return out
+
+
+def wait_http(port, path, ok=(200,)):
+    for _ in range(600):
+        try:
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            c.request("GET", path)
+            if c.getresponse().status in ok:
+                return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"nothing answers on port {port}")
+
+
+def supergateway(state, names, res):
+    """The same prepared servers, unsandboxed, behind supergateway --stateful (one child process
+    per session, started when the session's initialize arrives: it has no warm process). Each
+    server gets its own supergateway; PSS per idle session is summed over each session's process
+    tree (supergateway spawns the command through a shell)."""
+    js = os.environ["SUPERGATEWAY_JS"]
+    for n in names:
+        rec = json.load(open(os.path.join(state, n, "cache", "prepared.json")))
+        srv = json.load(open(os.path.join(REPO, "examples/mcpbox.json")))["mcpServers"][n]
+        # The server's own arguments: what follows the package (`npx -y PKG ARGS…`, `uvx CMD ARGS…`).
+        first = next(i for i, a in enumerate(srv["args"]) if not a.startswith("-"))
+        args = srv["args"][first + 1:]
+        cmd = " ".join(shlex.quote(a) for a in [rec["interpreter"], rec["entry"], *args])
+        port = free_port()
+        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": os.path.join(state, n, "sg-home")}
+        os.makedirs(env["HOME"], exist_ok=True)
+        logf = open(os.path.join(os.path.dirname(state), f"supergateway-{n}.log"), "w")
+        gw = subprocess.Popen(["node", js, "--stdio", cmd, "--outputTransport", "streamableHttp", "--stateful",
+                               "--port", str(port), "--healthEndpoint", "/healthz", "--logLevel", "none"],
+                              stdout=logf, stderr=logf, env=env)
+        r = res["servers"][n]["supergateway"] = {"command": cmd}
+        try:
+            wait_http(port, "/healthz")
+            for k in (1, 2):
+                log(f"supergateway {n}: idle {GAP:.0f} s before burst {k}")
+                time.sleep(GAP)
+                lat, sids = burst(port, n, "/mcp")
+                r[f"burst{k}"] = {"p50_s": pct(lat, 0.5), "p99_s": pct(lat, 0.99), "all_s": sorted(lat)}
+                log(f"supergateway {n}: burst {k}: p50 {pct(lat, 0.5) * 1e3:.0f} ms, p99 {pct(lat, 0.99) * 1e3:.0f} ms")
+                time.sleep(IDLE)
+                sess = [sum(pss_kb(p) for p in tree(c)) / 1024 for c in children(gw.pid)]
+                r[f"burst{k}"]["pss_session_mb"] = sorted(sess)
+                r[f"burst{k}"]["gateway_pss_mb"] = pss_kb(gw.pid) / 1024
+                if sess:
+                    med = statistics.median(sess)
+                    r[f"burst{k}"]["pss_median_mb"] = med
+                    r[f"burst{k}"]["sessions_per_gib"] = 1024 / med
+                    log(f"supergateway {n}: PSS per idle session after {IDLE:.0f} s: median {med:.1f} MB over {len(sess)} sessions; supergateway itself {pss_kb(gw.pid) / 1024:.1f} MB")
+                for s_ in sids:
+                    close_session(port, n, s_, "/mcp")
+                time.sleep(1)
+        finally:
+            gw.terminate()
+            gw.wait()
+            logf.close()
 
 
 def main():
@@ -171,9 +268,12 @@ def main():
     os.chmod(work, 0o755)
     state = os.path.join(work, "state")
     port = free_port()
-    names = ["time", "everything"]
+    names = os.environ.get("SERVERS", "time everything").split()
     # mcpbox.warmPoolBytes only when asked (binaries before it do not know the key).
     extra = {"warmPoolBytes": int(os.environ["WARM_POOL_BYTES"])} if os.environ.get("WARM_POOL_BYTES") else {}
+    # MEMORY_MERGE=1: mcpbox.memoryMerge (KSM; the host's ksmd must run to merge anything).
+    if os.environ.get("MEMORY_MERGE") == "1":
+        extra["memoryMerge"] = True
     cfg = config(port, names, extra)
     cfg_path = os.path.join(work, "mcpbox.json")
     json.dump(cfg, open(cfg_path, "w"))
@@ -207,14 +307,18 @@ def main():
                 r[f"burst{k}"] = {"p50_s": pct(lat, 0.5), "p99_s": pct(lat, 0.99), "all_s": sorted(lat)}
                 log(f"{n}: burst {k}: p50 {pct(lat, 0.5) * 1e3:.0f} ms, p99 {pct(lat, 0.99) * 1e3:.0f} ms")
                 time.sleep(IDLE)
-                sess, warm = idle_pss(n)
+                sess, warm, init = idle_pss(n)
                 r[f"burst{k}"]["pss_session_mb"] = sorted(sess)
+                if init:
+                    r[f"burst{k}"]["pss_sandbox_init_median_mb"] = statistics.median(init)
                 r[f"burst{k}"]["pss_warm_mb"] = sorted(warm)
+                r[f"burst{k}"]["gateway_pss_mb"] = pss_kb(srv.pid) / 1024
                 if sess:
                     med = statistics.median(sess)
                     r[f"burst{k}"]["pss_median_mb"] = med
                     r[f"burst{k}"]["sessions_per_gib"] = 1024 / med
-                    log(f"{n}: PSS per idle session after {IDLE:.0f} s: median {med:.1f} MB over {len(sess)} sandboxes (+{len(warm)} warm)")
+                    log(f"{n}: PSS per idle session after {IDLE:.0f} s: median {med:.1f} MB over {len(sess)} sandboxes (+{len(warm)} warm), "
+                        f"of it sandbox-init {statistics.median(init):.2f} MB")
                 for s in sids:
                     close_session(port, n, s)
     finally:
@@ -222,10 +326,13 @@ def main():
         srv.wait()
         logf.close()
         log(f"serve log: {work}/serve.log")
+    if os.environ.get("SUPERGATEWAY_JS"):
+        supergateway(state, names, res)
     res["cold_logged"] = sum(1 for line in open(os.path.join(work, "serve.log")) if "waits for a cold start" in line)
     print(json.dumps(res))
     if os.environ.get("KEEP") != "1":
         shutil.rmtree(work, ignore_errors=True)
 
 
-main()
+if __name__ == "__main__":
+    main()

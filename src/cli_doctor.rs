@@ -49,6 +49,11 @@ pub fn doctor(state_dir: Option<std::path::PathBuf>) -> ExitCode {
     );
     let layers = probe::layers();
     print!("{}", probe::render(&layers));
+    let (_, ksm) = probe::ksm();
+    println!(
+        "  {:<20} {:<4} {ksm} (off unless the config asks: merged pages are a timing side channel)",
+        "memory merge (KSM)", ""
+    );
     runtimes();
 
     let tmp = match tempfile::Builder::new().prefix("mcpbox-doctor").tempdir() {

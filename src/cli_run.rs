@@ -18,6 +18,8 @@ pub struct RunArgs {
     pub min_level: Level,
     /// `--enable-audit`: turn the kernel's audit subsystem on for Landlock denials (see `serve`).
     pub enable_audit: bool,
+    /// `--memory-merge`: the sandbox asks for KSM merging.
+    pub memory_merge: bool,
     pub command: Vec<String>,
 }
 
@@ -53,6 +55,7 @@ pub fn run(args: RunArgs, early: Option<Result<crate::sandbox::Pending, crate::s
     let policy_given = args.policy.is_some();
     let mut state = StateDir::new(args.state_dir.clone().unwrap_or_else(StateDir::default_root));
     state.min_level = args.min_level;
+    state.memory_merge = args.memory_merge;
     let launch = ServerLaunch {
         name: name.clone(),
         command: args.command[0].clone(),
@@ -114,6 +117,11 @@ pub fn run(args: RunArgs, early: Option<Result<crate::sandbox::Pending, crate::s
     };
     for n in &planned.notes {
         tracing::info!(server = %name, "{n}");
+    }
+    if args.memory_merge {
+        if let (false, why) = crate::sandbox::probe::ksm() {
+            tracing::warn!(server = %name, "--memory-merge: {why}");
+        }
     }
     match choice {
         plan::PolicyChoice::Given => {}

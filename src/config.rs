@@ -201,6 +201,10 @@ pub struct Config {
     pub warnings: Vec<String>,
     pub limits: ServeLimits,
     pub replica: Replica,
+    /// `mcpbox.memoryMerge`: every sandbox's memory may be merged by the host's KSM with
+    /// identical pages of other mergeable processes (opt-in: it needs the host's ksmd, and
+    /// merged pages are a timing side channel between the processes that share them).
+    pub memory_merge: bool,
 }
 
 /// Running as one of several replicas behind a proxy (`mcpbox.replicaId`, `mcpbox.drainGrace`).
@@ -398,6 +402,7 @@ struct RawMcpbox {
     max_sessions_total: Option<usize>,
     max_sandboxes: Option<usize>,
     warm_pool_bytes: Option<u64>,
+    memory_merge: Option<bool>,
     replica_id: Option<String>,
     drain_grace: Option<Value>,
 }
@@ -722,6 +727,7 @@ fn build(raw: RawFile, base_dir: &Path) -> Result<Config, ConfigError> {
         Some(m) => replica(m)?,
         None => Replica::default(),
     };
+    let memory_merge = mb.as_ref().and_then(|m| m.memory_merge).unwrap_or(false);
     let (state_dir, uid_base, max_body, max_line, session_buffer, server_input, origins, hosts) = match mb {
         Some(m) => (
             m.state_dir,
@@ -759,6 +765,7 @@ fn build(raw: RawFile, base_dir: &Path) -> Result<Config, ConfigError> {
         warnings,
         limits,
         replica,
+        memory_merge,
     })
 }
 
@@ -1077,6 +1084,15 @@ mod tests {
             assert!(e.contains("must be plain"), "{bad}: {e}");
         }
         assert_eq!(BaseUrl::parse("http://h/a.b/c..d/").unwrap().path, "/a.b/c..d");
+    }
+
+    #[test]
+    fn memory_merge_is_off_unless_asked() {
+        assert!(!p(r#"{"mcpServers":{}}"#).unwrap().memory_merge);
+        assert!(!p(r#"{"mcpbox":{"memoryMerge":false},"mcpServers":{}}"#).unwrap().memory_merge);
+        assert!(p(r#"{"mcpbox":{"memoryMerge":true},"mcpServers":{}}"#).unwrap().memory_merge);
+        let e = p(r#"{"mcpbox":{"memoryMerge":"yes"},"mcpServers":{}}"#).unwrap_err().to_string();
+        assert!(e.contains("memoryMerge") || e.contains("boolean"), "{e}");
     }
 
     #[test]

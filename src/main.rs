@@ -58,6 +58,11 @@ enum Cmd {
         /// reported (host-wide, outlives mcpbox; see `mcpbox serve --help`).
         #[arg(long)]
         enable_audit: bool,
+        /// Let the host's KSM merge the sandbox's identical pages with other mergeable
+        /// processes' (needs ksmd on: /sys/kernel/mm/ksm/run = 1; merged pages are a timing
+        /// side channel between the processes that share them). `mcpbox.memoryMerge` for serve.
+        #[arg(long)]
+        memory_merge: bool,
         /// The command and its arguments, after `--`.
         #[arg(last = true, required = true)]
         command: Vec<String>,
@@ -309,7 +314,7 @@ fn cli_main() -> ExitCode {
         }
         Cmd::UrlBridge { transport } => mcpbox::urlbridge::main(transport),
         Cmd::Doctor { state_dir } => mcpbox::cli_doctor::doctor(state_dir),
-        Cmd::Run { policy, state_dir, name, min_level, enable_audit, command } => {
+        Cmd::Run { policy, state_dir, name, min_level, enable_audit, memory_merge, command } => {
             // Quiet by default (stderr is the MCP client's log), but a first start that
             // installs an npx/uvx package says so instead of hanging silently.
             init_logging("warn,mcpbox::plan::prepare=info", false);
@@ -320,6 +325,7 @@ fn cli_main() -> ExitCode {
                     name,
                     min_level: min_level.into(),
                     enable_audit,
+                    memory_merge,
                     command,
                 },
                 early,

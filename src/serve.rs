@@ -198,6 +198,12 @@ async fn run(args: ServeArgs, cfg: Config) -> anyhow::Result<()> {
     if nofile < 4096 {
         tracing::warn!("the descriptor limit is {nofile}: connections and sessions are capped low; raise it (systemd LimitNOFILE=, ulimit -n)");
     }
+    if cfg.memory_merge {
+        match crate::sandbox::probe::ksm() {
+            (true, why) => tracing::info!("mcpbox.memoryMerge: every sandbox is mergeable; {why}"),
+            (false, why) => tracing::warn!("mcpbox.memoryMerge is on, but {why}"),
+        }
+    }
     let swept = crate::sandbox::sweep_stale_cgroups();
     if swept > 0 {
         tracing::info!("removed {swept} cgroup(s) left by earlier sandboxes");

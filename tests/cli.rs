@@ -690,3 +690,79 @@ fn a_write_to_a_closed_pipe_is_an_error_not_a_signal() {
     assert_ne!(out.status.signal(), Some(libc::SIGPIPE), "killed by SIGPIPE:\n{stderr}");
     assert!(stderr.contains("Broken pipe"), "{:?}:\n{stderr}", out.status);
 }
+
+/// `[runtime] node_flags` go on node's command line (seen by node itself: `process.execArgv`,
+/// and `--lite-mode` takes WebAssembly away); `node_flags = []` in a policy that extends them
+/// turns them off; a command that is not node does not get them.
+#[test]
+fn node_flags_reach_node_and_a_policy_turns_them_off() {
+    let d = tempdir();
+    let script =
+        "console.log(JSON.stringify([process.execArgv.filter(a => a.startsWith(\"--\")), typeof WebAssembly]))";
+    // The shipped base: compact code; the JIT and WebAssembly are kept.
+    let out = run_policy("node", &["node", "-e", script]);
+    assert_eq!((out.code, out.stdout.trim()), (0, r#"[["--optimize-for-size"],"object"]"#), "{out}");
+    let on = write_policy(
+        d.path(),
+        "flags-on",
+        "extends = \"node\"\n[runtime]\nnode_flags = [\"--lite-mode\", \"--max-semi-space-size=2\"]\n",
+    );
+    let out = run_policy(on.to_str().unwrap(), &["node", "-e", script]);
+    assert_eq!(out.code, 0, "{out}");
+    assert_eq!(out.stdout.trim(), r#"[["--lite-mode","--max-semi-space-size=2"],"undefined"]"#, "{out}");
+
+    let off = write_policy(d.path(), "flags-off", "extends = \"flags-on.toml\"\n[runtime]\nnode_flags = []\n");
+    let out = run_policy(off.to_str().unwrap(), &["node", "-e", script]);
+    assert_eq!((out.code, out.stdout.trim()), (0, r#"[[],"object"]"#), "{out}");
+
+    // Flags the server's own command line gives node come after the policy's.
+    let out = run_policy(on.to_str().unwrap(), &["node", "--max-semi-space-size=4", "-e", script]);
+    assert_eq!(
+        (out.code, out.stdout.trim()),
+        (0, r#"[["--lite-mode","--max-semi-space-size=2","--max-semi-space-size=4"],"undefined"]"#),
+        "{out}"
+    );
+
+    // Not node: the flags are not passed (sh would refuse `--lite-mode`).
+    let sh = write_policy(
+        d.path(),
+        "flags-sh",
+        "extends = \"flags-on.toml\"\n[filesystem]\nexec = [\"/usr/bin/dash\", \"/bin/sh\"]\n",
+    );
+    let out = run_policy(sh.to_str().unwrap(), &["/bin/sh", "-c", "echo \"$0 $*\""]);
+    assert_eq!((out.code, out.stdout.trim()), (0, "/bin/sh"), "{out}");
+
+    // A flag that would load code is refused before anything starts.
+    let bad =
+        write_policy(d.path(), "flags-bad", "extends = \"node\"\n[runtime]\nnode_flags = [\"--require=/tmp/x.js\"]\n");
+    let out = run_policy(bad.to_str().unwrap(), &["node", "-e", "console.log(1)"]);
+    assert_eq!(out.code, 125, "{out}");
+    assert!(out.stderr.contains("[runtime] node_flags: `--require=/tmp/x.js`"), "{out}");
+    assert!(out.stdout.is_empty(), "{out}");
+}
+
+/// `--memory-merge`: the sandboxed program's memory is KSM-mergeable (the kernel says so in
+/// `/proc/self/ksm_stat`, read by the program itself); without it, it is not.
+#[test]
+fn memory_merge_only_when_asked() {
+    let d = tempdir();
+    let p = write_policy(d.path(), "cat", "extends = \"default\"\n[filesystem]\nexec = [\"/usr/bin/cat\"]\n");
+    let stat = |extra: &[&str]| {
+        let mut cmd = Command::new(mcpbox());
+        cmd.args(["run", "--policy"])
+            .arg(&p)
+            .arg("--state-dir")
+            .arg(&shared().state)
+            .args(["--name", &unique("ksm")])
+            .args(extra)
+            .args(["--", "/usr/bin/cat", "/proc/self/ksm_stat"]);
+        test_env(&mut cmd);
+        run_timeout(cmd, Duration::from_secs(60))
+    };
+    let out = stat(&["--memory-merge"]);
+    assert_eq!(out.code, 0, "{out}");
+    assert!(out.stdout.lines().any(|l| l == "ksm_merge_any: yes"), "{out}");
+    let out = stat(&[]);
+    assert_eq!(out.code, 0, "{out}");
+    assert!(out.stdout.lines().any(|l| l == "ksm_merge_any: no"), "{out}");
+}

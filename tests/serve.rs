@@ -866,3 +866,37 @@ async fn session_starts_are_measured_and_the_warm_pool_follows_arrivals() {
     }
     drop((a, b));
 }
+
+/// `mcpbox.memoryMerge`: every process of a session sandbox (its sandbox-init pair and the
+/// server) is KSM-mergeable, as the kernel reports in `/proc/PID/ksm_stat`; without the key,
+/// none is. And the node base's `[runtime] node_flags` reach the served node's command line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_merge_reaches_every_process_of_a_sandbox_only_when_asked() {
+    async fn warm_tree(mb: &Mcpbox) -> (crate::common::Proc, Vec<crate::common::Proc>) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let server = loop {
+            if let [p] = mb.servers().as_slice() {
+                break p.clone();
+            }
+            assert!(Instant::now() < deadline, "no warm process after 20 s:\n{}", mb.log_text());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let inits: Vec<_> = mb.descendants().into_iter().filter(|p| p.cmdline.contains("sandbox-init")).collect();
+        (server, inits)
+    }
+    fn merge_any(pid: u32) -> String {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/ksm_stat")).unwrap();
+        stat.lines().find_map(|l| l.strip_prefix("ksm_merge_any: ")).unwrap_or_default().to_string()
+    }
+    for (on, want) in [(true, "yes"), (false, "no")] {
+        let mb = Mcpbox::start(json!({"ev": everything("session")}), json!({"memoryMerge": on})).await;
+        let (server, inits) = warm_tree(&mb).await;
+        assert_eq!(server.argv.get(1).map(String::as_str), Some("--optimize-for-size"), "{:?}", server.argv);
+        assert!(inits.len() >= 2, "the sandbox-init pair: {inits:?}");
+        // Rootless, sandbox-init is not dumpable (its /proc files are root's): only root reads them.
+        let inits = if nix::unistd::geteuid().is_root() { inits } else { Vec::new() };
+        for p in inits.iter().chain([&server]) {
+            assert_eq!(merge_any(p.pid), want, "memoryMerge {on}: {:?}", p.argv);
+        }
+    }
+}

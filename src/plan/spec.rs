@@ -12,7 +12,7 @@ use std::path::{Component, Path, PathBuf};
 
 use anyhow::{bail, Context};
 
-use super::runtime::{self, Runtime};
+use super::runtime::{self, Kind, Runtime};
 use crate::policy::{self, Level, LoadContext, Network, Policy, PolicyRef};
 use crate::sandbox::{Access, DiskImage, Grant, Link, OuterSpec, SandboxSpec};
 
@@ -40,6 +40,8 @@ pub struct StateDir {
     pub min_level: Level,
     /// User policy directories searched before the shipped policies.
     pub policy_dirs: Vec<PathBuf>,
+    /// `mcpbox.memoryMerge` / `run --memory-merge`: sandboxes ask for KSM merging.
+    pub memory_merge: bool,
 }
 
 impl StateDir {
@@ -60,7 +62,14 @@ impl StateDir {
     }
 
     pub fn new(root: PathBuf) -> Self {
-        StateDir { root, uid_base: 200_000, uid_count: 10_000, min_level: Level::Full, policy_dirs: Vec::new() }
+        StateDir {
+            root,
+            uid_base: 200_000,
+            uid_count: 10_000,
+            min_level: Level::Full,
+            policy_dirs: Vec::new(),
+            memory_merge: false,
+        }
     }
 
     /// The state of `serve` and `prepare` for a config file: `--state-dir`, else the config's
@@ -78,6 +87,7 @@ impl StateDir {
             state.uid_base = b;
         }
         state.min_level = min_level;
+        state.memory_merge = cfg.memory_merge;
         if let Some(dir) = config_path.parent() {
             state.policy_dirs.push(dir.join("policies"));
         }
@@ -194,6 +204,7 @@ pub fn plan_begin(state: &StateDir, launch: &ServerLaunch) -> anyhow::Result<Beg
         cpu_weight: None,
         relax: policy.sandbox.relax,
         disk,
+        memory_merge: state.memory_merge,
     };
     Ok(Begun { dirs, policy, notes, outer, runtimes })
 }
@@ -409,6 +420,14 @@ impl Begun {
             PathBuf::from("/tmp")
         };
         let mut argv = vec![exe.to_string_lossy().into_owned()];
+        // `[runtime] node_flags` go first, where node takes its own options (the server's
+        // arguments, and any flag its command line gives node itself, come after and win).
+        let is_node = exe_real.file_name().and_then(|n| n.to_str()).is_some_and(|n| Kind::Node.matches_name(n));
+        if is_node {
+            argv.extend(policy.runtime.node_flags.iter().cloned());
+        } else if !policy.runtime.node_flags.is_empty() {
+            notes.push(format!("[runtime] node_flags not applied: the command {} is not node", exe_real.display()));
+        }
         argv.extend(launch.args.iter().cloned());
         let spec = SandboxSpec {
             outer,

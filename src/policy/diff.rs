@@ -16,7 +16,7 @@ use super::{AllowEntry, Host, HostPattern, Level, Network, Policy};
 /// One grant one side has and the other does not.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Grant {
-    /// The section: filesystem, network, env, limits, seccomp, sandbox.
+    /// The section: filesystem, network, env, limits, seccomp, sandbox, runtime.
     pub section: &'static str,
     /// The grant, written as a policy line would say it (`read = "/srv/docs"`).
     pub what: String,
@@ -227,6 +227,10 @@ fn more(a: &Policy, b: &Policy) -> Vec<Grant> {
             push("sandbox", format!("relax = {key:?} (the {key} limit may go unenforced)"));
         }
     }
+    // Not a grant, but it changes how the server runs (e.g. the JIT back on).
+    for f in b.runtime.node_flags.iter().filter(|f| !a.runtime.node_flags.contains(f)) {
+        push("runtime", format!("node_flags {f:?}"));
+    }
     out
 }
 
@@ -244,7 +248,7 @@ pub fn render_diff(a: &Policy, b: &Policy, d: &PolicyDiff) -> String {
         let _ = writeln!(s, "# A and B grant the same");
         return s;
     }
-    for section in ["filesystem", "network", "env", "limits", "seccomp", "sandbox"] {
+    for section in ["filesystem", "network", "env", "limits", "seccomp", "sandbox", "runtime"] {
         let plus: Vec<&Grant> = d.more.iter().filter(|g| g.section == section).collect();
         let minus: Vec<&Grant> = d.less.iter().filter(|g| g.section == section).collect();
         if plus.is_empty() && minus.is_empty() {

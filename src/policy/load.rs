@@ -10,7 +10,7 @@ use super::raw::{self, Extends, Mode, RawCpu, RawPath, RawPolicy, RawSize};
 use super::size::{parse_cpu, parse_size};
 use super::{
     reserved_conflict, syscalls, AllowEntry, Env, ExpandError, Filesystem, Level, Limits, Network, PathRule, Policy,
-    Relax, SandboxReq, Seccomp,
+    Relax, RuntimeFlags, SandboxReq, Seccomp,
 };
 
 /// The shipped policies, embedded in the binary. A new shipped policy is one line here.
@@ -198,6 +198,7 @@ struct Layer {
     extra_allow: Vec<(String, Loc)>,
     level: Option<Level>,
     landlock_min_abi: Option<u8>,
+    node_flags: Option<Vec<String>>,
 }
 
 impl Layer {
@@ -240,6 +241,8 @@ impl Layer {
         cat(&mut self.extra_allow, child.extra_allow, |a, b| a.0 == b.0);
         self.level = child.level.or(self.level);
         self.landlock_min_abi = child.landlock_min_abi.or(self.landlock_min_abi);
+        // A list, replaced as a whole: `node_flags = []` turns the base's off.
+        self.node_flags = child.node_flags.or(self.node_flags.take());
     }
 }
 
@@ -422,6 +425,17 @@ impl<'a> Loader<'a> {
             check_env_name(&k).map_err(|m| PolicyError::invalid(m, loc.clone()))?;
             let val = self.expand(v.get_ref(), &loc)?;
             l.set.insert(k, val);
+        }
+        if let Some(flags) = raw.runtime.node_flags {
+            let mut v = Vec::new();
+            for f in flags.into_inner() {
+                let loc = doc.loc(f.span());
+                super::check_node_flag(f.get_ref()).map_err(|m| PolicyError::invalid(m, loc))?;
+                if !v.contains(f.get_ref()) {
+                    v.push(f.into_inner());
+                }
+            }
+            l.node_flags = Some(v);
         }
 
         let lim = raw.limits;
@@ -624,6 +638,7 @@ impl<'a> Loader<'a> {
                 landlock_min_abi: m.landlock_min_abi.unwrap_or(DEFAULT_LANDLOCK_MIN_ABI),
                 relax: m.relax.unwrap_or_default(),
             },
+            runtime: RuntimeFlags { node_flags: m.node_flags.unwrap_or_default() },
         })
     }
 

@@ -49,6 +49,57 @@ pub struct Policy {
     pub limits: Limits,
     pub seccomp: Seccomp,
     pub sandbox: SandboxReq,
+    #[serde(default)]
+    pub runtime: RuntimeFlags,
+}
+
+/// `[runtime]`: how the server's interpreter is started.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuntimeFlags {
+    /// Put on node's command line, before the script, when the server's command is node (V8
+    /// flags that `NODE_OPTIONS` does not take, such as `--lite-mode`). Names of
+    /// [`NODE_FLAGS`] only.
+    pub node_flags: Vec<String>,
+}
+
+/// The flags `[runtime] node_flags` may hold: memory and compiler settings of V8 and Node, none
+/// that loads code or opens anything (`--require`, `--import`, `--inspect` and the like are not
+/// here). `true`: takes a value, `--NAME=DIGITS`.
+pub const NODE_FLAGS: &[(&str, bool)] = &[
+    ("lite-mode", false),
+    ("optimize-for-size", false),
+    ("jitless", false),
+    ("max-lazy", false),
+    ("lazy-feedback-allocation", false),
+    ("no-opt", false),
+    ("no-sparkplug", false),
+    ("no-maglev", false),
+    ("single-threaded", false),
+    ("single-threaded-gc", false),
+    ("v8-pool-size", true),
+    ("max-semi-space-size", true),
+    ("min-semi-space-size", true),
+    ("max-old-space-size", true),
+];
+
+/// Why `flag` cannot be one of `[runtime] node_flags`, if it cannot.
+pub fn check_node_flag(flag: &str) -> Result<(), String> {
+    let known = || NODE_FLAGS.iter().map(|(n, v)| format!("--{n}{}", if *v { "=N" } else { "" })).collect::<Vec<_>>();
+    let (name, value) =
+        match flag.strip_prefix("--").map(|f| f.split_once('=').map_or((f, None), |(n, v)| (n, Some(v)))) {
+            Some(nv) => nv,
+            None => return Err(format!("[runtime] node_flags: `{flag}` is not a flag (--NAME or --NAME=N)")),
+        };
+    match (NODE_FLAGS.iter().find(|(n, _)| *n == name), value) {
+        (None, _) => Err(format!(
+            "[runtime] node_flags: `{flag}` is not one mcpbox passes (only memory and compiler settings: {})",
+            known().join(", ")
+        )),
+        (Some((_, false)), None) => Ok(()),
+        (Some((_, true)), Some(v)) if !v.is_empty() && v.len() <= 9 && v.bytes().all(|b| b.is_ascii_digit()) => Ok(()),
+        (Some((_, true)), _) => Err(format!("[runtime] node_flags: `{flag}` needs a number: --{name}=N")),
+        (Some((_, false)), Some(_)) => Err(format!("[runtime] node_flags: `--{name}` takes no value")),
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -26,17 +26,20 @@ pub(crate) struct RawPolicy {
     pub seccomp: RawSeccomp,
     #[serde(default)]
     pub sandbox: RawSandbox,
+    #[serde(default)]
+    pub runtime: RawRuntime,
 }
 
 /// Keys of each table, for "expected one of" hints (kept next to the structs they describe).
 pub(crate) const KEYS: &[(&str, &[&str])] = &[
-    ("", &["extends", "filesystem", "network", "env", "limits", "seccomp", "sandbox"]),
+    ("", &["extends", "filesystem", "network", "env", "limits", "seccomp", "sandbox", "runtime"]),
     ("filesystem", &["read", "write", "exec"]),
     ("network", &["mode", "allow", "connect_ports", "bind_ports"]),
     ("env", &["pass", "set"]),
     ("limits", &["memory", "pids", "open_files", "tmp", "file_size", "cpu", "disk"]),
     ("seccomp", &["extra_deny", "extra_allow"]),
     ("sandbox", &["level", "landlock_min_abi", "relax"]),
+    ("runtime", &["node_flags"]),
 ];
 
 #[derive(Debug, Deserialize)]
@@ -174,4 +177,10 @@ pub(crate) struct RawSandbox {
     pub level: Option<Spanned<Level>>,
     pub landlock_min_abi: Option<Spanned<i64>>,
     pub relax: Option<Spanned<Vec<Spanned<String>>>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawRuntime {
+    pub node_flags: Option<Spanned<Vec<Spanned<String>>>>,
 }

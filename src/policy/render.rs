@@ -145,6 +145,13 @@ pub fn render(p: &Policy) -> String {
         "relax = {}  # limits that may go unenforced where the host cannot enforce them (logged)",
         list(relaxed)
     );
+
+    let _ = writeln!(w, "\n[runtime]");
+    let _ = writeln!(
+        w,
+        "node_flags = {}  # on node's command line when the server's command is node",
+        list(p.runtime.node_flags.iter().map(|f| q(f)))
+    );
     s
 }
 

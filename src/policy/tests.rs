@@ -576,3 +576,53 @@ fn cpu_and_disk_limits_parse_merge_and_render() {
         assert_eq!(pol.sandbox.relax, Relax { cpu: true, disk: true }, "{name}");
     }
 }
+
+#[test]
+fn node_flags_are_checked_replaced_as_a_whole_and_render() {
+    let d = tempfile::tempdir().unwrap();
+    let c = ctx(d.path());
+    let p = write(d.path(), "base.toml", "[runtime]\nnode_flags = [\"--lite-mode\", \"--max-semi-space-size=1\"]\n");
+    let pol = load(p.to_str().unwrap(), &c).unwrap();
+    assert_eq!(pol.runtime.node_flags, ["--lite-mode", "--max-semi-space-size=1"]);
+    let back = write(d.path(), "base-rendered.toml", &render(&pol));
+    let mut again = load(back.to_str().unwrap(), &c).unwrap();
+    again.source = pol.source.clone();
+    assert_eq!(again, pol);
+
+    // A child that says nothing keeps them; one that sets the list replaces it (`[]`: none).
+    let p = write(d.path(), "keep.toml", "extends = \"base.toml\"\n");
+    assert_eq!(load(p.to_str().unwrap(), &c).unwrap().runtime.node_flags, ["--lite-mode", "--max-semi-space-size=1"]);
+    let p = write(d.path(), "off.toml", "extends = \"base.toml\"\n[runtime]\nnode_flags = []\n");
+    assert!(load(p.to_str().unwrap(), &c).unwrap().runtime.node_flags.is_empty());
+    let p =
+        write(d.path(), "other.toml", "extends = \"base.toml\"\n[runtime]\nnode_flags = [\"--optimize-for-size\"]\n");
+    let other = load(p.to_str().unwrap(), &c).unwrap();
+    assert_eq!(other.runtime.node_flags, ["--optimize-for-size"]);
+    // `policy diff` says what B adds.
+    let dd = diff(&pol, &other);
+    assert!(dd.more.iter().any(|g| g.section == "runtime" && g.what.contains("--optimize-for-size")), "{dd:?}");
+
+    // Only memory and compiler settings: nothing that loads code, opens a port or a file, and
+    // values are numbers.
+    for bad in [
+        "--require=/tmp/x.js",
+        "--import=data:text/javascript,1",
+        "-r",
+        "--inspect=0.0.0.0:9229",
+        "--eval=1",
+        "--max-semi-space-size",
+        "--max-semi-space-size=1k",
+        "--max-semi-space-size=",
+        "--lite-mode=1",
+        "--lite-mode --require=x",
+        "lite-mode",
+        "--",
+    ] {
+        let p = write(d.path(), "bad.toml", &format!("[runtime]\nnode_flags = [{}]\n", toml::Value::from(bad)));
+        let e = err(&p, &c);
+        assert!(e.starts_with("[runtime] node_flags: "), "{bad}: {e}");
+        assert!(e.ends_with(&format!("({} line 2)", p.display())), "{bad}: {e}");
+    }
+    let p = write(d.path(), "bad.toml", "[runtime]\nnode_opts = []\n");
+    assert!(err(&p, &c).contains("node_opts"), "{}", err(&p, &c));
+}

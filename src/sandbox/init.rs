@@ -212,6 +212,15 @@ fn outer(spec_fd: RawFd, report: &Report, cpus: Option<CpuSet>) -> Result<i32, I
         host_uid: getuid().as_raw(),
         disk: None,
     };
+    // KSM (`mcpbox.memoryMerge`): set on our own memory, it is inherited by every fork and kept
+    // across execve, so the whole sandbox is mergeable. No privilege needed.
+    if spec.memory_merge {
+        if let Err(e) = sys::set_memory_merge() {
+            st.warnings.push(format!(
+                "memoryMerge: prctl(PR_SET_MEMORY_MERGE) failed ({e}): this sandbox's memory is not merged"
+            ));
+        }
+    }
 
     // 2. cgroups, while still host root. `slots` holds them until we exit. A CPU limit needs
     //    one: without it, refused unless relaxed.
@@ -531,6 +540,8 @@ fn write_maps(inner_uid: u32, outer_uid: u32, inner_gid: u32, outer_gid: u32) ->
 /// the outer process, the network helper once it is done (`helper`), so that it does not linger
 /// as a zombie.
 fn supervise(child: Pid, mask: &SigSet, reap_all: bool, mut helper: Option<&mut NetHelper>) -> i32 {
+    // From here on we only wait, for the whole session: give back what setup used.
+    sys::shed_setup_memory();
     loop {
         if let Some(h) = helper.as_deref_mut() {
             h.try_reap();

@@ -187,6 +187,25 @@ pub fn layers() -> Vec<Layer> {
     v
 }
 
+/// The host's KSM (`/sys/kernel/mm/ksm/run`), for `mcpbox.memoryMerge`: whether ksmd merges
+/// anything, and a line saying so.
+pub fn ksm() -> (bool, String) {
+    match read_trim("/sys/kernel/mm/ksm/run").as_deref() {
+        Some("1") => (
+            true,
+            "ksmd runs (/sys/kernel/mm/ksm/run = 1): `mcpbox.memoryMerge: true` lets it merge the sandboxes' identical pages"
+                .into(),
+        ),
+        Some(v) => (
+            false,
+            format!(
+                "ksmd does not run (/sys/kernel/mm/ksm/run = {v}): `mcpbox.memoryMerge` would merge nothing; as root: echo 1 > /sys/kernel/mm/ksm/run"
+            ),
+        ),
+        None => (false, "no KSM in this kernel (/sys/kernel/mm/ksm/run missing): `mcpbox.memoryMerge` merges nothing".into()),
+    }
+}
+
 /// Render the layer table.
 pub fn render(layers: &[Layer]) -> String {
     let mut s = String::new();

@@ -105,6 +105,10 @@ pub struct OuterSpec {
     /// The server's data dir as a size-capped filesystem (`[limits] disk`, root only).
     #[serde(default)]
     pub disk: Option<DiskImage>,
+    /// KSM may merge this sandbox's pages (`mcpbox.memoryMerge`): sandbox-init sets
+    /// `PR_SET_MEMORY_MERGE` on itself, and every process of the sandbox inherits it.
+    #[serde(default)]
+    pub memory_merge: bool,
 }
 
 /// `[limits] disk` as root: an ext4 image file per server (made by mcpbox, owned by root,

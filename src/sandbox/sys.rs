@@ -401,3 +401,49 @@ pub fn process_start() {
         }
     }
 }
+
+/// `prctl(PR_SET_MEMORY_MERGE, 1)` (Linux 6.4+): KSM may merge every anonymous page of this
+/// process and of everything it forks or executes (the flag survives both).
+pub fn set_memory_merge() -> Result<(), nix::errno::Errno> {
+    const PR_SET_MEMORY_MERGE: libc::c_int = 67;
+    // SAFETY: a prctl with integer arguments only.
+    let r = unsafe {
+        libc::prctl(PR_SET_MEMORY_MERGE, 1 as libc::c_ulong, 0 as libc::c_ulong, 0 as libc::c_ulong, 0 as libc::c_ulong)
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(nix::errno::Errno::last())
+    }
+}
+
+/// Give back what setup left behind in a process that from now on only waits (sandbox-init's
+/// outer process and PID 1 hold no other memory for the rest of the session): free heap
+/// (`malloc_trim`), and the stack pages below the current frame that the deep calls of setup
+/// dirtied (JSON, mounts, seccomp): `MADV_DONTNEED` makes them zero-fill again, should they be
+/// touched. The process must be single-threaded. Best effort: nothing here fails a sandbox.
+pub fn shed_setup_memory() {
+    // What the waiting loop needs below this frame, and then some (the x86-64 red zone is 128 bytes).
+    const KEEP: usize = 64 << 10;
+    let here = 0u8;
+    let sp = std::ptr::addr_of!(here) as usize;
+    let page = 4096usize;
+    if let Ok(maps) = std::fs::read_to_string("/proc/self/maps") {
+        let stack = maps.lines().find_map(|l| {
+            let (lo, hi) = l.split_whitespace().next()?.split_once('-')?;
+            let (lo, hi) = (usize::from_str_radix(lo, 16).ok()?, usize::from_str_radix(hi, 16).ok()?);
+            (lo <= sp && sp < hi && l.ends_with("[stack]")).then_some(lo)
+        });
+        if let Some(lo) = stack {
+            let end = sp.saturating_sub(KEEP) & !(page - 1);
+            if end > lo {
+                // SAFETY: [lo, end) is the unused part of our own stack (below the live frames
+                // by KEEP bytes, single-threaded, no signal handlers run on it meanwhile:
+                // sandbox-init takes its signals with sigwait); DONTNEED only drops its pages.
+                unsafe { libc::madvise(lo as *mut libc::c_void, end - lo, libc::MADV_DONTNEED) };
+            }
+        }
+    }
+    // SAFETY: plain libc call; single-threaded.
+    unsafe { libc::malloc_trim(0) };
+}
