@@ -257,7 +257,8 @@ enum PolicyCmd {
     /// Both are resolved first (`extends`, ${DATA}/${CACHE}); grants are compared by what they
     /// permit: a path inside a granted directory is no new grant, write and exec include read;
     /// network mode (none < proxy < host), allow-list entries and ports; env names and values;
-    /// limits (higher or unset is more); seccomp; sandbox level and relaxations.
+    /// limits (higher or unset is more); seccomp; sandbox level and relaxations. `[runtime]`
+    /// settings (node_flags) grant nothing: where they differ, a `~` line says how.
     /// Use it to review an edit before deploying it (`policy diff old.toml new.toml`: every +
     /// line is something the server can now do), or to see what a policy adds to its base
     /// (`policy diff node my-server.toml`).

@@ -16,7 +16,7 @@ use super::{AllowEntry, Host, HostPattern, Level, Network, Policy};
 /// One grant one side has and the other does not.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Grant {
-    /// The section: filesystem, network, env, limits, seccomp, sandbox, runtime.
+    /// The section: filesystem, network, env, limits, seccomp, sandbox.
     pub section: &'static str,
     /// The grant, written as a policy line would say it (`read = "/srv/docs"`).
     pub what: String,
@@ -27,9 +27,12 @@ pub struct Grant {
 pub struct PolicyDiff {
     pub more: Vec<Grant>,
     pub less: Vec<Grant>,
+    /// Settings that differ and grant nothing (`[runtime]`), as `~` lines.
+    pub runtime: Vec<String>,
 }
 
 impl PolicyDiff {
+    /// Neither side grants anything the other does not (runtime settings may still differ).
     pub fn is_empty(&self) -> bool {
         self.more.is_empty() && self.less.is_empty()
     }
@@ -227,16 +230,18 @@ fn more(a: &Policy, b: &Policy) -> Vec<Grant> {
             push("sandbox", format!("relax = {key:?} (the {key} limit may go unenforced)"));
         }
     }
-    // Not a grant, but it changes how the server runs (e.g. the JIT back on).
-    for f in b.runtime.node_flags.iter().filter(|f| !a.runtime.node_flags.contains(f)) {
-        push("runtime", format!("node_flags {f:?}"));
-    }
     out
 }
 
-/// What `b` grants beyond `a`, and `a` beyond `b`.
+/// What `b` grants beyond `a`, and `a` beyond `b`; and how their runtime settings differ.
 pub fn diff(a: &Policy, b: &Policy) -> PolicyDiff {
-    PolicyDiff { more: more(a, b), less: more(b, a) }
+    let mut runtime = Vec::new();
+    // Not grants: they change how the server runs (e.g. the JIT off or back on), not what it
+    // may reach, so they are listed apart and never counted as + or -.
+    if a.runtime.node_flags != b.runtime.node_flags {
+        runtime.push(format!("node_flags: A {:?}, B {:?}", a.runtime.node_flags, b.runtime.node_flags));
+    }
+    PolicyDiff { more: more(a, b), less: more(b, a), runtime }
 }
 
 /// The diff as text: `+` lines for what B grants and A does not, `-` for the reverse,
@@ -244,11 +249,17 @@ pub fn diff(a: &Policy, b: &Policy) -> PolicyDiff {
 pub fn render_diff(a: &Policy, b: &Policy, d: &PolicyDiff) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "--- A: {}\n+++ B: {}", a.source, b.source);
+    if !d.runtime.is_empty() {
+        let _ = writeln!(s, "[runtime]");
+        for r in &d.runtime {
+            let _ = writeln!(s, "~ {r}");
+        }
+    }
     if d.is_empty() {
         let _ = writeln!(s, "# A and B grant the same");
         return s;
     }
-    for section in ["filesystem", "network", "env", "limits", "seccomp", "sandbox", "runtime"] {
+    for section in ["filesystem", "network", "env", "limits", "seccomp", "sandbox"] {
         let plus: Vec<&Grant> = d.more.iter().filter(|g| g.section == section).collect();
         let minus: Vec<&Grant> = d.less.iter().filter(|g| g.section == section).collect();
         if plus.is_empty() && minus.is_empty() {
@@ -280,6 +291,19 @@ mod tests {
 
     fn whats(v: &[Grant]) -> Vec<String> {
         v.iter().map(|g| format!("{}: {}", g.section, g.what)).collect()
+    }
+
+    #[test]
+    fn node_flags_differ_apart_from_the_grants() {
+        let a = pol("[runtime]\nnode_flags = [\"--lite-mode\"]\n");
+        let b = pol("[runtime]\nnode_flags = [\"--optimize-for-size\"]\n");
+        let d = diff(&a, &b);
+        assert!(d.is_empty(), "{d:?}");
+        assert_eq!(d.runtime, vec![r#"node_flags: A ["--lite-mode"], B ["--optimize-for-size"]"#]);
+        let text = render_diff(&a, &b, &d);
+        assert!(text.contains("[runtime]\n~ node_flags: A [\"--lite-mode\"], B [\"--optimize-for-size\"]\n"), "{text}");
+        assert!(text.contains("# A and B grant the same"), "{text}");
+        assert!(!text.lines().any(|l| l.starts_with("+ ") || l.starts_with("- ")), "{text}");
     }
 
     #[test]
