@@ -604,9 +604,19 @@ impl Supervisor {
                 }
                 continue;
             }
+            let launch = self.launcher.launch_warm(&server.cfg);
+            tokio::pin!(launch);
             let launched = tokio::select! {
-                r = self.launcher.launch_warm(&server.cfg) => r,
-                _ = self.shutdown.cancelled() => break,
+                r = &mut launch => r,
+                _ = self.shutdown.cancelled() => {
+                    // A start in flight is finished and then ended, not abandoned: dropped, its
+                    // sandbox would live on until mcpbox's own exit took it down, after
+                    // shutdown had said everything was over.
+                    if let Ok(lp) = launch.await {
+                        discard(lp, self.opts.grace).await;
+                    }
+                    break;
+                }
             };
             match launched {
                 Ok(lp) => {

@@ -55,7 +55,11 @@ impl Spawner {
             .spawn(move || {
                 let _guard = handle.enter();
                 for Job(spec, reply) in rx {
-                    let _ = reply.send(spawn_tokio(&spec));
+                    if let Err(Ok(mut sb)) = reply.send(spawn_tokio(&spec)) {
+                        // The caller gave up waiting: the sandbox is nobody's, end it now
+                        // (its PID 1 and server follow the outer process: PDEATHSIG).
+                        let _ = sb.child.start_kill();
+                    }
                 }
             })
             .expect("starting the sandbox spawner thread");
