@@ -609,5 +609,12 @@ pub fn write_policy(l: &Learned, obs: &Snapshot) -> String {
     out
 }
 
+/// The egress proxy's record mode writes here.
+impl crate::netproxy::RecordConnect for Observations {
+    fn connect(&self, target: &str) {
+        Observations::connect(self, target);
+    }
+}
+
 #[cfg(test)]
 mod tests;

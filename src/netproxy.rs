@@ -283,7 +283,13 @@ pub struct ProxyConfig {
     /// Record mode (`mcpbox policy learn`): a target the allow-list does not name is let through
     /// as a wildcard match is (every address it resolves to must be public: internal ones stay
     /// refused), and every connection made is recorded here.
-    pub record: Option<Arc<crate::learn::Observations>>,
+    pub record: Option<Arc<dyn RecordConnect>>,
+}
+
+/// Where record mode writes each target that passed the checks (`mcpbox policy learn`'s
+/// observations implement it; the proxy needs nothing else of them).
+pub trait RecordConnect: Send + Sync {
+    fn connect(&self, target: &str);
 }
 
 impl ProxyConfig {
@@ -1181,7 +1187,14 @@ mod tests {
             ProxyConfig::new(AllowList::parse(&[format!("127.0.0.1:{}", echo.port())]).unwrap(), "learn", "x");
         cfg.resolver = Arc::new(dns);
         cfg.connect_timeout = Duration::from_millis(300);
-        let seen = Arc::new(crate::learn::Observations::default());
+        #[derive(Default)]
+        struct Seen(std::sync::Mutex<Vec<String>>);
+        impl RecordConnect for Seen {
+            fn connect(&self, target: &str) {
+                self.0.lock().unwrap().push(target.to_string());
+            }
+        }
+        let seen = Arc::new(Seen::default());
         cfg.record = Some(seen.clone());
         let task = tokio::spawn(serve(listener, Arc::new(cfg)));
         // Internal addresses, by name or literal: refused, never contacted, not recorded.
@@ -1208,7 +1221,9 @@ mod tests {
         let mut head = vec![0u8; 12];
         tokio::time::timeout(T, sock.read_exact(&mut head)).await.unwrap().unwrap();
         assert_eq!(&head, b"HTTP/1.1 200");
-        let got: Vec<String> = seen.snapshot().connects.into_keys().collect();
+        let mut got = seen.0.lock().unwrap().clone();
+        got.sort();
+        got.dedup();
         assert_eq!(got, vec![target, "pub.example:443".to_string()]);
         task.abort();
     }

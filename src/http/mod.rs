@@ -29,6 +29,10 @@ use crate::config::{Config, Isolation};
 use crate::supervisor::{OpenError, Supervisor};
 use edge::{Endpoint, Routed, Target};
 
+/// The protocol versions served with `initialize` and sessions (`streamable`); 2026-07-28,
+/// stateless, is `stateless::VERSION`.
+pub const SESSION_VERSIONS: [&str; 3] = ["2025-03-26", "2025-06-18", "2025-11-25"];
+
 pub struct AppState {
     pub sup: Arc<Supervisor>,
     pub cfg: Arc<Config>,

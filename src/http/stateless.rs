@@ -565,7 +565,7 @@ pub async fn post(st: Shared, server: String, principal: Principal, headers: &He
         let init = &backend.init;
         let mut result = json!({
             "resultType": "complete",
-            "supportedVersions": super::streamable::VERSIONS.iter().chain([&VERSION]).collect::<Vec<_>>(),
+            "supportedVersions": super::SESSION_VERSIONS.iter().chain([&VERSION]).collect::<Vec<_>>(),
             "capabilities": init.get("capabilities").cloned().unwrap_or_else(|| json!({})),
         });
         if let Some(r) = result.as_object_mut() {

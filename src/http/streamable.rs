@@ -28,7 +28,7 @@ use super::edge::Principal;
 use super::{open_error, parse_body, rpc_error, Parsed, Shared};
 use crate::bridge::{Session, Transport};
 
-pub const VERSIONS: [&str; 3] = ["2025-03-26", "2025-06-18", "2025-11-25"];
+use super::SESSION_VERSIONS as VERSIONS;
 const SESSION_HEADER: &str = "mcp-session-id";
 
 /// How long a POST answered as SSE waits for its first message before sending headers alone.
