@@ -666,12 +666,9 @@ fn normalize(p: &Path) -> PathBuf {
     out
 }
 
-/// Resolve every symlink in `p`, returning the real path and the links met on the way (each to
-/// be recreated inside the sandbox so the path works there as it does on the host).
-pub fn resolve(p: &Path) -> anyhow::Result<(PathBuf, Vec<Link>)> {
-    let mut links = Vec::new();
-    let mut cur = PathBuf::from("/");
-    let mut rest: Vec<std::ffi::OsString> = p
+/// The names and `..` steps of `p`, last first (a stack to pop from the front of the path).
+fn reversed_parts(p: &Path) -> Vec<std::ffi::OsString> {
+    let mut parts: Vec<std::ffi::OsString> = p
         .components()
         .filter_map(|c| match c {
             Component::Normal(n) => Some(n.to_os_string()),
@@ -679,7 +676,16 @@ pub fn resolve(p: &Path) -> anyhow::Result<(PathBuf, Vec<Link>)> {
             _ => None,
         })
         .collect();
-    rest.reverse();
+    parts.reverse();
+    parts
+}
+
+/// Resolve every symlink in `p`, returning the real path and the links met on the way (each to
+/// be recreated inside the sandbox so the path works there as it does on the host).
+pub fn resolve(p: &Path) -> anyhow::Result<(PathBuf, Vec<Link>)> {
+    let mut links = Vec::new();
+    let mut cur = PathBuf::from("/");
+    let mut rest = reversed_parts(p);
     let mut hops = 0;
     while let Some(c) = rest.pop() {
         if c == ".." {
@@ -698,16 +704,7 @@ pub fn resolve(p: &Path) -> anyhow::Result<(PathBuf, Vec<Link>)> {
             if target.is_absolute() {
                 cur = PathBuf::from("/");
             }
-            let mut more: Vec<std::ffi::OsString> = target
-                .components()
-                .filter_map(|c| match c {
-                    Component::Normal(n) => Some(n.to_os_string()),
-                    Component::ParentDir => Some("..".into()),
-                    _ => None,
-                })
-                .collect();
-            more.reverse();
-            rest.extend(more);
+            rest.extend(reversed_parts(&target));
         } else {
             cur = next;
         }
