@@ -226,7 +226,14 @@ pub fn run(args: RunArgs, early: Option<Result<crate::sandbox::Pending, crate::s
         }
     };
     // The audit records of what Landlock refused the server last may still be on their way.
-    crate::sandbox::audit::settle(std::time::Duration::from_millis(500));
+    let settle = std::time::Duration::from_millis(500);
+    if !crate::sandbox::audit::settle(settle) {
+        tracing::warn!(
+            "the kernel's audit records did not all arrive within {} ms: Landlock denials of the server's last \
+             moments may be missing",
+            settle.as_millis()
+        );
+    }
     use std::os::unix::process::ExitStatusExt;
     let code = status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
     ExitCode::from(code.clamp(0, 255) as u8)

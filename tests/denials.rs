@@ -296,6 +296,9 @@ fn container_level_reads_outside_the_grants_are_landlock_denials() {
         out.stderr.lines().any(|l| l.contains("landlock denied: read") && l.contains(&object)),
         "no Landlock denial line for {object}: {out}"
     );
+    // `run` waits for its own mark to come back through the audit stream before it exits; a
+    // mark the kernel mangled was never seen, and every exit waited out the whole settle time.
+    assert!(!out.stderr.contains("did not all arrive"), "the settle mark must come back: {out}");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_mcpbox"));
     cmd.args(["policy", "suggest", "llctr", "--state-dir"]).arg(state.path());
     test_env(&mut cmd);

@@ -177,10 +177,10 @@ pub fn reading() -> bool {
 /// of this process) and waits until the reader sees it come back. A fixed quiet time is not
 /// enough: on a loaded host the kernel's audit thread may take longer than any short wait.
 /// Where the message cannot be sent, it waits until no record of our sandboxes has come for
-/// 50 ms. Returns at once when no reader runs.
-pub fn settle(max: Duration) {
+/// 50 ms. Returns at once when no reader runs. False when `max` ran out first.
+pub fn settle(max: Duration) -> bool {
     if !reading() {
-        return;
+        return true;
     }
     let start = Instant::now();
     let mark = {
@@ -191,20 +191,21 @@ pub fn settle(max: Duration) {
     if send_mark(mark).is_ok() {
         let mut w = lock();
         while w.running && w.marks_seen < mark {
-            let Some(left) = max.checked_sub(start.elapsed()) else { return };
+            let Some(left) = max.checked_sub(start.elapsed()) else { return false };
             w = watch().1.wait_timeout(w, left).unwrap_or_else(|e| e.into_inner()).0;
         }
-        return;
+        return true;
     }
     let quiet = Duration::from_millis(50);
     while reading() && start.elapsed() < max {
         let last = lock().last_record;
         let since = last.map_or(start.elapsed(), |l| l.elapsed().min(start.elapsed()));
         if since >= quiet {
-            return;
+            return true;
         }
         std::thread::sleep(quiet - since);
     }
+    !reading()
 }
 
 /// `AUDIT_TRUSTED_APP`: a user-space message of free text (root may send it: CAP_AUDIT_WRITE).
@@ -216,7 +217,17 @@ fn mark_text(mark: u64) -> String {
 
 fn send_mark(mark: u64) -> Result<(), nix::errno::Errno> {
     let fd = socket::socket(AddressFamily::Netlink, SockType::Raw, SockFlag::SOCK_CLOEXEC, SockProtocol::NetlinkAudit)?;
-    ask(&fd, &nlmsg(AUDIT_TRUSTED_APP, NLM_F_REQUEST | NLM_F_ACK, mark_text(mark).as_bytes()), NLMSG_ERROR).map(|_| ())
+    ask(&fd, &nlmsg(AUDIT_TRUSTED_APP, NLM_F_REQUEST | NLM_F_ACK, &mark_payload(mark)), NLMSG_ERROR).map(|_| ())
+}
+
+/// The text of a settle mark as the kernel takes it: a C string. The kernel drops the last byte
+/// of a user message's text as its terminator, whatever it is; without one, the mark's last
+/// digit was lost, the reader never saw the mark come back, and `mcpbox run` waited out the
+/// whole settle time at every exit on a host with audit on.
+fn mark_payload(mark: u64) -> Vec<u8> {
+    let mut text = mark_text(mark).into_bytes();
+    text.push(0);
+    text
 }
 
 /// The number of this process's settle mark in the text of a user-space message, if it is one.
@@ -624,6 +635,18 @@ mod tests {
         assert_eq!(messages(&bad).count(), 0);
         bad[..4].copy_from_slice(&3u32.to_ne_bytes());
         assert_eq!(messages(&bad).count(), 0);
+    }
+
+    #[test]
+    fn a_settle_mark_is_sent_as_a_c_string_and_read_back_whole() {
+        let payload = mark_payload(12);
+        assert_eq!(payload.last(), Some(&0), "the kernel drops the text's last byte as its terminator");
+        // What the kernel logs: the text without that byte.
+        let logged = format!(
+            "audit(1796565033.326:7834): pid=1 uid=0 auid=4294967295 ses=4294967295 msg='{}'",
+            String::from_utf8_lossy(&payload[..payload.len() - 1])
+        );
+        assert_eq!(mark_in(&logged), Some(12));
     }
 
     #[test]
