@@ -143,7 +143,7 @@ fn run_learning(s: &Setup, out: &Path) -> anyhow::Result<ExitCode> {
     let name = &s.launch.name;
     let state = &s.state;
     let mut pending = crate::sandbox::Pending::start(Stdio::inherit(), Stdio::inherit(), Stdio::inherit())?;
-    let base_policy = plan::check(state, &s.launch)?;
+    let base_policy = plan::check(state, &s.launch)?.policy;
     // npx/uvx: prepared first, through the same path `run` and `serve` take.
     let (launch_now, mut extra) = match plan::prepare::parse(&s.launch.command, &s.launch.args) {
         None => (s.launch.clone(), Extra::default()),

@@ -237,7 +237,9 @@ pub fn suggest_cli(
                 return fail(format!("{} has no server of that name", path.display()));
             };
             let planner = crate::plan::Planner::new(state.clone());
-            let resolved = planner.launch_of(sc, false).and_then(|(launch, _, _)| crate::plan::check(&state, &launch));
+            let resolved = planner
+                .launch_of(sc, false)
+                .and_then(|(launch, _, _)| crate::plan::check(&state, &launch).map(|c| c.policy));
             match resolved {
                 Ok(p) => (state, Some(p)),
                 Err(e) => return fail(format!("its policy: {e:#}")),

@@ -6,7 +6,7 @@ use std::process::{ExitCode, Stdio};
 use nix::sys::signal::{kill, SigSet, Signal};
 use nix::unistd::Pid;
 
-use crate::plan::{self, plan_begin, Extra, PolicyRef, ServerLaunch, StateDir};
+use crate::plan::{self, Extra, PolicyRef, ServerLaunch, StateDir};
 use crate::policy::Level;
 
 pub struct RunArgs {
@@ -77,12 +77,18 @@ pub fn run(args: RunArgs, early: Option<Result<crate::sandbox::Pending, crate::s
     // The plan's steps (see `plan`): everything that can refuse the server does so before a
     // package is prepared.
     let (launch, choice) = plan::effective(launch, policy_given);
-    if let Err(e) = plan::check(&state, &launch) {
-        eprintln!("mcpbox: {e:#}");
-        return ExitCode::from(EXIT_SETUP);
-    }
+    let checked = match plan::check(&state, &launch) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("mcpbox: {e:#}");
+            return ExitCode::from(EXIT_SETUP);
+        }
+    };
     // npx/uvx: prepare into the cache if needed (its own sandbox), then run the entry point.
-    let run = match plan::prepare::parse(&launch.command, &launch.args) {
+    let package = plan::prepare::parse(&launch.command, &launch.args);
+    // Nothing is prepared for a plain command: the checked policy is the one to plan with.
+    let checked = package.is_none().then_some(checked);
+    let run = match package {
         None => Ok((launch.clone(), Extra::default())),
         Some(pkg) => pkg
             .and_then(|pkg| plan::prepare::prepare_blocking(&state, &name, &pkg, false))
@@ -96,7 +102,7 @@ pub fn run(args: RunArgs, early: Option<Result<crate::sandbox::Pending, crate::s
             return ExitCode::from(EXIT_SETUP);
         }
     };
-    let begun = match plan_begin(&state, &launch_now) {
+    let begun = match plan::plan_begin_checked(&state, &launch_now, checked) {
         Ok(b) => b,
         Err(e) => {
             eprintln!("mcpbox: {e:#}");
@@ -151,7 +157,7 @@ pub fn run(args: RunArgs, early: Option<Result<crate::sandbox::Pending, crate::s
     }
     // Denials (the proxy's, seccomp's, Landlock's) are recorded in the server's state dir for
     // `policy suggest`. The audit reader starts after the signal mask is set: its thread
-    // inherits it, so the signals still come to `mask.wait` below.
+    // inherits it, so the signals still come to `wait_server`.
     let denials = crate::denials::registry().server(&name, Some(crate::denials::file_for(&state.root, &name)));
     let audit =
         if args.enable_audit { crate::sandbox::audit::Enable::Yes } else { crate::sandbox::audit::Enable::IfOn };
@@ -208,21 +214,11 @@ pub fn run(args: RunArgs, early: Option<Result<crate::sandbox::Pending, crate::s
     if swept > 0 {
         tracing::info!("removed {swept} cgroup(s) left by earlier sandboxes");
     }
-    let pid = Pid::from_raw(child.id() as i32);
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(st)) => break st,
-            Ok(None) => {}
-            Err(e) => {
-                eprintln!("mcpbox: waiting for {name}: {e}");
-                return ExitCode::from(EXIT_SETUP);
-            }
-        }
-        match mask.wait() {
-            Ok(Signal::SIGCHLD) | Err(_) => {}
-            Ok(sig) => {
-                let _ = kill(pid, sig);
-            }
+    let code = match wait_server(&mut child, &mask) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("mcpbox: waiting for {name}: {e}");
+            return ExitCode::from(EXIT_SETUP);
         }
     };
     // The audit records of what Landlock refused the server last may still be on their way.
@@ -234,9 +230,45 @@ pub fn run(args: RunArgs, early: Option<Result<crate::sandbox::Pending, crate::s
             settle.as_millis()
         );
     }
-    use std::os::unix::process::ExitStatusExt;
-    let code = status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
     ExitCode::from(code.clamp(0, 255) as u8)
+}
+
+/// Passes the signals of `mask` on to sandbox-init until the server's run is over, and returns
+/// its exit code: as soon as sandbox-init sends it (nothing of the sandbox runs any more then,
+/// see `InitProcess::early_exit`), or else from sandbox-init's own exit.
+fn wait_server(child: &mut crate::sandbox::InitProcess, mask: &SigSet) -> std::io::Result<i32> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use nix::sys::signalfd::{SfdFlags, SignalFd};
+    use std::os::fd::AsFd;
+    use std::os::unix::process::ExitStatusExt;
+    let pid = Pid::from_raw(child.id() as i32);
+    let signals = SignalFd::with_flags(mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)?;
+    loop {
+        if let Some(code) = child.early_exit() {
+            return Ok(code);
+        }
+        if let Some(st) = child.try_wait()? {
+            return Ok(st.code().unwrap_or_else(|| 128 + st.signal().unwrap_or(0)));
+        }
+        {
+            let mut fds = vec![PollFd::new(signals.as_fd(), PollFlags::POLLIN)];
+            if let Some(fd) = child.early_exit_fd() {
+                fds.push(PollFd::new(fd, PollFlags::POLLIN));
+            }
+            match poll(&mut fds, PollTimeout::NONE) {
+                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        while let Ok(Some(si)) = signals.read_signal() {
+            match Signal::try_from(si.ssi_signo as i32) {
+                Ok(Signal::SIGCHLD) | Err(_) => {}
+                Ok(sig) => {
+                    let _ = kill(pid, sig);
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]

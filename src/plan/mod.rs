@@ -32,8 +32,8 @@ use anyhow::Context;
 use crate::config::{ServerConfig, ServerKind};
 pub use crate::policy::PolicyRef;
 pub use spec::{
-    allocate_uid, check, check_name, check_policy, plan, plan_begin, plan_with, resolve, resolve_command, Begun, Extra,
-    Planned, ServerDirs, ServerLaunch, StateDir, DEFAULT_PATH,
+    allocate_uid, check, check_name, check_policy, plan, plan_begin, plan_begin_checked, plan_with, resolve,
+    resolve_command, Begun, Extra, Planned, ServerDirs, ServerLaunch, StateDir, DEFAULT_PATH,
 };
 
 /// Shipped policies written for one package each: a server running that package with no policy

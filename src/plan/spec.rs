@@ -157,6 +157,14 @@ struct RuntimesUsed {
 }
 
 pub fn plan_begin(state: &StateDir, launch: &ServerLaunch) -> anyhow::Result<Begun> {
+    plan_begin_checked(state, launch, None)
+}
+
+/// [`plan_begin`] with the policy [`check`] loaded for the same launch just before (`mcpbox run`
+/// of a command that is not a package: nothing is prepared in between), so that it is not read
+/// and resolved a second time on the way to the sandbox. Loaded again anyway when the server's
+/// directories did not exist yet at the check (it could not look under them then).
+pub fn plan_begin_checked(state: &StateDir, launch: &ServerLaunch, checked: Option<Checked>) -> anyhow::Result<Begun> {
     check_name(&launch.name)?;
     let root = nix::unistd::geteuid().is_root();
     let dirs = ServerDirs::create(state, &launch.name)?;
@@ -169,10 +177,15 @@ pub fn plan_begin(state: &StateDir, launch: &ServerLaunch) -> anyhow::Result<Beg
 
     // The runtime variables are the interpreter this command runs on (found only if the
     // policy names one); a bare command is looked up on the sandbox's default PATH.
-    let lazy = runtimes_for(state, launch);
-    let ctx = LoadContext { lazy: Some(lazy.vars()), ..dirs.load_context(state) };
-    let (policy, mut notes) = launch.policy.load(&ctx).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let runtimes = RuntimesUsed { found: lazy.used(), commands: lazy.commands() };
+    let (policy, mut notes, runtimes) = match checked.filter(|c| c.whole) {
+        Some(Checked { policy, notes, runtimes, .. }) => (policy, notes, runtimes),
+        None => {
+            let lazy = runtimes_for(state, launch);
+            let ctx = LoadContext { lazy: Some(lazy.vars()), ..dirs.load_context(state) };
+            let (policy, notes) = launch.policy.load(&ctx).map_err(|e| anyhow::anyhow!("{e}"))?;
+            (policy, notes, RuntimesUsed { found: lazy.used(), commands: lazy.commands() })
+        }
+    };
     for r in &runtimes.found {
         notes.push(format!("runtime {}", r.describe()));
     }
@@ -265,17 +278,30 @@ pub fn runtimes_for(state: &StateDir, launch: &ServerLaunch) -> runtime::Lazy {
 /// (loaded as a launch loads it, but without requiring DATA and CACHE to exist yet) and what
 /// the policy asks of the kernel and the egress proxy. Creates nothing; `mcpbox run` calls it
 /// before preparing a package, `serve` before preparing and with `--check`.
-pub fn check(state: &StateDir, launch: &ServerLaunch) -> anyhow::Result<Policy> {
+pub fn check(state: &StateDir, launch: &ServerLaunch) -> anyhow::Result<Checked> {
     check_name(&launch.name)?;
     let dirs = ServerDirs::at(state, &launch.name);
+    let whole = dirs.data.is_dir() && dirs.cache.is_dir();
     // Loading refuses what a launch would refuse of the policy itself: the egress allow-list's
     // grammar and syscall names are the policy module's (allow.rs, syscalls.rs).
-    let ctx = LoadContext { lazy: Some(runtimes_for(state, launch).vars()), ..dirs.load_context(state) };
+    let lazy = runtimes_for(state, launch);
+    let ctx = LoadContext { lazy: Some(lazy.vars()), ..dirs.load_context(state) };
     let loaded = launch
         .policy
         .load_detailed(&ctx, &[dirs.data.clone(), dirs.cache.clone()])
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    Ok(loaded.policy)
+    let runtimes = RuntimesUsed { found: lazy.used(), commands: lazy.commands() };
+    Ok(Checked { policy: loaded.policy, notes: loaded.notes, runtimes, whole })
+}
+
+/// A server's policy as [`check`] loaded it (see [`plan_begin_checked`]).
+pub struct Checked {
+    pub policy: Policy,
+    notes: Vec<String>,
+    runtimes: RuntimesUsed,
+    /// The server's DATA and CACHE existed: nothing under them was left unchecked, so this is
+    /// the policy a launch loads.
+    whole: bool,
 }
 
 impl Begun {
