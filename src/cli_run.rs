@@ -157,7 +157,7 @@ pub fn run(args: RunArgs, early: Option<Result<crate::sandbox::Pending, crate::s
     }
     // Denials (the proxy's, seccomp's, Landlock's) are recorded in the server's state dir for
     // `policy suggest`. The audit reader starts after the signal mask is set: its thread
-    // inherits it, so the signals still come to `wait_server`.
+    // inherits it, so the signals still come to `mask.wait` below.
     let denials = crate::denials::registry().server(&name, Some(crate::denials::file_for(&state.root, &name)));
     let audit =
         if args.enable_audit { crate::sandbox::audit::Enable::Yes } else { crate::sandbox::audit::Enable::IfOn };
@@ -214,11 +214,21 @@ pub fn run(args: RunArgs, early: Option<Result<crate::sandbox::Pending, crate::s
     if swept > 0 {
         tracing::info!("removed {swept} cgroup(s) left by earlier sandboxes");
     }
-    let code = match wait_server(&mut child, &mask) {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("mcpbox: waiting for {name}: {e}");
-            return ExitCode::from(EXIT_SETUP);
+    let pid = Pid::from_raw(child.id() as i32);
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(st)) => break st,
+            Ok(None) => {}
+            Err(e) => {
+                eprintln!("mcpbox: waiting for {name}: {e}");
+                return ExitCode::from(EXIT_SETUP);
+            }
+        }
+        match mask.wait() {
+            Ok(Signal::SIGCHLD) | Err(_) => {}
+            Ok(sig) => {
+                let _ = kill(pid, sig);
+            }
         }
     };
     // The audit records of what Landlock refused the server last may still be on their way.
@@ -230,45 +240,9 @@ pub fn run(args: RunArgs, early: Option<Result<crate::sandbox::Pending, crate::s
             settle.as_millis()
         );
     }
-    ExitCode::from(code.clamp(0, 255) as u8)
-}
-
-/// Passes the signals of `mask` on to sandbox-init until the server's run is over, and returns
-/// its exit code: as soon as sandbox-init sends it (nothing of the sandbox runs any more then,
-/// see `InitProcess::early_exit`), or else from sandbox-init's own exit.
-fn wait_server(child: &mut crate::sandbox::InitProcess, mask: &SigSet) -> std::io::Result<i32> {
-    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-    use nix::sys::signalfd::{SfdFlags, SignalFd};
-    use std::os::fd::AsFd;
     use std::os::unix::process::ExitStatusExt;
-    let pid = Pid::from_raw(child.id() as i32);
-    let signals = SignalFd::with_flags(mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)?;
-    loop {
-        if let Some(code) = child.early_exit() {
-            return Ok(code);
-        }
-        if let Some(st) = child.try_wait()? {
-            return Ok(st.code().unwrap_or_else(|| 128 + st.signal().unwrap_or(0)));
-        }
-        {
-            let mut fds = vec![PollFd::new(signals.as_fd(), PollFlags::POLLIN)];
-            if let Some(fd) = child.early_exit_fd() {
-                fds.push(PollFd::new(fd, PollFlags::POLLIN));
-            }
-            match poll(&mut fds, PollTimeout::NONE) {
-                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
-        while let Ok(Some(si)) = signals.read_signal() {
-            match Signal::try_from(si.ssi_signo as i32) {
-                Ok(Signal::SIGCHLD) | Err(_) => {}
-                Ok(sig) => {
-                    let _ = kill(pid, sig);
-                }
-            }
-        }
-    }
+    let code = status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
+    ExitCode::from(code.clamp(0, 255) as u8)
 }
 
 #[cfg(test)]

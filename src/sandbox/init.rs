@@ -146,21 +146,18 @@ fn forwarded() -> SigSet {
 
 /// Entry point of the hidden subcommand. Returns the process exit code.
 pub fn main(spec_fd: RawFd, report_fd: RawFd) -> i32 {
-    main_forked(spec_fd, report_fd, None, None)
+    main_forked(spec_fd, report_fd, None)
 }
 
 /// [`main`] in a sandbox-init forked by `mcpbox run` (see `Pending::fork_here`): mcpbox may
 /// have moved us off its CPU while it plans; `cpus` is the set to take back once it has.
-/// `exit_fd`: where the server's exit code goes as soon as nothing of the sandbox runs any more,
-/// ahead of our own exit (see [`outer`]).
-pub(super) fn main_forked(spec_fd: RawFd, report_fd: RawFd, cpus: Option<CpuSet>, exit_fd: Option<RawFd>) -> i32 {
+pub(super) fn main_forked(spec_fd: RawFd, report_fd: RawFd, cpus: Option<CpuSet>) -> i32 {
     if let Err(e) = sys::set_cloexec(report_fd) {
         eprintln!("mcpbox sandbox-init: report fd {report_fd}: {e} (this mode is started by mcpbox itself)");
         return 125;
     }
     let report = Report(report_fd);
-    let exit = exit_fd.and_then(|fd| sys::adopt_fd(fd).ok());
-    match outer(spec_fd, &report, cpus, exit) {
+    match outer(spec_fd, &report, cpus) {
         Ok(code) => code,
         Err(InitError::Cancelled) => 125,
         Err(e) => {
@@ -189,7 +186,7 @@ struct State {
     disk: Option<OwnedFd>,
 }
 
-fn outer(spec_fd: RawFd, report: &Report, cpus: Option<CpuSet>, exit: Option<OwnedFd>) -> Result<i32, InitError> {
+fn outer(spec_fd: RawFd, report: &Report, cpus: Option<CpuSet>) -> Result<i32, InitError> {
     let threads = sys::thread_count();
     if threads != 1 {
         return Err(InitError::Threads(threads));
@@ -384,13 +381,9 @@ fn outer(spec_fd: RawFd, report: &Report, cpus: Option<CpuSet>, exit: Option<Own
     if st.level == Level::Full {
         // 6. PID 1 of the new PID namespace.
         let (alive_r, alive_w) = nix::unistd::pipe().map_err(sys_err("pipe"))?;
-        // With a data image mounted, our exit is part of the end: the image stays mounted in
-        // the mount namespace until then, and the next start of this server mounts it again.
-        let exit = exit.filter(|_| st.disk.is_none());
         match sys::fork().map_err(|e| InitError::Io(format!("fork: {e}")))? {
             Forked::Child => {
                 drop(alive_w);
-                drop(exit);
                 let join = net.as_mut().and_then(|n| n.join.take());
                 let code = match pid1(input, report, alive_r, &mut st, join) {
                     Ok(code) => code,
@@ -419,14 +412,6 @@ fn outer(spec_fd: RawFd, report: &Report, cpus: Option<CpuSet>, exit: Option<Own
                 drop(alive_w);
                 // Every process of the sandbox is gone: its cgroup slots are free again.
                 drop(slots);
-                // PID 1 has been reaped, and the kernel ended and reaped every other process of
-                // its PID namespace before that: nothing of the server runs any more. `mcpbox
-                // run` may return now; what is left is our own exit, which drops the last
-                // reference to the mount namespace and waits for an RCU grace period to unmount
-                // it (~0.35 ms; bwrap's monitor returns before its PID 1's teardown too).
-                if let Some(exit) = exit {
-                    let _ = nix::unistd::write(&exit, &code.to_ne_bytes());
-                }
                 Ok(code)
             }
         }

@@ -264,13 +264,7 @@ fn spawn_tokio(spec: &SandboxSpec) -> Result<Sandboxed, SandboxError> {
 /// in its hidden mode or (`mcpbox run`) a fork of ourselves made before anything else ran.
 pub enum InitProcess {
     Exec(std::process::Child),
-    /// `exit`: the read end of the pipe on which it sends the server's exit code once nothing
-    /// of the sandbox runs any more, before its own exit (see [`InitProcess::early_exit`]).
-    Forked {
-        pid: nix::unistd::Pid,
-        status: Option<std::process::ExitStatus>,
-        exit: Option<OwnedFd>,
-    },
+    Forked { pid: nix::unistd::Pid, status: Option<std::process::ExitStatus> },
 }
 
 impl InitProcess {
@@ -294,33 +288,6 @@ impl InitProcess {
         }
     }
 
-    /// The descriptor to poll for [`InitProcess::early_exit`], while there may be one to read.
-    pub fn early_exit_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
-        match self {
-            InitProcess::Forked { exit: Some(fd), status: None, .. } => Some(std::os::fd::AsFd::as_fd(fd)),
-            _ => None,
-        }
-    }
-
-    /// The server's exit code, as sandbox-init sent it ahead of its own exit: its PID 1 has
-    /// been reaped (and with it, by the kernel, every other process of the sandbox), so all that
-    /// is left is sandbox-init's own exit and the kernel's teardown of the mount namespace.
-    /// `None` when there is nothing (yet): sandbox-init then reports by exiting.
-    pub fn early_exit(&mut self) -> Option<i32> {
-        let InitProcess::Forked { exit: exit @ Some(_), .. } = self else { return None };
-        let mut code = [0u8; 4];
-        match nix::unistd::read(exit.as_ref()?, &mut code) {
-            Ok(4) => Some(i32::from_ne_bytes(code)),
-            Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => None,
-            // End of file (it exited without sending, e.g. with a data image mounted) or a
-            // short read: its exit status says it.
-            _ => {
-                *exit = None;
-                None
-            }
-        }
-    }
-
     pub fn kill(&mut self) -> std::io::Result<()> {
         match self {
             InitProcess::Exec(c) => c.kill(),
@@ -338,7 +305,7 @@ impl InitProcess {
         let (pid, status) = match self {
             InitProcess::Exec(c) => return if flags.is_some() { c.try_wait() } else { c.wait().map(Some) },
             InitProcess::Forked { status: Some(s), .. } => return Ok(Some(*s)),
-            InitProcess::Forked { pid, status, .. } => (*pid, status),
+            InitProcess::Forked { pid, status } => (*pid, status),
         };
         let raw = match waitpid(pid, flags) {
             Ok(WaitStatus::Exited(_, code)) => (code & 0xff) << 8,
@@ -384,22 +351,18 @@ impl Pending {
     pub fn fork_here() -> Result<Pending, SandboxError> {
         let started = Instant::now();
         let ch = channels().map_err(SandboxError::Spawn)?;
-        let (exit_r, exit_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)
-            .map_err(|e| SandboxError::Spawn(e.into()))?;
-        let exit_w = high(exit_w).map_err(SandboxError::Spawn)?;
         let parent = nix::unistd::getpid();
         let cpus = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).ok();
         match super::sys::fork().map_err(SandboxError::Spawn)? {
-            super::sys::Forked::Child => become_init(&ch, exit_w.as_raw_fd(), parent, cpus),
+            super::sys::Forked::Child => become_init(&ch, parent, cpus),
             super::sys::Forked::Parent(pid) => {
                 // The child starts on our CPU and would sit there until we block: on another
                 // one, it gets ready while we plan (it takes back `cpus` when the spec comes).
                 if let Some(away) = cpus.as_ref().and_then(super::init::other_cpus) {
                     let _ = nix::sched::sched_setaffinity(pid, &away);
                 }
-                drop(exit_w);
                 Ok(Pending {
-                    child: Some(InitProcess::Forked { pid, status: None, exit: Some(exit_r) }),
+                    child: Some(InitProcess::Forked { pid, status: None }),
                     ch: Some(ch),
                     outer_sent: None,
                     started,
@@ -443,17 +406,16 @@ impl Pending {
 }
 
 /// The child side of [`Pending::fork_here`]: what `command`'s pre-exec step does, then
-/// sandbox-init itself, with the early exit pipe at 5.
-fn become_init(ch: &Channels, exit_w: RawFd, parent: nix::unistd::Pid, cpus: Option<nix::sched::CpuSet>) -> ! {
+/// sandbox-init itself.
+fn become_init(ch: &Channels, parent: nix::unistd::Pid, cpus: Option<nix::sched::CpuSet>) -> ! {
     use super::sys::exit_now;
     if child_setup(parent.as_raw(), ch.spec_r.as_raw_fd(), ch.child_report.as_raw_fd()).is_err()
-        || super::sys::dup_cloexec_to(exit_w, 5).is_err()
-        || super::sys::close_from(6).is_err()
+        || super::sys::close_from(5).is_err()
     {
         exit_now(126);
     }
     scrub_environment();
-    exit_now(super::init::main_forked(3, 4, cpus, Some(5)))
+    exit_now(super::init::main_forked(3, 4, cpus))
 }
 
 /// Overwrite what a forked sandbox-init inherited of mcpbox's command line and environment:

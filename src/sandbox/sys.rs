@@ -67,17 +67,6 @@ pub fn set_cloexec(fd: RawFd) -> io::Result<()> {
     }
 }
 
-/// `dup3(fd, target, O_CLOEXEC)`: `target` becomes a close-on-exec copy of `fd`.
-pub fn dup_cloexec_to(fd: RawFd, target: RawFd) -> io::Result<()> {
-    // SAFETY: dup3 on integer descriptors; callers make sure `target` is not owned by a live
-    // Rust object (it is replaced).
-    if unsafe { libc::dup3(fd, target, libc::O_CLOEXEC) } < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
-}
-
 /// Adopt a descriptor number inherited from our parent.
 pub fn adopt_fd(fd: RawFd) -> io::Result<std::os::fd::OwnedFd> {
     use std::os::fd::FromRawFd;
