@@ -46,6 +46,11 @@ trap 'rm -rf "$state" "$bin"' EXIT
 # more exposed to it than bwrap's 70 KB (docs/BENCHMARKS.md).
 install -m 0755 target/release/mcpbox "$bin/mcpbox"
 mcpbox=$bin/mcpbox
+# With the kernel's audit subsystem on, every mcpbox start also starts its reader of Landlock's
+# audit records (a thread, a netlink socket, a settle round trip at exit); bwrap reads nothing.
+if "$mcpbox" doctor 2>/dev/null | grep -Eq '^  landlock +ok '; then
+    echo "bench/startup.sh: the kernel's audit subsystem is on, so mcpbox reads Landlock denials from it at every start; docs/BENCHMARKS.md's figures are with it off (auditctl -e 0)" >&2
+fi
 policy=$bin/startup.toml
 sed -e '/^cpu = /d' -e '/^disk = /d' policies/default.toml > "$policy"
 baseline=()
