@@ -63,7 +63,9 @@ pub struct AllowList {
 /// How a target matched the allow-list.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Match {
-    /// An entry names this exact host and port: any address it resolves to is fine.
+    /// An entry names this exact host and port: a name may resolve to any address but this
+    /// host's own and link-local ones (see [`is_host_local`]); a listed address is reachable
+    /// whatever it is.
     Exact,
     /// Only a wildcard entry matched: the name must resolve to public addresses only.
     Wildcard,
@@ -179,6 +181,25 @@ fn embedded_v4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
         return v4(seg[1], seg[2]);
     }
     None
+}
+
+/// This host's own addresses and link-local ones: unspecified, loopback, link-local (cloud
+/// metadata lives at 169.254.169.254), and IPv6 forms embedding such an IPv4 address. What an
+/// exact *name* in an allow-list never reaches (a listed address does).
+pub fn is_host_local(ip: IpAddr) -> bool {
+    let v4 = |v4: Ipv4Addr| {
+        let [a, b, _, _] = v4.octets();
+        a == 0 || a == 127 || (a == 169 && b == 254)
+    };
+    match ip {
+        IpAddr::V4(ip) => v4(ip),
+        IpAddr::V6(v6) => {
+            if v6.is_unspecified() || v6.is_loopback() || (v6.segments()[0] & 0xffc0) == 0xfe80 {
+                return true;
+            }
+            embedded_v4(v6).is_some_and(v4)
+        }
+    }
 }
 
 fn is_internal_v4(ip: Ipv4Addr) -> bool {
@@ -577,6 +598,16 @@ async fn connect_checked(
             return Err(deny(
                 "network.allow: resolves to a non-public address; list the exact host:port to permit it",
                 &format!("wildcard match resolves to non-public address {}", bad.ip()),
+            ));
+        }
+    } else if matches!(host, Host::Name(_)) {
+        // An exact name: whoever answers for it in DNS decides where it leads, and a name can
+        // be pointed at this host's loopback (mcpbox's own listener, local services) or at
+        // link-local addresses (cloud metadata) at any time. Those take the address itself.
+        if let Some(bad) = addrs.iter().find(|a| is_host_local(a.ip())) {
+            return Err(deny(
+                "network.allow: a name never leads to loopback or link-local addresses; list the address itself (e.g. 127.0.0.1:8080) to permit it",
+                &format!("resolves to host-local address {}", bad.ip()),
             ));
         }
     }
@@ -1267,20 +1298,45 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_exact_name_entry_may_resolve_to_loopback() {
-        let (echo, _t) = echo_server().await;
+    async fn an_exact_name_entry_may_resolve_to_a_private_address() {
+        // An internal service by name (`db.internal:5432`): the policy lets it through.
         let proxy =
-            start_proxy(&[format!("svc.internal:{}", echo.port())], FakeDns::with(&[("svc.internal", "127.0.0.1")]));
-        let mut s = TcpStream::connect(proxy.addr).await.unwrap();
-        s.write_all(format!("CONNECT SVC.internal:{} HTTP/1.1\r\n\r\n", echo.port()).as_bytes()).await.unwrap();
-        let mut got = vec![0u8; 39];
-        tokio::time::timeout(T, s.read_exact(&mut got)).await.unwrap().unwrap();
-        assert!(got.starts_with(b"HTTP/1.1 200 "));
-        s.write_all(b"ping").await.unwrap();
-        let mut pong = [0u8; 4];
-        tokio::time::timeout(T, s.read_exact(&mut pong)).await.unwrap().unwrap();
-        assert_eq!(&pong, b"ping");
+            start_proxy(&["svc.internal:5432".to_string()], FakeDns::with(&[("svc.internal", "10.255.255.254")]));
+        let mut sock = TcpStream::connect(proxy.addr).await.unwrap();
+        sock.write_all(b"CONNECT svc.internal:5432 HTTP/1.1\r\n\r\n").await.unwrap();
+        let mut head = vec![0u8; 12];
+        tokio::time::timeout(T, sock.read_exact(&mut head)).await.unwrap().unwrap();
+        // Not refused by the policy: connected, or the gateway's error where nothing answers.
+        assert!(head != b"HTTP/1.1 403", "{}", String::from_utf8_lossy(&head));
+        assert!(head.starts_with(b"HTTP/1.1 "), "{}", String::from_utf8_lossy(&head));
         assert_eq!(proxy.dns.asked(), vec!["svc.internal".to_string()]);
+    }
+
+    #[tokio::test]
+    async fn an_exact_name_never_leads_to_loopback_or_link_local_but_a_listed_address_does() {
+        let trap = Tripwire::new();
+        let port = trap.port();
+        for (name, addr) in [
+            ("local.example", "127.0.0.1"),
+            ("meta.example", "169.254.169.254"),
+            ("v6local.example", "::1"),
+            ("mapped.example", "::ffff:127.0.0.1"),
+            ("zero.example", "0.0.0.0"),
+        ] {
+            let proxy = start_proxy(&[format!("{name}:{port}")], FakeDns::with(&[(name, addr)]));
+            let reply = exchange(proxy.addr, format!("CONNECT {name}:{port} HTTP/1.1\r\n\r\n").as_bytes()).await;
+            assert!(reply.starts_with("HTTP/1.1 403 "), "{name} -> {addr}: {reply}");
+            assert!(reply.contains("list the address itself"), "{reply}");
+        }
+        trap.assert_untouched();
+        // The address itself, listed, is reachable.
+        let (echo, _t) = echo_server().await;
+        let proxy = start_proxy(&[format!("127.0.0.1:{}", echo.port())], FakeDns::default());
+        let mut sock = TcpStream::connect(proxy.addr).await.unwrap();
+        sock.write_all(format!("CONNECT 127.0.0.1:{} HTTP/1.1\r\n\r\n", echo.port()).as_bytes()).await.unwrap();
+        let mut head = vec![0u8; 12];
+        tokio::time::timeout(T, sock.read_exact(&mut head)).await.unwrap().unwrap();
+        assert_eq!(&head, b"HTTP/1.1 200");
     }
 
     #[test]
