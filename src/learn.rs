@@ -37,6 +37,9 @@ const MAX_PATHS: usize = 50_000;
 const MAX_PATH_BYTES: usize = 16 << 20;
 /// Distinct connect targets kept at most.
 const MAX_TARGETS: usize = 1_000;
+/// Distinct denied syscalls kept at most (a server calling every unknown number would
+/// otherwise grow the map, and the written file, by one entry per number).
+const MAX_DENIED: usize = 512;
 
 #[derive(Debug, Clone, Default)]
 pub struct PathSeen {
@@ -120,6 +123,10 @@ impl Observations {
 
     pub fn denied_syscall(&self, name: &str) {
         let mut s = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if s.denied.len() >= MAX_DENIED && !s.denied.contains_key(name) {
+            s.dropped += 1;
+            return;
+        }
         *s.denied.entry(name.to_string()).or_default() += 1;
     }
 
@@ -197,13 +204,32 @@ pub const ETC_SECRETS: &[&str] = &[
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct View {
     pub grants: Vec<(PathBuf, Access)>,
+    /// What the view leaves out (as named and as real paths): no learned grant leads into it.
+    pub never: Vec<PathBuf>,
 }
 
 impl View {
-    /// Whether `path` (as the server named it, or its real path) lies in the view.
+    /// Whether `path` lies in the view: under one of its grants as the server named it, and its
+    /// real path on the host (symlinks followed; for a path that does not exist, its
+    /// directory's) under one too and in nothing the view leaves out. A name that only leads
+    /// into the view through a symlink (`/usr/lib/ssl/private` -> `/etc/ssl/private`) is not
+    /// in it. Nothing outside the grants as named is looked up on the host (a path the server
+    /// made up may sit on an automounter or a hung network filesystem).
     pub fn contains(&self, path: &Path) -> bool {
-        let real = std::fs::canonicalize(path).ok();
-        self.grants.iter().any(|(g, _)| path.starts_with(g) || real.as_deref().is_some_and(|r| r.starts_with(g)))
+        if !self.covers(path) {
+            return false;
+        }
+        let real = std::fs::canonicalize(path).ok().or_else(|| {
+            let dir = std::fs::canonicalize(path.parent()?).ok()?;
+            Some(dir.join(path.file_name()?))
+        });
+        real.is_some_and(|r| self.covers(&r) && !self.never.iter().any(|n| r.starts_with(n)))
+    }
+
+    /// `path` lies under one of the grants as named (no filesystem access). A directory under
+    /// a grant holds nothing the view leaves out: grants are carved around those.
+    pub fn covers(&self, path: &Path) -> bool {
+        self.grants.iter().any(|(g, _)| path.starts_with(g))
     }
 }
 
@@ -224,7 +250,7 @@ pub fn learn_view(hidden: &[PathBuf]) -> View {
         .filter(|(r, _)| std::fs::symlink_metadata(r).is_ok())
         .collect();
     let real_roots: Vec<PathBuf> = roots.iter().filter_map(|(r, _)| std::fs::canonicalize(r).ok()).collect();
-    let mut view = View::default();
+    let mut view = View { grants: Vec::new(), never: never.clone() };
     for (root, access) in &roots {
         for p in carve(root, &never, 0) {
             let Ok(real) = std::fs::canonicalize(&p) else { continue };
@@ -305,10 +331,10 @@ pub struct Line {
 }
 
 /// A path for a comment line: control characters escaped, so that a name the server made up
-/// (`x\nexec = ["/"]`) cannot end the comment and add a line of its own.
+/// (`x\nexec = ["/"]`) cannot end the comment and add a line of its own, and so are the
+/// invisible ones that reorder or hide text on a terminal (bidi overrides, zero-width marks).
 pub fn shown(p: &Path) -> String {
-    let s = p.to_string_lossy();
-    s.chars().flat_map(|c| if c.is_control() { c.escape_default().collect::<Vec<_>>() } else { vec![c] }).collect()
+    crate::denials::printable(&p.to_string_lossy())
 }
 
 impl Line {
@@ -332,7 +358,7 @@ impl Line {
 /// one directory stand for that directory (a single file stays itself), and at least three
 /// lines under one directory are merged into it, while it is not too broad. `exact` keeps
 /// every path as it is (exec grants).
-pub fn collapse(used: &BTreeMap<PathBuf, PathSeen>, exact: bool) -> Vec<Line> {
+pub fn collapse(used: &BTreeMap<PathBuf, PathSeen>, exact: bool, whole: impl Fn(&Path) -> bool) -> Vec<Line> {
     let mut lines: BTreeMap<PathBuf, Line> = BTreeMap::new();
     let add = |lines: &mut BTreeMap<PathBuf, Line>, at: PathBuf, from: &Line| {
         let l = lines.entry(at.clone()).or_insert(Line {
@@ -355,7 +381,9 @@ pub fn collapse(used: &BTreeMap<PathBuf, PathSeen>, exact: bool) -> Vec<Line> {
     }
     for (p, seen) in used {
         let at = match p.parent() {
-            Some(d) if !exact && !is_dir(p) && !too_broad(d) && files_in.get(d).copied().unwrap_or(0) >= 2 => {
+            Some(d)
+                if !exact && !is_dir(p) && !too_broad(d) && files_in.get(d).copied().unwrap_or(0) >= 2 && whole(d) =>
+            {
                 d.to_path_buf()
             }
             _ => p.clone(),
@@ -378,7 +406,7 @@ pub fn collapse(used: &BTreeMap<PathBuf, PathSeen>, exact: bool) -> Vec<Line> {
         loop {
             let mut by_parent: BTreeMap<PathBuf, Vec<PathBuf>> = BTreeMap::new();
             for p in lines.keys() {
-                if let Some(d) = p.parent().filter(|d| !too_broad(d)) {
+                if let Some(d) = p.parent().filter(|d| !too_broad(d) && whole(d)) {
                     by_parent.entry(d.to_path_buf()).or_default().push(p.clone());
                 }
             }
@@ -497,9 +525,11 @@ pub fn write_policy(l: &Learned, obs: &Snapshot) -> String {
         // Only what the server could see: in the view, and there on the host.
         let exists = std::fs::symlink_metadata(p).is_ok();
         if wants_write {
-            // A file it tried to create: its directory must be in the view and exist.
+            // A file it tried to create: its directory must be in the view and exist, and its
+            // name show as it is (no control or invisible characters in a line to uncomment).
             let dir_ok = p.parent().is_some_and(|d| l.view.contains(d) && d.exists());
-            if dir_ok && l.view.contains(p) {
+            let plain = !crate::denials::has_unprintable(&p.to_string_lossy());
+            if dir_ok && plain && l.view.contains(p) {
                 writes.insert(p.clone(), seen.clone());
             } else {
                 left_out += 1;
@@ -517,10 +547,12 @@ pub fn write_policy(l: &Learned, obs: &Snapshot) -> String {
             reads.insert(p.clone(), seen.clone());
         }
     }
-    let exec_lines = collapse(&execs, true);
-    let mut read_lines = collapse(&reads, false);
+    // A directory stands for its files only where the whole of it is in the view.
+    let whole = |d: &Path| l.view.contains(d);
+    let exec_lines = collapse(&execs, true, whole);
+    let mut read_lines = collapse(&reads, false, whole);
     read_lines.retain(|r| !exec_lines.iter().any(|e| r.path.starts_with(&e.path)));
-    let write_lines = collapse(&writes, false);
+    let write_lines = collapse(&writes, false, whole);
 
     let mut out = String::new();
     let _ = writeln!(out, "# Learned by `mcpbox policy learn` from: {}", shown(Path::new(&l.command)));
@@ -581,6 +613,11 @@ pub fn write_policy(l: &Learned, obs: &Snapshot) -> String {
         .collect();
     if !new_targets.is_empty() {
         let _ = writeln!(out, "\n[network]\nmode = \"proxy\"\nallow = [");
+        let _ = writeln!(
+            out,
+            "    # Names the server chose: whoever runs a name's DNS decides where it leads later (never to\n    \
+             # loopback or link-local addresses, but to private ones too); `*.domain:port` is public-only."
+        );
         for (t, n) in new_targets {
             let _ = writeln!(out, "    # {n} connection(s) through the proxy\n    {},", quoted(t));
         }

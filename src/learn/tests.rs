@@ -26,13 +26,18 @@ fn paths(lines: &[Line]) -> Vec<String> {
 // Paths under /nonexistent-mcpbox-learn do not exist: files, as far as `collapse` can tell.
 const X: &str = "/nonexistent-mcpbox-learn";
 
+/// Every directory is whole in the view (see `View::contains`).
+fn all(_: &Path) -> bool {
+    true
+}
+
 #[test]
 fn files_collapse_to_their_directory_and_three_siblings_to_their_parent() {
-    let two = collapse(&reads(&[&format!("{X}/a/b/f1"), &format!("{X}/a/b/f2")]), false);
+    let two = collapse(&reads(&[&format!("{X}/a/b/f1"), &format!("{X}/a/b/f2")]), false, all);
     assert_eq!(paths(&two), [format!("{X}/a/b")]);
     assert_eq!((two[0].files, two[0].times), (2, 2));
     // A single file stays a file.
-    let one = collapse(&reads(&[&format!("{X}/a/b/f")]), false);
+    let one = collapse(&reads(&[&format!("{X}/a/b/f")]), false, all);
     assert_eq!(paths(&one), [format!("{X}/a/b/f")]);
     let three = collapse(
         &reads(&[
@@ -44,6 +49,7 @@ fn files_collapse_to_their_directory_and_three_siblings_to_their_parent() {
             &format!("{X}/a/d/g"),
         ]),
         false,
+        all,
     );
     assert_eq!(paths(&three), [format!("{X}/a")]);
     assert_eq!(three[0].files, 6);
@@ -51,10 +57,12 @@ fn files_collapse_to_their_directory_and_three_siblings_to_their_parent() {
     let apart = collapse(
         &reads(&[&format!("{X}/a/b/f"), &format!("{X}/a/b/g"), &format!("{X}/a/c/f"), &format!("{X}/a/c/g")]),
         false,
+        all,
     );
     assert_eq!(paths(&apart), [format!("{X}/a/b"), format!("{X}/a/c")]);
     // A line inside another is merged into it.
-    let nested = collapse(&reads(&[&format!("{X}/a/b/f"), &format!("{X}/a/b/g"), &format!("{X}/a/b/c/d/g")]), false);
+    let nested =
+        collapse(&reads(&[&format!("{X}/a/b/f"), &format!("{X}/a/b/g"), &format!("{X}/a/b/c/d/g")]), false, all);
     assert_eq!(paths(&nested), [format!("{X}/a/b")]);
     assert_eq!(nested[0].files, 3);
 }
@@ -72,11 +80,12 @@ fn never_slash_a_top_level_directory_a_home_or_a_broad_system_directory() {
             "/usr/share/x3/g",
         ]),
         false,
+        all,
     );
     assert_eq!(paths(&share), ["/usr/share/x1", "/usr/share/x2", "/usr/share/x3"]);
     // A file whose directory is /etc, a home or / stays a file.
     let files =
-        collapse(&reads(&["/etc/x-passwd", "/home/u/.x", "/root/.y", "/top", "/home/u/.z", "/home/u/.w"]), false);
+        collapse(&reads(&["/etc/x-passwd", "/home/u/.x", "/root/.y", "/top", "/home/u/.z", "/home/u/.w"]), false, all);
     assert_eq!(paths(&files), ["/etc/x-passwd", "/home/u/.w", "/home/u/.x", "/home/u/.z", "/root/.y"]);
     for p in ["/", "/etc", "/usr", "/home", "/home/u", "/root", "/usr/lib", "/usr/share", "/usr/local"] {
         assert!(too_broad(Path::new(p)), "{p}");
@@ -85,9 +94,9 @@ fn never_slash_a_top_level_directory_a_home_or_a_broad_system_directory() {
         assert!(!too_broad(Path::new(p)), "{p}");
     }
     // Looking at a top-level directory grants nothing.
-    assert!(collapse(&reads(&["/usr", "/"]), false).is_empty());
+    assert!(collapse(&reads(&["/usr", "/"]), false, all).is_empty());
     // Exec lines are exact.
-    let ex = collapse(&reads(&[&format!("{X}/bin/a"), &format!("{X}/bin/b"), &format!("{X}/bin/c")]), true);
+    let ex = collapse(&reads(&[&format!("{X}/bin/a"), &format!("{X}/bin/b"), &format!("{X}/bin/c")]), true, all);
     assert_eq!(ex.len(), 3);
 }
 
@@ -116,6 +125,12 @@ fn the_learn_view_has_the_system_directories_and_etc_without_secrets_or_hidden_p
     for h in &hidden {
         assert!(!view.contains(&h.join("mcpbox.json")), "{} is in the view", h.display());
     }
+    // A name in the view that a symlink leads out of it (Debian: /usr/lib/ssl/private ->
+    // /etc/ssl/private) is not in the view: a grant of it would follow the link at launch.
+    if std::fs::read_link("/usr/lib/ssl/private").is_ok() {
+        assert!(!view.contains(Path::new("/usr/lib/ssl/private/ssl-cert-snakeoil.key")));
+        assert!(!view.contains(Path::new("/usr/lib/ssl/private")));
+    }
     // Everything in it is a grant a policy may hold.
     for (g, _) in &view.grants {
         assert!(crate::policy::reserved_conflict(&std::fs::canonicalize(g).unwrap()).is_none(), "{}", g.display());
@@ -136,8 +151,10 @@ fn the_written_policy_has_what_was_used_commented_and_nothing_outside_the_view()
     let dir = tempfile::tempdir().unwrap();
     let base = default_policy(dir.path());
     let state = PathBuf::from("/var/lib/mcpbox");
-    let view =
-        View { grants: vec![(PathBuf::from("/usr"), Access::Exec), (PathBuf::from("/etc/passwd"), Access::Read)] };
+    let view = View {
+        grants: vec![(PathBuf::from("/usr"), Access::Exec), (PathBuf::from("/etc/passwd"), Access::Read)],
+        never: vec![],
+    };
     let mut obs = Snapshot::default();
     let mut put = |p: &str, u: Use, call: &'static str| {
         let s = obs.paths.entry(PathBuf::from(p)).or_default();
@@ -241,7 +258,7 @@ fn a_made_up_name_cannot_end_a_comment_and_add_a_grant() {
     // break out of the comment that cites it as the example.
     let dir = tempfile::tempdir().unwrap();
     let base = default_policy(dir.path());
-    let view = View { grants: vec![(PathBuf::from("/usr"), Access::Exec)] };
+    let view = View { grants: vec![(PathBuf::from("/usr"), Access::Exec)], never: vec![] };
     let mut obs = Snapshot::default();
     for name in ["/usr/share/doc/a\n[env]\npass = [\"INJECTED\"]\n#", "/usr/share/doc/b"] {
         obs.paths.insert(PathBuf::from(name), seen(&[(Use::Write, 1)], "openat"));
@@ -257,12 +274,67 @@ fn a_made_up_name_cannot_end_a_comment_and_add_a_grant() {
         executable: None,
     };
     let text = write_policy(&learned, &obs);
-    // The name is cited (escaped) in a comment, and nothing else came of it.
-    assert!(text.contains("e.g. /usr/share/doc/a\\n[env]"), "{text}");
+    // A name that would not show as it is never makes a line to uncomment: it is counted as
+    // left out, and nothing else came of it.
+    assert!(text.contains("# 1 path(s) it named lay outside the learn view"), "{text}");
+    assert!(!text.contains("INJECTED"), "{text}");
     for line in text.lines().filter(|l| !l.is_empty() && !l.starts_with('#')) {
         assert!(!line.contains("INJECTED") && !line.contains("/root"), "{line}\n{text}");
     }
     let table: toml::Table = toml::from_str(&text).unwrap();
     assert!(table.get("env").is_none(), "{text}");
     assert!(table["filesystem"].as_table().unwrap().is_empty(), "{text}");
+}
+
+#[test]
+fn a_symlink_out_of_the_view_and_a_directory_holding_a_hidden_path_are_never_granted() {
+    let t = tempfile::tempdir().unwrap();
+    let root = t.path().join("root");
+    let outside = t.path().join("outside");
+    std::fs::create_dir_all(root.join("dir")).unwrap();
+    std::fs::create_dir_all(root.join("app/state")).unwrap();
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::write(outside.join("secret"), "x").unwrap();
+    std::os::unix::fs::symlink(&outside, root.join("dir/link")).unwrap();
+    for f in ["app/README", "app/LICENSE"] {
+        std::fs::write(root.join(f), "x").unwrap();
+    }
+    // The view carved around app/state, as learn_view does around a hidden path.
+    let view = View {
+        grants: vec![
+            (root.join("dir"), Access::Read),
+            (root.join("app/README"), Access::Read),
+            (root.join("app/LICENSE"), Access::Read),
+        ],
+        never: vec![root.join("app/state")],
+    };
+    assert!(view.contains(&root.join("app/README")));
+    assert!(!view.contains(&root.join("dir/link/secret")), "through a symlink out of the view");
+    assert!(!view.contains(&root.join("dir/link")));
+    // Two files of app/ would stand for app/, which holds the hidden state: they stay files.
+    let used =
+        reads(&[&root.join("app/README").display().to_string(), &root.join("app/LICENSE").display().to_string()]);
+    let lines = collapse(&used, false, |d| view.contains(d));
+    assert_eq!(
+        paths(&lines),
+        [root.join("app/LICENSE").display().to_string(), root.join("app/README").display().to_string()]
+    );
+}
+
+#[test]
+fn denied_syscalls_are_kept_up_to_a_bound() {
+    let obs = Observations::default();
+    for i in 0..10_000 {
+        obs.denied_syscall(&format!("syscall {i}"));
+    }
+    let snap = obs.snapshot();
+    assert!(snap.denied.len() <= 512, "{}", snap.denied.len());
+    assert!(snap.dropped >= 10_000 - 512, "{}", snap.dropped);
+}
+
+#[test]
+fn comments_escape_invisible_characters() {
+    let p = Path::new("/tmp/a\u{202e}txt.exe\u{200b}\nexec");
+    let s = shown(p);
+    assert!(!s.contains('\u{202e}') && !s.contains('\u{200b}') && !s.contains('\n'), "{s}");
 }
