@@ -6,7 +6,7 @@ use std::fmt::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use crate::denials::{Layer, Recorded};
+use crate::denials::{has_unprintable, printable, Layer, Recorded};
 use crate::plan::{ServerDirs, StateDir};
 use crate::policy::{path_covered, Network, Policy};
 
@@ -37,8 +37,9 @@ fn quoted(s: &str) -> String {
 fn seen(r: &Recorded) -> String {
     let times = if r.count == 1 { "once".to_string() } else { format!("{} times", r.count) };
     let session = r.session.as_deref().map(|s| format!(", last in session {s}")).unwrap_or_default();
-    let object = if r.denial.object.is_empty() { String::new() } else { format!(" {}", r.denial.object) };
-    format!("{} {}{object}: {times}{session}", r.denial.layer.as_str(), r.denial.access)
+    let object = if r.denial.object.is_empty() { String::new() } else { format!(" {}", printable(&r.denial.object)) };
+    let session = printable(&session);
+    format!("{} {}{object}: {times}{session}", r.denial.layer.as_str(), printable(&r.denial.access))
 }
 
 /// The grants that would have permitted each recorded denial `policy` does not already permit.
@@ -51,6 +52,13 @@ pub fn suggest(policy: &Policy, denials: &[Recorded]) -> Suggestion {
     };
     for r in denials {
         let d = &r.denial;
+        // The server chose the object: one that would not read as it is (a newline that ends a
+        // comment and starts a `+` line, terminal escapes, bidi overrides) or that was cut is
+        // never proposed.
+        if has_unprintable(&d.object) || d.object.ends_with(crate::denials::CUT) {
+            s.notes.push(format!("{}: the name holds control or invisible characters, or is cut short", seen(r)));
+            continue;
+        }
         match (d.layer, d.access.as_str()) {
             (Layer::Egress, "connect") => {
                 let reason = d.reason.as_deref().unwrap_or("");
@@ -394,6 +402,25 @@ mod tests {
         assert_eq!(s.notes.len(), 3, "{:?}", s.notes);
         let text = render_suggest("srv", &p, denials.len(), &s);
         assert!(text.contains("+ exec = [\"/usr/share/run.sh\"]\n"), "{text}");
+    }
+
+    #[test]
+    fn a_denied_name_that_would_add_a_line_or_hide_text_is_never_proposed() {
+        let p = pol("");
+        let evil = "/tmp/x\n+ read = [\"/\"]\n# ";
+        let denials = vec![
+            rec(Layer::Landlock, "exec", evil, "blockers=fs.execute"),
+            rec(Layer::Landlock, "read", "/srv/a\u{202e}gpj.exe", "blockers=fs.read_file"),
+            rec(Layer::Landlock, "read", &format!("/srv/{}{}", "a".repeat(1100), crate::denials::CUT), ""),
+            rec(Layer::Landlock, "read", "/srv/\u{1b}]52;c;aGk=\u{7}", ""),
+        ];
+        let s = suggest(&p, &denials);
+        assert!(s.additions.is_empty(), "{:?}", s.additions);
+        assert_eq!(s.notes.len(), 4, "{:?}", s.notes);
+        let text = render_suggest("srv", &p, denials.len(), &s);
+        assert!(!text.lines().any(|l| l.starts_with('+')), "{text}");
+        assert!(!text.contains('\u{1b}') && !text.contains('\u{202e}'), "{text}");
+        assert_eq!(text.matches("# cannot be granted: ").count(), 4, "{text}");
     }
 
     #[test]

@@ -27,8 +27,46 @@ pub const LOG_BURST: u32 = 10;
 pub const LOG_WINDOW: Duration = Duration::from_secs(10);
 /// The record file's name in a server's state directory.
 pub const FILE_NAME: &str = "denials.json";
-/// Largest record file read back (a record of [`MAX_RECENT`] entries is far smaller).
+/// Largest record file read back (a record of [`MAX_RECENT`] entries of at most
+/// [`MAX_OBJECT`]-byte objects and reasons is far smaller).
 const MAX_FILE_BYTES: u64 = 1 << 20;
+/// A denial's object and reason are kept to this many bytes: the server chooses them (a path
+/// it names, a target), and every distinct denial rewrites the record file.
+pub const MAX_OBJECT: usize = 1024;
+/// How a cut object ends: such an object is never proposed as a grant.
+pub const CUT: &str = "…(cut)";
+
+/// `s` with control characters and the invisible ones that reorder or hide text on a
+/// terminal (bidi overrides, zero-width marks) escaped: for log lines, comments and anything
+/// else an operator reads, of names a server chose.
+pub fn printable(s: &str) -> String {
+    s.chars()
+        .flat_map(|c| if c.is_control() || invisible(c) { c.escape_default().collect::<Vec<_>>() } else { vec![c] })
+        .collect()
+}
+
+/// Whether `s` holds characters [`printable`] escapes.
+pub fn has_unprintable(s: &str) -> bool {
+    s.chars().any(|c| c.is_control() || invisible(c))
+}
+
+/// Unicode format characters that change how the text around them is shown.
+fn invisible(c: char) -> bool {
+    matches!(c as u32, 0x061C | 0x200B..=0x200F | 0x202A..=0x202E | 0x2060..=0x206F | 0xFEFF)
+}
+
+/// `s` cut to [`MAX_OBJECT`] bytes (at a character boundary), ending in [`CUT`] if it was.
+fn capped(mut s: String) -> String {
+    if s.len() > MAX_OBJECT {
+        let mut end = MAX_OBJECT;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+        s.push_str(CUT);
+    }
+    s
+}
 
 /// Which layer refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -133,8 +171,13 @@ struct Inner {
 /// One server's denials.
 pub struct ServerDenials {
     server: String,
-    file: Option<PathBuf>,
+    /// Set once: at creation, or later by [`Registry::server`] (a sandbox that records before
+    /// the server's state is known, e.g. its prepare phase, creates the record without it).
+    file: OnceLock<PathBuf>,
     inner: Mutex<Inner>,
+    /// Held from the snapshot to the rename: writers of one record never interleave, and a
+    /// newer snapshot is always the one written last.
+    writing: Mutex<()>,
 }
 
 fn now_secs() -> u64 {
@@ -152,9 +195,14 @@ impl ServerDenials {
                 recent.extend(rec.denials.into_iter().rev().take(MAX_RECENT).rev());
             }
         }
+        let cell = OnceLock::new();
+        if let Some(f) = file {
+            let _ = cell.set(f);
+        }
         ServerDenials {
             server,
-            file,
+            file: cell,
+            writing: Mutex::new(()),
             inner: Mutex::new(Inner {
                 policy: None,
                 totals: [0; 3],
@@ -170,6 +218,40 @@ impl ServerDenials {
         &self.server
     }
 
+    /// Keep the record in `file` from now on, if it had no file: what the file holds comes
+    /// first, then what was recorded meanwhile (written at once if anything was).
+    fn attach(&self, file: PathBuf) {
+        if self.file.get().is_some() {
+            return;
+        }
+        let history = read_file(&file).map(|r| r.denials).unwrap_or_default();
+        if self.file.set(file).is_err() {
+            return;
+        }
+        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let had = !g.recent.is_empty();
+        let mut merged: VecDeque<Recorded> = history.into_iter().collect();
+        merged.extend(g.recent.drain(..));
+        while merged.len() > MAX_RECENT {
+            merged.pop_front();
+        }
+        g.recent = merged;
+        if had {
+            self.write(g);
+        }
+    }
+
+    /// Writes the record (the guard is released once the snapshot is taken).
+    fn write(&self, g: std::sync::MutexGuard<'_, Inner>) {
+        let Some(f) = self.file.get() else { return };
+        let body = RecordFile { server: self.server.clone(), denials: g.recent.iter().cloned().collect() };
+        let _w = self.writing.lock().unwrap_or_else(|e| e.into_inner());
+        drop(g);
+        if let Err(e) = write_atomic(f, &body) {
+            tracing::warn!(server = %self.server, file = %f.display(), "cannot keep the denial record: {e}");
+        }
+    }
+
     /// The policy (shipped name or file path) the server runs under, recorded with denials
     /// whose layer does not name it (seccomp's).
     pub fn set_policy(&self, source: &str) {
@@ -182,6 +264,7 @@ impl ServerDenials {
     }
 
     fn record_at(&self, session: Option<&str>, policy: Option<&str>, d: Denial, now: Instant, wall: u64) {
+        let d = Denial { object: capped(d.object), reason: d.reason.map(capped), ..d };
         let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         g.totals[d.layer.index()] += 1;
 
@@ -201,13 +284,13 @@ impl ServerDenials {
                 server = %self.server,
                 session = session.unwrap_or("-"),
                 layer = d.layer.as_str(),
-                access = %d.access,
-                object = %d.object,
-                reason = d.reason.as_deref().unwrap_or(""),
+                access = %printable(&d.access),
+                object = %printable(&d.object),
+                reason = %printable(d.reason.as_deref().unwrap_or("")),
                 "{} denied: {} {} (see `mcpbox policy suggest {}`)",
                 d.layer.as_str(),
-                d.access,
-                d.object,
+                printable(&d.access),
+                printable(&d.object),
                 self.server
             );
         } else {
@@ -233,13 +316,7 @@ impl ServerDenials {
             g.recent.pop_front();
         }
         if is_new {
-            if let Some(f) = &self.file {
-                let body = RecordFile { server: self.server.clone(), denials: g.recent.iter().cloned().collect() };
-                drop(g);
-                if let Err(e) = write_atomic(f, &body) {
-                    tracing::warn!(server = %self.server, file = %f.display(), "cannot keep the denial record: {e}");
-                }
-            }
+            self.write(g);
         }
     }
 
@@ -255,12 +332,15 @@ impl ServerDenials {
     }
 }
 
+/// Through a temporary file of its own in the same directory, then renamed over: a reader
+/// sees the old record or the new one whole, and two writers (another mcpbox process of the
+/// same state) never share a temporary file.
 fn write_atomic(path: &Path, body: &RecordFile) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
-    let tmp = dir.join(format!(".{FILE_NAME}.tmp"));
-    std::fs::write(&tmp, serde_json::to_vec_pretty(body).map_err(std::io::Error::other)?)?;
-    std::fs::rename(&tmp, path)
+    let mut tmp = tempfile::Builder::new().prefix(&format!(".{FILE_NAME}.")).tempfile_in(dir)?;
+    std::io::Write::write_all(&mut tmp, &serde_json::to_vec_pretty(body).map_err(std::io::Error::other)?)?;
+    tmp.persist(path).map(|_| ()).map_err(|e| e.error)
 }
 
 /// Every server's record in this process.
@@ -270,10 +350,23 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// The record of `server`, created (kept in `file`) the first time.
+    /// The record of `server`, created the first time; kept in `file` once one is given (a
+    /// record made without one, by a sandbox that started first, gets it then).
     pub fn server(&self, server: &str, file: Option<PathBuf>) -> Arc<ServerDenials> {
         let mut m = self.servers.lock().unwrap_or_else(|e| e.into_inner());
-        m.entry(server.to_string()).or_insert_with(|| Arc::new(ServerDenials::new(server, file))).clone()
+        let (d, file) = match m.get(server) {
+            Some(d) => (d.clone(), file),
+            None => {
+                let d = Arc::new(ServerDenials::new(server, file));
+                m.insert(server.to_string(), d.clone());
+                (d, None)
+            }
+        };
+        drop(m);
+        if let Some(f) = file {
+            d.attach(f);
+        }
+        d
     }
 
     pub fn get(&self, server: &str) -> Option<Arc<ServerDenials>> {
@@ -351,6 +444,71 @@ mod tests {
         d.record_at(None, None, egress("late.test:1"), t + LOG_WINDOW, 0);
         let g = d.inner.lock().unwrap();
         assert_eq!((g.logged, g.suppressed), (1, 0));
+    }
+
+    #[test]
+    fn a_record_made_without_its_file_keeps_it_once_given() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = file_for(dir.path(), "srv");
+        let r = Registry::default();
+        // A prepare sandbox's listener records first, knowing no file.
+        r.server("srv", None).record(None, None, egress("early.test:443"));
+        let d = r.server("srv", Some(f.clone()));
+        d.record(None, None, egress("late.test:443"));
+        let rec = read_file(&f).expect("the record reached its file");
+        let objects: Vec<&str> = rec.denials.iter().map(|d| d.denial.object.as_str()).collect();
+        assert_eq!(objects, ["early.test:443", "late.test:443"]);
+    }
+
+    #[test]
+    fn objects_are_capped_and_a_full_record_stays_readable() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = file_for(dir.path(), "srv");
+        let d = ServerDenials::new("srv", Some(f.clone()));
+        for i in 0..(MAX_RECENT + 1) {
+            let object = format!("/tmp/{i}/{}", "\u{1}".repeat(4000));
+            d.record(None, None, Denial { layer: Layer::Landlock, access: "exec".into(), object, reason: None });
+        }
+        let rec = read_file(&f).expect("a full record of the longest objects is readable");
+        assert_eq!(rec.denials.len(), MAX_RECENT);
+        assert!(rec.denials.iter().all(|r| r.denial.object.len() <= MAX_OBJECT + CUT.len()));
+        assert!(rec.denials.iter().all(|r| r.denial.object.ends_with(CUT)));
+        assert!(std::fs::metadata(&f).unwrap().len() < MAX_FILE_BYTES);
+    }
+
+    #[test]
+    fn concurrent_writers_leave_a_whole_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = file_for(dir.path(), "srv");
+        let d = Arc::new(ServerDenials::new("srv", Some(f.clone())));
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let d = d.clone();
+                std::thread::spawn(move || {
+                    for i in 0..200 {
+                        let object = format!("{}{i}.test:443", "x".repeat(1 + (t * 37 + i) % 300));
+                        d.record(None, None, egress(&object));
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let rec = read_file(&f).expect("never a torn or mixed record");
+        assert_eq!(rec.denials, d.recent(), "the newest snapshot is the one written last");
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path().join("srv"))
+            .map(|e| e.flatten().map(|e| e.file_name()).filter(|n| n != FILE_NAME).collect())
+            .unwrap_or_default();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
+
+    #[test]
+    fn printable_escapes_what_would_end_a_line_or_hide_text() {
+        assert_eq!(printable("/a b/c"), "/a b/c");
+        let p = printable("x\n+ y\u{1b}[2J\u{202e}z");
+        assert!(!p.contains('\n') && !p.contains('\u{1b}') && !p.contains('\u{202e}'), "{p}");
+        assert!(has_unprintable("a\u{200b}b") && !has_unprintable("/usr/lib/é"));
     }
 
     #[test]
