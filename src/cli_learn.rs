@@ -266,6 +266,7 @@ fn run_learning(s: &Setup, out: &Path) -> anyhow::Result<ExitCode> {
     if let Some(exe) = planned.spec.argv.first() {
         obs.path(crate::learn::Use::Exec, PathBuf::from(exe), "execve");
     }
+    crate::denials::registry().flush_all();
     let snapshot = obs.snapshot();
     let text = crate::learn::write_policy(&learned, &snapshot);
     std::fs::write(out, &text).map_err(|e| anyhow::anyhow!("writing {}: {e}", out.display()))?;

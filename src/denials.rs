@@ -25,6 +25,11 @@ pub const MAX_RECENT: usize = 128;
 /// Denial lines logged per server per [`LOG_WINDOW`].
 pub const LOG_BURST: u32 = 10;
 pub const LOG_WINDOW: Duration = Duration::from_secs(10);
+/// Record file writes per server per second at most: each new distinct denial rewrites the
+/// file, and the server decides how often that happens. Beyond, the record is written by the
+/// next denial after the second, by [`Registry::flush_all`] (every few seconds under `serve`,
+/// and when `run` or `serve` ends).
+pub const WRITES_PER_SECOND: u32 = 10;
 /// The record file's name in a server's state directory.
 pub const FILE_NAME: &str = "denials.json";
 /// Largest record file read back (a record of [`MAX_RECENT`] entries of at most
@@ -166,6 +171,10 @@ struct Inner {
     window_start: Option<Instant>,
     logged: u32,
     suppressed: u64,
+    /// Writes of the record file in the current second, and whether it is behind.
+    write_window: Option<Instant>,
+    writes: u32,
+    dirty: bool,
 }
 
 /// One server's denials.
@@ -210,6 +219,9 @@ impl ServerDenials {
                 window_start: None,
                 logged: 0,
                 suppressed: 0,
+                write_window: None,
+                writes: 0,
+                dirty: false,
             }),
         }
     }
@@ -230,6 +242,7 @@ impl ServerDenials {
         }
         let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let had = !g.recent.is_empty();
+        g.dirty = g.dirty || had;
         let mut merged: VecDeque<Recorded> = history.into_iter().collect();
         merged.extend(g.recent.drain(..));
         while merged.len() > MAX_RECENT {
@@ -237,13 +250,33 @@ impl ServerDenials {
         }
         g.recent = merged;
         if had {
-            self.write(g);
+            self.write(g, Instant::now());
         }
     }
 
-    /// Writes the record (the guard is released once the snapshot is taken).
-    fn write(&self, g: std::sync::MutexGuard<'_, Inner>) {
+    /// Writes the record if it is behind (see [`WRITES_PER_SECOND`]).
+    pub fn flush(&self) {
+        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if g.dirty {
+            g.write_window = None;
+            self.write(g, Instant::now());
+        }
+    }
+
+    /// Writes the record, within [`WRITES_PER_SECOND`]; beyond, marks it behind (the guard is
+    /// released once the snapshot is taken).
+    fn write(&self, mut g: std::sync::MutexGuard<'_, Inner>, now: Instant) {
         let Some(f) = self.file.get() else { return };
+        if g.write_window.is_none_or(|w| now.duration_since(w) >= Duration::from_secs(1)) {
+            g.write_window = Some(now);
+            g.writes = 0;
+        }
+        if g.writes >= WRITES_PER_SECOND {
+            g.dirty = true;
+            return;
+        }
+        g.writes += 1;
+        g.dirty = false;
         let body = RecordFile { server: self.server.clone(), denials: g.recent.iter().cloned().collect() };
         let _w = self.writing.lock().unwrap_or_else(|e| e.into_inner());
         drop(g);
@@ -315,8 +348,8 @@ impl ServerDenials {
         while g.recent.len() > MAX_RECENT {
             g.recent.pop_front();
         }
-        if is_new {
-            self.write(g);
+        if is_new || g.dirty {
+            self.write(g, now);
         }
     }
 
@@ -367,6 +400,15 @@ impl Registry {
             d.attach(f);
         }
         d
+    }
+
+    /// Writes every record that is behind (see [`WRITES_PER_SECOND`]).
+    pub fn flush_all(&self) {
+        let all: Vec<Arc<ServerDenials>> =
+            self.servers.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
+        for d in all {
+            d.flush();
+        }
     }
 
     pub fn get(&self, server: &str) -> Option<Arc<ServerDenials>> {
@@ -469,6 +511,7 @@ mod tests {
             let object = format!("/tmp/{i}/{}", "\u{1}".repeat(4000));
             d.record(None, None, Denial { layer: Layer::Landlock, access: "exec".into(), object, reason: None });
         }
+        d.flush();
         let rec = read_file(&f).expect("a full record of the longest objects is readable");
         assert_eq!(rec.denials.len(), MAX_RECENT);
         assert!(rec.denials.iter().all(|r| r.denial.object.len() <= MAX_OBJECT + CUT.len()));
@@ -495,12 +538,35 @@ mod tests {
         for t in threads {
             t.join().unwrap();
         }
+        d.flush();
         let rec = read_file(&f).expect("never a torn or mixed record");
-        assert_eq!(rec.denials, d.recent(), "the newest snapshot is the one written last");
+        assert!(rec.denials == d.recent(), "the newest snapshot is the one written last");
         let leftovers: Vec<_> = std::fs::read_dir(dir.path().join("srv"))
             .map(|e| e.flatten().map(|e| e.file_name()).filter(|n| n != FILE_NAME).collect())
             .unwrap_or_default();
         assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
+
+    #[test]
+    fn a_flood_of_new_denials_rewrites_the_file_a_bounded_number_of_times_and_a_flush_catches_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = file_for(dir.path(), "srv");
+        let d = ServerDenials::new("srv", Some(f.clone()));
+        let t0 = Instant::now();
+        for i in 0..100 {
+            d.record_at(None, None, egress(&format!("h{i}.test:443")), t0, 0);
+        }
+        // Ten writes in that second: the file holds the first ten.
+        assert_eq!(read_file(&f).unwrap().denials.len(), WRITES_PER_SECOND as usize);
+        // The next denial a second later writes what was behind.
+        d.record_at(None, None, egress("h0.test:443"), t0 + Duration::from_secs(1), 1);
+        assert_eq!(read_file(&f).unwrap().denials.len(), 100);
+        for i in 100..150 {
+            d.record_at(None, None, egress(&format!("h{i}.test:443")), t0 + Duration::from_secs(1), 1);
+        }
+        assert!(read_file(&f).unwrap().denials.len() < 128);
+        d.flush();
+        assert_eq!(read_file(&f).unwrap().denials, d.recent());
     }
 
     #[test]

@@ -256,10 +256,20 @@ async fn run(args: ServeArgs, cfg: Config) -> anyhow::Result<()> {
     let stop = tokio_util::sync::CancellationToken::new();
     let conns = tokio_util::task::TaskTracker::new();
     let accept = tokio::spawn(crate::http::listen::serve(listener, app, settings, stop.clone(), conns.clone()));
+    // Denial records a flood held back (`denials::WRITES_PER_SECOND`) reach their files.
+    let flusher = tokio::spawn(async {
+        let mut every = tokio::time::interval(Duration::from_secs(2));
+        loop {
+            every.tick().await;
+            let _ = tokio::task::spawn_blocking(|| crate::denials::registry().flush_all()).await;
+        }
+    });
     wait_for_signal().await;
     drain(&sup, cfg.replica.drain_grace).await;
     tracing::info!("shutting down: closing sessions, stopping servers");
     sup.shutdown().await;
+    flusher.abort();
+    crate::denials::registry().flush_all();
     stop.cancel();
     let _ = accept.await;
     // Streams end with their sessions; do not wait forever for slow clients.

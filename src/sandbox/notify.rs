@@ -210,14 +210,18 @@ fn read_cstr(mem: &std::fs::File, addr: u64, max: usize) -> Option<Vec<u8>> {
 /// The denial a notification stands for: the syscall's name, its arguments as the object.
 fn denial(data: &libc::seccomp_data) -> Denial {
     let nr = data.nr as i64;
-    let access = super::seccomp::syscall_name(nr).map_or_else(|| format!("syscall {nr}"), str::to_owned);
     let args: Vec<String> = data.args.iter().map(|a| format!("{a:#x}")).collect();
-    // The object is empty: one record per syscall, whatever its arguments (the first ones seen
-    // are kept in the reason).
+    // The object is empty: one record per syscall, whatever its arguments (the latest are kept
+    // in the reason). Numbers without a name are one record too: a server calling every number
+    // in turn would otherwise make a record (and a rewrite of the record file) of each.
+    let (access, number) = match super::seccomp::syscall_name(nr) {
+        Some(name) => (name.to_owned(), String::new()),
+        None => ("unknown syscall".to_owned(), format!("number {nr}, ")),
+    };
     Denial {
         layer: Layer::Seccomp,
         access,
         object: String::new(),
-        reason: Some(format!("not in the seccomp allow-list; arguments ({})", args.join(", "))),
+        reason: Some(format!("not in the seccomp allow-list; {number}arguments ({})", args.join(", "))),
     }
 }
