@@ -161,6 +161,10 @@ impl SandboxLauncher {
                     if let Some(t) = proxy_task {
                         t.abort();
                     }
+                    // Every process of the sandbox is gone: its pid may come back as anyone's.
+                    if let Some(pid) = report.server_pid {
+                        crate::sandbox::audit::sandbox_ended(pid);
+                    }
                 }),
             })
         })

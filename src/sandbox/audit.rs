@@ -92,6 +92,9 @@ struct Watch {
     /// Host pid of a server process that applied Landlock → its server (and session).
     creators: HashMap<u32, Owner>,
     creator_order: VecDeque<u32>,
+    /// When the sandbox of a creator pid ended (seconds since the epoch, the audit clock): a
+    /// domain that pid creates after that is another process's that got the pid again.
+    ended: HashMap<u32, f64>,
     /// Domain id → its server (and session).
     domains: HashMap<String, Owner>,
     domain_order: VecDeque<String>,
@@ -125,11 +128,13 @@ pub fn sandbox_started(pid: u32, server: &str, session: Option<&str>) {
     }
     let owner = Owner { server: server.to_string(), session: session.map(str::to_owned) };
     let mut w = lock();
+    w.ended.remove(&pid);
     if w.creators.insert(pid, owner.clone()).is_none() {
         w.creator_order.push_back(pid);
         while w.creator_order.len() > MAX_CREATORS {
             if let Some(old) = w.creator_order.pop_front() {
                 w.creators.remove(&old);
+                w.ended.remove(&old);
             }
         }
     }
@@ -162,6 +167,18 @@ pub fn sandbox_started(pid: u32, server: &str, session: Option<&str>) {
     drop(w);
     for d in denials {
         crate::denials::registry().server(&owner.server, None).record(owner.session.as_deref(), None, d);
+    }
+}
+
+/// The sandbox whose server process was host pid `pid` has ended, every process of it gone: a
+/// Landlock domain created by a process with that pid from now on is not its (the pid may be
+/// reused, by anything, another server's process included). Records made before the end and
+/// read after it still count.
+pub fn sandbox_ended(pid: u32) {
+    let mut w = lock();
+    if w.creators.contains_key(&pid) {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+        w.ended.insert(pid, now);
     }
 }
 
@@ -473,8 +490,11 @@ fn handle(ty: u16, text: &str) -> Vec<(Owner, Denial)> {
     if ty == AUDIT_LANDLOCK_DOMAIN {
         match rec.get("status") {
             Some("allocated") => {
-                let Some(owner) = rec.get("pid").and_then(|p| p.parse::<u32>().ok()).and_then(|p| w.creators.get(&p))
-                else {
+                let pid = rec.get("pid").and_then(|p| p.parse::<u32>().ok());
+                // The audit clock is the coarse wall clock: a few ms of slack.
+                let after_end =
+                    pid.and_then(|p| w.ended.get(&p)).is_some_and(|end| rec.time.is_none_or(|t| t > end + 0.05));
+                let Some(owner) = pid.filter(|_| !after_end).and_then(|p| w.creators.get(&p)) else {
                     // Not one of ours, or one whose start mcpbox has not read yet: the server
                     // may be refused before mcpbox has its pid (it applies Landlock, reports and
                     // execs at once). Kept a few seconds for `sandbox_started`; then its
@@ -535,6 +555,8 @@ fn handle(ty: u16, text: &str) -> Vec<(Owner, Denial)> {
 #[derive(Debug)]
 struct Record {
     serial: String,
+    /// When the kernel made it (seconds since the epoch).
+    time: Option<f64>,
     fields: Vec<(String, String)>,
 }
 
@@ -548,12 +570,13 @@ fn parse(text: &str) -> Option<Record> {
     let rest = text.strip_prefix("audit(")?;
     let (stamp, rest) = rest.split_once("): ")?;
     let serial = stamp.rsplit(':').next()?.to_string();
+    let time = stamp.split(':').next().and_then(|t| t.parse::<f64>().ok());
     let fields = rest
         .split_ascii_whitespace()
         .filter_map(|kv| kv.split_once('='))
         .map(|(k, v)| (k.to_string(), value(k, v)))
         .collect();
-    Some(Record { serial, fields })
+    Some(Record { serial, time, fields })
 }
 
 /// An audit value: `"quoted"` (printable, no space or quote), or, for a string the kernel
@@ -684,6 +707,39 @@ mod tests {
         handle(AUDIT_LANDLOCK_DOMAIN, "audit(1729738802.0:35): domain=1a6fdc679 status=deallocated denials=2");
         assert!(handle(AUDIT_LANDLOCK_ACCESS, "audit(1.0:36): domain=1a6fdc679 blockers=fs.read_file path=\"/x\"")
             .is_empty());
+    }
+
+    #[test]
+    fn a_domain_made_by_a_reused_pid_after_its_sandbox_ended_is_not_that_servers() {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+        sandbox_started(4_000_010, "srv-b", None);
+        // A record the kernel made before the end, read after it: still srv-b's.
+        let early = format!(
+            "audit({:.3}:50): domain=3c status=allocated mode=enforcing pid=4000010 uid=0 exe=\"/x\" comm=\"x\"",
+            now - 1.0
+        );
+        sandbox_ended(4_000_010);
+        handle(AUDIT_LANDLOCK_DOMAIN, &early);
+        let got = handle(AUDIT_LANDLOCK_ACCESS, "audit(1.0:51): domain=3c blockers=fs.read_file path=\"/a\"");
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].0.server, "srv-b");
+        // Another process that got the pid later (here: another server's child) makes a domain.
+        let late = format!(
+            "audit({:.3}:52): domain=4d status=allocated mode=enforcing pid=4000010 uid=0 exe=\"/x\" comm=\"x\"",
+            now + 1.0
+        );
+        handle(AUDIT_LANDLOCK_DOMAIN, &late);
+        assert!(handle(AUDIT_LANDLOCK_ACCESS, "audit(1.0:53): domain=4d blockers=fs.read_file path=\"/b\"").is_empty());
+        // A new sandbox of ours that gets the pid is attributed again.
+        sandbox_started(4_000_010, "srv-c", None);
+        let again = format!(
+            "audit({:.3}:54): domain=5e status=allocated mode=enforcing pid=4000010 uid=0 exe=\"/x\" comm=\"x\"",
+            now + 2.0
+        );
+        handle(AUDIT_LANDLOCK_DOMAIN, &again);
+        let got = handle(AUDIT_LANDLOCK_ACCESS, "audit(1.0:55): domain=5e blockers=fs.read_file path=\"/c\"");
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].0.server, "srv-c");
     }
 
     #[test]
