@@ -421,12 +421,19 @@ fn set_enabled(fd: &OwnedFd) -> Result<(), nix::errno::Errno> {
 /// record file, and a server can make the kernel refuse as fast as it can ask (unlike seccomp's,
 /// the reader cannot make it wait). The rest are dropped, counted in one log line per second.
 const MAX_PER_SECOND: u32 = 1000;
+/// Denials recorded per second for one server: a server that floods cannot use up the whole
+/// budget and hide the others'.
+const MAX_PER_SECOND_PER_SERVER: u32 = 200;
+/// Landlock domains one server may have known at once (a server that makes domains of its own
+/// without end cannot push other servers' out of the map).
+const MAX_DOMAINS_PER_SERVER: usize = 256;
 
 fn read_loop(sock: Option<OwnedFd>) {
     let Some(sock) = sock else { return };
     let mut buf = vec![0u8; 16 * 1024];
     let mut lost_logged = false;
     let (mut window, mut in_window, mut dropped) = (Instant::now(), 0u32, 0u64);
+    let mut per_server: HashMap<String, u32> = HashMap::new();
     loop {
         let n = match socket::recv(sock.as_raw_fd(), &mut buf, MsgFlags::empty()) {
             Ok(n) => n,
@@ -462,16 +469,19 @@ fn read_loop(sock: Option<OwnedFd>) {
                     if window.elapsed() >= Duration::from_secs(1) {
                         if dropped > 0 {
                             tracing::warn!(
-                                "{dropped} Landlock denials were not recorded (at most {MAX_PER_SECOND} per second)"
+                                "{dropped} Landlock denials were not recorded (at most {MAX_PER_SECOND} per second, {MAX_PER_SECOND_PER_SERVER} per server)"
                             );
                         }
                         (window, in_window, dropped) = (Instant::now(), 0, 0);
+                        per_server.clear();
                     }
-                    if in_window >= MAX_PER_SECOND {
+                    let mine = per_server.entry(owner.server.clone()).or_insert(0u32);
+                    if in_window >= MAX_PER_SECOND || *mine >= MAX_PER_SECOND_PER_SERVER {
                         dropped += 1;
                         continue;
                     }
                     in_window += 1;
+                    *mine += 1;
                     crate::denials::registry().server(&owner.server, None).record(owner.session.as_deref(), None, d);
                 }
             }
@@ -511,6 +521,14 @@ fn handle(ty: u16, text: &str) -> Vec<(Owner, Denial)> {
                 };
                 let owner = owner.clone();
                 w.last_record = Some(Instant::now());
+                if !w.domains.contains_key(&domain)
+                    && w.domains.values().filter(|o| o.server == owner.server).count() >= MAX_DOMAINS_PER_SERVER
+                {
+                    // This server has made domains without end: its new one is not followed
+                    // (nor its waiting records), rather than another server's being forgotten.
+                    w.pending.retain(|(_, d, _)| *d != domain);
+                    return Vec::new();
+                }
                 if w.domains.insert(domain.clone(), owner.clone()).is_none() {
                     w.domain_order.push_back(domain.clone());
                     while w.domain_order.len() > MAX_DOMAINS {
@@ -715,31 +733,51 @@ mod tests {
         sandbox_started(4_000_010, "srv-b", None);
         // A record the kernel made before the end, read after it: still srv-b's.
         let early = format!(
-            "audit({:.3}:50): domain=3c status=allocated mode=enforcing pid=4000010 uid=0 exe=\"/x\" comm=\"x\"",
+            "audit({:.3}:50): domain=reuse1 status=allocated mode=enforcing pid=4000010 uid=0 exe=\"/x\" comm=\"x\"",
             now - 1.0
         );
         sandbox_ended(4_000_010);
         handle(AUDIT_LANDLOCK_DOMAIN, &early);
-        let got = handle(AUDIT_LANDLOCK_ACCESS, "audit(1.0:51): domain=3c blockers=fs.read_file path=\"/a\"");
+        let got = handle(AUDIT_LANDLOCK_ACCESS, "audit(1.0:51): domain=reuse1 blockers=fs.read_file path=\"/a\"");
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].0.server, "srv-b");
         // Another process that got the pid later (here: another server's child) makes a domain.
         let late = format!(
-            "audit({:.3}:52): domain=4d status=allocated mode=enforcing pid=4000010 uid=0 exe=\"/x\" comm=\"x\"",
+            "audit({:.3}:52): domain=reuse2 status=allocated mode=enforcing pid=4000010 uid=0 exe=\"/x\" comm=\"x\"",
             now + 1.0
         );
         handle(AUDIT_LANDLOCK_DOMAIN, &late);
-        assert!(handle(AUDIT_LANDLOCK_ACCESS, "audit(1.0:53): domain=4d blockers=fs.read_file path=\"/b\"").is_empty());
+        assert!(
+            handle(AUDIT_LANDLOCK_ACCESS, "audit(1.0:53): domain=reuse2 blockers=fs.read_file path=\"/b\"").is_empty()
+        );
         // A new sandbox of ours that gets the pid is attributed again.
         sandbox_started(4_000_010, "srv-c", None);
         let again = format!(
-            "audit({:.3}:54): domain=5e status=allocated mode=enforcing pid=4000010 uid=0 exe=\"/x\" comm=\"x\"",
+            "audit({:.3}:54): domain=reuse3 status=allocated mode=enforcing pid=4000010 uid=0 exe=\"/x\" comm=\"x\"",
             now + 2.0
         );
         handle(AUDIT_LANDLOCK_DOMAIN, &again);
-        let got = handle(AUDIT_LANDLOCK_ACCESS, "audit(1.0:55): domain=5e blockers=fs.read_file path=\"/c\"");
+        let got = handle(AUDIT_LANDLOCK_ACCESS, "audit(1.0:55): domain=reuse3 blockers=fs.read_file path=\"/c\"");
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].0.server, "srv-c");
+    }
+
+    #[test]
+    fn a_server_making_domains_without_end_cannot_push_another_servers_out() {
+        sandbox_started(4_000_020, "srv-good", None);
+        sandbox_started(4_000_021, "srv-evil", None);
+        let dom = |d: &str, pid: u32| {
+            format!("audit(1.0:60): domain={d} status=allocated mode=enforcing pid={pid} uid=0 exe=\"/x\" comm=\"x\"")
+        };
+        handle(AUDIT_LANDLOCK_DOMAIN, &dom("600d", 4_000_020));
+        for i in 0..(MAX_DOMAINS + 10) {
+            handle(AUDIT_LANDLOCK_DOMAIN, &dom(&format!("evil{i}"), 4_000_021));
+        }
+        let evil = lock().domains.values().filter(|o| o.server == "srv-evil").count();
+        assert_eq!(evil, MAX_DOMAINS_PER_SERVER);
+        let got = handle(AUDIT_LANDLOCK_ACCESS, "audit(1.0:61): domain=600d blockers=fs.read_file path=\"/g\"");
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].0.server, "srv-good");
     }
 
     #[test]
