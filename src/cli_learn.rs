@@ -12,7 +12,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
 
-use nix::sys::signal::{kill, SigSet, Signal};
+use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 use crate::plan::{self, plan_begin, Extra, PolicyRef, ServerLaunch, StateDir};
@@ -198,10 +198,7 @@ fn run_learning(s: &Setup, out: &Path) -> anyhow::Result<ExitCode> {
     };
     obs.set_allowed(crate::sandbox::seccomp::allowed(&filter)?.plain);
 
-    let mut mask = SigSet::empty();
-    for sig in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP, Signal::SIGQUIT, Signal::SIGCHLD] {
-        mask.add(sig);
-    }
+    let mask = crate::sandbox::forwarded_signals();
     mask.thread_block()?;
     let denials = crate::denials::registry().server(name, Some(crate::denials::file_for(&state.root, name)));
     denials.set_policy(&planned.policy.source);

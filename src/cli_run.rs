@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::{ExitCode, Stdio};
 
-use nix::sys::signal::{kill, SigSet, Signal};
+use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 use crate::plan::{self, Extra, PolicyRef, ServerLaunch, StateDir};
@@ -139,18 +139,7 @@ pub fn run(args: RunArgs, early: Option<Result<crate::sandbox::Pending, crate::s
     }
 
     // Signals are taken synchronously by this thread and passed on to the sandbox.
-    let mut mask = SigSet::empty();
-    for s in [
-        Signal::SIGINT,
-        Signal::SIGTERM,
-        Signal::SIGHUP,
-        Signal::SIGQUIT,
-        Signal::SIGUSR1,
-        Signal::SIGUSR2,
-        Signal::SIGCHLD,
-    ] {
-        mask.add(s);
-    }
+    let mask = crate::sandbox::forwarded_signals();
     if let Err(e) = mask.thread_block() {
         eprintln!("mcpbox: sigprocmask: {e}");
         return ExitCode::from(EXIT_SETUP);

@@ -66,22 +66,52 @@ fn exit_codes_pass_through() {
 }
 
 #[test]
-fn sigterm_is_forwarded() {
+fn signals_are_forwarded() {
     let s = shared();
     let pol = probe_policy("sigterm", "", "");
-    let mut cmd = mcpbox_cmd(&pol, &unique("sigterm"), &[], &s.probe, &["sigterm"]);
+    let cmd = mcpbox_cmd(&pol, &unique("sigterm"), &[], &s.probe, &["sigterm"]);
+    signals_reach_the_server(cmd, 3);
+}
+
+/// `policy learn` passes the same signals on as `run` (it had left SIGUSR1 and SIGUSR2 out,
+/// whose default action ended mcpbox, and the sandbox with it).
+#[test]
+fn signals_are_forwarded_while_learning() {
+    let s = shared();
+    let pol = probe_policy("sigterm-learn", "", "");
+    let out = tempdir();
+    let mut cmd = Command::new(mcpbox());
+    cmd.args(["policy", "learn", "--policy"]).arg(&pol).arg("--state-dir").arg(&s.state);
+    cmd.args(["--name", &unique("sigterm-learn"), "--out"]).arg(out.path().join("learned.toml"));
+    cmd.arg("--").arg(&s.probe).arg("sigterm");
+    test_env(&mut cmd);
+    // learn ends with its own code (0: the policy is written), not the server's.
+    signals_reach_the_server(cmd, 0);
+}
+
+/// SIGUSR1, SIGUSR2 and SIGHUP sent to mcpbox reach the server, which says so; SIGTERM ends it
+/// (the server exits 3), and mcpbox with `code`.
+fn signals_reach_the_server(mut cmd: Command, code: i32) {
+    use nix::sys::signal::{kill, Signal};
     cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut child = cmd.spawn().unwrap();
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
     let mut out = BufReader::new(child.stdout.take().unwrap());
     let mut line = String::new();
     out.read_line(&mut line).unwrap();
     assert!(line.starts_with("RESULT sigterm ok"), "{line:?}");
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    for sig in [Signal::SIGUSR1, Signal::SIGUSR2, Signal::SIGHUP] {
+        kill(pid, sig).unwrap();
+        let mut got = String::new();
+        out.read_line(&mut got).unwrap();
+        assert_eq!(got.trim(), format!("GOT {}", sig.as_str()), "after {sig} to mcpbox");
+    }
+    kill(pid, Signal::SIGTERM).unwrap();
     let status = wait_timeout(&mut child, Duration::from_secs(10)).expect("mcpbox did not exit after SIGTERM");
     let mut rest = String::new();
     std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
     assert!(rest.contains("GOT SIGTERM"), "the server did not see SIGTERM: {rest:?}");
-    assert_eq!(status.code(), Some(3), "the server's own exit code after SIGTERM");
+    assert_eq!(status.code(), Some(code), "mcpbox's exit code after SIGTERM");
 }
 
 #[test]

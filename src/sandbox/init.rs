@@ -127,8 +127,10 @@ fn send(report: &Report, msg: &Msg) {
     }
 }
 
-/// The signals sandbox-init passes on to its child.
-fn forwarded() -> SigSet {
+/// The signals passed on down the tree: by `mcpbox run` and `policy learn` to sandbox-init, by
+/// sandbox-init to its child (SIGCHLD: the child ended). Each process takes them with
+/// `sigwait`, blocked in every one of its threads.
+pub fn forwarded() -> SigSet {
     let mut s = SigSet::empty();
     for sig in [
         Signal::SIGINT,

@@ -23,7 +23,7 @@ pub fn cgroup_layout() -> CgroupLayout {
 }
 
 mod launch;
-pub use init::{main as sandbox_init_main, PROXY_PORT};
+pub use init::{forwarded as forwarded_signals, main as sandbox_init_main, PROXY_PORT};
 pub use launch::{spawn_blocking_std, InitProcess, Pending, SandboxError, Sandboxed, Spawner};
 pub use sys::process_start;
 

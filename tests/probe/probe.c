@@ -489,17 +489,23 @@ static int run_check(int argc, char **argv) {
         ok("pid %d uid %d child %d", (int)getpid(), (int)getuid(), (int)c);
         for (;;) pause();
     } else if (!strcmp(check, "sigterm")) {
-        /* Exit 3 on SIGTERM, after saying so. */
+        /* Say which of SIGUSR1, SIGUSR2 and SIGHUP arrive; exit 3 on SIGTERM, after saying so. */
         sigset_t s;
         sigemptyset(&s);
         sigaddset(&s, SIGTERM);
+        sigaddset(&s, SIGUSR1);
+        sigaddset(&s, SIGUSR2);
+        sigaddset(&s, SIGHUP);
         sigprocmask(SIG_BLOCK, &s, NULL);
         ok("waiting for SIGTERM");
-        int sig = 0;
-        sigwait(&s, &sig);
-        printf("GOT SIGTERM\n");
-        fflush(stdout);
-        return 3;
+        for (;;) {
+            int sig = 0;
+            sigwait(&s, &sig);
+            printf("GOT %s\n", sig == SIGTERM ? "SIGTERM" : sig == SIGUSR1 ? "SIGUSR1" : sig == SIGUSR2 ? "SIGUSR2" : "SIGHUP");
+            fflush(stdout);
+            if (sig == SIGTERM)
+                return 3;
+        }
     } else if (!strcmp(check, "selfkill") && need(argc, 3)) {
         ok("raising %s", argv[2]);
         signal(atoi(argv[2]), SIG_DFL);
