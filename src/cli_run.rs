@@ -77,7 +77,7 @@ pub fn run(args: RunArgs, early: Option<Result<crate::sandbox::Pending, crate::s
     // The plan's steps (see `plan`): everything that can refuse the server does so before a
     // package is prepared.
     let (launch, choice) = plan::effective(launch, policy_given);
-    let checked = match plan::check(&state, &launch) {
+    let checked = match plan::check_launch(&state, &launch) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("mcpbox: {e:#}");

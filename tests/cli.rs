@@ -126,21 +126,45 @@ fn a_command_the_policy_does_not_allow_is_refused() {
     assert_eq!(out.code, 125, "{out}");
     assert!(out.stdout.is_empty(), "{out}");
     assert!(out.stderr.contains("default") && out.stderr.contains("[filesystem] exec"), "{out}");
-    // `run` started sandbox-init before planning, and sent it the first part of the spec before
-    // the command was checked; refused, it gets no more and exits without a word: the refusal is
-    // the only line.
+    // Refused by the check that comes before anything is made for the server: sandbox-init,
+    // started before planning, gets no spec and exits without a word (the refusal is the only
+    // line), and the server got no state dir, no uid and no sandbox.
     assert_eq!(out.stderr.trim().lines().count(), 1, "{out}");
-    // By then sandbox-init had taken the server's uid and made its namespaces and PID 1: none
-    // of those processes outlives mcpbox.
-    if is_root() {
-        // Tests with state dirs of their own allocate the same host uids: count only processes
-        // in this server's cgroup.
-        let mine = |pid: &i32| {
-            std::fs::read_to_string(format!("/proc/{pid}/cgroup")).is_ok_and(|c| c.contains(&format!("/{name}")))
-        };
-        let left: Vec<i32> = pids_of_uid(allocated_uid(&name)).into_iter().filter(mine).collect();
-        assert_eq!(left, Vec::<i32>::new(), "a process of the refused server outlived mcpbox");
-    }
+    assert!(!shared().state.join(&name).exists(), "a state dir was made for a refused server");
+    let uids = std::fs::read_to_string(shared().state.join("uids")).unwrap_or_default();
+    assert!(!uids.lines().any(|l| l.split_whitespace().next() == Some(name.as_str())), "{uids}");
+}
+
+/// An npx/uvx server whose runtime the policy cannot execute is refused before its package is
+/// prepared: an install runs the package's own scripts (and reaches the registry), which a
+/// server that can never start must not get to do. `serve --check` refuses it the same way.
+#[test]
+fn a_package_whose_runtime_the_policy_cannot_execute_is_refused_before_it_is_prepared() {
+    let d = tempdir();
+    let state = d.path().join("state");
+    // `default` grants no node; the package name is never looked up.
+    let pkg = "@mcpbox-test/never-prepared";
+    let mut cmd = Command::new(mcpbox());
+    cmd.args(["run", "--policy", "default", "--state-dir"]).arg(&state);
+    cmd.args(["--name", "never", "--", "npx", "-y", pkg]);
+    test_env(&mut cmd);
+    let out = run_timeout(cmd, Duration::from_secs(60));
+    assert_eq!(out.code, 125, "{out}");
+    assert!(out.stderr.contains("does not allow executing") && out.stderr.contains("which runs the package"), "{out}");
+    assert!(!out.stderr.contains("prepar"), "{out}");
+    assert!(!state.join("never").exists(), "something was made (or prepared) for the refused server");
+
+    let config = d.path().join("mcpbox.json");
+    let body = serde_json::json!({"mcpProxy": {"addr": "127.0.0.1:0"},
+        "mcpServers": {"never": {"command": "npx", "args": ["-y", pkg], "policy": "default"}}});
+    std::fs::write(&config, body.to_string()).unwrap();
+    let mut cmd = Command::new(mcpbox());
+    cmd.args(["serve", "--check", "--config"]).arg(&config).arg("--state-dir").arg(&state);
+    test_env(&mut cmd);
+    let out = run_timeout(cmd, Duration::from_secs(60));
+    assert_eq!(out.code, 2, "{out}");
+    assert!(out.stderr.contains("does not allow executing") && out.stderr.contains("server never"), "{out}");
+    assert!(!state.join("never").exists(), "serve --check made something for the refused server");
 }
 
 /// The drop-in use for local MCP clients: `mcpbox run -- npx -y PKG`, no policy named. The
@@ -215,7 +239,10 @@ fn policy_check_serve_check_and_run_refuse_what_a_launch_refuses() {
         assert!(out.stderr.contains(why), "run {name}:\n{out}");
     }
     // An IPv6 literal is an entry the egress proxy takes: so does every check.
-    let p = write_policy(d.path(), "v6", "[network]\nmode = \"proxy\"\nallow = [\"[::1]:8080\"]\n");
+    // (It extends `default`, which lets the server's /bin/true run: a policy that does not is
+    // refused by `serve --check` too.)
+    let p =
+        write_policy(d.path(), "v6", "extends = \"default\"\n[network]\nmode = \"proxy\"\nallow = [\"[::1]:8080\"]\n");
     let out = policy_check(&p);
     assert_eq!(out.code, 0, "{out}");
     assert!(out.stdout.contains("allow = [\"[::1]:8080\"]"), "{out}");

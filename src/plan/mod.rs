@@ -36,6 +36,54 @@ pub use spec::{
     resolve_command, Begun, Extra, Planned, ServerDirs, ServerLaunch, StateDir, DEFAULT_PATH,
 };
 
+/// [`check`], and what it cannot see in the policy alone, for a server run by its command line:
+/// a package command line mcpbox cannot take, the program the server will execute (for npx/uvx
+/// the runtime that will run the package's entry point) missing or not executable under the
+/// policy, and limits that a rootless mcpbox can never enforce and the policy does not relax.
+/// All of it before a package is prepared: an install runs the package's own scripts, which a
+/// server the policy refuses must never get to run.
+pub fn check_launch(state: &StateDir, launch: &ServerLaunch) -> anyhow::Result<spec::Checked> {
+    let package = match prepare::parse(&launch.command, &launch.args) {
+        Some(Err(e)) => return Err(e),
+        Some(Ok(p)) => Some(p),
+        None => None,
+    };
+    let checked = check(state, launch)?;
+    let policy = &checked.policy;
+    match &package {
+        Some(pkg) => {
+            let runtime = prepare::runtime_of(pkg)?;
+            let what = format!(", which runs the package of `{}`", launch.command);
+            checked.may_execute(&runtime, &what)?;
+        }
+        None => {
+            let path_var = policy.env.set.get("PATH").map(String::as_str).unwrap_or(DEFAULT_PATH);
+            let exe = resolve_command(&launch.command, path_var)?;
+            checked.may_execute(&exe, "")?;
+        }
+    }
+    if !nix::unistd::geteuid().is_root() {
+        // sandbox-init refuses these rootless whatever the host has (no cgroup of its own to
+        // hold CPU time in, no loop device to cap a filesystem with); said here, nothing is
+        // prepared or made for a server that cannot start.
+        if let (Some(cpu), false) = (policy.limits.cpu, policy.sandbox.relax.cpu) {
+            anyhow::bail!(
+                "policy {}: [limits] cpu = \"{}\" cannot be enforced: mcpbox runs rootless and has no cgroup to hold CPU time in. Run mcpbox as root, or accept it unenforced with `[sandbox] relax = [\"cpu\"]` in the policy",
+                policy.source,
+                crate::policy::format_cpu(cpu)
+            );
+        }
+        if let (Some(size), false) = (policy.limits.disk, policy.sandbox.relax.disk) {
+            anyhow::bail!(
+                "policy {}: [limits] disk = \"{}\" cannot be enforced: mcpbox runs rootless and cannot mount a size-capped filesystem (loop devices need root). Run mcpbox as root, or accept it unenforced with `[sandbox] relax = [\"disk\"]` in the policy",
+                policy.source,
+                crate::policy::format_size(size)
+            );
+        }
+    }
+    Ok(checked)
+}
+
 /// Shipped policies written for one package each: a server running that package with no policy
 /// named gets this one. Matched on the whole package name (scope included), never on a suffix.
 pub const PACKAGE_POLICIES: &[(prepare::Manager, &str, &str)] = &[
@@ -191,15 +239,12 @@ impl Planner {
 
     /// Steps 1-2: everything that can refuse the server before a package is prepared.
     pub fn check(&self, server: &ServerConfig) -> anyhow::Result<()> {
-        // A package command line mcpbox cannot take (an unsupported option) is refused here, so
-        // that `serve --check` says so too.
-        if let ServerKind::Stdio { command, args, .. } = &server.kind {
-            if let Some(Err(e)) = prepare::parse(command, args) {
-                return Err(e);
-            }
-        }
         let (launch, _, _) = self.launch_of(server, false)?;
-        check(&self.state, &launch).map(|_| ())
+        match &server.kind {
+            ServerKind::Stdio { .. } => check_launch(&self.state, &launch).map(|_| ()),
+            // mcpbox's own url-bridge, granted by the plan whatever the policy says.
+            ServerKind::Url { .. } => check(&self.state, &launch).map(|_| ()),
+        }
     }
 
     /// [`Planner::check`] for every enabled server of `cfg`: the ones refused, with the reason

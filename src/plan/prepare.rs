@@ -679,6 +679,16 @@ fn read_inside(base: &Path, rel: &Path) -> anyhow::Result<String> {
 }
 
 /// The node npx servers are prepared and run on: `MCPBOX_NODE`, else `node` on the sandbox's PATH.
+/// The program that runs a prepared package's entry point: node for npm, the interpreter its
+/// virtualenv is built on for uv (its `bin/python` leads there). Known before anything is
+/// prepared, so that a policy that cannot execute it refuses the server first.
+pub(crate) fn runtime_of(pkg: &Package) -> anyhow::Result<PathBuf> {
+    match pkg.manager {
+        Manager::Npm => find_node(),
+        Manager::Uv => python_for(pkg),
+    }
+}
+
 fn find_node() -> anyhow::Result<PathBuf> {
     super::runtime::default_interpreter(super::runtime::Kind::Node, DEFAULT_PATH).context("npx servers need node")
 }

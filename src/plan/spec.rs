@@ -294,6 +294,35 @@ pub fn check(state: &StateDir, launch: &ServerLaunch) -> anyhow::Result<Checked>
     Ok(Checked { policy: loaded.policy, notes: loaded.notes, runtimes, whole })
 }
 
+impl Checked {
+    /// Refuses `exe` unless the policy lets it be executed, decided as [`Begun::finish`] decides
+    /// it for the command (its real path under an `exec` or `write` grant, or a runtime the
+    /// policy named), before anything is made or prepared for the server. `what` says what the
+    /// program is to the server, for the message.
+    pub fn may_execute(&self, exe: &Path, what: &str) -> anyhow::Result<()> {
+        let (exe_real, _) = resolve(exe)?;
+        let fsys = &self.policy.filesystem;
+        let granted = fsys
+            .exec
+            .iter()
+            .chain(&fsys.write)
+            .map(|r| r.path.clone())
+            .chain(self.runtimes.commands.iter().cloned())
+            .chain(self.runtimes.found.iter().flat_map(|r| r.libs.iter().cloned()))
+            .filter_map(|p| resolve(&p).ok().map(|(real, _)| real))
+            .any(|g| exe_real.starts_with(&g));
+        if granted {
+            return Ok(());
+        }
+        bail!(
+            "policy {} does not allow executing {}{}{what}: add it to [filesystem] exec (or extend a runtime policy such as `node` or `python`)",
+            self.policy.source,
+            exe.display(),
+            if exe_real != exe { format!(" (which is {})", exe_real.display()) } else { String::new() },
+        )
+    }
+}
+
 /// A server's policy as [`check`] loaded it (see [`plan_begin_checked`]).
 pub struct Checked {
     pub policy: Policy,

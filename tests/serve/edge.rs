@@ -323,7 +323,8 @@ fn serve_check_prints_the_effective_limits() {
     let cfg = dir.path().join("mcpbox.json");
     std::fs::write(
         &cfg,
-        json!({"mcpServers": {"d": {"command": "x"}, "u": {"command": "x", "maxSessions": 0}, "t": {"command": "x", "maxSessions": 3}},
+        // Commands that exist and that `default` lets run: `--check` refuses any other.
+        json!({"mcpServers": {"d": {"command": "/bin/true"}, "u": {"command": "/bin/true", "maxSessions": 0}, "t": {"command": "/bin/true", "maxSessions": 3}},
                "mcpbox": {"maxConnectionsPerAddress": 9, "headerTimeout": "5s"}})
         .to_string(),
     )
