@@ -413,12 +413,19 @@ impl Drop for ProxyThread {
 }
 
 /// Serves the proxy on `listener` (already bound, normally inside the server's namespace) until
-/// the listener fails or the task is aborted. One task per connection.
+/// the listener fails or the task is aborted. One task per connection, owned by this one: when
+/// it ends (the sandbox is gone and its supervisor aborts it), every tunnel and exchange of
+/// the sandbox ends with it. Detached, a tunnel to an upstream that never closes outlived its
+/// sandbox with two of mcpbox's descriptors, up to `max_connections` per sandbox ever started,
+/// until mcpbox ran out of descriptors for everything else.
 pub async fn serve(listener: std::net::TcpListener, cfg: Arc<ProxyConfig>) -> io::Result<()> {
     listener.set_nonblocking(true)?;
     let listener = tokio::net::TcpListener::from_std(listener)?;
     let slots = Arc::new(Semaphore::new(cfg.max_connections.max(1)));
+    let mut connections = tokio::task::JoinSet::new();
     loop {
+        // Forget the connections that ended (the set would otherwise keep their results).
+        while connections.try_join_next().is_some() {}
         let permit = slots.clone().acquire_owned().await.expect("the semaphore is never closed");
         let (stream, _peer) = match listener.accept().await {
             Ok(conn) => conn,
@@ -430,7 +437,7 @@ pub async fn serve(listener: std::net::TcpListener, cfg: Arc<ProxyConfig>) -> io
             Err(e) => return Err(e),
         };
         let cfg = cfg.clone();
-        tokio::spawn(async move {
+        connections.spawn(async move {
             handle(stream, &cfg).await;
             drop(permit);
         });
@@ -1169,6 +1176,39 @@ mod tests {
         assert_eq!(&echoed[..6], b"early-");
         assert_eq!(echoed[6..], payload[..], "the tunnel round-trips every byte");
         assert!(proxy.dns.asked().is_empty(), "an IP literal needs no DNS");
+    }
+
+    /// A hostile server opens tunnels to an upstream that never closes, then its sandbox ends:
+    /// the tunnels end with the proxy's task (the supervisor aborts it) and no descriptor of
+    /// mcpbox stays behind.
+    #[tokio::test]
+    async fn tunnels_end_when_the_proxy_task_ends() {
+        let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = upstream.local_addr().unwrap().port();
+        let proxy = start_proxy(&[format!("127.0.0.1:{port}")], FakeDns::default());
+        let mut clients = Vec::new();
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+            s.write_all(format!("CONNECT 127.0.0.1:{port} HTTP/1.1\r\n\r\n").as_bytes()).await.unwrap();
+            let mut got = vec![0u8; 39];
+            tokio::time::timeout(T, s.read_exact(&mut got)).await.unwrap().unwrap();
+            assert!(got.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&got));
+            let (conn, _) = tokio::time::timeout(T, upstream.accept()).await.unwrap().unwrap();
+            held.push(conn);
+            clients.push(s);
+        }
+        // The proxy's task ends (its sandbox is gone) while both ends are still open: each
+        // tunnel closes on both sides, not only the half the sandbox had.
+        drop(proxy);
+        for mut conn in held.into_iter().chain(clients) {
+            let mut buf = [0u8; 16];
+            match tokio::time::timeout(T, conn.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => {}
+                Ok(Ok(n)) => panic!("{n} unexpected bytes"),
+                Err(_) => panic!("a tunnel outlived the proxy task"),
+            }
+        }
     }
 
     #[tokio::test]
