@@ -151,9 +151,17 @@ impl Router {
         }
     }
 
-    /// Forget a session; answers still on their way to it are dropped.
+    /// Forget a session; answers still on their way to it are dropped. A shared server's first
+    /// `initialize` stays awaited without its session: its answer is what every other session
+    /// is (or will be) answered from.
     pub fn detach(&mut self, sid: &SessionId) {
         self.sessions.retain(|s| s != sid);
+        let shared = self.shared;
+        for p in self.pending.values_mut() {
+            if &p.sid == sid && shared && p.kind == Kind::Initialize {
+                p.sid = Arc::from("");
+            }
+        }
         self.pending.retain(|_, p| &p.sid != sid || p.kind == Kind::Internal);
         self.by_client.retain(|(s, _), _| s != sid);
         self.tokens.retain(|_, (s, _, _)| s != sid);
@@ -436,10 +444,24 @@ impl Router {
             self.tokens.remove(t);
         }
         let k = key(&p.client_id);
-        vec![Action::Session(
+        let mut out = vec![Action::Session(
             p.sid,
             Delivery { msg: error_response(p.client_id, -32603, reason), reply_to: Some(k), related_to: None },
-        )]
+        )];
+        // A shared server's first `initialize` never reached it: the sessions waiting on its
+        // answer get the same error, and the next `initialize` is sent anew.
+        if p.kind == Kind::Initialize && self.shared {
+            if let Init::Pending(w) = std::mem::replace(&mut self.init, Init::None) {
+                for (sid, cid) in w {
+                    let k = key(&cid);
+                    out.push(Action::Session(
+                        sid,
+                        Delivery { msg: error_response(cid, -32603, reason), reply_to: Some(k), related_to: None },
+                    ));
+                }
+            }
+        }
+        out
     }
 
     /// A client request's deadline passed (its server's `timeout`): answer it with a JSON-RPC
@@ -490,16 +512,25 @@ impl Router {
                 },
             ));
         }
-        if let Init::Pending(w) = std::mem::replace(&mut self.init, Init::None) {
-            for (sid, cid) in w {
-                let k = key(&cid);
-                out.push(Action::Session(
-                    sid,
-                    Delivery { msg: error_response(cid, -32603, SERVER_EXITED), reply_to: Some(k), related_to: None },
-                ));
+        // A shared server keeps the answer to its first `initialize` across a restart (later
+        // sessions are answered from it, and `reinitialize` replays it to the new process);
+        // sessions still waiting for it fail with the process.
+        match std::mem::replace(&mut self.init, Init::None) {
+            Init::Pending(w) => {
+                for (sid, cid) in w {
+                    let k = key(&cid);
+                    out.push(Action::Session(
+                        sid,
+                        Delivery {
+                            msg: error_response(cid, -32603, SERVER_EXITED),
+                            reply_to: Some(k),
+                            related_to: None,
+                        },
+                    ));
+                }
             }
-        } else if let Init::Done(r) = std::mem::replace(&mut self.init, Init::None) {
-            self.init = Init::Done(r);
+            Init::Done(r) => self.init = Init::Done(r),
+            Init::None => {}
         }
         self.by_client.clear();
         self.tokens.clear();
@@ -725,6 +756,80 @@ mod tests {
         assert_eq!(s.as_ref(), "a");
         assert_eq!(d.msg["error"]["code"], json!(-32603));
         assert_eq!(d.msg["error"]["message"], json!(SERVER_EXITED));
+    }
+
+    /// The first session of a shared server leaves before the server answers its `initialize`:
+    /// the answer still initializes the server, for the sessions waiting and those to come.
+    #[test]
+    fn a_shared_servers_first_initialize_outlives_its_session() {
+        let mut r = Router::new(true, None);
+        r.share();
+        let (a, b, c) = (sid("a"), sid("b"), sid("c"));
+        for s in [&a, &b, &c] {
+            r.attach(s.clone());
+        }
+        let init = json!({"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-06-18"}});
+        let f = backend(&r.from_client(&a, init.clone()));
+        r.detach(&a);
+        assert!(r.from_client(&b, init.clone()).is_empty(), "b waits for the one initialize");
+        let out = r.from_backend(json!({"jsonrpc":"2.0","id":f["id"],"result":{"serverInfo":{"name":"x"}}}));
+        let to_b: Vec<_> = out
+            .iter()
+            .filter_map(|a| match a {
+                Action::Session(s, d) if s.as_ref() == "b" => Some(d.msg["result"]["serverInfo"]["name"].clone()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(to_b, vec![json!("x")], "{out:?}");
+        let (s, d) = session(&r.from_client(&c, init));
+        assert_eq!((s.as_ref(), &d.msg["result"]["serverInfo"]["name"]), ("c", &json!("x")));
+    }
+
+    /// A shared server's first `initialize` could not be written: its session and those waiting
+    /// on it get the error, and the next `initialize` goes to the server.
+    #[test]
+    fn an_undeliverable_first_initialize_fails_its_waiters_and_is_sent_again() {
+        let mut r = Router::new(true, None);
+        r.share();
+        let (a, b) = (sid("a"), sid("b"));
+        r.attach(a.clone());
+        r.attach(b.clone());
+        let init = json!({"jsonrpc":"2.0","id":0,"method":"initialize","params":{}});
+        let sent = backend(&r.from_client(&a, init.clone()));
+        assert!(r.from_client(&b, init.clone()).is_empty());
+        let out = r.undeliverable(&sent, "queue full");
+        let failed: Vec<&str> = out
+            .iter()
+            .filter_map(|x| match x {
+                Action::Session(s, d) if d.msg["error"]["message"] == json!("queue full") => Some(s.as_ref()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(failed, vec!["a", "b"], "{out:?}");
+        backend(&r.from_client(&b, init));
+    }
+
+    /// After a restart, a shared server whose sessions were initialized is initialized again by
+    /// mcpbox (the answer to the first `initialize` survives the exit).
+    #[test]
+    fn a_restarted_shared_server_is_initialized_again() {
+        let mut r = Router::new(true, None);
+        r.share();
+        let a = sid("a");
+        r.attach(a.clone());
+        let init = json!({"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-06-18"}});
+        let f = backend(&r.from_client(&a, init));
+        r.from_backend(json!({"jsonrpc":"2.0","id":f["id"],"result":{"serverInfo":{"name":"x"}}}));
+        r.backend_exited();
+        let again = r.reinitialize();
+        let methods: Vec<_> = again
+            .iter()
+            .map(|x| match x {
+                Action::Backend(m) => m["method"].clone(),
+                other => panic!("expected a message to the server, got {other:?}"),
+            })
+            .collect();
+        assert_eq!(methods, vec![json!("initialize"), json!("notifications/initialized")]);
     }
 
     #[test]
