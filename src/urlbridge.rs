@@ -178,9 +178,22 @@ pub fn main(transport: Option<String>) -> ExitCode {
 async fn run(url: String, transport: Option<String>) -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let transport = Transport::pick(transport.as_deref(), &url)?;
+    // The upstream's credentials (headers, the URL's own key) go to its origin only: a redirect
+    // is followed within that origin, never to another host, port or scheme (which a hostile
+    // or compromised upstream could point at this host's own services or cloud metadata, with
+    // the credentials along), and no Referer (it would carry the URL's key) is sent.
     let client = reqwest::Client::builder()
         .default_headers(headers_from_env()?)
         .connect_timeout(std::time::Duration::from_secs(15))
+        .redirect(reqwest::redirect::Policy::custom(|attempt| {
+            let from = attempt.previous().first().map(reqwest::Url::origin);
+            if attempt.previous().len() >= 5 || from.as_ref() != Some(&attempt.url().origin()) {
+                attempt.stop()
+            } else {
+                attempt.follow()
+            }
+        }))
+        .referer(false)
         .build()
         .context("building the HTTP client")?;
     // Everything for stdout goes through one writer, one message per line.
@@ -322,7 +335,10 @@ async fn post_streamable(
     let resp = match req.send().await {
         Ok(r) => r,
         Err(e) => {
-            answer_error(format!("upstream unreachable: {e}")).await;
+            // The error's text names the URL, key and all: the client (any principal) is told
+            // what failed, not where.
+            let e = e.without_url();
+            answer_error(format!("upstream unreachable: {}", scrub(&e))).await;
             return Err(e.into());
         }
     };
@@ -406,6 +422,14 @@ async fn legacy_sse(client: reqwest::Client, url: String, out: mpsc::Sender<Stri
         .context("the upstream's stream ended before its endpoint event")?;
     let base = reqwest::Url::parse(&url).context("upstream url")?;
     let post_url = base.join(endpoint.trim()).context("the upstream's endpoint")?;
+    // Messages (and the configured headers) go to the upstream's own origin, as MCP's SSE
+    // clients require: an endpoint elsewhere is the upstream pointing mcpbox at someone else.
+    if post_url.origin() != base.origin() {
+        bail!(
+            "the upstream's endpoint is on another origin ({}); refused: messages and credentials go to the configured upstream only",
+            redact(post_url.as_str())
+        );
+    }
     let mut lines = stdin_lines().await;
     loop {
         tokio::select! {
