@@ -17,11 +17,13 @@
 //! 2. An IP literal only matches an entry with that exact address and port.
 //! 3. A name is resolved. If it was allowed by a wildcard entry, every address it resolves to must
 //!    be public (no loopback, private, link-local, unique-local, unspecified, multicast, …);
-//!    otherwise the request is refused without connecting. An entry naming that exact
-//!    `host:port` is taken as the policy author's say-so and may resolve anywhere — unless the
-//!    proxy is [`ProxyConfig::refuse_internal`] (the prepare sandboxes': a registry named by a
+//!    otherwise the request is refused without connecting. A name allowed by an entry naming
+//!    that exact `host:port` may resolve to private addresses (internal services), never to
+//!    this host's own ([`is_host_local`]: loopback, link-local, unspecified; and the addresses
+//!    of its interfaces), which only an entry naming the address reaches. In a
+//!    [`ProxyConfig::refuse_internal`] proxy (the prepare sandboxes': a registry named by a
 //!    package manager's configuration never leads to loopback, link-local or private
-//!    addresses), where no address, of a name or an IP literal, may be [`is_internal`].
+//!    addresses) no address, of a name or an IP literal, may be [`is_internal`] or the host's.
 //! 4. The connection goes to the addresses just checked: nothing is resolved twice.
 //!
 //! Denials answer `403 Forbidden` with a one-line body that names the policy and the target, and
@@ -200,6 +202,22 @@ pub fn is_host_local(ip: IpAddr) -> bool {
             embedded_v4(v6).is_some_and(v4)
         }
     }
+}
+
+/// Whether `ip` is one of the addresses of this host's own interfaces (as the proxy, in the
+/// host's network, sees them now): a service bound to all addresses answers there as it does
+/// on loopback. Asked at each check, so that an address added later counts too.
+fn is_own_interface(ip: IpAddr) -> bool {
+    let ip = ip.to_canonical();
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else { return false };
+    addrs.filter_map(|a| a.address).any(|a| {
+        let own = match (a.as_sockaddr_in(), a.as_sockaddr_in6()) {
+            (Some(v4), _) => Some(IpAddr::V4(v4.ip())),
+            (_, Some(v6)) => Some(IpAddr::V6(v6.ip())),
+            _ => None,
+        };
+        own.is_some_and(|o| o.to_canonical() == ip)
+    })
 }
 
 fn is_internal_v4(ip: Ipv4Addr) -> bool {
@@ -594,14 +612,14 @@ async fn connect_checked(
         },
     };
     if cfg.refuse_internal {
-        if let Some(bad) = addrs.iter().find(|a| is_internal(a.ip())) {
+        if let Some(bad) = addrs.iter().find(|a| is_internal(a.ip()) || is_own_interface(a.ip())) {
             return Err(deny(
-                "loopback, link-local and private addresses are not reachable from here",
+                "loopback, link-local, private and this host's own addresses are not reachable from here",
                 &format!("resolves to internal address {}", bad.ip()),
             ));
         }
     } else if how == Match::Wildcard {
-        if let Some(bad) = addrs.iter().find(|a| !is_public(a.ip())) {
+        if let Some(bad) = addrs.iter().find(|a| !is_public(a.ip()) || is_own_interface(a.ip())) {
             return Err(deny(
                 "network.allow: resolves to a non-public address; list the exact host:port to permit it",
                 &format!("wildcard match resolves to non-public address {}", bad.ip()),
@@ -609,11 +627,12 @@ async fn connect_checked(
         }
     } else if matches!(host, Host::Name(_)) {
         // An exact name: whoever answers for it in DNS decides where it leads, and a name can
-        // be pointed at this host's loopback (mcpbox's own listener, local services) or at
-        // link-local addresses (cloud metadata) at any time. Those take the address itself.
-        if let Some(bad) = addrs.iter().find(|a| is_host_local(a.ip())) {
+        // be pointed at this host's loopback or its own interface addresses (mcpbox's own
+        // listener, local services bound to all addresses) or at link-local addresses (cloud
+        // metadata) at any time. Those take the address itself.
+        if let Some(bad) = addrs.iter().find(|a| is_host_local(a.ip()) || is_own_interface(a.ip())) {
             return Err(deny(
-                "network.allow: a name never leads to loopback or link-local addresses; list the address itself (e.g. 127.0.0.1:8080) to permit it",
+                "network.allow: a name never leads to loopback, link-local or this host's own addresses; list the address itself (e.g. 127.0.0.1:8080) to permit it",
                 &format!("resolves to host-local address {}", bad.ip()),
             ));
         }
@@ -1176,6 +1195,39 @@ mod tests {
         assert_eq!(&echoed[..6], b"early-");
         assert_eq!(echoed[6..], payload[..], "the tunnel round-trips every byte");
         assert!(proxy.dns.asked().is_empty(), "an IP literal needs no DNS");
+    }
+
+    /// A name (exact or by wildcard) that resolves to one of this host's own interface
+    /// addresses is refused: a service bound to all addresses answers there as on loopback.
+    #[tokio::test]
+    async fn a_name_never_leads_to_this_hosts_own_interface_addresses() {
+        let own = nix::ifaddrs::getifaddrs()
+            .unwrap()
+            .filter_map(|a| a.address)
+            .filter_map(|a| a.as_sockaddr_in().map(|v4| IpAddr::V4(v4.ip())))
+            .find(|ip| !ip.is_loopback())
+            .expect("the test needs an interface with a non-loopback IPv4 address");
+        let trip = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+        trip.set_nonblocking(true).unwrap();
+        let port = trip.local_addr().unwrap().port();
+        let own_s = own.to_string();
+        let dns = FakeDns::with(&[("self.test", &own_s), ("a.wild.test", &own_s)]);
+        let proxy = start_proxy(&[format!("self.test:{port}"), format!("*.wild.test:{port}")], dns);
+        for name in ["self.test", "a.wild.test"] {
+            let reply = exchange(proxy.addr, format!("CONNECT {name}:{port} HTTP/1.1\r\n\r\n").as_bytes()).await;
+            assert!(reply.starts_with("HTTP/1.1 403"), "{name} -> {own}: {reply}");
+        }
+        match trip.accept() {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            other => panic!("the proxy connected to this host's own address: {other:?}"),
+        }
+        // The address itself, listed, is reachable.
+        let proxy = start_proxy(&[format!("{own}:{port}")], FakeDns::default());
+        let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+        s.write_all(format!("CONNECT {own}:{port} HTTP/1.1\r\n\r\n").as_bytes()).await.unwrap();
+        let mut got = [0u8; 12];
+        tokio::time::timeout(T, s.read_exact(&mut got)).await.unwrap().unwrap();
+        assert_eq!(&got, b"HTTP/1.1 200");
     }
 
     /// A hostile server opens tunnels to an upstream that never closes, then its sandbox ends:
