@@ -49,6 +49,23 @@ pub fn runtime_base(command: &str, args: &[String]) -> &'static str {
     }
 }
 
+/// Writes `text` to `path` through a new file renamed over it: whatever `path` was (a symlink
+/// another user planted in a shared directory, pointing at a file of root's) is replaced, never
+/// written through. The file is the invoking user's, mode 0644 as a policy is read by others.
+fn write_replacing(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::PermissionsExt;
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    tmp.write_all(text.as_bytes())?;
+    tmp.as_file().set_permissions(std::fs::Permissions::from_mode(0o644))?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    Ok(())
+}
+
 /// `extends` as the learned file will say it: a shipped or user name as is, a file as its
 /// absolute path (the learned file may be written elsewhere).
 fn extends_value(base: &str) -> String {
@@ -266,7 +283,7 @@ fn run_learning(s: &Setup, out: &Path) -> anyhow::Result<ExitCode> {
     crate::denials::registry().flush_all();
     let snapshot = obs.snapshot();
     let text = crate::learn::write_policy(&learned, &snapshot);
-    std::fs::write(out, &text).map_err(|e| anyhow::anyhow!("writing {}: {e}", out.display()))?;
+    write_replacing(out, &text).map_err(|e| anyhow::anyhow!("writing {}: {e}", out.display()))?;
     // The learned file must pass the same check any policy does.
     let abs = std::fs::canonicalize(out).unwrap_or_else(|_| out.to_path_buf());
     let checked = crate::plan::check_policy(

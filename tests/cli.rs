@@ -89,6 +89,30 @@ fn signals_are_forwarded_while_learning() {
     signals_reach_the_server(cmd, 0);
 }
 
+/// The learned policy replaces whatever its path was: a symlink planted there (in a shared
+/// directory, by another user) is not written through.
+#[test]
+fn a_learned_policy_replaces_a_symlink_at_its_path() {
+    let s = shared();
+    let pol = probe_policy("learn-out", "", "");
+    let d = tempdir();
+    let victim = d.path().join("victim");
+    std::fs::write(&victim, "precious\n").unwrap();
+    let out = d.path().join("learned.toml");
+    std::os::unix::fs::symlink(&victim, &out).unwrap();
+    let mut cmd = Command::new(mcpbox());
+    cmd.args(["policy", "learn", "--policy"]).arg(&pol).arg("--state-dir").arg(&s.state);
+    cmd.args(["--name", &unique("learn-out"), "--out"]).arg(&out);
+    cmd.arg("--").arg(&s.probe).arg("uid");
+    test_env(&mut cmd);
+    let o = run_timeout(cmd, Duration::from_secs(120));
+    assert_eq!(o.code, 0, "{o}");
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n", "the learned policy went through the symlink");
+    let meta = std::fs::symlink_metadata(&out).unwrap();
+    assert!(meta.file_type().is_file(), "{meta:?}");
+    assert!(std::fs::read_to_string(&out).unwrap().contains("extends = "), "{o}");
+}
+
 /// SIGUSR1, SIGUSR2 and SIGHUP sent to mcpbox reach the server, which says so; SIGTERM ends it
 /// (the server exits 3), and mcpbox with `code`.
 fn signals_reach_the_server(mut cmd: Command, code: i32) {
@@ -133,6 +157,27 @@ fn a_command_the_policy_does_not_allow_is_refused() {
     assert!(!shared().state.join(&name).exists(), "a state dir was made for a refused server");
     let uids = std::fs::read_to_string(shared().state.join("uids")).unwrap_or_default();
     assert!(!uids.lines().any(|l| l.split_whitespace().next() == Some(name.as_str())), "{uids}");
+}
+
+/// `--state-dir` relative to the working directory, or through a symlink, names the directory
+/// it names (the sandbox opens the server's directories without following symlinks: it had
+/// refused both).
+#[test]
+fn a_relative_or_symlinked_state_dir_is_the_directory_it_names() {
+    let d = tempdir();
+    std::fs::create_dir(d.path().join("real")).unwrap();
+    std::os::unix::fs::symlink(d.path().join("real"), d.path().join("link")).unwrap();
+    for dir in ["rel", "link"] {
+        let name = unique("statedir");
+        let mut cmd = Command::new(mcpbox());
+        cmd.current_dir(d.path()).args(["run", "--policy", "default", "--state-dir", dir, "--name", &name]);
+        cmd.args(["--", "/bin/true"]);
+        test_env(&mut cmd);
+        let out = run_timeout(cmd, Duration::from_secs(60));
+        assert_eq!(out.code, 0, "--state-dir {dir}: {out}");
+        let root = if dir == "link" { d.path().join("real") } else { d.path().join(dir) };
+        assert!(root.join(&name).join("data").is_dir(), "--state-dir {dir}: no data dir under {}", root.display());
+    }
 }
 
 /// An npx/uvx server whose runtime the policy cannot execute is refused before its package is

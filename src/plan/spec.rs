@@ -61,7 +61,13 @@ impl StateDir {
         home.join(".local/state/mcpbox")
     }
 
+    /// `root` as given (`--state-dir`, `MCPBOX_STATE_DIR`, a config's `stateDir`: the
+    /// operator's choice), made absolute and, where it exists, free of symlinks: the sandbox
+    /// opens the server's directories under it component by component without following any.
     pub fn new(root: PathBuf) -> Self {
+        let root =
+            if root.is_absolute() { root } else { std::env::current_dir().map(|d| d.join(&root)).unwrap_or(root) };
+        let root = fs::canonicalize(&root).unwrap_or(root);
         StateDir {
             root,
             uid_base: 200_000,
