@@ -166,6 +166,7 @@ fn run_learning(s: &Setup, out: &Path) -> anyhow::Result<ExitCode> {
         None => (s.launch.clone(), Extra::default()),
         Some(pkg) => {
             let pkg = pkg?;
+            plan::prepare::remove_credentials_on_signal();
             plan::prepare::prepare_blocking(state, name, &pkg, false).map_err(|e| anyhow::anyhow!("prepare: {e:#}"))?;
             plan::prepare::for_run(state, &s.launch).expect("an npx/uvx command")?
         }

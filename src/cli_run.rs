@@ -91,7 +91,10 @@ pub fn run(args: RunArgs, early: Option<Result<crate::sandbox::Pending, crate::s
     let run = match package {
         None => Ok((launch.clone(), Extra::default())),
         Some(pkg) => pkg
-            .and_then(|pkg| plan::prepare::prepare_blocking(&state, &name, &pkg, false))
+            .and_then(|pkg| {
+                plan::prepare::remove_credentials_on_signal();
+                plan::prepare::prepare_blocking(&state, &name, &pkg, false)
+            })
             .and_then(|_| plan::prepare::for_run(&state, &launch).expect("an npx/uvx command"))
             .map_err(|e| anyhow::anyhow!("prepare: {e:#}")),
     };

@@ -212,6 +212,41 @@ fn a_package_whose_runtime_the_policy_cannot_execute_is_refused_before_it_is_pre
     assert!(!state.join("never").exists(), "serve --check made something for the refused server");
 }
 
+/// A first start ended by a signal while its package downloads (a client giving up on a slow
+/// install, a Ctrl-C) leaves no registry credentials on disk: the file the download step
+/// reads them from goes with mcpbox, which still ends by that signal.
+#[test]
+fn an_interrupted_prepare_leaves_no_credentials_behind() {
+    use nix::sys::signal::{kill, Signal};
+    use std::os::unix::process::ExitStatusExt;
+    let d = tempdir();
+    let state = d.path().join("state");
+    let npmrc = d.path().join("npmrc");
+    // A credential for a registry the install never asks: npm sends it nowhere, mcpbox still
+    // hands it to the download step.
+    std::fs::write(&npmrc, "//auth.example.test/:_authToken=mcpbox-test-secret\n").unwrap();
+    let mut cmd = Command::new(mcpbox());
+    cmd.args(["run", "--state-dir"]).arg(&state).args(["--name", "creds", "--"]);
+    cmd.args(["npx", "-y", "@modelcontextprotocol/server-sequential-thinking"]);
+    test_env(&mut cmd);
+    cmd.env("NPM_CONFIG_USERCONFIG", &npmrc);
+    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let auth = state.join("creds").join("prepare-auth.npmrc");
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while !auth.exists() {
+        if let Some(st) = child.try_wait().unwrap() {
+            panic!("mcpbox ended ({st:?}) before the download step held the credentials");
+        }
+        assert!(std::time::Instant::now() < deadline, "no credentials file in 120 s");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    kill(nix::unistd::Pid::from_raw(child.id() as i32), Signal::SIGINT).unwrap();
+    let status = wait_timeout(&mut child, Duration::from_secs(30)).expect("mcpbox did not end after SIGINT");
+    assert_eq!(status.signal(), Some(libc::SIGINT), "{status:?}");
+    assert!(!auth.exists(), "the registry credentials outlived the interrupted prepare");
+}
+
 /// The drop-in use for local MCP clients: `mcpbox run -- npx -y PKG`, no policy named. The
 /// package is prepared in its own sandbox on first use, then the real server from npm answers
 /// `initialize` over stdin/stdout under the policy mcpbox ships for that package, named after its
