@@ -507,6 +507,38 @@ mod tests {
         assert!(out.try_recv().is_err());
     }
 
+    /// A request answered as one JSON body keeps its session busy while it waits: a call that
+    /// runs past `idleTimeout` is not ended under its client (the supervisor reaps sessions
+    /// whose `idle_for` passes it).
+    #[tokio::test]
+    async fn a_json_request_in_flight_keeps_its_session_from_idling() {
+        let hub = Arc::new(Hub::new("s", false, None, LIMITS));
+        let (stdin, mut server) = input_queue(1 << 20);
+        hub.connect_process(stdin);
+        let s = session::Session::new(
+            "a".into(),
+            "s",
+            Principal::anonymous(),
+            Transport::Streamable,
+            hub.clone(),
+            1 << 20,
+            CancellationToken::new(),
+            Default::default(),
+        );
+        assert!(s.idle_for().is_some(), "a session with nothing in flight is idle");
+        let call = {
+            let s = s.clone();
+            tokio::spawn(async move {
+                s.request_json(json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"slow"}})).await
+            })
+        };
+        let fwd: Value = serde_json::from_slice(&server.recv().await.unwrap()).unwrap();
+        assert_eq!(s.idle_for(), None, "a session waiting on its server is not idle");
+        hub.from_backend(Frame::Line(Bytes::from(json!({"jsonrpc":"2.0","id":fwd["id"],"result":{}}).to_string())));
+        assert!(call.await.unwrap().is_some(), "the answer reaches the request");
+        assert!(s.idle_for().is_some(), "idle again once answered");
+    }
+
     #[test]
     fn shared_requests_wait_for_the_next_process() {
         let hub = Hub::new("s", true, None, LIMITS);

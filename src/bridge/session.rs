@@ -76,10 +76,12 @@ impl Session {
     }
 
     /// Send request `msg` and wait for its response as one JSON body; `None` if the session
-    /// ended first without answering it.
-    pub async fn request_json(&self, msg: Value) -> Option<Bytes> {
+    /// ended first without answering it. While it waits the session is not idle (a call that
+    /// runs longer than `idleTimeout` is not ended under its client).
+    pub async fn request_json(self: &Arc<Self>, msg: Value) -> Option<Bytes> {
         let k = key(&msg["id"]);
         let rx = self.outbox.lock().expect_json(k);
+        let _busy = self.lease(false);
         self.send(msg);
         rx.await.ok()
     }
