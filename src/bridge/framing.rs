@@ -10,9 +10,13 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 pub enum Frame {
     /// One line, without its `\n` (and without a trailing `\r`). Never empty.
     Line(Bytes),
-    /// A line longer than the limit was discarded; its length so far.
-    TooLong(usize),
+    /// A line longer than the limit was discarded: its length so far, and its first bytes (at
+    /// most [`HEAD`]), which name the request an over-long answer was for.
+    TooLong(usize, Bytes),
 }
+
+/// How much of a discarded line is kept (see [`Frame::TooLong`]).
+pub const HEAD: usize = 1024;
 
 pub struct LineReader<R> {
     inner: R,
@@ -22,11 +26,20 @@ pub struct LineReader<R> {
     max: usize,
     /// Length discarded so far of an over-long line.
     discarding: Option<usize>,
+    /// The first bytes of the line being discarded.
+    head: Bytes,
 }
 
 impl<R: AsyncRead + Unpin> LineReader<R> {
     pub fn new(inner: R, max: usize) -> Self {
-        LineReader { inner, buf: BytesMut::with_capacity(64 * 1024), scanned: 0, max, discarding: None }
+        LineReader {
+            inner,
+            buf: BytesMut::with_capacity(64 * 1024),
+            scanned: 0,
+            max,
+            discarding: None,
+            head: Bytes::new(),
+        }
     }
 
     /// The next frame; `None` at end of stream.
@@ -37,7 +50,7 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
                 let mut line = self.buf.split_to(end + 1);
                 self.scanned = 0;
                 if let Some(n) = self.discarding.take() {
-                    return Ok(Some(Frame::TooLong(n + end)));
+                    return Ok(Some(Frame::TooLong(n + end, std::mem::take(&mut self.head))));
                 }
                 line.truncate(end);
                 if line.last() == Some(&b'\r') {
@@ -46,7 +59,8 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
                 // Length first: an over-long line is reported whatever it holds, as it is
                 // when it arrives in pieces and is discarded before its end is seen.
                 if line.len() > self.max {
-                    return Ok(Some(Frame::TooLong(line.len())));
+                    let head = Bytes::copy_from_slice(&line[..HEAD.min(line.len())]);
+                    return Ok(Some(Frame::TooLong(line.len(), head)));
                 }
                 if line.iter().all(|b| b.is_ascii_whitespace()) {
                     continue;
@@ -61,6 +75,7 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
             } else if self.buf.len() > self.max.saturating_add(1) {
                 // (`max + 1`: the line's last byte may be a `\r` that is not part of the line.)
                 self.discarding = Some(self.buf.len());
+                self.head = Bytes::copy_from_slice(&self.buf[..HEAD.min(self.buf.len())]);
                 self.buf.clear();
                 self.scanned = 0;
             }
@@ -70,13 +85,14 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
             let n = self.inner.read_buf(&mut self.buf).await?;
             if n == 0 {
                 if let Some(n) = self.discarding.take() {
-                    return Ok(Some(Frame::TooLong(n)));
+                    return Ok(Some(Frame::TooLong(n, std::mem::take(&mut self.head))));
                 }
                 // A last line without '\n'.
                 let line = self.buf.split().freeze();
                 self.scanned = 0;
                 if line.len() > self.max {
-                    return Ok(Some(Frame::TooLong(line.len())));
+                    let head = line.slice(..HEAD.min(line.len()));
+                    return Ok(Some(Frame::TooLong(line.len(), head)));
                 }
                 if line.iter().all(|b| b.is_ascii_whitespace()) {
                     return Ok(None);
@@ -244,9 +260,9 @@ mod tests {
             w.write_all(b"\nshort\n0123456789ab\nlast").await.unwrap();
         });
         assert_eq!(lr.next_frame().await.unwrap(), Some(Frame::Line(Bytes::from_static(b"{\"a\":1}"))));
-        assert_eq!(lr.next_frame().await.unwrap(), Some(Frame::TooLong(100)));
+        assert!(matches!(lr.next_frame().await.unwrap(), Some(Frame::TooLong(100, _))));
         assert_eq!(lr.next_frame().await.unwrap(), Some(Frame::Line(Bytes::from_static(b"short"))));
-        assert_eq!(lr.next_frame().await.unwrap(), Some(Frame::TooLong(12)));
+        assert!(matches!(lr.next_frame().await.unwrap(), Some(Frame::TooLong(12, _))));
         writer.await.unwrap();
         assert_eq!(lr.next_frame().await.unwrap(), Some(Frame::Line(Bytes::from_static(b"last"))));
         assert_eq!(lr.next_frame().await.unwrap(), None);
@@ -291,9 +307,9 @@ mod tests {
         // is discarded before its end shows it is blank).
         for piece in [1, 64] {
             let got = frames(b"      \nx\n", 4, piece).await;
-            assert!(matches!(got[..], [Frame::TooLong(6), Frame::Line(_)]), "reads of {piece}: {got:?}");
+            assert!(matches!(got[..], [Frame::TooLong(6, _), Frame::Line(_)]), "reads of {piece}: {got:?}");
             let got = frames(b"x\n      ", 4, piece).await;
-            assert!(matches!(got[..], [Frame::Line(_), Frame::TooLong(6)]), "reads of {piece}, last line: {got:?}");
+            assert!(matches!(got[..], [Frame::Line(_), Frame::TooLong(6, _)]), "reads of {piece}, last line: {got:?}");
         }
     }
 }

@@ -350,15 +350,31 @@ impl Hub {
                     tracing::warn!(server = %self.server, line = %shown, "server wrote a line that is not JSON-RPC; ignored");
                 }
             },
-            Frame::TooLong(n) => {
+            Frame::TooLong(n, head) => {
                 let max = self.limits.max_line;
                 tracing::warn!(server = %self.server, bytes = n, limit = max, "server wrote a line longer than mcpbox.maxLineBytes; discarded");
+                let what =
+                    format!("mcpbox discarded a {n}-byte message from the server (mcpbox.maxLineBytes is {max} bytes)");
                 let note = json!({"jsonrpc": "2.0", "method": "notifications/message", "params": {
-                    "level": "error", "logger": "mcpbox",
-                    "data": format!("mcpbox discarded a {n}-byte message from the server (mcpbox.maxLineBytes is {max} bytes)")}});
+                    "level": "error", "logger": "mcpbox", "data": what}});
                 let targets = st.router.busy_sessions();
                 for sid in targets {
                     self.deliver(&mut st, sid, Delivery { msg: note.clone(), reply_to: None, related_to: None });
+                }
+                // If it was an answer, its request gets an error instead of waiting for ever:
+                // the request its opening names, or else the only one in flight. (A message
+                // that names a method is the server's own request or notification.)
+                let o = router::opening(&head);
+                let id = match o.id {
+                    _ if o.method => None,
+                    Some(id) if st.router.is_pending(&id) => Some(id),
+                    _ if o.answer => st.router.only_request_in_flight(),
+                    _ => None,
+                };
+                if let Some(id) = id {
+                    let err = json!({"jsonrpc": "2.0", "id": id, "error": {"code": -32603, "message": what}});
+                    let actions = st.router.from_backend(err);
+                    self.run(&mut st, actions);
                 }
             }
         }
@@ -537,6 +553,36 @@ mod tests {
         hub.from_backend(Frame::Line(Bytes::from(json!({"jsonrpc":"2.0","id":fwd["id"],"result":{}}).to_string())));
         assert!(call.await.unwrap().is_some(), "the answer reaches the request");
         assert!(s.idle_for().is_some(), "idle again once answered");
+    }
+
+    /// An answer over `maxLineBytes` is discarded, and its request answered with an error that
+    /// says so instead of waiting for ever: found by the id the answer opens with, or, cut
+    /// before its id, as the only request in flight.
+    #[tokio::test]
+    async fn a_request_whose_answer_is_too_long_gets_an_error() {
+        let hub = Hub::new("s", false, None, LIMITS);
+        let (sid, mut out) = session(&hub, "a");
+        let (stdin, mut server) = input_queue(1 << 20);
+        hub.connect_process(stdin);
+        for (client_id, head_of) in [
+            (
+                "big",
+                (|id: &Value| format!(r#"{{"jsonrpc":"2.0","id":{id},"result":{{"content":[{{"text":"xxx"#))
+                    as fn(&Value) -> String,
+            ),
+            ("cut", |_: &Value| r#"{"jsonrpc":"2.0","result":{"content":[{"text":"xxx"#.to_string()),
+        ] {
+            let call = json!({"jsonrpc":"2.0","id":client_id,"method":"tools/call","params":{"name":"read"}});
+            assert_eq!(hub.from_client(&sid, call), Sent::Forwarded);
+            let fwd: Value = serde_json::from_slice(&server.recv().await.unwrap()).unwrap();
+            hub.from_backend(Frame::TooLong(50 << 20, Bytes::from(head_of(&fwd["id"]))));
+            let mut got = Vec::new();
+            while let Ok(o) = out.try_recv() {
+                got.push(serde_json::from_slice::<Value>(&o.body).unwrap());
+            }
+            let err = got.iter().find(|m| m["id"] == json!(client_id)).unwrap_or_else(|| panic!("{got:?}"));
+            assert!(err["error"]["message"].as_str().unwrap().contains("maxLineBytes"), "{err}");
+        }
     }
 
     #[test]

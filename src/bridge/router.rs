@@ -560,11 +560,105 @@ impl Router {
     }
 
     /// Sessions with requests in flight (for errors that belong to no single request).
+    /// Whether `id` (as the server knows it) is a client request in flight.
+    pub fn is_pending(&self, id: &Value) -> bool {
+        self.pending.get(&key(id)).is_some_and(|p| p.kind != Kind::Internal)
+    }
+
+    /// The id (as the server knows it) of the one client request in flight, if exactly one is.
+    pub fn only_request_in_flight(&self) -> Option<Value> {
+        let mut ids = self.pending.iter().filter(|(_, p)| p.kind != Kind::Internal).map(|(k, _)| k);
+        let only = ids.next()?;
+        if ids.next().is_some() {
+            return None;
+        }
+        serde_json::from_str(only).ok()
+    }
+
     pub fn busy_sessions(&self) -> Vec<SessionId> {
         let set: HashSet<&SessionId> =
             self.pending.values().filter(|p| p.kind != Kind::Internal).map(|p| &p.sid).collect();
         set.into_iter().cloned().collect()
     }
+}
+
+/// What the opening bytes of a JSON-RPC message (the rest may be cut off) say at its top level.
+#[derive(Debug, Default, PartialEq)]
+pub struct Opening {
+    /// Its `"id"`, a number or a string as JSON-RPC has them.
+    pub id: Option<Value>,
+    /// A `"method"` key: a request or notification.
+    pub method: bool,
+    /// A `"result"` or `"error"` key: an answer.
+    pub answer: bool,
+}
+
+/// See [`Opening`]; all empty unless `head` opens a JSON object.
+pub fn opening(head: &[u8]) -> Opening {
+    let mut o = Opening::default();
+    if head.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return o;
+    }
+    let mut depth = 0usize;
+    let mut i = 0;
+    // A string starting at `at` (its opening quote): its end (after the closing quote), if any.
+    let string_end = |at: usize| -> Option<usize> {
+        let mut j = at + 1;
+        while j < head.len() {
+            match head[j] {
+                b'\\' => j += 2,
+                b'"' => return Some(j + 1),
+                _ => j += 1,
+            }
+        }
+        None
+    };
+    while i < head.len() {
+        match head[i] {
+            b'{' | b'[' => {
+                depth += 1;
+                i += 1;
+            }
+            b'}' | b']' => {
+                depth = depth.saturating_sub(1);
+                i += 1;
+            }
+            b'"' => {
+                let Some(end) = string_end(i) else { break };
+                let mut j = end;
+                while j < head.len() && head[j].is_ascii_whitespace() {
+                    j += 1;
+                }
+                if depth == 1 && head.get(j) == Some(&b':') {
+                    match &head[i + 1..end - 1] {
+                        b"method" => o.method = true,
+                        b"result" | b"error" => o.answer = true,
+                        b"id" => {
+                            let mut v = j + 1;
+                            while v < head.len() && head[v].is_ascii_whitespace() {
+                                v += 1;
+                            }
+                            let value_end = match head.get(v) {
+                                Some(b'"') => string_end(v),
+                                Some(_) => head[v..]
+                                    .iter()
+                                    .position(|b| !matches!(b, b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9'))
+                                    .map(|n| v + n),
+                                None => None,
+                            };
+                            if let Some(e) = value_end {
+                                o.id = serde_json::from_slice(&head[v..e]).ok();
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                i = end;
+            }
+            _ => i += 1,
+        }
+    }
+    o
 }
 
 fn k_client(v: &Value) -> Key {
@@ -830,6 +924,22 @@ mod tests {
             })
             .collect();
         assert_eq!(methods, vec![json!("initialize"), json!("notifications/initialized")]);
+    }
+
+    #[test]
+    fn the_id_of_a_cut_off_answer_is_found_at_its_top_level_only() {
+        let t = |s: &str| {
+            let o = opening(s.as_bytes());
+            (o.id, o.method, o.answer)
+        };
+        let answer = r#"{"jsonrpc":"2.0","id":17,"result":{"content":[{"id":3,"text":"xx"#;
+        assert_eq!(t(answer), (Some(json!(17)), false, true));
+        assert_eq!(t(r#"{"result":{"id":3,"method":"m","text":"a\"}}\"b"#), (None, false, true));
+        assert_eq!(t(r#"{ "id" : "mcpbox-4" , "error": "#), (Some(json!("mcpbox-4")), false, true));
+        let request = r#"{"jsonrpc":"2.0","id":9,"method":"sampling/createMessage","params":{"#;
+        assert_eq!(t(request), (Some(json!(9)), true, false));
+        assert_eq!(t(r#"{"id":12"#), (None, false, false), "a number cut off at the end may be longer");
+        assert_eq!(t("xxxxxxxx"), (None, false, false));
     }
 
     #[test]
