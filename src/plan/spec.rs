@@ -44,6 +44,13 @@ pub struct StateDir {
     pub memory_merge: bool,
 }
 
+/// Where servers' host uids start unless a config says otherwise (`mcpbox.uidBase`): above the
+/// ranges `useradd` hands out in /etc/subuid (100000 up to 600100000 by default; the second
+/// user's range already covered 200000, mcpbox's old base) and systemd's container ranges
+/// (up to 1879048191), below 2^31. Each server's uid is also checked against the host's
+/// accounts and subordinate ranges when it is first given (see [`allocate_uid`]).
+pub const DEFAULT_UID_BASE: u32 = 2_000_000_000;
+
 impl StateDir {
     /// The default location: `$MCPBOX_STATE_DIR`, else `/var/lib/mcpbox` as root,
     /// `$XDG_STATE_HOME/mcpbox` otherwise.
@@ -70,7 +77,7 @@ impl StateDir {
         let root = fs::canonicalize(&root).unwrap_or(root);
         StateDir {
             root,
-            uid_base: 200_000,
+            uid_base: DEFAULT_UID_BASE,
             uid_count: 10_000,
             min_level: Level::Full,
             policy_dirs: Vec::new(),
@@ -679,16 +686,57 @@ pub fn allocate_uid(state: &StateDir, name: &str) -> anyhow::Result<(u32, u32)> 
         let mut it = line.split_whitespace();
         if let (Some(n), Some(u)) = (it.next(), it.next().and_then(|u| u.parse::<u32>().ok())) {
             if n == name {
+                if host_ids().iter().any(|r| r.contains(&u)) {
+                    tracing::warn!(
+                        server = %name,
+                        uid = u,
+                        "this server's host uid is also an account's or in a user's /etc/subuid or /etc/subgid range (given before mcpbox checked): that user can become it and reach the server's data; remove its line from {} to give it a new uid",
+                        path.display()
+                    );
+                }
                 return Ok((u, u));
             }
             used.push(u);
         }
     }
-    let uid = (state.uid_base..state.uid_base.saturating_add(state.uid_count))
-        .find(|u| !used.contains(u) && *u != 0)
-        .with_context(|| format!("no free uid left in {}..+{}", state.uid_base, state.uid_count))?;
+    // Never one the host has given out: an account's uid or gid (the server's gid is its uid),
+    // or one in a user's subordinate range (/etc/subuid, /etc/subgid), whose owner can become it
+    // in a user namespace of their own and so reach the server's data and processes.
+    let uid = pick_uid(state.uid_base, state.uid_count, &used, &host_ids()).with_context(|| {
+            format!(
+                "no free uid left in {}..+{} (the host's accounts and /etc/subuid and /etc/subgid ranges excluded): set mcpbox.uidBase in the config",
+            state.uid_base, state.uid_count
+        )
+    })?;
     writeln!(&mut *lock, "{name} {uid}")?;
     Ok((uid, uid))
+}
+
+/// The first uid of `base..base+count` that is neither `used` nor in one of the `host` ranges.
+fn pick_uid(base: u32, count: u32, used: &[u32], host: &[std::ops::Range<u32>]) -> Option<u32> {
+    (base..base.saturating_add(count)).find(|u| *u != 0 && !used.contains(u) && !host.iter().any(|r| r.contains(u)))
+}
+
+/// The ids this host has given out: accounts' uids (/etc/passwd) and groups' gids (/etc/group),
+/// and the subordinate ranges of /etc/subuid and /etc/subgid.
+pub fn host_ids() -> Vec<std::ops::Range<u32>> {
+    let mut out = Vec::new();
+    for (file, field) in [("/etc/passwd", 2), ("/etc/group", 2)] {
+        for line in fs::read_to_string(file).unwrap_or_default().lines() {
+            if let Some(id) = line.split(':').nth(field).and_then(|v| v.parse::<u32>().ok()) {
+                out.push(id..id.saturating_add(1));
+            }
+        }
+    }
+    for file in ["/etc/subuid", "/etc/subgid"] {
+        for line in fs::read_to_string(file).unwrap_or_default().lines() {
+            let mut f = line.split(':').skip(1).map(|v| v.trim().parse::<u32>().ok());
+            if let (Some(Some(start)), Some(Some(count))) = (f.next(), f.next()) {
+                out.push(start..start.saturating_add(count));
+            }
+        }
+    }
+    out
 }
 
 /// Find a bare command name on `path_var`, as execvp would (on the host view, which the
@@ -775,6 +823,23 @@ pub fn resolve(p: &Path) -> anyhow::Result<(PathBuf, Vec<Link>)> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_new_uid_is_never_an_account_or_in_a_subordinate_range() {
+        let host = vec![200_000..200_003, 200_005..200_006];
+        assert_eq!(super::pick_uid(200_000, 10, &[], &host), Some(200_003));
+        assert_eq!(super::pick_uid(200_000, 10, &[200_003, 200_004], &host), Some(200_006));
+        assert_eq!(super::pick_uid(200_000, 3, &[], &host), None);
+        // What this host has given out is read as such (CI's test users have subuid ranges).
+        let ids = super::host_ids();
+        for line in std::fs::read_to_string("/etc/subuid").unwrap_or_default().lines() {
+            let f: Vec<&str> = line.split(':').collect();
+            let (start, count): (u32, u32) = (f[1].parse().unwrap(), f[2].parse().unwrap());
+            assert!(ids.iter().any(|r| r.start == start && r.end == start + count), "{line}: {ids:?}");
+        }
+        assert!(ids.iter().any(|r| r.contains(&0)), "root's uid is an account's");
+        assert!(!ids.iter().any(|r| r.contains(&super::DEFAULT_UID_BASE)), "{ids:?}");
+    }
+
     use super::*;
 
     #[test]
