@@ -220,6 +220,7 @@ fn run_learning(s: &Setup, out: &Path) -> anyhow::Result<ExitCode> {
     mask.thread_block()?;
     let denials = crate::denials::registry().server(name, Some(crate::denials::file_for(&state.root, name)));
     denials.set_policy(&planned.policy.source);
+    crate::denials::flush_in_background();
     let (mut child, report, proxy_listener) = pending.send(&planned.spec)?;
     if let Some(allow) = &learn_net {
         let started = proxy_listener

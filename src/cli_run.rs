@@ -159,6 +159,7 @@ pub fn run(args: RunArgs, early: Option<Result<crate::sandbox::Pending, crate::s
         tracing::info!("Landlock denials are not reported: {why}");
     }
     denials.set_policy(&planned.policy.source);
+    crate::denials::flush_in_background();
     let (mut child, report, proxy_listener) = match pending.send(&planned.spec) {
         Ok(x) => x,
         Err(e) => {

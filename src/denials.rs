@@ -416,6 +416,23 @@ impl Registry {
     }
 }
 
+/// How often held-back records reach their files (`serve`'s flusher, and [`flush_in_background`]).
+pub const FLUSH_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// For `run` and `policy learn`: a thread that writes the records a flood held back every
+/// [`FLUSH_EVERY`], as `serve` does, so that what `policy suggest` reads is at most that much
+/// behind even if mcpbox is killed. Start it with the signals the caller waits for blocked (the
+/// thread keeps that mask).
+pub fn flush_in_background() {
+    let spawned = std::thread::Builder::new().name("mcpbox-denials-flush".into()).spawn(|| loop {
+        std::thread::sleep(FLUSH_EVERY);
+        registry().flush_all();
+    });
+    if let Err(e) = spawned {
+        tracing::warn!("denial records are written at exit only: cannot start their flusher thread: {e}");
+    }
+}
+
 /// The process-wide registry.
 pub fn registry() -> &'static Registry {
     static R: OnceLock<Registry> = OnceLock::new();

@@ -258,7 +258,7 @@ async fn run(args: ServeArgs, cfg: Config) -> anyhow::Result<()> {
     let accept = tokio::spawn(crate::http::listen::serve(listener, app, settings, stop.clone(), conns.clone()));
     // Denial records a flood held back (`denials::WRITES_PER_SECOND`) reach their files.
     let flusher = tokio::spawn(async {
-        let mut every = tokio::time::interval(Duration::from_secs(2));
+        let mut every = tokio::time::interval(crate::denials::FLUSH_EVERY);
         loop {
             every.tick().await;
             let _ = tokio::task::spawn_blocking(|| crate::denials::registry().flush_all()).await;

@@ -212,6 +212,41 @@ fn a_package_whose_runtime_the_policy_cannot_execute_is_refused_before_it_is_pre
     assert!(!state.join("never").exists(), "serve --check made something for the refused server");
 }
 
+/// `run` writes the denial records a burst held back while the server still runs, as `serve`
+/// does: what `policy suggest` reads is at most seconds behind, even if mcpbox is then killed.
+#[test]
+fn run_writes_held_back_denials_while_the_server_runs() {
+    let d = tempdir();
+    let state = d.path().join("state");
+    // Syscalls `default`'s filter refuses, each once, in one burst; then the server waits.
+    let script = "import ctypes, time\nlibc = ctypes.CDLL(None, use_errno=True)\n\
+        for nr in (153, 156, 159, 163, 164, 167, 168, 169, 172, 173, 175, 176, 179, 246, 248, 249, 250, 298, 313, 321):\n    libc.syscall(nr, 0, 0, 0, 0)\n\
+        print('done', flush=True)\ntime.sleep(30)\n";
+    let mut cmd = Command::new(mcpbox());
+    cmd.args(["run", "--policy", "python", "--state-dir"]).arg(&state).args(["--name", "burst", "--"]);
+    cmd.args(["/usr/bin/python3", "-c", script]);
+    test_env(&mut cmd);
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null());
+    let mut child = cmd.spawn().unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "done");
+    let file = state.join("burst").join("denials.json");
+    let recorded = || -> usize {
+        let v: serde_json::Value =
+            std::fs::read_to_string(&file).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default();
+        v["denials"].as_array().map_or(0, |a| a.iter().filter(|d| d["layer"] == "seccomp").count())
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while recorded() < 20 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(recorded(), 20, "{}", std::fs::read_to_string(&file).unwrap_or_default());
+}
+
 /// A first start ended by a signal while its package downloads (a client giving up on a slow
 /// install, a Ctrl-C) leaves no registry credentials on disk: the file the download step
 /// reads them from goes with mcpbox, which still ends by that signal.
