@@ -54,6 +54,18 @@ pub fn router(sup: Arc<Supervisor>, cfg: Arc<Config>) -> Router {
         cfg: cfg.clone(),
         stateless: stateless::Rounds::default(),
     });
+    // Input-required rounds whose client never retries end within ROUND_TTL + SWEEP_EVERY even
+    // when no other round comes along to expire them (for as long as the app exists).
+    if let Ok(rt) = tokio::runtime::Handle::try_current() {
+        let weak = Arc::downgrade(&state);
+        rt.spawn(async move {
+            loop {
+                tokio::time::sleep(stateless::SWEEP_EVERY).await;
+                let Some(st) = weak.upgrade() else { return };
+                st.stateless.expire(stateless::ROUND_TTL);
+            }
+        });
+    }
     // No path patterns: every request goes to `dispatch`, which routes on the edge's one decision.
     Router::new().fallback(dispatch).layer(DefaultBodyLimit::max(cfg.max_body_bytes)).with_state(state)
 }

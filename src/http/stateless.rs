@@ -89,7 +89,9 @@ const MAX_KEY: usize = 64;
 /// The protocol version mcpbox speaks to the stdio servers behind it.
 const BACKEND_VERSION: &str = "2025-11-25";
 /// How long an input-required round waits for the client's retry.
-const ROUND_TTL: Duration = Duration::from_secs(300);
+pub const ROUND_TTL: Duration = Duration::from_secs(300);
+/// How often rounds past [`ROUND_TTL`] are looked for when no new round comes to do it.
+pub const SWEEP_EVERY: Duration = Duration::from_secs(30);
 /// Input-required rounds waiting at once, across all servers.
 const MAX_ROUNDS: usize = 1024;
 /// After a first server request, how long to wait for more before answering the client.
@@ -467,28 +469,31 @@ impl Rounds {
 
     /// Keep `round`; the state that names it, or `None` when too many rounds wait.
     fn put(&self, round: Round) -> Option<String> {
-        let mut expired = Vec::new();
-        let state = {
+        self.expire(ROUND_TTL);
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        if map.len() >= MAX_ROUNDS {
+            return None;
+        }
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let s = self.state(n, &round.server, &round.principal, &round.method);
+        map.insert(n, round);
+        Some(s)
+    }
+
+    /// Drops the rounds older than `ttl` whose client never came back: their server requests
+    /// get an error, so that the server's call can end (and the backend, no longer held by the
+    /// round's stream, can go idle). Run at every `put` and every [`SWEEP_EVERY`].
+    pub fn expire(&self, ttl: Duration) {
+        let expired: Vec<Round> = {
             let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-            let old: Vec<u64> = map.iter().filter(|(_, r)| r.created.elapsed() > ROUND_TTL).map(|(n, _)| *n).collect();
-            expired.extend(old.into_iter().filter_map(|n| map.remove(&n)));
-            if map.len() >= MAX_ROUNDS {
-                None
-            } else {
-                let n = self.next.fetch_add(1, Ordering::Relaxed);
-                let s = self.state(n, &round.server, &round.principal, &round.method);
-                map.insert(n, round);
-                Some(s)
-            }
+            let old: Vec<u64> = map.iter().filter(|(_, r)| r.created.elapsed() > ttl).map(|(n, _)| *n).collect();
+            old.into_iter().filter_map(|n| map.remove(&n)).collect()
         };
-        // A round whose client never came back: its server requests get an error, so the
-        // server's call can end.
         for r in expired {
             for id in r.asked.values() {
                 r.session.send(crate::bridge::error_response(id.clone(), -32603, "the client did not answer in time"));
             }
         }
-        state
     }
 }
 
@@ -922,5 +927,61 @@ struct AbortOnDrop(tokio::task::AbortHandle);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bridge::{input_queue, Hub, Limits, Transport};
+
+    /// A round whose client never retries is dropped once past its time, without another round
+    /// coming along: its server request gets an error (so the server's call can end) and its
+    /// backend session is no longer held busy by it.
+    #[tokio::test]
+    async fn an_abandoned_round_ends_and_its_server_request_gets_an_error() {
+        let hub = Arc::new(Hub::new("s", false, None, Limits { max_line: 1 << 20, input: 1 << 20 }));
+        let (stdin, mut server) = input_queue(1 << 20);
+        hub.connect_process(stdin);
+        let session = Session::new(
+            "backend".into(),
+            "s",
+            Principal::anonymous(),
+            Transport::Streamable,
+            hub.clone(),
+            1 << 20,
+            tokio_util::sync::CancellationToken::new(),
+            Default::default(),
+        );
+        let call = json!({"jsonrpc":"2.0","id":"c1","method":"tools/call","params":{"name":"ask"}});
+        let stream = session.request_stream(call);
+        let _forwarded = server.recv().await.unwrap();
+        // The server asks the client something while answering (what makes a round).
+        let ask = json!({"jsonrpc":"2.0","id":"srv-1","method":"elicitation/create","params":{}});
+        hub.from_backend(crate::bridge::Frame::Line(ask.to_string().into()));
+        assert_eq!(session.idle_for(), None, "the round's stream holds the session");
+        let rounds = Rounds::default();
+        let round = Round {
+            server: "s".into(),
+            principal: Principal::anonymous(),
+            method: "tools/call".into(),
+            session: session.clone(),
+            stream,
+            wire_id: json!("c1"),
+            log_level: None,
+            asked: HashMap::from([("srv-1".to_string(), json!("srv-1"))]),
+            requests: Map::new(),
+            caps: json!({}),
+            created: Instant::now(),
+        };
+        assert!(rounds.put(round).is_some());
+        rounds.expire(ROUND_TTL);
+        assert_eq!(rounds.map.lock().unwrap().len(), 1, "a round within its time stays");
+        rounds.expire(Duration::ZERO);
+        assert!(rounds.map.lock().unwrap().is_empty());
+        let answer = tokio::time::timeout(Duration::from_secs(5), server.recv()).await.expect("the server is answered");
+        let err: Value = serde_json::from_slice(&answer.unwrap()).unwrap();
+        assert_eq!((err["id"].clone(), err["error"]["code"].clone()), (json!("srv-1"), json!(-32603)), "{err}");
+        assert!(session.idle_for().is_some(), "the backend can go idle again");
     }
 }
