@@ -102,6 +102,8 @@ pub struct Router {
     /// each stateless request, from any client of that principal): a server request is theirs
     /// only while exactly one request of the session is in flight.
     per_request: HashSet<SessionId>,
+    /// Shared mode: the protocol version each session asked for in its `initialize`.
+    versions: HashMap<SessionId, String>,
 }
 
 /// The client capabilities a shared server is initialized with: every one mcpbox can route.
@@ -114,6 +116,23 @@ fn capability_for(method: &str) -> Option<&'static str> {
         "elicitation/create" => Some("elicitation"),
         "roots/list" => Some("roots"),
         _ => None,
+    }
+}
+
+/// A later session of a shared server is answered from the first `initialize`'s result with the
+/// version it asked for where that is older than the one the server chose (as the server itself
+/// would have negotiated: MCP versions are dates, and servers keep the older ones), else with the
+/// server's.
+fn negotiate(result: &mut Value, asked: Option<&String>) {
+    let is_date = |v: &str| {
+        v.len() == 10
+            && v.bytes().enumerate().all(|(i, b)| if i == 4 || i == 7 { b == b'-' } else { b.is_ascii_digit() })
+    };
+    let Some(asked) = asked.filter(|a| is_date(a)) else { return };
+    if let Some(chosen) = result.get("protocolVersion").and_then(Value::as_str) {
+        if is_date(chosen) && asked.as_str() < chosen {
+            result["protocolVersion"] = json!(asked);
+        }
     }
 }
 
@@ -141,6 +160,7 @@ impl Router {
             sessions: Vec::new(),
             caps: HashMap::new(),
             per_request: HashSet::new(),
+            versions: HashMap::new(),
         }
     }
 
@@ -178,6 +198,7 @@ impl Router {
         self.server_reqs.retain(|_, s| s != sid);
         self.caps.remove(sid);
         self.per_request.remove(sid);
+        self.versions.remove(sid);
         if let Init::Pending(w) = &mut self.init {
             w.retain(|(s, _)| s != sid);
         }
@@ -234,8 +255,13 @@ impl Router {
                     let declared =
                         obj.get("params").and_then(|p| p.get("capabilities")).cloned().unwrap_or_else(|| json!({}));
                     self.caps.insert(sid.clone(), declared);
+                    if let Some(v) = obj.get("params").and_then(|p| p.get("protocolVersion")).and_then(Value::as_str) {
+                        self.versions.insert(sid.clone(), v.to_string());
+                    }
                     match &mut self.init {
                         Init::Done(result) => {
+                            let mut result = result.clone();
+                            negotiate(&mut result, self.versions.get(sid));
                             let r = json!({"jsonrpc": "2.0", "id": client_id, "result": result});
                             return reply(r, &client_id);
                         }
@@ -444,6 +470,9 @@ impl Router {
             for (sid, cid) in waiters {
                 let mut m = Value::Object(obj.clone());
                 m["id"] = cid.clone();
+                if let Some(r) = m.get_mut("result") {
+                    negotiate(r, self.versions.get(&sid));
+                }
                 out.push(Action::Session(sid, Delivery { msg: m, reply_to: Some(key(&cid)), related_to: None }));
             }
         }
@@ -985,6 +1014,25 @@ mod tests {
         r.from_backend(json!({"jsonrpc":"2.0","id":first["id"],"result":{}}));
         let (_, d) = session(&r.from_backend(ask));
         assert_eq!(d.related_to.as_deref(), Some("2"), "one in flight again: it is that one's");
+    }
+
+    /// A later session of a shared server that asks for an older protocol version gets it, as the
+    /// server would have answered; one asking for a newer one gets the server's.
+    #[test]
+    fn later_sessions_of_a_shared_server_get_the_version_they_asked_for_when_older() {
+        let mut r = Router::new(true, None);
+        r.share();
+        let (a, b, c) = (sid("a"), sid("b"), sid("c"));
+        for s in [&a, &b, &c] {
+            r.attach(s.clone());
+        }
+        let init = |v: &str| json!({"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":v}});
+        let f = backend(&r.from_client(&a, init("2025-11-25")));
+        r.from_backend(json!({"jsonrpc":"2.0","id":f["id"],"result":{"protocolVersion":"2025-11-25"}}));
+        let (_, d) = session(&r.from_client(&b, init("2025-03-26")));
+        assert_eq!(d.msg["result"]["protocolVersion"], "2025-03-26");
+        let (_, d) = session(&r.from_client(&c, init("2099-01-01")));
+        assert_eq!(d.msg["result"]["protocolVersion"], "2025-11-25");
     }
 
     #[test]
