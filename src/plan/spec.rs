@@ -129,6 +129,10 @@ pub fn check_name(name: &str) -> anyhow::Result<()> {
     if !ok {
         bail!("server name `{name}` must be 1-64 characters of A-Z a-z 0-9 - _ . and not start with a dot");
     }
+    // The state dir's own file beside the servers' directories.
+    if name == "uids" {
+        bail!("server name `uids` is taken: STATE/uids records the servers' host uids; choose another name");
+    }
     Ok(())
 }
 
@@ -823,6 +827,12 @@ pub fn resolve(p: &Path) -> anyhow::Result<(PathBuf, Vec<Link>)> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_server_cannot_be_named_after_the_state_dirs_own_file() {
+        assert!(super::check_name("uids").unwrap_err().to_string().contains("STATE/uids"));
+        super::check_name("uids2").unwrap();
+    }
+
     #[test]
     fn a_new_uid_is_never_an_account_or_in_a_subordinate_range() {
         let host = vec![200_000..200_003, 200_005..200_006];
