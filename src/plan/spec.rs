@@ -613,6 +613,26 @@ fn chown_tree_if_needed(dir: &Path, uid: u32, gid: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Images that starts killed while making them left beside `image` (`NAME.img.new-PID`, a copy
+/// of the server's data, up to the policy's size): removed once the start that made each is
+/// gone.
+fn remove_abandoned_images(image: &Path) {
+    let (Some(dir), Some(stem)) = (image.parent(), image.file_name().and_then(|n| n.to_str())) else { return };
+    let prefix = format!("{stem}.new-");
+    let Ok(entries) = fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix(&prefix)).and_then(|p| p.parse::<i32>().ok()) else {
+            continue;
+        };
+        let gone =
+            pid <= 0 || nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None) == Err(nix::errno::Errno::ESRCH);
+        if gone {
+            let _ = fs::remove_file(e.path());
+        }
+    }
+}
+
 /// Make the ext4 image that holds a server's data dir (`[limits] disk`, root only), if there
 /// is none yet: `size` bytes, sparse, root-owned and private, its root directory owned by the
 /// server's uid, filled with what the data dir held before (so that turning the limit on keeps
@@ -621,6 +641,7 @@ fn chown_tree_if_needed(dir: &Path, uid: u32, gid: u32) -> anyhow::Result<()> {
 /// server stopped (`e2fsck -f` then `resize2fs`).
 fn ensure_disk_image(image: &Path, size: u64, uid: u32, gid: u32, data: &Path) -> anyhow::Result<Option<String>> {
     use std::os::unix::fs::OpenOptionsExt;
+    remove_abandoned_images(image);
     match fs::symlink_metadata(image) {
         Ok(m) if m.is_file() && m.uid() == 0 => {
             return Ok((m.len() != size).then(|| {
@@ -827,6 +848,22 @@ pub fn resolve(p: &Path) -> anyhow::Result<(PathBuf, Vec<Link>)> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn images_left_by_killed_starts_are_removed_and_a_running_ones_kept() {
+        let d = tempfile::tempdir().unwrap();
+        let image = d.path().join("data.img");
+        // Beyond pid_max: no such process.
+        let dead = d.path().join("data.img.new-2147483646");
+        let live = d.path().join(format!("data.img.new-{}", std::process::id()));
+        let other = d.path().join("data.img.new-x");
+        for f in [&dead, &live, &other] {
+            std::fs::write(f, "x").unwrap();
+        }
+        super::remove_abandoned_images(&image);
+        assert!(!dead.exists());
+        assert!(live.exists() && other.exists());
+    }
+
     #[test]
     fn a_server_cannot_be_named_after_the_state_dirs_own_file() {
         assert!(super::check_name("uids").unwrap_err().to_string().contains("STATE/uids"));
