@@ -990,8 +990,6 @@ impl Supervisor {
         }
         *slot = None;
         let session = self.open_own_session(server_name, principal.clone(), Transport::Streamable).await?;
-        // Each request on it is a stateless one, of any client of the principal.
-        session.hub().requests_are_independent(&session.id);
         let req = serde_json::json!({"jsonrpc": "2.0", "id": "mcpbox-initialize", "method": "initialize", "params": init_params});
         let answer = tokio::time::timeout(INIT_TIMEOUT, session.request_json(req)).await;
         let init = match answer {

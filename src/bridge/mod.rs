@@ -227,11 +227,6 @@ impl Hub {
         st.sinks.insert(sid, Sink { outbox, closed });
     }
 
-    /// `sid`'s requests come from independent callers (see `Router::requests_are_independent`).
-    pub fn requests_are_independent(&self, sid: &SessionId) {
-        self.lock().router.requests_are_independent(sid);
-    }
-
     /// Drop a session: what is on its way to it is dropped.
     pub fn detach(&self, sid: &SessionId) {
         let mut st = self.lock();

@@ -98,10 +98,6 @@ pub struct Router {
     sessions: Vec<SessionId>,
     /// Shared mode: the client capabilities each session declared in its `initialize`.
     caps: HashMap<SessionId, Value>,
-    /// Sessions whose requests come from independent callers (a principal's 2026-07-28 backend:
-    /// each stateless request, from any client of that principal): a server request is theirs
-    /// only while exactly one request of the session is in flight.
-    per_request: HashSet<SessionId>,
     /// Shared mode: the protocol version each session asked for in its `initialize`.
     versions: HashMap<SessionId, String>,
 }
@@ -159,14 +155,8 @@ impl Router {
             initialized_sent: false,
             sessions: Vec::new(),
             caps: HashMap::new(),
-            per_request: HashSet::new(),
             versions: HashMap::new(),
         }
-    }
-
-    /// See `per_request`.
-    pub fn requests_are_independent(&mut self, sid: &SessionId) {
-        self.per_request.insert(sid.clone());
     }
 
     /// Route as for a shared server (one initialize, answered from its result for later
@@ -197,7 +187,6 @@ impl Router {
         self.tokens.retain(|_, (s, _, _)| s != sid);
         self.server_reqs.retain(|_, s| s != sid);
         self.caps.remove(sid);
-        self.per_request.remove(sid);
         self.versions.remove(sid);
         if let Init::Pending(w) = &mut self.init {
             w.retain(|(s, _)| s != sid);
@@ -350,26 +339,14 @@ impl Router {
     /// a server's own session (not shared), or, shared, the only session with requests in
     /// flight. `None` where that is ambiguous (several sessions busy) or nobody is busy.
     fn owner(&self) -> Option<(SessionId, Key)> {
-        let owner = if !self.shared {
+        if !self.shared {
             let sid = self.sessions.first()?.clone();
             let related = self.most_recent_in_flight().map(|(_, k)| k).unwrap_or_default();
-            (sid, related)
-        } else {
-            let (sid, related) = self.most_recent_in_flight()?;
-            let alone = self.pending.values().filter(|p| p.kind != Kind::Internal).all(|p| p.sid == sid);
-            if !alone {
-                return None;
-            }
-            (sid, related)
-        };
-        // Independent requests: the newest is not necessarily the one the server asks for.
-        if self.per_request.contains(&owner.0) {
-            let busy = self.pending.values().filter(|p| p.kind != Kind::Internal && p.sid == owner.0).count();
-            if busy != 1 {
-                return None;
-            }
+            return Some((sid, related));
         }
-        Some(owner)
+        let (sid, related) = self.most_recent_in_flight()?;
+        let alone = self.pending.values().filter(|p| p.kind != Kind::Internal).all(|p| p.sid == sid);
+        alone.then_some((sid, related))
     }
 
     fn broadcast(&self, msg: &Value) -> Vec<Action> {
@@ -390,7 +367,7 @@ impl Router {
                 }
                 let id = obj.get("id").cloned().unwrap_or(Value::Null);
                 let Some((sid, related)) = self.owner() else {
-                    let m = "mcpbox cannot tell which client request this is for (none, or several that may be for different clients, are in flight); refused";
+                    let m = "mcpbox cannot tell which client this request is for (no single client session has a request in flight); refused";
                     return vec![Action::Backend(error_response(id, -32603, m))];
                 };
                 if self.shared {
@@ -992,28 +969,6 @@ mod tests {
         assert_eq!(t(request), (Some(json!(9)), true, false));
         assert_eq!(t(r#"{"id":12"#), (None, false, false), "a number cut off at the end may be longer");
         assert_eq!(t("xxxxxxxx"), (None, false, false));
-    }
-
-    /// A principal's 2026-07-28 backend carries independent requests (of any of its clients):
-    /// a server request made while two are in flight is refused, not handed to the newer one;
-    /// with one in flight it goes to that one.
-    #[test]
-    fn a_server_request_is_not_guessed_among_independent_requests() {
-        let mut r = Router::new(false, None);
-        let a = sid("backend");
-        r.attach(a.clone());
-        r.requests_are_independent(&a);
-        let call = |id: i64| json!({"jsonrpc":"2.0","id":id,"method":"tools/call","params":{"name":"x"}});
-        let first = backend(&r.from_client(&a, call(1)));
-        let ask = json!({"jsonrpc":"2.0","id":"srv-1","method":"elicitation/create","params":{}});
-        let (s, d) = session(&r.from_backend(ask.clone()));
-        assert_eq!((s.as_ref(), d.related_to.as_deref()), ("backend", Some("1")));
-        backend(&r.from_client(&a, call(2)));
-        let refused = backend(&r.from_backend(json!({"jsonrpc":"2.0","id":"srv-2","method":"elicitation/create"})));
-        assert_eq!((refused["id"].clone(), refused["error"]["code"].clone()), (json!("srv-2"), json!(-32603)));
-        r.from_backend(json!({"jsonrpc":"2.0","id":first["id"],"result":{}}));
-        let (_, d) = session(&r.from_backend(ask));
-        assert_eq!(d.related_to.as_deref(), Some("2"), "one in flight again: it is that one's");
     }
 
     /// A later session of a shared server that asks for an older protocol version gets it, as the
