@@ -79,8 +79,11 @@ pub fn prepared_state() -> PathBuf {
             let dir = scratch("prepared");
             let state = dir.join("state");
             let mut servers = serde_json::Map::new();
+            // Each under its runtime's base policy: a policy that cannot execute the runtime
+            // that runs the package is refused before anything is prepared.
             for n in ALL {
-                servers.insert(n.to_string(), server(n, &[], json!("default")));
+                let base = if command(n).0 == "npx" { "node" } else { "python" };
+                servers.insert(n.to_string(), server(n, &[], json!(base)));
             }
             let cfg = dir.join("prepare.json");
             std::fs::write(&cfg, config(Value::Object(servers)).to_string()).unwrap();
