@@ -1682,78 +1682,12 @@ impl Drop for AuthDir {
 /// A credentials file readable by the server's uid only, removed when dropped.
 struct AuthFile(PathBuf, Option<usize>);
 
-/// Credential files that exist right now, so that a command ended by a signal mid-prepare
-/// (`mcpbox run` or `prepare` interrupted by its client or a Ctrl-C on a slow first install)
-/// does not leave the registry's token on disk: see [`remove_credentials_on_signal`].
-mod live_credentials {
-    use std::ffi::{c_char, CString};
-    use std::os::unix::ffi::OsStrExt;
-    use std::path::Path;
-    use std::ptr::null_mut;
-    use std::sync::atomic::{AtomicPtr, Ordering};
-
-    const SLOTS: usize = 8;
-    static LIVE: [AtomicPtr<c_char>; SLOTS] = [const { AtomicPtr::new(null_mut()) }; SLOTS];
-
-    pub fn register(path: &Path) -> Option<usize> {
-        let c = CString::new(path.as_os_str().as_bytes()).ok()?.into_raw();
-        for (i, slot) in LIVE.iter().enumerate() {
-            if slot.compare_exchange(null_mut(), c, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
-                return Some(i);
-            }
-        }
-        // SAFETY: `c` came from `into_raw` just above and was stored nowhere.
-        drop(unsafe { CString::from_raw(c) });
-        None
-    }
-
-    pub fn unregister(slot: usize) {
-        let p = LIVE[slot].swap(null_mut(), Ordering::SeqCst);
-        if !p.is_null() {
-            // SAFETY: every non-null slot holds a pointer from `CString::into_raw`, taken out
-            // of the slot by this swap only.
-            drop(unsafe { CString::from_raw(p) });
-        }
-    }
-
-    /// The signal handler: async-signal-safe (atomic loads and `unlink` only), then the
-    /// signal's default action, as if it had never been caught.
-    pub extern "C" fn on_signal(sig: libc::c_int) {
-        for slot in &LIVE {
-            let p = slot.swap(null_mut(), Ordering::SeqCst);
-            if !p.is_null() {
-                // SAFETY: a NUL-terminated path from `CString::into_raw`, never freed while
-                // in a slot; leaked here, as the process is about to end.
-                unsafe { libc::unlink(p) };
-            }
-        }
-        // SAFETY: both are async-signal-safe; the default action of these signals ends us.
-        unsafe {
-            libc::signal(sig, libc::SIG_DFL);
-            libc::raise(sig);
-        }
-    }
-}
-
 /// For the commands that prepare with the signals' default actions in place (`run`, `policy
 /// learn`, `prepare`): SIGINT, SIGTERM and SIGHUP first remove the registry credentials a
-/// download step holds on disk, then end mcpbox as before. A signal with a handler of its own
-/// (`serve`'s) is left alone.
+/// download step holds on disk (each [`AuthFile`] while it exists), then end mcpbox as before.
+/// A signal with a handler of its own (`serve`'s) is left alone.
 pub fn remove_credentials_on_signal() {
-    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-        // SAFETY: sigaction with a zeroed struct to read, then one we filled; the handler is
-        // async-signal-safe (see `on_signal`).
-        unsafe {
-            let mut old: libc::sigaction = std::mem::zeroed();
-            if libc::sigaction(sig, std::ptr::null(), &mut old) != 0 || old.sa_sigaction != libc::SIG_DFL {
-                continue;
-            }
-            let mut act: libc::sigaction = std::mem::zeroed();
-            act.sa_sigaction = live_credentials::on_signal as *const () as usize;
-            libc::sigemptyset(&mut act.sa_mask);
-            libc::sigaction(sig, &act, std::ptr::null_mut());
-        }
-    }
+    crate::sandbox::remove_files_on_fatal_signals();
 }
 
 impl AuthFile {
@@ -1766,7 +1700,7 @@ impl AuthFile {
         }
         let mut text = lines.join("\n");
         text.push('\n');
-        let file = AuthFile(path.to_path_buf(), live_credentials::register(path));
+        let file = AuthFile(path.to_path_buf(), crate::sandbox::remove_on_fatal_signal(path));
         // create_new: never through a link someone left there.
         let mut f = std::fs::OpenOptions::new()
             .write(true)
@@ -1786,7 +1720,7 @@ impl Drop for AuthFile {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
         if let Some(slot) = self.1 {
-            live_credentials::unregister(slot);
+            crate::sandbox::keep_on_fatal_signal(slot);
         }
     }
 }

@@ -25,7 +25,7 @@ pub fn cgroup_layout() -> CgroupLayout {
 mod launch;
 pub use init::{forwarded as forwarded_signals, main as sandbox_init_main, PROXY_PORT};
 pub use launch::{spawn_blocking_std, InitProcess, Pending, SandboxError, Sandboxed, Spawner};
-pub use sys::process_start;
+pub use sys::{keep_on_fatal_signal, process_start, remove_files_on_fatal_signals, remove_on_fatal_signal};
 
 /// Clean up cgroups of sandboxes whose supervisor died without cleaning up (root only; a no-op
 /// otherwise). Called when `serve` starts.

@@ -417,6 +417,90 @@ pub fn set_memory_merge() -> Result<(), nix::errno::Errno> {
     }
 }
 
+/// Files that must not outlive mcpbox (the registry credentials a prepare's download step
+/// reads), so that a command ended by SIGINT, SIGTERM or SIGHUP removes them first: see
+/// [`remove_files_on_fatal_signals`]. At most a few exist at a time.
+mod doomed_files {
+    use std::ffi::{c_char, CString};
+    use std::os::unix::ffi::OsStrExt;
+    use std::path::Path;
+    use std::ptr::null_mut;
+    use std::sync::atomic::{AtomicPtr, Ordering};
+
+    const SLOTS: usize = 8;
+    static LIVE: [AtomicPtr<c_char>; SLOTS] = [const { AtomicPtr::new(null_mut()) }; SLOTS];
+
+    pub fn register(path: &Path) -> Option<usize> {
+        let c = CString::new(path.as_os_str().as_bytes()).ok()?.into_raw();
+        for (i, slot) in LIVE.iter().enumerate() {
+            if slot.compare_exchange(null_mut(), c, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
+                return Some(i);
+            }
+        }
+        // SAFETY: `c` came from `into_raw` just above and was stored nowhere.
+        drop(unsafe { CString::from_raw(c) });
+        None
+    }
+
+    pub fn unregister(slot: usize) {
+        let p = LIVE[slot].swap(null_mut(), Ordering::SeqCst);
+        if !p.is_null() {
+            // SAFETY: every non-null slot holds a pointer from `CString::into_raw`, taken out
+            // of the slot by this swap only.
+            drop(unsafe { CString::from_raw(p) });
+        }
+    }
+
+    /// The signal handler: async-signal-safe (atomic swaps and `unlink` only), then the
+    /// signal's default action, as if it had never been caught.
+    pub extern "C" fn on_signal(sig: libc::c_int) {
+        for slot in &LIVE {
+            let p = slot.swap(null_mut(), Ordering::SeqCst);
+            if !p.is_null() {
+                // SAFETY: a NUL-terminated path from `CString::into_raw`, never freed while
+                // in a slot; leaked here, as the process is about to end.
+                unsafe { libc::unlink(p) };
+            }
+        }
+        // SAFETY: both are async-signal-safe; the default action of these signals ends us.
+        unsafe {
+            libc::signal(sig, libc::SIG_DFL);
+            libc::raise(sig);
+        }
+    }
+}
+
+/// `path` is removed should a signal installed by [`remove_files_on_fatal_signals`] end
+/// mcpbox; `None` if every slot is taken. Give the slot back with [`keep_on_fatal_signal`].
+pub fn remove_on_fatal_signal(path: &std::path::Path) -> Option<usize> {
+    doomed_files::register(path)
+}
+
+/// `slot` (from [`remove_on_fatal_signal`]) is nobody's to remove any more.
+pub fn keep_on_fatal_signal(slot: usize) {
+    doomed_files::unregister(slot)
+}
+
+/// SIGINT, SIGTERM and SIGHUP, where they still have their default action, first remove the
+/// files registered with [`remove_on_fatal_signal`], then end the process as before. A signal
+/// with a handler of its own (`serve`'s) is left alone.
+pub fn remove_files_on_fatal_signals() {
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: sigaction with a zeroed struct to read, then one we filled; the handler is
+        // async-signal-safe (see `doomed_files::on_signal`).
+        unsafe {
+            let mut old: libc::sigaction = std::mem::zeroed();
+            if libc::sigaction(sig, std::ptr::null(), &mut old) != 0 || old.sa_sigaction != libc::SIG_DFL {
+                continue;
+            }
+            let mut act: libc::sigaction = std::mem::zeroed();
+            act.sa_sigaction = doomed_files::on_signal as *const () as usize;
+            libc::sigemptyset(&mut act.sa_mask);
+            libc::sigaction(sig, &act, std::ptr::null_mut());
+        }
+    }
+}
+
 /// Give back what setup left behind in a process that from now on only waits (sandbox-init's
 /// outer process and PID 1 hold no other memory for the rest of the session): free heap
 /// (`malloc_trim`), and the stack pages below the current frame that the deep calls of setup
