@@ -888,12 +888,18 @@ fn cpu_weight_of(pid: u32) -> Option<u64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_starts_are_measured_and_the_warm_pool_follows_arrivals() {
     let mb = Mcpbox::start(json!({"ev": everything("session")}), json!({})).await;
+    // Ready, not only running: the warm process's pid shows before its start is finished (and
+    // a session arriving then gets a cold start). /status shows the confinement level once the
+    // process is in the pool, under the pool's lock, so a session that comes after sees it.
     let deadline = Instant::now() + Duration::from_secs(20);
     let warm = loop {
-        if let [p] = mb.servers().as_slice() {
+        let st = mb.request("GET", "/status", &[], None).await;
+        let ready = serde_json::from_str::<serde_json::Value>(&st.body)
+            .is_ok_and(|v| !v["servers"]["ev"]["confinement"].is_null());
+        if let ([p], true) = (mb.servers().as_slice(), ready) {
             break p.clone();
         }
-        assert!(Instant::now() < deadline, "no warm process after 20 s:\n{}", mb.log_text());
+        assert!(Instant::now() < deadline, "no warm process ready after 20 s:\n{}", mb.log_text());
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     let root = nix::unistd::geteuid().is_root();
