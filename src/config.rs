@@ -30,8 +30,7 @@ pub const DEFAULT_MAX_SANDBOXES: usize = 64;
 /// Connections one sandbox's egress proxy serves at once (`mcpbox.maxEgressConnections`). An
 /// MCP server that calls an API or fetches pages needs a handful at a time; 64 leaves room for
 /// one that fans out (npm opens at most 15 per origin, uv 50 downloads at once, a browser 6
-/// per host)
-/// while the most one sandbox can make mcpbox hold is 128 descriptors.
+/// per host) while the most one sandbox can make mcpbox hold is 128 descriptors.
 pub const DEFAULT_MAX_EGRESS_CONNECTIONS: usize = 64;
 /// Memory all warm pools may hold together: 512 MiB (about ten warm processes of a Python and
 /// a Node server each).

@@ -128,7 +128,7 @@ fn limits_summary(cfg: &Config, nofile: u64) -> Vec<String> {
         ),
         format!("sessions: at most {} across all servers, {} session sandboxes", l.max_sessions_total, l.max_sandboxes),
         format!(
-            "egress proxies: at most {} connections per sandbox, {} across all sandboxes (from the descriptor limit {nofile}: {} descriptors each; {} kept for mcpbox and the sandboxes)",
+            "egress proxies: at most {} connections per sandbox, {} across all sandboxes ({} descriptors each; sized from the descriptor limit {nofile} after {} kept for mcpbox and the sandboxes' pipes)",
             l.max_egress_connections,
             d.egress,
             crate::netproxy::FDS_PER_CONNECTION,
