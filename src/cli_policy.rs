@@ -92,6 +92,11 @@ pub fn suggest(policy: &Policy, denials: &[Recorded]) -> Suggestion {
                 }
                 add(&mut s, "network", "allow", quoted(&d.object), seen(r));
             }
+            // The proxy's connection cap (mcpbox's, not the policy's): nothing to grant.
+            (Layer::Egress, "accept") => s.notes.push(format!(
+                "{}: the egress proxy was at its connection cap; no policy grant changes that (mcpbox.maxEgressConnections does)",
+                seen(r)
+            )),
             (Layer::Landlock, access @ ("read" | "write" | "exec")) => {
                 let path = Path::new(&d.object);
                 if !path.is_absolute() {
@@ -364,6 +369,20 @@ mod tests {
         );
         assert!(text.contains("+ allow = [\"api.other.test:443\", \"in.wild.test:443\"]\n"), "{text}");
         assert!(text.contains("[filesystem]\n# landlock read /etc/hostname: 2 times, last in session s1\n+ read = [\"/etc/hostname\"]\n"), "{text}");
+    }
+
+    #[test]
+    fn a_refusal_by_the_proxys_connection_cap_is_only_noted() {
+        let p = pol("[network]\nmode = \"proxy\"\nallow = [\"ok.test:443\"]\n");
+        let denials = vec![rec(
+            Layer::Egress,
+            "accept",
+            "over 64 open connections (mcpbox.maxEgressConnections)",
+            "too many connections at once",
+        )];
+        let s = suggest(&p, &denials);
+        assert!(s.additions.is_empty(), "{:?}", s.additions);
+        assert!(s.notes.len() == 1 && s.notes[0].contains("connection cap"), "{:?}", s.notes);
     }
 
     #[test]

@@ -176,6 +176,9 @@ pub fn run(args: RunArgs, early: Option<Result<crate::sandbox::Pending, crate::s
                 let allow = crate::netproxy::AllowList::new(allow);
                 let mut cfg = crate::netproxy::ProxyConfig::new(allow, planned.policy.source.clone(), name.clone());
                 cfg.denials = Some(denials.clone());
+                // One sandbox: its own cap is the whole budget, the one `serve` gives each
+                // sandbox by default (`mcpbox.maxEgressConnections`).
+                cfg.max_connections = crate::netproxy::DEFAULT_MAX_CONNECTIONS;
                 Ok(crate::netproxy::ProxyThread::start(l, cfg)?)
             });
         match started {

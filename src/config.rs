@@ -27,6 +27,11 @@ pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_MAX_CONNECTIONS_PER_ADDRESS: usize = 64;
 pub const DEFAULT_MAX_SESSIONS_TOTAL: usize = 256;
 pub const DEFAULT_MAX_SANDBOXES: usize = 64;
+/// Connections one sandbox's egress proxy serves at once (`mcpbox.maxEgressConnections`). An
+/// MCP server that calls an API or fetches pages needs a handful at a time; 64 leaves room for
+/// one that fans out (npm opens at most 15 per origin, uv 50 downloads at once, a browser 6
+/// per host) while the most one sandbox can make mcpbox hold is 128 descriptors.
+pub const DEFAULT_MAX_EGRESS_CONNECTIONS: usize = 64;
 /// Memory all warm pools may hold together: 512 MiB (about ten warm processes of a Python and
 /// a Node server each).
 pub const DEFAULT_WARM_POOL_BYTES: u64 = 512 << 20;
@@ -243,6 +248,9 @@ pub struct ServeLimits {
     pub max_sessions_total: usize,
     /// Sandboxes started for sessions across all servers (`isolation: "session"`).
     pub max_sandboxes: usize,
+    /// Connections each sandbox's egress proxy serves at once (network mode `proxy`); all the
+    /// proxies together get a budget sized from the descriptor limit at start.
+    pub max_egress_connections: usize,
     /// Memory the warm pools of all servers may hold together (`mcpbox.warmPoolBytes`): a pool
     /// grows with its server's session arrival rate only while the estimate fits.
     pub warm_pool_bytes: u64,
@@ -257,6 +265,7 @@ impl Default for ServeLimits {
             max_connections_per_address: DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
             max_sessions_total: DEFAULT_MAX_SESSIONS_TOTAL,
             max_sandboxes: DEFAULT_MAX_SANDBOXES,
+            max_egress_connections: DEFAULT_MAX_EGRESS_CONNECTIONS,
             warm_pool_bytes: DEFAULT_WARM_POOL_BYTES,
         }
     }
@@ -401,6 +410,7 @@ struct RawMcpbox {
     max_connections_per_address: Option<usize>,
     max_sessions_total: Option<usize>,
     max_sandboxes: Option<usize>,
+    max_egress_connections: Option<usize>,
     warm_pool_bytes: Option<u64>,
     memory_merge: Option<bool>,
     replica_id: Option<String>,
@@ -819,6 +829,7 @@ fn serve_limits(m: &RawMcpbox) -> Result<ServeLimits, ConfigError> {
         )?,
         max_sessions_total: count(m.max_sessions_total, "maxSessionsTotal", d.max_sessions_total)?,
         max_sandboxes: count(m.max_sandboxes, "maxSandboxes", d.max_sandboxes)?,
+        max_egress_connections: count(m.max_egress_connections, "maxEgressConnections", d.max_egress_connections)?,
         warm_pool_bytes: m.warm_pool_bytes.unwrap_or(d.warm_pool_bytes),
     })
 }
@@ -1050,10 +1061,11 @@ mod tests {
         assert_eq!(c.limits, ServeLimits::default());
         let c =
             p(r#"{"mcpbox":{"headerTimeout":"2s","bodyTimeout":1.5,"maxConnections":100,"maxConnectionsPerAddress":8,
-                     "maxSessionsTotal":9,"maxSandboxes":4,"warmPoolBytes":1000}}"#)
+                     "maxSessionsTotal":9,"maxSandboxes":4,"warmPoolBytes":1000,"maxEgressConnections":5}}"#)
             .unwrap();
         let l = &c.limits;
         assert_eq!(l.warm_pool_bytes, 1000);
+        assert_eq!(l.max_egress_connections, 5);
         assert_eq!((l.header_timeout, l.body_timeout), (Duration::from_secs(2), Duration::from_millis(1500)));
         assert_eq!(
             (l.max_connections, l.max_connections_per_address, l.max_sessions_total, l.max_sandboxes),
@@ -1065,6 +1077,7 @@ mod tests {
             (r#"{"mcpbox":{"maxConnections":0}}"#, "mcpbox.maxConnections"),
             (r#"{"mcpbox":{"maxConnectionsPerAddress":0}}"#, "mcpbox.maxConnectionsPerAddress"),
             (r#"{"mcpbox":{"maxSandboxes":0}}"#, "mcpbox.maxSandboxes"),
+            (r#"{"mcpbox":{"maxEgressConnections":0}}"#, "mcpbox.maxEgressConnections"),
         ] {
             let e = p(text).unwrap_err().to_string();
             assert!(e.contains(field), "{text}: {e}");

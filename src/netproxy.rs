@@ -28,6 +28,16 @@
 //!
 //! Denials answer `403 Forbidden` with a one-line body that names the policy and the target, and
 //! are logged once with the fields `server` and `target`.
+//!
+//! Descriptors: every proxied connection holds two of mcpbox's ([`FDS_PER_CONNECTION`]: the
+//! sandbox's side and the origin's), so what a server can make mcpbox hold is bounded twice: by
+//! [`ProxyConfig::max_connections`] per sandbox (`mcpbox.maxEgressConnections`, default
+//! [`DEFAULT_MAX_CONNECTIONS`]) and by one [`SharedBudget`] that all the proxies of `serve`
+//! draw from, sized with the client connections from the descriptor limit
+//! (`http::listen::plan_descriptors`). A connection over either is answered `503` at once, without
+//! waiting for its request, closed, and recorded as an egress denial (`accept`); it never waits
+//! for a place (a waiting accept only moves the queue into the kernel's backlog, where the
+//! server's connections would sit until the other side gave up).
 
 use std::collections::HashSet;
 use std::fmt;
@@ -46,6 +56,10 @@ use tokio::sync::Semaphore;
 const MAX_HEADERS: usize = 100;
 /// Largest response head accepted from an origin.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+/// Connections one sandbox's proxy serves at once unless configured otherwise.
+pub use crate::config::DEFAULT_MAX_EGRESS_CONNECTIONS as DEFAULT_MAX_CONNECTIONS;
+/// mcpbox's descriptors one proxied connection holds: the sandbox's side and the origin's.
+pub const FDS_PER_CONNECTION: u64 = 2;
 
 // ---------------------------------------------------------------------------------------------
 // Allow-list
@@ -314,8 +328,11 @@ pub struct ProxyConfig {
     pub header_timeout: Duration,
     /// Largest request head accepted (request line plus headers).
     pub max_header_bytes: usize,
-    /// Connections served at once; further ones wait to be accepted.
+    /// Connections this proxy (one sandbox's) serves at once; one more is refused (`503`).
     pub max_connections: usize,
+    /// The budget all the proxies of this process draw from, if there is one (`serve`'s); a
+    /// connection it has no place for is refused as one over `max_connections` is.
+    pub shared: Option<SharedBudget>,
     /// No target may resolve to an [`is_internal`] address, whatever entry it matched.
     pub refuse_internal: bool,
     pub resolver: Arc<dyn Resolve>,
@@ -332,7 +349,8 @@ pub trait RecordConnect: Send + Sync {
 }
 
 impl ProxyConfig {
-    /// The defaults: 10 s connect, 10 s header read, 16 KiB heads, 256 connections, system DNS.
+    /// The defaults: 10 s connect, 10 s header read, 16 KiB heads, [`DEFAULT_MAX_CONNECTIONS`]
+    /// connections and no shared budget, system DNS.
     pub fn new(allow: AllowList, policy_name: impl Into<String>, server: impl Into<String>) -> Self {
         ProxyConfig {
             allow,
@@ -343,7 +361,8 @@ impl ProxyConfig {
             connect_timeout: Duration::from_secs(10),
             header_timeout: Duration::from_secs(10),
             max_header_bytes: 16 * 1024,
-            max_connections: 256,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            shared: None,
             refuse_internal: false,
             resolver: Arc::new(SystemResolver),
             record: None,
@@ -362,8 +381,40 @@ impl fmt::Debug for ProxyConfig {
             .field("header_timeout", &self.header_timeout)
             .field("max_header_bytes", &self.max_header_bytes)
             .field("max_connections", &self.max_connections)
+            .field("shared", &self.shared)
             .field("refuse_internal", &self.refuse_internal)
             .finish_non_exhaustive()
+    }
+}
+
+/// Connections all the egress proxies of a process may hold together: one place per proxied
+/// connection, taken at accept and given back when the connection ends. Cloned handles share
+/// the places.
+#[derive(Clone)]
+pub struct SharedBudget {
+    places: Arc<Semaphore>,
+    max: usize,
+}
+
+impl SharedBudget {
+    pub fn new(max: usize) -> Self {
+        SharedBudget { places: Arc::new(Semaphore::new(max.min(Semaphore::MAX_PERMITS))), max }
+    }
+
+    /// The places in all.
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
+    /// The places taken now.
+    pub fn in_use(&self) -> usize {
+        self.max.saturating_sub(self.places.available_permits())
+    }
+}
+
+impl fmt::Debug for SharedBudget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SharedBudget({} of {})", self.in_use(), self.max)
     }
 }
 
@@ -436,15 +487,19 @@ impl Drop for ProxyThread {
 /// the sandbox ends with it. Detached, a tunnel to an upstream that never closes outlived its
 /// sandbox with two of mcpbox's descriptors, up to `max_connections` per sandbox ever started,
 /// until mcpbox ran out of descriptors for everything else.
+///
+/// Every connection is accepted at once; one over `max_connections` or the shared budget is
+/// refused there (see [`refuse_over`]) rather than left waiting in the kernel's backlog.
 pub async fn serve(listener: std::net::TcpListener, cfg: Arc<ProxyConfig>) -> io::Result<()> {
     listener.set_nonblocking(true)?;
     let listener = tokio::net::TcpListener::from_std(listener)?;
-    let slots = Arc::new(Semaphore::new(cfg.max_connections.max(1)));
+    let own = Arc::new(Semaphore::new(cfg.max_connections.min(Semaphore::MAX_PERMITS)));
+    // Refusals without a denial record are logged here, at most once per 10 s.
+    let refusals = crate::budget::Every::new(Duration::from_secs(10));
     let mut connections = tokio::task::JoinSet::new();
     loop {
         // Forget the connections that ended (the set would otherwise keep their results).
         while connections.try_join_next().is_some() {}
-        let permit = slots.clone().acquire_owned().await.expect("the semaphore is never closed");
         let (stream, _peer) = match listener.accept().await {
             Ok(conn) => conn,
             Err(e) if is_transient_accept_error(&e) => {
@@ -454,11 +509,92 @@ pub async fn serve(listener: std::net::TcpListener, cfg: Arc<ProxyConfig>) -> io
             }
             Err(e) => return Err(e),
         };
+        let places = match admit(&own, &cfg) {
+            Ok(p) => p,
+            Err(over) => {
+                refuse_over(stream, &cfg, over, &refusals);
+                continue;
+            }
+        };
         let cfg = cfg.clone();
         connections.spawn(async move {
             handle(stream, &cfg).await;
-            drop(permit);
+            drop(places);
         });
+    }
+}
+
+/// Which cap a connection was refused by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Over {
+    /// The sandbox's own, [`ProxyConfig::max_connections`].
+    Sandbox(usize),
+    /// The budget of all sandboxes, [`ProxyConfig::shared`].
+    Shared(usize),
+}
+
+/// A connection's places: its sandbox's and, under `serve`, the shared budget's.
+struct Places {
+    _own: tokio::sync::OwnedSemaphorePermit,
+    _shared: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+/// Takes a place in the sandbox's cap and then in the shared budget, or says which is full
+/// (nothing is kept then: a refusal by the shared budget gives the sandbox's place back).
+fn admit(own: &Arc<Semaphore>, cfg: &ProxyConfig) -> Result<Places, Over> {
+    let own = own.clone().try_acquire_owned().map_err(|_| Over::Sandbox(cfg.max_connections))?;
+    let shared = match &cfg.shared {
+        Some(b) => Some(b.places.clone().try_acquire_owned().map_err(|_| Over::Shared(b.max))?),
+        None => None,
+    };
+    Ok(Places { _own: own, _shared: shared })
+}
+
+/// Answers a connection over a cap `503` and closes it, without waiting on it: what the client
+/// sent already is read first (a close with unread data would reset the connection, and the
+/// client might lose the answer), the answer is written only if the socket takes it at once.
+/// Recorded as an egress denial (`accept`, the cap as the object), or logged rate-limited.
+fn refuse_over(stream: TcpStream, cfg: &ProxyConfig, over: Over, refusals: &crate::budget::Every) {
+    let mut buf = [0u8; 4096];
+    for _ in 0..4 {
+        match stream.try_read(&mut buf) {
+            Ok(n) if n > 0 => {}
+            _ => break,
+        }
+    }
+    let (object, body) = match over {
+        Over::Sandbox(n) => (
+            format!("over {n} open connections (mcpbox.maxEgressConnections)"),
+            format!("mcpbox: this server holds its maximum of {n} proxied connections at once (mcpbox.maxEgressConnections)"),
+        ),
+        Over::Shared(n) => (
+            format!("over {n} open connections of all sandboxes (the descriptor budget)"),
+            format!("mcpbox: the egress proxies of all servers hold their maximum of {n} connections at once"),
+        ),
+    };
+    let body = body + "\n";
+    let answer = format!(
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = stream.try_write(answer.as_bytes());
+    drop(stream);
+    match &cfg.denials {
+        Some(d) => d.record(
+            cfg.session.as_deref(),
+            Some(&cfg.policy_name),
+            crate::denials::Denial {
+                layer: crate::denials::Layer::Egress,
+                access: "accept".into(),
+                object,
+                reason: Some("too many connections at once".into()),
+            },
+        ),
+        None => {
+            if let Some(n) = refusals.hit() {
+                tracing::warn!(server = %cfg.server, "egress proxy refused {n} connection(s) in the last 10 s: {object}");
+            }
+        }
     }
 }
 
@@ -1625,5 +1761,144 @@ mod tests {
         assert!(reply.starts_with("HTTP/1.1 408 "), "{reply}");
         assert!(started.elapsed() < Duration::from_secs(2));
         task.abort();
+    }
+
+    // --- connection caps ----------------------------------------------------------------------
+
+    /// A proxy allowing `echo`, serving at most `max` connections, drawing from `shared`.
+    fn start_capped(
+        echo: SocketAddr,
+        max: usize,
+        shared: Option<SharedBudget>,
+        denials: Option<Arc<crate::denials::ServerDenials>>,
+    ) -> (SocketAddr, JoinHandle<io::Result<()>>) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut cfg = ProxyConfig::new(list(&[&echo.to_string()]).unwrap(), "fetch.toml", "fetch");
+        cfg.max_connections = max;
+        cfg.shared = shared;
+        cfg.denials = denials;
+        (addr, tokio::spawn(serve(listener, Arc::new(cfg))))
+    }
+
+    /// A CONNECT tunnel to the echo server through `proxy`, checked to carry bytes; or the
+    /// proxy's whole answer when it refuses. Either comes within `T`.
+    async fn tunnel(proxy: SocketAddr, echo: SocketAddr) -> Result<TcpStream, String> {
+        let mut s = TcpStream::connect(proxy).await.unwrap();
+        let expect = b"HTTP/1.1 200 Connection established\r\n\r\n";
+        // The head is sent only once the proxy had its chance to refuse without reading it, as
+        // a refusal does not wait for it: a client whose head arrives after that sees the
+        // connection closed (or reset) instead of the 503.
+        let mut first = vec![0u8; expect.len()];
+        match tokio::time::timeout(Duration::from_millis(100), s.peek(&mut first)).await {
+            Err(_) => {}
+            Ok(_) => {
+                let mut out = Vec::new();
+                tokio::time::timeout(T, s.read_to_end(&mut out)).await.expect("refusal in time").unwrap();
+                return Err(String::from_utf8_lossy(&out).into_owned());
+            }
+        }
+        s.write_all(format!("CONNECT {echo} HTTP/1.1\r\nHost: {echo}\r\n\r\n").as_bytes()).await.unwrap();
+        let mut got = vec![0u8; expect.len()];
+        tokio::time::timeout(T, s.read_exact(&mut got)).await.expect("answer in time").unwrap();
+        assert_eq!(&got, expect);
+        assert_echoes(&mut s).await;
+        Ok(s)
+    }
+
+    async fn assert_echoes(s: &mut TcpStream) {
+        s.write_all(b"ping").await.unwrap();
+        let mut back = [0u8; 4];
+        tokio::time::timeout(T, s.read_exact(&mut back)).await.expect("echo in time").unwrap();
+        assert_eq!(&back, b"ping");
+    }
+
+    /// The refusal `tunnel` got: a prompt 503 naming `cap`.
+    async fn assert_refused(proxy: SocketAddr, echo: SocketAddr, cap: &str) {
+        let started = Instant::now();
+        let reply = tunnel(proxy, echo).await.expect_err("a connection over the cap was served");
+        assert!(reply.starts_with("HTTP/1.1 503 Service Unavailable\r\n"), "{reply}");
+        assert!(reply.contains(cap), "{cap:?} not in {reply}");
+        assert!(started.elapsed() < Duration::from_secs(1), "refused only after {:?}", started.elapsed());
+    }
+
+    /// Opens a tunnel, retrying while the proxy still counts a connection that was just closed.
+    async fn tunnel_when_free(proxy: SocketAddr, echo: SocketAddr) -> TcpStream {
+        let started = Instant::now();
+        loop {
+            match tunnel(proxy, echo).await {
+                Ok(s) => return s,
+                Err(reply) if started.elapsed() < T => {
+                    assert!(reply.starts_with("HTTP/1.1 503 "), "{reply}");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(reply) => panic!("no place came free: {reply}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_connection_over_the_sandbox_cap_is_refused_at_once_and_one_closing_makes_room() {
+        let (echo, _e) = echo_server().await;
+        let denials = Arc::new(crate::denials::ServerDenials::new("fetch", None));
+        let (proxy, _task) = start_capped(echo, 3, None, Some(denials.clone()));
+        let mut open = Vec::new();
+        for _ in 0..3 {
+            open.push(tunnel(proxy, echo).await.expect("under the cap"));
+        }
+        assert_refused(proxy, echo, "maximum of 3 proxied connections at once (mcpbox.maxEgressConnections)").await;
+        assert_refused(proxy, echo, "maxEgressConnections").await;
+        // Recorded as egress denials, not as a target to allow.
+        let egress = denials.totals().into_iter().find(|(l, _)| *l == crate::denials::Layer::Egress).unwrap().1;
+        assert_eq!(egress, 2);
+        let rec = denials.recent();
+        assert_eq!(rec.len(), 1, "{rec:?}");
+        assert_eq!((rec[0].denial.access.as_str(), rec[0].count), ("accept", 2));
+        assert!(rec[0].denial.object.contains("mcpbox.maxEgressConnections"), "{rec:?}");
+        // The open tunnels were not disturbed; one closing makes room for one more, no more.
+        for s in &mut open {
+            assert_echoes(s).await;
+        }
+        drop(open.pop());
+        open.push(tunnel_when_free(proxy, echo).await);
+        assert_refused(proxy, echo, "maxEgressConnections").await;
+    }
+
+    #[tokio::test]
+    async fn proxies_sharing_a_budget_stay_within_it_and_a_full_sandbox_leaves_the_other_room() {
+        let (echo, _e) = echo_server().await;
+        let shared = SharedBudget::new(5);
+        let (a, _ta) = start_capped(echo, 3, Some(shared.clone()), None);
+        let (b, _tb) = start_capped(echo, 3, Some(shared.clone()), None);
+        // A spends its own cap: refused by it, and B can still connect.
+        let mut held_a = Vec::new();
+        for _ in 0..3 {
+            held_a.push(tunnel(a, echo).await.expect("A under its cap"));
+        }
+        assert_refused(a, echo, "maxEgressConnections").await;
+        assert_eq!(shared.in_use(), 3);
+        let mut held_b = vec![tunnel(b, echo).await.expect("B with A at its cap")];
+        held_b.push(tunnel(b, echo).await.expect("B's second, the budget's fifth"));
+        assert_eq!(shared.in_use(), 5);
+        // The budget is spent: B is refused under its own cap, by the budget.
+        assert_refused(b, echo, "egress proxies of all servers hold their maximum of 5").await;
+        assert_refused(a, echo, "maxEgressConnections").await;
+        assert_eq!(shared.in_use(), 5);
+        // One of A's closing gives the budget a place, which B takes: B's refusal by the
+        // budget did not keep one of B's own places (B now reaches exactly its cap of 3).
+        drop(held_a.pop());
+        held_b.push(tunnel_when_free(b, echo).await);
+        assert_eq!(shared.in_use(), 5);
+        assert_refused(b, echo, "maxEgressConnections").await;
+        for s in held_a.iter_mut().chain(held_b.iter_mut()) {
+            assert_echoes(s).await;
+        }
+        drop(held_a);
+        drop(held_b);
+        let started = Instant::now();
+        while shared.in_use() > 0 {
+            assert!(started.elapsed() < T, "places not given back: {shared:?}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 }

@@ -91,19 +91,35 @@ fn urls(c: &Config) -> Vec<String> {
         .collect()
 }
 
-/// The global connection cap: `maxConnections` if set, else sized from the descriptor limit.
-fn max_connections(cfg: &Config, nofile: u64) -> usize {
-    cfg.limits
-        .max_connections
-        .unwrap_or_else(|| crate::http::listen::default_max_connections(nofile, cfg.limits.max_sandboxes))
+/// How the descriptor limit is shared out: the global connection cap (`maxConnections` if set)
+/// and the budget of all the egress proxies together.
+fn descriptors(cfg: &Config, nofile: u64) -> crate::http::listen::Descriptors {
+    let l = &cfg.limits;
+    crate::http::listen::plan_descriptors(nofile, l.max_sandboxes, l.max_egress_connections, l.max_connections)
+}
+
+/// Said when the descriptor limit cannot hold what the limits allow at once.
+fn descriptors_warning(d: &crate::http::listen::Descriptors) -> Option<String> {
+    (!d.fits()).then(|| {
+        format!(
+            "the descriptor limit {} is below what these limits can hold at once ({}: {} reserved for mcpbox and mcpbox.maxSandboxes, {} connections, {} egress connections × {}); raise the limit (systemd LimitNOFILE=, ulimit -n) or lower mcpbox.maxSandboxes / mcpbox.maxConnections",
+            d.limit,
+            d.needed(),
+            d.reserve,
+            d.connections,
+            d.egress,
+            crate::netproxy::FDS_PER_CONNECTION
+        )
+    })
 }
 
 /// The effective limits, for `serve --check` and the start banner.
 fn limits_summary(cfg: &Config, nofile: u64) -> Vec<String> {
     let l = &cfg.limits;
+    let d = descriptors(cfg, nofile);
     let conns = match l.max_connections {
         Some(n) => format!("{n}"),
-        None => format!("{} (from the descriptor limit {nofile})", max_connections(cfg, nofile)),
+        None => format!("{} (from the descriptor limit {nofile})", d.connections),
     };
     let mut out = vec![
         format!(
@@ -111,6 +127,13 @@ fn limits_summary(cfg: &Config, nofile: u64) -> Vec<String> {
             l.max_connections_per_address, l.header_timeout, l.body_timeout
         ),
         format!("sessions: at most {} across all servers, {} session sandboxes", l.max_sessions_total, l.max_sandboxes),
+        format!(
+            "egress proxies: at most {} connections per sandbox, {} across all sandboxes ({} descriptors each; sized from the descriptor limit {nofile} after {} kept for mcpbox and the sandboxes' pipes)",
+            l.max_egress_connections,
+            d.egress,
+            crate::netproxy::FDS_PER_CONNECTION,
+            d.reserve
+        ),
     ];
     for s in cfg.servers.values().filter(|s| !s.disabled) {
         let max = match s.max_sessions {
@@ -150,8 +173,12 @@ pub fn main(args: ServeArgs) -> ExitCode {
         for u in urls(&cfg) {
             println!("  {u}");
         }
-        for line in limits_summary(&cfg, crate::http::listen::nofile_hard()) {
+        let nofile = crate::http::listen::nofile_hard();
+        for line in limits_summary(&cfg, nofile) {
             println!("{line}");
+        }
+        if let Some(w) = descriptors_warning(&descriptors(&cfg, nofile)) {
+            eprintln!("mcpbox: {}: warning: {w}", args.config.display());
         }
         return ExitCode::SUCCESS;
     }
@@ -224,7 +251,18 @@ async fn run(args: ServeArgs, cfg: Config) -> anyhow::Result<()> {
     let failed = crate::plan::prepare::prepare_config(&planner.state, &cfg, false, &refused).await;
     planner.cannot_start =
         refused.into_iter().chain(failed.into_iter().map(|(n, e)| (n, format!("prepare failed: {e}")))).collect();
-    let launcher = SandboxLauncher { planner, spawner: crate::sandbox::Spawner::new() };
+    // The descriptor limit shared out: the egress proxies of all sandboxes draw from one budget
+    // (each sandbox's own cap is `maxEgressConnections`), the clients get the connection cap.
+    let fds = descriptors(&cfg, nofile);
+    if let Some(w) = descriptors_warning(&fds) {
+        tracing::warn!("{w}");
+    }
+    let launcher = SandboxLauncher {
+        planner,
+        spawner: crate::sandbox::Spawner::new(),
+        egress_per_sandbox: cfg.limits.max_egress_connections,
+        egress_budget: crate::netproxy::SharedBudget::new(fds.egress),
+    };
     let cfg = Arc::new(cfg);
     let grace = Duration::from_secs(args.grace);
     let sup = Supervisor::start(&cfg, Arc::new(launcher), Options::from_config(&cfg, grace));
@@ -250,7 +288,7 @@ async fn run(args: ServeArgs, cfg: Config) -> anyhow::Result<()> {
     let settings = crate::http::listen::Settings {
         header_timeout: cfg.limits.header_timeout,
         body_timeout: cfg.limits.body_timeout,
-        max_connections: max_connections(&cfg, nofile),
+        max_connections: fds.connections,
         max_per_address: cfg.limits.max_connections_per_address,
     };
     let stop = tokio_util::sync::CancellationToken::new();

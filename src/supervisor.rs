@@ -74,6 +74,10 @@ pub trait Launcher: Send + Sync + 'static {
 pub struct SandboxLauncher {
     pub planner: crate::plan::Planner,
     pub spawner: crate::sandbox::Spawner,
+    /// Connections each sandbox's egress proxy serves at once (`mcpbox.maxEgressConnections`).
+    pub egress_per_sandbox: usize,
+    /// What all the sandboxes' egress proxies hold together (sized from the descriptor limit).
+    pub egress_budget: crate::netproxy::SharedBudget,
 }
 
 impl Launcher for SandboxLauncher {
@@ -106,6 +110,7 @@ impl SandboxLauncher {
             p
         });
         let spawner = self.spawner.clone();
+        let (egress_per_sandbox, egress_budget) = (self.egress_per_sandbox, self.egress_budget.clone());
         let name = server.name.clone();
         let session = session.map(str::to_owned);
         let denials =
@@ -137,6 +142,8 @@ impl SandboxLauncher {
                     let mut cfg = crate::netproxy::ProxyConfig::new(allow, planned.policy.source.clone(), name.clone());
                     cfg.session = session.clone();
                     cfg.denials = Some(denials);
+                    cfg.max_connections = egress_per_sandbox;
+                    cfg.shared = Some(egress_budget);
                     let cfg = std::sync::Arc::new(cfg);
                     let server_name = name.clone();
                     Some(tokio::spawn(async move {

@@ -3,7 +3,8 @@
 //! and /metrics, recorded in the state dir, and `mcpbox policy suggest` proposes exactly it.
 //! Landlock's refusals (executing a file under a `read` grant at level `full`, reading outside
 //! the grants at level `container`) the same way as root, from the kernel's audit records;
-//! rootless, the log and `mcpbox doctor` say they are not reported.
+//! rootless, the log and `mcpbox doctor` say they are not reported. A server that hoards egress
+//! tunnels gets `maxEgressConnections` of them; the rest are refused at once and recorded.
 
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
@@ -153,6 +154,90 @@ async fn refusals_are_logged_counted_recorded_and_suggested() {
     let out = run_timeout(cmd, Duration::from_secs(30));
     let changes: Vec<&str> = out.stdout.lines().filter(|l| l.starts_with("+ ") || l.starts_with("- ")).collect();
     assert_eq!(changes, vec![format!("+ allow = \"{target}\"").as_str()], "{out}");
+}
+
+/// mcpbox's open descriptors.
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
+}
+
+/// A server that opens tunnel after tunnel through its egress proxy and never closes them gets
+/// `maxEgressConnections` of them; the rest are refused at once (503 or closed), recorded as
+/// egress denials, and mcpbox's descriptors grow by two per tunnel held, not per tunnel asked
+/// for. Another session's sandbox, meanwhile, still reaches its site.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_hoarding_egress_connections_gets_its_cap_and_no_more() {
+    const CAP: usize = 5;
+    const ASKED: usize = 40;
+    let allowed = site("EGRESS-CAP-ALLOWED-SITE");
+    // An origin that accepts and never closes: the tunnels stay until their client ends them.
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let holder_port = holder.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut kept = Vec::new();
+        for s in holder.incoming() {
+            kept.push(s);
+        }
+    });
+    let dir = tempfile::Builder::new().prefix("mcpbox-egress-cap-").tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let script = dir.path().join("denied_mcp.py");
+    std::fs::copy(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/denied_mcp.py"), &script).unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let policy = dir.path().join("hog.toml");
+    let body = format!(
+        "extends = \"python\"\n[filesystem]\nread = [{:?}]\n[network]\nmode = \"proxy\"\nallow = [\"127.0.0.1:{}\", \"127.0.0.1:{holder_port}\"]\n",
+        dir.path().display().to_string(),
+        allowed.port
+    );
+    std::fs::write(&policy, body).unwrap();
+    std::fs::set_permissions(&policy, std::fs::Permissions::from_mode(0o644)).unwrap();
+
+    let servers = json!({"hog": {"command": "/usr/bin/python3", "args": [script], "policy": policy}});
+    let mb = Mcpbox::start(servers, json!({"maxEgressConnections": CAP})).await;
+    let hog = Streamable::open(&mb, "hog").await;
+    let other = Streamable::open(&mb, "hog").await;
+    // Let the warm pool settle (a session taken starts its replacement).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = open_fds(mb.pid());
+
+    let out =
+        text_of(&hog.request(call_msg(json!(2), "probe", json!({"hold": {"port": holder_port, "n": ASKED}}))).await);
+    let count = |key: &str| -> usize {
+        let word =
+            out.split_whitespace().find_map(|w| w.strip_prefix(&format!("{key}="))).unwrap_or_else(|| panic!("{out}"));
+        word.parse().unwrap()
+    };
+    assert_eq!(count("200"), CAP, "{out}");
+    assert_eq!(count("503") + count("closed"), ASKED - CAP, "{out}");
+    assert_eq!(count("other"), 0, "{out}");
+    let took: f64 = out.split_whitespace().last().unwrap().parse().unwrap();
+    assert!(took < 5.0, "the refusals were not prompt: {out}");
+
+    let held = open_fds(mb.pid());
+    eprintln!(
+        "mcpbox descriptors: {before} before, {held} with {CAP} tunnels held and {} refused ({out})",
+        ASKED - CAP
+    );
+    // Two per tunnel held, and some slack for what else mcpbox opens meanwhile (a warm process).
+    assert!(held <= before + 2 * CAP + 16, "mcpbox holds {held} descriptors, {before} before: {out}");
+
+    // Another sandbox's proxy still connects.
+    let ok = text_of(
+        &other
+            .request(call_msg(json!(3), "probe", json!({"url": format!("http://127.0.0.1:{}/", allowed.port)})))
+            .await,
+    );
+    assert!(ok.contains("GET EGRESS-CAP-ALLOWED-SITE"), "another session, while the first holds its cap: {ok}");
+
+    // Each refusal is an egress denial, logged as one over the cap.
+    let status = mb.request("GET", "/status", &[], None).await.json();
+    assert_eq!(status["servers"]["hog"]["denials"]["total"]["egress"], ASKED - CAP, "{status}");
+    assert!(
+        mb.log_text().lines().any(|l| l.contains("egress denied: accept") && l.contains("mcpbox.maxEgressConnections")),
+        "no refusal line:\n{}",
+        mb.log_text()
+    );
 }
 
 /// A directory the servers' uids can traverse, outside /tmp: at level `full` the sandbox's own

@@ -13,8 +13,9 @@
 //! - **Body timeout** (`bodyTimeout`): a request body must arrive in full within this long of
 //!   its head; the request is answered 408 and the connection closed.
 //! - **Descriptors**: [`raise_nofile`] lifts mcpbox's own soft `RLIMIT_NOFILE` to the hard
-//!   limit at start, and [`default_max_connections`] sizes the global cap from it, keeping a
-//!   reserve for the sandboxes' pipes and mcpbox's own files.
+//!   limit at start, and [`plan_descriptors`] shares it out: a reserve for mcpbox's own files
+//!   and the sandboxes' pipes, the egress proxies' budget (two descriptors per proxied
+//!   connection, all sandboxes together), and the global connection cap from what is left.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -46,6 +47,10 @@ const FD_RESERVE_PER_SANDBOX: u64 = 8;
 /// The default cap never goes above this, however high the descriptor limit: every idle
 /// connection costs memory (a task and hyper's buffers, about 10-20 KiB).
 const MAX_DEFAULT_CONNECTIONS: u64 = 16384;
+/// Neither the connection cap nor the egress budget goes below this (the egress budget not
+/// below what the sandboxes could ask for either), even where the limit leaves no room: then
+/// [`Descriptors::fits`] is false and mcpbox warns.
+const MIN_SHARE: u64 = 16;
 /// Answer to a connection over a cap (written only if the socket takes it without waiting).
 const REFUSED: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nConnection: close\r\n\
     Content-Type: text/plain\r\nContent-Length: 21\r\n\r\ntoo many connections\n";
@@ -75,12 +80,58 @@ pub fn nofile_hard() -> u64 {
     nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).map(|(_, h)| h).unwrap_or(1024)
 }
 
-/// The global connection cap for a descriptor limit of `nofile`: what is left after a reserve
-/// for `max_sandboxes` session sandboxes and mcpbox itself, at most 16384; never below 16.
-pub fn default_max_connections(nofile: u64, max_sandboxes: usize) -> usize {
-    let reserve = FD_RESERVE_BASE + FD_RESERVE_PER_SANDBOX * max_sandboxes as u64;
-    let left = nofile.saturating_sub(reserve).max(nofile / 4);
-    left.clamp(16, MAX_DEFAULT_CONNECTIONS) as usize
+/// How mcpbox's descriptor limit is shared out ([`plan_descriptors`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Descriptors {
+    /// The descriptor limit planned for.
+    pub limit: u64,
+    /// Kept for mcpbox's own files and the sandboxes' pipes: 128 + 8 per sandbox of `maxSandboxes`.
+    pub reserve: u64,
+    /// Open client connections in all (`maxConnections`), one descriptor each.
+    pub connections: usize,
+    /// Egress proxy connections of all sandboxes together, [`crate::netproxy::FDS_PER_CONNECTION`]
+    /// descriptors each.
+    pub egress: usize,
+}
+
+impl Descriptors {
+    /// Descriptors the reserve, the connections and the egress budget need when all are full.
+    pub fn needed(&self) -> u64 {
+        self.reserve + self.connections as u64 + self.egress as u64 * crate::netproxy::FDS_PER_CONNECTION
+    }
+
+    /// Whether all of it fits under the limit at once.
+    pub fn fits(&self) -> bool {
+        self.needed() <= self.limit
+    }
+}
+
+/// Shares a descriptor limit of `nofile` out: first the reserve for mcpbox and `max_sandboxes`
+/// sandboxes; then the egress proxies, whose budget is what `max_sandboxes` sandboxes of
+/// `egress_per_sandbox` connections could hold, but at most half of what the reserve left (with
+/// `max_connections` set: at most what that leaves); the connection cap, unless set, gets the
+/// rest, at most 16384. Neither share goes below 16; where the limit is too small for that,
+/// [`Descriptors::fits`] says so.
+pub fn plan_descriptors(
+    nofile: u64,
+    max_sandboxes: usize,
+    egress_per_sandbox: usize,
+    max_connections: Option<usize>,
+) -> Descriptors {
+    let fds = crate::netproxy::FDS_PER_CONNECTION;
+    let reserve = FD_RESERVE_BASE.saturating_add(FD_RESERVE_PER_SANDBOX.saturating_mul(max_sandboxes as u64));
+    let left = nofile.saturating_sub(reserve);
+    let wanted = (max_sandboxes as u64).saturating_mul(egress_per_sandbox as u64);
+    let egress_room = match max_connections {
+        Some(n) => left.saturating_sub(n as u64) / fds,
+        None => left / 2 / fds,
+    };
+    let egress = wanted.min(egress_room).max(wanted.min(MIN_SHARE));
+    let connections = match max_connections {
+        Some(n) => n,
+        None => left.saturating_sub(egress * fds).clamp(MIN_SHARE, MAX_DEFAULT_CONNECTIONS) as usize,
+    };
+    Descriptors { limit: nofile, reserve, connections, egress: egress as usize }
 }
 
 /// What the per-address cap counts by: IPv4 addresses as they are (an IPv4-mapped IPv6 peer
@@ -319,13 +370,39 @@ mod tests {
     use super::*;
 
     #[test]
-    fn default_cap_leaves_a_reserve_and_has_bounds() {
-        assert_eq!(default_max_connections(10000, 64), 10000 - 128 - 8 * 64);
-        assert_eq!(default_max_connections(1024, 64), 384);
-        assert_eq!(default_max_connections(1 << 20, 64), 16384);
-        // a tiny limit still leaves a quarter for clients, and never less than 16
-        assert_eq!(default_max_connections(512, 64), 128);
-        assert_eq!(default_max_connections(20, 64), 16);
+    fn descriptors_cover_the_reserve_the_egress_proxies_and_the_connections() {
+        let d = |nofile| plan_descriptors(nofile, 64, 64, None);
+        // 10000: 640 reserved; half of the 9360 left for 2340 proxied connections (of the 4096 that
+        // 64 sandboxes of 64 could ask for), the other half for clients.
+        assert_eq!(d(10000), Descriptors { limit: 10000, reserve: 640, connections: 4680, egress: 2340 });
+        assert_eq!(d(1024), Descriptors { limit: 1024, reserve: 640, connections: 192, egress: 96 });
+        // The shipped unit's limit: every sandbox gets its whole cap, the clients 16384.
+        assert_eq!(d(65536), Descriptors { limit: 65536, reserve: 640, connections: 16384, egress: 4096 });
+        assert_eq!(d(1 << 20).connections, 16384);
+        // Before the proxies were counted, 10000 gave 9360 client connections: with all 64
+        // sandboxes' proxies full (2 × 64 × 64 descriptors) mcpbox needed 17832 of its 10000.
+        for nofile in [1024, 2048, 4096, 10000, 20000, 65536, 1 << 20] {
+            for (sandboxes, per) in [(64, 64), (1, 64), (64, 1), (500, 256), (4, 10_000)] {
+                let p = plan_descriptors(nofile, sandboxes, per, None);
+                if p.reserve + 2 * MIN_SHARE * 2 <= nofile {
+                    assert!(p.fits(), "{nofile} {sandboxes} {per}: {p:?} needs {}", p.needed());
+                }
+                assert!(p.egress as u64 <= sandboxes as u64 * per as u64, "{p:?}");
+                assert!(p.connections >= 16 && p.egress >= 16.min(sandboxes * per), "{p:?}");
+            }
+        }
+        // A limit too small for the sandboxes: the floors, and it says it does not fit.
+        let tiny = plan_descriptors(512, 64, 64, None);
+        assert_eq!((tiny.connections, tiny.egress), (16, 16));
+        assert!(!tiny.fits());
+        // maxConnections set: the proxies get what it leaves, up to what they could ask for.
+        let set = plan_descriptors(10000, 64, 64, Some(8000));
+        assert_eq!((set.connections, set.egress), (8000, 680));
+        assert!(set.fits());
+        assert_eq!(plan_descriptors(100_000, 64, 64, Some(8000)).egress, 4096);
+        let over = plan_descriptors(10000, 64, 64, Some(20000));
+        assert_eq!((over.connections, over.egress), (20000, 16));
+        assert!(!over.fits());
     }
 
     #[test]

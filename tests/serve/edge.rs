@@ -343,6 +343,7 @@ fn serve_check_prints_the_effective_limits() {
         "9 per client address",
         "headerTimeout 5s",
         "from the descriptor limit",
+        "egress proxies: at most 64 connections per sandbox, ",
     ] {
         assert!(text.contains(want), "{want:?} missing from:\n{text}");
     }
