@@ -100,7 +100,9 @@ enum Cmd {
         /// Where per-server data/ and cache/ live (as for `serve`).
         #[arg(long)]
         state_dir: Option<PathBuf>,
-        /// Prepare again even when the cache already holds this package.
+        /// Prepare again even when the cache already holds this package, from an emptied cache
+        /// (download caches and npm/uv configuration removed). The installed tree that running
+        /// servers use stays until the next successful prepare after this one.
         #[arg(long)]
         force: bool,
         /// Lowest confinement level accepted (as for `serve`).

@@ -606,7 +606,8 @@ fn npx_lines_as_configs_write_them_run() {
     );
     // A local install: the tree prepare made, copied where a user would have installed it.
     let inst = d.path().join("inst");
-    let copied = Command::new("cp").arg("-a").arg(state.join("seqthink-ext/cache/npm")).arg(&inst).status().unwrap();
+    let copied =
+        Command::new("cp").arg("-a").arg(prepared_tree(&state.join("seqthink-ext/cache"))).arg(&inst).status().unwrap();
     assert!(copied.success());
     let ok = Command::new("chmod").args(["-R", "a+rX"]).arg(&inst).status().unwrap();
     assert!(ok.success());
@@ -937,4 +938,155 @@ fn memory_merge_only_when_asked() {
     let out = stat(&[]);
     assert_eq!(out.code, 0, "{out}");
     assert!(out.stdout.lines().any(|l| l == "ksm_merge_any: no"), "{out}");
+}
+
+/// A small package packed from scratch (no registry needed): its bin prints where it runs from,
+/// then on a line of stdin (or at its end) loads `lib.js` from its tree and prints it.
+fn pack_swap_pkg(dir: &std::path::Path) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let pkg = dir.join("swap-pkg");
+    std::fs::create_dir_all(&pkg).unwrap();
+    let manifest =
+        r#"{"name":"swap-pkg","version":"1.0.0","private":true,"bin":{"swap-pkg":"bin.js"},"license":"Apache-2.0"}"#;
+    std::fs::write(pkg.join("package.json"), manifest).unwrap();
+    std::fs::write(
+        pkg.join("bin.js"),
+        "#!/usr/bin/env node\nprocess.stdout.write('entry ' + __filename + '\\n');\n\
+         const done = () => { process.stdout.write('lib ' + require('./lib.js') + '\\n'); process.exit(0); };\n\
+         process.stdin.once('data', done);\nprocess.stdin.once('end', done);\n",
+    )
+    .unwrap();
+    std::fs::write(pkg.join("lib.js"), "module.exports = 'loaded';\n").unwrap();
+    let out = Command::new("npm")
+        .args(["pack", "--silent", "--pack-destination"])
+        .arg(dir)
+        .current_dir(&pkg)
+        .env("npm_config_cache", dir.join("npm-cache"))
+        .output()
+        .expect("running npm (scripts/test.sh installs it)");
+    assert!(out.status.success(), "npm pack: {}", String::from_utf8_lossy(&out.stderr));
+    let tgz = dir.join("swap-pkg-1.0.0.tgz");
+    std::fs::set_permissions(&tgz, std::fs::Permissions::from_mode(0o644)).unwrap();
+    tgz
+}
+
+/// A running `mcpbox run` of the package, waiting for a line on stdin, with the entry it printed.
+struct Held {
+    child: std::process::Child,
+    lines: std::io::Lines<BufReader<std::process::ChildStdout>>,
+    entry: String,
+}
+
+impl Held {
+    fn start(state: &std::path::Path, tgz: &std::path::Path) -> Held {
+        let mut cmd = Command::new(mcpbox());
+        cmd.args(["run", "--state-dir"]).arg(state).args(["--name", "swap", "--", "npx", "-y"]).arg(tgz);
+        test_env(&mut cmd);
+        let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let first = lines.next().expect("the server printed nothing").unwrap();
+        let entry = first.strip_prefix("entry ").unwrap_or_else(|| panic!("not an entry line: {first}")).to_string();
+        Held { child, lines, entry }
+    }
+
+    /// Let it load lib.js now: what it prints, and how it ended.
+    fn finish(mut self) -> (String, std::process::ExitStatus) {
+        use std::io::Write;
+        self.child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+        let line = self.lines.next().map(|l| l.unwrap()).unwrap_or_default();
+        let st = wait_timeout(&mut self.child, Duration::from_secs(30)).expect("the server did not end");
+        (line, st)
+    }
+}
+
+/// Preparing a package again (`--force`, or a failed attempt) never takes the files from under
+/// a server that runs: the new install goes into a tree of its own, the record switches to it
+/// only once it is complete, a server started before keeps loading from its tree, new starts
+/// use the new one, and only the tree before the previous one is removed. A failed re-prepare
+/// leaves the record and its tree as they were, and the half-made tree goes.
+#[test]
+fn preparing_again_leaves_a_running_server_its_files() {
+    let d = tempdir();
+    let state = d.path().join("state");
+    let tgz = pack_swap_pkg(d.path());
+    let cfg = d.path().join("swap.json");
+    let body = serde_json::json!({ "mcpServers": { "swap": { "command": "npx", "args": ["-y", tgz] } } });
+    std::fs::write(&cfg, body.to_string()).unwrap();
+    let cache = state.join("swap/cache");
+    let prepare = |force: bool| {
+        let mut cmd = Command::new(mcpbox());
+        cmd.args(["prepare", "--config"]).arg(&cfg).arg("--state-dir").arg(&state);
+        if force {
+            cmd.arg("--force");
+        }
+        test_env(&mut cmd);
+        run_timeout(cmd, Duration::from_secs(180))
+    };
+    let entry = || {
+        let rec: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(cache.join("prepared.json")).unwrap()).unwrap();
+        rec["entry"].as_str().unwrap().to_string()
+    };
+    let trees = || {
+        let mut t: Vec<String> = std::fs::read_dir(&cache)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("npm-") && n != "npm-cache")
+            .collect();
+        t.sort();
+        t
+    };
+    let run_once = || {
+        let mut cmd = Command::new(mcpbox());
+        cmd.args(["run", "--state-dir"]).arg(&state).args(["--name", "swap", "--", "npx", "-y"]).arg(&tgz);
+        test_env(&mut cmd);
+        run_timeout(cmd, Duration::from_secs(60))
+    };
+
+    let out = prepare(false);
+    assert_eq!(out.code, 0, "{out}");
+    let first = entry();
+    assert!(first.contains("/cache/npm-1/"), "{first}");
+    let held = Held::start(&state, &tgz);
+    assert_eq!(held.entry, first);
+
+    // What an install script could have left for the next install: --force removes it, while
+    // the tree the server runs from stays.
+    std::fs::write(cache.join("npm-cache/poison"), "x").unwrap();
+    std::fs::write(cache.join(".npmrc"), "ignore-scripts=false\n").unwrap();
+    let out = prepare(true);
+    assert_eq!(out.code, 0, "{out}");
+    assert!(!cache.join("npm-cache/poison").exists() && !cache.join(".npmrc").exists(), "--force kept the old cache");
+    let second = entry();
+    assert!(second.contains("/cache/npm-2/"), "{second}");
+    assert!(std::path::Path::new(&first).is_file(), "the running server's entry was removed");
+    let (line, st) = held.finish();
+    assert_eq!(line, "lib loaded", "the running server could not load its files after the re-prepare");
+    assert!(st.success(), "{st:?}");
+    // A new start runs from the new tree.
+    let out = run_once();
+    assert_eq!(out.code, 0, "{out}");
+    assert_eq!(out.stdout, format!("entry {second}\nlib loaded\n"), "{out}");
+
+    // Once more, with a server on the second tree: the first goes, the second stays.
+    let held = Held::start(&state, &tgz);
+    assert_eq!(held.entry, second);
+    let out = prepare(true);
+    assert_eq!(out.code, 0, "{out}");
+    let third = entry();
+    assert!(third.contains("/cache/npm-3/"), "{third}");
+    assert_eq!(trees(), ["npm-2", "npm-3"], "the previous tree and the new one, no more");
+    let (line, st) = held.finish();
+    assert_eq!((line.as_str(), st.success()), ("lib loaded", true));
+
+    // A re-prepare that fails (the package no longer unpacks): the record still names the third
+    // tree, which runs; what the failed attempt made is gone.
+    std::fs::write(&tgz, b"not a tarball").unwrap();
+    let out = prepare(true);
+    assert_eq!(out.code, 1, "a broken package must fail to prepare: {out}");
+    assert_eq!(entry(), third);
+    assert_eq!(trees(), ["npm-2", "npm-3"], "the failed attempt left its tree");
+    let out = run_once();
+    assert_eq!(out.code, 0, "{out}");
+    assert_eq!(out.stdout, format!("entry {third}\nlib loaded\n"), "{out}");
 }

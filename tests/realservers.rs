@@ -40,7 +40,7 @@ fn offline_servers_work_with_network_none_and_no_package_manager() {
     }));
     // The prepared virtualenv holds bytecode for the server's modules (compiled at prepare
     // time: the run phase cannot write it).
-    let pycs = || files_named(&state.join("time/cache/venv"), |n| n.ends_with(".pyc"));
+    let pycs = || files_named(&prepared_tree(&state.join("time/cache")), |n| n.ends_with(".pyc"));
     let before = pycs();
     assert!(
         before.iter().any(|p| p.to_string_lossy().contains("mcp_server_time/__pycache__/server.")),
@@ -337,7 +337,7 @@ fn prepare_confines_a_malicious_install_script() {
     );
     assert!(!auth_file.exists(), "the download step's credentials file outlived it");
 
-    let report = state.join("evil/cache/npm/node_modules/evil-pkg/report.json");
+    let report = prepared_tree(&state.join("evil/cache")).join("node_modules/evil-pkg/report.json");
     let report =
         std::fs::read_to_string(&report).unwrap_or_else(|e| panic!("the postinstall script did not run ({e}): {log}"));
     let rep: serde_json::Value = serde_json::from_str(&report).unwrap();
@@ -390,7 +390,10 @@ fn prepare_confines_a_malicious_install_script() {
         .unwrap();
     assert!(out.status.success(), "prepare --force: {}", String::from_utf8_lossy(&out.stderr));
     assert!(!state.join("evil/cache/npm-cache/poison").exists(), "--force kept the old cache");
-    assert!(state.join("evil/cache/npm/node_modules/evil-pkg/report.json").is_file(), "--force did not install again");
+    assert!(
+        prepared_tree(&state.join("evil/cache")).join("node_modules/evil-pkg/report.json").is_file(),
+        "--force did not install again"
+    );
     let _ = std::fs::remove_dir_all(canary);
 }
 
@@ -438,8 +441,9 @@ fn prepare_at_container_level_keeps_to_the_registries_ports() {
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "prepare at container level failed: {log}");
     assert!(log.contains("prepare at `container` level"), "the weaker network is not announced: {log}");
-    let report = std::fs::read_to_string(state.join("evil/cache/npm/node_modules/evil-pkg/report.json"))
-        .unwrap_or_else(|e| panic!("the postinstall script did not run ({e}): {log}"));
+    let report =
+        std::fs::read_to_string(prepared_tree(&state.join("evil/cache")).join("node_modules/evil-pkg/report.json"))
+            .unwrap_or_else(|e| panic!("the postinstall script did not run ({e}): {log}"));
     let rep: serde_json::Value = serde_json::from_str(&report).unwrap();
     for (how, what) in rep["net"].as_object().unwrap() {
         let what = what.as_str().unwrap();
@@ -514,7 +518,10 @@ fn prepare_builds_python_packages_without_the_index_credentials() {
         log.contains("installing without them"),
         "no wheels-only step with the credentials before the build: {log}"
     );
-    assert!(state.join("evilpy/cache/venv/bin/evil-py").is_file(), "the package was not installed: {log}");
+    assert!(
+        prepared_tree(&state.join("evilpy/cache")).join("bin/evil-py").is_file(),
+        "the package was not installed: {log}"
+    );
     assert!(!state.join("evilpy").join("prepare-auth-uv-cache").exists(), "the credentialed step's cache outlived it");
 
     let report = std::fs::read_to_string(state.join("evilpy/cache/evil-py-report.json"))
@@ -604,6 +611,6 @@ fn uvx_with_a_python_version_and_latest_runs_on_the_host_interpreter() {
         .find(|l| l.contains("creating a virtualenv on"))
         .unwrap_or_else(|| panic!("no virtualenv made:\n{err}"));
     assert!(made.contains("/python3 at "), "{made}");
-    let cfg = std::fs::read_to_string(state.join("time-py3/cache/venv/pyvenv.cfg")).unwrap();
+    let cfg = std::fs::read_to_string(prepared_tree(&state.join("time-py3/cache")).join("pyvenv.cfg")).unwrap();
     assert!(cfg.lines().any(|l| l.starts_with("home = /usr/")), "built on a host interpreter:\n{cfg}");
 }

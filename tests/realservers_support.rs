@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 
 pub const TOKEN: &str = "realservers-test-token";
 
-pub use crate::common::{http, mcpbox, processes_mentioning};
+pub use crate::common::{http, mcpbox, prepared_tree, processes_mentioning};
 
 /// A fresh directory under the target dir (not /tmp: the sandbox has its own /tmp), traversable
 /// by the per-server uids.

@@ -15,7 +15,23 @@
 //! servers"). `npx --prefix DIR` names an install the user made: nothing is prepared, node runs
 //! its bin from DIR.
 //!
-//! Cache layout: `npm/` (the install prefix), `npm-cache/`, `venv/`, `uv-cache/`, `prepared.json`.
+//! Cache layout: `npm-N/` (an install prefix) or `venv-N/` (a virtualenv), the installed trees;
+//! `npm-cache/`, `uv-cache/` and whatever npm, uv and install scripts keep in HOME (the cache
+//! itself); `prepared.json`, naming the tree the run phase starts from. (`npm/` and `venv/`, the
+//! single tree of earlier versions, count as generation 0.)
+//!
+//! Preparing again — `--force`, or a record that no longer matches — never touches the tree the
+//! record names: a sandbox running from it has it bind-mounted (or granted by Landlock), and
+//! node or python would fail at its next `require`/`import` if the files went. The new install
+//! goes into the next generation's name, and only once it is complete is the record replaced
+//! (written aside, renamed over), so that new starts take the new tree and running sandboxes
+//! keep theirs. A failed prepare removes what it made and leaves the record and its tree as
+//! they were. After a successful one, every tree but the new one and the one the record named
+//! before it is removed: a sandbox started before the previous switch, still running across a
+//! second prepare, loses its files — the one case this does not cover — and the disk holds at
+//! most two trees. `--force` empties the cache except the trees and the record before it
+//! installs: the download caches, npm's and uv's configuration and anything else an install
+//! script left in HOME are gone for the new install, which reads no tree but its own.
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -621,11 +637,117 @@ pub struct Prepared {
 
 const RECORD: &str = "prepared.json";
 
-fn npm_prefix(cache: &Path) -> PathBuf {
-    cache.join("npm")
+/// The install trees are generations in the cache: `npm-N` (an npm prefix) or `venv-N` (a uv
+/// virtualenv), N counting up from 1 per server. `npm` and `venv`, the single tree of earlier
+/// versions, are generation 0. A prepare installs into a fresh name and only a successful one
+/// switches the record to it (see [`prepare_blocking`]): a sandbox started from the previous
+/// record keeps its tree.
+fn tree_prefix(manager: Manager) -> &'static str {
+    match manager {
+        Manager::Npm => "npm",
+        Manager::Uv => "venv",
+    }
 }
-fn venv(cache: &Path) -> PathBuf {
-    cache.join("venv")
+
+/// The manager and generation of a cache entry named like an install tree; None for any other
+/// name (`npm-cache`, `uv-cache`, `.npmrc`, …).
+fn tree_name(name: &str) -> Option<(Manager, u32)> {
+    [Manager::Npm, Manager::Uv].into_iter().find_map(|m| {
+        let rest = name.strip_prefix(tree_prefix(m))?;
+        if rest.is_empty() {
+            return Some((m, 0));
+        }
+        let n = rest.strip_prefix('-')?;
+        // Canonical decimal only: one spelling per generation.
+        if n.is_empty() || n.len() > 10 || !n.bytes().all(|b| b.is_ascii_digit()) || n.starts_with('0') {
+            return None;
+        }
+        Some((m, n.parse().ok()?))
+    })
+}
+
+/// The tree a record names: the first component of its entry below `cache`, which must be a
+/// tree of the record's manager. Says nothing of the tree's contents ([`check_record`] does).
+fn record_tree(cache: &Path, p: &Prepared) -> anyhow::Result<PathBuf> {
+    // Plain names below the cache only: no `..` stepping out of the tree it starts in.
+    let rel = p.entry.strip_prefix(cache).ok().filter(|rel| {
+        rel.components().count() > 1 && rel.components().all(|c| matches!(c, std::path::Component::Normal(_)))
+    });
+    let name = match rel.and_then(|rel| rel.components().next()) {
+        Some(std::path::Component::Normal(n)) => n.to_str(),
+        _ => None,
+    };
+    match name.and_then(|n| Some((n, tree_name(n)?))) {
+        Some((n, (m, _))) if m == p.request.manager => Ok(cache.join(n)),
+        _ => bail!("{} names no install tree of {}", cache.join(RECORD).display(), cache.display()),
+    }
+}
+
+/// The record in `cache`, whatever request it was made for and whether or not it is still
+/// valid: which tree it names (kept by a prepare until the one after the next, since a sandbox
+/// may run from it) and its generation.
+fn recorded_tree_name(cache: &Path) -> Option<(String, u32)> {
+    let p: Prepared = serde_json::from_str(&read_inside(cache, Path::new(RECORD)).ok()?).ok()?;
+    let tree = record_tree(cache, &p).ok()?;
+    let name = tree.file_name()?.to_str()?.to_string();
+    let (_, generation) = tree_name(&name)?;
+    Some((name, generation))
+}
+
+/// The install trees in `cache` (by name; links and files named like one included).
+fn trees_in(cache: &Path) -> anyhow::Result<Vec<String>> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(cache).with_context(|| format!("reading {}", cache.display()))? {
+        let name = e?.file_name();
+        if let Some(n) = name.to_str().filter(|n| tree_name(n).is_some()) {
+            out.push(n.to_string());
+        }
+    }
+    Ok(out)
+}
+
+/// A name for the next tree of `manager`: the generation after the recorded one (or after the
+/// highest found, without a record) that nothing in `cache` is named yet. Never an existing
+/// entry, so never a tree a sandbox may be running from.
+fn next_tree(cache: &Path, manager: Manager) -> anyhow::Result<PathBuf> {
+    let after = match recorded_tree_name(cache) {
+        Some((_, g)) => g,
+        None => trees_in(cache)?.iter().filter_map(|n| tree_name(n)).map(|(_, g)| g).max().unwrap_or(0),
+    };
+    let mut g = after;
+    for _ in 0..1000 {
+        g = g.checked_add(1).unwrap_or(1);
+        let candidate = cache.join(format!("{}-{g}", tree_prefix(manager)));
+        match std::fs::symlink_metadata(&candidate) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(candidate),
+            _ => continue,
+        }
+    }
+    bail!("no free name for a new install tree in {}; prepare with --force", cache.display())
+}
+
+/// Remove an entry of the cache: a directory with everything in it, anything else (a link
+/// included) itself. Never follows a link.
+fn remove_entry(p: &Path) -> anyhow::Result<()> {
+    let r = match std::fs::symlink_metadata(p) {
+        Ok(m) if m.file_type().is_dir() => std::fs::remove_dir_all(p),
+        Ok(_) => std::fs::remove_file(p),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    };
+    r.with_context(|| format!("removing {}", p.display()))
+}
+
+/// After a successful prepare: every install tree but `keep` (the new one and the one the
+/// record named before it) is removed. A sandbox started before the previous switch (one that
+/// has run across two prepares) loses its files; any other keeps them.
+fn remove_old_trees(cache: &Path, keep: &[&str]) -> anyhow::Result<()> {
+    for name in trees_in(cache)? {
+        if !keep.contains(&name.as_str()) {
+            remove_entry(&cache.join(&name))?;
+        }
+    }
+    Ok(())
 }
 
 /// The prepared record, if present, valid and for this request.
@@ -636,19 +758,24 @@ pub fn load_prepared(cache: &Path, pkg: &Package) -> Option<Prepared> {
 }
 
 /// The cache is written by the package manager and install scripts, which we do not trust: a
-/// record must point into the installed tree and at an interpreter we chose.
+/// record must point into the installed tree it names (a directory of the cache, not a link)
+/// and at an interpreter we chose.
 fn check_record(cache: &Path, p: &Prepared) -> anyhow::Result<()> {
     let cache_real = launch::resolve(cache)?.0;
-    let (tree, interp_ok) = match p.request.manager {
-        Manager::Npm => (npm_prefix(&cache_real), p.interpreter == find_node()?),
+    let tree = record_tree(cache, p)?;
+    let tree_real = launch::resolve(&tree)?.0;
+    if Some(tree_real.as_path()) != tree.file_name().map(|n| cache_real.join(n)).as_deref() || !tree_real.is_dir() {
+        bail!("{} is not an install tree inside {}", tree.display(), cache.display());
+    }
+    let interp_ok = match p.request.manager {
+        Manager::Npm => p.interpreter == find_node()?,
         // A virtualenv built on another python than the one chosen now is built again.
-        Manager::Uv => (
-            venv(&cache_real),
-            p.interpreter == venv(cache).join("bin/python") && p.runtime == Some(launch::resolve(&find_python()?)?.0),
-        ),
+        Manager::Uv => {
+            p.interpreter == tree.join("bin/python") && p.runtime == Some(launch::resolve(&find_python()?)?.0)
+        }
     };
     let entry = launch::resolve(&p.entry)?.0;
-    if !interp_ok || !entry.starts_with(&tree) || !entry.is_file() {
+    if !interp_ok || !entry.starts_with(&tree_real) || !entry.is_file() {
         bail!("{} does not describe an installed package", cache.join(RECORD).display());
     }
     // The interpreter (for uv, the virtualenv's python, a link the prepare sandbox wrote) must
@@ -1447,27 +1574,48 @@ pub fn prepare_blocking(state: &StateDir, name: &str, pkg: &Package, force: bool
             return Ok(Outcome::Ready(p));
         }
     }
+    // The tree the record names now: the one sandboxes start from until the switch below, kept
+    // (with the new one) after it.
+    let previous = recorded_tree_name(&dirs.cache).map(|(n, _)| n);
     if force {
         // Everything in CACHE was written by earlier installs (install scripts included): an
-        // npmrc, uv's config, poisoned npm or uv caches. Start from nothing.
-        empty_dir(&dirs.cache)?;
+        // npmrc, uv's config, poisoned npm or uv caches. The new install starts from nothing;
+        // only the installed trees (which it never reads) and the record stay, since a sandbox
+        // may be running from them.
+        clear_for_force(&dirs.cache)?;
     }
     let started = Instant::now();
     tracing::info!(server = %name, "preparing: resolving {} {}", pkg.manager.command(), pkg.install.join(" "));
-    let _ = std::fs::remove_file(dirs.cache.join(RECORD));
-    let tree = match pkg.manager {
-        Manager::Npm => npm_prefix(&dirs.cache),
-        Manager::Uv => venv(&dirs.cache),
+    let tree = next_tree(&dirs.cache, pkg.manager)?;
+    let installed = match pkg.manager {
+        Manager::Npm => prepare_npm(state, name, &dirs, pkg, &tree),
+        Manager::Uv => prepare_uv(state, name, &dirs, pkg, &tree),
     };
-    if tree.exists() {
-        std::fs::remove_dir_all(&tree).with_context(|| format!("removing the old install {}", tree.display()))?;
+    let p = match installed.and_then(|p| write_record(&dirs.cache, &p).map(|()| p)) {
+        Ok(p) => p,
+        Err(e) => {
+            // The record and the tree it names are as they were; what was half installed goes.
+            if let Err(r) = remove_entry(&tree) {
+                tracing::warn!(server = %name, "{r:#}");
+            }
+            return Err(e);
+        }
+    };
+    let new_name = tree.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    let keep: Vec<&str> = std::iter::once(new_name).chain(previous.as_deref()).collect();
+    if let Err(e) = remove_old_trees(&dirs.cache, &keep) {
+        tracing::warn!(server = %name, "removing older install trees: {e:#}");
     }
-    let p = match pkg.manager {
-        Manager::Npm => prepare_npm(state, name, &dirs, pkg)?,
-        Manager::Uv => prepare_uv(state, name, &dirs, pkg)?,
-    };
-    let text = serde_json::to_string_pretty(&p)?;
-    let tmp = dirs.cache.join(".prepared.json.new");
+    let took = started.elapsed();
+    tracing::info!(server = %name, "prepared {}@{} in {:.1} s (entry {})", p.package, p.version, took.as_secs_f64(), p.entry.display());
+    Ok(Outcome::Installed(p, took))
+}
+
+/// Write `CACHE/prepared.json` in one step (a new file renamed over the old one): a sandbox
+/// starting meanwhile reads either record, each naming a complete tree.
+fn write_record(cache: &Path, p: &Prepared) -> anyhow::Result<()> {
+    let text = serde_json::to_string_pretty(p)?;
+    let tmp = cache.join(".prepared.json.new");
     let _ = std::fs::remove_file(&tmp);
     // create_new: never through a link someone left there.
     std::fs::OpenOptions::new()
@@ -1476,10 +1624,7 @@ pub fn prepare_blocking(state: &StateDir, name: &str, pkg: &Package, force: bool
         .open(&tmp)
         .and_then(|mut f| std::io::Write::write_all(&mut f, text.as_bytes()))
         .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, dirs.cache.join(RECORD))?;
-    let took = started.elapsed();
-    tracing::info!(server = %name, "prepared {}@{} in {:.1} s (entry {})", p.package, p.version, took.as_secs_f64(), p.entry.display());
-    Ok(Outcome::Installed(p, took))
+    std::fs::rename(&tmp, cache.join(RECORD)).with_context(|| format!("writing {}", cache.join(RECORD).display()))
 }
 
 /// The rest of a prepare's egress, once the registries are known: URLs named on the command
@@ -1497,15 +1642,21 @@ fn egress_for(name: &str, manager: Manager, pkg: &Package, egress: &mut Egress) 
     Ok(())
 }
 
-/// Remove everything inside `dir` (never following a link out of it), keep `dir` itself with
+/// `--force`: remove everything inside `cache` (never following a link out of it) but the record
+/// and the install trees — directories named like one, not links — and keep `cache` itself with
 /// its owner and mode.
-fn empty_dir(dir: &Path) -> anyhow::Result<()> {
-    for e in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+fn clear_for_force(cache: &Path) -> anyhow::Result<()> {
+    for e in std::fs::read_dir(cache).with_context(|| format!("reading {}", cache.display()))? {
         let e = e?;
-        let p = e.path();
         // file_type() does not follow links: a link is removed, not its target.
-        let r = if e.file_type()?.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
-        r.with_context(|| format!("removing {}", p.display()))?;
+        let ty = e.file_type()?;
+        let name = e.file_name();
+        let name = name.to_str();
+        let keep =
+            (ty.is_dir() && name.is_some_and(|n| tree_name(n).is_some())) || (ty.is_file() && name == Some(RECORD));
+        if !keep {
+            remove_entry(&e.path())?;
+        }
     }
     Ok(())
 }
@@ -1532,7 +1683,14 @@ fn local_paths(pkg: &Package, extra: &mut Extra) -> anyhow::Result<Vec<String>> 
     Ok(out)
 }
 
-fn prepare_npm(state: &StateDir, name: &str, dirs: &ServerDirs, pkg: &Package) -> anyhow::Result<Prepared> {
+/// Install into `prefix`, a new tree in the cache (see [`next_tree`]).
+fn prepare_npm(
+    state: &StateDir,
+    name: &str,
+    dirs: &ServerDirs,
+    pkg: &Package,
+    prefix: &Path,
+) -> anyhow::Result<Prepared> {
     let node = find_node()?;
     let (npm_cli, npm_dir) = find_npm()?;
     let mut extra = Extra::default();
@@ -1543,8 +1701,9 @@ fn prepare_npm(state: &StateDir, name: &str, dirs: &ServerDirs, pkg: &Package) -
     explicit_registry(pkg, &mut extra, &mut egress);
     let install = local_paths(pkg, &mut extra)?;
     egress_for(name, Manager::Npm, pkg, &mut egress)?;
-    let prefix = npm_prefix(&dirs.cache);
-    std::fs::create_dir_all(&prefix)?;
+    let prefix = prefix.to_path_buf();
+    // create_dir: a fresh name, never something already there.
+    std::fs::create_dir(&prefix).with_context(|| format!("creating {}", prefix.display()))?;
     // Made by mcpbox: the server's uid owns it like the cache around it (the plan's ownership
     // walk only runs on a cache whose top it does not own yet).
     {
@@ -1594,14 +1753,15 @@ fn prepare_npm(state: &StateDir, name: &str, dirs: &ServerDirs, pkg: &Package) -
     run_sandboxed(state, name, Manager::Npm, &node, args, extra, &egress)?;
 
     // Which package was installed: the one dependency of the prefix's package.json.
-    let top: serde_json::Value = serde_json::from_str(&read_inside(&dirs.cache, Path::new("npm/package.json"))?)?;
+    let rel = prefix.strip_prefix(&dirs.cache).context("the npm prefix is not in the cache")?.to_path_buf();
+    let top: serde_json::Value = serde_json::from_str(&read_inside(&dirs.cache, &rel.join("package.json"))?)?;
     let deps: Vec<String> =
         top.get("dependencies").and_then(|d| d.as_object()).map(|m| m.keys().cloned().collect()).unwrap_or_default();
     // With --package, the command names the bin; pick the package that provides it.
     let mut candidates = Vec::new();
     for d in &deps {
-        let rel = Path::new("npm/node_modules").join(d).join("package.json");
-        let pj: serde_json::Value = serde_json::from_str(&read_inside(&dirs.cache, &rel)?)?;
+        let pj_rel = rel.join("node_modules").join(d).join("package.json");
+        let pj: serde_json::Value = serde_json::from_str(&read_inside(&dirs.cache, &pj_rel)?)?;
         candidates.push((d.clone(), pj));
     }
     let want_bin = pkg.bin.clone();
@@ -1725,7 +1885,14 @@ impl Drop for AuthFile {
     }
 }
 
-fn prepare_uv(state: &StateDir, name: &str, dirs: &ServerDirs, pkg: &Package) -> anyhow::Result<Prepared> {
+/// Build the virtualenv at `venv_dir`, a new tree in the cache (see [`next_tree`]).
+fn prepare_uv(
+    state: &StateDir,
+    name: &str,
+    dirs: &ServerDirs,
+    pkg: &Package,
+    venv_dir: &Path,
+) -> anyhow::Result<Prepared> {
     let uv = stage_for_others(state, &find_uv()?)?;
     let python = python_for(pkg)?;
     let mut extra = Extra::default();
@@ -1750,7 +1917,7 @@ fn prepare_uv(state: &StateDir, name: &str, dirs: &ServerDirs, pkg: &Package) ->
     ] {
         extra.env.insert(k.into(), v);
     }
-    let venv_dir = venv(&dirs.cache);
+    let venv_dir = venv_dir.to_path_buf();
     let v = venv_dir.to_string_lossy().into_owned();
     tracing::info!(server = %name, "creating a virtualenv on {} at {v}", python.display());
     run_sandboxed(
@@ -2015,10 +2182,8 @@ fn run_launch(state: &StateDir, launch: &ServerLaunch, pkg: Package) -> anyhow::
         );
     };
     let mut extra = Extra::default();
-    let tree = match pkg.manager {
-        Manager::Npm => npm_prefix(&cache),
-        Manager::Uv => venv(&cache),
-    };
+    // The tree this record names (the newest one that installed completely).
+    let tree = record_tree(&cache, &p)?;
     // The tree was written by the package manager and install scripts: a symlink there must not
     // turn into a grant of something outside the cache.
     let cache_real = launch::resolve(&cache)?.0;
@@ -2373,13 +2538,109 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let (cache, outside) = (d.path().join("cache"), d.path().join("outside"));
         std::fs::create_dir_all(cache.join("npm-cache/x")).unwrap();
+        std::fs::create_dir_all(cache.join("npm-2/node_modules")).unwrap();
         std::fs::create_dir_all(&outside).unwrap();
         std::fs::write(outside.join("keep"), "k").unwrap();
         std::fs::write(cache.join(".npmrc"), "registry=poisoned").unwrap();
+        std::fs::write(cache.join(RECORD), "{}").unwrap();
         std::os::unix::fs::symlink(&outside, cache.join("link")).unwrap();
-        empty_dir(&cache).unwrap();
-        assert_eq!(std::fs::read_dir(&cache).unwrap().count(), 0);
+        // Named like a tree, but a link: removed, never followed, never kept.
+        std::os::unix::fs::symlink(&outside, cache.join("npm-3")).unwrap();
+        // Named like a tree, but a file.
+        std::fs::write(cache.join("venv-1"), "").unwrap();
+        clear_for_force(&cache).unwrap();
+        let mut left: Vec<String> =
+            std::fs::read_dir(&cache).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        left.sort();
+        assert_eq!(left, v(&["npm-2", RECORD]), "only the installed trees and the record stay");
         assert!(outside.join("keep").is_file(), "a link's target was removed");
+        // The trees go the same way when they are old: nothing behind a link is touched.
+        std::os::unix::fs::symlink(&outside, cache.join("npm-4")).unwrap();
+        std::fs::create_dir_all(cache.join("npm-5/x")).unwrap();
+        std::os::unix::fs::symlink(&outside, cache.join("npm-5/x/out")).unwrap();
+        remove_old_trees(&cache, &["npm-2"]).unwrap();
+        let mut left: Vec<String> =
+            std::fs::read_dir(&cache).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        left.sort();
+        assert_eq!(left, v(&["npm-2", RECORD]));
+        assert!(outside.join("keep").is_file(), "a link's target was removed");
+    }
+
+    #[test]
+    fn install_trees_are_generations_and_the_record_names_one() {
+        assert_eq!(tree_name("npm"), Some((Manager::Npm, 0)));
+        assert_eq!(tree_name("npm-12"), Some((Manager::Npm, 12)));
+        assert_eq!(tree_name("venv"), Some((Manager::Uv, 0)));
+        assert_eq!(tree_name("venv-1"), Some((Manager::Uv, 1)));
+        for other in
+            ["npm-cache", "uv-cache", "npm-", "npm-01", "npm-+1", "npm-99999999999", "venv-1/x", ".npmrc", "npmx"]
+        {
+            assert_eq!(tree_name(other), None, "{other}");
+        }
+        let Ok(node) = find_node() else { return };
+        let d = tempfile::tempdir().unwrap();
+        let state = StateDir::new(d.path().to_path_buf());
+        let cache = d.path().join("srv/cache");
+        std::fs::create_dir_all(&cache).unwrap();
+        // No record: after the highest tree found.
+        std::fs::create_dir_all(cache.join("npm-cache")).unwrap();
+        assert_eq!(next_tree(&cache, Manager::Npm).unwrap(), cache.join("npm-1"));
+        std::fs::create_dir_all(cache.join("npm-7")).unwrap();
+        assert_eq!(next_tree(&cache, Manager::Uv).unwrap(), cache.join("venv-8"));
+        // A record naming npm-2: the next is 3, or the first free name after it.
+        let pkg_dir = cache.join("npm-2/node_modules/x");
+        std::fs::create_dir_all(&pkg_dir).unwrap();
+        std::fs::write(pkg_dir.join("bin.js"), "").unwrap();
+        let pkg = parse("npx", &v(&["-y", "x@1"])).unwrap().unwrap();
+        let rec = Prepared {
+            request: pkg.clone(),
+            package: "x".into(),
+            version: "1".into(),
+            interpreter: node.clone(),
+            entry: pkg_dir.join("bin.js"),
+            runtime: Some(launch::resolve(&node).unwrap().0),
+            prepared_at: 0,
+        };
+        std::fs::write(cache.join(RECORD), serde_json::to_string(&rec).unwrap()).unwrap();
+        assert_eq!(recorded_tree_name(&cache), Some(("npm-2".into(), 2)));
+        assert_eq!(next_tree(&cache, Manager::Npm).unwrap(), cache.join("npm-3"));
+        std::os::unix::fs::symlink("/nonexistent", cache.join("npm-3")).unwrap();
+        assert_eq!(next_tree(&cache, Manager::Npm).unwrap(), cache.join("npm-4"), "a dangling link is not free");
+        let launch = ServerLaunch {
+            name: "srv".into(),
+            command: "npx".into(),
+            args: v(&["-y", "x@1"]),
+            env: BTreeMap::new(),
+            policy: PolicyRef::Named("node".into()),
+        };
+        let (l, extra) = for_run(&state, &launch).unwrap().unwrap();
+        assert_eq!(l.args, v(&[&pkg_dir.join("bin.js").to_string_lossy()]));
+        assert_eq!(extra.grants.iter().filter(|(_, a)| *a == Access::Exec).count(), 1, "{:?}", extra.grants);
+        assert!(extra.grants.contains(&(launch::resolve(&cache.join("npm-2")).unwrap().0, Access::Exec)));
+        // An entry in something that is not a tree of this manager is refused: the download
+        // cache, a virtualenv, the cache itself.
+        for bad in ["npm-cache/x/bin.js", "venv-1/x/bin.js", "bin.js"] {
+            let f = cache.join(bad);
+            std::fs::create_dir_all(f.parent().unwrap()).unwrap();
+            std::fs::write(&f, "").unwrap();
+            let r = Prepared { entry: f, ..rec.clone() };
+            std::fs::write(cache.join(RECORD), serde_json::to_string(&r).unwrap()).unwrap();
+            assert!(for_run(&state, &launch).unwrap().is_err(), "{bad}");
+            assert!(load_prepared(&cache, &pkg).is_none(), "{bad}");
+        }
+        // An entry stepping out of its tree with `..`, or the tree itself.
+        for bad in ["npm-2/../npm-cache/x/bin.js", "npm-2/node_modules/../../npm-cache/x/bin.js", "npm-2"] {
+            let r = Prepared { entry: cache.join(bad), ..rec.clone() };
+            assert!(record_tree(&cache, &r).is_err(), "{bad}");
+        }
+        // A tree that is a link to another tree of the cache is not one.
+        std::fs::remove_file(cache.join("npm-3")).unwrap();
+        std::os::unix::fs::symlink("npm-2", cache.join("npm-3")).unwrap();
+        let r = Prepared { entry: cache.join("npm-3/node_modules/x/bin.js"), ..rec.clone() };
+        std::fs::write(cache.join(RECORD), serde_json::to_string(&r).unwrap()).unwrap();
+        assert!(load_prepared(&cache, &pkg).is_none());
+        std::fs::write(cache.join(RECORD), serde_json::to_string(&rec).unwrap()).unwrap();
+        assert_eq!(load_prepared(&cache, &pkg), Some(rec));
     }
 
     #[test]

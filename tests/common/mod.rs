@@ -413,3 +413,14 @@ fn dechunk(mut b: &[u8]) -> Vec<u8> {
     }
     out
 }
+
+/// The install tree a server's prepared record names (`CACHE/npm-N` or `CACHE/venv-N`): the
+/// first directory of its entry below the cache.
+pub fn prepared_tree(cache: &Path) -> PathBuf {
+    let text = std::fs::read_to_string(cache.join("prepared.json"))
+        .unwrap_or_else(|e| panic!("{}/prepared.json: {e}", cache.display()));
+    let rec: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let entry = PathBuf::from(rec["entry"].as_str().expect("the record names an entry"));
+    let first = entry.strip_prefix(cache).expect("the entry lies in the cache").components().next().unwrap();
+    cache.join(first)
+}
