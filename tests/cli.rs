@@ -970,11 +970,12 @@ fn pack_swap_pkg(dir: &std::path::Path) -> std::path::PathBuf {
     tgz
 }
 
-/// A running `mcpbox run` of the package, waiting for a line on stdin, with the entry it printed.
-struct Held {
+/// A running `mcpbox run` of a package whose server prints `entry WHERE`, then waits for a line
+/// on stdin before it loads a module of its tree and prints `lib loaded`.
+pub(crate) struct Held {
     child: std::process::Child,
     lines: std::io::Lines<BufReader<std::process::ChildStdout>>,
-    entry: String,
+    pub(crate) entry: String,
 }
 
 impl Held {
@@ -982,6 +983,10 @@ impl Held {
         let mut cmd = Command::new(mcpbox());
         cmd.args(["run", "--state-dir"]).arg(state).args(["--name", "swap", "--", "npx", "-y"]).arg(tgz);
         test_env(&mut cmd);
+        Held::spawn(cmd)
+    }
+
+    pub(crate) fn spawn(mut cmd: Command) -> Held {
         let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
         let first = lines.next().expect("the server printed nothing").unwrap();
@@ -989,8 +994,8 @@ impl Held {
         Held { child, lines, entry }
     }
 
-    /// Let it load lib.js now: what it prints, and how it ended.
-    fn finish(mut self) -> (String, std::process::ExitStatus) {
+    /// Let it load its module now: what it prints, and how it ended.
+    pub(crate) fn finish(mut self) -> (String, std::process::ExitStatus) {
         use std::io::Write;
         self.child.stdin.take().unwrap().write_all(b"go\n").unwrap();
         let line = self.lines.next().map(|l| l.unwrap()).unwrap_or_default();

@@ -614,3 +614,116 @@ fn uvx_with_a_python_version_and_latest_runs_on_the_host_interpreter() {
     let cfg = std::fs::read_to_string(prepared_tree(&state.join("time-py3/cache")).join("pyvenv.cfg")).unwrap();
     assert!(cfg.lines().any(|l| l.starts_with("home = /usr/")), "built on a host interpreter:\n{cfg}");
 }
+
+/// A Python project with an in-tree build backend and no dependencies (nothing fetched): its
+/// console script `swap-py` prints `entry` and the virtualenv it runs in, then on a line of
+/// stdin (or at its end) imports `swap_lib` from that virtualenv and prints what it says.
+fn write_swap_py(project: &std::path::Path) {
+    std::fs::create_dir_all(project).unwrap();
+    let files = [
+        (
+            "pyproject.toml",
+            "[build-system]\nrequires = []\nbuild-backend = \"swap_backend\"\nbackend-path = [\".\"]\n\n\
+             [project]\nname = \"swap-py\"\nversion = \"1.0.0\"\n",
+        ),
+        (
+            "swap_backend.py",
+            r#"import base64, hashlib, os, zipfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
+    dist = "swap_py-1.0.0.dist-info"
+    files = {
+        "swap_py.py": open(os.path.join(HERE, "swap_py.py"), "rb").read(),
+        "swap_lib.py": b"WHAT = 'loaded'\n",
+        dist + "/METADATA": b"Metadata-Version: 2.1\nName: swap-py\nVersion: 1.0.0\n",
+        dist + "/WHEEL": b"Wheel-Version: 1.0\nGenerator: swap_backend\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+        dist + "/entry_points.txt": b"[console_scripts]\nswap-py = swap_py:main\n",
+    }
+    name = "swap_py-1.0.0-py3-none-any.whl"
+    with zipfile.ZipFile(os.path.join(wheel_directory, name), "w") as z:
+        records = []
+        for path, data in files.items():
+            z.writestr(path, data)
+            digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+            records.append(f"{path},sha256={digest},{len(data)}")
+        records.append(dist + "/RECORD,,")
+        z.writestr(dist + "/RECORD", "\n".join(records) + "\n")
+    return name
+"#,
+        ),
+        (
+            "swap_py.py",
+            "import sys\n\n\ndef main():\n    print('entry ' + sys.prefix, flush=True)\n    sys.stdin.readline()\n    \
+             import swap_lib\n    print('lib ' + swap_lib.WHAT, flush=True)\n",
+        ),
+    ];
+    for (name, text) in files {
+        std::fs::write(project.join(name), text).unwrap();
+        std::fs::set_permissions(project.join(name), std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    std::fs::set_permissions(project, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+/// The uv side of cli::preparing_again_leaves_a_running_server_its_files: a virtualenv holds
+/// absolute paths, so a new one is built at a new name (`venv-2`) while a server keeps running
+/// from `venv-1` and imports from it after `prepare --force`; new starts run from `venv-2`. A
+/// build that fails leaves the record and `venv-2` as they were, and no half-built virtualenv.
+#[test]
+fn preparing_a_virtualenv_again_leaves_a_running_server_its_files() {
+    let dir = scratch("swap-py");
+    let project = dir.join("swap-py");
+    write_swap_py(&project);
+    let state = dir.join("state");
+    let cfg = dir.join("swap.json");
+    std::fs::write(
+        &cfg,
+        config(json!({ "swappy": { "command": "uvx", "args": ["--from", project, "swap-py"] } })).to_string(),
+    )
+    .unwrap();
+    let cache = state.join("swappy/cache");
+    let prepare = |force: bool| {
+        let mut cmd = Command::new(mcpbox());
+        cmd.args(["prepare", "--config"]).arg(&cfg).arg("--state-dir").arg(&state);
+        if force {
+            cmd.arg("--force");
+        }
+        cmd.output().unwrap()
+    };
+    let run = || {
+        let mut cmd = Command::new(mcpbox());
+        cmd.args(["run", "--state-dir"]).arg(&state).args(["--name", "swappy", "--", "uvx", "--from"]);
+        cmd.arg(&project).arg("swap-py");
+        cmd
+    };
+    let out = prepare(false);
+    assert!(out.status.success(), "prepare: {}", String::from_utf8_lossy(&out.stderr));
+    let first = prepared_tree(&cache);
+    assert_eq!(first, cache.join("venv-1"));
+    let held = crate::cli::Held::spawn(run());
+    assert_eq!(std::path::Path::new(&held.entry), first);
+
+    let out = prepare(true);
+    assert!(out.status.success(), "prepare --force: {}", String::from_utf8_lossy(&out.stderr));
+    let second = prepared_tree(&cache);
+    assert_eq!(second, cache.join("venv-2"));
+    assert!(first.join("bin/swap-py").is_file(), "the running server's virtualenv was removed");
+    let (line, st) = held.finish();
+    assert_eq!(line, "lib loaded", "the running server could not import from its virtualenv after the re-prepare");
+    assert!(st.success(), "{st:?}");
+    let out = run().stdin(std::process::Stdio::null()).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), format!("entry {}\nlib loaded\n", second.display()));
+
+    // A build that fails: nothing changes for the next start.
+    std::fs::write(project.join("swap_backend.py"), "raise SystemExit('broken backend')\n").unwrap();
+    let out = prepare(true);
+    assert!(!out.status.success(), "a broken build must fail to prepare");
+    assert_eq!(prepared_tree(&cache), second);
+    assert!(!cache.join("venv-3").exists(), "the failed build left its virtualenv");
+    let out = run().stdin(std::process::Stdio::null()).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), format!("entry {}\nlib loaded\n", second.display()));
+}
