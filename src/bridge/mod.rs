@@ -204,6 +204,16 @@ impl Hub {
         if !actions.is_empty() {
             tracing::warn!(server = %self.server, session = %sid, id = %client_id, "request timed out after {t:?}: answered with an error, cancelled at the server");
             self.run(&mut st, actions);
+            return;
+        }
+        let reason = format!(
+            "the server did not answer initialize within {t:?} (the timeout of server {}); try again",
+            self.server
+        );
+        let actions = st.router.expire_initialize(sid, client_id, &reason);
+        if !actions.is_empty() {
+            tracing::warn!(server = %self.server, session = %sid, "the server did not answer initialize within {t:?}: {} waiting initialize request(s) answered with an error; the next one is sent to it again", actions.len());
+            self.run(&mut st, actions);
         }
     }
 
@@ -521,6 +531,56 @@ mod tests {
         hub.from_backend(Frame::Line(Bytes::from(json!({"jsonrpc":"2.0","id":fwd[0]["id"],"result":{}}).to_string())));
         tokio::time::sleep(std::time::Duration::from_millis(250)).await;
         assert!(out.try_recv().is_err());
+    }
+
+    /// A shared server that does not answer its first `initialize`: after `timeout` the session
+    /// that sent it and those waiting on it get an error saying so, and the next `initialize`
+    /// is sent to the server again; its answer serves that session.
+    #[tokio::test]
+    async fn a_shared_servers_unanswered_initialize_times_out_and_is_sent_again() {
+        let hub = Hub::new("s", true, None, LIMITS).with_options(false, Some(std::time::Duration::from_millis(100)));
+        let (a, mut out_a) = session(&hub, "a");
+        let (b, mut out_b) = session(&hub, "b");
+        let (c, mut out_c) = session(&hub, "c");
+        let (stdin, mut server) = input_queue(1 << 20);
+        hub.connect_process(stdin);
+        let init = json!({"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-06-18"}});
+        let started = tokio::time::Instant::now();
+        assert_eq!(hub.from_client(&a, init.clone()), Sent::Forwarded);
+        let first: Value = serde_json::from_slice(&server.recv().await.unwrap()).unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+        assert_eq!(hub.from_client(&b, init.clone()), Sent::Answered, "b waits on a's initialize");
+        assert!(out_b.try_recv().is_err());
+        for out in [&mut out_a, &mut out_b] {
+            let got = loop {
+                if let Ok(o) = out.try_recv() {
+                    break serde_json::from_slice::<Value>(&o.body).unwrap();
+                }
+                assert!(started.elapsed() < std::time::Duration::from_secs(5), "no answer within 5 s");
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            };
+            assert!(started.elapsed() >= std::time::Duration::from_millis(100));
+            assert_eq!((got["id"].clone(), got["error"]["code"].as_i64()), (json!(0), Some(router::REQUEST_TIMEOUT)));
+            let m = got["error"]["message"].as_str().unwrap();
+            assert!(m.contains("did not answer initialize within 100ms"), "{m}");
+        }
+        // The late answer reaches nobody; c's initialize goes to the server again.
+        let late = json!({"jsonrpc":"2.0","id":first["id"],"result":{"serverInfo":{"name":"late"}}});
+        hub.from_backend(Frame::Line(Bytes::from(late.to_string())));
+        assert_eq!(hub.from_client(&c, init.clone()), Sent::Forwarded);
+        let again: Value = serde_json::from_slice(&server.recv().await.unwrap()).unwrap();
+        assert_eq!((again["method"].as_str(), again["id"] == first["id"]), (Some("initialize"), false));
+        let ok = json!({"jsonrpc":"2.0","id":again["id"],"result":{"serverInfo":{"name":"x"}}});
+        hub.from_backend(Frame::Line(Bytes::from(ok.to_string())));
+        let got: Value = serde_json::from_slice(&out_c.try_recv().unwrap().body).unwrap();
+        assert_eq!(got["result"]["serverInfo"]["name"], "x");
+        assert!(out_a.try_recv().is_err() && out_b.try_recv().is_err(), "the late answer went nowhere");
+        // c's deadline passes with its initialize answered: nothing more happens.
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        assert!(out_c.try_recv().is_err());
+        assert_eq!(hub.from_client(&a, init), Sent::Answered, "answered from the cached result");
+        let got: Value = serde_json::from_slice(&out_a.try_recv().unwrap().body).unwrap();
+        assert_eq!(got["result"]["serverInfo"]["name"], "x");
     }
 
     /// A request answered as one JSON body keeps its session busy while it waits: a call that
