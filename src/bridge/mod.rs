@@ -30,7 +30,7 @@ use crate::config::ToolFilter;
 pub use framing::{Frame, LineReader};
 pub use outbox::{Outbox, Transport};
 pub use router::{error_response, Action, Delivery, Key, Router, SessionId, SERVER_EXITED};
-pub use session::{PostStream, Session, Sessions};
+pub use session::{Answer, AnswerGone, PostStream, Session, Sessions};
 
 /// Who a request comes from: which configured token it presented (never the token itself), or
 /// `anonymous` where no token guards the endpoint. A session belongs to the principal that opened
@@ -613,6 +613,74 @@ mod tests {
         hub.from_backend(Frame::Line(Bytes::from(json!({"jsonrpc":"2.0","id":fwd["id"],"result":{}}).to_string())));
         assert!(call.await.unwrap().is_some(), "the answer reaches the request");
         assert!(s.idle_for().is_some(), "idle again once answered");
+    }
+
+    /// A JSON-body answer stays in its session's budget while its [`Answer`] (the HTTP
+    /// response being written) lives: another that does not fit beside it gets an error naming
+    /// the budget, the session goes on, and dropping the first (or a request whose client went
+    /// away before its answer came) frees its bytes.
+    #[tokio::test]
+    async fn json_answers_are_held_within_the_session_budget() {
+        let hub = Arc::new(Hub::new("s", false, None, LIMITS));
+        let (stdin, mut server) = input_queue(1 << 20);
+        hub.connect_process(stdin);
+        let s = session::Session::new(
+            "a".into(),
+            "s",
+            Principal::anonymous(),
+            Transport::Streamable,
+            hub.clone(),
+            1000,
+            CancellationToken::new(),
+            Default::default(),
+        );
+        let answer_with = |id: Value, n: usize| {
+            let body = json!({"jsonrpc":"2.0","id":id,"result":{"text":"x".repeat(n)}}).to_string();
+            hub.from_backend(Frame::Line(Bytes::from(body)));
+        };
+        let ask = |id: u64| {
+            let s = s.clone();
+            tokio::spawn(async move {
+                s.request_answer(json!({"jsonrpc":"2.0","id":id,"method":"tools/call","params":{"name":"read"}})).await
+            })
+        };
+        let call = ask(1);
+        let fwd: Value = serde_json::from_slice(&server.recv().await.unwrap()).unwrap();
+        answer_with(fwd["id"].clone(), 600);
+        let mut first = call.await.unwrap().expect("answered");
+        assert!(first.len() > 600 && s.outbox.lock().held() == first.len(), "held while unread");
+        let call = ask(2);
+        let fwd: Value = serde_json::from_slice(&server.recv().await.unwrap()).unwrap();
+        answer_with(fwd["id"].clone(), 600);
+        let refused = call.await.unwrap().expect("answered").into_bytes().unwrap();
+        let e: Value = serde_json::from_slice(&refused).unwrap();
+        assert_eq!(e["id"], 2);
+        assert!(e["error"]["message"].as_str().unwrap().contains("mcpbox.sessionBufferBytes"), "{e}");
+        assert!(!s.is_closed(), "the session goes on");
+        // Read out half, then the client goes away: all of it is freed.
+        let chunk = first.next_chunk(300).unwrap().unwrap();
+        assert_eq!((chunk.len(), s.outbox.lock().held()), (300, first.len()));
+        drop(first);
+        assert_eq!(s.outbox.lock().held(), 0);
+        // A request whose client went away before its answer came holds nothing of it.
+        let call = ask(3);
+        let fwd: Value = serde_json::from_slice(&server.recv().await.unwrap()).unwrap();
+        call.abort();
+        let _ = call.await;
+        answer_with(fwd["id"].clone(), 600);
+        assert_eq!(s.outbox.lock().held(), 0);
+        // And one that fits goes through whole.
+        let call = ask(4);
+        let fwd: Value = serde_json::from_slice(&server.recv().await.unwrap()).unwrap();
+        answer_with(fwd["id"].clone(), 600);
+        let mut whole = call.await.unwrap().expect("answered");
+        let mut got = Vec::new();
+        while let Some(c) = whole.next_chunk(256).unwrap() {
+            got.extend_from_slice(&c);
+        }
+        let v: Value = serde_json::from_slice(&got).unwrap();
+        assert_eq!((v["id"].clone(), v["result"]["text"].as_str().map(str::len)), (json!(4), Some(600)));
+        assert_eq!(s.outbox.lock().held(), 0);
     }
 
     /// An answer over `maxLineBytes` is discarded, and its request answered with an error that
