@@ -681,6 +681,13 @@ mod tests {
         let v: Value = serde_json::from_slice(&got).unwrap();
         assert_eq!((v["id"].clone(), v["result"]["text"].as_str().map(str::len)), (json!(4), Some(600)));
         assert_eq!(s.outbox.lock().held(), 0);
+        // An answer mcpbox makes itself (2026-07-28) is held the same way.
+        let made = s.hold_answer(Bytes::from(vec![b'm'; 700])).expect("fits");
+        let why = s.hold_answer(Bytes::from(vec![b'n'; 400])).err().expect("does not fit beside it");
+        assert!(why.contains("mcpbox.sessionBufferBytes, 1000 bytes, 700 of them in use"), "{why}");
+        assert_eq!(made.into_bytes().map(|b| b.len()), Some(700));
+        assert_eq!(s.outbox.lock().held(), 0);
+        assert!(s.hold_answer(Bytes::from(vec![b'n'; 400])).is_ok());
     }
 
     /// An answer over `maxLineBytes` is discarded, and its request answered with an error that

@@ -172,6 +172,25 @@ impl OutboxState {
         Some(chunk)
     }
 
+    /// Hold `body`, an answer mcpbox made from the server's, for a JSON body, as
+    /// [`Reply::Held`] answers are held; `Err` with the [`too_big`] message if it does not fit.
+    pub fn hold(&mut self, body: Bytes) -> Result<u64, String> {
+        let len = body.len();
+        if self.closed || !self.room_for(len) {
+            tracing::warn!(
+                bytes = len,
+                budget = self.budget,
+                held = self.held,
+                "an answer for a JSON body does not fit mcpbox.sessionBufferBytes; its request gets an error"
+            );
+            return Err(too_big(len, self.budget, self.held));
+        }
+        self.next_ticket += 1;
+        self.answers.insert(self.next_ticket, body);
+        self.held += len;
+        Ok(self.next_ticket)
+    }
+
     /// Answer `ticket`, which the outbox then holds no more.
     pub fn take_answer(&mut self, ticket: u64) -> Option<Bytes> {
         let b = self.answers.remove(&ticket)?;

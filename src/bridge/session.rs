@@ -102,6 +102,22 @@ impl Session {
         Some(Answer { outbox: self.outbox.clone(), ticket, inline, len, pos: 0, _lease: lease })
     }
 
+    /// Hold `body` (an answer mcpbox made from the server's) in this session's outbox for a
+    /// JSON body, as [`Session::request_answer`] holds the server's; `Err` with the message
+    /// saying why if it does not fit the budget.
+    pub fn hold_answer(self: &Arc<Self>, body: Bytes) -> Result<Answer, String> {
+        let len = body.len();
+        let ticket = self.outbox.lock().hold(body)?;
+        Ok(Answer {
+            outbox: self.outbox.clone(),
+            ticket: Some(ticket),
+            inline: None,
+            len,
+            pos: 0,
+            _lease: self.lease(false),
+        })
+    }
+
     /// Send request `msg`; its related messages and then its response arrive on the returned
     /// stream.
     pub fn request_stream(self: &Arc<Self>, msg: Value) -> PostStream {

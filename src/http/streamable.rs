@@ -142,13 +142,7 @@ pub async fn post(st: Shared, server: String, principal: Principal, headers: Hea
         Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))).into_response()
     } else {
         match ss.request_answer(msg).await {
-            Some(answer) => {
-                let len = answer.len();
-                let mut r = axum::body::Body::new(JsonBody(answer)).into_response();
-                r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-                r.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(len));
-                r
-            }
+            Some(answer) => super::json_body(StatusCode::OK, answer),
             None => rpc_error(StatusCode::OK, id, -32603, "session ended"),
         }
     };
@@ -156,34 +150,6 @@ pub async fn post(st: Shared, server: String, principal: Principal, headers: Hea
         resp.headers_mut().insert(SESSION_HEADER, v);
     }
     resp
-}
-
-/// How much of a JSON answer is handed to the connection at a time.
-const JSON_CHUNK: usize = 64 << 10;
-
-/// A JSON answer as a response body, read out of the session's outbox a chunk at a time as the
-/// connection takes it: until the client has taken it, it is counted in the session's budget
-/// (and dropped, ending the response cut off, if the session ends first).
-struct JsonBody(crate::bridge::Answer);
-
-impl hyper::body::Body for JsonBody {
-    type Data = Bytes;
-    type Error = crate::bridge::AnswerGone;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
-        std::task::Poll::Ready(self.0.next_chunk(JSON_CHUNK).transpose().map(|r| r.map(hyper::body::Frame::data)))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.0.remaining() == 0
-    }
-
-    fn size_hint(&self) -> hyper::body::SizeHint {
-        hyper::body::SizeHint::with_exact(self.0.remaining() as u64)
-    }
 }
 
 pub async fn get(st: Shared, server: String, principal: Principal, headers: &HeaderMap) -> Response {
