@@ -630,7 +630,7 @@ mod tests {
             Principal::anonymous(),
             Transport::Streamable,
             hub.clone(),
-            1000,
+            100_000,
             CancellationToken::new(),
             Default::default(),
         );
@@ -646,20 +646,20 @@ mod tests {
         };
         let call = ask(1);
         let fwd: Value = serde_json::from_slice(&server.recv().await.unwrap()).unwrap();
-        answer_with(fwd["id"].clone(), 600);
+        answer_with(fwd["id"].clone(), 60_000);
         let mut first = call.await.unwrap().expect("answered");
-        assert!(first.len() > 600 && s.outbox.lock().held() == first.len(), "held while unread");
+        assert!(first.len() > 60_000 && s.outbox.lock().held() == first.len(), "held while unread");
         let call = ask(2);
         let fwd: Value = serde_json::from_slice(&server.recv().await.unwrap()).unwrap();
-        answer_with(fwd["id"].clone(), 600);
+        answer_with(fwd["id"].clone(), 60_000);
         let refused = call.await.unwrap().expect("answered").into_bytes().unwrap();
         let e: Value = serde_json::from_slice(&refused).unwrap();
         assert_eq!(e["id"], 2);
         assert!(e["error"]["message"].as_str().unwrap().contains("mcpbox.sessionBufferBytes"), "{e}");
         assert!(!s.is_closed(), "the session goes on");
         // Read out half, then the client goes away: all of it is freed.
-        let chunk = first.next_chunk(300).unwrap().unwrap();
-        assert_eq!((chunk.len(), s.outbox.lock().held()), (300, first.len()));
+        let chunk = first.next_chunk(30_000).unwrap().unwrap();
+        assert_eq!((chunk.len(), s.outbox.lock().held()), (30_000, first.len()));
         drop(first);
         assert_eq!(s.outbox.lock().held(), 0);
         // A request whose client went away before its answer came holds nothing of it.
@@ -667,27 +667,31 @@ mod tests {
         let fwd: Value = serde_json::from_slice(&server.recv().await.unwrap()).unwrap();
         call.abort();
         let _ = call.await;
-        answer_with(fwd["id"].clone(), 600);
+        answer_with(fwd["id"].clone(), 60_000);
         assert_eq!(s.outbox.lock().held(), 0);
         // And one that fits goes through whole.
         let call = ask(4);
         let fwd: Value = serde_json::from_slice(&server.recv().await.unwrap()).unwrap();
-        answer_with(fwd["id"].clone(), 600);
+        answer_with(fwd["id"].clone(), 60_000);
         let mut whole = call.await.unwrap().expect("answered");
         let mut got = Vec::new();
-        while let Some(c) = whole.next_chunk(256).unwrap() {
+        while let Some(c) = whole.next_chunk(25_600).unwrap() {
             got.extend_from_slice(&c);
         }
         let v: Value = serde_json::from_slice(&got).unwrap();
-        assert_eq!((v["id"].clone(), v["result"]["text"].as_str().map(str::len)), (json!(4), Some(600)));
+        assert_eq!((v["id"].clone(), v["result"]["text"].as_str().map(str::len)), (json!(4), Some(60_000)));
         assert_eq!(s.outbox.lock().held(), 0);
         // An answer mcpbox makes itself (2026-07-28) is held the same way.
-        let made = s.hold_answer(Bytes::from(vec![b'm'; 700])).expect("fits");
-        let why = s.hold_answer(Bytes::from(vec![b'n'; 400])).err().expect("does not fit beside it");
-        assert!(why.contains("mcpbox.sessionBufferBytes, 1000 bytes, 700 of them in use"), "{why}");
-        assert_eq!(made.into_bytes().map(|b| b.len()), Some(700));
+        let made = s.hold_answer(Bytes::from(vec![b'm'; 70_000])).expect("fits");
+        let why = s.hold_answer(Bytes::from(vec![b'n'; 40_000])).err().expect("does not fit beside it");
+        assert!(why.contains("mcpbox.sessionBufferBytes, 100000 bytes, 70000 of them in use"), "{why}");
+        assert_eq!(made.into_bytes().map(|b| b.len()), Some(70_000));
         assert_eq!(s.outbox.lock().held(), 0);
-        assert!(s.hold_answer(Bytes::from(vec![b'n'; 400])).is_ok());
+        assert!(s.hold_answer(Bytes::from(vec![b'n'; 40_000])).is_ok());
+        // A small one is the Answer's own, whatever the budget holds.
+        let _big = s.hold_answer(Bytes::from(vec![b'b'; 90_000])).expect("fits");
+        let mut small = s.hold_answer(Bytes::from_static(b"{}")).expect("small: not held");
+        assert_eq!(small.next_chunk(1 << 20).unwrap().as_deref(), Some(&b"{}"[..]));
     }
 
     /// An answer over `maxLineBytes` is discarded, and its request answered with an error that

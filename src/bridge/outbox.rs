@@ -44,9 +44,16 @@ pub enum Reply {
     /// The answer, held by the outbox (and counted in its budget) as answer `ticket` until it
     /// is read out ([`OutboxState::answer_chunk`], [`OutboxState::take_answer`]) or released.
     Held { ticket: u64, len: usize },
-    /// An error made by mcpbox (a few hundred bytes and the request's id), not counted.
+    /// An answer of at most [`ANSWER_CHUNK`] bytes, or an error made by mcpbox (a few hundred
+    /// bytes and the request's id): not counted.
     Inline(Bytes),
 }
+
+/// Answers for a JSON body up to this long are handed over whole, not held: no more than what
+/// the connection holds of a larger one at a time (see `CONN_BUF_BYTES` in `http/listen.rs`), and
+/// a session that ends at once after such an answer (the server's exit, with the error it made)
+/// does not cut it off.
+pub const ANSWER_CHUNK: usize = 16 << 10;
 
 /// The error message of an answer for a JSON body that does not fit the session's budget.
 pub fn too_big(len: usize, budget: usize, held: usize) -> String {
@@ -191,6 +198,11 @@ impl OutboxState {
         Ok(self.next_ticket)
     }
 
+    /// Whether answer `ticket` is still held (not read out, the session not over).
+    pub fn has_answer(&self, ticket: u64) -> bool {
+        self.answers.contains_key(&ticket)
+    }
+
     /// Answer `ticket`, which the outbox then holds no more.
     pub fn take_answer(&mut self, ticket: u64) -> Option<Bytes> {
         let b = self.answers.remove(&ticket)?;
@@ -290,6 +302,10 @@ impl OutboxState {
         let len = o.body.len();
         if let Some(k) = &o.reply_to {
             match self.posts.remove(k) {
+                Some(Waiter::Json(tx)) if len <= ANSWER_CHUNK => {
+                    let _ = tx.send(Reply::Inline(o.body));
+                    return Ok(());
+                }
                 Some(Waiter::Json(tx)) => {
                     if !self.room_for(len) {
                         tracing::warn!(bytes = len, budget = self.budget, held = self.held, "an answer for a JSON body does not fit mcpbox.sessionBufferBytes; its request gets an error");
@@ -574,8 +590,7 @@ mod tests {
         let related = Outbound { body: Bytes::from_static(b"progress"), reply_to: None, related_to: Some("2".into()) };
         s.push(related).unwrap();
         s.push(reply("1", 3)).unwrap();
-        let Reply::Held { ticket, len: 3 } = json.try_recv().unwrap() else { panic!("held") };
-        assert_eq!(s.take_answer(ticket), Some(Bytes::from_static(b"rrr")));
+        assert_eq!(json.try_recv().unwrap(), Reply::Inline(Bytes::from_static(b"rrr")));
         assert_eq!(s.next_for_post(&"2".into()), Next::Item(Bytes::from_static(b"progress")));
         assert_eq!(s.next_for_post(&"2".into()), Next::Wait);
         let mut json = s.expect_json("3".into());
@@ -619,68 +634,73 @@ mod tests {
     /// session goes on.
     #[test]
     fn json_answers_count_in_the_budget_until_read_out() {
-        let mut s = OutboxState::new(Transport::Streamable, 1000);
+        let mut s = OutboxState::new(Transport::Streamable, 100_000);
         s.open_events(None).unwrap();
         let mut a = s.expect_json("1".into());
-        s.push(reply("1", 600)).unwrap();
-        let Ok(Reply::Held { ticket, len: 600 }) = a.try_recv() else { panic!("held") };
-        assert_eq!(s.held(), 600);
+        s.push(reply("1", 60_000)).unwrap();
+        let Ok(Reply::Held { ticket, len: 60_000 }) = a.try_recv() else { panic!("held") };
+        assert_eq!(s.held(), 60_000);
         let mut b = s.expect_json("2".into());
-        s.push(reply("2", 600)).expect("the session goes on");
+        s.push(reply("2", 60_000)).expect("the session goes on");
         let Ok(Reply::Inline(e)) = b.try_recv() else { panic!("an error") };
         let e: serde_json::Value = serde_json::from_slice(&e).unwrap();
         assert_eq!((e["id"].clone(), e["error"]["code"].clone()), (serde_json::json!(2), serde_json::json!(-32603)));
-        assert_eq!(e["error"]["message"], too_big(600, 1000, 600));
-        assert!(too_big(600, 1000, 600).contains("mcpbox.sessionBufferBytes"));
-        assert_eq!(s.held(), 600, "the refused answer is not held");
+        assert_eq!(e["error"]["message"], too_big(60_000, 100_000, 60_000));
+        assert!(too_big(60_000, 100_000, 60_000).contains("mcpbox.sessionBufferBytes"));
+        assert_eq!(s.held(), 60_000, "the refused answer is not held");
         // What fits still passes, on every kind of way out.
         s.expect_stream("3".into());
-        s.push(reply("3", 300)).unwrap();
-        assert_eq!(s.held(), 900);
+        s.push(reply("3", 30_000)).unwrap();
+        assert_eq!(s.held(), 90_000);
         // Read out a chunk at a time: held until its last byte is out, as copies.
         let mut pos = 0;
-        while let Some(c) = s.answer_chunk(ticket, pos, 256) {
+        while let Some(c) = s.answer_chunk(ticket, pos, 25_600) {
             pos += c.len();
-            assert_eq!(s.held(), if pos < 600 { 900 } else { 300 }, "at {pos}");
+            assert_eq!(s.held(), if pos < 60_000 { 90_000 } else { 30_000 }, "at {pos}");
         }
-        assert_eq!(pos, 600);
+        assert_eq!(pos, 60_000);
         let mut c = s.expect_json("4".into());
-        s.push(reply("4", 700)).unwrap();
+        s.push(reply("4", 70_000)).unwrap();
         let Ok(Reply::Held { ticket, .. }) = c.try_recv() else { panic!("fits once the first is out") };
         // Released unread (the client went away): gone from the budget.
         s.release(ticket);
-        assert_eq!(s.held(), 300);
+        assert_eq!(s.held(), 30_000);
         // An answer nobody waits for any more is not held.
         let d = s.expect_json("5".into());
         drop(d);
         s.forget_json(&"5".into());
         let e = s.expect_json("6".into());
         drop(e);
-        s.push(reply("6", 100)).unwrap();
-        assert_eq!(s.held(), 300);
+        s.push(reply("6", 20_000)).unwrap();
+        assert_eq!(s.held(), 30_000);
+        // A small answer is handed over whole, not held.
+        let mut f = s.expect_json("7".into());
+        s.push(reply("7", ANSWER_CHUNK)).unwrap();
+        assert!(matches!(f.try_recv(), Ok(Reply::Inline(b)) if b.len() == ANSWER_CHUNK));
+        assert_eq!(s.held(), 30_000);
     }
 
     /// Replay events that were sent already make room for an answer; a session that ends drops
     /// the answers still being read out.
     #[test]
     fn json_answers_make_room_from_replay_and_end_with_the_session() {
-        let mut s = OutboxState::new(Transport::Streamable, 1000);
+        let mut s = OutboxState::new(Transport::Streamable, 100_000);
         let cursor = s.open_events(None).unwrap();
-        s.push(msg(400)).unwrap();
-        s.push(msg(400)).unwrap();
+        s.push(msg(40_000)).unwrap();
+        s.push(msg(40_000)).unwrap();
         assert!(matches!(s.next_event(cursor), Next::Item((1, _))));
         let mut a = s.expect_json("1".into());
-        s.push(reply("1", 500)).unwrap();
+        s.push(reply("1", 50_000)).unwrap();
         let Ok(Reply::Held { ticket, .. }) = a.try_recv() else { panic!("room made from the sent event") };
-        assert_eq!(s.held(), 900);
+        assert_eq!(s.held(), 90_000);
         // Not enough even without the sent events: nothing is dropped for it.
         let mut b = s.expect_json("2".into());
-        s.push(reply("2", 200)).unwrap();
+        s.push(reply("2", 20_000)).unwrap();
         assert!(matches!(b.try_recv(), Ok(Reply::Inline(_))));
-        assert_eq!(s.held(), 900);
+        assert_eq!(s.held(), 90_000);
         s.close(None);
         assert_eq!(s.answer_chunk(ticket, 0, 1 << 20), None);
-        assert_eq!(s.held(), 400, "only the event still on its way to the open stream");
+        assert_eq!(s.held(), 40_000, "only the event still on its way to the open stream");
     }
 
     #[test]

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use super::outbox::{Outbox, Reply, Transport};
+use super::outbox::{Outbox, Reply, Transport, ANSWER_CHUNK};
 use super::router::{key, Key};
 use super::{Hub, Principal, Sent, SessionId};
 
@@ -96,6 +96,8 @@ impl Session {
         let reply = wait.rx.as_mut()?.await.ok();
         wait.rx = None;
         let (ticket, len, inline) = match reply? {
+            // The session ended between the answer and now: it is gone with it.
+            Reply::Held { ticket, .. } if !self.outbox.lock().has_answer(ticket) => return None,
             Reply::Held { ticket, len } => (Some(ticket), len, None),
             Reply::Inline(b) => (None, b.len(), Some(b)),
         };
@@ -107,6 +109,16 @@ impl Session {
     /// saying why if it does not fit the budget.
     pub fn hold_answer(self: &Arc<Self>, body: Bytes) -> Result<Answer, String> {
         let len = body.len();
+        if len <= ANSWER_CHUNK {
+            return Ok(Answer {
+                outbox: self.outbox.clone(),
+                ticket: None,
+                inline: Some(body),
+                len,
+                pos: 0,
+                _lease: self.lease(false),
+            });
+        }
         let ticket = self.outbox.lock().hold(body)?;
         Ok(Answer {
             outbox: self.outbox.clone(),

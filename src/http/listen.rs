@@ -50,7 +50,7 @@ const MAX_DEFAULT_CONNECTIONS: u64 = 16384;
 /// does not read it waits in hyper's write queue up to about this much (hyper's default, ~400
 /// KiB, on every connection was more than mcpbox keeps per session), and a request head must
 /// fit in it. Responses larger than this are written as their body is read out (a JSON answer
-/// from its session's outbox, 64 KiB at a time).
+/// from its session's outbox, 16 KiB at a time).
 const CONN_BUF_BYTES: usize = 64 << 10;
 /// Answer to a connection over a cap (written only if the socket takes it without waiting).
 const REFUSED: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nConnection: close\r\n\

@@ -141,9 +141,6 @@ fn method_not_allowed(allow: &'static str) -> Response {
     (StatusCode::METHOD_NOT_ALLOWED, [(header::ALLOW, allow)], "method not allowed\n").into_response()
 }
 
-/// How much of a JSON answer is handed to the connection at a time.
-const JSON_CHUNK: usize = 64 << 10;
-
 /// A JSON answer as a response body, read out of the session's outbox a chunk at a time as the
 /// connection takes it: until the client has taken it, it is counted in the session's budget
 /// (and dropped, ending the response cut off, if the session ends first).
@@ -157,7 +154,9 @@ impl hyper::body::Body for JsonBody {
         mut self: std::pin::Pin<&mut Self>,
         _: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
-        std::task::Poll::Ready(self.0.next_chunk(JSON_CHUNK).transpose().map(|r| r.map(hyper::body::Frame::data)))
+        std::task::Poll::Ready(
+            self.0.next_chunk(crate::bridge::outbox::ANSWER_CHUNK).transpose().map(|r| r.map(hyper::body::Frame::data)),
+        )
     }
 
     fn is_end_stream(&self) -> bool {

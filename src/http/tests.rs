@@ -254,20 +254,20 @@ async fn streamable_roundtrip_filter_and_bad_input() {
 async fn a_json_answer_over_the_session_budget_gets_an_error_and_the_session_goes_on() {
     let s = start_text(format!(
         r#"{{"mcpProxy":{{"addr":"127.0.0.1:9090","options":{{"authTokens":["T"]}}}},
-            "mcpbox":{{"maxBodyBytes":65536,"maxLineBytes":65536,"sessionBufferBytes":20000}},
+            "mcpbox":{{"maxBodyBytes":200000,"maxLineBytes":200000,"sessionBufferBytes":60000}},
             "mcpServers":{{"echo":{{"command":"/usr/bin/python3","args":["{FIXTURE}"]}}}}}}"#
     ))
     .await;
     let a = s.addr;
     let sid = st_init(a, "echo", AUTH).await;
     let h = [AUTH, JSON, ("Mcp-Session-Id", sid.as_str())];
-    let r = call(a, "POST", "/echo/mcp", &h, &tool_call(json!(1), "echo", json!({"text": "x".repeat(30000)}))).await;
+    let r = call(a, "POST", "/echo/mcp", &h, &tool_call(json!(1), "echo", json!({"text": "x".repeat(70000)}))).await;
     assert_eq!(r.status, 200);
     let e = r.json();
     assert_eq!((e["id"].clone(), e["error"]["code"].clone()), (json!(1), json!(-32603)), "{e}");
     let m = e["error"]["message"].as_str().unwrap();
-    assert!(m.contains("does not fit") && m.contains("mcpbox.sessionBufferBytes, 20000 bytes"), "{m}");
-    for (id, n) in [(2, 100), (3, 15000)] {
+    assert!(m.contains("does not fit") && m.contains("mcpbox.sessionBufferBytes, 60000 bytes"), "{m}");
+    for (id, n) in [(2, 100), (3, 50000)] {
         let r = call(a, "POST", "/echo/mcp", &h, &tool_call(json!(id), "echo", json!({"text": "y".repeat(n)}))).await;
         assert_eq!(r.header("content-length"), Some(r.body.len().to_string().as_str()));
         assert_eq!(r.json()["id"], id);
