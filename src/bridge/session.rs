@@ -223,7 +223,8 @@ impl Drop for JsonWait {
 pub struct Answer {
     outbox: Arc<Outbox>,
     ticket: Option<u64>,
-    /// An error mcpbox made, held here (not in the outbox).
+    /// An answer of at most [`ANSWER_CHUNK`] bytes, or an error mcpbox made: held here, not in
+    /// the outbox.
     inline: Option<Bytes>,
     len: usize,
     pos: usize,

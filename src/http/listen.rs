@@ -48,8 +48,8 @@ const FD_RESERVE_PER_SANDBOX: u64 = 8;
 const MAX_DEFAULT_CONNECTIONS: u64 = 16384;
 /// hyper's buffer limit per connection, for reading and for writing: a response whose client
 /// does not read it waits in hyper's write queue up to about this much (hyper's default, ~400
-/// KiB, on every connection was more than mcpbox keeps per session), and a request head must
-/// fit in it. Responses larger than this are written as their body is read out (a JSON answer
+/// KiB, on every connection was more than mcpbox keeps per session), and a request head over
+/// about this much (always over twice this) is refused with 431. Responses larger than this are written as their body is read out (a JSON answer
 /// from its session's outbox, 16 KiB at a time).
 const CONN_BUF_BYTES: usize = 64 << 10;
 /// Answer to a connection over a cap (written only if the socket takes it without waiting).
