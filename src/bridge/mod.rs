@@ -692,6 +692,26 @@ mod tests {
         let _big = s.hold_answer(Bytes::from(vec![b'b'; 90_000])).expect("fits");
         let mut small = s.hold_answer(Bytes::from_static(b"{}")).expect("small: not held");
         assert_eq!(small.next_chunk(1 << 20).unwrap().as_deref(), Some(&b"{}"[..]));
+        drop((_big, small));
+        // The session ends (DELETE, the server exits) while an answer is being read out: the
+        // answer still finishes, and is freed once read.
+        let call = ask(5);
+        let fwd: Value = serde_json::from_slice(&server.recv().await.unwrap()).unwrap();
+        answer_with(fwd["id"].clone(), 60_000);
+        let mut reading = call.await.unwrap().expect("answered");
+        let mut got = reading.next_chunk(20_000).unwrap().unwrap().to_vec();
+        let answer_len = reading.len();
+        s.finish("the server exited");
+        assert!(s.is_closed());
+        let held = s.outbox.lock().held();
+        assert!(held >= answer_len, "the answer is still held after the session's end ({held} bytes)");
+        while let Some(c) = reading.next_chunk(20_000).expect("not cut off by the session's end") {
+            got.extend_from_slice(&c);
+        }
+        let v: Value = serde_json::from_slice(&got).unwrap();
+        assert_eq!((v["id"].clone(), v["result"]["text"].as_str().map(str::len)), (json!(5), Some(60_000)));
+        drop(reading);
+        assert_eq!(s.outbox.lock().held(), held - answer_len, "freed once read");
     }
 
     /// An answer over `maxLineBytes` is discarded, and its request answered with an error that

@@ -409,10 +409,11 @@ impl OutboxState {
             self.ring = ring.into_iter().filter(|(n, _)| *n > self.delivered).collect();
         }
         let posts = std::mem::take(&mut self.posts);
-        // Answers still being written as JSON bodies are dropped: their responses end cut off
-        // (what a session that is over holds must not outlive it).
-        self.answers = HashMap::new();
-        self.held = self.ring.iter().map(|(_, b)| b.len()).sum();
+        // Answers still being written as JSON bodies are finished, as the events above drain
+        // to their stream: the server answered, and its client is reading the answer. Each is
+        // freed when its response has been written or its client goes away (`Answer` drops).
+        self.held = self.ring.iter().map(|(_, b)| b.len()).sum::<usize>()
+            + self.answers.values().map(Bytes::len).sum::<usize>();
         let Some(reason) = reason else { return };
         let error_for = |k: &Key| {
             let id = serde_json::from_str(k).unwrap_or(serde_json::Value::Null);
@@ -680,8 +681,8 @@ mod tests {
         assert_eq!(s.held(), 30_000);
     }
 
-    /// Replay events that were sent already make room for an answer; a session that ends drops
-    /// the answers still being read out.
+    /// Replay events that were sent already make room for an answer; a session that ends lets
+    /// the answers still being read out finish, and they are freed once read.
     #[test]
     fn json_answers_make_room_from_replay_and_end_with_the_session() {
         let mut s = OutboxState::new(Transport::Streamable, 100_000);
@@ -699,7 +700,9 @@ mod tests {
         assert!(matches!(b.try_recv(), Ok(Reply::Inline(_))));
         assert_eq!(s.held(), 90_000);
         s.close(None);
-        assert_eq!(s.answer_chunk(ticket, 0, 1 << 20), None);
+        assert_eq!(s.held(), 90_000, "the event on its way to the open stream, and the answer being read out");
+        assert_eq!(s.answer_chunk(ticket, 0, 1 << 20).map(|b| b.len()), Some(50_000));
+        s.release(ticket);
         assert_eq!(s.held(), 40_000, "only the event still on its way to the open stream");
     }
 

@@ -96,7 +96,7 @@ impl Session {
         let reply = wait.rx.as_mut()?.await.ok();
         wait.rx = None;
         let (ticket, len, inline) = match reply? {
-            // The session ended between the answer and now: it is gone with it.
+            // Dropped between the answer and now (the session's buffer overflowed).
             Reply::Held { ticket, .. } if !self.outbox.lock().has_answer(ticket) => return None,
             Reply::Held { ticket, len } => (Some(ticket), len, None),
             Reply::Inline(b) => (None, b.len(), Some(b)),
@@ -218,8 +218,9 @@ impl Drop for JsonWait {
 
 /// The answer to a request given as one JSON body. The outbox holds it, counted in the
 /// session's budget, until it is read out (a chunk at a time, as the client takes the HTTP
-/// response) or this is dropped; while this lives the session is not idle. When the session
-/// ends first, the rest of the answer is gone ([`AnswerGone`]).
+/// response) or this is dropped; while this lives the session is not idle. A session that
+/// ends meanwhile lets it finish; only a session whose budget overflowed (everything it held
+/// dropped) leaves the rest of the answer gone ([`AnswerGone`]).
 pub struct Answer {
     outbox: Arc<Outbox>,
     ticket: Option<u64>,
@@ -231,9 +232,9 @@ pub struct Answer {
     _lease: StreamLease,
 }
 
-/// The session ended while its answer was being written.
+/// The session's outbox dropped the answer while it was being written (its budget overflowed).
 #[derive(Debug, thiserror::Error)]
-#[error("the session ended while its answer was being written")]
+#[error("the session dropped its answer while it was being written (its buffer overflowed)")]
 pub struct AnswerGone;
 
 impl Answer {

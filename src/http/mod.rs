@@ -143,7 +143,8 @@ fn method_not_allowed(allow: &'static str) -> Response {
 
 /// A JSON answer as a response body, read out of the session's outbox a chunk at a time as the
 /// connection takes it: until the client has taken it, it is counted in the session's budget
-/// (and dropped, ending the response cut off, if the session ends first).
+/// (and finished even if the session ends meanwhile; cut off only if the session's buffer
+/// overflowed and dropped everything it held).
 struct JsonBody(crate::bridge::Answer);
 
 impl hyper::body::Body for JsonBody {
