@@ -859,6 +859,73 @@ async fn a_flooding_server_leaves_mcpbox_within_its_memory_bound() {
     calm_answers(n).await;
 }
 
+/// Answers given as one JSON body count in their session's budget until the client has taken
+/// them: a client that asks for 6 MB answers on 30 connections (each with a small receive
+/// buffer, so that the kernel's socket buffers cannot take the answers off mcpbox's hands) and
+/// reads none holds at most `sessionBufferBytes` of them in mcpbox (the rest get an error naming
+/// the budget), not 30 × 6 MB; other sessions go on, and the budget is freed when those
+/// connections close. `MCPBOX_TEST_SESSION_BUFFER=1073741824` runs it with a budget nothing
+/// reaches, as before answers were counted: it then fails, printing how much RSS grew.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_answers_nobody_reads_stay_within_the_session_budget() {
+    use tokio::io::AsyncWriteExt;
+    const BIG: usize = 6_000_000;
+    const CONNS: usize = 30;
+    let (_fixtures, servers) = flood_servers();
+    let budget = std::env::var("MCPBOX_TEST_SESSION_BUFFER").map_or(8 << 20, |v| v.parse::<u64>().unwrap());
+    let mb = Mcpbox::start(servers, json!({"maxLineBytes": 8_000_000, "sessionBufferBytes": budget})).await;
+    let calm = Streamable::open(&mb, "calm").await;
+    let flood = Streamable::open(&mb, "flood").await;
+    let big = |id: Value| call_msg(id, "big", json!({"bytes": BIG}));
+    assert_eq!(text_of(&flood.request(big(json!("read"))).await).len(), BIG, "read at once, it passes whole");
+    let before = vm_kib(mb.pid(), "VmRSS:");
+    let mut unread = Vec::new();
+    for i in 0..CONNS {
+        let body = big(json!(i)).to_string();
+        let head = format!(
+            "POST /flood/mcp HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {TOKEN}\r\nMcp-Session-Id: {}\r\n\
+             Accept: application/json\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            mb.addr,
+            flood.sid,
+            body.len()
+        );
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let mut c = socket.connect(mb.addr).await.unwrap();
+        c.write_all(format!("{head}{body}").as_bytes()).await.unwrap();
+        unread.push(c);
+    }
+    let refused = |log: &str| log.matches("does not fit mcpbox.sessionBufferBytes").count();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    // One fits in the 8 MiB budget; the others are refused.
+    let expected = if budget == 8 << 20 { CONNS - 1 } else { 0 };
+    while refused(&mb.log_text()) < expected {
+        assert!(Instant::now() < deadline, "only {} refused:\n{}", refused(&mb.log_text()), mb.log_text());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(if expected == 0 { 20 } else { 1 })).await;
+    let grown = vm_kib(mb.pid(), "VmRSS:").saturating_sub(before) / 1024;
+    eprintln!("{CONNS} unread {BIG}-byte JSON answers, sessionBufferBytes {budget}: mcpbox's RSS grew by {grown} MiB");
+    assert!(grown < 40, "mcpbox's RSS grew by {grown} MiB for answers nobody reads");
+    // The session's budget is taken by its own unread answers: it gets the error; others go on.
+    let r = flood.request(big(json!("more"))).await;
+    let m = r["error"]["message"].as_str().unwrap_or_else(|| panic!("{r}"));
+    assert!(m.contains("mcpbox.sessionBufferBytes"), "{m}");
+    assert_eq!(text_of(&calm.request(call_msg(json!(1), "echo", json!({"text": "calm"}))).await), "calm");
+    // Those connections gone, their answers are freed.
+    drop(unread);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = flood.request(big(json!("again"))).await;
+        if r.get("result").is_some() {
+            assert_eq!(text_of(&r).len(), BIG);
+            break;
+        }
+        assert!(Instant::now() < deadline, "the budget was not freed: {r}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// The CPU weight of the sandbox `pid` runs in (cgroup v2 `cpu.weight`, or v1 `cpu.shares`
 /// scaled back), if it has a cpu cgroup.
 fn cpu_weight_of(pid: u32) -> Option<u64> {

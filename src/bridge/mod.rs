@@ -30,7 +30,7 @@ use crate::config::ToolFilter;
 pub use framing::{Frame, LineReader};
 pub use outbox::{Outbox, Transport};
 pub use router::{error_response, Action, Delivery, Key, Router, SessionId, SERVER_EXITED};
-pub use session::{PostStream, Session, Sessions};
+pub use session::{Answer, AnswerGone, PostStream, Session, Sessions};
 
 /// Who a request comes from: which configured token it presented (never the token itself), or
 /// `anonymous` where no token guards the endpoint. A session belongs to the principal that opened
@@ -203,6 +203,16 @@ impl Hub {
         let actions = st.router.expire(sid, client_id, &reason);
         if !actions.is_empty() {
             tracing::warn!(server = %self.server, session = %sid, id = %client_id, "request timed out after {t:?}: answered with an error, cancelled at the server");
+            self.run(&mut st, actions);
+            return;
+        }
+        let reason = format!(
+            "the server did not answer initialize within {t:?} (the timeout of server {}); try again",
+            self.server
+        );
+        let actions = st.router.expire_initialize(sid, client_id, &reason);
+        if !actions.is_empty() {
+            tracing::warn!(server = %self.server, session = %sid, "the server did not answer initialize within {t:?}: {} waiting initialize request(s) answered with an error; the next one is sent to it again", actions.len());
             self.run(&mut st, actions);
         }
     }
@@ -523,6 +533,56 @@ mod tests {
         assert!(out.try_recv().is_err());
     }
 
+    /// A shared server that does not answer its first `initialize`: after `timeout` the session
+    /// that sent it and those waiting on it get an error saying so, and the next `initialize`
+    /// is sent to the server again; its answer serves that session.
+    #[tokio::test]
+    async fn a_shared_servers_unanswered_initialize_times_out_and_is_sent_again() {
+        let hub = Hub::new("s", true, None, LIMITS).with_options(false, Some(std::time::Duration::from_millis(100)));
+        let (a, mut out_a) = session(&hub, "a");
+        let (b, mut out_b) = session(&hub, "b");
+        let (c, mut out_c) = session(&hub, "c");
+        let (stdin, mut server) = input_queue(1 << 20);
+        hub.connect_process(stdin);
+        let init = json!({"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-06-18"}});
+        let started = tokio::time::Instant::now();
+        assert_eq!(hub.from_client(&a, init.clone()), Sent::Forwarded);
+        let first: Value = serde_json::from_slice(&server.recv().await.unwrap()).unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+        assert_eq!(hub.from_client(&b, init.clone()), Sent::Answered, "b waits on a's initialize");
+        assert!(out_b.try_recv().is_err());
+        for out in [&mut out_a, &mut out_b] {
+            let got = loop {
+                if let Ok(o) = out.try_recv() {
+                    break serde_json::from_slice::<Value>(&o.body).unwrap();
+                }
+                assert!(started.elapsed() < std::time::Duration::from_secs(5), "no answer within 5 s");
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            };
+            assert!(started.elapsed() >= std::time::Duration::from_millis(100));
+            assert_eq!((got["id"].clone(), got["error"]["code"].as_i64()), (json!(0), Some(router::REQUEST_TIMEOUT)));
+            let m = got["error"]["message"].as_str().unwrap();
+            assert!(m.contains("did not answer initialize within 100ms"), "{m}");
+        }
+        // The late answer reaches nobody; c's initialize goes to the server again.
+        let late = json!({"jsonrpc":"2.0","id":first["id"],"result":{"serverInfo":{"name":"late"}}});
+        hub.from_backend(Frame::Line(Bytes::from(late.to_string())));
+        assert_eq!(hub.from_client(&c, init.clone()), Sent::Forwarded);
+        let again: Value = serde_json::from_slice(&server.recv().await.unwrap()).unwrap();
+        assert_eq!((again["method"].as_str(), again["id"] == first["id"]), (Some("initialize"), false));
+        let ok = json!({"jsonrpc":"2.0","id":again["id"],"result":{"serverInfo":{"name":"x"}}});
+        hub.from_backend(Frame::Line(Bytes::from(ok.to_string())));
+        let got: Value = serde_json::from_slice(&out_c.try_recv().unwrap().body).unwrap();
+        assert_eq!(got["result"]["serverInfo"]["name"], "x");
+        assert!(out_a.try_recv().is_err() && out_b.try_recv().is_err(), "the late answer went nowhere");
+        // c's deadline passes with its initialize answered: nothing more happens.
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        assert!(out_c.try_recv().is_err());
+        assert_eq!(hub.from_client(&a, init), Sent::Answered, "answered from the cached result");
+        let got: Value = serde_json::from_slice(&out_a.try_recv().unwrap().body).unwrap();
+        assert_eq!(got["result"]["serverInfo"]["name"], "x");
+    }
+
     /// A request answered as one JSON body keeps its session busy while it waits: a call that
     /// runs past `idleTimeout` is not ended under its client (the supervisor reaps sessions
     /// whose `idle_for` passes it).
@@ -553,6 +613,105 @@ mod tests {
         hub.from_backend(Frame::Line(Bytes::from(json!({"jsonrpc":"2.0","id":fwd["id"],"result":{}}).to_string())));
         assert!(call.await.unwrap().is_some(), "the answer reaches the request");
         assert!(s.idle_for().is_some(), "idle again once answered");
+    }
+
+    /// A JSON-body answer stays in its session's budget while its [`Answer`] (the HTTP
+    /// response being written) lives: another that does not fit beside it gets an error naming
+    /// the budget, the session goes on, and dropping the first (or a request whose client went
+    /// away before its answer came) frees its bytes.
+    #[tokio::test]
+    async fn json_answers_are_held_within_the_session_budget() {
+        let hub = Arc::new(Hub::new("s", false, None, LIMITS));
+        let (stdin, mut server) = input_queue(1 << 20);
+        hub.connect_process(stdin);
+        let s = session::Session::new(
+            "a".into(),
+            "s",
+            Principal::anonymous(),
+            Transport::Streamable,
+            hub.clone(),
+            100_000,
+            CancellationToken::new(),
+            Default::default(),
+        );
+        let answer_with = |id: Value, n: usize| {
+            let body = json!({"jsonrpc":"2.0","id":id,"result":{"text":"x".repeat(n)}}).to_string();
+            hub.from_backend(Frame::Line(Bytes::from(body)));
+        };
+        let ask = |id: u64| {
+            let s = s.clone();
+            tokio::spawn(async move {
+                s.request_answer(json!({"jsonrpc":"2.0","id":id,"method":"tools/call","params":{"name":"read"}})).await
+            })
+        };
+        let call = ask(1);
+        let fwd: Value = serde_json::from_slice(&server.recv().await.unwrap()).unwrap();
+        answer_with(fwd["id"].clone(), 60_000);
+        let mut first = call.await.unwrap().expect("answered");
+        assert!(first.len() > 60_000 && s.outbox.lock().held() == first.len(), "held while unread");
+        let call = ask(2);
+        let fwd: Value = serde_json::from_slice(&server.recv().await.unwrap()).unwrap();
+        answer_with(fwd["id"].clone(), 60_000);
+        let refused = call.await.unwrap().expect("answered").into_bytes().unwrap();
+        let e: Value = serde_json::from_slice(&refused).unwrap();
+        assert_eq!(e["id"], 2);
+        assert!(e["error"]["message"].as_str().unwrap().contains("mcpbox.sessionBufferBytes"), "{e}");
+        assert!(!s.is_closed(), "the session goes on");
+        // Read out half, then the client goes away: all of it is freed.
+        let chunk = first.next_chunk(30_000).unwrap().unwrap();
+        assert_eq!((chunk.len(), s.outbox.lock().held()), (30_000, first.len()));
+        drop(first);
+        assert_eq!(s.outbox.lock().held(), 0);
+        // A request whose client went away before its answer came holds nothing of it.
+        let call = ask(3);
+        let fwd: Value = serde_json::from_slice(&server.recv().await.unwrap()).unwrap();
+        call.abort();
+        let _ = call.await;
+        answer_with(fwd["id"].clone(), 60_000);
+        assert_eq!(s.outbox.lock().held(), 0);
+        // And one that fits goes through whole.
+        let call = ask(4);
+        let fwd: Value = serde_json::from_slice(&server.recv().await.unwrap()).unwrap();
+        answer_with(fwd["id"].clone(), 60_000);
+        let mut whole = call.await.unwrap().expect("answered");
+        let mut got = Vec::new();
+        while let Some(c) = whole.next_chunk(25_600).unwrap() {
+            got.extend_from_slice(&c);
+        }
+        let v: Value = serde_json::from_slice(&got).unwrap();
+        assert_eq!((v["id"].clone(), v["result"]["text"].as_str().map(str::len)), (json!(4), Some(60_000)));
+        assert_eq!(s.outbox.lock().held(), 0);
+        // An answer mcpbox makes itself (2026-07-28) is held the same way.
+        let made = s.hold_answer(Bytes::from(vec![b'm'; 70_000])).expect("fits");
+        let why = s.hold_answer(Bytes::from(vec![b'n'; 40_000])).err().expect("does not fit beside it");
+        assert!(why.contains("mcpbox.sessionBufferBytes, 100000 bytes, 70000 of them in use"), "{why}");
+        assert_eq!(made.into_bytes().map(|b| b.len()), Some(70_000));
+        assert_eq!(s.outbox.lock().held(), 0);
+        assert!(s.hold_answer(Bytes::from(vec![b'n'; 40_000])).is_ok());
+        // A small one is the Answer's own, whatever the budget holds.
+        let _big = s.hold_answer(Bytes::from(vec![b'b'; 90_000])).expect("fits");
+        let mut small = s.hold_answer(Bytes::from_static(b"{}")).expect("small: not held");
+        assert_eq!(small.next_chunk(1 << 20).unwrap().as_deref(), Some(&b"{}"[..]));
+        drop((_big, small));
+        // The session ends (DELETE, the server exits) while an answer is being read out: the
+        // answer still finishes, and is freed once read.
+        let call = ask(5);
+        let fwd: Value = serde_json::from_slice(&server.recv().await.unwrap()).unwrap();
+        answer_with(fwd["id"].clone(), 60_000);
+        let mut reading = call.await.unwrap().expect("answered");
+        let mut got = reading.next_chunk(20_000).unwrap().unwrap().to_vec();
+        let answer_len = reading.len();
+        s.finish("the server exited");
+        assert!(s.is_closed());
+        let held = s.outbox.lock().held();
+        assert!(held >= answer_len, "the answer is still held after the session's end ({held} bytes)");
+        while let Some(c) = reading.next_chunk(20_000).expect("not cut off by the session's end") {
+            got.extend_from_slice(&c);
+        }
+        let v: Value = serde_json::from_slice(&got).unwrap();
+        assert_eq!((v["id"].clone(), v["result"]["text"].as_str().map(str::len)), (json!(5), Some(60_000)));
+        drop(reading);
+        assert_eq!(s.outbox.lock().held(), held - answer_len, "freed once read");
     }
 
     /// An answer over `maxLineBytes` is discarded, and its request answered with an error that

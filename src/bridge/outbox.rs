@@ -11,11 +11,14 @@
 //! stream (the GET stream of Streamable HTTP, the one stream of legacy SSE).
 //!
 //! Budget: every byte the outbox holds counts (POST stream queues, the event stream's
-//! undelivered events, and Streamable HTTP's already-delivered events kept for replay). Over
-//! budget, delivered replay events go first (and, for a Streamable session with no GET stream
-//! open, the oldest events: nobody is reading them); if that is not enough the client is not
-//! keeping up, and the session ends ([`Overflow`]). The budget is in bytes, never in messages:
-//! a client that reads as fast as messages come never reaches it, however many there are.
+//! undelivered events, Streamable HTTP's already-delivered events kept for replay, and the
+//! answers given as one JSON body until their HTTP response has been written, see
+//! [`Reply`]). Over budget, delivered replay events go first (and, for a Streamable session
+//! with no GET stream open, the oldest events: nobody is reading them); if that is not enough
+//! the client is not keeping up, and the session ends ([`Overflow`]); an answer for a JSON body
+//! that does not fit is replaced by a JSON-RPC error instead ([`too_big`]), and the session goes
+//! on. The budget is in bytes, never in messages: a client that reads as fast as messages come
+//! never reaches it, however many there are.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -35,9 +38,34 @@ pub enum Transport {
     Streamable,
 }
 
+/// What a request answered as one JSON body gets.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Reply {
+    /// The answer, held by the outbox (and counted in its budget) as answer `ticket` until it
+    /// is read out ([`OutboxState::answer_chunk`], [`OutboxState::take_answer`]) or released.
+    Held { ticket: u64, len: usize },
+    /// An answer of at most [`ANSWER_CHUNK`] bytes, or an error made by mcpbox (a few hundred
+    /// bytes and the request's id): not counted.
+    Inline(Bytes),
+}
+
+/// Answers for a JSON body up to this long are handed over whole, not held: no more than what
+/// the connection holds of a larger one at a time (see `CONN_BUF_BYTES` in `http/listen.rs`), and
+/// a session that ends at once after such an answer (the server's exit, with the error it made)
+/// does not cut it off.
+pub const ANSWER_CHUNK: usize = 16 << 10;
+
+/// The error message of an answer for a JSON body that does not fit the session's budget.
+pub fn too_big(len: usize, budget: usize, held: usize) -> String {
+    format!(
+        "mcpbox dropped the server's {len}-byte answer: it does not fit in this session's buffer \
+         (mcpbox.sessionBufferBytes, {budget} bytes, {held} of them in use)"
+    )
+}
+
 /// Where the response to a request goes.
 enum Waiter {
-    Json(oneshot::Sender<Bytes>),
+    Json(oneshot::Sender<Reply>),
     /// A POST answered as a stream: its queue, and whether the response has arrived.
     Stream {
         queue: VecDeque<Bytes>,
@@ -74,7 +102,10 @@ pub struct OutboxState {
     /// Counts the event streams opened: a stream whose number is no longer the latest was
     /// taken over ([`OutboxState::take_over_events`]) and ends.
     events_gen: u64,
-    /// Bytes held in `posts` and `ring`.
+    /// Answers for JSON bodies not yet read out, by ticket.
+    answers: HashMap<u64, Bytes>,
+    next_ticket: u64,
+    /// Bytes held in `posts`, `ring` and `answers`.
     held: usize,
     closed: bool,
 }
@@ -90,6 +121,8 @@ impl OutboxState {
             delivered: 0,
             get_open: false,
             events_gen: 0,
+            answers: HashMap::new(),
+            next_ticket: 0,
             held: 0,
             closed: false,
         }
@@ -104,7 +137,7 @@ impl OutboxState {
     }
 
     /// The response to request `k` goes to a JSON body.
-    pub fn expect_json(&mut self, k: Key) -> oneshot::Receiver<Bytes> {
+    pub fn expect_json(&mut self, k: Key) -> oneshot::Receiver<Reply> {
         let (tx, rx) = oneshot::channel();
         if !self.closed {
             self.posts.insert(k, Waiter::Json(tx));
@@ -117,6 +150,69 @@ impl OutboxState {
         if !self.closed {
             self.posts.insert(k, Waiter::Stream { queue: VecDeque::new(), done: false });
         }
+    }
+
+    /// The request `k` that waited for a JSON body is gone (its receiver closed): it waits no
+    /// more. (A newer request of the same id, still waiting, is left alone.)
+    pub fn forget_json(&mut self, k: &Key) {
+        if matches!(self.posts.get(k), Some(Waiter::Json(tx)) if tx.is_closed()) {
+            self.posts.remove(k);
+        }
+    }
+
+    /// Up to `max` bytes of answer `ticket` from `pos`; once its last byte is out, the outbox
+    /// holds it no more. `None` when there is no such answer (released, or the session ended).
+    pub fn answer_chunk(&mut self, ticket: u64, pos: usize, max: usize) -> Option<Bytes> {
+        let b = self.answers.get(&ticket)?;
+        if pos >= b.len() {
+            return None;
+        }
+        if pos == 0 && b.len() <= max {
+            return self.take_answer(ticket);
+        }
+        // A copy: a slice would keep the whole answer alive wherever it goes.
+        let end = b.len().min(pos + max);
+        let chunk = Bytes::copy_from_slice(&b[pos..end]);
+        if end == b.len() {
+            self.release(ticket);
+        }
+        Some(chunk)
+    }
+
+    /// Hold `body`, an answer mcpbox made from the server's, for a JSON body, as
+    /// [`Reply::Held`] answers are held; `Err` with the [`too_big`] message if it does not fit.
+    pub fn hold(&mut self, body: Bytes) -> Result<u64, String> {
+        let len = body.len();
+        if self.closed || !self.room_for(len) {
+            tracing::warn!(
+                bytes = len,
+                budget = self.budget,
+                held = self.held,
+                "an answer for a JSON body does not fit mcpbox.sessionBufferBytes; its request gets an error"
+            );
+            return Err(too_big(len, self.budget, self.held));
+        }
+        self.next_ticket += 1;
+        self.answers.insert(self.next_ticket, body);
+        self.held += len;
+        Ok(self.next_ticket)
+    }
+
+    /// Whether answer `ticket` is still held (not read out, the session not over).
+    pub fn has_answer(&self, ticket: u64) -> bool {
+        self.answers.contains_key(&ticket)
+    }
+
+    /// Answer `ticket`, which the outbox then holds no more.
+    pub fn take_answer(&mut self, ticket: u64) -> Option<Bytes> {
+        let b = self.answers.remove(&ticket)?;
+        self.held -= b.len();
+        Some(b)
+    }
+
+    /// Answer `ticket` is not wanted any more (its response was written, or never will be).
+    pub fn release(&mut self, ticket: u64) {
+        self.take_answer(ticket);
     }
 
     /// The POST that waited for `k` is gone.
@@ -206,8 +302,26 @@ impl OutboxState {
         let len = o.body.len();
         if let Some(k) = &o.reply_to {
             match self.posts.remove(k) {
+                Some(Waiter::Json(tx)) if len <= ANSWER_CHUNK => {
+                    let _ = tx.send(Reply::Inline(o.body));
+                    return Ok(());
+                }
                 Some(Waiter::Json(tx)) => {
-                    let _ = tx.send(o.body);
+                    if !self.room_for(len) {
+                        tracing::warn!(bytes = len, budget = self.budget, held = self.held, "an answer for a JSON body does not fit mcpbox.sessionBufferBytes; its request gets an error");
+                        let id = serde_json::from_str(k).unwrap_or(serde_json::Value::Null);
+                        let e = error_response(id, -32603, &too_big(len, self.budget, self.held));
+                        let _ = tx.send(Reply::Inline(Bytes::from(e.to_string())));
+                        return Ok(());
+                    }
+                    self.next_ticket += 1;
+                    let ticket = self.next_ticket;
+                    // Held only if someone still waits for it (under this lock, so the reader
+                    // cannot look for it before it is there).
+                    if tx.send(Reply::Held { ticket, len }).is_ok() {
+                        self.answers.insert(ticket, o.body);
+                        self.held += len;
+                    }
                     return Ok(());
                 }
                 Some(Waiter::Stream { mut queue, .. }) => {
@@ -235,13 +349,30 @@ impl OutboxState {
         self.fit()
     }
 
+    /// Whether event `n` of the ring may be dropped to make room: it was sent already, or
+    /// nobody is reading the events (a Streamable session with no GET stream open).
+    fn evictable(&self, n: u64) -> bool {
+        n <= self.delivered || (self.transport == Transport::Streamable && !self.get_open)
+    }
+
+    /// Make room for `len` more bytes by dropping what may go, if that is enough; `false`
+    /// (nothing dropped) if it is not.
+    fn room_for(&mut self, len: usize) -> bool {
+        let droppable: usize = self.ring.iter().take_while(|(n, _)| self.evictable(*n)).map(|(_, b)| b.len()).sum();
+        if self.held - droppable + len > self.budget {
+            return false;
+        }
+        while self.held + len > self.budget {
+            let Some((_, b)) = self.ring.pop_front() else { break };
+            self.held -= b.len();
+        }
+        true
+    }
+
     /// Drop what may go; `Err` if the rest is still over budget.
     fn fit(&mut self) -> Result<(), Overflow> {
         while self.held > self.budget {
-            let evictable = match self.ring.front() {
-                Some((n, _)) => *n <= self.delivered || (self.transport == Transport::Streamable && !self.get_open),
-                None => false,
-            };
+            let evictable = self.ring.front().is_some_and(|(n, _)| self.evictable(*n));
             if !evictable {
                 return Err(Overflow { budget: self.budget });
             }
@@ -255,6 +386,7 @@ impl OutboxState {
     /// Drop everything held (the budget is exceeded: nothing of it is worth keeping).
     pub fn discard(&mut self) {
         self.ring = VecDeque::new();
+        self.answers = HashMap::new();
         for w in self.posts.values_mut() {
             if let Waiter::Stream { queue, .. } = w {
                 *queue = VecDeque::new();
@@ -277,7 +409,11 @@ impl OutboxState {
             self.ring = ring.into_iter().filter(|(n, _)| *n > self.delivered).collect();
         }
         let posts = std::mem::take(&mut self.posts);
-        self.held = self.ring.iter().map(|(_, b)| b.len()).sum();
+        // Answers still being written as JSON bodies are finished, as the events above drain
+        // to their stream: the server answered, and its client is reading the answer. Each is
+        // freed when its response has been written or its client goes away (`Answer` drops).
+        self.held = self.ring.iter().map(|(_, b)| b.len()).sum::<usize>()
+            + self.answers.values().map(Bytes::len).sum::<usize>();
         let Some(reason) = reason else { return };
         let error_for = |k: &Key| {
             let id = serde_json::from_str(k).unwrap_or(serde_json::Value::Null);
@@ -286,7 +422,7 @@ impl OutboxState {
         for (k, w) in posts {
             match w {
                 Waiter::Json(tx) => {
-                    let _ = tx.send(error_for(&k));
+                    let _ = tx.send(Reply::Inline(error_for(&k)));
                 }
                 // A POST stream keeps what it holds up to its response (which may be the error
                 // the server's exit gave it), so that its reader still gets an answer.
@@ -455,12 +591,13 @@ mod tests {
         let related = Outbound { body: Bytes::from_static(b"progress"), reply_to: None, related_to: Some("2".into()) };
         s.push(related).unwrap();
         s.push(reply("1", 3)).unwrap();
-        assert_eq!(json.try_recv().unwrap(), Bytes::from_static(b"rrr"));
+        assert_eq!(json.try_recv().unwrap(), Reply::Inline(Bytes::from_static(b"rrr")));
         assert_eq!(s.next_for_post(&"2".into()), Next::Item(Bytes::from_static(b"progress")));
         assert_eq!(s.next_for_post(&"2".into()), Next::Wait);
         let mut json = s.expect_json("3".into());
         s.close(Some("session ended: budget"));
-        let v: serde_json::Value = serde_json::from_slice(&json.try_recv().unwrap()).unwrap();
+        let Reply::Inline(b) = json.try_recv().unwrap() else { panic!("an error") };
+        let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
         assert_eq!(
             (v["id"].clone(), v["error"]["message"].clone()),
             (serde_json::json!(3), serde_json::json!("session ended: budget"))
@@ -491,6 +628,82 @@ mod tests {
         assert_eq!(l.next_event(2), Next::End);
         l.discard();
         assert_eq!(l.held(), 0);
+    }
+
+    /// An answer for a JSON body counts in the budget until it is read out; one that does not
+    /// fit (after dropping what may go) is replaced by an error naming the budget, and the
+    /// session goes on.
+    #[test]
+    fn json_answers_count_in_the_budget_until_read_out() {
+        let mut s = OutboxState::new(Transport::Streamable, 100_000);
+        s.open_events(None).unwrap();
+        let mut a = s.expect_json("1".into());
+        s.push(reply("1", 60_000)).unwrap();
+        let Ok(Reply::Held { ticket, len: 60_000 }) = a.try_recv() else { panic!("held") };
+        assert_eq!(s.held(), 60_000);
+        let mut b = s.expect_json("2".into());
+        s.push(reply("2", 60_000)).expect("the session goes on");
+        let Ok(Reply::Inline(e)) = b.try_recv() else { panic!("an error") };
+        let e: serde_json::Value = serde_json::from_slice(&e).unwrap();
+        assert_eq!((e["id"].clone(), e["error"]["code"].clone()), (serde_json::json!(2), serde_json::json!(-32603)));
+        assert_eq!(e["error"]["message"], too_big(60_000, 100_000, 60_000));
+        assert!(too_big(60_000, 100_000, 60_000).contains("mcpbox.sessionBufferBytes"));
+        assert_eq!(s.held(), 60_000, "the refused answer is not held");
+        // What fits still passes, on every kind of way out.
+        s.expect_stream("3".into());
+        s.push(reply("3", 30_000)).unwrap();
+        assert_eq!(s.held(), 90_000);
+        // Read out a chunk at a time: held until its last byte is out, as copies.
+        let mut pos = 0;
+        while let Some(c) = s.answer_chunk(ticket, pos, 25_600) {
+            pos += c.len();
+            assert_eq!(s.held(), if pos < 60_000 { 90_000 } else { 30_000 }, "at {pos}");
+        }
+        assert_eq!(pos, 60_000);
+        let mut c = s.expect_json("4".into());
+        s.push(reply("4", 70_000)).unwrap();
+        let Ok(Reply::Held { ticket, .. }) = c.try_recv() else { panic!("fits once the first is out") };
+        // Released unread (the client went away): gone from the budget.
+        s.release(ticket);
+        assert_eq!(s.held(), 30_000);
+        // An answer nobody waits for any more is not held.
+        let d = s.expect_json("5".into());
+        drop(d);
+        s.forget_json(&"5".into());
+        let e = s.expect_json("6".into());
+        drop(e);
+        s.push(reply("6", 20_000)).unwrap();
+        assert_eq!(s.held(), 30_000);
+        // A small answer is handed over whole, not held.
+        let mut f = s.expect_json("7".into());
+        s.push(reply("7", ANSWER_CHUNK)).unwrap();
+        assert!(matches!(f.try_recv(), Ok(Reply::Inline(b)) if b.len() == ANSWER_CHUNK));
+        assert_eq!(s.held(), 30_000);
+    }
+
+    /// Replay events that were sent already make room for an answer; a session that ends lets
+    /// the answers still being read out finish, and they are freed once read.
+    #[test]
+    fn json_answers_make_room_from_replay_and_end_with_the_session() {
+        let mut s = OutboxState::new(Transport::Streamable, 100_000);
+        let cursor = s.open_events(None).unwrap();
+        s.push(msg(40_000)).unwrap();
+        s.push(msg(40_000)).unwrap();
+        assert!(matches!(s.next_event(cursor), Next::Item((1, _))));
+        let mut a = s.expect_json("1".into());
+        s.push(reply("1", 50_000)).unwrap();
+        let Ok(Reply::Held { ticket, .. }) = a.try_recv() else { panic!("room made from the sent event") };
+        assert_eq!(s.held(), 90_000);
+        // Not enough even without the sent events: nothing is dropped for it.
+        let mut b = s.expect_json("2".into());
+        s.push(reply("2", 20_000)).unwrap();
+        assert!(matches!(b.try_recv(), Ok(Reply::Inline(_))));
+        assert_eq!(s.held(), 90_000);
+        s.close(None);
+        assert_eq!(s.held(), 90_000, "the event on its way to the open stream, and the answer being read out");
+        assert_eq!(s.answer_chunk(ticket, 0, 1 << 20).map(|b| b.len()), Some(50_000));
+        s.release(ticket);
+        assert_eq!(s.held(), 40_000, "only the event still on its way to the open stream");
     }
 
     #[test]

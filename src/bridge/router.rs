@@ -5,7 +5,9 @@
 //! the client's: number for number, string for string); the answer gets the client's id back.
 //! Progress tokens are remapped the same way, so `notifications/progress` reaches only the
 //! session that asked. In shared mode the backend is initialized once and later `initialize`
-//! requests are answered from the cached result.
+//! requests are answered from the cached result; those that come while the first is in flight
+//! wait on it, and fail with it when it is not answered in time ([`Router::expire_initialize`];
+//! the deadlines themselves are kept by the hub, which has the clock).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -480,23 +482,75 @@ impl Router {
         // A shared server's first `initialize` never reached it: the sessions waiting on its
         // answer get the same error, and the next `initialize` is sent anew.
         if p.kind == Kind::Initialize && self.shared {
-            if let Init::Pending(w) = std::mem::replace(&mut self.init, Init::None) {
-                for (sid, cid) in w {
-                    let k = key(&cid);
-                    out.push(Action::Session(
-                        sid,
-                        Delivery { msg: error_response(cid, -32603, reason), reply_to: Some(k), related_to: None },
-                    ));
-                }
+            out.extend(self.fail_init_waiters(-32603, reason));
+        }
+        out
+    }
+
+    /// The sessions waiting on a shared server's first `initialize` get error `reason`, and the
+    /// next `initialize` is sent to the server anew.
+    fn fail_init_waiters(&mut self, code: i64, reason: &str) -> Vec<Action> {
+        if !matches!(self.init, Init::Pending(_)) {
+            return vec![];
+        }
+        let Init::Pending(w) = std::mem::replace(&mut self.init, Init::None) else { return vec![] };
+        w.into_iter()
+            .map(|(sid, cid)| {
+                let k = key(&cid);
+                Action::Session(
+                    sid,
+                    Delivery { msg: error_response(cid, code, reason), reply_to: Some(k), related_to: None },
+                )
+            })
+            .collect()
+    }
+
+    /// A shared server's first `initialize` is not answered in time: the deadline of the session
+    /// that sent it, or of one waiting on its answer (which came later, so the first has waited
+    /// at least as long), passed. That session and every one waiting get error `reason`; the
+    /// server's late answer, if it comes, reaches nobody, and the next `initialize` is sent anew
+    /// (a server that was only slow gets another chance). Nothing happens unless `client_id` of
+    /// `sid` is that `initialize` or waits on it. The server gets no `notifications/cancelled`:
+    /// MCP forbids cancelling `initialize`.
+    pub fn expire_initialize(&mut self, sid: &SessionId, client_id: &Value, reason: &str) -> Vec<Action> {
+        let Init::Pending(waiters) = &self.init else { return vec![] };
+        if !self.shared {
+            return vec![];
+        }
+        let k = key(client_id);
+        let first = self.pending.iter().find(|(_, p)| p.kind == Kind::Initialize).map(|(b, _)| b.clone());
+        let is_first = self.by_client.get(&(sid.clone(), k.clone())).is_some_and(|b| Some(key(b)) == first);
+        if !is_first && !waiters.iter().any(|(s, c)| s == sid && key(c) == k) {
+            return vec![];
+        }
+        let mut out = Vec::new();
+        if let Some(p) = first.and_then(|b| self.pending.remove(&b)) {
+            self.by_client.remove(&(p.sid.clone(), key(&p.client_id)));
+            if let Some(t) = &p.token {
+                self.tokens.remove(t);
+            }
+            // Its session may have left (see `detach`): then nobody is told.
+            if self.sessions.contains(&p.sid) {
+                let k = key(&p.client_id);
+                out.push(Action::Session(
+                    p.sid,
+                    Delivery {
+                        msg: error_response(p.client_id, REQUEST_TIMEOUT, reason),
+                        reply_to: Some(k),
+                        related_to: None,
+                    },
+                ));
             }
         }
+        out.extend(self.fail_init_waiters(REQUEST_TIMEOUT, reason));
         out
     }
 
     /// A client request's deadline passed (its server's `timeout`): answer it with a JSON-RPC
     /// error now, tell the server to stop working on it (`notifications/cancelled`), and forget
     /// it, so that a late answer reaches nobody. Nothing happens if it was answered already. A
-    /// shared server's first `initialize` is not expired: other sessions wait on its answer.
+    /// shared server's first `initialize`, which other sessions wait on, is expired by
+    /// [`Router::expire_initialize`] instead.
     pub fn expire(&mut self, sid: &SessionId, client_id: &Value, reason: &str) -> Vec<Action> {
         let Some(bid) = self.by_client.get(&(sid.clone(), key(client_id))).cloned() else { return vec![] };
         match self.pending.get(&key(&bid)) {
@@ -752,7 +806,7 @@ mod tests {
         // Answered or unknown: nothing to do.
         assert!(r.expire(&b, &json!(7), "late").is_empty());
         assert!(r.expire(&a, &json!(8), "never sent").is_empty());
-        // A shared server's first initialize is left alone (others wait on it).
+        // A shared server's first initialize is not an ordinary request (others wait on it).
         r.from_client(&a, json!({"jsonrpc":"2.0","id":1,"method":"initialize","params":{}}));
         assert!(r.expire(&a, &json!(1), "x").is_empty());
     }
@@ -930,6 +984,77 @@ mod tests {
             .collect();
         assert_eq!(failed, vec!["a", "b"], "{out:?}");
         backend(&r.from_client(&b, init));
+    }
+
+    /// A shared server does not answer its first `initialize` in time: that session and those
+    /// waiting on it get the timeout error, the late answer reaches nobody, and the next
+    /// `initialize` goes to the server again and, answered, serves everyone after it.
+    #[test]
+    fn an_unanswered_first_initialize_expires_with_its_waiters_and_is_sent_again() {
+        let mut r = Router::new(true, None);
+        r.share();
+        let (a, b, c, d) = (sid("a"), sid("b"), sid("c"), sid("d"));
+        for s in [&a, &b, &c, &d] {
+            r.attach(s.clone());
+        }
+        let init = json!({"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-06-18"}});
+        let first = backend(&r.from_client(&a, init.clone()));
+        assert!(r.from_client(&b, init.clone()).is_empty(), "b waits");
+        assert!(r.expire(&a, &json!(0), "x").is_empty(), "not expired as an ordinary request");
+        assert!(r.expire_initialize(&c, &json!(0), "x").is_empty(), "c sent no initialize");
+        assert!(r.expire_initialize(&a, &json!(1), "x").is_empty(), "a's other id");
+        let why = "the server did not answer initialize within 1s";
+        let out = r.expire_initialize(&a, &json!(0), why);
+        let failed: Vec<(&str, Option<i64>, Option<&str>)> = out
+            .iter()
+            .map(|x| match x {
+                Action::Session(s, d) if d.msg["error"]["message"] == json!(why) && d.msg["id"] == json!(0) => {
+                    (s.as_ref(), d.msg["error"]["code"].as_i64(), d.reply_to.as_deref())
+                }
+                other => panic!("only the two errors, got {other:?}"),
+            })
+            .collect();
+        assert_eq!(failed, vec![("a", Some(REQUEST_TIMEOUT), Some("0")), ("b", Some(REQUEST_TIMEOUT), Some("0"))]);
+        assert_eq!(r.in_flight(), 0);
+        assert!(r.expire_initialize(&b, &json!(0), why).is_empty(), "b's own deadline finds nothing left");
+        // The late answer reaches nobody and leaves no cached answer.
+        let late = r.from_backend(json!({"jsonrpc":"2.0","id":first["id"],"result":{"serverInfo":{"name":"late"}}}));
+        assert!(late.is_empty(), "{late:?}");
+        let again = backend(&r.from_client(&c, init.clone()));
+        assert_eq!(again["method"], "initialize");
+        assert_ne!(again["id"], first["id"]);
+        assert!(r.from_client(&d, init.clone()).is_empty(), "d waits on the new one");
+        let out = r.from_backend(json!({"jsonrpc":"2.0","id":again["id"],"result":{"serverInfo":{"name":"x"}}}));
+        let served: Vec<(&str, Value)> = out
+            .iter()
+            .map(|x| match x {
+                Action::Session(s, d) => (s.as_ref(), d.msg["result"]["serverInfo"]["name"].clone()),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(served, vec![("c", json!("x")), ("d", json!("x"))]);
+        let (s, d) = session(&r.from_client(&b, init));
+        assert_eq!((s.as_ref(), &d.msg["result"]["serverInfo"]["name"]), ("b", &json!("x")));
+    }
+
+    /// The session that sent a shared server's first `initialize` left: the deadline of one
+    /// waiting on it expires it.
+    #[test]
+    fn a_waiters_deadline_expires_a_first_initialize_whose_session_left() {
+        let mut r = Router::new(true, None);
+        r.share();
+        let (a, b) = (sid("a"), sid("b"));
+        r.attach(a.clone());
+        r.attach(b.clone());
+        let init = json!({"jsonrpc":"2.0","id":"i","method":"initialize","params":{}});
+        backend(&r.from_client(&a, init.clone()));
+        r.detach(&a);
+        assert!(r.from_client(&b, init.clone()).is_empty());
+        let out = r.expire_initialize(&b, &json!("i"), "late");
+        let (s, d) = session(&out);
+        assert_eq!((out.len(), s.as_ref(), &d.msg["error"]["message"]), (1, "b", &json!("late")));
+        assert_eq!(r.in_flight(), 0);
+        assert_eq!(backend(&r.from_client(&b, init))["method"], "initialize");
     }
 
     /// After a restart, a shared server whose sessions were initialized is initialized again by

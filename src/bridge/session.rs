@@ -12,7 +12,7 @@ use bytes::Bytes;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use super::outbox::{Outbox, Transport};
+use super::outbox::{Outbox, Reply, Transport, ANSWER_CHUNK};
 use super::router::{key, Key};
 use super::{Hub, Principal, Sent, SessionId};
 
@@ -75,15 +75,59 @@ impl Session {
         self.hub.from_client(&self.id, msg)
     }
 
-    /// Send request `msg` and wait for its response as one JSON body; `None` if the session
-    /// ended first without answering it. While it waits the session is not idle (a call that
-    /// runs longer than `idleTimeout` is not ended under its client).
+    /// Send request `msg` and wait for its response as one JSON body, read out of the outbox
+    /// at once (for mcpbox's own requests, whose answers it reads there and then); `None` if
+    /// the session ended first without answering it.
     pub async fn request_json(self: &Arc<Self>, msg: Value) -> Option<Bytes> {
+        self.request_answer(msg).await?.into_bytes()
+    }
+
+    /// Send request `msg` and wait for its response as one JSON body, which the outbox keeps
+    /// (within the session's budget) until the returned [`Answer`] has read it out or is
+    /// dropped; `None` if the session ended first without answering it. Until then the session
+    /// is not idle (a call that runs longer than `idleTimeout`, or an answer still being
+    /// written, is not ended under its client).
+    pub async fn request_answer(self: &Arc<Self>, msg: Value) -> Option<Answer> {
         let k = key(&msg["id"]);
-        let rx = self.outbox.lock().expect_json(k);
-        let _busy = self.lease(false);
+        let rx = self.outbox.lock().expect_json(k.clone());
+        let lease = self.lease(false);
+        let mut wait = JsonWait { outbox: self.outbox.clone(), k, rx: Some(rx) };
         self.send(msg);
-        rx.await.ok()
+        let reply = wait.rx.as_mut()?.await.ok();
+        wait.rx = None;
+        let (ticket, len, inline) = match reply? {
+            // Dropped between the answer and now (the session's buffer overflowed).
+            Reply::Held { ticket, .. } if !self.outbox.lock().has_answer(ticket) => return None,
+            Reply::Held { ticket, len } => (Some(ticket), len, None),
+            Reply::Inline(b) => (None, b.len(), Some(b)),
+        };
+        Some(Answer { outbox: self.outbox.clone(), ticket, inline, len, pos: 0, _lease: lease })
+    }
+
+    /// Hold `body` (an answer mcpbox made from the server's) in this session's outbox for a
+    /// JSON body, as [`Session::request_answer`] holds the server's; `Err` with the message
+    /// saying why if it does not fit the budget.
+    pub fn hold_answer(self: &Arc<Self>, body: Bytes) -> Result<Answer, String> {
+        let len = body.len();
+        if len <= ANSWER_CHUNK {
+            return Ok(Answer {
+                outbox: self.outbox.clone(),
+                ticket: None,
+                inline: Some(body),
+                len,
+                pos: 0,
+                _lease: self.lease(false),
+            });
+        }
+        let ticket = self.outbox.lock().hold(body)?;
+        Ok(Answer {
+            outbox: self.outbox.clone(),
+            ticket: Some(ticket),
+            inline: None,
+            len,
+            pos: 0,
+            _lease: self.lease(false),
+        })
     }
 
     /// Send request `msg`; its related messages and then its response arrive on the returned
@@ -149,6 +193,95 @@ impl Session {
         self.closed.cancel();
         self.hub.detach(&self.id);
         self.outbox.close(Some(reason));
+    }
+}
+
+/// A request waiting for its JSON body; dropped before the answer came (its client went
+/// away), it releases what the outbox holds for it.
+struct JsonWait {
+    outbox: Arc<Outbox>,
+    k: Key,
+    rx: Option<tokio::sync::oneshot::Receiver<Reply>>,
+}
+
+impl Drop for JsonWait {
+    fn drop(&mut self) {
+        let Some(mut rx) = self.rx.take() else { return };
+        rx.close();
+        let mut o = self.outbox.lock();
+        if let Ok(Reply::Held { ticket, .. }) = rx.try_recv() {
+            o.release(ticket);
+        }
+        o.forget_json(&self.k);
+    }
+}
+
+/// The answer to a request given as one JSON body. The outbox holds it, counted in the
+/// session's budget, until it is read out (a chunk at a time, as the client takes the HTTP
+/// response) or this is dropped; while this lives the session is not idle. A session that
+/// ends meanwhile lets it finish; only a session whose budget overflowed (everything it held
+/// dropped) leaves the rest of the answer gone ([`AnswerGone`]).
+pub struct Answer {
+    outbox: Arc<Outbox>,
+    ticket: Option<u64>,
+    /// An answer of at most [`ANSWER_CHUNK`] bytes, or an error mcpbox made: held here, not in
+    /// the outbox.
+    inline: Option<Bytes>,
+    len: usize,
+    pos: usize,
+    _lease: StreamLease,
+}
+
+/// The session's outbox dropped the answer while it was being written (its budget overflowed).
+#[derive(Debug, thiserror::Error)]
+#[error("the session dropped its answer while it was being written (its buffer overflowed)")]
+pub struct AnswerGone;
+
+impl Answer {
+    /// Its length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Bytes not read out yet.
+    pub fn remaining(&self) -> usize {
+        self.len - self.pos
+    }
+
+    /// The next at most `max` bytes; `None` at the end.
+    pub fn next_chunk(&mut self, max: usize) -> Result<Option<Bytes>, AnswerGone> {
+        if let Some(b) = self.inline.take() {
+            self.pos = self.len;
+            return Ok(Some(b));
+        }
+        let Some(ticket) = self.ticket.filter(|_| self.pos < self.len) else { return Ok(None) };
+        let chunk = self.outbox.lock().answer_chunk(ticket, self.pos, max).ok_or(AnswerGone)?;
+        self.pos += chunk.len();
+        if self.pos >= self.len {
+            self.ticket = None;
+        }
+        Ok(Some(chunk))
+    }
+
+    /// The whole answer, which the outbox then holds no more; `None` if the session ended.
+    pub fn into_bytes(mut self) -> Option<Bytes> {
+        if let Some(b) = self.inline.take() {
+            return Some(b);
+        }
+        let ticket = self.ticket.take()?;
+        self.outbox.lock().take_answer(ticket)
+    }
+}
+
+impl Drop for Answer {
+    fn drop(&mut self) {
+        if let Some(t) = self.ticket.take() {
+            self.outbox.lock().release(t);
+        }
     }
 }
 

@@ -51,6 +51,13 @@ const MAX_DEFAULT_CONNECTIONS: u64 = 16384;
 /// below what the sandboxes could ask for either), even where the limit leaves no room: then
 /// [`Descriptors::fits`] is false and mcpbox warns.
 const MIN_SHARE: u64 = 16;
+/// hyper's buffer limit per connection, for reading and for writing: a response whose client
+/// does not read it waits in hyper's write queue up to about this much (hyper's default, ~400
+/// KiB, on every connection was more than mcpbox keeps per session), and a request head over
+/// about this much (always over twice this) is refused with 431. Responses larger than this
+/// are written as their body is read out (a JSON answer from its session's outbox, 16 KiB at a
+/// time).
+const CONN_BUF_BYTES: usize = 64 << 10;
 /// Answer to a connection over a cap (written only if the socket takes it without waiting).
 const REFUSED: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nConnection: close\r\n\
     Content-Type: text/plain\r\nContent-Length: 21\r\n\r\ntoo many connections\n";
@@ -281,7 +288,12 @@ async fn connection(
     // HTTP/1 (up to 24 bytes), with no timer running, and a client that sends fewer bytes than
     // that, or none at all, holds the connection for ever (axum::serve has exactly this gap).
     let mut builder = auto::Builder::new(TokioExecutor::new()).http1_only();
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(settings.header_timeout).keep_alive(true);
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(settings.header_timeout)
+        .keep_alive(true)
+        .max_buf_size(CONN_BUF_BYTES);
     let conn = builder.serve_connection(TokioIo::new(tcp), svc);
     tokio::pin!(conn);
     let result = tokio::select! {

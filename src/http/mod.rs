@@ -141,6 +141,45 @@ fn method_not_allowed(allow: &'static str) -> Response {
     (StatusCode::METHOD_NOT_ALLOWED, [(header::ALLOW, allow)], "method not allowed\n").into_response()
 }
 
+/// A JSON answer as a response body, read out of the session's outbox a chunk at a time as the
+/// connection takes it: until the client has taken it, it is counted in the session's budget
+/// (and finished even if the session ends meanwhile; cut off only if the session's buffer
+/// overflowed and dropped everything it held).
+struct JsonBody(crate::bridge::Answer);
+
+impl hyper::body::Body for JsonBody {
+    type Data = Bytes;
+    type Error = crate::bridge::AnswerGone;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        std::task::Poll::Ready(
+            self.0.next_chunk(crate::bridge::outbox::ANSWER_CHUNK).transpose().map(|r| r.map(hyper::body::Frame::data)),
+        )
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.remaining() == 0
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        hyper::body::SizeHint::with_exact(self.0.remaining() as u64)
+    }
+}
+
+/// A response whose body is `answer` (a JSON-RPC message), read out of its session's outbox as
+/// the connection takes it.
+pub fn json_body(status: StatusCode, answer: crate::bridge::Answer) -> Response {
+    let len = answer.len();
+    let mut r = axum::body::Body::new(JsonBody(answer)).into_response();
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    r
+}
+
 /// A JSON-RPC error as an HTTP response.
 pub fn rpc_error(status: StatusCode, id: Value, code: i64, msg: &str) -> Response {
     (status, [(header::CONTENT_TYPE, "application/json")], error_response(id, code, msg).to_string()).into_response()

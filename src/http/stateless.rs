@@ -904,7 +904,15 @@ impl Drop for CancelOnDrop {
 /// notifications ending with the answer.
 async fn answer(st: Shared, round: Round, client_id: Value, sse: bool) -> Response {
     if !sse {
-        return json_answer(drive(&st, round, client_id, None).await);
+        // The answer is held in the backend session's budget until the client has taken it.
+        let session = round.session.clone();
+        let v = drive(&st, round, client_id, None).await;
+        let status = status_of(&v);
+        let id = v.get("id").cloned().unwrap_or(Value::Null);
+        return match session.hold_answer(axum::body::Bytes::from(v.to_string())) {
+            Ok(a) => super::json_body(status, a),
+            Err(why) => json_answer(crate::bridge::error_response(id, -32603, &why)),
+        };
     }
     let (tx, rx) = mpsc::unbounded_channel();
     let task = tokio::spawn(async move {

@@ -141,8 +141,8 @@ pub async fn post(st: Shared, server: String, principal: Principal, headers: Hea
             .map(|b| Ok::<_, Infallible>(Event::default().event("message").data(String::from_utf8_lossy(&b))));
         Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))).into_response()
     } else {
-        match ss.request_json(msg).await {
-            Some(body) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
+        match ss.request_answer(msg).await {
+            Some(answer) => super::json_body(StatusCode::OK, answer),
             None => rpc_error(StatusCode::OK, id, -32603, "session ended"),
         }
     };

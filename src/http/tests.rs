@@ -247,6 +247,34 @@ async fn streamable_roundtrip_filter_and_bad_input() {
     assert_eq!(s.sup.server("echo").unwrap().active_sessions(), 0);
 }
 
+/// A JSON-mode answer counts in the session's budget (`sessionBufferBytes`): one larger than
+/// what is left gets a JSON-RPC error naming the budget, and the session goes on; answers that
+/// fit arrive whole, with their length.
+#[tokio::test]
+async fn a_json_answer_over_the_session_budget_gets_an_error_and_the_session_goes_on() {
+    let s = start_text(format!(
+        r#"{{"mcpProxy":{{"addr":"127.0.0.1:9090","options":{{"authTokens":["T"]}}}},
+            "mcpbox":{{"maxBodyBytes":200000,"maxLineBytes":200000,"sessionBufferBytes":60000}},
+            "mcpServers":{{"echo":{{"command":"/usr/bin/python3","args":["{FIXTURE}"]}}}}}}"#
+    ))
+    .await;
+    let a = s.addr;
+    let sid = st_init(a, "echo", AUTH).await;
+    let h = [AUTH, JSON, ("Mcp-Session-Id", sid.as_str())];
+    let r = call(a, "POST", "/echo/mcp", &h, &tool_call(json!(1), "echo", json!({"text": "x".repeat(70000)}))).await;
+    assert_eq!(r.status, 200);
+    let e = r.json();
+    assert_eq!((e["id"].clone(), e["error"]["code"].clone()), (json!(1), json!(-32603)), "{e}");
+    let m = e["error"]["message"].as_str().unwrap();
+    assert!(m.contains("does not fit") && m.contains("mcpbox.sessionBufferBytes, 60000 bytes"), "{m}");
+    for (id, n) in [(2, 100), (3, 50000)] {
+        let r = call(a, "POST", "/echo/mcp", &h, &tool_call(json!(id), "echo", json!({"text": "y".repeat(n)}))).await;
+        assert_eq!(r.header("content-length"), Some(r.body.len().to_string().as_str()));
+        assert_eq!(r.json()["id"], id);
+        assert_eq!(r.json()["result"]["content"][0]["text"].as_str().map(str::len), Some(n));
+    }
+}
+
 #[tokio::test]
 async fn legacy_sse_roundtrip() {
     let s = start("").await;

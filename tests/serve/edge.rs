@@ -348,3 +348,22 @@ fn serve_check_prints_the_effective_limits() {
         assert!(text.contains(want), "{want:?} missing from:\n{text}");
     }
 }
+
+/// Each connection buffers at most 64 KiB each way: a request head well over that (over 128 KiB:
+/// the last read may take it past 64 KiB) is answered `431` and closed (hyper's default let
+/// ~400 KiB in on every connection); one that fits is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_head_over_the_connection_buffer_gets_431() {
+    let mb = Mcpbox::start(json!({"echo": echo("session")}), json!({})).await;
+    for (pad, status) in [(60 << 10, "200"), (200 << 10, "431")] {
+        let mut c = connect_from(1, mb.addr).await;
+        let req = format!(
+            "{}X-Pad: {}\r\nConnection: close\r\n\r\n",
+            head(&mb, "GET /healthz HTTP/1.1\r\n"),
+            "p".repeat(pad)
+        );
+        c.write_all(req.as_bytes()).await.unwrap();
+        let (got, _) = read_to_eof(&mut c, Duration::from_secs(5)).await;
+        assert!(got.starts_with(&format!("HTTP/1.1 {status} ")), "{pad}-byte header: {got:?}");
+    }
+}
