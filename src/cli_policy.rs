@@ -244,7 +244,7 @@ pub fn suggest_cli(
             let Some(sc) = cfg.servers.get(server) else {
                 return fail(format!("{} has no server of that name", path.display()));
             };
-            let planner = crate::plan::Planner::new(state.clone());
+            let planner = crate::plan::Planner::new(state.clone(), &cfg);
             let resolved = planner
                 .launch_of(sc, false)
                 .and_then(|(launch, _, _)| crate::plan::check(&state, &launch).map(|c| c.policy));

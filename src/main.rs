@@ -80,6 +80,9 @@ enum Cmd {
         // The URL comes in MCPBOX_UPSTREAM_URL: a command line is readable by every user.
         #[arg(long)]
         transport: Option<String>,
+        /// The most it holds of one line or message from the upstream (`mcpbox.maxLineBytes`).
+        #[arg(long)]
+        max_line_bytes: Option<usize>,
     },
     /// Hidden: the single-threaded sandbox builder, started by mcpbox itself.
     #[command(hide = true)]
@@ -313,7 +316,7 @@ fn cli_main() -> ExitCode {
             init_logging("info", false);
             mcpbox::plan::prepare::cli(&config, state_dir, force, min_level.into())
         }
-        Cmd::UrlBridge { transport } => mcpbox::urlbridge::main(transport),
+        Cmd::UrlBridge { transport, max_line_bytes } => mcpbox::urlbridge::main(transport, max_line_bytes),
         Cmd::Doctor { state_dir } => mcpbox::cli_doctor::doctor(state_dir),
         Cmd::Run { policy, state_dir, name, min_level, enable_audit, memory_merge, command } => {
             // Quiet by default (stderr is the MCP client's log), but a first start that

@@ -133,7 +133,7 @@ pub fn main(args: ServeArgs) -> ExitCode {
     if args.check {
         // Everything a launch would refuse, refused now (nothing is created or prepared).
         let state = crate::plan::StateDir::for_config(&cfg, &args.config, args.state_dir.clone(), min_level(&args));
-        let refused = crate::plan::Planner::new(state).refusals(&cfg);
+        let refused = crate::plan::Planner::new(state, &cfg).refusals(&cfg);
         if !refused.is_empty() {
             for (name, e) in &refused {
                 eprintln!("mcpbox: {}: server {name}: {e}", args.config.display());
@@ -219,7 +219,7 @@ async fn run(args: ServeArgs, cfg: Config) -> anyhow::Result<()> {
     // a failure is that server's alone and shows in /readyz.
     // A server whose policy would refuse it at launch is refused now, before its package is
     // prepared; it shows in /readyz like a failed prepare.
-    let mut planner = crate::plan::Planner::new(state);
+    let mut planner = crate::plan::Planner::new(state, &cfg);
     let refused = planner.refusals(&cfg);
     let failed = crate::plan::prepare::prepare_config(&planner.state, &cfg, false, &refused).await;
     planner.cannot_start =
