@@ -259,7 +259,11 @@ pub fn main(transport: Option<String>, max_line: Option<usize>) -> ExitCode {
         Err(code) => return code,
     };
     let max = max_line.filter(|m| *m > 0).unwrap_or(crate::config::DEFAULT_MAX_LINE);
-    match rt.block_on(run(url, transport, max)) {
+    let result = rt.block_on(run(url, transport, max));
+    // Not a plain drop: that waits for the blocking read of stdin, which the supervisor keeps
+    // open, so a bridge whose upstream had gone stayed alive instead of exiting.
+    rt.shutdown_background();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("mcpbox url-bridge: {}", scrub(format!("{e:#}")));
