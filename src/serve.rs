@@ -133,7 +133,8 @@ pub fn main(args: ServeArgs) -> ExitCode {
     if args.check {
         // Everything a launch would refuse, refused now (nothing is created or prepared).
         let state = crate::plan::StateDir::for_config(&cfg, &args.config, args.state_dir.clone(), min_level(&args));
-        let refused = crate::plan::Planner::new(state, &cfg).refusals(&cfg);
+        let planner = crate::plan::Planner::new(state, &cfg);
+        let refused = planner.refusals(&cfg);
         if !refused.is_empty() {
             for (name, e) in &refused {
                 eprintln!("mcpbox: {}: server {name}: {e}", args.config.display());
@@ -149,6 +150,12 @@ pub fn main(args: ServeArgs) -> ExitCode {
         }
         for u in urls(&cfg) {
             println!("  {u}");
+        }
+        // Which file each server's policy is (a name may be the config's policies/NAME.toml).
+        for (name, server) in cfg.servers.iter().filter(|(_, s)| !s.disabled) {
+            if let Ok(c) = planner.check(server) {
+                println!("policy of {name}: {}", c.policy.source);
+            }
         }
         for line in limits_summary(&cfg, crate::http::listen::nofile_hard()) {
             println!("{line}");

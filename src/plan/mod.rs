@@ -246,13 +246,14 @@ impl Planner {
         }
     }
 
-    /// Steps 1-2: everything that can refuse the server before a package is prepared.
-    pub fn check(&self, server: &ServerConfig) -> anyhow::Result<()> {
+    /// Steps 1-2: everything that can refuse the server before a package is prepared; the
+    /// policy it would run under.
+    pub fn check(&self, server: &ServerConfig) -> anyhow::Result<spec::Checked> {
         let (launch, _, _) = self.launch_of(server, false)?;
         match &server.kind {
-            ServerKind::Stdio { .. } => check_launch(&self.state, &launch).map(|_| ()),
+            ServerKind::Stdio { .. } => check_launch(&self.state, &launch),
             // mcpbox's own url-bridge, granted by the plan whatever the policy says.
-            ServerKind::Url { .. } => check(&self.state, &launch).map(|_| ()),
+            ServerKind::Url { .. } => check(&self.state, &launch),
         }
     }
 
