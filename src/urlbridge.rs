@@ -105,9 +105,16 @@ pub struct SseEvent {
 #[derive(Debug, PartialEq, Eq)]
 pub enum SseItem {
     Event(SseEvent),
-    /// An event whose data was longer than the limit was discarded, when its end came: the
-    /// length its data had (the values joined by newlines, as it would have been sent on).
-    Dropped(usize),
+    /// An event whose data was longer than the limit was discarded, when its end came.
+    Dropped {
+        /// Its type (`message` unless it said otherwise).
+        event: String,
+        /// The length its data had (the values joined by newlines, as it would have gone on).
+        bytes: usize,
+        /// The opening of its data (at most [`crate::bridge::framing::HEAD`] bytes), which
+        /// names the request an over-long answer was for.
+        head: Vec<u8>,
+    },
     /// A line longer than the limit that had not ended: the stream cannot go on (the parser
     /// ignores everything after it). Always the last item.
     LineTooLong,
@@ -124,8 +131,8 @@ pub struct SseParser {
     data: Vec<String>,
     /// Length of `data` joined with `\n`.
     data_len: usize,
-    /// Length of the data of an event being discarded.
-    dropping: Option<usize>,
+    /// Length of the data of an event being discarded, and its opening.
+    dropping: Option<(usize, Vec<u8>)>,
     failed: bool,
 }
 
@@ -190,8 +197,9 @@ impl SseParser {
     /// One complete line (without its end).
     fn line(&mut self, line: String) -> Option<SseItem> {
         if line.is_empty() {
-            let item = if let Some(n) = self.dropping.take() {
-                Some(SseItem::Dropped(n))
+            let item = if let Some((bytes, head)) = self.dropping.take() {
+                let event = if self.event.is_empty() { "message".to_string() } else { std::mem::take(&mut self.event) };
+                Some(SseItem::Dropped { event, bytes, head })
             } else if !self.data.is_empty() {
                 let event = if self.event.is_empty() { "message".to_string() } else { std::mem::take(&mut self.event) };
                 Some(SseItem::Event(SseEvent { event, data: self.data.join("\n") }))
@@ -212,10 +220,21 @@ impl SseParser {
             "data" => {
                 // The data joined with `\n` is what goes on as one message.
                 let add = value.len() + usize::from(!self.data.is_empty() || self.dropping.is_some());
-                if let Some(n) = self.dropping.as_mut() {
+                if let Some((n, _)) = self.dropping.as_mut() {
                     *n += add;
                 } else if self.data_len + add > self.max {
-                    self.dropping = Some(self.data_len + add);
+                    let mut head = Vec::new();
+                    for (i, part) in self.data.iter().map(String::as_str).chain([value]).enumerate() {
+                        if i > 0 {
+                            head.push(b'\n');
+                        }
+                        head.extend_from_slice(&part.as_bytes()[..part.len().min(crate::bridge::framing::HEAD)]);
+                        if head.len() >= crate::bridge::framing::HEAD {
+                            break;
+                        }
+                    }
+                    head.truncate(crate::bridge::framing::HEAD);
+                    self.dropping = Some((self.data_len + add, head));
                     self.data = Vec::new();
                     self.data_len = 0;
                 } else {
@@ -352,16 +371,28 @@ async fn pump_sse(
         for item in parser.push(&chunk) {
             let ev = match item {
                 SseItem::Event(ev) => ev,
-                SseItem::Dropped(n) => {
+                SseItem::Dropped { event, bytes, head } => {
                     seen.dropped += 1;
                     let what = format!(
-                        "mcpbox discarded a {n}-byte event from the upstream (longer than mcpbox.maxLineBytes, {max} bytes)"
+                        "mcpbox discarded a {bytes}-byte event from the upstream (longer than mcpbox.maxLineBytes, {max} bytes)"
                     );
                     eprintln!("mcpbox url-bridge: {shown}: {what}");
                     let note = serde_json::json!({"jsonrpc": "2.0", "method": "notifications/message", "params": {
                         "level": "error", "logger": "mcpbox", "data": what}});
-                    if out.send(note.to_string()).await.is_err() {
-                        return (seen, Ok(()));
+                    let mut msgs = vec![note];
+                    // An answer (its opening names an id and no method) fails its request
+                    // rather than leave it waiting, as a server's over-long stdout line does.
+                    let o = crate::bridge::router::opening(&head);
+                    if let (Some(id), false, "message") = (o.id, o.method, event.as_str()) {
+                        seen.answered |= request == Some(&id);
+                        msgs.push(
+                            serde_json::json!({"jsonrpc": "2.0", "id": id, "error": {"code": -32603, "message": what}}),
+                        );
+                    }
+                    for m in msgs {
+                        if out.send(m.to_string()).await.is_err() {
+                            return (seen, Ok(()));
+                        }
                     }
                     continue;
                 }
@@ -725,16 +756,16 @@ mod tests {
             }
             // The data's length as it would have been sent: the values joined by newlines.
             let dropped = lines * 70 + lines - 1;
-            assert_eq!(
-                items,
-                vec![ev("message", "{\"first\":1}"), SseItem::Dropped(dropped), ev("message", "{\"next\":2}")]
-            );
+            let head = format!("{value}\n").repeat(20).into_bytes()[..1024].to_vec();
+            let gone = SseItem::Dropped { event: "message".into(), bytes: dropped, head };
+            assert_eq!(items, vec![ev("message", "{\"first\":1}"), gone, ev("message", "{\"next\":2}")]);
             assert_eq!(p.held(), 0);
         }
         // Exactly the limit passes; one byte more does not.
         let mut p = SseParser::new(16);
         let items = p.push(b"data: 0123456\ndata: 89abcdef\n\ndata: 0123456\ndata: 89abcdefg\n\n");
-        assert_eq!(items, vec![ev("message", "0123456\n89abcdef"), SseItem::Dropped(17)]);
+        let gone = SseItem::Dropped { event: "message".into(), bytes: 17, head: b"0123456\n89abcdefg".to_vec() };
+        assert_eq!(items, vec![ev("message", "0123456\n89abcdef"), gone]);
     }
 
     /// A line that does not end within the limit ends the stream, whatever follows, and the

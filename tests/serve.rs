@@ -719,9 +719,14 @@ async fn a_url_upstreams_over_long_events_answers_and_lines_are_bounded_by_max_l
     const MAX: usize = 8192;
     let hostile = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let hostile_addr = hostile.local_addr().unwrap();
+    // The event streams of the legacy SSE upstream that answers (`/ev`), each with an endpoint
+    // of its own (`/ev-message?c=N`, as warm bridges connect too): where its POSTs are answered.
+    type Streams = Arc<Mutex<Vec<tokio::sync::mpsc::UnboundedSender<String>>>>;
+    let ev_streams: Streams = Arc::default();
     tokio::spawn(async move {
         loop {
             let Ok((mut c, _)) = hostile.accept().await else { return };
+            let ev_streams = ev_streams.clone();
             tokio::spawn(async move {
                 // One request per connection (every answer says `connection: close`).
                 let mut req = Vec::new();
@@ -759,6 +764,48 @@ async fn a_url_upstreams_over_long_events_answers_and_lines_are_bounded_by_max_l
                     tokio::time::sleep(Duration::from_secs(30)).await;
                     return;
                 }
+                let answer_of = |msg: &Value| -> Option<String> {
+                    let id = &msg["id"];
+                    Some(match msg["method"].as_str()? {
+                        "initialize" => json!({"jsonrpc": "2.0", "id": id, "result": {"protocolVersion": "2024-11-05",
+                            "capabilities": {}, "serverInfo": {"name": "hostile", "version": "0"}}})
+                        .to_string(),
+                        "ping" => json!({"jsonrpc": "2.0", "id": id, "result": {}}).to_string(),
+                        // Ten times the limit, in lines of 100 bytes.
+                        "resources/list" => format!(
+                            "{{\"jsonrpc\":\"2.0\",\"id\":{id},\"result\":{{\"pad\":\"\n{}\"}}}}",
+                            format!("{}\n", "w".repeat(100)).repeat(10 * MAX / 100)
+                        ),
+                        _ => return None,
+                    })
+                };
+                if head.starts_with("get /ev?") {
+                    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+                    let n = {
+                        let mut streams = ev_streams.lock().unwrap();
+                        streams.push(tx);
+                        streams.len() - 1
+                    };
+                    let open = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n";
+                    let _ = c.write_all(format!("{open}event: endpoint\ndata: /ev-message?c={n}\n\n").as_bytes()).await;
+                    while let Some(data) = rx.recv().await {
+                        let event: String = data.lines().map(|l| format!("data: {l}\n")).collect();
+                        if c.write_all(format!("{event}\n").as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                    return;
+                }
+                if let Some(rest) = head.strip_prefix("post /ev-message?c=") {
+                    let _ =
+                        c.write_all(b"HTTP/1.1 202 Accepted\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").await;
+                    let n: usize = rest.split(' ').next().unwrap().parse().unwrap();
+                    let msg: Value = serde_json::from_slice(&req[head_end..head_end + len]).unwrap();
+                    if let (Some(a), Some(tx)) = (answer_of(&msg), ev_streams.lock().unwrap().get(n)) {
+                        let _ = tx.send(a);
+                    }
+                    return;
+                }
                 if !head.starts_with("post /mcp") {
                     let status = if head.starts_with("post ") { "202 Accepted" } else { "405 Method Not Allowed" };
                     let _ = c
@@ -788,6 +835,14 @@ async fn a_url_upstreams_over_long_events_answers_and_lines_are_bounded_by_max_l
                         let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n\r\n";
                         let _ = c.write_all(head.as_bytes()).await;
                         let _ = c.write_all(answer.to_string().as_bytes()).await;
+                    }
+                    "resources/list" => {
+                        // An answer of ten times the limit, in lines of 100 bytes.
+                        let mut body =
+                            format!("{sse}data: {{\"jsonrpc\":\"2.0\",\"id\":{id},\"result\":{{\"pad\":\"\n");
+                        body.push_str(&format!("data: {}\n", "w".repeat(100)).repeat(10 * MAX / 100));
+                        body.push_str("data: \"}}\n\n");
+                        let _ = c.write_all(body.as_bytes()).await;
                     }
                     "tools/call" => {
                         let _ = c.write_all(format!("{sse}data: ").as_bytes()).await;
@@ -821,6 +876,7 @@ async fn a_url_upstreams_over_long_events_answers_and_lines_are_bounded_by_max_l
         json!({
             "hostile": {"url": format!("http://{hostile_addr}/mcp?api_key={canary}")},
             "legacy": {"url": format!("http://{hostile_addr}/sse?api_key={canary}")},
+            "answering": {"url": format!("http://{hostile_addr}/ev?api_key={canary}"), "transportType": "sse"},
         }),
         json!({"maxLineBytes": MAX}),
     )
@@ -833,6 +889,10 @@ async fn a_url_upstreams_over_long_events_answers_and_lines_are_bounded_by_max_l
     let listed = within(st.request(json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"}))).await;
     let m = listed["error"]["message"].as_str().unwrap_or_default();
     assert!(m.contains("maxLineBytes") && m.contains(&MAX.to_string()), "{listed}");
+    // An answer on an event stream too long for the limit fails its request the same way.
+    let listed = within(st.request(json!({"jsonrpc": "2.0", "id": 5, "method": "resources/list"}))).await;
+    let m = listed["error"]["message"].as_str().unwrap_or_default();
+    assert!(m.contains("byte event from the upstream") && m.contains(&MAX.to_string()), "{listed}");
     let called = within(st.request(call_msg(json!(3), "anything", json!({})))).await;
     let m = called["error"]["message"].as_str().unwrap_or_default();
     assert!(m.contains("line longer than mcpbox.maxLineBytes") && m.contains(&MAX.to_string()), "{called}");
@@ -849,6 +909,14 @@ async fn a_url_upstreams_over_long_events_answers_and_lines_are_bounded_by_max_l
     .await;
     let r = r.json();
     assert!(r["error"]["message"].is_string() && r.get("result").is_none(), "the server's failure: {r}");
+    // Legacy SSE: an answer too long fails its request (its opening names it), and the
+    // stream goes on.
+    let st = within(Streamable::open(&mb, "answering")).await;
+    let listed = within(st.request(json!({"jsonrpc": "2.0", "id": 6, "method": "resources/list"}))).await;
+    let m = listed["error"]["message"].as_str().unwrap_or_default();
+    assert!(m.contains("byte event from the upstream") && m.contains(&MAX.to_string()), "{listed}");
+    let pong = within(st.request(json!({"jsonrpc": "2.0", "id": 7, "method": "ping"}))).await;
+    assert_eq!(pong["result"], json!({}), "the stream goes on: {pong}");
     let log = mb.log_text();
     assert!(log.contains(&format!("event from the upstream (longer than mcpbox.maxLineBytes, {MAX} bytes)")), "{log}");
     assert!(log.contains(&format!("has a line longer than mcpbox.maxLineBytes ({MAX} bytes)")), "{log}");
