@@ -220,8 +220,13 @@ impl SseParser {
             "data" => {
                 // The data joined with `\n` is what goes on as one message.
                 let add = value.len() + usize::from(!self.data.is_empty() || self.dropping.is_some());
-                if let Some((n, _)) = self.dropping.as_mut() {
+                if let Some((n, head)) = self.dropping.as_mut() {
                     *n += add;
+                    let room = crate::bridge::framing::HEAD.saturating_sub(head.len());
+                    if room > 0 {
+                        head.push(b'\n');
+                        head.extend_from_slice(&value.as_bytes()[..value.len().min(room - 1)]);
+                    }
                 } else if self.data_len + add > self.max {
                     let mut head = Vec::new();
                     for (i, part) in self.data.iter().map(String::as_str).chain([value]).enumerate() {
@@ -766,6 +771,56 @@ mod tests {
         let items = p.push(b"data: 0123456\ndata: 89abcdef\n\ndata: 0123456\ndata: 89abcdefg\n\n");
         let gone = SseItem::Dropped { event: "message".into(), bytes: 17, head: b"0123456\n89abcdefg".to_vec() };
         assert_eq!(items, vec![ev("message", "0123456\n89abcdef"), gone]);
+    }
+
+    /// Streams of events of every size around the limit, with `\n` or `\r\n` line ends and
+    /// comments, cut into pieces of random sizes: each event within the limit comes out whole,
+    /// each over it is reported dropped with its length, in order, and the parser never holds
+    /// more than the limit of a line plus the limit of an event.
+    #[test]
+    fn sse_parser_gives_the_same_events_however_the_stream_is_cut() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rand = |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n as u64) as usize
+        };
+        const MAX: usize = 300;
+        for _ in 0..200 {
+            let (mut stream, mut want) = (Vec::new(), Vec::new());
+            for e in 0..rand(8) + 1 {
+                let end: &[u8] = if rand(2) == 0 { b"\n" } else { b"\r\n" };
+                if rand(3) == 0 {
+                    stream.extend_from_slice(b": keep-alive");
+                    stream.extend_from_slice(end);
+                }
+                let lines: Vec<String> =
+                    (0..rand(6) + 1).map(|l| format!("{e}-{l}:{}", "d".repeat(rand(150)))).collect();
+                for l in &lines {
+                    stream.extend_from_slice(format!("data: {l}").as_bytes());
+                    stream.extend_from_slice(end);
+                }
+                stream.extend_from_slice(end);
+                let data = lines.join("\n");
+                want.push(if data.len() <= MAX {
+                    ev("message", &data)
+                } else {
+                    let head = data.as_bytes()[..data.len().min(crate::bridge::framing::HEAD)].to_vec();
+                    SseItem::Dropped { event: "message".into(), bytes: data.len(), head }
+                });
+            }
+            let mut p = SseParser::new(MAX);
+            let (mut got, mut rest) = (Vec::new(), &stream[..]);
+            while !rest.is_empty() {
+                let (piece, more) = rest.split_at((rand(400) + 1).min(rest.len()));
+                got.extend(p.push(piece));
+                assert!(p.buf.len() <= MAX + 1 && p.data_len <= MAX);
+                rest = more;
+            }
+            assert_eq!(got, want, "{}", String::from_utf8_lossy(&stream));
+            assert_eq!(p.held(), 0);
+        }
     }
 
     /// A line that does not end within the limit ends the stream, whatever follows, and the
