@@ -575,7 +575,7 @@ async fn post_streamable(
         // request is answered with the error rather than left waiting.
         if !seen.answered {
             if let Err(e) = &result {
-                answer_error(format!("{e:#}")).await;
+                answer_error(scrub(format!("{e:#}"))).await;
             } else if seen.dropped > 0 {
                 answer_error(format!(
                     "the upstream's answer was discarded: longer than mcpbox.maxLineBytes ({max} bytes)"
