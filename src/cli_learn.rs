@@ -288,7 +288,9 @@ fn run_learning(s: &Setup, out: &Path) -> anyhow::Result<ExitCode> {
     write_replacing(out, &text).map_err(|e| anyhow::anyhow!("writing {}: {e}", out.display()))?;
     // The learned file must pass the same check any policy does.
     let abs = std::fs::canonicalize(out).unwrap_or_else(|_| out.to_path_buf());
+    // Its `extends` is looked up as the server's policy was (a config's policies/ first).
     let checked = crate::plan::check_policy(
+        state,
         &abs.to_string_lossy(),
         Some(&dirs.data),
         Some(&dirs.cache),

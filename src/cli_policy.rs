@@ -249,7 +249,7 @@ pub fn suggest_cli(
             let Some(sc) = cfg.servers.get(server) else {
                 return fail(format!("{} has no server of that name", path.display()));
             };
-            let planner = crate::plan::Planner::new(state.clone());
+            let planner = crate::plan::Planner::new(state.clone(), &cfg);
             let resolved = planner
                 .launch_of(sc, false)
                 .and_then(|(launch, _, _)| crate::plan::check(&state, &launch).map(|c| c.policy));
@@ -294,8 +294,16 @@ pub fn suggest_cli(
 }
 
 /// `mcpbox policy diff A B`.
-pub fn diff_cli(a: &str, b: &str, data: Option<&Path>, cache: Option<&Path>) -> ExitCode {
-    let mut ctx = with_runtimes(crate::policy::LoadContext::default(), &StateDir::new(StateDir::default_root()));
+pub fn diff_cli(a: &str, b: &str, data: Option<&Path>, cache: Option<&Path>, config: Option<&Path>) -> ExitCode {
+    let state = match StateDir::for_command(config, None, crate::policy::Level::Full) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("mcpbox: policy diff: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let ctx = crate::policy::LoadContext { search_dirs: state.policy_dirs.clone(), ..Default::default() };
+    let mut ctx = with_runtimes(ctx, &state);
     let data = data.map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("/var/lib/mcpbox/SERVER/data"));
     let cache = cache.map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("/var/lib/mcpbox/SERVER/cache"));
     ctx.vars.insert("DATA".into(), data.to_string_lossy().into_owned());

@@ -13,6 +13,8 @@ pub struct RunArgs {
     /// None: for npx/uvx the shipped policy of the package, else `default` plus the node/python
     /// runtime base; `default` for anything else (the log says which).
     pub policy: Option<String>,
+    /// `--config FILE`: policy names, state dir and uid base as `serve --config FILE` has them.
+    pub config: Option<PathBuf>,
     pub state_dir: Option<PathBuf>,
     pub name: Option<String>,
     pub min_level: Level,
@@ -53,9 +55,14 @@ pub fn default_name(command: &[String]) -> String {
 pub fn run(args: RunArgs, early: Option<Result<crate::sandbox::Pending, crate::sandbox::SandboxError>>) -> ExitCode {
     let name = args.name.clone().unwrap_or_else(|| default_name(&args.command));
     let policy_given = args.policy.is_some();
-    let mut state = StateDir::new(args.state_dir.clone().unwrap_or_else(StateDir::default_root));
-    state.min_level = args.min_level;
-    state.memory_merge = args.memory_merge;
+    let mut state = match StateDir::for_command(args.config.as_deref(), args.state_dir.clone(), args.min_level) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("mcpbox: {e:#}");
+            return ExitCode::from(EXIT_SETUP);
+        }
+    };
+    state.memory_merge |= args.memory_merge;
     let launch = ServerLaunch {
         name: name.clone(),
         command: args.command[0].clone(),

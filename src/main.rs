@@ -38,12 +38,21 @@ enum Cmd {
     /// Exit status is the program's (128+N if killed by signal N); 125 if mcpbox could not start it.
     #[command(verbatim_doc_comment)]
     Run {
-        /// Policy: a file path, or the name of a shipped or user policy (default, node, python, …).
+        /// Policy: a file path, or the name of a shipped policy (default, node, python, …) or,
+        /// with --config, of one in the config's policies/ directory.
         /// Without it: `default`, plus the node or python runtime base for npx/uvx commands.
         #[arg(long, short = 'p')]
         policy: Option<String>,
-        /// Where per-server data/ and cache/ live (default $MCPBOX_STATE_DIR, else
-        /// /var/lib/mcpbox as root, $XDG_STATE_HOME/mcpbox otherwise).
+        /// An mcpbox.json: a policy NAME is looked up as `mcpbox serve` looks it up for that
+        /// config, policies/NAME.toml in the config's directory first, then the shipped NAME
+        /// (without --config: shipped names only; the working directory is never searched).
+        /// Policy paths stay relative to the working directory.
+        /// Its mcpbox.stateDir, uidBase and memoryMerge apply too: the server gets the state
+        /// and uid `serve` gives a server of that --name.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Where per-server data/ and cache/ live (default: --config's mcpbox.stateDir, else
+        /// $MCPBOX_STATE_DIR, else /var/lib/mcpbox as root, $XDG_STATE_HOME/mcpbox otherwise).
         #[arg(long)]
         state_dir: Option<PathBuf>,
         /// Server name: its state directory, uid, hostname and cgroup (default: the package for
@@ -80,6 +89,9 @@ enum Cmd {
         // The URL comes in MCPBOX_UPSTREAM_URL: a command line is readable by every user.
         #[arg(long)]
         transport: Option<String>,
+        /// The most it holds of one line or message from the upstream (`mcpbox.maxLineBytes`).
+        #[arg(long)]
+        max_line_bytes: Option<usize>,
     },
     /// Hidden: the single-threaded sandbox builder, started by mcpbox itself.
     #[command(hide = true)]
@@ -145,8 +157,15 @@ enum PolicyCmd {
     /// a shipped server policy; after running the server, `policy suggest NAME` says what it was
     /// refused, and `policy diff` what an edit changes.
     Check {
-        /// Policy file (a path) or shipped/user policy name.
+        /// Policy file (a path), or shipped policy name, or (with --config) the name of one in
+        /// the config's policies/ directory. `# files read:` says which file it was.
         file: String,
+        /// An mcpbox.json: a policy NAME is looked up as `mcpbox serve` looks it up for that
+        /// config, policies/NAME.toml in the config's directory first, then the shipped NAME
+        /// (without --config: shipped names only; the working directory is never searched).
+        /// Policy paths stay relative to the working directory.
+        #[arg(long)]
+        config: Option<PathBuf>,
         /// What ${DATA} expands to (default: a placeholder; paths under it are not checked if it does not exist).
         #[arg(long)]
         data: Option<PathBuf>,
@@ -238,7 +257,8 @@ enum PolicyCmd {
         /// Server name: its state directory, uid and hostname (default as for `mcpbox run`).
         #[arg(long)]
         name: Option<String>,
-        /// The mcpbox.json holding the server (with --server): its command, env, state directory.
+        /// The mcpbox.json holding the server (with --server): its command, env, state directory;
+        /// policy names are looked up as `serve` looks them up (its policies/ first).
         #[arg(long, requires = "server")]
         config: Option<PathBuf>,
         /// The server of --config to learn.
@@ -266,10 +286,16 @@ enum PolicyCmd {
     /// (`policy diff node my-server.toml`).
     #[command(verbatim_doc_comment)]
     Diff {
-        /// Policy A (file or shipped/user name).
+        /// Policy A (file, shipped name, or with --config a name in its policies/).
         a: String,
         /// Policy B.
         b: String,
+        /// An mcpbox.json: a policy NAME is looked up as `mcpbox serve` looks it up for that
+        /// config, policies/NAME.toml in the config's directory first, then the shipped NAME
+        /// (without --config: shipped names only; the working directory is never searched).
+        /// Policy paths stay relative to the working directory.
+        #[arg(long)]
+        config: Option<PathBuf>,
         /// What ${DATA} expands to in both (default: a placeholder).
         #[arg(long)]
         data: Option<PathBuf>,
@@ -315,15 +341,16 @@ fn cli_main() -> ExitCode {
             init_logging("info", false);
             mcpbox::plan::prepare::cli(&config, state_dir, force, min_level.into())
         }
-        Cmd::UrlBridge { transport } => mcpbox::urlbridge::main(transport),
+        Cmd::UrlBridge { transport, max_line_bytes } => mcpbox::urlbridge::main(transport, max_line_bytes),
         Cmd::Doctor { state_dir } => mcpbox::cli_doctor::doctor(state_dir),
-        Cmd::Run { policy, state_dir, name, min_level, enable_audit, memory_merge, command } => {
+        Cmd::Run { policy, config, state_dir, name, min_level, enable_audit, memory_merge, command } => {
             // Quiet by default (stderr is the MCP client's log), but a first start that
             // installs an npx/uvx package says so instead of hanging silently.
             init_logging("warn,mcpbox::plan::prepare=info", false);
             mcpbox::cli_run::run(
                 mcpbox::cli_run::RunArgs {
                     policy,
+                    config,
                     state_dir,
                     name,
                     min_level: min_level.into(),
@@ -350,11 +377,15 @@ fn cli_main() -> ExitCode {
                 command,
             })
         }
-        Cmd::Policy { cmd: PolicyCmd::Diff { a, b, data, cache } } => {
-            mcpbox::cli_policy::diff_cli(&a, &b, data.as_deref(), cache.as_deref())
+        Cmd::Policy { cmd: PolicyCmd::Diff { a, b, data, cache, config } } => {
+            mcpbox::cli_policy::diff_cli(&a, &b, data.as_deref(), cache.as_deref(), config.as_deref())
         }
-        Cmd::Policy { cmd: PolicyCmd::Check { file, data, cache, command } } => {
-            match mcpbox::plan::check_policy(&file, data.as_deref(), cache.as_deref(), command.as_deref()) {
+        Cmd::Policy { cmd: PolicyCmd::Check { file, config, data, cache, command } } => {
+            let checked = mcpbox::plan::StateDir::for_command(config.as_deref(), None, mcpbox::policy::Level::Full)
+                .and_then(|state| {
+                    mcpbox::plan::check_policy(&state, &file, data.as_deref(), cache.as_deref(), command.as_deref())
+                });
+            match checked {
                 Ok(text) => {
                     print!("{text}");
                     ExitCode::SUCCESS

@@ -156,7 +156,8 @@ pub fn main(args: ServeArgs) -> ExitCode {
     if args.check {
         // Everything a launch would refuse, refused now (nothing is created or prepared).
         let state = crate::plan::StateDir::for_config(&cfg, &args.config, args.state_dir.clone(), min_level(&args));
-        let refused = crate::plan::Planner::new(state).refusals(&cfg);
+        let planner = crate::plan::Planner::new(state, &cfg);
+        let refused = planner.refusals(&cfg);
         if !refused.is_empty() {
             for (name, e) in &refused {
                 eprintln!("mcpbox: {}: server {name}: {e}", args.config.display());
@@ -172,6 +173,12 @@ pub fn main(args: ServeArgs) -> ExitCode {
         }
         for u in urls(&cfg) {
             println!("  {u}");
+        }
+        // Which file each server's policy is (a name may be the config's policies/NAME.toml).
+        for (name, server) in cfg.servers.iter().filter(|(_, s)| !s.disabled) {
+            if let Ok(c) = planner.check(server) {
+                println!("policy of {name}: {}", c.policy.source);
+            }
         }
         let nofile = crate::http::listen::nofile_hard();
         for line in limits_summary(&cfg, nofile) {
@@ -246,7 +253,7 @@ async fn run(args: ServeArgs, cfg: Config) -> anyhow::Result<()> {
     // a failure is that server's alone and shows in /readyz.
     // A server whose policy would refuse it at launch is refused now, before its package is
     // prepared; it shows in /readyz like a failed prepare.
-    let mut planner = crate::plan::Planner::new(state);
+    let mut planner = crate::plan::Planner::new(state, &cfg);
     let refused = planner.refusals(&cfg);
     let failed = crate::plan::prepare::prepare_config(&planner.state, &cfg, false, &refused).await;
     planner.cannot_start =

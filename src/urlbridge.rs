@@ -12,6 +12,12 @@
 //! line, which every user of the host can read in `/proc/PID/cmdline` (a process's environment
 //! is readable by its owner only). What the bridge writes to stderr (mcpbox's log) names the
 //! URL without its query.
+//!
+//! What the upstream sends is held a bounded amount, whatever it sends: at most
+//! `mcpbox.maxLineBytes` (`--max-line-bytes`, set by the plan) of one line of an event stream,
+//! of one event's data and of one JSON answer. A longer event or answer is discarded (logged;
+//! a request it answered gets an error naming the limit) and the stream goes on; a line that
+//! does not end within the limit ends its stream with an error.
 
 use std::collections::BTreeMap;
 use std::process::ExitCode;
@@ -95,46 +101,155 @@ pub struct SseEvent {
     pub data: String,
 }
 
-/// Incremental `text/event-stream` parser (fields `event` and `data`; others ignored).
-#[derive(Default)]
+/// What [`SseParser::push`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum SseItem {
+    Event(SseEvent),
+    /// An event whose data was longer than the limit was discarded, when its end came.
+    Dropped {
+        /// Its type (`message` unless it said otherwise).
+        event: String,
+        /// The length its data had (the values joined by newlines, as it would have gone on).
+        bytes: usize,
+        /// The opening of its data (at most [`crate::bridge::framing::HEAD`] bytes), which
+        /// names the request an over-long answer was for.
+        head: Vec<u8>,
+    },
+    /// A line longer than the limit that had not ended: the stream cannot go on (the parser
+    /// ignores everything after it). Always the last item.
+    LineTooLong,
+}
+
+/// Incremental `text/event-stream` parser (fields `event` and `data`; others ignored), holding
+/// at most `max` bytes of a line and `max` bytes of an event's data, whatever the upstream
+/// sends: an event with more data is discarded (and reported), a longer line ends the stream.
 pub struct SseParser {
+    max: usize,
+    /// The line so far (at most `max + 1` bytes: its last may be the `\r` of a `\r\n`).
     buf: Vec<u8>,
     event: String,
     data: Vec<String>,
+    /// Length of `data` joined with `\n`.
+    data_len: usize,
+    /// Length of the data of an event being discarded, and its opening.
+    dropping: Option<(usize, Vec<u8>)>,
+    failed: bool,
 }
 
 impl SseParser {
-    pub fn push(&mut self, chunk: &[u8]) -> Vec<SseEvent> {
-        self.buf.extend_from_slice(chunk);
+    /// A parser holding at most `max` bytes of a line and of an event's data.
+    pub fn new(max: usize) -> Self {
+        SseParser {
+            max,
+            buf: Vec::new(),
+            event: String::new(),
+            data: Vec::new(),
+            data_len: 0,
+            dropping: None,
+            failed: false,
+        }
+    }
+
+    /// Bytes of the stream held (the open line and the open event's data).
+    pub fn held(&self) -> usize {
+        self.buf.len() + self.data_len + self.event.len()
+    }
+
+    pub fn push(&mut self, mut chunk: &[u8]) -> Vec<SseItem> {
         let mut out = Vec::new();
-        while let Some(i) = self.buf.iter().position(|b| *b == b'\n') {
-            let mut line: Vec<u8> = self.buf.drain(..=i).collect();
-            line.pop();
-            if line.last() == Some(&b'\r') {
-                line.pop();
-            }
-            let line = String::from_utf8_lossy(&line).into_owned();
-            if line.is_empty() {
-                if !self.data.is_empty() {
-                    let event =
-                        if self.event.is_empty() { "message".to_string() } else { std::mem::take(&mut self.event) };
-                    out.push(SseEvent { event, data: self.data.join("\n") });
-                }
-                self.event.clear();
-                self.data.clear();
-                continue;
-            }
-            let (field, value) = match line.split_once(':') {
-                Some((f, v)) => (f.to_string(), v.strip_prefix(' ').unwrap_or(v).to_string()),
-                None => (line.clone(), String::new()),
+        while !self.failed && !chunk.is_empty() {
+            let (part, end) = match chunk.iter().position(|b| *b == b'\n') {
+                Some(i) => (&chunk[..i], Some(i)),
+                None => (chunk, None),
             };
-            match field.as_str() {
-                "event" => self.event = value,
-                "data" => self.data.push(value),
-                _ => {}
+            // `max + 1`: the line's last byte may be the `\r` of a `\r\n`, not part of it.
+            if self.buf.len() + part.len() > self.max.saturating_add(1) {
+                self.fail();
+                out.push(SseItem::LineTooLong);
+                break;
+            }
+            self.buf.extend_from_slice(part);
+            let Some(i) = end else { break };
+            chunk = &chunk[i + 1..];
+            if self.buf.last() == Some(&b'\r') {
+                self.buf.pop();
+            }
+            if self.buf.len() > self.max {
+                self.fail();
+                out.push(SseItem::LineTooLong);
+                break;
+            }
+            let line = String::from_utf8_lossy(&self.buf).into_owned();
+            self.buf.clear();
+            if let Some(item) = self.line(line) {
+                out.push(item);
             }
         }
         out
+    }
+
+    /// Give up on the stream, and what is held of it.
+    fn fail(&mut self) {
+        self.failed = true;
+        (self.buf, self.event, self.data, self.data_len, self.dropping) = Default::default();
+    }
+
+    /// One complete line (without its end).
+    fn line(&mut self, line: String) -> Option<SseItem> {
+        if line.is_empty() {
+            let item = if let Some((bytes, head)) = self.dropping.take() {
+                let event = if self.event.is_empty() { "message".to_string() } else { std::mem::take(&mut self.event) };
+                Some(SseItem::Dropped { event, bytes, head })
+            } else if !self.data.is_empty() {
+                let event = if self.event.is_empty() { "message".to_string() } else { std::mem::take(&mut self.event) };
+                Some(SseItem::Event(SseEvent { event, data: self.data.join("\n") }))
+            } else {
+                None
+            };
+            self.event.clear();
+            self.data.clear();
+            self.data_len = 0;
+            return item;
+        }
+        let (field, value) = match line.split_once(':') {
+            Some((f, v)) => (f, v.strip_prefix(' ').unwrap_or(v)),
+            None => (line.as_str(), ""),
+        };
+        match field {
+            "event" => self.event = value.to_string(),
+            "data" => {
+                // The data joined with `\n` is what goes on as one message.
+                let add = value.len() + usize::from(!self.data.is_empty() || self.dropping.is_some());
+                if let Some((n, head)) = self.dropping.as_mut() {
+                    *n += add;
+                    let room = crate::bridge::framing::HEAD.saturating_sub(head.len());
+                    if room > 0 {
+                        head.push(b'\n');
+                        head.extend_from_slice(&value.as_bytes()[..value.len().min(room - 1)]);
+                    }
+                } else if self.data_len + add > self.max {
+                    let mut head = Vec::new();
+                    for (i, part) in self.data.iter().map(String::as_str).chain([value]).enumerate() {
+                        if i > 0 {
+                            head.push(b'\n');
+                        }
+                        head.extend_from_slice(&part.as_bytes()[..part.len().min(crate::bridge::framing::HEAD)]);
+                        if head.len() >= crate::bridge::framing::HEAD {
+                            break;
+                        }
+                    }
+                    head.truncate(crate::bridge::framing::HEAD);
+                    self.dropping = Some((self.data_len + add, head));
+                    self.data = Vec::new();
+                    self.data_len = 0;
+                } else {
+                    self.data.push(value.to_string());
+                    self.data_len += add;
+                }
+            }
+            _ => {}
+        }
+        None
     }
 }
 
@@ -152,8 +267,9 @@ fn headers_from_env() -> anyhow::Result<reqwest::header::HeaderMap> {
     Ok(map)
 }
 
-/// Entry point of the hidden subcommand: the URL is read from [`URL_ENV`].
-pub fn main(transport: Option<String>) -> ExitCode {
+/// Entry point of the hidden subcommand: the URL is read from [`URL_ENV`]. `max_line`: the
+/// most the bridge holds of one message or line from the upstream (`mcpbox.maxLineBytes`).
+pub fn main(transport: Option<String>, max_line: Option<usize>) -> ExitCode {
     let url = match std::env::var(URL_ENV) {
         Ok(u) if !u.is_empty() => u,
         _ => {
@@ -166,7 +282,12 @@ pub fn main(transport: Option<String>) -> ExitCode {
         Ok(rt) => rt,
         Err(code) => return code,
     };
-    match rt.block_on(run(url, transport)) {
+    let max = max_line.filter(|m| *m > 0).unwrap_or(crate::config::DEFAULT_MAX_LINE);
+    let result = rt.block_on(run(url, transport, max));
+    // Not a plain drop: that waits for the blocking read of stdin, which the supervisor keeps
+    // open, so a bridge whose upstream had gone stayed alive instead of exiting.
+    rt.shutdown_background();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("mcpbox url-bridge: {}", scrub(format!("{e:#}")));
@@ -175,7 +296,7 @@ pub fn main(transport: Option<String>) -> ExitCode {
     }
 }
 
-async fn run(url: String, transport: Option<String>) -> anyhow::Result<()> {
+async fn run(url: String, transport: Option<String>, max: usize) -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let transport = Transport::pick(transport.as_deref(), &url)?;
     // The upstream's credentials (headers, the URL's own key) go to its origin only: a redirect
@@ -209,8 +330,8 @@ async fn run(url: String, transport: Option<String>) -> anyhow::Result<()> {
         }
     });
     let result = match transport {
-        Transport::Streamable => streamable(client, url, out_tx).await,
-        Transport::Sse => legacy_sse(client, url, out_tx).await,
+        Transport::Streamable => streamable(client, url, out_tx, max).await,
+        Transport::Sse => legacy_sse(client, url, out_tx, max).await,
     };
     // Let what is queued (e.g. the error answering a refused initialize) reach stdout; a
     // stream task still holding a sender must not keep us alive, hence the bound.
@@ -218,18 +339,75 @@ async fn run(url: String, transport: Option<String>) -> anyhow::Result<()> {
     result
 }
 
-/// Forward the `message` events (or all data-only events) of an SSE body to stdout.
+/// What [`pump_sse`] saw of a stream.
+#[derive(Default)]
+struct Pumped {
+    /// A message answering the request it was given was forwarded.
+    answered: bool,
+    /// Events discarded for their size.
+    dropped: usize,
+}
+
+/// Forward the `message` events (or all data-only events) of an SSE body to stdout, holding at
+/// most `max` bytes of a line or an event: a longer event is discarded (logged, and the client
+/// told), a longer line ends the stream with an error. `request`: the id of the request whose
+/// answer the stream carries, if any.
 async fn pump_sse(
     resp: reqwest::Response,
+    max: usize,
     out: &mpsc::Sender<String>,
     on_endpoint: Option<tokio::sync::oneshot::Sender<String>>,
     state: Option<&Arc<Mutex<StreamState>>>,
-) -> anyhow::Result<()> {
-    let mut parser = SseParser::default();
+    request: Option<&serde_json::Value>,
+) -> (Pumped, anyhow::Result<()>) {
+    let shown = redact(resp.url().as_str());
+    let mut parser = SseParser::new(max);
     let mut body = resp.bytes_stream();
     let mut on_endpoint = on_endpoint;
+    let mut seen = Pumped::default();
     while let Some(chunk) = body.next().await {
-        for ev in parser.push(&chunk.context("reading the upstream's event stream")?) {
+        let chunk = match chunk {
+            Ok(c) => c,
+            Err(e) => {
+                let e = anyhow::Error::new(e.without_url()).context("reading the upstream's event stream");
+                return (seen, Err(e));
+            }
+        };
+        for item in parser.push(&chunk) {
+            let ev = match item {
+                SseItem::Event(ev) => ev,
+                SseItem::Dropped { event, bytes, head } => {
+                    seen.dropped += 1;
+                    let what = format!(
+                        "mcpbox discarded a {bytes}-byte event from the upstream (longer than mcpbox.maxLineBytes, {max} bytes)"
+                    );
+                    eprintln!("mcpbox url-bridge: {shown}: {what}");
+                    let note = serde_json::json!({"jsonrpc": "2.0", "method": "notifications/message", "params": {
+                        "level": "error", "logger": "mcpbox", "data": what}});
+                    let mut msgs = vec![note];
+                    // An answer (its opening names an id and no method) fails its request
+                    // rather than leave it waiting, as a server's over-long stdout line does.
+                    let o = crate::bridge::router::opening(&head);
+                    if let (Some(id), false, "message") = (o.id, o.method, event.as_str()) {
+                        seen.answered |= request == Some(&id);
+                        msgs.push(
+                            serde_json::json!({"jsonrpc": "2.0", "id": id, "error": {"code": -32603, "message": what}}),
+                        );
+                    }
+                    for m in msgs {
+                        if out.send(m.to_string()).await.is_err() {
+                            return (seen, Ok(()));
+                        }
+                    }
+                    continue;
+                }
+                SseItem::LineTooLong => {
+                    let e = anyhow::anyhow!(
+                        "the upstream's event stream has a line longer than mcpbox.maxLineBytes ({max} bytes); stream ended"
+                    );
+                    return (seen, Err(e));
+                }
+            };
             match ev.event.as_str() {
                 "endpoint" => {
                     if let Some(tx) = on_endpoint.take() {
@@ -237,18 +415,50 @@ async fn pump_sse(
                     }
                 }
                 "message" if !ev.data.trim().is_empty() => {
-                    if let Some(st) = state {
-                        remember_protocol(st, &ev.data);
+                    if state.is_some() || request.is_some() {
+                        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&ev.data) {
+                            if let Some(st) = state {
+                                remember_protocol(st, &v);
+                            }
+                            seen.answered |= request.is_some_and(|id| answers(&v, id));
+                        }
                     }
                     if out.send(ev.data).await.is_err() {
-                        return Ok(());
+                        return (seen, Ok(()));
                     }
                 }
                 _ => {}
             }
         }
     }
-    Ok(())
+    (seen, Ok(()))
+}
+
+/// Whether `msg` (a message or a batch) holds the answer to request `id`.
+fn answers(msg: &serde_json::Value, id: &serde_json::Value) -> bool {
+    match msg {
+        serde_json::Value::Array(items) => items.iter().any(|m| answers(m, id)),
+        m => m.get("method").is_none() && m.get("id") == Some(id),
+    }
+}
+
+/// At most `max` bytes of `resp`'s body, and whether there was more (then no more is read).
+async fn body_capped(resp: reqwest::Response, max: usize) -> anyhow::Result<(Vec<u8>, bool)> {
+    if resp.content_length().is_some_and(|n| n > max as u64) {
+        return Ok((Vec::new(), true));
+    }
+    let mut kept = Vec::new();
+    let mut body = resp.bytes_stream();
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| e.without_url())?;
+        if kept.len() + chunk.len() > max {
+            let room = max - kept.len();
+            kept.extend_from_slice(&chunk[..room]);
+            return Ok((kept, true));
+        }
+        kept.extend_from_slice(&chunk);
+    }
+    Ok((kept, false))
 }
 
 async fn stdin_lines() -> tokio::io::Lines<BufReader<tokio::io::Stdin>> {
@@ -261,7 +471,7 @@ struct StreamState {
     get_started: bool,
 }
 
-async fn streamable(client: reqwest::Client, url: String, out: mpsc::Sender<String>) -> anyhow::Result<()> {
+async fn streamable(client: reqwest::Client, url: String, out: mpsc::Sender<String>, max: usize) -> anyhow::Result<()> {
     let state = Arc::new(Mutex::new(StreamState { session: None, protocol: None, get_started: false }));
     let mut lines = stdin_lines().await;
     let mut tasks = tokio::task::JoinSet::new();
@@ -279,7 +489,7 @@ async fn streamable(client: reqwest::Client, url: String, out: mpsc::Sender<Stri
         let is_initialize = msg.get("method").and_then(|m| m.as_str()) == Some("initialize");
         let (client, url, out, state) = (client.clone(), url.clone(), out.clone(), state.clone());
         // Initialize first, alone: every later request needs the session id it brings.
-        let task = async move { post_streamable(&client, &url, msg, &out, &state).await };
+        let task = async move { post_streamable(&client, &url, msg, &out, &state, max).await };
         if is_initialize {
             if let Err(e) = task.await {
                 eprintln!("mcpbox url-bridge: initialize: {}", scrub(format!("{e:#}")));
@@ -308,6 +518,7 @@ async fn post_streamable(
     msg: serde_json::Value,
     out: &mpsc::Sender<String>,
     state: &Arc<Mutex<StreamState>>,
+    max: usize,
 ) -> anyhow::Result<()> {
     let id = msg.get("id").cloned();
     let is_request = id.is_some() && msg.get("method").is_some();
@@ -326,6 +537,7 @@ async fn post_streamable(
     if let Some(p) = &protocol {
         req = req.header("mcp-protocol-version", p);
     }
+    let request = id.clone().filter(|_| is_request);
     let answer_error = |why: String| async move {
         if let (true, Some(id)) = (is_request, id) {
             let e = serde_json::json!({"jsonrpc": "2.0", "id": id, "error": {"code": -32603, "message": why}});
@@ -350,31 +562,51 @@ async fn post_streamable(
         return Ok(());
     }
     if !status.is_success() {
-        let text = resp.text().await.unwrap_or_default();
-        let short: String = text.chars().take(200).collect();
+        // Only the opening is shown: no more is read.
+        let (text, _) = body_capped(resp, 800).await.unwrap_or_default();
+        let short: String = String::from_utf8_lossy(&text).chars().take(200).collect();
         answer_error(format!("upstream answered HTTP {status}: {short}")).await;
         bail!("upstream answered HTTP {status}");
     }
     let ctype = resp.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_ascii_lowercase();
     if ctype.starts_with("text/event-stream") {
-        pump_sse(resp, out, None, Some(state)).await?;
+        let (seen, result) = pump_sse(resp, max, out, None, Some(state), request.as_ref()).await;
+        // An answer discarded for its size, or a stream that failed before the answer: the
+        // request is answered with the error rather than left waiting.
+        if !seen.answered {
+            if let Err(e) = &result {
+                answer_error(scrub(format!("{e:#}"))).await;
+            } else if seen.dropped > 0 {
+                answer_error(format!(
+                    "the upstream's answer was discarded: longer than mcpbox.maxLineBytes ({max} bytes)"
+                ))
+                .await;
+            }
+        }
+        result?;
     } else {
-        let body = resp.text().await.context("reading the upstream's answer")?;
+        let (body, more) = body_capped(resp, max).await.context("reading the upstream's answer")?;
+        if more {
+            let what = format!("the upstream's answer is longer than mcpbox.maxLineBytes ({max} bytes); discarded");
+            answer_error(what.clone()).await;
+            bail!("{}: {what}", redact(url));
+        }
+        let body = String::from_utf8_lossy(&body).into_owned();
         if !body.trim().is_empty() {
-            remember_protocol(state, &body);
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&body) {
+                remember_protocol(state, &v);
+            }
             let _ = out.send(body).await;
         }
     }
-    maybe_open_get_stream(client, url, out, state);
+    maybe_open_get_stream(client, url, out, state, max);
     Ok(())
 }
 
 /// Remember the protocol version the initialize result negotiated (sent on later requests).
-fn remember_protocol(state: &Arc<Mutex<StreamState>>, body: &str) {
-    if let Ok(v) = serde_json::from_str::<serde_json::Value>(body) {
-        if let Some(p) = v.pointer("/result/protocolVersion").and_then(|p| p.as_str()) {
-            state.lock().unwrap_or_else(|e| e.into_inner()).protocol = Some(p.to_string());
-        }
+fn remember_protocol(state: &Arc<Mutex<StreamState>>, msg: &serde_json::Value) {
+    if let Some(p) = msg.pointer("/result/protocolVersion").and_then(|p| p.as_str()) {
+        state.lock().unwrap_or_else(|e| e.into_inner()).protocol = Some(p.to_string());
     }
 }
 
@@ -384,6 +616,7 @@ fn maybe_open_get_stream(
     url: &str,
     out: &mpsc::Sender<String>,
     state: &Arc<Mutex<StreamState>>,
+    max: usize,
 ) {
     let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
     let Some(sid) = s.session.clone() else { return };
@@ -401,13 +634,16 @@ fn maybe_open_get_stream(
         }
         if let Ok(resp) = req.send().await {
             if resp.status().is_success() {
-                let _ = pump_sse(resp, &out, None, None).await;
+                let shown = redact(resp.url().as_str());
+                if let (_, Err(e)) = pump_sse(resp, max, &out, None, None, None).await {
+                    eprintln!("mcpbox url-bridge: {shown}: {}", scrub(format!("{e:#}")));
+                }
             }
         }
     });
 }
 
-async fn legacy_sse(client: reqwest::Client, url: String, out: mpsc::Sender<String>) -> anyhow::Result<()> {
+async fn legacy_sse(client: reqwest::Client, url: String, out: mpsc::Sender<String>, max: usize) -> anyhow::Result<()> {
     let resp =
         client.get(&url).header("accept", "text/event-stream").send().await.context("connecting to the upstream")?;
     if !resp.status().is_success() {
@@ -415,11 +651,15 @@ async fn legacy_sse(client: reqwest::Client, url: String, out: mpsc::Sender<Stri
     }
     let (ep_tx, ep_rx) = tokio::sync::oneshot::channel();
     let out2 = out.clone();
-    let stream = tokio::spawn(async move { pump_sse(resp, &out2, Some(ep_tx), None).await });
-    let endpoint = tokio::time::timeout(std::time::Duration::from_secs(15), ep_rx)
-        .await
-        .context("the upstream sent no endpoint event")?
-        .context("the upstream's stream ended before its endpoint event")?;
+    let stream = tokio::spawn(async move { pump_sse(resp, max, &out2, Some(ep_tx), None, None).await.1 });
+    let endpoint = match tokio::time::timeout(std::time::Duration::from_secs(15), ep_rx).await {
+        Err(_) => bail!("the upstream sent no endpoint event"),
+        Ok(Ok(ep)) => ep,
+        Ok(Err(_)) => match stream.await {
+            Ok(Err(e)) => return Err(e.context("the upstream's stream failed before its endpoint event")),
+            _ => bail!("the upstream's stream ended before its endpoint event"),
+        },
+    };
     let base = reqwest::Url::parse(&url).context("upstream url")?;
     let post_url = base.join(endpoint.trim()).context("the upstream's endpoint")?;
     // Messages (and the configured headers) go to the upstream's own origin, as MCP's SSE
@@ -445,7 +685,13 @@ async fn legacy_sse(client: reqwest::Client, url: String, out: mpsc::Sender<Stri
                     Err(e) => eprintln!("mcpbox url-bridge: posting to the upstream: {}", scrub(e)),
                 }
             }
-            _ = stream_finished(&stream) => bail!("the upstream closed its event stream"),
+            _ = stream_finished(&stream) => {
+                // The stream's own error (an over-long line …) says more than that it ended.
+                match stream.await {
+                    Ok(Err(e)) => return Err(e),
+                    _ => bail!("the upstream closed its event stream"),
+                }
+            }
         }
     }
     stream.abort();
@@ -471,18 +717,137 @@ mod tests {
         assert!(!scrub("error sending request for url (http://127.0.0.1:9/a?k=SECRET)").contains("SECRET"));
     }
 
+    fn ev(event: &str, data: &str) -> SseItem {
+        SseItem::Event(SseEvent { event: event.into(), data: data.into() })
+    }
+
     #[test]
     fn sse_parser_handles_split_chunks_and_multiline_data() {
-        let mut p = SseParser::default();
+        let mut p = SseParser::new(1 << 20);
         assert!(p.push(b"event: endpoint\r\ndata: /m?sess").is_empty());
-        let ev = p.push(b"ionId=1\r\n\r\n: comment\n\ndata: {\"a\":\ndata: 1}\n\n");
-        assert_eq!(
-            ev,
-            vec![
-                SseEvent { event: "endpoint".into(), data: "/m?sessionId=1".into() },
-                SseEvent { event: "message".into(), data: "{\"a\":\n1}".into() },
-            ]
-        );
+        let items = p.push(b"ionId=1\r\n\r\n: comment\n\ndata: {\"a\":\ndata: 1}\n\n");
+        assert_eq!(items, vec![ev("endpoint", "/m?sessionId=1"), ev("message", "{\"a\":\n1}")]);
+        // Byte by byte, the same.
+        let mut p = SseParser::new(1 << 20);
+        let mut items = Vec::new();
+        for b in b"event: endpoint\r\ndata: /m?sessionId=1\r\n\r\ndata: {\"a\":\ndata: 1}\n\n" {
+            items.extend(p.push(std::slice::from_ref(b)));
+        }
+        assert_eq!(items, vec![ev("endpoint", "/m?sessionId=1"), ev("message", "{\"a\":\n1}")]);
+    }
+
+    /// An event whose data passes the limit (in many short lines, so no line does) is dropped,
+    /// reported with its length, and the next event comes through; the parser never holds more
+    /// than the limit of it, fed ten times the limit in pieces that split lines anywhere.
+    #[test]
+    fn sse_parser_drops_an_over_long_event_holding_at_most_the_limit_and_goes_on() {
+        const MAX: usize = 1000;
+        let mut stream = Vec::new();
+        stream.extend_from_slice(b"data: {\"first\":1}\n\n");
+        let value = "x".repeat(70);
+        let mut lines = 0;
+        while lines * 70 < 10 * MAX {
+            stream.extend_from_slice(format!("data: {value}\r\n").as_bytes());
+            lines += 1;
+        }
+        stream.extend_from_slice(b"\r\nevent: message\ndata: {\"next\":2}\n\n");
+        for piece in [1, 7, 64, 999, 4096] {
+            let mut p = SseParser::new(MAX);
+            let mut items = Vec::new();
+            for chunk in stream.chunks(piece) {
+                items.extend(p.push(chunk));
+                assert!(p.buf.len() <= MAX + 1 && p.data_len <= MAX, "holds {} + {}", p.buf.len(), p.data_len);
+                assert!(p.held() <= 2 * MAX + 1);
+            }
+            // The data's length as it would have been sent: the values joined by newlines.
+            let dropped = lines * 70 + lines - 1;
+            let head = format!("{value}\n").repeat(20).into_bytes()[..1024].to_vec();
+            let gone = SseItem::Dropped { event: "message".into(), bytes: dropped, head };
+            assert_eq!(items, vec![ev("message", "{\"first\":1}"), gone, ev("message", "{\"next\":2}")]);
+            assert_eq!(p.held(), 0);
+        }
+        // Exactly the limit passes; one byte more does not.
+        let mut p = SseParser::new(16);
+        let items = p.push(b"data: 0123456\ndata: 89abcdef\n\ndata: 0123456\ndata: 89abcdefg\n\n");
+        let gone = SseItem::Dropped { event: "message".into(), bytes: 17, head: b"0123456\n89abcdefg".to_vec() };
+        assert_eq!(items, vec![ev("message", "0123456\n89abcdef"), gone]);
+    }
+
+    /// Streams of events of every size around the limit, with `\n` or `\r\n` line ends and
+    /// comments, cut into pieces of random sizes: each event within the limit comes out whole,
+    /// each over it is reported dropped with its length, in order, and the parser never holds
+    /// more than the limit of a line plus the limit of an event.
+    #[test]
+    fn sse_parser_gives_the_same_events_however_the_stream_is_cut() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rand = |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n as u64) as usize
+        };
+        const MAX: usize = 300;
+        for _ in 0..200 {
+            let (mut stream, mut want) = (Vec::new(), Vec::new());
+            for e in 0..rand(8) + 1 {
+                let end: &[u8] = if rand(2) == 0 { b"\n" } else { b"\r\n" };
+                if rand(3) == 0 {
+                    stream.extend_from_slice(b": keep-alive");
+                    stream.extend_from_slice(end);
+                }
+                let lines: Vec<String> =
+                    (0..rand(6) + 1).map(|l| format!("{e}-{l}:{}", "d".repeat(rand(150)))).collect();
+                for l in &lines {
+                    stream.extend_from_slice(format!("data: {l}").as_bytes());
+                    stream.extend_from_slice(end);
+                }
+                stream.extend_from_slice(end);
+                let data = lines.join("\n");
+                want.push(if data.len() <= MAX {
+                    ev("message", &data)
+                } else {
+                    let head = data.as_bytes()[..data.len().min(crate::bridge::framing::HEAD)].to_vec();
+                    SseItem::Dropped { event: "message".into(), bytes: data.len(), head }
+                });
+            }
+            let mut p = SseParser::new(MAX);
+            let (mut got, mut rest) = (Vec::new(), &stream[..]);
+            while !rest.is_empty() {
+                let (piece, more) = rest.split_at((rand(400) + 1).min(rest.len()));
+                got.extend(p.push(piece));
+                assert!(p.buf.len() <= MAX + 1 && p.data_len <= MAX);
+                rest = more;
+            }
+            assert_eq!(got, want, "{}", String::from_utf8_lossy(&stream));
+            assert_eq!(p.held(), 0);
+        }
+    }
+
+    /// A line that does not end within the limit ends the stream, whatever follows, and the
+    /// parser holds no more than the limit while it comes.
+    #[test]
+    fn sse_parser_refuses_an_endless_line_holding_at_most_the_limit() {
+        const MAX: usize = 1000;
+        for first in [&b"data: "[..], b": a comment that never ends ", b"event: "] {
+            let mut p = SseParser::new(MAX);
+            let mut items = p.push(b"data: 1\n\n");
+            items.extend(p.push(first));
+            let mut fed = 0;
+            while fed < 10 * MAX && !items.contains(&SseItem::LineTooLong) {
+                items.extend(p.push(&[b'y'; 97]));
+                fed += 97;
+                assert!(p.held() <= MAX + 1, "holds {}", p.held());
+            }
+            assert_eq!(items, vec![ev("message", "1"), SseItem::LineTooLong]);
+            assert!(fed <= MAX + 97, "refused only after {fed} bytes");
+            // Nothing after it is parsed, nor held.
+            assert!(p.push(b"\n\ndata: 2\n\n").is_empty());
+            assert_eq!(p.held(), 0);
+        }
+        // A line of exactly the limit, ended by `\r\n`, is a line.
+        let mut p = SseParser::new(8);
+        assert_eq!(p.push(b"data: ab\r\n\r\n"), vec![ev("message", "ab")]);
+        assert_eq!(p.push(b"data: abc\r\n"), vec![SseItem::LineTooLong]);
     }
 
     #[test]

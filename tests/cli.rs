@@ -1095,3 +1095,85 @@ fn preparing_again_leaves_a_running_server_its_files() {
     assert_eq!(out.code, 0, "{out}");
     assert_eq!(out.stdout, format!("entry {third}\nlib loaded\n"), "{out}");
 }
+
+/// A policy name resolves to the same file under `serve --check`, `policy check`, `policy
+/// diff` and `run` given the same config: the config's own `policies/NAME.toml` first. Without
+/// `--config` only the shipped policies are names, and a `policies/` in the working directory (a
+/// decoy granting more, as a cloned repository could hold) is never read. A policy there that
+/// extends a name of the config's (as `policy learn --config` writes them) passes its check.
+#[test]
+fn a_policy_name_resolves_to_the_configs_own_file_under_serve_check_policy_check_and_run() {
+    let d = tempdir();
+    let cfg_dir = d.path().join("cfg");
+    let work = d.path().join("work");
+    mkdir_755(&cfg_dir.join("policies"));
+    mkdir_755(&work.join("policies"));
+    let sh = "extends = \"default\"\n[filesystem]\nexec = [\"/usr/bin/dash\", \"/bin/sh\"]\n";
+    let mine =
+        write_policy(&cfg_dir.join("policies"), "mine", &format!("{sh}[env]\nset = {{ WHICH = \"config-dir\" }}\n"));
+    write_policy(&work.join("policies"), "mine", &format!("{sh}[env]\nset = {{ WHICH = \"working-dir\" }}\n"));
+    let learned = write_policy(&cfg_dir.join("policies"), "learned", "extends = \"mine\"\n");
+    let cfg = cfg_dir.join("mcpbox.json");
+    let body = serde_json::json!({"mcpProxy": {"addr": "127.0.0.1:0"},
+        "mcpServers": {"s": {"command": "/bin/sh", "args": ["-c", "true"], "policy": "mine"}}});
+    std::fs::write(&cfg, body.to_string()).unwrap();
+    let mine = mine.display().to_string();
+    let cmd = |args: &[&str], config: bool| {
+        let mut cmd = Command::new(mcpbox());
+        cmd.current_dir(&work).args(args);
+        if config {
+            cmd.arg("--config").arg(&cfg);
+        }
+        test_env(&mut cmd);
+        cmd
+    };
+    let mut serve = cmd(&["serve", "--check"], true);
+    serve.arg("--state-dir").arg(d.path().join("state"));
+    let out = run_timeout(serve, Duration::from_secs(30));
+    assert_eq!(out.code, 0, "{out}");
+    assert!(out.stdout.contains(&format!("policy of s: {mine}\n")), "serve --check:\n{out}");
+
+    let out = run_timeout(cmd(&["policy", "check", "mine"], true), Duration::from_secs(30));
+    assert_eq!(out.code, 0, "{out}");
+    assert!(out.stdout.contains(&format!("# files read: {mine}, shipped:default.toml\n")), "policy check:\n{out}");
+    assert!(out.stdout.contains("WHICH = \"config-dir\""), "{out}");
+    let out = run_timeout(cmd(&["policy", "check", learned.to_str().unwrap()], true), Duration::from_secs(30));
+    assert_eq!(out.code, 0, "{out}");
+    assert!(out.stdout.contains(&format!("{}, {mine}, shipped:default.toml\n", learned.display())), "{out}");
+    // `policy learn --config` writes a policy extending the server's (`mine`) and checks it
+    // as `policy check --config` does (it failed its own check: `mine` was not found).
+    let out_file = cfg_dir.join("policies/s.learned.toml");
+    let mut learn = cmd(&["policy", "learn", "--server", "s", "--out", out_file.to_str().unwrap()], true);
+    learn.arg("--state-dir").arg(&shared().state).stdin(Stdio::null());
+    let out = run_timeout(learn, Duration::from_secs(60));
+    assert_eq!(out.code, 0, "policy learn:\n{out}");
+    let written = std::fs::read_to_string(&out_file).unwrap();
+    assert!(written.contains("extends = \"mine\""), "{written}");
+    let out = run_timeout(cmd(&["policy", "check", out_file.to_str().unwrap()], true), Duration::from_secs(30));
+    assert!(out.code == 0 && out.stdout.contains(&format!(", {mine}, shipped:default.toml\n")), "{out}");
+    let out = run_timeout(cmd(&["policy", "diff", "default", "mine"], true), Duration::from_secs(30));
+    assert_eq!(out.code, 0, "{out}");
+    assert!(out.stdout.contains("config-dir") && !out.stdout.contains("working-dir"), "policy diff:\n{out}");
+
+    let state = shared().state.to_str().unwrap();
+    let run = |config: bool| {
+        let name = unique("cfgpol");
+        let args = ["run", "--policy", "mine", "--state-dir", state, "--name", &name];
+        let mut c = cmd(&args, config);
+        c.args(["--", "/bin/sh", "-c", "echo $WHICH"]);
+        run_timeout(c, Duration::from_secs(60))
+    };
+    let out = run(true);
+    assert_eq!((out.code, out.stdout.as_str()), (0, "config-dir\n"), "run --config:\n{out}");
+
+    // Without --config: shipped names only, whatever the working directory holds.
+    let out = run(false);
+    assert_eq!(out.code, 125, "run:\n{out}");
+    assert!(out.stderr.contains("policy `mine` not found") && !out.stdout.contains("working-dir"), "run:\n{out}");
+    let out = run_timeout(cmd(&["policy", "check", "mine"], false), Duration::from_secs(30));
+    assert_eq!(out.code, 1, "{out}");
+    assert!(out.stderr.contains("policy `mine` not found") && out.stderr.contains("--config FILE"), "{out}");
+    let out = run_timeout(cmd(&["policy", "check", learned.to_str().unwrap()], false), Duration::from_secs(30));
+    assert_eq!(out.code, 1, "{out}");
+    assert!(out.stderr.contains("policy `mine` not found"), "policy check:\n{out}");
+}

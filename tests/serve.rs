@@ -707,6 +707,222 @@ async fn a_url_upstream_cannot_send_the_bridge_elsewhere_and_its_key_stays_out_o
     assert!(mb.log_text().contains("another origin"), "the refused endpoint is logged");
 }
 
+/// A hostile url upstream sends what no bound of the bridge's would hold: an event of ten times
+/// `maxLineBytes` (in short lines) before its initialize answer, a JSON answer of a hundred
+/// times it (no Content-Length), and an event stream whose line never ends. The over-long event
+/// is dropped and the answer after it arrives; the over-long JSON answer and the endless line
+/// fail their requests with an error naming the limit; the session goes on; the log names the
+/// limit and never the URL's key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_url_upstreams_over_long_events_answers_and_lines_are_bounded_by_max_line_bytes() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const MAX: usize = 8192;
+    let hostile = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hostile_addr = hostile.local_addr().unwrap();
+    // The event streams of the legacy SSE upstream that answers (`/ev`), each with an endpoint
+    // of its own (`/ev-message?c=N`, as warm bridges connect too): where its POSTs are answered.
+    type Streams = Arc<Mutex<Vec<tokio::sync::mpsc::UnboundedSender<String>>>>;
+    let ev_streams: Streams = Arc::default();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut c, _)) = hostile.accept().await else { return };
+            let ev_streams = ev_streams.clone();
+            tokio::spawn(async move {
+                // One request per connection (every answer says `connection: close`).
+                let mut req = Vec::new();
+                let mut buf = [0u8; 4096];
+                let head_end = loop {
+                    if let Some(i) = req.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break i + 4;
+                    }
+                    match c.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => req.extend_from_slice(&buf[..n]),
+                    }
+                };
+                let head = String::from_utf8_lossy(&req[..head_end]).to_ascii_lowercase();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .map_or(0, |v| v.trim().parse().unwrap());
+                while req.len() < head_end + len {
+                    match c.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => req.extend_from_slice(&buf[..n]),
+                    }
+                }
+                if head.starts_with("get /sse") {
+                    // Legacy SSE: the endpoint, then a line that never ends.
+                    let open = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n";
+                    let _ = c.write_all(format!("{open}event: endpoint\ndata: /message\n\ndata: ").as_bytes()).await;
+                    let chunk = vec![b'z'; 64 * 1024];
+                    for _ in 0..(100 * MAX / chunk.len()) {
+                        if c.write_all(&chunk).await.is_err() {
+                            return;
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_secs(30)).await;
+                    return;
+                }
+                let answer_of = |msg: &Value| -> Option<String> {
+                    let id = &msg["id"];
+                    Some(match msg["method"].as_str()? {
+                        "initialize" => json!({"jsonrpc": "2.0", "id": id, "result": {"protocolVersion": "2024-11-05",
+                            "capabilities": {}, "serverInfo": {"name": "hostile", "version": "0"}}})
+                        .to_string(),
+                        "ping" => json!({"jsonrpc": "2.0", "id": id, "result": {}}).to_string(),
+                        // Ten times the limit, in lines of 100 bytes.
+                        "resources/list" => format!(
+                            "{{\"jsonrpc\":\"2.0\",\"id\":{id},\"result\":{{\"pad\":\"\n{}\"}}}}",
+                            format!("{}\n", "w".repeat(100)).repeat(10 * MAX / 100)
+                        ),
+                        _ => return None,
+                    })
+                };
+                if head.starts_with("get /ev?") {
+                    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+                    let n = {
+                        let mut streams = ev_streams.lock().unwrap();
+                        streams.push(tx);
+                        streams.len() - 1
+                    };
+                    let open = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n";
+                    let _ = c.write_all(format!("{open}event: endpoint\ndata: /ev-message?c={n}\n\n").as_bytes()).await;
+                    while let Some(data) = rx.recv().await {
+                        let event: String = data.lines().map(|l| format!("data: {l}\n")).collect();
+                        if c.write_all(format!("{event}\n").as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                    return;
+                }
+                if let Some(rest) = head.strip_prefix("post /ev-message?c=") {
+                    let _ =
+                        c.write_all(b"HTTP/1.1 202 Accepted\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").await;
+                    let n: usize = rest.split(' ').next().unwrap().parse().unwrap();
+                    let msg: Value = serde_json::from_slice(&req[head_end..head_end + len]).unwrap();
+                    if let (Some(a), Some(tx)) = (answer_of(&msg), ev_streams.lock().unwrap().get(n)) {
+                        let _ = tx.send(a);
+                    }
+                    return;
+                }
+                if !head.starts_with("post /mcp") {
+                    let status = if head.starts_with("post ") { "202 Accepted" } else { "405 Method Not Allowed" };
+                    let _ = c
+                        .write_all(
+                            format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").as_bytes(),
+                        )
+                        .await;
+                    return;
+                }
+                let msg: Value = serde_json::from_slice(&req[head_end..head_end + len]).unwrap();
+                let id = msg["id"].clone();
+                let sse = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nmcp-session-id: s1\r\nconnection: close\r\n\r\n";
+                match msg["method"].as_str().unwrap_or("") {
+                    "initialize" => {
+                        let mut body = sse.to_string();
+                        let line = format!("data: {}\n", "x".repeat(100));
+                        body.push_str(&line.repeat(10 * MAX / 100));
+                        body.push('\n');
+                        let answer = json!({"jsonrpc": "2.0", "id": id, "result": {"protocolVersion": "2025-06-18",
+                            "capabilities": {"tools": {}}, "serverInfo": {"name": "hostile", "version": "0"}}});
+                        body.push_str(&format!("data: {answer}\n\n"));
+                        let _ = c.write_all(body.as_bytes()).await;
+                    }
+                    "tools/list" => {
+                        let pad = "y".repeat(100 * MAX);
+                        let answer = json!({"jsonrpc": "2.0", "id": id, "result": {"tools": [], "pad": pad}});
+                        let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n\r\n";
+                        let _ = c.write_all(head.as_bytes()).await;
+                        let _ = c.write_all(answer.to_string().as_bytes()).await;
+                    }
+                    "resources/list" => {
+                        // An answer of ten times the limit, in lines of 100 bytes.
+                        let mut body =
+                            format!("{sse}data: {{\"jsonrpc\":\"2.0\",\"id\":{id},\"result\":{{\"pad\":\"\n");
+                        body.push_str(&format!("data: {}\n", "w".repeat(100)).repeat(10 * MAX / 100));
+                        body.push_str("data: \"}}\n\n");
+                        let _ = c.write_all(body.as_bytes()).await;
+                    }
+                    "tools/call" => {
+                        let _ = c.write_all(format!("{sse}data: ").as_bytes()).await;
+                        let chunk = vec![b'z'; 64 * 1024];
+                        for _ in 0..(100 * MAX / chunk.len()) {
+                            if c.write_all(&chunk).await.is_err() {
+                                return;
+                            }
+                        }
+                        tokio::time::sleep(Duration::from_secs(30)).await;
+                    }
+                    "ping" => {
+                        let answer = json!({"jsonrpc": "2.0", "id": id, "result": {}}).to_string();
+                        let head = format!(
+                            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                            answer.len()
+                        );
+                        let _ = c.write_all(format!("{head}{answer}").as_bytes()).await;
+                    }
+                    _ => {
+                        let _ = c
+                            .write_all(b"HTTP/1.1 202 Accepted\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                            .await;
+                    }
+                }
+            });
+        }
+    });
+    let canary = format!("key{}x{}", std::process::id(), rand_suffix());
+    let mb = Mcpbox::start(
+        json!({
+            "hostile": {"url": format!("http://{hostile_addr}/mcp?api_key={canary}")},
+            "legacy": {"url": format!("http://{hostile_addr}/sse?api_key={canary}")},
+            "answering": {"url": format!("http://{hostile_addr}/ev?api_key={canary}"), "transportType": "sse"},
+        }),
+        json!({"maxLineBytes": MAX}),
+    )
+    .await;
+    async fn within<T>(f: impl Future<Output = T>) -> T {
+        tokio::time::timeout(Duration::from_secs(30), f).await.expect("an answer, not a hang")
+    }
+    // The initialize answer after the dropped event arrives (Streamable::open checks it).
+    let st = within(Streamable::open(&mb, "hostile")).await;
+    let listed = within(st.request(json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"}))).await;
+    let m = listed["error"]["message"].as_str().unwrap_or_default();
+    assert!(m.contains("maxLineBytes") && m.contains(&MAX.to_string()), "{listed}");
+    // An answer on an event stream too long for the limit fails its request the same way.
+    let listed = within(st.request(json!({"jsonrpc": "2.0", "id": 5, "method": "resources/list"}))).await;
+    let m = listed["error"]["message"].as_str().unwrap_or_default();
+    assert!(m.contains("byte event from the upstream") && m.contains(&MAX.to_string()), "{listed}");
+    let called = within(st.request(call_msg(json!(3), "anything", json!({})))).await;
+    let m = called["error"]["message"].as_str().unwrap_or_default();
+    assert!(m.contains("line longer than mcpbox.maxLineBytes") && m.contains(&MAX.to_string()), "{called}");
+    let pong = within(st.request(json!({"jsonrpc": "2.0", "id": 4, "method": "ping"}))).await;
+    assert_eq!(pong["result"], json!({}), "the session goes on: {pong}");
+    // Legacy SSE: the stream is the bridge's only way to hear the upstream; a line that never
+    // ends ends it, and the bridge with it, as a server's exit would.
+    let r = within(mb.request(
+        "POST",
+        "/legacy/mcp",
+        &[("content-type", "application/json"), ("accept", "application/json")],
+        Some(init_msg(json!(1)).to_string().into_bytes()),
+    ))
+    .await;
+    let r = r.json();
+    assert!(r["error"]["message"].is_string() && r.get("result").is_none(), "the server's failure: {r}");
+    // Legacy SSE: an answer too long fails its request (its opening names it), and the
+    // stream goes on.
+    let st = within(Streamable::open(&mb, "answering")).await;
+    let listed = within(st.request(json!({"jsonrpc": "2.0", "id": 6, "method": "resources/list"}))).await;
+    let m = listed["error"]["message"].as_str().unwrap_or_default();
+    assert!(m.contains("byte event from the upstream") && m.contains(&MAX.to_string()), "{listed}");
+    let pong = within(st.request(json!({"jsonrpc": "2.0", "id": 7, "method": "ping"}))).await;
+    assert_eq!(pong["result"], json!({}), "the stream goes on: {pong}");
+    let log = mb.log_text();
+    assert!(log.contains(&format!("event from the upstream (longer than mcpbox.maxLineBytes, {MAX} bytes)")), "{log}");
+    assert!(log.contains(&format!("has a line longer than mcpbox.maxLineBytes ({MAX} bytes)")), "{log}");
+    assert!(log.contains("/mcp?…") && !log.contains(&canary), "the log names the URL without its key:\n{log}");
+}
+
 /// mcp-proxy's `timeout` is a deadline per request: a call that runs past it is answered with a
 /// JSON-RPC error when it passes (not when the server finishes), the server is told to cancel it,
 /// and the session goes on. `logEnabled` logs each client message of that server, not of others.

@@ -588,7 +588,9 @@ impl Streamable {
         let r = Resp::read(r).await;
         assert_eq!(r.status, 200, "initialize: {}", r.body);
         let answer = if r.header("content-type").is_some_and(|c| c.starts_with("text/event-stream")) {
-            let data = r.body.lines().find_map(|l| l.strip_prefix("data: ")).expect("an event").to_string();
+            // The answer is the last message: notifications may come before it.
+            let data =
+                r.body.lines().filter_map(|l| l.strip_prefix("data: ")).next_back().expect("an event").to_string();
             serde_json::from_str::<Value>(&data).unwrap()
         } else {
             r.json()

@@ -183,11 +183,14 @@ pub struct Planner {
     pub state: StateDir,
     /// Servers refused at start (their policy, or a failed prepare), with the reason.
     pub cannot_start: BTreeMap<String, String>,
+    /// `mcpbox.maxLineBytes`: also the most a url upstream's bridge holds of one line or
+    /// message from the upstream.
+    pub max_line: usize,
 }
 
 impl Planner {
-    pub fn new(state: StateDir) -> Self {
-        Planner { state, cannot_start: BTreeMap::new() }
+    pub fn new(state: StateDir, cfg: &crate::config::Config) -> Self {
+        Planner { state, cannot_start: BTreeMap::new(), max_line: cfg.max_line_bytes }
     }
 
     /// Step 1 for a configured server: its launch (and what mcpbox adds on top of its policy).
@@ -227,7 +230,13 @@ impl Planner {
                 let launch = ServerLaunch {
                     name: server.name.clone(),
                     command: exe.to_string_lossy().into_owned(),
-                    args: vec!["url-bridge".into(), "--transport".into(), transport.as_str().into()],
+                    args: vec![
+                        "url-bridge".into(),
+                        "--transport".into(),
+                        transport.as_str().into(),
+                        "--max-line-bytes".into(),
+                        self.max_line.to_string(),
+                    ],
                     env: BTreeMap::new(),
                     policy,
                 };
@@ -237,13 +246,14 @@ impl Planner {
         }
     }
 
-    /// Steps 1-2: everything that can refuse the server before a package is prepared.
-    pub fn check(&self, server: &ServerConfig) -> anyhow::Result<()> {
+    /// Steps 1-2: everything that can refuse the server before a package is prepared; the
+    /// policy it would run under.
+    pub fn check(&self, server: &ServerConfig) -> anyhow::Result<spec::Checked> {
         let (launch, _, _) = self.launch_of(server, false)?;
         match &server.kind {
-            ServerKind::Stdio { .. } => check_launch(&self.state, &launch).map(|_| ()),
+            ServerKind::Stdio { .. } => check_launch(&self.state, &launch),
             // mcpbox's own url-bridge, granted by the plan whatever the policy says.
-            ServerKind::Url { .. } => check(&self.state, &launch).map(|_| ()),
+            ServerKind::Url { .. } => check(&self.state, &launch),
         }
     }
 

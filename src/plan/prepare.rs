@@ -2265,7 +2265,7 @@ pub fn cli(
         Ok(rt) => rt,
         Err(code) => return code,
     };
-    let planner = super::Planner::new(state.clone());
+    let planner = super::Planner::new(state.clone(), &cfg);
     let refused = planner.refusals(&cfg);
     let mut failed = rt.block_on(prepare_config(&state, &cfg, force, &refused));
     failed.extend(refused);

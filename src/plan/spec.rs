@@ -86,8 +86,8 @@ impl StateDir {
     }
 
     /// The state of `serve` and `prepare` for a config file: `--state-dir`, else the config's
-    /// `stateDir`, else [`StateDir::default_root`]; the config's uid base; policies looked up
-    /// beside the config first (`policies/NAME.toml`).
+    /// `stateDir`, else [`StateDir::default_root`]; the config's uid base; policy names looked
+    /// up beside the config first (`policies/NAME.toml`, see [`crate::policy::search_dirs`]).
     pub fn for_config(
         cfg: &crate::config::Config,
         config_path: &Path,
@@ -101,10 +101,24 @@ impl StateDir {
         }
         state.min_level = min_level;
         state.memory_merge = cfg.memory_merge;
-        if let Some(dir) = config_path.parent() {
-            state.policy_dirs.push(dir.join("policies"));
-        }
+        state.policy_dirs = crate::policy::search_dirs(Some(config_path));
         state
+    }
+
+    /// The state of a command that takes `--config FILE` as an option (`run`, `policy check`,
+    /// `policy diff`): with FILE, what `serve --config FILE` has (its state dir, uid base and
+    /// policy lookup, [`StateDir::for_config`]); without, `--state-dir` or the default and the
+    /// shipped policies only.
+    pub fn for_command(config: Option<&Path>, state_dir: Option<PathBuf>, min_level: Level) -> anyhow::Result<Self> {
+        let mut state = match config {
+            Some(path) => {
+                let cfg = crate::config::load(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+                StateDir::for_config(&cfg, path, state_dir, min_level)
+            }
+            None => StateDir::new(state_dir.unwrap_or_else(StateDir::default_root)),
+        };
+        state.min_level = min_level;
+        Ok(state)
     }
 }
 
@@ -243,12 +257,12 @@ pub fn plan_begin_checked(state: &StateDir, launch: &ServerLaunch, checked: Opti
 /// `command` (as a server with that command would get them; None: node/python3 on the sandbox's
 /// PATH), and a comment line per runtime saying what it resolved to.
 pub fn check_policy(
+    state: &StateDir,
     reference: &str,
     data: Option<&Path>,
     cache: Option<&Path>,
     command: Option<&str>,
 ) -> anyhow::Result<String> {
-    let state = StateDir::new(StateDir::default_root());
     let launch = ServerLaunch {
         name: "check".into(),
         command: command.unwrap_or("").into(),
@@ -259,8 +273,9 @@ pub fn check_policy(
     if let Some(c) = command {
         resolve_command(c, DEFAULT_PATH)?;
     }
-    let lazy = runtimes_for(&state, &launch);
-    let text = policy::check_with(reference, data, cache, Some(lazy.vars())).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let lazy = runtimes_for(state, &launch);
+    let text = policy::check_with(reference, data, cache, Some(lazy.vars()), state.policy_dirs.clone())
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut runtimes: String = lazy.used().iter().map(|r| format!("# runtime {}\n", r.describe())).collect();
     for c in lazy.commands() {
         runtimes.push_str(&format!("# granted with the runtime (exec, the name it is called by): {}\n", c.display()));

@@ -75,6 +75,36 @@ impl std::fmt::Debug for LazyVars {
     }
 }
 
+/// The directories searched for a bare policy name before the shipped policies: the one place
+/// that decides them, for every command (`serve`, `prepare`, and `run`, `policy check`,
+/// `learn`, `suggest`, `diff` with `--config`).
+///
+/// A bare name `NAME` (letters, digits, `-`, `_`, `.`) is looked up, in order:
+///  1. `policies/NAME.toml` in the directory of the config file, when there is one (`serve
+///     --config FILE`, or `--config FILE` on the other commands); a `NAME.toml` there that
+///     extends `NAME` extends the shipped one;
+///  2. the shipped policy `NAME` (embedded in the binary).
+///
+/// Nothing else is searched, the working directory least of all: MCP clients start `mcpbox
+/// run` from wherever they are, a cloned repository with a `policies/` of its own included. A
+/// reference with a `/` or ending in `.toml` is a file and is never searched for: relative to
+/// the config's directory when a config names it, to the working directory on the command line.
+pub fn search_dirs(config: Option<&Path>) -> Vec<PathBuf> {
+    let Some(config) = config else { return Vec::new() };
+    let dir = match config.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    // Absolute, so that every message and `files read` line names the same file whatever the
+    // command's working directory (lexically: no symlink is resolved).
+    let dir: PathBuf = std::path::absolute(dir)
+        .unwrap_or_else(|_| dir.to_path_buf())
+        .components()
+        .filter(|c| *c != Component::CurDir)
+        .collect();
+    vec![dir.join("policies")]
+}
+
 /// Names of the shipped policies, in table order.
 pub fn shipped_names() -> Vec<&'static str> {
     SHIPPED.iter().map(|(n, _)| *n).collect()
@@ -334,6 +364,10 @@ impl<'a> Loader<'a> {
             });
         }
         searched.push(format!("shipped policies ({})", shipped_names().join(", ")));
+        if self.ctx.search_dirs.is_empty() {
+            // On the command line: the name may be one of a config's (see `search_dirs`).
+            searched.push("no config's policies/ directory (--config FILE searches its policies/ first)".into());
+        }
         Err(PolicyError::NotFound { reference: reference.into(), from: at, searched })
     }
 

@@ -29,9 +29,9 @@ pub use allow::{parse_host, split_host_port, AllowEntry, AllowEntryError, Author
 pub use diff::{diff, path_covered, render_diff, Grant, PolicyDiff};
 pub use error::{Loc, PolicyError};
 pub use load::{
-    load, load_detailed, load_inline, load_inline_detailed, load_inline_with_notes, load_with_notes, shipped_names,
-    LazyVars, LoadContext, Loaded, DEFAULT_LANDLOCK_MIN_ABI, DEFAULT_LEVEL, DEFAULT_LIMITS, DEFAULT_NETWORK_MODE,
-    SHIPPED,
+    load, load_detailed, load_inline, load_inline_detailed, load_inline_with_notes, load_with_notes, search_dirs,
+    shipped_names, LazyVars, LoadContext, Loaded, DEFAULT_LANDLOCK_MIN_ABI, DEFAULT_LEVEL, DEFAULT_LIMITS,
+    DEFAULT_NETWORK_MODE, SHIPPED,
 };
 pub use reference::PolicyRef;
 pub use render::{check, check_with, render};

@@ -158,19 +158,21 @@ pub fn render(p: &Policy) -> String {
 /// `mcpbox policy check REFERENCE [--data DIR] [--cache DIR]`: the text to print. DATA/CACHE
 /// default to placeholders; paths under them are not checked when those dirs do not exist.
 pub fn check(reference: &str, data: Option<&Path>, cache: Option<&Path>) -> Result<String, PolicyError> {
-    check_with(reference, data, cache, None)
+    check_with(reference, data, cache, None, Vec::new())
 }
 
-/// [`check`] with the lazily computed variables (the runtimes' paths) a launch would have.
+/// [`check`] with the lazily computed variables (the runtimes' paths) a launch would have, and
+/// the directories bare names are looked up in first ([`super::search_dirs`]).
 pub fn check_with(
     reference: &str,
     data: Option<&Path>,
     cache: Option<&Path>,
     lazy: Option<LazyVars>,
+    search_dirs: Vec<PathBuf>,
 ) -> Result<String, PolicyError> {
     let data = data.map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("/var/lib/mcpbox/SERVER/data"));
     let cache = cache.map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("/var/lib/mcpbox/SERVER/cache"));
-    let mut ctx = LoadContext { lazy, ..LoadContext::default() };
+    let mut ctx = LoadContext { lazy, search_dirs, ..LoadContext::default() };
     ctx.vars.insert("DATA".into(), data.to_string_lossy().into_owned());
     ctx.vars.insert("CACHE".into(), cache.to_string_lossy().into_owned());
     let loaded = load_detailed(reference, &ctx, &[data.clone(), cache.clone()])?;

@@ -194,6 +194,20 @@ fn user_policy_dir_wins_and_may_extend_the_shipped_one() {
     assert!(e.contains("shipped policies (default, node, python, "), "{e}");
 }
 
+/// The one list of directories names are looked up in: the config's `policies/`, absolute
+/// whatever the working directory, and nothing without a config (never `./policies`).
+#[test]
+fn names_are_searched_in_the_configs_policies_dir_only() {
+    let cwd = std::env::current_dir().unwrap();
+    assert_eq!(search_dirs(None), Vec::<PathBuf>::new());
+    assert_eq!(search_dirs(Some(Path::new("/etc/mcpbox/mcpbox.json"))), vec![PathBuf::from("/etc/mcpbox/policies")]);
+    assert_eq!(search_dirs(Some(Path::new("mcpbox.json"))), vec![cwd.join("policies")]);
+    assert_eq!(search_dirs(Some(Path::new("./conf/mcpbox.json"))), vec![cwd.join("conf/policies")]);
+    // Without one, a name not shipped says where it could have come from.
+    let e = load("mine", &LoadContext::default()).unwrap_err().to_string();
+    assert!(e.contains("--config FILE searches its policies/ first"), "{e}");
+}
+
 #[test]
 fn sizes_parse() {
     assert_eq!(parse_size("4096"), Ok(4096));
@@ -422,7 +436,7 @@ fn inline_policy_resolves_relative_extends_from_base_dir() {
 fn check_skips_missing_data_dir_and_says_so() {
     let d = tempfile::tempdir().unwrap();
     let p = write(d.path(), "x.toml", "extends = \"node\"\n[filesystem]\nwrite = [\"${DATA}\", \"${CACHE}/npm\"]\n");
-    let out = check_with(p.to_str().unwrap(), None, None, Some(fake_runtimes(&d.path().join("rt")))).unwrap();
+    let out = check_with(p.to_str().unwrap(), None, None, Some(fake_runtimes(&d.path().join("rt"))), vec![]).unwrap();
     assert!(out.contains("# note: path /var/lib/mcpbox/SERVER/data ("), "{out}");
     assert!(out.contains("not checked: /var/lib/mcpbox/SERVER/data does not exist yet"), "{out}");
     assert!(
