@@ -370,6 +370,25 @@ impl ProxyConfig {
     }
 }
 
+impl ProxyConfig {
+    /// Records an egress denial in the server's denial records (which log it, rate-limited,
+    /// with the session); `false` where this proxy keeps none, for the caller to log it.
+    fn record_denial(&self, access: &str, object: &str, reason: &str) -> bool {
+        let Some(d) = &self.denials else { return false };
+        d.record(
+            self.session.as_deref(),
+            Some(&self.policy_name),
+            crate::denials::Denial {
+                layer: crate::denials::Layer::Egress,
+                access: access.into(),
+                object: object.into(),
+                reason: Some(reason.into()),
+            },
+        );
+        true
+    }
+}
+
 impl fmt::Debug for ProxyConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ProxyConfig")
@@ -579,21 +598,9 @@ fn refuse_over(stream: TcpStream, cfg: &ProxyConfig, over: Over, refusals: &crat
     );
     let _ = stream.try_write(answer.as_bytes());
     drop(stream);
-    match &cfg.denials {
-        Some(d) => d.record(
-            cfg.session.as_deref(),
-            Some(&cfg.policy_name),
-            crate::denials::Denial {
-                layer: crate::denials::Layer::Egress,
-                access: "accept".into(),
-                object,
-                reason: Some("too many connections at once".into()),
-            },
-        ),
-        None => {
-            if let Some(n) = refusals.hit() {
-                tracing::warn!(server = %cfg.server, "egress proxy refused {n} connection(s) in the last 10 s: {object}");
-            }
+    if !cfg.record_denial("accept", &object, "too many connections at once") {
+        if let Some(n) = refusals.hit() {
+            tracing::warn!(server = %cfg.server, "egress proxy refused {n} connection(s) in the last 10 s: {object}");
         }
     }
 }
@@ -707,19 +714,8 @@ async fn connect_checked(
     target: &str,
 ) -> Result<TcpStream, Reply> {
     let deny = |why: &str, detail: &str| {
-        match &cfg.denials {
-            // Logged there, rate-limited, with the session.
-            Some(d) => d.record(
-                cfg.session.as_deref(),
-                Some(&cfg.policy_name),
-                crate::denials::Denial {
-                    layer: crate::denials::Layer::Egress,
-                    access: "connect".into(),
-                    object: target.to_string(),
-                    reason: Some(detail.to_string()),
-                },
-            ),
-            None => tracing::warn!(server = %cfg.server, target = %target, method, reason = detail, "egress denied"),
+        if !cfg.record_denial("connect", target, detail) {
+            tracing::warn!(server = %cfg.server, target = %target, method, reason = detail, "egress denied");
         }
         Reply::new(403, format!("mcpbox: {method} {target} denied by policy {} ({why})", cfg.policy_name))
     };

@@ -767,19 +767,9 @@ for line in sys.stdin:
 /// which prepares first. (Before the container-level reaper, rootless, the daemon survived.)
 #[test]
 fn a_daemon_left_by_an_install_script_cannot_wedge_prepare() {
-    use std::os::unix::fs::PermissionsExt;
     let d = tempdir();
     let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/daemon-pkg");
-    let out = Command::new("npm")
-        .args(["pack", "--silent", "--pack-destination"])
-        .arg(d.path())
-        .current_dir(&fixture)
-        .env("npm_config_cache", d.path().join("npm-cache"))
-        .output()
-        .expect("running npm (scripts/test.sh installs it)");
-    assert!(out.status.success(), "npm pack: {}", String::from_utf8_lossy(&out.stderr));
-    let tgz = d.path().join("daemon-pkg-1.0.0.tgz");
-    std::fs::set_permissions(&tgz, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let tgz = npm_pack(&fixture, d.path(), "daemon-pkg-1.0.0.tgz");
     let cfg = d.path().join("daemon.json");
     let body = serde_json::json!({ "mcpServers": { "daemon": { "command": "npx", "args": ["-y", tgz] } } });
     std::fs::write(&cfg, body.to_string()).unwrap();
@@ -943,7 +933,6 @@ fn memory_merge_only_when_asked() {
 /// A small package packed from scratch (no registry needed): its bin prints where it runs from,
 /// then on a line of stdin (or at its end) loads `lib.js` from its tree and prints it.
 fn pack_swap_pkg(dir: &std::path::Path) -> std::path::PathBuf {
-    use std::os::unix::fs::PermissionsExt;
     let pkg = dir.join("swap-pkg");
     std::fs::create_dir_all(&pkg).unwrap();
     let manifest =
@@ -957,17 +946,7 @@ fn pack_swap_pkg(dir: &std::path::Path) -> std::path::PathBuf {
     )
     .unwrap();
     std::fs::write(pkg.join("lib.js"), "module.exports = 'loaded';\n").unwrap();
-    let out = Command::new("npm")
-        .args(["pack", "--silent", "--pack-destination"])
-        .arg(dir)
-        .current_dir(&pkg)
-        .env("npm_config_cache", dir.join("npm-cache"))
-        .output()
-        .expect("running npm (scripts/test.sh installs it)");
-    assert!(out.status.success(), "npm pack: {}", String::from_utf8_lossy(&out.stderr));
-    let tgz = dir.join("swap-pkg-1.0.0.tgz");
-    std::fs::set_permissions(&tgz, std::fs::Permissions::from_mode(0o644)).unwrap();
-    tgz
+    npm_pack(&pkg, dir, "swap-pkg-1.0.0.tgz")
 }
 
 /// A running `mcpbox run` of a package whose server prints `entry WHERE`, then waits for a line

@@ -407,18 +407,7 @@ fn pack_evil(dir: &std::path::Path, port: u16, files: &[String]) -> std::path::P
         std::fs::copy(fixture.join(f), pkg.join(f)).unwrap();
     }
     std::fs::write(pkg.join("target.json"), json!({ "port": port, "files": files }).to_string()).unwrap();
-    let out = Command::new("npm")
-        .args(["pack", "--silent", "--pack-destination"])
-        .arg(dir)
-        .current_dir(&pkg)
-        .env("npm_config_cache", dir.join("npm-cache"))
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "npm pack: {}", String::from_utf8_lossy(&out.stderr));
-    let tgz = dir.join("evil-pkg-1.0.0.tgz");
-    assert!(tgz.is_file());
-    std::fs::set_permissions(&tgz, std::fs::Permissions::from_mode(0o644)).unwrap();
-    tgz
+    crate::common::npm_pack(&pkg, dir, "evil-pkg-1.0.0.tgz")
 }
 
 /// At `container` level (Docker's default seccomp profile: no namespaces) there is no network

@@ -583,13 +583,11 @@ mod tests {
         assert_eq!(got["result"]["serverInfo"]["name"], "x");
     }
 
-    /// A request answered as one JSON body keeps its session busy while it waits: a call that
-    /// runs past `idleTimeout` is not ended under its client (the supervisor reaps sessions
-    /// whose `idle_for` passes it).
-    #[tokio::test]
-    async fn a_json_request_in_flight_keeps_its_session_from_idling() {
+    /// A hub with a process connected (what the server reads comes out of the returned queue)
+    /// and one Streamable HTTP session on it with a `budget` of bytes.
+    fn streamable_session(budget: usize) -> (Arc<Hub>, Arc<session::Session>, InputRx) {
         let hub = Arc::new(Hub::new("s", false, None, LIMITS));
-        let (stdin, mut server) = input_queue(1 << 20);
+        let (stdin, server) = input_queue(1 << 20);
         hub.connect_process(stdin);
         let s = session::Session::new(
             "a".into(),
@@ -597,10 +595,19 @@ mod tests {
             Principal::anonymous(),
             Transport::Streamable,
             hub.clone(),
-            1 << 20,
+            budget,
             CancellationToken::new(),
             Default::default(),
         );
+        (hub, s, server)
+    }
+
+    /// A request answered as one JSON body keeps its session busy while it waits: a call that
+    /// runs past `idleTimeout` is not ended under its client (the supervisor reaps sessions
+    /// whose `idle_for` passes it).
+    #[tokio::test]
+    async fn a_json_request_in_flight_keeps_its_session_from_idling() {
+        let (hub, s, mut server) = streamable_session(1 << 20);
         assert!(s.idle_for().is_some(), "a session with nothing in flight is idle");
         let call = {
             let s = s.clone();
@@ -621,19 +628,7 @@ mod tests {
     /// away before its answer came) frees its bytes.
     #[tokio::test]
     async fn json_answers_are_held_within_the_session_budget() {
-        let hub = Arc::new(Hub::new("s", false, None, LIMITS));
-        let (stdin, mut server) = input_queue(1 << 20);
-        hub.connect_process(stdin);
-        let s = session::Session::new(
-            "a".into(),
-            "s",
-            Principal::anonymous(),
-            Transport::Streamable,
-            hub.clone(),
-            100_000,
-            CancellationToken::new(),
-            Default::default(),
-        );
+        let (hub, s, mut server) = streamable_session(100_000);
         let answer_with = |id: Value, n: usize| {
             let body = json!({"jsonrpc":"2.0","id":id,"result":{"text":"x".repeat(n)}}).to_string();
             hub.from_backend(Frame::Line(Bytes::from(body)));

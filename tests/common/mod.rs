@@ -424,3 +424,21 @@ pub fn prepared_tree(cache: &Path) -> PathBuf {
     let first = entry.strip_prefix(cache).expect("the entry lies in the cache").components().next().unwrap();
     cache.join(first)
 }
+
+/// `npm pack` of the package in `pkg` into `dest` (its own npm cache there, no registry asked):
+/// the tarball `dest/NAME-VERSION.tgz`, readable by every uid (the sandbox's reads it).
+pub fn npm_pack(pkg: &Path, dest: &Path, tarball: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let out = std::process::Command::new("npm")
+        .args(["pack", "--silent", "--pack-destination"])
+        .arg(dest)
+        .current_dir(pkg)
+        .env("npm_config_cache", dest.join("npm-cache"))
+        .output()
+        .expect("running npm (scripts/test.sh installs it)");
+    assert!(out.status.success(), "npm pack: {}", String::from_utf8_lossy(&out.stderr));
+    let tgz = dest.join(tarball);
+    assert!(tgz.is_file(), "npm pack made no {}", tgz.display());
+    std::fs::set_permissions(&tgz, std::fs::Permissions::from_mode(0o644)).unwrap();
+    tgz
+}
